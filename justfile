@@ -1,0 +1,47 @@
+# Wrenn developer recipes. Run `.ci/bootstrap` once on a fresh machine (the README's commands do).
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Build output lives outside the clone so repeated CI runs and clean clones reuse it.
+export CARGO_TARGET_DIR := env_var_or_default("CARGO_TARGET_DIR", "/var/tmp/wrenn-target")
+export WRENN_GIT_COMMIT := `git rev-parse --short HEAD 2>/dev/null || echo unknown`
+
+musl := "x86_64-unknown-linux-musl"
+
+default:
+    @just --list
+
+# Debug build of the wrenn binary.
+build:
+    cargo build
+
+# Release build of the wrenn binary.
+build-release:
+    cargo build --release
+
+# Static release build for guests: musl when available, else glibc with +crt-static.
+# Prints the path of the binary on its last line.
+build-static:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if rustup target list --installed | grep -qx {{musl}}; then
+      cargo build --release --target {{musl}} >&2
+      echo "$CARGO_TARGET_DIR/{{musl}}/release/wrenn"
+    else
+      host=$(rustc -vV | sed -n 's/^host: //p')
+      RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --target "$host" >&2
+      echo "$CARGO_TARGET_DIR/$host/release/wrenn"
+    fi
+
+# Format the tree.
+fmt:
+    cargo fmt
+
+# Formatting and lints, as CI checks them.
+lint:
+    cargo fmt --check
+    cargo clippy --all-targets -- -D warnings
+
+# The whole suite: lints, the static guest binary, then every test.
+test: lint
+    WRENN_STATIC_BIN="$(just build-static | tail -n1)" cargo test --all-targets -- --test-threads=4

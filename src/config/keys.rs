@@ -1,0 +1,80 @@
+//! The table of every configuration key: its place in `wrenn.toml`, its environment variable,
+//! its default and whether it is a secret. `wrenn.toml.example`, `config show` and the error
+//! messages are all driven from here so they cannot drift apart.
+
+/// How an environment value is turned into a configuration value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    /// Kept verbatim as a string; the typed field parses it (addresses, URLs, paths, secrets).
+    Text,
+    /// Parsed as a TOML-like scalar first (integers, booleans).
+    Scalar,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Key {
+    /// Dotted path in `wrenn.toml`, e.g. `cp.listen_addr`.
+    pub path: &'static str,
+    pub env: &'static str,
+    /// Default shown in documentation; `None` means unset unless configured.
+    pub default: Option<&'static str>,
+    pub secret: bool,
+    pub kind: ValueKind,
+    pub help: &'static str,
+}
+
+const fn key(
+    path: &'static str,
+    env: &'static str,
+    default: Option<&'static str>,
+    help: &'static str,
+) -> Key {
+    Key { path, env, default, secret: false, kind: ValueKind::Text, help }
+}
+
+const fn secret(path: &'static str, env: &'static str, help: &'static str) -> Key {
+    Key { path, env, default: None, secret: true, kind: ValueKind::Text, help }
+}
+
+const fn scalar(
+    path: &'static str,
+    env: &'static str,
+    default: &'static str,
+    help: &'static str,
+) -> Key {
+    Key { path, env, default: Some(default), secret: false, kind: ValueKind::Scalar, help }
+}
+
+pub const KEYS: &[Key] = &[
+    Key {
+        path: "database_url",
+        env: "DATABASE_URL",
+        default: Some("postgres://wrenn@localhost:5432/wrenn"),
+        secret: true,
+        kind: ValueKind::Text,
+        help: "PostgreSQL connection URL used by the control plane and `wrenn migrate`.",
+    },
+    key("log.level", "LOG_LEVEL", Some("info"), "Log level or filter (`RUST_LOG` wins when set)."),
+    key("log.format", "LOG_FORMAT", Some("text"), "Log output format: `text` or `json`."),
+    key("cp.listen_addr", "CP_LISTEN_ADDR", Some(":8000"), "Control-plane HTTP listen address; `:8000` means all interfaces."),
+    key("cp.host_agent_addr", "CP_HOST_AGENT_ADDR", None, "Address (host:port) the control plane dials for host agents instead of the address a host registered with; for single-host setups behind NAT."),
+    secret("cp.jwt_secret", "JWT_SECRET", "HS256 signing secret for user and host tokens, at least 32 bytes. Required by `wrenn cp serve`."),
+    scalar("cp.host_unreachable_after_secs", "CP_HOST_UNREACHABLE_AFTER_SECS", "90", "Seconds without a heartbeat after which a host is marked unreachable."),
+    key("agent.listen_addr", "AGENT_LISTEN_ADDR", Some(":50051"), "Host-agent API listen address."),
+    key("agent.files_rootdir", "AGENT_FILES_ROOTDIR", Some("/var/lib/wrenn"), "Files root: kernels/, images/, sandboxes/, snapshots/ and host-token live under it."),
+    key("agent.cp_url", "AGENT_CP_URL", None, "Control-plane base URL the agent registers and heartbeats with, e.g. http://cp:8000."),
+];
+
+pub fn by_path(path: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|k| k.path == path)
+}
+
+
+/// Variables an older agent read; they now derive from `AGENT_FILES_ROOTDIR`.
+pub const RETIRED: &[(&str, &str)] = &[
+    ("AGENT_KERNEL_PATH", "kernel"),
+    ("AGENT_IMAGES_PATH", "images"),
+    ("AGENT_SANDBOXES_PATH", "sandboxes"),
+    ("AGENT_SNAPSHOTS_PATH", "snapshots"),
+    ("AGENT_TOKEN_FILE", "host_token"),
+];

@@ -1,0 +1,162 @@
+//! The files-root layout: every path the agent touches on disk is built here and nowhere else.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error("files root directory {path} could not be created: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("{path} exists but is not a directory")]
+    NotADirectory { path: PathBuf },
+    #[error("files root directory {path} is not writable: {source}")]
+    NotWritable { path: PathBuf, source: io::Error },
+}
+
+impl Layout {
+    pub fn new(root: impl AsRef<Path>) -> Self {
+        Self { root: root.as_ref().to_path_buf() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn kernels_dir(&self) -> PathBuf {
+        self.root.join("kernels")
+    }
+
+    /// The guest kernel used when a template does not name one.
+    pub fn default_kernel(&self) -> PathBuf {
+        self.kernels_dir().join("vmlinux")
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    pub fn sandboxes_dir(&self) -> PathBuf {
+        self.root.join("sandboxes")
+    }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    /// The agent's saved host credentials (JWT and refresh token), mode 0600.
+    pub fn host_token_file(&self) -> PathBuf {
+        self.root.join("host-token")
+    }
+
+    /// The derived paths by name, in display order, for `config show` and retired-variable
+    /// messages.
+    pub fn derived(&self) -> [(&'static str, PathBuf); 5] {
+        [
+            ("kernel", self.default_kernel()),
+            ("images", self.images_dir()),
+            ("sandboxes", self.sandboxes_dir()),
+            ("snapshots", self.snapshots_dir()),
+            ("host_token", self.host_token_file()),
+        ]
+    }
+
+    pub(super) fn path_named(&self, name: &str) -> PathBuf {
+        self.derived()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, p)| p)
+            .expect("retired variables map to derived paths")
+    }
+
+    /// Creates the root and its directories when missing (0755 for shared inputs, 0700 for
+    /// per-sandbox state) and proves the root is writable, naming the directory on failure.
+    pub fn prepare(&self) -> Result<(), LayoutError> {
+        let dirs = [
+            (self.root.clone(), 0o755),
+            (self.kernels_dir(), 0o755),
+            (self.images_dir(), 0o755),
+            (self.sandboxes_dir(), 0o700),
+            (self.snapshots_dir(), 0o700),
+        ];
+        for (dir, mode) in dirs {
+            match fs::metadata(&dir) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => return Err(LayoutError::NotADirectory { path: dir }),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(mode)
+                        .create(&dir)
+                        .map_err(|source| LayoutError::CreateDir { path: dir.clone(), source })?;
+                    // The umask may have narrowed the mode; state directories must stay private.
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
+                        .map_err(|source| LayoutError::CreateDir { path: dir.clone(), source })?;
+                }
+                Err(source) => return Err(LayoutError::CreateDir { path: dir, source }),
+            }
+        }
+        let probe = self.root.join(format!(".wrenn-write-probe-{}", std::process::id()));
+        fs::write(&probe, b"")
+            .and_then(|()| fs::remove_file(&probe))
+            .map_err(|source| LayoutError::NotWritable { path: self.root.clone(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_path_derives_from_the_root() {
+        for root in ["/var/lib/wrenn", "/srv/w", "relative/root", "/"] {
+            let layout = Layout::new(root);
+            let root = Path::new(root);
+            assert_eq!(layout.default_kernel(), root.join("kernels/vmlinux"));
+            assert_eq!(layout.kernels_dir(), root.join("kernels"));
+            assert_eq!(layout.images_dir(), root.join("images"));
+            assert_eq!(layout.sandboxes_dir(), root.join("sandboxes"));
+            assert_eq!(layout.snapshots_dir(), root.join("snapshots"));
+            assert_eq!(layout.host_token_file(), root.join("host-token"));
+            for (_, path) in layout.derived() {
+                assert!(path.starts_with(root));
+            }
+        }
+    }
+
+    #[test]
+    fn prepare_creates_directories_with_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path().join("a/b"));
+        layout.prepare().unwrap();
+        let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(layout.images_dir()), 0o755);
+        assert_eq!(mode(layout.sandboxes_dir()), 0o700);
+        assert_eq!(mode(layout.snapshots_dir()), 0o700);
+        // Idempotent.
+        layout.prepare().unwrap();
+    }
+
+    #[test]
+    fn prepare_names_a_file_in_the_way() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("images"), b"").unwrap();
+        let err = Layout::new(tmp.path()).prepare().unwrap_err();
+        assert!(err.to_string().contains("images"), "{err}");
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn prepare_names_the_directory_it_cannot_create() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("file"), b"").unwrap();
+        let err = Layout::new(tmp.path().join("file/sub")).prepare().unwrap_err();
+        assert!(err.to_string().contains("file/sub"), "{err}");
+    }
+}

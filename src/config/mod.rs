@@ -1,0 +1,331 @@
+//! Configuration: defaults < `wrenn.toml` < environment variables, resolved once at start-up into
+//! one typed [`Config`]. Nothing else in the tree reads the environment for settings.
+
+mod keys;
+mod layout;
+mod show;
+mod types;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider, Source};
+use serde::{Deserialize, Serialize};
+
+pub use keys::{Key, KEYS};
+pub use layout::{Layout, LayoutError};
+pub use types::{DatabaseUrl, HostPort, HttpUrl, ListenAddr, LogFormat, Secret};
+
+/// The variable that names the configuration file when `--config` is not given.
+pub const CONFIG_FILE_ENV: &str = "WRENN_CONFIG";
+/// Read when present and neither `--config` nor `WRENN_CONFIG` names a file.
+pub const DEFAULT_CONFIG_FILE: &str = "wrenn.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub database_url: DatabaseUrl,
+    pub log: LogConfig,
+    pub cp: CpConfig,
+    pub agent: AgentConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpConfig {
+    pub listen_addr: ListenAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_agent_addr: Option<HostPort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_secret: Option<Secret>,
+    pub host_unreachable_after_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub listen_addr: ListenAddr,
+    pub files_rootdir: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cp_url: Option<HttpUrl>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let default = |path: &str| -> &'static str {
+            keys::by_path(path).and_then(|k| k.default).expect("every defaulted key is in KEYS")
+        };
+        let parse = |path: &str| default(path).parse().expect("defaults in KEYS parse");
+        Self {
+            database_url: DatabaseUrl(default("database_url").to_owned()),
+            log: LogConfig {
+                level: default("log.level").to_owned(),
+                format: default("log.format").parse().expect("default log format parses"),
+            },
+            cp: CpConfig {
+                listen_addr: parse("cp.listen_addr"),
+                host_agent_addr: None,
+                jwt_secret: None,
+                host_unreachable_after_secs: default("cp.host_unreachable_after_secs")
+                    .parse()
+                    .expect("default is a number"),
+            },
+            agent: AgentConfig {
+                listen_addr: parse("agent.listen_addr"),
+                files_rootdir: PathBuf::from(default("agent.files_rootdir")),
+                cp_url: None,
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {path} could not be read: {source}")]
+    FileUnreadable { path: PathBuf, source: std::io::Error },
+    #[error("configuration file {path} is not valid TOML: {message}")]
+    FileSyntax { path: PathBuf, message: String },
+    #[error("unknown configuration key `{key}` in {source_name}")]
+    UnknownKey { key: String, source_name: String },
+    #[error("invalid value for `{key}`{env_hint} from {source_name}: {detail}")]
+    InvalidValue { key: String, env_hint: String, source_name: String, detail: String },
+    #[error("{}", retired_message(.0))]
+    RetiredVariables(Vec<RetiredVariable>),
+}
+
+/// A retired variable that is set, with the path that replaced it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetiredVariable {
+    pub name: &'static str,
+    pub now_at: PathBuf,
+}
+
+fn retired_message(vars: &[RetiredVariable]) -> String {
+    let mut msg = String::from(
+        "retired configuration variables are set; every agent path now derives from AGENT_FILES_ROOTDIR:",
+    );
+    for var in vars {
+        msg.push_str(&format!(
+            "\n  {} is no longer read: that path is now {}",
+            var.name,
+            var.now_at.display()
+        ));
+    }
+    msg.push_str(
+        "\nUnset these variables; to move the files, set AGENT_FILES_ROOTDIR (or agent.files_rootdir in wrenn.toml).",
+    );
+    msg
+}
+
+/// Where a resolved value came from, for `config show`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Default,
+    File(PathBuf),
+    Env(&'static str),
+    Unset,
+}
+
+/// A loaded configuration together with where each key's value came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub file: Option<PathBuf>,
+    pub origins: BTreeMap<&'static str, Origin>,
+}
+
+/// Inputs to [`load`], explicit so tests need not mutate the process environment.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// `--config PATH` from the command line.
+    pub config_flag: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+    /// Directory in which `wrenn.toml` is looked for.
+    pub cwd: PathBuf,
+}
+
+impl Sources {
+    pub fn from_process(config_flag: Option<PathBuf>) -> Self {
+        Self {
+            config_flag,
+            env: std::env::vars().collect(),
+            cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+        }
+    }
+
+    fn env_var(&self, name: &str) -> Option<&str> {
+        self.env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    fn config_file(&self) -> Option<(PathBuf, bool)> {
+        if let Some(path) = &self.config_flag {
+            return Some((path.clone(), true));
+        }
+        if let Some(path) = self.env_var(CONFIG_FILE_ENV).filter(|v| !v.is_empty()) {
+            return Some((PathBuf::from(path), true));
+        }
+        let implicit = self.cwd.join(DEFAULT_CONFIG_FILE);
+        implicit.is_file().then_some((implicit, false))
+    }
+}
+
+const ENV_SOURCE_NAME: &str = "environment";
+
+/// The configured environment variables, as a figment provider.
+struct EnvProvider {
+    values: Vec<(&'static Key, String)>,
+}
+
+impl Provider for EnvProvider {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(ENV_SOURCE_NAME)
+    }
+
+    fn data(&self) -> figment::Result<Map<Profile, Dict>> {
+        let mut root = Dict::new();
+        for (key, raw) in &self.values {
+            let value = match key.kind {
+                keys::ValueKind::Text => Value::from(raw.clone()),
+                keys::ValueKind::Scalar => raw.parse::<Value>().expect("Value parsing is infallible"),
+            };
+            insert_dotted(&mut root, key.path, value);
+        }
+        Ok(Profile::Default.collect(root))
+    }
+}
+
+fn insert_dotted(dict: &mut Dict, path: &str, value: Value) {
+    match path.split_once('.') {
+        None => {
+            dict.insert(path.to_owned(), value);
+        }
+        Some((head, rest)) => {
+            let entry = dict.entry(head.to_owned()).or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, inner) = entry {
+                insert_dotted(inner, rest, value);
+            }
+        }
+    }
+}
+
+/// Resolves the configuration from defaults, the file and the environment.
+pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    let file = sources.config_file();
+    if let Some((path, explicit)) = &file {
+        if *explicit && !path.is_file() {
+            return Err(ConfigError::FileUnreadable {
+                path: path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::FileUnreadable { path: path.clone(), source })?;
+        if let Err(e) = text.parse::<toml::Table>() {
+            return Err(ConfigError::FileSyntax { path: path.clone(), message: e.to_string() });
+        }
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    let env_values: Vec<(&'static Key, String)> = sources
+        .env
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .filter_map(|(name, value)| {
+            KEYS.iter().find(|k| k.env == name).map(|k| (k, value.clone()))
+        })
+        .collect();
+    figment = figment.merge(EnvProvider { values: env_values });
+
+    let config: Config = figment.extract().map_err(|e| describe(e, &file))?;
+    let origins = KEYS.iter().map(|key| (key.path, origin_of(&figment, key))).collect();
+
+    let retired: Vec<RetiredVariable> = keys::RETIRED
+        .iter()
+        .filter(|(name, _)| sources.env_var(name).is_some())
+        .map(|(name, what)| {
+            let layout = Layout::new(&config.agent.files_rootdir);
+            RetiredVariable { name, now_at: layout.path_named(what) }
+        })
+        .collect();
+    if !retired.is_empty() {
+        return Err(ConfigError::RetiredVariables(retired));
+    }
+
+    Ok(Loaded { config, file: file.map(|(p, _)| p), origins })
+}
+
+fn origin_of(figment: &Figment, key: &Key) -> Origin {
+    let Some(metadata) = figment.find_metadata(key.path) else {
+        return Origin::Unset;
+    };
+    match &metadata.source {
+        Some(Source::File(path)) => Origin::File(path.clone()),
+        _ if metadata.name == ENV_SOURCE_NAME => Origin::Env(key.env),
+        _ => Origin::Default,
+    }
+}
+
+/// Turns a figment error into one that names the key, the value's source and the problem.
+fn describe(error: figment::Error, file: &Option<(PathBuf, bool)>) -> ConfigError {
+    let source_name = match error.metadata.as_ref().map(|m| (&m.name, &m.source)) {
+        Some((_, Some(Source::File(path)))) => format!("file {}", path.display()),
+        Some((name, _)) if name == ENV_SOURCE_NAME => "the environment".to_owned(),
+        Some((name, _)) => name.to_string(),
+        None => match file {
+            Some((path, _)) => format!("file {}", path.display()),
+            None => "the configuration".to_owned(),
+        },
+    };
+    let parent = error.path.join(".");
+    let join = |field: &str| {
+        if parent.is_empty() || parent == field || parent.ends_with(&format!(".{field}")) {
+            if parent.is_empty() { field.to_owned() } else { parent.clone() }
+        } else {
+            format!("{parent}.{field}")
+        }
+    };
+    match &error.kind {
+        figment::error::Kind::UnknownField(field, _) => {
+            ConfigError::UnknownKey { key: join(field), source_name }
+        }
+        figment::error::Kind::MissingField(field) => ConfigError::InvalidValue {
+            key: join(field),
+            env_hint: String::new(),
+            source_name,
+            detail: "a value is required".into(),
+        },
+        kind => {
+            let key = parent;
+            let env_hint = keys::by_path(&key)
+                .map(|k| {
+                    if source_name == "the environment" {
+                        format!(" (environment variable {})", k.env)
+                    } else {
+                        format!(" (env {})", k.env)
+                    }
+                })
+                .unwrap_or_default();
+            ConfigError::InvalidValue { key, env_hint, source_name, detail: kind.to_string() }
+        }
+    }
+}
+
+impl Config {
+    pub fn layout(&self) -> Layout {
+        Layout::new(&self.agent.files_rootdir)
+    }
+}
+
+pub use show::render as render_show;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,58 @@
+//! `wrenn config show`: the resolved configuration, where each value came from, and the derived
+//! files-root paths, with secrets redacted.
+
+use std::fmt::Write;
+
+use super::{Loaded, Origin, KEYS};
+
+pub fn render(loaded: &Loaded) -> String {
+    let config = &loaded.config;
+    let value_of = |path: &str| -> Option<String> {
+        let c = config;
+        Some(match path {
+            "database_url" => c.database_url.redacted(),
+            "log.level" => c.log.level.clone(),
+            "log.format" => c.log.format.to_string(),
+            "cp.listen_addr" => c.cp.listen_addr.to_string(),
+            "cp.host_agent_addr" => c.cp.host_agent_addr.as_ref()?.to_string(),
+            "cp.jwt_secret" => c.cp.jwt_secret.as_ref().map(|_| "<redacted>".to_owned())?,
+            "cp.host_unreachable_after_secs" => c.cp.host_unreachable_after_secs.to_string(),
+            "agent.listen_addr" => c.agent.listen_addr.to_string(),
+            "agent.files_rootdir" => c.agent.files_rootdir.display().to_string(),
+            "agent.cp_url" => c.agent.cp_url.as_ref()?.to_string(),
+            other => unreachable!("config key {other} has no renderer"),
+        })
+    };
+
+    let mut out = String::new();
+    match &loaded.file {
+        Some(path) => writeln!(out, "# configuration file: {}", path.display()),
+        None => writeln!(out, "# configuration file: none"),
+    }
+    .expect("writing to a String");
+    let rows: Vec<(String, String, String)> = KEYS
+        .iter()
+        .map(|key| {
+            let value = value_of(key.path).unwrap_or_else(|| "(unset)".to_owned());
+            let origin = match loaded.origins.get(key.path) {
+                Some(Origin::Env(name)) => format!("env {name}"),
+                Some(Origin::File(path)) => format!("file {}", path.display()),
+                Some(Origin::Default) => "default".to_owned(),
+                Some(Origin::Unset) | None => "unset".to_owned(),
+            };
+            (key.path.to_owned(), value, origin)
+        })
+        .collect();
+    let width_key = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    let width_value = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+    for (key, value, origin) in &rows {
+        writeln!(out, "{key:width_key$}  {value:width_value$}  ({origin})")
+            .expect("writing to a String");
+    }
+    writeln!(out, "\n# derived from agent.files_rootdir").expect("writing to a String");
+    let layout = config.layout();
+    for (name, path) in layout.derived() {
+        writeln!(out, "{name:width_key$}  {}", path.display()).expect("writing to a String");
+    }
+    out
+}

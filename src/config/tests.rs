@@ -1,0 +1,256 @@
+use std::path::Path;
+
+use super::*;
+
+fn sources(dir: &Path, file: Option<&str>, env: &[(&str, &str)]) -> Sources {
+    if let Some(text) = file {
+        std::fs::write(dir.join(DEFAULT_CONFIG_FILE), text).unwrap();
+    }
+    Sources {
+        config_flag: None,
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        cwd: dir.to_path_buf(),
+    }
+}
+
+/// A distinct valid value per key for the file layer and another for the environment layer.
+fn sample_values(path: &str) -> (&'static str, &'static str) {
+    match path {
+        "database_url" => ("postgres://file@db/wrenn", "postgres://env@db/wrenn"),
+        "log.level" => ("debug", "trace"),
+        "log.format" => ("json", "text"),
+        "cp.listen_addr" => ("127.0.0.1:9000", ":9100"),
+        "cp.host_agent_addr" => ("agent.file:1", "agent.env:2"),
+        "cp.jwt_secret" => ("file-secret-file-secret-file-secret", "env-secret-env-secret-env-secret-x"),
+        "cp.host_unreachable_after_secs" => ("30", "45"),
+        "agent.listen_addr" => (":7000", "127.0.0.1:7001"),
+        "agent.files_rootdir" => ("/srv/file", "/srv/env"),
+        "agent.cp_url" => ("http://cp.file:8000", "https://cp.env"),
+        other => panic!("add sample values for new key {other}"),
+    }
+}
+
+fn toml_line(path: &str, value: &str) -> String {
+    let (table, field) = path.rsplit_once('.').map_or((None, path), |(t, f)| (Some(t), f));
+    let literal = if path == "cp.host_unreachable_after_secs" {
+        value.to_owned()
+    } else {
+        format!("{value:?}")
+    };
+    match table {
+        Some(t) => format!("[{t}]\n{field} = {literal}\n"),
+        None => format!("{field} = {literal}\n"),
+    }
+}
+
+fn rendered(loaded: &Loaded, path: &str) -> String {
+    let line = render_show(loaded)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(path))
+        .unwrap_or_else(|| panic!("{path} missing from config show"))
+        .to_owned();
+    line
+}
+
+#[test]
+fn defaults_apply_with_no_file_and_no_env() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loaded = load(&sources(tmp.path(), None, &[])).unwrap();
+    assert_eq!(loaded.config, Config::default());
+    assert_eq!(loaded.config.cp.listen_addr.to_string(), ":8000");
+    assert_eq!(loaded.config.agent.listen_addr.to_string(), ":50051");
+    assert_eq!(loaded.config.agent.files_rootdir, Path::new("/var/lib/wrenn"));
+    assert_eq!(loaded.origins["cp.listen_addr"], Origin::Default);
+    assert_eq!(loaded.origins["cp.jwt_secret"], Origin::Unset);
+    assert!(loaded.file.is_none());
+}
+
+#[test]
+fn every_key_precedence_default_file_env() {
+    for key in KEYS {
+        let (file_value, env_value) = sample_values(key.path);
+        let tmp = tempfile::tempdir().unwrap();
+
+        let from_file = load(&sources(tmp.path(), Some(&toml_line(key.path, file_value)), &[]))
+            .unwrap_or_else(|e| panic!("{}: {e}", key.path));
+        assert!(
+            matches!(&from_file.origins[key.path], Origin::File(_)),
+            "{} should come from the file",
+            key.path
+        );
+        let shown = rendered(&from_file, key.path);
+        assert!(shown.contains("(file "), "{shown}");
+        if !key.secret {
+            assert!(shown.contains(file_value), "{shown}");
+        }
+
+        let both = load(&sources(tmp.path(), None, &[(key.env, env_value)]))
+            .unwrap_or_else(|e| panic!("{}: {e}", key.path));
+        assert_eq!(both.origins[key.path], Origin::Env(key.env), "{}", key.path);
+        let shown = rendered(&both, key.path);
+        assert!(shown.contains(&format!("(env {})", key.env)), "{shown}");
+        if !key.secret {
+            assert!(shown.contains(env_value), "{shown}");
+        }
+        assert_ne!(from_file.config, both.config, "{} changed nothing", key.path);
+    }
+}
+
+#[test]
+fn secrets_are_redacted_in_config_show() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loaded = load(&sources(
+        tmp.path(),
+        None,
+        &[
+            ("JWT_SECRET", "super-secret-value-that-is-long-enough"),
+            ("DATABASE_URL", "postgres://u:hunter2@db/wrenn"),
+        ],
+    ))
+    .unwrap();
+    let out = render_show(&loaded);
+    assert!(!out.contains("super-secret"), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+    assert!(out.contains("<redacted>"), "{out}");
+}
+
+#[test]
+fn only_files_rootdir_moves_all_derived_paths() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loaded = load(&sources(tmp.path(), None, &[("AGENT_FILES_ROOTDIR", "/srv/w")])).unwrap();
+    let out = render_show(&loaded);
+    for path in ["/srv/w/kernels/vmlinux", "/srv/w/images", "/srv/w/sandboxes", "/srv/w/snapshots", "/srv/w/host-token"] {
+        assert!(out.contains(path), "{path} missing from:\n{out}");
+    }
+}
+
+#[test]
+fn explicit_file_beats_wrenn_config_beats_cwd() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flag = tmp.path().join("flag.toml");
+    let envfile = tmp.path().join("env.toml");
+    std::fs::write(&flag, "[cp]\nlisten_addr = \":1\"\n").unwrap();
+    std::fs::write(&envfile, "[cp]\nlisten_addr = \":2\"\n").unwrap();
+    let mut src = sources(tmp.path(), Some("[cp]\nlisten_addr = \":3\"\n"), &[]);
+    assert_eq!(load(&src).unwrap().config.cp.listen_addr.to_string(), ":3");
+    src.env.push((CONFIG_FILE_ENV.into(), envfile.display().to_string()));
+    assert_eq!(load(&src).unwrap().config.cp.listen_addr.to_string(), ":2");
+    src.config_flag = Some(flag.clone());
+    let loaded = load(&src).unwrap();
+    assert_eq!(loaded.config.cp.listen_addr.to_string(), ":1");
+    assert_eq!(loaded.file.as_deref(), Some(flag.as_path()));
+}
+
+#[test]
+fn missing_explicit_file_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut src = sources(tmp.path(), None, &[]);
+    src.config_flag = Some(tmp.path().join("nope.toml"));
+    let err = load(&src).unwrap_err().to_string();
+    assert!(err.contains("nope.toml"), "{err}");
+}
+
+#[test]
+fn each_retired_variable_is_refused_with_its_new_path() {
+    for (name, new_path) in [
+        ("AGENT_KERNEL_PATH", "/srv/w/kernels/vmlinux"),
+        ("AGENT_IMAGES_PATH", "/srv/w/images"),
+        ("AGENT_SANDBOXES_PATH", "/srv/w/sandboxes"),
+        ("AGENT_SNAPSHOTS_PATH", "/srv/w/snapshots"),
+        ("AGENT_TOKEN_FILE", "/srv/w/host-token"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = load(&sources(tmp.path(), None, &[(name, "/old"), ("AGENT_FILES_ROOTDIR", "/srv/w")]))
+            .unwrap_err();
+        let ConfigError::RetiredVariables(vars) = &err else { panic!("{err}") };
+        assert_eq!(vars.len(), 1);
+        let msg = err.to_string();
+        assert!(msg.contains(name) && msg.contains(new_path), "{msg}");
+        assert!(msg.contains("AGENT_FILES_ROOTDIR"), "{msg}");
+    }
+}
+
+#[test]
+fn all_retired_variables_are_named_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env: Vec<(&str, &str)> = keys::RETIRED.iter().map(|(n, _)| (*n, "/x")).collect();
+    let err = load(&sources(tmp.path(), None, &env)).unwrap_err().to_string();
+    for (name, _) in keys::RETIRED {
+        assert!(err.contains(name), "{err}");
+    }
+    assert!(err.contains("/var/lib/wrenn/host-token"), "{err}");
+}
+
+#[test]
+fn unknown_toml_key_is_named_with_its_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = load(&sources(tmp.path(), Some("[cp]\nlisten_adr = \":1\"\n"), &[])).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ConfigError::UnknownKey { .. }), "{msg}");
+    assert!(msg.contains("cp.listen_adr") && msg.contains("wrenn.toml"), "{msg}");
+
+    let err = load(&sources(tmp.path(), Some("bogus = 1\n"), &[])).unwrap_err().to_string();
+    assert!(err.contains("`bogus`"), "{err}");
+}
+
+#[test]
+fn toml_syntax_error_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = load(&sources(tmp.path(), Some("[cp\nlisten_addr = "), &[])).unwrap_err();
+    assert!(matches!(err, ConfigError::FileSyntax { .. }), "{err}");
+    assert!(err.to_string().contains("wrenn.toml"), "{err}");
+}
+
+#[test]
+fn bad_values_name_key_value_and_source() {
+    let cases: &[(Option<&str>, &[(&str, &str)], &[&str])] = &[
+        (None, &[("CP_LISTEN_ADDR", "nope")], &["cp.listen_addr", "CP_LISTEN_ADDR", "nope", "environment"]),
+        (Some("[agent]\nlisten_addr = \"1.2.3.4\"\n"), &[], &["agent.listen_addr", "1.2.3.4", "wrenn.toml"]),
+        (None, &[("AGENT_CP_URL", "cp:8000")], &["agent.cp_url", "AGENT_CP_URL", "cp:8000"]),
+        (None, &[("DATABASE_URL", "mysql://x/y")], &["database_url", "DATABASE_URL", "mysql"]),
+        (None, &[("LOG_FORMAT", "xml")], &["log.format", "xml"]),
+        (None, &[("CP_HOST_AGENT_ADDR", "no port")], &["cp.host_agent_addr", "no port"]),
+        (Some("[cp]\nlisten_addr = 8000\n"), &[], &["cp.listen_addr", "8000", "wrenn.toml"]),
+        (None, &[("CP_HOST_UNREACHABLE_AFTER_SECS", "soon")], &["cp.host_unreachable_after_secs", "soon"]),
+        (Some("[agent]\nfiles_rootdir = 5\n"), &[], &["agent.files_rootdir", "5"]),
+    ];
+    for (file, env, needles) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = load(&sources(tmp.path(), *file, env)).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::InvalidValue { .. }), "{msg}");
+        for needle in *needles {
+            assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
+        }
+    }
+}
+
+#[test]
+fn empty_environment_values_count_as_unset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loaded = load(&sources(tmp.path(), None, &[("CP_LISTEN_ADDR", "")])).unwrap();
+    assert_eq!(loaded.origins["cp.listen_addr"], Origin::Default);
+}
+
+#[test]
+fn example_file_documents_every_key_and_parses_to_defaults() {
+    let example = include_str!("../../wrenn.toml.example");
+    for key in KEYS {
+        let field = key.path.rsplit('.').next().unwrap();
+        assert!(example.contains(key.env), "{} undocumented", key.env);
+        assert!(example.contains(&format!("{field} =")), "{} undocumented", key.path);
+        if let Some(default) = key.default {
+            assert!(example.contains(default), "default of {} undocumented", key.path);
+        }
+    }
+    // With the comment markers removed, the example is a valid file equal to the defaults.
+    let uncommented: String = example
+        .lines()
+        .filter_map(|l| l.strip_prefix("# ").filter(|l| l.contains(" = ") || l.starts_with('[')))
+        .filter(|l| !l.contains("(unset)"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let loaded = load(&sources(tmp.path(), Some(&uncommented), &[])).unwrap();
+    assert_eq!(loaded.config, Config::default());
+}

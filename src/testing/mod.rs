@@ -1,0 +1,4 @@
+//! Harnesses shared by the integration tests and the benchmarks: real services, started
+//! privately and cleaned up however the caller ends.
+
+pub mod pg;
