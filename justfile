@@ -24,8 +24,8 @@ build-release:
 build-static:
     #!/usr/bin/env bash
     set -euo pipefail
-    if rustup target list --installed | grep -qx {{musl}}; then
-      cargo build --release --target {{musl}} >&2
+    if rustup target list --installed | grep -qx {{musl}} && command -v musl-gcc >/dev/null; then
+      CC_x86_64_unknown_linux_musl=musl-gcc cargo build --release --target {{musl}} >&2
       echo "$CARGO_TARGET_DIR/{{musl}}/release/wrenn"
     else
       host=$(rustc -vV | sed -n 's/^host: //p')
