@@ -105,3 +105,58 @@ fn bad_configuration_fails_fast_with_key_value_and_source() {
         assert!(err.contains(needle), "`{needle}` missing: {err}");
     }
 }
+
+#[test]
+fn agent_refuses_a_read_only_files_root_and_names_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    // A read-only tmpfs in a private mount namespace: even root cannot write there.
+    let script = format!(
+        "mount -t tmpfs -o ro tmpfs '{}' && exec '{}' agent",
+        root.display(),
+        env!("CARGO_BIN_EXE_wrenn")
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .env("AGENT_FILES_ROOTDIR", &root)
+        .env("AGENT_CP_URL", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains(&root.display().to_string()), "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+}
+
+#[test]
+fn agent_creates_the_layout_then_explains_missing_registration() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("fresh/root");
+    let out = wrenn(
+        &["agent"],
+        &[
+            ("AGENT_FILES_ROOTDIR", root.to_str().unwrap()),
+            ("AGENT_CP_URL", "http://127.0.0.1:9"),
+        ],
+    );
+    assert!(!out.status.success());
+    for dir in ["kernels", "images", "sandboxes", "snapshots"] {
+        assert!(root.join(dir).is_dir(), "{dir} not created");
+    }
+    let err = stderr(&out);
+    assert!(err.contains("--register"), "{err}");
+
+    let out = wrenn(
+        &["agent", "--register", "tok"],
+        &[
+            ("AGENT_FILES_ROOTDIR", root.to_str().unwrap()),
+            ("AGENT_CP_URL", "http://127.0.0.1:9"),
+        ],
+    );
+    assert!(
+        stderr(&out).contains("--address is required"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -37,7 +37,10 @@ pub enum RegistrationError {
     #[error("host credentials at {path} are unreadable: {reason}")]
     CredentialsUnreadable { path: PathBuf, reason: String },
     #[error("host credentials could not be saved to {path}: {source}")]
-    CredentialsUnwritable { path: PathBuf, source: std::io::Error },
+    CredentialsUnwritable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "the control plane rejected the registration token ({message}): it is invalid, expired \
          (tokens last 1 hour) or already used; regenerate one with POST /v1/hosts/{{id}}/token \
@@ -49,7 +52,11 @@ pub enum RegistrationError {
     #[error("the refresh token was rejected ({message}); re-register this host with a new registration token")]
     RefreshRejected { message: String },
     #[error("control plane at {url} answered {status}: {message}")]
-    Unexpected { url: String, status: u16, message: String },
+    Unexpected {
+        url: String,
+        status: u16,
+        message: String,
+    },
     #[error("control plane at {url} is unreachable: {reason}")]
     Unreachable { url: String, reason: String },
 }
@@ -85,7 +92,9 @@ pub fn load_credentials(path: &Path) -> Result<HostCredentials, RegistrationErro
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(RegistrationError::NotRegistered { path: path.to_owned() })
+            return Err(RegistrationError::NotRegistered {
+                path: path.to_owned(),
+            })
         }
         Err(e) => {
             return Err(RegistrationError::CredentialsUnreadable {
@@ -102,8 +111,10 @@ pub fn load_credentials(path: &Path) -> Result<HostCredentials, RegistrationErro
 
 /// Writes the credentials atomically with mode 0600, so a crash never leaves half a file.
 pub fn save_credentials(path: &Path, creds: &HostCredentials) -> Result<(), RegistrationError> {
-    let unwritable =
-        |source| RegistrationError::CredentialsUnwritable { path: path.to_owned(), source };
+    let unwritable = |source| RegistrationError::CredentialsUnwritable {
+        path: path.to_owned(),
+        source,
+    };
     let tmp = path.with_extension("tmp");
     let mut file = fs::OpenOptions::new()
         .write(true)
@@ -112,9 +123,12 @@ pub fn save_credentials(path: &Path, creds: &HostCredentials) -> Result<(), Regi
         .mode(0o600)
         .open(&tmp)
         .map_err(unwritable)?;
-    file.set_permissions(fs::Permissions::from_mode(0o600)).map_err(unwritable)?;
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(unwritable)?;
     let json = serde_json::to_vec_pretty(creds).expect("credentials serialize");
-    file.write_all(&json).and_then(|()| file.sync_all()).map_err(unwritable)?;
+    file.write_all(&json)
+        .and_then(|()| file.sync_all())
+        .map_err(unwritable)?;
     fs::rename(&tmp, path).map_err(unwritable)
 }
 
@@ -179,9 +193,13 @@ impl ControlPlane {
         if let Some(token) = host_token {
             request = request.header("X-Host-Token", token);
         }
-        let mut response = request
-            .send_json(&body)
-            .map_err(|e| RegistrationError::Unreachable { url: url.clone(), reason: e.to_string() })?;
+        let mut response =
+            request
+                .send_json(&body)
+                .map_err(|e| RegistrationError::Unreachable {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?;
         let status = response.status().as_u16();
         if (200..300).contains(&status) {
             return Ok(Reply::Ok(response));
@@ -240,9 +258,11 @@ impl ControlPlane {
         match self.post(path, None, body)? {
             Reply::Ok(response) => self.credentials_from(path, response, None),
             Reply::Status(401, message) => Err(RegistrationError::TokenRejected { message }),
-            Reply::Status(status, message) => {
-                Err(RegistrationError::Unexpected { url: self.url(path), status, message })
-            }
+            Reply::Status(status, message) => Err(RegistrationError::Unexpected {
+                url: self.url(path),
+                status,
+                message,
+            }),
         }
     }
 
@@ -251,13 +271,13 @@ impl ControlPlane {
         let path = "/v1/hosts/auth/refresh";
         let body = serde_json::json!({ "refresh_token": creds.refresh_token });
         match self.post(path, None, body)? {
-            Reply::Ok(response) => {
-                self.credentials_from(path, response, Some(&creds.agent_secret))
-            }
+            Reply::Ok(response) => self.credentials_from(path, response, Some(&creds.agent_secret)),
             Reply::Status(401, message) => Err(RegistrationError::RefreshRejected { message }),
-            Reply::Status(status, message) => {
-                Err(RegistrationError::Unexpected { url: self.url(path), status, message })
-            }
+            Reply::Status(status, message) => Err(RegistrationError::Unexpected {
+                url: self.url(path),
+                status,
+                message,
+            }),
         }
     }
 
@@ -268,13 +288,14 @@ impl ControlPlane {
             Reply::Ok(_) => Ok(true),
             Reply::Status(401, _) => Ok(false),
             Reply::Status(404, message) => Err(RegistrationError::HostDeleted { message }),
-            Reply::Status(status, message) => {
-                Err(RegistrationError::Unexpected { url: self.url(&path), status, message })
-            }
+            Reply::Status(status, message) => Err(RegistrationError::Unexpected {
+                url: self.url(&path),
+                status,
+                message,
+            }),
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -291,7 +312,10 @@ mod tests {
             agent_secret: "s".repeat(64),
         };
         save_credentials(&path, &creds).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(load_credentials(&path).unwrap(), creds);
     }
 

@@ -84,6 +84,7 @@ pub const KEYS: &[Key] = &[
     key("agent.listen_addr", "AGENT_LISTEN_ADDR", Some(":50051"), "Host-agent API listen address."),
     key("agent.files_rootdir", "AGENT_FILES_ROOTDIR", Some("/var/lib/wrenn"), "Files root: kernels/, images/, sandboxes/, snapshots/ and host-token live under it."),
     key("agent.cp_url", "AGENT_CP_URL", None, "Control-plane base URL the agent registers and heartbeats with, e.g. http://cp:8000."),
+    scalar("agent.heartbeat_interval_secs", "AGENT_HEARTBEAT_INTERVAL_SECS", "30", "Seconds between the agent's heartbeats to the control plane."),
 ];
 
 pub fn by_path(path: &str) -> Option<&'static Key> {

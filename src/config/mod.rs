@@ -57,6 +57,7 @@ pub struct AgentConfig {
     pub files_rootdir: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cp_url: Option<HttpUrl>,
+    pub heartbeat_interval_secs: u64,
 }
 
 impl Default for Config {
@@ -87,6 +88,9 @@ impl Default for Config {
                 listen_addr: parse("agent.listen_addr"),
                 files_rootdir: PathBuf::from(default("agent.files_rootdir")),
                 cp_url: None,
+                heartbeat_interval_secs: default("agent.heartbeat_interval_secs")
+                    .parse()
+                    .expect("default is a number"),
             },
         }
     }

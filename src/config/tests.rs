@@ -32,6 +32,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "agent.listen_addr" => (":7000", "127.0.0.1:7001"),
         "agent.files_rootdir" => ("/srv/file", "/srv/env"),
         "agent.cp_url" => ("http://cp.file:8000", "https://cp.env"),
+        "agent.heartbeat_interval_secs" => ("5", "7"),
         other => panic!("add sample values for new key {other}"),
     }
 }
@@ -40,7 +41,10 @@ fn toml_line(path: &str, value: &str) -> String {
     let (table, field) = path
         .rsplit_once('.')
         .map_or((None, path), |(t, f)| (Some(t), f));
-    let literal = if path == "cp.host_unreachable_after_secs" {
+    let numeric = KEYS
+        .iter()
+        .any(|k| k.path == path && k.kind == keys::ValueKind::Scalar);
+    let literal = if numeric {
         value.to_owned()
     } else {
         format!("{value:?}")
