@@ -1,6 +1,7 @@
 //! Wrenn: a self-hostable microVM sandbox platform. One binary carries the control plane
 //! (`cp`), the host agent (`agent`), the guest agent (`envd`) and the database migrations.
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod logging;

@@ -29,11 +29,25 @@ const fn key(
     default: Option<&'static str>,
     help: &'static str,
 ) -> Key {
-    Key { path, env, default, secret: false, kind: ValueKind::Text, help }
+    Key {
+        path,
+        env,
+        default,
+        secret: false,
+        kind: ValueKind::Text,
+        help,
+    }
 }
 
 const fn secret(path: &'static str, env: &'static str, help: &'static str) -> Key {
-    Key { path, env, default: None, secret: true, kind: ValueKind::Text, help }
+    Key {
+        path,
+        env,
+        default: None,
+        secret: true,
+        kind: ValueKind::Text,
+        help,
+    }
 }
 
 const fn scalar(
@@ -42,7 +56,14 @@ const fn scalar(
     default: &'static str,
     help: &'static str,
 ) -> Key {
-    Key { path, env, default: Some(default), secret: false, kind: ValueKind::Scalar, help }
+    Key {
+        path,
+        env,
+        default: Some(default),
+        secret: false,
+        kind: ValueKind::Scalar,
+        help,
+    }
 }
 
 pub const KEYS: &[Key] = &[
@@ -63,12 +84,15 @@ pub const KEYS: &[Key] = &[
     key("agent.listen_addr", "AGENT_LISTEN_ADDR", Some(":50051"), "Host-agent API listen address."),
     key("agent.files_rootdir", "AGENT_FILES_ROOTDIR", Some("/var/lib/wrenn"), "Files root: kernels/, images/, sandboxes/, snapshots/ and host-token live under it."),
     key("agent.cp_url", "AGENT_CP_URL", None, "Control-plane base URL the agent registers and heartbeats with, e.g. http://cp:8000."),
+    key("agent.sandbox_host_range", "AGENT_SANDBOX_HOST_RANGE", Some("10.11.0.0/16"), "Per-sandbox host-routable addresses (one per network slot) through which the agent reaches envd and guest ports."),
+    key("agent.sandbox_transit_range", "AGENT_SANDBOX_TRANSIT_RANGE", Some("10.12.0.0/16"), "Addresses of the veth /31 pairs between the host and each sandbox namespace (two per slot)."),
+    key("agent.egress_interface", "AGENT_EGRESS_INTERFACE", None, "Interface sandbox egress is NAT'd through; unset means the interface of the default route at start-up."),
+    key("agent.egress_deny", "AGENT_EGRESS_DENY", Some("10.0.0.0/8,100.64.0.0/10,169.254.0.0/16,172.16.0.0/12,192.168.0.0/16"), "Comma-separated networks sandboxes may never reach (private LANs, CGNAT, link-local and cloud metadata); may be empty."),
 ];
 
 pub fn by_path(path: &str) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.path == path)
 }
-
 
 /// Variables an older agent read; they now derive from `AGENT_FILES_ROOTDIR`.
 pub const RETIRED: &[(&str, &str)] = &[

@@ -22,7 +22,9 @@ pub enum LayoutError {
 
 impl Layout {
     pub fn new(root: impl AsRef<Path>) -> Self {
-        Self { root: root.as_ref().to_path_buf() }
+        Self {
+            root: root.as_ref().to_path_buf(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -44,6 +46,17 @@ impl Layout {
 
     pub fn sandboxes_dir(&self) -> PathBuf {
         self.root.join("sandboxes")
+    }
+
+    /// One sandbox's state directory. `sandbox_id` must be a validated id (a single path
+    /// component), as the control plane issues them.
+    pub fn sandbox_dir(&self, sandbox_id: &str) -> PathBuf {
+        self.sandboxes_dir().join(sandbox_id)
+    }
+
+    /// The sandbox's sparse writable ext4 disk, overlaid in the guest on the read-only template.
+    pub fn sandbox_upper_disk(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("upper.ext4")
     }
 
     pub fn snapshots_dir(&self) -> PathBuf {
@@ -94,18 +107,30 @@ impl Layout {
                         .recursive(true)
                         .mode(mode)
                         .create(&dir)
-                        .map_err(|source| LayoutError::CreateDir { path: dir.clone(), source })?;
+                        .map_err(|source| LayoutError::CreateDir {
+                            path: dir.clone(),
+                            source,
+                        })?;
                     // The umask may have narrowed the mode; state directories must stay private.
-                    fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
-                        .map_err(|source| LayoutError::CreateDir { path: dir.clone(), source })?;
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(
+                        |source| LayoutError::CreateDir {
+                            path: dir.clone(),
+                            source,
+                        },
+                    )?;
                 }
                 Err(source) => return Err(LayoutError::CreateDir { path: dir, source }),
             }
         }
-        let probe = self.root.join(format!(".wrenn-write-probe-{}", std::process::id()));
+        let probe = self
+            .root
+            .join(format!(".wrenn-write-probe-{}", std::process::id()));
         fs::write(&probe, b"")
             .and_then(|()| fs::remove_file(&probe))
-            .map_err(|source| LayoutError::NotWritable { path: self.root.clone(), source })
+            .map_err(|source| LayoutError::NotWritable {
+                path: self.root.clone(),
+                source,
+            })
     }
 }
 
@@ -124,6 +149,11 @@ mod tests {
             assert_eq!(layout.sandboxes_dir(), root.join("sandboxes"));
             assert_eq!(layout.snapshots_dir(), root.join("snapshots"));
             assert_eq!(layout.host_token_file(), root.join("host-token"));
+            assert_eq!(layout.sandbox_dir("sb-1"), root.join("sandboxes/sb-1"));
+            assert_eq!(
+                layout.sandbox_upper_disk("sb-1"),
+                root.join("sandboxes/sb-1/upper.ext4")
+            );
             for (_, path) in layout.derived() {
                 assert!(path.starts_with(root));
             }
@@ -156,7 +186,9 @@ mod tests {
     fn prepare_names_the_directory_it_cannot_create() {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("file"), b"").unwrap();
-        let err = Layout::new(tmp.path().join("file/sub")).prepare().unwrap_err();
+        let err = Layout::new(tmp.path().join("file/sub"))
+            .prepare()
+            .unwrap_err();
         assert!(err.to_string().contains("file/sub"), "{err}");
     }
 }

@@ -15,10 +15,17 @@ impl FromStr for ListenAddr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || format!("`{s}` is not a listen address; expected [IP]:PORT such as :8000 or 127.0.0.1:8000");
+        let bad = || {
+            format!(
+                "`{s}` is not a listen address; expected [IP]:PORT such as :8000 or 127.0.0.1:8000"
+            )
+        };
         if let Some(port) = s.strip_prefix(':') {
             let port: u16 = port.parse().map_err(|_| bad())?;
-            return Ok(Self(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)));
+            return Ok(Self(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                port,
+            )));
         }
         s.parse::<SocketAddr>().map(Self).map_err(|_| bad())
     }
@@ -47,16 +54,24 @@ impl FromStr for HostPort {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || format!("`{s}` is not an address; expected HOST:PORT such as 10.0.1.5:50051");
         if let Ok(addr) = s.parse::<SocketAddr>() {
-            return Ok(Self { host: addr.ip().to_string(), port: addr.port() });
+            return Ok(Self {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            });
         }
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let port = port.parse::<u16>().map_err(|_| bad())?;
         let valid_host = !host.is_empty()
-            && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
         if !valid_host || port == 0 {
             return Err(bad());
         }
-        Ok(Self { host: host.to_owned(), port })
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
     }
 }
 
@@ -81,7 +96,9 @@ impl FromStr for HttpUrl {
         let url = url::Url::parse(s).map_err(|e| format!("`{s}` is not a URL: {e}"))?;
         match url.scheme() {
             "http" | "https" if url.host().is_some() => Ok(Self(url)),
-            _ => Err(format!("`{s}` is not an http:// or https:// URL with a host")),
+            _ => Err(format!(
+                "`{s}` is not an http:// or https:// URL with a host"
+            )),
         }
     }
 }
@@ -100,10 +117,13 @@ impl FromStr for DatabaseUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let url = url::Url::parse(s).map_err(|e| format!("`{}` is not a URL: {e}", redact_url(s)))?;
+        let url =
+            url::Url::parse(s).map_err(|e| format!("`{}` is not a URL: {e}", redact_url(s)))?;
         match url.scheme() {
             "postgres" | "postgresql" => Ok(Self(s.to_owned())),
-            other => Err(format!("scheme `{other}` is not postgres:// or postgresql://")),
+            other => Err(format!(
+                "scheme `{other}` is not postgres:// or postgresql://"
+            )),
         }
     }
 }
@@ -149,6 +169,145 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// An IPv4 network in CIDR form, e.g. `10.11.0.0/16`; host bits must be zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv4Cidr {
+    network: Ipv4Addr,
+    prefix_len: u8,
+}
+
+impl Ipv4Cidr {
+    pub fn new(network: Ipv4Addr, prefix_len: u8) -> Result<Self, String> {
+        if prefix_len > 32 {
+            return Err(format!("`{network}/{prefix_len}`: prefix length is longer than 32"));
+        }
+        let cidr = Self {
+            network,
+            prefix_len,
+        };
+        if u32::from(network) & !cidr.mask() != 0 {
+            return Err(format!(
+                "`{network}/{prefix_len}` has host bits set; the network is {}/{prefix_len}",
+                Ipv4Addr::from(u32::from(network) & cidr.mask())
+            ));
+        }
+        Ok(cidr)
+    }
+
+    pub fn network(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0)
+    }
+
+    /// How many addresses the network spans (2^32 for `/0`).
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.prefix_len))
+    }
+
+    /// The `index`-th address of the network, or `None` past its end.
+    pub fn nth(&self, index: u64) -> Option<Ipv4Addr> {
+        (index < self.size()).then(|| Ipv4Addr::from(u32::from(self.network) + index as u32))
+    }
+
+    /// The position of `addr` inside the network, or `None` when it lies outside.
+    pub fn index_of(&self, addr: Ipv4Addr) -> Option<u64> {
+        let offset = u32::from(addr).wrapping_sub(u32::from(self.network));
+        (u64::from(offset) < self.size()).then_some(u64::from(offset))
+    }
+
+    pub fn overlaps(&self, other: &Ipv4Cidr) -> bool {
+        let shorter = self.prefix_len.min(other.prefix_len);
+        let mask = u32::MAX.checked_shl(32 - u32::from(shorter)).unwrap_or(0);
+        u32::from(self.network) & mask == u32::from(other.network) & mask
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!("`{s}` is not an IPv4 network; expected ADDRESS/PREFIX such as 10.11.0.0/16")
+        };
+        let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let len: u8 = len.parse().map_err(|_| bad())?;
+        Self::new(addr, len)
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+/// A comma-separated list of IPv4 networks; may be empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ipv4CidrList(pub Vec<Ipv4Cidr>);
+
+impl FromStr for Ipv4CidrList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+}
+
+impl fmt::Display for Ipv4CidrList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let items: Vec<String> = self.0.iter().map(Ipv4Cidr::to_string).collect();
+        f.write_str(&items.join(","))
+    }
+}
+
+/// A network interface name as the kernel accepts it: 1 to 15 bytes, no `/`, `:` or whitespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InterfaceName(String);
+
+impl InterfaceName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for InterfaceName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let valid = (1..=15).contains(&s.len())
+            && s != "."
+            && s != ".."
+            && s.chars()
+                .all(|c| c.is_ascii_graphic() && c != '/' && c != ':' && c != '"');
+        if valid {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!("`{s}` is not a network interface name (1-15 printable characters, no `/`, `:` or quotes)"))
+        }
+    }
+}
+
+impl fmt::Display for InterfaceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -162,7 +321,9 @@ impl FromStr for LogFormat {
         match s {
             "text" => Ok(Self::Text),
             "json" => Ok(Self::Json),
-            other => Err(format!("`{other}` is not a log format; expected `text` or `json`")),
+            other => Err(format!(
+                "`{other}` is not a log format; expected `text` or `json`"
+            )),
         }
     }
 }
@@ -201,6 +362,9 @@ string_serde! {
     DatabaseUrl => |v| v.0.clone(),
     Secret => |v| v.0.clone(),
     LogFormat => |v| v.to_string(),
+    Ipv4Cidr => |v| v.to_string(),
+    Ipv4CidrList => |v| v.to_string(),
+    InterfaceName => |v| v.to_string(),
 }
 
 #[cfg(test)]
@@ -209,9 +373,18 @@ mod tests {
 
     #[test]
     fn listen_addr_forms() {
-        assert_eq!(":8000".parse::<ListenAddr>().unwrap().0, "0.0.0.0:8000".parse().unwrap());
-        assert_eq!("127.0.0.1:1".parse::<ListenAddr>().unwrap().to_string(), "127.0.0.1:1");
-        assert_eq!("[::1]:9".parse::<ListenAddr>().unwrap().0, "[::1]:9".parse().unwrap());
+        assert_eq!(
+            ":8000".parse::<ListenAddr>().unwrap().0,
+            "0.0.0.0:8000".parse().unwrap()
+        );
+        assert_eq!(
+            "127.0.0.1:1".parse::<ListenAddr>().unwrap().to_string(),
+            "127.0.0.1:1"
+        );
+        assert_eq!(
+            "[::1]:9".parse::<ListenAddr>().unwrap().0,
+            "[::1]:9".parse().unwrap()
+        );
         assert_eq!(":8000".parse::<ListenAddr>().unwrap().to_string(), ":8000");
         for bad in ["8000", ":", ":99999", "localhost:80", "1.2.3.4"] {
             let err = bad.parse::<ListenAddr>().unwrap_err();
@@ -223,7 +396,10 @@ mod tests {
     fn host_port_forms() {
         let hp: HostPort = "cp.internal:50051".parse().unwrap();
         assert_eq!((hp.host.as_str(), hp.port), ("cp.internal", 50051));
-        assert_eq!("[::1]:5".parse::<HostPort>().unwrap().to_string(), "[::1]:5");
+        assert_eq!(
+            "[::1]:5".parse::<HostPort>().unwrap().to_string(),
+            "[::1]:5"
+        );
         for bad in ["nohost", ":80", "a b:80", "host:0", "host:x"] {
             assert!(bad.parse::<HostPort>().is_err(), "{bad}");
         }
@@ -237,5 +413,43 @@ mod tests {
         let db: DatabaseUrl = "postgres://u:hunter2@h/db".parse().unwrap();
         assert!(!format!("{db:?}").contains("hunter2"));
         assert!("mysql://h/db".parse::<DatabaseUrl>().is_err());
+    }
+
+    #[test]
+    fn ipv4_cidr_forms_and_arithmetic() {
+        let net: Ipv4Cidr = "10.12.0.0/16".parse().unwrap();
+        assert_eq!(net.to_string(), "10.12.0.0/16");
+        assert_eq!(net.size(), 65536);
+        assert_eq!(net.nth(65535), Some(Ipv4Addr::new(10, 12, 255, 255)));
+        assert_eq!(net.nth(65536), None);
+        assert_eq!(net.index_of(Ipv4Addr::new(10, 12, 1, 2)), Some(258));
+        assert_eq!(net.index_of(Ipv4Addr::new(10, 13, 0, 0)), None);
+        assert_eq!(net.index_of(Ipv4Addr::new(10, 11, 255, 255)), None);
+        assert_eq!("0.0.0.0/0".parse::<Ipv4Cidr>().unwrap().size(), 1 << 32);
+        assert!(net.overlaps(&"10.0.0.0/8".parse().unwrap()));
+        assert!(!net.overlaps(&"10.11.0.0/16".parse().unwrap()));
+        for bad in [
+            "10.12.0.1/16",
+            "10.12.0.0",
+            "10.12.0.0/33",
+            "ten/8",
+            "10.12.0.0/x",
+        ] {
+            let err = bad.parse::<Ipv4Cidr>().unwrap_err();
+            assert!(err.contains(bad.split('/').next().unwrap()), "{err}");
+        }
+        let list: Ipv4CidrList = " 10.0.0.0/8, 192.168.0.0/16 ,".parse().unwrap();
+        assert_eq!(list.to_string(), "10.0.0.0/8,192.168.0.0/16");
+        assert_eq!("".parse::<Ipv4CidrList>().unwrap().0, vec![]);
+        assert!("10.0.0.0/8,nope".parse::<Ipv4CidrList>().is_err());
+    }
+
+    #[test]
+    fn interface_names() {
+        assert!("eth0".parse::<InterfaceName>().is_ok());
+        assert!("enp0s31f6.100".parse::<InterfaceName>().is_ok());
+        for bad in ["", "a/b", "sixteen-chars-xx", "a b", "a:1"] {
+            assert!(bad.parse::<InterfaceName>().is_err(), "{bad}");
+        }
     }
 }
