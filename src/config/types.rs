@@ -179,7 +179,9 @@ pub struct Ipv4Cidr {
 impl Ipv4Cidr {
     pub fn new(network: Ipv4Addr, prefix_len: u8) -> Result<Self, String> {
         if prefix_len > 32 {
-            return Err(format!("`{network}/{prefix_len}`: prefix length is longer than 32"));
+            return Err(format!(
+                "`{network}/{prefix_len}`: prefix length is longer than 32"
+            ));
         }
         let cidr = Self {
             network,
