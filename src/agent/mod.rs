@@ -1,5 +1,7 @@
 //! The host agent: registers with the control plane and runs this host's microVMs.
 
+pub mod disk;
+pub mod network;
 pub mod registration;
 
 use std::time::Duration;

@@ -48,6 +48,17 @@ impl Layout {
         self.root.join("sandboxes")
     }
 
+    /// One sandbox's state directory. `sandbox_id` must be a validated id (a single path
+    /// component), as the control plane issues them.
+    pub fn sandbox_dir(&self, sandbox_id: &str) -> PathBuf {
+        self.sandboxes_dir().join(sandbox_id)
+    }
+
+    /// The sandbox's sparse writable ext4 disk, overlaid in the guest on the read-only template.
+    pub fn sandbox_upper_disk(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("upper.ext4")
+    }
+
     pub fn snapshots_dir(&self) -> PathBuf {
         self.root.join("snapshots")
     }
@@ -138,6 +149,11 @@ mod tests {
             assert_eq!(layout.sandboxes_dir(), root.join("sandboxes"));
             assert_eq!(layout.snapshots_dir(), root.join("snapshots"));
             assert_eq!(layout.host_token_file(), root.join("host-token"));
+            assert_eq!(layout.sandbox_dir("sb-1"), root.join("sandboxes/sb-1"));
+            assert_eq!(
+                layout.sandbox_upper_disk("sb-1"),
+                root.join("sandboxes/sb-1/upper.ext4")
+            );
             for (_, path) in layout.derived() {
                 assert!(path.starts_with(root));
             }

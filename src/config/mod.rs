@@ -16,7 +16,10 @@ use serde::{Deserialize, Serialize};
 
 pub use keys::{Key, KEYS};
 pub use layout::{Layout, LayoutError};
-pub use types::{DatabaseUrl, HostPort, HttpUrl, ListenAddr, LogFormat, Secret};
+pub use types::{
+    DatabaseUrl, HostPort, HttpUrl, InterfaceName, Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat,
+    Secret,
+};
 
 /// The variable that names the configuration file when `--config` is not given.
 pub const CONFIG_FILE_ENV: &str = "WRENN_CONFIG";
@@ -58,6 +61,11 @@ pub struct AgentConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cp_url: Option<HttpUrl>,
     pub heartbeat_interval_secs: u64,
+    pub sandbox_host_range: Ipv4Cidr,
+    pub sandbox_transit_range: Ipv4Cidr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_interface: Option<InterfaceName>,
+    pub egress_deny: Ipv4CidrList,
 }
 
 impl Default for Config {
@@ -91,6 +99,16 @@ impl Default for Config {
                 heartbeat_interval_secs: default("agent.heartbeat_interval_secs")
                     .parse()
                     .expect("default is a number"),
+                sandbox_host_range: default("agent.sandbox_host_range")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                sandbox_transit_range: default("agent.sandbox_transit_range")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                egress_interface: None,
+                egress_deny: default("agent.egress_deny")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
             },
         }
     }

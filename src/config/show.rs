@@ -21,6 +21,10 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.files_rootdir" => c.agent.files_rootdir.display().to_string(),
             "agent.cp_url" => c.agent.cp_url.as_ref()?.to_string(),
             "agent.heartbeat_interval_secs" => c.agent.heartbeat_interval_secs.to_string(),
+            "agent.sandbox_host_range" => c.agent.sandbox_host_range.to_string(),
+            "agent.sandbox_transit_range" => c.agent.sandbox_transit_range.to_string(),
+            "agent.egress_interface" => c.agent.egress_interface.as_ref()?.to_string(),
+            "agent.egress_deny" => c.agent.egress_deny.to_string(),
             other => unreachable!("config key {other} has no renderer"),
         })
     };

@@ -33,6 +33,10 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "agent.files_rootdir" => ("/srv/file", "/srv/env"),
         "agent.cp_url" => ("http://cp.file:8000", "https://cp.env"),
         "agent.heartbeat_interval_secs" => ("5", "7"),
+        "agent.sandbox_host_range" => ("10.51.0.0/16", "10.61.0.0/24"),
+        "agent.sandbox_transit_range" => ("10.52.0.0/16", "10.62.0.0/24"),
+        "agent.egress_interface" => ("uplink0", "bond0.7"),
+        "agent.egress_deny" => ("10.0.0.0/8", "192.168.0.0/16,172.16.0.0/12"),
         other => panic!("add sample values for new key {other}"),
     }
 }
@@ -298,6 +302,26 @@ fn bad_values_name_key_value_and_source() {
             Some("[agent]\nfiles_rootdir = 5\n"),
             &[],
             &["agent.files_rootdir", "5"],
+        ),
+        (
+            None,
+            &[("AGENT_SANDBOX_HOST_RANGE", "10.11.0.1/16")],
+            &["agent.sandbox_host_range", "10.11.0.1/16", "host bits"],
+        ),
+        (
+            None,
+            &[("AGENT_SANDBOX_TRANSIT_RANGE", "10.12.0.0")],
+            &["agent.sandbox_transit_range", "10.12.0.0"],
+        ),
+        (
+            None,
+            &[("AGENT_EGRESS_INTERFACE", "way-too-long-name")],
+            &["agent.egress_interface", "way-too-long-name"],
+        ),
+        (
+            None,
+            &[("AGENT_EGRESS_DENY", "10.0.0.0/8,lan")],
+            &["agent.egress_deny", "lan"],
         ),
     ];
     for (file, env, needles) in cases {

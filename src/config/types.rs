@@ -169,6 +169,147 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// An IPv4 network in CIDR form, e.g. `10.11.0.0/16`; host bits must be zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv4Cidr {
+    network: Ipv4Addr,
+    prefix_len: u8,
+}
+
+impl Ipv4Cidr {
+    pub fn new(network: Ipv4Addr, prefix_len: u8) -> Result<Self, String> {
+        if prefix_len > 32 {
+            return Err(format!(
+                "`{network}/{prefix_len}`: prefix length is longer than 32"
+            ));
+        }
+        let cidr = Self {
+            network,
+            prefix_len,
+        };
+        if u32::from(network) & !cidr.mask() != 0 {
+            return Err(format!(
+                "`{network}/{prefix_len}` has host bits set; the network is {}/{prefix_len}",
+                Ipv4Addr::from(u32::from(network) & cidr.mask())
+            ));
+        }
+        Ok(cidr)
+    }
+
+    pub fn network(&self) -> Ipv4Addr {
+        self.network
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    fn mask(&self) -> u32 {
+        u32::MAX
+            .checked_shl(32 - u32::from(self.prefix_len))
+            .unwrap_or(0)
+    }
+
+    /// How many addresses the network spans (2^32 for `/0`).
+    pub fn size(&self) -> u64 {
+        1u64 << (32 - u32::from(self.prefix_len))
+    }
+
+    /// The `index`-th address of the network, or `None` past its end.
+    pub fn nth(&self, index: u64) -> Option<Ipv4Addr> {
+        (index < self.size()).then(|| Ipv4Addr::from(u32::from(self.network) + index as u32))
+    }
+
+    /// The position of `addr` inside the network, or `None` when it lies outside.
+    pub fn index_of(&self, addr: Ipv4Addr) -> Option<u64> {
+        let offset = u32::from(addr).wrapping_sub(u32::from(self.network));
+        (u64::from(offset) < self.size()).then_some(u64::from(offset))
+    }
+
+    pub fn overlaps(&self, other: &Ipv4Cidr) -> bool {
+        let shorter = self.prefix_len.min(other.prefix_len);
+        let mask = u32::MAX.checked_shl(32 - u32::from(shorter)).unwrap_or(0);
+        u32::from(self.network) & mask == u32::from(other.network) & mask
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!("`{s}` is not an IPv4 network; expected ADDRESS/PREFIX such as 10.11.0.0/16")
+        };
+        let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+        let len: u8 = len.parse().map_err(|_| bad())?;
+        Self::new(addr, len)
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+/// A comma-separated list of IPv4 networks; may be empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Ipv4CidrList(pub Vec<Ipv4Cidr>);
+
+impl FromStr for Ipv4CidrList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+}
+
+impl fmt::Display for Ipv4CidrList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let items: Vec<String> = self.0.iter().map(Ipv4Cidr::to_string).collect();
+        f.write_str(&items.join(","))
+    }
+}
+
+/// A network interface name as the kernel accepts it: 1 to 15 bytes, no `/`, `:` or whitespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InterfaceName(String);
+
+impl InterfaceName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for InterfaceName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let valid = (1..=15).contains(&s.len())
+            && s != "."
+            && s != ".."
+            && s.chars()
+                .all(|c| c.is_ascii_graphic() && c != '/' && c != ':' && c != '"');
+        if valid {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!("`{s}` is not a network interface name (1-15 printable characters, no `/`, `:` or quotes)"))
+        }
+    }
+}
+
+impl fmt::Display for InterfaceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -223,6 +364,9 @@ string_serde! {
     DatabaseUrl => |v| v.0.clone(),
     Secret => |v| v.0.clone(),
     LogFormat => |v| v.to_string(),
+    Ipv4Cidr => |v| v.to_string(),
+    Ipv4CidrList => |v| v.to_string(),
+    InterfaceName => |v| v.to_string(),
 }
 
 #[cfg(test)]
@@ -271,5 +415,43 @@ mod tests {
         let db: DatabaseUrl = "postgres://u:hunter2@h/db".parse().unwrap();
         assert!(!format!("{db:?}").contains("hunter2"));
         assert!("mysql://h/db".parse::<DatabaseUrl>().is_err());
+    }
+
+    #[test]
+    fn ipv4_cidr_forms_and_arithmetic() {
+        let net: Ipv4Cidr = "10.12.0.0/16".parse().unwrap();
+        assert_eq!(net.to_string(), "10.12.0.0/16");
+        assert_eq!(net.size(), 65536);
+        assert_eq!(net.nth(65535), Some(Ipv4Addr::new(10, 12, 255, 255)));
+        assert_eq!(net.nth(65536), None);
+        assert_eq!(net.index_of(Ipv4Addr::new(10, 12, 1, 2)), Some(258));
+        assert_eq!(net.index_of(Ipv4Addr::new(10, 13, 0, 0)), None);
+        assert_eq!(net.index_of(Ipv4Addr::new(10, 11, 255, 255)), None);
+        assert_eq!("0.0.0.0/0".parse::<Ipv4Cidr>().unwrap().size(), 1 << 32);
+        assert!(net.overlaps(&"10.0.0.0/8".parse().unwrap()));
+        assert!(!net.overlaps(&"10.11.0.0/16".parse().unwrap()));
+        for bad in [
+            "10.12.0.1/16",
+            "10.12.0.0",
+            "10.12.0.0/33",
+            "ten/8",
+            "10.12.0.0/x",
+        ] {
+            let err = bad.parse::<Ipv4Cidr>().unwrap_err();
+            assert!(err.contains(bad.split('/').next().unwrap()), "{err}");
+        }
+        let list: Ipv4CidrList = " 10.0.0.0/8, 192.168.0.0/16 ,".parse().unwrap();
+        assert_eq!(list.to_string(), "10.0.0.0/8,192.168.0.0/16");
+        assert_eq!("".parse::<Ipv4CidrList>().unwrap().0, vec![]);
+        assert!("10.0.0.0/8,nope".parse::<Ipv4CidrList>().is_err());
+    }
+
+    #[test]
+    fn interface_names() {
+        assert!("eth0".parse::<InterfaceName>().is_ok());
+        assert!("enp0s31f6.100".parse::<InterfaceName>().is_ok());
+        for bad in ["", "a/b", "sixteen-chars-xx", "a b", "a:1"] {
+            assert!(bad.parse::<InterfaceName>().is_err(), "{bad}");
+        }
     }
 }

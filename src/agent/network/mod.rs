@@ -1,0 +1,712 @@
+//! Per-sandbox networking on the host: one network namespace per sandbox holding the guest's
+//! TAP device, a veth pair to the host, NAT for egress, and the nftables rules that keep
+//! sandboxes away from each other and from the host's own services.
+//!
+//! Inside every namespace the guest side is identical — guest `169.254.0.21/30` with MAC
+//! `02:FC:00:00:00:05` behind `tap0` (`169.254.0.22/30`, MAC `02:FC:00:00:00:06`) — so a snapshot
+//! taken in one slot restores into any other. The agent reaches slot N's guest at the slot's
+//! host address (`10.11.0.N` by default), which the namespace DNATs to the guest; guest egress is
+//! SNAT'd to the namespace's veth address and masqueraded again on the host's egress interface.
+//!
+//! Slots are allocated first-free under a lock, capped at what the configured ranges hold, and
+//! recovered after an agent restart from the names of what exists (`<prefix>-<slot>` namespaces
+//! and links, and the nft set elements).
+
+mod command;
+mod plan;
+mod rules;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+pub use command::CommandError;
+
+use crate::config::{AgentConfig, InterfaceName, Ipv4Cidr};
+use plan::SlotPlan;
+use rules::{HostPolicy, SlotElements, NAMESPACE_UPLINK};
+
+/// The guest's address, the same in every sandbox.
+pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 21);
+/// The guest's gateway: the TAP device's address inside the sandbox namespace.
+pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 22);
+pub const GUEST_PREFIX_LEN: u8 = 30;
+/// The guest NIC's MAC address, given to the VMM.
+pub const GUEST_MAC: &str = "02:FC:00:00:00:05";
+/// The TAP device's MAC address. Fixed, so that the neighbour entry a guest caches for its
+/// gateway stays valid when a snapshot is restored into another slot.
+pub const GATEWAY_MAC: &str = "02:FC:00:00:00:06";
+/// The guest-facing device inside every sandbox namespace.
+pub const TAP_NAME: &str = "tap0";
+/// The port envd listens on inside the guest.
+pub const ENVD_PORT: u16 = 49983;
+/// The kernel command-line argument with which the guest configures `eth0` at boot.
+pub const BOOT_IP_ARG: &str = "ip=169.254.0.21::169.254.0.22:255.255.255.252:capsule:eth0:off";
+
+/// The network the guest and the TAP share; host ranges must not overlap it.
+fn guest_network() -> Ipv4Cidr {
+    Ipv4Cidr::new(Ipv4Addr::new(169, 254, 0, 20), GUEST_PREFIX_LEN).expect("a valid /30")
+}
+
+/// Name prefix of production namespaces, links and the nft table.
+pub const DEFAULT_NAME_PREFIX: &str = "wrenn";
+const NETNS_DIR: &str = "/run/netns";
+const TAP_TX_QUEUE_LEN: u32 = 5000;
+
+/// A create step, in the order performed. Used to name a failed step and, in tests, to inject
+/// a failure right after a step succeeded so that its rollback is exercised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CreateStep {
+    /// The slot's elements in the host nft sets (first, so isolation holds before any link is up).
+    HostRules,
+    Namespace,
+    Veth,
+    /// The host-side veth's address and link state.
+    HostLink,
+    /// Loopback, the namespace veth, the TAP device and the default route inside the namespace.
+    NamespaceLinks,
+    /// IPv4 forwarding and the NAT/filter table inside the namespace.
+    NamespaceRules,
+    /// The host route of the slot's host address through the veth pair.
+    HostRoute,
+}
+
+impl CreateStep {
+    pub const ALL: [CreateStep; 7] = [
+        Self::HostRules,
+        Self::Namespace,
+        Self::Veth,
+        Self::HostLink,
+        Self::NamespaceLinks,
+        Self::NamespaceRules,
+        Self::HostRoute,
+    ];
+}
+
+impl fmt::Display for CreateStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::HostRules => "adding host firewall elements",
+            Self::Namespace => "creating the network namespace",
+            Self::Veth => "creating the veth pair",
+            Self::HostLink => "configuring the host-side veth",
+            Self::NamespaceLinks => "configuring links inside the namespace",
+            Self::NamespaceRules => "loading NAT rules inside the namespace",
+            Self::HostRoute => "adding the host route",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("invalid sandbox network settings: {0}")]
+    InvalidSettings(String),
+    #[error("no free sandbox network slot: all {capacity} slots are in use")]
+    SlotsExhausted { capacity: u32 },
+    #[error("could not enable IPv4 forwarding on the host: {0}")]
+    Forwarding(std::io::Error),
+    #[error("could not load the host firewall table inet {table}: {source}")]
+    HostRuleset { table: String, source: CommandError },
+    #[error("could not inspect {what}: {detail}")]
+    Inspect { what: String, detail: String },
+    #[error("{step} for slot {slot} ({device}) failed: {source}")]
+    Create {
+        step: CreateStep,
+        slot: u32,
+        device: String,
+        source: CommandError,
+    },
+    #[error("failure injected after {step} for slot {slot}")]
+    Injected { step: CreateStep, slot: u32 },
+    #[error("could not remove {device} of slot {slot}: {source}")]
+    Teardown {
+        slot: u32,
+        device: String,
+        source: CommandError,
+    },
+}
+
+/// A sandbox's network, as the VMM and the agent's proxy need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxNetwork {
+    pub slot: u32,
+    pub netns_name: String,
+    /// The namespace's bind mount, for `setns` or a VMM's `--netns`.
+    pub netns_path: PathBuf,
+    pub tap_name: String,
+    /// The host-side veth.
+    pub host_link: String,
+    /// Where the agent dials the guest's ports.
+    pub host_addr: Ipv4Addr,
+    pub guest_mac: String,
+    pub boot_ip_arg: String,
+}
+
+impl SandboxNetwork {
+    pub fn envd_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.host_addr, ENVD_PORT))
+    }
+
+    /// The host-side address of any guest port, for a port proxy.
+    pub fn guest_port_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.host_addr, port))
+    }
+}
+
+/// Everything that shapes a [`NetworkManager`]. Production builds it with
+/// [`NetworkOptions::from_config`]; tests change the prefix and ranges so that several managers
+/// coexist on one host, and may inject a failure.
+#[derive(Debug, Clone)]
+pub struct NetworkOptions {
+    /// Names the namespaces and host links (`<prefix>-<slot>`) and the nft tables.
+    pub name_prefix: String,
+    pub host_range: Ipv4Cidr,
+    pub transit_range: Ipv4Cidr,
+    /// `None` uses the interface of the default route found at start-up, if any.
+    pub egress_interface: Option<InterfaceName>,
+    pub egress_deny: Vec<Ipv4Cidr>,
+    /// Makes every create fail right after this step, for rollback tests.
+    pub fail_after: Option<CreateStep>,
+}
+
+impl NetworkOptions {
+    pub fn from_config(agent: &AgentConfig) -> Self {
+        Self {
+            name_prefix: DEFAULT_NAME_PREFIX.to_owned(),
+            host_range: agent.sandbox_host_range,
+            transit_range: agent.sandbox_transit_range,
+            egress_interface: agent.egress_interface.clone(),
+            egress_deny: agent.egress_deny.0.clone(),
+            fail_after: None,
+        }
+    }
+}
+
+/// Creates and destroys sandbox networks; one per agent.
+#[derive(Debug)]
+pub struct NetworkManager {
+    plan: SlotPlan,
+    egress_interface: Option<InterfaceName>,
+    egress_deny: Vec<Ipv4Cidr>,
+    fail_after: Option<CreateStep>,
+    /// Slots with a network or with leftovers not yet cleaned up.
+    in_use: Mutex<BTreeSet<u32>>,
+}
+
+/// Undo actions for create steps, run in reverse on failure.
+#[derive(Debug, Clone, Copy)]
+enum Undo {
+    RemoveHostElements,
+    DeleteNamespace,
+    DeleteHostLink,
+    DeleteHostRoute,
+}
+
+impl NetworkManager {
+    pub async fn new(agent: &AgentConfig) -> Result<Self, NetworkError> {
+        Self::with_options(NetworkOptions::from_config(agent)).await
+    }
+
+    /// Enables forwarding, (re)loads the host table and adopts every slot that already has a
+    /// namespace, link or set element — an agent restarting after a crash must not hand those
+    /// out again before [`cleanup_leftovers`](Self::cleanup_leftovers) has dealt with them.
+    pub async fn with_options(options: NetworkOptions) -> Result<Self, NetworkError> {
+        let plan = SlotPlan::new(
+            &options.name_prefix,
+            options.host_range,
+            options.transit_range,
+        )?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1").map_err(NetworkError::Forwarding)?;
+        let egress_interface = match options.egress_interface {
+            Some(name) => Some(name),
+            None => default_route_interface().await?,
+        };
+        if egress_interface.is_none() {
+            tracing::warn!(
+                "no default route: sandboxes get no egress until the agent restarts with one"
+            );
+        }
+        let manager = Self {
+            plan,
+            egress_interface,
+            egress_deny: options.egress_deny,
+            fail_after: options.fail_after,
+            in_use: Mutex::new(BTreeSet::new()),
+        };
+        let existing = manager.discover().await?;
+        let live: Vec<SlotElements> = existing
+            .iter()
+            .map(|&slot| manager.elements(slot))
+            .collect();
+        let ruleset = rules::host_ruleset(&manager.policy(), &live);
+        command::run("nft", &["-f", "-"], Some(&ruleset))
+            .await
+            .map_err(|source| NetworkError::HostRuleset {
+                table: manager.plan.prefix().to_owned(),
+                source,
+            })?;
+        tracing::info!(
+            adopted = existing.len(),
+            egress = manager.egress_interface.as_ref().map(|i| i.as_str()),
+            capacity = manager.plan.capacity(),
+            "sandbox networking ready"
+        );
+        *manager.lock_slots() = existing;
+        Ok(manager)
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.plan.capacity()
+    }
+
+    /// The interface sandbox egress leaves through, if any.
+    pub fn egress_interface(&self) -> Option<&InterfaceName> {
+        self.egress_interface.as_ref()
+    }
+
+    /// Slots currently held (live networks and leftovers awaiting cleanup).
+    pub fn slots_in_use(&self) -> Vec<u32> {
+        self.lock_slots().iter().copied().collect()
+    }
+
+    fn lock_slots(&self) -> std::sync::MutexGuard<'_, BTreeSet<u32>> {
+        // The set stays consistent across a panic elsewhere: every mutation is a single call.
+        self.in_use
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn policy(&self) -> HostPolicy<'_> {
+        HostPolicy {
+            table: self.plan.prefix(),
+            transit_range: self.plan.transit_range(),
+            egress_interface: self.egress_interface.as_ref(),
+            egress_deny: &self.egress_deny,
+        }
+    }
+
+    fn elements(&self, slot: u32) -> SlotElements {
+        SlotElements {
+            link: self.plan.name(slot),
+            source: self.plan.namespace_veth_addr(slot),
+        }
+    }
+
+    fn allocate(&self) -> Result<u32, NetworkError> {
+        let mut in_use = self.lock_slots();
+        let capacity = self.plan.capacity();
+        let slot = (1..=capacity)
+            .find(|slot| !in_use.contains(slot))
+            .ok_or(NetworkError::SlotsExhausted { capacity })?;
+        in_use.insert(slot);
+        Ok(slot)
+    }
+
+    fn release(&self, slot: u32) {
+        self.lock_slots().remove(&slot);
+    }
+
+    /// Creates the network of a new sandbox. On failure every completed step is undone; if the
+    /// undo itself fails the slot stays reserved so it is not reused dirty, and
+    /// [`cleanup_leftovers`](Self::cleanup_leftovers) or a later restart reclaims it.
+    pub async fn create(&self, sandbox_id: &str) -> Result<SandboxNetwork, NetworkError> {
+        let slot = self.allocate()?;
+        let mut done = Vec::new();
+        match self.build(slot, &mut done).await {
+            Ok(network) => {
+                tracing::debug!(sandbox_id, slot, host_addr = %network.host_addr, "sandbox network created");
+                Ok(network)
+            }
+            Err(error) => {
+                tracing::warn!(sandbox_id, slot, %error, "sandbox network creation failed; rolling back");
+                let mut clean = true;
+                for undo in done.iter().rev() {
+                    if let Err(undo_error) = self.undo(slot, *undo).await {
+                        tracing::error!(slot, %undo_error, "rollback step failed; slot stays reserved");
+                        clean = false;
+                    }
+                }
+                if clean {
+                    self.release(slot);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn build(&self, slot: u32, done: &mut Vec<Undo>) -> Result<SandboxNetwork, NetworkError> {
+        let name = self.plan.name(slot);
+        let host_addr = self.plan.host_addr(slot);
+        let host_veth = self.plan.host_veth_addr(slot);
+        let ns_veth = self.plan.namespace_veth_addr(slot);
+        let table = self.plan.prefix();
+
+        let add = rules::add_slot(table, &self.elements(slot));
+        self.step(
+            slot,
+            CreateStep::HostRules,
+            table,
+            "nft",
+            &["-f", "-"],
+            Some(&add),
+        )
+        .await?;
+        done.push(Undo::RemoveHostElements);
+        self.injected(slot, CreateStep::HostRules)?;
+
+        self.step(
+            slot,
+            CreateStep::Namespace,
+            &name,
+            "ip",
+            &["netns", "add", &name],
+            None,
+        )
+        .await?;
+        done.push(Undo::DeleteNamespace);
+        self.injected(slot, CreateStep::Namespace)?;
+
+        let veth_args = [
+            "link",
+            "add",
+            &name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            NAMESPACE_UPLINK,
+            "netns",
+            &name,
+        ];
+        self.step(slot, CreateStep::Veth, &name, "ip", &veth_args, None)
+            .await?;
+        done.push(Undo::DeleteHostLink);
+        self.injected(slot, CreateStep::Veth)?;
+
+        let host_link = format!("addr add {host_veth}/31 dev {name}\nlink set dev {name} up\n");
+        self.step(
+            slot,
+            CreateStep::HostLink,
+            &name,
+            "ip",
+            &["-batch", "-"],
+            Some(&host_link),
+        )
+        .await?;
+        self.injected(slot, CreateStep::HostLink)?;
+
+        let inside = format!(
+            "link set dev lo up\n\
+             addr add {ns_veth}/31 dev {NAMESPACE_UPLINK}\n\
+             link set dev {NAMESPACE_UPLINK} up\n\
+             tuntap add dev {TAP_NAME} mode tap\n\
+             link set dev {TAP_NAME} address {GATEWAY_MAC} txqueuelen {TAP_TX_QUEUE_LEN}\n\
+             addr add {GATEWAY_IP}/{GUEST_PREFIX_LEN} dev {TAP_NAME}\n\
+             link set dev {TAP_NAME} up\n\
+             route add default via {host_veth} dev {NAMESPACE_UPLINK}\n"
+        );
+        let ns_args = ["-n", &name, "-batch", "-"];
+        self.step(
+            slot,
+            CreateStep::NamespaceLinks,
+            &name,
+            "ip",
+            &ns_args,
+            Some(&inside),
+        )
+        .await?;
+        self.injected(slot, CreateStep::NamespaceLinks)?;
+
+        let forwarding = [
+            "netns",
+            "exec",
+            &name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ];
+        self.step(
+            slot,
+            CreateStep::NamespaceRules,
+            &name,
+            "ip",
+            &forwarding,
+            None,
+        )
+        .await?;
+        let ns_rules = rules::namespace_ruleset(table, host_addr, ns_veth);
+        let nft_args = ["netns", "exec", &name, "nft", "-f", "-"];
+        self.step(
+            slot,
+            CreateStep::NamespaceRules,
+            &name,
+            "ip",
+            &nft_args,
+            Some(&ns_rules),
+        )
+        .await?;
+        self.injected(slot, CreateStep::NamespaceRules)?;
+
+        let route = format!("{host_addr}/32");
+        let host_veth_text = host_veth.to_string();
+        let ns_veth_text = ns_veth.to_string();
+        let route_args = [
+            "route",
+            "add",
+            &route,
+            "via",
+            &ns_veth_text,
+            "dev",
+            &name,
+            "src",
+            &host_veth_text,
+        ];
+        self.step(slot, CreateStep::HostRoute, &route, "ip", &route_args, None)
+            .await?;
+        done.push(Undo::DeleteHostRoute);
+        self.injected(slot, CreateStep::HostRoute)?;
+
+        Ok(SandboxNetwork {
+            slot,
+            netns_path: Path::new(NETNS_DIR).join(&name),
+            netns_name: name.clone(),
+            tap_name: TAP_NAME.to_owned(),
+            host_link: name,
+            host_addr,
+            guest_mac: GUEST_MAC.to_owned(),
+            boot_ip_arg: BOOT_IP_ARG.to_owned(),
+        })
+    }
+
+    async fn step(
+        &self,
+        slot: u32,
+        step: CreateStep,
+        device: &str,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<(), NetworkError> {
+        command::run(program, args, stdin)
+            .await
+            .map(drop)
+            .map_err(|source| NetworkError::Create {
+                step,
+                slot,
+                device: device.to_owned(),
+                source,
+            })
+    }
+
+    fn injected(&self, slot: u32, step: CreateStep) -> Result<(), NetworkError> {
+        match self.fail_after {
+            Some(fail) if fail == step => Err(NetworkError::Injected { step, slot }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn undo(&self, slot: u32, undo: Undo) -> Result<(), NetworkError> {
+        let name = self.plan.name(slot);
+        let teardown = |device: String| {
+            move |source| NetworkError::Teardown {
+                slot,
+                device,
+                source,
+            }
+        };
+        match undo {
+            Undo::RemoveHostElements => {
+                let text = rules::remove_slot(self.plan.prefix(), &self.elements(slot));
+                command::run("nft", &["-f", "-"], Some(&text))
+                    .await
+                    .map_err(teardown(format!("host firewall elements of {name}")))?;
+            }
+            Undo::DeleteNamespace => {
+                if Path::new(NETNS_DIR).join(&name).exists() {
+                    command::run("ip", &["netns", "delete", &name], None)
+                        .await
+                        .map_err(teardown(format!("network namespace {name}")))?;
+                }
+            }
+            Undo::DeleteHostLink => {
+                if host_links().await?.contains(&name) {
+                    command::run("ip", &["link", "delete", &name], None)
+                        .await
+                        .map_err(teardown(format!("veth {name}")))?;
+                }
+            }
+            Undo::DeleteHostRoute => {
+                // Only undone during a rollback, while the link still exists; a destroy drops the
+                // route together with the link.
+                let route = format!("{}/32", self.plan.host_addr(slot));
+                command::run("ip", &["route", "delete", &route, "dev", &name], None)
+                    .await
+                    .map_err(teardown(format!("route {route}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes everything of a slot that exists, in the reverse order of creation; the host
+    /// firewall elements go last so isolation holds until the links are gone.
+    async fn teardown(&self, slot: u32) -> Result<(), NetworkError> {
+        let mut first_error = None;
+        for undo in [
+            Undo::DeleteHostLink,
+            Undo::DeleteNamespace,
+            Undo::RemoveHostElements,
+        ] {
+            if let Err(error) = self.undo(slot, undo).await {
+                tracing::warn!(slot, %error, "sandbox network teardown step failed");
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Removes a sandbox's network. Idempotent: destroying twice, or after a partial failure,
+    /// removes whatever is left and succeeds. The slot is freed only once nothing is left.
+    pub async fn destroy(&self, network: &SandboxNetwork) -> Result<(), NetworkError> {
+        self.teardown(network.slot).await?;
+        self.release(network.slot);
+        tracing::debug!(slot = network.slot, "sandbox network destroyed");
+        Ok(())
+    }
+
+    /// Removes every namespace, link and firewall element of this manager's prefix whose slot is
+    /// not in `keep` (the sandboxes the agent still runs), e.g. after a crash. Routes go with
+    /// their links. Returns the slots that were cleaned.
+    pub async fn cleanup_leftovers(&self, keep: &[u32]) -> Result<Vec<u32>, NetworkError> {
+        let leftovers: Vec<u32> = self
+            .discover()
+            .await?
+            .into_iter()
+            .filter(|slot| !keep.contains(slot))
+            .collect();
+        let mut first_error = None;
+        let mut cleaned = Vec::new();
+        for &slot in &leftovers {
+            match self.teardown(slot).await {
+                Ok(()) => {
+                    self.release(slot);
+                    cleaned.push(slot);
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        if !cleaned.is_empty() {
+            tracing::info!(?cleaned, "removed leftover sandbox networks");
+        }
+        first_error.map_or(Ok(cleaned), Err)
+    }
+
+    /// Slots that have a namespace, a host link or an nft element under this prefix.
+    async fn discover(&self) -> Result<BTreeSet<u32>, NetworkError> {
+        let mut slots = BTreeSet::new();
+        match std::fs::read_dir(NETNS_DIR) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    if let Some(slot) = entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| self.plan.slot_of(n))
+                    {
+                        slots.insert(slot);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(NetworkError::Inspect {
+                    what: NETNS_DIR.to_owned(),
+                    detail: e.to_string(),
+                })
+            }
+        }
+        slots.extend(
+            host_links()
+                .await?
+                .iter()
+                .filter_map(|n| self.plan.slot_of(n)),
+        );
+        let table = self.plan.prefix();
+        let table_exists = command::run("nft", &["list", "tables", "inet"], None)
+            .await
+            .map_err(|e| NetworkError::Inspect {
+                what: "nft tables".to_owned(),
+                detail: e.to_string(),
+            })?
+            .lines()
+            .any(|line| line.trim() == format!("table inet {table}"));
+        if table_exists {
+            let what = format!("nft set inet {table} {}", rules::LINKS_SET_NAME);
+            let json = command::run(
+                "nft",
+                &["-j", "list", "set", "inet", table, rules::LINKS_SET_NAME],
+                None,
+            )
+            .await
+            .map_err(|e| NetworkError::Inspect {
+                what: what.clone(),
+                detail: e.to_string(),
+            })?;
+            let links = rules::parse_links_set(&json)
+                .map_err(|detail| NetworkError::Inspect { what, detail })?;
+            slots.extend(links.iter().filter_map(|n| self.plan.slot_of(n)));
+        }
+        Ok(slots)
+    }
+}
+
+/// Names of the links in the host namespace.
+async fn host_links() -> Result<Vec<String>, NetworkError> {
+    let inspect = |detail: String| NetworkError::Inspect {
+        what: "host links".to_owned(),
+        detail,
+    };
+    let json = command::run("ip", &["-j", "link", "show"], None)
+        .await
+        .map_err(|e| inspect(e.to_string()))?;
+    let links: Vec<serde_json::Value> =
+        serde_json::from_str(&json).map_err(|e| inspect(e.to_string()))?;
+    Ok(links
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
+        .collect())
+}
+
+async fn default_route_interface() -> Result<Option<InterfaceName>, NetworkError> {
+    let inspect = |detail: String| NetworkError::Inspect {
+        what: "the default route".to_owned(),
+        detail,
+    };
+    let json = command::run("ip", &["-j", "-4", "route", "show", "default"], None)
+        .await
+        .map_err(|e| inspect(e.to_string()))?;
+    let routes: Vec<serde_json::Value> =
+        serde_json::from_str(&json).map_err(|e| inspect(e.to_string()))?;
+    Ok(routes
+        .iter()
+        .filter_map(|r| r["dev"].as_str())
+        .find_map(|dev| dev.parse().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_arg_matches_the_guest_constants() {
+        let mask = Ipv4Addr::from(u32::MAX << (32 - u32::from(GUEST_PREFIX_LEN)));
+        assert_eq!(
+            BOOT_IP_ARG,
+            format!("ip={GUEST_IP}::{GATEWAY_IP}:{mask}:capsule:eth0:off")
+        );
+        assert_eq!(guest_network().index_of(GUEST_IP), Some(1));
+        assert_eq!(guest_network().index_of(GATEWAY_IP), Some(2));
+    }
+}
