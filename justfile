@@ -41,7 +41,8 @@ fmt:
 lint:
     cargo fmt --check
     cargo clippy --all-targets -- -D warnings
+    cargo clippy --all-targets --features failpoints -- -D warnings
 
 # The whole suite: lints, the static guest binary, then every test.
 test: lint
-    WRENN_STATIC_BIN="$(just build-static | tail -n1)" cargo test --all-targets -- --test-threads=4
+    WRENN_STATIC_BIN="$(just build-static | tail -n1)" cargo test --all-targets --features failpoints -- --test-threads=4
