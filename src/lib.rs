@@ -3,6 +3,9 @@
 
 pub mod cli;
 pub mod config;
+pub mod cp;
+pub mod db;
+pub mod id;
 pub mod logging;
 pub mod testing;
 pub mod version;

@@ -23,6 +23,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "cp.host_agent_addr" => ("agent.file:1", "agent.env:2"),
         "cp.jwt_secret" => ("file-secret-file-secret-file-secret", "env-secret-env-secret-env-secret-x"),
         "cp.host_unreachable_after_secs" => ("30", "45"),
+        "cp.host_monitor_interval_secs" => ("5", "7"),
         "agent.listen_addr" => (":7000", "127.0.0.1:7001"),
         "agent.files_rootdir" => ("/srv/file", "/srv/env"),
         "agent.cp_url" => ("http://cp.file:8000", "https://cp.env"),
@@ -32,7 +33,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
 
 fn toml_line(path: &str, value: &str) -> String {
     let (table, field) = path.rsplit_once('.').map_or((None, path), |(t, f)| (Some(t), f));
-    let literal = if path == "cp.host_unreachable_after_secs" {
+    let literal = if path.ends_with("_secs") {
         value.to_owned()
     } else {
         format!("{value:?}")
