@@ -107,7 +107,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let loaded = load_config(cli.config)?;
             runtime()?.block_on(run_migrate(command, &loaded.config))
         }
-        Command::Config { command: ConfigCommand::Show } => {
+        Command::Config {
+            command: ConfigCommand::Show,
+        } => {
             let loaded = load_config(cli.config)?;
             print!("{}", config::render_show(&loaded));
             Ok(ExitCode::SUCCESS)
@@ -116,14 +118,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 async fn connect(config: &config::Config) -> anyhow::Result<crate::db::Db> {
     let db = crate::db::connect_lazy(&config.database_url.0)?;
-    crate::db::ping(&db)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the database at {}: {e}", config.database_url.redacted()))?;
+    crate::db::ping(&db).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the database at {}: {e}",
+            config.database_url.redacted()
+        )
+    })?;
     Ok(db)
 }
 
@@ -131,7 +138,13 @@ async fn run_cp(command: CpCommand, config: &config::Config) -> anyhow::Result<E
     use crate::cp::services::{accounts, input};
     match command {
         CpCommand::Serve => crate::cp::serve(config).await?,
-        CpCommand::Admin { command: AdminCommand::Create { email, password_file } } => {
+        CpCommand::Admin {
+            command:
+                AdminCommand::Create {
+                    email,
+                    password_file,
+                },
+        } => {
             let text = std::fs::read_to_string(&password_file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", password_file.display()))?;
             let password = text.lines().next().unwrap_or_default();
@@ -141,7 +154,9 @@ async fn run_cp(command: CpCommand, config: &config::Config) -> anyhow::Result<E
             match accounts::ensure_admin(&db, email, password).await? {
                 accounts::AdminBootstrap::Created(id) => println!("created platform admin {id}"),
                 accounts::AdminBootstrap::Promoted(id) => {
-                    println!("{id} already existed and is now a platform admin (password unchanged)")
+                    println!(
+                        "{id} already existed and is now a platform admin (password unchanged)"
+                    )
                 }
             }
         }
@@ -168,7 +183,9 @@ async fn run_migrate(command: MigrateCommand, config: &config::Config) -> anyhow
         },
         MigrateCommand::Status => {
             for m in migrate::status(&db).await? {
-                let state = m.applied_at.map_or("pending".to_owned(), |at| format!("applied {}", at.to_rfc3339()));
+                let state = m.applied_at.map_or("pending".to_owned(), |at| {
+                    format!("applied {}", at.to_rfc3339())
+                });
                 println!("{:04} {:<24} {state}", m.version, m.description);
             }
         }

@@ -62,13 +62,19 @@ pub async fn delete(ex: impl PgExecutor<'_>, team: Uuid, id: Uuid) -> Result<boo
 }
 
 pub async fn delete_for_team(ex: impl PgExecutor<'_>, team: Uuid) -> Result<u64, DbError> {
-    let done = sqlx::query("DELETE FROM team_api_keys WHERE team_id = $1").bind(team).execute(ex).await?;
+    let done = sqlx::query("DELETE FROM team_api_keys WHERE team_id = $1")
+        .bind(team)
+        .execute(ex)
+        .await?;
     Ok(done.rows_affected())
 }
 
 /// Resolves a key hash to `(key id, team id)` for a live team and records the use. `last_used`
 /// is written at most once a second per key so a busy key does not serialise on its row lock.
-pub async fn authenticate(ex: impl PgExecutor<'_>, key_hash: &[u8]) -> Result<Option<(Uuid, Uuid)>, DbError> {
+pub async fn authenticate(
+    ex: impl PgExecutor<'_>,
+    key_hash: &[u8],
+) -> Result<Option<(Uuid, Uuid)>, DbError> {
     Ok(sqlx::query_as(
         "WITH k AS (
              SELECT k.id, k.team_id, k.last_used FROM team_api_keys k
@@ -86,9 +92,11 @@ pub async fn authenticate(ex: impl PgExecutor<'_>, key_hash: &[u8]) -> Result<Op
 }
 
 pub async fn get(ex: impl PgExecutor<'_>, team: Uuid, id: Uuid) -> Result<Option<ApiKey>, DbError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM team_api_keys WHERE team_id = $1 AND id = $2"))
-        .bind(team)
-        .bind(id)
-        .fetch_optional(ex)
-        .await?)
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM team_api_keys WHERE team_id = $1 AND id = $2"
+    ))
+    .bind(team)
+    .bind(id)
+    .fetch_optional(ex)
+    .await?)
 }

@@ -6,10 +6,12 @@ use uuid::Uuid;
 use super::DbError;
 
 pub async fn list(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<String>, DbError> {
-    Ok(sqlx::query_scalar("SELECT tag FROM host_tags WHERE host_id = $1 ORDER BY tag")
-        .bind(host)
-        .fetch_all(ex)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT tag FROM host_tags WHERE host_id = $1 ORDER BY tag")
+            .bind(host)
+            .fetch_all(ex)
+            .await?,
+    )
 }
 
 /// Adding a tag the host already has is a no-op.

@@ -45,7 +45,8 @@ pub struct Host {
     pub updated_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, type, team_id, provider, availability_zone, arch, cpu_cores, memory_mb, \
+const COLUMNS: &str =
+    "id, type, team_id, provider, availability_zone, arch, cpu_cores, memory_mb, \
     disk_gb, address, status, last_heartbeat_at, metadata, versions, agent_secret_generation, \
     agent_secret_hash, created_by, created_at, updated_at";
 
@@ -74,24 +75,30 @@ pub async fn insert(ex: impl PgExecutor<'_>, host: NewHost<'_>) -> Result<Host, 
 }
 
 pub async fn by_id(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Host>, DbError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM hosts WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(ex)
-        .await?)
+    Ok(
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM hosts WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(ex)
+            .await?,
+    )
 }
 
 /// Locks the row for the rest of the transaction.
 pub async fn by_id_for_update(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Host>, DbError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM hosts WHERE id = $1 FOR UPDATE"))
-        .bind(id)
-        .fetch_optional(ex)
-        .await?)
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM hosts WHERE id = $1 FOR UPDATE"
+    ))
+    .bind(id)
+    .fetch_optional(ex)
+    .await?)
 }
 
 pub async fn list_all(ex: impl PgExecutor<'_>) -> Result<Vec<Host>, DbError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM hosts ORDER BY created_at, id"))
-        .fetch_all(ex)
-        .await?)
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM hosts ORDER BY created_at, id"
+    ))
+    .fetch_all(ex)
+    .await?)
 }
 
 pub async fn list_for_team(ex: impl PgExecutor<'_>, team: Uuid) -> Result<Vec<Host>, DbError> {
@@ -176,7 +183,10 @@ pub async fn heartbeat(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<HostS
 }
 
 /// Marks online hosts silent for longer than `silence` unreachable; returns their IDs.
-pub async fn mark_unreachable(ex: impl PgExecutor<'_>, silence: Duration) -> Result<Vec<Uuid>, DbError> {
+pub async fn mark_unreachable(
+    ex: impl PgExecutor<'_>,
+    silence: Duration,
+) -> Result<Vec<Uuid>, DbError> {
     Ok(sqlx::query_scalar(
         "UPDATE hosts SET status = 'unreachable', updated_at = now()
          WHERE status = 'online' AND last_heartbeat_at < now() - make_interval(secs => $1)
@@ -188,6 +198,9 @@ pub async fn mark_unreachable(ex: impl PgExecutor<'_>, silence: Duration) -> Res
 }
 
 pub async fn delete(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, DbError> {
-    let done = sqlx::query("DELETE FROM hosts WHERE id = $1").bind(id).execute(ex).await?;
+    let done = sqlx::query("DELETE FROM hosts WHERE id = $1")
+        .bind(id)
+        .execute(ex)
+        .await?;
     Ok(done.rows_affected() == 1)
 }

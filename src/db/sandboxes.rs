@@ -7,8 +7,9 @@ use uuid::Uuid;
 use super::DbError;
 
 /// Statuses in which a sandbox holds resources on its host.
-pub const ACTIVE_STATUSES: &[&str] =
-    &["pending", "starting", "running", "pausing", "paused", "resuming", "stopping"];
+pub const ACTIVE_STATUSES: &[&str] = &[
+    "pending", "starting", "running", "pausing", "paused", "resuming", "stopping",
+];
 
 pub struct NewSandbox {
     pub id: Uuid,
@@ -48,7 +49,10 @@ pub async fn active_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<U
 }
 
 /// Marks the host's active sandboxes stopped and returns them.
-pub async fn stop_active_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<Uuid>, DbError> {
+pub async fn stop_active_on_host(
+    ex: impl PgExecutor<'_>,
+    host: Uuid,
+) -> Result<Vec<Uuid>, DbError> {
     Ok(sqlx::query_scalar(
         "UPDATE sandboxes SET status = 'stopped', last_updated = now()
          WHERE host_id = $1 AND status = ANY($2) RETURNING id",
@@ -60,7 +64,10 @@ pub async fn stop_active_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<
 }
 
 /// Marks the team's active sandboxes stopped and returns them.
-pub async fn stop_active_for_team(ex: impl PgExecutor<'_>, team: Uuid) -> Result<Vec<Uuid>, DbError> {
+pub async fn stop_active_for_team(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+) -> Result<Vec<Uuid>, DbError> {
     Ok(sqlx::query_scalar(
         "UPDATE sandboxes SET status = 'stopped', last_updated = now()
          WHERE team_id = $1 AND status = ANY($2) RETURNING id",

@@ -33,18 +33,24 @@ pub async fn insert(
     role: Role,
     is_default: bool,
 ) -> Result<(), DbError> {
-    sqlx::query("INSERT INTO team_members (team_id, user_id, role, is_default) VALUES ($1, $2, $3, $4)")
-        .bind(team)
-        .bind(user)
-        .bind(role.as_str())
-        .bind(is_default)
-        .execute(ex)
-        .await?;
+    sqlx::query(
+        "INSERT INTO team_members (team_id, user_id, role, is_default) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(team)
+    .bind(user)
+    .bind(role.as_str())
+    .bind(is_default)
+    .execute(ex)
+    .await?;
     Ok(())
 }
 
 /// The user's role in a live team, if they are a member.
-pub async fn role_of(ex: impl PgExecutor<'_>, team: Uuid, user: Uuid) -> Result<Option<Role>, DbError> {
+pub async fn role_of(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    user: Uuid,
+) -> Result<Option<Role>, DbError> {
     let role: Option<String> = sqlx::query_scalar(
         "SELECT m.role FROM team_members m JOIN teams t ON t.id = m.team_id
          WHERE m.team_id = $1 AND m.user_id = $2 AND t.deleted_at IS NULL",
@@ -53,7 +59,9 @@ pub async fn role_of(ex: impl PgExecutor<'_>, team: Uuid, user: Uuid) -> Result<
     .bind(user)
     .fetch_optional(ex)
     .await?;
-    role.map(Role::try_from).transpose().map_err(|e| DbError::Query(sqlx::Error::Decode(e.into())))
+    role.map(Role::try_from)
+        .transpose()
+        .map_err(|e| DbError::Query(sqlx::Error::Decode(e.into())))
 }
 
 pub async fn list(ex: impl PgExecutor<'_>, team: Uuid) -> Result<Vec<Member>, DbError> {
@@ -67,7 +75,11 @@ pub async fn list(ex: impl PgExecutor<'_>, team: Uuid) -> Result<Vec<Member>, Db
     .await?)
 }
 
-pub async fn get(ex: impl PgExecutor<'_>, team: Uuid, user: Uuid) -> Result<Option<Member>, DbError> {
+pub async fn get(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    user: Uuid,
+) -> Result<Option<Member>, DbError> {
     Ok(sqlx::query_as(
         "SELECT m.user_id, u.email, m.role, m.created_at AS joined_at
          FROM team_members m JOIN users u ON u.id = m.user_id
@@ -79,7 +91,12 @@ pub async fn get(ex: impl PgExecutor<'_>, team: Uuid, user: Uuid) -> Result<Opti
     .await?)
 }
 
-pub async fn set_role(ex: impl PgExecutor<'_>, team: Uuid, user: Uuid, role: Role) -> Result<bool, DbError> {
+pub async fn set_role(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    user: Uuid,
+    role: Role,
+) -> Result<bool, DbError> {
     let done = sqlx::query("UPDATE team_members SET role = $3 WHERE team_id = $1 AND user_id = $2")
         .bind(team)
         .bind(user)

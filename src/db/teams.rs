@@ -51,7 +51,10 @@ pub async fn by_id(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Team>, Db
 }
 
 /// The live teams a user belongs to, default team first.
-pub async fn list_for_user(ex: impl PgExecutor<'_>, user: Uuid) -> Result<Vec<TeamWithRole>, DbError> {
+pub async fn list_for_user(
+    ex: impl PgExecutor<'_>,
+    user: Uuid,
+) -> Result<Vec<TeamWithRole>, DbError> {
     Ok(sqlx::query_as(
         "SELECT t.id, t.name, t.slug, t.created_at, m.role, m.is_default
          FROM team_members m JOIN teams t ON t.id = m.team_id
@@ -73,9 +76,10 @@ pub async fn rename(ex: impl PgExecutor<'_>, id: Uuid, name: &str) -> Result<boo
 }
 
 pub async fn soft_delete(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, DbError> {
-    let done = sqlx::query("UPDATE teams SET deleted_at = now() WHERE id = $1 AND deleted_at IS NULL")
-        .bind(id)
-        .execute(ex)
-        .await?;
+    let done =
+        sqlx::query("UPDATE teams SET deleted_at = now() WHERE id = $1 AND deleted_at IS NULL")
+            .bind(id)
+            .execute(ex)
+            .await?;
     Ok(done.rows_affected() == 1)
 }

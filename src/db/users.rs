@@ -49,22 +49,30 @@ pub async fn insert(ex: impl PgExecutor<'_>, user: NewUser<'_>) -> Result<User, 
 }
 
 pub async fn by_id(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<User>, DbError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(ex)
-        .await?)
+    Ok(
+        sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(ex)
+            .await?,
+    )
 }
 
 /// Emails compare case-insensitively.
 pub async fn by_email(ex: impl PgExecutor<'_>, email: &str) -> Result<Option<User>, DbError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM users WHERE lower(email) = lower($1)"))
-        .bind(email)
-        .fetch_optional(ex)
-        .await?)
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM users WHERE lower(email) = lower($1)"
+    ))
+    .bind(email)
+    .fetch_optional(ex)
+    .await?)
 }
 
 pub async fn any_admin(ex: impl PgExecutor<'_>) -> Result<bool, DbError> {
-    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE is_admin)").fetch_one(ex).await?)
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE is_admin)")
+            .fetch_one(ex)
+            .await?,
+    )
 }
 
 pub async fn set_admin(ex: impl PgExecutor<'_>, id: Uuid, is_admin: bool) -> Result<bool, DbError> {
@@ -76,7 +84,11 @@ pub async fn set_admin(ex: impl PgExecutor<'_>, id: Uuid, is_admin: bool) -> Res
     Ok(done.rows_affected() == 1)
 }
 
-pub async fn rename(ex: impl PgExecutor<'_>, id: Uuid, name: &str) -> Result<Option<User>, DbError> {
+pub async fn rename(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    name: &str,
+) -> Result<Option<User>, DbError> {
     Ok(sqlx::query_as(&format!(
         "UPDATE users SET name = $2, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
     ))
@@ -88,7 +100,9 @@ pub async fn rename(ex: impl PgExecutor<'_>, id: Uuid, name: &str) -> Result<Opt
 
 /// Serialises first-user-becomes-admin decisions across concurrent signups.
 pub async fn lock_admin_bootstrap(ex: impl PgExecutor<'_>) -> Result<(), DbError> {
-    sqlx::query("SELECT pg_advisory_xact_lock(1919250030)").execute(ex).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(1919250030)")
+        .execute(ex)
+        .await?;
     Ok(())
 }
 
@@ -107,7 +121,9 @@ pub struct OptionalRole(Option<String>);
 
 impl<'r> sqlx::Decode<'r, sqlx::Postgres> for OptionalRole {
     fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-        Ok(Self(<Option<String> as sqlx::Decode<sqlx::Postgres>>::decode(value)?))
+        Ok(Self(
+            <Option<String> as sqlx::Decode<sqlx::Postgres>>::decode(value)?,
+        ))
     }
 }
 
@@ -125,7 +141,11 @@ impl TryFrom<OptionalRole> for Option<super::team_members::Role> {
     }
 }
 
-pub async fn in_team(ex: impl PgExecutor<'_>, id: Uuid, team: Uuid) -> Result<Option<UserInTeam>, DbError> {
+pub async fn in_team(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    team: Uuid,
+) -> Result<Option<UserInTeam>, DbError> {
     Ok(sqlx::query_as(
         "SELECT u.id, u.email, u.password_hash, u.name, u.is_admin, u.status, u.created_at,
                 u.updated_at, m.role

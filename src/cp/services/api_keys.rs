@@ -24,7 +24,11 @@ fn member_team(caller: &AuthUser) -> Result<TeamId, ServiceError> {
 
 /// Creates a key for the caller's current team; returns it with its plaintext, the only time
 /// the plaintext exists outside the caller.
-pub async fn create(db: &Db, caller: &AuthUser, name: KeyName) -> Result<(ApiKey, String), ServiceError> {
+pub async fn create(
+    db: &Db,
+    caller: &AuthUser,
+    name: KeyName,
+) -> Result<(ApiKey, String), ServiceError> {
     let team = member_team(caller)?;
     let plaintext = format!("{KEY_PREFIX}{}", random_hex(16));
     let prefix = format!("{}...", &plaintext[..DISPLAY_CHARS]);
@@ -50,10 +54,15 @@ pub async fn list(db: &Db, team: TeamId) -> Result<Vec<ApiKey>, ServiceError> {
 /// Owners and admins revoke any key of the team; members only keys they created.
 pub async fn revoke(db: &Db, caller: &AuthUser, key: ApiKeyId) -> Result<(), ServiceError> {
     let team = member_team(caller)?;
-    let found = api_keys::get(db, team.uuid(), key.uuid()).await?.ok_or(ServiceError::NotFound("API key"))?;
-    let allowed = caller.role.is_some_and(|r| r.can_manage()) || found.created_by == Some(caller.id());
+    let found = api_keys::get(db, team.uuid(), key.uuid())
+        .await?
+        .ok_or(ServiceError::NotFound("API key"))?;
+    let allowed =
+        caller.role.is_some_and(|r| r.can_manage()) || found.created_by == Some(caller.id());
     if !allowed {
-        return Err(ServiceError::forbidden("only team owners and admins can revoke other members' keys"));
+        return Err(ServiceError::forbidden(
+            "only team owners and admins can revoke other members' keys",
+        ));
     }
     if !api_keys::delete(db, team.uuid(), key.uuid()).await? {
         return Err(ServiceError::NotFound("API key"));

@@ -12,7 +12,10 @@ use crate::id::SandboxId;
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("invalid {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -33,7 +36,10 @@ pub enum ServiceError {
 
 impl ServiceError {
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        ServiceError::Invalid { field, message: message.into() }
+        ServiceError::Invalid {
+            field,
+            message: message.into(),
+        }
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
@@ -96,7 +102,10 @@ pub mod input {
             if valid {
                 Ok(Self(email.to_owned()))
             } else {
-                Err(ServiceError::invalid(field, format!("`{email}` is not an email address")))
+                Err(ServiceError::invalid(
+                    field,
+                    format!("`{email}` is not an email address"),
+                ))
             }
         }
     }
@@ -104,7 +113,10 @@ pub mod input {
     impl Password {
         pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
             match raw.len() {
-                0..=7 => Err(ServiceError::invalid(field, "must be at least 8 characters")),
+                0..=7 => Err(ServiceError::invalid(
+                    field,
+                    "must be at least 8 characters",
+                )),
                 8..=1024 => Ok(Self(raw.to_owned())),
                 _ => Err(ServiceError::invalid(field, "must be at most 1024 bytes")),
             }
@@ -117,7 +129,10 @@ pub mod input {
             match name.chars().count() {
                 0 => Err(ServiceError::invalid(field, "must not be empty")),
                 1..=100 => Ok(Self(name.to_owned())),
-                _ => Err(ServiceError::invalid(field, "must be at most 100 characters")),
+                _ => Err(ServiceError::invalid(
+                    field,
+                    "must be at most 100 characters",
+                )),
             }
         }
     }
@@ -128,8 +143,14 @@ pub mod input {
             if name.is_empty() || name.len() > 128 {
                 return Err(ServiceError::invalid(field, "must be 1-128 characters"));
             }
-            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '_') {
-                return Err(ServiceError::invalid(field, "may contain only A-Z, a-z, 0-9, space and _"));
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '_')
+            {
+                return Err(ServiceError::invalid(
+                    field,
+                    "may contain only A-Z, a-z, 0-9, space and _",
+                ));
             }
             Ok(Self(name.to_owned()))
         }
@@ -143,7 +164,10 @@ pub mod input {
             match name.chars().count() {
                 0 => Err(ServiceError::invalid(field, "must not be empty")),
                 1..=100 => Ok(Self(name.to_owned())),
-                _ => Err(ServiceError::invalid(field, "must be at most 100 characters")),
+                _ => Err(ServiceError::invalid(
+                    field,
+                    "must be at most 100 characters",
+                )),
             }
         }
     }
