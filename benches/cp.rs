@@ -40,7 +40,13 @@ async fn fill(db: &db::Db, tokens: &TokenKeys) -> Fixture {
         let (user, team) = (Uuid::new_v4(), Uuid::new_v4());
         user_ids.push(user);
         team_ids.push(team);
-        jwts.push(tokens.issue_user(UserId(user), TeamId(team), &format!("u{t}@bench"), "bench", false));
+        jwts.push(tokens.issue_user(
+            UserId(user),
+            TeamId(team),
+            &format!("u{t}@bench"),
+            "bench",
+            false,
+        ));
         for k in 0..PER_TEAM {
             let key = format!("wrn_{:08x}{:024x}", t, k);
             key_ids.push(Uuid::new_v4());
@@ -52,7 +58,13 @@ async fn fill(db: &db::Db, tokens: &TokenKeys) -> Fixture {
         }
     }
     let admin = Uuid::new_v4();
-    let admin_jwt = tokens.issue_user(UserId(admin), TeamId::PLATFORM, "admin@bench", "admin", true);
+    let admin_jwt = tokens.issue_user(
+        UserId(admin),
+        TeamId::PLATFORM,
+        "admin@bench",
+        "admin",
+        true,
+    );
     sqlx::query(
         "INSERT INTO users (id, email, password_hash, name, is_admin)
          SELECT id, 'u' || n || '@bench', 'x', 'bench', false FROM unnest($1::uuid[]) WITH ORDINALITY AS u(id, n)",
@@ -110,7 +122,11 @@ async fn fill(db: &db::Db, tokens: &TokenKeys) -> Fixture {
     .await
     .unwrap();
     sqlx::query("ANALYZE").execute(db).await.unwrap();
-    Fixture { jwts, api_keys, admin_jwt }
+    Fixture {
+        jwts,
+        api_keys,
+        admin_jwt,
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -120,7 +136,14 @@ enum Credential {
     Admin,
 }
 
-async fn measure(addr: std::net::SocketAddr, fixture: Arc<Fixture>, path: &'static str, cred: Credential, clients: usize, span: Duration) {
+async fn measure(
+    addr: std::net::SocketAddr,
+    fixture: Arc<Fixture>,
+    path: &'static str,
+    cred: Credential,
+    clients: usize,
+    span: Duration,
+) {
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
     let deadline = Instant::now() + span;
     let started = Instant::now();
@@ -134,12 +157,22 @@ async fn measure(addr: std::net::SocketAddr, fixture: Arc<Fixture>, path: &'stat
                 let team = i % TEAMS;
                 let mut req = Request::get(format!("http://{addr}{path}"));
                 req = match cred {
-                    Credential::Jwt => req.header("authorization", format!("Bearer {}", fixture.jwts[team])),
-                    Credential::Admin => req.header("authorization", format!("Bearer {}", fixture.admin_jwt)),
-                    Credential::ApiKey => req.header("x-api-key", &fixture.api_keys[(i * 7919) % fixture.api_keys.len()]),
+                    Credential::Jwt => {
+                        req.header("authorization", format!("Bearer {}", fixture.jwts[team]))
+                    }
+                    Credential::Admin => {
+                        req.header("authorization", format!("Bearer {}", fixture.admin_jwt))
+                    }
+                    Credential::ApiKey => req.header(
+                        "x-api-key",
+                        &fixture.api_keys[(i * 7919) % fixture.api_keys.len()],
+                    ),
                 };
                 let t0 = Instant::now();
-                let response = client.request(req.body(Empty::new()).unwrap()).await.unwrap();
+                let response = client
+                    .request(req.body(Empty::new()).unwrap())
+                    .await
+                    .unwrap();
                 assert_eq!(response.status(), StatusCode::OK);
                 let body = response.into_body().collect().await.unwrap().to_bytes();
                 assert!(body.len() > 2);
@@ -174,8 +207,14 @@ async fn measure(addr: std::net::SocketAddr, fixture: Arc<Fixture>, path: &'stat
 }
 
 fn main() {
-    let seconds: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(5);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let seconds: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let pg = PgCluster::start().expect("postgres starts");
         let pool = db::connect_lazy(&pg.url()).unwrap();

@@ -528,6 +528,24 @@ async fn every_endpoint_happy_path_matches_the_reference() {
     .await;
     let (status, body) = cp.call(GET, &t, &admin_t.auth(), None).await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+
+    // What changed was recorded, with who did it.
+    let audited: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT resource_type, action, actor_type FROM audit_logs")
+            .fetch_all(&cp.db)
+            .await
+            .unwrap();
+    for (resource, action, actor) in [
+        ("api_key", "create", "user"),
+        ("api_key", "revoke", "user"),
+        ("host", "create", "user"),
+        ("host", "register", "host"),
+        ("host", "delete", "user"),
+        ("team", "delete", "user"),
+    ] {
+        let want = (resource.to_owned(), action.to_owned(), actor.to_owned());
+        assert!(audited.contains(&want), "{want:?} not audited: {audited:?}");
+    }
     cp.stop().await;
 }
 

@@ -7,10 +7,11 @@ use uuid::Uuid;
 
 use super::input::Tag;
 use super::teams::can_manage;
-use super::ServiceError;
+use super::{user_action, ServiceError};
 use crate::config::HostPort;
 use crate::cp::auth::AuthUser;
 use crate::cp::tokens::{random_hex, sha256, TokenKeys, REFRESH_TOKEN_TTL, REGISTRATION_TOKEN_TTL};
+use crate::db::audit_logs::{self, Entry};
 use crate::db::hosts::{self, Host, HostStatus, HostType, NewHost, Registration};
 use crate::db::{
     host_refresh_tokens, host_registration_tokens, host_tags, sandboxes, teams, Db, DbError,
@@ -156,6 +157,16 @@ pub async fn create(
     )
     .await?;
     let token = issue_registration_token(&mut tx, host.id, caller.id()).await?;
+    let metadata = serde_json::json!({"type": host.host_type});
+    let entry = user_action(
+        caller,
+        host.team_id,
+        "host",
+        HostId(host.id).to_string(),
+        "create",
+        metadata,
+    );
+    audit_logs::insert(&mut *tx, entry).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok((host, token))
 }
@@ -232,6 +243,16 @@ pub async fn register(
         expires(REFRESH_TOKEN_TTL),
     )
     .await?;
+    let entry = Entry {
+        team_id: host.team_id,
+        actor_type: "host",
+        actor_id: Some(HostId(host.id).to_string()),
+        resource_type: "host",
+        resource_id: Some(HostId(host.id).to_string()),
+        action: "register",
+        metadata: serde_json::json!({"address": address}),
+    };
+    audit_logs::insert(&mut *tx, entry).await?;
     tx.commit().await.map_err(DbError::from)?;
     let token = tokens.issue_host(HostId(host.id));
     Ok(HostCredentials {
@@ -340,6 +361,20 @@ pub async fn delete(
         sandboxes::stop_active_on_host(&mut *tx, host.id).await?;
     }
     hosts::delete(&mut *tx, host.id).await?;
+    let stopped: Vec<String> = active
+        .into_iter()
+        .map(|id| SandboxId(id).to_string())
+        .collect();
+    let metadata = serde_json::json!({"stopped_capsules": stopped});
+    let entry = user_action(
+        caller,
+        host.team_id,
+        "host",
+        id.to_string(),
+        "delete",
+        metadata,
+    );
+    audit_logs::insert(&mut *tx, entry).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok(())
 }

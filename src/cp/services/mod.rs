@@ -6,8 +6,13 @@ pub mod api_keys;
 pub mod hosts;
 pub mod teams;
 
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::cp::auth::AuthUser;
+use crate::db::audit_logs::Entry;
 use crate::db::DbError;
-use crate::id::SandboxId;
+use crate::id::{SandboxId, UserId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -44,6 +49,26 @@ impl ServiceError {
 
     pub fn forbidden(message: impl Into<String>) -> Self {
         ServiceError::Forbidden(message.into())
+    }
+}
+
+/// An audit-log entry for something a signed-in user did.
+pub(crate) fn user_action<'a>(
+    caller: &AuthUser,
+    team: Option<Uuid>,
+    resource_type: &'a str,
+    resource_id: String,
+    action: &'a str,
+    metadata: Value,
+) -> Entry<'a> {
+    Entry {
+        team_id: team,
+        actor_type: "user",
+        actor_id: Some(UserId(caller.id()).to_string()),
+        resource_type,
+        resource_id: Some(resource_id),
+        action,
+        metadata,
     }
 }
 

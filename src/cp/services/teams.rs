@@ -4,11 +4,11 @@ use uuid::Uuid;
 
 use super::accounts::create_team_owned_by;
 use super::input::{Email, TeamName};
-use super::ServiceError;
+use super::{user_action, ServiceError};
 use crate::cp::auth::AuthUser;
 use crate::db::team_members::{self, Member, Role};
 use crate::db::teams::{self, Team, TeamWithRole};
-use crate::db::{api_keys, sandboxes, users, Db, DbError};
+use crate::db::{api_keys, audit_logs, sandboxes, users, Db, DbError};
 use crate::id::{TeamId, UserId};
 
 /// The caller's role in `team`, which must be the team their token is scoped to.
@@ -100,8 +100,18 @@ pub async fn delete(db: &Db, caller: &AuthUser, team: TeamId) -> Result<(), Serv
     if !teams::soft_delete(&mut *tx, team.uuid()).await? {
         return Err(ServiceError::NotFound("team"));
     }
-    api_keys::delete_for_team(&mut *tx, team.uuid()).await?;
-    sandboxes::stop_active_for_team(&mut *tx, team.uuid()).await?;
+    let keys = api_keys::delete_for_team(&mut *tx, team.uuid()).await?;
+    let stopped = sandboxes::stop_active_for_team(&mut *tx, team.uuid()).await?;
+    let metadata = serde_json::json!({"revoked_api_keys": keys, "stopped_capsules": stopped.len()});
+    let entry = user_action(
+        caller,
+        Some(team.uuid()),
+        "team",
+        team.to_string(),
+        "delete",
+        metadata,
+    );
+    audit_logs::insert(&mut *tx, entry).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok(())
 }
