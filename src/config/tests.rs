@@ -29,6 +29,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
             "env-secret-env-secret-env-secret-x",
         ),
         "cp.host_unreachable_after_secs" => ("30", "45"),
+        "cp.host_monitor_interval_secs" => ("5", "7"),
         "agent.listen_addr" => (":7000", "127.0.0.1:7001"),
         "agent.files_rootdir" => ("/srv/file", "/srv/env"),
         "agent.cp_url" => ("http://cp.file:8000", "https://cp.env"),
@@ -258,10 +259,12 @@ fn toml_syntax_error_names_the_file() {
     assert!(err.to_string().contains("wrenn.toml"), "{err}");
 }
 
+/// A file body (if any), environment variables, and the words the error must contain.
+type BadValueCase<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a [&'a str]);
+
 #[test]
 fn bad_values_name_key_value_and_source() {
-    type Case<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a [&'a str]);
-    let cases: &[Case] = &[
+    let cases: &[BadValueCase] = &[
         (
             None,
             &[("CP_LISTEN_ADDR", "nope")],
