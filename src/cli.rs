@@ -24,6 +24,8 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Run the guest agent (inside a capsule; PID 1 of the guest).
+    Envd(crate::envd::EnvdArgs),
     /// Print the version and build details.
     Version,
 }
@@ -55,7 +57,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", crate::version::long());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Config { command: ConfigCommand::Show } => {
+        Command::Envd(args) => {
+            let loaded = load_config(cli.config)?;
+            crate::logging::init(&loaded.config.log)?;
+            Ok(crate::envd::run(args)?)
+        }
+        Command::Config {
+            command: ConfigCommand::Show,
+        } => {
             let loaded = load_config(cli.config)?;
             print!("{}", config::render_show(&loaded));
             Ok(ExitCode::SUCCESS)

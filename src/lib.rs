@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod envd;
 pub mod logging;
 pub mod testing;
 pub mod version;
