@@ -37,7 +37,7 @@ if up_to_date "$stamp" "$hash" "$image" "$image_dir/meta.json"; then
     log "up to date: $image"
     exit 0
 fi
-started=$EPOCHREALTIME
+started=${EPOCHREALTIME/./}
 log "building $image"
 
 mkdir -p "$BUILD_DIR" "$image_dir"
@@ -58,6 +58,6 @@ make_ext4 "$tree" "$work/rootfs.ext4" "$NAME"
 mv -f "$work/rootfs.ext4" "$image_dir/.rootfs.ext4.new"
 mv -f "$image_dir/.rootfs.ext4.new" "$image"
 write_meta "$image_dir/meta.json" "$NAME" "$WRENN_BIN" "$image" "$FILES_ROOT" \
-    "$(echo "$EPOCHREALTIME - $started" | awk '{ printf "%.1f", $1 - $3 }')" "$hash"
+    "$(elapsed_since "$started")" "$hash"
 echo "$hash" >"$stamp"
 log "done: $image ($(du -h --apparent-size "$image" | cut -f1))"

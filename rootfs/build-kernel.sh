@@ -116,6 +116,7 @@ while read -r path; do
     copy_module "$path" "$tree/lib/modules/$name"
     echo "$name" >>"$tree/lib/modules/load-order"
 done <"$work/order"
+echo "$release" >"$tree/lib/modules/release"
 log "initramfs modules: $(tr '\n' ' ' <"$tree/lib/modules/load-order")"
 
 clamp_mtimes "$tree"

@@ -18,10 +18,15 @@ export LC_ALL=C TZ=UTC
 
 STEP_STARTED_US=${EPOCHREALTIME/./}
 
+# Seconds, with one decimal, since a ${EPOCHREALTIME/./} reading.
+elapsed_since() {
+    local us=$((${EPOCHREALTIME/./} - $1))
+    printf '%d.%d' $((us / 1000000)) $((us / 100000 % 10))
+}
+
 # One progress line on stderr: the step, seconds since the script started, the message.
 log() {
-    local us=$((${EPOCHREALTIME/./} - STEP_STARTED_US))
-    printf '[%s %3d.%ds] %s\n' "$STEP_NAME" $((us / 1000000)) $((us / 100000 % 10)) "$*" >&2
+    printf '[%s %5ss] %s\n' "$STEP_NAME" "$(elapsed_since "$STEP_STARTED_US")" "$*" >&2
 }
 
 die() {
@@ -100,11 +105,12 @@ used_inodes() {
 make_ext4() {
     local tree=$1 out=$2 name=$3
     local used_kib files size_kib uuid
-    used_kib=$(du -sk --apparent-size "$tree" | cut -f1)
+    # Blocks in use (4 KiB rounding included, as on ext4), a tenth for directories and extent
+    # trees, and room for the journal; the image is a read-only lower layer, so free space is
+    # only needed for update-envd, which grows the image when it must.
+    used_kib=$(du -sk "$tree" | cut -f1)
     files=$(find "$tree" | wc -l)
-    # Data plus a quarter for block rounding and metadata, room for 4 KiB per inode, and a
-    # small journal; the image is a read-only lower layer, so free space is useless.
-    size_kib=$((used_kib * 5 / 4 + files * 4 + 16384))
+    size_kib=$((used_kib * 11 / 10 + files / 4 + 24576))
     uuid=$(name_uuid "image:$name")
     rm -f "$out"
     mkfs.ext4 -q -F -t ext4 -b 4096 -I 256 -m 0 -N $((files + files / 5 + 256)) \

@@ -55,7 +55,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", crate::version::long());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Config { command: ConfigCommand::Show } => {
+        Command::Config {
+            command: ConfigCommand::Show,
+        } => {
             let loaded = load_config(cli.config)?;
             print!("{}", config::render_show(&loaded));
             Ok(ExitCode::SUCCESS)

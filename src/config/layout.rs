@@ -22,7 +22,9 @@ pub enum LayoutError {
 
 impl Layout {
     pub fn new(root: impl AsRef<Path>) -> Self {
-        Self { root: root.as_ref().to_path_buf() }
+        Self {
+            root: root.as_ref().to_path_buf(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -38,8 +40,24 @@ impl Layout {
         self.kernels_dir().join("vmlinux")
     }
 
+    /// The initramfs booted with the default kernel: loads its modules, assembles the overlay
+    /// root from the base image (/dev/vda) and the sandbox disk (/dev/vdb), starts envd.
+    pub fn default_initramfs(&self) -> PathBuf {
+        self.kernels_dir().join("initramfs.cpio.gz")
+    }
+
     pub fn images_dir(&self) -> PathBuf {
         self.root.join("images")
+    }
+
+    /// A template's base image directory: `rootfs.ext4` and `meta.json`.
+    pub fn image_dir(&self, template: &str) -> PathBuf {
+        self.images_dir().join(template)
+    }
+
+    /// A template's base image, attached read-only as /dev/vda to every sandbox made from it.
+    pub fn image_rootfs(&self, template: &str) -> PathBuf {
+        self.image_dir(template).join("rootfs.ext4")
     }
 
     pub fn sandboxes_dir(&self) -> PathBuf {
@@ -94,18 +112,30 @@ impl Layout {
                         .recursive(true)
                         .mode(mode)
                         .create(&dir)
-                        .map_err(|source| LayoutError::CreateDir { path: dir.clone(), source })?;
+                        .map_err(|source| LayoutError::CreateDir {
+                            path: dir.clone(),
+                            source,
+                        })?;
                     // The umask may have narrowed the mode; state directories must stay private.
-                    fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
-                        .map_err(|source| LayoutError::CreateDir { path: dir.clone(), source })?;
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(
+                        |source| LayoutError::CreateDir {
+                            path: dir.clone(),
+                            source,
+                        },
+                    )?;
                 }
                 Err(source) => return Err(LayoutError::CreateDir { path: dir, source }),
             }
         }
-        let probe = self.root.join(format!(".wrenn-write-probe-{}", std::process::id()));
+        let probe = self
+            .root
+            .join(format!(".wrenn-write-probe-{}", std::process::id()));
         fs::write(&probe, b"")
             .and_then(|()| fs::remove_file(&probe))
-            .map_err(|source| LayoutError::NotWritable { path: self.root.clone(), source })
+            .map_err(|source| LayoutError::NotWritable {
+                path: self.root.clone(),
+                source,
+            })
     }
 }
 
@@ -121,6 +151,14 @@ mod tests {
             assert_eq!(layout.default_kernel(), root.join("kernels/vmlinux"));
             assert_eq!(layout.kernels_dir(), root.join("kernels"));
             assert_eq!(layout.images_dir(), root.join("images"));
+            assert_eq!(
+                layout.default_initramfs(),
+                root.join("kernels/initramfs.cpio.gz")
+            );
+            assert_eq!(
+                layout.image_rootfs("minimal"),
+                root.join("images/minimal/rootfs.ext4")
+            );
             assert_eq!(layout.sandboxes_dir(), root.join("sandboxes"));
             assert_eq!(layout.snapshots_dir(), root.join("snapshots"));
             assert_eq!(layout.host_token_file(), root.join("host-token"));
@@ -156,7 +194,9 @@ mod tests {
     fn prepare_names_the_directory_it_cannot_create() {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("file"), b"").unwrap();
-        let err = Layout::new(tmp.path().join("file/sub")).prepare().unwrap_err();
+        let err = Layout::new(tmp.path().join("file/sub"))
+            .prepare()
+            .unwrap_err();
         assert!(err.to_string().contains("file/sub"), "{err}");
     }
 }
