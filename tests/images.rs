@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,16 @@ fn files() -> &'static Layout {
     })
 }
 
+/// The shared files root with the python image built too (minutes when cold: mmdebstrap).
+fn files_with_python() -> &'static Layout {
+    static PYTHON: OnceLock<()> = OnceLock::new();
+    let layout = files();
+    PYTHON.get_or_init(|| {
+        guest::build_image(layout, "python", &static_binary()).unwrap_or_else(|e| panic!("{e}"));
+    });
+    layout
+}
+
 fn sha256_file(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     hex::encode(Sha256::digest(bytes))
@@ -82,6 +92,7 @@ fn sandbox_disk(dir: &Path, init_script: Option<&str>) -> PathBuf {
         .arg(&tree)
         .arg(&disk)
         .arg("64M")
+        .stdout(Stdio::null())
         .status()
         .unwrap();
     assert!(status.success(), "mkfs.ext4 of the sandbox disk failed");
@@ -359,4 +370,41 @@ fn update_envd_replaces_the_binary_in_place() {
         "{}",
         String::from_utf8_lossy(&fsck.stdout)
     );
+}
+
+/// Runs Python as root and as the default user, then powers off through sysrq (Debian minbase
+/// has no poweroff command).
+const PYTHON_PROBE_INIT: &str = r#"#!/bin/sh
+python3 -c 'import platform, ssl, sqlite3; print("probe: python", platform.python_version())'
+su -s /bin/sh user -c 'cd && echo "probe: as $(id -un) in $PWD: $(python3 -c "print(6 * 7)")"'
+echo "probe: $(git --version)"
+echo "probe: pip $(python3 -m pip --version | cut -d' ' -f2)"
+sync
+echo o >/proc/sysrq-trigger
+"#;
+
+#[test]
+fn python_image_runs_python_as_root_and_as_user() {
+    let layout = files_with_python();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = GuestSpec::new(layout);
+    spec.base_image = Some(layout.image_rootfs("python"));
+    spec.sandbox_disk = Some(sandbox_disk(tmp.path(), Some(PYTHON_PROBE_INIT)));
+    spec.extra_cmdline
+        .push("wrenn.init=/usr/local/bin/wrenn-test-init".into());
+    let mut vm = GuestVm::boot(&spec).unwrap();
+    vm.wait_for_exit(BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let console = vm.console();
+    for line in [
+        "probe: python 3.11",
+        "probe: as user in /home/user: 42",
+        "probe: git version 2.",
+        "probe: pip 23",
+    ] {
+        assert!(
+            console.contains(line),
+            "missing {line:?}; console:\n{console}"
+        );
+    }
 }

@@ -11,16 +11,19 @@ template_inputs() {
 }
 
 populate_tree() {
-    local tree=$1 applet
+    local tree=$1
     [[ -x $BUSYBOX ]] || die "$BUSYBOX not found; install busybox-static"
     log "installing busybox $("$BUSYBOX" | head -n1 | cut -d' ' -f2) and its applets"
     install -D -m 0755 "$BUSYBOX" "$tree/bin/busybox"
     # The initramfs starts envd, so busybox's own init must not be found as /sbin/init.
     "$BUSYBOX" --list-full | grep -v -x -E 'sbin/init|linuxrc|bin/busybox' | sort |
-        while read -r applet; do
-            mkdir -p "$tree/$(dirname "$applet")"
-            ln -sfn "/bin/busybox" "$tree/$applet"
-        done
+        python3 -c '
+import os, sys
+tree = sys.argv[1]
+for applet in sys.stdin.read().split():
+    os.makedirs(os.path.join(tree, os.path.dirname(applet)), exist_ok=True)
+    os.symlink("/bin/busybox", os.path.join(tree, applet))
+' "$tree"
     mkdir -p "$tree/etc"
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' \
         >"$tree/etc/passwd"
