@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -72,43 +72,6 @@ fn sha256_file(path: &Path) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-/// A sandbox disk as the host agent would make it, optionally carrying an executable at
-/// /usr/local/bin/wrenn-test-init in the overlay's upper layer.
-fn sandbox_disk(dir: &Path, init_script: Option<&str>) -> PathBuf {
-    let tree = dir.join("sandbox-tree");
-    std::fs::create_dir_all(tree.join("upper/usr/local/bin")).unwrap();
-    if let Some(script) = init_script {
-        let path = tree.join("upper/usr/local/bin/wrenn-test-init");
-        std::fs::write(&path, script).unwrap();
-        Command::new("chmod")
-            .arg("0755")
-            .arg(&path)
-            .status()
-            .unwrap();
-    }
-    let disk = dir.join("sandbox.ext4");
-    let status = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
-        .arg(&tree)
-        .arg(&disk)
-        .arg("64M")
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "mkfs.ext4 of the sandbox disk failed");
-    disk
-}
-
-/// `debugfs -R 'cat PATH'` on an unmounted ext4 image.
-fn read_from_ext4(image: &Path, path: &str) -> String {
-    let output = Command::new("debugfs")
-        .args(["-R", &format!("cat {path}")])
-        .arg(image)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 /// One HTTP/1.0 GET to the forwarded port, retried while the guest is still coming up.
 fn http_get(port: u16, path: &str, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
@@ -158,14 +121,14 @@ fn minimal_image_boots_on_an_overlay_of_read_only_base_and_sandbox_disk() {
     let base = layout.image_rootfs("minimal");
     let base_before = sha256_file(&base);
     let tmp = tempfile::tempdir().unwrap();
-    let disk = sandbox_disk(tmp.path(), Some(PROBE_INIT));
+    let disk = guest::sandbox_disk(tmp.path(), Some(PROBE_INIT)).unwrap();
     let port = guest::free_port().unwrap();
     let mut spec = GuestSpec::new(layout);
     spec.base_image = Some(base.clone());
     spec.sandbox_disk = Some(disk.clone());
     spec.forward_port = Some(port);
     spec.extra_cmdline
-        .push("wrenn.init=/usr/local/bin/wrenn-test-init".into());
+        .push(format!("wrenn.init={}", guest::TEST_INIT));
 
     let mut vm = GuestVm::boot(&spec).unwrap();
     vm.wait_for_console("probe: serving", BOOT_TIMEOUT)
@@ -196,12 +159,14 @@ fn minimal_image_boots_on_an_overlay_of_read_only_base_and_sandbox_disk() {
         .unwrap_or_else(|e| panic!("{e}"));
 
     assert_eq!(
-        read_from_ext4(&disk, "/upper/etc/overlay-probe"),
+        guest::read_from_ext4(&disk, "/upper/etc/overlay-probe").unwrap(),
         "written through the overlay\n",
         "the write did not land in the sandbox disk's upper layer"
     );
     assert_eq!(sha256_file(&base), base_before, "the base image changed");
-    assert!(read_from_ext4(&base, "/etc/overlay-probe").is_empty());
+    assert!(guest::read_from_ext4(&base, "/etc/overlay-probe")
+        .unwrap()
+        .is_empty());
 }
 
 /// Boots `spec`, expects `message` on the console and the VM to end by itself.
@@ -318,7 +283,7 @@ fn image_builds_are_reproducible_and_idempotent() {
         meta["envd_version"].as_str().unwrap().starts_with("wrenn "),
         "{meta}"
     );
-    let passwd = read_from_ext4(&layout.image_rootfs("minimal"), "/etc/passwd");
+    let passwd = guest::read_from_ext4(&layout.image_rootfs("minimal"), "/etc/passwd").unwrap();
     assert!(passwd.contains("root:x:0:0:"), "{passwd}");
     assert!(
         passwd.contains("user:x:1000:1000:Wrenn sandbox user:/home/user:/bin/sh"),
@@ -389,9 +354,9 @@ fn python_image_runs_python_as_root_and_as_user() {
     let tmp = tempfile::tempdir().unwrap();
     let mut spec = GuestSpec::new(layout);
     spec.base_image = Some(layout.image_rootfs("python"));
-    spec.sandbox_disk = Some(sandbox_disk(tmp.path(), Some(PYTHON_PROBE_INIT)));
+    spec.sandbox_disk = Some(guest::sandbox_disk(tmp.path(), Some(PYTHON_PROBE_INIT)).unwrap());
     spec.extra_cmdline
-        .push("wrenn.init=/usr/local/bin/wrenn-test-init".into());
+        .push(format!("wrenn.init={}", guest::TEST_INIT));
     let mut vm = GuestVm::boot(&spec).unwrap();
     vm.wait_for_exit(BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));

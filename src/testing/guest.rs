@@ -4,6 +4,7 @@
 
 use std::io::{self, BufRead, BufReader};
 use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -86,6 +87,39 @@ pub fn update_envd(image: &Path, static_bin: &Path) -> Result<String, GuestError
     let mut cmd = Command::new(rootfs_script("update-envd.sh"));
     cmd.arg(image).env("WRENN_STATIC_BIN", static_bin);
     run_build(cmd)
+}
+
+/// Where a sandbox disk made by [`sandbox_disk`] puts its init script (`wrenn.init=` value).
+pub const TEST_INIT: &str = "/usr/local/bin/wrenn-test-init";
+
+/// A 64 MiB ext4 sandbox disk like the host agent's, optionally carrying `init_script` as an
+/// executable [`TEST_INIT`] in the overlay's upper layer, so it shadows nothing in the image.
+pub fn sandbox_disk(dir: &Path, init_script: Option<&str>) -> Result<PathBuf, GuestError> {
+    let tree = dir.join("sandbox-tree");
+    let bin_dir = tree.join("upper/usr/local/bin");
+    std::fs::create_dir_all(&bin_dir).map_err(io_err(format!("creating {}", bin_dir.display())))?;
+    if let Some(script) = init_script {
+        let path = tree.join("upper").join(TEST_INIT.trim_start_matches('/'));
+        std::fs::write(&path, script).map_err(io_err(format!("writing {}", path.display())))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .map_err(io_err(format!("chmod {}", path.display())))?;
+    }
+    let disk = dir.join("sandbox.ext4");
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(&tree)
+        .arg(&disk)
+        .arg("64M");
+    run_build(cmd)?;
+    Ok(disk)
+}
+
+/// A file's contents read from an unmounted ext4 image (`debugfs cat`); empty when absent.
+pub fn read_from_ext4(image: &Path, path: &str) -> Result<String, GuestError> {
+    let mut cmd = Command::new("debugfs");
+    cmd.args(["-R", &format!("cat {path}")]).arg(image);
+    let output = cmd.output().map_err(io_err(format!("{cmd:?}")))?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// The host's TSC rate in kHz. Under TCG the guest reads the host's TSC, and without this hint
