@@ -19,8 +19,7 @@ MODULES=(virtio_mmio virtio_blk virtio_net overlay vmw_vsock_virtio_transport)
 BUSYBOX=/bin/busybox
 
 need_tools apt-cache apt-get dpkg-deb depmod modprobe cpio gzip lz4 zstd xz sha256sum
-[[ -x $BUSYBOX ]] && ! LC_ALL=C readelf -l "$BUSYBOX" 2>/dev/null | grep -q INTERP ||
-    die "$BUSYBOX is not a static busybox; install busybox-static"
+need_static_busybox "$BUSYBOX"
 
 # Prints "PACKAGE VERSION" of the kernel image package; a metapackage names it in its Depends.
 resolve_package() {

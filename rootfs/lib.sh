@@ -41,6 +41,14 @@ need_tools() {
     done
 }
 
+# Guests have no shared libraries outside the python image: refuse a dynamic busybox.
+need_static_busybox() {
+    need_tools readelf
+    if [[ ! -x $1 ]] || readelf -l "$1" 2>/dev/null | grep -q INTERP; then
+        die "$1 is missing or not static; install busybox-static"
+    fi
+}
+
 # sha256 of the named files' contents and the given strings, in argument order.
 inputs_hash() {
     local item

@@ -12,7 +12,7 @@ template_inputs() {
 
 populate_tree() {
     local tree=$1
-    [[ -x $BUSYBOX ]] || die "$BUSYBOX not found; install busybox-static"
+    need_static_busybox "$BUSYBOX"
     log "installing busybox $("$BUSYBOX" | head -n1 | cut -d' ' -f2) and its applets"
     install -D -m 0755 "$BUSYBOX" "$tree/bin/busybox"
     # The initramfs starts envd, so busybox's own init must not be found as /sbin/init.
