@@ -17,13 +17,9 @@ pub fn init(config: &LogConfig) -> Result<(), LogFilterError> {
         .ok()
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| config.level.clone());
-    let filter = EnvFilter::try_new(&filter_text).map_err(|e| LogFilterError {
-        filter: filter_text.clone(),
-        reason: e.to_string(),
-    })?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = EnvFilter::try_new(&filter_text)
+        .map_err(|e| LogFilterError { filter: filter_text.clone(), reason: e.to_string() })?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A second init (tests calling into the CLI) keeps the first subscriber.
     let _ = match config.format {
         LogFormat::Text => builder.try_init(),

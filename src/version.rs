@@ -7,11 +7,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub const GIT_COMMIT: Option<&str> = option_env!("WRENN_GIT_COMMIT");
 
 pub fn long() -> String {
-    let linkage = if cfg!(target_feature = "crt-static") {
-        "static"
-    } else {
-        "dynamic"
-    };
+    let linkage = if cfg!(target_feature = "crt-static") { "static" } else { "dynamic" };
     format!(
         "wrenn {VERSION} (commit {}, {} {}, {linkage})",
         GIT_COMMIT.unwrap_or("unknown"),

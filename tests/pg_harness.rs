@@ -35,10 +35,7 @@ async fn starts_accepts_connections_restarts_and_cleans_up() {
     let mut pg = PgCluster::start().unwrap();
     let port = pg.port();
     let mut conn = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
-    let (one,): (i32,) = sqlx::query_as("SELECT 1")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let (one,): (i32,) = sqlx::query_as("SELECT 1").fetch_one(&mut conn).await.unwrap();
     assert_eq!(one, 1);
     sqlx::raw_sql("CREATE TABLE kept (v int); INSERT INTO kept VALUES (7)")
         .execute(&mut conn)
@@ -51,10 +48,7 @@ async fn starts_accepts_connections_restarts_and_cleans_up() {
     assert!(sqlx::PgConnection::connect(&pg.url()).await.is_err());
     pg.restart().unwrap();
     let mut conn = sqlx::PgConnection::connect(&pg.url()).await.unwrap();
-    let (v,): (i32,) = sqlx::query_as("SELECT v FROM kept")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
+    let (v,): (i32,) = sqlx::query_as("SELECT v FROM kept").fetch_one(&mut conn).await.unwrap();
     assert_eq!(v, 7, "data survives a restart");
     drop(conn);
 
@@ -97,12 +91,7 @@ fn child_that_gets_killed() {
 fn a_killed_process_still_cleans_up() {
     use std::io::BufRead;
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "child_that_gets_killed",
-            "--ignored",
-            "--nocapture",
-        ])
+        .args(["--exact", "child_that_gets_killed", "--ignored", "--nocapture"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -118,7 +107,5 @@ fn a_killed_process_still_cleans_up() {
     child.kill().unwrap();
     child.wait().unwrap();
     wait_until("the killed child's postgres to stop", || !port_open(port));
-    wait_until("the killed child's cluster directory to go", || {
-        !dir.exists()
-    });
+    wait_until("the killed child's cluster directory to go", || !dir.exists());
 }

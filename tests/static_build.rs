@@ -13,18 +13,9 @@ fn static_binary() -> PathBuf {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("`just build-static` runs (install just with .ci/bootstrap)");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8(output.stdout).unwrap();
-    PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("build-static prints the binary path"),
-    )
+    PathBuf::from(stdout.lines().last().expect("build-static prints the binary path"))
 }
 
 /// Program-header types of an ELF64 little-endian file.
@@ -54,21 +45,10 @@ fn static_binary_has_no_interpreter_and_runs() {
         bin.display()
     );
     // Run it with an empty environment, as a guest's init would.
-    let output = Command::new(&bin)
-        .arg("version")
-        .env_clear()
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = Command::new(&bin).arg("version").env_clear().output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let text = String::from_utf8(output.stdout).unwrap();
-    assert!(
-        text.starts_with(&format!("wrenn {}", env!("CARGO_PKG_VERSION"))),
-        "{text}"
-    );
+    assert!(text.starts_with(&format!("wrenn {}", env!("CARGO_PKG_VERSION"))), "{text}");
     assert!(text.contains("static"), "{text}");
 }
 

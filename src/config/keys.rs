@@ -29,25 +29,11 @@ const fn key(
     default: Option<&'static str>,
     help: &'static str,
 ) -> Key {
-    Key {
-        path,
-        env,
-        default,
-        secret: false,
-        kind: ValueKind::Text,
-        help,
-    }
+    Key { path, env, default, secret: false, kind: ValueKind::Text, help }
 }
 
 const fn secret(path: &'static str, env: &'static str, help: &'static str) -> Key {
-    Key {
-        path,
-        env,
-        default: None,
-        secret: true,
-        kind: ValueKind::Text,
-        help,
-    }
+    Key { path, env, default: None, secret: true, kind: ValueKind::Text, help }
 }
 
 const fn scalar(
@@ -56,14 +42,7 @@ const fn scalar(
     default: &'static str,
     help: &'static str,
 ) -> Key {
-    Key {
-        path,
-        env,
-        default: Some(default),
-        secret: false,
-        kind: ValueKind::Scalar,
-        help,
-    }
+    Key { path, env, default: Some(default), secret: false, kind: ValueKind::Scalar, help }
 }
 
 pub const KEYS: &[Key] = &[
@@ -89,6 +68,7 @@ pub const KEYS: &[Key] = &[
 pub fn by_path(path: &str) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.path == path)
 }
+
 
 /// Variables an older agent read; they now derive from `AGENT_FILES_ROOTDIR`.
 pub const RETIRED: &[(&str, &str)] = &[

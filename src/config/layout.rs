@@ -22,9 +22,7 @@ pub enum LayoutError {
 
 impl Layout {
     pub fn new(root: impl AsRef<Path>) -> Self {
-        Self {
-            root: root.as_ref().to_path_buf(),
-        }
+        Self { root: root.as_ref().to_path_buf() }
     }
 
     pub fn root(&self) -> &Path {
@@ -96,30 +94,18 @@ impl Layout {
                         .recursive(true)
                         .mode(mode)
                         .create(&dir)
-                        .map_err(|source| LayoutError::CreateDir {
-                            path: dir.clone(),
-                            source,
-                        })?;
+                        .map_err(|source| LayoutError::CreateDir { path: dir.clone(), source })?;
                     // The umask may have narrowed the mode; state directories must stay private.
-                    fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(
-                        |source| LayoutError::CreateDir {
-                            path: dir.clone(),
-                            source,
-                        },
-                    )?;
+                    fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
+                        .map_err(|source| LayoutError::CreateDir { path: dir.clone(), source })?;
                 }
                 Err(source) => return Err(LayoutError::CreateDir { path: dir, source }),
             }
         }
-        let probe = self
-            .root
-            .join(format!(".wrenn-write-probe-{}", std::process::id()));
+        let probe = self.root.join(format!(".wrenn-write-probe-{}", std::process::id()));
         fs::write(&probe, b"")
             .and_then(|()| fs::remove_file(&probe))
-            .map_err(|source| LayoutError::NotWritable {
-                path: self.root.clone(),
-                source,
-            })
+            .map_err(|source| LayoutError::NotWritable { path: self.root.clone(), source })
     }
 }
 
@@ -170,9 +156,7 @@ mod tests {
     fn prepare_names_the_directory_it_cannot_create() {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("file"), b"").unwrap();
-        let err = Layout::new(tmp.path().join("file/sub"))
-            .prepare()
-            .unwrap_err();
+        let err = Layout::new(tmp.path().join("file/sub")).prepare().unwrap_err();
         assert!(err.to_string().contains("file/sub"), "{err}");
     }
 }

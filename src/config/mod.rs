@@ -62,18 +62,14 @@ pub struct AgentConfig {
 impl Default for Config {
     fn default() -> Self {
         let default = |path: &str| -> &'static str {
-            keys::by_path(path)
-                .and_then(|k| k.default)
-                .expect("every defaulted key is in KEYS")
+            keys::by_path(path).and_then(|k| k.default).expect("every defaulted key is in KEYS")
         };
         let parse = |path: &str| default(path).parse().expect("defaults in KEYS parse");
         Self {
             database_url: DatabaseUrl(default("database_url").to_owned()),
             log: LogConfig {
                 level: default("log.level").to_owned(),
-                format: default("log.format")
-                    .parse()
-                    .expect("default log format parses"),
+                format: default("log.format").parse().expect("default log format parses"),
             },
             cp: CpConfig {
                 listen_addr: parse("cp.listen_addr"),
@@ -95,21 +91,13 @@ impl Default for Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration file {path} could not be read: {source}")]
-    FileUnreadable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    FileUnreadable { path: PathBuf, source: std::io::Error },
     #[error("configuration file {path} is not valid TOML: {message}")]
     FileSyntax { path: PathBuf, message: String },
     #[error("unknown configuration key `{key}` in {source_name}")]
     UnknownKey { key: String, source_name: String },
     #[error("invalid value for `{key}`{env_hint} from {source_name}: {detail}")]
-    InvalidValue {
-        key: String,
-        env_hint: String,
-        source_name: String,
-        detail: String,
-    },
+    InvalidValue { key: String, env_hint: String, source_name: String, detail: String },
     #[error("{}", retired_message(.0))]
     RetiredVariables(Vec<RetiredVariable>),
 }
@@ -175,10 +163,7 @@ impl Sources {
     }
 
     fn env_var(&self, name: &str) -> Option<&str> {
-        self.env
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.env.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     fn config_file(&self) -> Option<(PathBuf, bool)> {
@@ -210,9 +195,7 @@ impl Provider for EnvProvider {
         for (key, raw) in &self.values {
             let value = match key.kind {
                 keys::ValueKind::Text => Value::from(raw.clone()),
-                keys::ValueKind::Scalar => {
-                    raw.parse::<Value>().expect("Value parsing is infallible")
-                }
+                keys::ValueKind::Scalar => raw.parse::<Value>().expect("Value parsing is infallible"),
             };
             insert_dotted(&mut root, key.path, value);
         }
@@ -226,9 +209,7 @@ fn insert_dotted(dict: &mut Dict, path: &str, value: Value) {
             dict.insert(path.to_owned(), value);
         }
         Some((head, rest)) => {
-            let entry = dict
-                .entry(head.to_owned())
-                .or_insert_with(|| Value::from(Dict::new()));
+            let entry = dict.entry(head.to_owned()).or_insert_with(|| Value::from(Dict::new()));
             if let Value::Dict(_, inner) = entry {
                 insert_dotted(inner, rest, value);
             }
@@ -247,15 +228,10 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
             });
         }
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::FileUnreadable {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::FileUnreadable { path: path.clone(), source })?;
         if let Err(e) = text.parse::<toml::Table>() {
-            return Err(ConfigError::FileSyntax {
-                path: path.clone(),
-                message: e.to_string(),
-            });
+            return Err(ConfigError::FileSyntax { path: path.clone(), message: e.to_string() });
         }
         figment = figment.merge(Toml::file_exact(path));
     }
@@ -264,39 +240,27 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
         .iter()
         .filter(|(_, v)| !v.is_empty())
         .filter_map(|(name, value)| {
-            KEYS.iter()
-                .find(|k| k.env == name)
-                .map(|k| (k, value.clone()))
+            KEYS.iter().find(|k| k.env == name).map(|k| (k, value.clone()))
         })
         .collect();
     figment = figment.merge(EnvProvider { values: env_values });
 
     let config: Config = figment.extract().map_err(|e| describe(e, &file))?;
-    let origins = KEYS
-        .iter()
-        .map(|key| (key.path, origin_of(&figment, key)))
-        .collect();
+    let origins = KEYS.iter().map(|key| (key.path, origin_of(&figment, key))).collect();
 
     let retired: Vec<RetiredVariable> = keys::RETIRED
         .iter()
         .filter(|(name, _)| sources.env_var(name).is_some())
         .map(|(name, what)| {
             let layout = Layout::new(&config.agent.files_rootdir);
-            RetiredVariable {
-                name,
-                now_at: layout.path_named(what),
-            }
+            RetiredVariable { name, now_at: layout.path_named(what) }
         })
         .collect();
     if !retired.is_empty() {
         return Err(ConfigError::RetiredVariables(retired));
     }
 
-    Ok(Loaded {
-        config,
-        file: file.map(|(p, _)| p),
-        origins,
-    })
+    Ok(Loaded { config, file: file.map(|(p, _)| p), origins })
 }
 
 fn origin_of(figment: &Figment, key: &Key) -> Origin {
@@ -324,20 +288,15 @@ fn describe(error: figment::Error, file: &Option<(PathBuf, bool)>) -> ConfigErro
     let parent = error.path.join(".");
     let join = |field: &str| {
         if parent.is_empty() || parent == field || parent.ends_with(&format!(".{field}")) {
-            if parent.is_empty() {
-                field.to_owned()
-            } else {
-                parent.clone()
-            }
+            if parent.is_empty() { field.to_owned() } else { parent.clone() }
         } else {
             format!("{parent}.{field}")
         }
     };
     match &error.kind {
-        figment::error::Kind::UnknownField(field, _) => ConfigError::UnknownKey {
-            key: join(field),
-            source_name,
-        },
+        figment::error::Kind::UnknownField(field, _) => {
+            ConfigError::UnknownKey { key: join(field), source_name }
+        }
         figment::error::Kind::MissingField(field) => ConfigError::InvalidValue {
             key: join(field),
             env_hint: String::new(),
@@ -355,12 +314,7 @@ fn describe(error: figment::Error, file: &Option<(PathBuf, bool)>) -> ConfigErro
                     }
                 })
                 .unwrap_or_default();
-            ConfigError::InvalidValue {
-                key,
-                env_hint,
-                source_name,
-                detail: kind.to_string(),
-            }
+            ConfigError::InvalidValue { key, env_hint, source_name, detail: kind.to_string() }
         }
     }
 }

@@ -8,10 +8,7 @@ fn sources(dir: &Path, file: Option<&str>, env: &[(&str, &str)]) -> Sources {
     }
     Sources {
         config_flag: None,
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         cwd: dir.to_path_buf(),
     }
 }
@@ -24,10 +21,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "log.format" => ("json", "text"),
         "cp.listen_addr" => ("127.0.0.1:9000", ":9100"),
         "cp.host_agent_addr" => ("agent.file:1", "agent.env:2"),
-        "cp.jwt_secret" => (
-            "file-secret-file-secret-file-secret",
-            "env-secret-env-secret-env-secret-x",
-        ),
+        "cp.jwt_secret" => ("file-secret-file-secret-file-secret", "env-secret-env-secret-env-secret-x"),
         "cp.host_unreachable_after_secs" => ("30", "45"),
         "agent.listen_addr" => (":7000", "127.0.0.1:7001"),
         "agent.files_rootdir" => ("/srv/file", "/srv/env"),
@@ -37,9 +31,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
 }
 
 fn toml_line(path: &str, value: &str) -> String {
-    let (table, field) = path
-        .rsplit_once('.')
-        .map_or((None, path), |(t, f)| (Some(t), f));
+    let (table, field) = path.rsplit_once('.').map_or((None, path), |(t, f)| (Some(t), f));
     let literal = if path == "cp.host_unreachable_after_secs" {
         value.to_owned()
     } else {
@@ -67,10 +59,7 @@ fn defaults_apply_with_no_file_and_no_env() {
     assert_eq!(loaded.config, Config::default());
     assert_eq!(loaded.config.cp.listen_addr.to_string(), ":8000");
     assert_eq!(loaded.config.agent.listen_addr.to_string(), ":50051");
-    assert_eq!(
-        loaded.config.agent.files_rootdir,
-        Path::new("/var/lib/wrenn")
-    );
+    assert_eq!(loaded.config.agent.files_rootdir, Path::new("/var/lib/wrenn"));
     assert_eq!(loaded.origins["cp.listen_addr"], Origin::Default);
     assert_eq!(loaded.origins["cp.jwt_secret"], Origin::Unset);
     assert!(loaded.file.is_none());
@@ -82,12 +71,8 @@ fn every_key_precedence_default_file_env() {
         let (file_value, env_value) = sample_values(key.path);
         let tmp = tempfile::tempdir().unwrap();
 
-        let from_file = load(&sources(
-            tmp.path(),
-            Some(&toml_line(key.path, file_value)),
-            &[],
-        ))
-        .unwrap_or_else(|e| panic!("{}: {e}", key.path));
+        let from_file = load(&sources(tmp.path(), Some(&toml_line(key.path, file_value)), &[]))
+            .unwrap_or_else(|e| panic!("{}: {e}", key.path));
         assert!(
             matches!(&from_file.origins[key.path], Origin::File(_)),
             "{} should come from the file",
@@ -107,11 +92,7 @@ fn every_key_precedence_default_file_env() {
         if !key.secret {
             assert!(shown.contains(env_value), "{shown}");
         }
-        assert_ne!(
-            from_file.config, both.config,
-            "{} changed nothing",
-            key.path
-        );
+        assert_ne!(from_file.config, both.config, "{} changed nothing", key.path);
     }
 }
 
@@ -136,20 +117,9 @@ fn secrets_are_redacted_in_config_show() {
 #[test]
 fn only_files_rootdir_moves_all_derived_paths() {
     let tmp = tempfile::tempdir().unwrap();
-    let loaded = load(&sources(
-        tmp.path(),
-        None,
-        &[("AGENT_FILES_ROOTDIR", "/srv/w")],
-    ))
-    .unwrap();
+    let loaded = load(&sources(tmp.path(), None, &[("AGENT_FILES_ROOTDIR", "/srv/w")])).unwrap();
     let out = render_show(&loaded);
-    for path in [
-        "/srv/w/kernels/vmlinux",
-        "/srv/w/images",
-        "/srv/w/sandboxes",
-        "/srv/w/snapshots",
-        "/srv/w/host-token",
-    ] {
+    for path in ["/srv/w/kernels/vmlinux", "/srv/w/images", "/srv/w/sandboxes", "/srv/w/snapshots", "/srv/w/host-token"] {
         assert!(out.contains(path), "{path} missing from:\n{out}");
     }
 }
@@ -163,8 +133,7 @@ fn explicit_file_beats_wrenn_config_beats_cwd() {
     std::fs::write(&envfile, "[cp]\nlisten_addr = \":2\"\n").unwrap();
     let mut src = sources(tmp.path(), Some("[cp]\nlisten_addr = \":3\"\n"), &[]);
     assert_eq!(load(&src).unwrap().config.cp.listen_addr.to_string(), ":3");
-    src.env
-        .push((CONFIG_FILE_ENV.into(), envfile.display().to_string()));
+    src.env.push((CONFIG_FILE_ENV.into(), envfile.display().to_string()));
     assert_eq!(load(&src).unwrap().config.cp.listen_addr.to_string(), ":2");
     src.config_flag = Some(flag.clone());
     let loaded = load(&src).unwrap();
@@ -191,15 +160,9 @@ fn each_retired_variable_is_refused_with_its_new_path() {
         ("AGENT_TOKEN_FILE", "/srv/w/host-token"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
-        let err = load(&sources(
-            tmp.path(),
-            None,
-            &[(name, "/old"), ("AGENT_FILES_ROOTDIR", "/srv/w")],
-        ))
-        .unwrap_err();
-        let ConfigError::RetiredVariables(vars) = &err else {
-            panic!("{err}")
-        };
+        let err = load(&sources(tmp.path(), None, &[(name, "/old"), ("AGENT_FILES_ROOTDIR", "/srv/w")]))
+            .unwrap_err();
+        let ConfigError::RetiredVariables(vars) = &err else { panic!("{err}") };
         assert_eq!(vars.len(), 1);
         let msg = err.to_string();
         assert!(msg.contains(name) && msg.contains(new_path), "{msg}");
@@ -211,9 +174,7 @@ fn each_retired_variable_is_refused_with_its_new_path() {
 fn all_retired_variables_are_named_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let env: Vec<(&str, &str)> = keys::RETIRED.iter().map(|(n, _)| (*n, "/x")).collect();
-    let err = load(&sources(tmp.path(), None, &env))
-        .unwrap_err()
-        .to_string();
+    let err = load(&sources(tmp.path(), None, &env)).unwrap_err().to_string();
     for (name, _) in keys::RETIRED {
         assert!(err.contains(name), "{err}");
     }
@@ -223,22 +184,12 @@ fn all_retired_variables_are_named_at_once() {
 #[test]
 fn unknown_toml_key_is_named_with_its_file() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = load(&sources(
-        tmp.path(),
-        Some("[cp]\nlisten_adr = \":1\"\n"),
-        &[],
-    ))
-    .unwrap_err();
+    let err = load(&sources(tmp.path(), Some("[cp]\nlisten_adr = \":1\"\n"), &[])).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, ConfigError::UnknownKey { .. }), "{msg}");
-    assert!(
-        msg.contains("cp.listen_adr") && msg.contains("wrenn.toml"),
-        "{msg}"
-    );
+    assert!(msg.contains("cp.listen_adr") && msg.contains("wrenn.toml"), "{msg}");
 
-    let err = load(&sources(tmp.path(), Some("bogus = 1\n"), &[]))
-        .unwrap_err()
-        .to_string();
+    let err = load(&sources(tmp.path(), Some("bogus = 1\n"), &[])).unwrap_err().to_string();
     assert!(err.contains("`bogus`"), "{err}");
 }
 
@@ -253,47 +204,15 @@ fn toml_syntax_error_names_the_file() {
 #[test]
 fn bad_values_name_key_value_and_source() {
     let cases: &[(Option<&str>, &[(&str, &str)], &[&str])] = &[
-        (
-            None,
-            &[("CP_LISTEN_ADDR", "nope")],
-            &["cp.listen_addr", "CP_LISTEN_ADDR", "nope", "environment"],
-        ),
-        (
-            Some("[agent]\nlisten_addr = \"1.2.3.4\"\n"),
-            &[],
-            &["agent.listen_addr", "1.2.3.4", "wrenn.toml"],
-        ),
-        (
-            None,
-            &[("AGENT_CP_URL", "cp:8000")],
-            &["agent.cp_url", "AGENT_CP_URL", "cp:8000"],
-        ),
-        (
-            None,
-            &[("DATABASE_URL", "mysql://x/y")],
-            &["database_url", "DATABASE_URL", "mysql"],
-        ),
+        (None, &[("CP_LISTEN_ADDR", "nope")], &["cp.listen_addr", "CP_LISTEN_ADDR", "nope", "environment"]),
+        (Some("[agent]\nlisten_addr = \"1.2.3.4\"\n"), &[], &["agent.listen_addr", "1.2.3.4", "wrenn.toml"]),
+        (None, &[("AGENT_CP_URL", "cp:8000")], &["agent.cp_url", "AGENT_CP_URL", "cp:8000"]),
+        (None, &[("DATABASE_URL", "mysql://x/y")], &["database_url", "DATABASE_URL", "mysql"]),
         (None, &[("LOG_FORMAT", "xml")], &["log.format", "xml"]),
-        (
-            None,
-            &[("CP_HOST_AGENT_ADDR", "no port")],
-            &["cp.host_agent_addr", "no port"],
-        ),
-        (
-            Some("[cp]\nlisten_addr = 8000\n"),
-            &[],
-            &["cp.listen_addr", "8000", "wrenn.toml"],
-        ),
-        (
-            None,
-            &[("CP_HOST_UNREACHABLE_AFTER_SECS", "soon")],
-            &["cp.host_unreachable_after_secs", "soon"],
-        ),
-        (
-            Some("[agent]\nfiles_rootdir = 5\n"),
-            &[],
-            &["agent.files_rootdir", "5"],
-        ),
+        (None, &[("CP_HOST_AGENT_ADDR", "no port")], &["cp.host_agent_addr", "no port"]),
+        (Some("[cp]\nlisten_addr = 8000\n"), &[], &["cp.listen_addr", "8000", "wrenn.toml"]),
+        (None, &[("CP_HOST_UNREACHABLE_AFTER_SECS", "soon")], &["cp.host_unreachable_after_secs", "soon"]),
+        (Some("[agent]\nfiles_rootdir = 5\n"), &[], &["agent.files_rootdir", "5"]),
     ];
     for (file, env, needles) in cases {
         let tmp = tempfile::tempdir().unwrap();
@@ -319,26 +238,15 @@ fn example_file_documents_every_key_and_parses_to_defaults() {
     for key in KEYS {
         let field = key.path.rsplit('.').next().unwrap();
         assert!(example.contains(key.env), "{} undocumented", key.env);
-        assert!(
-            example.contains(&format!("{field} =")),
-            "{} undocumented",
-            key.path
-        );
+        assert!(example.contains(&format!("{field} =")), "{} undocumented", key.path);
         if let Some(default) = key.default {
-            assert!(
-                example.contains(default),
-                "default of {} undocumented",
-                key.path
-            );
+            assert!(example.contains(default), "default of {} undocumented", key.path);
         }
     }
     // With the comment markers removed, the example is a valid file equal to the defaults.
     let uncommented: String = example
         .lines()
-        .filter_map(|l| {
-            l.strip_prefix("# ")
-                .filter(|l| l.contains(" = ") || l.starts_with('['))
-        })
+        .filter_map(|l| l.strip_prefix("# ").filter(|l| l.contains(" = ") || l.starts_with('[')))
         .filter(|l| !l.contains("(unset)"))
         .map(|l| format!("{l}\n"))
         .collect();

@@ -15,17 +15,10 @@ impl FromStr for ListenAddr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || {
-            format!(
-                "`{s}` is not a listen address; expected [IP]:PORT such as :8000 or 127.0.0.1:8000"
-            )
-        };
+        let bad = || format!("`{s}` is not a listen address; expected [IP]:PORT such as :8000 or 127.0.0.1:8000");
         if let Some(port) = s.strip_prefix(':') {
             let port: u16 = port.parse().map_err(|_| bad())?;
-            return Ok(Self(SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                port,
-            )));
+            return Ok(Self(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)));
         }
         s.parse::<SocketAddr>().map(Self).map_err(|_| bad())
     }
@@ -54,24 +47,16 @@ impl FromStr for HostPort {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || format!("`{s}` is not an address; expected HOST:PORT such as 10.0.1.5:50051");
         if let Ok(addr) = s.parse::<SocketAddr>() {
-            return Ok(Self {
-                host: addr.ip().to_string(),
-                port: addr.port(),
-            });
+            return Ok(Self { host: addr.ip().to_string(), port: addr.port() });
         }
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
         let port = port.parse::<u16>().map_err(|_| bad())?;
         let valid_host = !host.is_empty()
-            && host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+            && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
         if !valid_host || port == 0 {
             return Err(bad());
         }
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-        })
+        Ok(Self { host: host.to_owned(), port })
     }
 }
 
@@ -96,9 +81,7 @@ impl FromStr for HttpUrl {
         let url = url::Url::parse(s).map_err(|e| format!("`{s}` is not a URL: {e}"))?;
         match url.scheme() {
             "http" | "https" if url.host().is_some() => Ok(Self(url)),
-            _ => Err(format!(
-                "`{s}` is not an http:// or https:// URL with a host"
-            )),
+            _ => Err(format!("`{s}` is not an http:// or https:// URL with a host")),
         }
     }
 }
@@ -117,13 +100,10 @@ impl FromStr for DatabaseUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let url =
-            url::Url::parse(s).map_err(|e| format!("`{}` is not a URL: {e}", redact_url(s)))?;
+        let url = url::Url::parse(s).map_err(|e| format!("`{}` is not a URL: {e}", redact_url(s)))?;
         match url.scheme() {
             "postgres" | "postgresql" => Ok(Self(s.to_owned())),
-            other => Err(format!(
-                "scheme `{other}` is not postgres:// or postgresql://"
-            )),
+            other => Err(format!("scheme `{other}` is not postgres:// or postgresql://")),
         }
     }
 }
@@ -182,9 +162,7 @@ impl FromStr for LogFormat {
         match s {
             "text" => Ok(Self::Text),
             "json" => Ok(Self::Json),
-            other => Err(format!(
-                "`{other}` is not a log format; expected `text` or `json`"
-            )),
+            other => Err(format!("`{other}` is not a log format; expected `text` or `json`")),
         }
     }
 }
@@ -231,18 +209,9 @@ mod tests {
 
     #[test]
     fn listen_addr_forms() {
-        assert_eq!(
-            ":8000".parse::<ListenAddr>().unwrap().0,
-            "0.0.0.0:8000".parse().unwrap()
-        );
-        assert_eq!(
-            "127.0.0.1:1".parse::<ListenAddr>().unwrap().to_string(),
-            "127.0.0.1:1"
-        );
-        assert_eq!(
-            "[::1]:9".parse::<ListenAddr>().unwrap().0,
-            "[::1]:9".parse().unwrap()
-        );
+        assert_eq!(":8000".parse::<ListenAddr>().unwrap().0, "0.0.0.0:8000".parse().unwrap());
+        assert_eq!("127.0.0.1:1".parse::<ListenAddr>().unwrap().to_string(), "127.0.0.1:1");
+        assert_eq!("[::1]:9".parse::<ListenAddr>().unwrap().0, "[::1]:9".parse().unwrap());
         assert_eq!(":8000".parse::<ListenAddr>().unwrap().to_string(), ":8000");
         for bad in ["8000", ":", ":99999", "localhost:80", "1.2.3.4"] {
             let err = bad.parse::<ListenAddr>().unwrap_err();
@@ -254,10 +223,7 @@ mod tests {
     fn host_port_forms() {
         let hp: HostPort = "cp.internal:50051".parse().unwrap();
         assert_eq!((hp.host.as_str(), hp.port), ("cp.internal", 50051));
-        assert_eq!(
-            "[::1]:5".parse::<HostPort>().unwrap().to_string(),
-            "[::1]:5"
-        );
+        assert_eq!("[::1]:5".parse::<HostPort>().unwrap().to_string(), "[::1]:5");
         for bad in ["nohost", ":80", "a b:80", "host:0", "host:x"] {
             assert!(bad.parse::<HostPort>().is_err(), "{bad}");
         }

@@ -52,10 +52,7 @@ fn run_as() -> Result<Option<RunAs>, PgError> {
         .ok()
         .flatten()
         .ok_or(PgError::NoUnprivilegedUser)?;
-    Ok(Some(RunAs {
-        uid: user.uid.as_raw(),
-        gid: user.gid.as_raw(),
-    }))
+    Ok(Some(RunAs { uid: user.uid.as_raw(), gid: user.gid.as_raw() }))
 }
 
 fn command(program: &str, as_user: Option<RunAs>) -> Command {
@@ -92,10 +89,7 @@ fn chown_tree(path: &Path, user: RunAs) -> Result<(), PgError> {
     if status.success() {
         Ok(())
     } else {
-        Err(PgError::Command {
-            command: "chown -R".into(),
-            output: status.to_string(),
-        })
+        Err(PgError::Command { command: "chown -R".into(), output: status.to_string() })
     }
 }
 
@@ -105,10 +99,7 @@ fn template(as_user: Option<RunAs>) -> Result<&'static Path, PgError> {
     let result = TEMPLATE.get_or_init(|| make_template(as_user).map_err(|e| e.to_string()));
     match result {
         Ok(path) => Ok(path.as_path()),
-        Err(msg) => Err(PgError::Command {
-            command: "initdb (template)".into(),
-            output: msg.clone(),
-        }),
+        Err(msg) => Err(PgError::Command { command: "initdb (template)".into(), output: msg.clone() }),
     }
 }
 
@@ -117,42 +108,24 @@ fn make_template(as_user: Option<RunAs>) -> Result<PathBuf, PgError> {
     let _ = fs::remove_dir_all(&base);
     fs::create_dir_all(&base).map_err(io_err("creating the template directory"))?;
     if let Some(user) = as_user {
-        chown(&base, Some(user.uid.into()), Some(user.gid.into())).map_err(|e| PgError::Io {
-            what: "chown template".into(),
-            source: e.into(),
-        })?;
+        chown(&base, Some(user.uid.into()), Some(user.gid.into()))
+            .map_err(|e| PgError::Io { what: "chown template".into(), source: e.into() })?;
     }
     let data = base.join("data");
     let mut initdb = command("initdb", as_user);
-    initdb.args([
-        "--no-sync",
-        "--auth=trust",
-        "--encoding=UTF8",
-        "--no-instructions",
-    ]);
-    initdb
-        .arg(format!("--username={SUPERUSER}"))
-        .arg("-D")
-        .arg(&data);
+    initdb.args(["--no-sync", "--auth=trust", "--encoding=UTF8", "--no-instructions"]);
+    initdb.arg(format!("--username={SUPERUSER}")).arg("-D").arg(&data);
     check(initdb, "initdb")?;
     let mut single = command("postgres", as_user);
     single.args(["--single", "-D"]).arg(&data).arg("postgres");
-    single
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = single
-        .spawn()
-        .map_err(io_err("starting postgres --single"))?;
+    single.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = single.spawn().map_err(io_err("starting postgres --single"))?;
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().expect("piped stdin");
-        writeln!(stdin, "CREATE DATABASE {DATABASE};")
-            .map_err(io_err("writing to postgres --single"))?;
+        writeln!(stdin, "CREATE DATABASE {DATABASE};").map_err(io_err("writing to postgres --single"))?;
     }
-    let output = child
-        .wait_with_output()
-        .map_err(io_err("waiting for postgres --single"))?;
+    let output = child.wait_with_output().map_err(io_err("waiting for postgres --single"))?;
     if !output.status.success() {
         return Err(PgError::Command {
             command: "postgres --single".into(),
@@ -168,29 +141,20 @@ fn make_template(as_user: Option<RunAs>) -> Result<PathBuf, PgError> {
 /// directory. Started in its own session so signals to the test's process group spare it.
 fn spawn_watchdog(dir: &Path, postgres: Option<u32>) -> Result<Child, PgError> {
     let me = std::process::id();
-    let kill_pg = postgres
-        .map(|pid| format!("kill -QUIT {pid} 2>/dev/null; sleep 1; "))
-        .unwrap_or_default();
+    let kill_pg = postgres.map(|pid| format!("kill -QUIT {pid} 2>/dev/null; sleep 1; ")).unwrap_or_default();
     let script = format!(
         "while kill -0 {me} 2>/dev/null; do sleep 1; done; {kill_pg}rm -rf '{}'",
         dir.display()
     );
     let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(script)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    cmd.arg("-c").arg(script).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     cmd.process_group(0);
     cmd.spawn().map_err(io_err("starting the cleanup watchdog"))
 }
 
 fn free_port() -> Result<u16, PgError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(io_err("finding a free port"))?;
-    Ok(listener
-        .local_addr()
-        .map_err(io_err("finding a free port"))?
-        .port())
+    Ok(listener.local_addr().map_err(io_err("finding a free port"))?.port())
 }
 
 /// A running private PostgreSQL server.
@@ -213,13 +177,8 @@ impl PgCluster {
             .tempdir()
             .map_err(io_err("creating the cluster directory"))?
             .keep();
-        let mut cluster = Self {
-            dir: dir.clone(),
-            port: 0,
-            as_user,
-            postgres: None,
-            watchdog: None,
-        };
+        let mut cluster =
+            Self { dir: dir.clone(), port: 0, as_user, postgres: None, watchdog: None };
         let status = Command::new("cp")
             .arg("-a")
             .arg(template)
@@ -227,10 +186,7 @@ impl PgCluster {
             .status()
             .map_err(io_err("copying the template cluster"))?;
         if !status.success() {
-            return Err(PgError::Command {
-                command: "cp -a template".into(),
-                output: status.to_string(),
-            });
+            return Err(PgError::Command { command: "cp -a template".into(), output: status.to_string() });
         }
         if let Some(user) = as_user {
             chown_tree(&dir, user)?;
@@ -249,15 +205,8 @@ impl PgCluster {
     fn start_server(&mut self) -> Result<(), PgError> {
         let log = fs::File::create(self.log_path()).map_err(io_err("creating the postgres log"))?;
         if let Some(user) = self.as_user {
-            chown(
-                &self.log_path(),
-                Some(user.uid.into()),
-                Some(user.gid.into()),
-            )
-            .map_err(|e| PgError::Io {
-                what: "chown log".into(),
-                source: e.into(),
-            })?;
+            chown(&self.log_path(), Some(user.uid.into()), Some(user.gid.into()))
+                .map_err(|e| PgError::Io { what: "chown log".into(), source: e.into() })?;
         }
         let mut cmd = command("postgres", self.as_user);
         cmd.arg("-D").arg(self.dir.join("data"));
@@ -294,10 +243,7 @@ impl PgCluster {
             if log.contains("ready to accept connections") {
                 return Ok(());
             }
-            let exited = self
-                .postgres
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
+            let exited = self.postgres.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || Instant::now() > deadline {
                 return Err(PgError::NotReady { log });
             }
