@@ -77,3 +77,10 @@ update-envd image root=files_root:
 # Image sizes, cold and up-to-date build times, boot-to-ready time under TCG.
 bench-images:
     WRENN_STATIC_BIN="$(just build-static | tail -n1)" cargo bench --bench images
+
+# Regenerate `.sqlx/` (the data checked queries compile against) from the database at
+# $DATABASE_URL, which must have every migration applied (`wrenn migrate up`).
+sqlx-prepare:
+    rm -rf .sqlx && mkdir .sqlx
+    touch src/lib.rs
+    SQLX_OFFLINE=false SQLX_OFFLINE_DIR="$PWD/.sqlx" cargo build

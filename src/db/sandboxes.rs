@@ -11,6 +11,10 @@ pub const ACTIVE_STATUSES: &[&str] = &[
     "pending", "starting", "running", "pausing", "paused", "resuming", "stopping",
 ];
 
+fn active() -> Vec<String> {
+    ACTIVE_STATUSES.iter().map(|s| (*s).to_owned()).collect()
+}
+
 pub struct NewSandbox {
     pub id: Uuid,
     pub team_id: Uuid,
@@ -22,28 +26,28 @@ pub struct NewSandbox {
 }
 
 pub async fn insert(ex: impl PgExecutor<'_>, sandbox: NewSandbox) -> Result<(), DbError> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO sandboxes (id, team_id, host_id, template_id, status, vcpus, memory_mb)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        sandbox.id,
+        sandbox.team_id,
+        sandbox.host_id,
+        sandbox.template_id,
+        sandbox.status,
+        sandbox.vcpus,
+        sandbox.memory_mb,
     )
-    .bind(sandbox.id)
-    .bind(sandbox.team_id)
-    .bind(sandbox.host_id)
-    .bind(sandbox.template_id)
-    .bind(sandbox.status)
-    .bind(sandbox.vcpus)
-    .bind(sandbox.memory_mb)
     .execute(ex)
     .await?;
     Ok(())
 }
 
 pub async fn active_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar!(
         "SELECT id FROM sandboxes WHERE host_id = $1 AND status = ANY($2) ORDER BY created_at, id",
+        host,
+        &active(),
     )
-    .bind(host)
-    .bind(ACTIVE_STATUSES)
     .fetch_all(ex)
     .await?)
 }
@@ -53,12 +57,12 @@ pub async fn stop_active_on_host(
     ex: impl PgExecutor<'_>,
     host: Uuid,
 ) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar!(
         "UPDATE sandboxes SET status = 'stopped', last_updated = now()
          WHERE host_id = $1 AND status = ANY($2) RETURNING id",
+        host,
+        &active(),
     )
-    .bind(host)
-    .bind(ACTIVE_STATUSES)
     .fetch_all(ex)
     .await?)
 }
@@ -68,12 +72,12 @@ pub async fn stop_active_for_team(
     ex: impl PgExecutor<'_>,
     team: Uuid,
 ) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar!(
         "UPDATE sandboxes SET status = 'stopped', last_updated = now()
          WHERE team_id = $1 AND status = ANY($2) RETURNING id",
+        team,
+        &active(),
     )
-    .bind(team)
-    .bind(ACTIVE_STATUSES)
     .fetch_all(ex)
     .await?)
 }
