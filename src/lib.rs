@@ -7,3 +7,4 @@ pub mod config;
 pub mod logging;
 pub mod testing;
 pub mod version;
+pub mod vmm;
