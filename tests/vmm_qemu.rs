@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use wrenn::config::{Layout, QemuAccel};
-use wrenn::testing::guest::{self, TestKernel};
+use wrenn::testing::kernel::{self as guest, TestKernel};
 use wrenn::vmm::{Accel, Drive, NetAttachment, QemuVmm, VmFiles, VmSpec, VmStatus, Vmm, VmmError};
 
 /// Generous: a TCG boot takes 2–6 s, but the machine is shared.

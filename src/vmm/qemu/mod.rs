@@ -202,12 +202,6 @@ impl QemuVmm {
         }
         let files = &spec.files;
         process::prepare_files(files, &[&files.qmp_socket])?;
-        // QEMU opens the console file itself; start each VM with an empty one.
-        std::fs::write(&files.console_log, b"").map_err(|source| VmmError::File {
-            what: "failed to create console log",
-            path: files.console_log.clone(),
-            source,
-        })?;
         let args = command_line(&spec, accel, vsock_available);
         let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
         let mut process = process::spawn(&self.bin, &args, netns, files, Stdout::VmmLog)?;

@@ -1,4 +1,4 @@
-//! Guest material for tests and benchmarks that boot real VMs: the Debian cloud kernel
+//! A guest kernel and initramfs for the VMM tests and benchmarks: the Debian cloud kernel
 //! (fetched with apt once and cached outside the clone, as an uncompressed `vmlinux` plus its
 //! virtio modules) and throwaway busybox initramfs images with a test's own `/init`.
 
