@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod schema;
+pub mod swagger;
 
 use std::net::SocketAddr;
 use std::time::Duration;
