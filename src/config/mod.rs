@@ -18,7 +18,7 @@ pub use keys::{Key, KEYS};
 pub use layout::{Layout, LayoutError};
 pub use types::{
     DatabaseUrl, HostPort, HttpUrl, InterfaceName, Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat,
-    Secret,
+    QemuAccel, Secret, VmmKind,
 };
 
 /// The variable that names the configuration file when `--config` is not given.
@@ -67,6 +67,10 @@ pub struct AgentConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_interface: Option<InterfaceName>,
     pub egress_deny: Ipv4CidrList,
+    pub vmm: VmmKind,
+    pub qemu_accel: QemuAccel,
+    pub firecracker_bin: PathBuf,
+    pub qemu_bin: PathBuf,
 }
 
 impl Default for Config {
@@ -113,6 +117,14 @@ impl Default for Config {
                 egress_deny: default("agent.egress_deny")
                     .parse()
                     .expect("defaults in KEYS parse"),
+                vmm: default("agent.vmm")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                qemu_accel: default("agent.qemu_accel")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                firecracker_bin: PathBuf::from(default("agent.firecracker_bin")),
+                qemu_bin: PathBuf::from(default("agent.qemu_bin")),
             },
         }
     }
