@@ -42,6 +42,11 @@ fn summary(mut samples: Vec<Duration>) -> String {
 
 #[tokio::main]
 async fn main() {
+    // `cargo test --all-targets` runs benchmarks too, without `--bench`: boot nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("vmm benchmark: run it with `cargo bench --bench vmm`");
+        return;
+    }
     let boots: usize = std::env::var("WRENN_BENCH_BOOTS")
         .ok()
         .and_then(|v| v.parse().ok())

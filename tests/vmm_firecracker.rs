@@ -4,13 +4,14 @@
 //! script given as the Firecracker path) that validates every request it receives and records
 //! their order; and an opt-in suite boots a real Firecracker where one can run.
 
-mod support;
+#[path = "support/swagger.rs"]
+mod swagger;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::swagger::Swagger;
+use swagger::Swagger;
 use wrenn::config::Layout;
 use wrenn::vmm::firecracker::api::{self, ActionType, Endpoint, InstanceAction};
 use wrenn::vmm::firecracker::boot_sequence;

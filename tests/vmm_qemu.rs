@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use wrenn::config::{Layout, QemuAccel};
 use wrenn::testing::kernel::{self as guest, TestKernel};
-use wrenn::vmm::{Accel, Drive, NetAttachment, QemuVmm, VmFiles, VmSpec, VmStatus, Vmm, VmmError};
+use wrenn::vmm::{
+    find_leftovers, kill_leftover, Accel, Drive, Leftover, NetAttachment, QemuVmm, VmFiles, VmSpec,
+    VmStatus, Vmm, VmmError, VmmKind,
+};
 
 /// Generous: a TCG boot takes 2–6 s, but the machine is shared.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -347,4 +350,31 @@ async fn auto_accel_probes_kvm_once_and_logs_its_choice() {
         log.lines().count(),
         "the second call probes and logs nothing"
     );
+}
+
+#[tokio::test]
+async fn a_dropped_vm_keeps_running_and_is_found_as_a_leftover() {
+    let f = fixture();
+    let spec = f.spec(
+        "cl-orphan",
+        &init("echo GUEST-READY\nwhile true; do sleep 1; done"),
+        &[],
+    );
+    let vm = tcg().start(&spec).await.unwrap();
+    let pid = vm.pid();
+    drop(vm);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "dropping the handle must not stop the VM"
+    );
+    let leftovers = find_leftovers(&f.layout);
+    let expected = Leftover {
+        sandbox_id: "cl-orphan".into(),
+        pid,
+        kind: VmmKind::Qemu,
+    };
+    assert_eq!(leftovers, vec![expected.clone()]);
+    assert!(kill_leftover(&expected).await);
+    assert!(find_leftovers(&f.layout).is_empty());
 }

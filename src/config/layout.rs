@@ -80,9 +80,14 @@ impl Layout {
         self.sandbox_dir(sandbox_id).join("console.log")
     }
 
-    /// The VMM process's own diagnostics (its stderr, and Firecracker's logger).
+    /// The VMM process's stdout and stderr (QEMU's diagnostics).
     pub fn vmm_log(&self, sandbox_id: &str) -> PathBuf {
         self.sandbox_dir(sandbox_id).join("vmm.log")
+    }
+
+    /// Firecracker's own logger (`--log-path`); its stdout is the guest console.
+    pub fn firecracker_log(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("firecracker.log")
     }
 
     /// Firecracker's API socket.
@@ -202,6 +207,7 @@ mod tests {
             for path in [
                 layout.console_log("sb-1"),
                 layout.vmm_log("sb-1"),
+                layout.firecracker_log("sb-1"),
                 layout.firecracker_socket("sb-1"),
                 layout.vsock_socket("sb-1"),
                 layout.qmp_socket("sb-1"),

@@ -5,6 +5,7 @@
 //! process.
 
 pub mod firecracker;
+mod leftovers;
 mod process;
 pub mod qemu;
 
@@ -18,6 +19,7 @@ use async_trait::async_trait;
 use crate::config::{AgentConfig, Layout};
 pub use crate::config::{QemuAccel, VmmKind};
 pub use firecracker::{FirecrackerApiError, FirecrackerVmm};
+pub use leftovers::{find_leftovers, kill_leftover, Leftover};
 pub use qemu::{Accel, AccelDecision, QemuVmm, QmpError};
 
 /// Kernel arguments every guest boots with, whatever the backend: the serial console the agent
@@ -137,6 +139,7 @@ pub struct VmFiles {
     pub dir: PathBuf,
     pub console_log: PathBuf,
     pub vmm_log: PathBuf,
+    pub firecracker_log: PathBuf,
     pub firecracker_socket: PathBuf,
     pub vsock_socket: PathBuf,
     pub qmp_socket: PathBuf,
@@ -148,6 +151,7 @@ impl VmFiles {
             dir: layout.sandbox_dir(id),
             console_log: layout.console_log(id),
             vmm_log: layout.vmm_log(id),
+            firecracker_log: layout.firecracker_log(id),
             firecracker_socket: layout.firecracker_socket(id),
             vsock_socket: layout.vsock_socket(id),
             qmp_socket: layout.qmp_socket(id),

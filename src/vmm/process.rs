@@ -32,7 +32,8 @@ pub(crate) struct VmmProcess {
     child: Child,
     pid: u32,
     exit: Option<ExitStatus>,
-    vmm_log: PathBuf,
+    /// Where the VMM says why it failed: its stderr, then any log of its own.
+    diagnostics: Vec<PathBuf>,
 }
 
 /// Where the process's output goes.
@@ -76,6 +77,11 @@ pub(crate) fn remove_if_present(path: &Path) -> Result<(), VmmError> {
             source,
         }),
     }
+}
+
+/// Creates `path` empty (mode 0600), for a log the VMM opens itself.
+pub(crate) fn reset_log(path: &Path) -> Result<(), VmmError> {
+    open_log(path, true).map(drop)
 }
 
 fn open_log(path: &Path, truncate: bool) -> Result<File, VmmError> {
@@ -155,7 +161,7 @@ pub(crate) fn spawn(
         child,
         pid,
         exit: None,
-        vmm_log: files.vmm_log.clone(),
+        diagnostics: vec![files.vmm_log.clone()],
     })
 }
 
@@ -185,13 +191,26 @@ impl VmmProcess {
         }
     }
 
-    /// The error for a process that died while being set up, quoting the end of its log.
+    /// Adds a log the VMM writes itself to those quoted when it fails.
+    pub(crate) fn with_diagnostics_log(mut self, path: PathBuf) -> Self {
+        self.diagnostics.push(path);
+        self
+    }
+
+    /// The error for a process that died while being set up, quoting the end of the last of
+    /// its logs that has anything in it.
     pub(crate) fn exited_early(&self, status: ExitStatus) -> VmmError {
+        let (log, tail) = self
+            .diagnostics
+            .iter()
+            .rev()
+            .find_map(|path| log_tail(path).map(|tail| (path.clone(), tail)))
+            .unwrap_or_else(|| (self.diagnostics[0].clone(), "(nothing)".to_owned()));
         VmmError::ExitedEarly {
             bin: self.bin.clone(),
             status,
-            log: self.vmm_log.clone(),
-            tail: log_tail(&self.vmm_log),
+            log,
+            tail,
         }
     }
 
@@ -241,20 +260,15 @@ impl VmmProcess {
     }
 }
 
-/// The last lines of a log, for error messages.
-pub(crate) fn log_tail(path: &Path) -> String {
+/// The last lines of a log, for error messages; `None` when it is empty or unreadable.
+pub(crate) fn log_tail(path: &Path) -> Option<String> {
     const TAIL_BYTES: u64 = 2048;
-    let read = || -> io::Result<String> {
-        let mut file = File::open(path)?;
-        let len = file.metadata()?.len();
-        file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)?;
-        Ok(String::from_utf8_lossy(&bytes).trim().to_owned())
-    };
-    match read() {
-        Ok(text) if text.is_empty() => "(empty)".to_owned(),
-        Ok(text) => text,
-        Err(e) => format!("(unreadable: {e})"),
-    }
+    let mut file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))
+        .ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+    (!text.is_empty()).then_some(text)
 }

@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 pub mod schema;
-pub mod swagger;
 
 use std::net::SocketAddr;
 use std::time::Duration;

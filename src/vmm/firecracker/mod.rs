@@ -149,12 +149,16 @@ async fn start_detached(
         "--id".into(),
         spec.id.clone().into(),
         "--log-path".into(),
-        files.vmm_log.clone().into(),
+        files.firecracker_log.clone().into(),
         "--level".into(),
         "Info".into(),
     ];
     let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
-    let mut process = process::spawn(&bin, &args, netns, files, Stdout::ConsoleLog)?;
+    // Firecracker opens its log itself, with its own file offset: give it a file of its own
+    // rather than interleaving it with stderr.
+    process::reset_log(&files.firecracker_log)?;
+    let mut process = process::spawn(&bin, &args, netns, files, Stdout::ConsoleLog)?
+        .with_diagnostics_log(files.firecracker_log.clone());
     match configure(&mut process, &api_socket, &calls).await {
         Ok((client, vmm_version)) => {
             tracing::info!(id = %spec.id, pid = process.pid(), %vmm_version, "Firecracker VM started");
