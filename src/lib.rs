@@ -4,6 +4,10 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod cp;
+pub mod db;
+pub mod envd;
+pub mod id;
 pub mod logging;
 pub mod testing;
 pub mod version;

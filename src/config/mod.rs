@@ -51,6 +51,7 @@ pub struct CpConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_secret: Option<Secret>,
     pub host_unreachable_after_secs: u64,
+    pub host_monitor_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +61,7 @@ pub struct AgentConfig {
     pub files_rootdir: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cp_url: Option<HttpUrl>,
+    pub heartbeat_interval_secs: u64,
     pub sandbox_host_range: Ipv4Cidr,
     pub sandbox_transit_range: Ipv4Cidr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -90,11 +92,17 @@ impl Default for Config {
                 host_unreachable_after_secs: default("cp.host_unreachable_after_secs")
                     .parse()
                     .expect("default is a number"),
+                host_monitor_interval_secs: default("cp.host_monitor_interval_secs")
+                    .parse()
+                    .expect("default is a number"),
             },
             agent: AgentConfig {
                 listen_addr: parse("agent.listen_addr"),
                 files_rootdir: PathBuf::from(default("agent.files_rootdir")),
                 cp_url: None,
+                heartbeat_interval_secs: default("agent.heartbeat_interval_secs")
+                    .parse()
+                    .expect("default is a number"),
                 sandbox_host_range: default("agent.sandbox_host_range")
                     .parse()
                     .expect("defaults in KEYS parse"),

@@ -29,9 +29,11 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
             "env-secret-env-secret-env-secret-x",
         ),
         "cp.host_unreachable_after_secs" => ("30", "45"),
+        "cp.host_monitor_interval_secs" => ("5", "7"),
         "agent.listen_addr" => (":7000", "127.0.0.1:7001"),
         "agent.files_rootdir" => ("/srv/file", "/srv/env"),
         "agent.cp_url" => ("http://cp.file:8000", "https://cp.env"),
+        "agent.heartbeat_interval_secs" => ("5", "7"),
         "agent.sandbox_host_range" => ("10.51.0.0/16", "10.61.0.0/24"),
         "agent.sandbox_transit_range" => ("10.52.0.0/16", "10.62.0.0/24"),
         "agent.egress_interface" => ("uplink0", "bond0.7"),
@@ -44,7 +46,10 @@ fn toml_line(path: &str, value: &str) -> String {
     let (table, field) = path
         .rsplit_once('.')
         .map_or((None, path), |(t, f)| (Some(t), f));
-    let literal = if path == "cp.host_unreachable_after_secs" {
+    let numeric = KEYS
+        .iter()
+        .any(|k| k.path == path && k.kind == keys::ValueKind::Scalar);
+    let literal = if numeric {
         value.to_owned()
     } else {
         format!("{value:?}")
@@ -254,9 +259,12 @@ fn toml_syntax_error_names_the_file() {
     assert!(err.to_string().contains("wrenn.toml"), "{err}");
 }
 
+/// A file body (if any), environment variables, and the words the error must contain.
+type BadValueCase<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a [&'a str]);
+
 #[test]
 fn bad_values_name_key_value_and_source() {
-    let cases: &[(Option<&str>, &[(&str, &str)], &[&str])] = &[
+    let cases: &[BadValueCase] = &[
         (
             None,
             &[("CP_LISTEN_ADDR", "nope")],
