@@ -308,6 +308,28 @@ impl NetworkManager {
         self.lock_slots().remove(&slot);
     }
 
+    /// The network of a slot this manager holds, e.g. one adopted at start-up that the agent
+    /// keeps running; `None` when the slot is not in use.
+    pub fn network(&self, slot: u32) -> Option<SandboxNetwork> {
+        self.lock_slots()
+            .contains(&slot)
+            .then(|| self.describe(slot))
+    }
+
+    fn describe(&self, slot: u32) -> SandboxNetwork {
+        let name = self.plan.name(slot);
+        SandboxNetwork {
+            slot,
+            netns_path: Path::new(NETNS_DIR).join(&name),
+            netns_name: name.clone(),
+            tap_name: TAP_NAME.to_owned(),
+            host_link: name,
+            host_addr: self.plan.host_addr(slot),
+            guest_mac: GUEST_MAC.to_owned(),
+            boot_ip_arg: BOOT_IP_ARG.to_owned(),
+        }
+    }
+
     /// Creates the network of a new sandbox. On failure every completed step is undone; if the
     /// undo itself fails the slot stays reserved so it is not reused dirty, and
     /// [`cleanup_leftovers`](Self::cleanup_leftovers) or a later restart reclaims it.
@@ -468,16 +490,7 @@ impl NetworkManager {
         done.push(Undo::DeleteHostRoute);
         self.injected(slot, CreateStep::HostRoute)?;
 
-        Ok(SandboxNetwork {
-            slot,
-            netns_path: Path::new(NETNS_DIR).join(&name),
-            netns_name: name.clone(),
-            tap_name: TAP_NAME.to_owned(),
-            host_link: name,
-            host_addr,
-            guest_mac: GUEST_MAC.to_owned(),
-            boot_ip_arg: BOOT_IP_ARG.to_owned(),
-        })
+        Ok(self.describe(slot))
     }
 
     async fn step(
