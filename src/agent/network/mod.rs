@@ -209,7 +209,7 @@ impl NetworkManager {
         Self::with_options(NetworkOptions::from_config(agent)).await
     }
 
-    /// Enables forwarding, (re)loads the host table and adopts every slot that already has a
+    /// (Re)loads the host table, enables forwarding and adopts every slot that already has a
     /// namespace, link or set element — an agent restarting after a crash must not hand those
     /// out again before [`cleanup_leftovers`](Self::cleanup_leftovers) has dealt with them.
     pub async fn with_options(options: NetworkOptions) -> Result<Self, NetworkError> {
@@ -218,7 +218,6 @@ impl NetworkManager {
             options.host_range,
             options.transit_range,
         )?;
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1").map_err(NetworkError::Forwarding)?;
         let egress_interface = match options.egress_interface {
             Some(name) => Some(name),
             None => default_route_interface().await?,
@@ -247,6 +246,8 @@ impl NetworkManager {
                 table: manager.plan.prefix().to_owned(),
                 source,
             })?;
+        // Only now that the firewall is in place may the host start forwarding.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1").map_err(NetworkError::Forwarding)?;
         tracing::info!(
             adopted = existing.len(),
             egress = manager.egress_interface.as_ref().map(|i| i.as_str()),
