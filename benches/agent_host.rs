@@ -107,7 +107,6 @@ async fn disks() {
 
 #[tokio::main]
 async fn main() {
-    // `cargo bench` passes `--bench`; there are no other options.
     network().await;
     disks().await;
 }

@@ -63,25 +63,22 @@ pub enum CreateStep {
     HostRules,
     Namespace,
     Veth,
-    /// The host-side veth's address and link state.
-    HostLink,
     /// Loopback, the namespace veth, the TAP device and the default route inside the namespace.
     NamespaceLinks,
     /// IPv4 forwarding and the NAT/filter table inside the namespace.
     NamespaceRules,
-    /// The host route of the slot's host address through the veth pair.
-    HostRoute,
+    /// The host-side veth's address, link state and the route of the slot's host address.
+    HostLink,
 }
 
 impl CreateStep {
-    pub const ALL: [CreateStep; 7] = [
+    pub const ALL: [CreateStep; 6] = [
         Self::HostRules,
         Self::Namespace,
         Self::Veth,
-        Self::HostLink,
         Self::NamespaceLinks,
         Self::NamespaceRules,
-        Self::HostRoute,
+        Self::HostLink,
     ];
 }
 
@@ -91,10 +88,9 @@ impl fmt::Display for CreateStep {
             Self::HostRules => "adding host firewall elements",
             Self::Namespace => "creating the network namespace",
             Self::Veth => "creating the veth pair",
-            Self::HostLink => "configuring the host-side veth",
+            Self::HostLink => "configuring the host-side veth and route",
             Self::NamespaceLinks => "configuring links inside the namespace",
             Self::NamespaceRules => "loading NAT rules inside the namespace",
-            Self::HostRoute => "adding the host route",
         })
     }
 }
@@ -201,7 +197,6 @@ enum Undo {
     RemoveHostElements,
     DeleteNamespace,
     DeleteHostLink,
-    DeleteHostRoute,
 }
 
 impl NetworkManager {
@@ -408,18 +403,8 @@ impl NetworkManager {
         done.push(Undo::DeleteHostLink);
         self.injected(slot, CreateStep::Veth)?;
 
-        let host_link = format!("addr add {host_veth}/31 dev {name}\nlink set dev {name} up\n");
-        self.step(
-            slot,
-            CreateStep::HostLink,
-            &name,
-            "ip",
-            &["-batch", "-"],
-            Some(&host_link),
-        )
-        .await?;
-        self.injected(slot, CreateStep::HostLink)?;
-
+        // The host end stays down until the last step, so nothing flows into a half-built
+        // namespace; `onlink` lets the default route name a gateway whose link has no carrier.
         let inside = format!(
             "link set dev lo up\n\
              addr add {ns_veth}/31 dev {NAMESPACE_UPLINK}\n\
@@ -428,7 +413,7 @@ impl NetworkManager {
              link set dev {TAP_NAME} address {GATEWAY_MAC} txqueuelen {TAP_TX_QUEUE_LEN}\n\
              addr add {GATEWAY_IP}/{GUEST_PREFIX_LEN} dev {TAP_NAME}\n\
              link set dev {TAP_NAME} up\n\
-             route add default via {host_veth} dev {NAMESPACE_UPLINK}\n"
+             route add default via {host_veth} dev {NAMESPACE_UPLINK} onlink\n"
         );
         let ns_args = ["-n", &name, "-batch", "-"];
         self.step(
@@ -472,24 +457,22 @@ impl NetworkManager {
         .await?;
         self.injected(slot, CreateStep::NamespaceRules)?;
 
-        let route = format!("{host_addr}/32");
-        let host_veth_text = host_veth.to_string();
-        let ns_veth_text = ns_veth.to_string();
-        let route_args = [
-            "route",
-            "add",
-            &route,
-            "via",
-            &ns_veth_text,
-            "dev",
+        // The route goes with the link, so deleting the link undoes this whole step.
+        let host_side = format!(
+            "addr add {host_veth}/31 dev {name}\n\
+             link set dev {name} up\n\
+             route add {host_addr}/32 via {ns_veth} dev {name} src {host_veth}\n"
+        );
+        self.step(
+            slot,
+            CreateStep::HostLink,
             &name,
-            "src",
-            &host_veth_text,
-        ];
-        self.step(slot, CreateStep::HostRoute, &route, "ip", &route_args, None)
-            .await?;
-        done.push(Undo::DeleteHostRoute);
-        self.injected(slot, CreateStep::HostRoute)?;
+            "ip",
+            &["-batch", "-"],
+            Some(&host_side),
+        )
+        .await?;
+        self.injected(slot, CreateStep::HostLink)?;
 
         Ok(self.describe(slot))
     }
@@ -550,14 +533,6 @@ impl NetworkManager {
                         .await
                         .map_err(teardown(format!("veth {name}")))?;
                 }
-            }
-            Undo::DeleteHostRoute => {
-                // Only undone during a rollback, while the link still exists; a destroy drops the
-                // route together with the link.
-                let route = format!("{}/32", self.plan.host_addr(slot));
-                command::run("ip", &["route", "delete", &route, "dev", &name], None)
-                    .await
-                    .map_err(teardown(format!("route {route}")))?;
             }
         }
         Ok(())
