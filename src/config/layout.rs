@@ -105,6 +105,17 @@ impl Layout {
         self.sandbox_dir(sandbox_id).join("qmp.sock")
     }
 
+    /// Formatted blank upper disks, one per size, from which sandbox uppers are copied; safe to
+    /// delete at any time (they are re-created on demand).
+    pub fn blank_uppers_dir(&self) -> PathBuf {
+        self.root.join("cache").join("blank-uppers")
+    }
+
+    pub fn blank_upper(&self, size_bytes: u64) -> PathBuf {
+        self.blank_uppers_dir()
+            .join(format!("upper-{size_bytes}.ext4"))
+    }
+
     pub fn snapshots_dir(&self) -> PathBuf {
         self.root.join("snapshots")
     }
