@@ -62,6 +62,7 @@ pub struct AgentConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cp_url: Option<HttpUrl>,
     pub heartbeat_interval_secs: u64,
+    pub envd_ready_timeout_secs: u64,
     pub sandbox_host_range: Ipv4Cidr,
     pub sandbox_transit_range: Ipv4Cidr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,6 +105,9 @@ impl Default for Config {
                 listen_addr: parse("agent.listen_addr"),
                 files_rootdir: PathBuf::from(default("agent.files_rootdir")),
                 cp_url: None,
+                envd_ready_timeout_secs: default("agent.envd_ready_timeout_secs")
+                    .parse()
+                    .expect("default is a number"),
                 heartbeat_interval_secs: default("agent.heartbeat_interval_secs")
                     .parse()
                     .expect("default is a number"),
