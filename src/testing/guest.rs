@@ -114,6 +114,24 @@ pub fn sandbox_disk(dir: &Path, init_script: Option<&str>) -> Result<PathBuf, Gu
     Ok(disk)
 }
 
+/// Replays the journal of a sandbox disk a guest has powered off with (`e2fsck -fy`), so tools
+/// that read it offline see the last writes: `sync` in the guest commits them to the journal,
+/// not to their final place. Exit status 1 (journal replayed, summary counts fixed) is the
+/// normal outcome.
+pub fn recover_journal(disk: &Path) -> Result<(), GuestError> {
+    let mut cmd = Command::new("e2fsck");
+    cmd.arg("-fy").arg(disk);
+    let command = format!("{cmd:?}");
+    let output = cmd.output().map_err(io_err(command.clone()))?;
+    match output.status.code() {
+        Some(0 | 1) => Ok(()),
+        _ => Err(GuestError::Build {
+            command,
+            output: String::from_utf8_lossy(&output.stdout).into_owned(),
+        }),
+    }
+}
+
 /// A file's contents read from an unmounted ext4 image (`debugfs cat`); empty when absent.
 pub fn read_from_ext4(image: &Path, path: &str) -> Result<String, GuestError> {
     let mut cmd = Command::new("debugfs");
