@@ -413,6 +413,9 @@ impl SandboxManager {
             reason,
         };
         let check_fail_point = |step: CreateStep| injected_failure(id, step);
+        // How long each phase took, reported in the sandbox's metadata for operators and the
+        // agent benchmark.
+        let mut phases = PhaseClock::start();
 
         let dir = self.layout.sandbox_dir(id);
         std::fs::create_dir_all(&dir).map_err(|e| fail(CreateStep::Directory, e.to_string()))?;
@@ -437,6 +440,7 @@ impl SandboxManager {
             undo_dir();
             return Err(e);
         }
+        phases.lap("disk");
 
         let network = match self.network.create(id).await {
             Ok(network) => network,
@@ -455,6 +459,7 @@ impl SandboxManager {
             undo_dir();
             return Err(e);
         }
+        phases.lap("network");
 
         let spec = VmSpec {
             id: id.to_owned(),
@@ -492,12 +497,14 @@ impl SandboxManager {
             }
         };
 
+        phases.lap("vmm_spawn");
         let result: Result<EnvdClient, SandboxError> = async {
             check_fail_point(CreateStep::Vmm)?;
             let envd = EnvdClient::new(&format!("http://{}", network.envd_addr()))
                 .map_err(|e| fail(CreateStep::EnvdReady, e.to_string()))?;
             self.wait_envd(&envd, &mut *vm, id).await?;
             check_fail_point(CreateStep::EnvdReady)?;
+            phases.lap("boot_to_envd");
             let access_token = hex::encode(rand::random::<[u8; 32]>());
             let init = InitRequest {
                 env_vars: req.envs.clone().into_iter().collect(),
@@ -518,6 +525,10 @@ impl SandboxManager {
                 metadata.insert("vmm".into(), self.vmm.kind().to_string());
                 metadata.insert("vmm_version".into(), vm.vmm_version().to_owned());
                 metadata.insert("agent_version".into(), crate::version::VERSION.into());
+                phases.lap("envd_init");
+                for (phase, took) in phases.laps {
+                    metadata.insert(format!("create_ms.{phase}"), took.as_millis().to_string());
+                }
                 drop(metadata);
                 Ok(Runtime { network, vm, envd })
             }
@@ -688,6 +699,27 @@ impl SandboxManager {
 
     pub fn vmm_kind(&self) -> String {
         self.vmm.kind().to_string()
+    }
+}
+
+/// Splits a create's wall time into named phases.
+struct PhaseClock {
+    last: Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl PhaseClock {
+    fn start() -> Self {
+        Self {
+            last: Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.laps.push((phase, now - self.last));
+        self.last = now;
     }
 }
 
