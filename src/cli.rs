@@ -28,6 +28,16 @@ pub enum Command {
         #[arg(long, value_name = "ADDR")]
         address: Option<String>,
     },
+    /// The control plane.
+    Cp {
+        #[command(subcommand)]
+        command: CpCommand,
+    },
+    /// Database schema migrations (embedded in the binary) against `database_url`.
+    Migrate {
+        #[command(subcommand)]
+        command: MigrateCommand,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -35,6 +45,39 @@ pub enum Command {
     },
     /// Print the version and build details.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CpCommand {
+    /// Serve the REST API on `cp.listen_addr` until SIGINT/SIGTERM.
+    Serve,
+    /// Account administration for headless installs.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create a platform admin account (or make an existing account an admin).
+    Create {
+        #[arg(long)]
+        email: String,
+        /// File whose first line is the password (kept off the command line).
+        #[arg(long, value_name = "PATH")]
+        password_file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Apply every pending migration (a no-op when none is pending).
+    Up,
+    /// Revert the most recently applied migration.
+    Down,
+    /// List applied and pending migrations.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,6 +139,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", crate::version::long());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Cp { command } => {
+            let loaded = load_config(cli.config)?;
+            crate::logging::init(&loaded.config.log)?;
+            runtime()?.block_on(run_cp(command, &loaded.config))
+        }
+        Command::Migrate { command } => {
+            let loaded = load_config(cli.config)?;
+            runtime()?.block_on(run_migrate(command, &loaded.config))
+        }
         Command::Config {
             command: ConfigCommand::Show,
         } => {
@@ -104,4 +156,61 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn connect(config: &config::Config) -> anyhow::Result<crate::db::Db> {
+    let db = crate::db::connect_lazy(&config.database_url.0)?;
+    crate::db::ping(&db)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the database at {}: {e}", config.database_url.redacted()))?;
+    Ok(db)
+}
+
+async fn run_cp(command: CpCommand, config: &config::Config) -> anyhow::Result<ExitCode> {
+    use crate::cp::services::{accounts, input};
+    match command {
+        CpCommand::Serve => crate::cp::serve(config).await?,
+        CpCommand::Admin { command: AdminCommand::Create { email, password_file } } => {
+            let text = std::fs::read_to_string(&password_file)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", password_file.display()))?;
+            let password = text.lines().next().unwrap_or_default();
+            let email = input::Email::parse("--email", &email)?;
+            let password = input::Password::parse("password", password)?;
+            let db = connect(config).await?;
+            match accounts::ensure_admin(&db, email, password).await? {
+                accounts::AdminBootstrap::Created(id) => println!("created platform admin {id}"),
+                accounts::AdminBootstrap::Promoted(id) => {
+                    println!("{id} already existed and is now a platform admin (password unchanged)")
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_migrate(command: MigrateCommand, config: &config::Config) -> anyhow::Result<ExitCode> {
+    use crate::db::migrate;
+    let db = connect(config).await?;
+    match command {
+        MigrateCommand::Up => {
+            let applied = migrate::up(&db).await?;
+            if applied.is_empty() {
+                println!("database is up to date");
+            }
+            for version in applied {
+                println!("applied {version:04}");
+            }
+        }
+        MigrateCommand::Down => match migrate::down(&db).await? {
+            Some(version) => println!("reverted {version:04}"),
+            None => println!("no migration is applied"),
+        },
+        MigrateCommand::Status => {
+            for m in migrate::status(&db).await? {
+                let state = m.applied_at.map_or("pending".to_owned(), |at| format!("applied {}", at.to_rfc3339()));
+                println!("{:04} {:<24} {state}", m.version, m.description);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

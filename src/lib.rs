@@ -4,6 +4,9 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod cp;
+pub mod db;
+pub mod id;
 pub mod logging;
 pub mod testing;
 pub mod version;

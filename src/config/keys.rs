@@ -81,6 +81,7 @@ pub const KEYS: &[Key] = &[
     key("cp.host_agent_addr", "CP_HOST_AGENT_ADDR", None, "Address (host:port) the control plane dials for host agents instead of the address a host registered with; for single-host setups behind NAT."),
     secret("cp.jwt_secret", "JWT_SECRET", "HS256 signing secret for user and host tokens, at least 32 bytes. Required by `wrenn cp serve`."),
     scalar("cp.host_unreachable_after_secs", "CP_HOST_UNREACHABLE_AFTER_SECS", "90", "Seconds without a heartbeat after which a host is marked unreachable."),
+    scalar("cp.host_monitor_interval_secs", "CP_HOST_MONITOR_INTERVAL_SECS", "15", "How often, in seconds, the control plane looks for hosts whose heartbeat stopped."),
     key("agent.listen_addr", "AGENT_LISTEN_ADDR", Some(":50051"), "Host-agent API listen address."),
     key("agent.files_rootdir", "AGENT_FILES_ROOTDIR", Some("/var/lib/wrenn"), "Files root: kernels/, images/, sandboxes/, snapshots/ and host-token live under it."),
     key("agent.cp_url", "AGENT_CP_URL", None, "Control-plane base URL the agent registers and heartbeats with, e.g. http://cp:8000."),

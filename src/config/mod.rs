@@ -51,6 +51,7 @@ pub struct CpConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_secret: Option<Secret>,
     pub host_unreachable_after_secs: u64,
+    pub host_monitor_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +90,9 @@ impl Default for Config {
                 host_agent_addr: None,
                 jwt_secret: None,
                 host_unreachable_after_secs: default("cp.host_unreachable_after_secs")
+                    .parse()
+                    .expect("default is a number"),
+                host_monitor_interval_secs: default("cp.host_monitor_interval_secs")
                     .parse()
                     .expect("default is a number"),
             },

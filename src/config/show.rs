@@ -17,6 +17,7 @@ pub fn render(loaded: &Loaded) -> String {
             "cp.host_agent_addr" => c.cp.host_agent_addr.as_ref()?.to_string(),
             "cp.jwt_secret" => c.cp.jwt_secret.as_ref().map(|_| "<redacted>".to_owned())?,
             "cp.host_unreachable_after_secs" => c.cp.host_unreachable_after_secs.to_string(),
+            "cp.host_monitor_interval_secs" => c.cp.host_monitor_interval_secs.to_string(),
             "agent.listen_addr" => c.agent.listen_addr.to_string(),
             "agent.files_rootdir" => c.agent.files_rootdir.display().to_string(),
             "agent.cp_url" => c.agent.cp_url.as_ref()?.to_string(),

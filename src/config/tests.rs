@@ -29,6 +29,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
             "env-secret-env-secret-env-secret-x",
         ),
         "cp.host_unreachable_after_secs" => ("30", "45"),
+        "cp.host_monitor_interval_secs" => ("5", "7"),
         "agent.listen_addr" => (":7000", "127.0.0.1:7001"),
         "agent.files_rootdir" => ("/srv/file", "/srv/env"),
         "agent.cp_url" => ("http://cp.file:8000", "https://cp.env"),

@@ -1,0 +1,2 @@
+DROP TABLE sandboxes;
+DROP TABLE templates;

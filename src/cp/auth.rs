@@ -1,0 +1,152 @@
+//! Authorization as types: a handler states who may call it by the extractor it takes, and the
+//! extractor does the check (token, then the user or key re-read from the database) before the
+//! handler runs.
+//!
+//! - [`AuthUser`]: `Authorization: Bearer <user JWT>`; the user must exist and be active.
+//! - [`AdminUser`]: an [`AuthUser`] who is a platform admin.
+//! - [`AuthTeam`]: `X-API-Key: wrn_...` (checked first) or a user JWT whose team the user still
+//!   belongs to.
+//! - [`HostAuth`]: `X-Host-Token: <host JWT>`.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::state::AppState;
+use super::tokens::sha256;
+use crate::db::team_members::Role;
+use crate::db::users::{User, UserStatus};
+use crate::db::{api_keys, users};
+use crate::id::{HostId, TeamId};
+
+pub const API_KEY_HEADER: &str = "x-api-key";
+pub const HOST_TOKEN_HEADER: &str = "x-host-token";
+
+fn header<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
+    parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let value = header(parts, "authorization")?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A signed-in user, re-read from the database on this request, with the team their token is
+/// scoped to and their current role there (`None` if they no longer belong to it).
+#[derive(Debug, Clone)]
+pub struct AuthUser {
+    pub user: User,
+    pub team_id: TeamId,
+    pub role: Option<Role>,
+}
+
+impl AuthUser {
+    pub fn id(&self) -> Uuid {
+        self.user.id
+    }
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Some(token) = bearer(parts) else {
+            let message = if header(parts, HOST_TOKEN_HEADER).is_some() {
+                "host tokens cannot call user endpoints; send Authorization: Bearer <user token>"
+            } else {
+                "missing Authorization: Bearer <token> header"
+            };
+            return Err(ApiError::Unauthorized(message.into()));
+        };
+        let claims = state
+            .tokens
+            .verify_user(token)
+            .map_err(|e| ApiError::Unauthorized(format!("user token rejected: {e}")))?;
+        let found = users::in_team(&state.db, claims.sub.uuid(), claims.team_id.uuid())
+            .await?
+            .ok_or_else(|| ApiError::Unauthorized("the token's user no longer exists".into()))?;
+        if found.user.status != UserStatus::Active {
+            return Err(ApiError::Forbidden {
+                code: "account_deactivated",
+                message: "this account is deactivated".into(),
+            });
+        }
+        Ok(AuthUser { user: found.user, team_id: claims.team_id, role: found.role })
+    }
+}
+
+/// A platform administrator.
+#[derive(Debug, Clone)]
+pub struct AdminUser(pub AuthUser);
+
+impl FromRequestParts<AppState> for AdminUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let user = AuthUser::from_request_parts(parts, state).await?;
+        if !user.user.is_admin {
+            return Err(ApiError::forbidden("platform admin required"));
+        }
+        Ok(AdminUser(user))
+    }
+}
+
+/// Who acts for a team.
+#[derive(Debug, Clone)]
+pub enum TeamActor {
+    ApiKey(Uuid),
+    User(Box<AuthUser>),
+}
+
+/// A caller acting for one team: an API key of that team, or a member signed in to it.
+#[derive(Debug, Clone)]
+pub struct AuthTeam {
+    pub team_id: TeamId,
+    pub actor: TeamActor,
+}
+
+impl FromRequestParts<AppState> for AuthTeam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if let Some(key) = header(parts, API_KEY_HEADER) {
+            let (key_id, team) = api_keys::authenticate(&state.db, &sha256(key))
+                .await?
+                .ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
+            return Ok(AuthTeam { team_id: TeamId(team), actor: TeamActor::ApiKey(key_id) });
+        }
+        let user = AuthUser::from_request_parts(parts, state).await.map_err(|e| match e {
+            ApiError::Unauthorized(_) if bearer(parts).is_none() => ApiError::Unauthorized(
+                "missing X-API-Key or Authorization: Bearer <token> header".into(),
+            ),
+            other => other,
+        })?;
+        if user.role.is_none() {
+            return Err(ApiError::forbidden("you are no longer a member of this token's team"));
+        }
+        Ok(AuthTeam { team_id: user.team_id, actor: TeamActor::User(Box::new(user)) })
+    }
+}
+
+/// A host agent, by its host JWT. Whether the host still exists is the handler's question.
+#[derive(Debug, Clone, Copy)]
+pub struct HostAuth {
+    pub host_id: HostId,
+}
+
+impl FromRequestParts<AppState> for HostAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Some(token) = header(parts, HOST_TOKEN_HEADER) else {
+            return Err(ApiError::Unauthorized("missing X-Host-Token header".into()));
+        };
+        let claims = state
+            .tokens
+            .verify_host(token)
+            .map_err(|e| ApiError::Unauthorized(format!("host token rejected: {e}")))?;
+        Ok(HostAuth { host_id: claims.sub })
+    }
+}

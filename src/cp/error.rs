@@ -1,0 +1,117 @@
+//! The one place errors become HTTP: every failure leaves as `{"error":{"code","message"}}` with
+//! the status and code of the public API.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::services::ServiceError;
+use crate::db::DbError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("host still has {} active capsule(s)", .0.len())]
+    HostHasSandboxes(Vec<String>),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("the database is unavailable; try again shortly")]
+    DatabaseUnavailable,
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict { .. } | ApiError::HostHasSandboxes(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden { code, .. } | ApiError::Conflict { code, .. } => code,
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::HostHasSandboxes(_) => "host_has_sandboxes",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::DatabaseUnavailable => "db_unavailable",
+            ApiError::Internal => "internal_error",
+        }
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError::Forbidden { code: "forbidden", message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        if let ApiError::HostHasSandboxes(ids) = &self {
+            error["sandbox_ids"] = json!(ids);
+        }
+        (self.status(), axum::Json(json!({ "error": error }))).into_response()
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(error: DbError) -> Self {
+        match error {
+            DbError::Unavailable(cause) => {
+                tracing::warn!(%cause, "database unavailable");
+                ApiError::DatabaseUnavailable
+            }
+            DbError::UniqueViolation { constraint } => {
+                ApiError::Conflict { code: "conflict", message: format!("already exists ({constraint})") }
+            }
+            DbError::Query(cause) => {
+                tracing::error!(%cause, "database query failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(error: ServiceError) -> Self {
+        let message = error.to_string();
+        match error {
+            ServiceError::Invalid { .. } => ApiError::InvalidRequest(message),
+            ServiceError::Unauthorized(_) => ApiError::Unauthorized(message),
+            ServiceError::Forbidden(_) => ApiError::forbidden(message),
+            ServiceError::AccountDisabled => ApiError::Forbidden { code: "account_deactivated", message },
+            ServiceError::NotFound(_) => ApiError::NotFound(message),
+            ServiceError::Conflict { code, .. } => ApiError::Conflict { code, message },
+            ServiceError::HostHasSandboxes(ids) => {
+                ApiError::HostHasSandboxes(ids.iter().map(ToString::to_string).collect())
+            }
+            ServiceError::Db(db) => db.into(),
+            ServiceError::PasswordHash(cause) => {
+                tracing::error!(%cause, "password hashing failed");
+                ApiError::Internal
+            }
+        }
+    }
+}

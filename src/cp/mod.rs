@@ -1,0 +1,126 @@
+//! The control plane: the public REST API over PostgreSQL (accounts, teams, API keys, the host
+//! registry) and its background tasks.
+//!
+//! Request path: TCP → hyper → tower-http trace + body limit → axum router (`routes`) → auth
+//! extractor (`auth`) + body/path parsing (`extract`) → handler → service (`services`) → queries
+//! (`crate::db`) → the result, or an error mapped once to the envelope (`error`).
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod monitor;
+pub mod routes;
+pub mod services;
+pub mod state;
+pub mod tokens;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::db::{self, DbError};
+use monitor::MonitorSettings;
+use state::AppState;
+use tokens::{TokenError, TokenKeys};
+
+/// The largest request body a JSON endpoint accepts.
+pub const JSON_BODY_LIMIT: usize = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cp.jwt_secret (JWT_SECRET) is not set; the control plane needs it to sign tokens (at least 32 bytes)")]
+    MissingJwtSecret,
+    #[error(transparent)]
+    JwtSecret(#[from] TokenError),
+    #[error("invalid database_url: {0}")]
+    Database(#[from] DbError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Everything `cp serve` needs, resolved from the configuration.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub monitor: MonitorSettings,
+}
+
+impl ServerSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            listen: config.cp.listen_addr.0,
+            monitor: MonitorSettings {
+                interval: Duration::from_secs(config.cp.host_monitor_interval_secs.max(1)),
+                unreachable_after: Duration::from_secs(config.cp.host_unreachable_after_secs),
+            },
+        }
+    }
+}
+
+/// Builds the shared state from the configuration; refuses a missing or short JWT secret.
+pub fn state_from_config(config: &Config) -> Result<AppState, ServeError> {
+    let secret = config.cp.jwt_secret.as_ref().ok_or(ServeError::MissingJwtSecret)?;
+    let tokens = TokenKeys::new(secret.0.as_bytes())?;
+    let db = db::connect_lazy(&config.database_url.0)?;
+    Ok(AppState::new(db, tokens))
+}
+
+/// The complete HTTP application: routes plus tracing and the body limit.
+pub fn app(state: AppState) -> Router {
+    routes::router(state).layer(DefaultBodyLimit::max(JSON_BODY_LIMIT)).layer(TraceLayer::new_for_http())
+}
+
+/// Serves on `listener` and runs the host monitor until `shutdown` completes, then drains
+/// in-flight requests and stops the monitor.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    monitor: MonitorSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let cancel = CancellationToken::new();
+    let monitor_task = tokio::spawn(monitor::run(state.db.clone(), monitor, cancel.clone()));
+    let served = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await;
+    cancel.cancel();
+    let _ = monitor_task.await;
+    served.map_err(ServeError::Serve)
+}
+
+/// `wrenn cp serve`: listens on `cp.listen_addr` until SIGINT or SIGTERM.
+pub async fn serve(config: &Config) -> Result<(), ServeError> {
+    let state = state_from_config(config)?;
+    let settings = ServerSettings::from_config(config);
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: settings.listen, source })?;
+    tracing::info!(addr = %settings.listen, "control plane listening");
+    run(listener, state, settings.monitor, shutdown_signal()).await?;
+    tracing::info!("control plane stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down: draining requests");
+}

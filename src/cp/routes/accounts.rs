@@ -1,0 +1,116 @@
+//! `/v1/auth/*` and `/v1/me`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use crate::cp::auth::AuthUser;
+use crate::cp::error::ApiError;
+use crate::cp::extract::ApiJson;
+use crate::cp::services::accounts::{self, Session, Signup};
+use crate::cp::services::input::{DisplayName, Email, Password};
+use crate::cp::state::AppState;
+use crate::id::{TeamId, UserId};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignupRequest {
+    email: String,
+    password: String,
+    name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    email: String,
+    password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchTeamRequest {
+    team_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenameRequest {
+    name: String,
+}
+
+/// `AuthResponse` of the spec.
+#[derive(Debug, Serialize)]
+pub struct AuthResponse {
+    token: String,
+    user_id: UserId,
+    team_id: TeamId,
+    email: String,
+    name: String,
+}
+
+impl From<Session> for AuthResponse {
+    fn from(s: Session) -> Self {
+        Self { token: s.token, user_id: s.user_id, team_id: s.team_id, email: s.email, name: s.name }
+    }
+}
+
+/// `SignupResponse` of the spec; accounts are active at once, so it also carries the session.
+#[derive(Debug, Serialize)]
+pub struct SignupResponse {
+    message: &'static str,
+    #[serde(flatten)]
+    session: AuthResponse,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MeResponse {
+    name: String,
+    email: String,
+    has_password: bool,
+    providers: Vec<String>,
+}
+
+pub async fn signup(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<SignupRequest>,
+) -> Result<(StatusCode, Json<SignupResponse>), ApiError> {
+    let signup = Signup {
+        email: Email::parse("email", &req.email)?,
+        password: Password::parse("password", &req.password)?,
+        name: DisplayName::parse("name", &req.name)?,
+    };
+    let session = accounts::signup(&state.db, &state.tokens, signup).await?;
+    let body = SignupResponse { message: "account created; you are signed in", session: session.into() };
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> Result<Json<AuthResponse>, ApiError> {
+    Ok(Json(accounts::login(&state.db, &state.tokens, &req.email, &req.password).await?.into()))
+}
+
+pub async fn switch_team(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    ApiJson(req): ApiJson<SwitchTeamRequest>,
+) -> Result<Json<AuthResponse>, ApiError> {
+    let team: TeamId = req.team_id.parse().map_err(|e| ApiError::InvalidRequest(format!("invalid field `team_id`: {e}")))?;
+    Ok(Json(accounts::switch_team(&state.db, &state.tokens, &caller.user, team).await?.into()))
+}
+
+pub async fn me(caller: AuthUser) -> Json<MeResponse> {
+    Json(MeResponse { name: caller.user.name, email: caller.user.email, has_password: true, providers: Vec::new() })
+}
+
+pub async fn rename_me(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    ApiJson(req): ApiJson<RenameRequest>,
+) -> Result<Json<AuthResponse>, ApiError> {
+    let name = DisplayName::parse("name", &req.name)?;
+    Ok(Json(accounts::rename(&state.db, &state.tokens, &caller.user, caller.team_id, name).await?.into()))
+}

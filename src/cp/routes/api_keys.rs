@@ -1,0 +1,75 @@
+//! `/v1/api-keys`.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::no_content;
+use crate::cp::auth::{AuthTeam, AuthUser};
+use crate::cp::error::ApiError;
+use crate::cp::extract::{path_id, ApiJson};
+use crate::cp::services::api_keys;
+use crate::cp::services::input::KeyName;
+use crate::cp::state::AppState;
+use crate::db::api_keys::ApiKey;
+use crate::id::{ApiKeyId, TeamId};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKeyRequest {
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// `APIKeyResponse` of the spec; `key` only on creation.
+#[derive(Debug, Serialize)]
+pub struct ApiKeyResponse {
+    id: ApiKeyId,
+    team_id: TeamId,
+    name: String,
+    key_prefix: String,
+    created_at: DateTime<Utc>,
+    last_used: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+}
+
+impl ApiKeyResponse {
+    fn new(key: ApiKey, plaintext: Option<String>) -> Self {
+        Self {
+            id: ApiKeyId(key.id),
+            team_id: TeamId(key.team_id),
+            name: key.name,
+            key_prefix: key.key_prefix,
+            created_at: key.created_at,
+            last_used: key.last_used,
+            key: plaintext,
+        }
+    }
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    ApiJson(req): ApiJson<CreateApiKeyRequest>,
+) -> Result<(StatusCode, Json<ApiKeyResponse>), ApiError> {
+    let name = KeyName::parse("name", req.name.as_deref().unwrap_or(KeyName::DEFAULT))?;
+    let (key, plaintext) = api_keys::create(&state.db, &caller, name).await?;
+    Ok((StatusCode::CREATED, Json(ApiKeyResponse::new(key, Some(plaintext)))))
+}
+
+pub async fn list(State(state): State<AppState>, caller: AuthTeam) -> Result<Json<Vec<ApiKeyResponse>>, ApiError> {
+    let keys = api_keys::list(&state.db, caller.team_id).await?;
+    Ok(Json(keys.into_iter().map(|k| ApiKeyResponse::new(k, None)).collect()))
+}
+
+pub async fn revoke(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    api_keys::revoke(&state.db, &caller, path_id("id", &id)?).await?;
+    Ok(no_content())
+}

@@ -1,0 +1,263 @@
+//! `/v1/hosts`: the admin side (create, list, delete, tags) and the agent side (register,
+//! heartbeat, refresh).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::no_content;
+use crate::config::HostPort;
+use crate::cp::auth::{AuthUser, HostAuth};
+use crate::cp::error::ApiError;
+use crate::cp::extract::{path_id, ApiJson, ApiQuery};
+use crate::cp::services::hosts::{self, AgentSpecs, CreateHost, HostCredentials};
+use crate::cp::services::input::Tag;
+use crate::cp::state::AppState;
+use crate::db::hosts::{Host, HostStatus, HostType};
+use crate::id::{HostId, SandboxId, TeamId, UserId};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateHostRequest {
+    #[serde(rename = "type")]
+    host_type: HostType,
+    #[serde(default)]
+    team_id: Option<TeamId>,
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    availability_zone: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterHostRequest {
+    token: String,
+    address: String,
+    #[serde(default)]
+    arch: Option<String>,
+    #[serde(default)]
+    cpu_cores: Option<u32>,
+    #[serde(default)]
+    memory_mb: Option<u64>,
+    #[serde(default)]
+    disk_gb: Option<u64>,
+    /// Our addition: component versions (agent, kernel, VMM) reported by the agent.
+    #[serde(default)]
+    versions: Option<serde_json::Map<String, Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    refresh_token: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddTagRequest {
+    tag: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `Host` of the spec.
+#[derive(Debug, Serialize)]
+pub struct HostView {
+    id: HostId,
+    #[serde(rename = "type")]
+    host_type: HostType,
+    team_id: Option<TeamId>,
+    provider: Option<String>,
+    availability_zone: Option<String>,
+    arch: Option<String>,
+    cpu_cores: Option<i32>,
+    memory_mb: Option<i64>,
+    disk_gb: Option<i64>,
+    address: Option<String>,
+    status: HostStatus,
+    last_heartbeat_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created_by: Option<UserId>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<Host> for HostView {
+    fn from(h: Host) -> Self {
+        Self {
+            id: HostId(h.id),
+            host_type: h.host_type,
+            team_id: h.team_id.map(TeamId),
+            provider: h.provider,
+            availability_zone: h.availability_zone,
+            arch: h.arch,
+            cpu_cores: h.cpu_cores,
+            memory_mb: h.memory_mb,
+            disk_gb: h.disk_gb,
+            address: h.address,
+            status: h.status,
+            last_heartbeat_at: h.last_heartbeat_at,
+            created_by: h.created_by.map(UserId),
+            created_at: h.created_at,
+            updated_at: h.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct CreateHostResponse {
+    host: HostView,
+    registration_token: String,
+}
+
+/// `RegisterHostResponse` / `RefreshHostTokenResponse` of the spec, plus `agent_secret`: the
+/// credential the control plane presents when it calls this agent.
+#[derive(Debug, Serialize)]
+pub struct HostCredentialsResponse {
+    host: HostView,
+    token: String,
+    refresh_token: String,
+    agent_secret: String,
+}
+
+impl From<HostCredentials> for HostCredentialsResponse {
+    fn from(c: HostCredentials) -> Self {
+        Self { host: c.host.into(), token: c.token, refresh_token: c.refresh_token, agent_secret: c.agent_secret }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeletePreview {
+    host: HostView,
+    sandbox_ids: Vec<SandboxId>,
+}
+
+fn host_path(raw: &str) -> Result<HostId, ApiError> {
+    path_id("id", raw)
+}
+
+fn field<T: TryFrom<u64>>(name: &str, value: Option<u64>) -> Result<Option<T>, ApiError> {
+    value
+        .map(|v| T::try_from(v).map_err(|_| ApiError::InvalidRequest(format!("invalid field `{name}`: {v} is too large"))))
+        .transpose()
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    ApiJson(req): ApiJson<CreateHostRequest>,
+) -> Result<(StatusCode, Json<CreateHostResponse>), ApiError> {
+    let request = CreateHost {
+        host_type: req.host_type,
+        team_id: req.team_id,
+        provider: req.provider,
+        availability_zone: req.availability_zone,
+    };
+    let (host, token) = hosts::create(&state.db, &caller, request).await?;
+    Ok((StatusCode::CREATED, Json(CreateHostResponse { host: host.into(), registration_token: token })))
+}
+
+pub async fn list(State(state): State<AppState>, caller: AuthUser) -> Result<Json<Vec<HostView>>, ApiError> {
+    Ok(Json(hosts::list(&state.db, &caller).await?.into_iter().map(Into::into).collect()))
+}
+
+pub async fn get(State(state): State<AppState>, caller: AuthUser, Path(id): Path<String>) -> Result<Json<HostView>, ApiError> {
+    Ok(Json(hosts::get(&state.db, &caller, host_path(&id)?).await?.into()))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<DeleteQuery>,
+) -> Result<StatusCode, ApiError> {
+    hosts::delete(&state.db, &caller, host_path(&id)?, query.force).await?;
+    Ok(no_content())
+}
+
+pub async fn delete_preview(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<DeletePreview>, ApiError> {
+    let (host, sandbox_ids) = hosts::delete_preview(&state.db, &caller, host_path(&id)?).await?;
+    Ok(Json(DeletePreview { host: host.into(), sandbox_ids }))
+}
+
+pub async fn regenerate_token(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<CreateHostResponse>), ApiError> {
+    let (host, token) = hosts::regenerate_token(&state.db, &caller, host_path(&id)?).await?;
+    Ok((StatusCode::CREATED, Json(CreateHostResponse { host: host.into(), registration_token: token })))
+}
+
+pub async fn register(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<RegisterHostRequest>,
+) -> Result<(StatusCode, Json<HostCredentialsResponse>), ApiError> {
+    let address: HostPort = req
+        .address
+        .parse()
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid field `address`: {e}")))?;
+    let specs = AgentSpecs {
+        arch: req.arch,
+        cpu_cores: field("cpu_cores", req.cpu_cores.map(u64::from))?,
+        memory_mb: field("memory_mb", req.memory_mb)?,
+        disk_gb: field("disk_gb", req.disk_gb)?,
+        address,
+        versions: Value::Object(req.versions.unwrap_or_default()),
+    };
+    let credentials = hosts::register(&state.db, &state.tokens, &req.token, specs).await?;
+    Ok((StatusCode::CREATED, Json(credentials.into())))
+}
+
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    caller: HostAuth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    hosts::heartbeat(&state.db, caller.host_id, host_path(&id)?).await?;
+    Ok(no_content())
+}
+
+pub async fn refresh(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<RefreshRequest>,
+) -> Result<Json<HostCredentialsResponse>, ApiError> {
+    Ok(Json(hosts::refresh(&state.db, &state.tokens, &req.refresh_token).await?.into()))
+}
+
+pub async fn tags(State(state): State<AppState>, caller: AuthUser, Path(id): Path<String>) -> Result<Json<Vec<String>>, ApiError> {
+    Ok(Json(hosts::tags(&state.db, &caller, host_path(&id)?).await?))
+}
+
+pub async fn add_tag(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<AddTagRequest>,
+) -> Result<StatusCode, ApiError> {
+    let host = host_path(&id)?;
+    hosts::add_tag(&state.db, &caller, host, Tag::parse("tag", &req.tag)?).await?;
+    Ok(no_content())
+}
+
+pub async fn remove_tag(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path((id, tag)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    hosts::remove_tag(&state.db, &caller, host_path(&id)?, &tag).await?;
+    Ok(no_content())
+}

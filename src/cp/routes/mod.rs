@@ -1,0 +1,112 @@
+//! The HTTP surface: every route, registered once through [`Routes`] so the list of what we
+//! serve (checked against `docs/openapi.yaml` by the tests) cannot drift from the router.
+
+mod accounts;
+mod api_keys;
+mod hosts;
+mod meta;
+mod teams;
+
+use axum::http::{Method, StatusCode};
+use axum::routing::MethodRouter;
+use axum::Router;
+
+use super::error::ApiError;
+use super::state::AppState;
+
+/// A served route: method and path as the OpenAPI document spells them (`/v1/...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub method: Method,
+    pub path: &'static str,
+}
+
+/// Collects routes and the list of them.
+#[derive(Default)]
+struct Routes {
+    router: Router<AppState>,
+    served: Vec<Route>,
+}
+
+impl Routes {
+    fn add(mut self, method: Method, path: &'static str, handler: MethodRouter<AppState>) -> Self {
+        self.served.push(Route { method, path });
+        self.router = self.router.route(path, handler);
+        self
+    }
+}
+
+fn api() -> Routes {
+    use axum::routing::{delete, get, patch, post};
+    Routes::default()
+        .add(Method::POST, "/v1/auth/signup", post(accounts::signup))
+        .add(Method::POST, "/v1/auth/login", post(accounts::login))
+        .add(Method::POST, "/v1/auth/switch-team", post(accounts::switch_team))
+        .add(Method::GET, "/v1/me", get(accounts::me))
+        .add(Method::PATCH, "/v1/me", patch(accounts::rename_me))
+        .add(Method::POST, "/v1/api-keys", post(api_keys::create))
+        .add(Method::GET, "/v1/api-keys", get(api_keys::list))
+        .add(Method::DELETE, "/v1/api-keys/{id}", delete(api_keys::revoke))
+        .add(Method::GET, "/v1/teams", get(teams::list))
+        .add(Method::POST, "/v1/teams", post(teams::create))
+        .add(Method::GET, "/v1/teams/{id}", get(teams::get))
+        .add(Method::PATCH, "/v1/teams/{id}", patch(teams::rename))
+        .add(Method::DELETE, "/v1/teams/{id}", delete(teams::delete))
+        .add(Method::GET, "/v1/teams/{id}/members", get(teams::members))
+        .add(Method::POST, "/v1/teams/{id}/members", post(teams::add_member))
+        .add(Method::PATCH, "/v1/teams/{id}/members/{uid}", patch(teams::set_member_role))
+        .add(Method::DELETE, "/v1/teams/{id}/members/{uid}", delete(teams::remove_member))
+        .add(Method::POST, "/v1/teams/{id}/leave", post(teams::leave))
+        .add(Method::POST, "/v1/hosts", post(hosts::create))
+        .add(Method::GET, "/v1/hosts", get(hosts::list))
+        .add(Method::GET, "/v1/hosts/{id}", get(hosts::get))
+        .add(Method::DELETE, "/v1/hosts/{id}", delete(hosts::delete))
+        .add(Method::POST, "/v1/hosts/{id}/token", post(hosts::regenerate_token))
+        .add(Method::POST, "/v1/hosts/register", post(hosts::register))
+        .add(Method::POST, "/v1/hosts/{id}/heartbeat", post(hosts::heartbeat))
+        .add(Method::POST, "/v1/hosts/auth/refresh", post(hosts::refresh))
+        .add(Method::GET, "/v1/hosts/{id}/delete-preview", get(hosts::delete_preview))
+        .add(Method::GET, "/v1/hosts/{id}/tags", get(hosts::tags))
+        .add(Method::POST, "/v1/hosts/{id}/tags", post(hosts::add_tag))
+        .add(Method::DELETE, "/v1/hosts/{id}/tags/{tag}", delete(hosts::remove_tag))
+}
+
+fn unversioned() -> Routes {
+    use axum::routing::get;
+    Routes::default()
+        .add(Method::GET, "/health", get(meta::health))
+        .add(Method::GET, "/openapi.yaml", get(meta::openapi))
+}
+
+/// Every route the control plane serves (API routes also answer under `/api`).
+pub fn served() -> Vec<Route> {
+    let mut all = unversioned().served;
+    all.extend(api().served);
+    all
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such endpoint".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed("method not allowed on this endpoint".into())
+}
+
+/// The router without middleware: `/health`, `/openapi.yaml`, and the API under both `/v1` and
+/// `/api/v1` (SDK base URLs may end in `/api`).
+pub fn router(state: AppState) -> Router {
+    let api = api().router;
+    Router::new()
+        .merge(unversioned().router)
+        .merge(api.clone())
+        .nest("/api", api)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// `204 No Content` for handlers with nothing to return.
+pub(crate) fn no_content() -> StatusCode {
+    StatusCode::NO_CONTENT
+}

@@ -1,0 +1,187 @@
+//! Accounts: signup, login, team switching, the profile, and admin bootstrap.
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use uuid::Uuid;
+
+use super::input::{DisplayName, Email, Password, TeamName};
+use super::ServiceError;
+use crate::cp::tokens::{random_hex, TokenKeys};
+use crate::db::team_members::{self, Role};
+use crate::db::users::{self, NewUser, User, UserStatus};
+use crate::db::{teams, Db, DbError};
+use crate::id::{TeamId, UserId};
+
+/// Name of the team every account gets at signup.
+pub const DEFAULT_TEAM_NAME: &str = "Personal";
+
+/// What signup, login and team switching return: a user JWT scoped to one team.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub token: String,
+    pub user_id: UserId,
+    pub team_id: TeamId,
+    pub email: String,
+    pub name: String,
+}
+
+pub struct Signup {
+    pub email: Email,
+    pub password: Password,
+    pub name: DisplayName,
+}
+
+async fn hash_password(password: &Password) -> Result<String, ServiceError> {
+    let password = password.as_str().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::encode_b64(random_hex(16).as_bytes())
+            .map_err(|e| ServiceError::PasswordHash(e.to_string()))?;
+        Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .map_err(|e| ServiceError::PasswordHash(e.to_string()))
+    })
+    .await
+    .map_err(|e| ServiceError::PasswordHash(e.to_string()))?
+}
+
+async fn password_matches(hash: &str, password: &str) -> bool {
+    let (hash, password) = (hash.to_owned(), password.to_owned());
+    tokio::task::spawn_blocking(move || {
+        PasswordHash::new(&hash)
+            .is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// `xxxxxx-yyyyyy`, 12 hex digits: teams are addressed by ID; the slug is for people.
+fn new_slug() -> String {
+    let hex = random_hex(6);
+    format!("{}-{}", &hex[..6], &hex[6..])
+}
+
+fn session(tokens: &TokenKeys, user: &User, team: Uuid) -> Session {
+    let (user_id, team_id) = (UserId(user.id), TeamId(team));
+    Session {
+        token: tokens.issue_user(user_id, team_id, &user.email, &user.name, user.is_admin),
+        user_id,
+        team_id,
+        email: user.email.clone(),
+        name: user.name.clone(),
+    }
+}
+
+fn email_taken(error: DbError) -> ServiceError {
+    match error {
+        DbError::UniqueViolation { .. } => ServiceError::Conflict {
+            code: "email_taken",
+            message: "an account with this email already exists".into(),
+        },
+        other => other.into(),
+    }
+}
+
+/// Creates a team with `owner` as its owner, inside the caller's transaction.
+pub(crate) async fn create_team_owned_by(
+    tx: &mut sqlx::PgConnection,
+    owner: Uuid,
+    name: &TeamName,
+    is_default: bool,
+) -> Result<teams::Team, ServiceError> {
+    let team = teams::insert(&mut *tx, Uuid::new_v4(), name.as_str(), &new_slug()).await?;
+    team_members::insert(&mut *tx, team.id, owner, Role::Owner, is_default).await?;
+    Ok(team)
+}
+
+/// Creates an active account with a default team it owns. The first account on an install
+/// becomes platform admin, as does any account made with `make_admin`.
+pub async fn create_account(
+    db: &Db,
+    signup: Signup,
+    make_admin: bool,
+) -> Result<(User, teams::Team), ServiceError> {
+    let hash = hash_password(&signup.password).await?;
+    let mut tx = db.begin().await.map_err(DbError::from)?;
+    users::lock_admin_bootstrap(&mut *tx).await?;
+    let is_admin = make_admin || !users::any_admin(&mut *tx).await?;
+    let user = users::insert(
+        &mut *tx,
+        NewUser {
+            id: Uuid::new_v4(),
+            email: signup.email.as_str(),
+            password_hash: &hash,
+            name: signup.name.as_str(),
+            is_admin,
+        },
+    )
+    .await
+    .map_err(email_taken)?;
+    let default_name = TeamName::parse("name", DEFAULT_TEAM_NAME)?;
+    let team = create_team_owned_by(&mut tx, user.id, &default_name, true).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok((user, team))
+}
+
+pub async fn signup(db: &Db, tokens: &TokenKeys, signup: Signup) -> Result<Session, ServiceError> {
+    let (user, team) = create_account(db, signup, false).await?;
+    Ok(session(tokens, &user, team.id))
+}
+
+pub async fn login(db: &Db, tokens: &TokenKeys, email: &str, password: &str) -> Result<Session, ServiceError> {
+    let invalid = || ServiceError::Unauthorized("invalid email or password".into());
+    let user = users::by_email(db, email.trim()).await?.ok_or_else(invalid)?;
+    if !password_matches(&user.password_hash, password).await {
+        return Err(invalid());
+    }
+    if user.status != UserStatus::Active {
+        return Err(ServiceError::AccountDisabled);
+    }
+    let team = match teams::list_for_user(db, user.id).await?.into_iter().next() {
+        Some(membership) => membership.team.id,
+        None => {
+            // Every account keeps a team to act in, even after leaving all of its teams.
+            let mut tx = db.begin().await.map_err(DbError::from)?;
+            let name = TeamName::parse("name", DEFAULT_TEAM_NAME)?;
+            let team = create_team_owned_by(&mut tx, user.id, &name, true).await?;
+            tx.commit().await.map_err(DbError::from)?;
+            team.id
+        }
+    };
+    Ok(session(tokens, &user, team))
+}
+
+pub async fn switch_team(db: &Db, tokens: &TokenKeys, user: &User, team: TeamId) -> Result<Session, ServiceError> {
+    if teams::by_id(db, team.uuid()).await?.is_none() {
+        return Err(ServiceError::NotFound("team"));
+    }
+    if team_members::role_of(db, team.uuid(), user.id).await?.is_none() {
+        return Err(ServiceError::forbidden("you are not a member of this team"));
+    }
+    Ok(session(tokens, user, team.uuid()))
+}
+
+pub async fn rename(db: &Db, tokens: &TokenKeys, user: &User, team: TeamId, name: DisplayName) -> Result<Session, ServiceError> {
+    let user = users::rename(db, user.id, name.as_str()).await?.ok_or(ServiceError::NotFound("user"))?;
+    Ok(session(tokens, &user, team.uuid()))
+}
+
+/// What `wrenn cp admin create` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminBootstrap {
+    Created(UserId),
+    /// The account existed and was made an admin; its password is unchanged.
+    Promoted(UserId),
+}
+
+/// Makes sure an admin account with this email exists (headless installs have no signup page).
+pub async fn ensure_admin(db: &Db, email: Email, password: Password) -> Result<AdminBootstrap, ServiceError> {
+    if let Some(existing) = users::by_email(db, email.as_str()).await? {
+        users::set_admin(db, existing.id, true).await?;
+        return Ok(AdminBootstrap::Promoted(UserId(existing.id)));
+    }
+    let name = email.as_str().split('@').next().unwrap_or("admin").to_owned();
+    let name = DisplayName::parse("name", &name)?;
+    let (user, _) = create_account(db, Signup { email, password, name }, true).await?;
+    Ok(AdminBootstrap::Created(UserId(user.id)))
+}

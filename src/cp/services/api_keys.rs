@@ -1,0 +1,62 @@
+//! Team API keys: `wrn_` + 32 hex digits, shown once; only the SHA-256 hash and a display prefix
+//! are kept.
+
+use uuid::Uuid;
+
+use super::input::KeyName;
+use super::ServiceError;
+use crate::cp::auth::AuthUser;
+use crate::cp::tokens::{random_hex, sha256};
+use crate::db::api_keys::{self, ApiKey, NewApiKey};
+use crate::db::Db;
+use crate::id::{ApiKeyId, TeamId};
+
+pub const KEY_PREFIX: &str = "wrn_";
+/// How much of a key is kept for display: `wrn_` and the first 8 hex digits.
+const DISPLAY_CHARS: usize = 12;
+
+fn member_team(caller: &AuthUser) -> Result<TeamId, ServiceError> {
+    caller
+        .role
+        .map(|_| caller.team_id)
+        .ok_or_else(|| ServiceError::forbidden("you are no longer a member of this token's team"))
+}
+
+/// Creates a key for the caller's current team; returns it with its plaintext, the only time
+/// the plaintext exists outside the caller.
+pub async fn create(db: &Db, caller: &AuthUser, name: KeyName) -> Result<(ApiKey, String), ServiceError> {
+    let team = member_team(caller)?;
+    let plaintext = format!("{KEY_PREFIX}{}", random_hex(16));
+    let prefix = format!("{}...", &plaintext[..DISPLAY_CHARS]);
+    let key = api_keys::insert(
+        db,
+        NewApiKey {
+            id: Uuid::new_v4(),
+            team_id: team.uuid(),
+            name: name.as_str(),
+            key_hash: &sha256(&plaintext),
+            key_prefix: &prefix,
+            created_by: caller.id(),
+        },
+    )
+    .await?;
+    Ok((key, plaintext))
+}
+
+pub async fn list(db: &Db, team: TeamId) -> Result<Vec<ApiKey>, ServiceError> {
+    Ok(api_keys::list(db, team.uuid()).await?)
+}
+
+/// Owners and admins revoke any key of the team; members only keys they created.
+pub async fn revoke(db: &Db, caller: &AuthUser, key: ApiKeyId) -> Result<(), ServiceError> {
+    let team = member_team(caller)?;
+    let found = api_keys::get(db, team.uuid(), key.uuid()).await?.ok_or(ServiceError::NotFound("API key"))?;
+    let allowed = caller.role.is_some_and(|r| r.can_manage()) || found.created_by == Some(caller.id());
+    if !allowed {
+        return Err(ServiceError::forbidden("only team owners and admins can revoke other members' keys"));
+    }
+    if !api_keys::delete(db, team.uuid(), key.uuid()).await? {
+        return Err(ServiceError::NotFound("API key"));
+    }
+    Ok(())
+}

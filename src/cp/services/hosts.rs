@@ -1,0 +1,273 @@
+//! The host registry: creating hosts, the registration handshake, heartbeats, credential
+//! refresh, visibility (BYOC hosts belong to one team) and deletion.
+
+use chrono::Utc;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::input::Tag;
+use super::teams::can_manage;
+use super::ServiceError;
+use crate::config::HostPort;
+use crate::cp::auth::AuthUser;
+use crate::cp::tokens::{random_hex, sha256, TokenKeys, REFRESH_TOKEN_TTL, REGISTRATION_TOKEN_TTL};
+use crate::db::hosts::{self, Host, HostStatus, HostType, NewHost, Registration};
+use crate::db::{host_refresh_tokens, host_registration_tokens, host_tags, sandboxes, teams, Db, DbError};
+use crate::id::{HostId, SandboxId, TeamId};
+
+pub struct CreateHost {
+    pub host_type: HostType,
+    pub team_id: Option<TeamId>,
+    pub provider: Option<String>,
+    pub availability_zone: Option<String>,
+}
+
+/// An agent's report of its machine, from `POST /v1/hosts/register`.
+pub struct AgentSpecs {
+    pub arch: Option<String>,
+    pub cpu_cores: Option<i32>,
+    pub memory_mb: Option<i64>,
+    pub disk_gb: Option<i64>,
+    pub address: HostPort,
+    pub versions: Value,
+}
+
+/// Credentials handed to an agent at registration and on refresh.
+#[derive(Debug, Clone)]
+pub struct HostCredentials {
+    pub host: Host,
+    /// Host JWT for `X-Host-Token`.
+    pub token: String,
+    /// Single-use; trades for new credentials at `POST /v1/hosts/auth/refresh`.
+    pub refresh_token: String,
+    /// What the control plane will present when it calls this agent.
+    pub agent_secret: String,
+}
+
+fn expires(ttl: std::time::Duration) -> chrono::DateTime<Utc> {
+    Utc::now() + chrono::Duration::from_std(ttl).expect("token lifetimes fit in chrono")
+}
+
+/// Whether `caller` may manage `host`'s kind of host for `team`: platform admins always; team
+/// owners and admins for their team's BYOC hosts.
+async fn may_manage(db: &Db, caller: &AuthUser, host_type: HostType, team: Option<Uuid>) -> Result<bool, ServiceError> {
+    if caller.user.is_admin {
+        return Ok(true);
+    }
+    match (host_type, team) {
+        (HostType::Byoc, Some(team)) => can_manage(db, caller.id(), team).await,
+        (HostType::Byoc, None) | (HostType::Regular, _) => Ok(false),
+    }
+}
+
+/// A host the caller can see: platform admins see every host; members see their current team's
+/// BYOC hosts. Hosts the caller cannot see are "not found", so their existence does not leak.
+async fn visible(db: &Db, caller: &AuthUser, id: HostId) -> Result<Host, ServiceError> {
+    let host = hosts::by_id(db, id.uuid()).await?.ok_or(ServiceError::NotFound("host"))?;
+    let member_of_team = host.team_id == Some(caller.team_id.uuid()) && caller.role.is_some();
+    if caller.user.is_admin || member_of_team {
+        Ok(host)
+    } else {
+        Err(ServiceError::NotFound("host"))
+    }
+}
+
+async fn manageable(db: &Db, caller: &AuthUser, id: HostId) -> Result<Host, ServiceError> {
+    let host = visible(db, caller, id).await?;
+    if !may_manage(db, caller, host.host_type, host.team_id).await? {
+        return Err(ServiceError::forbidden("platform admin or team owner/admin required"));
+    }
+    Ok(host)
+}
+
+async fn issue_registration_token(
+    conn: &mut sqlx::PgConnection,
+    host: Uuid,
+    created_by: Uuid,
+) -> Result<String, ServiceError> {
+    let token = random_hex(32);
+    host_registration_tokens::retire_unused(&mut *conn, host).await?;
+    host_registration_tokens::insert(&mut *conn, host, &sha256(&token), created_by, expires(REGISTRATION_TOKEN_TTL)).await?;
+    Ok(token)
+}
+
+/// Creates a `pending` host and its one-hour, single-use registration token.
+pub async fn create(db: &Db, caller: &AuthUser, req: CreateHost) -> Result<(Host, String), ServiceError> {
+    let team = match (req.host_type, req.team_id) {
+        (HostType::Regular, None) => None,
+        (HostType::Regular, Some(_)) => {
+            return Err(ServiceError::invalid("team_id", "only BYOC hosts belong to a team"));
+        }
+        (HostType::Byoc, None) => return Err(ServiceError::invalid("team_id", "is required for BYOC hosts")),
+        (HostType::Byoc, Some(team)) => {
+            if teams::by_id(db, team.uuid()).await?.is_none() {
+                return Err(ServiceError::NotFound("team"));
+            }
+            Some(team.uuid())
+        }
+    };
+    if !may_manage(db, caller, req.host_type, team).await? {
+        return Err(ServiceError::forbidden(match req.host_type {
+            HostType::Regular => "only platform admins can create regular hosts",
+            HostType::Byoc => "only the team's owners and admins can create its BYOC hosts",
+        }));
+    }
+    let mut tx = db.begin().await.map_err(DbError::from)?;
+    let host = hosts::insert(
+        &mut *tx,
+        NewHost {
+            id: Uuid::new_v4(),
+            host_type: req.host_type,
+            team_id: team,
+            provider: req.provider.as_deref(),
+            availability_zone: req.availability_zone.as_deref(),
+            created_by: caller.id(),
+        },
+    )
+    .await?;
+    let token = issue_registration_token(&mut tx, host.id, caller.id()).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok((host, token))
+}
+
+/// A fresh registration token for a host that never completed registration; older unused
+/// tokens stop working.
+pub async fn regenerate_token(db: &Db, caller: &AuthUser, id: HostId) -> Result<(Host, String), ServiceError> {
+    let host = manageable(db, caller, id).await?;
+    let mut tx = db.begin().await.map_err(DbError::from)?;
+    let locked = hosts::by_id_for_update(&mut *tx, host.id).await?.ok_or(ServiceError::NotFound("host"))?;
+    if locked.status != HostStatus::Pending {
+        return Err(ServiceError::Conflict {
+            code: "invalid_state",
+            message: format!("host is {}, not pending; it has already registered", locked.status),
+        });
+    }
+    let token = issue_registration_token(&mut tx, host.id, caller.id()).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok((locked, token))
+}
+
+fn invalid_token(what: &str) -> ServiceError {
+    ServiceError::Unauthorized(format!("invalid, expired or already used {what}"))
+}
+
+/// Trades a registration token for host credentials and brings the host online. The token is
+/// consumed in the same transaction, so of two concurrent registrations exactly one succeeds.
+pub async fn register(db: &Db, tokens: &TokenKeys, token: &str, specs: AgentSpecs) -> Result<HostCredentials, ServiceError> {
+    let mut tx = db.begin().await.map_err(DbError::from)?;
+    let host_id = host_registration_tokens::consume(&mut *tx, &sha256(token))
+        .await?
+        .ok_or_else(|| invalid_token("registration token"))?;
+    let host = hosts::by_id_for_update(&mut *tx, host_id).await?.ok_or_else(|| invalid_token("registration token"))?;
+    let generation = host.agent_secret_generation + 1;
+    let agent_secret = tokens.agent_secret(host.id, generation);
+    let address = specs.address.to_string();
+    let host = hosts::complete_registration(
+        &mut *tx,
+        host.id,
+        Registration {
+            arch: specs.arch.as_deref(),
+            cpu_cores: specs.cpu_cores,
+            memory_mb: specs.memory_mb,
+            disk_gb: specs.disk_gb,
+            address: &address,
+            versions: specs.versions,
+            agent_secret_generation: generation,
+            agent_secret_hash: &sha256(&agent_secret),
+        },
+    )
+    .await?
+    .ok_or_else(|| invalid_token("registration token (the host has already registered)"))?;
+    let refresh_token = random_hex(32);
+    host_refresh_tokens::insert(&mut *tx, host.id, &sha256(&refresh_token), expires(REFRESH_TOKEN_TTL)).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    let token = tokens.issue_host(HostId(host.id));
+    Ok(HostCredentials { host, token, refresh_token, agent_secret })
+}
+
+/// Rotates a host's credentials: the presented refresh token is revoked and a new one issued
+/// with a new host JWT. The agent secret stays the same unless the JWT secret changed.
+pub async fn refresh(db: &Db, tokens: &TokenKeys, refresh_token: &str) -> Result<HostCredentials, ServiceError> {
+    let mut tx = db.begin().await.map_err(DbError::from)?;
+    let host_id = host_refresh_tokens::revoke(&mut *tx, &sha256(refresh_token))
+        .await?
+        .ok_or_else(|| invalid_token("refresh token"))?;
+    let mut host = hosts::by_id_for_update(&mut *tx, host_id).await?.ok_or_else(|| invalid_token("refresh token"))?;
+    let mut agent_secret = tokens.agent_secret(host.id, host.agent_secret_generation);
+    if host.agent_secret_hash.as_deref() != Some(sha256(&agent_secret).as_slice()) {
+        let generation = host.agent_secret_generation + 1;
+        agent_secret = tokens.agent_secret(host.id, generation);
+        host = hosts::set_agent_secret(&mut *tx, host.id, generation, &sha256(&agent_secret))
+            .await?
+            .ok_or_else(|| invalid_token("refresh token"))?;
+    }
+    let new_refresh = random_hex(32);
+    host_refresh_tokens::insert(&mut *tx, host.id, &sha256(&new_refresh), expires(REFRESH_TOKEN_TTL)).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok(HostCredentials { token: tokens.issue_host(HostId(host.id)), host, refresh_token: new_refresh, agent_secret })
+}
+
+pub async fn heartbeat(db: &Db, caller: HostId, id: HostId) -> Result<(), ServiceError> {
+    if caller != id {
+        return Err(ServiceError::forbidden("the host token belongs to another host"));
+    }
+    match hosts::heartbeat(db, id.uuid()).await? {
+        Some(_) => Ok(()),
+        None => Err(ServiceError::NotFound("host")),
+    }
+}
+
+pub async fn list(db: &Db, caller: &AuthUser) -> Result<Vec<Host>, ServiceError> {
+    if caller.user.is_admin {
+        return Ok(hosts::list_all(db).await?);
+    }
+    if caller.role.is_none() {
+        return Ok(Vec::new());
+    }
+    Ok(hosts::list_for_team(db, caller.team_id.uuid()).await?)
+}
+
+pub async fn get(db: &Db, caller: &AuthUser, id: HostId) -> Result<Host, ServiceError> {
+    visible(db, caller, id).await
+}
+
+pub async fn delete_preview(db: &Db, caller: &AuthUser, id: HostId) -> Result<(Host, Vec<SandboxId>), ServiceError> {
+    let host = manageable(db, caller, id).await?;
+    let ids = sandboxes::active_on_host(db, host.id).await?;
+    Ok((host, ids.into_iter().map(SandboxId).collect()))
+}
+
+/// Deletes a host with its tokens and tags. Refused while capsules are active on it, unless
+/// `force`, which stops their records first.
+pub async fn delete(db: &Db, caller: &AuthUser, id: HostId, force: bool) -> Result<(), ServiceError> {
+    let host = manageable(db, caller, id).await?;
+    let mut tx = db.begin().await.map_err(DbError::from)?;
+    hosts::by_id_for_update(&mut *tx, host.id).await?.ok_or(ServiceError::NotFound("host"))?;
+    let active = sandboxes::active_on_host(&mut *tx, host.id).await?;
+    if !active.is_empty() {
+        if !force {
+            return Err(ServiceError::HostHasSandboxes(active.into_iter().map(SandboxId).collect()));
+        }
+        sandboxes::stop_active_on_host(&mut *tx, host.id).await?;
+    }
+    hosts::delete(&mut *tx, host.id).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok(())
+}
+
+pub async fn tags(db: &Db, caller: &AuthUser, id: HostId) -> Result<Vec<String>, ServiceError> {
+    let host = visible(db, caller, id).await?;
+    Ok(host_tags::list(db, host.id).await?)
+}
+
+pub async fn add_tag(db: &Db, caller: &AuthUser, id: HostId, tag: Tag) -> Result<(), ServiceError> {
+    let host = manageable(db, caller, id).await?;
+    host_tags::add(db, host.id, tag.as_str()).await?;
+    Ok(())
+}
+
+pub async fn remove_tag(db: &Db, caller: &AuthUser, id: HostId, tag: &str) -> Result<(), ServiceError> {
+    let host = manageable(db, caller, id).await?;
+    host_tags::remove(db, host.id, tag).await?;
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! Business rules of the control plane. Services take the database and typed inputs, never raw
+//! HTTP, so they can be used and tested without a server.
+
+pub mod accounts;
+pub mod api_keys;
+pub mod hosts;
+pub mod teams;
+
+use crate::db::DbError;
+use crate::id::SandboxId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("invalid {field}: {message}")]
+    Invalid { field: &'static str, message: String },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("this account is deactivated")]
+    AccountDisabled,
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
+    #[error("host still has {} active capsule(s)", .0.len())]
+    HostHasSandboxes(Vec<SandboxId>),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("password hashing failed: {0}")]
+    PasswordHash(String),
+}
+
+impl ServiceError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        ServiceError::Invalid { field, message: message.into() }
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ServiceError::Forbidden(message.into())
+    }
+}
+
+/// Checked input values: each constructor is the only way to make one, so services receive
+/// only valid names, emails and passwords.
+pub mod input {
+    use super::ServiceError;
+
+    macro_rules! checked_string {
+        ($(#[$doc:meta])* $name:ident) => {
+            $(#[$doc])*
+            #[derive(Debug, Clone, PartialEq, Eq)]
+            pub struct $name(String);
+
+            impl $name {
+                pub fn as_str(&self) -> &str {
+                    &self.0
+                }
+            }
+        };
+    }
+
+    checked_string!(
+        /// An email address: trimmed, 3-254 characters, one `@` with text on both sides.
+        Email
+    );
+    checked_string!(
+        /// A password of 8-1024 bytes.
+        Password
+    );
+    checked_string!(
+        /// A person's display name: 1-100 characters after trimming.
+        DisplayName
+    );
+    checked_string!(
+        /// A team name: 1-128 characters of A-Z a-z 0-9 space and `_`.
+        TeamName
+    );
+    checked_string!(
+        /// An API key label: 1-100 characters after trimming.
+        KeyName
+    );
+    checked_string!(
+        /// A host tag: 1-64 characters, `[A-Za-z0-9][A-Za-z0-9._-]*`.
+        Tag
+    );
+
+    impl Email {
+        pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
+            let email = raw.trim();
+            let valid = (3..=254).contains(&email.len())
+                && email.split_once('@').is_some_and(|(local, domain)| {
+                    !local.is_empty() && !domain.is_empty() && !domain.contains('@')
+                })
+                && !email.chars().any(char::is_whitespace);
+            if valid {
+                Ok(Self(email.to_owned()))
+            } else {
+                Err(ServiceError::invalid(field, format!("`{email}` is not an email address")))
+            }
+        }
+    }
+
+    impl Password {
+        pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
+            match raw.len() {
+                0..=7 => Err(ServiceError::invalid(field, "must be at least 8 characters")),
+                8..=1024 => Ok(Self(raw.to_owned())),
+                _ => Err(ServiceError::invalid(field, "must be at most 1024 bytes")),
+            }
+        }
+    }
+
+    impl DisplayName {
+        pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
+            let name = raw.trim();
+            match name.chars().count() {
+                0 => Err(ServiceError::invalid(field, "must not be empty")),
+                1..=100 => Ok(Self(name.to_owned())),
+                _ => Err(ServiceError::invalid(field, "must be at most 100 characters")),
+            }
+        }
+    }
+
+    impl TeamName {
+        pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
+            let name = raw.trim();
+            if name.is_empty() || name.len() > 128 {
+                return Err(ServiceError::invalid(field, "must be 1-128 characters"));
+            }
+            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '_') {
+                return Err(ServiceError::invalid(field, "may contain only A-Z, a-z, 0-9, space and _"));
+            }
+            Ok(Self(name.to_owned()))
+        }
+    }
+
+    impl KeyName {
+        pub const DEFAULT: &'static str = "Unnamed API Key";
+
+        pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
+            let name = raw.trim();
+            match name.chars().count() {
+                0 => Err(ServiceError::invalid(field, "must not be empty")),
+                1..=100 => Ok(Self(name.to_owned())),
+                _ => Err(ServiceError::invalid(field, "must be at most 100 characters")),
+            }
+        }
+    }
+
+    impl Tag {
+        pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
+            let mut chars = raw.chars();
+            let valid = raw.len() <= 64
+                && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+                && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if valid {
+                Ok(Self(raw.to_owned()))
+            } else {
+                Err(ServiceError::invalid(
+                    field,
+                    format!("`{raw}` must be 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit"),
+                ))
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn checked_inputs() {
+            assert!(Email::parse("email", " a@b ").is_ok());
+            for bad in ["", "ab", "a@", "@b", "a b@c", "a@b@c"] {
+                assert!(Email::parse("email", bad).is_err(), "{bad}");
+            }
+            assert!(Password::parse("password", "1234567").is_err());
+            assert!(Password::parse("password", "12345678").is_ok());
+            assert!(TeamName::parse("name", "My team_1").is_ok());
+            assert!(TeamName::parse("name", "bad-name").is_err());
+            assert!(Tag::parse("tag", "gpu.a100-x_1").is_ok());
+            assert!(Tag::parse("tag", "-x").is_err());
+            assert!(Tag::parse("tag", "").is_err());
+            assert!(DisplayName::parse("name", &"x".repeat(101)).is_err());
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Credentials the control plane issues: user and host JWTs (HS256, told apart by a `typ`
+//! claim), random one-time tokens stored only as SHA-256 hashes, and per-host agent secrets.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::id::{HostId, TeamId, UserId};
+
+pub const MIN_SECRET_BYTES: usize = 32;
+pub const USER_TOKEN_TTL: Duration = Duration::from_secs(6 * 3600);
+pub const HOST_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const REFRESH_TOKEN_TTL: Duration = Duration::from_secs(60 * 24 * 3600);
+pub const REGISTRATION_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("the JWT secret (cp.jwt_secret / JWT_SECRET) must be at least {MIN_SECRET_BYTES} bytes; it is {0}")]
+    SecretTooShort(usize),
+    #[error("invalid token: {0}")]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+}
+
+/// The only value a user token's `typ` can hold, so a host token never decodes as a user's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserTokenType {
+    #[serde(rename = "user")]
+    User,
+}
+
+/// The only value a host token's `typ` can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostTokenType {
+    #[serde(rename = "host")]
+    Host,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserClaims {
+    pub sub: UserId,
+    pub team_id: TeamId,
+    pub email: String,
+    pub name: String,
+    pub is_admin: bool,
+    pub typ: UserTokenType,
+    pub iat: u64,
+    pub exp: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostClaims {
+    pub sub: HostId,
+    pub typ: HostTokenType,
+    pub iat: u64,
+    pub exp: u64,
+}
+
+/// Signing material derived from `cp.jwt_secret`.
+#[derive(Clone)]
+pub struct TokenKeys {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    secret: Vec<u8>,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKeys(<redacted>)")
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl TokenKeys {
+    pub fn new(secret: &[u8]) -> Result<Self, TokenError> {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(TokenError::SecretTooShort(secret.len()));
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = 5;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Ok(Self {
+            encoding: EncodingKey::from_secret(secret),
+            decoding: DecodingKey::from_secret(secret),
+            secret: secret.to_vec(),
+            validation,
+        })
+    }
+
+    fn sign<T: Serialize>(&self, claims: &T) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .expect("HS256 signing of plain claims cannot fail")
+    }
+
+    pub fn issue_user(&self, user: UserId, team: TeamId, email: &str, name: &str, is_admin: bool) -> String {
+        let iat = now_secs();
+        self.sign(&UserClaims {
+            sub: user,
+            team_id: team,
+            email: email.to_owned(),
+            name: name.to_owned(),
+            is_admin,
+            typ: UserTokenType::User,
+            iat,
+            exp: iat + USER_TOKEN_TTL.as_secs(),
+        })
+    }
+
+    pub fn verify_user(&self, token: &str) -> Result<UserClaims, TokenError> {
+        Ok(jsonwebtoken::decode(token, &self.decoding, &self.validation)?.claims)
+    }
+
+    pub fn issue_host(&self, host: HostId) -> String {
+        let iat = now_secs();
+        self.sign(&HostClaims { sub: host, typ: HostTokenType::Host, iat, exp: iat + HOST_TOKEN_TTL.as_secs() })
+    }
+
+    pub fn verify_host(&self, token: &str) -> Result<HostClaims, TokenError> {
+        Ok(jsonwebtoken::decode(token, &self.decoding, &self.validation)?.claims)
+    }
+
+    /// The secret the control plane presents to a host agent. Derived, not stored: HMAC-SHA256 of
+    /// the host ID and a generation counter under the JWT secret, hex-encoded.
+    pub fn agent_secret(&self, host: Uuid, generation: i32) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        mac.update(b"wrenn-agent-secret:v1:");
+        mac.update(host.as_bytes());
+        mac.update(&generation.to_be_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// `bytes` random bytes, hex-encoded.
+pub fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    hex::encode(buf)
+}
+
+pub fn sha256(text: &str) -> Vec<u8> {
+    Sha256::digest(text.as_bytes()).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_and_host_tokens_cannot_be_confused() {
+        let keys = TokenKeys::new(&[7u8; 32]).unwrap();
+        let host = keys.issue_host(HostId::new_random());
+        let user = keys.issue_user(UserId::new_random(), TeamId::PLATFORM, "a@b.c", "A", false);
+        assert!(keys.verify_user(&host).is_err());
+        assert!(keys.verify_host(&user).is_err());
+        assert!(keys.verify_user(&user).is_ok());
+        assert!(keys.verify_host(&host).is_ok());
+        let other = TokenKeys::new(&[8u8; 32]).unwrap();
+        assert!(other.verify_user(&user).is_err(), "forged signature accepted");
+        assert!(matches!(TokenKeys::new(b"short"), Err(TokenError::SecretTooShort(5))));
+    }
+
+    #[test]
+    fn agent_secret_depends_on_host_and_generation() {
+        let keys = TokenKeys::new(&[7u8; 32]).unwrap();
+        let host = Uuid::new_v4();
+        assert_eq!(keys.agent_secret(host, 1), keys.agent_secret(host, 1));
+        assert_ne!(keys.agent_secret(host, 1), keys.agent_secret(host, 2));
+        assert_ne!(keys.agent_secret(host, 1), keys.agent_secret(Uuid::new_v4(), 1));
+    }
+}

@@ -1,0 +1,81 @@
+//! Queries on `teams`. Deleted teams are kept (soft delete) so their slugs stay reserved; every
+//! lookup here ignores them.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use super::team_members::Role;
+use super::DbError;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Team {
+    pub id: Uuid,
+    pub name: String,
+    pub slug: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TeamWithRole {
+    #[sqlx(flatten)]
+    pub team: Team,
+    #[sqlx(try_from = "String")]
+    pub role: Role,
+    pub is_default: bool,
+}
+
+pub async fn insert(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    name: &str,
+    slug: &str,
+) -> Result<Team, DbError> {
+    Ok(sqlx::query_as(
+        "INSERT INTO teams (id, name, slug) VALUES ($1, $2, $3) RETURNING id, name, slug, created_at",
+    )
+    .bind(id)
+    .bind(name)
+    .bind(slug)
+    .fetch_one(ex)
+    .await?)
+}
+
+pub async fn by_id(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Team>, DbError> {
+    Ok(sqlx::query_as(
+        "SELECT id, name, slug, created_at FROM teams WHERE id = $1 AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .fetch_optional(ex)
+    .await?)
+}
+
+/// The live teams a user belongs to, default team first.
+pub async fn list_for_user(ex: impl PgExecutor<'_>, user: Uuid) -> Result<Vec<TeamWithRole>, DbError> {
+    Ok(sqlx::query_as(
+        "SELECT t.id, t.name, t.slug, t.created_at, m.role, m.is_default
+         FROM team_members m JOIN teams t ON t.id = m.team_id
+         WHERE m.user_id = $1 AND t.deleted_at IS NULL
+         ORDER BY m.is_default DESC, t.created_at, t.id",
+    )
+    .bind(user)
+    .fetch_all(ex)
+    .await?)
+}
+
+pub async fn rename(ex: impl PgExecutor<'_>, id: Uuid, name: &str) -> Result<bool, DbError> {
+    let done = sqlx::query("UPDATE teams SET name = $2 WHERE id = $1 AND deleted_at IS NULL")
+        .bind(id)
+        .bind(name)
+        .execute(ex)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn soft_delete(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, DbError> {
+    let done = sqlx::query("UPDATE teams SET deleted_at = now() WHERE id = $1 AND deleted_at IS NULL")
+        .bind(id)
+        .execute(ex)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
