@@ -52,7 +52,9 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let path = error.path().to_string();
         let inner = error.into_inner();
-        if path == "." || path.is_empty() {
+        if matches!(inner.classify(), serde_json::error::Category::Syntax | serde_json::error::Category::Eof) {
+            ApiError::InvalidRequest(format!("invalid JSON body: malformed JSON: {inner}"))
+        } else if path == "." || path.is_empty() {
             ApiError::InvalidRequest(format!("invalid JSON body: {inner}"))
         } else {
             ApiError::InvalidRequest(format!("invalid field `{path}`: {inner}"))

@@ -88,7 +88,7 @@ pub async fn rename(ex: impl PgExecutor<'_>, id: Uuid, name: &str) -> Result<Opt
 
 /// Serialises first-user-becomes-admin decisions across concurrent signups.
 pub async fn lock_admin_bootstrap(ex: impl PgExecutor<'_>) -> Result<(), DbError> {
-    sqlx::query("SELECT pg_advisory_xact_lock(7265636e6e)").execute(ex).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(1919250030)").execute(ex).await?;
     Ok(())
 }
 

@@ -5,6 +5,8 @@ mod accounts;
 mod api_keys;
 mod hosts;
 mod meta;
+
+pub use meta::OPENAPI_YAML;
 mod teams;
 
 use axum::http::{Method, StatusCode};

@@ -1,0 +1,188 @@
+//! Shared by the control-plane integration tests: an in-process control plane on a free port
+//! over a private PostgreSQL cluster, a small HTTP client, and the OpenAPI schema checker.
+
+#![allow(dead_code)]
+
+pub mod schema;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use wrenn::cp::monitor::MonitorSettings;
+use wrenn::cp::state::AppState;
+use wrenn::cp::tokens::TokenKeys;
+use wrenn::db::{self, migrate, Db};
+use wrenn::testing::pg::PgCluster;
+
+pub const JWT_SECRET: &[u8] = b"integration-test-secret-0123456789abcdef";
+
+pub struct TestCp {
+    pub pg: PgCluster,
+    pub db: Db,
+    pub addr: SocketAddr,
+    pub state: AppState,
+    client: Client<HttpConnector, Full<Bytes>>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+/// The monitor of a default server: slow enough never to interfere with a test.
+pub const QUIET_MONITOR: MonitorSettings =
+    MonitorSettings { interval: Duration::from_secs(3600), unreachable_after: Duration::from_secs(3600) };
+
+impl TestCp {
+    pub async fn start() -> Self {
+        Self::start_with(QUIET_MONITOR).await
+    }
+
+    pub async fn start_with(monitor: MonitorSettings) -> Self {
+        let _ = tracing_subscriber::fmt().with_env_filter("wrenn=warn").with_test_writer().try_init();
+        let pg = tokio::task::spawn_blocking(PgCluster::start).await.unwrap().expect("postgres starts");
+        let db = db::connect_lazy(&pg.url()).unwrap();
+        migrate::up(&db).await.expect("migrations apply");
+        let state = AppState::new(db.clone(), TokenKeys::new(JWT_SECRET).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn({
+            let state = state.clone();
+            async move {
+                wrenn::cp::run(listener, state, monitor, async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("server runs");
+            }
+        });
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Self { pg, db, addr, state, client, shutdown: Some(tx), server: Some(server) }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap();
+        }
+    }
+
+    /// Sends a request and returns the status and the body parsed as JSON (`Null` when empty,
+    /// a JSON string when not JSON).
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(format!("http://{}{path}", self.addr));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let response = self.client.request(req.body(Full::new(Bytes::from(body))).unwrap()).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        (status, value)
+    }
+
+    pub async fn call(&self, method: Method, path: &str, auth: &Auth, body: Option<Value>) -> (StatusCode, Value) {
+        let headers = auth.headers();
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        match body {
+            Some(body) => {
+                self.raw(method, path, &headers, Some("application/json"), serde_json::to_vec(&body).unwrap()).await
+            }
+            None => self.raw(method, path, &headers, None, Vec::new()).await,
+        }
+    }
+
+    /// Signs up a user and returns their session.
+    pub async fn signup(&self, email: &str) -> User {
+        let (status, body) = self
+            .call(
+                Method::POST,
+                "/v1/auth/signup",
+                &Auth::None,
+                Some(json!({"email": email, "password": "correct horse battery", "name": "Test User"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        User::from_auth(&body)
+    }
+
+    /// Switches `user` to `team` and returns the new session.
+    pub async fn switch(&self, user: &User, team: &str) -> User {
+        let (status, body) =
+            self.call(Method::POST, "/v1/auth/switch-team", &user.auth(), Some(json!({"team_id": team}))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        User::from_auth(&body)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct User {
+    pub token: String,
+    pub id: String,
+    pub team: String,
+    pub email: String,
+}
+
+impl User {
+    pub fn from_auth(body: &Value) -> Self {
+        Self {
+            token: body["token"].as_str().unwrap().to_owned(),
+            id: body["user_id"].as_str().unwrap().to_owned(),
+            team: body["team_id"].as_str().unwrap().to_owned(),
+            email: body["email"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub fn auth(&self) -> Auth {
+        Auth::Bearer(self.token.clone())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Auth {
+    None,
+    Bearer(String),
+    ApiKey(String),
+    Host(String),
+}
+
+impl Auth {
+    fn headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Auth::None => vec![],
+            Auth::Bearer(t) => vec![("authorization", format!("Bearer {t}"))],
+            Auth::ApiKey(k) => vec![("x-api-key", k.clone())],
+            Auth::Host(t) => vec![("x-host-token", t.clone())],
+        }
+    }
+}
+
+/// Asserts the error envelope and its code.
+pub fn assert_error(status: StatusCode, body: &Value, want_status: StatusCode, want_code: &str) {
+    assert_eq!(status, want_status, "{body}");
+    assert_eq!(body["error"]["code"], want_code, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
