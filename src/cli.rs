@@ -43,6 +43,8 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Run the guest agent (inside a capsule; PID 1 of the guest).
+    Envd(crate::envd::EnvdArgs),
     /// Print the version and build details.
     Version,
 }
@@ -147,6 +149,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Migrate { command } => {
             let loaded = load_config(cli.config)?;
             runtime()?.block_on(run_migrate(command, &loaded.config))
+        }
+        Command::Envd(args) => {
+            let loaded = load_config(cli.config)?;
+            crate::logging::init(&loaded.config.log)?;
+            Ok(crate::envd::run(args)?)
         }
         Command::Config {
             command: ConfigCommand::Show,

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod cp;
 pub mod db;
+pub mod envd;
 pub mod id;
 pub mod logging;
 pub mod testing;

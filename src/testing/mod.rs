@@ -1,4 +1,5 @@
 //! Harnesses shared by the integration tests and the benchmarks: real services, started
 //! privately and cleaned up however the caller ends.
 
+pub mod envd;
 pub mod pg;

@@ -1,0 +1,653 @@
+//! A typed async client for envd, used by the host agent and the tests: one method per endpoint,
+//! streamed file transfers both ways, and WebSocket sessions for process I/O and watches.
+
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
+use http::{header, Method, Request, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::api::{
+    AttachRequest, ClientMessage, EntryInfo, ErrorBody, ErrorDetail, ExitInfo, FileQuery, Health,
+    InitRequest, ListRequest, ListResponse, Metrics, MoveRequest, PathRequest, ProcessInfo,
+    ProcessList, PtySize, RunRequest, RunResponse, ServerMessage, SignalRequest, StartRequest,
+    StartResponse, WatchMessage, ACCESS_TOKEN_HEADER, FRAME_PTY, FRAME_STDERR, FRAME_STDOUT,
+};
+
+type RequestBody = UnsyncBoxBody<Bytes, std::io::Error>;
+type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnvdClientError {
+    #[error("invalid envd address `{0}`: expected http://host:port")]
+    BadAddress(String),
+    #[error("request to envd failed: {0}")]
+    Transport(String),
+    #[error("envd answered {status}: {} ({})", .detail.message, .detail.code)]
+    Api { status: u16, detail: ErrorDetail },
+    #[error("unexpected answer from envd: {0}")]
+    Decode(String),
+    #[error("envd WebSocket failed: {0}")]
+    WebSocket(String),
+}
+
+impl EnvdClientError {
+    /// The envd error code (`not_found`, `conflict`, ...) when envd answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Api { detail, .. } => Some(&detail.code),
+            _ => None,
+        }
+    }
+}
+
+type Result<T, E = EnvdClientError> = std::result::Result<T, E>;
+
+fn transport(error: impl std::fmt::Display) -> EnvdClientError {
+    EnvdClientError::Transport(error.to_string())
+}
+
+fn ws_error(error: impl std::fmt::Display) -> EnvdClientError {
+    EnvdClientError::WebSocket(error.to_string())
+}
+
+#[derive(Clone)]
+pub struct EnvdClient {
+    /// `host:port`.
+    authority: String,
+    token: Option<String>,
+    http: Client<HttpConnector, RequestBody>,
+}
+
+/// A streamed download: its size and its chunks.
+pub struct FileDownload {
+    pub size: u64,
+    pub body: Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>,
+}
+
+impl EnvdClient {
+    /// `base` is `http://host:port` (a trailing slash is fine).
+    pub fn new(base: &str) -> Result<Self> {
+        let uri: Uri = base
+            .parse()
+            .map_err(|_| EnvdClientError::BadAddress(base.to_owned()))?;
+        let authority = match (uri.scheme_str(), uri.authority()) {
+            (Some("http"), Some(authority)) => authority.to_string(),
+            _ => return Err(EnvdClientError::BadAddress(base.to_owned())),
+        };
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let http = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(Self {
+            authority,
+            token: None,
+            http,
+        })
+    }
+
+    /// Sends `token` as `X-Access-Token` on every later request.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    pub fn set_token(&mut self, token: Option<String>) {
+        self.token = token;
+    }
+
+    fn uri(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.authority, path_and_query)
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: RequestBody,
+        json: bool,
+    ) -> Result<Request<RequestBody>> {
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(self.uri(path_and_query));
+        if json {
+            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(token) = &self.token {
+            builder = builder.header(ACCESS_TOKEN_HEADER, token);
+        }
+        builder.body(body).map_err(transport)
+    }
+
+    async fn send(&self, request: Request<RequestBody>) -> Result<hyper::Response<Incoming>> {
+        let response = self.http.request(request).await.map_err(transport)?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(transport)?
+            .to_bytes();
+        let detail = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| ErrorDetail {
+                code: "unknown".into(),
+                message: String::from_utf8_lossy(&body).into_owned(),
+            });
+        Err(EnvdClientError::Api { status, detail })
+    }
+
+    fn full(bytes: impl Into<Bytes>) -> RequestBody {
+        Full::new(bytes.into())
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    }
+
+    fn empty() -> RequestBody {
+        Self::full(Bytes::new())
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T> {
+        let body = self.send_json(method, path, body).await?;
+        serde_json::from_slice(&body).map_err(|e| EnvdClientError::Decode(e.to_string()))
+    }
+
+    async fn send_json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<Bytes> {
+        let request = match body {
+            Some(body) => {
+                let json =
+                    serde_json::to_vec(body).map_err(|e| EnvdClientError::Decode(e.to_string()))?;
+                self.request(method, path, Self::full(json), true)?
+            }
+            None => self.request(method, path, Self::empty(), false)?,
+        };
+        let response = self.send(request).await?;
+        Ok(response
+            .into_body()
+            .collect()
+            .await
+            .map_err(transport)?
+            .to_bytes())
+    }
+
+    async fn call_empty(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<()> {
+        self.send_json(method, path, body).await.map(drop)
+    }
+
+    pub async fn health(&self) -> Result<Health> {
+        self.call(Method::GET, "/health", None::<&()>).await
+    }
+
+    pub async fn metrics(&self) -> Result<Metrics> {
+        self.call(Method::GET, "/metrics", None::<&()>).await
+    }
+
+    pub async fn init(&self, request: &InitRequest) -> Result<()> {
+        self.call_empty(Method::POST, "/init", Some(request)).await
+    }
+
+    pub async fn envs(&self) -> Result<std::collections::BTreeMap<String, String>> {
+        self.call(Method::GET, "/envs", None::<&()>).await
+    }
+
+    /// Asks envd to stop every process and exit (power off, as PID 1).
+    pub async fn shutdown(&self) -> Result<()> {
+        self.call_empty(Method::POST, "/shutdown", None::<&()>)
+            .await
+    }
+
+    pub async fn run(&self, request: &RunRequest) -> Result<RunResponse> {
+        self.call(Method::POST, "/processes/run", Some(request))
+            .await
+    }
+
+    pub async fn start(&self, request: &StartRequest) -> Result<StartResponse> {
+        self.call(Method::POST, "/processes", Some(request)).await
+    }
+
+    pub async fn list(&self) -> Result<Vec<ProcessInfo>> {
+        Ok(self
+            .call::<ProcessList>(Method::GET, "/processes", None::<&()>)
+            .await?
+            .processes)
+    }
+
+    pub async fn signal(&self, selector: &str, signal: &str) -> Result<()> {
+        let request = SignalRequest {
+            signal: signal.to_owned(),
+        };
+        self.call_empty(
+            Method::POST,
+            &format!("/processes/{}/signal", segment(selector)),
+            Some(&request),
+        )
+        .await
+    }
+
+    /// `DELETE /processes/{selector}`: SIGKILL unless another signal is named.
+    pub async fn kill(&self, selector: &str, signal: Option<&str>) -> Result<()> {
+        let mut path = format!("/processes/{}", segment(selector));
+        if let Some(signal) = signal {
+            path.push_str(&format!("?signal={}", segment(signal)));
+        }
+        self.call_empty(Method::DELETE, &path, None::<&()>).await
+    }
+
+    pub async fn write_stdin(&self, selector: &str, data: impl Into<Bytes>) -> Result<()> {
+        let request = self.request(
+            Method::POST,
+            &format!("/processes/{}/stdin", segment(selector)),
+            Self::full(data),
+            false,
+        )?;
+        self.send(request).await.map(drop)
+    }
+
+    pub async fn close_stdin(&self, selector: &str) -> Result<()> {
+        self.call_empty(
+            Method::POST,
+            &format!("/processes/{}/close-stdin", segment(selector)),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn resize(&self, selector: &str, size: PtySize) -> Result<()> {
+        self.call_empty(
+            Method::POST,
+            &format!("/processes/{}/resize", segment(selector)),
+            Some(&size),
+        )
+        .await
+    }
+
+    async fn websocket(&self, path_and_query: &str) -> Result<Socket> {
+        let mut request = format!("ws://{}{}", self.authority, path_and_query)
+            .into_client_request()
+            .map_err(ws_error)?;
+        if let Some(token) = &self.token {
+            request
+                .headers_mut()
+                .insert(ACCESS_TOKEN_HEADER, token.parse().map_err(ws_error)?);
+        }
+        match tokio_tungstenite::connect_async_with_config(request, None, true).await {
+            Ok((socket, _)) => Ok(socket),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let status = response.status().as_u16();
+                let detail = response
+                    .body()
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice::<ErrorBody>(b).ok())
+                    .map(|b| b.error)
+                    .unwrap_or_else(|| ErrorDetail {
+                        code: "unknown".into(),
+                        message: format!("HTTP {status}"),
+                    });
+                Err(EnvdClientError::Api { status, detail })
+            }
+            Err(error) => Err(ws_error(error)),
+        }
+    }
+
+    /// Starts a process (or re-attaches to one) and streams its events.
+    pub async fn attach(&self, request: &AttachRequest) -> Result<ProcessSession> {
+        let mut socket = self.websocket("/processes/attach").await?;
+        let first =
+            serde_json::to_string(request).map_err(|e| EnvdClientError::Decode(e.to_string()))?;
+        socket
+            .send(Message::Text(first.into()))
+            .await
+            .map_err(ws_error)?;
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(body))) => match parse_server_message(&body)? {
+                    ServerMessage::Start { pid, tag } => {
+                        let (sink, stream) = socket.split();
+                        return Ok(ProcessSession {
+                            pid,
+                            tag,
+                            input: SessionInput { sink },
+                            output: SessionOutput { stream },
+                        });
+                    }
+                    ServerMessage::Error(detail) => {
+                        let status = if detail.code == "not_found" { 404 } else { 400 };
+                        return Err(EnvdClientError::Api { status, detail });
+                    }
+                    other => {
+                        return Err(EnvdClientError::Decode(format!(
+                            "expected start, got {other:?}"
+                        )))
+                    }
+                },
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(other)) => {
+                    return Err(EnvdClientError::Decode(format!(
+                        "expected start, got {other:?}"
+                    )))
+                }
+                Some(Err(error)) => return Err(ws_error(error)),
+                None => return Err(ws_error("connection closed before the process started")),
+            }
+        }
+    }
+
+    fn file_query(path: &str, user: Option<&str>, recursive: Option<bool>) -> String {
+        let query = FileQuery {
+            path: path.to_owned(),
+            user: user.map(str::to_owned),
+            recursive,
+        };
+        let mut serializer = url::form_urlencoded::Serializer::new(String::new());
+        serializer.append_pair("path", &query.path);
+        if let Some(user) = &query.user {
+            serializer.append_pair("user", user);
+        }
+        if let Some(recursive) = query.recursive {
+            serializer.append_pair("recursive", if recursive { "true" } else { "false" });
+        }
+        serializer.finish()
+    }
+
+    /// Streams a file from the guest.
+    pub async fn read_file(&self, path: &str, user: Option<&str>) -> Result<FileDownload> {
+        let request = self.request(
+            Method::GET,
+            &format!("/files?{}", Self::file_query(path, user, None)),
+            Self::empty(),
+            false,
+        )?;
+        let response = self.send(request).await?;
+        let size = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let body = response.into_body().into_data_stream().map_err(transport);
+        Ok(FileDownload {
+            size,
+            body: Box::pin(body),
+        })
+    }
+
+    /// Streams `body` into a file in the guest, creating parent directories.
+    pub async fn write_file<S>(&self, path: &str, user: Option<&str>, body: S) -> Result<EntryInfo>
+    where
+        S: Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        let body = StreamBody::new(body.map_ok(Frame::data)).boxed_unsync();
+        let request = self.request(
+            Method::PUT,
+            &format!("/files?{}", Self::file_query(path, user, None)),
+            body,
+            false,
+        )?;
+        let response = self.send(request).await?;
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(transport)?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| EnvdClientError::Decode(e.to_string()))
+    }
+
+    pub async fn write_file_bytes(
+        &self,
+        path: &str,
+        user: Option<&str>,
+        data: impl Into<Bytes>,
+    ) -> Result<EntryInfo> {
+        let data = data.into();
+        self.write_file(path, user, futures::stream::once(async move { Ok(data) }))
+            .await
+    }
+
+    pub async fn list_dir(&self, request: &ListRequest) -> Result<Vec<EntryInfo>> {
+        Ok(self
+            .call::<ListResponse>(Method::POST, "/files/list", Some(request))
+            .await?
+            .entries)
+    }
+
+    pub async fn stat(&self, path: &str, user: Option<&str>) -> Result<EntryInfo> {
+        self.call(Method::POST, "/files/stat", Some(&path_request(path, user)))
+            .await
+    }
+
+    pub async fn mkdir(&self, path: &str, user: Option<&str>) -> Result<EntryInfo> {
+        self.call(
+            Method::POST,
+            "/files/mkdir",
+            Some(&path_request(path, user)),
+        )
+        .await
+    }
+
+    pub async fn remove(&self, path: &str, user: Option<&str>) -> Result<()> {
+        self.call_empty(
+            Method::POST,
+            "/files/remove",
+            Some(&path_request(path, user)),
+        )
+        .await
+    }
+
+    pub async fn rename(&self, from: &str, to: &str, user: Option<&str>) -> Result<EntryInfo> {
+        let request = MoveRequest {
+            from: from.to_owned(),
+            to: to.to_owned(),
+            user: user.map(str::to_owned),
+        };
+        self.call(Method::POST, "/files/move", Some(&request)).await
+    }
+
+    /// Watches a directory; events arrive until the session is dropped.
+    pub async fn watch(
+        &self,
+        path: &str,
+        recursive: bool,
+        user: Option<&str>,
+    ) -> Result<WatchSession> {
+        let socket = self
+            .websocket(&format!(
+                "/files/watch?{}",
+                Self::file_query(path, user, Some(recursive))
+            ))
+            .await?;
+        Ok(WatchSession { socket })
+    }
+}
+
+fn path_request(path: &str, user: Option<&str>) -> PathRequest {
+    PathRequest {
+        path: path.to_owned(),
+        user: user.map(str::to_owned),
+    }
+}
+
+/// Percent-encodes one path segment.
+fn segment(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+fn parse_server_message(body: &str) -> Result<ServerMessage> {
+    serde_json::from_str(body).map_err(|e| EnvdClientError::Decode(format!("{e}: {body}")))
+}
+
+/// What a process session delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessEvent {
+    Stdout(Bytes),
+    Stderr(Bytes),
+    Pty(Bytes),
+    /// Output bytes dropped before this client read them (it attached late).
+    Lost(u64),
+    Exit(ExitInfo),
+    /// A request on this session failed; the session stays usable.
+    Error(ErrorDetail),
+}
+
+/// One attached process: events in, stdin and control out. Split it to read and write from
+/// different tasks.
+pub struct ProcessSession {
+    pub pid: u32,
+    pub tag: String,
+    pub input: SessionInput,
+    pub output: SessionOutput,
+}
+
+impl ProcessSession {
+    pub async fn next_event(&mut self) -> Result<Option<ProcessEvent>> {
+        self.output.next_event().await
+    }
+
+    pub async fn send_stdin(&mut self, data: impl Into<Bytes>) -> Result<()> {
+        self.input.send_stdin(data).await
+    }
+
+    pub async fn send(&mut self, message: &ClientMessage) -> Result<()> {
+        self.input.send(message).await
+    }
+
+    /// Reads events until the exit, collecting stdout, stderr (or terminal output).
+    pub async fn wait(&mut self) -> Result<(Vec<u8>, Vec<u8>, ExitInfo)> {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Some(event) = self.next_event().await? {
+            match event {
+                ProcessEvent::Stdout(d) | ProcessEvent::Pty(d) => out.extend_from_slice(&d),
+                ProcessEvent::Stderr(d) => err.extend_from_slice(&d),
+                ProcessEvent::Exit(exit) => return Ok((out, err, exit)),
+                ProcessEvent::Lost(_) | ProcessEvent::Error(_) => {}
+            }
+        }
+        Err(ws_error("session ended before the process exited"))
+    }
+
+    pub fn split(self) -> (SessionInput, SessionOutput) {
+        (self.input, self.output)
+    }
+}
+
+pub struct SessionInput {
+    sink: SplitSink<Socket, Message>,
+}
+
+impl SessionInput {
+    pub async fn send_stdin(&mut self, data: impl Into<Bytes>) -> Result<()> {
+        self.sink
+            .send(Message::Binary(data.into()))
+            .await
+            .map_err(ws_error)
+    }
+
+    pub async fn send(&mut self, message: &ClientMessage) -> Result<()> {
+        let body =
+            serde_json::to_string(message).map_err(|e| EnvdClientError::Decode(e.to_string()))?;
+        self.sink
+            .send(Message::Text(body.into()))
+            .await
+            .map_err(ws_error)
+    }
+
+    /// Detaches; the process keeps running.
+    pub async fn close(mut self) -> Result<()> {
+        self.sink.close().await.map_err(ws_error)
+    }
+}
+
+pub struct SessionOutput {
+    stream: SplitStream<Socket>,
+}
+
+impl SessionOutput {
+    /// The next event; `None` once envd closed the session (after the exit event).
+    pub async fn next_event(&mut self) -> Result<Option<ProcessEvent>> {
+        loop {
+            let Some(message) = self.stream.next().await else {
+                return Ok(None);
+            };
+            match message.map_err(ws_error)? {
+                Message::Binary(frame) => {
+                    let Some((&kind, _)) = frame.split_first() else {
+                        continue;
+                    };
+                    let data = frame.slice(1..);
+                    return Ok(Some(match kind {
+                        FRAME_STDOUT => ProcessEvent::Stdout(data),
+                        FRAME_STDERR => ProcessEvent::Stderr(data),
+                        FRAME_PTY => ProcessEvent::Pty(data),
+                        other => {
+                            return Err(EnvdClientError::Decode(format!(
+                                "unknown frame kind {other}"
+                            )))
+                        }
+                    }));
+                }
+                Message::Text(body) => {
+                    return Ok(Some(match parse_server_message(&body)? {
+                        ServerMessage::Lost { bytes } => ProcessEvent::Lost(bytes),
+                        ServerMessage::Exit(exit) => ProcessEvent::Exit(exit),
+                        ServerMessage::Error(detail) => ProcessEvent::Error(detail),
+                        ServerMessage::Start { .. } => continue,
+                    }));
+                }
+                Message::Close(_) => return Ok(None),
+                _ => continue,
+            }
+        }
+    }
+}
+
+pub struct WatchSession {
+    socket: Socket,
+}
+
+impl WatchSession {
+    pub async fn next(&mut self) -> Result<Option<WatchMessage>> {
+        loop {
+            let Some(message) = self.socket.next().await else {
+                return Ok(None);
+            };
+            match message.map_err(ws_error)? {
+                Message::Text(body) => {
+                    return serde_json::from_str(&body)
+                        .map(Some)
+                        .map_err(|e| EnvdClientError::Decode(e.to_string()));
+                }
+                Message::Close(_) => return Ok(None),
+                _ => continue,
+            }
+        }
+    }
+}
