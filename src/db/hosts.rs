@@ -191,3 +191,30 @@ pub async fn delete(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, DbError> 
     let done = sqlx::query("DELETE FROM hosts WHERE id = $1").bind(id).execute(ex).await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// Online hosts with an address that `team` may place sandboxes on (regular hosts and the team's
+/// own BYOC hosts), locked for the rest of the transaction in ID order so that concurrent
+/// placements queue instead of over-committing a host or deadlocking.
+pub async fn schedulable_for_team_locked(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+) -> Result<Vec<Host>, DbError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM hosts
+         WHERE status = 'online' AND address IS NOT NULL
+           AND (type = 'regular' OR team_id = $1)
+         ORDER BY id FOR UPDATE"
+    ))
+    .bind(team)
+    .fetch_all(ex)
+    .await?)
+}
+
+/// Hosts that have registered (online or unreachable), for the reconciler.
+pub async fn list_registered(ex: impl PgExecutor<'_>) -> Result<Vec<Host>, DbError> {
+    Ok(sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM hosts WHERE status <> 'pending' ORDER BY created_at, id"
+    ))
+    .fetch_all(ex)
+    .await?)
+}
