@@ -294,8 +294,14 @@ impl AgentClient {
     }
 
     pub async fn ping(&self, target: &AgentTarget) -> Result<AgentPing, AgentError> {
-        self.json(target, Method::GET, "/v1/ping", None::<&()>, self.timeouts.request)
-            .await
+        self.json(
+            target,
+            Method::GET,
+            "/v1/ping",
+            None::<&()>,
+            self.timeouts.request,
+        )
+        .await
     }
 
     /// Creates a sandbox and waits until its envd answers; on failure the agent has already
@@ -315,7 +321,10 @@ impl AgentClient {
         .await
     }
 
-    pub async fn list_sandboxes(&self, target: &AgentTarget) -> Result<Vec<SandboxInfo>, AgentError> {
+    pub async fn list_sandboxes(
+        &self,
+        target: &AgentTarget,
+    ) -> Result<Vec<SandboxInfo>, AgentError> {
         let list: SandboxList = self
             .json(
                 target,
@@ -343,7 +352,11 @@ impl AgentClient {
         .await
     }
 
-    pub async fn destroy_sandbox(&self, target: &AgentTarget, id: SandboxId) -> Result<(), AgentError> {
+    pub async fn destroy_sandbox(
+        &self,
+        target: &AgentTarget,
+        id: SandboxId,
+    ) -> Result<(), AgentError> {
         self.send_json(
             target,
             Method::DELETE,
@@ -356,7 +369,11 @@ impl AgentClient {
     }
 
     /// Resets the sandbox's idle timer.
-    pub async fn ping_sandbox(&self, target: &AgentTarget, id: SandboxId) -> Result<(), AgentError> {
+    pub async fn ping_sandbox(
+        &self,
+        target: &AgentTarget,
+        id: SandboxId,
+    ) -> Result<(), AgentError> {
         self.send_json(
             target,
             Method::POST,
@@ -514,7 +531,11 @@ fn answer_error(host: HostId, status: StatusCode, body: &[u8]) -> AgentError {
         .map(|e| e.error)
         .unwrap_or_else(|_| ErrorDetail {
             code: String::new(),
-            message: String::from_utf8_lossy(body).trim().chars().take(500).collect(),
+            message: String::from_utf8_lossy(body)
+                .trim()
+                .chars()
+                .take(500)
+                .collect(),
         });
     if status.is_client_error() && status != StatusCode::UNAUTHORIZED {
         AgentError::Rejected {

@@ -63,7 +63,11 @@ pub async fn reconcile_once(state: &AppState) -> Result<PassReport, DbError> {
     Ok(report)
 }
 
-async fn mark_missing(state: &AppState, host: &Host, report: &mut PassReport) -> Result<(), DbError> {
+async fn mark_missing(
+    state: &AppState,
+    host: &Host,
+    report: &mut PassReport,
+) -> Result<(), DbError> {
     for id in sandboxes::mark_missing_on_host(&state.db, host.id).await? {
         tracing::warn!(sandbox = %SandboxId(id), host = %HostId(host.id), "host unreachable; sandbox missing");
         report.missing.push(SandboxId(id));
@@ -71,7 +75,11 @@ async fn mark_missing(state: &AppState, host: &Host, report: &mut PassReport) ->
     Ok(())
 }
 
-async fn reconcile_host(state: &AppState, host: &Host, report: &mut PassReport) -> Result<(), DbError> {
+async fn reconcile_host(
+    state: &AppState,
+    host: &Host,
+    report: &mut PassReport,
+) -> Result<(), DbError> {
     let target = match (host.status, agent_target(state, host)) {
         (HostStatus::Online, Some(target)) => target,
         _ => return mark_missing(state, host, report).await,
@@ -97,7 +105,9 @@ async fn reconcile_host(state: &AppState, host: &Host, report: &mut PassReport) 
         }
         let present = agent_has.contains_key(&id);
         let next = match (row.status, present) {
-            (SandboxStatus::Running | SandboxStatus::Missing, false) => Some(SandboxStatus::Stopped),
+            (SandboxStatus::Running | SandboxStatus::Missing, false) => {
+                Some(SandboxStatus::Stopped)
+            }
             (SandboxStatus::Missing, true) => Some(SandboxStatus::Running),
             _ => None,
         };

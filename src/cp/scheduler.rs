@@ -84,7 +84,11 @@ pub fn headroom(load: &Load, demand: &Demand) -> Option<f64> {
         (capacity > 0.0 && left >= 0.0).then(|| left / capacity)
     };
     let cpu = after(load.capacity.vcpus, load.reserved.vcpus, demand.vcpus)?;
-    let memory = after(load.capacity.memory_mb, load.reserved.memory_mb, demand.memory_mb)?;
+    let memory = after(
+        load.capacity.memory_mb,
+        load.reserved.memory_mb,
+        demand.memory_mb,
+    )?;
     let disk = after(load.capacity.disk_mb, load.reserved.disk_mb, demand.disk_mb)?;
     Some(cpu.min(memory).min(disk))
 }
@@ -192,16 +196,28 @@ mod tests {
 
     #[test]
     fn refuses_when_any_resource_runs_out() {
-        assert_eq!(choose(&[load(1.0, 8192.0, 100_000.0, (1, 0, 0))], &SMALL), None);
-        assert_eq!(choose(&[load(8.0, 1024.0, 100_000.0, (0, 768, 0))], &SMALL), None);
-        assert_eq!(choose(&[load(8.0, 8192.0, 6000.0, (0, 0, 1000))], &SMALL), None);
+        assert_eq!(
+            choose(&[load(1.0, 8192.0, 100_000.0, (1, 0, 0))], &SMALL),
+            None
+        );
+        assert_eq!(
+            choose(&[load(8.0, 1024.0, 100_000.0, (0, 768, 0))], &SMALL),
+            None
+        );
+        assert_eq!(
+            choose(&[load(8.0, 8192.0, 6000.0, (0, 0, 1000))], &SMALL),
+            None
+        );
         assert_eq!(choose(&[load(0.0, 0.0, 0.0, (0, 0, 0))], &SMALL), None);
         assert_eq!(choose(&[], &SMALL), None);
     }
 
     #[test]
     fn an_exact_fit_is_accepted() {
-        assert_eq!(choose(&[load(1.0, 512.0, 5120.0, (0, 0, 0))], &SMALL), Some(0));
+        assert_eq!(
+            choose(&[load(1.0, 512.0, 5120.0, (0, 0, 0))], &SMALL),
+            Some(0)
+        );
     }
 
     #[test]

@@ -36,7 +36,10 @@ pub const MAX_EXEC_TIMEOUT_SEC: u64 = 24 * 3600;
 #[derive(Debug, thiserror::Error)]
 pub enum CapsuleError {
     #[error("invalid {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("capsule not found")]
     NotFound,
     #[error("template `{0}` not found")]
@@ -100,7 +103,11 @@ fn in_range(
         .ok_or_else(|| {
             CapsuleError::invalid(
                 field,
-                format!("{value} is out of range {}..={}", range.start(), range.end()),
+                format!(
+                    "{value} is out of range {}..={}",
+                    range.start(),
+                    range.end()
+                ),
             )
         })
 }
@@ -206,7 +213,10 @@ pub fn agent_target(state: &AppState, host: &Host) -> Option<AgentTarget> {
     })
 }
 
-async fn online_target(state: &AppState, host_id: Option<Uuid>) -> Result<AgentTarget, CapsuleError> {
+async fn online_target(
+    state: &AppState,
+    host_id: Option<Uuid>,
+) -> Result<AgentTarget, CapsuleError> {
     let host_id = host_id.ok_or(CapsuleError::HostUnavailable(HostId(Uuid::nil())))?;
     let host = hosts::by_id(&state.db, host_id)
         .await?
@@ -240,7 +250,11 @@ fn guest_metadata(info: &SandboxInfo) -> Value {
 /// on the host: the agent rolls back its own failures, and when the outcome is unknown (the agent
 /// vanished or timed out) the control plane destroys the sandbox there too, leaving any
 /// remainder to the reconciler.
-pub async fn create(state: &AppState, team: TeamId, new: NewCapsule) -> Result<Capsule, CapsuleError> {
+pub async fn create(
+    state: &AppState,
+    team: TeamId,
+    new: NewCapsule,
+) -> Result<Capsule, CapsuleError> {
     let template = templates::visible_by_name(&state.db, team.uuid(), &new.template)
         .await?
         .ok_or_else(|| CapsuleError::TemplateNotFound(new.template.clone()))?;
@@ -283,7 +297,12 @@ pub async fn create(state: &AppState, team: TeamId, new: NewCapsule) -> Result<C
         envs: BTreeMap::new(),
         user: None,
     };
-    match state.capsules.agents.create_sandbox(&target, &request).await {
+    match state
+        .capsules
+        .agents
+        .create_sandbox(&target, &request)
+        .await
+    {
         Ok(info) => {
             sandboxes::mark_started(&state.db, id.uuid(), &guest_metadata(&info)).await?;
             Ok(find(state, team, id).await?.into())
@@ -291,7 +310,9 @@ pub async fn create(state: &AppState, team: TeamId, new: NewCapsule) -> Result<C
         Err(error) => {
             let outcome_unknown = matches!(
                 error,
-                AgentError::Unreachable { .. } | AgentError::Timeout { .. } | AgentError::Decode { .. }
+                AgentError::Unreachable { .. }
+                    | AgentError::Timeout { .. }
+                    | AgentError::Decode { .. }
             );
             if outcome_unknown {
                 if let Err(cleanup) = state.capsules.agents.destroy_sandbox(&target, id).await {
@@ -369,7 +390,11 @@ pub struct RunningCapsule {
 
 /// The capsule, if it is running and its host online: what every exec, process, file and PTY
 /// call needs first.
-pub async fn running(state: &AppState, team: TeamId, id: SandboxId) -> Result<RunningCapsule, CapsuleError> {
+pub async fn running(
+    state: &AppState,
+    team: TeamId,
+    id: SandboxId,
+) -> Result<RunningCapsule, CapsuleError> {
     let row = find(state, team, id).await?;
     match row.status {
         SandboxStatus::Running => {}
@@ -896,7 +921,10 @@ mod tests {
             },
         ] {
             assert!(
-                matches!(NewCapsule::parse(bad.clone()), Err(CapsuleError::Invalid { .. })),
+                matches!(
+                    NewCapsule::parse(bad.clone()),
+                    Err(CapsuleError::Invalid { .. })
+                ),
                 "{bad:?}"
             );
         }
