@@ -247,8 +247,8 @@ impl InterfaceConfigurator {
         if fd < 0 {
             return Err(NetworkError::Socket(std::io::Error::last_os_error()));
         }
-        // SAFETY: fd is a fresh descriptor nobody else owns.
         Ok(Self {
+            // SAFETY: fd is a fresh descriptor nobody else owns.
             socket: unsafe { OwnedFd::from_raw_fd(fd) },
         })
     }

@@ -642,13 +642,12 @@ fn install_pre_exec(command: &mut Command, account: &Account, pty: bool) {
             } else if libc::setpgid(0, 0) == -1 {
                 return Err(io::Error::last_os_error());
             }
-            if switch_user {
-                if libc::setgroups(groups.len(), groups.as_ptr()) == -1
+            if switch_user
+                && (libc::setgroups(groups.len(), groups.as_ptr()) == -1
                     || libc::setgid(gid) == -1
-                    || libc::setuid(uid) == -1
-                {
-                    return Err(io::Error::last_os_error());
-                }
+                    || libc::setuid(uid) == -1)
+            {
+                return Err(io::Error::last_os_error());
             }
             Ok(())
         });
