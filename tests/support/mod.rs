@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod agent_double;
 pub mod schema;
 
 use std::net::SocketAddr;
