@@ -838,9 +838,10 @@ pub async fn remove(
 }
 
 fn file_query(path: &str) -> String {
-    let mut query = url::form_urlencoded::Serializer::new(String::from("/files?"));
-    query.append_pair("path", path);
-    query.finish()
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("path", path)
+        .finish();
+    format!("/files?{query}")
 }
 
 /// Streams `body` into the guest file at `path`.
