@@ -45,3 +45,10 @@ lint:
 # The whole suite: lints, the static guest binary, then every test.
 test: lint
     WRENN_STATIC_BIN="$(just build-static | tail -n1)" cargo test --all-targets -- --test-threads=4
+
+# Regenerate `.sqlx/` (the data checked queries compile against) from the database at
+# $DATABASE_URL, which must have every migration applied (`wrenn migrate up`).
+sqlx-prepare:
+    rm -rf .sqlx && mkdir .sqlx
+    touch src/lib.rs
+    SQLX_OFFLINE=false SQLX_OFFLINE_DIR="$PWD/.sqlx" cargo build

@@ -167,9 +167,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn connect(config: &config::Config) -> anyhow::Result<crate::db::Db> {
     let db = crate::db::connect_lazy(&config.database_url.0)?;
-    crate::db::ping(&db)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the database at {}: {e}", config.database_url.redacted()))?;
+    crate::db::ping(&db).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the database at {}: {e}",
+            config.database_url.redacted()
+        )
+    })?;
     Ok(db)
 }
 
@@ -177,7 +180,13 @@ async fn run_cp(command: CpCommand, config: &config::Config) -> anyhow::Result<E
     use crate::cp::services::{accounts, input};
     match command {
         CpCommand::Serve => crate::cp::serve(config).await?,
-        CpCommand::Admin { command: AdminCommand::Create { email, password_file } } => {
+        CpCommand::Admin {
+            command:
+                AdminCommand::Create {
+                    email,
+                    password_file,
+                },
+        } => {
             let text = std::fs::read_to_string(&password_file)
                 .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", password_file.display()))?;
             let password = text.lines().next().unwrap_or_default();
@@ -187,7 +196,9 @@ async fn run_cp(command: CpCommand, config: &config::Config) -> anyhow::Result<E
             match accounts::ensure_admin(&db, email, password).await? {
                 accounts::AdminBootstrap::Created(id) => println!("created platform admin {id}"),
                 accounts::AdminBootstrap::Promoted(id) => {
-                    println!("{id} already existed and is now a platform admin (password unchanged)")
+                    println!(
+                        "{id} already existed and is now a platform admin (password unchanged)"
+                    )
                 }
             }
         }
@@ -214,7 +225,9 @@ async fn run_migrate(command: MigrateCommand, config: &config::Config) -> anyhow
         },
         MigrateCommand::Status => {
             for m in migrate::status(&db).await? {
-                let state = m.applied_at.map_or("pending".to_owned(), |at| format!("applied {}", at.to_rfc3339()));
+                let state = m.applied_at.map_or("pending".to_owned(), |at| {
+                    format!("applied {}", at.to_rfc3339())
+                });
                 println!("{:04} {:<24} {state}", m.version, m.description);
             }
         }

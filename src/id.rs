@@ -13,11 +13,23 @@ const ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
     #[error("`{value}` is not a {kind} ID: it must start with `{prefix}`")]
-    WrongPrefix { kind: &'static str, prefix: &'static str, value: String },
+    WrongPrefix {
+        kind: &'static str,
+        prefix: &'static str,
+        value: String,
+    },
     #[error("`{value}` is not a {kind} ID: expected {DIGITS} base36 characters after `{prefix}`")]
-    WrongLength { kind: &'static str, prefix: &'static str, value: String },
+    WrongLength {
+        kind: &'static str,
+        prefix: &'static str,
+        value: String,
+    },
     #[error("`{value}` is not a {kind} ID: only 0-9 and a-z may follow `{prefix}`")]
-    BadCharacter { kind: &'static str, prefix: &'static str, value: String },
+    BadCharacter {
+        kind: &'static str,
+        prefix: &'static str,
+        value: String,
+    },
     #[error("`{value}` is not a {kind} ID: the number is larger than 128 bits")]
     Overflow { kind: &'static str, value: String },
 }
@@ -36,21 +48,38 @@ fn decode(kind: &'static str, prefix: &'static str, value: &str) -> Result<Uuid,
     let owned = || value.to_owned();
     let digits = value
         .strip_prefix(prefix)
-        .ok_or_else(|| IdError::WrongPrefix { kind, prefix, value: owned() })?;
+        .ok_or_else(|| IdError::WrongPrefix {
+            kind,
+            prefix,
+            value: owned(),
+        })?;
     if digits.len() != DIGITS {
-        return Err(IdError::WrongLength { kind, prefix, value: owned() });
+        return Err(IdError::WrongLength {
+            kind,
+            prefix,
+            value: owned(),
+        });
     }
     let mut n: u128 = 0;
     for c in digits.bytes() {
         let d = match c {
             b'0'..=b'9' => c - b'0',
             b'a'..=b'z' => c - b'a' + 10,
-            _ => return Err(IdError::BadCharacter { kind, prefix, value: owned() }),
+            _ => {
+                return Err(IdError::BadCharacter {
+                    kind,
+                    prefix,
+                    value: owned(),
+                })
+            }
         };
         n = n
             .checked_mul(36)
             .and_then(|n| n.checked_add(u128::from(d)))
-            .ok_or_else(|| IdError::Overflow { kind, value: owned() })?;
+            .ok_or_else(|| IdError::Overflow {
+                kind,
+                value: owned(),
+            })?;
     }
     Ok(Uuid::from_u128(n))
 }
@@ -128,27 +157,59 @@ mod tests {
 
     #[test]
     fn round_trips_and_pads() {
-        for uuid in [Uuid::nil(), Uuid::max(), Uuid::from_u128(35), Uuid::new_v4()] {
+        for uuid in [
+            Uuid::nil(),
+            Uuid::max(),
+            Uuid::from_u128(35),
+            Uuid::new_v4(),
+        ] {
             let id = HostId(uuid);
             let text = id.to_string();
             assert_eq!(text.len(), "host-".len() + DIGITS);
             assert_eq!(text.parse::<HostId>().unwrap(), id);
         }
-        assert_eq!(TeamId::PLATFORM.to_string(), format!("team-{}", "0".repeat(25)));
-        assert_eq!(SandboxId(Uuid::from_u128(35)).to_string(), format!("cl-{}z", "0".repeat(24)));
-        assert_eq!(UserId(Uuid::max()).to_string(), "usr-f5lxx1zz5pnorynqglhzmsp33");
+        assert_eq!(
+            TeamId::PLATFORM.to_string(),
+            format!("team-{}", "0".repeat(25))
+        );
+        assert_eq!(
+            SandboxId(Uuid::from_u128(35)).to_string(),
+            format!("cl-{}z", "0".repeat(24))
+        );
+        assert_eq!(
+            UserId(Uuid::max()).to_string(),
+            "usr-f5lxx1zz5pnorynqglhzmsp33"
+        );
     }
 
     #[test]
     fn rejects_bad_input() {
         let ok = HostId(Uuid::new_v4()).to_string();
         let digits = &ok["host-".len()..];
-        assert!(matches!(format!("team-{digits}").parse::<HostId>(), Err(IdError::WrongPrefix { .. })));
-        assert!(matches!("host-abc".parse::<HostId>(), Err(IdError::WrongLength { .. })));
-        assert!(matches!(format!("host-A{}", "0".repeat(24)).parse::<HostId>(), Err(IdError::BadCharacter { .. })));
-        assert!(matches!(format!("host-{}", "Z".repeat(25)).parse::<HostId>(), Err(IdError::BadCharacter { .. })));
-        assert!(matches!(format!("host-{}", "z".repeat(25)).parse::<HostId>(), Err(IdError::Overflow { .. })));
-        assert!(matches!(format!("host-{}é", &digits[..23]).parse::<HostId>(), Err(IdError::BadCharacter { .. } | IdError::WrongLength { .. })));
+        assert!(matches!(
+            format!("team-{digits}").parse::<HostId>(),
+            Err(IdError::WrongPrefix { .. })
+        ));
+        assert!(matches!(
+            "host-abc".parse::<HostId>(),
+            Err(IdError::WrongLength { .. })
+        ));
+        assert!(matches!(
+            format!("host-A{}", "0".repeat(24)).parse::<HostId>(),
+            Err(IdError::BadCharacter { .. })
+        ));
+        assert!(matches!(
+            format!("host-{}", "Z".repeat(25)).parse::<HostId>(),
+            Err(IdError::BadCharacter { .. })
+        ));
+        assert!(matches!(
+            format!("host-{}", "z".repeat(25)).parse::<HostId>(),
+            Err(IdError::Overflow { .. })
+        ));
+        assert!(matches!(
+            format!("host-{}é", &digits[..23]).parse::<HostId>(),
+            Err(IdError::BadCharacter { .. } | IdError::WrongLength { .. })
+        ));
         let err = "nope".parse::<UserId>().unwrap_err().to_string();
         assert!(err.contains("usr-"), "{err}");
     }

@@ -22,8 +22,19 @@ fn wrenn(pg: &PgCluster, args: &[&str]) -> Command {
 }
 
 fn run(cmd: &mut Command) -> (bool, String) {
-    let Output { status, stdout, stderr } = cmd.output().unwrap();
-    (status.success(), format!("{}{}", String::from_utf8_lossy(&stdout), String::from_utf8_lossy(&stderr)))
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = cmd.output().unwrap();
+    (
+        status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        ),
+    )
 }
 
 async fn tables(db: &db::Db) -> Vec<String> {
@@ -41,21 +52,46 @@ async fn migrations_go_up_down_and_up_again() {
     let db = db::connect_lazy(&pg.url()).unwrap();
     let total = migrate::status(&db).await.unwrap().len();
     assert!(total >= 3);
-    assert!(migrate::status(&db).await.unwrap().iter().all(|m| m.applied_at.is_none()));
+    assert!(migrate::status(&db)
+        .await
+        .unwrap()
+        .iter()
+        .all(|m| m.applied_at.is_none()));
 
     assert_eq!(migrate::up(&db).await.unwrap().len(), total);
-    assert!(migrate::up(&db).await.unwrap().is_empty(), "up is idempotent");
+    assert!(
+        migrate::up(&db).await.unwrap().is_empty(),
+        "up is idempotent"
+    );
     let full = tables(&db).await;
-    for table in ["teams", "users", "team_members", "team_api_keys", "hosts", "host_registration_tokens",
-                  "host_refresh_tokens", "host_tags", "templates", "sandboxes", "audit_logs"] {
-        assert!(full.contains(&table.to_owned()), "{table} missing from {full:?}");
+    for table in [
+        "teams",
+        "users",
+        "team_members",
+        "team_api_keys",
+        "hosts",
+        "host_registration_tokens",
+        "host_refresh_tokens",
+        "host_tags",
+        "templates",
+        "sandboxes",
+        "audit_logs",
+    ] {
+        assert!(
+            full.contains(&table.to_owned()),
+            "{table} missing from {full:?}"
+        );
     }
     let minimal: (i32, i32, String) =
         sqlx::query_as("SELECT vcpus, memory_mb, type FROM templates WHERE name = 'minimal' AND id = '00000000-0000-0000-0000-000000000000'")
             .fetch_one(&db).await.unwrap();
     assert_eq!(minimal, (1, 512, "base".to_owned()));
-    let platform: String = sqlx::query_scalar("SELECT slug FROM teams WHERE id = '00000000-0000-0000-0000-000000000000'")
-        .fetch_one(&db).await.unwrap();
+    let platform: String = sqlx::query_scalar(
+        "SELECT slug FROM teams WHERE id = '00000000-0000-0000-0000-000000000000'",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
     assert_eq!(platform, "platform");
 
     // Each down reverts exactly the last migration; all the way down leaves no tables.
@@ -77,7 +113,10 @@ async fn migrations_go_up_down_and_up_again() {
 fn migrate_command_reports_and_reverts() {
     let pg = PgCluster::start().unwrap();
     let (ok, out) = run(&mut wrenn(&pg, &["migrate", "status"]));
-    assert!(ok && out.contains("0001") && out.contains("pending"), "{out}");
+    assert!(
+        ok && out.contains("0001") && out.contains("pending"),
+        "{out}"
+    );
     let (ok, out) = run(&mut wrenn(&pg, &["migrate", "up"]));
     assert!(ok && out.contains("applied 0001"), "{out}");
     let (ok, out) = run(&mut wrenn(&pg, &["migrate", "up"]));
@@ -85,8 +124,13 @@ fn migrate_command_reports_and_reverts() {
     let (ok, out) = run(&mut wrenn(&pg, &["migrate", "down"]));
     assert!(ok && out.contains("reverted 0003"), "{out}");
     let (ok, out) = run(&mut wrenn(&pg, &["migrate", "status"]));
-    assert!(ok && out.lines().filter(|l| l.contains("applied")).count() == 2, "{out}");
-    let (ok, out) = run(wrenn(&pg, &["migrate", "up"]).env("DATABASE_URL", "postgres://wrenn@127.0.0.1:1/wrenn"));
+    assert!(
+        ok && out.lines().filter(|l| l.contains("applied")).count() == 2,
+        "{out}"
+    );
+    let (ok, out) =
+        run(wrenn(&pg, &["migrate", "up"])
+            .env("DATABASE_URL", "postgres://wrenn@127.0.0.1:1/wrenn"));
     assert!(!ok && out.contains("cannot reach the database"), "{out}");
 }
 
@@ -98,18 +142,55 @@ fn admin_create_bootstraps_a_headless_install() {
     let file = dir.path().join("password");
     std::fs::write(&file, "a long admin password\n").unwrap();
     let file = file.to_str().unwrap();
-    let (ok, out) = run(&mut wrenn(&pg, &["cp", "admin", "create", "--email", "ops@example.com", "--password-file", file]));
+    let (ok, out) = run(&mut wrenn(
+        &pg,
+        &[
+            "cp",
+            "admin",
+            "create",
+            "--email",
+            "ops@example.com",
+            "--password-file",
+            file,
+        ],
+    ));
     assert!(ok && out.contains("created platform admin usr-"), "{out}");
-    let (ok, out) = run(&mut wrenn(&pg, &["cp", "admin", "create", "--email", "OPS@example.com", "--password-file", file]));
+    let (ok, out) = run(&mut wrenn(
+        &pg,
+        &[
+            "cp",
+            "admin",
+            "create",
+            "--email",
+            "OPS@example.com",
+            "--password-file",
+            file,
+        ],
+    ));
     assert!(ok && out.contains("already existed"), "{out}");
     std::fs::write(dir.path().join("short"), "short\n").unwrap();
     let short = dir.path().join("short");
-    let (ok, out) = run(&mut wrenn(&pg, &["cp", "admin", "create", "--email", "b@example.com", "--password-file", short.to_str().unwrap()]));
+    let (ok, out) = run(&mut wrenn(
+        &pg,
+        &[
+            "cp",
+            "admin",
+            "create",
+            "--email",
+            "b@example.com",
+            "--password-file",
+            short.to_str().unwrap(),
+        ],
+    ));
     assert!(!ok && out.contains("at least 8"), "{out}");
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -120,7 +201,9 @@ fn serve_needs_a_jwt_secret_then_serves_and_stops_on_sigterm() {
     let listen = format!("127.0.0.1:{port}");
     let (ok, out) = run(wrenn(&pg, &["cp", "serve"]).env("CP_LISTEN_ADDR", &listen));
     assert!(!ok && out.contains("JWT_SECRET"), "{out}");
-    let (ok, out) = run(wrenn(&pg, &["cp", "serve"]).env("CP_LISTEN_ADDR", &listen).env("JWT_SECRET", "too-short"));
+    let (ok, out) = run(wrenn(&pg, &["cp", "serve"])
+        .env("CP_LISTEN_ADDR", &listen)
+        .env("JWT_SECRET", "too-short"));
     assert!(!ok && out.contains("at least 32 bytes"), "{out}");
 
     let mut child = wrenn(&pg, &["cp", "serve"])
@@ -134,7 +217,11 @@ fn serve_needs_a_jwt_secret_then_serves_and_stops_on_sigterm() {
     let body = loop {
         if let Ok(mut stream) = std::net::TcpStream::connect(&listen) {
             use std::io::Write;
-            write!(stream, "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            write!(
+                stream,
+                "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
             let mut text = String::new();
             stream.read_to_string(&mut text).unwrap();
             break text;
@@ -142,8 +229,15 @@ fn serve_needs_a_jwt_secret_then_serves_and_stops_on_sigterm() {
         assert!(Instant::now() < deadline, "cp serve never listened");
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(body.starts_with("HTTP/1.1 200") && body.contains("\"database\":\"ok\""), "{body}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(
+        body.starts_with("HTTP/1.1 200") && body.contains("\"database\":\"ok\""),
+        "{body}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "cp serve exited with {status}");
 }

@@ -27,7 +27,12 @@ fn contract(value: &Value) -> Value {
     match value {
         Value::Object(map) => Value::Object(
             map.iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "description" | "summary" | "security" | "example"))
+                .filter(|(k, _)| {
+                    !matches!(
+                        k.as_str(),
+                        "description" | "summary" | "security" | "example"
+                    )
+                })
                 .map(|(k, v)| (k.clone(), contract(v)))
                 .collect(),
         ),
@@ -46,8 +51,14 @@ fn every_served_route_is_documented_and_nothing_else() {
     let documented = documented(&ours);
     let undocumented: Vec<_> = served.difference(&documented).collect();
     let unserved: Vec<_> = documented.difference(&served).collect();
-    assert!(undocumented.is_empty(), "served but not in docs/openapi.yaml: {undocumented:?}");
-    assert!(unserved.is_empty(), "documented but not served: {unserved:?}");
+    assert!(
+        undocumented.is_empty(),
+        "served but not in docs/openapi.yaml: {undocumented:?}"
+    );
+    assert!(
+        unserved.is_empty(),
+        "documented but not served: {unserved:?}"
+    );
 }
 
 #[test]
@@ -59,10 +70,20 @@ fn documented_operations_agree_with_the_reference() {
         let Some(ref_item) = reference.doc["paths"].get(&path) else {
             continue;
         };
-        let ref_op = ref_item.get(&method).unwrap_or_else(|| panic!("{method} {path} is not in the reference"));
+        let ref_op = ref_item
+            .get(&method)
+            .unwrap_or_else(|| panic!("{method} {path} is not in the reference"));
         let our_item = &ours.doc["paths"][&path];
-        assert_eq!(contract(&our_item["parameters"]), contract(&ref_item["parameters"]), "{path} parameters");
-        assert_eq!(contract(&our_item[&method]), contract(ref_op), "{method} {path} differs from the reference");
+        assert_eq!(
+            contract(&our_item["parameters"]),
+            contract(&ref_item["parameters"]),
+            "{path} parameters"
+        );
+        assert_eq!(
+            contract(&our_item[&method]),
+            contract(ref_op),
+            "{method} {path} differs from the reference"
+        );
         compared += 1;
     }
     assert!(compared >= 30, "only {compared} operations compared");
@@ -77,7 +98,11 @@ fn our_schemas_extend_the_reference_without_changing_it() {
             continue;
         };
         for key in ["type", "required", "allOf", "enum"] {
-            assert_eq!(contract(&our_schema[key]), contract(&ref_schema[key]), "{name}.{key}");
+            assert_eq!(
+                contract(&our_schema[key]),
+                contract(&ref_schema[key]),
+                "{name}.{key}"
+            );
         }
         if let Some(props) = ref_schema["properties"].as_object() {
             for (prop, ref_def) in props {
@@ -92,6 +117,7 @@ fn our_schemas_extend_the_reference_without_changing_it() {
 
 #[test]
 fn the_served_document_is_the_file() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml")).unwrap();
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/openapi.yaml")).unwrap();
     assert_eq!(wrenn::cp::routes::OPENAPI_YAML, text);
 }

@@ -265,10 +265,12 @@ fn toml_syntax_error_names_the_file() {
     assert!(err.to_string().contains("wrenn.toml"), "{err}");
 }
 
+/// A file body (if any), environment variables, and the words the error must contain.
+type BadValueCase<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a [&'a str]);
+
 #[test]
 fn bad_values_name_key_value_and_source() {
-    type Case<'a> = (Option<&'a str>, &'a [(&'a str, &'a str)], &'a [&'a str]);
-    let cases: &[Case] = &[
+    let cases: &[BadValueCase] = &[
         (
             None,
             &[("CP_LISTEN_ADDR", "nope")],

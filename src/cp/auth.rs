@@ -24,7 +24,12 @@ pub const API_KEY_HEADER: &str = "x-api-key";
 pub const HOST_TOKEN_HEADER: &str = "x-host-token";
 
 fn header<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
-    parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+    parts
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
@@ -73,7 +78,11 @@ impl FromRequestParts<AppState> for AuthUser {
                 message: "this account is deactivated".into(),
             });
         }
-        Ok(AuthUser { user: found.user, team_id: claims.team_id, role: found.role })
+        Ok(AuthUser {
+            user: found.user,
+            team_id: claims.team_id,
+            role: found.role,
+        })
     }
 }
 
@@ -115,18 +124,28 @@ impl FromRequestParts<AppState> for AuthTeam {
             let (key_id, team) = api_keys::authenticate(&state.db, &sha256(key))
                 .await?
                 .ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
-            return Ok(AuthTeam { team_id: TeamId(team), actor: TeamActor::ApiKey(key_id) });
+            return Ok(AuthTeam {
+                team_id: TeamId(team),
+                actor: TeamActor::ApiKey(key_id),
+            });
         }
-        let user = AuthUser::from_request_parts(parts, state).await.map_err(|e| match e {
-            ApiError::Unauthorized(_) if bearer(parts).is_none() => ApiError::Unauthorized(
-                "missing X-API-Key or Authorization: Bearer <token> header".into(),
-            ),
-            other => other,
-        })?;
+        let user = AuthUser::from_request_parts(parts, state)
+            .await
+            .map_err(|e| match e {
+                ApiError::Unauthorized(_) if bearer(parts).is_none() => ApiError::Unauthorized(
+                    "missing X-API-Key or Authorization: Bearer <token> header".into(),
+                ),
+                other => other,
+            })?;
         if user.role.is_none() {
-            return Err(ApiError::forbidden("you are no longer a member of this token's team"));
+            return Err(ApiError::forbidden(
+                "you are no longer a member of this token's team",
+            ));
         }
-        Ok(AuthTeam { team_id: user.team_id, actor: TeamActor::User(Box::new(user)) })
+        Ok(AuthTeam {
+            team_id: user.team_id,
+            actor: TeamActor::User(Box::new(user)),
+        })
     }
 }
 
@@ -147,6 +166,8 @@ impl FromRequestParts<AppState> for HostAuth {
             .tokens
             .verify_host(token)
             .map_err(|e| ApiError::Unauthorized(format!("host token rejected: {e}")))?;
-        Ok(HostAuth { host_id: claims.sub })
+        Ok(HostAuth {
+            host_id: claims.sub,
+        })
     }
 }

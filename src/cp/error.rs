@@ -77,7 +77,10 @@ impl ApiError {
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
-        ApiError::Forbidden { code: "forbidden", message: message.into() }
+        ApiError::Forbidden {
+            code: "forbidden",
+            message: message.into(),
+        }
     }
 }
 
@@ -98,9 +101,10 @@ impl From<DbError> for ApiError {
                 tracing::warn!(%cause, "database unavailable");
                 ApiError::DatabaseUnavailable
             }
-            DbError::UniqueViolation { constraint } => {
-                ApiError::Conflict { code: "conflict", message: format!("already exists ({constraint})") }
-            }
+            DbError::UniqueViolation { constraint } => ApiError::Conflict {
+                code: "conflict",
+                message: format!("already exists ({constraint})"),
+            },
             DbError::Query(cause) => {
                 tracing::error!(%cause, "database query failed");
                 ApiError::Internal
@@ -116,7 +120,10 @@ impl From<ServiceError> for ApiError {
             ServiceError::Invalid { .. } => ApiError::InvalidRequest(message),
             ServiceError::Unauthorized(_) => ApiError::Unauthorized(message),
             ServiceError::Forbidden(_) => ApiError::forbidden(message),
-            ServiceError::AccountDisabled => ApiError::Forbidden { code: "account_deactivated", message },
+            ServiceError::AccountDisabled => ApiError::Forbidden {
+                code: "account_deactivated",
+                message,
+            },
             ServiceError::NotFound(_) => ApiError::NotFound(message),
             ServiceError::Conflict { code, .. } => ApiError::Conflict { code, message },
             ServiceError::HostHasSandboxes(ids) => {

@@ -31,7 +31,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                     || (mime.starts_with("application/") && mime.ends_with("+json"))
             });
         if !is_json {
-            return Err(ApiError::InvalidRequest("expected a JSON body (Content-Type: application/json)".into()));
+            return Err(ApiError::InvalidRequest(
+                "expected a JSON body (Content-Type: application/json)".into(),
+            ));
         }
         let body = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -46,13 +48,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::InvalidRequest("request body is empty; expected a JSON object".into()));
+        return Err(ApiError::InvalidRequest(
+            "request body is empty; expected a JSON object".into(),
+        ));
     }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let path = error.path().to_string();
         let inner = error.into_inner();
-        if matches!(inner.classify(), serde_json::error::Category::Syntax | serde_json::error::Category::Eof) {
+        if matches!(
+            inner.classify(),
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+        ) {
             ApiError::InvalidRequest(format!("invalid JSON body: malformed JSON: {inner}"))
         } else if path == "." || path.is_empty() {
             ApiError::InvalidRequest(format!("invalid JSON body: {inner}"))
@@ -87,5 +94,6 @@ where
     T: FromStr,
     T::Err: std::fmt::Display,
 {
-    raw.parse().map_err(|e| ApiError::InvalidRequest(format!("invalid path parameter `{name}`: {e}")))
+    raw.parse()
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid path parameter `{name}`: {e}")))
 }

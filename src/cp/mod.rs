@@ -49,7 +49,10 @@ pub enum ServeError {
     #[error("invalid database_url: {0}")]
     Database(#[from] DbError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
@@ -75,7 +78,11 @@ impl ServerSettings {
 
 /// Builds the shared state from the configuration; refuses a missing or short JWT secret.
 pub fn state_from_config(config: &Config) -> Result<AppState, ServeError> {
-    let secret = config.cp.jwt_secret.as_ref().ok_or(ServeError::MissingJwtSecret)?;
+    let secret = config
+        .cp
+        .jwt_secret
+        .as_ref()
+        .ok_or(ServeError::MissingJwtSecret)?;
     for (key, value) in [
         ("cp.cpu_overcommit", config.cp.cpu_overcommit),
         ("cp.memory_overcommit", config.cp.memory_overcommit),
@@ -87,12 +94,18 @@ pub fn state_from_config(config: &Config) -> Result<AppState, ServeError> {
     }
     let tokens = TokenKeys::new(secret.0.as_bytes())?;
     let db = db::connect_lazy(&config.database_url.0)?;
-    Ok(AppState::with_capsules(db, tokens, state::CapsuleSettings::from_config(config)))
+    Ok(AppState::with_capsules(
+        db,
+        tokens,
+        state::CapsuleSettings::from_config(config),
+    ))
 }
 
 /// The complete HTTP application: routes plus tracing and the body limit.
 pub fn app(state: AppState) -> Router {
-    routes::router(state).layer(DefaultBodyLimit::max(JSON_BODY_LIMIT)).layer(TraceLayer::new_for_http())
+    routes::router(state)
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .layer(TraceLayer::new_for_http())
 }
 
 /// Serves on `listener` and runs the host monitor until `shutdown` completes, then drains
@@ -106,7 +119,9 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let monitor_task = tokio::spawn(monitor::run(state.db.clone(), monitor, cancel.clone()));
     let reconciler_task = tokio::spawn(reconciler::run(state.clone(), cancel.clone()));
-    let served = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await;
+    let served = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
     cancel.cancel();
     let _ = monitor_task.await;
     let _ = reconciler_task.await;
@@ -119,7 +134,10 @@ pub async fn serve(config: &Config) -> Result<(), ServeError> {
     let settings = ServerSettings::from_config(config);
     let listener = TcpListener::bind(settings.listen)
         .await
-        .map_err(|source| ServeError::Bind { addr: settings.listen, source })?;
+        .map_err(|source| ServeError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
     tracing::info!(addr = %settings.listen, "control plane listening");
     run(listener, state, settings.monitor, shutdown_signal()).await?;
     tracing::info!("control plane stopped");

@@ -76,7 +76,9 @@ impl std::fmt::Debug for TokenKeys {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl TokenKeys {
@@ -100,7 +102,14 @@ impl TokenKeys {
             .expect("HS256 signing of plain claims cannot fail")
     }
 
-    pub fn issue_user(&self, user: UserId, team: TeamId, email: &str, name: &str, is_admin: bool) -> String {
+    pub fn issue_user(
+        &self,
+        user: UserId,
+        team: TeamId,
+        email: &str,
+        name: &str,
+        is_admin: bool,
+    ) -> String {
         let iat = now_secs();
         self.sign(&UserClaims {
             sub: user,
@@ -120,7 +129,12 @@ impl TokenKeys {
 
     pub fn issue_host(&self, host: HostId) -> String {
         let iat = now_secs();
-        self.sign(&HostClaims { sub: host, typ: HostTokenType::Host, iat, exp: iat + HOST_TOKEN_TTL.as_secs() })
+        self.sign(&HostClaims {
+            sub: host,
+            typ: HostTokenType::Host,
+            iat,
+            exp: iat + HOST_TOKEN_TTL.as_secs(),
+        })
     }
 
     pub fn verify_host(&self, token: &str) -> Result<HostClaims, TokenError> {
@@ -130,7 +144,8 @@ impl TokenKeys {
     /// The secret the control plane presents to a host agent. Derived, not stored: HMAC-SHA256 of
     /// the host ID and a generation counter under the JWT secret, hex-encoded.
     pub fn agent_secret(&self, host: Uuid, generation: i32) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
         mac.update(b"wrenn-agent-secret:v1:");
         mac.update(host.as_bytes());
         mac.update(&generation.to_be_bytes());
@@ -163,8 +178,14 @@ mod tests {
         assert!(keys.verify_user(&user).is_ok());
         assert!(keys.verify_host(&host).is_ok());
         let other = TokenKeys::new(&[8u8; 32]).unwrap();
-        assert!(other.verify_user(&user).is_err(), "forged signature accepted");
-        assert!(matches!(TokenKeys::new(b"short"), Err(TokenError::SecretTooShort(5))));
+        assert!(
+            other.verify_user(&user).is_err(),
+            "forged signature accepted"
+        );
+        assert!(matches!(
+            TokenKeys::new(b"short"),
+            Err(TokenError::SecretTooShort(5))
+        ));
     }
 
     #[test]
@@ -173,6 +194,9 @@ mod tests {
         let host = Uuid::new_v4();
         assert_eq!(keys.agent_secret(host, 1), keys.agent_secret(host, 1));
         assert_ne!(keys.agent_secret(host, 1), keys.agent_secret(host, 2));
-        assert_ne!(keys.agent_secret(host, 1), keys.agent_secret(Uuid::new_v4(), 1));
+        assert_ne!(
+            keys.agent_secret(host, 1),
+            keys.agent_secret(Uuid::new_v4(), 1)
+        );
     }
 }

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::DbError;
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct ApiKey {
     pub id: Uuid,
     pub team_id: Uuid,
@@ -16,8 +16,6 @@ pub struct ApiKey {
     pub created_at: DateTime<Utc>,
     pub last_used: Option<DateTime<Utc>>,
 }
-
-const COLUMNS: &str = "id, team_id, name, key_prefix, created_by, created_at, last_used";
 
 pub struct NewApiKey<'a> {
     pub id: Uuid,
@@ -29,66 +27,82 @@ pub struct NewApiKey<'a> {
 }
 
 pub async fn insert(ex: impl PgExecutor<'_>, key: NewApiKey<'_>) -> Result<ApiKey, DbError> {
-    Ok(sqlx::query_as(&format!(
+    Ok(sqlx::query_as!(
+        ApiKey,
         "INSERT INTO team_api_keys (id, team_id, name, key_hash, key_prefix, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {COLUMNS}"
-    ))
-    .bind(key.id)
-    .bind(key.team_id)
-    .bind(key.name)
-    .bind(key.key_hash)
-    .bind(key.key_prefix)
-    .bind(key.created_by)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         RETURNING id, team_id, name, key_prefix, created_by, created_at, last_used",
+        key.id,
+        key.team_id,
+        key.name,
+        key.key_hash,
+        key.key_prefix,
+        key.created_by,
+    )
     .fetch_one(ex)
     .await?)
 }
 
 pub async fn list(ex: impl PgExecutor<'_>, team: Uuid) -> Result<Vec<ApiKey>, DbError> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM team_api_keys WHERE team_id = $1 ORDER BY created_at, id"
-    ))
-    .bind(team)
+    Ok(sqlx::query_as!(
+        ApiKey,
+        "SELECT id, team_id, name, key_prefix, created_by, created_at, last_used
+         FROM team_api_keys WHERE team_id = $1 ORDER BY created_at, id",
+        team,
+    )
     .fetch_all(ex)
     .await?)
 }
 
+pub async fn get(ex: impl PgExecutor<'_>, team: Uuid, id: Uuid) -> Result<Option<ApiKey>, DbError> {
+    Ok(sqlx::query_as!(
+        ApiKey,
+        "SELECT id, team_id, name, key_prefix, created_by, created_at, last_used
+         FROM team_api_keys WHERE team_id = $1 AND id = $2",
+        team,
+        id,
+    )
+    .fetch_optional(ex)
+    .await?)
+}
+
 pub async fn delete(ex: impl PgExecutor<'_>, team: Uuid, id: Uuid) -> Result<bool, DbError> {
-    let done = sqlx::query("DELETE FROM team_api_keys WHERE team_id = $1 AND id = $2")
-        .bind(team)
-        .bind(id)
-        .execute(ex)
-        .await?;
+    let done = sqlx::query!(
+        "DELETE FROM team_api_keys WHERE team_id = $1 AND id = $2",
+        team,
+        id
+    )
+    .execute(ex)
+    .await?;
     Ok(done.rows_affected() == 1)
 }
 
 pub async fn delete_for_team(ex: impl PgExecutor<'_>, team: Uuid) -> Result<u64, DbError> {
-    let done = sqlx::query("DELETE FROM team_api_keys WHERE team_id = $1").bind(team).execute(ex).await?;
+    let done = sqlx::query!("DELETE FROM team_api_keys WHERE team_id = $1", team)
+        .execute(ex)
+        .await?;
     Ok(done.rows_affected())
 }
 
 /// Resolves a key hash to `(key id, team id)` for a live team and records the use. `last_used`
 /// is written at most once a second per key so a busy key does not serialise on its row lock.
-pub async fn authenticate(ex: impl PgExecutor<'_>, key_hash: &[u8]) -> Result<Option<(Uuid, Uuid)>, DbError> {
-    Ok(sqlx::query_as(
-        "WITH k AS (
-             SELECT k.id, k.team_id, k.last_used FROM team_api_keys k
-             JOIN teams t ON t.id = k.team_id
-             WHERE k.key_hash = $1 AND t.deleted_at IS NULL
-         ), touched AS (
-             UPDATE team_api_keys SET last_used = now()
-             WHERE id IN (SELECT id FROM k WHERE last_used IS NULL OR last_used < now() - interval '1 second')
-         )
-         SELECT id, team_id FROM k",
+pub async fn authenticate(
+    ex: impl PgExecutor<'_>,
+    key_hash: &[u8],
+) -> Result<Option<(Uuid, Uuid)>, DbError> {
+    let row = sqlx::query!(
+        r#"WITH k AS (
+               SELECT k.id, k.team_id, k.last_used FROM team_api_keys k
+               JOIN teams t ON t.id = k.team_id
+               WHERE k.key_hash = $1 AND t.deleted_at IS NULL
+           ), touched AS (
+               UPDATE team_api_keys SET last_used = now()
+               WHERE id IN (SELECT id FROM k WHERE last_used IS NULL OR last_used < now() - interval '1 second')
+           )
+           SELECT id AS "id!", team_id AS "team_id!" FROM k"#,
+        key_hash,
     )
-    .bind(key_hash)
     .fetch_optional(ex)
-    .await?)
-}
-
-pub async fn get(ex: impl PgExecutor<'_>, team: Uuid, id: Uuid) -> Result<Option<ApiKey>, DbError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM team_api_keys WHERE team_id = $1 AND id = $2"))
-        .bind(team)
-        .bind(id)
-        .fetch_optional(ex)
-        .await?)
+    .await?;
+    Ok(row.map(|r| (r.id, r.team_id)))
 }

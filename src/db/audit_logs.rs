@@ -18,18 +18,18 @@ pub struct Entry<'a> {
 }
 
 pub async fn insert(ex: impl PgExecutor<'_>, entry: Entry<'_>) -> Result<(), DbError> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO audit_logs (id, team_id, actor_type, actor_id, resource_type, resource_id, action, metadata)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        Uuid::new_v4(),
+        entry.team_id,
+        entry.actor_type,
+        entry.actor_id,
+        entry.resource_type,
+        entry.resource_id,
+        entry.action,
+        entry.metadata,
     )
-    .bind(Uuid::new_v4())
-    .bind(entry.team_id)
-    .bind(entry.actor_type)
-    .bind(entry.actor_id)
-    .bind(entry.resource_type)
-    .bind(entry.resource_id)
-    .bind(entry.action)
-    .bind(entry.metadata)
     .execute(ex)
     .await?;
     Ok(())

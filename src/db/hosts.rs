@@ -20,10 +20,9 @@ text_enum! {
     HostStatus, "hosts.status" { Pending => "pending", Online => "online", Unreachable => "unreachable" }
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Host {
     pub id: Uuid,
-    #[sqlx(rename = "type", try_from = "String")]
     pub host_type: HostType,
     pub team_id: Option<Uuid>,
     pub provider: Option<String>,
@@ -33,7 +32,6 @@ pub struct Host {
     pub memory_mb: Option<i64>,
     pub disk_gb: Option<i64>,
     pub address: Option<String>,
-    #[sqlx(try_from = "String")]
     pub status: HostStatus,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub metadata: Value,
@@ -45,10 +43,6 @@ pub struct Host {
     pub updated_at: DateTime<Utc>,
 }
 
-const COLUMNS: &str = "id, type, team_id, provider, availability_zone, arch, cpu_cores, memory_mb, \
-    disk_gb, address, status, last_heartbeat_at, metadata, versions, agent_secret_generation, \
-    agent_secret_hash, created_by, created_at, updated_at";
-
 pub struct NewHost<'a> {
     pub id: Uuid,
     pub host_type: HostType,
@@ -59,46 +53,77 @@ pub struct NewHost<'a> {
 }
 
 pub async fn insert(ex: impl PgExecutor<'_>, host: NewHost<'_>) -> Result<Host, DbError> {
-    Ok(sqlx::query_as(&format!(
-        "INSERT INTO hosts (id, type, team_id, provider, availability_zone, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING {COLUMNS}"
-    ))
-    .bind(host.id)
-    .bind(host.host_type.as_str())
-    .bind(host.team_id)
-    .bind(host.provider)
-    .bind(host.availability_zone)
-    .bind(host.created_by)
+    Ok(sqlx::query_as!(
+        Host,
+        r#"INSERT INTO hosts (id, type, team_id, provider, availability_zone, created_by)
+           VALUES ($1, $2, $3, $4, $5, $6)
+           RETURNING id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
+                     cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
+                     last_heartbeat_at, metadata, versions, agent_secret_generation,
+                     agent_secret_hash, created_by, created_at, updated_at"#,
+        host.id,
+        host.host_type.as_str(),
+        host.team_id,
+        host.provider,
+        host.availability_zone,
+        host.created_by,
+    )
     .fetch_one(ex)
     .await?)
 }
 
 pub async fn by_id(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Host>, DbError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM hosts WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(ex)
-        .await?)
+    Ok(sqlx::query_as!(
+        Host,
+        r#"SELECT id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
+                  cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
+                  last_heartbeat_at, metadata, versions, agent_secret_generation,
+                  agent_secret_hash, created_by, created_at, updated_at
+           FROM hosts WHERE id = $1"#,
+        id,
+    )
+    .fetch_optional(ex)
+    .await?)
 }
 
 /// Locks the row for the rest of the transaction.
 pub async fn by_id_for_update(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Host>, DbError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM hosts WHERE id = $1 FOR UPDATE"))
-        .bind(id)
-        .fetch_optional(ex)
-        .await?)
+    Ok(sqlx::query_as!(
+        Host,
+        r#"SELECT id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
+                  cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
+                  last_heartbeat_at, metadata, versions, agent_secret_generation,
+                  agent_secret_hash, created_by, created_at, updated_at
+           FROM hosts WHERE id = $1 FOR UPDATE"#,
+        id,
+    )
+    .fetch_optional(ex)
+    .await?)
 }
 
 pub async fn list_all(ex: impl PgExecutor<'_>) -> Result<Vec<Host>, DbError> {
-    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM hosts ORDER BY created_at, id"))
-        .fetch_all(ex)
-        .await?)
+    Ok(sqlx::query_as!(
+        Host,
+        r#"SELECT id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
+                  cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
+                  last_heartbeat_at, metadata, versions, agent_secret_generation,
+                  agent_secret_hash, created_by, created_at, updated_at
+           FROM hosts ORDER BY created_at, id"#,
+    )
+    .fetch_all(ex)
+    .await?)
 }
 
 pub async fn list_for_team(ex: impl PgExecutor<'_>, team: Uuid) -> Result<Vec<Host>, DbError> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM hosts WHERE team_id = $1 ORDER BY created_at, id"
-    ))
-    .bind(team)
+    Ok(sqlx::query_as!(
+        Host,
+        r#"SELECT id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
+                  cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
+                  last_heartbeat_at, metadata, versions, agent_secret_generation,
+                  agent_secret_hash, created_by, created_at, updated_at
+           FROM hosts WHERE team_id = $1 ORDER BY created_at, id"#,
+        team,
+    )
     .fetch_all(ex)
     .await?)
 }
@@ -121,21 +146,26 @@ pub async fn complete_registration(
     id: Uuid,
     reg: Registration<'_>,
 ) -> Result<Option<Host>, DbError> {
-    Ok(sqlx::query_as(&format!(
-        "UPDATE hosts SET arch = $2, cpu_cores = $3, memory_mb = $4, disk_gb = $5, address = $6,
-             versions = $7, agent_secret_generation = $8, agent_secret_hash = $9,
-             status = 'online', last_heartbeat_at = now(), updated_at = now()
-         WHERE id = $1 AND status = 'pending' RETURNING {COLUMNS}"
-    ))
-    .bind(id)
-    .bind(reg.arch)
-    .bind(reg.cpu_cores)
-    .bind(reg.memory_mb)
-    .bind(reg.disk_gb)
-    .bind(reg.address)
-    .bind(reg.versions)
-    .bind(reg.agent_secret_generation)
-    .bind(reg.agent_secret_hash)
+    Ok(sqlx::query_as!(
+        Host,
+        r#"UPDATE hosts SET arch = $2, cpu_cores = $3, memory_mb = $4, disk_gb = $5, address = $6,
+               versions = $7, agent_secret_generation = $8, agent_secret_hash = $9,
+               status = 'online', last_heartbeat_at = now(), updated_at = now()
+           WHERE id = $1 AND status = 'pending'
+           RETURNING id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
+                     cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
+                     last_heartbeat_at, metadata, versions, agent_secret_generation,
+                     agent_secret_hash, created_by, created_at, updated_at"#,
+        id,
+        reg.arch,
+        reg.cpu_cores,
+        reg.memory_mb,
+        reg.disk_gb,
+        reg.address,
+        reg.versions,
+        reg.agent_secret_generation,
+        reg.agent_secret_hash,
+    )
     .fetch_optional(ex)
     .await?)
 }
@@ -146,13 +176,18 @@ pub async fn set_agent_secret(
     generation: i32,
     hash: &[u8],
 ) -> Result<Option<Host>, DbError> {
-    Ok(sqlx::query_as(&format!(
-        "UPDATE hosts SET agent_secret_generation = $2, agent_secret_hash = $3, updated_at = now()
-         WHERE id = $1 RETURNING {COLUMNS}"
-    ))
-    .bind(id)
-    .bind(generation)
-    .bind(hash)
+    Ok(sqlx::query_as!(
+        Host,
+        r#"UPDATE hosts SET agent_secret_generation = $2, agent_secret_hash = $3, updated_at = now()
+           WHERE id = $1
+           RETURNING id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
+                     cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
+                     last_heartbeat_at, metadata, versions, agent_secret_generation,
+                     agent_secret_hash, created_by, created_at, updated_at"#,
+        id,
+        generation,
+        hash,
+    )
     .fetch_optional(ex)
     .await?)
 }
@@ -160,35 +195,36 @@ pub async fn set_agent_secret(
 /// Records a heartbeat; an unreachable host comes back online. Returns the new status, or
 /// `None` when the host no longer exists.
 pub async fn heartbeat(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<HostStatus>, DbError> {
-    let status: Option<String> = sqlx::query_scalar(
-        "UPDATE hosts SET last_heartbeat_at = now(),
-             status = CASE WHEN status = 'unreachable' THEN 'online' ELSE status END,
-             updated_at = CASE WHEN status = 'unreachable' THEN now() ELSE updated_at END
-         WHERE id = $1 RETURNING status",
+    Ok(sqlx::query_scalar!(
+        r#"UPDATE hosts SET last_heartbeat_at = now(),
+               status = CASE WHEN status = 'unreachable' THEN 'online' ELSE status END,
+               updated_at = CASE WHEN status = 'unreachable' THEN now() ELSE updated_at END
+           WHERE id = $1 RETURNING status AS "status: HostStatus""#,
+        id,
     )
-    .bind(id)
     .fetch_optional(ex)
-    .await?;
-    status
-        .map(HostStatus::try_from)
-        .transpose()
-        .map_err(|e| DbError::Query(sqlx::Error::Decode(e.into())))
+    .await?)
 }
 
 /// Marks online hosts silent for longer than `silence` unreachable; returns their IDs.
-pub async fn mark_unreachable(ex: impl PgExecutor<'_>, silence: Duration) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar(
+pub async fn mark_unreachable(
+    ex: impl PgExecutor<'_>,
+    silence: Duration,
+) -> Result<Vec<Uuid>, DbError> {
+    Ok(sqlx::query_scalar!(
         "UPDATE hosts SET status = 'unreachable', updated_at = now()
          WHERE status = 'online' AND last_heartbeat_at < now() - make_interval(secs => $1)
          RETURNING id",
+        silence.as_secs_f64(),
     )
-    .bind(silence.as_secs_f64())
     .fetch_all(ex)
     .await?)
 }
 
 pub async fn delete(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, DbError> {
-    let done = sqlx::query("DELETE FROM hosts WHERE id = $1").bind(id).execute(ex).await?;
+    let done = sqlx::query!("DELETE FROM hosts WHERE id = $1", id)
+        .execute(ex)
+        .await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -199,22 +235,31 @@ pub async fn schedulable_for_team_locked(
     ex: impl PgExecutor<'_>,
     team: Uuid,
 ) -> Result<Vec<Host>, DbError> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM hosts
-         WHERE status = 'online' AND address IS NOT NULL
-           AND (type = 'regular' OR team_id = $1)
-         ORDER BY id FOR UPDATE"
-    ))
-    .bind(team)
+    Ok(sqlx::query_as!(
+        Host,
+        r#"SELECT id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
+                  cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
+                  last_heartbeat_at, metadata, versions, agent_secret_generation,
+                  agent_secret_hash, created_by, created_at, updated_at
+           FROM hosts
+           WHERE status = 'online' AND address IS NOT NULL AND (type = 'regular' OR team_id = $1)
+           ORDER BY id FOR UPDATE"#,
+        team,
+    )
     .fetch_all(ex)
     .await?)
 }
 
 /// Hosts that have registered (online or unreachable), for the reconciler.
 pub async fn list_registered(ex: impl PgExecutor<'_>) -> Result<Vec<Host>, DbError> {
-    Ok(sqlx::query_as(&format!(
-        "SELECT {COLUMNS} FROM hosts WHERE status <> 'pending' ORDER BY created_at, id"
-    ))
+    Ok(sqlx::query_as!(
+        Host,
+        r#"SELECT id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
+                  cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
+                  last_heartbeat_at, metadata, versions, agent_secret_generation,
+                  agent_secret_hash, created_by, created_at, updated_at
+           FROM hosts WHERE status <> 'pending' ORDER BY created_at, id"#,
+    )
     .fetch_all(ex)
     .await?)
 }

@@ -76,7 +76,7 @@ pub fn connect_lazy(url: &str) -> Result<Db, DbError> {
 
 /// Checks that the database answers a trivial query.
 pub async fn ping(db: &Db) -> Result<(), DbError> {
-    sqlx::query("SELECT 1").execute(db).await?;
+    sqlx::query_scalar!("SELECT 1").fetch_one(db).await?;
     Ok(())
 }
 
@@ -88,7 +88,8 @@ pub struct UnexpectedValue {
     pub value: String,
 }
 
-/// Enums stored as TEXT: `as_str` for binding and `TryFrom<String>` for `#[sqlx(try_from)]`.
+/// Enums stored as TEXT: `as_str` for binding, and decoding (with a typed error for values the
+/// code does not know) for `AS "column: Type"` overrides in checked queries.
 macro_rules! text_enum {
     ($(#[$doc:meta])* $name:ident, $column:literal { $($variant:ident => $text:literal),* $(,)? }) => {
         $(#[$doc])*
@@ -110,6 +111,23 @@ macro_rules! text_enum {
                     $($text => Ok(Self::$variant),)*
                     _ => Err($crate::db::UnexpectedValue { column: $column, value }),
                 }
+            }
+        }
+
+        impl sqlx::Type<sqlx::Postgres> for $name {
+            fn type_info() -> sqlx::postgres::PgTypeInfo {
+                <String as sqlx::Type<sqlx::Postgres>>::type_info()
+            }
+
+            fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+                <String as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+            }
+        }
+
+        impl<'r> sqlx::Decode<'r, sqlx::Postgres> for $name {
+            fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+                let text = <String as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+                Ok(Self::try_from(text)?)
             }
         }
 

@@ -9,8 +9,13 @@ use uuid::Uuid;
 use super::{text_enum, DbError};
 
 /// Statuses in which a sandbox holds resources on its host.
-pub const ACTIVE_STATUSES: &[&str] =
-    &["pending", "starting", "running", "pausing", "paused", "resuming", "stopping"];
+pub const ACTIVE_STATUSES: &[&str] = &[
+    "pending", "starting", "running", "pausing", "paused", "resuming", "stopping",
+];
+
+fn active() -> Vec<String> {
+    ACTIVE_STATUSES.iter().map(|s| (*s).to_owned()).collect()
+}
 
 pub struct NewSandbox {
     pub id: Uuid,
@@ -23,52 +28,58 @@ pub struct NewSandbox {
 }
 
 pub async fn insert(ex: impl PgExecutor<'_>, sandbox: NewSandbox) -> Result<(), DbError> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO sandboxes (id, team_id, host_id, template_id, status, vcpus, memory_mb)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        sandbox.id,
+        sandbox.team_id,
+        sandbox.host_id,
+        sandbox.template_id,
+        sandbox.status,
+        sandbox.vcpus,
+        sandbox.memory_mb,
     )
-    .bind(sandbox.id)
-    .bind(sandbox.team_id)
-    .bind(sandbox.host_id)
-    .bind(sandbox.template_id)
-    .bind(sandbox.status)
-    .bind(sandbox.vcpus)
-    .bind(sandbox.memory_mb)
     .execute(ex)
     .await?;
     Ok(())
 }
 
 pub async fn active_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar!(
         "SELECT id FROM sandboxes WHERE host_id = $1 AND status = ANY($2) ORDER BY created_at, id",
+        host,
+        &active(),
     )
-    .bind(host)
-    .bind(ACTIVE_STATUSES)
     .fetch_all(ex)
     .await?)
 }
 
 /// Marks the host's active sandboxes stopped and returns them.
-pub async fn stop_active_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar(
+pub async fn stop_active_on_host(
+    ex: impl PgExecutor<'_>,
+    host: Uuid,
+) -> Result<Vec<Uuid>, DbError> {
+    Ok(sqlx::query_scalar!(
         "UPDATE sandboxes SET status = 'stopped', last_updated = now()
          WHERE host_id = $1 AND status = ANY($2) RETURNING id",
+        host,
+        &active(),
     )
-    .bind(host)
-    .bind(ACTIVE_STATUSES)
     .fetch_all(ex)
     .await?)
 }
 
 /// Marks the team's active sandboxes stopped and returns them.
-pub async fn stop_active_for_team(ex: impl PgExecutor<'_>, team: Uuid) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar(
+pub async fn stop_active_for_team(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+) -> Result<Vec<Uuid>, DbError> {
+    Ok(sqlx::query_scalar!(
         "UPDATE sandboxes SET status = 'stopped', last_updated = now()
          WHERE team_id = $1 AND status = ANY($2) RETURNING id",
+        team,
+        &active(),
     )
-    .bind(team)
-    .bind(ACTIVE_STATUSES)
     .fetch_all(ex)
     .await?)
 }
@@ -91,13 +102,12 @@ text_enum! {
 }
 
 /// A sandbox with what its API representation needs from other tables.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct SandboxRow {
     pub id: Uuid,
     pub team_id: Uuid,
     pub host_id: Option<Uuid>,
     pub template: String,
-    #[sqlx(try_from = "String")]
     pub status: SandboxStatus,
     pub vcpus: i32,
     pub memory_mb: i32,
@@ -110,13 +120,6 @@ pub struct SandboxRow {
     pub metadata: Value,
     pub host_address: Option<String>,
 }
-
-const ROW_SELECT: &str = "SELECT s.id, s.team_id, s.host_id, t.name AS template, s.status, s.vcpus,
-        s.memory_mb, s.disk_mb, s.timeout_sec, s.created_at, s.started_at, s.last_active_at,
-        s.last_updated, s.metadata, h.address AS host_address
-    FROM sandboxes s
-    JOIN templates t ON t.id = s.template_id
-    LEFT JOIN hosts h ON h.id = s.host_id";
 
 /// A sandbox the scheduler has placed, inserted `pending` with its host.
 pub struct PlacedSandbox {
@@ -131,19 +134,19 @@ pub struct PlacedSandbox {
 }
 
 pub async fn insert_placed(ex: impl PgExecutor<'_>, s: &PlacedSandbox) -> Result<(), DbError> {
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO sandboxes (id, team_id, host_id, template_id, status, vcpus, memory_mb,
              disk_mb, timeout_sec)
          VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8)",
+        s.id,
+        s.team_id,
+        s.host_id,
+        s.template_id,
+        s.vcpus,
+        s.memory_mb,
+        s.disk_mb,
+        s.timeout_sec,
     )
-    .bind(s.id)
-    .bind(s.team_id)
-    .bind(s.host_id)
-    .bind(s.template_id)
-    .bind(s.vcpus)
-    .bind(s.memory_mb)
-    .bind(s.disk_mb)
-    .bind(s.timeout_sec)
     .execute(ex)
     .await?;
     Ok(())
@@ -155,13 +158,21 @@ pub async fn for_team(
     team: Uuid,
     id: Uuid,
 ) -> Result<Option<SandboxRow>, DbError> {
-    Ok(
-        sqlx::query_as(&format!("{ROW_SELECT} WHERE s.id = $1 AND s.team_id = $2"))
-            .bind(id)
-            .bind(team)
-            .fetch_optional(ex)
-            .await?,
+    Ok(sqlx::query_as!(
+        SandboxRow,
+        r#"SELECT s.id, s.team_id, s.host_id, t.name AS template, s.status AS "status: SandboxStatus",
+                  s.vcpus, s.memory_mb, s.disk_mb, s.timeout_sec, s.created_at, s.started_at,
+                  s.last_active_at, s.last_updated, s.metadata,
+                  h.address AS "host_address?"
+           FROM sandboxes s
+           JOIN templates t ON t.id = s.template_id
+           LEFT JOIN hosts h ON h.id = s.host_id
+           WHERE s.id = $1 AND s.team_id = $2"#,
+        id,
+        team,
     )
+    .fetch_optional(ex)
+    .await?)
 }
 
 /// The team's sandboxes that are not `stopped` or `error`, oldest first.
@@ -169,24 +180,32 @@ pub async fn list_live_for_team(
     ex: impl PgExecutor<'_>,
     team: Uuid,
 ) -> Result<Vec<SandboxRow>, DbError> {
-    Ok(sqlx::query_as(&format!(
-        "{ROW_SELECT} WHERE s.team_id = $1 AND s.status NOT IN ('stopped', 'error')
-         ORDER BY s.created_at, s.id"
-    ))
-    .bind(team)
+    Ok(sqlx::query_as!(
+        SandboxRow,
+        r#"SELECT s.id, s.team_id, s.host_id, t.name AS template, s.status AS "status: SandboxStatus",
+                  s.vcpus, s.memory_mb, s.disk_mb, s.timeout_sec, s.created_at, s.started_at,
+                  s.last_active_at, s.last_updated, s.metadata,
+                  h.address AS "host_address?"
+           FROM sandboxes s
+           JOIN templates t ON t.id = s.template_id
+           LEFT JOIN hosts h ON h.id = s.host_id
+           WHERE s.team_id = $1 AND s.status NOT IN ('stopped', 'error')
+           ORDER BY s.created_at, s.id"#,
+        team,
+    )
     .fetch_all(ex)
     .await?)
 }
 
 /// Records a successful create: `running`, started now, with what the agent reported.
 pub async fn mark_started(ex: impl PgExecutor<'_>, id: Uuid, metadata: &Value) -> Result<(), DbError> {
-    sqlx::query(
+    sqlx::query!(
         "UPDATE sandboxes SET status = 'running', metadata = $2, started_at = now(),
              last_active_at = now(), last_updated = now()
          WHERE id = $1",
+        id,
+        metadata,
     )
-    .bind(id)
-    .bind(metadata)
     .execute(ex)
     .await?;
     Ok(())
@@ -197,24 +216,25 @@ pub async fn set_status(
     id: Uuid,
     status: SandboxStatus,
 ) -> Result<(), DbError> {
-    sqlx::query("UPDATE sandboxes SET status = $2, last_updated = now() WHERE id = $1")
-        .bind(id)
-        .bind(status.as_str())
-        .execute(ex)
-        .await?;
+    sqlx::query!(
+        "UPDATE sandboxes SET status = $2, last_updated = now() WHERE id = $1",
+        id,
+        status.as_str(),
+    )
+    .execute(ex)
+    .await?;
     Ok(())
 }
 
 pub async fn touch(ex: impl PgExecutor<'_>, id: Uuid) -> Result<(), DbError> {
-    sqlx::query("UPDATE sandboxes SET last_active_at = now() WHERE id = $1")
-        .bind(id)
+    sqlx::query!("UPDATE sandboxes SET last_active_at = now() WHERE id = $1", id)
         .execute(ex)
         .await?;
     Ok(())
 }
 
 /// What a host has promised to its sandboxes, in the units the scheduler compares.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reserved {
     pub vcpus: i64,
     pub memory_mb: i64,
@@ -224,34 +244,36 @@ pub struct Reserved {
 /// Resources held on `host`: CPU and memory by every sandbox that may be running there, disk by
 /// every sandbox that still has files there (paused ones too).
 pub async fn reserved_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Reserved, DbError> {
-    Ok(sqlx::query_as(
-        "SELECT
-             COALESCE(SUM(vcpus) FILTER (WHERE status <> 'paused'), 0)::BIGINT AS vcpus,
-             COALESCE(SUM(memory_mb) FILTER (WHERE status <> 'paused'), 0)::BIGINT AS memory_mb,
-             COALESCE(SUM(disk_mb), 0)::BIGINT AS disk_mb
-         FROM sandboxes
-         WHERE host_id = $1 AND status NOT IN ('stopped', 'error')",
+    Ok(sqlx::query_as!(
+        Reserved,
+        r#"SELECT
+               COALESCE(SUM(vcpus) FILTER (WHERE status <> 'paused'), 0)::BIGINT AS "vcpus!",
+               COALESCE(SUM(memory_mb) FILTER (WHERE status <> 'paused'), 0)::BIGINT AS "memory_mb!",
+               COALESCE(SUM(disk_mb), 0)::BIGINT AS "disk_mb!"
+           FROM sandboxes
+           WHERE host_id = $1 AND status NOT IN ('stopped', 'error')"#,
+        host,
     )
-    .bind(host)
     .fetch_one(ex)
     .await?)
 }
 
 /// One sandbox as the reconciler sees it.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct HostSandbox {
     pub id: Uuid,
-    #[sqlx(try_from = "String")]
     pub status: SandboxStatus,
     pub last_updated: DateTime<Utc>,
 }
 
 /// Every sandbox placed on `host`, any status.
 pub async fn on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<HostSandbox>, DbError> {
-    Ok(sqlx::query_as(
-        "SELECT id, status, last_updated FROM sandboxes WHERE host_id = $1 ORDER BY created_at, id",
+    Ok(sqlx::query_as!(
+        HostSandbox,
+        r#"SELECT id, status AS "status: SandboxStatus", last_updated
+           FROM sandboxes WHERE host_id = $1 ORDER BY created_at, id"#,
+        host,
     )
-    .bind(host)
     .fetch_all(ex)
     .await?)
 }
@@ -265,14 +287,14 @@ pub async fn transition_if_unchanged(
     to: SandboxStatus,
     seen: DateTime<Utc>,
 ) -> Result<bool, DbError> {
-    let done = sqlx::query(
+    let done = sqlx::query!(
         "UPDATE sandboxes SET status = $3, last_updated = now()
          WHERE id = $1 AND status = $2 AND last_updated <= $4",
+        id,
+        from.as_str(),
+        to.as_str(),
+        seen,
     )
-    .bind(id)
-    .bind(from.as_str())
-    .bind(to.as_str())
-    .bind(seen)
     .execute(ex)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -280,16 +302,18 @@ pub async fn transition_if_unchanged(
 
 /// Marks the host's `running` sandboxes `missing`; returns them.
 pub async fn mark_missing_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_scalar!(
         "UPDATE sandboxes SET status = 'missing', last_updated = now()
          WHERE host_id = $1 AND status = 'running' RETURNING id",
+        host,
     )
-    .bind(host)
     .fetch_all(ex)
     .await?)
 }
 
 /// The database's clock, so comparisons with `last_updated` never mix two clocks.
 pub async fn db_now(ex: impl PgExecutor<'_>) -> Result<DateTime<Utc>, DbError> {
-    Ok(sqlx::query_scalar("SELECT now()").fetch_one(ex).await?)
+    Ok(sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
+        .fetch_one(ex)
+        .await?)
 }

@@ -17,11 +17,10 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Member {
     pub user_id: Uuid,
     pub email: String,
-    #[sqlx(try_from = "String")]
     pub role: Role,
     pub joined_at: DateTime<Utc>,
 }
@@ -33,67 +32,87 @@ pub async fn insert(
     role: Role,
     is_default: bool,
 ) -> Result<(), DbError> {
-    sqlx::query("INSERT INTO team_members (team_id, user_id, role, is_default) VALUES ($1, $2, $3, $4)")
-        .bind(team)
-        .bind(user)
-        .bind(role.as_str())
-        .bind(is_default)
-        .execute(ex)
-        .await?;
+    sqlx::query!(
+        "INSERT INTO team_members (team_id, user_id, role, is_default) VALUES ($1, $2, $3, $4)",
+        team,
+        user,
+        role.as_str(),
+        is_default,
+    )
+    .execute(ex)
+    .await?;
     Ok(())
 }
 
 /// The user's role in a live team, if they are a member.
-pub async fn role_of(ex: impl PgExecutor<'_>, team: Uuid, user: Uuid) -> Result<Option<Role>, DbError> {
-    let role: Option<String> = sqlx::query_scalar(
-        "SELECT m.role FROM team_members m JOIN teams t ON t.id = m.team_id
-         WHERE m.team_id = $1 AND m.user_id = $2 AND t.deleted_at IS NULL",
+pub async fn role_of(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    user: Uuid,
+) -> Result<Option<Role>, DbError> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT m.role AS "role: Role" FROM team_members m JOIN teams t ON t.id = m.team_id
+           WHERE m.team_id = $1 AND m.user_id = $2 AND t.deleted_at IS NULL"#,
+        team,
+        user,
     )
-    .bind(team)
-    .bind(user)
     .fetch_optional(ex)
-    .await?;
-    role.map(Role::try_from).transpose().map_err(|e| DbError::Query(sqlx::Error::Decode(e.into())))
+    .await?)
 }
 
 pub async fn list(ex: impl PgExecutor<'_>, team: Uuid) -> Result<Vec<Member>, DbError> {
-    Ok(sqlx::query_as(
-        "SELECT m.user_id, u.email, m.role, m.created_at AS joined_at
-         FROM team_members m JOIN users u ON u.id = m.user_id
-         WHERE m.team_id = $1 ORDER BY m.created_at, m.user_id",
+    Ok(sqlx::query_as!(
+        Member,
+        r#"SELECT m.user_id, u.email, m.role AS "role: Role", m.created_at AS joined_at
+           FROM team_members m JOIN users u ON u.id = m.user_id
+           WHERE m.team_id = $1 ORDER BY m.created_at, m.user_id"#,
+        team,
     )
-    .bind(team)
     .fetch_all(ex)
     .await?)
 }
 
-pub async fn get(ex: impl PgExecutor<'_>, team: Uuid, user: Uuid) -> Result<Option<Member>, DbError> {
-    Ok(sqlx::query_as(
-        "SELECT m.user_id, u.email, m.role, m.created_at AS joined_at
-         FROM team_members m JOIN users u ON u.id = m.user_id
-         WHERE m.team_id = $1 AND m.user_id = $2",
+pub async fn get(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    user: Uuid,
+) -> Result<Option<Member>, DbError> {
+    Ok(sqlx::query_as!(
+        Member,
+        r#"SELECT m.user_id, u.email, m.role AS "role: Role", m.created_at AS joined_at
+           FROM team_members m JOIN users u ON u.id = m.user_id
+           WHERE m.team_id = $1 AND m.user_id = $2"#,
+        team,
+        user,
     )
-    .bind(team)
-    .bind(user)
     .fetch_optional(ex)
     .await?)
 }
 
-pub async fn set_role(ex: impl PgExecutor<'_>, team: Uuid, user: Uuid, role: Role) -> Result<bool, DbError> {
-    let done = sqlx::query("UPDATE team_members SET role = $3 WHERE team_id = $1 AND user_id = $2")
-        .bind(team)
-        .bind(user)
-        .bind(role.as_str())
-        .execute(ex)
-        .await?;
+pub async fn set_role(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    user: Uuid,
+    role: Role,
+) -> Result<bool, DbError> {
+    let done = sqlx::query!(
+        "UPDATE team_members SET role = $3 WHERE team_id = $1 AND user_id = $2",
+        team,
+        user,
+        role.as_str(),
+    )
+    .execute(ex)
+    .await?;
     Ok(done.rows_affected() == 1)
 }
 
 pub async fn remove(ex: impl PgExecutor<'_>, team: Uuid, user: Uuid) -> Result<bool, DbError> {
-    let done = sqlx::query("DELETE FROM team_members WHERE team_id = $1 AND user_id = $2")
-        .bind(team)
-        .bind(user)
-        .execute(ex)
-        .await?;
+    let done = sqlx::query!(
+        "DELETE FROM team_members WHERE team_id = $1 AND user_id = $2",
+        team,
+        user
+    )
+    .execute(ex)
+    .await?;
     Ok(done.rows_affected() == 1)
 }

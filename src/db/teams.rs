@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::team_members::Role;
 use super::DbError;
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Team {
     pub id: Uuid,
     pub name: String,
@@ -16,11 +16,9 @@ pub struct Team {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct TeamWithRole {
-    #[sqlx(flatten)]
     pub team: Team,
-    #[sqlx(try_from = "String")]
     pub role: Role,
     pub is_default: bool,
 }
@@ -31,51 +29,73 @@ pub async fn insert(
     name: &str,
     slug: &str,
 ) -> Result<Team, DbError> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as!(
+        Team,
         "INSERT INTO teams (id, name, slug) VALUES ($1, $2, $3) RETURNING id, name, slug, created_at",
+        id,
+        name,
+        slug,
     )
-    .bind(id)
-    .bind(name)
-    .bind(slug)
     .fetch_one(ex)
     .await?)
 }
 
 pub async fn by_id(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Team>, DbError> {
-    Ok(sqlx::query_as(
+    Ok(sqlx::query_as!(
+        Team,
         "SELECT id, name, slug, created_at FROM teams WHERE id = $1 AND deleted_at IS NULL",
+        id,
     )
-    .bind(id)
     .fetch_optional(ex)
     .await?)
 }
 
 /// The live teams a user belongs to, default team first.
-pub async fn list_for_user(ex: impl PgExecutor<'_>, user: Uuid) -> Result<Vec<TeamWithRole>, DbError> {
-    Ok(sqlx::query_as(
-        "SELECT t.id, t.name, t.slug, t.created_at, m.role, m.is_default
-         FROM team_members m JOIN teams t ON t.id = m.team_id
-         WHERE m.user_id = $1 AND t.deleted_at IS NULL
-         ORDER BY m.is_default DESC, t.created_at, t.id",
+pub async fn list_for_user(
+    ex: impl PgExecutor<'_>,
+    user: Uuid,
+) -> Result<Vec<TeamWithRole>, DbError> {
+    let rows = sqlx::query!(
+        r#"SELECT t.id, t.name, t.slug, t.created_at, m.role AS "role: Role", m.is_default
+           FROM team_members m JOIN teams t ON t.id = m.team_id
+           WHERE m.user_id = $1 AND t.deleted_at IS NULL
+           ORDER BY m.is_default DESC, t.created_at, t.id"#,
+        user,
     )
-    .bind(user)
     .fetch_all(ex)
-    .await?)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| TeamWithRole {
+            team: Team {
+                id: r.id,
+                name: r.name,
+                slug: r.slug,
+                created_at: r.created_at,
+            },
+            role: r.role,
+            is_default: r.is_default,
+        })
+        .collect())
 }
 
 pub async fn rename(ex: impl PgExecutor<'_>, id: Uuid, name: &str) -> Result<bool, DbError> {
-    let done = sqlx::query("UPDATE teams SET name = $2 WHERE id = $1 AND deleted_at IS NULL")
-        .bind(id)
-        .bind(name)
-        .execute(ex)
-        .await?;
+    let done = sqlx::query!(
+        "UPDATE teams SET name = $2 WHERE id = $1 AND deleted_at IS NULL",
+        id,
+        name
+    )
+    .execute(ex)
+    .await?;
     Ok(done.rows_affected() == 1)
 }
 
 pub async fn soft_delete(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, DbError> {
-    let done = sqlx::query("UPDATE teams SET deleted_at = now() WHERE id = $1 AND deleted_at IS NULL")
-        .bind(id)
-        .execute(ex)
-        .await?;
+    let done = sqlx::query!(
+        "UPDATE teams SET deleted_at = now() WHERE id = $1 AND deleted_at IS NULL",
+        id
+    )
+    .execute(ex)
+    .await?;
     Ok(done.rows_affected() == 1)
 }

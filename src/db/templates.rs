@@ -11,12 +11,11 @@ text_enum! {
     TemplateType, "templates.type" { Base => "base", Snapshot => "snapshot" }
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct Template {
     pub id: Uuid,
     pub team_id: Uuid,
     pub name: String,
-    #[sqlx(rename = "type", try_from = "String")]
     pub template_type: TemplateType,
     pub vcpus: i32,
     pub memory_mb: i32,
@@ -28,14 +27,16 @@ pub async fn visible_by_name(
     team: Uuid,
     name: &str,
 ) -> Result<Option<Template>, DbError> {
-    Ok(sqlx::query_as(
-        "SELECT id, team_id, name, type, vcpus, memory_mb FROM templates
-         WHERE name = $1 AND team_id IN ($2, $3)
-         ORDER BY (team_id = $2) DESC LIMIT 1",
+    Ok(sqlx::query_as!(
+        Template,
+        r#"SELECT id, team_id, name, type AS "template_type: TemplateType", vcpus, memory_mb
+           FROM templates
+           WHERE name = $1 AND team_id IN ($2, $3)
+           ORDER BY (team_id = $2) DESC LIMIT 1"#,
+        name,
+        team,
+        TeamId::PLATFORM.uuid(),
     )
-    .bind(name)
-    .bind(team)
-    .bind(TeamId::PLATFORM.uuid())
     .fetch_optional(ex)
     .await?)
 }

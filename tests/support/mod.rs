@@ -37,8 +37,10 @@ pub struct TestCp {
 }
 
 /// The monitor of a default server: slow enough never to interfere with a test.
-pub const QUIET_MONITOR: MonitorSettings =
-    MonitorSettings { interval: Duration::from_secs(3600), unreachable_after: Duration::from_secs(3600) };
+pub const QUIET_MONITOR: MonitorSettings = MonitorSettings {
+    interval: Duration::from_secs(3600),
+    unreachable_after: Duration::from_secs(3600),
+};
 
 impl TestCp {
     pub async fn start() -> Self {
@@ -46,8 +48,14 @@ impl TestCp {
     }
 
     pub async fn start_with(monitor: MonitorSettings) -> Self {
-        let _ = tracing_subscriber::fmt().with_env_filter("wrenn=warn").with_test_writer().try_init();
-        let pg = tokio::task::spawn_blocking(PgCluster::start).await.unwrap().expect("postgres starts");
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("wrenn=warn")
+            .with_test_writer()
+            .try_init();
+        let pg = tokio::task::spawn_blocking(PgCluster::start)
+            .await
+            .unwrap()
+            .expect("postgres starts");
         let db = db::connect_lazy(&pg.url()).unwrap();
         migrate::up(&db).await.expect("migrations apply");
         let state = AppState::new(db.clone(), TokenKeys::new(JWT_SECRET).unwrap());
@@ -65,7 +73,15 @@ impl TestCp {
             }
         });
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Self { pg, db, addr, state, client, shutdown: Some(tx), server: Some(server) }
+        Self {
+            pg,
+            db,
+            addr,
+            state,
+            client,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
     }
 
     pub async fn stop(mut self) {
@@ -87,30 +103,50 @@ impl TestCp {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> (StatusCode, Value) {
-        let mut req = Request::builder().method(method).uri(format!("http://{}{path}", self.addr));
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
         for (name, value) in headers {
             req = req.header(*name, *value);
         }
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
-        let response = self.client.request(req.body(Full::new(Bytes::from(body))).unwrap()).await.unwrap();
+        let response = self
+            .client
+            .request(req.body(Full::new(Bytes::from(body))).unwrap())
+            .await
+            .unwrap();
         let status = response.status();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let value = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
         (status, value)
     }
 
-    pub async fn call(&self, method: Method, path: &str, auth: &Auth, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        auth: &Auth,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let headers = auth.headers();
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         match body {
             Some(body) => {
-                self.raw(method, path, &headers, Some("application/json"), serde_json::to_vec(&body).unwrap()).await
+                self.raw(
+                    method,
+                    path,
+                    &headers,
+                    Some("application/json"),
+                    serde_json::to_vec(&body).unwrap(),
+                )
+                .await
             }
             None => self.raw(method, path, &headers, None, Vec::new()).await,
         }
@@ -132,8 +168,14 @@ impl TestCp {
 
     /// Switches `user` to `team` and returns the new session.
     pub async fn switch(&self, user: &User, team: &str) -> User {
-        let (status, body) =
-            self.call(Method::POST, "/v1/auth/switch-team", &user.auth(), Some(json!({"team_id": team}))).await;
+        let (status, body) = self
+            .call(
+                Method::POST,
+                "/v1/auth/switch-team",
+                &user.auth(),
+                Some(json!({"team_id": team})),
+            )
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         User::from_auth(&body)
     }
@@ -185,5 +227,10 @@ impl Auth {
 pub fn assert_error(status: StatusCode, body: &Value, want_status: StatusCode, want_code: &str) {
     assert_eq!(status, want_status, "{body}");
     assert_eq!(body["error"]["code"], want_code, "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
 }

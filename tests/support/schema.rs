@@ -10,7 +10,10 @@ pub struct Spec {
 
 impl Spec {
     pub fn reference() -> Self {
-        Self::load(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference/wrenn-v1-openapi.yaml"))
+        Self::load(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/reference/wrenn-v1-openapi.yaml"
+        ))
     }
 
     pub fn ours() -> Self {
@@ -19,12 +22,16 @@ impl Spec {
 
     pub fn load(path: &str) -> Self {
         let text = std::fs::read_to_string(path).unwrap();
-        Self { doc: serde_yaml::from_str(&text).unwrap() }
+        Self {
+            doc: serde_yaml::from_str(&text).unwrap(),
+        }
     }
 
     fn resolve<'a>(&'a self, reference: &str) -> &'a Value {
         let pointer = reference.strip_prefix('#').expect("local $ref");
-        self.doc.pointer(pointer).unwrap_or_else(|| panic!("unresolved $ref {reference}"))
+        self.doc
+            .pointer(pointer)
+            .unwrap_or_else(|| panic!("unresolved $ref {reference}"))
     }
 
     /// Checks `value` against components/schemas/`name`.
@@ -40,18 +47,27 @@ impl Spec {
     pub fn check_response(&self, method: &str, path: &str, status: u16, value: &Value) {
         let op = self
             .doc
-            .pointer(&format!("/paths/{}/{}", path.replace('~', "~0").replace('/', "~1"), method.to_lowercase()))
+            .pointer(&format!(
+                "/paths/{}/{}",
+                path.replace('~', "~0").replace('/', "~1"),
+                method.to_lowercase()
+            ))
             .unwrap_or_else(|| panic!("{method} {path} is not in the spec"));
-        let response = op["responses"]
-            .get(status.to_string())
-            .unwrap_or_else(|| panic!("{method} {path}: status {status} is not declared in the spec"));
+        let response = op["responses"].get(status.to_string()).unwrap_or_else(|| {
+            panic!("{method} {path}: status {status} is not declared in the spec")
+        });
         match response.pointer("/content/application~1json/schema") {
             Some(schema) => {
                 if let Err(e) = self.check(schema, value, "$") {
-                    panic!("{method} {path} {status} does not match the spec: {e}\nvalue: {value:#}");
+                    panic!(
+                        "{method} {path} {status} does not match the spec: {e}\nvalue: {value:#}"
+                    );
                 }
             }
-            None => assert!(value.is_null(), "{method} {path} {status}: spec declares no body, got {value}"),
+            None => assert!(
+                value.is_null(),
+                "{method} {path} {status}: spec declares no body, got {value}"
+            ),
         }
     }
 
@@ -91,17 +107,24 @@ impl Spec {
         }
         if schema.get("format").and_then(Value::as_str) == Some("date-time") {
             if let Some(s) = value.as_str() {
-                chrono::DateTime::parse_from_rfc3339(s).map_err(|e| format!("{at}: `{s}` is not date-time: {e}"))?;
+                chrono::DateTime::parse_from_rfc3339(s)
+                    .map_err(|e| format!("{at}: `{s}` is not date-time: {e}"))?;
             }
         }
-        if let (Some(required), Some(obj)) = (schema.get("required").and_then(Value::as_array), value.as_object()) {
+        if let (Some(required), Some(obj)) = (
+            schema.get("required").and_then(Value::as_array),
+            value.as_object(),
+        ) {
             for field in required.iter().filter_map(Value::as_str) {
                 if !obj.contains_key(field) {
                     return Err(format!("{at}: required property `{field}` is missing"));
                 }
             }
         }
-        if let (Some(props), Some(obj)) = (schema.get("properties").and_then(Value::as_object), value.as_object()) {
+        if let (Some(props), Some(obj)) = (
+            schema.get("properties").and_then(Value::as_object),
+            value.as_object(),
+        ) {
             for (name, sub) in props {
                 if let Some(v) = obj.get(name) {
                     self.check(sub, v, &format!("{at}.{name}"))?;
@@ -146,8 +169,18 @@ fn checker_rejects_what_it_should() {
     bad = host.clone();
     bad["created_at"] = "yesterday".into();
     assert!(spec.check(&schema, &bad, "$").is_err());
-    let req = spec.resolve("#/components/schemas/RegisterHostRequest").clone();
-    assert!(spec.check(&req, &serde_json::json!({"token": "t"}), "$").is_err(), "missing required address");
+    let req = spec
+        .resolve("#/components/schemas/RegisterHostRequest")
+        .clone();
+    assert!(
+        spec.check(&req, &serde_json::json!({"token": "t"}), "$")
+            .is_err(),
+        "missing required address"
+    );
     let team = spec.resolve("#/components/schemas/TeamWithRole").clone();
-    assert!(spec.check(&team, &serde_json::json!({"id": "t", "role": "boss"}), "$").is_err(), "allOf enum");
+    assert!(
+        spec.check(&team, &serde_json::json!({"id": "t", "role": "boss"}), "$")
+            .is_err(),
+        "allOf enum"
+    );
 }

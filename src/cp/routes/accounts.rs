@@ -52,7 +52,13 @@ pub struct AuthResponse {
 
 impl From<Session> for AuthResponse {
     fn from(s: Session) -> Self {
-        Self { token: s.token, user_id: s.user_id, team_id: s.team_id, email: s.email, name: s.name }
+        Self {
+            token: s.token,
+            user_id: s.user_id,
+            team_id: s.team_id,
+            email: s.email,
+            name: s.name,
+        }
     }
 }
 
@@ -82,7 +88,10 @@ pub async fn signup(
         name: DisplayName::parse("name", &req.name)?,
     };
     let session = accounts::signup(&state.db, &state.tokens, signup).await?;
-    let body = SignupResponse { message: "account created; you are signed in", session: session.into() };
+    let body = SignupResponse {
+        message: "account created; you are signed in",
+        session: session.into(),
+    };
     Ok((StatusCode::CREATED, Json(body)))
 }
 
@@ -90,7 +99,11 @@ pub async fn login(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<Json<AuthResponse>, ApiError> {
-    Ok(Json(accounts::login(&state.db, &state.tokens, &req.email, &req.password).await?.into()))
+    Ok(Json(
+        accounts::login(&state.db, &state.tokens, &req.email, &req.password)
+            .await?
+            .into(),
+    ))
 }
 
 pub async fn switch_team(
@@ -98,12 +111,24 @@ pub async fn switch_team(
     caller: AuthUser,
     ApiJson(req): ApiJson<SwitchTeamRequest>,
 ) -> Result<Json<AuthResponse>, ApiError> {
-    let team: TeamId = req.team_id.parse().map_err(|e| ApiError::InvalidRequest(format!("invalid field `team_id`: {e}")))?;
-    Ok(Json(accounts::switch_team(&state.db, &state.tokens, &caller.user, team).await?.into()))
+    let team: TeamId = req
+        .team_id
+        .parse()
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid field `team_id`: {e}")))?;
+    Ok(Json(
+        accounts::switch_team(&state.db, &state.tokens, &caller.user, team)
+            .await?
+            .into(),
+    ))
 }
 
 pub async fn me(caller: AuthUser) -> Json<MeResponse> {
-    Json(MeResponse { name: caller.user.name, email: caller.user.email, has_password: true, providers: Vec::new() })
+    Json(MeResponse {
+        name: caller.user.name,
+        email: caller.user.email,
+        has_password: true,
+        providers: Vec::new(),
+    })
 }
 
 pub async fn rename_me(
@@ -112,5 +137,9 @@ pub async fn rename_me(
     ApiJson(req): ApiJson<RenameRequest>,
 ) -> Result<Json<AuthResponse>, ApiError> {
     let name = DisplayName::parse("name", &req.name)?;
-    Ok(Json(accounts::rename(&state.db, &state.tokens, &caller.user, caller.team_id, name).await?.into()))
+    Ok(Json(
+        accounts::rename(&state.db, &state.tokens, &caller.user, caller.team_id, name)
+            .await?
+            .into(),
+    ))
 }

@@ -57,12 +57,22 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<ApiKeyResponse>), ApiError> {
     let name = KeyName::parse("name", req.name.as_deref().unwrap_or(KeyName::DEFAULT))?;
     let (key, plaintext) = api_keys::create(&state.db, &caller, name).await?;
-    Ok((StatusCode::CREATED, Json(ApiKeyResponse::new(key, Some(plaintext)))))
+    Ok((
+        StatusCode::CREATED,
+        Json(ApiKeyResponse::new(key, Some(plaintext))),
+    ))
 }
 
-pub async fn list(State(state): State<AppState>, caller: AuthTeam) -> Result<Json<Vec<ApiKeyResponse>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    caller: AuthTeam,
+) -> Result<Json<Vec<ApiKeyResponse>>, ApiError> {
     let keys = api_keys::list(&state.db, caller.team_id).await?;
-    Ok(Json(keys.into_iter().map(|k| ApiKeyResponse::new(k, None)).collect()))
+    Ok(Json(
+        keys.into_iter()
+            .map(|k| ApiKeyResponse::new(k, None))
+            .collect(),
+    ))
 }
 
 pub async fn revoke(

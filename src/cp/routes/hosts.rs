@@ -131,7 +131,12 @@ pub struct HostCredentialsResponse {
 
 impl From<HostCredentials> for HostCredentialsResponse {
     fn from(c: HostCredentials) -> Self {
-        Self { host: c.host.into(), token: c.token, refresh_token: c.refresh_token, agent_secret: c.agent_secret }
+        Self {
+            host: c.host.into(),
+            token: c.token,
+            refresh_token: c.refresh_token,
+            agent_secret: c.agent_secret,
+        }
     }
 }
 
@@ -147,7 +152,11 @@ fn host_path(raw: &str) -> Result<HostId, ApiError> {
 
 fn field<T: TryFrom<u64>>(name: &str, value: Option<u64>) -> Result<Option<T>, ApiError> {
     value
-        .map(|v| T::try_from(v).map_err(|_| ApiError::InvalidRequest(format!("invalid field `{name}`: {v} is too large"))))
+        .map(|v| {
+            T::try_from(v).map_err(|_| {
+                ApiError::InvalidRequest(format!("invalid field `{name}`: {v} is too large"))
+            })
+        })
         .transpose()
 }
 
@@ -163,15 +172,38 @@ pub async fn create(
         availability_zone: req.availability_zone,
     };
     let (host, token) = hosts::create(&state.db, &caller, request).await?;
-    Ok((StatusCode::CREATED, Json(CreateHostResponse { host: host.into(), registration_token: token })))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateHostResponse {
+            host: host.into(),
+            registration_token: token,
+        }),
+    ))
 }
 
-pub async fn list(State(state): State<AppState>, caller: AuthUser) -> Result<Json<Vec<HostView>>, ApiError> {
-    Ok(Json(hosts::list(&state.db, &caller).await?.into_iter().map(Into::into).collect()))
+pub async fn list(
+    State(state): State<AppState>,
+    caller: AuthUser,
+) -> Result<Json<Vec<HostView>>, ApiError> {
+    Ok(Json(
+        hosts::list(&state.db, &caller)
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    ))
 }
 
-pub async fn get(State(state): State<AppState>, caller: AuthUser, Path(id): Path<String>) -> Result<Json<HostView>, ApiError> {
-    Ok(Json(hosts::get(&state.db, &caller, host_path(&id)?).await?.into()))
+pub async fn get(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<HostView>, ApiError> {
+    Ok(Json(
+        hosts::get(&state.db, &caller, host_path(&id)?)
+            .await?
+            .into(),
+    ))
 }
 
 pub async fn delete(
@@ -190,7 +222,10 @@ pub async fn delete_preview(
     Path(id): Path<String>,
 ) -> Result<Json<DeletePreview>, ApiError> {
     let (host, sandbox_ids) = hosts::delete_preview(&state.db, &caller, host_path(&id)?).await?;
-    Ok(Json(DeletePreview { host: host.into(), sandbox_ids }))
+    Ok(Json(DeletePreview {
+        host: host.into(),
+        sandbox_ids,
+    }))
 }
 
 pub async fn regenerate_token(
@@ -199,7 +234,13 @@ pub async fn regenerate_token(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<CreateHostResponse>), ApiError> {
     let (host, token) = hosts::regenerate_token(&state.db, &caller, host_path(&id)?).await?;
-    Ok((StatusCode::CREATED, Json(CreateHostResponse { host: host.into(), registration_token: token })))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreateHostResponse {
+            host: host.into(),
+            registration_token: token,
+        }),
+    ))
 }
 
 pub async fn register(
@@ -235,11 +276,21 @@ pub async fn refresh(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<RefreshRequest>,
 ) -> Result<Json<HostCredentialsResponse>, ApiError> {
-    Ok(Json(hosts::refresh(&state.db, &state.tokens, &req.refresh_token).await?.into()))
+    Ok(Json(
+        hosts::refresh(&state.db, &state.tokens, &req.refresh_token)
+            .await?
+            .into(),
+    ))
 }
 
-pub async fn tags(State(state): State<AppState>, caller: AuthUser, Path(id): Path<String>) -> Result<Json<Vec<String>>, ApiError> {
-    Ok(Json(hosts::tags(&state.db, &caller, host_path(&id)?).await?))
+pub async fn tags(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<String>>, ApiError> {
+    Ok(Json(
+        hosts::tags(&state.db, &caller, host_path(&id)?).await?,
+    ))
 }
 
 pub async fn add_tag(

@@ -15,7 +15,10 @@ pub const OPENAPI_YAML: &str = include_str!("../../../docs/openapi.yaml");
 pub async fn health(State(state): State<AppState>) -> impl IntoResponse {
     let version = crate::version::VERSION;
     match db::ping(&state.db).await {
-        Ok(()) => (StatusCode::OK, Json(json!({ "status": "ok", "version": version, "database": "ok" }))),
+        Ok(()) => (
+            StatusCode::OK,
+            Json(json!({ "status": "ok", "version": version, "database": "ok" })),
+        ),
         Err(error) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({

@@ -68,47 +68,82 @@ macro_rules! capsule_routes {
     }};
 }
 
+fn capsule_api(routes: Routes) -> Routes {
+    let routes = capsule_routes!(routes, "/v1/capsules");
+    capsule_routes!(routes, "/v1/sandboxes")
+}
+
 fn api() -> Routes {
     use axum::routing::{delete, get, patch, post};
     let routes = Routes::default()
         .add(Method::POST, "/v1/auth/signup", post(accounts::signup))
         .add(Method::POST, "/v1/auth/login", post(accounts::login))
-        .add(Method::POST, "/v1/auth/switch-team", post(accounts::switch_team))
+        .add(
+            Method::POST,
+            "/v1/auth/switch-team",
+            post(accounts::switch_team),
+        )
         .add(Method::GET, "/v1/me", get(accounts::me))
         .add(Method::PATCH, "/v1/me", patch(accounts::rename_me))
         .add(Method::POST, "/v1/api-keys", post(api_keys::create))
         .add(Method::GET, "/v1/api-keys", get(api_keys::list))
-        .add(Method::DELETE, "/v1/api-keys/{id}", delete(api_keys::revoke))
+        .add(
+            Method::DELETE,
+            "/v1/api-keys/{id}",
+            delete(api_keys::revoke),
+        )
         .add(Method::GET, "/v1/teams", get(teams::list))
         .add(Method::POST, "/v1/teams", post(teams::create))
         .add(Method::GET, "/v1/teams/{id}", get(teams::get))
         .add(Method::PATCH, "/v1/teams/{id}", patch(teams::rename))
         .add(Method::DELETE, "/v1/teams/{id}", delete(teams::delete))
         .add(Method::GET, "/v1/teams/{id}/members", get(teams::members))
-        .add(Method::POST, "/v1/teams/{id}/members", post(teams::add_member))
-        .add(Method::PATCH, "/v1/teams/{id}/members/{uid}", patch(teams::set_member_role))
-        .add(Method::DELETE, "/v1/teams/{id}/members/{uid}", delete(teams::remove_member))
+        .add(
+            Method::POST,
+            "/v1/teams/{id}/members",
+            post(teams::add_member),
+        )
+        .add(
+            Method::PATCH,
+            "/v1/teams/{id}/members/{uid}",
+            patch(teams::set_member_role),
+        )
+        .add(
+            Method::DELETE,
+            "/v1/teams/{id}/members/{uid}",
+            delete(teams::remove_member),
+        )
         .add(Method::POST, "/v1/teams/{id}/leave", post(teams::leave))
         .add(Method::POST, "/v1/hosts", post(hosts::create))
         .add(Method::GET, "/v1/hosts", get(hosts::list))
         .add(Method::GET, "/v1/hosts/{id}", get(hosts::get))
         .add(Method::DELETE, "/v1/hosts/{id}", delete(hosts::delete))
-        .add(Method::POST, "/v1/hosts/{id}/token", post(hosts::regenerate_token))
+        .add(
+            Method::POST,
+            "/v1/hosts/{id}/token",
+            post(hosts::regenerate_token),
+        )
         .add(Method::POST, "/v1/hosts/register", post(hosts::register))
-        .add(Method::POST, "/v1/hosts/{id}/heartbeat", post(hosts::heartbeat))
+        .add(
+            Method::POST,
+            "/v1/hosts/{id}/heartbeat",
+            post(hosts::heartbeat),
+        )
         .add(Method::POST, "/v1/hosts/auth/refresh", post(hosts::refresh))
-        .add(Method::GET, "/v1/hosts/{id}/delete-preview", get(hosts::delete_preview))
+        .add(
+            Method::GET,
+            "/v1/hosts/{id}/delete-preview",
+            get(hosts::delete_preview),
+        )
         .add(Method::GET, "/v1/hosts/{id}/tags", get(hosts::tags))
         .add(Method::POST, "/v1/hosts/{id}/tags", post(hosts::add_tag))
-        .add(Method::DELETE, "/v1/hosts/{id}/tags/{tag}", delete(hosts::remove_tag));
+        .add(
+            Method::DELETE,
+            "/v1/hosts/{id}/tags/{tag}",
+            delete(hosts::remove_tag),
+        );
     capsule_api(routes)
 }
-
-fn capsule_api(routes: Routes) -> Routes {
-    let routes = capsule_routes!(routes, "/v1/capsules");
-    capsule_routes!(routes, "/v1/sandboxes")
-}
-
 
 fn unversioned() -> Routes {
     use axum::routing::get;

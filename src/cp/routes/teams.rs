@@ -53,7 +53,12 @@ pub struct TeamView {
 
 impl From<Team> for TeamView {
     fn from(t: Team) -> Self {
-        Self { id: TeamId(t.id), name: t.name, slug: t.slug, created_at: t.created_at }
+        Self {
+            id: TeamId(t.id),
+            name: t.name,
+            slug: t.slug,
+            created_at: t.created_at,
+        }
     }
 }
 
@@ -66,7 +71,10 @@ pub struct TeamWithRoleView {
 
 impl From<TeamWithRole> for TeamWithRoleView {
     fn from(t: TeamWithRole) -> Self {
-        Self { team: t.team.into(), role: t.role }
+        Self {
+            team: t.team.into(),
+            role: t.role,
+        }
     }
 }
 
@@ -80,7 +88,12 @@ pub struct MemberView {
 
 impl From<Member> for MemberView {
     fn from(m: Member) -> Self {
-        Self { user_id: UserId(m.user_id), email: m.email, role: m.role, joined_at: m.joined_at }
+        Self {
+            user_id: UserId(m.user_id),
+            email: m.email,
+            role: m.role,
+            joined_at: m.joined_at,
+        }
     }
 }
 
@@ -94,8 +107,17 @@ fn team_path(raw: &str) -> Result<TeamId, ApiError> {
     path_id("id", raw)
 }
 
-pub async fn list(State(state): State<AppState>, caller: AuthUser) -> Result<Json<Vec<TeamWithRoleView>>, ApiError> {
-    Ok(Json(teams::list(&state.db, &caller).await?.into_iter().map(Into::into).collect()))
+pub async fn list(
+    State(state): State<AppState>,
+    caller: AuthUser,
+) -> Result<Json<Vec<TeamWithRoleView>>, ApiError> {
+    Ok(Json(
+        teams::list(&state.db, &caller)
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+    ))
 }
 
 pub async fn create(
@@ -104,7 +126,10 @@ pub async fn create(
     ApiJson(req): ApiJson<NameRequest>,
 ) -> Result<(StatusCode, Json<TeamWithRoleView>), ApiError> {
     let name = TeamName::parse("name", &req.name)?;
-    Ok((StatusCode::CREATED, Json(teams::create(&state.db, &caller, name).await?.into())))
+    Ok((
+        StatusCode::CREATED,
+        Json(teams::create(&state.db, &caller, name).await?.into()),
+    ))
 }
 
 pub async fn get(
@@ -113,7 +138,10 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<TeamDetail>, ApiError> {
     let (team, members) = teams::get(&state.db, &caller, team_path(&id)?).await?;
-    Ok(Json(TeamDetail { team: team.into(), members: members.into_iter().map(Into::into).collect() }))
+    Ok(Json(TeamDetail {
+        team: team.into(),
+        members: members.into_iter().map(Into::into).collect(),
+    }))
 }
 
 pub async fn rename(
@@ -123,7 +151,13 @@ pub async fn rename(
     ApiJson(req): ApiJson<NameRequest>,
 ) -> Result<StatusCode, ApiError> {
     let team = team_path(&id)?;
-    teams::rename(&state.db, &caller, team, TeamName::parse("name", &req.name)?).await?;
+    teams::rename(
+        &state.db,
+        &caller,
+        team,
+        TeamName::parse("name", &req.name)?,
+    )
+    .await?;
     Ok(no_content())
 }
 
@@ -152,7 +186,8 @@ pub async fn add_member(
     ApiJson(req): ApiJson<AddMemberRequest>,
 ) -> Result<(StatusCode, Json<MemberView>), ApiError> {
     let team = team_path(&id)?;
-    let member = teams::add_member(&state.db, &caller, team, Email::parse("email", &req.email)?).await?;
+    let member =
+        teams::add_member(&state.db, &caller, team, Email::parse("email", &req.email)?).await?;
     Ok((StatusCode::CREATED, Json(member.into())))
 }
 
@@ -166,7 +201,14 @@ pub async fn set_member_role(
         AssignableRole::Admin => Role::Admin,
         AssignableRole::Member => Role::Member,
     };
-    teams::set_member_role(&state.db, &caller, team_path(&id)?, path_id("uid", &uid)?, role).await?;
+    teams::set_member_role(
+        &state.db,
+        &caller,
+        team_path(&id)?,
+        path_id("uid", &uid)?,
+        role,
+    )
+    .await?;
     Ok(no_content())
 }
 

@@ -48,8 +48,11 @@ async fn hash_password(password: &Password) -> Result<String, ServiceError> {
 async fn password_matches(hash: &str, password: &str) -> bool {
     let (hash, password) = (hash.to_owned(), password.to_owned());
     tokio::task::spawn_blocking(move || {
-        PasswordHash::new(&hash)
-            .is_ok_and(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+        PasswordHash::new(&hash).is_ok_and(|parsed| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
     })
     .await
     .unwrap_or(false)
@@ -128,9 +131,16 @@ pub async fn signup(db: &Db, tokens: &TokenKeys, signup: Signup) -> Result<Sessi
     Ok(session(tokens, &user, team.id))
 }
 
-pub async fn login(db: &Db, tokens: &TokenKeys, email: &str, password: &str) -> Result<Session, ServiceError> {
+pub async fn login(
+    db: &Db,
+    tokens: &TokenKeys,
+    email: &str,
+    password: &str,
+) -> Result<Session, ServiceError> {
     let invalid = || ServiceError::Unauthorized("invalid email or password".into());
-    let user = users::by_email(db, email.trim()).await?.ok_or_else(invalid)?;
+    let user = users::by_email(db, email.trim())
+        .await?
+        .ok_or_else(invalid)?;
     if !password_matches(&user.password_hash, password).await {
         return Err(invalid());
     }
@@ -151,18 +161,34 @@ pub async fn login(db: &Db, tokens: &TokenKeys, email: &str, password: &str) -> 
     Ok(session(tokens, &user, team))
 }
 
-pub async fn switch_team(db: &Db, tokens: &TokenKeys, user: &User, team: TeamId) -> Result<Session, ServiceError> {
+pub async fn switch_team(
+    db: &Db,
+    tokens: &TokenKeys,
+    user: &User,
+    team: TeamId,
+) -> Result<Session, ServiceError> {
     if teams::by_id(db, team.uuid()).await?.is_none() {
         return Err(ServiceError::NotFound("team"));
     }
-    if team_members::role_of(db, team.uuid(), user.id).await?.is_none() {
+    if team_members::role_of(db, team.uuid(), user.id)
+        .await?
+        .is_none()
+    {
         return Err(ServiceError::forbidden("you are not a member of this team"));
     }
     Ok(session(tokens, user, team.uuid()))
 }
 
-pub async fn rename(db: &Db, tokens: &TokenKeys, user: &User, team: TeamId, name: DisplayName) -> Result<Session, ServiceError> {
-    let user = users::rename(db, user.id, name.as_str()).await?.ok_or(ServiceError::NotFound("user"))?;
+pub async fn rename(
+    db: &Db,
+    tokens: &TokenKeys,
+    user: &User,
+    team: TeamId,
+    name: DisplayName,
+) -> Result<Session, ServiceError> {
+    let user = users::rename(db, user.id, name.as_str())
+        .await?
+        .ok_or(ServiceError::NotFound("user"))?;
     Ok(session(tokens, &user, team.uuid()))
 }
 
@@ -175,13 +201,31 @@ pub enum AdminBootstrap {
 }
 
 /// Makes sure an admin account with this email exists (headless installs have no signup page).
-pub async fn ensure_admin(db: &Db, email: Email, password: Password) -> Result<AdminBootstrap, ServiceError> {
+pub async fn ensure_admin(
+    db: &Db,
+    email: Email,
+    password: Password,
+) -> Result<AdminBootstrap, ServiceError> {
     if let Some(existing) = users::by_email(db, email.as_str()).await? {
         users::set_admin(db, existing.id, true).await?;
         return Ok(AdminBootstrap::Promoted(UserId(existing.id)));
     }
-    let name = email.as_str().split('@').next().unwrap_or("admin").to_owned();
+    let name = email
+        .as_str()
+        .split('@')
+        .next()
+        .unwrap_or("admin")
+        .to_owned();
     let name = DisplayName::parse("name", &name)?;
-    let (user, _) = create_account(db, Signup { email, password, name }, true).await?;
+    let (user, _) = create_account(
+        db,
+        Signup {
+            email,
+            password,
+            name,
+        },
+        true,
+    )
+    .await?;
     Ok(AdminBootstrap::Created(UserId(user.id)))
 }

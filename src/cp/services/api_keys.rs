@@ -3,12 +3,14 @@
 
 use uuid::Uuid;
 
+use serde_json::json;
+
 use super::input::KeyName;
-use super::ServiceError;
+use super::{user_action, ServiceError};
 use crate::cp::auth::AuthUser;
 use crate::cp::tokens::{random_hex, sha256};
 use crate::db::api_keys::{self, ApiKey, NewApiKey};
-use crate::db::Db;
+use crate::db::{audit_logs, Db, DbError};
 use crate::id::{ApiKeyId, TeamId};
 
 pub const KEY_PREFIX: &str = "wrn_";
@@ -24,12 +26,17 @@ fn member_team(caller: &AuthUser) -> Result<TeamId, ServiceError> {
 
 /// Creates a key for the caller's current team; returns it with its plaintext, the only time
 /// the plaintext exists outside the caller.
-pub async fn create(db: &Db, caller: &AuthUser, name: KeyName) -> Result<(ApiKey, String), ServiceError> {
+pub async fn create(
+    db: &Db,
+    caller: &AuthUser,
+    name: KeyName,
+) -> Result<(ApiKey, String), ServiceError> {
     let team = member_team(caller)?;
     let plaintext = format!("{KEY_PREFIX}{}", random_hex(16));
     let prefix = format!("{}...", &plaintext[..DISPLAY_CHARS]);
+    let mut tx = db.begin().await.map_err(DbError::from)?;
     let key = api_keys::insert(
-        db,
+        &mut *tx,
         NewApiKey {
             id: Uuid::new_v4(),
             team_id: team.uuid(),
@@ -40,6 +47,16 @@ pub async fn create(db: &Db, caller: &AuthUser, name: KeyName) -> Result<(ApiKey
         },
     )
     .await?;
+    let entry = user_action(
+        caller,
+        Some(team.uuid()),
+        "api_key",
+        ApiKeyId(key.id).to_string(),
+        "create",
+        json!({"name": key.name}),
+    );
+    audit_logs::insert(&mut *tx, entry).await?;
+    tx.commit().await.map_err(DbError::from)?;
     Ok((key, plaintext))
 }
 
@@ -50,13 +67,29 @@ pub async fn list(db: &Db, team: TeamId) -> Result<Vec<ApiKey>, ServiceError> {
 /// Owners and admins revoke any key of the team; members only keys they created.
 pub async fn revoke(db: &Db, caller: &AuthUser, key: ApiKeyId) -> Result<(), ServiceError> {
     let team = member_team(caller)?;
-    let found = api_keys::get(db, team.uuid(), key.uuid()).await?.ok_or(ServiceError::NotFound("API key"))?;
-    let allowed = caller.role.is_some_and(|r| r.can_manage()) || found.created_by == Some(caller.id());
+    let found = api_keys::get(db, team.uuid(), key.uuid())
+        .await?
+        .ok_or(ServiceError::NotFound("API key"))?;
+    let allowed =
+        caller.role.is_some_and(|r| r.can_manage()) || found.created_by == Some(caller.id());
     if !allowed {
-        return Err(ServiceError::forbidden("only team owners and admins can revoke other members' keys"));
+        return Err(ServiceError::forbidden(
+            "only team owners and admins can revoke other members' keys",
+        ));
     }
-    if !api_keys::delete(db, team.uuid(), key.uuid()).await? {
+    let mut tx = db.begin().await.map_err(DbError::from)?;
+    if !api_keys::delete(&mut *tx, team.uuid(), key.uuid()).await? {
         return Err(ServiceError::NotFound("API key"));
     }
+    let entry = user_action(
+        caller,
+        Some(team.uuid()),
+        "api_key",
+        key.to_string(),
+        "revoke",
+        json!({"name": found.name}),
+    );
+    audit_logs::insert(&mut *tx, entry).await?;
+    tx.commit().await.map_err(DbError::from)?;
     Ok(())
 }

@@ -139,7 +139,8 @@ impl NewCapsule {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Capsule {
     pub id: SandboxId,
-    pub status: SandboxStatus,
+    /// A `sandboxes.status` value (`running`, `stopped`, `error`, ...).
+    pub status: String,
     pub template: String,
     pub vcpus: i32,
     pub memory_mb: i32,
@@ -180,7 +181,7 @@ impl From<SandboxRow> for Capsule {
         });
         Self {
             id: SandboxId(row.id),
-            status: row.status,
+            status: row.status.as_str().to_owned(),
             template: row.template,
             vcpus: row.vcpus,
             memory_mb: row.memory_mb,

@@ -7,12 +7,15 @@ use uuid::Uuid;
 
 use super::input::Tag;
 use super::teams::can_manage;
-use super::ServiceError;
+use super::{user_action, ServiceError};
 use crate::config::HostPort;
 use crate::cp::auth::AuthUser;
 use crate::cp::tokens::{random_hex, sha256, TokenKeys, REFRESH_TOKEN_TTL, REGISTRATION_TOKEN_TTL};
+use crate::db::audit_logs::{self, Entry};
 use crate::db::hosts::{self, Host, HostStatus, HostType, NewHost, Registration};
-use crate::db::{host_refresh_tokens, host_registration_tokens, host_tags, sandboxes, teams, Db, DbError};
+use crate::db::{
+    host_refresh_tokens, host_registration_tokens, host_tags, sandboxes, teams, Db, DbError,
+};
 use crate::id::{HostId, SandboxId, TeamId};
 
 pub struct CreateHost {
@@ -50,7 +53,12 @@ fn expires(ttl: std::time::Duration) -> chrono::DateTime<Utc> {
 
 /// Whether `caller` may manage `host`'s kind of host for `team`: platform admins always; team
 /// owners and admins for their team's BYOC hosts.
-async fn may_manage(db: &Db, caller: &AuthUser, host_type: HostType, team: Option<Uuid>) -> Result<bool, ServiceError> {
+async fn may_manage(
+    db: &Db,
+    caller: &AuthUser,
+    host_type: HostType,
+    team: Option<Uuid>,
+) -> Result<bool, ServiceError> {
     if caller.user.is_admin {
         return Ok(true);
     }
@@ -63,7 +71,9 @@ async fn may_manage(db: &Db, caller: &AuthUser, host_type: HostType, team: Optio
 /// A host the caller can see: platform admins see every host; members see their current team's
 /// BYOC hosts. Hosts the caller cannot see are "not found", so their existence does not leak.
 async fn visible(db: &Db, caller: &AuthUser, id: HostId) -> Result<Host, ServiceError> {
-    let host = hosts::by_id(db, id.uuid()).await?.ok_or(ServiceError::NotFound("host"))?;
+    let host = hosts::by_id(db, id.uuid())
+        .await?
+        .ok_or(ServiceError::NotFound("host"))?;
     let member_of_team = host.team_id == Some(caller.team_id.uuid()) && caller.role.is_some();
     if caller.user.is_admin || member_of_team {
         Ok(host)
@@ -75,7 +85,9 @@ async fn visible(db: &Db, caller: &AuthUser, id: HostId) -> Result<Host, Service
 async fn manageable(db: &Db, caller: &AuthUser, id: HostId) -> Result<Host, ServiceError> {
     let host = visible(db, caller, id).await?;
     if !may_manage(db, caller, host.host_type, host.team_id).await? {
-        return Err(ServiceError::forbidden("platform admin or team owner/admin required"));
+        return Err(ServiceError::forbidden(
+            "platform admin or team owner/admin required",
+        ));
     }
     Ok(host)
 }
@@ -87,18 +99,37 @@ async fn issue_registration_token(
 ) -> Result<String, ServiceError> {
     let token = random_hex(32);
     host_registration_tokens::retire_unused(&mut *conn, host).await?;
-    host_registration_tokens::insert(&mut *conn, host, &sha256(&token), created_by, expires(REGISTRATION_TOKEN_TTL)).await?;
+    host_registration_tokens::insert(
+        &mut *conn,
+        host,
+        &sha256(&token),
+        created_by,
+        expires(REGISTRATION_TOKEN_TTL),
+    )
+    .await?;
     Ok(token)
 }
 
 /// Creates a `pending` host and its one-hour, single-use registration token.
-pub async fn create(db: &Db, caller: &AuthUser, req: CreateHost) -> Result<(Host, String), ServiceError> {
+pub async fn create(
+    db: &Db,
+    caller: &AuthUser,
+    req: CreateHost,
+) -> Result<(Host, String), ServiceError> {
     let team = match (req.host_type, req.team_id) {
         (HostType::Regular, None) => None,
         (HostType::Regular, Some(_)) => {
-            return Err(ServiceError::invalid("team_id", "only BYOC hosts belong to a team"));
+            return Err(ServiceError::invalid(
+                "team_id",
+                "only BYOC hosts belong to a team",
+            ));
         }
-        (HostType::Byoc, None) => return Err(ServiceError::invalid("team_id", "is required for BYOC hosts")),
+        (HostType::Byoc, None) => {
+            return Err(ServiceError::invalid(
+                "team_id",
+                "is required for BYOC hosts",
+            ))
+        }
         (HostType::Byoc, Some(team)) => {
             if teams::by_id(db, team.uuid()).await?.is_none() {
                 return Err(ServiceError::NotFound("team"));
@@ -126,20 +157,39 @@ pub async fn create(db: &Db, caller: &AuthUser, req: CreateHost) -> Result<(Host
     )
     .await?;
     let token = issue_registration_token(&mut tx, host.id, caller.id()).await?;
+    let metadata = serde_json::json!({"type": host.host_type});
+    let entry = user_action(
+        caller,
+        host.team_id,
+        "host",
+        HostId(host.id).to_string(),
+        "create",
+        metadata,
+    );
+    audit_logs::insert(&mut *tx, entry).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok((host, token))
 }
 
 /// A fresh registration token for a host that never completed registration; older unused
 /// tokens stop working.
-pub async fn regenerate_token(db: &Db, caller: &AuthUser, id: HostId) -> Result<(Host, String), ServiceError> {
+pub async fn regenerate_token(
+    db: &Db,
+    caller: &AuthUser,
+    id: HostId,
+) -> Result<(Host, String), ServiceError> {
     let host = manageable(db, caller, id).await?;
     let mut tx = db.begin().await.map_err(DbError::from)?;
-    let locked = hosts::by_id_for_update(&mut *tx, host.id).await?.ok_or(ServiceError::NotFound("host"))?;
+    let locked = hosts::by_id_for_update(&mut *tx, host.id)
+        .await?
+        .ok_or(ServiceError::NotFound("host"))?;
     if locked.status != HostStatus::Pending {
         return Err(ServiceError::Conflict {
             code: "invalid_state",
-            message: format!("host is {}, not pending; it has already registered", locked.status),
+            message: format!(
+                "host is {}, not pending; it has already registered",
+                locked.status
+            ),
         });
     }
     let token = issue_registration_token(&mut tx, host.id, caller.id()).await?;
@@ -153,12 +203,19 @@ fn invalid_token(what: &str) -> ServiceError {
 
 /// Trades a registration token for host credentials and brings the host online. The token is
 /// consumed in the same transaction, so of two concurrent registrations exactly one succeeds.
-pub async fn register(db: &Db, tokens: &TokenKeys, token: &str, specs: AgentSpecs) -> Result<HostCredentials, ServiceError> {
+pub async fn register(
+    db: &Db,
+    tokens: &TokenKeys,
+    token: &str,
+    specs: AgentSpecs,
+) -> Result<HostCredentials, ServiceError> {
     let mut tx = db.begin().await.map_err(DbError::from)?;
     let host_id = host_registration_tokens::consume(&mut *tx, &sha256(token))
         .await?
         .ok_or_else(|| invalid_token("registration token"))?;
-    let host = hosts::by_id_for_update(&mut *tx, host_id).await?.ok_or_else(|| invalid_token("registration token"))?;
+    let host = hosts::by_id_for_update(&mut *tx, host_id)
+        .await?
+        .ok_or_else(|| invalid_token("registration token"))?;
     let generation = host.agent_secret_generation + 1;
     let agent_secret = tokens.agent_secret(host.id, generation);
     let address = specs.address.to_string();
@@ -179,20 +236,47 @@ pub async fn register(db: &Db, tokens: &TokenKeys, token: &str, specs: AgentSpec
     .await?
     .ok_or_else(|| invalid_token("registration token (the host has already registered)"))?;
     let refresh_token = random_hex(32);
-    host_refresh_tokens::insert(&mut *tx, host.id, &sha256(&refresh_token), expires(REFRESH_TOKEN_TTL)).await?;
+    host_refresh_tokens::insert(
+        &mut *tx,
+        host.id,
+        &sha256(&refresh_token),
+        expires(REFRESH_TOKEN_TTL),
+    )
+    .await?;
+    let entry = Entry {
+        team_id: host.team_id,
+        actor_type: "host",
+        actor_id: Some(HostId(host.id).to_string()),
+        resource_type: "host",
+        resource_id: Some(HostId(host.id).to_string()),
+        action: "register",
+        metadata: serde_json::json!({"address": address}),
+    };
+    audit_logs::insert(&mut *tx, entry).await?;
     tx.commit().await.map_err(DbError::from)?;
     let token = tokens.issue_host(HostId(host.id));
-    Ok(HostCredentials { host, token, refresh_token, agent_secret })
+    Ok(HostCredentials {
+        host,
+        token,
+        refresh_token,
+        agent_secret,
+    })
 }
 
 /// Rotates a host's credentials: the presented refresh token is revoked and a new one issued
 /// with a new host JWT. The agent secret stays the same unless the JWT secret changed.
-pub async fn refresh(db: &Db, tokens: &TokenKeys, refresh_token: &str) -> Result<HostCredentials, ServiceError> {
+pub async fn refresh(
+    db: &Db,
+    tokens: &TokenKeys,
+    refresh_token: &str,
+) -> Result<HostCredentials, ServiceError> {
     let mut tx = db.begin().await.map_err(DbError::from)?;
     let host_id = host_refresh_tokens::revoke(&mut *tx, &sha256(refresh_token))
         .await?
         .ok_or_else(|| invalid_token("refresh token"))?;
-    let mut host = hosts::by_id_for_update(&mut *tx, host_id).await?.ok_or_else(|| invalid_token("refresh token"))?;
+    let mut host = hosts::by_id_for_update(&mut *tx, host_id)
+        .await?
+        .ok_or_else(|| invalid_token("refresh token"))?;
     let mut agent_secret = tokens.agent_secret(host.id, host.agent_secret_generation);
     if host.agent_secret_hash.as_deref() != Some(sha256(&agent_secret).as_slice()) {
         let generation = host.agent_secret_generation + 1;
@@ -202,14 +286,27 @@ pub async fn refresh(db: &Db, tokens: &TokenKeys, refresh_token: &str) -> Result
             .ok_or_else(|| invalid_token("refresh token"))?;
     }
     let new_refresh = random_hex(32);
-    host_refresh_tokens::insert(&mut *tx, host.id, &sha256(&new_refresh), expires(REFRESH_TOKEN_TTL)).await?;
+    host_refresh_tokens::insert(
+        &mut *tx,
+        host.id,
+        &sha256(&new_refresh),
+        expires(REFRESH_TOKEN_TTL),
+    )
+    .await?;
     tx.commit().await.map_err(DbError::from)?;
-    Ok(HostCredentials { token: tokens.issue_host(HostId(host.id)), host, refresh_token: new_refresh, agent_secret })
+    Ok(HostCredentials {
+        token: tokens.issue_host(HostId(host.id)),
+        host,
+        refresh_token: new_refresh,
+        agent_secret,
+    })
 }
 
 pub async fn heartbeat(db: &Db, caller: HostId, id: HostId) -> Result<(), ServiceError> {
     if caller != id {
-        return Err(ServiceError::forbidden("the host token belongs to another host"));
+        return Err(ServiceError::forbidden(
+            "the host token belongs to another host",
+        ));
     }
     match hosts::heartbeat(db, id.uuid()).await? {
         Some(_) => Ok(()),
@@ -231,7 +328,11 @@ pub async fn get(db: &Db, caller: &AuthUser, id: HostId) -> Result<Host, Service
     visible(db, caller, id).await
 }
 
-pub async fn delete_preview(db: &Db, caller: &AuthUser, id: HostId) -> Result<(Host, Vec<SandboxId>), ServiceError> {
+pub async fn delete_preview(
+    db: &Db,
+    caller: &AuthUser,
+    id: HostId,
+) -> Result<(Host, Vec<SandboxId>), ServiceError> {
     let host = manageable(db, caller, id).await?;
     let ids = sandboxes::active_on_host(db, host.id).await?;
     Ok((host, ids.into_iter().map(SandboxId).collect()))
@@ -239,18 +340,41 @@ pub async fn delete_preview(db: &Db, caller: &AuthUser, id: HostId) -> Result<(H
 
 /// Deletes a host with its tokens and tags. Refused while capsules are active on it, unless
 /// `force`, which stops their records first.
-pub async fn delete(db: &Db, caller: &AuthUser, id: HostId, force: bool) -> Result<(), ServiceError> {
+pub async fn delete(
+    db: &Db,
+    caller: &AuthUser,
+    id: HostId,
+    force: bool,
+) -> Result<(), ServiceError> {
     let host = manageable(db, caller, id).await?;
     let mut tx = db.begin().await.map_err(DbError::from)?;
-    hosts::by_id_for_update(&mut *tx, host.id).await?.ok_or(ServiceError::NotFound("host"))?;
+    hosts::by_id_for_update(&mut *tx, host.id)
+        .await?
+        .ok_or(ServiceError::NotFound("host"))?;
     let active = sandboxes::active_on_host(&mut *tx, host.id).await?;
     if !active.is_empty() {
         if !force {
-            return Err(ServiceError::HostHasSandboxes(active.into_iter().map(SandboxId).collect()));
+            return Err(ServiceError::HostHasSandboxes(
+                active.into_iter().map(SandboxId).collect(),
+            ));
         }
         sandboxes::stop_active_on_host(&mut *tx, host.id).await?;
     }
     hosts::delete(&mut *tx, host.id).await?;
+    let stopped: Vec<String> = active
+        .into_iter()
+        .map(|id| SandboxId(id).to_string())
+        .collect();
+    let metadata = serde_json::json!({"stopped_capsules": stopped});
+    let entry = user_action(
+        caller,
+        host.team_id,
+        "host",
+        id.to_string(),
+        "delete",
+        metadata,
+    );
+    audit_logs::insert(&mut *tx, entry).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok(())
 }
@@ -266,7 +390,12 @@ pub async fn add_tag(db: &Db, caller: &AuthUser, id: HostId, tag: Tag) -> Result
     Ok(())
 }
 
-pub async fn remove_tag(db: &Db, caller: &AuthUser, id: HostId, tag: &str) -> Result<(), ServiceError> {
+pub async fn remove_tag(
+    db: &Db,
+    caller: &AuthUser,
+    id: HostId,
+    tag: &str,
+) -> Result<(), ServiceError> {
     let host = manageable(db, caller, id).await?;
     host_tags::remove(db, host.id, tag).await?;
     Ok(())

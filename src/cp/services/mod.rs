@@ -7,13 +7,21 @@ pub mod capsules;
 pub mod hosts;
 pub mod teams;
 
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::cp::auth::AuthUser;
+use crate::db::audit_logs::Entry;
 use crate::db::DbError;
-use crate::id::SandboxId;
+use crate::id::{SandboxId, UserId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error("invalid {field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -34,11 +42,34 @@ pub enum ServiceError {
 
 impl ServiceError {
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        ServiceError::Invalid { field, message: message.into() }
+        ServiceError::Invalid {
+            field,
+            message: message.into(),
+        }
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
         ServiceError::Forbidden(message.into())
+    }
+}
+
+/// An audit-log entry for something a signed-in user did.
+pub(crate) fn user_action<'a>(
+    caller: &AuthUser,
+    team: Option<Uuid>,
+    resource_type: &'a str,
+    resource_id: String,
+    action: &'a str,
+    metadata: Value,
+) -> Entry<'a> {
+    Entry {
+        team_id: team,
+        actor_type: "user",
+        actor_id: Some(UserId(caller.id()).to_string()),
+        resource_type,
+        resource_id: Some(resource_id),
+        action,
+        metadata,
     }
 }
 
@@ -97,7 +128,10 @@ pub mod input {
             if valid {
                 Ok(Self(email.to_owned()))
             } else {
-                Err(ServiceError::invalid(field, format!("`{email}` is not an email address")))
+                Err(ServiceError::invalid(
+                    field,
+                    format!("`{email}` is not an email address"),
+                ))
             }
         }
     }
@@ -105,7 +139,10 @@ pub mod input {
     impl Password {
         pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
             match raw.len() {
-                0..=7 => Err(ServiceError::invalid(field, "must be at least 8 characters")),
+                0..=7 => Err(ServiceError::invalid(
+                    field,
+                    "must be at least 8 characters",
+                )),
                 8..=1024 => Ok(Self(raw.to_owned())),
                 _ => Err(ServiceError::invalid(field, "must be at most 1024 bytes")),
             }
@@ -118,7 +155,10 @@ pub mod input {
             match name.chars().count() {
                 0 => Err(ServiceError::invalid(field, "must not be empty")),
                 1..=100 => Ok(Self(name.to_owned())),
-                _ => Err(ServiceError::invalid(field, "must be at most 100 characters")),
+                _ => Err(ServiceError::invalid(
+                    field,
+                    "must be at most 100 characters",
+                )),
             }
         }
     }
@@ -129,8 +169,14 @@ pub mod input {
             if name.is_empty() || name.len() > 128 {
                 return Err(ServiceError::invalid(field, "must be 1-128 characters"));
             }
-            if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '_') {
-                return Err(ServiceError::invalid(field, "may contain only A-Z, a-z, 0-9, space and _"));
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '_')
+            {
+                return Err(ServiceError::invalid(
+                    field,
+                    "may contain only A-Z, a-z, 0-9, space and _",
+                ));
             }
             Ok(Self(name.to_owned()))
         }
@@ -144,7 +190,10 @@ pub mod input {
             match name.chars().count() {
                 0 => Err(ServiceError::invalid(field, "must not be empty")),
                 1..=100 => Ok(Self(name.to_owned())),
-                _ => Err(ServiceError::invalid(field, "must be at most 100 characters")),
+                _ => Err(ServiceError::invalid(
+                    field,
+                    "must be at most 100 characters",
+                )),
             }
         }
     }

@@ -4,11 +4,11 @@ use uuid::Uuid;
 
 use super::accounts::create_team_owned_by;
 use super::input::{Email, TeamName};
-use super::ServiceError;
+use super::{user_action, ServiceError};
 use crate::cp::auth::AuthUser;
 use crate::db::team_members::{self, Member, Role};
 use crate::db::teams::{self, Team, TeamWithRole};
-use crate::db::{api_keys, sandboxes, users, Db, DbError};
+use crate::db::{api_keys, audit_logs, sandboxes, users, Db, DbError};
 use crate::id::{TeamId, UserId};
 
 /// The caller's role in `team`, which must be the team their token is scoped to.
@@ -23,7 +23,9 @@ async fn access(db: &Db, caller: &AuthUser, team: TeamId) -> Result<Role, Servic
     }
     match caller.role {
         Some(role) => Ok(role),
-        None if teams::by_id(db, team.uuid()).await?.is_none() => Err(ServiceError::NotFound("team")),
+        None if teams::by_id(db, team.uuid()).await?.is_none() => {
+            Err(ServiceError::NotFound("team"))
+        }
         None => Err(ServiceError::forbidden("you are not a member of this team")),
     }
 }
@@ -40,21 +42,40 @@ pub async fn list(db: &Db, caller: &AuthUser) -> Result<Vec<TeamWithRole>, Servi
     Ok(teams::list_for_user(db, caller.id()).await?)
 }
 
-pub async fn create(db: &Db, caller: &AuthUser, name: TeamName) -> Result<TeamWithRole, ServiceError> {
+pub async fn create(
+    db: &Db,
+    caller: &AuthUser,
+    name: TeamName,
+) -> Result<TeamWithRole, ServiceError> {
     let mut tx = db.begin().await.map_err(DbError::from)?;
     let team = create_team_owned_by(&mut tx, caller.id(), &name, false).await?;
     tx.commit().await.map_err(DbError::from)?;
-    Ok(TeamWithRole { team, role: Role::Owner, is_default: false })
+    Ok(TeamWithRole {
+        team,
+        role: Role::Owner,
+        is_default: false,
+    })
 }
 
-pub async fn get(db: &Db, caller: &AuthUser, team: TeamId) -> Result<(Team, Vec<Member>), ServiceError> {
+pub async fn get(
+    db: &Db,
+    caller: &AuthUser,
+    team: TeamId,
+) -> Result<(Team, Vec<Member>), ServiceError> {
     access(db, caller, team).await?;
-    let found = teams::by_id(db, team.uuid()).await?.ok_or(ServiceError::NotFound("team"))?;
+    let found = teams::by_id(db, team.uuid())
+        .await?
+        .ok_or(ServiceError::NotFound("team"))?;
     let members = team_members::list(db, team.uuid()).await?;
     Ok((found, members))
 }
 
-pub async fn rename(db: &Db, caller: &AuthUser, team: TeamId, name: TeamName) -> Result<(), ServiceError> {
+pub async fn rename(
+    db: &Db,
+    caller: &AuthUser,
+    team: TeamId,
+    name: TeamName,
+) -> Result<(), ServiceError> {
     manager(db, caller, team).await?;
     if !teams::rename(db, team.uuid(), name.as_str()).await? {
         return Err(ServiceError::NotFound("team"));
@@ -66,48 +87,88 @@ pub async fn rename(db: &Db, caller: &AuthUser, team: TeamId, name: TeamName) ->
 /// capsules' records.
 pub async fn delete(db: &Db, caller: &AuthUser, team: TeamId) -> Result<(), ServiceError> {
     if access(db, caller, team).await? != Role::Owner {
-        return Err(ServiceError::forbidden("only the team owner can delete the team"));
+        return Err(ServiceError::forbidden(
+            "only the team owner can delete the team",
+        ));
     }
     if team == TeamId::PLATFORM {
-        return Err(ServiceError::forbidden("the platform team cannot be deleted"));
+        return Err(ServiceError::forbidden(
+            "the platform team cannot be deleted",
+        ));
     }
     let mut tx = db.begin().await.map_err(DbError::from)?;
     if !teams::soft_delete(&mut *tx, team.uuid()).await? {
         return Err(ServiceError::NotFound("team"));
     }
-    api_keys::delete_for_team(&mut *tx, team.uuid()).await?;
-    sandboxes::stop_active_for_team(&mut *tx, team.uuid()).await?;
+    let keys = api_keys::delete_for_team(&mut *tx, team.uuid()).await?;
+    let stopped = sandboxes::stop_active_for_team(&mut *tx, team.uuid()).await?;
+    let metadata = serde_json::json!({"revoked_api_keys": keys, "stopped_capsules": stopped.len()});
+    let entry = user_action(
+        caller,
+        Some(team.uuid()),
+        "team",
+        team.to_string(),
+        "delete",
+        metadata,
+    );
+    audit_logs::insert(&mut *tx, entry).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok(())
 }
 
-pub async fn members(db: &Db, caller: &AuthUser, team: TeamId) -> Result<Vec<Member>, ServiceError> {
+pub async fn members(
+    db: &Db,
+    caller: &AuthUser,
+    team: TeamId,
+) -> Result<Vec<Member>, ServiceError> {
     access(db, caller, team).await?;
     Ok(team_members::list(db, team.uuid()).await?)
 }
 
-pub async fn add_member(db: &Db, caller: &AuthUser, team: TeamId, email: Email) -> Result<Member, ServiceError> {
+pub async fn add_member(
+    db: &Db,
+    caller: &AuthUser,
+    team: TeamId,
+    email: Email,
+) -> Result<Member, ServiceError> {
     manager(db, caller, team).await?;
-    let user = users::by_email(db, email.as_str()).await?.ok_or(ServiceError::NotFound("account with that email"))?;
+    let user = users::by_email(db, email.as_str())
+        .await?
+        .ok_or(ServiceError::NotFound("account with that email"))?;
     match team_members::insert(db, team.uuid(), user.id, Role::Member, false).await {
         Ok(()) => {}
         Err(DbError::UniqueViolation { .. }) => {
-            return Err(ServiceError::invalid("email", "that user is already a member of this team"));
+            return Err(ServiceError::invalid(
+                "email",
+                "that user is already a member of this team",
+            ));
         }
         Err(other) => return Err(other.into()),
     }
-    team_members::get(db, team.uuid(), user.id).await?.ok_or(ServiceError::NotFound("member"))
+    team_members::get(db, team.uuid(), user.id)
+        .await?
+        .ok_or(ServiceError::NotFound("member"))
 }
 
 async fn target_member(db: &Db, team: TeamId, user: UserId) -> Result<Member, ServiceError> {
-    let member = team_members::get(db, team.uuid(), user.uuid()).await?.ok_or(ServiceError::NotFound("member"))?;
+    let member = team_members::get(db, team.uuid(), user.uuid())
+        .await?
+        .ok_or(ServiceError::NotFound("member"))?;
     if member.role == Role::Owner {
-        return Err(ServiceError::forbidden("the team owner's membership cannot be changed"));
+        return Err(ServiceError::forbidden(
+            "the team owner's membership cannot be changed",
+        ));
     }
     Ok(member)
 }
 
-pub async fn set_member_role(db: &Db, caller: &AuthUser, team: TeamId, user: UserId, role: Role) -> Result<(), ServiceError> {
+pub async fn set_member_role(
+    db: &Db,
+    caller: &AuthUser,
+    team: TeamId,
+    user: UserId,
+    role: Role,
+) -> Result<(), ServiceError> {
     manager(db, caller, team).await?;
     if role == Role::Owner {
         return Err(ServiceError::invalid("role", "must be `admin` or `member`"));
@@ -117,7 +178,12 @@ pub async fn set_member_role(db: &Db, caller: &AuthUser, team: TeamId, user: Use
     Ok(())
 }
 
-pub async fn remove_member(db: &Db, caller: &AuthUser, team: TeamId, user: UserId) -> Result<(), ServiceError> {
+pub async fn remove_member(
+    db: &Db,
+    caller: &AuthUser,
+    team: TeamId,
+    user: UserId,
+) -> Result<(), ServiceError> {
     manager(db, caller, team).await?;
     target_member(db, team, user).await?;
     team_members::remove(db, team.uuid(), user.uuid()).await?;
@@ -126,7 +192,9 @@ pub async fn remove_member(db: &Db, caller: &AuthUser, team: TeamId, user: UserI
 
 pub async fn leave(db: &Db, caller: &AuthUser, team: TeamId) -> Result<(), ServiceError> {
     if access(db, caller, team).await? == Role::Owner {
-        return Err(ServiceError::forbidden("the owner cannot leave the team; delete it instead"));
+        return Err(ServiceError::forbidden(
+            "the owner cannot leave the team; delete it instead",
+        ));
     }
     team_members::remove(db, team.uuid(), caller.id()).await?;
     Ok(())
@@ -134,5 +202,7 @@ pub async fn leave(db: &Db, caller: &AuthUser, team: TeamId) -> Result<(), Servi
 
 /// Whether `user` may manage (own or administer) `team`: used for BYOC hosts.
 pub async fn can_manage(db: &Db, user: Uuid, team: Uuid) -> Result<bool, ServiceError> {
-    Ok(team_members::role_of(db, team, user).await?.is_some_and(Role::can_manage))
+    Ok(team_members::role_of(db, team, user)
+        .await?
+        .is_some_and(Role::can_manage))
 }
