@@ -143,7 +143,9 @@ impl From<CapsuleError> for ApiError {
         let message = error.to_string();
         match error {
             CapsuleError::Invalid { .. } => ApiError::InvalidRequest(message),
-            CapsuleError::NotFound | CapsuleError::TemplateNotFound(_) => ApiError::NotFound(message),
+            CapsuleError::NotFound | CapsuleError::TemplateNotFound(_) => {
+                ApiError::NotFound(message)
+            }
             CapsuleError::NotRunning(_) | CapsuleError::Busy(_) => ApiError::Conflict {
                 code: "invalid_state",
                 message,

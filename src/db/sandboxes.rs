@@ -198,7 +198,11 @@ pub async fn list_live_for_team(
 }
 
 /// Records a successful create: `running`, started now, with what the agent reported.
-pub async fn mark_started(ex: impl PgExecutor<'_>, id: Uuid, metadata: &Value) -> Result<(), DbError> {
+pub async fn mark_started(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    metadata: &Value,
+) -> Result<(), DbError> {
     sqlx::query!(
         "UPDATE sandboxes SET status = 'running', metadata = $2, started_at = now(),
              last_active_at = now(), last_updated = now()
@@ -227,9 +231,12 @@ pub async fn set_status(
 }
 
 pub async fn touch(ex: impl PgExecutor<'_>, id: Uuid) -> Result<(), DbError> {
-    sqlx::query!("UPDATE sandboxes SET last_active_at = now() WHERE id = $1", id)
-        .execute(ex)
-        .await?;
+    sqlx::query!(
+        "UPDATE sandboxes SET last_active_at = now() WHERE id = $1",
+        id
+    )
+    .execute(ex)
+    .await?;
     Ok(())
 }
 
@@ -301,7 +308,10 @@ pub async fn transition_if_unchanged(
 }
 
 /// Marks the host's `running` sandboxes `missing`; returns them.
-pub async fn mark_missing_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<Uuid>, DbError> {
+pub async fn mark_missing_on_host(
+    ex: impl PgExecutor<'_>,
+    host: Uuid,
+) -> Result<Vec<Uuid>, DbError> {
     Ok(sqlx::query_scalar!(
         "UPDATE sandboxes SET status = 'missing', last_updated = now()
          WHERE host_id = $1 AND status = 'running' RETURNING id",

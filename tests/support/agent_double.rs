@@ -74,7 +74,11 @@ pub struct AgentDouble {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
+    (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
 }
 
 /// `Authorization: Bearer <agent secret>` or 401.
@@ -88,9 +92,17 @@ impl FromRequestParts<Shared> for Authorized {
         state: &Shared,
     ) -> Result<Self, Response> {
         let want = format!("Bearer {}", state.0.secret.lock().unwrap());
-        match parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        match parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+        {
             Some(got) if got == want => Ok(Authorized),
-            _ => Err(error(StatusCode::UNAUTHORIZED, "unauthorized", "bad agent secret")),
+            _ => Err(error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "bad agent secret",
+            )),
         }
     }
 }
@@ -108,7 +120,11 @@ impl AgentDouble {
             binary: Path::new(env!("CARGO_BIN_EXE_wrenn")).to_path_buf(),
             http: Client::builder(TokioExecutor::new()).build_http(),
         }));
-        let double = Self { shared, addr, serving: Mutex::new(None) };
+        let double = Self {
+            shared,
+            addr,
+            serving: Mutex::new(None),
+        };
         double.serve(listener);
         double
     }
@@ -122,7 +138,15 @@ impl AgentDouble {
     }
 
     pub fn sandbox_ids(&self) -> Vec<String> {
-        let mut ids: Vec<String> = self.shared.0.sandboxes.lock().unwrap().keys().cloned().collect();
+        let mut ids: Vec<String> = self
+            .shared
+            .0
+            .sandboxes
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
         ids.sort();
         ids
     }
@@ -143,18 +167,26 @@ impl AgentDouble {
 
     /// Adds a sandbox the control plane never asked for (left from an earlier life).
     pub async fn adopt(&self, id: &str) {
-        let sandbox = spawn_sandbox(&self.shared, &CreateBody {
-            sandbox_id: id.to_owned(),
-            template: "minimal".into(),
-            vcpus: 1,
-            memory_mb: 512,
-            disk_mb: 5120,
-            timeout_sec: 0,
-            envs: BTreeMap::new(),
-            user: None,
-        })
+        let sandbox = spawn_sandbox(
+            &self.shared,
+            &CreateBody {
+                sandbox_id: id.to_owned(),
+                template: "minimal".into(),
+                vcpus: 1,
+                memory_mb: 512,
+                disk_mb: 5120,
+                timeout_sec: 0,
+                envs: BTreeMap::new(),
+                user: None,
+            },
+        )
         .await;
-        self.shared.0.sandboxes.lock().unwrap().insert(id.to_owned(), sandbox);
+        self.shared
+            .0
+            .sandboxes
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), sandbox);
     }
 
     /// Stops answering: every open connection is cut and the port refuses new ones.
@@ -183,7 +215,9 @@ impl AgentDouble {
         let accepted = connections.clone();
         tasks.spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let service = hyper_util::service::TowerToHyperService::new(router.clone());
                 accepted.lock().unwrap().spawn(async move {
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -222,12 +256,17 @@ async fn spawn_sandbox(shared: &Shared, body: &CreateBody) -> Sandbox {
         .await
         .unwrap()
         .expect("envd starts");
-    Sandbox { info: info(body, "running"), envd }
+    Sandbox {
+        info: info(body, "running"),
+        envd,
+    }
 }
 
 async fn ping(_: Authorized, State(shared): State<Shared>) -> Json<Value> {
     let count = shared.0.sandboxes.lock().unwrap().len();
-    Json(json!({"status": "ok", "host_id": "host-double", "version": "double", "vmm": "double", "sandboxes": count}))
+    Json(
+        json!({"status": "ok", "host_id": "host-double", "version": "double", "vmm": "double", "sandboxes": count}),
+    )
 }
 
 async fn create(_: Authorized, State(shared): State<Shared>, body: axum::body::Bytes) -> Response {
@@ -242,43 +281,85 @@ async fn create(_: Authorized, State(shared): State<Shared>, body: axum::body::B
         && body.memory_mb > 0
         && body.disk_mb > 0;
     if !well_formed {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "malformed create request");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "malformed create request",
+        );
     }
     if body.template != "minimal" {
-        return error(StatusCode::NOT_FOUND, "template_not_found", "no such template on this host");
+        return error(
+            StatusCode::NOT_FOUND,
+            "template_not_found",
+            "no such template on this host",
+        );
     }
     if shared.0.fail_next_create.swap(false, Ordering::SeqCst) {
-        return error(StatusCode::BAD_GATEWAY, "agent_error", "boot failed at step `start vmm` (injected)");
+        return error(
+            StatusCode::BAD_GATEWAY,
+            "agent_error",
+            "boot failed at step `start vmm` (injected)",
+        );
     }
-    if shared.0.sandboxes.lock().unwrap().contains_key(&body.sandbox_id) {
+    if shared
+        .0
+        .sandboxes
+        .lock()
+        .unwrap()
+        .contains_key(&body.sandbox_id)
+    {
         return error(StatusCode::CONFLICT, "conflict", "sandbox exists");
     }
     let sandbox = spawn_sandbox(&shared, &body).await;
     let info = sandbox.info.clone();
-    shared.0.sandboxes.lock().unwrap().insert(body.sandbox_id.clone(), sandbox);
+    shared
+        .0
+        .sandboxes
+        .lock()
+        .unwrap()
+        .insert(body.sandbox_id.clone(), sandbox);
     (StatusCode::CREATED, Json(info)).into_response()
 }
 
 async fn list(_: Authorized, State(shared): State<Shared>) -> Json<Value> {
-    let sandboxes: Vec<Value> = shared.0.sandboxes.lock().unwrap().values().map(|s| s.info.clone()).collect();
+    let sandboxes: Vec<Value> = shared
+        .0
+        .sandboxes
+        .lock()
+        .unwrap()
+        .values()
+        .map(|s| s.info.clone())
+        .collect();
     Json(json!({"sandboxes": sandboxes}))
 }
 
-async fn get_one(_: Authorized, State(shared): State<Shared>, UrlPath(id): UrlPath<String>) -> Response {
+async fn get_one(
+    _: Authorized,
+    State(shared): State<Shared>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
     match shared.0.sandboxes.lock().unwrap().get(&id) {
         Some(s) => Json(s.info.clone()).into_response(),
         None => error(StatusCode::NOT_FOUND, "not_found", "no such sandbox"),
     }
 }
 
-async fn destroy(_: Authorized, State(shared): State<Shared>, UrlPath(id): UrlPath<String>) -> Response {
+async fn destroy(
+    _: Authorized,
+    State(shared): State<Shared>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
     match shared.0.sandboxes.lock().unwrap().remove(&id) {
         Some(_) => StatusCode::NO_CONTENT.into_response(),
         None => error(StatusCode::NOT_FOUND, "not_found", "no such sandbox"),
     }
 }
 
-async fn ping_sandbox(_: Authorized, State(shared): State<Shared>, UrlPath(id): UrlPath<String>) -> Response {
+async fn ping_sandbox(
+    _: Authorized,
+    State(shared): State<Shared>,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
     match shared.0.sandboxes.lock().unwrap().get(&id) {
         Some(_) => StatusCode::NO_CONTENT.into_response(),
         None => error(StatusCode::NOT_FOUND, "not_found", "no such sandbox"),
@@ -293,14 +374,27 @@ async fn envd_proxy(
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
     request: Request,
 ) -> Response {
-    let Some(base) = shared.0.sandboxes.lock().unwrap().get(&id).map(|s| s.envd.url()) else {
+    let Some(base) = shared
+        .0
+        .sandboxes
+        .lock()
+        .unwrap()
+        .get(&id)
+        .map(|s| s.envd.url())
+    else {
         return error(StatusCode::NOT_FOUND, "not_found", "no such sandbox");
     };
-    let query = request.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = request
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     if let Ok(upgrade) = upgrade {
         let url = format!("{}/{path}{query}", base.replacen("http://", "ws://", 1));
         return upgrade.on_upgrade(move |client| async move {
-            let Ok((envd, _)) = tokio_tungstenite::connect_async(url).await else { return };
+            let Ok((envd, _)) = tokio_tungstenite::connect_async(url).await else {
+                return;
+            };
             let (mut envd_tx, mut envd_rx) = envd.split();
             let (mut client_tx, mut client_rx) = client.split();
             let up = async {
@@ -335,8 +429,14 @@ async fn envd_proxy(
         });
     }
     let (parts, body) = request.into_parts();
-    let mut forward = hyper::Request::builder().method(parts.method).uri(format!("{base}/{path}{query}"));
-    for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH, header::TRANSFER_ENCODING] {
+    let mut forward = hyper::Request::builder()
+        .method(parts.method)
+        .uri(format!("{base}/{path}{query}"));
+    for name in [
+        header::CONTENT_TYPE,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+    ] {
         if let Some(value) = parts.headers.get(&name) {
             forward = forward.header(name, value);
         }
@@ -346,6 +446,10 @@ async fn envd_proxy(
             let (parts, body) = response.into_parts();
             Response::from_parts(parts, Body::new(body.map_err(axum::Error::new)))
         }
-        Err(e) => error(StatusCode::BAD_GATEWAY, "agent_error", &format!("envd unreachable: {e}")),
+        Err(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "agent_error",
+            &format!("envd unreachable: {e}"),
+        ),
     }
 }

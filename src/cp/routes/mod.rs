@@ -50,21 +50,77 @@ macro_rules! capsule_routes {
             .add(Method::POST, $base, post(capsules::create))
             .add(Method::GET, $base, get(capsules::list))
             .add(Method::GET, concat!($base, "/{id}"), get(capsules::get))
-            .add(Method::DELETE, concat!($base, "/{id}"), delete(capsules::destroy))
-            .add(Method::POST, concat!($base, "/{id}/ping"), post(capsules::ping))
-            .add(Method::POST, concat!($base, "/{id}/exec"), post(capsules::exec))
-            .add(Method::GET, concat!($base, "/{id}/exec/stream"), get(capsule_ws::exec_stream))
-            .add(Method::GET, concat!($base, "/{id}/processes"), get(capsules::list_processes))
-            .add(Method::DELETE, concat!($base, "/{id}/processes/{selector}"), delete(capsules::kill_process))
-            .add(Method::GET, concat!($base, "/{id}/processes/{selector}/stream"), get(capsule_ws::process_stream))
-            .add(Method::GET, concat!($base, "/{id}/pty"), get(capsule_ws::pty))
+            .add(
+                Method::DELETE,
+                concat!($base, "/{id}"),
+                delete(capsules::destroy),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/ping"),
+                post(capsules::ping),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/exec"),
+                post(capsules::exec),
+            )
+            .add(
+                Method::GET,
+                concat!($base, "/{id}/exec/stream"),
+                get(capsule_ws::exec_stream),
+            )
+            .add(
+                Method::GET,
+                concat!($base, "/{id}/processes"),
+                get(capsules::list_processes),
+            )
+            .add(
+                Method::DELETE,
+                concat!($base, "/{id}/processes/{selector}"),
+                delete(capsules::kill_process),
+            )
+            .add(
+                Method::GET,
+                concat!($base, "/{id}/processes/{selector}/stream"),
+                get(capsule_ws::process_stream),
+            )
+            .add(
+                Method::GET,
+                concat!($base, "/{id}/pty"),
+                get(capsule_ws::pty),
+            )
             .add(Method::POST, concat!($base, "/{id}/files/write"), upload())
-            .add(Method::POST, concat!($base, "/{id}/files/stream/write"), upload())
-            .add(Method::POST, concat!($base, "/{id}/files/read"), post(capsules::read_file))
-            .add(Method::POST, concat!($base, "/{id}/files/stream/read"), post(capsules::stream_read_file))
-            .add(Method::POST, concat!($base, "/{id}/files/list"), post(capsules::list_dir))
-            .add(Method::POST, concat!($base, "/{id}/files/mkdir"), post(capsules::mkdir))
-            .add(Method::POST, concat!($base, "/{id}/files/remove"), post(capsules::remove))
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/files/stream/write"),
+                upload(),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/files/read"),
+                post(capsules::read_file),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/files/stream/read"),
+                post(capsules::stream_read_file),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/files/list"),
+                post(capsules::list_dir),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/files/mkdir"),
+                post(capsules::mkdir),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/files/remove"),
+                post(capsules::remove),
+            )
     }};
 }
 
