@@ -41,10 +41,42 @@ fmt:
 lint:
     cargo fmt --check
     cargo clippy --all-targets -- -D warnings
+    cargo clippy --all-targets --features failpoints -- -D warnings
 
 # The whole suite: lints, the static guest binary, then every test.
 test: lint
-    WRENN_STATIC_BIN="$(just build-static | tail -n1)" cargo test --all-targets -- --test-threads=4
+    WRENN_STATIC_BIN="$(just build-static | tail -n1)" cargo test --all-targets --features failpoints -- --test-threads=4
+
+# Guest kernels and images go to the files root (rootfs/, docs/images.md); each recipe takes
+# another root as its last argument.
+files_root := env_var_or_default("AGENT_FILES_ROOTDIR", "/var/lib/wrenn")
+
+# QEMU guest kernel (Debian cloud kernel as vmlinux) and the Wrenn initramfs into ROOT/kernels.
+kernel root=files_root:
+    rootfs/build-kernel.sh {{root}}
+
+# Firecracker guest kernel from linux-source-6.1 (long; not run in CI).
+kernel-firecracker root=files_root:
+    rootfs/kernel/build-firecracker-kernel.sh {{root}}
+
+# A template base image, ROOT/images/NAME/rootfs.ext4 (minimal, python), with the current envd.
+image name root=files_root:
+    WRENN_STATIC_BIN="$(just build-static | tail -n1)" rootfs/build-image.sh {{name}} {{root}}
+
+image-minimal root=files_root: (image "minimal" root)
+
+image-python root=files_root: (image "python" root)
+
+# Kernel and every image; each step is skipped when its inputs are unchanged.
+images root=files_root: (kernel root) (image-minimal root) (image-python root)
+
+# Replace envd inside an existing image (a name under ROOT/images, or an .ext4 path).
+update-envd image root=files_root:
+    WRENN_STATIC_BIN="$(just build-static | tail -n1)" rootfs/update-envd.sh {{image}} {{root}}
+
+# Image sizes, cold and up-to-date build times, boot-to-ready time under TCG.
+bench-images:
+    WRENN_STATIC_BIN="$(just build-static | tail -n1)" cargo bench --bench images
 
 # Regenerate `.sqlx/` (the data checked queries compile against) from the database at
 # $DATABASE_URL, which must have every migration applied (`wrenn migrate up`).

@@ -40,8 +40,24 @@ impl Layout {
         self.kernels_dir().join("vmlinux")
     }
 
+    /// The initramfs booted with the default kernel: loads its modules, assembles the overlay
+    /// root from the base image (/dev/vda) and the sandbox disk (/dev/vdb), starts envd.
+    pub fn default_initramfs(&self) -> PathBuf {
+        self.kernels_dir().join("initramfs.cpio.gz")
+    }
+
     pub fn images_dir(&self) -> PathBuf {
         self.root.join("images")
+    }
+
+    /// A template's base image directory: `rootfs.ext4` and `meta.json`.
+    pub fn image_dir(&self, template: &str) -> PathBuf {
+        self.images_dir().join(template)
+    }
+
+    /// A template's base image, attached read-only as /dev/vda to every sandbox made from it.
+    pub fn image_rootfs(&self, template: &str) -> PathBuf {
+        self.image_dir(template).join("rootfs.ext4")
     }
 
     pub fn sandboxes_dir(&self) -> PathBuf {
@@ -146,6 +162,14 @@ mod tests {
             assert_eq!(layout.default_kernel(), root.join("kernels/vmlinux"));
             assert_eq!(layout.kernels_dir(), root.join("kernels"));
             assert_eq!(layout.images_dir(), root.join("images"));
+            assert_eq!(
+                layout.default_initramfs(),
+                root.join("kernels/initramfs.cpio.gz")
+            );
+            assert_eq!(
+                layout.image_rootfs("minimal"),
+                root.join("images/minimal/rootfs.ext4")
+            );
             assert_eq!(layout.sandboxes_dir(), root.join("sandboxes"));
             assert_eq!(layout.snapshots_dir(), root.join("snapshots"));
             assert_eq!(layout.host_token_file(), root.join("host-token"));

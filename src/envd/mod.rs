@@ -14,6 +14,7 @@ mod users;
 mod watch;
 
 use std::future::IntoFuture;
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -103,7 +104,8 @@ async fn serve(args: EnvdArgs, is_init: bool) -> Result<(), EnvdError> {
     let bound = listener
         .local_addr()
         .map_err(|source| EnvdError::Listen { addr, source })?;
-    println!("envd listening on tcp {bound}");
+    // Written without println!, which panics when stdout is gone (a guest without a console).
+    let _ = writeln!(std::io::stdout(), "envd listening on tcp {bound}");
     tracing::info!(%bound, version = crate::version::VERSION, is_init, "envd listening");
     let tcp = listener.tap_io(|stream| {
         let _ = stream.set_nodelay(true);

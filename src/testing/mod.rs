@@ -2,4 +2,5 @@
 //! privately and cleaned up however the caller ends.
 
 pub mod envd;
+pub mod guest;
 pub mod pg;

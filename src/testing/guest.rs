@@ -1,0 +1,357 @@
+//! Guest VMs for tests and benchmarks: builds a files root's kernel, initramfs and template
+//! images with the rootfs/ scripts, and boots them under QEMU `microvm` with TCG, capturing the
+//! serial console. A VM is killed on drop, and with its owner if that process dies first.
+
+use std::io::{self, BufRead, BufReader};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::config::Layout;
+
+/// The kernel command line the host agent boots sandboxes with, minus the network settings.
+pub const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// `ip=` for QEMU user-mode networking: guest 10.0.2.15, gateway 10.0.2.2.
+pub const USER_NET_IP: &str = "ip=10.0.2.15::10.0.2.2:255.255.255.0:capsule:eth0:off";
+/// envd's port inside the guest.
+pub const ENVD_PORT: u16 = 49983;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("{what} failed: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("{command} failed:\n{output}")]
+    Build { command: String, output: String },
+    #[error("guest console never showed {needle:?} within {timeout:?}; console:\n{console}")]
+    ConsoleTimeout {
+        needle: String,
+        timeout: Duration,
+        console: String,
+    },
+    #[error("guest did not power off within {timeout:?}; console:\n{console}")]
+    StillRunning { timeout: Duration, console: String },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> GuestError {
+    let what = what.into();
+    move |source| GuestError::Io { what, source }
+}
+
+fn rootfs_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("rootfs")
+        .join(name)
+}
+
+fn run_build(mut cmd: Command) -> Result<String, GuestError> {
+    let command = format!("{cmd:?}");
+    let output = cmd.output().map_err(io_err(command.clone()))?;
+    let text = String::from_utf8_lossy(&output.stderr).into_owned();
+    if !output.status.success() {
+        return Err(GuestError::Build {
+            command,
+            output: text,
+        });
+    }
+    Ok(text)
+}
+
+/// Builds (or finds up to date) the QEMU kernel and initramfs in `layout`'s root; returns the
+/// script's progress lines.
+pub fn build_kernel(layout: &Layout) -> Result<String, GuestError> {
+    let mut cmd = Command::new(rootfs_script("build-kernel.sh"));
+    cmd.arg(layout.root());
+    run_build(cmd)
+}
+
+/// Builds (or finds up to date) the template image `template` carrying `static_bin` as envd.
+pub fn build_image(
+    layout: &Layout,
+    template: &str,
+    static_bin: &Path,
+) -> Result<String, GuestError> {
+    let mut cmd = Command::new(rootfs_script("build-image.sh"));
+    cmd.arg(template)
+        .arg(layout.root())
+        .env("WRENN_STATIC_BIN", static_bin);
+    run_build(cmd)
+}
+
+/// Replaces envd in an image file with `static_bin`.
+pub fn update_envd(image: &Path, static_bin: &Path) -> Result<String, GuestError> {
+    let mut cmd = Command::new(rootfs_script("update-envd.sh"));
+    cmd.arg(image).env("WRENN_STATIC_BIN", static_bin);
+    run_build(cmd)
+}
+
+/// Where a sandbox disk made by [`sandbox_disk`] puts its init script (`wrenn.init=` value).
+pub const TEST_INIT: &str = "/usr/local/bin/wrenn-test-init";
+
+/// A 64 MiB ext4 sandbox disk like the host agent's, optionally carrying `init_script` as an
+/// executable [`TEST_INIT`] in the overlay's upper layer, so it shadows nothing in the image.
+pub fn sandbox_disk(dir: &Path, init_script: Option<&str>) -> Result<PathBuf, GuestError> {
+    let tree = dir.join("sandbox-tree");
+    let bin_dir = tree.join("upper/usr/local/bin");
+    std::fs::create_dir_all(&bin_dir).map_err(io_err(format!("creating {}", bin_dir.display())))?;
+    if let Some(script) = init_script {
+        let path = tree.join("upper").join(TEST_INIT.trim_start_matches('/'));
+        std::fs::write(&path, script).map_err(io_err(format!("writing {}", path.display())))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .map_err(io_err(format!("chmod {}", path.display())))?;
+    }
+    let disk = dir.join("sandbox.ext4");
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-E", "root_owner=0:0", "-d"])
+        .arg(&tree)
+        .arg(&disk)
+        .arg("64M");
+    run_build(cmd)?;
+    Ok(disk)
+}
+
+/// A file's contents read from an unmounted ext4 image (`debugfs cat`); empty when absent.
+pub fn read_from_ext4(image: &Path, path: &str) -> Result<String, GuestError> {
+    let mut cmd = Command::new("debugfs");
+    cmd.args(["-R", &format!("cat {path}")]).arg(image);
+    let output = cmd.output().map_err(io_err(format!("{cmd:?}")))?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The host's TSC rate in kHz. Under TCG the guest reads the host's TSC, and without this hint
+/// the kernel calibrates it against the emulated PIT, which fails on a busy host and leaves
+/// the boot hanging with no clock source (`tsc_early_khz=` on the guest command line).
+pub fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|line| line.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0).round() as u64)
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> Result<u16, GuestError> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io_err("binding a probe port"))?;
+    Ok(listener
+        .local_addr()
+        .map_err(io_err("reading the probe port"))?
+        .port())
+}
+
+/// What to boot: the files root's kernel and initramfs, up to two virtio disks in contract
+/// order, and optionally user-mode networking forwarding a host port to envd's.
+#[derive(Debug, Clone)]
+pub struct GuestSpec {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// /dev/vda, attached read-only.
+    pub base_image: Option<PathBuf>,
+    /// /dev/vdb, writable.
+    pub sandbox_disk: Option<PathBuf>,
+    /// Host loopback port forwarded to the guest's envd port, with `ip=` set to match.
+    pub forward_port: Option<u16>,
+    /// Appended to the agent's command line (`wrenn.init=...`).
+    pub extra_cmdline: Vec<String>,
+    pub memory_mib: u32,
+}
+
+impl GuestSpec {
+    pub fn new(layout: &Layout) -> Self {
+        Self {
+            kernel: layout.default_kernel(),
+            initramfs: layout.default_initramfs(),
+            base_image: None,
+            sandbox_disk: None,
+            forward_port: None,
+            extra_cmdline: Vec::new(),
+            memory_mib: 512,
+        }
+    }
+
+    pub fn cmdline(&self) -> String {
+        let mut words = vec![AGENT_CMDLINE.to_string()];
+        if self.forward_port.is_some() {
+            words.push(USER_NET_IP.to_string());
+        }
+        if let Some(khz) = host_tsc_khz() {
+            words.push(format!("tsc_early_khz={khz}"));
+        }
+        words.extend(self.extra_cmdline.iter().cloned());
+        words.join(" ")
+    }
+
+    fn qemu_command(&self) -> Command {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-M",
+            "microvm",
+            "-m",
+            &self.memory_mib.to_string(),
+        ])
+        .args(["-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&self.kernel)
+        .arg("-initrd")
+        .arg(&self.initramfs)
+        .args(["-append", &self.cmdline()]);
+        let disks = [
+            ("vda", &self.base_image, ",readonly=on"),
+            ("vdb", &self.sandbox_disk, ""),
+        ];
+        for (id, disk, mode) in disks {
+            if let Some(path) = disk {
+                cmd.arg("-drive")
+                    .arg(format!(
+                        "id={id},file={},format=raw,if=none{mode}",
+                        path.display()
+                    ))
+                    .args(["-device", &format!("virtio-blk-device,drive={id}")]);
+            }
+        }
+        if let Some(port) = self.forward_port {
+            cmd.args([
+                "-netdev",
+                &format!("user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{ENVD_PORT}"),
+            ])
+            .args(["-device", "virtio-net-device,netdev=n0"]);
+        }
+        cmd
+    }
+}
+
+#[derive(Default)]
+struct Console {
+    text: Mutex<String>,
+    changed: Condvar,
+}
+
+/// A running guest. Its serial console accumulates in memory.
+pub struct GuestVm {
+    child: Child,
+    console: Arc<Console>,
+    started: Instant,
+}
+
+impl GuestVm {
+    pub fn boot(spec: &GuestSpec) -> Result<Self, GuestError> {
+        let mut cmd = spec.qemu_command();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(io::Error::from)
+            });
+        }
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(io_err("starting qemu-system-x86_64"))?;
+        let console = Arc::new(Console::default());
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let console = Arc::clone(&console);
+            thread::spawn(move || {
+                for line in BufReader::new(stream).split(b'\n').map_while(Result::ok) {
+                    let mut text = console.text.lock().unwrap();
+                    text.push_str(String::from_utf8_lossy(&line).trim_end_matches('\r'));
+                    text.push('\n');
+                    console.changed.notify_all();
+                }
+            });
+        }
+        Ok(Self {
+            child,
+            console,
+            started,
+        })
+    }
+
+    /// Everything the guest printed so far (serial console and QEMU's own messages).
+    pub fn console(&self) -> String {
+        self.console.text.lock().unwrap().clone()
+    }
+
+    /// Waits until the console shows `needle`; returns the time since boot.
+    pub fn wait_for_console(
+        &self,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<Duration, GuestError> {
+        let deadline = Instant::now() + timeout;
+        let mut text = self.console.text.lock().unwrap();
+        loop {
+            if text.contains(needle) {
+                return Ok(self.started.elapsed());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(GuestError::ConsoleTimeout {
+                    needle: needle.to_string(),
+                    timeout,
+                    console: text.clone(),
+                });
+            }
+            text = self
+                .console
+                .changed
+                .wait_timeout(text, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Waits for QEMU to exit on its own (the guest powered off or rebooted).
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Result<ExitStatus, GuestError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(io_err("waiting for qemu"))? {
+                // Let the reader threads drain the last console lines.
+                thread::sleep(Duration::from_millis(50));
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return Err(GuestError::StillRunning {
+                    timeout,
+                    console: self.console(),
+                });
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn since_boot(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Drop for GuestVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,375 @@
+//! Guest kernel, initramfs and template images, booted for real under QEMU `microvm` (TCG): the
+//! disk contract (read-only base on /dev/vda, sandbox disk on /dev/vdb, overlay root), the
+//! network path a host uses to reach envd, failures that must power the VM off with a message,
+//! and reproducible, idempotent and in-place-updatable image builds.
+//!
+//! Built files live in a files root outside the clone (`$WRENN_TEST_FILES_ROOT`, default
+//! /var/tmp/wrenn-test-root) so later runs find them up to date.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wrenn::config::Layout;
+use wrenn::testing::guest::{self, GuestSpec, GuestVm};
+
+/// Generous: two cores shared with other TCG guests and compilers. A boot takes 2-5 s alone.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// `just test` passes the binary it built; a bare `cargo test` builds it here.
+fn static_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("WRENN_STATIC_BIN") {
+        return PathBuf::from(path);
+    }
+    let output = Command::new("just")
+        .arg("build-static")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("`just build-static` runs (install just with .ci/bootstrap)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build-static prints the binary path"),
+    )
+}
+
+/// The shared files root with the kernel, initramfs and minimal image built (once per run).
+fn files() -> &'static Layout {
+    static FILES: OnceLock<Layout> = OnceLock::new();
+    FILES.get_or_init(|| {
+        let root = std::env::var("WRENN_TEST_FILES_ROOT")
+            .unwrap_or_else(|_| "/var/tmp/wrenn-test-root".to_string());
+        let layout = Layout::new(root);
+        guest::build_kernel(&layout).unwrap_or_else(|e| panic!("{e}"));
+        guest::build_image(&layout, "minimal", &static_binary()).unwrap_or_else(|e| panic!("{e}"));
+        layout
+    })
+}
+
+/// The shared files root with the python image built too (minutes when cold: mmdebstrap).
+fn files_with_python() -> &'static Layout {
+    static PYTHON: OnceLock<()> = OnceLock::new();
+    let layout = files();
+    PYTHON.get_or_init(|| {
+        guest::build_image(layout, "python", &static_binary()).unwrap_or_else(|e| panic!("{e}"));
+    });
+    layout
+}
+
+fn sha256_file(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// One HTTP/1.0 GET to the forwarded port, retried while the guest is still coming up.
+fn http_get(port: u16, path: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: guest\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })();
+        match attempt {
+            // QEMU accepts forwarded connections before the guest listens, then closes them.
+            Ok(response) if response.starts_with("HTTP/") => return response,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            other => panic!("GET {path} on port {port}: {other:?}"),
+        }
+    }
+}
+
+/// A stand-in for envd: checks the overlay from inside, configures eth0 from `ip=` the way envd
+/// does, and serves files from the image on envd's port until the host asks it to power off.
+const PROBE_INIT: &str = r#"#!/bin/sh
+echo "probe: os=$(sed -n 's/^ID=//p' /etc/os-release)"
+echo "written through the overlay" >/etc/overlay-probe && echo "probe: wrote /etc/overlay-probe"
+if touch /run/wrenn/lower/etc/probe 2>/dev/null; then echo "probe: base writable"; else echo "probe: base read-only"; fi
+grep -q '^overlay / overlay ' /proc/mounts && echo "probe: root is overlay"
+grep -q '^/dev/vdb /run/wrenn/upper ' /proc/mounts && echo "probe: sandbox disk at /run/wrenn/upper"
+ipconf=$(sed -n 's/.*[[:space:]]ip=\([^[:space:]]*\).*/\1/p' /proc/cmdline)
+ip link set lo up
+ip link set eth0 up
+ifconfig eth0 "$(echo "$ipconf" | cut -d: -f1)" netmask "$(echo "$ipconf" | cut -d: -f4)"
+route add default gw "$(echo "$ipconf" | cut -d: -f3)"
+mkdir -p /tmp/www/cgi-bin
+echo ok >/tmp/www/health
+cp /etc/os-release /tmp/www/os-release
+printf '#!/bin/sh\nprintf "Content-Type: text/plain\\r\\n\\r\\nbye\\n"\nsync\n(sleep 0.3; poweroff -f) &\n' >/tmp/www/cgi-bin/poweroff
+chmod 0755 /tmp/www/cgi-bin/poweroff
+echo "probe: serving"
+exec httpd -f -p 49983 -h /tmp/www
+"#;
+
+#[test]
+fn minimal_image_boots_on_an_overlay_of_read_only_base_and_sandbox_disk() {
+    let layout = files();
+    let base = layout.image_rootfs("minimal");
+    let base_before = sha256_file(&base);
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = guest::sandbox_disk(tmp.path(), Some(PROBE_INIT)).unwrap();
+    let port = guest::free_port().unwrap();
+    let mut spec = GuestSpec::new(layout);
+    spec.base_image = Some(base.clone());
+    spec.sandbox_disk = Some(disk.clone());
+    spec.forward_port = Some(port);
+    spec.extra_cmdline
+        .push(format!("wrenn.init={}", guest::TEST_INIT));
+
+    let mut vm = GuestVm::boot(&spec).unwrap();
+    vm.wait_for_console("probe: serving", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let console = vm.console();
+    for line in [
+        "probe: os=wrenn-minimal",
+        "probe: wrote /etc/overlay-probe",
+        "probe: base read-only",
+        "probe: root is overlay",
+        "probe: sandbox disk at /run/wrenn/upper",
+    ] {
+        assert!(
+            console.contains(line),
+            "missing {line:?}; console:\n{console}"
+        );
+    }
+
+    let health = http_get(port, "/health", Duration::from_secs(60));
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.ends_with("\r\n\r\nok\n"),
+        "{health}"
+    );
+    let os_release = http_get(port, "/os-release", Duration::from_secs(10));
+    assert!(os_release.contains("ID=wrenn-minimal"), "{os_release}");
+    http_get(port, "/cgi-bin/poweroff", Duration::from_secs(10));
+    vm.wait_for_exit(BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    assert_eq!(
+        guest::read_from_ext4(&disk, "/upper/etc/overlay-probe").unwrap(),
+        "written through the overlay\n",
+        "the write did not land in the sandbox disk's upper layer"
+    );
+    assert_eq!(sha256_file(&base), base_before, "the base image changed");
+    assert!(guest::read_from_ext4(&base, "/etc/overlay-probe")
+        .unwrap()
+        .is_empty());
+}
+
+/// Boots `spec`, expects `message` on the console and the VM to end by itself.
+fn assert_fails_and_powers_off(spec: &GuestSpec, message: &str) -> String {
+    let mut vm = GuestVm::boot(spec).unwrap();
+    vm.wait_for_console(message, BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    vm.wait_for_exit(BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let console = vm.console();
+    assert!(
+        console.contains("wrenn-initramfs: powering off"),
+        "{console}"
+    );
+    console
+}
+
+#[test]
+fn missing_base_disk_powers_off_with_a_message() {
+    let spec = GuestSpec::new(files());
+    assert_fails_and_powers_off(
+        &spec,
+        "wrenn-initramfs: FATAL: root disk /dev/vda (the template base image) not found",
+    );
+}
+
+#[test]
+fn corrupt_base_disk_powers_off_with_a_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let garbage = tmp.path().join("garbage.ext4");
+    std::fs::write(&garbage, vec![0x5a; 16 << 20]).unwrap();
+    let mut spec = GuestSpec::new(files());
+    spec.base_image = Some(garbage);
+    assert_fails_and_powers_off(
+        &spec,
+        "wrenn-initramfs: FATAL: cannot mount /dev/vda (the template base image) read-only as ext4",
+    );
+}
+
+#[test]
+fn unformatted_sandbox_disk_powers_off_with_a_message() {
+    let layout = files();
+    let tmp = tempfile::tempdir().unwrap();
+    let blank = tmp.path().join("blank.ext4");
+    std::fs::File::create(&blank)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut spec = GuestSpec::new(layout);
+    spec.base_image = Some(layout.image_rootfs("minimal"));
+    spec.sandbox_disk = Some(blank);
+    assert_fails_and_powers_off(
+        &spec,
+        "wrenn-initramfs: FATAL: cannot mount /dev/vdb (the sandbox disk) as ext4",
+    );
+}
+
+#[test]
+fn missing_init_program_powers_off_and_no_sandbox_disk_means_tmpfs() {
+    let layout = files();
+    let mut spec = GuestSpec::new(layout);
+    spec.base_image = Some(layout.image_rootfs("minimal"));
+    spec.extra_cmdline
+        .push("wrenn.init=/usr/local/bin/absent".into());
+    let console = assert_fails_and_powers_off(
+        &spec,
+        "wrenn-initramfs: FATAL: init program /usr/local/bin/absent is missing or not executable",
+    );
+    assert!(
+        console.contains("no sandbox disk /dev/vdb; writes go to memory"),
+        "{console}"
+    );
+}
+
+#[test]
+fn initramfs_hands_over_to_envd_by_default() {
+    let layout = files();
+    let mut spec = GuestSpec::new(layout);
+    spec.base_image = Some(layout.image_rootfs("minimal"));
+    let vm = GuestVm::boot(&spec).unwrap();
+    vm.wait_for_console(
+        "wrenn-initramfs: starting /usr/local/bin/wrenn envd",
+        BOOT_TIMEOUT,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn image_builds_are_reproducible_and_idempotent() {
+    let bin = static_binary();
+    let roots = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut digests = Vec::new();
+    for root in &roots {
+        let layout = Layout::new(root.path());
+        let log = guest::build_image(&layout, "minimal", &bin).unwrap_or_else(|e| panic!("{e}"));
+        assert!(log.contains("done:"), "{log}");
+        digests.push(sha256_file(&layout.image_rootfs("minimal")));
+    }
+    assert_eq!(
+        digests[0], digests[1],
+        "two builds from the same inputs differ"
+    );
+
+    let layout = Layout::new(roots[0].path());
+    let again = guest::build_image(&layout, "minimal", &bin).unwrap();
+    assert!(again.contains("up to date"), "{again}");
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(layout.image_dir("minimal").join("meta.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["template"], "minimal");
+    assert_eq!(meta["sha256"], digests[0].as_str());
+    assert!(
+        meta["envd_version"].as_str().unwrap().starts_with("wrenn "),
+        "{meta}"
+    );
+    let passwd = guest::read_from_ext4(&layout.image_rootfs("minimal"), "/etc/passwd").unwrap();
+    assert!(passwd.contains("root:x:0:0:"), "{passwd}");
+    assert!(
+        passwd.contains("user:x:1000:1000:Wrenn sandbox user:/home/user:/bin/sh"),
+        "{passwd}"
+    );
+}
+
+#[test]
+fn update_envd_replaces_the_binary_in_place() {
+    let layout = files();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("rootfs.ext4");
+    std::fs::copy(layout.image_rootfs("minimal"), &image).unwrap();
+    // A different but still runnable binary: ELF files ignore trailing bytes.
+    let mut new_bin = std::fs::read(static_binary()).unwrap();
+    new_bin.extend(std::iter::repeat_n(0xa5u8, 8 << 20));
+    let new_bin_path = tmp.path().join("wrenn");
+    std::fs::write(&new_bin_path, &new_bin).unwrap();
+    Command::new("chmod")
+        .arg("0755")
+        .arg(&new_bin_path)
+        .status()
+        .unwrap();
+
+    let log = guest::update_envd(&image, &new_bin_path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(log.contains("done:"), "{log}");
+    let dumped = tmp.path().join("dumped");
+    let status = Command::new("debugfs")
+        .args([
+            "-R",
+            &format!("dump -p /usr/local/bin/wrenn {}", dumped.display()),
+        ])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    assert_eq!(
+        std::fs::read(&dumped).unwrap(),
+        new_bin,
+        "the image holds another binary"
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
+
+/// Runs Python as root and as the default user, then powers off through sysrq (Debian minbase
+/// has no poweroff command).
+const PYTHON_PROBE_INIT: &str = r#"#!/bin/sh
+python3 -c 'import platform, ssl, sqlite3; print("probe: python", platform.python_version())'
+su -s /bin/sh user -c 'cd && echo "probe: as $(id -un) in $PWD: $(python3 -c "print(6 * 7)")"'
+echo "probe: $(git --version)"
+echo "probe: pip $(python3 -m pip --version | cut -d' ' -f2)"
+sync
+echo o >/proc/sysrq-trigger
+"#;
+
+#[test]
+fn python_image_runs_python_as_root_and_as_user() {
+    let layout = files_with_python();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = GuestSpec::new(layout);
+    spec.base_image = Some(layout.image_rootfs("python"));
+    spec.sandbox_disk = Some(guest::sandbox_disk(tmp.path(), Some(PYTHON_PROBE_INIT)).unwrap());
+    spec.extra_cmdline
+        .push(format!("wrenn.init={}", guest::TEST_INIT));
+    let mut vm = GuestVm::boot(&spec).unwrap();
+    vm.wait_for_exit(BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let console = vm.console();
+    for line in [
+        "probe: python 3.11",
+        "probe: as user in /home/user: 42",
+        "probe: git version 2.",
+        "probe: pip 23",
+    ] {
+        assert!(
+            console.contains(line),
+            "missing {line:?}; console:\n{console}"
+        );
+    }
+}
