@@ -570,3 +570,77 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_errors_keep_their_code_and_the_rest_is_the_agent_failing() {
+        let host = HostId(uuid::Uuid::nil());
+        let body = br#"{"error":{"code":"not_found","message":"no such file"}}"#;
+        match answer_error(host, StatusCode::NOT_FOUND, body) {
+            AgentError::Rejected {
+                status,
+                code,
+                message,
+            } => {
+                assert_eq!(
+                    (status, code.as_str(), message.as_str()),
+                    (StatusCode::NOT_FOUND, "not_found", "no such file")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            answer_error(host, StatusCode::BAD_GATEWAY, b"boom"),
+            AgentError::Failed { status: StatusCode::BAD_GATEWAY, ref message, .. } if message == "boom"
+        ));
+        assert!(matches!(
+            answer_error(host, StatusCode::UNAUTHORIZED, b"{}"),
+            AgentError::Failed {
+                status: StatusCode::UNAUTHORIZED,
+                ..
+            }
+        ));
+        assert_eq!(
+            envd_path_for(SandboxId(uuid::Uuid::from_u128(35)), "/processes/run"),
+            format!("/v1/sandboxes/cl-{}z/envd/processes/run", "0".repeat(24))
+        );
+    }
+
+    #[test]
+    fn create_request_matches_the_contract() {
+        let request = CreateSandbox {
+            sandbox_id: SandboxId(uuid::Uuid::nil()),
+            template: "minimal".into(),
+            vcpus: 1,
+            memory_mb: 512,
+            disk_mb: 5120,
+            timeout_sec: 0,
+            envs: BTreeMap::new(),
+            user: None,
+        };
+        let value = serde_json::to_value(&request).unwrap();
+        let mut keys: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "disk_mb",
+                "envs",
+                "memory_mb",
+                "sandbox_id",
+                "template",
+                "timeout_sec",
+                "user",
+                "vcpus"
+            ]
+        );
+    }
+}

@@ -151,6 +151,17 @@ impl AgentDouble {
         ids
     }
 
+    /// Where the sandbox's envd listens, for calls that bypass the control plane.
+    pub fn envd_url(&self, id: &str) -> Option<String> {
+        self.shared
+            .0
+            .sandboxes
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|s| s.envd.url())
+    }
+
     /// Successful and failed create calls received.
     pub fn create_calls(&self) -> usize {
         self.shared.0.creates.load(Ordering::SeqCst)

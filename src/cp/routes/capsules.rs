@@ -28,14 +28,21 @@ fn capsule_id(raw: &str) -> Result<SandboxId, ApiError> {
     path_id("id", raw)
 }
 
+/// Answers 201 with the capsule and a `Server-Timing: agent;dur=<ms>` header, the time the host
+/// agent took, so clients and benchmarks can tell the control plane's share from the boot.
 pub async fn create(
     State(state): State<AppState>,
     auth: AuthTeam,
     ApiJson(body): ApiJson<CreateCapsuleRequest>,
-) -> Result<(StatusCode, Json<Capsule>), ApiError> {
+) -> Result<Response, ApiError> {
     let new = NewCapsule::parse(body)?;
-    let capsule = capsules::create(&state, auth.team_id, new).await?;
-    Ok((StatusCode::CREATED, Json(capsule)))
+    let created = capsules::create(&state, auth.team_id, new).await?;
+    let timing = format!("agent;dur={:.3}", created.agent_time.as_secs_f64() * 1000.0);
+    let mut response = (StatusCode::CREATED, Json(created.capsule)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&timing) {
+        response.headers_mut().insert("server-timing", value);
+    }
+    Ok(response)
 }
 
 pub async fn list(

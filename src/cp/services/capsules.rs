@@ -251,11 +251,18 @@ fn guest_metadata(info: &SandboxInfo) -> Value {
 /// on the host: the agent rolls back its own failures, and when the outcome is unknown (the agent
 /// vanished or timed out) the control plane destroys the sandbox there too, leaving any
 /// remainder to the reconciler.
+/// A created capsule and how long its agent took to boot it (the rest of the request's time is
+/// the control plane's).
+pub struct Created {
+    pub capsule: Capsule,
+    pub agent_time: Duration,
+}
+
 pub async fn create(
     state: &AppState,
     team: TeamId,
     new: NewCapsule,
-) -> Result<Capsule, CapsuleError> {
+) -> Result<Created, CapsuleError> {
     let template = templates::visible_by_name(&state.db, team.uuid(), &new.template)
         .await?
         .ok_or_else(|| CapsuleError::TemplateNotFound(new.template.clone()))?;
@@ -298,15 +305,20 @@ pub async fn create(
         envs: BTreeMap::new(),
         user: None,
     };
-    match state
+    let asked = std::time::Instant::now();
+    let answer = state
         .capsules
         .agents
         .create_sandbox(&target, &request)
-        .await
-    {
+        .await;
+    let agent_time = asked.elapsed();
+    match answer {
         Ok(info) => {
             sandboxes::mark_started(&state.db, id.uuid(), &guest_metadata(&info)).await?;
-            Ok(find(state, team, id).await?.into())
+            Ok(Created {
+                capsule: find(state, team, id).await?.into(),
+                agent_time,
+            })
         }
         Err(error) => {
             let outcome_unknown = matches!(
