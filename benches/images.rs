@@ -2,14 +2,15 @@
 //! time under QEMU TCG. `just bench-images` runs it; `-- --cold-python` also rebuilds the
 //! python template's Debian tree from scratch (minutes) instead of reusing the cached one.
 //!
-//! Cold builds go to a temporary files root and build directory (the kernel package is
-//! downloaded again); boots use the files root in /var/tmp/wrenn-test-root shared with the tests.
+//! Builds go to a temporary files root and build directory (the kernel package is downloaded
+//! again), and the boots use what they built.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use wrenn::config::Layout;
+use wrenn::envd::client::EnvdClient;
 use wrenn::testing::guest::{self, GuestSpec, GuestVm};
 
 const BOOTS: usize = 3;
@@ -56,34 +57,22 @@ fn mib(path: &Path) -> String {
     )
 }
 
-/// Builds into `layout` with `build_dir` as WRENN_BUILD_DIR, timing a cold and an up-to-date run.
-fn build_figures(layout: &Layout, build_dir: &Path, bin: &Path, templates: &[&str]) {
-    let run = |script: &str, args: &[&Path]| {
-        let mut cmd = Command::new(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("rootfs")
-                .join(script),
-        );
-        cmd.args(args)
-            .env("WRENN_BUILD_DIR", build_dir)
-            .env("WRENN_STATIC_BIN", bin);
-        let output = cmd.output().unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    for pass in ["cold", "up to date"] {
-        timed(&format!("kernel + initramfs build ({pass})"), || {
-            run("build-kernel.sh", &[layout.root()])
-        });
-        for template in templates {
-            timed(&format!("image {template} build ({pass})"), || {
-                run("build-image.sh", &[Path::new(template), layout.root()])
-            });
-        }
-    }
+/// Runs a rootfs/ script with `build_dir` as WRENN_BUILD_DIR and prints how long it took.
+fn timed_script(what: &str, script: &str, args: &[&Path], build_dir: &Path, bin: &Path) {
+    let mut cmd = Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("rootfs")
+            .join(script),
+    );
+    cmd.args(args)
+        .env("WRENN_BUILD_DIR", build_dir)
+        .env("WRENN_STATIC_BIN", bin);
+    let (output, _) = timed(what, || cmd.output().unwrap());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 fn median(mut samples: Vec<Duration>) -> Duration {
@@ -124,50 +113,104 @@ fn main() {
         num_cpus()
     );
 
-    println!("\n== builds: kernel + minimal + python into a fresh files root");
+    println!("\n== builds into a fresh files root");
     let cold_root = tempfile::tempdir().unwrap();
     let cold_build = tempfile::tempdir().unwrap();
-    let cold_layout = Layout::new(cold_root.path());
-    let shared_build = PathBuf::from("/var/tmp/wrenn-build");
-    let python_build_dir = if cold_python {
-        cold_build.path()
-    } else {
-        shared_build.as_path()
-    };
-    build_figures(&cold_layout, cold_build.path(), &bin, &["minimal"]);
-    if !cold_python {
-        println!(
-            "(python reuses the cached Debian tree in {}; --cold-python rebuilds it)",
-            shared_build.display()
+    let layout = Layout::new(cold_root.path());
+    let root = layout.root();
+    for pass in ["cold", "up to date"] {
+        timed_script(
+            &format!("kernel + initramfs ({pass})"),
+            "build-kernel.sh",
+            &[root],
+            cold_build.path(),
+            &bin,
         );
     }
-    build_figures(&cold_layout, python_build_dir, &bin, &["python"]);
+    for pass in ["cold", "up to date"] {
+        timed_script(
+            &format!("image minimal ({pass})"),
+            "build-image.sh",
+            &[Path::new("minimal"), root],
+            cold_build.path(),
+            &bin,
+        );
+    }
+    // The Debian tree takes minutes to make; by default it comes from the shared cache.
+    let shared_build = PathBuf::from("/var/tmp/wrenn-build");
+    let (python_build, python_cold) = if cold_python {
+        (cold_build.path(), "cold, Debian tree included")
+    } else {
+        (shared_build.as_path(), "cold, cached Debian tree")
+    };
+    for pass in [python_cold, "up to date"] {
+        timed_script(
+            &format!("image python ({pass})"),
+            "build-image.sh",
+            &[Path::new("python"), root],
+            python_build,
+            &bin,
+        );
+    }
 
     println!("\n== sizes");
     for (what, path) in [
-        ("vmlinux", cold_layout.default_kernel()),
-        ("initramfs.cpio.gz", cold_layout.default_initramfs()),
-        (
-            "images/minimal/rootfs.ext4",
-            cold_layout.image_rootfs("minimal"),
-        ),
-        (
-            "images/python/rootfs.ext4",
-            cold_layout.image_rootfs("python"),
-        ),
+        ("vmlinux", layout.default_kernel()),
+        ("initramfs.cpio.gz", layout.default_initramfs()),
+        ("images/minimal/rootfs.ext4", layout.image_rootfs("minimal")),
+        ("images/python/rootfs.ext4", layout.image_rootfs("python")),
     ] {
         println!("{what:<48} {}", mib(&path));
     }
 
-    println!("\n== boot to userspace on the overlay root (QEMU microvm, TCG, median of {BOOTS})");
+    println!("\n== boot under QEMU microvm with TCG (median of {BOOTS})");
     for template in ["minimal", "python"] {
-        let took = boot_to_userspace(&cold_layout, template);
+        let first_line = boot_to_userspace(&layout, template);
         println!(
             "{:<48} {:>8.2} s",
-            format!("{template}: QEMU start to init's first line"),
-            took.as_secs_f64()
+            format!("{template}: to init's first line"),
+            first_line.as_secs_f64()
+        );
+        let envd = boot_to_envd(&layout, template);
+        println!(
+            "{:<48} {:>8.2} s",
+            format!("{template}: to envd /health over the network"),
+            envd.as_secs_f64()
         );
     }
+}
+
+/// Time from starting QEMU to envd's first successful /health through the forwarded port.
+fn boot_to_envd(layout: &Layout, template: &str) -> Duration {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let samples = (0..BOOTS)
+        .map(|_| {
+            let tmp = tempfile::tempdir().unwrap();
+            let port = guest::free_port().unwrap();
+            let mut spec = GuestSpec::new(layout);
+            spec.base_image = Some(layout.image_rootfs(template));
+            spec.sandbox_disk = Some(guest::sandbox_disk(tmp.path(), None).unwrap());
+            spec.forward_port = Some(port);
+            let mut vm = GuestVm::boot(&spec).unwrap();
+            let client = EnvdClient::new(&format!("http://127.0.0.1:{port}")).unwrap();
+            while runtime.block_on(client.health()).is_err() {
+                assert!(
+                    vm.since_boot() < TIMEOUT,
+                    "envd never answered:\n{}",
+                    vm.console()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let ready = vm.since_boot();
+            runtime.block_on(client.shutdown()).unwrap();
+            vm.wait_for_exit(TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+            ready
+        })
+        .collect();
+    median(samples)
 }
 
 fn num_cpus() -> usize {

@@ -89,6 +89,9 @@ pub enum ConfigCommand {
 }
 
 pub fn main() -> ExitCode {
+    // Test builds arm fail points from the FAILPOINTS environment variable.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

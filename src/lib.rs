@@ -11,3 +11,4 @@ pub mod id;
 pub mod logging;
 pub mod testing;
 pub mod version;
+pub mod vmm;

@@ -19,26 +19,22 @@ fn run(program: &str, args: &[&str]) -> String {
 
 const GIB: u64 = 1 << 30;
 
-#[tokio::test]
-async fn upper_is_a_sparse_ext4_that_needs_no_zeroing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let layout = Layout::new(tmp.path());
-    let path = layout.sandbox_upper_disk("sb-sparse");
-    disk::create_upper(&path, 5 * GIB).await.unwrap();
-
-    assert_eq!(std::fs::metadata(&path).unwrap().len(), 5 * GIB);
-    let allocated = disk::allocated_bytes(&path).unwrap();
+/// A fresh upper: the full size, a few MiB allocated, ext4 with our label, no reserved blocks,
+/// and every group's inode table marked zeroed, so the guest kernel will not write zeros over
+/// them (and inflate the sparse file) after its first mount.
+fn assert_fresh_upper(path: &Path, size: u64) {
+    assert_eq!(std::fs::metadata(path).unwrap().len(), size);
+    let allocated = disk::allocated_bytes(path).unwrap();
     assert!(
         allocated < 32 << 20,
-        "a fresh 5 GiB upper occupies {allocated} bytes"
+        "a fresh {size}-byte upper occupies {allocated} bytes"
     );
-
-    let fs_type = run(
-        "blkid",
-        &["-o", "value", "-s", "TYPE", path.to_str().unwrap()],
+    let arg = path.to_str().unwrap();
+    assert_eq!(
+        run("blkid", &["-o", "value", "-s", "TYPE", arg]).trim(),
+        "ext4"
     );
-    assert_eq!(fs_type.trim(), "ext4");
-    let header = run("dumpe2fs", &["-h", path.to_str().unwrap()]);
+    let header = run("dumpe2fs", &["-h", arg]);
     assert!(
         header.contains(&format!("Filesystem volume name:   {UPPER_LABEL}")),
         "{header}"
@@ -46,9 +42,7 @@ async fn upper_is_a_sparse_ext4_that_needs_no_zeroing() {
     assert!(header
         .lines()
         .any(|l| l.starts_with("Reserved block count:") && l.ends_with(" 0")));
-    // Every group's inode table is marked zeroed, so the guest kernel will not write zeros
-    // over them (and inflate the sparse file) after its first mount.
-    let groups = run("dumpe2fs", &[path.to_str().unwrap()]);
+    let groups = run("dumpe2fs", &[arg]);
     let group_lines: Vec<&str> = groups
         .lines()
         .filter(|l| l.starts_with("Group ") && l.contains("(Blocks"))
@@ -57,6 +51,75 @@ async fn upper_is_a_sparse_ext4_that_needs_no_zeroing() {
     for line in group_lines {
         assert!(line.contains("ITABLE_ZEROED"), "{line}");
     }
+    run("e2fsck", &["-fn", arg]);
+}
+
+#[tokio::test]
+async fn mkfs_upper_is_a_sparse_ext4_that_needs_no_zeroing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = Layout::new(tmp.path()).sandbox_upper_disk("sb-sparse");
+    disk::create_upper(&path, 5 * GIB).await.unwrap();
+    assert_fresh_upper(&path, 5 * GIB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uppers_copied_from_a_cached_blank_are_sparse_ext4_and_independent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = Layout::new(tmp.path());
+    // A staging file from a crash is swept when the factory opens.
+    let stale = layout.blank_uppers_dir().join("upper-1.ext4.0123.staging");
+    std::fs::create_dir_all(layout.blank_uppers_dir()).unwrap();
+    std::fs::write(&stale, b"half").unwrap();
+    let uppers = disk::UpperDisks::open(layout.clone());
+    assert!(!stale.exists());
+
+    // Four sandboxes of one size at once: all succeed from one blank, no staging file is left.
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let uppers = uppers.clone();
+            let path = layout.sandbox_upper_disk(&format!("sb-{i}"));
+            tokio::spawn(async move { uppers.create(&path, 5 * GIB).await.map(|()| path) })
+        })
+        .collect();
+    let mut paths = Vec::new();
+    for task in tasks {
+        paths.push(task.await.unwrap().unwrap());
+    }
+    let cached: Vec<_> = std::fs::read_dir(layout.blank_uppers_dir())
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert_eq!(cached[0].path(), layout.blank_upper(5 * GIB));
+    for path in &paths {
+        assert_fresh_upper(path, 5 * GIB);
+    }
+
+    // Writing into one upper changes neither the blank nor its siblings.
+    let blank = layout.blank_upper(5 * GIB);
+    let blank_state = |p: &Path| {
+        let meta = std::fs::metadata(p).unwrap();
+        (meta.modified().unwrap(), disk::allocated_bytes(p).unwrap())
+    };
+    let blank_before = blank_state(&blank);
+    run(
+        "debugfs",
+        &["-w", "-R", "mkdir marker", paths[0].to_str().unwrap()],
+    );
+    let listing = |p: &Path| run("debugfs", &["-R", "ls -l /", p.to_str().unwrap()]);
+    assert!(listing(&paths[0]).contains("marker"));
+    assert!(!listing(&paths[1]).contains("marker"));
+    assert!(!listing(&blank).contains("marker"));
+    assert_eq!(blank_state(&blank), blank_before);
+
+    let err = uppers.create(&paths[1], 5 * GIB).await.unwrap_err();
+    assert!(matches!(err, DiskError::AlreadyExists { .. }), "{err}");
+    let err = uppers
+        .create(&layout.sandbox_upper_disk("tiny"), 4096)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, DiskError::TooSmall { .. }), "{err}");
+    assert!(!layout.sandbox_upper_disk("tiny").exists());
 }
 
 #[tokio::test]
@@ -77,7 +140,8 @@ async fn upper_overlays_a_read_only_template() {
     let template_before = std::fs::read(&template).unwrap();
 
     let upper = root.join("sandbox/upper.ext4");
-    disk::create_upper(&upper, GIB).await.unwrap();
+    let uppers = disk::UpperDisks::open(Layout::new(root.join("files")));
+    uppers.create(&upper, GIB).await.unwrap();
 
     let lower_mnt = root.join("lower");
     let upper_mnt = root.join("upperfs");

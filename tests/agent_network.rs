@@ -135,6 +135,22 @@ fn reach(from_ns: Option<&str>, addr: SocketAddr) -> Option<String> {
     }
 }
 
+/// Asserts that none of `targets` answers from inside `ns`; the probes run in parallel.
+fn assert_unreachable(ns: &str, targets: &[SocketAddr], what: &str) {
+    let reached: Vec<SocketAddr> = std::thread::scope(|scope| {
+        let probes: Vec<_> = targets
+            .iter()
+            .map(|&addr| scope.spawn(move || (addr, reach(Some(ns), addr))))
+            .collect();
+        probes
+            .into_iter()
+            .map(|probe| probe.join().unwrap())
+            .filter_map(|(addr, answer)| answer.map(|_| addr))
+            .collect()
+    });
+    assert!(reached.is_empty(), "{ns} reached {what} at {reached:?}");
+}
+
 /// Stands a guest up behind the sandbox: a namespace holding the guest address and MAC, wired
 /// where the VM's NIC would be, with envd's port answered by a peer-address server.
 fn attach_guest(net: &SandboxNetwork, guest_ns: &str) {
@@ -302,36 +318,35 @@ async fn guests_are_reachable_isolated_and_nat_their_egress() {
         "guest reached a denied network"
     );
 
-    // Sandbox A cannot reach B, by B's host address or by either end of B's veth.
-    for target in [b.host_addr, namespace_veth_addr(k, 2), host_veth_addr(k, 2)] {
-        let addr = SocketAddr::from((target, ENVD_PORT));
-        assert_eq!(
-            reach(Some(&guest_a), addr),
-            None,
-            "sandbox A reached B at {addr}"
-        );
+    // Each sandbox cannot reach the other, by its host address or by either end of its veth.
+    for (from, other) in [(&guest_a, 2), (&guest_b, 1)] {
+        let targets = [
+            SocketAddr::from((Ipv4Addr::new(10, 201, k, other as u8), ENVD_PORT)),
+            SocketAddr::from((namespace_veth_addr(k, other), ENVD_PORT)),
+            SocketAddr::from((host_veth_addr(k, other), ENVD_PORT)),
+        ];
+        assert_unreachable(from, &targets, "another sandbox");
     }
-    // Neither sandbox reaches the host's services on any host address.
+    // Neither sandbox reaches the host's services (agent, control plane, loopback-bound) on any
+    // host address: both veth ends, a second link's address and the uplink's.
     let host_addrs = [
         host_veth_addr(k, 1),
         host_veth_addr(k, 2),
         Ipv4Addr::new(198, 18, 78, 1),
         Ipv4Addr::new(198, 18, 77, 1),
     ];
+    let services: Vec<SocketAddr> = host_addrs
+        .iter()
+        .flat_map(|&ip| {
+            [agent_port, cp_port, loopback_port].map(|port| SocketAddr::from((ip, port)))
+        })
+        .collect();
+    assert_unreachable(&guest_a, &services, "a host service");
+    assert_unreachable(&guest_b, &services, "a host service");
+    // Positive control: the services do answer on those addresses.
     for target in host_addrs {
-        for port in [agent_port, cp_port, loopback_port] {
-            let addr = SocketAddr::from((target, port));
-            assert_eq!(
-                reach(Some(&guest_a), addr),
-                None,
-                "guest reached host service {addr}"
-            );
-        }
-        // Positive control: the services do answer on those addresses.
-        assert!(
-            reach(None, SocketAddr::from((target, agent_port))).is_some(),
-            "{target}"
-        );
+        let addr = SocketAddr::from((target, agent_port));
+        assert!(reach(None, addr).is_some(), "{addr}");
     }
     assert!(reach(None, SocketAddr::from(([127, 0, 0, 1], loopback_port))).is_some());
 
@@ -456,7 +471,10 @@ async fn cleanup_removes_what_a_crashed_manager_left() {
         .await
         .unwrap();
     assert_eq!(manager.slots_in_use(), vec![1, 2, 3, 9]);
-    let kept = nets[1].clone();
+    // The agent rebuilds the description of a sandbox it keeps from the slot alone.
+    let kept = manager.network(nets[1].slot).unwrap();
+    assert_eq!(kept, nets[1]);
+    assert_eq!(manager.network(7), None);
     let cleaned = manager.cleanup_leftovers(&[kept.slot]).await.unwrap();
     assert_eq!(cleaned, vec![1, 3, 9]);
     assert_eq!(manager.slots_in_use(), vec![2]);

@@ -1,6 +1,6 @@
 //! Guest kernel, initramfs and template images, booted for real under QEMU `microvm` (TCG): the
 //! disk contract (read-only base on /dev/vda, sandbox disk on /dev/vdb, overlay root), the
-//! network path a host uses to reach envd, failures that must power the VM off with a message,
+//! network path a host uses to reach envd, envd itself as PID 1, failures that must power the VM off with a message,
 //! and reproducible, idempotent and in-place-updatable image builds.
 //!
 //! Built files live in a files root outside the clone (`$WRENN_TEST_FILES_ROOT`, default
@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wrenn::config::Layout;
+use wrenn::envd::api::{ProcessSpec, RunRequest, RunResponse};
+use wrenn::envd::client::EnvdClient;
 use wrenn::testing::guest::{self, GuestSpec, GuestVm};
 
 /// Generous: two cores shared with other TCG guests and compilers. A boot takes 2-5 s alone.
@@ -158,6 +160,7 @@ fn minimal_image_boots_on_an_overlay_of_read_only_base_and_sandbox_disk() {
     vm.wait_for_exit(BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
 
+    guest::recover_journal(&disk).unwrap();
     assert_eq!(
         guest::read_from_ext4(&disk, "/upper/etc/overlay-probe").unwrap(),
         "written through the overlay\n",
@@ -239,19 +242,6 @@ fn missing_init_program_powers_off_and_no_sandbox_disk_means_tmpfs() {
         console.contains("no sandbox disk /dev/vdb; writes go to memory"),
         "{console}"
     );
-}
-
-#[test]
-fn initramfs_hands_over_to_envd_by_default() {
-    let layout = files();
-    let mut spec = GuestSpec::new(layout);
-    spec.base_image = Some(layout.image_rootfs("minimal"));
-    let vm = GuestVm::boot(&spec).unwrap();
-    vm.wait_for_console(
-        "wrenn-initramfs: starting /usr/local/bin/wrenn envd",
-        BOOT_TIMEOUT,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]
@@ -337,39 +327,136 @@ fn update_envd_replaces_the_binary_in_place() {
     );
 }
 
-/// Runs Python as root and as the default user, then powers off through sysrq (Debian minbase
-/// has no poweroff command).
-const PYTHON_PROBE_INIT: &str = r#"#!/bin/sh
-python3 -c 'import platform, ssl, sqlite3; print("probe: python", platform.python_version())'
-su -s /bin/sh user -c 'cd && echo "probe: as $(id -un) in $PWD: $(python3 -c "print(6 * 7)")"'
-echo "probe: $(git --version)"
-echo "probe: pip $(python3 -m pip --version | cut -d' ' -f2)"
-sync
-echo o >/proc/sysrq-trigger
-"#;
+/// A guest booted the production way: envd as PID 1 of the overlay root, reached through a
+/// forwarded port, with a fresh sandbox disk.
+struct EnvdGuest {
+    vm: GuestVm,
+    client: EnvdClient,
+    disk: PathBuf,
+    runtime: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+}
+
+impl EnvdGuest {
+    fn boot(layout: &Layout, template: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = guest::sandbox_disk(dir.path(), None).unwrap();
+        let port = guest::free_port().unwrap();
+        let mut spec = GuestSpec::new(layout);
+        spec.base_image = Some(layout.image_rootfs(template));
+        spec.sandbox_disk = Some(disk.clone());
+        spec.forward_port = Some(port);
+        let vm = GuestVm::boot(&spec).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = EnvdClient::new(&format!("http://127.0.0.1:{port}")).unwrap();
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        // QEMU accepts forwarded connections before envd listens and then drops them.
+        while runtime.block_on(client.health()).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "envd never answered; console:\n{}",
+                vm.console()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Self {
+            vm,
+            client,
+            disk,
+            runtime,
+            dir,
+        }
+    }
+
+    fn run(&self, user: Option<&str>, cmd: &str, args: &[&str]) -> RunResponse {
+        let mut process = ProcessSpec::new(cmd, args);
+        process.user = user.map(str::to_owned);
+        let request = RunRequest {
+            process,
+            timeout_sec: Some(120),
+        };
+        let response = self.runtime.block_on(self.client.run(&request));
+        let response = response.unwrap_or_else(|e| panic!("{cmd} {args:?}: {e}"));
+        assert_eq!(response.exit_code, 0, "{cmd} {args:?}: {response:?}");
+        response
+    }
+
+    /// envd's shutdown: stops processes, syncs, powers off; QEMU exits. Returns the sandbox
+    /// disk with its journal replayed, and the directory that keeps it.
+    fn shut_down(mut self) -> (PathBuf, tempfile::TempDir) {
+        self.runtime.block_on(self.client.shutdown()).unwrap();
+        self.vm
+            .wait_for_exit(BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        guest::recover_journal(&self.disk).unwrap();
+        (self.disk, self.dir)
+    }
+}
 
 #[test]
-fn python_image_runs_python_as_root_and_as_user() {
-    let layout = files_with_python();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut spec = GuestSpec::new(layout);
-    spec.base_image = Some(layout.image_rootfs("python"));
-    spec.sandbox_disk = Some(guest::sandbox_disk(tmp.path(), Some(PYTHON_PROBE_INIT)).unwrap());
-    spec.extra_cmdline
-        .push(format!("wrenn.init={}", guest::TEST_INIT));
-    let mut vm = GuestVm::boot(&spec).unwrap();
-    vm.wait_for_exit(BOOT_TIMEOUT)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let console = vm.console();
-    for line in [
-        "probe: python 3.11",
-        "probe: as user in /home/user: 42",
-        "probe: git version 2.",
-        "probe: pip 23",
+fn envd_starts_in_the_minimal_image_and_runs_commands_on_the_overlay() {
+    let layout = files();
+    let guest = EnvdGuest::boot(layout, "minimal");
+    assert!(
+        guest
+            .vm
+            .console()
+            .contains("wrenn-initramfs: starting /usr/local/bin/wrenn envd"),
+        "{}",
+        guest.vm.console()
+    );
+    let os_release = guest.run(None, "cat", &["/etc/os-release"]);
+    assert!(
+        os_release.stdout.contains("ID=wrenn-minimal"),
+        "{os_release:?}"
+    );
+    let whoami = guest.run(Some("user"), "sh", &["-c", "id -un; pwd; echo kept >note"]);
+    assert_eq!(whoami.stdout, "user\n/home/user\n", "{whoami:?}");
+    let mounts = guest.run(None, "cat", &["/proc/mounts"]);
+    for mount in [
+        "overlay / overlay",
+        "/dev/vda /run/wrenn/lower ext4 ro",
+        "/dev/vdb /run/wrenn/upper",
     ] {
         assert!(
-            console.contains(line),
-            "missing {line:?}; console:\n{console}"
+            mounts.stdout.contains(mount),
+            "no {mount:?} in {}",
+            mounts.stdout
         );
     }
+    let (disk, _dir) = guest.shut_down();
+    assert_eq!(
+        guest::read_from_ext4(&disk, "/upper/home/user/note").unwrap(),
+        "kept\n"
+    );
+}
+
+#[test]
+fn python_image_runs_python_through_envd() {
+    let layout = files_with_python();
+    let guest = EnvdGuest::boot(layout, "python");
+    let python = guest.run(
+        Some("user"),
+        "python3",
+        &[
+            "-c",
+            "import platform, ssl, sqlite3, os; print(platform.python_version(), os.getcwd())",
+        ],
+    );
+    assert!(python.stdout.starts_with("3.11."), "{python:?}");
+    assert!(python.stdout.ends_with(" /home/user\n"), "{python:?}");
+    let tools = guest.run(
+        None,
+        "bash",
+        &[
+            "-c",
+            "git --version && python3 -m pip --version && curl --version",
+        ],
+    );
+    assert!(tools.stdout.contains("git version 2."), "{tools:?}");
+    assert!(tools.stdout.contains("pip 23"), "{tools:?}");
+    guest.shut_down();
 }

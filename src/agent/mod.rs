@@ -1,15 +1,20 @@
 //! The host agent: registers with the control plane and runs this host's microVMs.
 
+pub mod api;
 pub mod disk;
 pub mod network;
 pub mod registration;
+pub mod sandbox;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use network::{NetworkError, NetworkManager};
 use registration::{ControlPlane, HostCredentials, HostSpecs, RegistrationError};
+use sandbox::{Limits, SandboxError, SandboxManager};
 
 /// Command-line inputs of `wrenn agent`.
 #[derive(Debug, Clone, Default)]
@@ -28,6 +33,17 @@ pub enum AgentError {
     Registration(#[from] RegistrationError),
     #[error("--address is required with --register: the control plane must know where to reach this agent (e.g. --address 10.0.1.5:50051)")]
     AddressRequired,
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the agent API server failed: {0}")]
+    Serve(std::io::Error),
 }
 
 /// Runs the agent until `shutdown` fires or the control plane deletes the host.
@@ -47,8 +63,52 @@ pub async fn run(
     let creds = obtain_credentials(&cp, &layout, &args).await?;
     tracing::info!(host_id = %creds.host_id, "agent registered with the control plane");
 
+    let network = NetworkManager::new(&config.agent).await?;
+    let vmm = crate::vmm::from_config(&config.agent);
+    let specs = HostSpecs::detect(layout.root());
+    let limits = Limits {
+        max_vcpus: specs.cpu_cores.clamp(1, 32),
+        max_memory_mb: u32::try_from(specs.memory_mb).unwrap_or(u32::MAX),
+        max_disk_mb: specs.disk_gb.max(1) << 10,
+        envd_ready_timeout: Duration::from_secs(config.agent.envd_ready_timeout_secs.max(1)),
+    };
+    let sandboxes = Arc::new(SandboxManager::new(layout.clone(), vmm, network, limits));
+    sandboxes.cleanup_leftovers().await?;
+
+    let addr = config.agent.listen_addr.0;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Listen { addr, source })?;
+    tracing::info!(%addr, vmm = %sandboxes.vmm_kind(), "agent API listening");
+    let app = api::router(api::AgentState::new(
+        sandboxes.clone(),
+        &creds.agent_secret,
+        &creds.host_id,
+    ));
+    let stop = shutdown.child_token();
+    let server = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        }
+    });
+    let reaper = tokio::spawn(sandboxes.clone().reap_idle(stop.clone()));
+
     let interval = Duration::from_secs(config.agent.heartbeat_interval_secs.max(1));
-    heartbeat_loop(cp, creds, layout.host_token_file(), interval, shutdown).await
+    let outcome = heartbeat_loop(cp, creds, layout.host_token_file(), interval, stop.clone()).await;
+    // Whatever ended the heartbeat (a signal, or the host being deleted) ends the agent; its
+    // sandboxes do not outlive it.
+    stop.cancel();
+    let _ = reaper.await;
+    sandboxes.destroy_all().await;
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(AgentError::Serve(e)),
+        Err(join) => return Err(AgentError::Serve(std::io::Error::other(join.to_string()))),
+    }
+    outcome
 }
 
 async fn obtain_credentials(

@@ -91,11 +91,16 @@ pub const KEYS: &[Key] = &[
     key("agent.listen_addr", "AGENT_LISTEN_ADDR", Some(":50051"), "Host-agent API listen address."),
     key("agent.files_rootdir", "AGENT_FILES_ROOTDIR", Some("/var/lib/wrenn"), "Files root: kernels/, images/, sandboxes/, snapshots/ and host-token live under it."),
     key("agent.cp_url", "AGENT_CP_URL", None, "Control-plane base URL the agent registers and heartbeats with, e.g. http://cp:8000."),
+    scalar("agent.envd_ready_timeout_secs", "AGENT_ENVD_READY_TIMEOUT_SECS", "60", "Seconds a new sandbox's envd has to answer before the create is rolled back."),
     scalar("agent.heartbeat_interval_secs", "AGENT_HEARTBEAT_INTERVAL_SECS", "30", "Seconds between the agent's heartbeats to the control plane."),
     key("agent.sandbox_host_range", "AGENT_SANDBOX_HOST_RANGE", Some("10.11.0.0/16"), "Per-sandbox host-routable addresses (one per network slot) through which the agent reaches envd and guest ports."),
     key("agent.sandbox_transit_range", "AGENT_SANDBOX_TRANSIT_RANGE", Some("10.12.0.0/16"), "Addresses of the veth /31 pairs between the host and each sandbox namespace (two per slot)."),
     key("agent.egress_interface", "AGENT_EGRESS_INTERFACE", None, "Interface sandbox egress is NAT'd through; unset means the interface of the default route at start-up."),
     key("agent.egress_deny", "AGENT_EGRESS_DENY", Some("10.0.0.0/8,100.64.0.0/10,169.254.0.0/16,172.16.0.0/12,192.168.0.0/16"), "Comma-separated networks sandboxes may never reach (private LANs, CGNAT, link-local and cloud metadata); may be empty."),
+    key("agent.vmm", "AGENT_VMM", Some("firecracker"), "VMM that runs sandboxes: `firecracker` or `qemu`."),
+    key("agent.qemu_accel", "AGENT_QEMU_ACCEL", Some("auto"), "QEMU accelerator: `kvm`, `tcg`, or `auto` (probe KVM once, fall back to TCG when it cannot run a guest)."),
+    key("agent.firecracker_bin", "AGENT_FIRECRACKER_BIN", Some("/usr/local/bin/firecracker"), "Firecracker executable."),
+    key("agent.qemu_bin", "AGENT_QEMU_BIN", Some("qemu-system-x86_64"), "QEMU executable, a path or a name looked up in PATH."),
 ];
 
 pub fn by_path(path: &str) -> Option<&'static Key> {

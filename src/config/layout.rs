@@ -75,6 +75,47 @@ impl Layout {
         self.sandbox_dir(sandbox_id).join("upper.ext4")
     }
 
+    /// The guest's serial console output.
+    pub fn console_log(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("console.log")
+    }
+
+    /// The VMM process's stdout and stderr (QEMU's diagnostics).
+    pub fn vmm_log(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("vmm.log")
+    }
+
+    /// Firecracker's own logger (`--log-path`); its stdout is the guest console.
+    pub fn firecracker_log(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("firecracker.log")
+    }
+
+    /// Firecracker's API socket.
+    pub fn firecracker_socket(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("firecracker.sock")
+    }
+
+    /// The host end of Firecracker's vsock device (guest connections arrive at `<path>_<port>`).
+    pub fn vsock_socket(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("vsock.sock")
+    }
+
+    /// QEMU's QMP control socket.
+    pub fn qmp_socket(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("qmp.sock")
+    }
+
+    /// Formatted blank upper disks, one per size, from which sandbox uppers are copied; safe to
+    /// delete at any time (they are re-created on demand).
+    pub fn blank_uppers_dir(&self) -> PathBuf {
+        self.root.join("cache").join("blank-uppers")
+    }
+
+    pub fn blank_upper(&self, size_bytes: u64) -> PathBuf {
+        self.blank_uppers_dir()
+            .join(format!("upper-{size_bytes}.ext4"))
+    }
+
     pub fn snapshots_dir(&self) -> PathBuf {
         self.root.join("snapshots")
     }
@@ -174,6 +215,16 @@ mod tests {
             assert_eq!(layout.snapshots_dir(), root.join("snapshots"));
             assert_eq!(layout.host_token_file(), root.join("host-token"));
             assert_eq!(layout.sandbox_dir("sb-1"), root.join("sandboxes/sb-1"));
+            for path in [
+                layout.console_log("sb-1"),
+                layout.vmm_log("sb-1"),
+                layout.firecracker_log("sb-1"),
+                layout.firecracker_socket("sb-1"),
+                layout.vsock_socket("sb-1"),
+                layout.qmp_socket("sb-1"),
+            ] {
+                assert_eq!(path.parent(), Some(root.join("sandboxes/sb-1").as_path()));
+            }
             assert_eq!(
                 layout.sandbox_upper_disk("sb-1"),
                 root.join("sandboxes/sb-1/upper.ext4")

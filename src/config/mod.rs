@@ -18,7 +18,7 @@ pub use keys::{Key, KEYS};
 pub use layout::{Layout, LayoutError};
 pub use types::{
     DatabaseUrl, HostPort, HttpUrl, InterfaceName, Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat,
-    Secret,
+    QemuAccel, Secret, VmmKind,
 };
 
 /// The variable that names the configuration file when `--config` is not given.
@@ -68,11 +68,16 @@ pub struct AgentConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cp_url: Option<HttpUrl>,
     pub heartbeat_interval_secs: u64,
+    pub envd_ready_timeout_secs: u64,
     pub sandbox_host_range: Ipv4Cidr,
     pub sandbox_transit_range: Ipv4Cidr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_interface: Option<InterfaceName>,
     pub egress_deny: Ipv4CidrList,
+    pub vmm: VmmKind,
+    pub qemu_accel: QemuAccel,
+    pub firecracker_bin: PathBuf,
+    pub qemu_bin: PathBuf,
 }
 
 impl Default for Config {
@@ -124,6 +129,9 @@ impl Default for Config {
                 listen_addr: parse("agent.listen_addr"),
                 files_rootdir: PathBuf::from(default("agent.files_rootdir")),
                 cp_url: None,
+                envd_ready_timeout_secs: default("agent.envd_ready_timeout_secs")
+                    .parse()
+                    .expect("default is a number"),
                 heartbeat_interval_secs: default("agent.heartbeat_interval_secs")
                     .parse()
                     .expect("default is a number"),
@@ -137,6 +145,14 @@ impl Default for Config {
                 egress_deny: default("agent.egress_deny")
                     .parse()
                     .expect("defaults in KEYS parse"),
+                vmm: default("agent.vmm")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                qemu_accel: default("agent.qemu_accel")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                firecracker_bin: PathBuf::from(default("agent.firecracker_bin")),
+                qemu_bin: PathBuf::from(default("agent.qemu_bin")),
             },
         }
     }

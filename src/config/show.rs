@@ -27,11 +27,16 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.listen_addr" => c.agent.listen_addr.to_string(),
             "agent.files_rootdir" => c.agent.files_rootdir.display().to_string(),
             "agent.cp_url" => c.agent.cp_url.as_ref()?.to_string(),
+            "agent.envd_ready_timeout_secs" => c.agent.envd_ready_timeout_secs.to_string(),
             "agent.heartbeat_interval_secs" => c.agent.heartbeat_interval_secs.to_string(),
             "agent.sandbox_host_range" => c.agent.sandbox_host_range.to_string(),
             "agent.sandbox_transit_range" => c.agent.sandbox_transit_range.to_string(),
             "agent.egress_interface" => c.agent.egress_interface.as_ref()?.to_string(),
             "agent.egress_deny" => c.agent.egress_deny.to_string(),
+            "agent.vmm" => c.agent.vmm.to_string(),
+            "agent.qemu_accel" => c.agent.qemu_accel.to_string(),
+            "agent.firecracker_bin" => c.agent.firecracker_bin.display().to_string(),
+            "agent.qemu_bin" => c.agent.qemu_bin.display().to_string(),
             other => unreachable!("config key {other} has no renderer"),
         })
     };

@@ -40,10 +40,15 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "agent.files_rootdir" => ("/srv/file", "/srv/env"),
         "agent.cp_url" => ("http://cp.file:8000", "https://cp.env"),
         "agent.heartbeat_interval_secs" => ("5", "7"),
+        "agent.envd_ready_timeout_secs" => ("20", "40"),
         "agent.sandbox_host_range" => ("10.51.0.0/16", "10.61.0.0/24"),
         "agent.sandbox_transit_range" => ("10.52.0.0/16", "10.62.0.0/24"),
         "agent.egress_interface" => ("uplink0", "bond0.7"),
         "agent.egress_deny" => ("10.0.0.0/8", "192.168.0.0/16,172.16.0.0/12"),
+        "agent.vmm" => ("qemu", "firecracker"),
+        "agent.qemu_accel" => ("kvm", "tcg"),
+        "agent.firecracker_bin" => ("/opt/file/firecracker", "/opt/env/firecracker"),
+        "agent.qemu_bin" => ("/opt/file/qemu", "qemu-system-x86_64-env"),
         other => panic!("add sample values for new key {other}"),
     }
 }
@@ -331,6 +336,16 @@ fn bad_values_name_key_value_and_source() {
             None,
             &[("AGENT_EGRESS_DENY", "10.0.0.0/8,lan")],
             &["agent.egress_deny", "lan"],
+        ),
+        (
+            None,
+            &[("AGENT_VMM", "xen")],
+            &["agent.vmm", "AGENT_VMM", "xen", "firecracker"],
+        ),
+        (
+            Some("[agent]\nqemu_accel = \"hvf\"\n"),
+            &[],
+            &["agent.qemu_accel", "hvf", "wrenn.toml"],
         ),
     ];
     for (file, env, needles) in cases {

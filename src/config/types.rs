@@ -339,6 +339,69 @@ impl fmt::Display for LogFormat {
     }
 }
 
+/// Which VMM the host agent runs sandboxes under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VmmKind {
+    Firecracker,
+    Qemu,
+}
+
+impl FromStr for VmmKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "firecracker" => Ok(Self::Firecracker),
+            "qemu" => Ok(Self::Qemu),
+            other => Err(format!(
+                "`{other}` is not a VMM; expected `firecracker` or `qemu`"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for VmmKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Firecracker => "firecracker",
+            Self::Qemu => "qemu",
+        })
+    }
+}
+
+/// QEMU's accelerator: `auto` probes KVM once and falls back to TCG when KVM cannot run a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QemuAccel {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl FromStr for QemuAccel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kvm" => Ok(Self::Kvm),
+            "tcg" => Ok(Self::Tcg),
+            other => Err(format!(
+                "`{other}` is not a QEMU accelerator; expected `auto`, `kvm` or `tcg`"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for QemuAccel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        })
+    }
+}
+
 /// Serde glue: every type above travels as its string form.
 macro_rules! string_serde {
     ($($ty:ty => $to_string:expr),* $(,)?) => {$(
@@ -367,6 +430,8 @@ string_serde! {
     Ipv4Cidr => |v| v.to_string(),
     Ipv4CidrList => |v| v.to_string(),
     InterfaceName => |v| v.to_string(),
+    VmmKind => |v| v.to_string(),
+    QemuAccel => |v| v.to_string(),
 }
 
 #[cfg(test)]

@@ -107,6 +107,16 @@ impl EnvdClient {
         self.token = token;
     }
 
+    /// The `host:port` this client talks to, for callers that proxy raw requests to envd.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// The access token sent with every request, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     fn uri(&self, path_and_query: &str) -> String {
         format!("http://{}{}", self.authority, path_and_query)
     }

@@ -135,6 +135,11 @@ impl OutputLog {
         self.changed.notify_waiters();
     }
 
+    /// Drops the oldest chunks beyond `capacity` that no attached reader still needs.
+    pub fn shrink(&self, capacity: usize) {
+        self.lock().make_room(0, capacity);
+    }
+
     pub fn exit(&self) -> Option<ExitInfo> {
         self.lock().exit.clone()
     }
@@ -255,6 +260,14 @@ mod tests {
         );
         assert_eq!(reader.next().await, Some(LogItem::Exit(exit())));
         assert_eq!(reader.next().await, None);
+
+        log.shrink(4);
+        let mut late = log.reader();
+        assert_eq!(late.next().await, Some(LogItem::Lost(16)));
+        assert_eq!(
+            late.next().await,
+            Some(LogItem::Data(StreamKind::Stdout, "abcd".into()))
+        );
     }
 
     #[tokio::test]

@@ -33,6 +33,8 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 const DEFAULT_RUN_TIMEOUT_SECS: u64 = 30;
 /// Exited processes kept for late re-attachment (their output tail and exit status).
 const EXITED_RETAINED: usize = 64;
+/// Output an exited process keeps, so the retained ones cost at most 4 MiB together.
+const EXITED_REPLAY_BYTES: usize = 64 << 10;
 /// How long output still in the pipes is collected after a process exited; a grandchild that
 /// keeps the pipe open must not hold the exit event back forever.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
@@ -766,6 +768,7 @@ async fn watch_exit(
         pumps.iter().for_each(JoinHandle::abort);
     }
     process.output.finish(info);
+    process.output.shrink(EXITED_REPLAY_BYTES);
     let mut registry = registry
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());

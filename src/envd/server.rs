@@ -402,7 +402,16 @@ fn text(message: &impl serde::Serialize) -> Message {
     Message::Text(serde_json::to_string(message).unwrap_or_default().into())
 }
 
+/// How long a new attach connection may take to say what it wants.
+const FIRST_MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn first_request(socket: &mut WebSocket) -> Result<AttachRequest, ApiError> {
+    tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_first_request(socket))
+        .await
+        .map_err(|_| ApiError::BadRequest("no start or connect message within 30 s".into()))?
+}
+
+async fn read_first_request(socket: &mut WebSocket) -> Result<AttachRequest, ApiError> {
     loop {
         match socket.recv().await {
             Some(Ok(Message::Text(body))) => {

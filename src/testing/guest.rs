@@ -114,6 +114,24 @@ pub fn sandbox_disk(dir: &Path, init_script: Option<&str>) -> Result<PathBuf, Gu
     Ok(disk)
 }
 
+/// Replays the journal of a sandbox disk a guest has powered off with (`e2fsck -fy`), so tools
+/// that read it offline see the last writes: `sync` in the guest commits them to the journal,
+/// not to their final place. Exit status 1 (journal replayed, summary counts fixed) is the
+/// normal outcome.
+pub fn recover_journal(disk: &Path) -> Result<(), GuestError> {
+    let mut cmd = Command::new("e2fsck");
+    cmd.arg("-fy").arg(disk);
+    let command = format!("{cmd:?}");
+    let output = cmd.output().map_err(io_err(command.clone()))?;
+    match output.status.code() {
+        Some(0 | 1) => Ok(()),
+        _ => Err(GuestError::Build {
+            command,
+            output: String::from_utf8_lossy(&output.stdout).into_owned(),
+        }),
+    }
+}
+
 /// A file's contents read from an unmounted ext4 image (`debugfs cat`); empty when absent.
 pub fn read_from_ext4(image: &Path, path: &str) -> Result<String, GuestError> {
     let mut cmd = Command::new("debugfs");
@@ -354,4 +372,44 @@ impl Drop for GuestVm {
             let _ = self.child.wait();
         }
     }
+}
+
+/// The static `wrenn` the guest images carry: `$WRENN_STATIC_BIN` (which `just test` sets), or
+/// built here with `just build-static`.
+pub fn static_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("WRENN_STATIC_BIN") {
+        return PathBuf::from(path);
+    }
+    let output = Command::new("just")
+        .arg("build-static")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("`just build-static` runs (install just with .ci/bootstrap)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).expect("a UTF-8 path");
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build-static prints the binary path"),
+    )
+}
+
+/// The files root shared by VM tests, outside the clone (`$WRENN_TEST_FILES_ROOT`, default
+/// /var/tmp/wrenn-test-root) so later runs find it up to date, with the kernel, initramfs and
+/// `minimal` image built once per process.
+pub fn test_files() -> &'static Layout {
+    static FILES: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
+    FILES.get_or_init(|| {
+        let root = std::env::var("WRENN_TEST_FILES_ROOT")
+            .unwrap_or_else(|_| "/var/tmp/wrenn-test-root".to_string());
+        let layout = Layout::new(root);
+        build_kernel(&layout).unwrap_or_else(|e| panic!("{e}"));
+        build_image(&layout, "minimal", &static_binary()).unwrap_or_else(|e| panic!("{e}"));
+        layout
+    })
 }

@@ -3,4 +3,5 @@
 
 pub mod envd;
 pub mod guest;
+pub mod kernel;
 pub mod pg;

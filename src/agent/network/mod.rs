@@ -63,25 +63,22 @@ pub enum CreateStep {
     HostRules,
     Namespace,
     Veth,
-    /// The host-side veth's address and link state.
-    HostLink,
     /// Loopback, the namespace veth, the TAP device and the default route inside the namespace.
     NamespaceLinks,
     /// IPv4 forwarding and the NAT/filter table inside the namespace.
     NamespaceRules,
-    /// The host route of the slot's host address through the veth pair.
-    HostRoute,
+    /// The host-side veth's address, link state and the route of the slot's host address.
+    HostLink,
 }
 
 impl CreateStep {
-    pub const ALL: [CreateStep; 7] = [
+    pub const ALL: [CreateStep; 6] = [
         Self::HostRules,
         Self::Namespace,
         Self::Veth,
-        Self::HostLink,
         Self::NamespaceLinks,
         Self::NamespaceRules,
-        Self::HostRoute,
+        Self::HostLink,
     ];
 }
 
@@ -91,10 +88,9 @@ impl fmt::Display for CreateStep {
             Self::HostRules => "adding host firewall elements",
             Self::Namespace => "creating the network namespace",
             Self::Veth => "creating the veth pair",
-            Self::HostLink => "configuring the host-side veth",
+            Self::HostLink => "configuring the host-side veth and route",
             Self::NamespaceLinks => "configuring links inside the namespace",
             Self::NamespaceRules => "loading NAT rules inside the namespace",
-            Self::HostRoute => "adding the host route",
         })
     }
 }
@@ -201,7 +197,6 @@ enum Undo {
     RemoveHostElements,
     DeleteNamespace,
     DeleteHostLink,
-    DeleteHostRoute,
 }
 
 impl NetworkManager {
@@ -209,7 +204,7 @@ impl NetworkManager {
         Self::with_options(NetworkOptions::from_config(agent)).await
     }
 
-    /// Enables forwarding, (re)loads the host table and adopts every slot that already has a
+    /// (Re)loads the host table, enables forwarding and adopts every slot that already has a
     /// namespace, link or set element — an agent restarting after a crash must not hand those
     /// out again before [`cleanup_leftovers`](Self::cleanup_leftovers) has dealt with them.
     pub async fn with_options(options: NetworkOptions) -> Result<Self, NetworkError> {
@@ -218,7 +213,6 @@ impl NetworkManager {
             options.host_range,
             options.transit_range,
         )?;
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1").map_err(NetworkError::Forwarding)?;
         let egress_interface = match options.egress_interface {
             Some(name) => Some(name),
             None => default_route_interface().await?,
@@ -247,6 +241,8 @@ impl NetworkManager {
                 table: manager.plan.prefix().to_owned(),
                 source,
             })?;
+        // Only now that the firewall is in place may the host start forwarding.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1").map_err(NetworkError::Forwarding)?;
         tracing::info!(
             adopted = existing.len(),
             egress = manager.egress_interface.as_ref().map(|i| i.as_str()),
@@ -306,6 +302,28 @@ impl NetworkManager {
 
     fn release(&self, slot: u32) {
         self.lock_slots().remove(&slot);
+    }
+
+    /// The network of a slot this manager holds, e.g. one adopted at start-up that the agent
+    /// keeps running; `None` when the slot is not in use.
+    pub fn network(&self, slot: u32) -> Option<SandboxNetwork> {
+        self.lock_slots()
+            .contains(&slot)
+            .then(|| self.describe(slot))
+    }
+
+    fn describe(&self, slot: u32) -> SandboxNetwork {
+        let name = self.plan.name(slot);
+        SandboxNetwork {
+            slot,
+            netns_path: Path::new(NETNS_DIR).join(&name),
+            netns_name: name.clone(),
+            tap_name: TAP_NAME.to_owned(),
+            host_link: name,
+            host_addr: self.plan.host_addr(slot),
+            guest_mac: GUEST_MAC.to_owned(),
+            boot_ip_arg: BOOT_IP_ARG.to_owned(),
+        }
     }
 
     /// Creates the network of a new sandbox. On failure every completed step is undone; if the
@@ -385,18 +403,8 @@ impl NetworkManager {
         done.push(Undo::DeleteHostLink);
         self.injected(slot, CreateStep::Veth)?;
 
-        let host_link = format!("addr add {host_veth}/31 dev {name}\nlink set dev {name} up\n");
-        self.step(
-            slot,
-            CreateStep::HostLink,
-            &name,
-            "ip",
-            &["-batch", "-"],
-            Some(&host_link),
-        )
-        .await?;
-        self.injected(slot, CreateStep::HostLink)?;
-
+        // The host end stays down until the last step, so nothing flows into a half-built
+        // namespace; `onlink` lets the default route name a gateway whose link has no carrier.
         let inside = format!(
             "link set dev lo up\n\
              addr add {ns_veth}/31 dev {NAMESPACE_UPLINK}\n\
@@ -405,7 +413,7 @@ impl NetworkManager {
              link set dev {TAP_NAME} address {GATEWAY_MAC} txqueuelen {TAP_TX_QUEUE_LEN}\n\
              addr add {GATEWAY_IP}/{GUEST_PREFIX_LEN} dev {TAP_NAME}\n\
              link set dev {TAP_NAME} up\n\
-             route add default via {host_veth} dev {NAMESPACE_UPLINK}\n"
+             route add default via {host_veth} dev {NAMESPACE_UPLINK} onlink\n"
         );
         let ns_args = ["-n", &name, "-batch", "-"];
         self.step(
@@ -449,35 +457,24 @@ impl NetworkManager {
         .await?;
         self.injected(slot, CreateStep::NamespaceRules)?;
 
-        let route = format!("{host_addr}/32");
-        let host_veth_text = host_veth.to_string();
-        let ns_veth_text = ns_veth.to_string();
-        let route_args = [
-            "route",
-            "add",
-            &route,
-            "via",
-            &ns_veth_text,
-            "dev",
-            &name,
-            "src",
-            &host_veth_text,
-        ];
-        self.step(slot, CreateStep::HostRoute, &route, "ip", &route_args, None)
-            .await?;
-        done.push(Undo::DeleteHostRoute);
-        self.injected(slot, CreateStep::HostRoute)?;
-
-        Ok(SandboxNetwork {
+        // The route goes with the link, so deleting the link undoes this whole step.
+        let host_side = format!(
+            "addr add {host_veth}/31 dev {name}\n\
+             link set dev {name} up\n\
+             route add {host_addr}/32 via {ns_veth} dev {name} src {host_veth}\n"
+        );
+        self.step(
             slot,
-            netns_path: Path::new(NETNS_DIR).join(&name),
-            netns_name: name.clone(),
-            tap_name: TAP_NAME.to_owned(),
-            host_link: name,
-            host_addr,
-            guest_mac: GUEST_MAC.to_owned(),
-            boot_ip_arg: BOOT_IP_ARG.to_owned(),
-        })
+            CreateStep::HostLink,
+            &name,
+            "ip",
+            &["-batch", "-"],
+            Some(&host_side),
+        )
+        .await?;
+        self.injected(slot, CreateStep::HostLink)?;
+
+        Ok(self.describe(slot))
     }
 
     async fn step(
@@ -536,14 +533,6 @@ impl NetworkManager {
                         .await
                         .map_err(teardown(format!("veth {name}")))?;
                 }
-            }
-            Undo::DeleteHostRoute => {
-                // Only undone during a rollback, while the link still exists; a destroy drops the
-                // route together with the link.
-                let route = format!("{}/32", self.plan.host_addr(slot));
-                command::run("ip", &["route", "delete", &route, "dev", &name], None)
-                    .await
-                    .map_err(teardown(format!("route {route}")))?;
             }
         }
         Ok(())

@@ -58,6 +58,19 @@ async fn password_matches(hash: &str, password: &str) -> bool {
     .unwrap_or(false)
 }
 
+/// A valid argon2 hash of a random password, computed once, for logins with an unknown email.
+fn unknown_account_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        let salt =
+            SaltString::encode_b64(random_hex(16).as_bytes()).expect("16 bytes is a valid salt");
+        Argon2::default()
+            .hash_password(random_hex(16).as_bytes(), &salt)
+            .map(|h| h.to_string())
+            .unwrap_or_default()
+    })
+}
+
 /// `xxxxxx-yyyyyy`, 12 hex digits: teams are addressed by ID; the slug is for people.
 fn new_slug() -> String {
     let hex = random_hex(6);
@@ -138,9 +151,15 @@ pub async fn login(
     password: &str,
 ) -> Result<Session, ServiceError> {
     let invalid = || ServiceError::Unauthorized("invalid email or password".into());
-    let user = users::by_email(db, email.trim())
-        .await?
-        .ok_or_else(invalid)?;
+    let Some(user) = users::by_email(db, email.trim()).await? else {
+        // Verify against a throwaway hash anyway, so response time does not reveal which
+        // emails have accounts.
+        let dummy = tokio::task::spawn_blocking(unknown_account_hash)
+            .await
+            .unwrap_or_default();
+        password_matches(dummy, password).await;
+        return Err(invalid());
+    };
     if !password_matches(&user.password_hash, password).await {
         return Err(invalid());
     }

@@ -1,0 +1,238 @@
+//! The agent API the control plane calls: sandbox lifecycle, and a streaming proxy to each
+//! sandbox's envd for exec, processes, PTYs and files. Every request must carry the agent secret
+//! issued at registration (`Authorization: Bearer <secret>`); nothing else is served.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use super::sandbox::{CreateSandbox, SandboxError, SandboxManager};
+
+/// Upper bound for a JSON request body; file contents travel through the envd proxy, unbounded.
+const JSON_BODY_LIMIT: usize = 1 << 20;
+
+#[derive(Clone)]
+pub struct AgentState {
+    pub sandboxes: Arc<SandboxManager>,
+    pub secret: Arc<str>,
+    pub host_id: Arc<str>,
+    http: Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
+}
+
+impl AgentState {
+    pub fn new(sandboxes: Arc<SandboxManager>, secret: &str, host_id: &str) -> Self {
+        let http = Client::builder(TokioExecutor::new()).build_http();
+        Self {
+            sandboxes,
+            secret: secret.into(),
+            host_id: host_id.into(),
+            http,
+        }
+    }
+}
+
+/// An API failure, rendered as the `{"error":{"code","message"}}` envelope.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<SandboxError> for ApiError {
+    fn from(e: SandboxError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match &e {
+            SandboxError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            SandboxError::UnknownTemplate { .. } => (StatusCode::NOT_FOUND, "template_not_found"),
+            SandboxError::AlreadyExists(_) => (StatusCode::CONFLICT, "conflict"),
+            SandboxError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            SandboxError::NotRunning { .. } => (StatusCode::CONFLICT, "invalid_state"),
+            SandboxError::CreateFailed { .. } => (StatusCode::BAD_GATEWAY, "agent_error"),
+            SandboxError::Network(_) | SandboxError::Io { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+            }
+        };
+        Self::new(status, code, message)
+    }
+}
+
+pub fn router(state: AgentState) -> Router {
+    Router::new()
+        .route("/v1/ping", get(ping))
+        .route("/v1/sandboxes", post(create).get(list))
+        .route("/v1/sandboxes/{id}", get(info).delete(destroy))
+        .route("/v1/sandboxes/{id}/ping", post(ping_sandbox))
+        .route("/v1/sandboxes/{id}/envd/{*path}", any(proxy_envd))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_secret,
+        ))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn require_secret(State(state): State<AgentState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(state.secret.as_bytes())) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong agent secret",
+        )
+        .into_response()
+    }
+}
+
+async fn ping(State(state): State<AgentState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "status": "ok",
+        "host_id": &*state.host_id,
+        "version": crate::version::VERSION,
+        "vmm": state.sandboxes.vmm_kind(),
+        "sandboxes": state.sandboxes.list().len(),
+    }))
+}
+
+/// Parses a JSON body into `T`, answering malformed input with the error envelope.
+async fn json_body<T: serde::de::DeserializeOwned>(request: Request) -> Result<T, ApiError> {
+    let bytes = axum::body::to_bytes(request.into_body(), JSON_BODY_LIMIT)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "request body exceeds 1 MiB",
+            )
+        })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))
+}
+
+async fn create(State(state): State<AgentState>, request: Request) -> Result<Response, ApiError> {
+    let create: CreateSandbox = json_body(request).await?;
+    let info = state.sandboxes.create(create).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn list(State(state): State<AgentState>) -> Json<serde_json::Value> {
+    Json(json!({ "sandboxes": state.sandboxes.list() }))
+}
+
+async fn info(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.sandboxes.info(&id)?).into_response())
+}
+
+async fn destroy(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.sandboxes.destroy(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn ping_sandbox(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.sandboxes.ping(&id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Forwards a request to the sandbox's envd unchanged but for the envd access token, streaming
+/// both bodies, and splices WebSocket upgrades end to end.
+async fn proxy_envd(
+    State(state): State<AgentState>,
+    Path((id, path)): Path<(String, String)>,
+    mut request: Request,
+) -> Result<Response, ApiError> {
+    let envd = state.sandboxes.envd(&id).await?;
+    let query = request
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let uri = format!("http://{}/{path}{query}", envd.authority());
+    let client_upgrade = request
+        .headers()
+        .contains_key(header::UPGRADE)
+        .then(|| hyper::upgrade::on(&mut request));
+
+    let (mut parts, body) = request.into_parts();
+    parts.uri = uri.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "malformed envd path",
+        )
+    })?;
+    parts.headers.remove(header::AUTHORIZATION);
+    parts.headers.remove(header::HOST);
+    if let Some(token) = envd.token() {
+        let value = HeaderValue::from_str(token).expect("access tokens are hex");
+        parts.headers.insert("x-access-token", value);
+    }
+    let mut upstream = state
+        .http
+        .request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "agent_error", format!("envd: {e}")))?;
+
+    if upstream.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "agent_error",
+                "unexpected upgrade",
+            ));
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut upstream);
+        tokio::spawn(async move {
+            let (Ok(client), Ok(server)) = (client_upgrade.await, upstream_upgrade.await) else {
+                return;
+            };
+            let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+        });
+    }
+    let (parts, body) = upstream.into_parts();
+    Ok(Response::from_parts(parts, Body::new(body)))
+}

@@ -1,0 +1,339 @@
+//! Virtual machine monitors: one [`Vmm`] trait that starts a sandbox's microVM from a
+//! [`VmSpec`], and its two backends, Firecracker (production, needs working KVM) and QEMU
+//! `microvm` (KVM or TCG, for hosts where Firecracker cannot run). Networking, disks and the
+//! guest agent are prepared by the layers above; this module only runs and stops the VMM
+//! process.
+
+pub mod firecracker;
+mod leftovers;
+mod process;
+pub mod qemu;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::config::{AgentConfig, Layout};
+pub use crate::config::{QemuAccel, VmmKind};
+pub use firecracker::{FirecrackerApiError, FirecrackerVmm};
+pub use leftovers::{find_leftovers, kill_leftover, Leftover};
+pub use qemu::{Accel, AccelDecision, QemuVmm, QmpError};
+
+/// Kernel arguments every guest boots with, whatever the backend: the serial console the agent
+/// captures, reboot through the keyboard controller (Firecracker exits on it), reboot instead of
+/// hanging on a panic, and no PCI probing on the virtio-mmio machines.
+pub const BASE_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+/// Everything needed to start one sandbox's VM.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Sandbox id (`cl-...`); letters, digits and `-` only.
+    pub id: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Uncompressed ELF `vmlinux`.
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Arguments appended to [`BASE_BOOT_ARGS`], e.g. the network layer's `ip=...`.
+    pub extra_boot_args: String,
+    /// Block devices in guest order: the first is `/dev/vda`, the second `/dev/vdb`.
+    pub drives: Vec<Drive>,
+    pub net: Option<NetAttachment>,
+    /// Guest CID of a virtio-vsock device, when the guest agent is reached over vsock.
+    pub vsock_cid: Option<u32>,
+    pub files: VmFiles,
+}
+
+impl VmSpec {
+    /// The full kernel command line.
+    pub fn boot_args(&self) -> String {
+        let extra = self.extra_boot_args.trim();
+        if extra.is_empty() {
+            BASE_BOOT_ARGS.to_owned()
+        } else {
+            format!("{BASE_BOOT_ARGS} {extra}")
+        }
+    }
+
+    /// Rejects what no backend can start, before any process exists.
+    fn check(&self) -> Result<(), VmmError> {
+        let invalid = |reason: String| {
+            Err(VmmError::InvalidSpec {
+                id: self.id.clone(),
+                reason,
+            })
+        };
+        if self.id.is_empty()
+            || self.id.len() > 64
+            || !self
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return invalid("the id must be 1 to 64 letters, digits or `-`".into());
+        }
+        if self.vcpus == 0 || self.vcpus > 32 {
+            return invalid(format!("{} vCPUs is outside 1..=32", self.vcpus));
+        }
+        if self.memory_mib < 64 {
+            return invalid(format!(
+                "{} MiB of memory is below the 64 MiB minimum",
+                self.memory_mib
+            ));
+        }
+        for drive in &self.drives {
+            if drive.id.is_empty()
+                || !drive
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return invalid(format!(
+                    "drive id `{}` must be letters, digits or `_`",
+                    drive.id
+                ));
+            }
+        }
+        if self
+            .drives
+            .iter()
+            .enumerate()
+            .any(|(i, d)| self.drives[..i].iter().any(|e| e.id == d.id))
+        {
+            return invalid("drive ids must be unique".into());
+        }
+        if let Some(cid) = self.vsock_cid {
+            if cid < 3 {
+                return invalid(format!("vsock CID {cid} is reserved; use 3 or above"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A block device backed by a host file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drive {
+    /// `root`, `data`, ...: letters, digits and `_` (Firecracker's rule for ids in URLs).
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+/// The guest's network interface, backed by a TAP device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetAttachment {
+    pub tap: String,
+    /// e.g. `02:FC:00:00:00:05`.
+    pub mac: String,
+    /// The network namespace the TAP lives in (`/run/netns/NAME`); the VMM process joins it.
+    pub netns: Option<PathBuf>,
+}
+
+/// Where one VM's sockets and logs live, all inside the sandbox directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmFiles {
+    pub dir: PathBuf,
+    pub console_log: PathBuf,
+    pub vmm_log: PathBuf,
+    pub firecracker_log: PathBuf,
+    pub firecracker_socket: PathBuf,
+    pub vsock_socket: PathBuf,
+    pub qmp_socket: PathBuf,
+}
+
+impl VmFiles {
+    pub fn for_sandbox(layout: &Layout, id: &str) -> Self {
+        Self {
+            dir: layout.sandbox_dir(id),
+            console_log: layout.console_log(id),
+            vmm_log: layout.vmm_log(id),
+            firecracker_log: layout.firecracker_log(id),
+            firecracker_socket: layout.firecracker_socket(id),
+            vsock_socket: layout.vsock_socket(id),
+            qmp_socket: layout.qmp_socket(id),
+        }
+    }
+}
+
+/// What the VMM reports about its guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmStatus {
+    Running,
+    Paused,
+    NotStarted,
+    /// The VMM process has exited.
+    Exited(ExitStatus),
+    /// A state this driver does not model, verbatim (e.g. QEMU's `guest-panicked`).
+    Other(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("invalid VM spec for {id}: {reason}")]
+    InvalidSpec { id: String, reason: String },
+    #[error("{what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("socket path {path} is longer than the 107 bytes a Unix socket allows")]
+    SocketPathTooLong { path: PathBuf },
+    #[error("failed to open network namespace {path}: {source}")]
+    Netns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("failed to start {bin}: {source}")]
+    Spawn {
+        bin: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{bin} exited during start-up ({status}); its log {log} ends with: {tail}")]
+    ExitedEarly {
+        bin: PathBuf,
+        status: ExitStatus,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("{bin} did not open its control socket {path} within {waited:?}")]
+    SocketTimeout {
+        bin: PathBuf,
+        path: PathBuf,
+        waited: Duration,
+    },
+    #[error("could not read the version of {bin}: {detail}")]
+    Version { bin: PathBuf, detail: String },
+    #[error("waiting for VMM process {pid} failed: {source}")]
+    Wait { pid: u32, source: std::io::Error },
+    #[error("the start-up task failed: {0}")]
+    StartTask(String),
+    #[error(transparent)]
+    FirecrackerApi(#[from] FirecrackerApiError),
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+}
+
+/// A VMM backend: starts VMs. Cheap to share; one per agent.
+#[async_trait]
+pub trait Vmm: Send + Sync {
+    fn kind(&self) -> VmmKind;
+
+    /// The VMM binary's version string, e.g. `Firecracker v1.16.1` or `QEMU emulator version 7.2.22`.
+    async fn version(&self) -> Result<String, VmmError>;
+
+    /// Starts a VM and returns once the guest's vCPUs run. The start-up runs in its own task,
+    /// so a caller that is cancelled (an HTTP request that went away) neither kills a started
+    /// VM nor leaves a half-configured VMM behind: on any failure the process is killed and
+    /// its sockets removed.
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError>;
+}
+
+/// One running VM, owned by the sandbox that started it. Dropping it leaves the VMM running
+/// (it lives in its own session); stop it with [`Vm::shutdown`] or [`Vm::kill`].
+#[async_trait]
+pub trait Vm: Send + Sync {
+    fn pid(&self) -> u32;
+
+    /// The guest serial console's file.
+    fn serial_log(&self) -> &Path;
+
+    /// The running VMM's own version report (Firecracker's `GET /version`, QEMU's
+    /// `query-version`), to store beside snapshots.
+    fn vmm_version(&self) -> &str;
+
+    async fn status(&mut self) -> Result<VmStatus, VmmError>;
+
+    /// Asks the guest to power off, waits up to `grace` for the VMM to exit, then kills it.
+    async fn shutdown(&mut self, grace: Duration) -> Result<ExitStatus, VmmError>;
+
+    /// Kills the VMM at once and reaps it.
+    async fn kill(&mut self) -> Result<ExitStatus, VmmError>;
+
+    /// Waits for the VMM process to exit on its own.
+    async fn wait_exit(&mut self) -> Result<ExitStatus, VmmError>;
+}
+
+/// The backend the configuration selects.
+pub fn from_config(agent: &AgentConfig) -> Arc<dyn Vmm> {
+    match agent.vmm {
+        VmmKind::Firecracker => Arc::new(FirecrackerVmm::new(agent.firecracker_bin.clone())),
+        VmmKind::Qemu => Arc::new(QemuVmm::new(agent.qemu_bin.clone(), agent.qemu_accel)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "cl-abc".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: "/k".into(),
+            initrd: None,
+            extra_boot_args: String::new(),
+            drives: vec![],
+            net: None,
+            vsock_cid: None,
+            files: VmFiles::for_sandbox(&Layout::new("/srv"), "cl-abc"),
+        }
+    }
+
+    #[test]
+    fn boot_args_always_start_with_the_base() {
+        let mut s = spec();
+        assert_eq!(s.boot_args(), BASE_BOOT_ARGS);
+        s.extra_boot_args = " ip=10.0.0.2::10.0.0.1:255.255.255.252::eth0:off ".into();
+        assert_eq!(
+            s.boot_args(),
+            format!("{BASE_BOOT_ARGS} ip=10.0.0.2::10.0.0.1:255.255.255.252::eth0:off")
+        );
+    }
+
+    type Mutation = Box<dyn Fn(&mut VmSpec)>;
+
+    #[test]
+    fn bad_specs_are_refused_with_the_reason() {
+        let cases: Vec<(Mutation, &str)> = vec![
+            (Box::new(|s| s.id = "cl/../x".into()), "id"),
+            (Box::new(|s| s.vcpus = 0), "vCPUs"),
+            (Box::new(|s| s.memory_mib = 1), "memory"),
+            (
+                Box::new(|s| {
+                    s.drives.push(Drive {
+                        id: "ro ot".into(),
+                        path: "/x".into(),
+                        read_only: true,
+                    })
+                }),
+                "drive id",
+            ),
+            (
+                Box::new(|s| {
+                    let d = Drive {
+                        id: "root".into(),
+                        path: "/x".into(),
+                        read_only: true,
+                    };
+                    s.drives = vec![d.clone(), d];
+                }),
+                "unique",
+            ),
+            (Box::new(|s| s.vsock_cid = Some(2)), "CID"),
+        ];
+        for (mutate, needle) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            let err = s.check().unwrap_err();
+            assert!(matches!(err, VmmError::InvalidSpec { .. }), "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        spec().check().unwrap();
+    }
+}

@@ -1,0 +1,274 @@
+//! The VMM process itself, shared by both backends: spawned in its own session and, when asked,
+//! inside the sandbox's network namespace; its stdout and stderr go to files in the sandbox
+//! directory; it is waited for, killed and reaped here.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sched::CloneFlags;
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use super::{VmFiles, VmmError};
+
+/// How long a freshly spawned VMM may take to open its control socket.
+pub(crate) const SOCKET_WAIT: Duration = Duration::from_secs(10);
+const SOCKET_POLL: Duration = Duration::from_millis(10);
+/// Unix socket paths are limited to `sun_path`, 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A running VMM process.
+#[derive(Debug)]
+pub(crate) struct VmmProcess {
+    bin: PathBuf,
+    child: Child,
+    pid: u32,
+    exit: Option<ExitStatus>,
+    /// Where the VMM says why it failed: its stderr, then any log of its own.
+    diagnostics: Vec<PathBuf>,
+}
+
+/// Where the process's output goes.
+pub(crate) enum Stdout {
+    /// The guest serial console (Firecracker writes it to stdout).
+    ConsoleLog,
+    /// Diagnostics only: the VMM writes the console itself.
+    VmmLog,
+}
+
+/// Creates the sandbox directory (private to the agent) and removes the sockets a previous
+/// VMM left behind: neither Firecracker nor QEMU can bind over an existing file.
+pub(crate) fn prepare_files(files: &VmFiles, sockets: &[&Path]) -> Result<(), VmmError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&files.dir)
+        .map_err(|source| VmmError::File {
+            what: "failed to create sandbox directory",
+            path: files.dir.clone(),
+            source,
+        })?;
+    for socket in sockets {
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(VmmError::SocketPathTooLong {
+                path: socket.to_path_buf(),
+            });
+        }
+        remove_if_present(socket)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn remove_if_present(path: &Path) -> Result<(), VmmError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(VmmError::File {
+            what: "failed to remove stale socket",
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Creates `path` empty (mode 0600), for a log the VMM opens itself.
+pub(crate) fn reset_log(path: &Path) -> Result<(), VmmError> {
+    open_log(path, true).map(drop)
+}
+
+fn open_log(path: &Path, truncate: bool) -> Result<File, VmmError> {
+    OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(!truncate)
+        .truncate(truncate)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| VmmError::File {
+            what: "failed to open log",
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Spawns `bin args` detached from the agent: a new session (no signals from the agent's
+/// terminal or process group), stdin closed, and in `netns` when given. The console log is
+/// truncated (one VM per sandbox directory); the VMM log is appended to.
+pub(crate) fn spawn(
+    bin: &Path,
+    args: &[OsString],
+    netns: Option<&Path>,
+    files: &VmFiles,
+    stdout: Stdout,
+) -> Result<VmmProcess, VmmError> {
+    let vmm_log = open_log(&files.vmm_log, false)?;
+    let out = match stdout {
+        Stdout::ConsoleLog => open_log(&files.console_log, true)?,
+        Stdout::VmmLog => vmm_log.try_clone().map_err(|source| VmmError::File {
+            what: "failed to duplicate log",
+            path: files.vmm_log.clone(),
+            source,
+        })?,
+    };
+    let netns_fd = netns
+        .map(|path| {
+            File::open(path).map_err(|source| VmmError::Netns {
+                path: path.to_path_buf(),
+                source,
+            })
+        })
+        .transpose()?;
+
+    let mut command = Command::new(bin);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(vmm_log)
+        .kill_on_drop(false);
+    let netns_raw = netns_fd.as_ref().map(|f| f.as_raw_fd());
+    // SAFETY: the closure runs in the forked child before exec and only makes the
+    // async-signal-safe system calls setsid(2) and setns(2); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            nix::unistd::setsid()?;
+            if let Some(raw) = netns_raw {
+                // SAFETY: `netns_fd` is held open by the parent until `spawn` returns, and the
+                // child has its own copy of the descriptor table until exec.
+                let fd = BorrowedFd::borrow_raw(raw);
+                nix::sched::setns(fd, CloneFlags::CLONE_NEWNET)?;
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().map_err(|source| VmmError::Spawn {
+        bin: bin.to_path_buf(),
+        source,
+    })?;
+    drop(netns_fd);
+    let pid = child.id().expect("a just-spawned child has a pid");
+    tracing::debug!(bin = %bin.display(), pid, "VMM process started");
+    Ok(VmmProcess {
+        bin: bin.to_path_buf(),
+        child,
+        pid,
+        exit: None,
+        diagnostics: vec![files.vmm_log.clone()],
+    })
+}
+
+impl VmmProcess {
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Polls until `socket` accepts a connection, failing early when the process exits.
+    pub(crate) async fn wait_for_socket(&mut self, socket: &Path) -> Result<UnixStream, VmmError> {
+        let started = Instant::now();
+        loop {
+            if let Ok(stream) = UnixStream::connect(socket).await {
+                return Ok(stream);
+            }
+            if let Some(status) = self.try_exit()? {
+                return Err(self.exited_early(status));
+            }
+            if started.elapsed() > SOCKET_WAIT {
+                return Err(VmmError::SocketTimeout {
+                    bin: self.bin.clone(),
+                    path: socket.to_path_buf(),
+                    waited: SOCKET_WAIT,
+                });
+            }
+            tokio::time::sleep(SOCKET_POLL).await;
+        }
+    }
+
+    /// Adds a log the VMM writes itself to those quoted when it fails.
+    pub(crate) fn with_diagnostics_log(mut self, path: PathBuf) -> Self {
+        self.diagnostics.push(path);
+        self
+    }
+
+    /// The error for a process that died while being set up, quoting the end of the last of
+    /// its logs that has anything in it.
+    pub(crate) fn exited_early(&self, status: ExitStatus) -> VmmError {
+        let (log, tail) = self
+            .diagnostics
+            .iter()
+            .rev()
+            .find_map(|path| log_tail(path).map(|tail| (path.clone(), tail)))
+            .unwrap_or_else(|| (self.diagnostics[0].clone(), "(nothing)".to_owned()));
+        VmmError::ExitedEarly {
+            bin: self.bin.clone(),
+            status,
+            log,
+            tail,
+        }
+    }
+
+    pub(crate) fn try_exit(&mut self) -> Result<Option<ExitStatus>, VmmError> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().map_err(|source| VmmError::Wait {
+                pid: self.pid,
+                source,
+            })?;
+        }
+        Ok(self.exit)
+    }
+
+    pub(crate) async fn wait(&mut self) -> Result<ExitStatus, VmmError> {
+        if let Some(status) = self.exit {
+            return Ok(status);
+        }
+        let status = self.child.wait().await.map_err(|source| VmmError::Wait {
+            pid: self.pid,
+            source,
+        })?;
+        self.exit = Some(status);
+        Ok(status)
+    }
+
+    /// Waits up to `limit`; `None` when the process is still running.
+    pub(crate) async fn wait_for(
+        &mut self,
+        limit: Duration,
+    ) -> Result<Option<ExitStatus>, VmmError> {
+        match tokio::time::timeout(limit, self.wait()).await {
+            Ok(status) => status.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    pub(crate) async fn kill(&mut self) -> Result<ExitStatus, VmmError> {
+        if let Some(status) = self.try_exit()? {
+            return Ok(status);
+        }
+        // The pid cannot have been reused: the child is not reaped until `wait` below.
+        let pid = Pid::from_raw(i32::try_from(self.pid).expect("pids fit in i32"));
+        if let Err(errno) = signal::kill(pid, Signal::SIGKILL) {
+            tracing::warn!(pid = self.pid, %errno, "SIGKILL to VMM failed");
+        }
+        self.wait().await
+    }
+}
+
+/// The last lines of a log, for error messages; `None` when it is empty or unreadable.
+pub(crate) fn log_tail(path: &Path) -> Option<String> {
+    const TAIL_BYTES: u64 = 2048;
+    let mut file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(TAIL_BYTES)))
+        .ok()?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).ok()?;
+    let text = String::from_utf8_lossy(&bytes).trim().to_owned();
+    (!text.is_empty()).then_some(text)
+}

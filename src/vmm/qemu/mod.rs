@@ -1,0 +1,412 @@
+//! The QEMU backend: `qemu-system-x86_64 -M microvm` with virtio-mmio disks and network,
+//! controlled over QMP, under KVM when it can really run a guest and TCG otherwise.
+
+mod accel;
+pub mod qmp;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::OnceCell;
+
+pub use accel::{Accel, AccelDecision, PROBE_DEADLINE};
+use qmp::QmpClient;
+pub use qmp::QmpError;
+
+use super::process::{self, Stdout, VmmProcess};
+use super::{Vm, VmSpec, VmStatus, Vmm, VmmError, VmmKind};
+use crate::config::QemuAccel;
+
+const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=on";
+const VHOST_VSOCK: &str = "/dev/vhost-vsock";
+/// How long `quit` may take before the process is killed.
+const QUIT_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct QemuVmm {
+    bin: PathBuf,
+    accel: QemuAccel,
+    /// The accelerator decision, made on the first start and kept for the agent's lifetime.
+    decision: Arc<OnceCell<AccelDecision>>,
+}
+
+impl QemuVmm {
+    pub fn new(bin: PathBuf, accel: QemuAccel) -> Self {
+        Self {
+            bin,
+            accel,
+            decision: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// The accelerator VMs run under, probing KVM with `kernel` the first time for `auto`.
+    pub async fn accel(&self, kernel: &Path) -> AccelDecision {
+        self.decision
+            .get_or_init(|| accel::decide(self.accel, &self.bin, kernel))
+            .await
+            .clone()
+    }
+}
+
+/// QEMU option values are comma-separated: a literal comma is written twice.
+fn opt_value(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
+/// The host's TSC frequency in kHz, from the first `cpu MHz` of /proc/cpuinfo.
+fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    // Truncation is intended: a kHz figure is plenty precise for the guest's first clock.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Some((mhz * 1000.0) as u64)
+}
+
+/// The complete QEMU command line for `spec`.
+pub fn command_line(spec: &VmSpec, accel: Accel, vsock_available: bool) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    push(&["-name", &format!("wrenn-{}", spec.id), "-M", MACHINE]);
+    match accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+    }
+    push(&[
+        "-m",
+        &spec.memory_mib.to_string(),
+        "-smp",
+        &spec.vcpus.to_string(),
+    ]);
+    push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+    push(&[
+        "-chardev",
+        &format!(
+            "file,id=console,path={}",
+            opt_value(&spec.files.console_log)
+        ),
+    ]);
+    push(&["-serial", "chardev:console"]);
+    push(&[
+        "-qmp",
+        &format!(
+            "unix:{},server=on,wait=off",
+            opt_value(&spec.files.qmp_socket)
+        ),
+    ]);
+    let mut boot_args = spec.boot_args();
+    if accel == Accel::Tcg {
+        // Under TCG the guest's PIT-based TSC calibration fails when the host is busy, and the
+        // 6.1 kernel then hangs early in boot; TCG's TSC is the host's, so name its rate.
+        if let Some(khz) = host_tsc_khz() {
+            boot_args.push_str(&format!(" tsc_early_khz={khz}"));
+        }
+    }
+    push(&["-append", &boot_args]);
+    args.push("-kernel".into());
+    args.push(spec.kernel.clone().into());
+    if let Some(initrd) = &spec.initrd {
+        args.push("-initrd".into());
+        args.push(initrd.clone().into());
+    }
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    for drive in &spec.drives {
+        let readonly = if drive.read_only { "on" } else { "off" };
+        push(&[
+            "-drive",
+            &format!(
+                "id={},file={},format=raw,if=none,readonly={readonly}",
+                drive.id,
+                opt_value(&drive.path)
+            ),
+            "-device",
+            &format!("virtio-blk-device,drive={}", drive.id),
+        ]);
+    }
+    if let Some(net) = &spec.net {
+        push(&[
+            "-netdev",
+            &format!(
+                "tap,id=net0,ifname={},script=no,downscript=no",
+                net.tap.replace(',', ",,")
+            ),
+            "-device",
+            &format!("virtio-net-device,netdev=net0,mac={}", net.mac),
+        ]);
+    }
+    if let (Some(cid), true) = (spec.vsock_cid, vsock_available) {
+        push(&["-device", &format!("vhost-vsock-device,guest-cid={cid}")]);
+    }
+    args
+}
+
+#[async_trait]
+impl Vmm for QemuVmm {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    async fn version(&self) -> Result<String, VmmError> {
+        let output = tokio::process::Command::new(&self.bin)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|source| VmmError::Spawn {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        match stdout.lines().next().map(str::trim) {
+            Some(line) if output.status.success() && line.starts_with("QEMU emulator version") => {
+                Ok(line.to_owned())
+            }
+            _ => Err(VmmError::Version {
+                bin: self.bin.clone(),
+                detail: format!(
+                    "`--version` exited {} and printed {:?}",
+                    output.status,
+                    stdout.trim()
+                ),
+            }),
+        }
+    }
+
+    async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
+        spec.check()?;
+        let this = self.clone();
+        let spec = spec.clone();
+        let task = tokio::spawn(async move { this.start_detached(spec).await });
+        let vm = task
+            .await
+            .map_err(|e| VmmError::StartTask(e.to_string()))??;
+        Ok(Box::new(vm))
+    }
+}
+
+impl QemuVmm {
+    async fn start_detached(&self, spec: VmSpec) -> Result<QemuVm, VmmError> {
+        let accel = self.accel(&spec.kernel).await.accel;
+        let vsock_available = Path::new(VHOST_VSOCK).exists();
+        if spec.vsock_cid.is_some() && !vsock_available {
+            tracing::warn!(id = %spec.id, "{VHOST_VSOCK} is missing; the VM gets no vsock device");
+        }
+        let files = &spec.files;
+        process::prepare_files(files, &[&files.qmp_socket])?;
+        let args = command_line(&spec, accel, vsock_available);
+        let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
+        let mut process = process::spawn(&self.bin, &args, netns, files, Stdout::VmmLog)?;
+        match connect(&mut process, &files.qmp_socket).await {
+            Ok((qmp, vmm_version)) => {
+                tracing::info!(id = %spec.id, pid = process.pid(), accel = accel.as_str(), %vmm_version, "QEMU VM started");
+                Ok(QemuVm {
+                    process,
+                    qmp,
+                    vmm_version,
+                    accel,
+                    console_log: files.console_log.clone(),
+                    qmp_socket: files.qmp_socket.clone(),
+                })
+            }
+            Err(error) => {
+                if let Err(kill_error) = process.kill().await {
+                    tracing::warn!(id = %spec.id, error = %kill_error, "killing a failed QEMU");
+                }
+                let _ = process::remove_if_present(&files.qmp_socket);
+                Err(error)
+            }
+        }
+    }
+}
+
+/// How long a QEMU whose monitor went away may take to finish exiting.
+const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(2);
+
+async fn connect(process: &mut VmmProcess, socket: &Path) -> Result<(QmpClient, String), VmmError> {
+    let stream = process.wait_for_socket(socket).await?;
+    let handshake = async {
+        let mut qmp = QmpClient::handshake(stream, socket).await?;
+        let version = qmp.query_version().await?.describe();
+        Ok::<_, QmpError>((qmp, version))
+    };
+    match handshake.await {
+        Ok(connected) => Ok(connected),
+        // QEMU binds the monitor before it opens the disks, so a bad device shows up here as
+        // a closed socket; report the exit and QEMU's own complaint instead.
+        Err(error) => match process.wait_for(EXIT_AFTER_CLOSE).await? {
+            Some(status) => Err(process.exited_early(status)),
+            None => Err(error.into()),
+        },
+    }
+}
+
+pub struct QemuVm {
+    process: VmmProcess,
+    qmp: QmpClient,
+    vmm_version: String,
+    accel: Accel,
+    console_log: PathBuf,
+    qmp_socket: PathBuf,
+}
+
+impl QemuVm {
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn exited(&mut self, status: ExitStatus) -> ExitStatus {
+        let _ = process::remove_if_present(&self.qmp_socket);
+        status
+    }
+}
+
+#[async_trait]
+impl Vm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    fn serial_log(&self) -> &Path {
+        &self.console_log
+    }
+
+    fn vmm_version(&self) -> &str {
+        &self.vmm_version
+    }
+
+    async fn status(&mut self) -> Result<VmStatus, VmmError> {
+        if let Some(status) = self.process.try_exit()? {
+            return Ok(VmStatus::Exited(status));
+        }
+        let info = match self.qmp.query_status().await {
+            Ok(info) => info,
+            // The guest powered off between the check above and the query.
+            Err(QmpError::Closed { .. }) => {
+                return Ok(VmStatus::Exited(self.process.wait().await?))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(match (info.running, info.status.as_str()) {
+            (true, _) => VmStatus::Running,
+            (false, "paused") => VmStatus::Paused,
+            (false, "prelaunch") => VmStatus::NotStarted,
+            (false, other) => VmStatus::Other(other.to_owned()),
+        })
+    }
+
+    async fn shutdown(&mut self, grace: Duration) -> Result<ExitStatus, VmmError> {
+        if let Some(status) = self.process.try_exit()? {
+            return Ok(self.exited(status));
+        }
+        match self.qmp.system_powerdown().await {
+            Ok(()) => {
+                if let Some(status) = self.process.wait_for(grace).await? {
+                    return Ok(self.exited(status));
+                }
+                tracing::info!(
+                    pid = self.pid(),
+                    ?grace,
+                    "guest ignored the ACPI power button; quitting QEMU"
+                );
+            }
+            Err(error) => {
+                tracing::info!(pid = self.pid(), %error, "ACPI powerdown not delivered; quitting QEMU")
+            }
+        }
+        if self.qmp.quit().await.is_ok() {
+            if let Some(status) = self.process.wait_for(QUIT_GRACE).await? {
+                return Ok(self.exited(status));
+            }
+        }
+        self.kill().await
+    }
+
+    async fn kill(&mut self) -> Result<ExitStatus, VmmError> {
+        let status = self.process.kill().await?;
+        Ok(self.exited(status))
+    }
+
+    async fn wait_exit(&mut self) -> Result<ExitStatus, VmmError> {
+        let status = self.process.wait().await?;
+        Ok(self.exited(status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Layout;
+    use crate::vmm::{Drive, NetAttachment, VmFiles};
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "cl-q".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: "/k/vmlinux".into(),
+            initrd: Some("/k/initrd".into()),
+            extra_boot_args: "ip=dhcp".into(),
+            drives: vec![
+                Drive {
+                    id: "root".into(),
+                    path: "/img/base,v1.ext4".into(),
+                    read_only: true,
+                },
+                Drive {
+                    id: "data".into(),
+                    path: "/s/data.ext4".into(),
+                    read_only: false,
+                },
+            ],
+            net: Some(NetAttachment {
+                tap: "tap0".into(),
+                mac: "02:FC:00:00:00:05".into(),
+                netns: None,
+            }),
+            vsock_cid: Some(3),
+            files: VmFiles::for_sandbox(&Layout::new("/srv"), "cl-q"),
+        }
+    }
+
+    fn joined(args: &[OsString]) -> String {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn command_line_carries_every_device_in_order() {
+        let line = joined(&command_line(&spec(), Accel::Kvm, true));
+        for needle in [
+            "-M microvm,x-option-roms=off,isa-serial=on,rtc=on -accel kvm -cpu host -m 256 -smp 2",
+            "-nodefaults -no-user-config -nographic -no-reboot",
+            "-chardev file,id=console,path=/srv/sandboxes/cl-q/console.log -serial chardev:console",
+            "-qmp unix:/srv/sandboxes/cl-q/qmp.sock,server=on,wait=off",
+            "-append console=ttyS0 reboot=k panic=1 pci=off ip=dhcp -kernel /k/vmlinux -initrd /k/initrd",
+            "-drive id=root,file=/img/base,,v1.ext4,format=raw,if=none,readonly=on -device virtio-blk-device,drive=root \
+             -drive id=data,file=/s/data.ext4,format=raw,if=none,readonly=off -device virtio-blk-device,drive=data",
+            "-netdev tap,id=net0,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=net0,mac=02:FC:00:00:00:05",
+            "-device vhost-vsock-device,guest-cid=3",
+        ] {
+            assert!(line.contains(needle), "`{needle}` missing from {line}");
+        }
+        assert!(!line.contains("tsc_early_khz"), "{line}");
+    }
+
+    #[test]
+    fn tcg_uses_the_max_cpu_and_skips_vsock_without_vhost() {
+        let line = joined(&command_line(&spec(), Accel::Tcg, false));
+        assert!(line.contains("-accel tcg -cpu max"), "{line}");
+        assert!(!line.contains("vhost-vsock"), "{line}");
+    }
+}

@@ -1,0 +1,178 @@
+//! envd as the real guest init: the minimal image booted under QEMU `microvm` (TCG), reached
+//! through the forwarded port like a host reaches it, and powered off through its API.
+//!
+//! Uses the shared test files root (`$WRENN_TEST_FILES_ROOT`, default /var/tmp/wrenn-test-root)
+//! and the static binary (`$WRENN_STATIC_BIN`, else `just build-static`), like tests/images.rs.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use wrenn::config::Layout;
+use wrenn::envd::api::{
+    AttachRequest, ClientMessage, ProcessSpec, PtySize, RunRequest, StartRequest,
+};
+use wrenn::envd::client::{EnvdClient, ProcessEvent};
+use wrenn::testing::guest::{self, GuestSpec, GuestVm};
+
+/// Two cores shared with compilers and other TCG guests.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn static_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("WRENN_STATIC_BIN") {
+        return PathBuf::from(path);
+    }
+    let output = Command::new("just")
+        .arg("build-static")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("`just build-static` runs (install just with .ci/bootstrap)");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build-static prints the binary path"),
+    )
+}
+
+fn files() -> Layout {
+    let root = std::env::var("WRENN_TEST_FILES_ROOT")
+        .unwrap_or_else(|_| "/var/tmp/wrenn-test-root".to_string());
+    let layout = Layout::new(root);
+    guest::build_kernel(&layout).unwrap_or_else(|e| panic!("{e}"));
+    guest::build_image(&layout, "minimal", &static_binary()).unwrap_or_else(|e| panic!("{e}"));
+    layout
+}
+
+async fn sh(client: &EnvdClient, script: &str, user: Option<&str>) -> String {
+    let mut spec = ProcessSpec::new("sh", &["-c", script]);
+    spec.user = user.map(str::to_owned);
+    let out = client
+        .run(&RunRequest {
+            process: spec,
+            timeout_sec: Some(60),
+        })
+        .await
+        .unwrap();
+    assert_eq!(out.exit_code, 0, "{script}: {out:?}");
+    out.stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envd_is_the_guest_init_and_serves_the_host() {
+    let layout = tokio::task::spawn_blocking(files).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = guest::sandbox_disk(tmp.path(), None).unwrap();
+    let port = guest::free_port().unwrap();
+    let mut spec = GuestSpec::new(&layout);
+    spec.base_image = Some(layout.image_rootfs("minimal"));
+    spec.sandbox_disk = Some(disk);
+    spec.forward_port = Some(port);
+    let mut vm = GuestVm::boot(&spec).unwrap();
+    let vm_ready =
+        tokio::task::block_in_place(|| vm.wait_for_console("envd listening on tcp", BOOT_TIMEOUT));
+    vm_ready.unwrap_or_else(|e| panic!("{e}"));
+
+    let client = EnvdClient::new(&format!("http://127.0.0.1:{port}")).unwrap();
+    // QEMU accepts forwarded connections before the guest's listener is reachable.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.health().await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "envd never answered: {}",
+            vm.console()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    assert_eq!(
+        sh(&client, "cat /proc/1/comm; hostname", None).await,
+        "wrenn\ncapsule\n"
+    );
+    assert_eq!(
+        sh(&client, "cat /etc/resolv.conf", None).await,
+        "nameserver 8.8.8.8\n"
+    );
+    let mounts = sh(&client, "cut -d' ' -f2,3 /proc/mounts", None).await;
+    for mount in [
+        "/proc proc",
+        "/sys sysfs",
+        "/dev devtmpfs",
+        "/dev/pts devpts",
+        "/dev/shm tmpfs",
+        "/run tmpfs",
+        "/tmp tmpfs",
+    ] {
+        assert!(
+            mounts.lines().any(|l| l == mount),
+            "{mount} missing from {mounts}"
+        );
+    }
+    assert_eq!(
+        sh(&client, "id -u; id -un; echo $HOME", Some("user")).await,
+        "1000\nuser\n/home/user\n"
+    );
+
+    let entry = client
+        .write_file_bytes("hello.txt", Some("user"), "from the host")
+        .await
+        .unwrap();
+    assert_eq!(
+        (entry.path.as_str(), entry.owner.as_str()),
+        ("/home/user/hello.txt", "user")
+    );
+    assert_eq!(
+        sh(&client, "cat ~/hello.txt", Some("user")).await,
+        "from the host"
+    );
+    let metrics = client.metrics().await.unwrap();
+    assert!(
+        metrics.mem_total > 256 << 20 && metrics.mem_used > 0,
+        "{metrics:?}"
+    );
+
+    let request = StartRequest {
+        process: ProcessSpec::new("sh", &[]),
+        tag: Some("term".into()),
+        pty: Some(PtySize { cols: 77, rows: 22 }),
+    };
+    let mut session = client.attach(&AttachRequest::Start(request)).await.unwrap();
+    session
+        .send(&ClientMessage::Resize {
+            cols: 101,
+            rows: 33,
+        })
+        .await
+        .unwrap();
+    session.send_stdin("stty size; exit 4\n").await.unwrap();
+    let mut screen = String::new();
+    let exit = loop {
+        match session.next_event().await.unwrap().expect("terminal open") {
+            ProcessEvent::Pty(data) => screen.push_str(&String::from_utf8_lossy(&data)),
+            ProcessEvent::Exit(exit) => break exit,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(screen.contains("33 101"), "{screen}");
+    assert_eq!(exit.exit_code, 4);
+
+    sh(&client, "for i in 1 2 3 4; do (sleep 0.2 &); done", None).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let states = sh(
+        &client,
+        "for s in /proc/[0-9]*/stat; do cut -d' ' -f3 $s 2>/dev/null; done",
+        None,
+    )
+    .await;
+    assert!(!states.lines().any(|s| s == "Z"), "zombies left: {states}");
+
+    client.shutdown().await.unwrap();
+    let status = tokio::task::block_in_place(|| vm.wait_for_exit(Duration::from_secs(120)));
+    status.unwrap_or_else(|e| panic!("the VM did not power off: {e}\n{}", vm.console()));
+}

@@ -1,0 +1,613 @@
+//! The Firecracker backend against its contract. Firecracker cannot run on the CI machine, so:
+//! every request the driver builds is validated against the v1.16.1 swagger; the driver is
+//! run against a fake Firecracker process (this test binary, re-entered through a wrapper
+//! script given as the Firecracker path) that validates every request it receives and records
+//! their order; and an opt-in suite boots a real Firecracker where one can run.
+
+#[path = "support/swagger.rs"]
+mod swagger;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use swagger::Swagger;
+use wrenn::config::Layout;
+use wrenn::vmm::firecracker::api::{self, ActionType, Endpoint, InstanceAction};
+use wrenn::vmm::firecracker::boot_sequence;
+use wrenn::vmm::{
+    Drive, FirecrackerApiError, FirecrackerVmm, NetAttachment, VmFiles, VmSpec, VmStatus, Vmm,
+    VmmError,
+};
+
+fn full_spec(layout: &Layout, id: &str) -> VmSpec {
+    VmSpec {
+        id: id.into(),
+        vcpus: 2,
+        memory_mib: 512,
+        kernel: layout.default_kernel(),
+        initrd: Some(layout.kernels_dir().join("initramfs.cpio.gz")),
+        extra_boot_args: "ip=10.11.0.2::10.11.0.1:255.255.255.252::eth0:off".into(),
+        drives: vec![
+            Drive {
+                id: "root".into(),
+                path: layout.images_dir().join("base/rootfs.ext4"),
+                read_only: true,
+            },
+            Drive {
+                id: "data".into(),
+                path: layout.sandbox_dir(id).join("data.ext4"),
+                read_only: false,
+            },
+        ],
+        net: Some(NetAttachment {
+            tap: "tap0".into(),
+            mac: "02:FC:00:00:00:05".into(),
+            netns: None,
+        }),
+        vsock_cid: Some(3),
+        files: VmFiles::for_sandbox(layout, id),
+    }
+}
+
+fn call_line(call: &api::ApiCall) -> String {
+    format!("{} {}", call.method, call.path)
+}
+
+#[test]
+fn every_request_the_driver_builds_is_valid_against_the_swagger() {
+    let swagger = Swagger::load();
+    let layout = Layout::new("/var/lib/wrenn");
+    let mut minimal = full_spec(&layout, "cl-min");
+    minimal.initrd = None;
+    minimal.drives.truncate(1);
+    minimal.net = None;
+    minimal.vsock_cid = None;
+    let mut calls = boot_sequence(&full_spec(&layout, "cl-full")).unwrap();
+    calls.extend(boot_sequence(&minimal).unwrap());
+    calls.push(
+        InstanceAction {
+            action_type: ActionType::SendCtrlAltDel,
+        }
+        .call(),
+    );
+    calls.push(api::get_version());
+    calls.push(api::get_instance_info());
+    for call in &calls {
+        swagger
+            .validate_call(call.method.as_str(), &call.path, call.body.as_ref())
+            .unwrap_or_else(|e| panic!("{}: {e}\nbody: {:?}", call_line(call), call.body));
+    }
+}
+
+#[test]
+fn boot_sequence_follows_the_documented_order_and_boot_args() {
+    let layout = Layout::new("/var/lib/wrenn");
+    let calls = boot_sequence(&full_spec(&layout, "cl-order")).unwrap();
+    let order: Vec<String> = calls.iter().map(call_line).collect();
+    assert_eq!(
+        order,
+        [
+            "PUT /machine-config",
+            "PUT /boot-source",
+            "PUT /drives/root",
+            "PUT /drives/data",
+            "PUT /network-interfaces/eth0",
+            "PUT /vsock",
+            "PUT /actions",
+        ]
+    );
+    let boot = calls[1].body.as_ref().unwrap();
+    assert!(
+        boot["boot_args"]
+            .as_str()
+            .unwrap()
+            .starts_with("console=ttyS0 reboot=k panic=1 pci=off ip=10.11.0.2"),
+        "{boot}"
+    );
+    assert_eq!(calls[2].body.as_ref().unwrap()["is_read_only"], true);
+    assert_eq!(calls[3].body.as_ref().unwrap()["is_read_only"], false);
+    // Unset optionals are left out rather than sent as null.
+    assert_eq!(
+        calls[0].body,
+        Some(json!({"vcpu_count": 2, "mem_size_mib": 512}))
+    );
+    assert_eq!(calls[6].body, Some(json!({"action_type": "InstanceStart"})));
+}
+
+#[test]
+fn the_validator_rejects_what_firecracker_rejects() {
+    let swagger = Swagger::load();
+    let bad: &[(&str, &str, Option<Value>, &str)] = &[
+        (
+            "PUT",
+            "/machine-config",
+            Some(json!({"vcpu_count": 1, "mem_size_mib": 128, "bogus": 1})),
+            "unknown field",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(json!({"vcpu_count": 1})),
+            "mem_size_mib",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(json!({"vcpu_count": 0, "mem_size_mib": 128})),
+            "minimum",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(json!({"vcpu_count": 33, "mem_size_mib": 128})),
+            "maximum",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(json!({"action_type": "Reboot"})),
+            "not one of",
+        ),
+        (
+            "PUT",
+            "/vsock",
+            Some(json!({"guest_cid": 2, "uds_path": "/x"})),
+            "minimum",
+        ),
+        (
+            "PUT",
+            "/drives/root",
+            Some(json!({"drive_id": "data", "is_root_device": false})),
+            "differs",
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            Some(json!({"kernel_image_path": 5})),
+            "expected a string",
+        ),
+        ("PUT", "/boot-source", None, "needs a body"),
+        ("GET", "/version", Some(json!({})), "takes no body"),
+        (
+            "POST",
+            "/actions",
+            Some(json!({"action_type": "InstanceStart"})),
+            "not an operation",
+        ),
+        ("PUT", "/nonexistent", Some(json!({})), "no path matches"),
+    ];
+    for (method, path, body, needle) in bad {
+        let err = swagger
+            .validate_call(method, path, body.as_ref())
+            .expect_err(&format!("{method} {path} {body:?}"));
+        assert!(
+            err.contains(needle),
+            "{method} {path}: `{needle}` not in: {err}"
+        );
+    }
+}
+
+// ---- The fake Firecracker process -------------------------------------------------------
+
+/// The test binary's entry point when it plays Firecracker: the wrapper script sets
+/// `FAKE_FC_ARGS` to Firecracker's command line. Ignored in normal runs.
+#[test]
+#[ignore = "entered by the fake-Firecracker wrapper script, not run directly"]
+fn fake_firecracker_process() {
+    let Ok(args) = std::env::var("FAKE_FC_ARGS") else {
+        return;
+    };
+    let args: Vec<&str> = args.split_whitespace().collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| *a == name)
+            .map(|i| PathBuf::from(args[i + 1]))
+    };
+    let socket = flag("--api-sock").expect("--api-sock given");
+    let record = PathBuf::from(std::env::var("FAKE_FC_RECORD").expect("FAKE_FC_RECORD set"));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(fake::serve(socket, record));
+}
+
+mod fake {
+    use std::convert::Infallible;
+    use std::io::Write;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper::{Request, Response, StatusCode};
+    use hyper_util::rt::TokioIo;
+    use serde_json::{json, Value};
+
+    use super::Swagger;
+
+    struct State {
+        swagger: Swagger,
+        record: PathBuf,
+        started: bool,
+        fail_path: Option<String>,
+        ctrl_alt_del_exits: bool,
+    }
+
+    fn log(record: &PathBuf, line: &str) {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(record)
+            .unwrap();
+        writeln!(file, "{line}").unwrap();
+    }
+
+    pub async fn serve(socket: PathBuf, record: PathBuf) {
+        log(&record, &format!("PID {}", std::process::id()));
+        // Like Firecracker, refuse to start over an existing socket file.
+        let listener = match tokio::net::UnixListener::bind(&socket) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("Failed to bind the API socket {}: {e}", socket.display());
+                std::process::exit(1);
+            }
+        };
+        println!("fake Firecracker serving on {}", socket.display());
+        let state = Arc::new(Mutex::new(State {
+            swagger: Swagger::load(),
+            record,
+            started: false,
+            fail_path: std::env::var("FAKE_FC_FAIL_PATH").ok(),
+            ctrl_alt_del_exits: std::env::var("FAKE_FC_CTRL_ALT_DEL_EXITS").is_ok(),
+        }));
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let state = state.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    fn reply(status: StatusCode, body: Option<Value>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        Ok(Response::builder()
+            .status(status)
+            .body(Full::new(bytes))
+            .unwrap())
+    }
+
+    fn fault(message: &str) -> Result<Response<Full<Bytes>>, Infallible> {
+        reply(
+            StatusCode::BAD_REQUEST,
+            Some(json!({ "fault_message": message })),
+        )
+    }
+
+    async fn handle(
+        state: Arc<Mutex<State>>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        let method = req.method().to_string();
+        let path = req.uri().path().to_owned();
+        let chunked = req.headers().contains_key(http::header::TRANSFER_ENCODING);
+        let content_length = req.headers().get(http::header::CONTENT_LENGTH).cloned();
+        let bytes = req.into_body().collect().await.unwrap().to_bytes();
+        let mut state = state.lock().unwrap();
+        log(&state.record, &format!("{method} {path}"));
+        if chunked || (!bytes.is_empty() && content_length.is_none()) {
+            log(&state.record, "VIOLATION body without Content-Length");
+            return fault("send Content-Length, not chunked bodies");
+        }
+        let body: Option<Value> = if bytes.is_empty() {
+            None
+        } else {
+            match serde_json::from_slice(&bytes) {
+                Ok(v) => Some(v),
+                Err(e) => return fault(&format!("bad JSON: {e}")),
+            }
+        };
+        if let Err(e) = state.swagger.validate_call(&method, &path, body.as_ref()) {
+            log(&state.record, &format!("VIOLATION {e}"));
+            return fault(&e);
+        }
+        if state.fail_path.as_deref() == Some(path.as_str()) {
+            return fault(&format!("fake failure injected for {path}"));
+        }
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/version") => reply(
+                StatusCode::OK,
+                Some(json!({"firecracker_version": "1.16.1"})),
+            ),
+            ("GET", "/") => {
+                let s = if state.started {
+                    "Running"
+                } else {
+                    "Not started"
+                };
+                reply(
+                    StatusCode::OK,
+                    Some(
+                        json!({"app_name": "Firecracker", "id": "fake", "state": s, "vmm_version": "1.16.1"}),
+                    ),
+                )
+            }
+            ("PUT", "/vsock") => {
+                let uds = body.as_ref().unwrap()["uds_path"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                match std::os::unix::net::UnixListener::bind(&uds) {
+                    Ok(listener) => {
+                        std::mem::forget(listener);
+                        reply(StatusCode::NO_CONTENT, None)
+                    }
+                    Err(e) => fault(&format!("cannot bind vsock socket {uds}: {e}")),
+                }
+            }
+            ("PUT", "/actions") => match body.as_ref().unwrap()["action_type"].as_str() {
+                Some("InstanceStart") if state.started => {
+                    fault("The requested operation is not supported after starting the microVM.")
+                }
+                Some("InstanceStart") => {
+                    state.started = true;
+                    reply(StatusCode::NO_CONTENT, None)
+                }
+                Some("SendCtrlAltDel") if state.ctrl_alt_del_exits => {
+                    // The guest reboots with reboot=k, and Firecracker exits 0.
+                    std::process::exit(0)
+                }
+                _ => reply(StatusCode::NO_CONTENT, None),
+            },
+            _ if state.started => {
+                fault("The requested operation is not supported after starting the microVM.")
+            }
+            _ => reply(StatusCode::NO_CONTENT, None),
+        }
+    }
+}
+
+/// A Firecracker stand-in: a script that answers `--version` and otherwise re-enters this
+/// test binary as [`fake_firecracker_process`], with knobs passed through the environment.
+struct FakeFirecracker {
+    _tmp: tempfile::TempDir,
+    bin: PathBuf,
+    record: PathBuf,
+    layout: Layout,
+}
+
+impl FakeFirecracker {
+    fn new(knobs: &[(&str, &str)]) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path().join("root"));
+        layout.prepare().unwrap();
+        let record = tmp.path().join("calls.log");
+        let exports: String = knobs
+            .iter()
+            .map(|(k, v)| format!("export {k}='{v}'\n"))
+            .collect();
+        let script = format!(
+            "#!/bin/sh\ncase \"$1\" in --version) echo 'Firecracker v1.16.1'; echo; exit 0;; esac\n\
+             export FAKE_FC_ARGS=\"$*\"\nexport FAKE_FC_RECORD='{}'\n{exports}\
+             exec '{}' --exact fake_firecracker_process --ignored --nocapture --test-threads=1\n",
+            record.display(),
+            std::env::current_exe().unwrap().display()
+        );
+        let bin = tmp.path().join("firecracker");
+        std::fs::write(&bin, script).unwrap();
+        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        Self {
+            _tmp: tmp,
+            bin,
+            record,
+            layout,
+        }
+    }
+
+    fn vmm(&self) -> FirecrackerVmm {
+        FirecrackerVmm::new(self.bin.clone())
+    }
+
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.starts_with("PID "))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn pid(&self) -> u32 {
+        let text = std::fs::read_to_string(&self.record).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("PID "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+fn gone(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test]
+async fn driver_configures_the_fake_in_order_after_removing_stale_sockets() {
+    let fake = FakeFirecracker::new(&[]);
+    let spec = full_spec(&fake.layout, "cl-fake");
+    std::fs::create_dir_all(&spec.files.dir).unwrap();
+    std::fs::write(&spec.files.firecracker_socket, b"stale").unwrap();
+    std::fs::write(&spec.files.vsock_socket, b"stale").unwrap();
+
+    assert_eq!(fake.vmm().version().await.unwrap(), "Firecracker v1.16.1");
+    let mut vm = fake.vmm().start(&spec).await.unwrap();
+    assert_eq!(vm.vmm_version(), "1.16.1");
+    assert_eq!(vm.pid(), fake.pid());
+    assert_eq!(vm.serial_log(), spec.files.console_log);
+    assert_eq!(
+        fake.calls(),
+        [
+            "GET /version",
+            "PUT /machine-config",
+            "PUT /boot-source",
+            "PUT /drives/root",
+            "PUT /drives/data",
+            "PUT /network-interfaces/eth0",
+            "PUT /vsock",
+            "PUT /actions",
+        ]
+    );
+    assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+    // Firecracker's stdout is the guest console.
+    let console = std::fs::read_to_string(&spec.files.console_log).unwrap();
+    assert!(console.contains("fake Firecracker serving"), "{console}");
+    let status = vm.kill().await.unwrap();
+    assert!(!status.success());
+    assert!(gone(fake.pid()));
+    assert!(!spec.files.firecracker_socket.exists() && !spec.files.vsock_socket.exists());
+}
+
+#[tokio::test]
+async fn a_refused_request_maps_fault_message_and_rolls_back() {
+    let fake = FakeFirecracker::new(&[("FAKE_FC_FAIL_PATH", "/network-interfaces/eth0")]);
+    let spec = full_spec(&fake.layout, "cl-refused");
+    let err = fake.vmm().start(&spec).await.err().expect("start fails");
+    match &err {
+        VmmError::FirecrackerApi(FirecrackerApiError::Fault {
+            status,
+            path,
+            fault_message,
+            ..
+        }) => {
+            assert_eq!(status.as_u16(), 400);
+            assert_eq!(path, "/network-interfaces/eth0");
+            assert!(
+                fault_message.contains("fake failure injected"),
+                "{fault_message}"
+            );
+        }
+        other => panic!("expected a Firecracker fault, got {other}"),
+    }
+    assert!(err.to_string().contains("fake failure injected"), "{err}");
+    assert!(
+        gone(fake.pid()),
+        "the half-configured Firecracker was not killed"
+    );
+    assert!(!spec.files.firecracker_socket.exists());
+    assert!(
+        !fake.calls().contains(&"PUT /actions".to_owned()),
+        "{:?}",
+        fake.calls()
+    );
+}
+
+#[tokio::test]
+async fn shutdown_sends_ctrl_alt_del_and_waits_for_the_exit() {
+    let fake = FakeFirecracker::new(&[("FAKE_FC_CTRL_ALT_DEL_EXITS", "1")]);
+    let spec = full_spec(&fake.layout, "cl-cad");
+    let mut vm = fake.vmm().start(&spec).await.unwrap();
+    let status = vm.shutdown(Duration::from_secs(30)).await.unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        fake.calls().last().map(String::as_str),
+        Some("PUT /actions")
+    );
+    assert_eq!(
+        fake.calls().iter().filter(|c| *c == "PUT /actions").count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn shutdown_kills_a_guest_that_ignores_ctrl_alt_del() {
+    let fake = FakeFirecracker::new(&[]);
+    let spec = full_spec(&fake.layout, "cl-deaf");
+    let mut vm = fake.vmm().start(&spec).await.unwrap();
+    let status = vm.shutdown(Duration::from_millis(300)).await.unwrap();
+    assert!(!status.success(), "killed, not exited: {status}");
+    assert!(gone(fake.pid()));
+}
+
+#[tokio::test]
+async fn a_binary_that_exits_at_once_is_reported_with_its_stderr() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("firecracker");
+    std::fs::write(
+        &bin,
+        "#!/bin/sh\necho 'Error: KVM is not available' >&2\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let layout = Layout::new(tmp.path().join("root"));
+    let spec = full_spec(&layout, "cl-dies");
+    let err = FirecrackerVmm::new(bin)
+        .start(&spec)
+        .await
+        .err()
+        .expect("start fails");
+    assert!(matches!(err, VmmError::ExitedEarly { .. }), "{err}");
+    assert!(err.to_string().contains("KVM is not available"), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_binary_is_a_spawn_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = Layout::new(tmp.path());
+    let vmm = FirecrackerVmm::new(tmp.path().join("no-firecracker"));
+    let err = vmm
+        .start(&full_spec(&layout, "cl-nobin"))
+        .await
+        .err()
+        .expect("start fails");
+    assert!(matches!(err, VmmError::Spawn { .. }), "{err}");
+    assert!(matches!(vmm.version().await, Err(VmmError::Spawn { .. })));
+}
+
+// ---- Opt-in: a real Firecracker ----------------------------------------------------------
+
+/// Boots a real VM with /usr/local/bin/firecracker; set `WRENN_TEST_FIRECRACKER=1` on a host
+/// with working KVM.
+#[tokio::test]
+async fn real_firecracker_boots_a_guest() {
+    if std::env::var("WRENN_TEST_FIRECRACKER").as_deref() != Ok("1") {
+        println!(
+            "skipped: set WRENN_TEST_FIRECRACKER=1 on a KVM host with /usr/local/bin/firecracker"
+        );
+        return;
+    }
+    let kernel = wrenn::testing::kernel::test_kernel().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = Layout::new(tmp.path().join("root"));
+    layout.prepare().unwrap();
+    let init = "#!/bin/busybox sh\n/bin/busybox echo WRENN-FC-MARKER\n/bin/busybox reboot -f\n";
+    let initrd = wrenn::testing::kernel::busybox_initramfs(tmp.path(), init, &[]).unwrap();
+    let spec = VmSpec {
+        id: "cl-real".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        kernel: kernel.vmlinux,
+        initrd: Some(initrd),
+        extra_boot_args: String::new(),
+        drives: vec![],
+        net: None,
+        vsock_cid: None,
+        files: VmFiles::for_sandbox(&layout, "cl-real"),
+    };
+    let vmm = FirecrackerVmm::new("/usr/local/bin/firecracker".into());
+    println!("{}", vmm.version().await.unwrap());
+    let mut vm = vmm.start(&spec).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), vm.wait_exit())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let console = std::fs::read_to_string(&spec.files.console_log).unwrap();
+    assert!(console.contains("WRENN-FC-MARKER"), "{console}");
+}

@@ -1,0 +1,380 @@
+//! The QEMU backend booting real guests under TCG: the Debian cloud kernel with a busybox
+//! initramfs generated per test.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wrenn::config::{Layout, QemuAccel};
+use wrenn::testing::kernel::{self as guest, TestKernel};
+use wrenn::vmm::{
+    find_leftovers, kill_leftover, Accel, Drive, Leftover, NetAttachment, QemuVmm, VmFiles, VmSpec,
+    VmStatus, Vmm, VmmError, VmmKind,
+};
+
+/// Generous: a TCG boot takes 2–6 s, but the machine is shared.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    kernel: TestKernel,
+    layout: Layout,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let kernel = guest::test_kernel().expect("test kernel");
+    let layout = Layout::new(dir.join("root"));
+    layout.prepare().unwrap();
+    Fixture {
+        _tmp: tmp,
+        dir,
+        kernel,
+        layout,
+    }
+}
+
+impl Fixture {
+    fn spec(&self, id: &str, init: &str, modules: &[&str]) -> VmSpec {
+        let modules: Vec<PathBuf> = modules.iter().map(|m| self.kernel.module(m)).collect();
+        let initrd_dir = self.dir.join(format!("initrd-{id}"));
+        std::fs::create_dir_all(&initrd_dir).unwrap();
+        let initrd = guest::busybox_initramfs(&initrd_dir, init, &modules).unwrap();
+        VmSpec {
+            id: id.into(),
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: self.kernel.vmlinux.clone(),
+            initrd: Some(initrd),
+            extra_boot_args: "quiet".into(),
+            drives: vec![],
+            net: None,
+            vsock_cid: None,
+            files: VmFiles::for_sandbox(&self.layout, id),
+        }
+    }
+}
+
+fn tcg() -> QemuVmm {
+    QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Tcg)
+}
+
+fn init(body: &str) -> String {
+    format!(
+        "#!/bin/busybox sh\nexport PATH=/bin\nmount -t proc proc /proc\nmount -t sysfs sysfs /sys\n\
+         mount -t devtmpfs devtmpfs /dev\n{body}\n"
+    )
+}
+
+async fn wait_for_console(path: &Path, needle: &str) -> String {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            started.elapsed() < BOOT_TIMEOUT,
+            "`{needle}` never appeared in the console:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn guest_boots_prints_to_the_serial_log_and_powers_off() {
+    let f = fixture();
+    let spec = f.spec("cl-boot", &init("echo WRENN-BOOT-MARKER\npoweroff -f"), &[]);
+    let mut vm = tcg().start(&spec).await.unwrap();
+    assert_eq!(vm.serial_log(), spec.files.console_log);
+    assert!(
+        vm.vmm_version().starts_with("QEMU "),
+        "{}",
+        vm.vmm_version()
+    );
+    let status = tokio::time::timeout(BOOT_TIMEOUT, vm.wait_exit())
+        .await
+        .expect("guest powers off")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let console = std::fs::read_to_string(&spec.files.console_log).unwrap();
+    assert!(console.contains("WRENN-BOOT-MARKER"), "{console}");
+    assert!(!spec.files.qmp_socket.exists(), "QMP socket left behind");
+}
+
+#[tokio::test]
+async fn drives_appear_as_vda_and_vdb_in_spec_order_with_their_modes() {
+    let f = fixture();
+    let root = f.dir.join("root.img");
+    let data = f.dir.join("data.img");
+    std::fs::write(&root, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&data, vec![0u8; 2 << 20]).unwrap();
+    let body = "for m in virtio_ring virtio virtio_mmio virtio_blk; do insmod /modules/$m.ko; done\n\
+                for d in vda vdb; do echo \"DISK $d $(cat /sys/block/$d/size) ro=$(cat /sys/block/$d/ro)\"; done\n\
+                echo DISKS-DONE\npoweroff -f";
+    let mut spec = f.spec("cl-disks", &init(body), guest::VIRTIO_MODULES);
+    spec.drives = vec![
+        Drive {
+            id: "root".into(),
+            path: root,
+            read_only: true,
+        },
+        Drive {
+            id: "data".into(),
+            path: data,
+            read_only: false,
+        },
+    ];
+    let mut vm = tcg().start(&spec).await.unwrap();
+    tokio::time::timeout(BOOT_TIMEOUT, vm.wait_exit())
+        .await
+        .expect("guest powers off")
+        .unwrap();
+    let console = std::fs::read_to_string(&spec.files.console_log).unwrap();
+    assert!(console.contains("DISK vda 2048 ro=1"), "{console}");
+    assert!(console.contains("DISK vdb 4096 ro=0"), "{console}");
+}
+
+#[tokio::test]
+async fn qmp_reports_running_and_shutdown_forces_a_guest_that_ignores_the_button() {
+    let f = fixture();
+    let spec = f.spec(
+        "cl-stubborn",
+        &init("echo GUEST-READY\nwhile true; do sleep 1; done"),
+        &[],
+    );
+    let mut vm = tcg().start(&spec).await.unwrap();
+    wait_for_console(&spec.files.console_log, "GUEST-READY").await;
+    assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+    let pid = vm.pid();
+    vm.shutdown(Duration::from_secs(2)).await.unwrap();
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU {pid} still exists"
+    );
+    assert!(matches!(vm.status().await.unwrap(), VmStatus::Exited(_)));
+    assert!(!spec.files.qmp_socket.exists());
+}
+
+#[tokio::test]
+async fn shutdown_presses_the_power_button_and_a_cooperative_guest_powers_off() {
+    let f = fixture();
+    let body = "insmod /modules/evdev.ko\ninsmod /modules/button.ko\n\
+                for e in /dev/input/event*; do (head -c 1 $e >/dev/null; echo POWER-BUTTON-PRESSED; poweroff -f) & done\n\
+                echo GUEST-READY\nwhile true; do sleep 1; done";
+    let spec = f.spec("cl-polite", &init(body), guest::POWER_BUTTON_MODULES);
+    let mut vm = tcg().start(&spec).await.unwrap();
+    wait_for_console(&spec.files.console_log, "GUEST-READY").await;
+    let status = vm.shutdown(BOOT_TIMEOUT).await.unwrap();
+    assert!(
+        status.success(),
+        "a powered-off guest ends QEMU cleanly: {status}"
+    );
+    let console = std::fs::read_to_string(&spec.files.console_log).unwrap();
+    assert!(console.contains("POWER-BUTTON-PRESSED"), "{console}");
+}
+
+/// A network namespace with a TAP device, removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Self {
+        let name = format!("wrenn-vmm-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().unwrap();
+            assert!(status.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Netns(name);
+        ip(&["-n", &ns.0, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
+        ip(&["-n", &ns.0, "link", "set", "tap0", "up"]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.0))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn the_vmm_runs_inside_the_sandbox_network_namespace() {
+    let f = fixture();
+    let netns = Netns::new("ns");
+    let mut spec = f.spec(
+        "cl-netns",
+        &init("echo GUEST-READY\nwhile true; do sleep 1; done"),
+        &[],
+    );
+    spec.net = Some(NetAttachment {
+        tap: "tap0".into(),
+        mac: "02:FC:00:00:00:05".into(),
+        netns: Some(netns.path()),
+    });
+    let mut vm = tcg().start(&spec).await.unwrap();
+    let ns = std::fs::metadata(netns.path()).unwrap();
+    let vmm_ns = std::fs::metadata(format!("/proc/{}/ns/net", vm.pid())).unwrap();
+    assert_eq!(
+        (vmm_ns.dev(), vmm_ns.ino()),
+        (ns.dev(), ns.ino()),
+        "QEMU is not in the sandbox's netns"
+    );
+    let own_ns = std::fs::metadata("/proc/self/ns/net").unwrap();
+    assert_ne!(own_ns.ino(), vmm_ns.ino());
+    // Its own session, so the agent's signals and terminal do not reach it.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", vm.pid())).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        fields[3],
+        vm.pid().to_string(),
+        "session id is not the VMM's pid: {stat}"
+    );
+    vm.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_netns_is_a_typed_error_and_starts_nothing() {
+    let f = fixture();
+    let mut spec = f.spec("cl-nons", &init("poweroff -f"), &[]);
+    spec.net = Some(NetAttachment {
+        tap: "tap0".into(),
+        mac: "02:FC:00:00:00:05".into(),
+        netns: Some("/run/netns/wrenn-does-not-exist".into()),
+    });
+    let err = tcg().start(&spec).await.err().expect("start fails");
+    assert!(matches!(err, VmmError::Netns { .. }), "{err}");
+    assert!(err.to_string().contains("wrenn-does-not-exist"), "{err}");
+}
+
+#[tokio::test]
+async fn a_vmm_that_dies_during_start_up_is_reported_with_its_log_and_cleaned_up() {
+    let f = fixture();
+    let mut spec = f.spec("cl-baddisk", &init("poweroff -f"), &[]);
+    spec.drives = vec![Drive {
+        id: "root".into(),
+        path: f.dir.join("missing.img"),
+        read_only: true,
+    }];
+    let err = tcg().start(&spec).await.err().expect("start fails");
+    assert!(matches!(err, VmmError::ExitedEarly { .. }), "{err}");
+    assert!(
+        err.to_string().contains("missing.img"),
+        "the error quotes QEMU's complaint: {err}"
+    );
+    assert!(!spec.files.qmp_socket.exists());
+}
+
+#[tokio::test]
+async fn stale_qmp_socket_is_replaced() {
+    let f = fixture();
+    let spec = f.spec("cl-stale", &init("echo STALE-OK\npoweroff -f"), &[]);
+    std::fs::create_dir_all(&spec.files.dir).unwrap();
+    std::fs::write(&spec.files.qmp_socket, b"stale").unwrap();
+    let mut vm = tcg().start(&spec).await.unwrap();
+    tokio::time::timeout(BOOT_TIMEOUT, vm.wait_exit())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(std::fs::read_to_string(&spec.files.console_log)
+        .unwrap()
+        .contains("STALE-OK"));
+}
+
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn auto_accel_probes_kvm_once_and_logs_its_choice() {
+    let f = fixture();
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let vmm = QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Auto);
+    let started = Instant::now();
+    let decision = vmm.accel(&f.kernel.vmlinux).await;
+    let first = started.elapsed();
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    match decision.accel {
+        Accel::Tcg => {
+            assert!(
+                decision.reason.contains("KVM cannot run a guest"),
+                "{decision:?}"
+            );
+            assert!(
+                log.contains("falls back to TCG") && log.contains("KVM cannot run a guest"),
+                "{log}"
+            );
+        }
+        Accel::Kvm => assert!(log.contains("QEMU uses KVM"), "{log}"),
+    }
+    println!("accel decision after {first:?}: {decision:?}");
+
+    assert_eq!(vmm.accel(&f.kernel.vmlinux).await, decision);
+    let lines = String::from_utf8(captured.0.lock().unwrap().clone())
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(
+        lines,
+        log.lines().count(),
+        "the second call probes and logs nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_vm_keeps_running_and_is_found_as_a_leftover() {
+    let f = fixture();
+    let spec = f.spec(
+        "cl-orphan",
+        &init("echo GUEST-READY\nwhile true; do sleep 1; done"),
+        &[],
+    );
+    let vm = tcg().start(&spec).await.unwrap();
+    let pid = vm.pid();
+    drop(vm);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "dropping the handle must not stop the VM"
+    );
+    let leftovers = find_leftovers(&f.layout);
+    let expected = Leftover {
+        sandbox_id: "cl-orphan".into(),
+        pid,
+        kind: VmmKind::Qemu,
+    };
+    assert_eq!(leftovers, vec![expected.clone()]);
+    assert!(kill_leftover(&expected).await);
+    assert!(find_leftovers(&f.layout).is_empty());
+}
