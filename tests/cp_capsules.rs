@@ -1110,6 +1110,29 @@ async fn reconciler_tracks_unreachable_forgotten_and_orphaned_sandboxes() {
     );
     assert!(double.sandbox_ids().is_empty());
 
+    // A create abandoned by a control plane that died (its row still `pending` long after the
+    // create timeout) is failed, releasing the reservation.
+    let abandoned = stack.created(&key).await;
+    sqlx::query("UPDATE sandboxes SET status = 'pending', last_updated = now() - interval '1 day' WHERE status = 'running'")
+        .execute(&stack.cp.db)
+        .await
+        .unwrap();
+    let report = reconciler::reconcile_once(&stack.cp.state).await.unwrap();
+    assert_eq!(
+        report
+            .abandoned
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        vec![abandoned.clone()]
+    );
+    assert_eq!(status_of(abandoned.clone()).await, "error");
+    reconciler::reconcile_once(&stack.cp.state).await.unwrap();
+    assert!(
+        double.sandbox_ids().is_empty(),
+        "its VM is removed on the next pass"
+    );
+
     // A host marked unreachable by the monitor: its running capsules go missing without a call.
     let third = stack.created(&key).await;
     sqlx::query("UPDATE hosts SET status = 'unreachable'")

@@ -7,6 +7,8 @@
 //!   (idle timeout, crash, agent restart); a `missing` one it still runs is `running` again.
 //! - The agent runs a sandbox the database holds as `stopped`/`error` (or not at all): a destroy
 //!   or a create whose outcome was unknown; the reconciler destroys it on the agent.
+//! - A sandbox still `pending` a minute past the create timeout (the control plane died during
+//!   its create) becomes `error`, releasing its reservation.
 //!
 //! Rows changed after the agent's list was taken are left for the next pass, so a create or
 //! destroy racing with a pass is never undone.
@@ -29,6 +31,8 @@ pub struct PassReport {
     pub missing: Vec<SandboxId>,
     pub stopped: Vec<SandboxId>,
     pub recovered: Vec<SandboxId>,
+    /// `pending` long past the create timeout: the create was abandoned.
+    pub abandoned: Vec<SandboxId>,
     pub orphans_destroyed: Vec<SandboxId>,
     /// Hosts whose agent did not answer.
     pub unreachable_hosts: Vec<HostId>,
@@ -96,6 +100,9 @@ async fn reconcile_host(
     let agent_has: HashMap<SandboxId, AgentSandboxStatus> =
         on_agent.iter().map(|s| (s.sandbox_id, s.status)).collect();
     let in_db = sandboxes::on_host(&state.db, host.id).await?;
+    let create_grace = chrono::Duration::from_std(state.capsules.agents.timeouts().create)
+        .unwrap_or(chrono::Duration::MAX)
+        + chrono::Duration::minutes(1);
     let mut known = HashMap::with_capacity(in_db.len());
     for row in &in_db {
         let id = SandboxId(row.id);
@@ -104,11 +111,17 @@ async fn reconcile_host(
             continue;
         }
         let present = agent_has.contains_key(&id);
+        // A create outlives its timeout only if the control plane died during it; the row would
+        // otherwise hold its host's capacity forever. Failing it lets the next pass remove any
+        // VM the agent finished building.
+        let abandoned =
+            row.status == SandboxStatus::Pending && seen - row.last_updated > create_grace;
         let next = match (row.status, present) {
             (SandboxStatus::Running | SandboxStatus::Missing, false) => {
                 Some(SandboxStatus::Stopped)
             }
             (SandboxStatus::Missing, true) => Some(SandboxStatus::Running),
+            (SandboxStatus::Pending, _) if abandoned => Some(SandboxStatus::Failed),
             _ => None,
         };
         let Some(next) = next else { continue };
@@ -116,6 +129,7 @@ async fn reconcile_host(
             tracing::info!(sandbox = %id, from = %row.status, to = %next, "reconciled with the agent");
             match next {
                 SandboxStatus::Stopped => report.stopped.push(id),
+                SandboxStatus::Failed => report.abandoned.push(id),
                 _ => report.recovered.push(id),
             }
         }
