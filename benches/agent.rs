@@ -5,7 +5,6 @@
 //! `cargo bench --bench agent [-- N]` (N sandboxes, default 4).
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::collections::BTreeMap;

@@ -52,6 +52,12 @@ pub struct CpConfig {
     pub jwt_secret: Option<Secret>,
     pub host_unreachable_after_secs: u64,
     pub host_monitor_interval_secs: u64,
+    pub cpu_overcommit: f64,
+    pub memory_overcommit: f64,
+    pub disk_overcommit: f64,
+    pub reconcile_interval_secs: u64,
+    pub agent_timeout_secs: u64,
+    pub agent_create_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +104,24 @@ impl Default for Config {
                     .parse()
                     .expect("default is a number"),
                 host_monitor_interval_secs: default("cp.host_monitor_interval_secs")
+                    .parse()
+                    .expect("default is a number"),
+                cpu_overcommit: default("cp.cpu_overcommit")
+                    .parse()
+                    .expect("default is a number"),
+                memory_overcommit: default("cp.memory_overcommit")
+                    .parse()
+                    .expect("default is a number"),
+                disk_overcommit: default("cp.disk_overcommit")
+                    .parse()
+                    .expect("default is a number"),
+                reconcile_interval_secs: default("cp.reconcile_interval_secs")
+                    .parse()
+                    .expect("default is a number"),
+                agent_timeout_secs: default("cp.agent_timeout_secs")
+                    .parse()
+                    .expect("default is a number"),
+                agent_create_timeout_secs: default("cp.agent_create_timeout_secs")
                     .parse()
                     .expect("default is a number"),
             },

@@ -5,6 +5,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use super::agent_client::AgentError;
+use super::scheduler::ScheduleError;
+use super::services::capsules::CapsuleError;
 use super::services::ServiceError;
 use crate::db::DbError;
 
@@ -28,6 +31,12 @@ pub enum ApiError {
     TooLarge(String),
     #[error("the database is unavailable; try again shortly")]
     DatabaseUnavailable,
+    /// 503 with `host_unavailable` or `no_hosts_available`.
+    #[error("{message}")]
+    Unavailable { code: &'static str, message: String },
+    /// A host agent failed or could not be reached: 502 `agent_error`.
+    #[error("{0}")]
+    AgentFailed(String),
     #[error("internal error")]
     Internal,
 }
@@ -42,7 +51,10 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict { .. } | ApiError::HostHasSandboxes(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DatabaseUnavailable | ApiError::Unavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::AgentFailed(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -51,7 +63,10 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(_) => "invalid_request",
             ApiError::Unauthorized(_) => "unauthorized",
-            ApiError::Forbidden { code, .. } | ApiError::Conflict { code, .. } => code,
+            ApiError::Forbidden { code, .. }
+            | ApiError::Conflict { code, .. }
+            | ApiError::Unavailable { code, .. } => code,
+            ApiError::AgentFailed(_) => "agent_error",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::HostHasSandboxes(_) => "host_has_sandboxes",
@@ -118,6 +133,63 @@ impl From<ServiceError> for ApiError {
             ServiceError::PasswordHash(cause) => {
                 tracing::error!(%cause, "password hashing failed");
                 ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<CapsuleError> for ApiError {
+    fn from(error: CapsuleError) -> Self {
+        let message = error.to_string();
+        match error {
+            CapsuleError::Invalid { .. } => ApiError::InvalidRequest(message),
+            CapsuleError::NotFound | CapsuleError::TemplateNotFound(_) => {
+                ApiError::NotFound(message)
+            }
+            CapsuleError::NotRunning(_) | CapsuleError::Busy(_) => ApiError::Conflict {
+                code: "invalid_state",
+                message,
+            },
+            CapsuleError::Schedule(ScheduleError::Db(db)) | CapsuleError::Db(db) => db.into(),
+            CapsuleError::Schedule(_) => ApiError::Unavailable {
+                code: "no_hosts_available",
+                message,
+            },
+            CapsuleError::HostUnavailable(_) => ApiError::Unavailable {
+                code: "host_unavailable",
+                message,
+            },
+            CapsuleError::Agent(agent) => agent.into(),
+        }
+    }
+}
+
+/// What the agent (or the envd behind it) refused keeps its meaning; everything else about an
+/// agent is a 502.
+impl From<AgentError> for ApiError {
+    fn from(error: AgentError) -> Self {
+        match error {
+            AgentError::Rejected {
+                status,
+                code,
+                message,
+            } => match status.as_u16() {
+                403 => ApiError::forbidden(message),
+                404 => ApiError::NotFound(message),
+                409 if code == "invalid_state" => ApiError::Conflict {
+                    code: "invalid_state",
+                    message,
+                },
+                409 => ApiError::Conflict {
+                    code: "conflict",
+                    message,
+                },
+                413 => ApiError::TooLarge(message),
+                _ => ApiError::InvalidRequest(message),
+            },
+            other => {
+                tracing::warn!(error = %other, "host agent call failed");
+                ApiError::AgentFailed(other.to_string())
             }
         }
     }

@@ -3,13 +3,18 @@
 //!
 //! Request path: TCP → hyper → tower-http trace + body limit → axum router (`routes`) → auth
 //! extractor (`auth`) + body/path parsing (`extract`) → handler → service (`services`) → queries
-//! (`crate::db`) → the result, or an error mapped once to the envelope (`error`).
+//! (`crate::db`) → the result, or an error mapped once to the envelope (`error`). Capsule calls
+//! continue from their service to the host agent (`agent_client`), placed by `scheduler` and
+//! kept honest by `reconciler`.
 
+pub mod agent_client;
 pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod monitor;
+pub mod reconciler;
 pub mod routes;
+pub mod scheduler;
 pub mod services;
 pub mod state;
 pub mod tokens;
@@ -37,6 +42,8 @@ pub const JSON_BODY_LIMIT: usize = 1024 * 1024;
 pub enum ServeError {
     #[error("cp.jwt_secret (JWT_SECRET) is not set; the control plane needs it to sign tokens (at least 32 bytes)")]
     MissingJwtSecret,
+    #[error("{key} must be a positive number; it is {value}")]
+    BadOvercommit { key: &'static str, value: f64 },
     #[error(transparent)]
     JwtSecret(#[from] TokenError),
     #[error("invalid database_url: {0}")]
@@ -76,9 +83,22 @@ pub fn state_from_config(config: &Config) -> Result<AppState, ServeError> {
         .jwt_secret
         .as_ref()
         .ok_or(ServeError::MissingJwtSecret)?;
+    for (key, value) in [
+        ("cp.cpu_overcommit", config.cp.cpu_overcommit),
+        ("cp.memory_overcommit", config.cp.memory_overcommit),
+        ("cp.disk_overcommit", config.cp.disk_overcommit),
+    ] {
+        if !(value.is_finite() && value > 0.0) {
+            return Err(ServeError::BadOvercommit { key, value });
+        }
+    }
     let tokens = TokenKeys::new(secret.0.as_bytes())?;
     let db = db::connect_lazy(&config.database_url.0)?;
-    Ok(AppState::new(db, tokens))
+    Ok(AppState::with_capsules(
+        db,
+        tokens,
+        state::CapsuleSettings::from_config(config),
+    ))
 }
 
 /// The complete HTTP application: routes plus tracing and the body limit.
@@ -98,11 +118,13 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let cancel = CancellationToken::new();
     let monitor_task = tokio::spawn(monitor::run(state.db.clone(), monitor, cancel.clone()));
+    let reconciler_task = tokio::spawn(reconciler::run(state.clone(), cancel.clone()));
     let served = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await;
     cancel.cancel();
     let _ = monitor_task.await;
+    let _ = reconciler_task.await;
     served.map_err(ServeError::Serve)
 }
 

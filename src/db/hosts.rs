@@ -227,3 +227,39 @@ pub async fn delete(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, DbError> 
         .await?;
     Ok(done.rows_affected() == 1)
 }
+
+/// Online hosts with an address that `team` may place sandboxes on (regular hosts and the team's
+/// own BYOC hosts), locked for the rest of the transaction in ID order so that concurrent
+/// placements queue instead of over-committing a host or deadlocking.
+pub async fn schedulable_for_team_locked(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+) -> Result<Vec<Host>, DbError> {
+    Ok(sqlx::query_as!(
+        Host,
+        r#"SELECT id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
+                  cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
+                  last_heartbeat_at, metadata, versions, agent_secret_generation,
+                  agent_secret_hash, created_by, created_at, updated_at
+           FROM hosts
+           WHERE status = 'online' AND address IS NOT NULL AND (type = 'regular' OR team_id = $1)
+           ORDER BY id FOR UPDATE"#,
+        team,
+    )
+    .fetch_all(ex)
+    .await?)
+}
+
+/// Hosts that have registered (online or unreachable), for the reconciler.
+pub async fn list_registered(ex: impl PgExecutor<'_>) -> Result<Vec<Host>, DbError> {
+    Ok(sqlx::query_as!(
+        Host,
+        r#"SELECT id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
+                  cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
+                  last_heartbeat_at, metadata, versions, agent_secret_generation,
+                  agent_secret_hash, created_by, created_at, updated_at
+           FROM hosts WHERE status <> 'pending' ORDER BY created_at, id"#,
+    )
+    .fetch_all(ex)
+    .await?)
+}

@@ -11,6 +11,7 @@ pub mod migrate;
 pub mod sandboxes;
 pub mod team_members;
 pub mod teams;
+pub mod templates;
 pub mod users;
 
 use std::time::Duration;

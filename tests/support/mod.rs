@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod agent_double;
 pub mod schema;
 
 use std::net::SocketAddr;

@@ -3,6 +3,8 @@
 
 mod accounts;
 mod api_keys;
+mod capsule_ws;
+mod capsules;
 mod hosts;
 mod meta;
 
@@ -38,9 +40,98 @@ impl Routes {
     }
 }
 
+/// The capsule API under `$base` (`/v1/capsules`, and `/v1/sandboxes` as an alias).
+macro_rules! capsule_routes {
+    ($routes:expr, $base:literal) => {{
+        use axum::extract::DefaultBodyLimit;
+        use axum::routing::{delete, get, post};
+        let upload = || post(capsules::write_file).layer(DefaultBodyLimit::disable());
+        $routes
+            .add(Method::POST, $base, post(capsules::create))
+            .add(Method::GET, $base, get(capsules::list))
+            .add(Method::GET, concat!($base, "/{id}"), get(capsules::get))
+            .add(
+                Method::DELETE,
+                concat!($base, "/{id}"),
+                delete(capsules::destroy),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/ping"),
+                post(capsules::ping),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/exec"),
+                post(capsules::exec),
+            )
+            .add(
+                Method::GET,
+                concat!($base, "/{id}/exec/stream"),
+                get(capsule_ws::exec_stream),
+            )
+            .add(
+                Method::GET,
+                concat!($base, "/{id}/processes"),
+                get(capsules::list_processes),
+            )
+            .add(
+                Method::DELETE,
+                concat!($base, "/{id}/processes/{selector}"),
+                delete(capsules::kill_process),
+            )
+            .add(
+                Method::GET,
+                concat!($base, "/{id}/processes/{selector}/stream"),
+                get(capsule_ws::process_stream),
+            )
+            .add(
+                Method::GET,
+                concat!($base, "/{id}/pty"),
+                get(capsule_ws::pty),
+            )
+            .add(Method::POST, concat!($base, "/{id}/files/write"), upload())
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/files/stream/write"),
+                upload(),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/files/read"),
+                post(capsules::read_file),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/files/stream/read"),
+                post(capsules::stream_read_file),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/files/list"),
+                post(capsules::list_dir),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/files/mkdir"),
+                post(capsules::mkdir),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/files/remove"),
+                post(capsules::remove),
+            )
+    }};
+}
+
+fn capsule_api(routes: Routes) -> Routes {
+    let routes = capsule_routes!(routes, "/v1/capsules");
+    capsule_routes!(routes, "/v1/sandboxes")
+}
+
 fn api() -> Routes {
     use axum::routing::{delete, get, patch, post};
-    Routes::default()
+    let routes = Routes::default()
         .add(Method::POST, "/v1/auth/signup", post(accounts::signup))
         .add(Method::POST, "/v1/auth/login", post(accounts::login))
         .add(
@@ -106,7 +197,8 @@ fn api() -> Routes {
             Method::DELETE,
             "/v1/hosts/{id}/tags/{tag}",
             delete(hosts::remove_tag),
-        )
+        );
+    capsule_api(routes)
 }
 
 fn unversioned() -> Routes {

@@ -1,0 +1,158 @@
+//! The reconciler: one background task that periodically compares the database's sandboxes with
+//! what each host's agent reports, and fixes the database (and removes orphans from agents).
+//!
+//! - Host unreachable (by heartbeat, or its agent does not answer the list call): its `running`
+//!   sandboxes become `missing`.
+//! - Host answers: a `running` or `missing` sandbox the agent does not have became `stopped`
+//!   (idle timeout, crash, agent restart); a `missing` one it still runs is `running` again.
+//! - The agent runs a sandbox the database holds as `stopped`/`error` (or not at all): a destroy
+//!   or a create whose outcome was unknown; the reconciler destroys it on the agent.
+//! - A sandbox still `pending` a minute past the create timeout (the control plane died during
+//!   its create) becomes `error`, releasing its reservation.
+//!
+//! Rows changed after the agent's list was taken are left for the next pass, so a create or
+//! destroy racing with a pass is never undone.
+
+use std::collections::HashMap;
+
+use tokio_util::sync::CancellationToken;
+
+use super::agent_client::AgentSandboxStatus;
+use super::services::capsules::agent_target;
+use super::state::AppState;
+use crate::db::hosts::{self, Host, HostStatus};
+use crate::db::sandboxes::{self, SandboxStatus};
+use crate::db::DbError;
+use crate::id::{HostId, SandboxId};
+
+/// What one pass changed, for logs and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    pub missing: Vec<SandboxId>,
+    pub stopped: Vec<SandboxId>,
+    pub recovered: Vec<SandboxId>,
+    /// `pending` long past the create timeout: the create was abandoned.
+    pub abandoned: Vec<SandboxId>,
+    pub orphans_destroyed: Vec<SandboxId>,
+    /// Hosts whose agent did not answer.
+    pub unreachable_hosts: Vec<HostId>,
+}
+
+/// Runs passes every `state.capsules.reconcile_interval` until `cancel` fires.
+pub async fn run(state: AppState, cancel: CancellationToken) {
+    let mut ticker = tokio::time::interval(state.capsules.reconcile_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            result = reconcile_once(&state) => {
+                if let Err(error) = result {
+                    tracing::warn!(%error, "reconciler pass failed; retrying next period");
+                }
+            }
+        }
+    }
+}
+
+/// One pass over every registered host.
+pub async fn reconcile_once(state: &AppState) -> Result<PassReport, DbError> {
+    let mut report = PassReport::default();
+    for host in hosts::list_registered(&state.db).await? {
+        reconcile_host(state, &host, &mut report).await?;
+    }
+    Ok(report)
+}
+
+async fn mark_missing(
+    state: &AppState,
+    host: &Host,
+    report: &mut PassReport,
+) -> Result<(), DbError> {
+    for id in sandboxes::mark_missing_on_host(&state.db, host.id).await? {
+        tracing::warn!(sandbox = %SandboxId(id), host = %HostId(host.id), "host unreachable; sandbox missing");
+        report.missing.push(SandboxId(id));
+    }
+    Ok(())
+}
+
+async fn reconcile_host(
+    state: &AppState,
+    host: &Host,
+    report: &mut PassReport,
+) -> Result<(), DbError> {
+    let target = match (host.status, agent_target(state, host)) {
+        (HostStatus::Online, Some(target)) => target,
+        _ => return mark_missing(state, host, report).await,
+    };
+    let seen = sandboxes::db_now(&state.db).await?;
+    let on_agent = match state.capsules.agents.list_sandboxes(&target).await {
+        Ok(list) => list,
+        Err(error) => {
+            tracing::warn!(host = %target.host, %error, "agent did not list its sandboxes");
+            report.unreachable_hosts.push(target.host);
+            return mark_missing(state, host, report).await;
+        }
+    };
+    let agent_has: HashMap<SandboxId, AgentSandboxStatus> =
+        on_agent.iter().map(|s| (s.sandbox_id, s.status)).collect();
+    let in_db = sandboxes::on_host(&state.db, host.id).await?;
+    let create_grace = chrono::Duration::from_std(state.capsules.agents.timeouts().create)
+        .unwrap_or(chrono::Duration::MAX)
+        + chrono::Duration::minutes(1);
+    let mut known = HashMap::with_capacity(in_db.len());
+    for row in &in_db {
+        let id = SandboxId(row.id);
+        known.insert(id, row.status);
+        if row.last_updated > seen {
+            continue;
+        }
+        let present = agent_has.contains_key(&id);
+        // A create outlives its timeout only if the control plane died during it; the row would
+        // otherwise hold its host's capacity forever. Failing it lets the next pass remove any
+        // VM the agent finished building.
+        let abandoned =
+            row.status == SandboxStatus::Pending && seen - row.last_updated > create_grace;
+        let next = match (row.status, present) {
+            (SandboxStatus::Running | SandboxStatus::Missing, false) => {
+                Some(SandboxStatus::Stopped)
+            }
+            (SandboxStatus::Missing, true) => Some(SandboxStatus::Running),
+            (SandboxStatus::Pending, _) if abandoned => Some(SandboxStatus::Failed),
+            _ => None,
+        };
+        let Some(next) = next else { continue };
+        if sandboxes::transition_if_unchanged(&state.db, row.id, row.status, next, seen).await? {
+            tracing::info!(sandbox = %id, from = %row.status, to = %next, "reconciled with the agent");
+            match next {
+                SandboxStatus::Stopped => report.stopped.push(id),
+                SandboxStatus::Failed => report.abandoned.push(id),
+                _ => report.recovered.push(id),
+            }
+        }
+    }
+    for (id, agent_status) in agent_has {
+        let orphan = match known.get(&id) {
+            None => true,
+            Some(status) => matches!(status, SandboxStatus::Stopped | SandboxStatus::Failed),
+        };
+        // A sandbox still starting may belong to a create the control plane gave up on; it is
+        // destroyed once the agent has finished with it.
+        if !orphan || agent_status != AgentSandboxStatus::Running {
+            continue;
+        }
+        match state.capsules.agents.destroy_sandbox(&target, id).await {
+            Ok(()) => {
+                tracing::info!(sandbox = %id, host = %target.host, "destroyed a sandbox the control plane no longer runs");
+                report.orphans_destroyed.push(id);
+            }
+            Err(error) => {
+                tracing::warn!(sandbox = %id, host = %target.host, %error, "could not destroy an orphaned sandbox")
+            }
+        }
+    }
+    Ok(())
+}

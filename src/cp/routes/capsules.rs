@@ -1,0 +1,295 @@
+//! HTTP handlers of the capsule API: parse, call one service function, shape the answer. Files
+//! stream through in both directions; nothing here holds a whole file.
+
+use axum::body::Body;
+use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
+use axum::extract::{Multipart, Path, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::no_content;
+use crate::cp::auth::AuthTeam;
+use crate::cp::error::ApiError;
+use crate::cp::extract::{path_id, ApiJson, ApiQuery};
+use crate::cp::services::capsules::{
+    self, Capsule, CreateCapsuleRequest, ExecOutcome, ExecRequest, KillSignal, ListDirRequest,
+    ListDirResponse, MakeDirResponse, NewCapsule, PathRequest, ProcessListResponse,
+};
+use crate::cp::state::AppState;
+use crate::id::SandboxId;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn capsule_id(raw: &str) -> Result<SandboxId, ApiError> {
+    path_id("id", raw)
+}
+
+/// Answers 201 with the capsule and a `Server-Timing: agent;dur=<ms>` header, the time the host
+/// agent took, so clients and benchmarks can tell the control plane's share from the boot.
+pub async fn create(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    ApiJson(body): ApiJson<CreateCapsuleRequest>,
+) -> Result<Response, ApiError> {
+    let new = NewCapsule::parse(body)?;
+    let created = capsules::create(&state, auth.team_id, new).await?;
+    let timing = format!("agent;dur={:.3}", created.agent_time.as_secs_f64() * 1000.0);
+    let mut response = (StatusCode::CREATED, Json(created.capsule)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&timing) {
+        response.headers_mut().insert("server-timing", value);
+    }
+    Ok(response)
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+) -> Result<Json<Vec<Capsule>>, ApiError> {
+    Ok(Json(capsules::list(&state, auth.team_id).await?))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+) -> Result<Json<Capsule>, ApiError> {
+    Ok(Json(
+        capsules::get(&state, auth.team_id, capsule_id(&id)?).await?,
+    ))
+}
+
+pub async fn destroy(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    capsules::destroy(&state, auth.team_id, capsule_id(&id)?).await?;
+    Ok(no_content())
+}
+
+pub async fn ping(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    capsules::ping(&state, auth.team_id, capsule_id(&id)?).await?;
+    Ok(no_content())
+}
+
+pub async fn exec(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ExecRequest>,
+) -> Result<Response, ApiError> {
+    let id = capsule_id(&id)?;
+    Ok(
+        match capsules::exec(&state, auth.team_id, id, body).await? {
+            ExecOutcome::Finished(done) => (StatusCode::OK, Json(done)).into_response(),
+            ExecOutcome::Started(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
+        },
+    )
+}
+
+pub async fn list_processes(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+) -> Result<Json<ProcessListResponse>, ApiError> {
+    let id = capsule_id(&id)?;
+    Ok(Json(
+        capsules::list_processes(&state, auth.team_id, id).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillQuery {
+    #[serde(default)]
+    signal: Option<KillSignal>,
+}
+
+pub async fn kill_process(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path((id, selector)): Path<(String, String)>,
+    ApiQuery(query): ApiQuery<KillQuery>,
+) -> Result<StatusCode, ApiError> {
+    let id = capsule_id(&id)?;
+    let signal = query.signal.unwrap_or(KillSignal::Kill);
+    capsules::kill_process(&state, auth.team_id, id, &selector, signal).await?;
+    Ok(no_content())
+}
+
+pub async fn list_dir(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ListDirRequest>,
+) -> Result<Json<ListDirResponse>, ApiError> {
+    let id = capsule_id(&id)?;
+    Ok(Json(
+        capsules::list_dir(&state, auth.team_id, id, body).await?,
+    ))
+}
+
+pub async fn mkdir(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PathRequest>,
+) -> Result<Json<MakeDirResponse>, ApiError> {
+    let id = capsule_id(&id)?;
+    Ok(Json(capsules::mkdir(&state, auth.team_id, id, body).await?))
+}
+
+pub async fn remove(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PathRequest>,
+) -> Result<StatusCode, ApiError> {
+    let id = capsule_id(&id)?;
+    capsules::remove(&state, auth.team_id, id, body).await?;
+    Ok(no_content())
+}
+
+async fn download(
+    state: AppState,
+    auth: AuthTeam,
+    id: &str,
+    path: &str,
+    chunked: bool,
+) -> Result<Response, ApiError> {
+    let id = capsule_id(id)?;
+    let upstream = capsules::download(&state, auth.team_id, id, path).await?;
+    let length = upstream.headers().get(header::CONTENT_LENGTH).cloned();
+    let mut response = Response::new(Body::new(upstream.into_body()));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let (false, Some(length)) = (chunked, length) {
+        headers.insert(header::CONTENT_LENGTH, length);
+    }
+    Ok(response)
+}
+
+/// `files/read`: the file with its length.
+pub async fn read_file(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PathRequest>,
+) -> Result<Response, ApiError> {
+    download(state, auth, &id, &body.path, false).await
+}
+
+/// `files/stream/read`: the file in chunked transfer encoding.
+pub async fn stream_read_file(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<PathRequest>,
+) -> Result<Response, ApiError> {
+    download(state, auth, &id, &body.path, true).await
+}
+
+fn multipart_error(error: MultipartError) -> ApiError {
+    if error.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::TooLarge(error.body_text())
+    } else {
+        ApiError::InvalidRequest(format!("malformed multipart body: {}", error.body_text()))
+    }
+}
+
+/// The `path` part: small text.
+async fn path_field(mut field: Field<'_>) -> Result<String, ApiError> {
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        bytes.extend_from_slice(&chunk);
+        if bytes.len() > 4096 {
+            return Err(ApiError::InvalidRequest(
+                "the `path` field is longer than 4096 bytes".into(),
+            ));
+        }
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| ApiError::InvalidRequest("the `path` field is not UTF-8".into()))
+}
+
+/// Forwards the `file` part chunk by chunk; a broken client body aborts the upload to envd so
+/// no truncated file is reported as written.
+async fn pump(
+    mut field: Field<'_>,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>,
+) -> Result<(), ApiError> {
+    loop {
+        match field.chunk().await {
+            Ok(Some(chunk)) => {
+                if tx.send(Ok(chunk)).await.is_err() {
+                    // The upload ended early; its own error explains why.
+                    return Ok(());
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(error) => {
+                let _ = tx.send(Err("the client's upload broke off".into())).await;
+                return Err(multipart_error(error));
+            }
+        }
+    }
+}
+
+/// `files/write` and `files/stream/write`: multipart `path` then `file`, streamed to envd.
+pub async fn write_file(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<StatusCode, ApiError> {
+    let id = capsule_id(&id)?;
+    let mut multipart = multipart.map_err(|e| {
+        ApiError::InvalidRequest(format!(
+            "expected a multipart/form-data body: {}",
+            e.body_text()
+        ))
+    })?;
+    let capsule = capsules::running(&state, auth.team_id, id).await?;
+    let mut path = None;
+    while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
+        match field.name() {
+            Some("path") => path = Some(path_field(field).await?),
+            Some("file") => {
+                let path = path.take().ok_or_else(|| {
+                    ApiError::InvalidRequest("the `path` field must come before `file`".into())
+                })?;
+                capsules::check_path(&path)?;
+                let (tx, rx) = tokio::sync::mpsc::channel(8);
+                let (uploaded, pumped) = tokio::join!(
+                    capsules::upload(&state, &capsule, &path, ReceiverStream::new(rx)),
+                    pump(field, tx)
+                );
+                pumped?;
+                uploaded?;
+                return Ok(no_content());
+            }
+            Some(other) => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "unexpected multipart field `{other}`; expected `path` and `file`"
+                )))
+            }
+            None => {
+                return Err(ApiError::InvalidRequest(
+                    "a multipart field has no name".into(),
+                ))
+            }
+        }
+    }
+    Err(ApiError::InvalidRequest("missing the `file` field".into()))
+}

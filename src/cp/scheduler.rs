@@ -1,0 +1,260 @@
+//! Placement of new sandboxes: least-loaded over the online hosts a team may use, by free vCPU,
+//! memory and disk after overcommit. The choice and the reservation (the sandbox row, `pending`
+//! on its host) happen in one transaction holding row locks on the candidate hosts, so concurrent
+//! creates queue for a moment instead of over-committing a host.
+
+use sqlx::Acquire;
+use uuid::Uuid;
+
+use crate::db::hosts::{self, Host};
+use crate::db::sandboxes::{self, PlacedSandbox, Reserved};
+use crate::db::{Db, DbError};
+
+/// How far a host's physical resources may be promised to sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SchedulerSettings {
+    pub cpu_overcommit: f64,
+    pub memory_overcommit: f64,
+    pub disk_overcommit: f64,
+}
+
+impl Default for SchedulerSettings {
+    fn default() -> Self {
+        Self {
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
+            disk_overcommit: 2.0,
+        }
+    }
+}
+
+/// What a new sandbox asks of its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demand {
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_mb: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("no online hosts are available to this team")]
+    NoHosts,
+    #[error(
+        "no online host has room for {} vCPU(s), {} MiB of memory and {} MiB of disk ({hosts} host(s) considered)",
+        .demand.vcpus, .demand.memory_mb, .demand.disk_mb
+    )]
+    NoRoom { demand: Demand, hosts: usize },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// A host's capacity after overcommit and what is already promised on it.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    pub capacity: Capacity,
+    pub reserved: Reserved,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Capacity {
+    pub vcpus: f64,
+    pub memory_mb: f64,
+    pub disk_mb: f64,
+}
+
+impl Capacity {
+    pub fn of(host: &Host, settings: &SchedulerSettings) -> Self {
+        let cores = f64::from(host.cpu_cores.unwrap_or(0).max(0));
+        let memory = host.memory_mb.unwrap_or(0).max(0) as f64;
+        let disk = host.disk_gb.unwrap_or(0).max(0) as f64 * 1024.0;
+        Self {
+            vcpus: cores * settings.cpu_overcommit,
+            memory_mb: memory * settings.memory_overcommit,
+            disk_mb: disk * settings.disk_overcommit,
+        }
+    }
+}
+
+/// The share of its capacity a host would have left after taking `demand`, judged by its
+/// scarcest resource; `None` when the demand does not fit.
+pub fn headroom(load: &Load, demand: &Demand) -> Option<f64> {
+    let after = |capacity: f64, reserved: i64, wanted: i64| -> Option<f64> {
+        let left = capacity - (reserved + wanted) as f64;
+        (capacity > 0.0 && left >= 0.0).then(|| left / capacity)
+    };
+    let cpu = after(load.capacity.vcpus, load.reserved.vcpus, demand.vcpus)?;
+    let memory = after(
+        load.capacity.memory_mb,
+        load.reserved.memory_mb,
+        demand.memory_mb,
+    )?;
+    let disk = after(load.capacity.disk_mb, load.reserved.disk_mb, demand.disk_mb)?;
+    Some(cpu.min(memory).min(disk))
+}
+
+/// The index of the least-loaded host that fits, ties broken by order.
+pub fn choose(loads: &[Load], demand: &Demand) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (index, load) in loads.iter().enumerate() {
+        if let Some(room) = headroom(load, demand) {
+            if best.is_none_or(|(_, most)| room > most) {
+                best = Some((index, room));
+            }
+        }
+    }
+    best.map(|(index, _)| index)
+}
+
+/// What to insert once a host is chosen.
+pub struct Placement {
+    pub sandbox_id: Uuid,
+    pub team_id: Uuid,
+    pub template_id: Uuid,
+    pub timeout_sec: i32,
+    pub demand: Demand,
+}
+
+/// Chooses a host for the sandbox and inserts its row `pending` there, atomically.
+pub async fn place(
+    db: &Db,
+    settings: &SchedulerSettings,
+    placement: &Placement,
+) -> Result<Host, ScheduleError> {
+    let mut conn = db.acquire().await.map_err(DbError::from)?;
+    let mut tx = conn.begin().await.map_err(DbError::from)?;
+    let candidates = hosts::schedulable_for_team_locked(&mut *tx, placement.team_id).await?;
+    if candidates.is_empty() {
+        return Err(ScheduleError::NoHosts);
+    }
+    let mut loads = Vec::with_capacity(candidates.len());
+    for host in &candidates {
+        loads.push(Load {
+            capacity: Capacity::of(host, settings),
+            reserved: sandboxes::reserved_on_host(&mut *tx, host.id).await?,
+        });
+    }
+    let Some(index) = choose(&loads, &placement.demand) else {
+        return Err(ScheduleError::NoRoom {
+            demand: placement.demand,
+            hosts: candidates.len(),
+        });
+    };
+    let host = candidates[index].clone();
+    let as_i32 = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
+    sandboxes::insert_placed(
+        &mut *tx,
+        &PlacedSandbox {
+            id: placement.sandbox_id,
+            team_id: placement.team_id,
+            host_id: host.id,
+            template_id: placement.template_id,
+            vcpus: as_i32(placement.demand.vcpus),
+            memory_mb: as_i32(placement.demand.memory_mb),
+            disk_mb: as_i32(placement.demand.disk_mb),
+            timeout_sec: placement.timeout_sec,
+        },
+    )
+    .await?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vcpus: f64, memory_mb: f64, disk_mb: f64, reserved: (i64, i64, i64)) -> Load {
+        Load {
+            capacity: Capacity {
+                vcpus,
+                memory_mb,
+                disk_mb,
+            },
+            reserved: Reserved {
+                vcpus: reserved.0,
+                memory_mb: reserved.1,
+                disk_mb: reserved.2,
+            },
+        }
+    }
+
+    const SMALL: Demand = Demand {
+        vcpus: 1,
+        memory_mb: 512,
+        disk_mb: 5120,
+    };
+
+    #[test]
+    fn picks_the_host_with_most_room_by_its_scarcest_resource() {
+        let loads = [
+            load(8.0, 8192.0, 100_000.0, (0, 6144, 0)),
+            load(8.0, 8192.0, 100_000.0, (4, 2048, 0)),
+        ];
+        assert_eq!(choose(&loads, &SMALL), Some(1));
+    }
+
+    #[test]
+    fn refuses_when_any_resource_runs_out() {
+        assert_eq!(
+            choose(&[load(1.0, 8192.0, 100_000.0, (1, 0, 0))], &SMALL),
+            None
+        );
+        assert_eq!(
+            choose(&[load(8.0, 1024.0, 100_000.0, (0, 768, 0))], &SMALL),
+            None
+        );
+        assert_eq!(
+            choose(&[load(8.0, 8192.0, 6000.0, (0, 0, 1000))], &SMALL),
+            None
+        );
+        assert_eq!(choose(&[load(0.0, 0.0, 0.0, (0, 0, 0))], &SMALL), None);
+        assert_eq!(choose(&[], &SMALL), None);
+    }
+
+    #[test]
+    fn an_exact_fit_is_accepted() {
+        assert_eq!(
+            choose(&[load(1.0, 512.0, 5120.0, (0, 0, 0))], &SMALL),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn overcommit_scales_capacity() {
+        let settings = SchedulerSettings {
+            cpu_overcommit: 2.0,
+            memory_overcommit: 1.5,
+            disk_overcommit: 1.0,
+        };
+        let host = Host {
+            id: Uuid::nil(),
+            host_type: crate::db::hosts::HostType::Regular,
+            team_id: None,
+            provider: None,
+            availability_zone: None,
+            arch: None,
+            cpu_cores: Some(4),
+            memory_mb: Some(1000),
+            disk_gb: Some(10),
+            address: None,
+            status: crate::db::hosts::HostStatus::Online,
+            last_heartbeat_at: None,
+            metadata: serde_json::Value::Null,
+            versions: serde_json::Value::Null,
+            agent_secret_generation: 0,
+            agent_secret_hash: None,
+            created_by: None,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        };
+        assert_eq!(
+            Capacity::of(&host, &settings),
+            Capacity {
+                vcpus: 8.0,
+                memory_mb: 1500.0,
+                disk_mb: 10240.0
+            }
+        );
+    }
+}
