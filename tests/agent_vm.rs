@@ -10,9 +10,7 @@ mod support;
 
 use hyper::{Method, StatusCode};
 use serde_json::json;
-use support::agent::{host_traces, stack, wait_clean};
-
-static ONE_AGENT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+use support::agent::{host_traces, stack, wait_clean, ONE_AGENT_AT_A_TIME};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn boots_runs_commands_moves_files_and_destroys_without_traces() {

@@ -12,6 +12,10 @@ use wrenn::testing::guest;
 
 use super::{Auth, TestCp};
 
+/// The agent owns host-global names (the `wrenn-*` namespaces and nft table), so tests in one
+/// binary that run agents take turns.
+pub static ONE_AGENT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const CREATE_TIMEOUT: Duration = Duration::from_secs(240);
 
 pub struct Agent {
