@@ -4,11 +4,8 @@
 //! Uses the shared test files root (`$WRENN_TEST_FILES_ROOT`, default /var/tmp/wrenn-test-root)
 //! and the static binary (`$WRENN_STATIC_BIN`, else `just build-static`), like tests/images.rs.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use wrenn::config::Layout;
 use wrenn::envd::api::{
     AttachRequest, ClientMessage, ProcessSpec, PtySize, RunRequest, StartRequest,
 };
@@ -17,38 +14,6 @@ use wrenn::testing::guest::{self, GuestSpec, GuestVm};
 
 /// Two cores shared with compilers and other TCG guests.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-
-fn static_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("WRENN_STATIC_BIN") {
-        return PathBuf::from(path);
-    }
-    let output = Command::new("just")
-        .arg("build-static")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("`just build-static` runs (install just with .ci/bootstrap)");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("build-static prints the binary path"),
-    )
-}
-
-fn files() -> Layout {
-    let root = std::env::var("WRENN_TEST_FILES_ROOT")
-        .unwrap_or_else(|_| "/var/tmp/wrenn-test-root".to_string());
-    let layout = Layout::new(root);
-    guest::build_kernel(&layout).unwrap_or_else(|e| panic!("{e}"));
-    guest::build_image(&layout, "minimal", &static_binary()).unwrap_or_else(|e| panic!("{e}"));
-    layout
-}
 
 async fn sh(client: &EnvdClient, script: &str, user: Option<&str>) -> String {
     let mut spec = ProcessSpec::new("sh", &["-c", script]);
@@ -66,7 +31,9 @@ async fn sh(client: &EnvdClient, script: &str, user: Option<&str>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envd_is_the_guest_init_and_serves_the_host() {
-    let layout = tokio::task::spawn_blocking(files).await.unwrap();
+    let layout = tokio::task::spawn_blocking(|| guest::test_files().clone())
+        .await
+        .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let disk = guest::sandbox_disk(tmp.path(), None).unwrap();
     let port = guest::free_port().unwrap();

@@ -22,41 +22,9 @@ use wrenn::testing::guest::{self, GuestSpec, GuestVm};
 /// Generous: two cores shared with other TCG guests and compilers. A boot takes 2-5 s alone.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// `just test` passes the binary it built; a bare `cargo test` builds it here.
-fn static_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("WRENN_STATIC_BIN") {
-        return PathBuf::from(path);
-    }
-    let output = Command::new("just")
-        .arg("build-static")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("`just build-static` runs (install just with .ci/bootstrap)");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("build-static prints the binary path"),
-    )
-}
-
 /// The shared files root with the kernel, initramfs and minimal image built (once per run).
 fn files() -> &'static Layout {
-    static FILES: OnceLock<Layout> = OnceLock::new();
-    FILES.get_or_init(|| {
-        let root = std::env::var("WRENN_TEST_FILES_ROOT")
-            .unwrap_or_else(|_| "/var/tmp/wrenn-test-root".to_string());
-        let layout = Layout::new(root);
-        guest::build_kernel(&layout).unwrap_or_else(|e| panic!("{e}"));
-        guest::build_image(&layout, "minimal", &static_binary()).unwrap_or_else(|e| panic!("{e}"));
-        layout
-    })
+    guest::test_files()
 }
 
 /// The shared files root with the python image built too (minutes when cold: mmdebstrap).
@@ -64,7 +32,8 @@ fn files_with_python() -> &'static Layout {
     static PYTHON: OnceLock<()> = OnceLock::new();
     let layout = files();
     PYTHON.get_or_init(|| {
-        guest::build_image(layout, "python", &static_binary()).unwrap_or_else(|e| panic!("{e}"));
+        guest::build_image(layout, "python", &guest::static_binary())
+            .unwrap_or_else(|e| panic!("{e}"));
     });
     layout
 }
@@ -246,7 +215,7 @@ fn missing_init_program_powers_off_and_no_sandbox_disk_means_tmpfs() {
 
 #[test]
 fn image_builds_are_reproducible_and_idempotent() {
-    let bin = static_binary();
+    let bin = guest::static_binary();
     let roots = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let mut digests = Vec::new();
     for root in &roots {
@@ -288,7 +257,7 @@ fn update_envd_replaces_the_binary_in_place() {
     let image = tmp.path().join("rootfs.ext4");
     std::fs::copy(layout.image_rootfs("minimal"), &image).unwrap();
     // A different but still runnable binary: ELF files ignore trailing bytes.
-    let mut new_bin = std::fs::read(static_binary()).unwrap();
+    let mut new_bin = std::fs::read(guest::static_binary()).unwrap();
     new_bin.extend(std::iter::repeat_n(0xa5u8, 8 << 20));
     let new_bin_path = tmp.path().join("wrenn");
     std::fs::write(&new_bin_path, &new_bin).unwrap();

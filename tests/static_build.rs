@@ -1,31 +1,6 @@
 //! The guest binary: the same `wrenn`, built static so it runs in any root filesystem.
 
-use std::path::PathBuf;
 use std::process::Command;
-
-/// `just test` passes the binary it built; a bare `cargo test` builds it here.
-fn static_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("WRENN_STATIC_BIN") {
-        return PathBuf::from(path);
-    }
-    let output = Command::new("just")
-        .arg("build-static")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("`just build-static` runs (install just with .ci/bootstrap)");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let stdout = String::from_utf8(output.stdout).unwrap();
-    PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("build-static prints the binary path"),
-    )
-}
 
 /// Program-header types of an ELF64 little-endian file.
 fn program_header_types(elf: &[u8]) -> Vec<u32> {
@@ -46,7 +21,7 @@ const PT_INTERP: u32 = 3;
 
 #[test]
 fn static_binary_has_no_interpreter_and_runs() {
-    let bin = static_binary();
+    let bin = wrenn::testing::guest::static_binary();
     let elf = std::fs::read(&bin).unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
     assert!(
         !program_header_types(&elf).contains(&PT_INTERP),

@@ -140,21 +140,10 @@ pub fn read_from_ext4(image: &Path, path: &str) -> Result<String, GuestError> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// The host's TSC rate in kHz. Under TCG the guest reads the host's TSC, and without this hint
-/// the kernel calibrates it against the emulated PIT, which fails on a busy host and leaves
-/// the boot hanging with no clock source (`tsc_early_khz=` on the guest command line).
-pub fn host_tsc_khz() -> Option<u64> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = cpuinfo
-        .lines()
-        .find(|line| line.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    Some((mhz * 1000.0).round() as u64)
-}
+/// Under TCG the guest reads the host's TSC, and without this hint the kernel calibrates it
+/// against the emulated PIT, which fails on a busy host and leaves the boot hanging with no clock
+/// source (`tsc_early_khz=` on the guest command line); the agent's QEMU backend does the same.
+pub use crate::vmm::qemu::host_tsc_khz;
 
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> Result<u16, GuestError> {

@@ -58,7 +58,7 @@ fn opt_value(path: &Path) -> String {
 }
 
 /// The host's TSC frequency in kHz, from the first `cpu MHz` of /proc/cpuinfo.
-fn host_tsc_khz() -> Option<u64> {
+pub fn host_tsc_khz() -> Option<u64> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = cpuinfo
         .lines()
