@@ -91,6 +91,7 @@ pub const KEYS: &[Key] = &[
     key("agent.listen_addr", "AGENT_LISTEN_ADDR", Some(":50051"), "Host-agent API listen address."),
     key("agent.files_rootdir", "AGENT_FILES_ROOTDIR", Some("/var/lib/wrenn"), "Files root: kernels/, images/, sandboxes/, snapshots/ and host-token live under it."),
     key("agent.cp_url", "AGENT_CP_URL", None, "Control-plane base URL the agent registers and heartbeats with, e.g. http://cp:8000."),
+    key("agent.network_name_prefix", "AGENT_NETWORK_NAME_PREFIX", Some("wrenn"), "Names this agent's sandbox namespaces and host links (`<prefix>-<slot>`) and its nft table; lowercase letters and digits. Give each agent on one machine its own prefix and address ranges."),
     scalar("agent.envd_ready_timeout_secs", "AGENT_ENVD_READY_TIMEOUT_SECS", "60", "Seconds a new sandbox's envd has to answer before the create is rolled back."),
     scalar("agent.heartbeat_interval_secs", "AGENT_HEARTBEAT_INTERVAL_SECS", "30", "Seconds between the agent's heartbeats to the control plane."),
     key("agent.sandbox_host_range", "AGENT_SANDBOX_HOST_RANGE", Some("10.11.0.0/16"), "Per-sandbox host-routable addresses (one per network slot) through which the agent reaches envd and guest ports."),

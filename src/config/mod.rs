@@ -69,6 +69,7 @@ pub struct AgentConfig {
     pub cp_url: Option<HttpUrl>,
     pub heartbeat_interval_secs: u64,
     pub envd_ready_timeout_secs: u64,
+    pub network_name_prefix: String,
     pub sandbox_host_range: Ipv4Cidr,
     pub sandbox_transit_range: Ipv4Cidr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,6 +130,7 @@ impl Default for Config {
                 listen_addr: parse("agent.listen_addr"),
                 files_rootdir: PathBuf::from(default("agent.files_rootdir")),
                 cp_url: None,
+                network_name_prefix: default("agent.network_name_prefix").to_owned(),
                 envd_ready_timeout_secs: default("agent.envd_ready_timeout_secs")
                     .parse()
                     .expect("default is a number"),

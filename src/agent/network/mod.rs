@@ -50,8 +50,6 @@ fn guest_network() -> Ipv4Cidr {
     Ipv4Cidr::new(Ipv4Addr::new(169, 254, 0, 20), GUEST_PREFIX_LEN).expect("a valid /30")
 }
 
-/// Name prefix of production namespaces, links and the nft table.
-pub const DEFAULT_NAME_PREFIX: &str = "wrenn";
 const NETNS_DIR: &str = "/run/netns";
 const TAP_TX_QUEUE_LEN: u32 = 5000;
 
@@ -170,7 +168,7 @@ pub struct NetworkOptions {
 impl NetworkOptions {
     pub fn from_config(agent: &AgentConfig) -> Self {
         Self {
-            name_prefix: DEFAULT_NAME_PREFIX.to_owned(),
+            name_prefix: agent.network_name_prefix.clone(),
             host_range: agent.sandbox_host_range,
             transit_range: agent.sandbox_transit_range,
             egress_interface: agent.egress_interface.clone(),
