@@ -44,6 +44,31 @@ pub(crate) enum Stdout {
     VmmLog,
 }
 
+/// The first line `bin --version` prints, provided it starts with `expected` (how each VMM
+/// names itself); anything else is a typed error quoting what the binary said.
+pub(crate) async fn version_line(bin: &Path, expected: &str) -> Result<String, VmmError> {
+    let output = Command::new(bin)
+        .arg("--version")
+        .output()
+        .await
+        .map_err(|source| VmmError::Spawn {
+            bin: bin.to_owned(),
+            source,
+        })?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    match stdout.lines().next().map(str::trim) {
+        Some(line) if output.status.success() && line.starts_with(expected) => Ok(line.to_owned()),
+        _ => Err(VmmError::Version {
+            bin: bin.to_owned(),
+            detail: format!(
+                "`--version` exited {} and printed {:?}",
+                output.status,
+                stdout.trim()
+            ),
+        }),
+    }
+}
+
 /// Creates the sandbox directory (private to the agent) and removes the sockets a previous
 /// VMM left behind: neither Firecracker nor QEMU can bind over an existing file.
 pub(crate) fn prepare_files(files: &VmFiles, sockets: &[&Path]) -> Result<(), VmmError> {

@@ -98,28 +98,7 @@ impl Vmm for FirecrackerVmm {
     }
 
     async fn version(&self) -> Result<String, VmmError> {
-        let output = tokio::process::Command::new(&self.bin)
-            .arg("--version")
-            .output()
-            .await
-            .map_err(|source| VmmError::Spawn {
-                bin: self.bin.clone(),
-                source,
-            })?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        match stdout.lines().next().map(str::trim) {
-            Some(line) if output.status.success() && line.starts_with("Firecracker v") => {
-                Ok(line.to_owned())
-            }
-            _ => Err(VmmError::Version {
-                bin: self.bin.clone(),
-                detail: format!(
-                    "`--version` exited {} and printed {:?}",
-                    output.status,
-                    stdout.trim()
-                ),
-            }),
-        }
+        process::version_line(&self.bin, "Firecracker v").await
     }
 
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
