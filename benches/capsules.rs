@@ -474,6 +474,11 @@ async fn bench(target: Target) {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs benchmarks too, without `--bench`: measure nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("capsules benchmark: run it with `cargo bench --bench capsules`");
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -87,6 +87,11 @@ fn raw_download(path: &Path) -> Duration {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // `cargo test --all-targets` runs benchmarks too, without `--bench`: measure nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("envd benchmark: run it with `cargo bench --bench envd`");
+        return;
+    }
     let binary = binary();
     let envd = EnvdProcess::start(&binary).expect("envd starts");
     let client = envd.client();

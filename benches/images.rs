@@ -104,6 +104,11 @@ fn boot_to_userspace(layout: &Layout, template: &str) -> Duration {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs benchmarks too, without `--bench`: measure nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("images benchmark: run it with `cargo bench --bench images`");
+        return;
+    }
     let args: Vec<String> = std::env::args().collect();
     let cold_python = args.iter().any(|a| a == "--cold-python");
     let bin = static_binary();
