@@ -3,18 +3,18 @@
 //! Every test checks that what it created on the host (namespaces, links, nft elements, VMM
 //! processes, files) is gone afterwards.
 //!
-//! The agent owns host-global names (the `wrenn-*` namespaces and nft table), so these tests
-//! take turns.
+//! Each agent has its own name prefix and address ranges; the tests run two at a time because
+//! TCG guests share two cores.
 
 mod support;
 
 use hyper::{Method, StatusCode};
 use serde_json::json;
-use support::agent::{host_traces, stack, wait_clean, ONE_AGENT_AT_A_TIME};
+use support::agent::{stack, wait_clean, VM_TURNS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn boots_runs_commands_moves_files_and_destroys_without_traces() {
-    let _turn = ONE_AGENT_AT_A_TIME.lock().await;
+    let _turn = VM_TURNS.acquire().await.unwrap();
     let (cp, agent, host_id, admin) = stack().await;
     let (status, host) = cp
         .call(Method::GET, &format!("/v1/hosts/{host_id}"), &admin, None)
@@ -74,7 +74,7 @@ async fn boots_runs_commands_moves_files_and_destroys_without_traces() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_without_the_agent_secret_or_with_bad_input_are_refused() {
-    let _turn = ONE_AGENT_AT_A_TIME.lock().await;
+    let _turn = VM_TURNS.acquire().await.unwrap();
     let (cp, mut agent, _, _) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
         let secret = std::mem::replace(&mut agent.secret, "wrong".into());
@@ -111,7 +111,7 @@ async fn requests_without_the_agent_secret_or_with_bad_input_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_sandboxes_cannot_reach_each_other() {
-    let _turn = ONE_AGENT_AT_A_TIME.lock().await;
+    let _turn = VM_TURNS.acquire().await.unwrap();
     let (cp, agent, _, _) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
         let (status, a) = agent.create("cl-e2e-a");
@@ -156,7 +156,7 @@ async fn two_sandboxes_cannot_reach_each_other() {
     ignore = "needs `--features failpoints` (just test)"
 )]
 async fn a_failure_after_each_create_step_rolls_back_everything() {
-    let _turn = ONE_AGENT_AT_A_TIME.lock().await;
+    let _turn = VM_TURNS.acquire().await.unwrap();
     let (cp, agent, _, _) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
         let mut agent = agent;
@@ -193,7 +193,7 @@ async fn a_failure_after_each_create_step_rolls_back_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_agent_cleans_up_on_restart_and_the_control_plane_hears_it() {
-    let _turn = ONE_AGENT_AT_A_TIME.lock().await;
+    let _turn = VM_TURNS.acquire().await.unwrap();
     let (cp, agent, host_id, admin) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
         let mut agent = agent;
@@ -201,7 +201,7 @@ async fn a_killed_agent_cleans_up_on_restart_and_the_control_plane_hears_it() {
         assert_eq!(status, StatusCode::CREATED, "{body}");
         agent.kill_hard();
         // The VM outlives the agent that started it...
-        assert!(!host_traces(&agent.sandboxes_dir()).is_empty());
+        assert!(!agent.traces().is_empty());
         // ...until the next agent removes it before it serves anything.
         agent.restart(None);
         let (_, list) = agent.call(Method::GET, "/v1/sandboxes", None);
@@ -223,7 +223,7 @@ async fn a_killed_agent_cleans_up_on_restart_and_the_control_plane_hears_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_idle_sandbox_is_reaped_after_its_timeout_and_pings_keep_it_alive() {
-    let _turn = ONE_AGENT_AT_A_TIME.lock().await;
+    let _turn = VM_TURNS.acquire().await.unwrap();
     let (cp, agent, _, _) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
         let body = json!({"sandbox_id": "cl-e2e-idle", "template": "minimal", "vcpus": 1,

@@ -1,66 +1,79 @@
-//! The capsule API end to end through the control plane: a real control plane over a real
-//! PostgreSQL, hosts registered through the API, and the host agent contract served by
-//! `support::agent_double` whose sandboxes are real `wrenn envd` processes. Covers the lifecycle,
-//! exec/processes/files/WebSockets through to envd, scheduling, concurrency, team isolation, bad
-//! input, failed creates and the reconciler.
+//! The capsule API end to end with real parts: a control plane over a private PostgreSQL, hosts
+//! registered through the API and run by real `wrenn agent` processes, and every capsule a
+//! QEMU/TCG microVM running `envd`. Covers the lifecycle, exec/processes/files/WebSockets
+//! through to envd, 100 MiB streamed each way with the control plane's memory bounded,
+//! scheduling over two agents, concurrent creates, team isolation, bad input, failed creates,
+//! host loss and the reconciler. Every test ends by showing its agents left nothing behind.
 
 mod support;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use futures::{SinkExt, StreamExt};
 use hyper::{Method, StatusCode};
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use support::agent_double::AgentDouble;
+use support::agent::{add_agent, peak_rss_kib, wait_clean, Agent, VM_TURNS};
 use support::schema::Spec;
-use support::{assert_error, Auth, TestCp, User};
+use support::{assert_error, quiet_capsules, Auth, TestCp, User};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
+use wrenn::cp::agent_client::{AgentClient, AgentTimeouts};
+use wrenn::cp::monitor::MonitorSettings;
 use wrenn::cp::reconciler;
+use wrenn::cp::state::CapsuleSettings;
 
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
 const DELETE: Method = Method::DELETE;
 
+/// Long enough for a TCG guest booting beside another test's.
+const FRAME_WAIT: Duration = Duration::from_secs(60);
+
 struct Stack {
     cp: TestCp,
     admin: User,
+    _turn: tokio::sync::SemaphorePermit<'static>,
 }
 
 impl Stack {
     async fn start() -> Self {
-        let cp = TestCp::start().await;
-        let admin = cp.signup("admin@example.com").await;
-        Self { cp, admin }
+        Self::start_on(TestCp::start().await).await
     }
 
-    /// Registers a regular host served by `double` with the given machine size.
-    async fn host(&self, double: &AgentDouble, cores: u32, memory_mb: u64, disk_gb: u64) -> String {
-        let (status, created) = self
-            .cp
-            .call(
-                POST,
-                "/v1/hosts",
-                &self.admin.auth(),
-                Some(json!({"type": "regular"})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{created}");
-        let token = created["registration_token"].as_str().unwrap();
-        let body = json!({"token": token, "arch": "x86_64", "cpu_cores": cores, "memory_mb": memory_mb,
-                          "disk_gb": disk_gb, "address": double.address(), "versions": {"agent": "double"}});
-        let (status, creds) = self
-            .cp
-            .call(POST, "/v1/hosts/register", &Auth::None, Some(body))
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{creds}");
-        double.set_secret(
-            creds["agent_secret"]
-                .as_str()
-                .expect("registration returns the agent secret"),
-        );
-        created["host"]["id"].as_str().unwrap().to_owned()
+    async fn start_on(cp: TestCp) -> Self {
+        let turn = VM_TURNS.acquire().await.unwrap();
+        let admin = cp.signup("admin@example.com").await;
+        Self {
+            cp,
+            admin,
+            _turn: turn,
+        }
+    }
+
+    /// Registers a regular host run by a real agent.
+    async fn host(&self) -> Agent {
+        add_agent(&self.cp, &self.admin.auth()).await.0
+    }
+
+    /// A host whose machine the scheduler believes to be this size: the test overrides what the
+    /// agent registered so that placement and capacity are deterministic.
+    async fn host_sized(&self, cores: i32, memory_mb: i64, disk_gb: i64) -> Agent {
+        let agent = self.host().await;
+        let updated = sqlx::query(
+            "UPDATE hosts SET cpu_cores = $1, memory_mb = $2, disk_gb = $3 WHERE address = $4",
+        )
+        .bind(cores)
+        .bind(memory_mb)
+        .bind(disk_gb)
+        .bind(format!("127.0.0.1:{}", agent.port))
+        .execute(&self.cp.db)
+        .await
+        .unwrap();
+        assert_eq!(updated.rows_affected(), 1);
+        agent
     }
 
     async fn api_key(&self, user: &User) -> Auth {
@@ -87,6 +100,42 @@ impl Stack {
         capsule["id"].as_str().unwrap().to_owned()
     }
 
+    async fn status_of(&self, auth: &Auth, id: &str) -> Value {
+        let (status, capsule) = self
+            .cp
+            .call(GET, &format!("/v1/capsules/{id}"), auth, None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{capsule}");
+        capsule["status"].clone()
+    }
+
+    /// Waits until capsule `id` has status `want` (the monitor and reconciler run on their own).
+    async fn await_status(&self, auth: &Auth, id: &str, want: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self.status_of(auth, id).await;
+            if status == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} stayed {status}, never {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn exec(&self, auth: &Auth, id: &str, script: &str) -> (StatusCode, Value) {
+        self.cp
+            .call(
+                POST,
+                &format!("/v1/capsules/{id}/exec"),
+                auth,
+                Some(json!({"cmd": "/bin/sh", "args": ["-c", script]})),
+            )
+            .await
+    }
+
     /// Sends a multipart upload of `data` to `path`.
     async fn upload(
         &self,
@@ -97,18 +146,9 @@ impl Stack {
         data: &[u8],
     ) -> (StatusCode, Value) {
         let boundary = "wrenn-test-boundary";
-        let mut body = Vec::new();
-        body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n{path}\r\n"
-            )
-            .as_bytes(),
-        );
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
-        );
+        let mut body = multipart_head(boundary, path);
         body.extend_from_slice(data);
-        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        body.extend_from_slice(multipart_tail(boundary).as_bytes());
         let headers = auth_headers(auth);
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let content_type = format!("multipart/form-data; boundary={boundary}");
@@ -126,6 +166,32 @@ impl Stack {
     fn ws_url(&self, path: &str) -> String {
         format!("ws://{}{path}", self.cp.addr)
     }
+
+    /// Destroys what the agents still run, shows nothing is left on the host, and stops.
+    async fn finish(self, agents: Vec<Agent>) {
+        for agent in &agents {
+            for id in agent.sandbox_ids() {
+                let (status, body) = agent.call(DELETE, &format!("/v1/sandboxes/{id}"), None);
+                assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+            }
+            wait_clean(agent);
+        }
+        drop(agents);
+        self.cp.stop().await;
+    }
+}
+
+fn multipart_head(boundary: &str, path: &str) -> Vec<u8> {
+    format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n{path}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn multipart_tail(boundary: &str) -> String {
+    format!("\r\n--{boundary}--\r\n")
 }
 
 fn auth_headers(auth: &Auth) -> Vec<(&'static str, String)> {
@@ -161,7 +227,7 @@ async fn send(ws: &mut Ws, value: Value) {
 /// The server's JSON frames until it closes (ignoring pings), with a deadline.
 async fn frames_until_close(ws: &mut Ws) -> Vec<Value> {
     let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + FRAME_WAIT;
     while let Ok(Some(message)) = tokio::time::timeout_at(deadline, ws.next()).await {
         match message {
             Ok(Message::Text(text)) => {
@@ -179,7 +245,7 @@ async fn frames_until_close(ws: &mut Ws) -> Vec<Value> {
 
 async fn next_frame(ws: &mut Ws) -> Value {
     loop {
-        let message = tokio::time::timeout(std::time::Duration::from_secs(20), ws.next())
+        let message = tokio::time::timeout(FRAME_WAIT, ws.next())
             .await
             .expect("a frame in time")
             .expect("socket open")
@@ -193,12 +259,11 @@ async fn next_frame(ws: &mut Ws) -> Value {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lifecycle_create_list_get_ping_destroy() {
     let stack = Stack::start().await;
     let spec = Spec::reference();
-    let double = AgentDouble::start().await;
-    let host = stack.host(&double, 8, 16384, 100).await;
+    let agent = stack.host().await;
     let key = stack.api_key(&stack.admin).await;
 
     let (status, capsule) = stack
@@ -220,10 +285,20 @@ async fn lifecycle_create_list_get_ping_destroy() {
         ),
         (Some(2), Some(1024), Some(60))
     );
-    assert_eq!(capsule["guest_ip"], "10.11.0.2");
+    // The guest is reached through an address of the agent's sandbox host range.
+    let host_net = agent.host_range().replace(".0/24", ".");
+    assert!(
+        capsule["guest_ip"].as_str().unwrap().starts_with(&host_net),
+        "{capsule}"
+    );
     assert_eq!(capsule["host_ip"], "127.0.0.1");
     assert!(capsule["started_at"].is_string());
-    assert_eq!(double.sandbox_ids(), vec![id.clone()]);
+    assert_eq!(agent.sandbox_ids(), vec![id.clone()]);
+    let (status, out) = stack
+        .exec(&key, &id, "echo hello from a microVM; nproc; id -un")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(out["stdout"], "hello from a microVM\n2\nroot\n", "{out}");
 
     // Defaults, JWT auth and the aliases.
     let (status, second) = stack.create(&stack.admin.auth(), json!({})).await;
@@ -273,7 +348,7 @@ async fn lifecycle_create_list_get_ping_destroy() {
         .call(DELETE, &format!("/v1/capsules/{id}"), &key, None)
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
-    assert_eq!(double.sandbox_ids(), vec![second_id.to_owned()]);
+    assert_eq!(agent.sandbox_ids(), vec![second_id.to_owned()]);
     let (_, got) = stack
         .cp
         .call(GET, &format!("/v1/capsules/{id}"), &key, None)
@@ -302,16 +377,14 @@ async fn lifecycle_create_list_get_ping_destroy() {
         .cp
         .call(GET, &format!("/v1/sandboxes/{second_id}"), &key, None)
         .await;
-    assert_eq!(got["metadata"]["vmm"], "double");
-    let _ = host;
-    stack.cp.stop().await;
+    assert_eq!(got["metadata"]["vmm"], "qemu", "{got}");
+    stack.finish(vec![agent]).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exec_processes_and_files_reach_envd() {
     let stack = Stack::start().await;
-    let double = AgentDouble::start().await;
-    stack.host(&double, 8, 16384, 100).await;
+    let agent = stack.host().await;
     let key = stack.api_key(&stack.admin).await;
     let id = stack.created(&key).await;
     let exec = format!("/v1/capsules/{id}/exec");
@@ -597,7 +670,7 @@ async fn exec_processes_and_files_reach_envd() {
         )
         .await;
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
-    stack.cp.stop().await;
+    stack.finish(vec![agent]).await;
 }
 
 async fn read_bytes(stack: &Stack, auth: &Auth, id: &str, path: &str) -> Vec<u8> {
@@ -632,7 +705,114 @@ async fn read_bytes(stack: &Stack, auth: &Auth, id: &str, path: &str) -> Vec<u8>
         .to_vec()
 }
 
-#[tokio::test]
+const MIB: usize = 1024 * 1024;
+const BIG_FILE_MIB: usize = 100;
+
+/// Chunk `k` of the big test file: a byte pattern that differs per chunk, so a reordered,
+/// repeated or dropped chunk changes the digest.
+fn big_chunk(k: usize) -> bytes::Bytes {
+    (0..MIB)
+        .map(|i| ((i * 31 + k * 7) % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundred_mib_stream_each_way_through_a_replica_with_bounded_memory() {
+    use http_body_util::combinators::BoxBody;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use sha2::{Digest, Sha256};
+
+    let stack = Stack::start().await;
+    let agent = stack.host().await;
+    let key = stack.api_key(&stack.admin).await;
+    let id = stack.created(&key).await;
+    // The transfer goes through a second control plane in its own process, so its peak memory
+    // is the control plane's alone.
+    let replica = support::CpReplica::start(&stack.cp).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<BoxBody<bytes::Bytes, std::convert::Infallible>>();
+    let request = |path: &str, content_type: &str| {
+        let mut request = hyper::Request::builder()
+            .method(POST)
+            .uri(format!("http://{}/v1/capsules/{id}{path}", replica.addr))
+            .header("content-type", content_type);
+        for (name, value) in auth_headers(&key) {
+            request = request.header(name, value);
+        }
+        request
+    };
+    let replica_before = peak_rss_kib(replica.pid());
+    let agent_before = agent.peak_rss_kib();
+
+    let boundary = "wrenn-big-boundary";
+    let mut sent = Sha256::new();
+    for k in 0..BIG_FILE_MIB {
+        sent.update(big_chunk(k));
+    }
+    let sent = sent.finalize();
+    let parts = std::iter::once(bytes::Bytes::from(multipart_head(
+        boundary,
+        "/var/tmp/big.bin",
+    )))
+    .chain((0..BIG_FILE_MIB).map(big_chunk))
+    .chain(std::iter::once(bytes::Bytes::from(multipart_tail(
+        boundary,
+    ))));
+    let body = BodyExt::boxed(StreamBody::new(
+        futures::stream::iter(parts).map(|b| Ok::<_, std::convert::Infallible>(Frame::data(b))),
+    ));
+    let response = client
+        .request(
+            request(
+                "/files/stream/write",
+                &format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(body)
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let (_, out) = stack.exec(&key, &id, "stat -c %s /var/tmp/big.bin").await;
+    assert_eq!(out["stdout"], format!("{}\n", BIG_FILE_MIB * MIB), "{out}");
+
+    let body = serde_json::to_vec(&json!({"path": "/var/tmp/big.bin"})).unwrap();
+    let response = client
+        .request(
+            request("/files/stream/read", "application/json")
+                .body(http_body_util::Full::new(bytes::Bytes::from(body)).boxed())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let (mut received, mut length) = (Sha256::new(), 0);
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            length += data.len();
+            received.update(&data);
+        }
+    }
+    assert_eq!(length, BIG_FILE_MIB * MIB);
+    assert!(received.finalize() == sent, "the file came back different");
+
+    // Streaming, not buffering: neither hop grew by anything near the file's size.
+    let replica_growth = peak_rss_kib(replica.pid()).saturating_sub(replica_before) / 1024;
+    let agent_growth = agent.peak_rss_kib().saturating_sub(agent_before) / 1024;
+    println!("peak RSS growth over 2 x {BIG_FILE_MIB} MiB: control plane {replica_growth} MiB, agent {agent_growth} MiB");
+    assert!(
+        replica_growth < 32,
+        "control plane grew {replica_growth} MiB"
+    );
+    assert!(agent_growth < 32, "agent grew {agent_growth} MiB");
+    drop(replica);
+    stack.finish(vec![agent]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn scheduler_places_on_the_least_loaded_host_and_says_when_nothing_fits() {
     let stack = Stack::start().await;
     let key = stack.api_key(&stack.admin).await;
@@ -646,9 +826,8 @@ async fn scheduler_places_on_the_least_loaded_host_and_says_when_nothing_fits() 
 
     // Host A fits three 512 MiB capsules, host B two (memory is not overcommitted by default);
     // odd sizes keep the free shares from tying.
-    let (a, b) = (AgentDouble::start().await, AgentDouble::start().await);
-    stack.host(&a, 4, 1800, 100).await;
-    stack.host(&b, 4, 1100, 100).await;
+    let a = stack.host_sized(4, 1800, 100).await;
+    let b = stack.host_sized(4, 1100, 100).await;
     let mut placed = Vec::new();
     for _ in 0..5 {
         stack.created(&key).await;
@@ -688,14 +867,13 @@ async fn scheduler_places_on_the_least_loaded_host_and_says_when_nothing_fits() 
         StatusCode::SERVICE_UNAVAILABLE,
         "no_hosts_available",
     );
-    stack.cp.stop().await;
+    stack.finish(vec![a, b]).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn eight_concurrent_creates_never_overcommit_a_host() {
     let stack = Arc::new(Stack::start().await);
-    let double = AgentDouble::start().await;
-    stack.host(&double, 64, 5 * 512, 100).await;
+    let agent = stack.host_sized(64, 5 * 512, 100).await;
     let key = stack.api_key(&stack.admin).await;
     let mut tasks = Vec::new();
     for _ in 0..8 {
@@ -718,12 +896,13 @@ async fn eight_concurrent_creates_never_overcommit_a_host() {
         }
     }
     assert_eq!(created, 5, "exactly as many as fit");
-    assert_eq!(double.sandbox_ids().len(), 5);
-    assert_eq!(
-        double.create_calls(),
-        5,
-        "the agent was never asked beyond capacity"
-    );
+    assert_eq!(agent.sandbox_ids().len(), 5);
+    // A refused create never got a row, so the agent was never asked beyond capacity.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM sandboxes")
+        .fetch_one(&stack.cp.db)
+        .await
+        .unwrap();
+    assert_eq!(rows, 5);
     let (_, list) = stack.cp.call(GET, "/v1/capsules", &key, None).await;
     assert!(list
         .as_array()
@@ -731,6 +910,20 @@ async fn eight_concurrent_creates_never_overcommit_a_host() {
         .iter()
         .all(|c| c["status"] == "running"));
     assert_eq!(list.as_array().unwrap().len(), 5);
+    for capsule in list.as_array().unwrap() {
+        let (status, out) = stack
+            .exec(&key, capsule["id"].as_str().unwrap(), "hostname")
+            .await;
+        assert_eq!(
+            (status, &out["exit_code"]),
+            (StatusCode::OK, &json!(0)),
+            "{out}"
+        );
+    }
+    let Ok(stack) = Arc::try_unwrap(stack) else {
+        unreachable!("every task has finished")
+    };
+    stack.finish(vec![agent]).await;
 }
 
 /// Every capsule route, as (method, path suffix, body) for an existing capsule.
@@ -754,11 +947,10 @@ fn capsule_routes() -> Vec<(Method, &'static str, Option<Value>)> {
     ]
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn another_team_cannot_see_or_touch_a_capsule() {
     let stack = Stack::start().await;
-    let double = AgentDouble::start().await;
-    stack.host(&double, 8, 16384, 100).await;
+    let agent = stack.host().await;
     let owner = stack.api_key(&stack.admin).await;
     let id = stack.created(&owner).await;
     let stranger = stack.cp.signup("stranger@example.com").await;
@@ -796,15 +988,19 @@ async fn another_team_cannot_see_or_touch_a_capsule() {
         .call(GET, &format!("/v1/capsules/{id}"), &owner, None)
         .await;
     assert_eq!(got["status"], "running");
-    assert_eq!(double.sandbox_ids(), vec![id]);
-    stack.cp.stop().await;
+    assert_eq!(agent.sandbox_ids(), vec![id.clone()]);
+    let (status, out) = stack.exec(&owner, &id, "echo still mine").await;
+    assert_eq!(
+        (status, &out["stdout"]),
+        (StatusCode::OK, &json!("still mine\n"))
+    );
+    stack.finish(vec![agent]).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_typed_errors_on_every_route() {
     let stack = Stack::start().await;
-    let double = AgentDouble::start().await;
-    stack.host(&double, 8, 16384, 100).await;
+    let agent = stack.host().await;
     let key = stack.api_key(&stack.admin).await;
     let id = stack.created(&key).await;
 
@@ -981,20 +1177,25 @@ async fn bad_input_gets_typed_errors_on_every_route() {
     )
     .await;
     assert_eq!(result.err(), Some(StatusCode::CONFLICT));
-    stack.cp.stop().await;
+    stack.finish(vec![agent]).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs `--features failpoints` (just test)"
+)]
 async fn failed_or_unreachable_agents_leave_nothing_running() {
     let stack = Stack::start().await;
-    let double = AgentDouble::start().await;
-    let host = stack.host(&double, 8, 16384, 100).await;
+    let mut agent = stack.host().await;
     let key = stack.api_key(&stack.admin).await;
 
-    double.fail_next_create();
+    // The VM boots, then the agent fails: it rolls back, and the row is `error`, never running.
+    agent.restart(Some("agent-create-after-vmm"));
     let (status, body) = stack.create(&key, json!({})).await;
     assert_error(status, &body, StatusCode::BAD_GATEWAY, "agent_error");
-    assert!(double.sandbox_ids().is_empty());
+    assert!(agent.sandbox_ids().is_empty());
+    wait_clean(&agent);
     let (_, list) = stack.cp.call(GET, "/v1/capsules", &key, None).await;
     assert_eq!(list, json!([]), "a failed create is not listed");
     let statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM sandboxes")
@@ -1002,38 +1203,36 @@ async fn failed_or_unreachable_agents_leave_nothing_running() {
         .await
         .unwrap();
     assert_eq!(statuses, vec!["error"]);
+    agent.restart(None);
 
-    // The agent gone: creating and calling into a capsule are agent errors.
+    // The agent dies (its VMs outlive it): creating and calling into a capsule are agent errors.
     let id = stack.created(&key).await;
-    double.go_offline();
+    agent.kill_hard();
     let (status, body) = stack.create(&key, json!({})).await;
     assert_error(status, &body, StatusCode::BAD_GATEWAY, "agent_error");
-    let (status, body) = stack
-        .cp
-        .call(
-            POST,
-            &format!("/v1/capsules/{id}/exec"),
-            &key,
-            Some(json!({"cmd": "/bin/true"})),
-        )
-        .await;
+    let (status, body) = stack.exec(&key, &id, "true").await;
     assert_error(status, &body, StatusCode::BAD_GATEWAY, "agent_error");
-    double.go_online().await;
+    // Restarted, it removes the VMs it no longer knows; the reconciler records the capsule
+    // stopped and the failed create stays failed.
+    agent.restart(None);
+    assert!(agent.sandbox_ids().is_empty());
+    wait_clean(&agent);
+    reconciler::reconcile_once(&stack.cp.state).await.unwrap();
+    assert_eq!(stack.status_of(&key, &id).await, "stopped");
+    let running: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM sandboxes WHERE status = 'running'")
+            .fetch_one(&stack.cp.db)
+            .await
+            .unwrap();
+    assert_eq!(running, 0);
 
     // A host marked unreachable by its heartbeat: 503 host_unavailable.
+    let id = stack.created(&key).await;
     sqlx::query("UPDATE hosts SET status = 'unreachable'")
         .execute(&stack.cp.db)
         .await
         .unwrap();
-    let (status, body) = stack
-        .cp
-        .call(
-            POST,
-            &format!("/v1/capsules/{id}/exec"),
-            &key,
-            Some(json!({"cmd": "/bin/true"})),
-        )
-        .await;
+    let (status, body) = stack.exec(&key, &id, "true").await;
     assert_error(
         status,
         &body,
@@ -1047,58 +1246,61 @@ async fn failed_or_unreachable_agents_leave_nothing_running() {
         StatusCode::SERVICE_UNAVAILABLE,
         "no_hosts_available",
     );
-    let _ = host;
-    stack.cp.stop().await;
+    stack.finish(vec![agent]).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reconciler_tracks_unreachable_forgotten_and_orphaned_sandboxes() {
     let stack = Stack::start().await;
-    let double = AgentDouble::start().await;
-    stack.host(&double, 8, 16384, 100).await;
+    let agent = stack.host().await;
     let key = stack.api_key(&stack.admin).await;
     let (first, second) = (stack.created(&key).await, stack.created(&key).await);
-    let status_of = |id: String| {
-        let (cp, key) = (&stack.cp, key.clone());
-        async move {
-            cp.call(GET, &format!("/v1/capsules/{id}"), &key, None)
-                .await
-                .1["status"]
-                .clone()
-        }
-    };
 
     // In agreement: nothing changes.
     let report = reconciler::reconcile_once(&stack.cp.state).await.unwrap();
     assert_eq!(report, Default::default());
 
-    // The agent stops answering: both capsules are missing, and per-capsule calls say so.
-    double.go_offline();
+    // The agent stops answering (its VMs keep running) and the monitor has marked its host
+    // unreachable: both capsules are missing, and per-capsule calls say so.
+    agent.signal(Signal::SIGSTOP);
+    sqlx::query("UPDATE hosts SET status = 'unreachable'")
+        .execute(&stack.cp.db)
+        .await
+        .unwrap();
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
-    assert_eq!(status_of(first.clone()).await, "missing");
-    assert_eq!(status_of(second.clone()).await, "missing");
+    assert_eq!(stack.status_of(&key, &first).await, "missing");
+    assert_eq!(stack.status_of(&key, &second).await, "missing");
     let (status, body) = stack
         .cp
         .call(POST, &format!("/v1/capsules/{first}/ping"), &key, None)
         .await;
     assert_error(status, &body, StatusCode::CONFLICT, "invalid_state");
 
-    // While away, its idle reaper removed the second one; back online, the first is running
-    // again and the second stopped.
-    double.forget(&second);
-    double.go_online().await;
+    // Back, having lost the second one meanwhile (as its idle reaper would): the first is
+    // running again, the second stopped.
+    agent.signal(Signal::SIGCONT);
+    let (status, body) = agent.call(DELETE, &format!("/v1/sandboxes/{second}"), None);
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    sqlx::query("UPDATE hosts SET status = 'online'")
+        .execute(&stack.cp.db)
+        .await
+        .unwrap();
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
-    assert_eq!(status_of(first.clone()).await, "running");
-    assert_eq!(status_of(second.clone()).await, "stopped");
+    assert_eq!(stack.status_of(&key, &first).await, "running");
+    assert_eq!(stack.status_of(&key, &second).await, "stopped");
+    let (status, out) = stack.exec(&key, &first, "echo back").await;
+    assert_eq!((status, &out["stdout"]), (StatusCode::OK, &json!("back\n")));
 
-    // The agent forgets a running capsule: stopped.
-    double.forget(&first);
+    // The agent loses a running capsule: stopped.
+    let (status, body) = agent.call(DELETE, &format!("/v1/sandboxes/{first}"), None);
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
-    assert_eq!(status_of(first.clone()).await, "stopped");
+    assert_eq!(stack.status_of(&key, &first).await, "stopped");
 
     // A sandbox the control plane does not run (e.g. a create it gave up on) is destroyed.
     let orphan = wrenn::id::SandboxId::new_random().to_string();
-    double.adopt(&orphan).await;
+    let (status, body) = agent.create(&orphan);
+    assert_eq!(status, StatusCode::CREATED, "{body}");
     let report = reconciler::reconcile_once(&stack.cp.state).await.unwrap();
     assert_eq!(
         report
@@ -1108,7 +1310,7 @@ async fn reconciler_tracks_unreachable_forgotten_and_orphaned_sandboxes() {
             .collect::<Vec<_>>(),
         vec![orphan]
     );
-    assert!(double.sandbox_ids().is_empty());
+    assert!(agent.sandbox_ids().is_empty());
 
     // A create abandoned by a control plane that died (its row still `pending` long after the
     // create timeout) is failed, releasing the reservation.
@@ -1126,10 +1328,10 @@ async fn reconciler_tracks_unreachable_forgotten_and_orphaned_sandboxes() {
             .collect::<Vec<_>>(),
         vec![abandoned.clone()]
     );
-    assert_eq!(status_of(abandoned.clone()).await, "error");
+    assert_eq!(stack.status_of(&key, &abandoned).await, "error");
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
     assert!(
-        double.sandbox_ids().is_empty(),
+        agent.sandbox_ids().is_empty(),
         "its VM is removed on the next pass"
     );
 
@@ -1140,7 +1342,7 @@ async fn reconciler_tracks_unreachable_forgotten_and_orphaned_sandboxes() {
         .await
         .unwrap();
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
-    assert_eq!(status_of(third.clone()).await, "missing");
+    assert_eq!(stack.status_of(&key, &third).await, "missing");
     // Destroying a missing capsule records it stopped; the agent drops it once reachable.
     let (status, _) = stack
         .cp
@@ -1152,6 +1354,95 @@ async fn reconciler_tracks_unreachable_forgotten_and_orphaned_sandboxes() {
         .await
         .unwrap();
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
-    assert!(double.sandbox_ids().is_empty());
-    stack.cp.stop().await;
+    assert!(agent.sandbox_ids().is_empty());
+    stack.finish(vec![agent]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_agents_share_the_load_and_survive_losing_a_host() {
+    // The monitor and the reconciler run on their own, quickly.
+    let monitor = MonitorSettings {
+        interval: Duration::from_secs(1),
+        unreachable_after: Duration::from_secs(6),
+    };
+    let capsules = CapsuleSettings {
+        agents: AgentClient::new(AgentTimeouts {
+            request: Duration::from_secs(10),
+            ..AgentTimeouts::default()
+        }),
+        reconcile_interval: Duration::from_secs(1),
+        ..quiet_capsules()
+    };
+    let stack = Stack::start_on(TestCp::start_full(monitor, capsules).await).await;
+    let mut a = stack.host().await;
+    let b = stack.host().await;
+    let key = stack.api_key(&stack.admin).await;
+
+    // Two equal hosts: the second capsule goes where the first did not.
+    let first = stack.created(&key).await;
+    let second = stack.created(&key).await;
+    let (on_a, on_b) = if a.sandbox_ids() == vec![first.clone()] {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(a.sandbox_ids(), vec![on_a.clone()]);
+    assert_eq!(b.sandbox_ids(), vec![on_b.clone()]);
+    let (status, out) = stack
+        .exec(&key, &on_a, "echo remembered > /root/marker")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+
+    // A partition: A's agent stops answering while its VM runs on. Its heartbeat falls silent,
+    // the monitor marks the host unreachable and its capsule missing; B carries on and takes
+    // the new work.
+    a.signal(Signal::SIGSTOP);
+    let host_a = format!("127.0.0.1:{}", a.port);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status: String = sqlx::query_scalar("SELECT status FROM hosts WHERE address = $1")
+            .bind(&host_a)
+            .fetch_one(&stack.cp.db)
+            .await
+            .unwrap();
+        if status == "unreachable" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A never went unreachable"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stack.await_status(&key, &on_a, "missing").await;
+    let (status, body) = stack.exec(&key, &on_a, "true").await;
+    assert_error(status, &body, StatusCode::CONFLICT, "invalid_state");
+    let third = stack.created(&key).await;
+    assert_eq!(b.sandbox_ids().len(), 2);
+    assert!(b.sandbox_ids().contains(&third));
+    let (status, out) = stack.exec(&key, &on_b, "echo unaffected").await;
+    assert_eq!(
+        (status, &out["stdout"]),
+        (StatusCode::OK, &json!("unaffected\n"))
+    );
+
+    // A answers again: its capsule is running, its memory and disk as they were.
+    a.signal(Signal::SIGCONT);
+    stack.await_status(&key, &on_a, "running").await;
+    let (status, out) = stack.exec(&key, &on_a, "cat /root/marker").await;
+    assert_eq!(
+        (status, &out["stdout"]),
+        (StatusCode::OK, &json!("remembered\n"))
+    );
+
+    // A is lost for real: its agent dies. The capsule goes missing; when the agent comes back
+    // it removes the VMs it no longer knows and the capsule is recorded stopped.
+    a.kill_hard();
+    stack.await_status(&key, &on_a, "missing").await;
+    tokio::task::block_in_place(|| a.restart(None));
+    stack.await_status(&key, &on_a, "stopped").await;
+    assert!(a.sandbox_ids().is_empty());
+    wait_clean(&a);
+    assert_eq!(stack.status_of(&key, &on_b).await, "running");
+    stack.finish(vec![a, b]).await;
 }

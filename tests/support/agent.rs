@@ -1,26 +1,37 @@
 //! A real host agent for tests and benchmarks: `wrenn agent` registered with a test control
 //! plane, running QEMU/TCG sandboxes from the shared test images, and a census of what it
 //! leaves on the host.
+//!
+//! Every agent gets its own files root, port, network name prefix and address ranges, so
+//! several run side by side on this machine like agents on separate hosts.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use wrenn::testing::guest;
 
 use super::{Auth, TestCp};
 
-/// The agent owns host-global names (the `wrenn-*` namespaces and nft table), so tests in one
-/// binary that run agents take turns.
-pub static ONE_AGENT_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// TCG guests are CPU-bound and this machine has two cores: tests that boot VMs take turns in
+/// pairs so boots stay well inside the agent's envd-ready timeout.
+pub static VM_TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
+/// Numbers the agents of one test process; each number owns a name prefix and two /24s.
+static NEXT_AGENT: AtomicU8 = AtomicU8::new(0);
 
 const CREATE_TIMEOUT: Duration = Duration::from_secs(240);
 
 pub struct Agent {
     pub root: tempfile::TempDir,
     pub port: u16,
+    /// `agent.network_name_prefix`: names its namespaces, host links and nft table.
+    pub prefix: String,
+    number: u8,
     cp_url: String,
     pub child: Option<Child>,
     pub secret: String,
@@ -57,6 +68,9 @@ impl Agent {
             .env("AGENT_VMM", "qemu")
             .env("AGENT_QEMU_ACCEL", "tcg")
             .env("AGENT_HEARTBEAT_INTERVAL_SECS", "1")
+            .env("AGENT_NETWORK_NAME_PREFIX", &self.prefix)
+            .env("AGENT_SANDBOX_HOST_RANGE", self.host_range())
+            .env("AGENT_SANDBOX_TRANSIT_RANGE", self.transit_range())
             .env("AGENT_ENVD_READY_TIMEOUT_SECS", "180")
             .env("LOG_LEVEL", "wrenn=info")
             .stdin(Stdio::null());
@@ -67,9 +81,14 @@ impl Agent {
     }
 
     pub fn register(cp_url: &str, token: &str) -> Agent {
+        let number = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
         let mut agent = Agent {
             root: Self::new_root(),
             port: free_port(),
+            // Unique per test binary; binaries run one after another, and an agent cleans up
+            // what a crashed predecessor with its prefix left.
+            prefix: format!("wt{number}"),
+            number,
             cp_url: cp_url.to_owned(),
             child: None,
             secret: String::new(),
@@ -113,6 +132,81 @@ impl Agent {
             assert!(Instant::now() < deadline, "agent did not become ready");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    pub fn host_range(&self) -> String {
+        format!("10.100.{}.0/24", self.number)
+    }
+
+    pub fn transit_range(&self) -> String {
+        format!("10.101.{}.0/24", self.number)
+    }
+
+    /// Sends `signal` to the agent process, e.g. SIGSTOP/SIGCONT for a partition during which
+    /// its sandboxes keep running.
+    pub fn signal(&self, signal: Signal) {
+        let child = self.child.as_ref().expect("the agent runs");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    }
+
+    /// The IDs of the sandboxes the agent reports, sorted.
+    pub fn sandbox_ids(&self) -> Vec<String> {
+        let (status, list) = self.call(Method::GET, "/v1/sandboxes", None);
+        assert_eq!(status, StatusCode::OK, "{list}");
+        let mut ids: Vec<String> = list["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["sandbox_id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Peak resident memory of the agent process so far, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        peak_rss_kib(self.child.as_ref().expect("the agent runs").id())
+    }
+
+    /// What this agent may leave on the host, by name, so a test can show it all went away.
+    pub fn traces(&self) -> Vec<String> {
+        let mut traces = Vec::new();
+        let own = format!("{}-", self.prefix);
+        for ns in sh("ip netns list").lines().filter(|l| l.starts_with(&own)) {
+            traces.push(format!("netns {ns}"));
+        }
+        let link = format!(": {own}");
+        for line in sh("ip -o link show").lines().filter(|l| l.contains(&link)) {
+            traces.push(format!("link {line}"));
+        }
+        let ruleset = sh(&format!("nft list table inet {} 2>/dev/null", self.prefix));
+        // The per-slot set elements name the slot's link and addresses; the deny list is static.
+        let (host, transit) = (
+            format!("10.100.{}.", self.number),
+            format!("10.101.{}.", self.number),
+        );
+        let per_slot = |l: &&str| {
+            [&own, &host, &transit]
+                .iter()
+                .any(|n| l.contains(n.as_str()))
+        };
+        for line in ruleset
+            .lines()
+            .filter(|l| l.contains("elements"))
+            .filter(per_slot)
+        {
+            traces.push(format!("nft {}", line.trim()));
+        }
+        let dir = self.sandboxes_dir().display().to_string();
+        for process in sh("ps -eo pid,args").lines().filter(|l| l.contains(&dir)) {
+            traces.push(format!("process {process}"));
+        }
+        if let Ok(entries) = std::fs::read_dir(self.sandboxes_dir()) {
+            for entry in entries.flatten() {
+                traces.push(format!("file {}", entry.path().display()));
+            }
+        }
+        traces
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -172,7 +266,9 @@ impl Agent {
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            // A stopped agent (a simulated partition) must run again to hear SIGTERM.
+            let _ = nix::sys::signal::kill(pid, Signal::SIGCONT);
+            let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
             let deadline = Instant::now() + Duration::from_secs(60);
             while child.try_wait().unwrap().is_none() {
                 if Instant::now() > deadline {
@@ -199,47 +295,10 @@ pub fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// What the agent may leave on the host, by name, so a test can show it all went away.
-pub fn host_traces(sandboxes_dir: &Path) -> Vec<String> {
-    let mut traces = Vec::new();
-    for ns in sh("ip netns list")
-        .lines()
-        .filter(|l| l.starts_with("wrenn-"))
-    {
-        traces.push(format!("netns {ns}"));
-    }
-    for link in sh("ip -o link show")
-        .lines()
-        .filter(|l| l.contains(": wrenn-"))
-    {
-        traces.push(format!("link {link}"));
-    }
-    let ruleset = sh("nft list table inet wrenn 2>/dev/null");
-    // The per-slot set elements name the slot's link and addresses; the deny list is static.
-    let per_slot = |l: &&str| ["wrenn-", "10.11.", "10.12."].iter().any(|n| l.contains(n));
-    for line in ruleset
-        .lines()
-        .filter(|l| l.contains("elements"))
-        .filter(per_slot)
-    {
-        traces.push(format!("nft {}", line.trim()));
-    }
-    let dir = sandboxes_dir.display().to_string();
-    for process in sh("ps -eo pid,args").lines().filter(|l| l.contains(&dir)) {
-        traces.push(format!("process {process}"));
-    }
-    if let Ok(entries) = std::fs::read_dir(sandboxes_dir) {
-        for entry in entries.flatten() {
-            traces.push(format!("file {}", entry.path().display()));
-        }
-    }
-    traces
-}
-
 pub fn wait_clean(agent: &Agent) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let traces = host_traces(&agent.sandboxes_dir());
+        let traces = agent.traces();
         if traces.is_empty() {
             return;
         }
@@ -248,15 +307,24 @@ pub fn wait_clean(agent: &Agent) {
     }
 }
 
-/// A control plane with a platform admin and a registered host whose agent is running.
-pub async fn stack() -> (TestCp, Agent, String, Auth) {
-    let cp = TestCp::start().await;
-    let admin = cp.signup("admin@example.com").await;
+/// Peak resident memory of process `pid` so far, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status")
+}
+
+/// Creates a regular host as `admin` and starts a real agent registering as it; returns the
+/// agent and the host's ID.
+pub async fn add_agent(cp: &TestCp, admin: &Auth) -> (Agent, String) {
     let (status, body) = cp
         .call(
             Method::POST,
             "/v1/hosts",
-            &admin.auth(),
+            admin,
             Some(json!({"type": "regular"})),
         )
         .await;
@@ -267,5 +335,13 @@ pub async fn stack() -> (TestCp, Agent, String, Auth) {
     let agent = tokio::task::spawn_blocking(move || Agent::register(&cp_url, &token))
         .await
         .unwrap();
+    (agent, host_id)
+}
+
+/// A control plane with a platform admin and a registered host whose agent is running.
+pub async fn stack() -> (TestCp, Agent, String, Auth) {
+    let cp = TestCp::start().await;
+    let admin = cp.signup("admin@example.com").await;
+    let (agent, host_id) = add_agent(&cp, &admin.auth()).await;
     (cp, agent, host_id, admin.auth())
 }

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wrenn::cp::monitor::MonitorSettings;
-use wrenn::cp::state::AppState;
+use wrenn::cp::state::{AppState, CapsuleSettings};
 use wrenn::cp::tokens::TokenKeys;
 use wrenn::db::{self, migrate, Db};
 use wrenn::testing::pg::PgCluster;
@@ -43,12 +43,26 @@ pub const QUIET_MONITOR: MonitorSettings = MonitorSettings {
     unreachable_after: Duration::from_secs(3600),
 };
 
+/// Capsule settings whose reconciler never runs on its own, so that tests call
+/// `reconciler::reconcile_once` when they choose.
+pub fn quiet_capsules() -> CapsuleSettings {
+    CapsuleSettings {
+        reconcile_interval: Duration::from_secs(3600),
+        ..CapsuleSettings::default()
+    }
+}
+
 impl TestCp {
     pub async fn start() -> Self {
         Self::start_with(QUIET_MONITOR).await
     }
 
     pub async fn start_with(monitor: MonitorSettings) -> Self {
+        Self::start_full(monitor, quiet_capsules()).await
+    }
+
+    /// A server with its own agent timeouts, scheduler and reconciler period.
+    pub async fn start_full(monitor: MonitorSettings, capsules: CapsuleSettings) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter("wrenn=warn")
             .with_test_writer()
@@ -59,7 +73,8 @@ impl TestCp {
             .expect("postgres starts");
         let db = db::connect_lazy(&pg.url()).unwrap();
         migrate::up(&db).await.expect("migrations apply");
-        let state = AppState::new(db.clone(), TokenKeys::new(JWT_SECRET).unwrap());
+        let state =
+            AppState::with_capsules(db.clone(), TokenKeys::new(JWT_SECRET).unwrap(), capsules);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -234,4 +249,72 @@ pub fn assert_error(status: StatusCode, body: &Value, want_status: StatusCode, w
             .is_some_and(|m| !m.is_empty()),
         "{body}"
     );
+}
+
+/// `wrenn cp serve` as its own process over a test control plane's database: a second replica
+/// (the control plane is stateless), whose memory is measured apart from the test's.
+pub struct CpReplica {
+    pub addr: SocketAddr,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl CpReplica {
+    pub async fn start(cp: &TestCp) -> Self {
+        let addr: SocketAddr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        // An empty working directory, so no stray wrenn.toml is read.
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn"))
+            .args(["cp", "serve"])
+            .current_dir(dir.path())
+            .env("DATABASE_URL", cp.pg.url())
+            .env("JWT_SECRET", std::str::from_utf8(JWT_SECRET).unwrap())
+            .env("CP_LISTEN_ADDR", addr.to_string())
+            .env("CP_RECONCILE_INTERVAL_SECS", "3600")
+            .env("LOG_LEVEL", "wrenn=warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut replica = Self {
+            addr,
+            child,
+            _dir: dir,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let health = cp
+                .client
+                .request(
+                    Request::get(format!("http://{addr}/health"))
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await;
+            if health.is_ok_and(|r| r.status() == StatusCode::OK) {
+                return replica;
+            }
+            if let Some(status) = replica.child.try_wait().unwrap() {
+                panic!("the control-plane replica exited: {status}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replica did not answer /health"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for CpReplica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

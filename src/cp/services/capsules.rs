@@ -246,11 +246,6 @@ fn guest_metadata(info: &SandboxInfo) -> Value {
     Value::Object(metadata)
 }
 
-/// Places the capsule, asks the agent to boot it, and returns it `running`. A failed create
-/// leaves the row `error` (never `running`) and, as far as the control plane can tell, nothing
-/// on the host: the agent rolls back its own failures, and when the outcome is unknown (the agent
-/// vanished or timed out) the control plane destroys the sandbox there too, leaving any
-/// remainder to the reconciler.
 /// A created capsule and how long its agent took to boot it (the rest of the request's time is
 /// the control plane's).
 pub struct Created {
@@ -258,6 +253,11 @@ pub struct Created {
     pub agent_time: Duration,
 }
 
+/// Places the capsule, asks the agent to boot it, and returns it `running`. A failed create
+/// leaves the row `error` (never `running`) and, as far as the control plane can tell, nothing
+/// on the host: the agent rolls back its own failures, and when the outcome is unknown (the agent
+/// vanished or timed out) the control plane destroys the sandbox there too, leaving any
+/// remainder to the reconciler.
 pub async fn create(
     state: &AppState,
     team: TeamId,
