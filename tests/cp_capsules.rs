@@ -926,6 +926,86 @@ async fn eight_concurrent_creates_never_overcommit_a_host() {
     stack.finish(vec![agent]).await;
 }
 
+#[tokio::test]
+async fn byoc_hosts_take_only_their_own_teams_capsules() {
+    use std::str::FromStr;
+    use wrenn::cp::scheduler::{self, Demand, Placement, SchedulerSettings};
+    use wrenn::id::{HostId, TeamId};
+
+    let cp = TestCp::start().await;
+    let admin = cp.signup("admin@example.com").await;
+    let (alice, bob) = (
+        cp.signup("alice@example.com").await,
+        cp.signup("bob@example.com").await,
+    );
+    // Registered machines: placement reads only the database, so no agent runs behind them.
+    let register = |creator: User, body: Value| {
+        let cp = &cp;
+        async move {
+            let (status, created) = cp
+                .call(POST, "/v1/hosts", &creator.auth(), Some(body))
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{created}");
+            let body = json!({"token": created["registration_token"], "arch": "x86_64",
+                              "cpu_cores": 8, "memory_mb": 32768, "disk_gb": 500,
+                              "address": "192.0.2.1:1", "versions": {"agent": "0.1.0"}});
+            let (status, creds) = cp
+                .call(POST, "/v1/hosts/register", &Auth::None, Some(body))
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{creds}");
+            HostId::from_str(created["host"]["id"].as_str().unwrap())
+                .unwrap()
+                .uuid()
+        }
+    };
+    let template: uuid::Uuid =
+        sqlx::query_scalar("SELECT id FROM templates WHERE name = 'minimal'")
+            .fetch_one(&cp.db)
+            .await
+            .unwrap();
+    let place = |team: &User| {
+        let (db, team) = (cp.db.clone(), TeamId::from_str(&team.team).unwrap().uuid());
+        async move {
+            scheduler::place(
+                &db,
+                &SchedulerSettings::default(),
+                &Placement {
+                    sandbox_id: wrenn::id::SandboxId::new_random().uuid(),
+                    team_id: team,
+                    template_id: template,
+                    timeout_sec: 0,
+                    demand: Demand {
+                        vcpus: 1,
+                        memory_mb: 512,
+                        disk_mb: 5120,
+                    },
+                },
+            )
+            .await
+            .map(|host| host.id)
+        }
+    };
+
+    let alices = register(
+        alice.clone(),
+        json!({"type": "byoc", "team_id": alice.team}),
+    )
+    .await;
+    assert_eq!(place(&alice).await.unwrap(), alices);
+    assert!(matches!(
+        place(&bob).await,
+        Err(scheduler::ScheduleError::NoHosts)
+    ));
+    // With a regular host as well, Alice's next capsule goes to it (the emptier one); Bob's
+    // always do, however loaded it gets.
+    let regular = register(admin.clone(), json!({"type": "regular"})).await;
+    assert_eq!(place(&alice).await.unwrap(), regular);
+    for _ in 0..3 {
+        assert_eq!(place(&bob).await.unwrap(), regular);
+    }
+    cp.stop().await;
+}
+
 /// Every capsule route, as (method, path suffix, body) for an existing capsule.
 fn capsule_routes() -> Vec<(Method, &'static str, Option<Value>)> {
     vec![
@@ -1181,6 +1261,67 @@ async fn bad_input_gets_typed_errors_on_every_route() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_idle_timeout_spares_open_work_and_stops_an_idle_capsule() {
+    let stack = Stack::start().await;
+    let agent = stack.host().await;
+    let key = stack.api_key(&stack.admin).await;
+    let (status, capsule) = stack.create(&key, json!({"timeout_sec": 4})).await;
+    assert_eq!(status, StatusCode::CREATED, "{capsule}");
+    let id = capsule["id"].as_str().unwrap().to_owned();
+
+    // Pings keep it alive.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (status, body) = stack
+            .cp
+            .call(POST, &format!("/v1/capsules/{id}/ping"), &key, None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    }
+    // So does work outlasting the timeout: a long foreground command, and a terminal left open
+    // without typing.
+    let (status, out) = stack.exec(&key, &id, "sleep 7; echo done").await;
+    assert_eq!(
+        (status, &out["stdout"]),
+        (StatusCode::OK, &json!("done\n")),
+        "{out}"
+    );
+    let mut ws = ws_connect(&stack.ws_url(&format!("/v1/capsules/{id}/pty")), &key)
+        .await
+        .unwrap();
+    send(&mut ws, json!({"type": "start", "cmd": "/bin/sh"})).await;
+    assert_eq!(next_frame(&mut ws).await["type"], "started");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let typed = base64::engine::general_purpose::STANDARD.encode("echo still-$((40+2)); exit\n");
+    send(&mut ws, json!({"type": "input", "data": typed})).await;
+    let output: Vec<u8> = frames_until_close(&mut ws)
+        .await
+        .iter()
+        .filter(|f| f["type"] == "output")
+        .flat_map(|f| {
+            base64::engine::general_purpose::STANDARD
+                .decode(f["data"].as_str().unwrap())
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        String::from_utf8_lossy(&output).contains("still-42"),
+        "{}",
+        String::from_utf8_lossy(&output)
+    );
+
+    // Left alone, it is reaped on its host and recorded stopped.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !agent.sandbox_ids().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "never reaped");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    reconciler::reconcile_once(&stack.cp.state).await.unwrap();
+    assert_eq!(stack.status_of(&key, &id).await, "stopped");
+    stack.finish(vec![agent]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[cfg_attr(
     not(feature = "failpoints"),
     ignore = "needs `--features failpoints` (just test)"
@@ -1205,9 +1346,14 @@ async fn failed_or_unreachable_agents_leave_nothing_running() {
     assert_eq!(statuses, vec!["error"]);
     agent.restart(None);
 
-    // The agent dies (its VMs outlive it): creating and calling into a capsule are agent errors.
+    // The agent dies under an open request (its VMs outlive it): that request, new creates and
+    // further calls into the capsule are agent errors.
     let id = stack.created(&key).await;
-    agent.kill_hard();
+    let (long, ()) = tokio::join!(stack.exec(&key, &id, "sleep 60"), async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        agent.kill_hard();
+    });
+    assert_error(long.0, &long.1, StatusCode::BAD_GATEWAY, "agent_error");
     let (status, body) = stack.create(&key, json!({})).await;
     assert_error(status, &body, StatusCode::BAD_GATEWAY, "agent_error");
     let (status, body) = stack.exec(&key, &id, "true").await;

@@ -11,6 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
@@ -184,7 +185,7 @@ async fn proxy_envd(
     Path((id, path)): Path<(String, String)>,
     mut request: Request,
 ) -> Result<Response, ApiError> {
-    let envd = state.sandboxes.envd(&id).await?;
+    let (envd, lease) = state.sandboxes.envd(&id).await?;
     let query = request
         .uri()
         .query()
@@ -226,13 +227,22 @@ async fn proxy_envd(
         };
         let upstream_upgrade = hyper::upgrade::on(&mut upstream);
         tokio::spawn(async move {
+            let _active = lease;
             let (Ok(client), Ok(server)) = (client_upgrade.await, upstream_upgrade.await) else {
                 return;
             };
             let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
             let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
         });
+        let (parts, body) = upstream.into_parts();
+        return Ok(Response::from_parts(parts, Body::new(body)));
     }
+    // The lease lives as long as the response body: a foreground command's answer (or a
+    // download) may stream for longer than the sandbox's idle timeout.
     let (parts, body) = upstream.into_parts();
+    let body = body.map_frame(move |frame| {
+        let _active = &lease;
+        frame
+    });
     Ok(Response::from_parts(parts, Body::new(body)))
 }

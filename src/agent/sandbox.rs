@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -171,10 +171,32 @@ struct Sandbox {
     request: CreateSandbox,
     created_at: DateTime<Utc>,
     last_active_ms: AtomicI64,
+    /// Proxied requests and sessions still open: a long command or an interactive terminal is
+    /// activity for as long as it lasts, not only when it starts.
+    open_sessions: AtomicUsize,
     state: Mutex<SandboxState>,
     runtime: tokio::sync::Mutex<Option<Runtime>>,
     guest_addr: Mutex<Option<String>>,
     metadata: Mutex<HashMap<String, String>>,
+}
+
+/// Holds a sandbox active (exempt from the idle reaper) while it lives; the idle timer restarts
+/// when the last lease is dropped.
+pub struct ActivityLease(Arc<Sandbox>);
+
+impl ActivityLease {
+    fn open(sandbox: Arc<Sandbox>) -> Self {
+        sandbox.open_sessions.fetch_add(1, Ordering::Relaxed);
+        sandbox.touch();
+        Self(sandbox)
+    }
+}
+
+impl Drop for ActivityLease {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.open_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Sandbox {
@@ -192,6 +214,9 @@ impl Sandbox {
     }
 
     fn idle_for(&self) -> Duration {
+        if self.open_sessions.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
         let idle_ms = Utc::now().timestamp_millis() - self.last_active_ms.load(Ordering::Relaxed);
         Duration::from_millis(idle_ms.max(0) as u64)
     }
@@ -311,8 +336,9 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// The envd client of a running sandbox, for the API's proxy; counts as activity.
-    pub async fn envd(&self, id: &str) -> Result<EnvdClient, SandboxError> {
+    /// The envd client of a running sandbox, for the API's proxy, and a lease that keeps the
+    /// sandbox active until the proxied exchange ends and is dropped.
+    pub async fn envd(&self, id: &str) -> Result<(EnvdClient, ActivityLease), SandboxError> {
         let sandbox = self.get(id)?;
         match sandbox.state() {
             SandboxState::Running => {}
@@ -323,13 +349,13 @@ impl SandboxManager {
                 })
             }
         }
-        sandbox.touch();
+        let lease = ActivityLease::open(Arc::clone(&sandbox));
         let runtime = sandbox.runtime.lock().await;
         let runtime = runtime.as_ref().ok_or_else(|| SandboxError::NotRunning {
             id: id.to_owned(),
             state: SandboxState::Stopping,
         })?;
-        Ok(runtime.envd.clone())
+        Ok((runtime.envd.clone(), lease))
     }
 
     fn validate(&self, req: &CreateSandbox) -> Result<PathBuf, SandboxError> {
@@ -373,6 +399,7 @@ impl SandboxManager {
             request: req,
             created_at: Utc::now(),
             last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
+            open_sessions: AtomicUsize::new(0),
             state: Mutex::new(SandboxState::Starting),
             runtime: tokio::sync::Mutex::new(None),
             guest_addr: Mutex::new(None),
