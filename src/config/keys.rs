@@ -87,6 +87,7 @@ pub const KEYS: &[Key] = &[
     scalar("cp.disk_overcommit", "CP_DISK_OVERCOMMIT", "2.0", "Sandbox disk the scheduler may place per MiB of host disk (sandbox disks are sparse)."),
     scalar("cp.reconcile_interval_secs", "CP_RECONCILE_INTERVAL_SECS", "15", "How often, in seconds, the control plane compares its sandboxes with each online agent's list."),
     scalar("cp.agent_timeout_secs", "CP_AGENT_TIMEOUT_SECS", "30", "Seconds the control plane waits for a host agent's answer (sandbox creation excepted)."),
+    scalar("cp.host_refresh_grace_secs", "CP_HOST_REFRESH_GRACE_SECS", "60", "Seconds after a host refresh token is rotated during which that previous token may be presented once more (an agent retrying a refresh whose answer it lost) instead of counting as reuse, which revokes all of the host's credentials; 0 disables the grace."),
     scalar("cp.agent_create_timeout_secs", "CP_AGENT_CREATE_TIMEOUT_SECS", "180", "Seconds the control plane waits for a host agent to create a sandbox (boot until envd answers)."),
     key("agent.listen_addr", "AGENT_LISTEN_ADDR", Some(":50051"), "Host-agent API listen address."),
     key("agent.files_rootdir", "AGENT_FILES_ROOTDIR", Some("/var/lib/wrenn"), "Files root: kernels/, images/, sandboxes/, snapshots/ and host-token live under it."),

@@ -58,6 +58,7 @@ pub struct CpConfig {
     pub reconcile_interval_secs: u64,
     pub agent_timeout_secs: u64,
     pub agent_create_timeout_secs: u64,
+    pub host_refresh_grace_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +124,9 @@ impl Default for Config {
                     .parse()
                     .expect("default is a number"),
                 agent_create_timeout_secs: default("cp.agent_create_timeout_secs")
+                    .parse()
+                    .expect("default is a number"),
+                host_refresh_grace_secs: default("cp.host_refresh_grace_secs")
                     .parse()
                     .expect("default is a number"),
             },

@@ -24,6 +24,7 @@ pub fn render(loaded: &Loaded) -> String {
             "cp.reconcile_interval_secs" => c.cp.reconcile_interval_secs.to_string(),
             "cp.agent_timeout_secs" => c.cp.agent_timeout_secs.to_string(),
             "cp.agent_create_timeout_secs" => c.cp.agent_create_timeout_secs.to_string(),
+            "cp.host_refresh_grace_secs" => c.cp.host_refresh_grace_secs.to_string(),
             "agent.listen_addr" => c.agent.listen_addr.to_string(),
             "agent.files_rootdir" => c.agent.files_rootdir.display().to_string(),
             "agent.cp_url" => c.agent.cp_url.as_ref()?.to_string(),

@@ -36,6 +36,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "cp.reconcile_interval_secs" => ("5", "9"),
         "cp.agent_timeout_secs" => ("10", "20"),
         "cp.agent_create_timeout_secs" => ("60", "90"),
+        "cp.host_refresh_grace_secs" => ("0", "120"),
         "agent.listen_addr" => (":7000", "127.0.0.1:7001"),
         "agent.files_rootdir" => ("/srv/file", "/srv/env"),
         "agent.cp_url" => ("http://cp.file:8000", "https://cp.env"),

@@ -153,6 +153,8 @@ impl FromRequestParts<AppState> for AuthTeam {
 #[derive(Debug, Clone, Copy)]
 pub struct HostAuth {
     pub host_id: HostId,
+    /// The refresh-token family the JWT was issued from.
+    pub family: Uuid,
 }
 
 impl FromRequestParts<AppState> for HostAuth {
@@ -168,6 +170,7 @@ impl FromRequestParts<AppState> for HostAuth {
             .map_err(|e| ApiError::Unauthorized(format!("host token rejected: {e}")))?;
         Ok(HostAuth {
             host_id: claims.sub,
+            family: claims.family,
         })
     }
 }

@@ -1,10 +1,11 @@
 //! Request parsing that fails with the error envelope: JSON bodies (naming the offending field),
-//! query strings and path IDs.
+//! query strings, path IDs, and the client's address.
 
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use serde::de::DeserializeOwned;
@@ -96,4 +97,21 @@ where
 {
     raw.parse()
         .map_err(|e| ApiError::InvalidRequest(format!("invalid path parameter `{name}`: {e}")))
+}
+
+/// The address of the client that sent the request: the TCP peer. `None` when the server runs
+/// without connection info (a router driven directly, as in unit tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| addr.ip().to_canonical());
+        Ok(ClientAddr(peer))
+    }
 }

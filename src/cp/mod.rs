@@ -94,10 +94,11 @@ pub fn state_from_config(config: &Config) -> Result<AppState, ServeError> {
     }
     let tokens = TokenKeys::new(secret.0.as_bytes())?;
     let db = db::connect_lazy(&config.database_url.0)?;
-    Ok(AppState::with_capsules(
+    Ok(AppState::with_settings(
         db,
         tokens,
         state::CapsuleSettings::from_config(config),
+        state::AuthSettings::from_config(config),
     ))
 }
 
@@ -119,7 +120,8 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let monitor_task = tokio::spawn(monitor::run(state.db.clone(), monitor, cancel.clone()));
     let reconciler_task = tokio::spawn(reconciler::run(state.clone(), cancel.clone()));
-    let served = axum::serve(listener, app(state))
+    let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     cancel.cancel();

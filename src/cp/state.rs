@@ -1,5 +1,5 @@
-//! What every request handler shares: the database pool, the token keys, and the capsule
-//! machinery (agent client, scheduler settings, reconciler period).
+//! What every request handler shares: the database pool, the token keys, the capsule machinery
+//! (agent client, scheduler settings, reconciler period) and the credential guards.
 
 use std::ops::Deref;
 use std::sync::Arc;
@@ -16,6 +16,31 @@ pub struct Shared {
     pub db: Db,
     pub tokens: TokenKeys,
     pub capsules: CapsuleSettings,
+    pub auth: AuthSettings,
+}
+
+/// How credentials are guarded.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// How long after a rotation the token it replaced may be presented once more (the agent
+    /// never got the answer) instead of counting as reuse.
+    pub host_refresh_grace: Duration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            host_refresh_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+impl AuthSettings {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            host_refresh_grace: Duration::from_secs(config.cp.host_refresh_grace_secs),
+        }
+    }
 }
 
 /// How the control plane reaches agents and places sandboxes.
@@ -68,10 +93,20 @@ impl AppState {
     }
 
     pub fn with_capsules(db: Db, tokens: TokenKeys, capsules: CapsuleSettings) -> Self {
+        Self::with_settings(db, tokens, capsules, AuthSettings::default())
+    }
+
+    pub fn with_settings(
+        db: Db,
+        tokens: TokenKeys,
+        capsules: CapsuleSettings,
+        auth: AuthSettings,
+    ) -> Self {
         Self(Arc::new(Shared {
             db,
             tokens,
             capsules,
+            auth,
         }))
     }
 }
