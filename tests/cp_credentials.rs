@@ -1,12 +1,17 @@
 //! Credential hardening against a real PostgreSQL: host refresh-token reuse detection (family
-//! revocation, the retry grace window, re-registration).
+//! revocation, the retry grace window, re-registration) and the agent's reaction to a refused
+//! refresh token.
 
 mod support;
+
+use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use support::{assert_error, Auth, TestCp, User};
+use tokio_util::sync::CancellationToken;
+use wrenn::agent::registration::{self, ControlPlane, HostCredentials, RegistrationError};
 
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
@@ -232,5 +237,129 @@ async fn only_the_immediately_previous_token_gets_the_grace() {
     assert_reuse_refused(status, &body, &host_id);
     let (status, _) = refresh(&cp, &retried["refresh_token"]).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
+    cp.stop().await;
+}
+
+fn agent_credentials(creds: &Value) -> HostCredentials {
+    HostCredentials {
+        host_id: creds["host"]["id"].as_str().unwrap().to_owned(),
+        token: creds["token"].as_str().unwrap().to_owned(),
+        refresh_token: creds["refresh_token"].as_str().unwrap().to_owned(),
+        agent_secret: creds["agent_secret"].as_str().unwrap().to_owned(),
+        revoked: None,
+    }
+}
+
+fn control_plane(cp: &TestCp) -> ControlPlane {
+    ControlPlane::new(format!("http://{}", cp.addr).parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_refreshes_an_expired_host_token_and_saves_the_new_credentials() {
+    let cp = TestCp::start().await;
+    let admin = cp.signup("admin@example.com").await;
+    let (host_id, creds) = registered_host(&cp, &admin).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("host-token");
+    // A host JWT the control plane no longer accepts, as after its 7 days.
+    let mut saved = agent_credentials(&creds);
+    saved.token = "expired".into();
+    registration::save_credentials(&file, &saved).unwrap();
+
+    let shutdown = CancellationToken::new();
+    let agent = tokio::spawn(registration::heartbeat_loop(
+        control_plane(&cp),
+        saved.clone(),
+        file.clone(),
+        Duration::from_secs(1),
+        shutdown.clone(),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let current = registration::load_credentials(&file).unwrap();
+        if current.refresh_token != saved.refresh_token {
+            assert_ne!(current.token, "expired");
+            assert_eq!(current.agent_secret, saved.agent_secret);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never refreshed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The new host token works: the host keeps heartbeating.
+    sqlx::query("UPDATE hosts SET last_heartbeat_at = NULL")
+        .execute(&cp.db)
+        .await
+        .unwrap();
+    let (_, host) = cp
+        .call(GET, &format!("/v1/hosts/{host_id}"), &admin.auth(), None)
+        .await;
+    assert!(host["last_heartbeat_at"].is_null());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, host) = cp
+            .call(GET, &format!("/v1/hosts/{host_id}"), &admin.auth(), None)
+            .await;
+        if !host["last_heartbeat_at"].is_null() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no heartbeat");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.cancel();
+    agent.await.unwrap().unwrap();
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_stops_and_says_to_register_again_when_its_refresh_token_is_refused() {
+    let cp = TestCp::start().await;
+    let admin = cp.signup("admin@example.com").await;
+    let (host_id, creds) = registered_host(&cp, &admin).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("host-token");
+    let mut saved = agent_credentials(&creds);
+    saved.token = "expired".into();
+    registration::save_credentials(&file, &saved).unwrap();
+    // A thief with a copy of the refresh token rotates it twice before the agent needs it.
+    let stolen = refreshed(&cp, &creds["refresh_token"]).await;
+    let thief = refreshed(&cp, &stolen["refresh_token"]).await;
+
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        registration::heartbeat_loop(
+            control_plane(&cp),
+            saved,
+            file.clone(),
+            Duration::from_secs(1),
+            CancellationToken::new(),
+        ),
+    )
+    .await
+    .expect("the agent gives up instead of retrying forever");
+    let error = outcome.unwrap_err();
+    assert!(
+        matches!(error, RegistrationError::RefreshRejected { .. }),
+        "{error}"
+    );
+    assert!(error.needs_registration());
+    let message = error.to_string();
+    for needle in [
+        "reuse",
+        "--register",
+        &format!("POST /v1/hosts/{host_id}/token"),
+    ] {
+        assert!(message.contains(needle), "`{needle}` missing: {message}");
+    }
+    // The thief's credentials died with the agent's.
+    let (status, _) = refresh(&cp, &thief["refresh_token"]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    // A restart stops at once with the same explanation, without asking the control plane.
+    let error = registration::load_credentials(&file).unwrap_err();
+    assert!(
+        matches!(error, RegistrationError::CredentialsRevoked { .. }),
+        "{error}"
+    );
+    assert!(error.needs_registration());
+    assert!(error.to_string().contains("--register"), "{error}");
     cp.stop().await;
 }
