@@ -1,6 +1,6 @@
 //! Credential hardening against a real PostgreSQL: host refresh-token reuse detection (family
-//! revocation, the retry grace window, re-registration) and the agent's reaction to a refused
-//! refresh token.
+//! revocation, the retry grace window, re-registration), the agent's reaction to a refused
+//! refresh token, and login rate limiting per email and per client address.
 
 mod support;
 
@@ -9,9 +9,11 @@ use std::time::Duration;
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use support::{assert_error, Auth, TestCp, User};
+use support::{assert_error, Auth, TestCp, User, QUIET_MONITOR};
 use tokio_util::sync::CancellationToken;
 use wrenn::agent::registration::{self, ControlPlane, HostCredentials, RegistrationError};
+use wrenn::cp::services::login_limits::{self, Limit, LoginLimits};
+use wrenn::cp::state::AuthSettings;
 
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
@@ -361,5 +363,208 @@ async fn the_agent_stops_and_says_to_register_again_when_its_refresh_token_is_re
     );
     assert!(error.needs_registration());
     assert!(error.to_string().contains("--register"), "{error}");
+    cp.stop().await;
+}
+
+const PASSWORD: &str = "correct horse battery";
+
+/// A control plane with small login limits that trusts X-Forwarded-For from the test client
+/// (127.0.0.1), so each test request can come from any address it names.
+async fn throttled_cp(per_email: u32, per_address: u32, trust_loopback: bool) -> TestCp {
+    let window = Duration::from_secs(60);
+    let auth = AuthSettings {
+        login_limits: LoginLimits {
+            per_email: Limit {
+                max_failures: per_email,
+                window,
+            },
+            per_address: Limit {
+                max_failures: per_address,
+                window,
+            },
+        },
+        trusted_proxies: if trust_loopback {
+            "127.0.0.1".parse().unwrap()
+        } else {
+            Default::default()
+        },
+        ..AuthSettings::default()
+    };
+    TestCp::start_configured(QUIET_MONITOR, auth).await
+}
+
+/// A login as sent through a proxy on behalf of `client`.
+async fn login(
+    cp: &TestCp,
+    email: &str,
+    password: &str,
+    client: &str,
+) -> (StatusCode, hyper::HeaderMap, Value) {
+    let body = json!({ "email": email, "password": password });
+    cp.raw_with_headers(
+        POST,
+        "/v1/auth/login",
+        &[("x-forwarded-for", client)],
+        Some("application/json"),
+        serde_json::to_vec(&body).unwrap(),
+    )
+    .await
+}
+
+async fn login_status(cp: &TestCp, email: &str, password: &str, client: &str) -> StatusCode {
+    login(cp, email, password, client).await.0
+}
+
+fn assert_rate_limited(
+    (status, headers, body): &(StatusCode, hyper::HeaderMap, Value),
+    whose: &str,
+) {
+    assert_error(*status, body, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(whose), "{message}");
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+}
+
+async fn end_every_window(cp: &TestCp) {
+    sqlx::query("UPDATE login_failures SET window_ends_at = now() - interval '1 second'")
+        .execute(&cp.db)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn failed_logins_for_one_email_are_limited_from_every_address() {
+    let cp = throttled_cp(3, 100, true).await;
+    cp.signup("ada@example.com").await;
+    cp.signup("bob@example.com").await;
+    for client in ["203.0.113.1", "203.0.113.2", "203.0.113.3"] {
+        let status = login_status(&cp, "ada@example.com", "wrong password", client).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    // Now even the right password, from an address that never failed, waits for the window.
+    let refused = login(&cp, "ADA@example.com", PASSWORD, "198.51.100.1").await;
+    assert_rate_limited(&refused, "for this email");
+    // Other accounts, from the same addresses, are not affected.
+    let status = login_status(&cp, "bob@example.com", PASSWORD, "203.0.113.1").await;
+    assert_eq!(status, StatusCode::OK);
+    // An email without an account is limited the same way, so 429s reveal nothing.
+    for _ in 0..3 {
+        let status = login_status(&cp, "nobody@example.com", "guess", "203.0.113.9").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let refused = login(&cp, "nobody@example.com", "guess", "203.0.113.9").await;
+    assert_rate_limited(&refused, "for this email");
+
+    // The window ends; only failures count, a correct password never does.
+    end_every_window(&cp).await;
+    let attempts = [
+        ("wrong", StatusCode::UNAUTHORIZED),
+        (PASSWORD, StatusCode::OK),
+        (PASSWORD, StatusCode::OK),
+        (PASSWORD, StatusCode::OK),
+        ("wrong", StatusCode::UNAUTHORIZED),
+        ("wrong", StatusCode::UNAUTHORIZED),
+        (PASSWORD, StatusCode::TOO_MANY_REQUESTS),
+    ];
+    for (password, want) in attempts {
+        let status = login_status(&cp, "ada@example.com", password, "198.51.100.1").await;
+        assert_eq!(status, want, "{password}");
+    }
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn failed_logins_from_one_address_are_limited_for_that_address_only() {
+    let cp = throttled_cp(3, 5, true).await;
+    cp.signup("ada@example.com").await;
+    let attacker = "203.0.113.7";
+    for n in 0..5 {
+        let email = format!("guess{n}@example.com");
+        let status = login_status(&cp, &email, "wrong", attacker).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let refused = login(&cp, "ada@example.com", PASSWORD, attacker).await;
+    assert_rate_limited(&refused, "from this address");
+    // Ada is not blocked by someone else's failures elsewhere.
+    let status = login_status(&cp, "ada@example.com", PASSWORD, "198.51.100.2").await;
+    assert_eq!(status, StatusCode::OK);
+    // Refused attempts did not spend Ada's email budget: she can still fail three times.
+    for _ in 0..10 {
+        let status = login_status(&cp, "ada@example.com", "wrong", attacker).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    }
+    for _ in 0..3 {
+        let status = login_status(&cp, "ada@example.com", "wrong", "198.51.100.2").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
+    // IPv6 clients count by their /64.
+    end_every_window(&cp).await;
+    for host in 1..=5 {
+        let client = format!("2001:db8:1:2::{host}");
+        let status = login_status(&cp, &format!("v6-{host}@example.com"), "wrong", &client).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let refused = login(&cp, "ada@example.com", PASSWORD, "2001:db8:1:2:ffff::1").await;
+    assert_rate_limited(&refused, "from this address");
+    let status = login_status(&cp, "ada@example.com", PASSWORD, "2001:db8:1:3::1").await;
+    assert_eq!(status, StatusCode::OK);
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn forwarded_for_from_an_untrusted_peer_does_not_evade_the_address_limit() {
+    // No trusted proxies, and the email limit off: only the TCP peer's limit applies.
+    let cp = throttled_cp(0, 2, false).await;
+    cp.signup("ada@example.com").await;
+    for n in 0..2 {
+        let status = login_status(&cp, "ada@example.com", "wrong", &format!("192.0.2.{n}")).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let refused = login(&cp, "ada@example.com", PASSWORD, "192.0.2.99").await;
+    assert_rate_limited(&refused, "from this address");
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_guesses_get_no_more_password_checks_than_the_limit() {
+    let cp = throttled_cp(3, 100, true).await;
+    cp.signup("ada@example.com").await;
+    let guesses = (0..12).map(|n| {
+        let client = format!("203.0.113.{n}");
+        let cp = &cp;
+        async move { login_status(cp, "ada@example.com", "wrong", &client).await }
+    });
+    let mut statuses = futures::future::join_all(guesses).await;
+    statuses.sort();
+    let mut want = vec![StatusCode::UNAUTHORIZED; 3];
+    want.extend([StatusCode::TOO_MANY_REQUESTS; 9]);
+    assert_eq!(statuses, want);
+    cp.stop().await;
+}
+
+#[tokio::test]
+async fn ended_windows_are_pruned() {
+    let cp = throttled_cp(3, 5, true).await;
+    login_status(&cp, "ada@example.com", "wrong", "203.0.113.1").await;
+    login_status(&cp, "bob@example.com", "wrong", "203.0.113.2").await;
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM login_failures")
+            .fetch_one(&cp.db)
+            .await
+            .unwrap()
+    };
+    assert_eq!(rows().await, 4);
+    assert_eq!(login_limits::prune(&cp.db).await.unwrap(), 0);
+    sqlx::query(
+        "UPDATE login_failures SET window_ends_at = now() - interval '1 second'
+         WHERE scope = 'email'",
+    )
+    .execute(&cp.db)
+    .await
+    .unwrap();
+    assert_eq!(login_limits::prune(&cp.db).await.unwrap(), 2);
+    assert_eq!(rows().await, 2);
     cp.stop().await;
 }

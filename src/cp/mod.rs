@@ -12,6 +12,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod monitor;
+pub mod pruner;
 pub mod reconciler;
 pub mod routes;
 pub mod scheduler;
@@ -109,8 +110,8 @@ pub fn app(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http())
 }
 
-/// Serves on `listener` and runs the host monitor until `shutdown` completes, then drains
-/// in-flight requests and stops the monitor.
+/// Serves on `listener` and runs the background tasks (host monitor, reconciler, login-failure
+/// pruner) until `shutdown` completes, then drains in-flight requests and stops them.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
@@ -120,6 +121,7 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let monitor_task = tokio::spawn(monitor::run(state.db.clone(), monitor, cancel.clone()));
     let reconciler_task = tokio::spawn(reconciler::run(state.clone(), cancel.clone()));
+    let pruner_task = tokio::spawn(pruner::run(state.db.clone(), cancel.clone()));
     let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -127,6 +129,7 @@ pub async fn run(
     cancel.cancel();
     let _ = monitor_task.await;
     let _ = reconciler_task.await;
+    let _ = pruner_task.await;
     served.map_err(ServeError::Serve)
 }
 
