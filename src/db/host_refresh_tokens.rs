@@ -134,6 +134,33 @@ pub async fn revoke_family(ex: impl PgExecutor<'_>, family: Uuid) -> Result<u64,
     Ok(done.rows_affected())
 }
 
+/// What a host JWT of `family` for `host` stands on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FamilyStanding {
+    pub host_exists: bool,
+    /// The family still has a live token: it was neither revoked nor replaced by a new
+    /// registration.
+    pub family_live: bool,
+}
+
+pub async fn family_standing(
+    ex: impl PgExecutor<'_>,
+    host: Uuid,
+    family: Uuid,
+) -> Result<FamilyStanding, DbError> {
+    Ok(sqlx::query_as!(
+        FamilyStanding,
+        r#"SELECT EXISTS (SELECT 1 FROM hosts WHERE id = $1) AS "host_exists!",
+                  EXISTS (SELECT 1 FROM host_refresh_tokens
+                          WHERE family_id = $2 AND host_id = $1
+                            AND revoked_at IS NULL AND expires_at > now()) AS "family_live!""#,
+        host,
+        family,
+    )
+    .fetch_one(ex)
+    .await?)
+}
+
 /// Whether the host holds any usable refresh token; a host without one can only come back by
 /// registering again.
 pub async fn any_live(ex: impl PgExecutor<'_>, host: Uuid) -> Result<bool, DbError> {

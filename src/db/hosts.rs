@@ -196,25 +196,15 @@ pub async fn set_agent_secret(
     .await?)
 }
 
-/// Records a heartbeat from a host JWT of refresh-token `family`; an unreachable host comes back
-/// online. Returns the new status, or `None` when the host no longer exists or the family has
-/// no live token left (revoked, or the host registered again since).
-pub async fn heartbeat(
-    ex: impl PgExecutor<'_>,
-    id: Uuid,
-    family: Uuid,
-) -> Result<Option<HostStatus>, DbError> {
+/// Records a heartbeat; an unreachable host comes back online. Returns the new status, or
+/// `None` when the host no longer exists.
+pub async fn heartbeat(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<HostStatus>, DbError> {
     Ok(sqlx::query_scalar!(
         r#"UPDATE hosts SET last_heartbeat_at = now(),
                status = CASE WHEN status = 'unreachable' THEN 'online' ELSE status END,
                updated_at = CASE WHEN status = 'unreachable' THEN now() ELSE updated_at END
-           WHERE id = $1
-             AND EXISTS (SELECT 1 FROM host_refresh_tokens t
-                         WHERE t.family_id = $2 AND t.host_id = $1
-                           AND t.revoked_at IS NULL AND t.expires_at > now())
-           RETURNING status AS "status: HostStatus""#,
+           WHERE id = $1 RETURNING status AS "status: HostStatus""#,
         id,
-        family,
     )
     .fetch_optional(ex)
     .await?)

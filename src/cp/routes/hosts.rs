@@ -268,7 +268,7 @@ pub async fn heartbeat(
     caller: HostAuth,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    hosts::heartbeat(&state.db, caller.host_id, caller.family, host_path(&id)?).await?;
+    hosts::heartbeat(&state.db, caller.host_id, host_path(&id)?).await?;
     Ok(no_content())
 }
 
