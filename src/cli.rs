@@ -135,10 +135,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let loaded = load_config(cli.config)?;
             crate::logging::init(&loaded.config.log)?;
             let args = crate::agent::AgentArgs { register, address };
-            runtime()?.block_on(async {
+            let outcome = runtime()?.block_on(async {
                 crate::agent::run(&loaded.config, args, shutdown_on_signals()).await
-            })?;
-            Ok(ExitCode::SUCCESS)
+            });
+            match outcome {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(error) if error.needs_registration() => {
+                    eprintln!("wrenn: {error}");
+                    Ok(ExitCode::from(crate::agent::EXIT_NEEDS_REGISTRATION))
+                }
+                Err(error) => Err(error.into()),
+            }
         }
         Command::Version => {
             println!("{}", crate::version::long());

@@ -140,7 +140,8 @@ fn agent_creates_the_layout_then_explains_missing_registration() {
             ("AGENT_CP_URL", "http://127.0.0.1:9"),
         ],
     );
-    assert!(!out.status.success());
+    // EX_CONFIG: restarting cannot help until an operator registers the agent.
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
     for dir in ["kernels", "images", "sandboxes", "snapshots"] {
         assert!(root.join(dir).is_dir(), "{dir} not created");
     }
@@ -159,4 +160,30 @@ fn agent_creates_the_layout_then_explains_missing_registration() {
         "{}",
         stderr(&out)
     );
+}
+
+#[test]
+fn agent_with_refused_credentials_stops_at_once_and_says_how_to_register() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let reason = "the control plane refused the refresh token of host host-1 (reuse detected); \
+                  this host must be registered again";
+    let creds = serde_json::json!({
+        "host_id": "host-1", "token": "jwt", "refresh_token": "r", "agent_secret": "s",
+        "revoked": reason,
+    });
+    std::fs::write(root.join("host-token"), creds.to_string()).unwrap();
+    let out = wrenn(
+        &["agent"],
+        &[
+            ("AGENT_FILES_ROOTDIR", root.to_str().unwrap()),
+            // Nothing listens here: the agent must not need the control plane to say this.
+            ("AGENT_CP_URL", "http://127.0.0.1:9"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains(reason), "{err}");
+    assert!(err.contains("host-token"), "{err}");
 }

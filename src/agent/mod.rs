@@ -25,6 +25,11 @@ pub struct AgentArgs {
     pub address: Option<String>,
 }
 
+/// The exit status of an agent that cannot continue until an operator registers it again (a new
+/// host or registration token): `EX_CONFIG`, so a service manager can be told not to restart it
+/// (systemd: `RestartPreventExitStatus=78`).
+pub const EXIT_NEEDS_REGISTRATION: u8 = 78;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
@@ -44,6 +49,12 @@ pub enum AgentError {
     },
     #[error("the agent API server failed: {0}")]
     Serve(std::io::Error),
+}
+
+impl AgentError {
+    pub fn needs_registration(&self) -> bool {
+        matches!(self, AgentError::Registration(e) if e.needs_registration())
+    }
 }
 
 /// Runs the agent until `shutdown` fires or the control plane deletes the host.
@@ -97,7 +108,10 @@ pub async fn run(
     let reaper = tokio::spawn(sandboxes.clone().reap_idle(stop.clone()));
 
     let interval = Duration::from_secs(config.agent.heartbeat_interval_secs.max(1));
-    let outcome = heartbeat_loop(cp, creds, layout.host_token_file(), interval, stop.clone()).await;
+    let outcome =
+        registration::heartbeat_loop(cp, creds, layout.host_token_file(), interval, stop.clone())
+            .await
+            .map_err(AgentError::from);
     // Whatever ended the heartbeat (a signal, or the host being deleted) ends the agent; its
     // sandboxes do not outlive it.
     stop.cancel();
@@ -131,39 +145,4 @@ async fn obtain_credentials(
         .expect("registration task does not panic")?;
     registration::save_credentials(&path, &creds)?;
     Ok(creds)
-}
-
-async fn heartbeat_loop(
-    cp: ControlPlane,
-    mut creds: HostCredentials,
-    token_file: std::path::PathBuf,
-    interval: Duration,
-    shutdown: CancellationToken,
-) -> Result<(), AgentError> {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            _ = ticker.tick() => {}
-        }
-        let (cp2, c2) = (cp.clone(), creds.clone());
-        let beat = tokio::task::spawn_blocking(move || cp2.heartbeat(&c2))
-            .await
-            .expect("heartbeat task does not panic");
-        match beat {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::info!("host token expired; refreshing credentials");
-                let (cp2, c2) = (cp.clone(), creds.clone());
-                creds = tokio::task::spawn_blocking(move || cp2.refresh(&c2))
-                    .await
-                    .expect("refresh task does not panic")?;
-                registration::save_credentials(&token_file, &creds)?;
-                ticker.reset_immediately();
-            }
-            Err(error @ RegistrationError::HostDeleted { .. }) => return Err(error.into()),
-            Err(error) => tracing::warn!(%error, "heartbeat failed; retrying next interval"),
-        }
-    }
 }

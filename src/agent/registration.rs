@@ -8,10 +8,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpUrl;
 
 const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
+/// The longest wait before retrying a refresh that failed in transit. Short, because the
+/// control plane accepts the same refresh token again only for its grace window (60 s by
+/// default) after it rotated it, and the lost answer may have carried that rotation.
+const MAX_REFRESH_RETRY_DELAY: Duration = Duration::from_secs(8);
 
 /// What `host-token` holds: everything the agent needs to talk to the control plane again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +28,10 @@ pub struct HostCredentials {
     pub refresh_token: String,
     /// Shared secret the control plane presents on every call to this agent.
     pub agent_secret: String,
+    /// Why the control plane no longer accepts these credentials, once it refused them: a
+    /// restart then stops at once with the reason instead of asking the control plane again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,8 +58,15 @@ pub enum RegistrationError {
     TokenRejected { message: String },
     #[error("the control plane deleted this host ({message}); the agent stops. Create a new host with POST /v1/hosts and register again")]
     HostDeleted { message: String },
-    #[error("the refresh token was rejected ({message}); re-register this host with a new registration token")]
-    RefreshRejected { message: String },
+    #[error(
+        "the control plane refused the refresh token of host {host_id} ({message}); this host \
+         must be registered again: issue a new registration token with \
+         POST /v1/hosts/{host_id}/token and start the agent with --register <token> \
+         --address <ip:port>"
+    )]
+    RefreshRejected { host_id: String, message: String },
+    #[error("the host credentials at {path} no longer work and the agent will not start with them: {reason}")]
+    CredentialsRevoked { path: PathBuf, reason: String },
     #[error("control plane at {url} answered {status}: {message}")]
     Unexpected {
         url: String,
@@ -88,6 +104,27 @@ impl HostSpecs {
     }
 }
 
+impl RegistrationError {
+    /// Whether only an operator can fix this (a new host or registration token): restarting the
+    /// agent would fail the same way.
+    pub fn needs_registration(&self) -> bool {
+        match self {
+            RegistrationError::NotRegistered { .. }
+            | RegistrationError::TokenRejected { .. }
+            | RegistrationError::HostDeleted { .. }
+            | RegistrationError::RefreshRejected { .. }
+            | RegistrationError::CredentialsRevoked { .. } => true,
+            RegistrationError::NoControlPlaneUrl
+            | RegistrationError::CredentialsUnreadable { .. }
+            | RegistrationError::CredentialsUnwritable { .. }
+            | RegistrationError::Unexpected { .. }
+            | RegistrationError::Unreachable { .. } => false,
+        }
+    }
+}
+
+/// Reads the saved credentials; credentials the control plane refused earlier are an error
+/// carrying the reason it gave.
 pub fn load_credentials(path: &Path) -> Result<HostCredentials, RegistrationError> {
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
@@ -103,10 +140,18 @@ pub fn load_credentials(path: &Path) -> Result<HostCredentials, RegistrationErro
             })
         }
     };
-    serde_json::from_str(&text).map_err(|e| RegistrationError::CredentialsUnreadable {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })
+    let creds: HostCredentials =
+        serde_json::from_str(&text).map_err(|e| RegistrationError::CredentialsUnreadable {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    match creds.revoked {
+        Some(reason) => Err(RegistrationError::CredentialsRevoked {
+            path: path.to_owned(),
+            reason,
+        }),
+        None => Ok(creds),
+    }
 }
 
 /// Writes the credentials atomically with mode 0600, so a crash never leaves half a file.
@@ -236,6 +281,7 @@ impl ControlPlane {
             token: parsed.token,
             refresh_token: parsed.refresh_token,
             agent_secret,
+            revoked: None,
         })
     }
 
@@ -272,7 +318,10 @@ impl ControlPlane {
         let body = serde_json::json!({ "refresh_token": creds.refresh_token });
         match self.post(path, None, body)? {
             Reply::Ok(response) => self.credentials_from(path, response, Some(&creds.agent_secret)),
-            Reply::Status(401, message) => Err(RegistrationError::RefreshRejected { message }),
+            Reply::Status(401, message) => Err(RegistrationError::RefreshRejected {
+                host_id: creds.host_id.clone(),
+                message,
+            }),
             Reply::Status(status, message) => Err(RegistrationError::Unexpected {
                 url: self.url(path),
                 status,
@@ -297,6 +346,100 @@ impl ControlPlane {
     }
 }
 
+/// Marks the saved credentials refused, with the reason, so the next start stops at once.
+fn retire_credentials(path: &Path, creds: &HostCredentials, error: &RegistrationError) {
+    let retired = HostCredentials {
+        revoked: Some(error.to_string()),
+        ..creds.clone()
+    };
+    if let Err(save) = save_credentials(path, &retired) {
+        tracing::warn!(error = %save, "could not mark the refused credentials in the credentials file");
+    }
+}
+
+/// Doubling waits from one second up to a cap, for retrying a refresh lost in transit.
+#[derive(Debug)]
+struct RetryDelay {
+    next: Duration,
+    cap: Duration,
+}
+
+impl RetryDelay {
+    fn new(cap: Duration) -> Self {
+        Self {
+            next: Duration::from_secs(1).min(cap),
+            cap,
+        }
+    }
+
+    fn take(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        delay
+    }
+}
+
+/// Heartbeats every `interval` until `shutdown` fires. A refused host token triggers a refresh
+/// (the new credentials are saved before they are used). A refresh lost in transit is retried
+/// with the same token within seconds. A refused refresh token, or a deleted host, ends the
+/// loop with an error that tells the operator what to do; the credentials file records it, so
+/// a restart fails the same way without calling the control plane.
+pub async fn heartbeat_loop(
+    cp: ControlPlane,
+    mut creds: HostCredentials,
+    token_file: PathBuf,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> Result<(), RegistrationError> {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = RetryDelay::new(interval.min(MAX_REFRESH_RETRY_DELAY));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            _ = ticker.tick() => {}
+        }
+        let (cp2, c2) = (cp.clone(), creds.clone());
+        let beat = tokio::task::spawn_blocking(move || cp2.heartbeat(&c2))
+            .await
+            .expect("heartbeat task does not panic");
+        let refused = match beat {
+            Ok(true) => continue,
+            Ok(false) => {
+                tracing::info!("host token refused; refreshing credentials");
+                let (cp2, c2) = (cp.clone(), creds.clone());
+                match tokio::task::spawn_blocking(move || cp2.refresh(&c2))
+                    .await
+                    .expect("refresh task does not panic")
+                {
+                    Ok(fresh) => {
+                        save_credentials(&token_file, &fresh)?;
+                        creds = fresh;
+                        retry = RetryDelay::new(interval.min(MAX_REFRESH_RETRY_DELAY));
+                        ticker.reset_immediately();
+                        continue;
+                    }
+                    Err(error) if error.needs_registration() => error,
+                    Err(error) => {
+                        let delay = retry.take();
+                        tracing::warn!(%error, ?delay, "credential refresh failed; retrying with the same refresh token");
+                        ticker.reset_after(delay);
+                        continue;
+                    }
+                }
+            }
+            Err(error @ RegistrationError::HostDeleted { .. }) => error,
+            Err(error) => {
+                tracing::warn!(%error, "heartbeat failed; retrying next interval");
+                continue;
+            }
+        };
+        retire_credentials(&token_file, &creds, &refused);
+        tracing::error!(error = %refused, "the control plane refused this host's credentials; the agent stops");
+        return Err(refused);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,6 +453,7 @@ mod tests {
             token: "jwt".into(),
             refresh_token: "r".into(),
             agent_secret: "s".repeat(64),
+            revoked: None,
         };
         save_credentials(&path, &creds).unwrap();
         assert_eq!(
@@ -328,6 +472,15 @@ mod tests {
         fs::write(&path, "not json").unwrap();
         let err = load_credentials(&path).unwrap_err().to_string();
         assert!(err.contains("unreadable"), "{err}");
+    }
+
+    #[test]
+    fn refresh_retries_double_up_to_the_cap() {
+        let mut retry = RetryDelay::new(Duration::from_secs(8));
+        let delays: Vec<u64> = (0..6).map(|_| retry.take().as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 8, 8]);
+        let mut short = RetryDelay::new(Duration::from_millis(500));
+        assert_eq!(short.take(), Duration::from_millis(500));
     }
 
     #[test]

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 pub use keys::{Key, KEYS};
 pub use layout::{Layout, LayoutError};
 pub use types::{
-    DatabaseUrl, HostPort, HttpUrl, InterfaceName, Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat,
-    QemuAccel, Secret, VmmKind,
+    DatabaseUrl, HostPort, HttpUrl, InterfaceName, IpCidr, IpCidrList, Ipv4Cidr, Ipv4CidrList,
+    ListenAddr, LogFormat, QemuAccel, Secret, VmmKind,
 };
 
 /// The variable that names the configuration file when `--config` is not given.
@@ -58,6 +58,12 @@ pub struct CpConfig {
     pub reconcile_interval_secs: u64,
     pub agent_timeout_secs: u64,
     pub agent_create_timeout_secs: u64,
+    pub host_refresh_grace_secs: u64,
+    pub login_email_max_failures: u32,
+    pub login_email_window_secs: u64,
+    pub login_address_max_failures: u32,
+    pub login_address_window_secs: u64,
+    pub trusted_proxies: IpCidrList,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,6 +131,24 @@ impl Default for Config {
                 agent_create_timeout_secs: default("cp.agent_create_timeout_secs")
                     .parse()
                     .expect("default is a number"),
+                host_refresh_grace_secs: default("cp.host_refresh_grace_secs")
+                    .parse()
+                    .expect("default is a number"),
+                login_email_max_failures: default("cp.login_email_max_failures")
+                    .parse()
+                    .expect("default is a number"),
+                login_email_window_secs: default("cp.login_email_window_secs")
+                    .parse()
+                    .expect("default is a number"),
+                login_address_max_failures: default("cp.login_address_max_failures")
+                    .parse()
+                    .expect("default is a number"),
+                login_address_window_secs: default("cp.login_address_window_secs")
+                    .parse()
+                    .expect("default is a number"),
+                trusted_proxies: default("cp.trusted_proxies")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
             },
             agent: AgentConfig {
                 listen_addr: parse("agent.listen_addr"),

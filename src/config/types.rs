@@ -277,6 +277,110 @@ impl fmt::Display for Ipv4CidrList {
     }
 }
 
+/// An IPv4 or IPv6 network, `ADDRESS/PREFIX`; a bare address stands for itself alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IpCidr {
+    network: IpAddr,
+    prefix_len: u8,
+}
+
+impl IpCidr {
+    fn bits(addr: IpAddr) -> (u128, u8) {
+        match addr {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)) << 96, 32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        }
+    }
+
+    fn mask(prefix_len: u8) -> u128 {
+        u128::MAX
+            .checked_shl(128 - u32::from(prefix_len))
+            .unwrap_or(0)
+    }
+
+    /// Whether `addr` lies in the network; an IPv4 address is never inside an IPv6 network
+    /// (callers pass canonical addresses, IPv4-mapped IPv6 turned into IPv4).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        if self.network.is_ipv4() != addr.is_ipv4() {
+            return false;
+        }
+        let mask = Self::mask(self.prefix_len);
+        Self::bits(addr).0 & mask == Self::bits(self.network).0 & mask
+    }
+}
+
+impl FromStr for IpCidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "`{s}` is not an IP network; expected ADDRESS/PREFIX such as 10.0.0.0/8 or \
+                 fd00::/8, or a single address"
+            )
+        };
+        let (addr, len) = match s.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (s, None),
+        };
+        let network: IpAddr = addr.parse().map_err(|_| bad())?;
+        let (bits, width) = Self::bits(network);
+        let prefix_len = match len {
+            Some(len) => len.parse::<u8>().map_err(|_| bad())?,
+            None => width,
+        };
+        if prefix_len > width {
+            return Err(format!("`{s}`: prefix length is longer than {width}"));
+        }
+        // Prefix lengths count from the top of the address; an IPv4 one sits in the top 32 bits.
+        if bits & !Self::mask(prefix_len) != 0 {
+            return Err(format!(
+                "`{s}` has host bits set; write the network address with /{prefix_len}"
+            ));
+        }
+        Ok(Self {
+            network,
+            prefix_len,
+        })
+    }
+}
+
+impl fmt::Display for IpCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+/// A comma-separated list of IPv4 and IPv6 networks; may be empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IpCidrList(pub Vec<IpCidr>);
+
+impl IpCidrList {
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(addr))
+    }
+}
+
+impl FromStr for IpCidrList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(str::parse)
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+}
+
+impl fmt::Display for IpCidrList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let items: Vec<String> = self.0.iter().map(IpCidr::to_string).collect();
+        f.write_str(&items.join(","))
+    }
+}
+
 /// A network interface name as the kernel accepts it: 1 to 15 bytes, no `/`, `:` or whitespace.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct InterfaceName(String);
@@ -429,6 +533,7 @@ string_serde! {
     LogFormat => |v| v.to_string(),
     Ipv4Cidr => |v| v.to_string(),
     Ipv4CidrList => |v| v.to_string(),
+    IpCidrList => |v| v.to_string(),
     InterfaceName => |v| v.to_string(),
     VmmKind => |v| v.to_string(),
     QemuAccel => |v| v.to_string(),
@@ -509,6 +614,44 @@ mod tests {
         assert_eq!(list.to_string(), "10.0.0.0/8,192.168.0.0/16");
         assert_eq!("".parse::<Ipv4CidrList>().unwrap().0, vec![]);
         assert!("10.0.0.0/8,nope".parse::<Ipv4CidrList>().is_err());
+    }
+
+    #[test]
+    fn ip_networks_of_both_families() {
+        let v4: IpCidr = "10.0.0.0/8".parse().unwrap();
+        assert!(v4.contains("10.200.1.2".parse().unwrap()));
+        assert!(!v4.contains("11.0.0.1".parse().unwrap()));
+        assert!(
+            !v4.contains("::a00:1".parse().unwrap()),
+            "families never mix"
+        );
+        let one: IpCidr = "192.0.2.7".parse().unwrap();
+        assert_eq!(one.to_string(), "192.0.2.7/32");
+        assert!(one.contains("192.0.2.7".parse().unwrap()));
+        assert!(!one.contains("192.0.2.8".parse().unwrap()));
+        let v6: IpCidr = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8:ffff::1".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        assert_eq!("::1".parse::<IpCidr>().unwrap().to_string(), "::1/128");
+        let all: IpCidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("203.0.113.9".parse().unwrap()));
+        for bad in [
+            "10.0.0.1/8",
+            "10.0.0.0/33",
+            "::1/129",
+            "2001:db8::1/32",
+            "proxy",
+            "1.2.3.4/x",
+        ] {
+            let err = bad.parse::<IpCidr>().unwrap_err();
+            assert!(err.contains(bad), "{err}");
+        }
+        let list: IpCidrList = "127.0.0.1, fd00::/8,".parse().unwrap();
+        assert_eq!(list.to_string(), "127.0.0.1/32,fd00::/8");
+        assert!(list.contains("fd12::1".parse().unwrap()));
+        assert!(!list.contains("127.0.0.2".parse().unwrap()));
+        assert!("".parse::<IpCidrList>().unwrap().0.is_empty());
     }
 
     #[test]

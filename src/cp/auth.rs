@@ -6,7 +6,7 @@
 //! - [`AdminUser`]: an [`AuthUser`] who is a platform admin.
 //! - [`AuthTeam`]: `X-API-Key: wrn_...` (checked first) or a user JWT whose team the user still
 //!   belongs to.
-//! - [`HostAuth`]: `X-Host-Token: <host JWT>`.
+//! - [`HostAuth`]: `X-Host-Token: <host JWT>` of a refresh-token family that is still live.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -17,7 +17,7 @@ use super::state::AppState;
 use super::tokens::sha256;
 use crate::db::team_members::Role;
 use crate::db::users::{User, UserStatus};
-use crate::db::{api_keys, users};
+use crate::db::{api_keys, host_refresh_tokens, users};
 use crate::id::{HostId, TeamId};
 
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -149,7 +149,10 @@ impl FromRequestParts<AppState> for AuthTeam {
     }
 }
 
-/// A host agent, by its host JWT. Whether the host still exists is the handler's question.
+/// A host agent, by its host JWT, which must belong to a refresh-token family that is still live
+/// (not revoked after reuse, not replaced by a new registration): a dead family's JWT is a 401,
+/// so the agent tries its refresh token and learns that it must register again. Whether the
+/// host still exists is the handler's question (a deleted host is a 404 the agent acts on).
 #[derive(Debug, Clone, Copy)]
 pub struct HostAuth {
     pub host_id: HostId,
@@ -166,6 +169,16 @@ impl FromRequestParts<AppState> for HostAuth {
             .tokens
             .verify_host(token)
             .map_err(|e| ApiError::Unauthorized(format!("host token rejected: {e}")))?;
+        let standing =
+            host_refresh_tokens::family_standing(&state.db, claims.sub.uuid(), claims.family)
+                .await?;
+        if standing.host_exists && !standing.family_live {
+            return Err(ApiError::Unauthorized(
+                "host token rejected: the credentials it was issued with are revoked or \
+                 replaced"
+                    .into(),
+            ));
+        }
         Ok(HostAuth {
             host_id: claims.sub,
         })

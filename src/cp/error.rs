@@ -1,7 +1,7 @@
 //! The one place errors become HTTP: every failure leaves as `{"error":{"code","message"}}` with
 //! the status and code of the public API.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -29,6 +29,12 @@ pub enum ApiError {
     HostHasSandboxes(Vec<String>),
     #[error("{0}")]
     TooLarge(String),
+    /// 429 `rate_limited` with `Retry-After` (the reference API has no code for it).
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("the database is unavailable; try again shortly")]
     DatabaseUnavailable,
     /// 503 with `host_unavailable` or `no_hosts_available`.
@@ -51,6 +57,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict { .. } | ApiError::HostHasSandboxes(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::DatabaseUnavailable | ApiError::Unavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -71,6 +78,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
             ApiError::HostHasSandboxes(_) => "host_has_sandboxes",
             ApiError::TooLarge(_) => "too_large",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::DatabaseUnavailable => "db_unavailable",
             ApiError::Internal => "internal_error",
         }
@@ -90,7 +98,16 @@ impl IntoResponse for ApiError {
         if let ApiError::HostHasSandboxes(ids) = &self {
             error["sandbox_ids"] = json!(ids);
         }
-        (self.status(), axum::Json(json!({ "error": error }))).into_response()
+        let mut response = (self.status(), axum::Json(json!({ "error": error }))).into_response();
+        if let ApiError::RateLimited {
+            retry_after_secs, ..
+        } = &self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        response
     }
 }
 
@@ -134,6 +151,13 @@ impl From<ServiceError> for ApiError {
                 tracing::error!(%cause, "password hashing failed");
                 ApiError::Internal
             }
+            ServiceError::RateLimited {
+                message,
+                retry_after,
+            } => ApiError::RateLimited {
+                message,
+                retry_after_secs: retry_after.as_secs().max(1),
+            },
         }
     }
 }

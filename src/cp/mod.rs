@@ -12,6 +12,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod monitor;
+pub mod pruner;
 pub mod reconciler;
 pub mod routes;
 pub mod scheduler;
@@ -94,10 +95,11 @@ pub fn state_from_config(config: &Config) -> Result<AppState, ServeError> {
     }
     let tokens = TokenKeys::new(secret.0.as_bytes())?;
     let db = db::connect_lazy(&config.database_url.0)?;
-    Ok(AppState::with_capsules(
+    Ok(AppState::with_settings(
         db,
         tokens,
         state::CapsuleSettings::from_config(config),
+        state::AuthSettings::from_config(config),
     ))
 }
 
@@ -108,8 +110,8 @@ pub fn app(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http())
 }
 
-/// Serves on `listener` and runs the host monitor until `shutdown` completes, then drains
-/// in-flight requests and stops the monitor.
+/// Serves on `listener` and runs the background tasks (host monitor, reconciler, login-failure
+/// pruner) until `shutdown` completes, then drains in-flight requests and stops them.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
@@ -119,12 +121,15 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let monitor_task = tokio::spawn(monitor::run(state.db.clone(), monitor, cancel.clone()));
     let reconciler_task = tokio::spawn(reconciler::run(state.clone(), cancel.clone()));
-    let served = axum::serve(listener, app(state))
+    let pruner_task = tokio::spawn(pruner::run(state.db.clone(), cancel.clone()));
+    let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     cancel.cancel();
     let _ = monitor_task.await;
     let _ = reconciler_task.await;
+    let _ = pruner_task.await;
     served.map_err(ServeError::Serve)
 }
 

@@ -1,5 +1,5 @@
-//! What every request handler shares: the database pool, the token keys, and the capsule
-//! machinery (agent client, scheduler settings, reconciler period).
+//! What every request handler shares: the database pool, the token keys, the capsule machinery
+//! (agent client, scheduler settings, reconciler period) and the credential guards.
 
 use std::ops::Deref;
 use std::sync::Arc;
@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use super::agent_client::{AgentClient, AgentTimeouts};
 use super::scheduler::SchedulerSettings;
+use super::services::login_limits::{Limit, LoginLimits};
 use super::tokens::TokenKeys;
-use crate::config::Config;
+use crate::config::{Config, IpCidrList};
 use crate::db::Db;
 
 #[derive(Debug)]
@@ -16,6 +17,43 @@ pub struct Shared {
     pub db: Db,
     pub tokens: TokenKeys,
     pub capsules: CapsuleSettings,
+    pub auth: AuthSettings,
+}
+
+/// How credentials are guarded.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// How long after a rotation the token it replaced may be presented once more (the agent
+    /// never got the answer) instead of counting as reuse.
+    pub host_refresh_grace: Duration,
+    pub login_limits: LoginLimits,
+    /// Reverse proxies whose `X-Forwarded-For` names the client address.
+    pub trusted_proxies: IpCidrList,
+}
+
+/// The configuration's defaults.
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self::from_config(&Config::default())
+    }
+}
+
+impl AuthSettings {
+    pub fn from_config(config: &Config) -> Self {
+        let cp = &config.cp;
+        let limit = |max_failures, window_secs: u64| Limit {
+            max_failures,
+            window: Duration::from_secs(window_secs.max(1)),
+        };
+        Self {
+            host_refresh_grace: Duration::from_secs(cp.host_refresh_grace_secs),
+            login_limits: LoginLimits {
+                per_email: limit(cp.login_email_max_failures, cp.login_email_window_secs),
+                per_address: limit(cp.login_address_max_failures, cp.login_address_window_secs),
+            },
+            trusted_proxies: cp.trusted_proxies.clone(),
+        }
+    }
 }
 
 /// How the control plane reaches agents and places sandboxes.
@@ -68,10 +106,20 @@ impl AppState {
     }
 
     pub fn with_capsules(db: Db, tokens: TokenKeys, capsules: CapsuleSettings) -> Self {
+        Self::with_settings(db, tokens, capsules, AuthSettings::default())
+    }
+
+    pub fn with_settings(
+        db: Db,
+        tokens: TokenKeys,
+        capsules: CapsuleSettings,
+        auth: AuthSettings,
+    ) -> Self {
         Self(Arc::new(Shared {
             db,
             tokens,
             capsules,
+            auth,
         }))
     }
 }

@@ -55,6 +55,10 @@ pub struct UserClaims {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostClaims {
     pub sub: HostId,
+    /// The refresh-token family the JWT was issued from: it is refused once that family is
+    /// revoked, so reuse detection ends every credential of the family at once.
+    #[serde(rename = "fam")]
+    pub family: Uuid,
     pub typ: HostTokenType,
     pub iat: u64,
     pub exp: u64,
@@ -127,10 +131,11 @@ impl TokenKeys {
         Ok(jsonwebtoken::decode(token, &self.decoding, &self.validation)?.claims)
     }
 
-    pub fn issue_host(&self, host: HostId) -> String {
+    pub fn issue_host(&self, host: HostId, family: Uuid) -> String {
         let iat = now_secs();
         self.sign(&HostClaims {
             sub: host,
+            family,
             typ: HostTokenType::Host,
             iat,
             exp: iat + HOST_TOKEN_TTL.as_secs(),
@@ -171,7 +176,7 @@ mod tests {
     #[test]
     fn user_and_host_tokens_cannot_be_confused() {
         let keys = TokenKeys::new(&[7u8; 32]).unwrap();
-        let host = keys.issue_host(HostId::new_random());
+        let host = keys.issue_host(HostId::new_random(), Uuid::new_v4());
         let user = keys.issue_user(UserId::new_random(), TeamId::PLATFORM, "a@b.c", "A", false);
         assert!(keys.verify_user(&host).is_err());
         assert!(keys.verify_host(&user).is_err());

@@ -140,7 +140,9 @@ pub struct Registration<'a> {
     pub agent_secret_hash: &'a [u8],
 }
 
-/// Records the agent's specs and brings a `pending` host online; `None` if it is not pending.
+/// Records the agent's specs and brings the host online; `None` if it still holds a live refresh
+/// token. A host without one is `pending` (never registered) or lost its credentials (revoked
+/// after reuse, or expired) and registers again with a new registration token.
 pub async fn complete_registration(
     ex: impl PgExecutor<'_>,
     id: Uuid,
@@ -151,7 +153,9 @@ pub async fn complete_registration(
         r#"UPDATE hosts SET arch = $2, cpu_cores = $3, memory_mb = $4, disk_gb = $5, address = $6,
                versions = $7, agent_secret_generation = $8, agent_secret_hash = $9,
                status = 'online', last_heartbeat_at = now(), updated_at = now()
-           WHERE id = $1 AND status = 'pending'
+           WHERE id = $1
+             AND NOT EXISTS (SELECT 1 FROM host_refresh_tokens t
+                             WHERE t.host_id = $1 AND t.revoked_at IS NULL AND t.expires_at > now())
            RETURNING id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
                      cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
                      last_heartbeat_at, metadata, versions, agent_secret_generation,
@@ -204,6 +208,18 @@ pub async fn heartbeat(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<HostS
     )
     .fetch_optional(ex)
     .await?)
+}
+
+/// Takes an online host out of scheduling until it heartbeats again.
+pub async fn mark_one_unreachable(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, DbError> {
+    let done = sqlx::query!(
+        "UPDATE hosts SET status = 'unreachable', updated_at = now()
+         WHERE id = $1 AND status = 'online'",
+        id,
+    )
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// Marks online hosts silent for longer than `silence` unreachable; returns their IDs.

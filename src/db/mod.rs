@@ -7,6 +7,7 @@ pub mod host_refresh_tokens;
 pub mod host_registration_tokens;
 pub mod host_tags;
 pub mod hosts;
+pub mod login_failures;
 pub mod migrate;
 pub mod sandboxes;
 pub mod team_members;

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wrenn::cp::monitor::MonitorSettings;
-use wrenn::cp::state::{AppState, CapsuleSettings};
+use wrenn::cp::state::{AppState, AuthSettings, CapsuleSettings};
 use wrenn::cp::tokens::TokenKeys;
 use wrenn::db::{self, migrate, Db};
 use wrenn::testing::pg::PgCluster;
@@ -58,11 +58,19 @@ impl TestCp {
     }
 
     pub async fn start_with(monitor: MonitorSettings) -> Self {
-        Self::start_full(monitor, quiet_capsules()).await
+        Self::start_configured(monitor, AuthSettings::default()).await
     }
 
-    /// A server with its own agent timeouts, scheduler and reconciler period.
-    pub async fn start_full(monitor: MonitorSettings, capsules: CapsuleSettings) -> Self {
+    pub async fn start_configured(monitor: MonitorSettings, auth: AuthSettings) -> Self {
+        Self::start_full(monitor, quiet_capsules(), auth).await
+    }
+
+    /// A server with its own agent timeouts, scheduler, reconciler period and login limits.
+    pub async fn start_full(
+        monitor: MonitorSettings,
+        capsules: CapsuleSettings,
+        auth: AuthSettings,
+    ) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_env_filter("wrenn=warn")
             .with_test_writer()
@@ -73,8 +81,12 @@ impl TestCp {
             .expect("postgres starts");
         let db = db::connect_lazy(&pg.url()).unwrap();
         migrate::up(&db).await.expect("migrations apply");
-        let state =
-            AppState::with_capsules(db.clone(), TokenKeys::new(JWT_SECRET).unwrap(), capsules);
+        let state = AppState::with_settings(
+            db.clone(),
+            TokenKeys::new(JWT_SECRET).unwrap(),
+            capsules,
+            auth,
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -119,6 +131,21 @@ impl TestCp {
         content_type: Option<&str>,
         body: Vec<u8>,
     ) -> (StatusCode, Value) {
+        let (status, _, value) = self
+            .raw_with_headers(method, path, headers, content_type, body)
+            .await;
+        (status, value)
+    }
+
+    /// [`TestCp::raw`] with the response headers.
+    pub async fn raw_with_headers(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, hyper::HeaderMap, Value) {
         let mut req = Request::builder()
             .method(method)
             .uri(format!("http://{}{path}", self.addr));
@@ -134,6 +161,7 @@ impl TestCp {
             .await
             .unwrap();
         let status = response.status();
+        let response_headers = response.headers().clone();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         let value = if bytes.is_empty() {
             Value::Null
@@ -141,7 +169,7 @@ impl TestCp {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
-        (status, value)
+        (status, response_headers, value)
     }
 
     pub async fn call(

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cp::auth::AuthUser;
 use crate::cp::error::ApiError;
-use crate::cp::extract::ApiJson;
+use crate::cp::extract::{ApiJson, ClientAddr};
 use crate::cp::services::accounts::{self, Session, Signup};
 use crate::cp::services::input::{DisplayName, Email, Password};
 use crate::cp::state::AppState;
@@ -97,13 +97,20 @@ pub async fn signup(
 
 pub async fn login(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<Json<AuthResponse>, ApiError> {
-    Ok(Json(
-        accounts::login(&state.db, &state.tokens, &req.email, &req.password)
-            .await?
-            .into(),
-    ))
+    let limits = &state.auth.login_limits;
+    let session = accounts::login(
+        &state.db,
+        &state.tokens,
+        limits,
+        &req.email,
+        &req.password,
+        client,
+    )
+    .await?;
+    Ok(Json(session.into()))
 }
 
 pub async fn switch_team(

@@ -12,7 +12,7 @@ use super::no_content;
 use crate::config::HostPort;
 use crate::cp::auth::{AuthUser, HostAuth};
 use crate::cp::error::ApiError;
-use crate::cp::extract::{path_id, ApiJson, ApiQuery};
+use crate::cp::extract::{path_id, ApiJson, ApiQuery, ClientAddr};
 use crate::cp::services::hosts::{self, AgentSpecs, CreateHost, HostCredentials};
 use crate::cp::services::input::Tag;
 use crate::cp::state::AppState;
@@ -274,13 +274,13 @@ pub async fn heartbeat(
 
 pub async fn refresh(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     ApiJson(req): ApiJson<RefreshRequest>,
 ) -> Result<Json<HostCredentialsResponse>, ApiError> {
-    Ok(Json(
-        hosts::refresh(&state.db, &state.tokens, &req.refresh_token)
-            .await?
-            .into(),
-    ))
+    let grace = state.auth.host_refresh_grace;
+    let credentials =
+        hosts::refresh(&state.db, &state.tokens, grace, &req.refresh_token, client).await?;
+    Ok(Json(credentials.into()))
 }
 
 pub async fn tags(

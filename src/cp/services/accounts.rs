@@ -1,10 +1,13 @@
 //! Accounts: signup, login, team switching, the profile, and admin bootstrap.
 
+use std::net::IpAddr;
+
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 use uuid::Uuid;
 
 use super::input::{DisplayName, Email, Password, TeamName};
+use super::login_limits::{Attempt, LoginLimits};
 use super::ServiceError;
 use crate::cp::tokens::{random_hex, TokenKeys};
 use crate::db::team_members::{self, Role};
@@ -144,13 +147,18 @@ pub async fn signup(db: &Db, tokens: &TokenKeys, signup: Signup) -> Result<Sessi
     Ok(session(tokens, &user, team.id))
 }
 
+/// A password login from `client`, throttled by `limits` (see `login_limits`): every failure
+/// counts against the email and the client address, a correct password against neither.
 pub async fn login(
     db: &Db,
     tokens: &TokenKeys,
+    limits: &LoginLimits,
     email: &str,
     password: &str,
+    client: Option<IpAddr>,
 ) -> Result<Session, ServiceError> {
     let invalid = || ServiceError::Unauthorized("invalid email or password".into());
+    let attempt = Attempt::begin(db, limits, email, client).await?;
     let Some(user) = users::by_email(db, email.trim()).await? else {
         // Verify against a throwaway hash anyway, so response time does not reveal which
         // emails have accounts.
@@ -163,6 +171,7 @@ pub async fn login(
     if !password_matches(&user.password_hash, password).await {
         return Err(invalid());
     }
+    attempt.succeeded(db).await?;
     if user.status != UserStatus::Active {
         return Err(ServiceError::AccountDisabled);
     }

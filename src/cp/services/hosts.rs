@@ -1,6 +1,9 @@
 //! The host registry: creating hosts, the registration handshake, heartbeats, credential
 //! refresh, visibility (BYOC hosts belong to one team) and deletion.
 
+use std::net::IpAddr;
+use std::time::Duration;
+
 use chrono::Utc;
 use serde_json::Value;
 use uuid::Uuid;
@@ -12,7 +15,8 @@ use crate::config::HostPort;
 use crate::cp::auth::AuthUser;
 use crate::cp::tokens::{random_hex, sha256, TokenKeys, REFRESH_TOKEN_TTL, REGISTRATION_TOKEN_TTL};
 use crate::db::audit_logs::{self, Entry};
-use crate::db::hosts::{self, Host, HostStatus, HostType, NewHost, Registration};
+use crate::db::host_refresh_tokens::RefreshToken;
+use crate::db::hosts::{self, Host, HostType, NewHost, Registration};
 use crate::db::{
     host_refresh_tokens, host_registration_tokens, host_tags, sandboxes, teams, Db, DbError,
 };
@@ -171,8 +175,9 @@ pub async fn create(
     Ok((host, token))
 }
 
-/// A fresh registration token for a host that never completed registration; older unused
-/// tokens stop working.
+/// A fresh registration token for a host whose agent holds no live credentials: it never
+/// registered, or its refresh tokens were revoked (reuse detected) or expired. Older unused
+/// registration tokens stop working.
 pub async fn regenerate_token(
     db: &Db,
     caller: &AuthUser,
@@ -183,11 +188,11 @@ pub async fn regenerate_token(
     let locked = hosts::by_id_for_update(&mut *tx, host.id)
         .await?
         .ok_or(ServiceError::NotFound("host"))?;
-    if locked.status != HostStatus::Pending {
+    if host_refresh_tokens::any_live(&mut *tx, locked.id).await? {
         return Err(ServiceError::Conflict {
             code: "invalid_state",
             message: format!(
-                "host is {}, not pending; it has already registered",
+                "host is {} and its agent holds live credentials; it has already registered",
                 locked.status
             ),
         });
@@ -201,8 +206,36 @@ fn invalid_token(what: &str) -> ServiceError {
     ServiceError::Unauthorized(format!("invalid, expired or already used {what}"))
 }
 
+fn reregister(host: Uuid) -> String {
+    format!(
+        "every refresh token of host {} is revoked; issue a new registration token with \
+         POST /v1/hosts/{}/token and start the agent again with --register",
+        HostId(host),
+        HostId(host)
+    )
+}
+
+/// Stores a new refresh token of `family` and returns it with its row ID.
+async fn issue_refresh_token(
+    conn: &mut sqlx::PgConnection,
+    host: Uuid,
+    family: Uuid,
+) -> Result<(String, Uuid), ServiceError> {
+    let token = random_hex(32);
+    let id = host_refresh_tokens::insert(
+        &mut *conn,
+        host,
+        family,
+        &sha256(&token),
+        expires(REFRESH_TOKEN_TTL),
+    )
+    .await?;
+    Ok((token, id))
+}
+
 /// Trades a registration token for host credentials and brings the host online. The token is
 /// consumed in the same transaction, so of two concurrent registrations exactly one succeeds.
+/// Each registration starts a new refresh-token family.
 pub async fn register(
     db: &Db,
     tokens: &TokenKeys,
@@ -235,14 +268,8 @@ pub async fn register(
     )
     .await?
     .ok_or_else(|| invalid_token("registration token (the host has already registered)"))?;
-    let refresh_token = random_hex(32);
-    host_refresh_tokens::insert(
-        &mut *tx,
-        host.id,
-        &sha256(&refresh_token),
-        expires(REFRESH_TOKEN_TTL),
-    )
-    .await?;
+    let family = Uuid::new_v4();
+    let (refresh_token, _) = issue_refresh_token(&mut tx, host.id, family).await?;
     let entry = Entry {
         team_id: host.team_id,
         actor_type: "host",
@@ -254,7 +281,7 @@ pub async fn register(
     };
     audit_logs::insert(&mut *tx, entry).await?;
     tx.commit().await.map_err(DbError::from)?;
-    let token = tokens.issue_host(HostId(host.id));
+    let token = tokens.issue_host(HostId(host.id), family);
     Ok(HostCredentials {
         host,
         token,
@@ -263,20 +290,121 @@ pub async fn register(
     })
 }
 
-/// Rotates a host's credentials: the presented refresh token is revoked and a new one issued
-/// with a new host JWT. The agent secret stays the same unless the JWT secret changed.
+/// How a refresh treats the token it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presented {
+    /// The family's current token: rotate it.
+    Current,
+    /// The token rotated just before the current one, within the grace window, while its
+    /// successor is still unused: the agent never received the rotation's answer (a timeout, or
+    /// a retry racing the first attempt) and tries again. The unused successor is superseded.
+    RetriedRotation { unused_successor: Uuid },
+    /// A token the family has moved past: a copy is in someone else's hands.
+    Reused,
+}
+
+fn classify(
+    presented: &RefreshToken,
+    successor: Option<&RefreshToken>,
+    grace: Duration,
+) -> Presented {
+    if presented.is_live() {
+        return Presented::Current;
+    }
+    match successor {
+        Some(next) if presented.rotated_within(grace) && next.is_live() => {
+            Presented::RetriedRotation {
+                unused_successor: next.id,
+            }
+        }
+        _ => Presented::Reused,
+    }
+}
+
+/// Rotates a host's credentials: the presented refresh token is retired and a new one of the
+/// same family issued with a new host JWT. The agent secret stays the same unless the JWT secret
+/// changed.
+///
+/// Reuse detection: presenting a token its family has already moved past revokes every live
+/// token of the family (so both the thief and the real agent must register again, and the
+/// family's host JWTs stop working) and takes the host out of scheduling. The one exception is
+/// the token rotated immediately before the current one, within `grace` of its rotation and
+/// while its successor is unused: that is the agent retrying a rotation whose answer it never
+/// got, and refusing it would force a re-registration after every lost response.
 pub async fn refresh(
     db: &Db,
     tokens: &TokenKeys,
+    grace: Duration,
     refresh_token: &str,
+    client: Option<IpAddr>,
 ) -> Result<HostCredentials, ServiceError> {
+    let hash = sha256(refresh_token);
+    let found = host_refresh_tokens::by_hash(db, &hash)
+        .await?
+        .ok_or_else(|| invalid_token("refresh token"))?;
     let mut tx = db.begin().await.map_err(DbError::from)?;
-    let host_id = host_refresh_tokens::revoke(&mut *tx, &sha256(refresh_token))
+    let mut host = hosts::by_id_for_update(&mut *tx, found.host_id)
         .await?
         .ok_or_else(|| invalid_token("refresh token"))?;
-    let mut host = hosts::by_id_for_update(&mut *tx, host_id)
+    // Read again under the host's lock: a concurrent refresh may have rotated it meanwhile.
+    let presented = host_refresh_tokens::by_hash(&mut *tx, &hash)
         .await?
+        .filter(|t| !t.is_expired())
         .ok_or_else(|| invalid_token("refresh token"))?;
+    let successor = match presented.replaced_by {
+        Some(next) => host_refresh_tokens::by_id(&mut *tx, next).await?,
+        None => None,
+    };
+    let family = presented.family_id;
+    match classify(&presented, successor.as_ref(), grace) {
+        Presented::Current => {}
+        Presented::RetriedRotation { unused_successor } => {
+            tracing::info!(host = %HostId(host.id), client = ?client,
+                "refresh retried with the previous token within the grace window; its unused successor is superseded");
+            host_refresh_tokens::revoke(&mut *tx, unused_successor).await?;
+        }
+        Presented::Reused => {
+            let revoked = host_refresh_tokens::revoke_family(&mut *tx, family).await?;
+            if revoked == 0 {
+                // The family is already dead: nothing left to protect, and nothing worth a log
+                // line an outsider could repeat at will.
+                tracing::debug!(host = %HostId(host.id), "refresh with a token of a revoked family");
+                return Err(ServiceError::Unauthorized(format!(
+                    "refresh token revoked: {}",
+                    reregister(host.id)
+                )));
+            }
+            hosts::mark_one_unreachable(&mut *tx, host.id).await?;
+            let client_text = client.map(|c| c.to_string());
+            let entry = Entry {
+                team_id: host.team_id,
+                actor_type: "system",
+                actor_id: None,
+                resource_type: "host",
+                resource_id: Some(HostId(host.id).to_string()),
+                action: "revoke_credentials",
+                metadata: serde_json::json!({
+                    "reason": "refresh_token_reuse",
+                    "revoked_refresh_tokens": revoked,
+                    "client": client_text,
+                }),
+            };
+            audit_logs::insert(&mut *tx, entry).await?;
+            tx.commit().await.map_err(DbError::from)?;
+            tracing::warn!(
+                host = %HostId(host.id),
+                client = ?client,
+                revoked,
+                "refresh token reuse detected: an already rotated refresh token was presented; \
+                 every refresh token and host JWT of this registration is revoked and the host \
+                 must register again"
+            );
+            return Err(ServiceError::Unauthorized(format!(
+                "refresh token reuse detected (this token was already rotated): {}",
+                reregister(host.id)
+            )));
+        }
+    }
     let mut agent_secret = tokens.agent_secret(host.id, host.agent_secret_generation);
     if host.agent_secret_hash.as_deref() != Some(sha256(&agent_secret).as_slice()) {
         let generation = host.agent_secret_generation + 1;
@@ -285,17 +413,12 @@ pub async fn refresh(
             .await?
             .ok_or_else(|| invalid_token("refresh token"))?;
     }
-    let new_refresh = random_hex(32);
-    host_refresh_tokens::insert(
-        &mut *tx,
-        host.id,
-        &sha256(&new_refresh),
-        expires(REFRESH_TOKEN_TTL),
-    )
-    .await?;
+    let (new_refresh, new_id) = issue_refresh_token(&mut tx, host.id, family).await?;
+    host_refresh_tokens::mark_rotated(&mut *tx, presented.id, new_id).await?;
+    host_refresh_tokens::delete_expired(&mut *tx, host.id).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok(HostCredentials {
-        token: tokens.issue_host(HostId(host.id)),
+        token: tokens.issue_host(HostId(host.id), family),
         host,
         refresh_token: new_refresh,
         agent_secret,

@@ -5,6 +5,7 @@ pub mod accounts;
 pub mod api_keys;
 pub mod capsules;
 pub mod hosts;
+pub mod login_limits;
 pub mod teams;
 
 use serde_json::Value;
@@ -38,6 +39,11 @@ pub enum ServiceError {
     Db(#[from] DbError),
     #[error("password hashing failed: {0}")]
     PasswordHash(String),
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: std::time::Duration,
+    },
 }
 
 impl ServiceError {
