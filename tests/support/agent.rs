@@ -25,6 +25,8 @@ pub struct Agent {
     pub child: Option<Child>,
     pub secret: String,
     pub http: ureq::Agent,
+    /// Configuration variables on top of the test defaults, kept across restarts.
+    env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -59,6 +61,7 @@ impl Agent {
             .env("AGENT_HEARTBEAT_INTERVAL_SECS", "1")
             .env("AGENT_ENVD_READY_TIMEOUT_SECS", "180")
             .env("LOG_LEVEL", "wrenn=info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         if let Some(point) = failpoint {
             cmd.env("FAILPOINTS", format!("{point}=return"));
@@ -66,7 +69,7 @@ impl Agent {
         cmd
     }
 
-    pub fn register(cp_url: &str, token: &str) -> Agent {
+    pub fn register(cp_url: &str, token: &str, env: Vec<(String, String)>) -> Agent {
         let mut agent = Agent {
             root: Self::new_root(),
             port: free_port(),
@@ -78,6 +81,7 @@ impl Agent {
                 .timeout_global(Some(CREATE_TIMEOUT))
                 .build()
                 .into(),
+            env,
         };
         let mut cmd = agent.command(None);
         cmd.args([
@@ -250,6 +254,11 @@ pub fn wait_clean(agent: &Agent) {
 
 /// A control plane with a platform admin and a registered host whose agent is running.
 pub async fn stack() -> (TestCp, Agent, String, Auth) {
+    stack_with_env(&[]).await
+}
+
+/// [`stack`] with configuration variables for the agent, e.g. a smaller console cap.
+pub async fn stack_with_env(env: &[(&str, &str)]) -> (TestCp, Agent, String, Auth) {
     let cp = TestCp::start().await;
     let admin = cp.signup("admin@example.com").await;
     let (status, body) = cp
@@ -264,7 +273,11 @@ pub async fn stack() -> (TestCp, Agent, String, Auth) {
     let token = body["registration_token"].as_str().unwrap().to_owned();
     let host_id = body["host"]["id"].as_str().unwrap().to_owned();
     let cp_url = format!("http://{}", cp.addr);
-    let agent = tokio::task::spawn_blocking(move || Agent::register(&cp_url, &token))
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let agent = tokio::task::spawn_blocking(move || Agent::register(&cp_url, &token, env))
         .await
         .unwrap();
     (cp, agent, host_id, admin.auth())
