@@ -302,7 +302,7 @@ mod fake {
         for i in 0..lines {
             write(format!("flood line {i}\n").as_bytes());
         }
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::thread::sleep(std::time::Duration::from_secs(1));
         write(b"FLOOD-END\n");
     }
 

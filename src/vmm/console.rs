@@ -554,7 +554,7 @@ mod tests {
                 }
             }
             // Let the drain catch up, so the last line is not what it has to drop.
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_secs(1));
             write_waiting(&mut vmm_end, b"FLOOD-END\n");
             written
         });
