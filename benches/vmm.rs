@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use wrenn::config::{Layout, QemuAccel};
+use wrenn::config::{Config, Layout, QemuAccel};
 use wrenn::testing::kernel;
 use wrenn::vmm::{QemuVmm, VmFiles, VmSpec, Vmm};
 
@@ -57,7 +57,11 @@ async fn main() {
     let initrd = kernel::busybox_initramfs(tmp.path(), &init, &[]).unwrap();
     let layout = Layout::new(tmp.path().join("root"));
     layout.prepare().unwrap();
-    let vmm = QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Tcg);
+    let vmm = QemuVmm::new(
+        "qemu-system-x86_64".into(),
+        QemuAccel::Tcg,
+        Config::default().agent.console_log_max_bytes,
+    );
     println!(
         "{} under TCG, kernel {}",
         vmm.version().await.unwrap(),

@@ -8,9 +8,15 @@
 
 mod support;
 
+use std::path::Path;
+use std::time::{Duration, Instant};
+
 use hyper::{Method, StatusCode};
-use serde_json::json;
-use support::agent::{stack, wait_clean, VM_TURNS};
+use serde_json::{json, Value};
+use support::agent::{stack, stack_with_env, wait_clean, Agent, VM_TURNS};
+use wrenn::config::Layout;
+use wrenn::vmm::qemu::qmp::QmpClient;
+use wrenn::vmm::{console_tail, find_leftovers, VmFiles};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn boots_runs_commands_moves_files_and_destroys_without_traces() {
@@ -248,6 +254,123 @@ async fn an_idle_sandbox_is_reaped_after_its_timeout_and_pings_keep_it_alive() {
             );
             std::thread::sleep(std::time::Duration::from_millis(250));
         }
+        wait_clean(&agent);
+        agent
+    })
+    .await
+    .unwrap();
+    drop(agent);
+    cp.stop().await;
+}
+
+/// Runs `script` with `sh -c` as root in the guest (only root may write /dev/console).
+fn run_as_root(agent: &Agent, id: &str, script: &str) -> Value {
+    let (status, body) = agent.call(
+        Method::POST,
+        &format!("/v1/sandboxes/{id}/envd/processes/run"),
+        Some(
+            json!({"process": {"cmd": "sh", "args": ["-c", script], "user": "root"},
+                    "timeout_sec": 120}),
+        ),
+    );
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["exit_code"], 0, "{body}");
+    body
+}
+
+const CONSOLE_CAP: u64 = 65536;
+
+/// The console files stay within the cap; returns their sizes.
+fn console_within_cap(files: &VmFiles) -> (u64, u64) {
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let sizes = (size(&files.console_log), size(&files.previous_console_log));
+    assert!(
+        sizes.0 + sizes.1 <= CONSOLE_CAP,
+        "console files hold {sizes:?} bytes, over the {CONSOLE_CAP}-byte cap"
+    );
+    sizes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sandbox_flooding_its_console_stays_within_the_cap_even_after_the_agent_is_killed() {
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let cap = CONSOLE_CAP.to_string();
+    let (cp, agent, _, _) = stack_with_env(&[("AGENT_CONSOLE_LOG_MAX_BYTES", &cap)]).await;
+    let agent = tokio::task::spawn_blocking(move || {
+        let mut agent = agent;
+        let id = "cl-e2e-flood";
+        let (status, body) = agent.create(id);
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let layout = Layout::new(agent.root.path());
+        let files = VmFiles::for_sandbox(&layout, id);
+
+        // About 230 KB of numbered lines, several times the cap.
+        run_as_root(
+            &agent,
+            id,
+            "seq 1 40000 > /dev/console; echo FLOOD-END > /dev/console",
+        );
+        let started = Instant::now();
+        while !console_tail(&files, 1).iter().any(|l| l == "FLOOD-END") {
+            console_within_cap(&files);
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "FLOOD-END never reached the console log: {:?}",
+                console_tail(&files, 5)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (_, previous) = console_within_cap(&files);
+        assert_eq!(previous, CONSOLE_CAP / 2, "the log rotated");
+        let tail = console_tail(&files, 40);
+        let end = tail.iter().position(|l| l == "FLOOD-END").unwrap();
+        let numbers: Vec<String> = (39981..=40000).map(|n| n.to_string()).collect();
+        assert_eq!(
+            tail[end.saturating_sub(20)..end],
+            numbers[..],
+            "the latest lines are kept: {tail:?}"
+        );
+        let out = agent.run(id, "echo", &["still here"]);
+        assert_eq!(out["stdout"], "still here\n", "{out}");
+
+        // A flood that never ends, and then the agent dies without a chance to clean up.
+        run_as_root(
+            &agent,
+            id,
+            "setsid sh -c 'yes flood > /dev/console' </dev/null >/dev/null 2>&1 &",
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        console_within_cap(&files);
+        agent.kill_hard();
+
+        // QEMU outlives the agent: its console pipe is closed, so it drops the output instead
+        // of blocking or dying, and still answers its monitor.
+        let leftovers = find_leftovers(&layout);
+        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+        std::thread::sleep(Duration::from_secs(2));
+        let sizes = console_within_cap(&files);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let status = runtime.block_on(async {
+            let socket = &files.qmp_socket;
+            let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+            let mut qmp = QmpClient::handshake(stream, socket).await.unwrap();
+            qmp.query_status().await.unwrap()
+        });
+        assert!(status.running, "{status:?}");
+        assert_eq!(find_leftovers(&layout), leftovers, "QEMU died");
+        assert_eq!(
+            console_within_cap(&files),
+            sizes,
+            "nothing writes the log now"
+        );
+
+        // The next agent removes it all before serving.
+        agent.restart(None);
+        let (_, list) = agent.call(Method::GET, "/v1/sandboxes", None);
+        assert_eq!(list["sandboxes"], json!([]), "{list}");
         wait_clean(&agent);
         agent
     })

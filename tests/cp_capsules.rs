@@ -1519,7 +1519,8 @@ async fn two_agents_share_the_load_and_survive_losing_a_host() {
         reconcile_interval: Duration::from_secs(1),
         ..quiet_capsules()
     };
-    let stack = Stack::start_on(TestCp::start_full(monitor, capsules, Default::default()).await).await;
+    let stack =
+        Stack::start_on(TestCp::start_full(monitor, capsules, Default::default()).await).await;
     let mut a = stack.host().await;
     let b = stack.host().await;
     let key = stack.api_key(&stack.admin).await;

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use swagger::Swagger;
-use wrenn::config::Layout;
+use wrenn::config::{Config, ConsoleLogMaxBytes, Layout};
 use wrenn::vmm::firecracker::api::{self, ActionType, Endpoint, InstanceAction};
 use wrenn::vmm::firecracker::boot_sequence;
 use wrenn::vmm::{
-    Drive, FirecrackerApiError, FirecrackerVmm, NetAttachment, VmFiles, VmSpec, VmStatus, Vmm,
-    VmmError,
+    console_tail, Drive, FirecrackerApiError, FirecrackerVmm, NetAttachment, VmFiles, VmSpec,
+    VmStatus, Vmm, VmmError,
 };
 
 fn full_spec(layout: &Layout, id: &str) -> VmSpec {
@@ -48,6 +48,10 @@ fn full_spec(layout: &Layout, id: &str) -> VmSpec {
         vsock_cid: Some(3),
         files: VmFiles::for_sandbox(layout, id),
     }
+}
+
+fn console_cap() -> ConsoleLogMaxBytes {
+    Config::default().agent.console_log_max_bytes
 }
 
 fn call_line(call: &api::ApiCall) -> String {
@@ -256,6 +260,9 @@ mod fake {
             }
         };
         println!("fake Firecracker serving on {}", socket.display());
+        if let Ok(lines) = std::env::var("FAKE_FC_CONSOLE_FLOOD") {
+            std::thread::spawn(move || flood_console(lines.parse().unwrap()));
+        }
         let state = Arc::new(Mutex::new(State {
             swagger: Swagger::load(),
             record,
@@ -273,6 +280,30 @@ mod fake {
                     .await;
             });
         }
+    }
+
+    /// Writes numbered lines to stdout, the guest console, as fast as the pipe takes them, then
+    /// `FLOOD-END` once the drain had a moment to catch up.
+    fn flood_console(lines: u64) {
+        use std::os::fd::AsFd;
+        // Unbuffered: the agent made stdout non-blocking, and a full pipe is waited out here.
+        let mut out = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned().unwrap());
+        let mut write = |mut bytes: &[u8]| {
+            while !bytes.is_empty() {
+                match out.write(bytes) {
+                    Ok(n) => bytes = &bytes[n..],
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(1))
+                    }
+                    Err(e) => panic!("console write failed: {e}"),
+                }
+            }
+        };
+        for i in 0..lines {
+            write(format!("flood line {i}\n").as_bytes());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        write(b"FLOOD-END\n");
     }
 
     fn reply(status: StatusCode, body: Option<Value>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -412,7 +443,7 @@ impl FakeFirecracker {
     }
 
     fn vmm(&self) -> FirecrackerVmm {
-        FirecrackerVmm::new(self.bin.clone())
+        FirecrackerVmm::new(self.bin.clone(), console_cap())
     }
 
     fn calls(&self) -> Vec<String> {
@@ -431,6 +462,22 @@ impl FakeFirecracker {
             .unwrap()
             .parse()
             .unwrap()
+    }
+}
+
+/// Polls the console log (drained asynchronously) until it shows `needle`.
+async fn wait_for_console(files: &VmFiles, needle: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let console = std::fs::read_to_string(&files.console_log).unwrap_or_default();
+        if console.contains(needle) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "`{needle}` never reached the console log:\n{console}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -465,13 +512,71 @@ async fn driver_configures_the_fake_in_order_after_removing_stale_sockets() {
         ]
     );
     assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
-    // Firecracker's stdout is the guest console.
-    let console = std::fs::read_to_string(&spec.files.console_log).unwrap();
-    assert!(console.contains("fake Firecracker serving"), "{console}");
+    // Firecracker's stdout is the guest console, drained into the console log.
+    wait_for_console(&spec.files, "fake Firecracker serving").await;
     let status = vm.kill().await.unwrap();
     assert!(!status.success());
     assert!(gone(fake.pid()));
     assert!(!spec.files.firecracker_socket.exists() && !spec.files.vsock_socket.exists());
+}
+
+#[tokio::test]
+async fn a_flooded_console_stays_within_the_cap_keeps_the_latest_lines_and_the_api_answers() {
+    const CAP: u64 = 16384;
+    // About 1.8 MB of numbered lines.
+    let fake = FakeFirecracker::new(&[("FAKE_FC_CONSOLE_FLOOD", "100000")]);
+    let spec = full_spec(&fake.layout, "cl-flood");
+    let cap = ConsoleLogMaxBytes::try_from(CAP).unwrap();
+    let mut vm = FirecrackerVmm::new(fake.bin.clone(), cap)
+        .start(&spec)
+        .await
+        .unwrap();
+    let sizes = || {
+        let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        (
+            size(&spec.files.console_log),
+            size(&spec.files.previous_console_log),
+        )
+    };
+    let started = std::time::Instant::now();
+    while console_tail(&spec.files, 1) != ["FLOOD-END"] {
+        let (current, previous) = sizes();
+        assert!(current + previous <= CAP, "{current} + {previous}");
+        assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the flood never ended: {:?}",
+            console_tail(&spec.files, 3)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (current, previous) = sizes();
+    assert!(current + previous <= CAP, "{current} + {previous}");
+    assert_eq!(previous, CAP / 2);
+    // The newest output, in order. The fake floods at memory speed, faster than a debug build
+    // writes files on a busy machine: where the log fell behind, a note on a line of its own
+    // says how much was dropped, and the lines on either side of it may be cut.
+    let tail = console_tail(&spec.files, 2000);
+    assert_eq!(tail.last().map(String::as_str), Some("FLOOD-END"));
+    let is_note =
+        |l: &str| l.starts_with("[wrenn: ") && l.ends_with(" bytes of console output dropped]");
+    let whole: Vec<&str> = (0..tail.len() - 1)
+        .filter(|&i| !is_note(&tail[i]))
+        .filter(|&i| !is_note(&tail[i + 1]) && (i == 0 || !is_note(&tail[i - 1])))
+        .map(|i| tail[i].as_str())
+        .collect();
+    let numbers: Vec<u64> = whole
+        .iter()
+        .map(|l| {
+            l.strip_prefix("flood line ")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("`{l}` in {tail:?}"))
+        })
+        .collect();
+    assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{tail:?}");
+    assert!(numbers[0] > 50_000, "old output is gone: {tail:?}");
+    vm.kill().await.unwrap();
+    assert!(gone(fake.pid()));
 }
 
 #[tokio::test]
@@ -547,7 +652,7 @@ async fn a_binary_that_exits_at_once_is_reported_with_its_stderr() {
     std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let layout = Layout::new(tmp.path().join("root"));
     let spec = full_spec(&layout, "cl-dies");
-    let err = FirecrackerVmm::new(bin)
+    let err = FirecrackerVmm::new(bin, console_cap())
         .start(&spec)
         .await
         .err()
@@ -560,7 +665,7 @@ async fn a_binary_that_exits_at_once_is_reported_with_its_stderr() {
 async fn a_missing_binary_is_a_spawn_error() {
     let tmp = tempfile::tempdir().unwrap();
     let layout = Layout::new(tmp.path());
-    let vmm = FirecrackerVmm::new(tmp.path().join("no-firecracker"));
+    let vmm = FirecrackerVmm::new(tmp.path().join("no-firecracker"), console_cap());
     let err = vmm
         .start(&full_spec(&layout, "cl-nobin"))
         .await
@@ -600,7 +705,7 @@ async fn real_firecracker_boots_a_guest() {
         vsock_cid: None,
         files: VmFiles::for_sandbox(&layout, "cl-real"),
     };
-    let vmm = FirecrackerVmm::new("/usr/local/bin/firecracker".into());
+    let vmm = FirecrackerVmm::new("/usr/local/bin/firecracker".into(), console_cap());
     println!("{}", vmm.version().await.unwrap());
     let mut vm = vmm.start(&spec).await.unwrap();
     let status = tokio::time::timeout(Duration::from_secs(60), vm.wait_exit())

@@ -7,11 +7,12 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wrenn::config::{Layout, QemuAccel};
+use wrenn::config::{Config, ConsoleLogMaxBytes, Layout, QemuAccel};
 use wrenn::testing::kernel::{self as guest, TestKernel};
+use wrenn::vmm::qemu::qmp::QmpClient;
 use wrenn::vmm::{
-    find_leftovers, kill_leftover, Accel, Drive, Leftover, NetAttachment, QemuVmm, VmFiles, VmSpec,
-    VmStatus, Vmm, VmmError, VmmKind,
+    console_tail, find_leftovers, kill_leftover, Accel, Drive, Leftover, NetAttachment, QemuVmm,
+    VmFiles, VmSpec, VmStatus, Vmm, VmmError, VmmKind,
 };
 
 /// Generous: a TCG boot takes 2–6 s, but the machine is shared.
@@ -59,8 +60,12 @@ impl Fixture {
     }
 }
 
+fn console_cap() -> ConsoleLogMaxBytes {
+    Config::default().agent.console_log_max_bytes
+}
+
 fn tcg() -> QemuVmm {
-    QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Tcg)
+    QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Tcg, console_cap())
 }
 
 fn init(body: &str) -> String {
@@ -320,7 +325,7 @@ async fn auto_accel_probes_kvm_once_and_logs_its_choice() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let vmm = QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Auto);
+    let vmm = QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Auto, console_cap());
     let started = Instant::now();
     let decision = vmm.accel(&f.kernel.vmlinux).await;
     let first = started.elapsed();
@@ -377,4 +382,126 @@ async fn a_dropped_vm_keeps_running_and_is_found_as_a_leftover() {
     assert_eq!(leftovers, vec![expected.clone()]);
     assert!(kill_leftover(&expected).await);
     assert!(find_leftovers(&f.layout).is_empty());
+}
+
+/// A cap small enough that a TCG guest passes it many times over in a few seconds.
+const SMALL_CAP: u64 = 16384;
+
+fn small_cap() -> QemuVmm {
+    let cap = ConsoleLogMaxBytes::try_from(SMALL_CAP).unwrap();
+    QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Tcg, cap)
+}
+
+/// The bytes of the console log and of the file it rotated to.
+fn console_sizes(files: &VmFiles) -> (u64, u64) {
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    (size(&files.console_log), size(&files.previous_console_log))
+}
+
+fn assert_within_cap(files: &VmFiles) {
+    let (current, previous) = console_sizes(files);
+    assert!(
+        current + previous <= SMALL_CAP,
+        "console files hold {current} + {previous} bytes, over the {SMALL_CAP}-byte cap"
+    );
+}
+
+#[tokio::test]
+async fn a_console_flood_stays_within_the_cap_and_keeps_the_latest_lines() {
+    let f = fixture();
+    // About 200 KB of numbered lines, over ten times the cap.
+    let spec = f.spec(
+        "cl-flood",
+        &init("seq 1 30000\necho FLOOD-END\npoweroff -f"),
+        &[],
+    );
+    let mut vm = small_cap().start(&spec).await.unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let VmStatus::Exited(status) = vm.status().await.unwrap() {
+            break status;
+        }
+        assert_within_cap(&spec.files);
+        assert!(started.elapsed() < BOOT_TIMEOUT, "the flood never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    assert_within_cap(&spec.files);
+    let (_, previous) = console_sizes(&spec.files);
+    assert_eq!(previous, SMALL_CAP / 2, "the log rotated");
+    // The exit reported, every byte is in: the newest lines, in order.
+    let tail = console_tail(&spec.files, 30);
+    let end = tail
+        .iter()
+        .position(|l| l == "FLOOD-END")
+        .expect("FLOOD-END kept");
+    let numbers: Vec<String> = (29981..=30000).map(|n| n.to_string()).collect();
+    assert_eq!(tail[end - 20..end], numbers[..], "{tail:?}");
+    let mut kept = std::fs::read(&spec.files.previous_console_log).unwrap();
+    kept.extend(std::fs::read(&spec.files.console_log).unwrap());
+    let kept = String::from_utf8_lossy(&kept);
+    assert!(
+        !kept.lines().any(|l| l == "100"),
+        "the oldest output is gone"
+    );
+}
+
+#[test]
+fn a_guest_flooding_its_console_after_the_agent_is_gone_neither_stalls_nor_dies() {
+    let f = fixture();
+    let spec = f.spec("cl-deaf", &init("echo FLOOD-START\nyes flood"), &[]);
+    // The VM is started by a runtime that then goes away, closing the console pipe's read end
+    // as a killed agent would.
+    let agent = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pid = agent.block_on(async {
+        let vm = small_cap().start(&spec).await.unwrap();
+        let started = Instant::now();
+        while !console_tail(&spec.files, 3).iter().any(|l| l == "flood") {
+            assert_within_cap(&spec.files);
+            assert!(started.elapsed() < BOOT_TIMEOUT, "the flood never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        vm.pid()
+    });
+    drop(agent);
+
+    let test = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    test.block_on(async {
+        // The guest floods into a pipe nobody reads: QEMU drops the output (EPIPE, SIGPIPE
+        // ignored) and its main loop still answers QMP.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let state = stat.rsplit_once(')').unwrap().1.split_whitespace().next();
+        assert_ne!(state, Some("Z"), "QEMU died: {stat}");
+        let socket = &spec.files.qmp_socket;
+        let stream = tokio::net::UnixStream::connect(socket).await.unwrap();
+        let mut qmp = tokio::time::timeout(Duration::from_secs(30), async {
+            QmpClient::handshake(stream, socket).await.unwrap()
+        })
+        .await
+        .expect("QMP answers");
+        let status = qmp.query_status().await.unwrap();
+        assert!(status.running, "{status:?}");
+        drop(qmp);
+        // Nothing writes the log any more, and it stayed within the cap.
+        let sizes = console_sizes(&spec.files);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(console_sizes(&spec.files), sizes);
+        assert_within_cap(&spec.files);
+
+        let leftover = Leftover {
+            sandbox_id: "cl-deaf".into(),
+            pid,
+            kind: VmmKind::Qemu,
+        };
+        assert_eq!(find_leftovers(&f.layout), vec![leftover.clone()]);
+        assert!(kill_leftover(&leftover).await);
+    });
 }

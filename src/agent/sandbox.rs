@@ -17,7 +17,8 @@ use crate::config::Layout;
 use crate::envd::api::InitRequest;
 use crate::envd::client::EnvdClient;
 use crate::vmm::{
-    find_leftovers, kill_leftover, Drive, NetAttachment, Vm, VmFiles, VmSpec, VmStatus, Vmm,
+    console_tail, find_leftovers, kill_leftover, Drive, NetAttachment, Vm, VmFiles, VmSpec,
+    VmStatus, Vmm,
 };
 
 /// How long a graceful guest shutdown may take before the VMM is killed.
@@ -592,7 +593,7 @@ impl SandboxManager {
                     step: CreateStep::EnvdReady,
                     reason: format!(
                         "the VM exited ({status}) before envd answered; console: {}",
-                        console_tail(vm.serial_log())
+                        self.console_tail(id)
                     ),
                 });
             }
@@ -603,7 +604,7 @@ impl SandboxManager {
                     reason: format!(
                         "envd did not answer within {:?}; console: {}",
                         self.limits.envd_ready_timeout,
-                        console_tail(vm.serial_log())
+                        self.console_tail(id)
                     ),
                 });
             }
@@ -724,6 +725,11 @@ impl SandboxManager {
         Ok(removed)
     }
 
+    /// The guest's last console lines, for an error message.
+    fn console_tail(&self, id: &str) -> String {
+        console_tail(&VmFiles::for_sandbox(&self.layout, id), 8).join(" | ")
+    }
+
     pub fn vmm_kind(&self) -> String {
         self.vmm.kind().to_string()
     }
@@ -759,10 +765,4 @@ fn injected_failure(id: &str, step: CreateStep) -> Result<(), SandboxError> {
         reason: "injected failure".into(),
     }));
     Ok(())
-}
-
-fn console_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().rev().take(8).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }

@@ -108,6 +108,7 @@ pub const KEYS: &[Key] = &[
     key("agent.qemu_accel", "AGENT_QEMU_ACCEL", Some("auto"), "QEMU accelerator: `kvm`, `tcg`, or `auto` (probe KVM once, fall back to TCG when it cannot run a guest)."),
     key("agent.firecracker_bin", "AGENT_FIRECRACKER_BIN", Some("/usr/local/bin/firecracker"), "Firecracker executable."),
     key("agent.qemu_bin", "AGENT_QEMU_BIN", Some("qemu-system-x86_64"), "QEMU executable, a path or a name looked up in PATH."),
+    scalar("agent.console_log_max_bytes", "AGENT_CONSOLE_LOG_MAX_BYTES", "1048576", "Bytes each sandbox's guest console may take on the host (`console.log` plus the older half in `console.log.1`); at least 8192. Output beyond it pushes out the oldest."),
 ];
 
 pub fn by_path(path: &str) -> Option<&'static Key> {

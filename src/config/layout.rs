@@ -75,9 +75,15 @@ impl Layout {
         self.sandbox_dir(sandbox_id).join("upper.ext4")
     }
 
-    /// The guest's serial console output.
+    /// The guest's serial console output, its most recent part.
     pub fn console_log(&self, sandbox_id: &str) -> PathBuf {
         self.sandbox_dir(sandbox_id).join("console.log")
+    }
+
+    /// The console output that came before `console.log`, moved aside when that file reached
+    /// half of `agent.console_log_max_bytes`.
+    pub fn previous_console_log(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("console.log.1")
     }
 
     /// The VMM process's stdout and stderr (QEMU's diagnostics).

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 pub use keys::{Key, KEYS};
 pub use layout::{Layout, LayoutError};
 pub use types::{
-    DatabaseUrl, HostPort, HttpUrl, InterfaceName, IpCidr, IpCidrList, Ipv4Cidr, Ipv4CidrList,
-    ListenAddr, LogFormat, QemuAccel, Secret, VmmKind,
+    ConsoleLogMaxBytes, DatabaseUrl, HostPort, HttpUrl, InterfaceName, IpCidr, IpCidrList,
+    Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat, QemuAccel, Secret, VmmKind,
 };
 
 /// The variable that names the configuration file when `--config` is not given.
@@ -85,6 +85,7 @@ pub struct AgentConfig {
     pub qemu_accel: QemuAccel,
     pub firecracker_bin: PathBuf,
     pub qemu_bin: PathBuf,
+    pub console_log_max_bytes: ConsoleLogMaxBytes,
 }
 
 impl Default for Config {
@@ -179,6 +180,9 @@ impl Default for Config {
                     .expect("defaults in KEYS parse"),
                 firecracker_bin: PathBuf::from(default("agent.firecracker_bin")),
                 qemu_bin: PathBuf::from(default("agent.qemu_bin")),
+                console_log_max_bytes: default("agent.console_log_max_bytes")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
             },
         }
     }

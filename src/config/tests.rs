@@ -56,6 +56,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "agent.qemu_accel" => ("kvm", "tcg"),
         "agent.firecracker_bin" => ("/opt/file/firecracker", "/opt/env/firecracker"),
         "agent.qemu_bin" => ("/opt/file/qemu", "qemu-system-x86_64-env"),
+        "agent.console_log_max_bytes" => ("65536", "2097152"),
         other => panic!("add sample values for new key {other}"),
     }
 }
@@ -353,6 +354,21 @@ fn bad_values_name_key_value_and_source() {
             Some("[agent]\nqemu_accel = \"hvf\"\n"),
             &[],
             &["agent.qemu_accel", "hvf", "wrenn.toml"],
+        ),
+        (
+            None,
+            &[("AGENT_CONSOLE_LOG_MAX_BYTES", "100")],
+            &[
+                "agent.console_log_max_bytes",
+                "AGENT_CONSOLE_LOG_MAX_BYTES",
+                "100",
+                "8192",
+            ],
+        ),
+        (
+            Some("[agent]\nconsole_log_max_bytes = \"1MiB\"\n"),
+            &[],
+            &["agent.console_log_max_bytes", "1MiB", "wrenn.toml"],
         ),
     ];
     for (file, env, needles) in cases {

@@ -506,6 +506,61 @@ impl fmt::Display for QemuAccel {
     }
 }
 
+/// The most bytes one sandbox's guest console may take on the host, the current log and the
+/// older one it rotated to together. The guest decides what it writes, so this is what stands
+/// between a chatty (or hostile) guest and a full host disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u64", into = "u64")]
+pub struct ConsoleLogMaxBytes(u64);
+
+impl ConsoleLogMaxBytes {
+    /// Half of it is the most recent output always kept: enough for the lines that explain a
+    /// failed boot.
+    pub const MIN: u64 = 8192;
+
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl TryFrom<u64> for ConsoleLogMaxBytes {
+    type Error = String;
+
+    fn try_from(bytes: u64) -> Result<Self, Self::Error> {
+        if bytes >= Self::MIN {
+            Ok(Self(bytes))
+        } else {
+            Err(format!(
+                "{bytes} bytes is below the {} byte minimum for the guest console log",
+                Self::MIN
+            ))
+        }
+    }
+}
+
+impl From<ConsoleLogMaxBytes> for u64 {
+    fn from(cap: ConsoleLogMaxBytes) -> u64 {
+        cap.0
+    }
+}
+
+impl FromStr for ConsoleLogMaxBytes {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes: u64 = s
+            .parse()
+            .map_err(|_| format!("`{s}` is not a number of bytes"))?;
+        bytes.try_into()
+    }
+}
+
+impl fmt::Display for ConsoleLogMaxBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// Serde glue: every type above travels as its string form.
 macro_rules! string_serde {
     ($($ty:ty => $to_string:expr),* $(,)?) => {$(
@@ -652,6 +707,20 @@ mod tests {
         assert!(list.contains("fd12::1".parse().unwrap()));
         assert!(!list.contains("127.0.0.2".parse().unwrap()));
         assert!("".parse::<IpCidrList>().unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn console_log_caps_below_the_minimum_are_refused() {
+        let cap: ConsoleLogMaxBytes = "1048576".parse().unwrap();
+        assert_eq!(cap.get(), 1 << 20);
+        assert_eq!(cap.to_string(), "1048576");
+        assert!(ConsoleLogMaxBytes::try_from(ConsoleLogMaxBytes::MIN).is_ok());
+        let err = ConsoleLogMaxBytes::try_from(100).unwrap_err();
+        assert!(err.contains("100") && err.contains("8192"), "{err}");
+        assert!("1MiB"
+            .parse::<ConsoleLogMaxBytes>()
+            .unwrap_err()
+            .contains("1MiB"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! guest agent are prepared by the layers above; this module only runs and stops the VMM
 //! process.
 
+mod console;
 pub mod firecracker;
 mod leftovers;
 mod process;
@@ -17,7 +18,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::config::{AgentConfig, Layout};
-pub use crate::config::{QemuAccel, VmmKind};
+pub use crate::config::{ConsoleLogMaxBytes, QemuAccel, VmmKind};
+pub use console::console_tail;
 pub use firecracker::{FirecrackerApiError, FirecrackerVmm};
 pub use leftovers::{find_leftovers, kill_leftover, Leftover};
 pub use qemu::{Accel, AccelDecision, QemuVmm, QmpError};
@@ -138,6 +140,7 @@ pub struct NetAttachment {
 pub struct VmFiles {
     pub dir: PathBuf,
     pub console_log: PathBuf,
+    pub previous_console_log: PathBuf,
     pub vmm_log: PathBuf,
     pub firecracker_log: PathBuf,
     pub firecracker_socket: PathBuf,
@@ -150,6 +153,7 @@ impl VmFiles {
         Self {
             dir: layout.sandbox_dir(id),
             console_log: layout.console_log(id),
+            previous_console_log: layout.previous_console_log(id),
             vmm_log: layout.vmm_log(id),
             firecracker_log: layout.firecracker_log(id),
             firecracker_socket: layout.firecracker_socket(id),
@@ -239,7 +243,11 @@ pub trait Vmm: Send + Sync {
 pub trait Vm: Send + Sync {
     fn pid(&self) -> u32;
 
-    /// The guest serial console's file.
+    /// The file the guest serial console is being written to. It holds the latest output:
+    /// at half of `agent.console_log_max_bytes` it becomes [`VmFiles::previous_console_log`]
+    /// and starts again empty ([`console_tail`] reads across both). Complete once
+    /// [`Vm::status`] reports the exit or [`Vm::wait_exit`], [`Vm::kill`] or
+    /// [`Vm::shutdown`] return.
     fn serial_log(&self) -> &Path;
 
     /// The running VMM's own version report (Firecracker's `GET /version`, QEMU's
@@ -261,8 +269,15 @@ pub trait Vm: Send + Sync {
 /// The backend the configuration selects.
 pub fn from_config(agent: &AgentConfig) -> Arc<dyn Vmm> {
     match agent.vmm {
-        VmmKind::Firecracker => Arc::new(FirecrackerVmm::new(agent.firecracker_bin.clone())),
-        VmmKind::Qemu => Arc::new(QemuVmm::new(agent.qemu_bin.clone(), agent.qemu_accel)),
+        VmmKind::Firecracker => Arc::new(FirecrackerVmm::new(
+            agent.firecracker_bin.clone(),
+            agent.console_log_max_bytes,
+        )),
+        VmmKind::Qemu => Arc::new(QemuVmm::new(
+            agent.qemu_bin.clone(),
+            agent.qemu_accel,
+            agent.console_log_max_bytes,
+        )),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The VMM process itself, shared by both backends: spawned in its own session and, when asked,
-//! inside the sandbox's network namespace; its stdout and stderr go to files in the sandbox
-//! directory; it is waited for, killed and reaped here.
+//! inside the sandbox's network namespace; its stdout is the guest console, drained into a capped
+//! log, and its stderr goes to a file in the sandbox directory; it is waited for, killed and
+//! reaped here.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -12,12 +13,14 @@ use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sched::CloneFlags;
-use nix::sys::signal::{self, Signal};
+use nix::sys::signal::{self, SigHandler, Signal};
 use nix::unistd::Pid;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
+use super::console::ConsoleDrain;
 use super::{VmFiles, VmmError};
+use crate::config::ConsoleLogMaxBytes;
 
 /// How long a freshly spawned VMM may take to open its control socket.
 pub(crate) const SOCKET_WAIT: Duration = Duration::from_secs(10);
@@ -34,14 +37,7 @@ pub(crate) struct VmmProcess {
     exit: Option<ExitStatus>,
     /// Where the VMM says why it failed: its stderr, then any log of its own.
     diagnostics: Vec<PathBuf>,
-}
-
-/// Where the process's output goes.
-pub(crate) enum Stdout {
-    /// The guest serial console (Firecracker writes it to stdout).
-    ConsoleLog,
-    /// Diagnostics only: the VMM writes the console itself.
-    VmmLog,
+    console: ConsoleDrain,
 }
 
 /// The first line `bin --version` prints, provided it starts with `expected` (how each VMM
@@ -125,24 +121,17 @@ fn open_log(path: &Path, truncate: bool) -> Result<File, VmmError> {
 }
 
 /// Spawns `bin args` detached from the agent: a new session (no signals from the agent's
-/// terminal or process group), stdin closed, and in `netns` when given. The console log is
-/// truncated (one VM per sandbox directory); the VMM log is appended to.
+/// terminal or process group), stdin closed, and in `netns` when given. Its stdout is the guest
+/// console, which starts empty (one VM per sandbox directory) and is kept within `console_cap`;
+/// its stderr is appended to the VMM log.
 pub(crate) fn spawn(
     bin: &Path,
     args: &[OsString],
     netns: Option<&Path>,
     files: &VmFiles,
-    stdout: Stdout,
+    console_cap: ConsoleLogMaxBytes,
 ) -> Result<VmmProcess, VmmError> {
     let vmm_log = open_log(&files.vmm_log, false)?;
-    let out = match stdout {
-        Stdout::ConsoleLog => open_log(&files.console_log, true)?,
-        Stdout::VmmLog => vmm_log.try_clone().map_err(|source| VmmError::File {
-            what: "failed to duplicate log",
-            path: files.vmm_log.clone(),
-            source,
-        })?,
-    };
     let netns_fd = netns
         .map(|path| {
             File::open(path).map_err(|source| VmmError::Netns {
@@ -152,19 +141,25 @@ pub(crate) fn spawn(
         })
         .transpose()?;
 
+    // Should spawning fail, dropping the command closes the pipe and the drain ends by itself.
+    let (console, console_pipe) = ConsoleDrain::start(files, console_cap)?;
     let mut command = Command::new(bin);
     command
         .args(args)
         .stdin(Stdio::null())
-        .stdout(out)
+        .stdout(console_pipe)
         .stderr(vmm_log)
         .kill_on_drop(false);
     let netns_raw = netns_fd.as_ref().map(|f| f.as_raw_fd());
     // SAFETY: the closure runs in the forked child before exec and only makes the
-    // async-signal-safe system calls setsid(2) and setns(2); it allocates nothing.
+    // async-signal-safe system calls setsid(2), sigaction(2) and setns(2); it allocates nothing.
     unsafe {
         command.pre_exec(move || {
             nix::unistd::setsid()?;
+            // A VMM that outlives the agent writes its console into a pipe nobody reads: it
+            // must get EPIPE and drop the output, not die of SIGPIPE (an ignored signal stays
+            // ignored across exec).
+            signal::signal(Signal::SIGPIPE, SigHandler::SigIgn)?;
             if let Some(raw) = netns_raw {
                 // SAFETY: `netns_fd` is held open by the parent until `spawn` returns, and the
                 // child has its own copy of the descriptor table until exec.
@@ -187,6 +182,7 @@ pub(crate) fn spawn(
         pid,
         exit: None,
         diagnostics: vec![files.vmm_log.clone()],
+        console,
     })
 }
 
@@ -202,7 +198,7 @@ impl VmmProcess {
             if let Ok(stream) = UnixStream::connect(socket).await {
                 return Ok(stream);
             }
-            if let Some(status) = self.try_exit()? {
+            if let Some(status) = self.try_exit().await? {
                 return Err(self.exited_early(status));
             }
             if started.elapsed() > SOCKET_WAIT {
@@ -239,25 +235,35 @@ impl VmmProcess {
         }
     }
 
-    pub(crate) fn try_exit(&mut self) -> Result<Option<ExitStatus>, VmmError> {
+    /// The exit status, without waiting, once the process has exited; its console output is
+    /// then all in the log.
+    pub(crate) async fn try_exit(&mut self) -> Result<Option<ExitStatus>, VmmError> {
         if self.exit.is_none() {
             self.exit = self.child.try_wait().map_err(|source| VmmError::Wait {
                 pid: self.pid,
                 source,
             })?;
         }
+        if self.exit.is_some() {
+            self.console.finish().await;
+        }
         Ok(self.exit)
     }
 
+    /// Waits for the process to exit and for its console output to reach the log.
     pub(crate) async fn wait(&mut self) -> Result<ExitStatus, VmmError> {
-        if let Some(status) = self.exit {
-            return Ok(status);
-        }
-        let status = self.child.wait().await.map_err(|source| VmmError::Wait {
-            pid: self.pid,
-            source,
-        })?;
-        self.exit = Some(status);
+        let status = match self.exit {
+            Some(status) => status,
+            None => {
+                let status = self.child.wait().await.map_err(|source| VmmError::Wait {
+                    pid: self.pid,
+                    source,
+                })?;
+                self.exit = Some(status);
+                status
+            }
+        };
+        self.console.finish().await;
         Ok(status)
     }
 
@@ -273,7 +279,7 @@ impl VmmProcess {
     }
 
     pub(crate) async fn kill(&mut self) -> Result<ExitStatus, VmmError> {
-        if let Some(status) = self.try_exit()? {
+        if let Some(status) = self.try_exit().await? {
             return Ok(status);
         }
         // The pid cannot have been reused: the child is not reaped until `wait` below.

@@ -36,6 +36,8 @@ pub struct Agent {
     pub child: Option<Child>,
     pub secret: String,
     pub http: ureq::Agent,
+    /// Configuration variables on top of the test defaults, kept across restarts.
+    env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -73,6 +75,7 @@ impl Agent {
             .env("AGENT_SANDBOX_TRANSIT_RANGE", self.transit_range())
             .env("AGENT_ENVD_READY_TIMEOUT_SECS", "180")
             .env("LOG_LEVEL", "wrenn=info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         if let Some(point) = failpoint {
             cmd.env("FAILPOINTS", format!("{point}=return"));
@@ -80,7 +83,7 @@ impl Agent {
         cmd
     }
 
-    pub fn register(cp_url: &str, token: &str) -> Agent {
+    pub fn register(cp_url: &str, token: &str, env: Vec<(String, String)>) -> Agent {
         let number = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
         let mut agent = Agent {
             root: Self::new_root(),
@@ -97,6 +100,7 @@ impl Agent {
                 .timeout_global(Some(CREATE_TIMEOUT))
                 .build()
                 .into(),
+            env,
         };
         let mut cmd = agent.command(None);
         cmd.args([
@@ -320,6 +324,15 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 /// Creates a regular host as `admin` and starts a real agent registering as it; returns the
 /// agent and the host's ID.
 pub async fn add_agent(cp: &TestCp, admin: &Auth) -> (Agent, String) {
+    add_agent_with_env(cp, admin, &[]).await
+}
+
+/// [`add_agent`] with configuration variables for the agent, e.g. a smaller console cap.
+pub async fn add_agent_with_env(
+    cp: &TestCp,
+    admin: &Auth,
+    env: &[(&str, &str)],
+) -> (Agent, String) {
     let (status, body) = cp
         .call(
             Method::POST,
@@ -332,7 +345,11 @@ pub async fn add_agent(cp: &TestCp, admin: &Auth) -> (Agent, String) {
     let token = body["registration_token"].as_str().unwrap().to_owned();
     let host_id = body["host"]["id"].as_str().unwrap().to_owned();
     let cp_url = format!("http://{}", cp.addr);
-    let agent = tokio::task::spawn_blocking(move || Agent::register(&cp_url, &token))
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let agent = tokio::task::spawn_blocking(move || Agent::register(&cp_url, &token, env))
         .await
         .unwrap();
     (agent, host_id)
@@ -340,8 +357,13 @@ pub async fn add_agent(cp: &TestCp, admin: &Auth) -> (Agent, String) {
 
 /// A control plane with a platform admin and a registered host whose agent is running.
 pub async fn stack() -> (TestCp, Agent, String, Auth) {
+    stack_with_env(&[]).await
+}
+
+/// [`stack`] with configuration variables for the agent.
+pub async fn stack_with_env(env: &[(&str, &str)]) -> (TestCp, Agent, String, Auth) {
     let cp = TestCp::start().await;
     let admin = cp.signup("admin@example.com").await;
-    let (agent, host_id) = add_agent(&cp, &admin.auth()).await;
+    let (agent, host_id) = add_agent_with_env(&cp, &admin.auth(), env).await;
     (cp, agent, host_id, admin.auth())
 }

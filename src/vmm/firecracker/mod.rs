@@ -15,8 +15,9 @@ use api::{
     ActionType, ApiCall, ApiClient, Endpoint, FirecrackerVersion, InstanceAction, InstanceInfo,
 };
 
-use super::process::{self, Stdout, VmmProcess};
+use super::process::{self, VmmProcess};
 use super::{Vm, VmSpec, VmStatus, Vmm, VmmError, VmmKind};
+use crate::config::ConsoleLogMaxBytes;
 
 /// The guest's only network interface.
 pub const IFACE_ID: &str = "eth0";
@@ -24,11 +25,12 @@ pub const IFACE_ID: &str = "eth0";
 #[derive(Debug, Clone)]
 pub struct FirecrackerVmm {
     bin: PathBuf,
+    console_cap: ConsoleLogMaxBytes,
 }
 
 impl FirecrackerVmm {
-    pub fn new(bin: PathBuf) -> Self {
-        Self { bin }
+    pub fn new(bin: PathBuf, console_cap: ConsoleLogMaxBytes) -> Self {
+        Self { bin, console_cap }
     }
 }
 
@@ -106,7 +108,8 @@ impl Vmm for FirecrackerVmm {
         let calls = boot_sequence(spec)?;
         let bin = self.bin.clone();
         let spec = spec.clone();
-        let task = tokio::spawn(async move { start_detached(bin, spec, calls).await });
+        let console_cap = self.console_cap;
+        let task = tokio::spawn(async move { start_detached(bin, console_cap, spec, calls).await });
         let vm = task
             .await
             .map_err(|e| VmmError::StartTask(e.to_string()))??;
@@ -116,6 +119,7 @@ impl Vmm for FirecrackerVmm {
 
 async fn start_detached(
     bin: PathBuf,
+    console_cap: ConsoleLogMaxBytes,
     spec: VmSpec,
     calls: Vec<ApiCall>,
 ) -> Result<FirecrackerVm, VmmError> {
@@ -136,7 +140,8 @@ async fn start_detached(
     // Firecracker opens its log itself, with its own file offset: give it a file of its own
     // rather than interleaving it with stderr.
     process::reset_log(&files.firecracker_log)?;
-    let mut process = process::spawn(&bin, &args, netns, files, Stdout::ConsoleLog)?
+    // Its stdout is the guest console (Firecracker's default without `PUT /serial`).
+    let mut process = process::spawn(&bin, &args, netns, files, console_cap)?
         .with_diagnostics_log(files.firecracker_log.clone());
     match configure(&mut process, &api_socket, &calls).await {
         Ok((client, vmm_version)) => {
@@ -173,7 +178,7 @@ async fn configure(
     for call in calls {
         if let Err(error) = client.send(call).await {
             // A transport error usually means the process died; say so with its log.
-            if let Some(status) = process.try_exit()? {
+            if let Some(status) = process.try_exit().await? {
                 return Err(process.exited_early(status));
             }
             return Err(error.into());
@@ -215,7 +220,7 @@ impl Vm for FirecrackerVm {
     }
 
     async fn status(&mut self) -> Result<VmStatus, VmmError> {
-        if let Some(status) = self.process.try_exit()? {
+        if let Some(status) = self.process.try_exit().await? {
             return Ok(VmStatus::Exited(status));
         }
         let info: InstanceInfo = self.client.get(&api::get_instance_info()).await?;
@@ -228,7 +233,7 @@ impl Vm for FirecrackerVm {
     }
 
     async fn shutdown(&mut self, grace: Duration) -> Result<ExitStatus, VmmError> {
-        if self.process.try_exit()?.is_none() {
+        if self.process.try_exit().await?.is_none() {
             let ctrl_alt_del = InstanceAction {
                 action_type: ActionType::SendCtrlAltDel,
             }

@@ -17,12 +17,15 @@ pub use accel::{Accel, AccelDecision, PROBE_DEADLINE};
 use qmp::QmpClient;
 pub use qmp::QmpError;
 
-use super::process::{self, Stdout, VmmProcess};
+use super::process::{self, VmmProcess};
 use super::{Vm, VmSpec, VmStatus, Vmm, VmmError, VmmKind};
-use crate::config::QemuAccel;
+use crate::config::{ConsoleLogMaxBytes, QemuAccel};
 
 const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=on";
 const VHOST_VSOCK: &str = "/dev/vhost-vsock";
+/// The serial console goes to QEMU's stdout, the pipe the agent drains into the capped console
+/// log; QEMU opens it anew, so the file backend works unchanged on the pipe.
+const CONSOLE_PATH: &str = "/proc/self/fd/1";
 /// How long `quit` may take before the process is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(2);
 
@@ -30,15 +33,17 @@ const QUIT_GRACE: Duration = Duration::from_secs(2);
 pub struct QemuVmm {
     bin: PathBuf,
     accel: QemuAccel,
+    console_cap: ConsoleLogMaxBytes,
     /// The accelerator decision, made on the first start and kept for the agent's lifetime.
     decision: Arc<OnceCell<AccelDecision>>,
 }
 
 impl QemuVmm {
-    pub fn new(bin: PathBuf, accel: QemuAccel) -> Self {
+    pub fn new(bin: PathBuf, accel: QemuAccel, console_cap: ConsoleLogMaxBytes) -> Self {
         Self {
             bin,
             accel,
+            console_cap,
             decision: Arc::new(OnceCell::new()),
         }
     }
@@ -89,13 +94,7 @@ pub fn command_line(spec: &VmSpec, accel: Accel, vsock_available: bool) -> Vec<O
         &spec.vcpus.to_string(),
     ]);
     push(&["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
-    push(&[
-        "-chardev",
-        &format!(
-            "file,id=console,path={}",
-            opt_value(&spec.files.console_log)
-        ),
-    ]);
+    push(&["-chardev", &format!("file,id=console,path={CONSOLE_PATH}")]);
     push(&["-serial", "chardev:console"]);
     push(&[
         "-qmp",
@@ -183,7 +182,7 @@ impl QemuVmm {
         process::prepare_files(files, &[&files.qmp_socket])?;
         let args = command_line(&spec, accel, vsock_available);
         let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
-        let mut process = process::spawn(&self.bin, &args, netns, files, Stdout::VmmLog)?;
+        let mut process = process::spawn(&self.bin, &args, netns, files, self.console_cap)?;
         match connect(&mut process, &files.qmp_socket).await {
             Ok((qmp, vmm_version)) => {
                 tracing::info!(id = %spec.id, pid = process.pid(), accel = accel.as_str(), %vmm_version, "QEMU VM started");
@@ -263,14 +262,18 @@ impl Vm for QemuVm {
     }
 
     async fn status(&mut self) -> Result<VmStatus, VmmError> {
-        if let Some(status) = self.process.try_exit()? {
+        if let Some(status) = self.process.try_exit().await? {
             return Ok(VmStatus::Exited(status));
         }
         let info = match self.qmp.query_status().await {
             Ok(info) => info,
-            // The guest powered off between the check above and the query.
-            Err(QmpError::Closed { .. }) => {
-                return Ok(VmStatus::Exited(self.process.wait().await?))
+            // The guest powered off between the check above and the query: the monitor closed,
+            // or the query was written into the closing socket.
+            Err(error @ (QmpError::Closed { .. } | QmpError::Io { .. })) => {
+                return match self.process.wait_for(EXIT_AFTER_CLOSE).await? {
+                    Some(status) => Ok(VmStatus::Exited(status)),
+                    None => Err(error.into()),
+                };
             }
             Err(e) => return Err(e.into()),
         };
@@ -283,7 +286,7 @@ impl Vm for QemuVm {
     }
 
     async fn shutdown(&mut self, grace: Duration) -> Result<ExitStatus, VmmError> {
-        if let Some(status) = self.process.try_exit()? {
+        if let Some(status) = self.process.try_exit().await? {
             return Ok(self.exited(status));
         }
         match self.qmp.system_powerdown().await {
@@ -369,7 +372,7 @@ mod tests {
         for needle in [
             "-M microvm,x-option-roms=off,isa-serial=on,rtc=on -accel kvm -cpu host -m 256 -smp 2",
             "-nodefaults -no-user-config -nographic -no-reboot",
-            "-chardev file,id=console,path=/srv/sandboxes/cl-q/console.log -serial chardev:console",
+            "-chardev file,id=console,path=/proc/self/fd/1 -serial chardev:console",
             "-qmp unix:/srv/sandboxes/cl-q/qmp.sock,server=on,wait=off",
             "-append console=ttyS0 reboot=k panic=1 pci=off ip=dhcp -kernel /k/vmlinux -initrd /k/initrd",
             "-drive id=root,file=/img/base,,v1.ext4,format=raw,if=none,readonly=on -device virtio-blk-device,drive=root \
