@@ -1,27 +1,31 @@
 //! Capsule figures through the control plane: create latency split into control-plane overhead
 //! and agent time (from the create response's `Server-Timing: agent;dur=` header), foreground
-//! exec round trip p50/p99 through the control plane beside the same call straight to envd, and
-//! file upload/download throughput through the control plane beside straight to envd.
+//! exec round trip p50/p99 through the control plane beside the same call made without it, and
+//! file upload/download throughput (into the guest's `/tmp`, a tmpfs) the same two ways.
 //!
 //! `cargo bench --bench capsules` runs one of two stacks:
 //!
-//! - A real stack, when `WRENN_BENCH_CP_URL` (e.g. `http://cp:8000`) and `WRENN_BENCH_API_KEY`
-//!   (`wrn_...`) are set. Optional: `WRENN_BENCH_TEMPLATE` (default `minimal`),
-//!   `WRENN_BENCH_ENVD_URL` (envd of the created capsule as this machine reaches it; default
-//!   `http://<guest_ip>:49983`, reachable on the agent's host) and `WRENN_BENCH_ENVD_TOKEN`
-//!   (envd's access token, if one is set). Direct-to-envd figures are skipped when envd cannot
-//!   be reached.
-//! - Otherwise a local stack: a private PostgreSQL, the control plane in-process, and the agent
-//!   test double of `tests/support/agent_double.rs` whose sandboxes are real `wrenn envd`
-//!   processes. Its create figures measure only the control plane and the double; exec and file
-//!   figures show the cost of the two extra hops (control plane and agent proxy) on loopback.
+//! - A deployed stack, when `WRENN_BENCH_CP_URL` (e.g. `http://cp:8000`) and
+//!   `WRENN_BENCH_API_KEY` (`wrn_...`) are set. Optional: `WRENN_BENCH_TEMPLATE` (default
+//!   `minimal`); `WRENN_BENCH_ENVD_URL` (envd of the created capsule as this machine reaches it;
+//!   default `http://<guest_ip>:49983`, reachable on the agent's host) with
+//!   `WRENN_BENCH_ENVD_TOKEN` (envd's access token) for straight-to-envd figures; and
+//!   `WRENN_BENCH_AGENT_URL` with `WRENN_BENCH_AGENT_SECRET` (the `agent_secret` of the host's
+//!   `host-token` file) for figures through the agent's envd proxy alone. Each comparison is
+//!   skipped, saying why, when its endpoint does not answer `/health`.
+//! - Otherwise, as root, a local stack of real parts: a private PostgreSQL, `wrenn cp serve` as
+//!   its own process (so its peak memory is its own and is printed), a registered `wrenn agent`
+//!   and QEMU/TCG microVMs from the shared test images. The agent keeps each sandbox's envd
+//!   access token in memory only, so the local comparison is the agent's envd proxy
+//!   (`/v1/sandboxes/{id}/envd/...` with the agent secret): the difference from the
+//!   through-the-CP figure is the control plane's hop, and the agent proxy's own hop is included
+//!   in both.
 //!
 //! Sizes: `WRENN_BENCH_CREATES` (default 10), `WRENN_BENCH_EXECS` (default 300) and
 //! `WRENN_BENCH_FILE_MB` (default 64).
 
-#[path = "../tests/support/agent_double.rs"]
-#[allow(dead_code)]
-mod agent_double;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -162,111 +166,106 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Where a capsule's envd can be reached directly, given its ID and its API representation.
-type DirectEnvd = Box<dyn Fn(&str, &Value) -> Option<String>>;
+/// A way to reach a capsule's envd API without the control plane.
+struct Bypass {
+    /// What the figures measure, as printed.
+    label: &'static str,
+    /// The prefix to which envd paths (`/processes/run`, `/files`) are appended.
+    base: String,
+    headers: Vec<(&'static str, String)>,
+}
 
-/// The control plane to measure, and how to reach envd directly for a capsule.
+impl Bypass {
+    fn agent_proxy(agent_url: &str, id: &str, secret: &str) -> Self {
+        Self {
+            label: "agent proxy only",
+            base: format!("{}/v1/sandboxes/{id}/envd", agent_url.trim_end_matches('/')),
+            headers: vec![("authorization", format!("Bearer {secret}"))],
+        }
+    }
+
+    fn envd(url: &str, token: Option<&str>) -> Self {
+        Self {
+            label: "straight to envd",
+            base: url.trim_end_matches('/').to_owned(),
+            headers: token
+                .map(|t| ("x-access-token", t.to_owned()))
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
+/// The comparisons available for a capsule, given its ID and its API representation.
+type Bypasses = Box<dyn Fn(&str, &Value) -> Vec<Bypass>>;
+
+/// The control plane to measure and the ways around it.
 struct Target {
     cp_url: String,
     api_key: String,
     template: String,
-    envd_token: Option<String>,
-    direct_envd: DirectEnvd,
+    bypasses: Bypasses,
+    /// Processes whose peak memory is printed at the end.
+    processes: Vec<(&'static str, u32)>,
 }
 
+/// The parts of the local stack, kept alive while it is measured.
 struct LocalStack {
-    _pg: wrenn::testing::pg::PgCluster,
-    double: std::sync::Arc<agent_double::AgentDouble>,
+    cp: support::TestCp,
+    agent: support::agent::Agent,
+    replica: support::CpReplica,
 }
 
 async fn local_stack() -> (Target, LocalStack) {
-    use wrenn::cp::state::AppState;
-    use wrenn::cp::tokens::TokenKeys;
-    let pg = tokio::task::spawn_blocking(wrenn::testing::pg::PgCluster::start)
-        .await
-        .unwrap()
-        .expect("postgres starts");
-    let db = wrenn::db::connect_lazy(&pg.url()).unwrap();
-    wrenn::db::migrate::up(&db).await.expect("migrations apply");
-    let state = AppState::new(db, TokenKeys::new(&[42u8; 32]).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let cp_url = format!("http://{}", listener.local_addr().unwrap());
-    let monitor = wrenn::cp::monitor::MonitorSettings {
-        interval: Duration::from_secs(3600),
-        unreachable_after: Duration::from_secs(3600),
-    };
-    tokio::spawn(async move {
-        wrenn::cp::run(listener, state, monitor, std::future::pending())
-            .await
-            .expect("control plane runs")
-    });
-    let http = Http::new();
-    let (status, _, admin) = http
-        .json(
+    let (cp, agent, _, admin) = support::agent::stack().await;
+    let (status, key) = cp
+        .call(
             Method::POST,
-            &format!("{cp_url}/v1/auth/signup"),
-            &[],
-            &json!({"email": "bench@example.com", "password": "correct horse battery", "name": "Bench"}),
+            "/v1/api-keys",
+            &admin,
+            Some(json!({"name": "bench"})),
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{admin}");
-    let jwt = vec![(
-        "authorization",
-        format!("Bearer {}", admin["token"].as_str().unwrap()),
-    )];
-    let double = std::sync::Arc::new(agent_double::AgentDouble::start().await);
-    let (_, _, host) = http
-        .json(
-            Method::POST,
-            &format!("{cp_url}/v1/hosts"),
-            &jwt,
-            &json!({"type": "regular"}),
-        )
-        .await;
-    let (status, _, creds) = http
-        .json(
-            Method::POST,
-            &format!("{cp_url}/v1/hosts/register"),
-            &[],
-            &json!({"token": host["registration_token"], "arch": "x86_64", "cpu_cores": 64,
-                    "memory_mb": 1 << 20, "disk_gb": 10_000, "address": double.address()}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{creds}");
-    double.set_secret(creds["agent_secret"].as_str().unwrap());
-    let (_, _, key) = http
-        .json(
-            Method::POST,
-            &format!("{cp_url}/v1/api-keys"),
-            &jwt,
-            &json!({"name": "bench"}),
-        )
-        .await;
-    let lookup = double.clone();
+    assert_eq!(status, StatusCode::CREATED, "{key}");
+    let replica = support::CpReplica::start(&cp).await;
+    let (agent_url, secret) = (agent.url(""), agent.secret.clone());
     let target = Target {
-        cp_url,
+        cp_url: format!("http://{}", replica.addr),
         api_key: key["key"].as_str().unwrap().to_owned(),
         template: "minimal".into(),
-        envd_token: None,
-        direct_envd: Box::new(move |id, _| lookup.envd_url(id)),
+        bypasses: Box::new(move |id, _| vec![Bypass::agent_proxy(&agent_url, id, &secret)]),
+        processes: vec![
+            ("control plane", replica.pid()),
+            ("agent", agent.child.as_ref().unwrap().id()),
+        ],
     };
-    (target, LocalStack { _pg: pg, double })
+    (target, LocalStack { cp, agent, replica })
 }
 
-fn real_stack(cp_url: String, api_key: String) -> Target {
-    let fixed = setting("WRENN_BENCH_ENVD_URL");
+fn deployed_stack(cp_url: String, api_key: String) -> Target {
+    let envd_url = setting("WRENN_BENCH_ENVD_URL");
+    let envd_token = setting("WRENN_BENCH_ENVD_TOKEN");
+    let agent = setting("WRENN_BENCH_AGENT_URL").zip(setting("WRENN_BENCH_AGENT_SECRET"));
     Target {
         cp_url: cp_url.trim_end_matches('/').to_owned(),
         api_key,
         template: setting("WRENN_BENCH_TEMPLATE").unwrap_or_else(|| "minimal".into()),
-        envd_token: setting("WRENN_BENCH_ENVD_TOKEN"),
-        direct_envd: Box::new(move |_, capsule| {
-            fixed.clone().or_else(|| {
+        bypasses: Box::new(move |id, capsule| {
+            let mut bypasses = Vec::new();
+            if let Some((url, secret)) = &agent {
+                bypasses.push(Bypass::agent_proxy(url, id, secret));
+            }
+            let envd = envd_url.clone().or_else(|| {
                 capsule["guest_ip"]
                     .as_str()
                     .map(|ip| format!("http://{ip}:49983"))
-            })
+            });
+            if let Some(url) = envd {
+                bypasses.push(Bypass::envd(&url, envd_token.as_deref()));
+            }
+            bypasses
         }),
+        processes: Vec::new(),
     }
 }
 
@@ -278,22 +277,28 @@ fn server_timing_agent(headers: &hyper::HeaderMap) -> Option<Duration> {
     Some(Duration::from_secs_f64(dur.parse::<f64>().ok()? / 1000.0))
 }
 
-async fn bench(target: Target) {
-    let http = Http::new();
-    let key = vec![("x-api-key", target.api_key.clone())];
-    let cp = &target.cp_url;
+fn print_latencies(label: &str, mut values: Vec<Duration>) {
+    values.sort();
+    println!(
+        "  {label:<16} p50 {:9.2} ms   p99 {:9.2} ms",
+        ms(percentile(&values, 0.5)),
+        ms(percentile(&values, 0.99))
+    );
+}
 
-    // Create latency.
+/// Creates capsules one after another, printing the latency split, and keeps the last one.
+async fn create_figures(http: &Http, target: &Target, key: &[(&str, String)]) -> Value {
+    let cp = &target.cp_url;
     let creates = number("WRENN_BENCH_CREATES", 10).max(1);
     let (mut totals, mut agents, mut overheads) = (Vec::new(), Vec::new(), Vec::new());
-    let mut kept: Option<Value> = None;
+    let mut kept = Value::Null;
     for i in 0..creates {
         let started = Instant::now();
         let (status, headers, capsule) = http
             .json(
                 Method::POST,
                 &format!("{cp}/v1/capsules"),
-                &key,
+                key,
                 &json!({"template": target.template}),
             )
             .await;
@@ -304,116 +309,125 @@ async fn bench(target: Target) {
         agents.push(agent);
         overheads.push(total.saturating_sub(agent));
         if i + 1 == creates {
-            kept = Some(capsule);
+            kept = capsule;
         } else {
             let id = capsule["id"].as_str().unwrap();
-            http.send(
-                Method::DELETE,
-                &format!("{cp}/v1/capsules/{id}"),
-                &key,
-                Http::full(Bytes::new()),
-            )
-            .await;
+            let (status, _, _) = http
+                .send(
+                    Method::DELETE,
+                    &format!("{cp}/v1/capsules/{id}"),
+                    key,
+                    Http::full(Bytes::new()),
+                )
+                .await;
+            assert!(status.is_success(), "delete {id}: {status}");
         }
-    }
-    for list in [&mut totals, &mut agents, &mut overheads] {
-        list.sort();
     }
     println!("capsule create ({creates} sequential)");
-    println!(
-        "  total            p50 {:9.2} ms   p99 {:9.2} ms",
-        ms(percentile(&totals, 0.5)),
-        ms(percentile(&totals, 0.99))
-    );
-    println!(
-        "  agent            p50 {:9.2} ms   p99 {:9.2} ms",
-        ms(percentile(&agents, 0.5)),
-        ms(percentile(&agents, 0.99))
-    );
-    println!(
-        "  control plane    p50 {:9.2} ms   p99 {:9.2} ms",
-        ms(percentile(&overheads, 0.5)),
-        ms(percentile(&overheads, 0.99))
-    );
+    print_latencies("total", totals);
+    print_latencies("agent", agents);
+    print_latencies("control plane", overheads);
+    kept
+}
 
-    let capsule = kept.expect("one capsule kept");
-    let id = capsule["id"].as_str().unwrap().to_owned();
-    let direct = (target.direct_envd)(&id, &capsule);
-    let envd_headers: Vec<(&str, String)> = target
-        .envd_token
-        .iter()
-        .map(|t| ("x-access-token", t.clone()))
-        .collect();
-    let direct = match direct {
-        Some(url) => {
-            let probe = Request::builder()
-                .uri(format!("{url}/health"))
-                .body(Http::full(Bytes::new()))
-                .unwrap();
-            match tokio::time::timeout(Duration::from_secs(3), http.client.request(probe)).await {
-                Ok(Ok(r)) if r.status().is_success() => Some(url),
-                _ => {
-                    println!("(envd at {url} is not reachable from here: direct figures skipped)");
-                    None
-                }
-            }
+/// The bypasses whose `/health` answers; says why each other one is skipped.
+async fn reachable(http: &Http, bypasses: Vec<Bypass>) -> Vec<Bypass> {
+    let mut usable = Vec::new();
+    for bypass in bypasses {
+        let mut probe = Request::builder().uri(format!("{}/health", bypass.base));
+        for (name, value) in &bypass.headers {
+            probe = probe.header(*name, value);
         }
-        None => None,
-    };
+        let probe = probe.body(Http::full(Bytes::new())).unwrap();
+        match tokio::time::timeout(Duration::from_secs(3), http.client.request(probe)).await {
+            Ok(Ok(r)) if r.status().is_success() => usable.push(bypass),
+            Ok(Ok(r)) => println!(
+                "({} at {} answers {}: its figures are skipped)",
+                bypass.label,
+                bypass.base,
+                r.status()
+            ),
+            Ok(Err(e)) => println!(
+                "({} at {} is not reachable from here ({e}): its figures are skipped)",
+                bypass.label, bypass.base
+            ),
+            Err(_) => println!(
+                "({} at {} did not answer within 3 s: its figures are skipped)",
+                bypass.label, bypass.base
+            ),
+        }
+    }
+    usable
+}
 
-    // Exec round trip.
+/// Foreground `/bin/true` round trips; the routes take turns so that load from elsewhere on the
+/// machine falls on all of them alike.
+async fn exec_figures(
+    http: &Http,
+    target: &Target,
+    key: &[(&str, String)],
+    id: &str,
+    bypasses: &[Bypass],
+) {
     let execs = number("WRENN_BENCH_EXECS", 300).max(1);
     let mut through = Vec::with_capacity(execs);
+    let mut around = vec![Vec::with_capacity(execs); bypasses.len()];
     for _ in 0..execs {
         let started = Instant::now();
         let (status, _, out) = http
             .json(
                 Method::POST,
-                &format!("{cp}/v1/capsules/{id}/exec"),
-                &key,
+                &format!("{}/v1/capsules/{id}/exec", target.cp_url),
+                key,
                 &json!({"cmd": "/bin/true"}),
             )
             .await;
         through.push(started.elapsed());
         assert_eq!(status, StatusCode::OK, "exec: {out}");
-    }
-    through.sort();
-    println!("exec /bin/true round trip ({execs} sequential)");
-    println!(
-        "  through the CP   p50 {:9.2} ms   p99 {:9.2} ms",
-        ms(percentile(&through, 0.5)),
-        ms(percentile(&through, 0.99))
-    );
-    if let Some(envd) = &direct {
-        let mut straight = Vec::with_capacity(execs);
-        for _ in 0..execs {
+        for (bypass, times) in bypasses.iter().zip(&mut around) {
             let started = Instant::now();
             let (status, _, out) = http
                 .json(
                     Method::POST,
-                    &format!("{envd}/processes/run"),
-                    &envd_headers,
+                    &format!("{}/processes/run", bypass.base),
+                    &bypass.headers,
                     &json!({"process": {"cmd": "/bin/true"}}),
                 )
                 .await;
-            straight.push(started.elapsed());
-            assert_eq!(status, StatusCode::OK, "envd run: {out}");
+            times.push(started.elapsed());
+            assert_eq!(status, StatusCode::OK, "{}: run: {out}", bypass.label);
         }
-        straight.sort();
-        println!(
-            "  straight to envd p50 {:9.2} ms   p99 {:9.2} ms",
-            ms(percentile(&straight, 0.5)),
-            ms(percentile(&straight, 0.99))
-        );
     }
+    println!("exec /bin/true round trip ({execs} sequential)");
+    print_latencies("through the CP", through);
+    for (bypass, times) in bypasses.iter().zip(around) {
+        print_latencies(bypass.label, times);
+    }
+}
 
-    // File throughput.
+async fn file_figures(
+    http: &Http,
+    target: &Target,
+    key: &[(&str, String)],
+    id: &str,
+    bypasses: &[Bypass],
+) {
+    let cp = &target.cp_url;
     let mib = number("WRENN_BENCH_FILE_MB", 64).max(1);
     let size = mib << 20;
-    let rate = |d: Duration| size as f64 / (1 << 20) as f64 / d.as_secs_f64();
+    let rate = |d: Duration| mib as f64 / d.as_secs_f64();
+    let print = |label: &str, up: Duration, down: Duration| {
+        println!(
+            "  {label:<16} upload {:8.1} MiB/s   download {:8.1} MiB/s",
+            rate(up),
+            rate(down)
+        )
+    };
+    println!("file transfer ({mib} MiB each way)");
+
     let path = "/tmp/wrenn-bench.bin";
     let (body, content_type) = generated(size, Some(path));
-    let mut headers = key.clone();
+    let mut headers = key.to_vec();
     headers.push(("content-type", content_type.unwrap()));
     let started = Instant::now();
     let (status, _, answer) = http
@@ -426,51 +440,69 @@ async fn bench(target: Target) {
         .await;
     let up = started.elapsed();
     assert_eq!(status, StatusCode::NO_CONTENT, "upload: {answer:?}");
-    let mut read_headers = key.clone();
-    read_headers.push(("content-type", "application/json".into()));
+    let mut headers = key.to_vec();
+    headers.push(("content-type", "application/json".into()));
     let started = Instant::now();
     let (status, _, data) = http
         .send(
             Method::POST,
             &format!("{cp}/v1/capsules/{id}/files/stream/read"),
-            &read_headers,
+            &headers,
             Http::full(serde_json::to_vec(&json!({"path": path})).unwrap()),
         )
         .await;
     let down = started.elapsed();
     assert_eq!((status, data.len()), (StatusCode::OK, size));
-    println!("file transfer ({mib} MiB)");
-    println!(
-        "  through the CP   upload {:8.1} MiB/s   download {:8.1} MiB/s",
-        rate(up),
-        rate(down)
-    );
-    if let Some(envd) = &direct {
-        let query = format!("{envd}/files?path=%2Ftmp%2Fwrenn-bench-direct.bin");
+    print("through the CP", up, down);
+
+    for bypass in bypasses {
+        let url = format!("{}/files?path=%2Ftmp%2Fwrenn-bench-bypass.bin", bypass.base);
         let (body, _) = generated(size, None);
         let started = Instant::now();
-        let (status, _, answer) = http.send(Method::PUT, &query, &envd_headers, body).await;
+        let (status, _, answer) = http.send(Method::PUT, &url, &bypass.headers, body).await;
         let up = started.elapsed();
-        assert!(status.is_success(), "envd upload: {answer:?}");
+        assert!(status.is_success(), "{}: upload: {answer:?}", bypass.label);
         let started = Instant::now();
         let (status, _, data) = http
-            .send(Method::GET, &query, &envd_headers, Http::full(Bytes::new()))
+            .send(Method::GET, &url, &bypass.headers, Http::full(Bytes::new()))
             .await;
         let down = started.elapsed();
-        assert_eq!((status, data.len()), (StatusCode::OK, size));
-        println!(
-            "  straight to envd upload {:8.1} MiB/s   download {:8.1} MiB/s",
-            rate(up),
-            rate(down)
+        assert_eq!(
+            (status, data.len()),
+            (StatusCode::OK, size),
+            "{}",
+            bypass.label
         );
+        print(bypass.label, up, down);
     }
-    http.send(
-        Method::DELETE,
-        &format!("{cp}/v1/capsules/{id}"),
-        &key,
-        Http::full(Bytes::new()),
-    )
-    .await;
+}
+
+async fn bench(target: &Target) {
+    let http = Http::new();
+    let key = vec![("x-api-key", target.api_key.clone())];
+    let capsule = create_figures(&http, target, &key).await;
+    let id = capsule["id"].as_str().unwrap().to_owned();
+    let bypasses = reachable(&http, (target.bypasses)(&id, &capsule)).await;
+    exec_figures(&http, target, &key, &id, &bypasses).await;
+    file_figures(&http, target, &key, &id, &bypasses).await;
+    if !target.processes.is_empty() {
+        println!("peak resident memory over the run");
+        for (name, pid) in &target.processes {
+            println!(
+                "  {name:<16} {:8.1} MiB",
+                support::agent::peak_rss_kib(*pid) as f64 / 1024.0
+            );
+        }
+    }
+    let (status, _, _) = http
+        .send(
+            Method::DELETE,
+            &format!("{}/v1/capsules/{id}", target.cp_url),
+            &key,
+            Http::full(Bytes::new()),
+        )
+        .await;
+    assert!(status.is_success(), "delete {id}: {status}");
 }
 
 fn main() {
@@ -479,21 +511,33 @@ fn main() {
         println!("capsules benchmark: run it with `cargo bench --bench capsules`");
         return;
     }
+    let deployed = setting("WRENN_BENCH_CP_URL").zip(setting("WRENN_BENCH_API_KEY"));
+    if deployed.is_none() && !nix::unistd::geteuid().is_root() {
+        println!("capsules benchmark: the local stack boots VMs and needs root; skipped");
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        match (setting("WRENN_BENCH_CP_URL"), setting("WRENN_BENCH_API_KEY")) {
-            (Some(url), Some(key)) => {
-                println!("# real stack at {url}");
-                bench(real_stack(url, key)).await;
+        match deployed {
+            Some((url, key)) => {
+                println!("# deployed stack at {url}");
+                bench(&deployed_stack(url, key)).await;
             }
-            _ => {
-                println!("# local stack: in-process control plane, agent test double, real envd processes");
+            None => {
+                println!(
+                    "# local stack: `wrenn cp serve`, `wrenn agent`, QEMU/TCG microVMs \
+                     (1 vCPU, 512 MiB), {} host CPUs",
+                    std::thread::available_parallelism().map_or(0, |n| n.get())
+                );
                 let (target, stack) = local_stack().await;
-                bench(target).await;
-                drop(stack.double);
+                bench(&target).await;
+                drop(stack.replica);
+                support::agent::wait_clean(&stack.agent);
+                drop(stack.agent);
+                stack.cp.stop().await;
             }
         }
     });

@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 pub mod agent;
-pub mod agent_double;
 pub mod schema;
 
 use std::net::SocketAddr;
