@@ -168,8 +168,11 @@ async fn qmp_reports_running_and_shutdown_forces_a_guest_that_ignores_the_button
 #[tokio::test]
 async fn shutdown_presses_the_power_button_and_a_cooperative_guest_powers_off() {
     let f = fixture();
+    // GUEST-READY only once a reader holds an event device open, so the press cannot come
+    // first; the pause after the marker lets the UART send it before the power goes.
     let body = "insmod /modules/evdev.ko\ninsmod /modules/button.ko\n\
-                for e in /dev/input/event*; do (head -c 1 $e >/dev/null; echo POWER-BUTTON-PRESSED; poweroff -f) & done\n\
+                for e in /dev/input/event*; do (head -c 1 $e >/dev/null; echo POWER-BUTTON-PRESSED; sleep 1; poweroff -f) & done\n\
+                until ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q /dev/input/event; do sleep 0.1; done\n\
                 echo GUEST-READY\nwhile true; do sleep 1; done";
     let spec = f.spec("cl-polite", &init(body), guest::POWER_BUTTON_MODULES);
     let mut vm = tcg().start(&spec).await.unwrap();
