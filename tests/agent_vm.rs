@@ -70,6 +70,17 @@ async fn boots_runs_commands_moves_files_and_destroys_without_traces() {
         let (status, _) = agent.call(Method::GET, "/v1/sandboxes/cl-e2e-one", None);
         assert_eq!(status, StatusCode::NOT_FOUND);
         wait_clean(&agent);
+        // A stopped agent takes its host firewall table with it.
+        let mut agent = agent;
+        let table = format!("table inet {}", agent.prefix);
+        let listed = || {
+            support::agent::sh("nft list tables")
+                .lines()
+                .any(|l| l.trim() == table)
+        };
+        assert!(listed());
+        agent.stop();
+        assert!(!listed());
         agent
     })
     .await

@@ -653,7 +653,7 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// Destroys every sandbox; used at agent shutdown.
+    /// Destroys every sandbox and then the host firewall table they needed; at agent shutdown.
     pub async fn destroy_all(&self) {
         let ids: Vec<String> = self
             .sandboxes
@@ -666,6 +666,9 @@ impl SandboxManager {
             if let Err(error) = self.destroy(&id).await {
                 tracing::warn!(sandbox = %id, %error, "destroy at shutdown failed");
             }
+        }
+        if let Err(error) = self.network.remove_host_table().await {
+            tracing::warn!(%error, "could not remove the host firewall table at shutdown");
         }
     }
 

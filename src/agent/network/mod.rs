@@ -103,6 +103,8 @@ pub enum NetworkError {
     Forwarding(std::io::Error),
     #[error("could not load the host firewall table inet {table}: {source}")]
     HostRuleset { table: String, source: CommandError },
+    #[error("could not remove the host firewall table inet {table}: {source}")]
+    RemoveHostRuleset { table: String, source: CommandError },
     #[error("could not inspect {what}: {detail}")]
     Inspect { what: String, detail: String },
     #[error("{step} for slot {slot} ({device}) failed: {source}")]
@@ -559,6 +561,23 @@ impl NetworkManager {
         self.teardown(network.slot).await?;
         self.release(network.slot);
         tracing::debug!(slot = network.slot, "sandbox network destroyed");
+        Ok(())
+    }
+
+    /// Removes this manager's host firewall table once no sandbox network is left, so a stopped
+    /// agent leaves the host's ruleset as it found it. While any slot remains the table stays:
+    /// its rules still isolate that slot's namespace.
+    pub async fn remove_host_table(&self) -> Result<(), NetworkError> {
+        if !self.slots_in_use().is_empty() {
+            return Ok(());
+        }
+        let table = self.plan.prefix();
+        command::run("nft", &["delete", "table", "inet", table], None)
+            .await
+            .map_err(|source| NetworkError::RemoveHostRuleset {
+                table: table.to_owned(),
+                source,
+            })?;
         Ok(())
     }
 
