@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use support::schema::Spec;
-use support::{assert_error, Auth, TestCp, User};
+use support::{assert_error, register_body, Auth, TestCp, User};
 use wrenn::cp::monitor::MonitorSettings;
 use wrenn::db::sandboxes::{self, NewSandbox};
 use wrenn::id::{HostId, SandboxId};
@@ -42,30 +42,6 @@ impl Checked<'_> {
             .check_response(method.as_str(), template, status.as_u16(), &value);
         value
     }
-}
-
-fn register_body(token: &str) -> Value {
-    json!({"token": token, "arch": "x86_64", "cpu_cores": 8, "memory_mb": 32768, "disk_gb": 500,
-           "address": "10.0.0.5:50051", "versions": {"agent": "0.1.0"}})
-}
-
-/// Creates a host (as `creator`) and registers it; returns (host id, credentials body).
-async fn registered_host(cp: &TestCp, creator: &User, body: Value) -> (String, Value) {
-    let (status, created) = cp
-        .call(POST, "/v1/hosts", &creator.auth(), Some(body))
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    let token = created["registration_token"].as_str().unwrap();
-    let (status, creds) = cp
-        .call(
-            POST,
-            "/v1/hosts/register",
-            &Auth::None,
-            Some(register_body(token)),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{creds}");
-    (created["host"]["id"].as_str().unwrap().to_owned(), creds)
 }
 
 async fn signup_checked(cp: &TestCp, spec: &Spec, email: &str) -> User {
@@ -501,7 +477,9 @@ async fn every_endpoint_happy_path_matches_the_reference() {
     );
 
     // A BYOC host by a team owner who is not a platform admin.
-    let (_, byoc) = registered_host(&cp, &bob, json!({"type": "byoc", "team_id": bob.team})).await;
+    let (_, byoc) = cp
+        .registered_host(&bob, json!({"type": "byoc", "team_id": bob.team}))
+        .await;
     assert_eq!(byoc["host"]["type"], "byoc");
     assert_eq!(byoc["host"]["team_id"], bob.team.as_str());
     let bob_hosts = api
@@ -589,10 +567,11 @@ async fn authorization_matrix() {
         )
         .await;
     let mallory_key = key["key"].as_str().unwrap().to_owned();
-    let (byoc_id, creds) =
-        registered_host(&cp, &alice, json!({"type": "byoc", "team_id": alice.team})).await;
+    let (byoc_id, creds) = cp
+        .registered_host(&alice, json!({"type": "byoc", "team_id": alice.team}))
+        .await;
     let byoc = format!("/v1/hosts/{byoc_id}");
-    let (regular_id, _) = registered_host(&cp, &admin, json!({"type": "regular"})).await;
+    let (regular_id, _) = cp.registered_host(&admin, json!({"type": "regular"})).await;
 
     // Team B (mallory) cannot see or change team A's team, members, keys or BYOC hosts.
     let forbidden_or_missing = [StatusCode::FORBIDDEN, StatusCode::NOT_FOUND];
@@ -1138,7 +1117,7 @@ async fn deleting_a_host_with_capsules_needs_force() {
     let cp = TestCp::start().await;
     let spec = Spec::reference();
     let admin = cp.signup("admin@example.com").await;
-    let (host_id, _) = registered_host(&cp, &admin, json!({"type": "regular"})).await;
+    let (host_id, _) = cp.registered_host(&admin, json!({"type": "regular"})).await;
     let host: HostId = host_id.parse().unwrap();
     let sandbox = SandboxId::new_random();
     sandboxes::insert(
@@ -1190,7 +1169,7 @@ async fn host_monitor_marks_silent_hosts_unreachable_and_heartbeats_revive_them(
     })
     .await;
     let admin = cp.signup("admin@example.com").await;
-    let (host_id, creds) = registered_host(&cp, &admin, json!({"type": "regular"})).await;
+    let (host_id, creds) = cp.registered_host(&admin, json!({"type": "regular"})).await;
     let (pending_id, _) = {
         let (_, created) = cp
             .call(

@@ -76,6 +76,15 @@ impl Stack {
         agent
     }
 
+    /// Sets every host's status, as the heartbeat monitor would.
+    async fn set_hosts(&self, status: &str) {
+        sqlx::query("UPDATE hosts SET status = $1")
+            .bind(status)
+            .execute(&self.cp.db)
+            .await
+            .unwrap();
+    }
+
     async fn api_key(&self, user: &User) -> Auth {
         let (status, key) = self
             .cp
@@ -942,20 +951,8 @@ async fn byoc_hosts_take_only_their_own_teams_capsules() {
     let register = |creator: User, body: Value| {
         let cp = &cp;
         async move {
-            let (status, created) = cp
-                .call(POST, "/v1/hosts", &creator.auth(), Some(body))
-                .await;
-            assert_eq!(status, StatusCode::CREATED, "{created}");
-            let body = json!({"token": created["registration_token"], "arch": "x86_64",
-                              "cpu_cores": 8, "memory_mb": 32768, "disk_gb": 500,
-                              "address": "192.0.2.1:1", "versions": {"agent": "0.1.0"}});
-            let (status, creds) = cp
-                .call(POST, "/v1/hosts/register", &Auth::None, Some(body))
-                .await;
-            assert_eq!(status, StatusCode::CREATED, "{creds}");
-            HostId::from_str(created["host"]["id"].as_str().unwrap())
-                .unwrap()
-                .uuid()
+            let (id, _) = cp.registered_host(&creator, body).await;
+            HostId::from_str(&id).unwrap().uuid()
         }
     };
     let template: uuid::Uuid =
@@ -1184,30 +1181,21 @@ async fn bad_input_gets_typed_errors_on_every_route() {
         )
         .await;
     assert_error(status, &value, StatusCode::BAD_REQUEST, "invalid_request");
-    let body = b"--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nx\r\n--b\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n/tmp/y\r\n--b--\r\n";
-    let (status, value) = stack
-        .cp
-        .raw(
-            POST,
-            &format!("/v1/capsules/{id}/files/write"),
-            &headers,
-            Some("multipart/form-data; boundary=b"),
-            body.to_vec(),
-        )
-        .await;
-    assert_error(status, &value, StatusCode::BAD_REQUEST, "invalid_request");
-    let body = b"--b\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n/tmp/y\r\n--b--\r\n";
-    let (status, value) = stack
-        .cp
-        .raw(
-            POST,
-            &format!("/v1/capsules/{id}/files/write"),
-            &headers,
-            Some("multipart/form-data; boundary=b"),
-            body.to_vec(),
-        )
-        .await;
-    assert_error(status, &value, StatusCode::BAD_REQUEST, "invalid_request");
+    let file_first = "--b\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nx\r\n--b\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n/tmp/y\r\n--b--\r\n";
+    let no_file = "--b\r\nContent-Disposition: form-data; name=\"path\"\r\n\r\n/tmp/y\r\n--b--\r\n";
+    for body in [file_first, no_file] {
+        let (status, value) = stack
+            .cp
+            .raw(
+                POST,
+                &format!("/v1/capsules/{id}/files/write"),
+                &headers,
+                Some("multipart/form-data; boundary=b"),
+                body.as_bytes().to_vec(),
+            )
+            .await;
+        assert_error(status, &value, StatusCode::BAD_REQUEST, "invalid_request");
+    }
     // A WebSocket route called without an upgrade; a bad first frame.
     let (status, value) = stack
         .cp
@@ -1374,10 +1362,7 @@ async fn failed_or_unreachable_agents_leave_nothing_running() {
 
     // A host marked unreachable by its heartbeat: 503 host_unavailable.
     let id = stack.created(&key).await;
-    sqlx::query("UPDATE hosts SET status = 'unreachable'")
-        .execute(&stack.cp.db)
-        .await
-        .unwrap();
+    stack.set_hosts("unreachable").await;
     let (status, body) = stack.exec(&key, &id, "true").await;
     assert_error(
         status,
@@ -1409,10 +1394,7 @@ async fn reconciler_tracks_unreachable_forgotten_and_orphaned_sandboxes() {
     // The agent stops answering (its VMs keep running) and the monitor has marked its host
     // unreachable: both capsules are missing, and per-capsule calls say so.
     agent.signal(Signal::SIGSTOP);
-    sqlx::query("UPDATE hosts SET status = 'unreachable'")
-        .execute(&stack.cp.db)
-        .await
-        .unwrap();
+    stack.set_hosts("unreachable").await;
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
     assert_eq!(stack.status_of(&key, &first).await, "missing");
     assert_eq!(stack.status_of(&key, &second).await, "missing");
@@ -1427,10 +1409,7 @@ async fn reconciler_tracks_unreachable_forgotten_and_orphaned_sandboxes() {
     agent.signal(Signal::SIGCONT);
     let (status, body) = agent.call(DELETE, &format!("/v1/sandboxes/{second}"), None);
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
-    sqlx::query("UPDATE hosts SET status = 'online'")
-        .execute(&stack.cp.db)
-        .await
-        .unwrap();
+    stack.set_hosts("online").await;
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
     assert_eq!(stack.status_of(&key, &first).await, "running");
     assert_eq!(stack.status_of(&key, &second).await, "stopped");
@@ -1483,10 +1462,7 @@ async fn reconciler_tracks_unreachable_forgotten_and_orphaned_sandboxes() {
 
     // A host marked unreachable by the monitor: its running capsules go missing without a call.
     let third = stack.created(&key).await;
-    sqlx::query("UPDATE hosts SET status = 'unreachable'")
-        .execute(&stack.cp.db)
-        .await
-        .unwrap();
+    stack.set_hosts("unreachable").await;
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
     assert_eq!(stack.status_of(&key, &third).await, "missing");
     // Destroying a missing capsule records it stopped; the agent drops it once reachable.
@@ -1495,10 +1471,7 @@ async fn reconciler_tracks_unreachable_forgotten_and_orphaned_sandboxes() {
         .call(DELETE, &format!("/v1/capsules/{third}"), &key, None)
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT);
-    sqlx::query("UPDATE hosts SET status = 'online'")
-        .execute(&stack.cp.db)
-        .await
-        .unwrap();
+    stack.set_hosts("online").await;
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
     assert!(agent.sandbox_ids().is_empty());
     stack.finish(vec![agent]).await;

@@ -18,38 +18,9 @@ use wrenn::cp::state::AuthSettings;
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
 
-fn register_body(token: &str) -> Value {
-    json!({"token": token, "arch": "x86_64", "cpu_cores": 8, "memory_mb": 32768, "disk_gb": 500,
-           "address": "10.0.0.5:50051"})
-}
-
 /// Creates a regular host and registers it; returns (host id, credentials body).
 async fn registered_host(cp: &TestCp, admin: &User) -> (String, Value) {
-    let (status, created) = cp
-        .call(
-            POST,
-            "/v1/hosts",
-            &admin.auth(),
-            Some(json!({"type": "regular"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{created}");
-    let host_id = created["host"]["id"].as_str().unwrap().to_owned();
-    let token = created["registration_token"].as_str().unwrap();
-    (host_id, register(cp, token).await)
-}
-
-async fn register(cp: &TestCp, registration_token: &str) -> Value {
-    let (status, creds) = cp
-        .call(
-            POST,
-            "/v1/hosts/register",
-            &Auth::None,
-            Some(register_body(registration_token)),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{creds}");
-    creds
+    cp.registered_host(admin, json!({"type": "regular"})).await
 }
 
 async fn refresh(cp: &TestCp, refresh_token: &Value) -> (StatusCode, Value) {
@@ -144,7 +115,9 @@ async fn reusing_a_rotated_refresh_token_revokes_every_credential_of_the_host() 
     let token_path = format!("/v1/hosts/{host_id}/token");
     let (status, issued) = cp.call(POST, &token_path, &admin.auth(), None).await;
     assert_eq!(status, StatusCode::CREATED, "{issued}");
-    let again = register(&cp, issued["registration_token"].as_str().unwrap()).await;
+    let again = cp
+        .register(issued["registration_token"].as_str().unwrap())
+        .await;
     assert_eq!(again["host"]["id"], host_id.as_str());
     assert_eq!(host_status(&cp, &admin, &host_id).await, "online");
     assert_ne!(again["agent_secret"], first["agent_secret"]);

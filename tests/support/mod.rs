@@ -209,6 +209,32 @@ impl TestCp {
         User::from_auth(&body)
     }
 
+    /// Creates a host as `creator` (`body` as for `POST /v1/hosts`) and registers a machine for it
+    /// with [`register_body`], without an agent behind it; returns (host id, credentials body).
+    pub async fn registered_host(&self, creator: &User, body: Value) -> (String, Value) {
+        let (status, created) = self
+            .call(Method::POST, "/v1/hosts", &creator.auth(), Some(body))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        let token = created["registration_token"].as_str().unwrap();
+        let creds = self.register(token).await;
+        (created["host"]["id"].as_str().unwrap().to_owned(), creds)
+    }
+
+    /// Registers a machine with a one-time token; returns the credentials body.
+    pub async fn register(&self, registration_token: &str) -> Value {
+        let (status, creds) = self
+            .call(
+                Method::POST,
+                "/v1/hosts/register",
+                &Auth::None,
+                Some(register_body(registration_token)),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{creds}");
+        creds
+    }
+
     /// Switches `user` to `team` and returns the new session.
     pub async fn switch(&self, user: &User, team: &str) -> User {
         let (status, body) = self
@@ -264,6 +290,12 @@ impl Auth {
             Auth::Host(t) => vec![("x-host-token", t.clone())],
         }
     }
+}
+
+/// How a machine of 8 cores, 32 GiB and 500 GB registers with a one-time token.
+pub fn register_body(token: &str) -> Value {
+    json!({"token": token, "arch": "x86_64", "cpu_cores": 8, "memory_mb": 32768, "disk_gb": 500,
+           "address": "10.0.0.5:50051", "versions": {"agent": "0.1.0"}})
 }
 
 /// Asserts the error envelope and its code.
