@@ -52,7 +52,7 @@ fn main() {
     let mut totals = Vec::new();
     for i in 0..count {
         let started = Instant::now();
-        let (status, info) = agent.create(&format!("cl-bench-{i}"));
+        let (status, info) = agent.create(&support::agent::sid(&format!("bench-{i}")));
         assert_eq!(status, StatusCode::CREATED, "{info}");
         totals.push(started.elapsed().as_secs_f64() * 1000.0);
         for (key, value) in info["metadata"].as_object().unwrap() {
@@ -66,8 +66,14 @@ fn main() {
     let mut destroys = Vec::new();
     for i in 0..count {
         let started = Instant::now();
-        let (status, body) =
-            agent.call(Method::DELETE, &format!("/v1/sandboxes/cl-bench-{i}"), None);
+        let (status, body) = agent.call(
+            Method::DELETE,
+            &format!(
+                "/v1/sandboxes/{}",
+                support::agent::sid(&format!("bench-{i}"))
+            ),
+            None,
+        );
         assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
         destroys.push(started.elapsed().as_secs_f64() * 1000.0);
     }

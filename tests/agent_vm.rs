@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use support::agent::{stack, stack_with_env, wait_clean, Agent, VM_TURNS};
+use support::agent::{sid, stack, stack_with_env, wait_clean, Agent, VM_TURNS};
 use wrenn::config::Layout;
 use wrenn::vmm::qemu::qmp::QmpClient;
 use wrenn::vmm::{console_tail, find_leftovers, VmFiles};
@@ -29,12 +29,12 @@ async fn boots_runs_commands_moves_files_and_destroys_without_traces() {
     assert_eq!(host["status"], "online", "{host}");
 
     let agent = tokio::task::spawn_blocking(move || {
-        let (status, info) = agent.create("cl-e2e-one");
+        let (status, info) = agent.create(&sid("e2e-one"));
         assert_eq!(status, StatusCode::CREATED, "{info}");
         assert_eq!(info["status"], "running");
         assert!(info["metadata"]["envd_version"].is_string(), "{info}");
 
-        let out = agent.run("cl-e2e-one", "cat", &["/etc/passwd"]);
+        let out = agent.run(&sid("e2e-one"), "cat", &["/etc/passwd"]);
         assert_eq!(out["exit_code"], 0, "{out}");
         assert!(
             out["stdout"].as_str().unwrap().contains("user:x:1000"),
@@ -43,14 +43,20 @@ async fn boots_runs_commands_moves_files_and_destroys_without_traces() {
 
         let put = agent
             .http
-            .put(agent.url("/v1/sandboxes/cl-e2e-one/envd/files?path=/home/user/notes/hello.txt"))
+            .put(agent.url(&format!(
+                "/v1/sandboxes/{}/envd/files?path=/home/user/notes/hello.txt",
+                sid("e2e-one")
+            )))
             .header("authorization", format!("Bearer {}", agent.secret))
             .send("written from the host\n")
             .unwrap();
         assert_eq!(put.status().as_u16(), 200);
         let mut get = agent
             .http
-            .get(agent.url("/v1/sandboxes/cl-e2e-one/envd/files?path=/home/user/notes/hello.txt"))
+            .get(agent.url(&format!(
+                "/v1/sandboxes/{}/envd/files?path=/home/user/notes/hello.txt",
+                sid("e2e-one")
+            )))
             .header("authorization", format!("Bearer {}", agent.secret))
             .call()
             .unwrap();
@@ -58,16 +64,24 @@ async fn boots_runs_commands_moves_files_and_destroys_without_traces() {
             get.body_mut().read_to_string().unwrap(),
             "written from the host\n"
         );
-        let out = agent.run("cl-e2e-one", "cat", &["/home/user/notes/hello.txt"]);
+        let out = agent.run(&sid("e2e-one"), "cat", &["/home/user/notes/hello.txt"]);
         assert_eq!(out["stdout"], "written from the host\n", "{out}");
 
         let (status, list) = agent.call(Method::GET, "/v1/sandboxes", None);
         assert_eq!(status, StatusCode::OK);
         assert_eq!(list["sandboxes"].as_array().unwrap().len(), 1, "{list}");
 
-        let (status, body) = agent.call(Method::DELETE, "/v1/sandboxes/cl-e2e-one", None);
+        let (status, body) = agent.call(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{}", sid("e2e-one")),
+            None,
+        );
         assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
-        let (status, _) = agent.call(Method::GET, "/v1/sandboxes/cl-e2e-one", None);
+        let (status, _) = agent.call(
+            Method::GET,
+            &format!("/v1/sandboxes/{}", sid("e2e-one")),
+            None,
+        );
         assert_eq!(status, StatusCode::NOT_FOUND);
         wait_clean(&agent);
         // A stopped agent takes its host firewall table with it.
@@ -102,10 +116,10 @@ async fn requests_without_the_agent_secret_or_with_bad_input_are_refused() {
 
         let cases = [
             (json!({"sandbox_id": "../x", "template": "minimal", "vcpus": 1, "memory_mb": 256}), 400),
-            (json!({"sandbox_id": "cl-a", "template": "nope", "vcpus": 1, "memory_mb": 256}), 404),
-            (json!({"sandbox_id": "cl-a", "template": "minimal", "vcpus": 0, "memory_mb": 256}), 400),
-            (json!({"sandbox_id": "cl-a", "template": "minimal", "vcpus": 1, "memory_mb": 1}), 400),
-            (json!({"sandbox_id": "cl-a", "template": "minimal", "vcpus": 1, "memory_mb": 256, "x": 1}), 400),
+            (json!({"sandbox_id": sid("a"), "template": "nope", "vcpus": 1, "memory_mb": 256}), 404),
+            (json!({"sandbox_id": sid("a"), "template": "minimal", "vcpus": 0, "memory_mb": 256}), 400),
+            (json!({"sandbox_id": sid("a"), "template": "minimal", "vcpus": 1, "memory_mb": 1}), 400),
+            (json!({"sandbox_id": sid("a"), "template": "minimal", "vcpus": 1, "memory_mb": 256, "x": 1}), 400),
             (json!({"template": "minimal"}), 400),
         ];
         for (body, want) in cases {
@@ -113,9 +127,9 @@ async fn requests_without_the_agent_secret_or_with_bad_input_are_refused() {
             assert_eq!(status.as_u16(), want, "{body} -> {reply}");
             assert!(reply["error"]["message"].is_string(), "{reply}");
         }
-        let (status, _) = agent.call(Method::DELETE, "/v1/sandboxes/cl-missing", None);
+        let (status, _) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{}", sid("missing")), None);
         assert_eq!(status, StatusCode::NOT_FOUND);
-        let (status, _) = agent.call(Method::GET, "/v1/sandboxes/cl-missing/envd/health", None);
+        let (status, _) = agent.call(Method::GET, &format!("/v1/sandboxes/{}/envd/health", sid("missing")), None);
         assert_eq!(status, StatusCode::NOT_FOUND);
         wait_clean(&agent);
         agent
@@ -131,16 +145,16 @@ async fn two_sandboxes_cannot_reach_each_other() {
     let _turn = VM_TURNS.acquire().await.unwrap();
     let (cp, agent, _, _) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
-        let (status, a) = agent.create("cl-e2e-a");
+        let (status, a) = agent.create(&sid("e2e-a"));
         assert_eq!(status, StatusCode::CREATED, "{a}");
-        let (status, b) = agent.create("cl-e2e-b");
+        let (status, b) = agent.create(&sid("e2e-b"));
         assert_eq!(status, StatusCode::CREATED, "{b}");
         let b_addr = b["guest_addr"].as_str().unwrap();
         // Each guest reaches its own envd over loopback, but not its neighbour's.
         let probe = |addr: &str| {
             let script =
                 format!("printf 'GET /health HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {addr} 49983");
-            agent.run("cl-e2e-a", "sh", &["-c", &script])
+            agent.run(&sid("e2e-a"), "sh", &["-c", &script])
         };
         let own = probe("127.0.0.1");
         // envd answers (and, holding an access token, refuses the anonymous request).
@@ -154,7 +168,7 @@ async fn two_sandboxes_cannot_reach_each_other() {
             "A reached B: {other}"
         );
         assert_ne!(other["exit_code"], 0, "A reached B: {other}");
-        for id in ["cl-e2e-a", "cl-e2e-b"] {
+        for id in [sid("e2e-a"), sid("e2e-b")] {
             let (status, body) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None);
             assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
         }
@@ -186,7 +200,7 @@ async fn a_failure_after_each_create_step_rolls_back_everything() {
             "envd-init",
         ] {
             agent.restart(Some(&format!("agent-create-after-{step}")));
-            let (status, body) = agent.create("cl-e2e-fail");
+            let (status, body) = agent.create(&sid("e2e-fail"));
             assert_eq!(status, StatusCode::BAD_GATEWAY, "{step}: {body}");
             assert_eq!(body["error"]["code"], "agent_error", "{body}");
             assert!(
@@ -214,7 +228,7 @@ async fn a_killed_agent_cleans_up_on_restart_and_the_control_plane_hears_it() {
     let (cp, agent, host_id, admin) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
         let mut agent = agent;
-        let (status, body) = agent.create("cl-e2e-orphan");
+        let (status, body) = agent.create(&sid("e2e-orphan"));
         assert_eq!(status, StatusCode::CREATED, "{body}");
         agent.kill_hard();
         // The VM outlives the agent that started it...
@@ -243,19 +257,27 @@ async fn an_idle_sandbox_is_reaped_after_its_timeout_and_pings_keep_it_alive() {
     let _turn = VM_TURNS.acquire().await.unwrap();
     let (cp, agent, _, _) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
-        let body = json!({"sandbox_id": "cl-e2e-idle", "template": "minimal", "vcpus": 1,
+        let body = json!({"sandbox_id": sid("e2e-idle"), "template": "minimal", "vcpus": 1,
                           "memory_mb": 256, "disk_mb": 256, "timeout_sec": 4});
         let (status, info) = agent.call(Method::POST, "/v1/sandboxes", Some(body));
         assert_eq!(status, StatusCode::CREATED, "{info}");
         // Pings (and any use) reset the idle timer.
         for _ in 0..4 {
             std::thread::sleep(std::time::Duration::from_secs(2));
-            let (status, _) = agent.call(Method::POST, "/v1/sandboxes/cl-e2e-idle/ping", None);
+            let (status, _) = agent.call(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/ping", sid("e2e-idle")),
+                None,
+            );
             assert_eq!(status, StatusCode::NO_CONTENT);
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            let (status, _) = agent.call(Method::GET, "/v1/sandboxes/cl-e2e-idle", None);
+            let (status, _) = agent.call(
+                Method::GET,
+                &format!("/v1/sandboxes/{}", sid("e2e-idle")),
+                None,
+            );
             if status == StatusCode::NOT_FOUND {
                 break;
             }
@@ -309,7 +331,7 @@ async fn a_sandbox_flooding_its_console_stays_within_the_cap_even_after_the_agen
     let (cp, agent, _, _) = stack_with_env(&[("AGENT_CONSOLE_LOG_MAX_BYTES", &cap)]).await;
     let agent = tokio::task::spawn_blocking(move || {
         let mut agent = agent;
-        let id = "cl-e2e-flood";
+        let id = &sid("e2e-flood");
         let (status, body) = agent.create(id);
         assert_eq!(status, StatusCode::CREATED, "{body}");
         let layout = Layout::new(agent.root.path());

@@ -75,7 +75,12 @@ async fn health_metrics_init_and_envs() {
         ..InitRequest::default()
     };
     assert_eq!(
-        client.init(&bad).await.unwrap_err().code(),
+        client
+            .init(&bad)
+            .await
+            .unwrap_err()
+            .code()
+            .map(|c| c.as_str()),
         Some("not_found")
     );
 }
@@ -141,7 +146,7 @@ async fn bad_input_gets_specific_errors_and_envd_keeps_serving() {
     let envd = envd();
     let client = envd.client();
     let code = |r: Result<_, wrenn::envd::client::EnvdClientError>| {
-        r.unwrap_err().code().map(str::to_owned)
+        r.unwrap_err().code().map(|c| c.as_str().to_owned())
     };
     assert_eq!(
         code(
@@ -595,14 +600,15 @@ async fn access_token_is_enforced_once_set() {
     .await
     .unwrap();
     let missing = open.health().await.unwrap_err();
-    assert_eq!(missing.code(), Some("unauthorized"));
+    assert_eq!(missing.code().map(|c| c.as_str()), Some("unauthorized"));
     let wrong = envd.client().with_token("wrong");
     assert_eq!(
         wrong
             .run(&run_request("true", &[]))
             .await
             .unwrap_err()
-            .code(),
+            .code()
+            .map(|c| c.as_str()),
         Some("unauthorized")
     );
     let err = wrong
@@ -610,7 +616,7 @@ async fn access_token_is_enforced_once_set() {
         .await
         .err()
         .unwrap();
-    assert_eq!(err.code(), Some("unauthorized"));
+    assert_eq!(err.code().map(|c| c.as_str()), Some("unauthorized"));
     let authed = envd.client().with_token("s3cret");
     assert_eq!(
         authed

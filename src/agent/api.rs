@@ -14,10 +14,12 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use super::sandbox::{CreateSandbox, SandboxError, SandboxManager};
+use super::sandbox::{SandboxError, SandboxManager};
+use super::wire::{AgentPing, CreateSandbox, SandboxList};
+use crate::error_code::{ErrorCode, ErrorEnvelope};
+use crate::id::SandboxId;
 
 /// Upper bound for a JSON request body; file contents travel through the envd proxy, unbounded.
 const JSON_BODY_LIMIT: usize = 1 << 20;
@@ -46,12 +48,12 @@ impl AgentState {
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -62,8 +64,11 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, Json(body)).into_response()
+        (
+            self.status,
+            Json(ErrorEnvelope::new(self.code, self.message)),
+        )
+            .into_response()
     }
 }
 
@@ -71,18 +76,31 @@ impl From<SandboxError> for ApiError {
     fn from(e: SandboxError) -> Self {
         let message = e.to_string();
         let (status, code) = match &e {
-            SandboxError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            SandboxError::UnknownTemplate { .. } => (StatusCode::NOT_FOUND, "template_not_found"),
-            SandboxError::AlreadyExists(_) => (StatusCode::CONFLICT, "conflict"),
-            SandboxError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            SandboxError::NotRunning { .. } => (StatusCode::CONFLICT, "invalid_state"),
-            SandboxError::CreateFailed { .. } => (StatusCode::BAD_GATEWAY, "agent_error"),
+            SandboxError::Invalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest),
+            SandboxError::UnknownTemplate { .. } => {
+                (StatusCode::NOT_FOUND, ErrorCode::TemplateNotFound)
+            }
+            SandboxError::AlreadyExists(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
+            SandboxError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            SandboxError::NotRunning { .. } => (StatusCode::CONFLICT, ErrorCode::InvalidState),
+            SandboxError::CreateFailed { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::AgentError),
             SandboxError::Network(_) | SandboxError::Io { .. } => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+                (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::InternalError)
             }
         };
         Self::new(status, code, message)
     }
+}
+
+/// A sandbox ID from the path; anything else cannot name a sandbox.
+fn sandbox_id(raw: &str) -> Result<SandboxId, ApiError> {
+    raw.parse().map_err(|e: crate::id::IdError| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest,
+            e.to_string(),
+        )
+    })
 }
 
 pub fn router(state: AgentState) -> Router {
@@ -92,7 +110,9 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}", get(info).delete(destroy))
         .route("/v1/sandboxes/{id}/ping", post(ping_sandbox))
         .route("/v1/sandboxes/{id}/envd/{*path}", any(proxy_envd))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
+        })
         .layer(middleware::from_fn_with_state(
             state.clone(),
             require_secret,
@@ -113,21 +133,21 @@ async fn require_secret(State(state): State<AgentState>, request: Request, next:
     } else {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "missing or wrong agent secret",
         )
         .into_response()
     }
 }
 
-async fn ping(State(state): State<AgentState>) -> Json<serde_json::Value> {
-    Json(json!({
-        "status": "ok",
-        "host_id": &*state.host_id,
-        "version": crate::version::VERSION,
-        "vmm": state.sandboxes.vmm_kind(),
-        "sandboxes": state.sandboxes.list().len(),
-    }))
+async fn ping(State(state): State<AgentState>) -> Json<AgentPing> {
+    Json(AgentPing {
+        status: "ok".to_owned(),
+        host_id: state.host_id.to_string(),
+        version: crate::version::VERSION.to_owned(),
+        vmm: state.sandboxes.vmm_kind(),
+        sandboxes: state.sandboxes.list().len() as u64,
+    })
 }
 
 /// Parses a JSON body into `T`, answering malformed input with the error envelope.
@@ -137,12 +157,17 @@ async fn json_body<T: serde::de::DeserializeOwned>(request: Request) -> Result<T
         .map_err(|_| {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
+                ErrorCode::TooLarge,
                 "request body exceeds 1 MiB",
             )
         })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest,
+            e.to_string(),
+        )
+    })
 }
 
 async fn create(State(state): State<AgentState>, request: Request) -> Result<Response, ApiError> {
@@ -151,22 +176,26 @@ async fn create(State(state): State<AgentState>, request: Request) -> Result<Res
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
-async fn list(State(state): State<AgentState>) -> Json<serde_json::Value> {
-    Json(json!({ "sandboxes": state.sandboxes.list() }))
+async fn list(State(state): State<AgentState>) -> Json<SandboxList> {
+    Json(SandboxList {
+        sandboxes: state.sandboxes.list(),
+    })
 }
 
 async fn info(
     State(state): State<AgentState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(state.sandboxes.info(&id)?).into_response())
+    let id = sandbox_id(&id)?;
+    Ok(Json(state.sandboxes.info(&id.to_string())?).into_response())
 }
 
 async fn destroy(
     State(state): State<AgentState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.sandboxes.destroy(&id).await?;
+    let id = sandbox_id(&id)?;
+    state.sandboxes.destroy(&id.to_string()).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -174,7 +203,8 @@ async fn ping_sandbox(
     State(state): State<AgentState>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.sandboxes.ping(&id)?;
+    let id = sandbox_id(&id)?;
+    state.sandboxes.ping(&id.to_string())?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -185,7 +215,8 @@ async fn proxy_envd(
     Path((id, path)): Path<(String, String)>,
     mut request: Request,
 ) -> Result<Response, ApiError> {
-    let (envd, lease) = state.sandboxes.envd(&id).await?;
+    let id = sandbox_id(&id)?;
+    let (envd, lease) = state.sandboxes.envd(&id.to_string()).await?;
     let query = request
         .uri()
         .query()
@@ -201,7 +232,7 @@ async fn proxy_envd(
     parts.uri = uri.parse().map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "malformed envd path",
         )
     })?;
@@ -215,13 +246,19 @@ async fn proxy_envd(
         .http
         .request(Request::from_parts(parts, body))
         .await
-        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "agent_error", format!("envd: {e}")))?;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::AgentError,
+                format!("envd: {e}"),
+            )
+        })?;
 
     if upstream.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
             return Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
-                "agent_error",
+                ErrorCode::AgentError,
                 "unexpected upgrade",
             ));
         };

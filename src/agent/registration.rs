@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpUrl;
+use crate::error_code::ErrorEnvelope;
 
 const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The longest wait before retrying a refresh that failed in transit. Short, because the
@@ -189,16 +190,6 @@ struct TokenResponse {
     refresh_token: String,
     #[serde(default)]
     agent_secret: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ErrorEnvelope {
-    error: ErrorBody,
-}
-
-#[derive(Debug, Deserialize)]
-struct ErrorBody {
-    message: String,
 }
 
 /// Talks to the control plane's host endpoints. Blocking (ureq): call from `spawn_blocking`.

@@ -2,17 +2,17 @@
 //! of every earlier step when a later one fails, destroy (graceful, then forced), the idle
 //! reaper, and clean-up of what an earlier agent process left behind.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 
 use crate::agent::disk;
 use crate::agent::network::{NetworkError, NetworkManager, SandboxNetwork};
+use crate::agent::wire::{CreateSandbox, SandboxInfo, SandboxPhase};
 use crate::config::Layout;
 use crate::envd::api::InitRequest;
 use crate::envd::client::EnvdClient;
@@ -25,66 +25,6 @@ use crate::vmm::{
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often the idle reaper looks for sandboxes past their timeout.
 const REAPER_PERIOD: Duration = Duration::from_secs(1);
-
-/// The lifecycle of one sandbox on this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SandboxState {
-    Starting,
-    Running,
-    Stopping,
-}
-
-impl SandboxState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Starting => "starting",
-            Self::Running => "running",
-            Self::Stopping => "stopping",
-        }
-    }
-}
-
-/// What the control plane asks for.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateSandbox {
-    pub sandbox_id: String,
-    pub template: String,
-    pub vcpus: u32,
-    pub memory_mb: u32,
-    #[serde(default = "default_disk_mb")]
-    pub disk_mb: u64,
-    /// Idle seconds before the reaper destroys the sandbox; 0 means never.
-    #[serde(default)]
-    pub timeout_sec: u64,
-    #[serde(default)]
-    pub envs: HashMap<String, String>,
-    /// Default user for commands inside the guest; envd's default when absent.
-    #[serde(default)]
-    pub user: Option<String>,
-}
-
-fn default_disk_mb() -> u64 {
-    disk::DEFAULT_UPPER_SIZE_BYTES >> 20
-}
-
-/// What the agent reports about a sandbox.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SandboxInfo {
-    pub sandbox_id: String,
-    pub status: String,
-    pub template: String,
-    pub vcpus: u32,
-    pub memory_mb: u32,
-    pub disk_mb: u64,
-    pub timeout_sec: u64,
-    pub created_at: DateTime<Utc>,
-    pub last_active_at: DateTime<Utc>,
-    /// Where this host reaches the guest (the per-sandbox host-routable address).
-    pub guest_addr: Option<String>,
-    pub metadata: HashMap<String, String>,
-}
 
 /// Limits the agent enforces on a create request.
 #[derive(Debug, Clone)]
@@ -106,7 +46,7 @@ pub enum SandboxError {
     #[error("sandbox {0} is not on this host")]
     NotFound(String),
     #[error("sandbox {id} is {state:?}, not running")]
-    NotRunning { id: String, state: SandboxState },
+    NotRunning { id: String, state: SandboxPhase },
     #[error("creating sandbox {id} failed while {step}: {reason}")]
     CreateFailed {
         id: String,
@@ -175,10 +115,10 @@ struct Sandbox {
     /// Proxied requests and sessions still open: a long command or an interactive terminal is
     /// activity for as long as it lasts, not only when it starts.
     open_sessions: AtomicUsize,
-    state: Mutex<SandboxState>,
+    state: Mutex<SandboxPhase>,
     runtime: tokio::sync::Mutex<Option<Runtime>>,
     guest_addr: Mutex<Option<String>>,
-    metadata: Mutex<HashMap<String, String>>,
+    metadata: Mutex<BTreeMap<String, String>>,
 }
 
 /// Holds a sandbox active (exempt from the idle reaper) while it lives; the idle timer restarts
@@ -201,11 +141,11 @@ impl Drop for ActivityLease {
 }
 
 impl Sandbox {
-    fn state(&self) -> SandboxState {
+    fn state(&self) -> SandboxPhase {
         *self.state.lock().expect("state lock")
     }
 
-    fn set_state(&self, state: SandboxState) {
+    fn set_state(&self, state: SandboxPhase) {
         *self.state.lock().expect("state lock") = state;
     }
 
@@ -226,8 +166,8 @@ impl Sandbox {
         let r = &self.request;
         let last = self.last_active_ms.load(Ordering::Relaxed);
         SandboxInfo {
-            sandbox_id: r.sandbox_id.clone(),
-            status: self.state().as_str().to_owned(),
+            sandbox_id: r.sandbox_id,
+            status: self.state(),
             template: r.template.clone(),
             vcpus: r.vcpus,
             memory_mb: r.memory_mb,
@@ -256,40 +196,6 @@ impl std::fmt::Debug for SandboxManager {
         f.debug_struct("SandboxManager")
             .field("vmm", &self.vmm.kind())
             .finish_non_exhaustive()
-    }
-}
-
-/// Sandbox IDs become file and namespace names: one short, safe path component.
-pub fn validate_sandbox_id(id: &str) -> Result<(), SandboxError> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !id.starts_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(SandboxError::Invalid(format!(
-            "sandbox_id `{id}` must be 1-64 lowercase letters, digits or '-'"
-        )))
-    }
-}
-
-/// Template names address directories under `images/`.
-pub fn validate_template(name: &str) -> Result<(), SandboxError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok {
-        Ok(())
-    } else {
-        Err(SandboxError::Invalid(format!(
-            "template `{name}` is not a valid template name"
-        )))
     }
 }
 
@@ -342,8 +248,13 @@ impl SandboxManager {
     pub async fn envd(&self, id: &str) -> Result<(EnvdClient, ActivityLease), SandboxError> {
         let sandbox = self.get(id)?;
         match sandbox.state() {
-            SandboxState::Running => {}
-            state @ (SandboxState::Starting | SandboxState::Stopping) => {
+            SandboxPhase::Running => {}
+            state @ (SandboxPhase::Starting
+            | SandboxPhase::Pausing
+            | SandboxPhase::Paused
+            | SandboxPhase::Resuming
+            | SandboxPhase::Snapshotting
+            | SandboxPhase::Stopping) => {
                 return Err(SandboxError::NotRunning {
                     id: id.to_owned(),
                     state,
@@ -354,14 +265,12 @@ impl SandboxManager {
         let runtime = sandbox.runtime.lock().await;
         let runtime = runtime.as_ref().ok_or_else(|| SandboxError::NotRunning {
             id: id.to_owned(),
-            state: SandboxState::Stopping,
+            state: SandboxPhase::Stopping,
         })?;
         Ok((runtime.envd.clone(), lease))
     }
 
     fn validate(&self, req: &CreateSandbox) -> Result<PathBuf, SandboxError> {
-        validate_sandbox_id(&req.sandbox_id)?;
-        validate_template(&req.template)?;
         let l = &self.limits;
         if req.vcpus == 0 || req.vcpus > l.max_vcpus {
             return Err(SandboxError::Invalid(format!(
@@ -376,16 +285,17 @@ impl SandboxManager {
             )));
         }
         let min_disk = disk::MIN_UPPER_SIZE_BYTES >> 20;
-        if req.disk_mb < min_disk || req.disk_mb > l.max_disk_mb {
+        let disk_mb = u64::from(req.disk_mb);
+        if disk_mb < min_disk || disk_mb > l.max_disk_mb {
             return Err(SandboxError::Invalid(format!(
                 "disk_mb must be between {min_disk} and {}, got {}",
                 l.max_disk_mb, req.disk_mb
             )));
         }
-        let image = self.layout.image_rootfs(&req.template);
+        let image = self.layout.image_rootfs(req.template.as_str());
         if !image.is_file() {
             return Err(SandboxError::UnknownTemplate {
-                template: req.template.clone(),
+                template: req.template.to_string(),
                 path: image,
             });
         }
@@ -395,16 +305,16 @@ impl SandboxManager {
     /// Creates and boots a sandbox; returns once envd answers. On failure nothing is left.
     pub async fn create(&self, req: CreateSandbox) -> Result<SandboxInfo, SandboxError> {
         let image = self.validate(&req)?;
-        let id = req.sandbox_id.clone();
+        let id = req.sandbox_id.to_string();
         let sandbox = Arc::new(Sandbox {
             request: req,
             created_at: Utc::now(),
             last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
             open_sessions: AtomicUsize::new(0),
-            state: Mutex::new(SandboxState::Starting),
+            state: Mutex::new(SandboxPhase::Starting),
             runtime: tokio::sync::Mutex::new(None),
             guest_addr: Mutex::new(None),
-            metadata: Mutex::new(HashMap::new()),
+            metadata: Mutex::new(BTreeMap::new()),
         });
         {
             let mut map = self.sandboxes.lock().expect("sandboxes lock");
@@ -419,7 +329,7 @@ impl SandboxManager {
                 *sandbox.guest_addr.lock().expect("addr lock") =
                     Some(runtime.network.envd_addr().ip().to_string());
                 *runtime_slot = Some(runtime);
-                sandbox.set_state(SandboxState::Running);
+                sandbox.set_state(SandboxPhase::Running);
                 sandbox.touch();
                 tracing::info!(sandbox = %id, "sandbox running");
                 Ok(sandbox.info())
@@ -434,7 +344,8 @@ impl SandboxManager {
 
     async fn boot(&self, sandbox: &Sandbox, image: &Path) -> Result<Runtime, SandboxError> {
         let req = &sandbox.request;
-        let id = req.sandbox_id.as_str();
+        let id_text = req.sandbox_id.to_string();
+        let id = id_text.as_str();
         let fail = |step: CreateStep, reason: String| SandboxError::CreateFailed {
             id: id.to_owned(),
             step,
@@ -460,7 +371,7 @@ impl SandboxManager {
         let upper = self.layout.sandbox_upper_disk(id);
         let disk_result = self
             .uppers
-            .create(&upper, req.disk_mb << 20)
+            .create(&upper, u64::from(req.disk_mb) << 20)
             .await
             .map_err(|e| fail(CreateStep::Disk, e.to_string()))
             .and_then(|()| check_fail_point(CreateStep::Disk));
@@ -616,15 +527,20 @@ impl SandboxManager {
     pub async fn destroy(&self, id: &str) -> Result<(), SandboxError> {
         let sandbox = self.get(id)?;
         match sandbox.state() {
-            SandboxState::Running => {}
-            state @ (SandboxState::Starting | SandboxState::Stopping) => {
+            SandboxPhase::Running => {}
+            state @ (SandboxPhase::Starting
+            | SandboxPhase::Pausing
+            | SandboxPhase::Paused
+            | SandboxPhase::Resuming
+            | SandboxPhase::Snapshotting
+            | SandboxPhase::Stopping) => {
                 return Err(SandboxError::NotRunning {
                     id: id.to_owned(),
                     state,
                 })
             }
         }
-        sandbox.set_state(SandboxState::Stopping);
+        sandbox.set_state(SandboxPhase::Stopping);
         let runtime = sandbox.runtime.lock().await.take();
         if let Some(mut runtime) = runtime {
             if let Err(error) = runtime.envd.shutdown().await {
@@ -685,12 +601,12 @@ impl SandboxManager {
                 .lock()
                 .expect("sandboxes lock")
                 .values()
-                .filter(|s| s.state() == SandboxState::Running)
+                .filter(|s| s.state() == SandboxPhase::Running)
                 .filter(|s| {
                     let timeout = s.request.timeout_sec;
-                    timeout > 0 && s.idle_for() > Duration::from_secs(timeout)
+                    timeout > 0 && s.idle_for() > Duration::from_secs(u64::from(timeout))
                 })
-                .map(|s| s.request.sandbox_id.clone())
+                .map(|s| s.request.sandbox_id.to_string())
                 .collect();
             for id in expired {
                 tracing::info!(sandbox = %id, "idle timeout reached; destroying");

@@ -1,10 +1,8 @@
-//! The control plane's client for the host agent API (docs: /work/agent-api-contract.md, mirrored
-//! in docs/architecture.md): sandbox lifecycle calls, and the agent's transparent proxy to each
+//! The control plane's client for the host agent API (its contract: `agent::wire`): sandbox lifecycle calls, and the agent's transparent proxy to each
 //! sandbox's envd (`/v1/sandboxes/{id}/envd/...`) for JSON calls, streamed file transfers and
 //! WebSocket sessions. Every call carries `Authorization: Bearer <agent secret>` and a timeout;
 //! failures are typed so the API can tell "the agent said no" from "the agent is not there".
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,10 +15,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::agent::wire::{envd_proxy_path, AgentPing, CreateSandbox, SandboxInfo, SandboxList};
+use crate::error_code::{ErrorBody, ErrorCode, ErrorEnvelope};
 use crate::id::{HostId, SandboxId};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -43,7 +43,7 @@ pub enum AgentError {
     #[error("{message}")]
     Rejected {
         status: StatusCode,
-        code: String,
+        code: ErrorCode,
         message: String,
     },
     /// The agent answered 5xx (or 401: the control plane and agent disagree on the secret).
@@ -59,9 +59,9 @@ pub enum AgentError {
 
 impl AgentError {
     /// The error code the agent or envd answered with, if it refused the request.
-    pub fn rejected_code(&self) -> Option<&str> {
+    pub fn rejected_code(&self) -> Option<ErrorCode> {
         match self {
-            AgentError::Rejected { code, .. } => Some(code),
+            AgentError::Rejected { code, .. } => Some(*code),
             _ => None,
         }
     }
@@ -90,72 +90,6 @@ impl Default for AgentTimeouts {
             create: Duration::from_secs(180),
         }
     }
-}
-
-/// `POST /v1/sandboxes` body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateSandbox {
-    pub sandbox_id: SandboxId,
-    pub template: String,
-    pub vcpus: u32,
-    pub memory_mb: u32,
-    pub disk_mb: u32,
-    pub timeout_sec: u32,
-    #[serde(default)]
-    pub envs: BTreeMap<String, String>,
-    #[serde(default)]
-    pub user: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AgentSandboxStatus {
-    Starting,
-    Running,
-    Stopping,
-}
-
-/// The agent's SandboxInfo.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SandboxInfo {
-    pub sandbox_id: SandboxId,
-    pub status: AgentSandboxStatus,
-    pub template: String,
-    pub vcpus: u32,
-    pub memory_mb: u32,
-    pub disk_mb: u32,
-    pub timeout_sec: u32,
-    pub created_at: chrono::DateTime<chrono::Utc>,
-    pub last_active_at: chrono::DateTime<chrono::Utc>,
-    pub guest_addr: Option<String>,
-    #[serde(default)]
-    pub metadata: BTreeMap<String, serde_json::Value>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SandboxList {
-    pub sandboxes: Vec<SandboxInfo>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentPing {
-    pub status: String,
-    pub host_id: String,
-    pub version: String,
-    pub vmm: String,
-    pub sandboxes: u64,
-}
-
-#[derive(Deserialize)]
-struct ErrorEnvelope {
-    error: ErrorDetail,
-}
-
-#[derive(Deserialize)]
-struct ErrorDetail {
-    code: String,
-    message: String,
 }
 
 /// One HTTP connection pool for every agent.
@@ -399,7 +333,7 @@ impl AgentClient {
         self.json(
             target,
             method,
-            &envd_path_for(id, envd_path),
+            &envd_proxy_path(id, envd_path),
             body,
             self.timeouts.request + extra,
         )
@@ -418,7 +352,7 @@ impl AgentClient {
         self.send_json(
             target,
             method,
-            &envd_path_for(id, envd_path),
+            &envd_proxy_path(id, envd_path),
             body,
             self.timeouts.request,
         )
@@ -442,7 +376,7 @@ impl AgentClient {
         let request = Self::request(
             target,
             Method::PUT,
-            &envd_path_for(id, envd_path_and_query),
+            &envd_proxy_path(id, envd_path_and_query),
             body,
             Some("application/octet-stream"),
         );
@@ -474,7 +408,7 @@ impl AgentClient {
         let request = Self::request(
             target,
             Method::GET,
-            &envd_path_for(id, envd_path_and_query),
+            &envd_proxy_path(id, envd_path_and_query),
             Self::full(Bytes::new()),
             None,
         );
@@ -489,7 +423,7 @@ impl AgentClient {
         envd_path: &str,
     ) -> Result<EnvdSocket, AgentError> {
         use tokio_tungstenite::tungstenite::Error as WsError;
-        let url = format!("ws://{}{}", target.address, envd_path_for(id, envd_path));
+        let url = format!("ws://{}{}", target.address, envd_proxy_path(id, envd_path));
         let mut request = url.into_client_request().map_err(|e| AgentError::Decode {
             host: target.host,
             reason: e.to_string(),
@@ -520,17 +454,13 @@ impl AgentClient {
     }
 }
 
-fn envd_path_for(id: SandboxId, envd_path: &str) -> String {
-    format!("/v1/sandboxes/{id}/envd{envd_path}")
-}
-
 /// Turns a non-success answer into an error: client errors keep the agent's (or envd's) code,
 /// everything else is the agent failing.
 fn answer_error(host: HostId, status: StatusCode, body: &[u8]) -> AgentError {
     let detail = serde_json::from_slice::<ErrorEnvelope>(body)
         .map(|e| e.error)
-        .unwrap_or_else(|_| ErrorDetail {
-            code: String::new(),
+        .unwrap_or_else(|_| ErrorBody {
+            code: ErrorCode::Unknown,
             message: String::from_utf8_lossy(body)
                 .trim()
                 .chars()
@@ -574,6 +504,8 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::template::TemplateName;
+    use std::collections::BTreeMap;
 
     #[test]
     fn client_errors_keep_their_code_and_the_rest_is_the_agent_failing() {
@@ -604,7 +536,7 @@ mod tests {
             }
         ));
         assert_eq!(
-            envd_path_for(SandboxId(uuid::Uuid::from_u128(35)), "/processes/run"),
+            envd_proxy_path(SandboxId(uuid::Uuid::from_u128(35)), "/processes/run"),
             format!("/v1/sandboxes/cl-{}z/envd/processes/run", "0".repeat(24))
         );
     }
@@ -613,7 +545,7 @@ mod tests {
     fn create_request_matches_the_contract() {
         let request = CreateSandbox {
             sandbox_id: SandboxId(uuid::Uuid::nil()),
-            template: "minimal".into(),
+            template: TemplateName::default_template(),
             vcpus: 1,
             memory_mb: 512,
             disk_mb: 5120,

@@ -18,6 +18,7 @@ use super::tokens::sha256;
 use crate::db::team_members::Role;
 use crate::db::users::{User, UserStatus};
 use crate::db::{api_keys, host_refresh_tokens, users};
+use crate::error_code::ErrorCode;
 use crate::id::{HostId, TeamId};
 
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -74,7 +75,7 @@ impl FromRequestParts<AppState> for AuthUser {
             .ok_or_else(|| ApiError::Unauthorized("the token's user no longer exists".into()))?;
         if found.user.status != UserStatus::Active {
             return Err(ApiError::Forbidden {
-                code: "account_deactivated",
+                code: ErrorCode::AccountDeactivated,
                 message: "this account is deactivated".into(),
             });
         }

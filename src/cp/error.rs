@@ -10,6 +10,7 @@ use super::scheduler::ScheduleError;
 use super::services::capsules::CapsuleError;
 use super::services::ServiceError;
 use crate::db::DbError;
+use crate::error_code::{ErrorCode, ErrorEnvelope};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -18,13 +19,13 @@ pub enum ApiError {
     #[error("{0}")]
     Unauthorized(String),
     #[error("{message}")]
-    Forbidden { code: &'static str, message: String },
+    Forbidden { code: ErrorCode, message: String },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
     #[error("{message}")]
-    Conflict { code: &'static str, message: String },
+    Conflict { code: ErrorCode, message: String },
     #[error("host still has {} active capsule(s)", .0.len())]
     HostHasSandboxes(Vec<String>),
     #[error("{0}")]
@@ -39,7 +40,7 @@ pub enum ApiError {
     DatabaseUnavailable,
     /// 503 with `host_unavailable` or `no_hosts_available`.
     #[error("{message}")]
-    Unavailable { code: &'static str, message: String },
+    Unavailable { code: ErrorCode, message: String },
     /// A host agent failed or could not be reached: 502 `agent_error`.
     #[error("{0}")]
     AgentFailed(String),
@@ -66,27 +67,27 @@ impl ApiError {
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ApiError::InvalidRequest(_) => "invalid_request",
-            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
             ApiError::Forbidden { code, .. }
             | ApiError::Conflict { code, .. }
-            | ApiError::Unavailable { code, .. } => code,
-            ApiError::AgentFailed(_) => "agent_error",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::MethodNotAllowed(_) => "method_not_allowed",
-            ApiError::HostHasSandboxes(_) => "host_has_sandboxes",
-            ApiError::TooLarge(_) => "too_large",
-            ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::DatabaseUnavailable => "db_unavailable",
-            ApiError::Internal => "internal_error",
+            | ApiError::Unavailable { code, .. } => *code,
+            ApiError::AgentFailed(_) => ErrorCode::AgentError,
+            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            ApiError::HostHasSandboxes(_) => ErrorCode::HostHasSandboxes,
+            ApiError::TooLarge(_) => ErrorCode::TooLarge,
+            ApiError::RateLimited { .. } => ErrorCode::RateLimited,
+            ApiError::DatabaseUnavailable => ErrorCode::DbUnavailable,
+            ApiError::Internal => ErrorCode::InternalError,
         }
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
         ApiError::Forbidden {
-            code: "forbidden",
+            code: ErrorCode::Forbidden,
             message: message.into(),
         }
     }
@@ -94,11 +95,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = json!({ "code": self.code(), "message": self.to_string() });
+        let mut body = serde_json::to_value(ErrorEnvelope::new(self.code(), self.to_string()))
+            .expect("error envelopes serialize");
         if let ApiError::HostHasSandboxes(ids) = &self {
-            error["sandbox_ids"] = json!(ids);
+            body["error"]["sandbox_ids"] = json!(ids);
         }
-        let mut response = (self.status(), axum::Json(json!({ "error": error }))).into_response();
+        let mut response = (self.status(), axum::Json(body)).into_response();
         if let ApiError::RateLimited {
             retry_after_secs, ..
         } = &self
@@ -119,7 +121,7 @@ impl From<DbError> for ApiError {
                 ApiError::DatabaseUnavailable
             }
             DbError::UniqueViolation { constraint } => ApiError::Conflict {
-                code: "conflict",
+                code: ErrorCode::Conflict,
                 message: format!("already exists ({constraint})"),
             },
             DbError::Query(cause) => {
@@ -138,7 +140,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::Unauthorized(_) => ApiError::Unauthorized(message),
             ServiceError::Forbidden(_) => ApiError::forbidden(message),
             ServiceError::AccountDisabled => ApiError::Forbidden {
-                code: "account_deactivated",
+                code: ErrorCode::AccountDeactivated,
                 message,
             },
             ServiceError::NotFound(_) => ApiError::NotFound(message),
@@ -171,16 +173,16 @@ impl From<CapsuleError> for ApiError {
                 ApiError::NotFound(message)
             }
             CapsuleError::NotRunning(_) | CapsuleError::Busy(_) => ApiError::Conflict {
-                code: "invalid_state",
+                code: ErrorCode::InvalidState,
                 message,
             },
             CapsuleError::Schedule(ScheduleError::Db(db)) | CapsuleError::Db(db) => db.into(),
             CapsuleError::Schedule(_) => ApiError::Unavailable {
-                code: "no_hosts_available",
+                code: ErrorCode::NoHostsAvailable,
                 message,
             },
             CapsuleError::HostUnavailable(_) => ApiError::Unavailable {
-                code: "host_unavailable",
+                code: ErrorCode::HostUnavailable,
                 message,
             },
             CapsuleError::Agent(agent) => agent.into(),
@@ -200,12 +202,12 @@ impl From<AgentError> for ApiError {
             } => match status.as_u16() {
                 403 => ApiError::forbidden(message),
                 404 => ApiError::NotFound(message),
-                409 if code == "invalid_state" => ApiError::Conflict {
-                    code: "invalid_state",
+                409 if code == ErrorCode::InvalidState => ApiError::Conflict {
+                    code: ErrorCode::InvalidState,
                     message,
                 },
                 409 => ApiError::Conflict {
-                    code: "conflict",
+                    code: ErrorCode::Conflict,
                     message,
                 },
                 413 => ApiError::TooLarge(message),

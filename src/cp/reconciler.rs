@@ -17,9 +17,9 @@ use std::collections::HashMap;
 
 use tokio_util::sync::CancellationToken;
 
-use super::agent_client::AgentSandboxStatus;
 use super::services::capsules::agent_target;
 use super::state::AppState;
+use crate::agent::wire::SandboxPhase;
 use crate::db::hosts::{self, Host, HostStatus};
 use crate::db::sandboxes::{self, SandboxStatus};
 use crate::db::DbError;
@@ -97,7 +97,7 @@ async fn reconcile_host(
             return mark_missing(state, host, report).await;
         }
     };
-    let agent_has: HashMap<SandboxId, AgentSandboxStatus> =
+    let agent_has: HashMap<SandboxId, SandboxPhase> =
         on_agent.iter().map(|s| (s.sandbox_id, s.status)).collect();
     let in_db = sandboxes::on_host(&state.db, host.id).await?;
     let create_grace = chrono::Duration::from_std(state.capsules.agents.timeouts().create)
@@ -141,7 +141,7 @@ async fn reconcile_host(
         };
         // A sandbox still starting may belong to a create the control plane gave up on; it is
         // destroyed once the agent has finished with it.
-        if !orphan || agent_status != AgentSandboxStatus::Running {
+        if !orphan || agent_status != SandboxPhase::Running {
             continue;
         }
         match state.capsules.agents.destroy_sandbox(&target, id).await {

@@ -22,16 +22,7 @@ pub const FRAME_STDOUT: u8 = 1;
 pub const FRAME_STDERR: u8 = 2;
 pub const FRAME_PTY: u8 = 3;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorDetail {
-    pub code: String,
-    pub message: String,
-}
+pub use crate::error_code::{ErrorBody, ErrorCode, ErrorEnvelope};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
@@ -221,7 +212,7 @@ pub enum ServerMessage {
         bytes: u64,
     },
     Exit(ExitInfo),
-    Error(ErrorDetail),
+    Error(ErrorBody),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,5 +309,5 @@ pub enum WatchMessage {
     Lost {
         events: u64,
     },
-    Error(ErrorDetail),
+    Error(ErrorBody),
 }

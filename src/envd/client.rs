@@ -20,10 +20,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::api::{
-    AttachRequest, ClientMessage, EntryInfo, ErrorBody, ErrorDetail, ExitInfo, FileQuery, Health,
-    InitRequest, ListRequest, ListResponse, Metrics, MoveRequest, PathRequest, ProcessInfo,
-    ProcessList, PtySize, RunRequest, RunResponse, ServerMessage, SignalRequest, StartRequest,
-    StartResponse, WatchMessage, ACCESS_TOKEN_HEADER, FRAME_PTY, FRAME_STDERR, FRAME_STDOUT,
+    AttachRequest, ClientMessage, EntryInfo, ErrorBody, ErrorCode, ErrorEnvelope, ExitInfo,
+    FileQuery, Health, InitRequest, ListRequest, ListResponse, Metrics, MoveRequest, PathRequest,
+    ProcessInfo, ProcessList, PtySize, RunRequest, RunResponse, ServerMessage, SignalRequest,
+    StartRequest, StartResponse, WatchMessage, ACCESS_TOKEN_HEADER, FRAME_PTY, FRAME_STDERR,
+    FRAME_STDOUT,
 };
 
 type RequestBody = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -36,7 +37,7 @@ pub enum EnvdClientError {
     #[error("request to envd failed: {0}")]
     Transport(String),
     #[error("envd answered {status}: {} ({})", .detail.message, .detail.code)]
-    Api { status: u16, detail: ErrorDetail },
+    Api { status: u16, detail: ErrorBody },
     #[error("unexpected answer from envd: {0}")]
     Decode(String),
     #[error("envd WebSocket failed: {0}")]
@@ -45,9 +46,9 @@ pub enum EnvdClientError {
 
 impl EnvdClientError {
     /// The envd error code (`not_found`, `conflict`, ...) when envd answered with one.
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            Self::Api { detail, .. } => Some(&detail.code),
+            Self::Api { detail, .. } => Some(detail.code),
             _ => None,
         }
     }
@@ -152,10 +153,10 @@ impl EnvdClient {
             .await
             .map_err(transport)?
             .to_bytes();
-        let detail = serde_json::from_slice::<ErrorBody>(&body)
+        let detail = serde_json::from_slice::<ErrorEnvelope>(&body)
             .map(|b| b.error)
-            .unwrap_or_else(|_| ErrorDetail {
-                code: "unknown".into(),
+            .unwrap_or_else(|_| ErrorBody {
+                code: ErrorCode::Unknown,
                 message: String::from_utf8_lossy(&body).into_owned(),
             });
         Err(EnvdClientError::Api { status, detail })
@@ -316,10 +317,10 @@ impl EnvdClient {
                 let detail = response
                     .body()
                     .as_deref()
-                    .and_then(|b| serde_json::from_slice::<ErrorBody>(b).ok())
+                    .and_then(|b| serde_json::from_slice::<ErrorEnvelope>(b).ok())
                     .map(|b| b.error)
-                    .unwrap_or_else(|| ErrorDetail {
-                        code: "unknown".into(),
+                    .unwrap_or_else(|| ErrorBody {
+                        code: ErrorCode::Unknown,
                         message: format!("HTTP {status}"),
                     });
                 Err(EnvdClientError::Api { status, detail })
@@ -350,7 +351,11 @@ impl EnvdClient {
                         });
                     }
                     ServerMessage::Error(detail) => {
-                        let status = if detail.code == "not_found" { 404 } else { 400 };
+                        let status = if detail.code == ErrorCode::NotFound {
+                            404
+                        } else {
+                            400
+                        };
                         return Err(EnvdClientError::Api { status, detail });
                     }
                     other => {
@@ -525,7 +530,7 @@ pub enum ProcessEvent {
     Lost(u64),
     Exit(ExitInfo),
     /// A request on this session failed; the session stays usable.
-    Error(ErrorDetail),
+    Error(ErrorBody),
 }
 
 /// One attached process: events in, stdin and control out. Split it to read and write from

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::io::ReaderStream;
 
 use super::api::{
-    AttachRequest, ClientMessage, EntryInfo, ErrorBody, ErrorDetail, FileQuery, Health,
-    InitRequest, ListRequest, ListResponse, Metrics, MoveRequest, PathRequest, ProcessList,
+    AttachRequest, ClientMessage, EntryInfo, ErrorBody, ErrorCode, ErrorEnvelope, FileQuery,
+    Health, InitRequest, ListRequest, ListResponse, Metrics, MoveRequest, PathRequest, ProcessList,
     PtySize, RunRequest, RunResponse, ServerMessage, SignalRequest, StartRequest, StartResponse,
     ACCESS_TOKEN_HEADER, FRAME_PTY, FRAME_STDERR, FRAME_STDOUT,
 };
@@ -95,13 +95,13 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
+    fn status_and_code(&self) -> (StatusCode, ErrorCode) {
         use StatusCode as S;
-        let invalid = (S::BAD_REQUEST, "invalid_request");
-        let not_found = (S::NOT_FOUND, "not_found");
-        let conflict = (S::CONFLICT, "conflict");
-        let forbidden = (S::FORBIDDEN, "forbidden");
-        let internal = (S::INTERNAL_SERVER_ERROR, "internal");
+        let invalid = (S::BAD_REQUEST, ErrorCode::InvalidRequest);
+        let not_found = (S::NOT_FOUND, ErrorCode::NotFound);
+        let conflict = (S::CONFLICT, ErrorCode::Conflict);
+        let forbidden = (S::FORBIDDEN, ErrorCode::Forbidden);
+        let internal = (S::INTERNAL_SERVER_ERROR, ErrorCode::InternalError);
         match self {
             Self::Process(e) => match e {
                 ProcessError::User(UserError::UnknownUser(_)) => not_found,
@@ -129,19 +129,19 @@ impl ApiError {
                 FileError::NotFound(_) => not_found,
                 FileError::Exists(_) => conflict,
                 FileError::PermissionDenied(_) => forbidden,
-                FileError::NoSpace(_) => (S::INSUFFICIENT_STORAGE, "insufficient_storage"),
+                FileError::NoSpace(_) => (S::INSUFFICIENT_STORAGE, ErrorCode::InsufficientStorage),
                 FileError::Io { .. } => internal,
             },
             Self::BadRequest(_) => invalid,
             Self::NoRoute => not_found,
-            Self::MissingToken | Self::WrongToken => (S::UNAUTHORIZED, "unauthorized"),
+            Self::MissingToken | Self::WrongToken => (S::UNAUTHORIZED, ErrorCode::Unauthorized),
             Self::Internal(_) => internal,
         }
     }
 
-    fn detail(&self) -> ErrorDetail {
-        ErrorDetail {
-            code: self.status_and_code().1.to_owned(),
+    fn detail(&self) -> ErrorBody {
+        ErrorBody {
+            code: self.status_and_code().1,
             message: self.to_string(),
         }
     }
@@ -155,7 +155,7 @@ impl IntoResponse for ApiError {
         }
         (
             status,
-            Json(ErrorBody {
+            Json(ErrorEnvelope {
                 error: self.detail(),
             }),
         )

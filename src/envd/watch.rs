@@ -9,7 +9,7 @@ use notify::event::{ModifyKind, RenameMode};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use super::api::{ErrorDetail, WatchEventKind, WatchMessage};
+use super::api::{ErrorBody, ErrorCode, WatchEventKind, WatchMessage};
 use super::files::FileError;
 
 /// Events queued per watch before further ones are counted as lost.
@@ -42,8 +42,8 @@ impl DirWatch {
         let handler = move |result: notify::Result<notify::Event>| {
             let messages = match result {
                 Ok(event) => translate(&event, &pending_move),
-                Err(error) => vec![WatchMessage::Error(ErrorDetail {
-                    code: "watch_failed".into(),
+                Err(error) => vec![WatchMessage::Error(ErrorBody {
+                    code: ErrorCode::WatchFailed,
                     message: error.to_string(),
                 })],
             };

@@ -40,6 +40,14 @@ pub struct Agent {
     env: Vec<(String, String)>,
 }
 
+/// The sandbox ID a test calls by a readable name (the agent takes only real sandbox IDs).
+pub fn sid(name: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    let bytes: [u8; 16] = digest[..16].try_into().unwrap();
+    wrenn::id::SandboxId(uuid::Uuid::from_bytes(bytes)).to_string()
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -13,6 +13,7 @@ use crate::cp::tokens::{random_hex, TokenKeys};
 use crate::db::team_members::{self, Role};
 use crate::db::users::{self, NewUser, User, UserStatus};
 use crate::db::{teams, Db, DbError};
+use crate::error_code::ErrorCode;
 use crate::id::{TeamId, UserId};
 
 /// Name of the team every account gets at signup.
@@ -94,7 +95,7 @@ fn session(tokens: &TokenKeys, user: &User, team: Uuid) -> Session {
 fn email_taken(error: DbError) -> ServiceError {
     match error {
         DbError::UniqueViolation { .. } => ServiceError::Conflict {
-            code: "email_taken",
+            code: ErrorCode::EmailTaken,
             message: "an account with this email already exists".into(),
         },
         other => other.into(),

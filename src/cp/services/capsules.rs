@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::cp::agent_client::{AgentError, AgentTarget, CreateSandbox, SandboxInfo};
+use crate::agent::wire::{CreateSandbox, SandboxInfo};
+use crate::cp::agent_client::{AgentError, AgentTarget};
 use crate::cp::scheduler::{self, Demand, Placement, ScheduleError};
 use crate::cp::state::AppState;
 use crate::db::hosts::{self, Host, HostStatus};
@@ -22,7 +23,9 @@ use crate::db::sandboxes::{self, SandboxRow, SandboxStatus};
 use crate::db::templates::{self, TemplateType};
 use crate::db::DbError;
 use crate::envd::api as envd;
+use crate::error_code::ErrorCode;
 use crate::id::{HostId, SandboxId, TeamId};
+use crate::template::{TemplateName, TemplateNameError};
 
 /// Every sandbox gets this much disk; the public API does not expose it.
 pub const DISK_MB: u32 = 5120;
@@ -84,7 +87,7 @@ pub struct CreateCapsuleRequest {
 /// A checked create request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewCapsule {
-    pub template: String,
+    pub template: TemplateName,
     pub vcpus: u32,
     pub memory_mb: u32,
     pub timeout_sec: u32,
@@ -114,18 +117,12 @@ fn in_range(
 
 impl NewCapsule {
     pub fn parse(request: CreateCapsuleRequest) -> Result<Self, CapsuleError> {
-        let template = request.template.unwrap_or_else(|| "minimal".to_owned());
-        let valid_name = !template.is_empty()
-            && template.len() <= 128
-            && template
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !valid_name {
-            return Err(CapsuleError::invalid(
-                "template",
-                format!("`{template}` is not a template name"),
-            ));
-        }
+        let template = match request.template {
+            Some(name) => name
+                .parse()
+                .map_err(|e: TemplateNameError| CapsuleError::invalid("template", e.to_string()))?,
+            None => TemplateName::default_template(),
+        };
         Ok(Self {
             template,
             vcpus: in_range("vcpus", request.vcpus, 1, VCPUS_RANGE)?,
@@ -238,7 +235,7 @@ fn guest_metadata(info: &SandboxInfo) -> Value {
     let mut metadata: serde_json::Map<String, Value> = info
         .metadata
         .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
         .collect();
     if let Some(ip) = &info.guest_addr {
         metadata.insert(GUEST_IP_KEY.to_owned(), Value::String(ip.clone()));
@@ -263,9 +260,9 @@ pub async fn create(
     team: TeamId,
     new: NewCapsule,
 ) -> Result<Created, CapsuleError> {
-    let template = templates::visible_by_name(&state.db, team.uuid(), &new.template)
+    let template = templates::visible_by_name(&state.db, team.uuid(), new.template.as_str())
         .await?
-        .ok_or_else(|| CapsuleError::TemplateNotFound(new.template.clone()))?;
+        .ok_or_else(|| CapsuleError::TemplateNotFound(new.template.to_string()))?;
     // A snapshot resumes with the size it was taken at.
     let (vcpus, memory_mb) = match template.template_type {
         TemplateType::Snapshot => (
@@ -297,7 +294,7 @@ pub async fn create(
     };
     let request = CreateSandbox {
         sandbox_id: id,
-        template: template.name.clone(),
+        template: new.template.clone(),
         vcpus,
         memory_mb,
         disk_mb: DISK_MB,
@@ -335,7 +332,7 @@ pub async fn create(
             sandboxes::set_status(&state.db, id.uuid(), SandboxStatus::Failed).await?;
             tracing::warn!(sandbox = %id, host = %target.host, %error, "sandbox creation failed");
             match error {
-                AgentError::Rejected { code, .. } if code == "template_not_found" => {
+                AgentError::Rejected { code, .. } if code == ErrorCode::TemplateNotFound => {
                     Err(CapsuleError::TemplateNotFound(template.name))
                 }
                 AgentError::Rejected {
@@ -380,7 +377,7 @@ pub async fn destroy(state: &AppState, team: TeamId, id: SandboxId) -> Result<()
         Ok(target) => match state.capsules.agents.destroy_sandbox(&target, id).await {
             Ok(()) => {}
             Err(AgentError::Rejected { status, .. }) if status == http::StatusCode::NOT_FOUND => {}
-            Err(AgentError::Rejected { code, .. }) if code == "invalid_state" => {
+            Err(AgentError::Rejected { code, .. }) if code == ErrorCode::InvalidState => {
                 return Err(CapsuleError::Busy(SandboxStatus::Stopping));
             }
             Err(error) => return Err(error.into()),
@@ -902,7 +899,7 @@ mod tests {
         assert_eq!(
             new,
             NewCapsule {
-                template: "minimal".into(),
+                template: TemplateName::default_template(),
                 vcpus: 1,
                 memory_mb: 512,
                 timeout_sec: 0

@@ -20,6 +20,7 @@ use crate::db::hosts::{self, Host, HostType, NewHost, Registration};
 use crate::db::{
     host_refresh_tokens, host_registration_tokens, host_tags, sandboxes, teams, Db, DbError,
 };
+use crate::error_code::ErrorCode;
 use crate::id::{HostId, SandboxId, TeamId};
 
 pub struct CreateHost {
@@ -190,7 +191,7 @@ pub async fn regenerate_token(
         .ok_or(ServiceError::NotFound("host"))?;
     if host_refresh_tokens::any_live(&mut *tx, locked.id).await? {
         return Err(ServiceError::Conflict {
-            code: "invalid_state",
+            code: ErrorCode::InvalidState,
             message: format!(
                 "host is {} and its agent holds live credentials; it has already registered",
                 locked.status

@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::cp::auth::AuthUser;
 use crate::db::audit_logs::Entry;
 use crate::db::DbError;
+use crate::error_code::ErrorCode;
 use crate::id::{SandboxId, UserId};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +33,7 @@ pub enum ServiceError {
     #[error("{0} not found")]
     NotFound(&'static str),
     #[error("{message}")]
-    Conflict { code: &'static str, message: String },
+    Conflict { code: ErrorCode, message: String },
     #[error("host still has {} active capsule(s)", .0.len())]
     HostHasSandboxes(Vec<SandboxId>),
     #[error(transparent)]

@@ -1,0 +1,99 @@
+//! The agent API's contract: the request and response bodies of every route the host agent
+//! serves. The agent's server (`agent::api`) and the control plane's client
+//! (`cp::agent_client`) both use these types, so the hop is defined once.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::id::SandboxId;
+use crate::template::TemplateName;
+
+/// The default writable disk of a sandbox when a request names none.
+pub const DEFAULT_DISK_MB: u32 = 5120;
+
+/// `POST /v1/sandboxes`: boot a sandbox; answered once envd in the guest answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    pub sandbox_id: SandboxId,
+    pub template: TemplateName,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    #[serde(default = "default_disk_mb")]
+    pub disk_mb: u32,
+    /// Idle seconds before the agent's reaper acts on the sandbox; 0 means never.
+    #[serde(default)]
+    pub timeout_sec: u32,
+    #[serde(default)]
+    pub envs: BTreeMap<String, String>,
+    /// Default user for commands inside the guest; envd's default when absent.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+fn default_disk_mb() -> u32 {
+    DEFAULT_DISK_MB
+}
+
+/// Where a sandbox is in its life on the agent. The agent's transition table lives with its
+/// lifecycle (`agent::sandbox`); this is only the name on the wire.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, strum::Display, strum::EnumIter,
+)]
+#[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
+pub enum SandboxPhase {
+    Starting,
+    Running,
+    Pausing,
+    Paused,
+    Resuming,
+    Snapshotting,
+    Stopping,
+}
+
+/// `GET /v1/sandboxes/{id}` and the answer to a create.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    pub sandbox_id: SandboxId,
+    pub status: SandboxPhase,
+    pub template: TemplateName,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_mb: u32,
+    pub timeout_sec: u32,
+    pub created_at: DateTime<Utc>,
+    pub last_active_at: DateTime<Utc>,
+    /// Where this host reaches the guest (the per-sandbox host-routable address).
+    pub guest_addr: Option<String>,
+    /// Operator facts: VMM and envd versions, per-phase create timings (`create_ms.*`).
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `GET /v1/sandboxes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxList {
+    pub sandboxes: Vec<SandboxInfo>,
+}
+
+/// `GET /v1/ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentPing {
+    pub status: String,
+    pub host_id: String,
+    pub version: String,
+    pub vmm: String,
+    pub sandboxes: u64,
+}
+
+/// The agent's path for a sandbox's envd API: `envd_path` is envd's own path, e.g.
+/// `/processes/run`.
+pub fn envd_proxy_path(id: SandboxId, envd_path: &str) -> String {
+    format!(
+        "/v1/sandboxes/{id}/envd/{}",
+        envd_path.trim_start_matches('/')
+    )
+}
