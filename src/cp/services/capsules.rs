@@ -332,9 +332,10 @@ pub async fn create(
             sandboxes::set_status(&state.db, id.uuid(), SandboxStatus::Failed).await?;
             tracing::warn!(sandbox = %id, host = %target.host, %error, "sandbox creation failed");
             match error {
-                AgentError::Rejected { code, .. } if code == ErrorCode::TemplateNotFound => {
-                    Err(CapsuleError::TemplateNotFound(template.name))
-                }
+                AgentError::Rejected {
+                    code: ErrorCode::TemplateNotFound,
+                    ..
+                } => Err(CapsuleError::TemplateNotFound(template.name)),
                 AgentError::Rejected {
                     status, message, ..
                 } => Err(CapsuleError::Agent(AgentError::Failed {
@@ -377,7 +378,10 @@ pub async fn destroy(state: &AppState, team: TeamId, id: SandboxId) -> Result<()
         Ok(target) => match state.capsules.agents.destroy_sandbox(&target, id).await {
             Ok(()) => {}
             Err(AgentError::Rejected { status, .. }) if status == http::StatusCode::NOT_FOUND => {}
-            Err(AgentError::Rejected { code, .. }) if code == ErrorCode::InvalidState => {
+            Err(AgentError::Rejected {
+                code: ErrorCode::InvalidState,
+                ..
+            }) => {
                 return Err(CapsuleError::Busy(SandboxStatus::Stopping));
             }
             Err(error) => return Err(error.into()),
