@@ -9,6 +9,5 @@ pub mod db;
 pub mod envd;
 pub mod id;
 pub mod logging;
-pub mod testing;
 pub mod version;
 pub mod vmm;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::config::Layout;
+use wrenn::config::Layout;
 
 /// The kernel command line the host agent boots sandboxes with, minus the network settings.
 pub const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -43,9 +43,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> GuestError {
 }
 
 fn rootfs_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("rootfs")
-        .join(name)
+    crate::repo_root().join("rootfs").join(name)
 }
 
 fn run_build(mut cmd: Command) -> Result<String, GuestError> {
@@ -143,7 +141,7 @@ pub fn read_from_ext4(image: &Path, path: &str) -> Result<String, GuestError> {
 /// Under TCG the guest reads the host's TSC, and without this hint the kernel calibrates it
 /// against the emulated PIT, which fails on a busy host and leaves the boot hanging with no clock
 /// source (`tsc_early_khz=` on the guest command line); the agent's QEMU backend does the same.
-pub use crate::vmm::qemu::host_tsc_khz;
+pub use wrenn::vmm::qemu::host_tsc_khz;
 
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> Result<u16, GuestError> {
@@ -371,7 +369,7 @@ pub fn static_binary() -> PathBuf {
     }
     let output = Command::new("just")
         .arg("build-static")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(crate::repo_root())
         .output()
         .expect("`just build-static` runs (install just with .ci/bootstrap)");
     assert!(
