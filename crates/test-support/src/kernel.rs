@@ -1,17 +1,20 @@
-//! A guest kernel and initramfs for the VMM tests and benchmarks: the Debian cloud kernel
-//! (fetched with apt once and cached outside the clone, as an uncompressed `vmlinux` plus its
-//! virtio modules) and throwaway busybox initramfs images with a test's own `/init`.
+//! A guest kernel and initramfs for the VMM tests and benchmarks: the Debian cloud kernel that
+//! `rootfs/build-kernel.sh` installs in the shared test files root (the one fetcher: the same
+//! `vmlinux` the image tests and the agent boot), the modules a test initramfs may load (taken
+//! from the kernel package that script downloaded, and cached outside the clone), and throwaway
+//! busybox initramfs images with a test's own `/init`.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use nix::fcntl::{Flock, FlockArg};
 
-/// Where the kernel is cached between runs.
-pub const KERNEL_CACHE: &str = "/var/tmp/wrenn-test-kernel";
+use crate::guest;
+
+/// Where the modules are cached between runs, one directory per kernel release.
+pub const MODULE_CACHE: &str = "/var/tmp/wrenn-test-kernel";
 
 /// The virtio modules a test initramfs may need, in load order.
 pub const VIRTIO_MODULES: &[&str] = &[
@@ -29,7 +32,8 @@ pub const POWER_BUTTON_MODULES: &[&str] = &["evdev", "button"];
 #[derive(Debug, Clone)]
 pub struct TestKernel {
     pub vmlinux: PathBuf,
-    /// `NAME.ko` for every module in [`VIRTIO_MODULES`] and [`POWER_BUTTON_MODULES`].
+    /// `NAME.ko` (uncompressed) for every module in [`VIRTIO_MODULES`] and
+    /// [`POWER_BUTTON_MODULES`].
     pub modules_dir: PathBuf,
     pub release: String,
 }
@@ -40,27 +44,40 @@ impl TestKernel {
     }
 }
 
-/// The cached kernel, fetched on first use. Concurrent callers wait on a lock file.
+/// What build-kernel.sh records about the kernel it installed (`kernels/kernel.json`).
+#[derive(Debug, serde::Deserialize)]
+struct KernelInfo {
+    package: String,
+    package_version: String,
+    release: String,
+}
+
+/// The shared test root's kernel (built by [`guest::test_kernel_root`] on first use) and its
+/// modules. Concurrent callers wait on the test root's lock file.
 pub fn test_kernel() -> Result<TestKernel> {
-    let cache = Path::new(KERNEL_CACHE);
-    fs::create_dir_all(cache).with_context(|| format!("creating {KERNEL_CACHE}"))?;
-    let lock = File::create(cache.join(".lock")).context("creating the kernel cache lock")?;
-    let _lock = Flock::lock(lock, FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .context("locking the kernel cache")?;
-    // `release` is written last, so its presence means the cache is complete.
-    let complete = cache.join("release").is_file()
-        && VIRTIO_MODULES
+    let layout = guest::test_kernel_root()?;
+    let json = layout.kernels_dir().join("kernel.json");
+    let info: KernelInfo = serde_json::from_str(
+        &fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?,
+    )
+    .with_context(|| format!("parsing {}", json.display()))?;
+    let modules_dir = Path::new(MODULE_CACHE).join(&info.release);
+    let complete = || {
+        VIRTIO_MODULES
             .iter()
             .chain(POWER_BUTTON_MODULES)
-            .all(|m| cache.join(format!("modules/{m}.ko")).is_file());
-    if !complete {
-        fetch_kernel(cache)?;
+            .all(|m| modules_dir.join(format!("{m}.ko")).is_file())
+    };
+    if !complete() {
+        let _lock = guest::lock_test_root(layout)?;
+        if !complete() {
+            extract_modules(layout, &info, &modules_dir)?;
+        }
     }
     Ok(TestKernel {
-        vmlinux: cache.join("vmlinux"),
-        modules_dir: cache.join("modules"),
-        release: fs::read_to_string(cache.join("release"))?.trim().to_owned(),
+        vmlinux: layout.default_kernel(),
+        modules_dir,
+        release: info.release,
     })
 }
 
@@ -78,122 +95,112 @@ fn run(command: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn fetch_kernel(cache: &Path) -> Result<()> {
-    let depends = run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]))?;
-    let package = depends
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("Depends: ")
-                .filter(|p| p.starts_with("linux-image-"))
-        })
-        .context("apt-cache names no kernel package for linux-image-cloud-amd64")?
-        .to_owned();
-    let work = cache.join("work");
-    let _ = fs::remove_dir_all(&work);
-    fs::create_dir_all(&work)?;
-    run(Command::new("apt-get")
-        .args(["download", "-q", &package])
-        .current_dir(&work))?;
-    let deb = fs::read_dir(&work)?
+/// The package build-kernel.sh keeps in its download cache (`$WRENN_BUILD_DIR/debs`, as in
+/// rootfs/lib.sh).
+fn cached_deb(info: &KernelInfo) -> Option<PathBuf> {
+    let build_dir =
+        std::env::var("WRENN_BUILD_DIR").unwrap_or_else(|_| "/var/tmp/wrenn-build".to_string());
+    let prefix = format!(
+        "{}_{}_",
+        info.package,
+        info.package_version.replace(':', "%3a")
+    );
+    fs::read_dir(Path::new(&build_dir).join("debs"))
+        .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .context("apt-get download left no .deb")?;
-    let root = work.join("root");
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
-    let release = package.trim_start_matches("linux-image-").to_owned();
-    let bzimage = root.join(format!("boot/vmlinuz-{release}"));
-    let vmlinux = extract_vmlinux(
-        &fs::read(&bzimage).with_context(|| format!("reading {}", bzimage.display()))?,
-    )?;
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".deb"))
+        })
+}
 
-    let modules = cache.join("modules");
-    fs::create_dir_all(&modules)?;
-    let module_root = root.join(format!("lib/modules/{release}/kernel"));
+/// Unpacks the kernel package and copies the test modules, decompressed, into `dest`. The
+/// caller holds the test root's lock.
+fn extract_modules(layout: &wrenn::config::Layout, info: &KernelInfo, dest: &Path) -> Result<()> {
+    let deb = match cached_deb(info) {
+        Some(deb) => deb,
+        None => {
+            // The kernel is up to date but its download cache was emptied since: rebuilding
+            // downloads the package again.
+            let _ = fs::remove_file(layout.kernels_dir().join(".stamp"));
+            guest::build_kernel(layout)?;
+            cached_deb(info).with_context(|| {
+                format!(
+                    "build-kernel.sh left no {}={} package in its download cache",
+                    info.package, info.package_version
+                )
+            })?
+        }
+    };
+    fs::create_dir_all(MODULE_CACHE).with_context(|| format!("creating {MODULE_CACHE}"))?;
+    let work = tempfile::Builder::new()
+        .prefix("unpack-")
+        .tempdir_in(MODULE_CACHE)?;
+    run(Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(work.path()))?;
+    let module_root = work
+        .path()
+        .join(format!("lib/modules/{}/kernel", info.release));
+    let staged = work.path().join("modules");
+    fs::create_dir_all(&staged)?;
     for name in VIRTIO_MODULES.iter().chain(POWER_BUTTON_MODULES) {
-        let file = format!("{name}.ko");
-        let found = find_file(&module_root, &file)?
-            .with_context(|| format!("{file} is not in {package}"))?;
-        fs::copy(&found, modules.join(&file))?;
+        let found = find_module(&module_root, name)?
+            .with_context(|| format!("{name}.ko is not in {}", deb.display()))?;
+        let out = staged.join(format!("{name}.ko"));
+        let decompress = match found.extension().and_then(|x| x.to_str()) {
+            Some("ko") => None,
+            Some("xz") => Some("xz"),
+            Some("zst") => Some("zstd"),
+            Some("gz") => Some("gzip"),
+            _ => bail!("unexpected module file {}", found.display()),
+        };
+        match decompress {
+            None => {
+                fs::copy(&found, &out)?;
+            }
+            Some(tool) => {
+                // Binary output: not through `run`, which returns text.
+                let output = Command::new(tool)
+                    .arg("-dc")
+                    .arg(&found)
+                    .output()
+                    .with_context(|| format!("running {tool}"))?;
+                if !output.status.success() {
+                    bail!("{tool} -dc {} failed", found.display());
+                }
+                fs::write(&out, output.stdout)?;
+            }
+        }
     }
-    let tmp = cache.join("vmlinux.tmp");
-    fs::write(&tmp, vmlinux)?;
-    fs::rename(&tmp, cache.join("vmlinux"))?;
-    fs::write(cache.join("release"), &release)?;
-    let _ = fs::remove_dir_all(&work);
+    // A rename, so a concurrent reader never sees half the set.
+    let _ = fs::remove_dir_all(dest);
+    fs::rename(&staged, dest).with_context(|| format!("installing {}", dest.display()))?;
     Ok(())
 }
 
-fn find_file(dir: &Path, name: &str) -> io::Result<Option<PathBuf>> {
+/// `NAME.ko`, or its compressed form, anywhere under `dir`.
+fn find_module(dir: &Path, name: &str) -> io::Result<Option<PathBuf>> {
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         if path.is_dir() {
-            if let Some(found) = find_file(&path, name)? {
+            if let Some(found) = find_module(&path, name)? {
                 return Ok(Some(found));
             }
-        } else if path.file_name().is_some_and(|n| n == name) {
-            return Ok(Some(path));
+        } else if let Some(file) = path.file_name().and_then(|n| n.to_str()) {
+            let stem = file
+                .strip_suffix(".xz")
+                .or_else(|| file.strip_suffix(".zst"))
+                .or_else(|| file.strip_suffix(".gz"))
+                .unwrap_or(file);
+            if stem.strip_suffix(".ko") == Some(name) {
+                return Ok(Some(path));
+            }
         }
     }
     Ok(None)
-}
-
-/// Decompresses the kernel inside a bzImage, using the boot protocol header to find the
-/// payload rather than searching for magic numbers.
-pub fn extract_vmlinux(bzimage: &[u8]) -> Result<Vec<u8>> {
-    let u32_at = |off: usize| -> Result<usize> {
-        let bytes = bzimage.get(off..off + 4).context("bzImage too short")?;
-        Ok(u32::from_le_bytes(bytes.try_into().expect("4 bytes")) as usize)
-    };
-    if bzimage.get(0x202..0x206) != Some(b"HdrS") {
-        bail!("not a bzImage (no HdrS boot header)");
-    }
-    let setup_sects = match bzimage[0x1f1] {
-        0 => 4,
-        n => usize::from(n),
-    };
-    let start = (setup_sects + 1) * 512 + u32_at(0x248)?;
-    let payload = bzimage
-        .get(start..start + u32_at(0x24c)?)
-        .context("payload outside the bzImage")?;
-    // Every format but gzip is followed by the 4-byte uncompressed size the kernel build appends.
-    let (tool, data): (&[&str], &[u8]) = if payload.starts_with(&[0x1f, 0x8b]) {
-        (&["gzip", "-dc"], payload)
-    } else {
-        let data = &payload[..payload.len().saturating_sub(4)];
-        match payload {
-            [0x02, 0x21, 0x4c, 0x18, ..] => (&["lz4", "-dc"], data),
-            [0xfd, b'7', b'z', b'X', b'Z', 0, ..] => (&["xz", "-dc"], data),
-            [0x28, 0xb5, 0x2f, 0xfd, ..] => (&["zstd", "-dc"], data),
-            _ => bail!(
-                "unknown kernel compression (payload starts {:02x?})",
-                &payload[..payload.len().min(6)]
-            ),
-        }
-    };
-    let mut child = Command::new(tool[0])
-        .args(&tool[1..])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", tool[0]))?;
-    let mut stdin = child.stdin.take().expect("piped");
-    let input = data.to_vec();
-    let writer = std::thread::spawn(move || io::Write::write_all(&mut stdin, &input));
-    let output = child.wait_with_output()?;
-    writer.join().expect("writer thread")?;
-    if !output.status.success() {
-        bail!(
-            "{} failed: {}",
-            tool[0],
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    if !output.stdout.starts_with(b"\x7fELF") {
-        bail!("the decompressed kernel is not an ELF image");
-    }
-    Ok(output.stdout)
 }
 
 /// Builds a gzip'd newc initramfs in `dir` holding a static busybox (with its applets linked
@@ -233,4 +240,28 @@ pub fn busybox_initramfs(dir: &Path, init: &str, modules: &[PathBuf]) -> Result<
         .arg(&out))?;
     fs::remove_dir_all(&stage)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn find_module_takes_plain_and_compressed_modules_by_exact_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let deep = tmp.path().join("drivers/block");
+        fs::create_dir_all(&deep).unwrap();
+        fs::write(deep.join("virtio_blk.ko.xz"), b"").unwrap();
+        fs::write(deep.join("virtio_blk_extra.ko"), b"").unwrap();
+        fs::write(tmp.path().join("evdev.ko"), b"").unwrap();
+        assert_eq!(
+            find_module(tmp.path(), "virtio_blk").unwrap(),
+            Some(deep.join("virtio_blk.ko.xz"))
+        );
+        assert_eq!(
+            find_module(tmp.path(), "evdev").unwrap(),
+            Some(tmp.path().join("evdev.ko"))
+        );
+        assert_eq!(find_module(tmp.path(), "virtio").unwrap(), None);
+    }
 }
