@@ -33,19 +33,20 @@ build-static:
       echo "$CARGO_TARGET_DIR/$host/release/wrenn"
     fi
 
-# Format the tree.
+# Format the tree (every workspace member).
 fmt:
-    cargo fmt
+    cargo fmt --all
 
 # Formatting and lints, as CI checks them.
 lint:
-    cargo fmt --check
-    cargo clippy --all-targets -- -D warnings
-    cargo clippy --all-targets --features failpoints -- -D warnings
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --workspace --all-targets --features failpoints -- -D warnings
 
-# The whole suite: lints, the static guest binary, then every test.
+# The whole suite: lints, the static guest binary, then every test of every workspace member
+# (the `wrenn` package and crates/test-support).
 test: lint
-    WRENN_STATIC_BIN="$(just build-static | tail -n1)" cargo test --all-targets --features failpoints -- --test-threads=4
+    WRENN_STATIC_BIN="$(just build-static | tail -n1)" cargo test --workspace --all-targets --features failpoints -- --test-threads=4
 
 # Guest kernels and images go to the files root (rootfs/, docs/images.md); each recipe takes
 # another root as its last argument.

@@ -19,7 +19,7 @@ use wrenn::cp::state::AppState;
 use wrenn::cp::tokens::{sha256, TokenKeys};
 use wrenn::db::{self, migrate};
 use wrenn::id::{TeamId, UserId};
-use wrenn::testing::pg::PgCluster;
+use wrenn_test_support::pg::PgCluster;
 
 const TEAMS: usize = 100;
 const PER_TEAM: usize = 100;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use wrenn::envd::api::{ProcessSpec, RunRequest};
-use wrenn::testing::envd::EnvdProcess;
+use wrenn_test_support::envd::EnvdProcess;
 
 const GIB: u64 = 1 << 30;
 const CHUNK: usize = 1 << 20;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use wrenn::config::Layout;
 use wrenn::envd::client::EnvdClient;
-use wrenn::testing::guest::{self, GuestSpec, GuestVm};
+use wrenn_test_support::guest::{self, GuestSpec, GuestVm};
 
 const BOOTS: usize = 3;
 const TIMEOUT: Duration = Duration::from_secs(300);

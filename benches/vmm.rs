@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use wrenn::config::{Config, Layout, QemuAccel};
-use wrenn::testing::kernel;
 use wrenn::vmm::{QemuVmm, VmFiles, VmSpec, Vmm};
+use wrenn_test_support::kernel;
 
 const MARKER: &str = "WRENN-BENCH-MARKER";
 const QMP_ROUND_TRIPS: usize = 500;

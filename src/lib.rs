@@ -11,6 +11,5 @@ pub mod error_code;
 pub mod id;
 pub mod logging;
 pub mod template;
-pub mod testing;
 pub mod version;
 pub mod vmm;

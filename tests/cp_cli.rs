@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use wrenn::db::{self, migrate};
-use wrenn::testing::pg::PgCluster;
+use wrenn_test_support::pg::PgCluster;
 
 const SECRET: &str = "cli-test-secret-0123456789abcdefghijkl";
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use wrenn::envd::api::{EntryType, ListRequest, WatchEventKind, WatchMessage};
 use wrenn::envd::client::EnvdClient;
-use wrenn::testing::envd::EnvdProcess;
+use wrenn_test_support::envd::EnvdProcess;
 
 fn envd() -> EnvdProcess {
     EnvdProcess::start(Path::new(env!("CARGO_BIN_EXE_wrenn"))).expect("envd starts")

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use wrenn::envd::api::{ProcessSpec, RunRequest, StartRequest};
 use wrenn::envd::client::EnvdClient;
-use wrenn::testing::envd::EnvdProcess;
+use wrenn_test_support::envd::EnvdProcess;
 
 fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_wrenn"))

@@ -9,7 +9,7 @@ use wrenn::envd::api::{
     StartRequest, REPLAY_BYTES,
 };
 use wrenn::envd::client::{EnvdClient, ProcessEvent};
-use wrenn::testing::envd::EnvdProcess;
+use wrenn_test_support::envd::EnvdProcess;
 
 fn envd() -> EnvdProcess {
     EnvdProcess::start(Path::new(env!("CARGO_BIN_EXE_wrenn"))).expect("envd starts")

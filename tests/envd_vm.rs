@@ -10,7 +10,7 @@ use wrenn::envd::api::{
     AttachRequest, ClientMessage, ProcessSpec, PtySize, RunRequest, StartRequest,
 };
 use wrenn::envd::client::{EnvdClient, ProcessEvent};
-use wrenn::testing::guest::{self, GuestSpec, GuestVm};
+use wrenn_test_support::guest::{self, GuestSpec, GuestVm};
 
 /// Two cores shared with compilers and other TCG guests.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);

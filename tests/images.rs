@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use wrenn::config::Layout;
 use wrenn::envd::api::{ProcessSpec, RunRequest, RunResponse};
 use wrenn::envd::client::EnvdClient;
-use wrenn::testing::guest::{self, GuestSpec, GuestVm};
+use wrenn_test_support::guest::{self, GuestSpec, GuestVm};
 
 /// Generous: two cores shared with other TCG guests and compilers. A boot takes 2-5 s alone.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);

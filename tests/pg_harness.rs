@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
-use wrenn::testing::pg::PgCluster;
+use wrenn_test_support::pg::PgCluster;
 
 fn data_dir_of(port: u16) -> Option<PathBuf> {
     // The cluster's socket directory holds `.s.PGSQL.<port>`; find it under the temp dir.

@@ -21,7 +21,7 @@ const PT_INTERP: u32 = 3;
 
 #[test]
 fn static_binary_has_no_interpreter_and_runs() {
-    let bin = wrenn::testing::guest::static_binary();
+    let bin = wrenn_test_support::guest::static_binary();
     let elf = std::fs::read(&bin).unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
     assert!(
         !program_header_types(&elf).contains(&PT_INTERP),

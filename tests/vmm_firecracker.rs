@@ -687,12 +687,12 @@ async fn real_firecracker_boots_a_guest() {
         );
         return;
     }
-    let kernel = wrenn::testing::kernel::test_kernel().unwrap();
+    let kernel = wrenn_test_support::kernel::test_kernel().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let layout = Layout::new(tmp.path().join("root"));
     layout.prepare().unwrap();
     let init = "#!/bin/busybox sh\n/bin/busybox echo WRENN-FC-MARKER\n/bin/busybox reboot -f\n";
-    let initrd = wrenn::testing::kernel::busybox_initramfs(tmp.path(), init, &[]).unwrap();
+    let initrd = wrenn_test_support::kernel::busybox_initramfs(tmp.path(), init, &[]).unwrap();
     let spec = VmSpec {
         id: "cl-real".into(),
         vcpus: 1,

@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use wrenn::config::{Config, ConsoleLogMaxBytes, Layout, QemuAccel};
-use wrenn::testing::kernel::{self as guest, TestKernel};
 use wrenn::vmm::qemu::qmp::QmpClient;
 use wrenn::vmm::{
     console_tail, find_leftovers, kill_leftover, Accel, Drive, Leftover, NetAttachment, QemuVmm,
     VmFiles, VmSpec, VmStatus, Vmm, VmmError, VmmKind,
 };
+use wrenn_test_support::kernel::{self as guest, TestKernel};
 
 /// Generous: a TCG boot takes 2–6 s, but the machine is shared.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use hyper::{Method, StatusCode};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use wrenn::testing::guest;
+use wrenn_test_support::guest;
 
 use super::{Auth, TestCp};
 

@@ -22,7 +22,7 @@ use wrenn::cp::monitor::MonitorSettings;
 use wrenn::cp::state::{AppState, AuthSettings, CapsuleSettings};
 use wrenn::cp::tokens::TokenKeys;
 use wrenn::db::{self, migrate, Db};
-use wrenn::testing::pg::PgCluster;
+use wrenn_test_support::pg::PgCluster;
 
 pub const JWT_SECRET: &[u8] = b"integration-test-secret-0123456789abcdef";
 

@@ -8,20 +8,20 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-pub const SPEC_RELATIVE: &str = "../shared/reference/firecracker-v1.16.1-swagger.yaml";
+/// The vendored spec, relative to the repository root (see tests/reference/README.md).
+pub const SPEC_RELATIVE: &str = "tests/reference/firecracker-v1.16.1-swagger.yaml";
 
 pub struct Swagger {
     doc: Value,
 }
 
 impl Swagger {
-    /// Loads the reference spec that sits beside the clone (`shared/reference/`).
+    /// Loads the vendored reference spec.
     pub fn load() -> Self {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(SPEC_RELATIVE);
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
-                "the Firecracker swagger {} is missing ({e}); these contract tests need the \
-                 shared/ reference directory beside the repository clone",
+                "the Firecracker swagger {} is missing ({e}); it is vendored in tests/reference/",
                 path.display()
             )
         });

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::envd::client::EnvdClient;
+use wrenn::envd::client::EnvdClient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvdHarnessError {

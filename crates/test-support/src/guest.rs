@@ -12,7 +12,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::config::Layout;
+use nix::fcntl::{Flock, FlockArg};
+use wrenn::config::Layout;
 
 /// The kernel command line the host agent boots sandboxes with, minus the network settings.
 pub const AGENT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -43,9 +44,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> GuestError {
 }
 
 fn rootfs_script(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("rootfs")
-        .join(name)
+    crate::repo_root().join("rootfs").join(name)
 }
 
 fn run_build(mut cmd: Command) -> Result<String, GuestError> {
@@ -143,7 +142,7 @@ pub fn read_from_ext4(image: &Path, path: &str) -> Result<String, GuestError> {
 /// Under TCG the guest reads the host's TSC, and without this hint the kernel calibrates it
 /// against the emulated PIT, which fails on a busy host and leaves the boot hanging with no clock
 /// source (`tsc_early_khz=` on the guest command line); the agent's QEMU backend does the same.
-pub use crate::vmm::qemu::host_tsc_khz;
+pub use wrenn::vmm::qemu::host_tsc_khz;
 
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> Result<u16, GuestError> {
@@ -371,7 +370,7 @@ pub fn static_binary() -> PathBuf {
     }
     let output = Command::new("just")
         .arg("build-static")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .current_dir(crate::repo_root())
         .output()
         .expect("`just build-static` runs (install just with .ci/bootstrap)");
     assert!(
@@ -389,15 +388,54 @@ pub fn static_binary() -> PathBuf {
 }
 
 /// The files root shared by VM tests, outside the clone (`$WRENN_TEST_FILES_ROOT`, default
-/// /var/tmp/wrenn-test-root) so later runs find it up to date, with the kernel, initramfs and
-/// `minimal` image built once per process.
+/// /var/tmp/wrenn-test-root) so later runs find its builds up to date. Builds nothing.
+pub fn test_root() -> Layout {
+    let root = std::env::var("WRENN_TEST_FILES_ROOT")
+        .unwrap_or_else(|_| "/var/tmp/wrenn-test-root".to_string());
+    Layout::new(root)
+}
+
+/// An exclusive lock on `layout`'s root between processes (a lock file beside it, so the files
+/// root holds nothing the agent does not expect), released on drop.
+pub fn lock_test_root(layout: &Layout) -> Result<Flock<std::fs::File>, GuestError> {
+    let mut path = layout.root().as_os_str().to_owned();
+    path.push(".lock");
+    let path = PathBuf::from(path);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(io_err(format!("creating {}", parent.display())))?;
+    }
+    let file =
+        std::fs::File::create(&path).map_err(io_err(format!("creating {}", path.display())))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .map_err(|e| io_err(format!("locking {}", path.display()))(e.into()))
+}
+
+/// The shared test root with its kernel and initramfs built (or found up to date) once per
+/// process, under [`lock_test_root`] so concurrent test processes never run build-kernel.sh
+/// (and its download) on it at the same time. The VMM tests' kernel
+/// ([`crate::kernel::test_kernel`]) and the image tests' both come from here.
+pub fn test_kernel_root() -> Result<&'static Layout, GuestError> {
+    static ROOT: std::sync::OnceLock<Result<Layout, String>> = std::sync::OnceLock::new();
+    let built = ROOT.get_or_init(|| {
+        let layout = test_root();
+        let _lock = lock_test_root(&layout).map_err(|e| e.to_string())?;
+        build_kernel(&layout).map_err(|e| e.to_string())?;
+        Ok(layout)
+    });
+    built.as_ref().map_err(|e| GuestError::Build {
+        command: "rootfs/build-kernel.sh on the shared test root".to_string(),
+        output: e.clone(),
+    })
+}
+
+/// The shared test root ([`test_root`]) with the kernel, initramfs and `minimal` image built
+/// once per process.
 pub fn test_files() -> &'static Layout {
     static FILES: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
     FILES.get_or_init(|| {
-        let root = std::env::var("WRENN_TEST_FILES_ROOT")
-            .unwrap_or_else(|_| "/var/tmp/wrenn-test-root".to_string());
-        let layout = Layout::new(root);
-        build_kernel(&layout).unwrap_or_else(|e| panic!("{e}"));
+        let layout = test_kernel_root().unwrap_or_else(|e| panic!("{e}")).clone();
         build_image(&layout, "minimal", &static_binary()).unwrap_or_else(|e| panic!("{e}"));
         layout
     })
