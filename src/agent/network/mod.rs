@@ -450,8 +450,9 @@ impl NetworkManager {
         done.push(Undo::DeleteNamespace);
         self.injected(slot, CreateStep::Namespace)?;
 
-        let host = self.step(slot, CreateStep::Veth, &name, async { Netlink::host() });
-        let host = host.await?;
+        let host = self
+            .step(slot, CreateStep::Veth, &name, async { Netlink::host() })
+            .await?;
         let veth = host.add_veth(&name, NAMESPACE_UPLINK, &namespace);
         self.step(slot, CreateStep::Veth, &name, veth).await?;
         done.push(Undo::DeleteHostLink);
@@ -460,9 +461,7 @@ impl NetworkManager {
         // The host end stays down until the last step, so nothing flows into a half-built
         // namespace; `onlink` lets the default route name a gateway whose link has no carrier.
         let inside = async {
-            namespace
-                .run(|| tap::create_persistent(TAP_NAME))
-                .await?;
+            namespace.run(|| tap::create_persistent(TAP_NAME)).await?;
             let inside = Netlink::inside(&namespace).await?;
             inside.set_up("lo", None, None).await?;
             inside
@@ -485,9 +484,7 @@ impl NetworkManager {
 
         let ns_rules = rules::namespace_ruleset(table, host_addr, ns_veth);
         let rules = async {
-            namespace
-                .write_sysctl("net/ipv4/ip_forward", "1")
-                .await?;
+            namespace.write_sysctl("net/ipv4/ip_forward", "1").await?;
             nft::apply(&ns_rules, Some(&namespace)).await
         };
         self.step(slot, CreateStep::NamespaceRules, &name, rules)

@@ -232,10 +232,13 @@ impl Netlink {
                     && route_table(route) == u32::from(RouteHeader::RT_TABLE_MAIN)
             })
             .find_map(|route| {
-                route.attributes.iter().find_map(|attribute| match attribute {
-                    RouteAttribute::Oif(index) => Some(*index),
-                    _ => None,
-                })
+                route
+                    .attributes
+                    .iter()
+                    .find_map(|attribute| match attribute {
+                        RouteAttribute::Oif(index) => Some(*index),
+                        _ => None,
+                    })
             });
         let Some(index) = interface else {
             return Ok(None);
@@ -254,10 +257,12 @@ impl Netlink {
 }
 
 fn link_name(link: &LinkMessage) -> Option<String> {
-    link.attributes.iter().find_map(|attribute| match attribute {
-        LinkAttribute::IfName(name) => Some(name.clone()),
-        _ => None,
-    })
+    link.attributes
+        .iter()
+        .find_map(|attribute| match attribute {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })
 }
 
 /// A route's table: the header holds only 8 bits, the attribute the full id when present.

@@ -38,13 +38,7 @@ impl Namespace {
         let owned = name.to_owned();
         // The thread unshares into the new namespace and then ends with it, so nothing else
         // ever runs there by accident.
-        on_own_thread(move || create_on_this_thread(&owned)).await?;
-        Self::open(name)
-    }
-
-    pub(super) fn open(name: &str) -> Result<Self, SystemError> {
-        let file = File::open(path_of(name))
-            .map_err(|e| SystemError::io(format!("opening network namespace {name}"), e))?;
+        let file = on_own_thread(move || create_on_this_thread(&owned)).await?;
         Ok(Self {
             name: name.to_owned(),
             file,
@@ -67,7 +61,10 @@ impl Namespace {
         F: FnOnce() -> Result<T, SystemError> + Send + 'static,
     {
         let file = self.file.try_clone().map_err(|e| {
-            SystemError::io(format!("duplicating the handle of namespace {}", self.name), e)
+            SystemError::io(
+                format!("duplicating the handle of namespace {}", self.name),
+                e,
+            )
         })?;
         let name = self.name.clone();
         on_own_thread(move || {
@@ -81,7 +78,11 @@ impl Namespace {
     }
 
     /// Sets a per-namespace sysctl, e.g. `net/ipv4/ip_forward`.
-    pub(super) async fn write_sysctl(&self, key: &'static str, value: &'static str) -> Result<(), SystemError> {
+    pub(super) async fn write_sysctl(
+        &self,
+        key: &'static str,
+        value: &'static str,
+    ) -> Result<(), SystemError> {
         let name = self.name.clone();
         self.run(move || {
             std::fs::write(Path::new("/proc/sys").join(key), value).map_err(|e| {
@@ -177,8 +178,9 @@ fn prepare_run_dir() -> Result<(), SystemError> {
     })
 }
 
-/// Must run on a thread of its own: it leaves the calling thread in the new namespace.
-fn create_on_this_thread(name: &str) -> Result<(), SystemError> {
+/// Must run on a thread of its own: it leaves the calling thread in the new namespace. Returns
+/// the namespace opened, so no other name can be swapped in between.
+fn create_on_this_thread(name: &str) -> Result<File, SystemError> {
     prepare_run_dir()?;
     let path = path_of(name);
     OpenOptions::new()
@@ -209,5 +211,9 @@ fn create_on_this_thread(name: &str) -> Result<(), SystemError> {
     if bound.is_err() {
         let _ = std::fs::remove_file(&path);
     }
-    bound
+    bound?;
+    File::open(&path).map_err(|e| {
+        let _ = delete(name);
+        SystemError::io(format!("opening network namespace {name}"), e)
+    })
 }
