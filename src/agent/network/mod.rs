@@ -121,7 +121,8 @@ pub enum SystemError {
     #[error("{action}: {source}")]
     Netlink {
         action: String,
-        source: rtnetlink::Error,
+        // Boxed: it may carry a whole netlink message.
+        source: Box<rtnetlink::Error>,
     },
     #[error("could not run `{command}`: {source}")]
     Spawn {
@@ -165,7 +166,10 @@ impl SystemError {
                 action,
                 errno: Errno::from_raw(message.raw_code().abs()),
             },
-            _ => Self::Netlink { action, source },
+            _ => Self::Netlink {
+                action,
+                source: Box::new(source),
+            },
         }
     }
 }
