@@ -186,7 +186,7 @@ fn create_on_this_thread(name: &str) -> Result<File, SystemError> {
     OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0)
+        .mode(0o0)
         .open(&path)
         .map_err(|e| SystemError::io(format!("creating network namespace {name}"), e))?;
     let bound = unshare(CloneFlags::CLONE_NEWNET)
