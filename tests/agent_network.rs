@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::errno::Errno;
 use nix::sched::{setns, CloneFlags};
 use wrenn::agent::network::{
     CreateStep, NetworkError, NetworkManager, NetworkOptions, SandboxNetwork, ENVD_PORT,
@@ -437,8 +438,54 @@ async fn a_failure_after_each_create_step_rolls_back_cleanly() {
         message.contains("veth pair") && message.contains(&squatter),
         "{message}"
     );
+    assert!(
+        matches!(&err, NetworkError::Create { source, .. } if source.errno() == Some(Errno::EEXIST)),
+        "{message}"
+    );
     assert!(!std::path::Path::new("/run/netns").join(&squatter).exists());
     ip(&["link", "delete", &squatter]);
+    assert_nothing_left(prefix, k);
+}
+
+#[tokio::test]
+async fn kernel_refusals_are_typed_and_missing_objects_are_not_errors() {
+    let (prefix, k) = ("wnt6", 6);
+    let _sweep = Sweep(prefix.to_owned());
+    let manager = NetworkManager::with_options(options(prefix, k))
+        .await
+        .unwrap();
+
+    // A namespace of the slot's name that the manager did not make is refused, not adopted,
+    // and survives the rollback.
+    let squatter = format!("{prefix}-1");
+    ip(&["netns", "add", &squatter]);
+    let err = manager.create("blocked").await.unwrap_err();
+    let message = err.to_string();
+    match &err {
+        NetworkError::Create {
+            step: CreateStep::Namespace,
+            slot: 1,
+            device,
+            source,
+        } => {
+            assert_eq!(device, &squatter);
+            assert_eq!(source.errno(), Some(Errno::EEXIST), "{message}");
+        }
+        other => panic!("unexpected error: {other}"),
+    }
+    assert!(message.contains(&squatter), "{message}");
+    assert!(namespaces().contains(&squatter));
+    assert!(manager.slots_in_use().is_empty());
+    ip(&["netns", "delete", &squatter]);
+    assert_nothing_left(prefix, k);
+
+    // Someone removed the host link and the namespace behind the manager's back: destroy still
+    // succeeds and frees the slot.
+    let net = manager.create("sb").await.unwrap();
+    ip(&["link", "delete", &net.host_link]);
+    ip(&["netns", "delete", &net.netns_name]);
+    manager.destroy(&net).await.unwrap();
+    assert!(manager.slots_in_use().is_empty());
     assert_nothing_left(prefix, k);
 }
 

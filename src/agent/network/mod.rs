@@ -11,20 +11,28 @@
 //! Slots are allocated first-free under a lock, capped at what the configured ranges hold, and
 //! recovered after an agent restart from the names of what exists (`<prefix>-<slot>` namespaces
 //! and links, and the nft set elements).
+//!
+//! Links, addresses and routes are set over rtnetlink and namespaces are made with system calls;
+//! the only process a create or destroy spawns is `nft`, for its atomic ruleset transactions.
 
-mod command;
+mod netlink;
+mod netns;
+mod nft;
 mod plan;
 mod rules;
+mod tap;
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
-pub use command::CommandError;
+use nix::errno::Errno;
 
 use crate::config::{AgentConfig, InterfaceName, Ipv4Cidr};
+use netlink::Netlink;
+use netns::{Namespace, NETNS_DIR};
 use plan::SlotPlan;
 use rules::{HostPolicy, SlotElements, NAMESPACE_UPLINK};
 
@@ -38,6 +46,7 @@ pub const GUEST_MAC: &str = "02:FC:00:00:00:05";
 /// The TAP device's MAC address. Fixed, so that the neighbour entry a guest caches for its
 /// gateway stays valid when a snapshot is restored into another slot.
 pub const GATEWAY_MAC: &str = "02:FC:00:00:00:06";
+const GATEWAY_MAC_BYTES: [u8; 6] = [0x02, 0xfc, 0, 0, 0, 0x06];
 /// The guest-facing device inside every sandbox namespace.
 pub const TAP_NAME: &str = "tap0";
 /// The port envd listens on inside the guest.
@@ -50,7 +59,8 @@ fn guest_network() -> Ipv4Cidr {
     Ipv4Cidr::new(Ipv4Addr::new(169, 254, 0, 20), GUEST_PREFIX_LEN).expect("a valid /30")
 }
 
-const NETNS_DIR: &str = "/run/netns";
+/// Each slot's veth pair is a /31 of the transit range.
+const TRANSIT_PREFIX_LEN: u8 = 31;
 const TAP_TX_QUEUE_LEN: u32 = 5000;
 
 /// A create step, in the order performed. Used to name a failed step and, in tests, to inject
@@ -93,6 +103,77 @@ impl fmt::Display for CreateStep {
     }
 }
 
+/// A failed change to, or look at, the kernel's network state. The errno is kept as a value
+/// ([`errno`](Self::errno)) so that callers tell "already exists" or "not there" from other
+/// failures without reading messages.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemError {
+    /// The kernel refused a netlink request or a system call.
+    #[error("{action}: {errno}")]
+    Os { action: String, errno: Errno },
+    /// An I/O failure that carries no errno.
+    #[error("{action}: {source}")]
+    Io {
+        action: String,
+        source: std::io::Error,
+    },
+    /// The netlink exchange itself failed, without an answer from the kernel.
+    #[error("{action}: {source}")]
+    Netlink {
+        action: String,
+        // Boxed: it may carry a whole netlink message.
+        source: Box<rtnetlink::Error>,
+    },
+    #[error("could not run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    /// nft refused a ruleset; its own message points at the offending line.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Nft {
+        command: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("unexpected output from `{command}`: {detail}")]
+    Output { command: String, detail: String },
+}
+
+impl SystemError {
+    /// The errno the kernel answered with, if the failure came from the kernel.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            Self::Os { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+
+    fn io(action: impl Into<String>, source: std::io::Error) -> Self {
+        let action = action.into();
+        match source.raw_os_error() {
+            Some(code) => Self::Os {
+                action,
+                errno: Errno::from_raw(code),
+            },
+            None => Self::Io { action, source },
+        }
+    }
+
+    fn netlink(action: String, source: rtnetlink::Error) -> Self {
+        match &source {
+            rtnetlink::Error::NetlinkError(message) if message.raw_code() != 0 => Self::Os {
+                action,
+                errno: Errno::from_raw(message.raw_code().abs()),
+            },
+            _ => Self::Netlink {
+                action,
+                source: Box::new(source),
+            },
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetworkError {
     #[error("invalid sandbox network settings: {0}")]
@@ -102,17 +183,17 @@ pub enum NetworkError {
     #[error("could not enable IPv4 forwarding on the host: {0}")]
     Forwarding(std::io::Error),
     #[error("could not load the host firewall table inet {table}: {source}")]
-    HostRuleset { table: String, source: CommandError },
+    HostRuleset { table: String, source: SystemError },
     #[error("could not remove the host firewall table inet {table}: {source}")]
-    RemoveHostRuleset { table: String, source: CommandError },
-    #[error("could not inspect {what}: {detail}")]
-    Inspect { what: String, detail: String },
+    RemoveHostRuleset { table: String, source: SystemError },
+    #[error("could not inspect {what}: {source}")]
+    Inspect { what: String, source: SystemError },
     #[error("{step} for slot {slot} ({device}) failed: {source}")]
     Create {
         step: CreateStep,
         slot: u32,
         device: String,
-        source: CommandError,
+        source: SystemError,
     },
     #[error("failure injected after {step} for slot {slot}")]
     Injected { step: CreateStep, slot: u32 },
@@ -120,7 +201,7 @@ pub enum NetworkError {
     Teardown {
         slot: u32,
         device: String,
-        source: CommandError,
+        source: SystemError,
     },
 }
 
@@ -235,14 +316,14 @@ impl NetworkManager {
             .map(|&slot| manager.elements(slot))
             .collect();
         let ruleset = rules::host_ruleset(&manager.policy(), &live);
-        command::run("nft", &["-f", "-"], Some(&ruleset))
+        nft::apply(&ruleset, None)
             .await
             .map_err(|source| NetworkError::HostRuleset {
                 table: manager.plan.prefix().to_owned(),
                 source,
             })?;
         // Only now that the firewall is in place may the host start forwarding.
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1").map_err(NetworkError::Forwarding)?;
+        enable_host_forwarding().map_err(NetworkError::Forwarding)?;
         tracing::info!(
             adopted = existing.len(),
             egress = manager.egress_interface.as_ref().map(|i| i.as_str()),
@@ -316,7 +397,7 @@ impl NetworkManager {
         let name = self.plan.name(slot);
         SandboxNetwork {
             slot,
-            netns_path: Path::new(NETNS_DIR).join(&name),
+            netns_path: netns::path_of(&name),
             netns_name: name.clone(),
             tap_name: TAP_NAME.to_owned(),
             host_link: name,
@@ -362,139 +443,92 @@ impl NetworkManager {
         let table = self.plan.prefix();
 
         let add = rules::add_slot(table, &self.elements(slot));
-        self.step(
-            slot,
-            CreateStep::HostRules,
-            table,
-            "nft",
-            &["-f", "-"],
-            Some(&add),
-        )
-        .await?;
+        self.step(slot, CreateStep::HostRules, table, nft::apply(&add, None))
+            .await?;
         done.push(Undo::RemoveHostElements);
         self.injected(slot, CreateStep::HostRules)?;
 
-        self.step(
-            slot,
-            CreateStep::Namespace,
-            &name,
-            "ip",
-            &["netns", "add", &name],
-            None,
-        )
-        .await?;
+        let namespace = self
+            .step(slot, CreateStep::Namespace, &name, Namespace::create(&name))
+            .await?;
         done.push(Undo::DeleteNamespace);
         self.injected(slot, CreateStep::Namespace)?;
 
-        let veth_args = [
-            "link",
-            "add",
-            &name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            NAMESPACE_UPLINK,
-            "netns",
-            &name,
-        ];
-        self.step(slot, CreateStep::Veth, &name, "ip", &veth_args, None)
+        let host = self
+            .step(slot, CreateStep::Veth, &name, async { Netlink::host() })
             .await?;
+        let veth = host.add_veth(&name, NAMESPACE_UPLINK, &namespace);
+        self.step(slot, CreateStep::Veth, &name, veth).await?;
         done.push(Undo::DeleteHostLink);
         self.injected(slot, CreateStep::Veth)?;
 
         // The host end stays down until the last step, so nothing flows into a half-built
         // namespace; `onlink` lets the default route name a gateway whose link has no carrier.
-        let inside = format!(
-            "link set dev lo up\n\
-             addr add {ns_veth}/31 dev {NAMESPACE_UPLINK}\n\
-             link set dev {NAMESPACE_UPLINK} up\n\
-             tuntap add dev {TAP_NAME} mode tap\n\
-             link set dev {TAP_NAME} address {GATEWAY_MAC} txqueuelen {TAP_TX_QUEUE_LEN}\n\
-             addr add {GATEWAY_IP}/{GUEST_PREFIX_LEN} dev {TAP_NAME}\n\
-             link set dev {TAP_NAME} up\n\
-             route add default via {host_veth} dev {NAMESPACE_UPLINK} onlink\n"
-        );
-        let ns_args = ["-n", &name, "-batch", "-"];
-        self.step(
-            slot,
-            CreateStep::NamespaceLinks,
-            &name,
-            "ip",
-            &ns_args,
-            Some(&inside),
-        )
-        .await?;
+        let inside = async {
+            namespace.run(|| tap::create_persistent(TAP_NAME)).await?;
+            let inside = Netlink::inside(&namespace).await?;
+            inside.set_up("lo", None, None).await?;
+            inside
+                .add_address(NAMESPACE_UPLINK, ns_veth, TRANSIT_PREFIX_LEN)
+                .await?;
+            inside.set_up(NAMESPACE_UPLINK, None, None).await?;
+            inside
+                .set_up(TAP_NAME, Some(GATEWAY_MAC_BYTES), Some(TAP_TX_QUEUE_LEN))
+                .await?;
+            inside
+                .add_address(TAP_NAME, GATEWAY_IP, GUEST_PREFIX_LEN)
+                .await?;
+            inside
+                .add_route(None, host_veth, NAMESPACE_UPLINK, None, true)
+                .await
+        };
+        self.step(slot, CreateStep::NamespaceLinks, &name, inside)
+            .await?;
         self.injected(slot, CreateStep::NamespaceLinks)?;
 
-        let forwarding = [
-            "netns",
-            "exec",
-            &name,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ];
-        self.step(
-            slot,
-            CreateStep::NamespaceRules,
-            &name,
-            "ip",
-            &forwarding,
-            None,
-        )
-        .await?;
         let ns_rules = rules::namespace_ruleset(table, host_addr, ns_veth);
-        let nft_args = ["netns", "exec", &name, "nft", "-f", "-"];
-        self.step(
-            slot,
-            CreateStep::NamespaceRules,
-            &name,
-            "ip",
-            &nft_args,
-            Some(&ns_rules),
-        )
-        .await?;
+        let rules = async {
+            namespace.write_sysctl("net/ipv4/ip_forward", "1").await?;
+            nft::apply(&ns_rules, Some(&namespace)).await
+        };
+        self.step(slot, CreateStep::NamespaceRules, &name, rules)
+            .await?;
         self.injected(slot, CreateStep::NamespaceRules)?;
 
         // The route goes with the link, so deleting the link undoes this whole step.
-        let host_side = format!(
-            "addr add {host_veth}/31 dev {name}\n\
-             link set dev {name} up\n\
-             route add {host_addr}/32 via {ns_veth} dev {name} src {host_veth}\n"
-        );
-        self.step(
-            slot,
-            CreateStep::HostLink,
-            &name,
-            "ip",
-            &["-batch", "-"],
-            Some(&host_side),
-        )
-        .await?;
+        let host_side = async {
+            host.add_address(&name, host_veth, TRANSIT_PREFIX_LEN)
+                .await?;
+            host.set_up(&name, None, None).await?;
+            host.add_route(
+                Some((host_addr, 32)),
+                ns_veth,
+                &name,
+                Some(host_veth),
+                false,
+            )
+            .await
+        };
+        self.step(slot, CreateStep::HostLink, &name, host_side)
+            .await?;
         self.injected(slot, CreateStep::HostLink)?;
 
         Ok(self.describe(slot))
     }
 
-    async fn step(
+    async fn step<T>(
         &self,
         slot: u32,
         step: CreateStep,
         device: &str,
-        program: &str,
-        args: &[&str],
-        stdin: Option<&str>,
-    ) -> Result<(), NetworkError> {
-        command::run(program, args, stdin)
-            .await
-            .map(drop)
-            .map_err(|source| NetworkError::Create {
-                step,
-                slot,
-                device: device.to_owned(),
-                source,
-            })
+        work: impl std::future::Future<Output = Result<T, SystemError>>,
+    ) -> Result<T, NetworkError> {
+        work.await.map_err(|source| NetworkError::Create {
+            step,
+            slot,
+            device: device.to_owned(),
+            source,
+        })
     }
 
     fn injected(&self, slot: u32, step: CreateStep) -> Result<(), NetworkError> {
@@ -513,26 +547,22 @@ impl NetworkManager {
                 source,
             }
         };
+        // Each undo accepts that its object is already gone: teardown is idempotent.
         match undo {
             Undo::RemoveHostElements => {
                 let text = rules::remove_slot(self.plan.prefix(), &self.elements(slot));
-                command::run("nft", &["-f", "-"], Some(&text))
+                nft::apply(&text, None)
                     .await
                     .map_err(teardown(format!("host firewall elements of {name}")))?;
             }
             Undo::DeleteNamespace => {
-                if Path::new(NETNS_DIR).join(&name).exists() {
-                    command::run("ip", &["netns", "delete", &name], None)
-                        .await
-                        .map_err(teardown(format!("network namespace {name}")))?;
-                }
+                netns::delete(&name).map_err(teardown(format!("network namespace {name}")))?;
             }
             Undo::DeleteHostLink => {
-                if host_links().await?.contains(&name) {
-                    command::run("ip", &["link", "delete", &name], None)
-                        .await
-                        .map_err(teardown(format!("veth {name}")))?;
-                }
+                let host = Netlink::host().map_err(teardown(format!("veth {name}")))?;
+                host.delete_link(&name)
+                    .await
+                    .map_err(teardown(format!("veth {name}")))?;
             }
         }
         Ok(())
@@ -572,7 +602,7 @@ impl NetworkManager {
             return Ok(());
         }
         let table = self.plan.prefix();
-        command::run("nft", &["delete", "table", "inet", table], None)
+        nft::output(&["delete", "table", "inet", table])
             .await
             .map_err(|source| NetworkError::RemoveHostRuleset {
                 table: table.to_owned(),
@@ -629,76 +659,59 @@ impl NetworkManager {
             Err(e) => {
                 return Err(NetworkError::Inspect {
                     what: NETNS_DIR.to_owned(),
-                    detail: e.to_string(),
+                    source: SystemError::io(format!("listing {NETNS_DIR}"), e),
                 })
             }
         }
-        slots.extend(
-            host_links()
-                .await?
-                .iter()
-                .filter_map(|n| self.plan.slot_of(n)),
-        );
-        let table = self.plan.prefix();
-        let table_exists = command::run("nft", &["list", "tables", "inet"], None)
+        let inspect = |what: String| move |source| NetworkError::Inspect { what, source };
+        let host = Netlink::host().map_err(inspect("host links".to_owned()))?;
+        let links = host
+            .link_names()
             .await
-            .map_err(|e| NetworkError::Inspect {
-                what: "nft tables".to_owned(),
-                detail: e.to_string(),
-            })?
+            .map_err(inspect("host links".to_owned()))?;
+        slots.extend(links.iter().filter_map(|n| self.plan.slot_of(n)));
+        let table = self.plan.prefix();
+        let table_exists = nft::output(&["list", "tables", "inet"])
+            .await
+            .map_err(inspect("nft tables".to_owned()))?
             .lines()
             .any(|line| line.trim() == format!("table inet {table}"));
         if table_exists {
             let what = format!("nft set inet {table} {}", rules::LINKS_SET_NAME);
-            let json = command::run(
-                "nft",
-                &["-j", "list", "set", "inet", table, rules::LINKS_SET_NAME],
-                None,
-            )
-            .await
-            .map_err(|e| NetworkError::Inspect {
-                what: what.clone(),
-                detail: e.to_string(),
+            let args = ["-j", "list", "set", "inet", table, rules::LINKS_SET_NAME];
+            let json = nft::output(&args).await.map_err(inspect(what.clone()))?;
+            let links = rules::parse_links_set(&json).map_err(|detail| NetworkError::Inspect {
+                what,
+                source: SystemError::Output {
+                    command: format!("nft {}", args.join(" ")),
+                    detail,
+                },
             })?;
-            let links = rules::parse_links_set(&json)
-                .map_err(|detail| NetworkError::Inspect { what, detail })?;
             slots.extend(links.iter().filter_map(|n| self.plan.slot_of(n)));
         }
         Ok(slots)
     }
 }
 
-/// Names of the links in the host namespace.
-async fn host_links() -> Result<Vec<String>, NetworkError> {
-    let inspect = |detail: String| NetworkError::Inspect {
-        what: "host links".to_owned(),
-        detail,
+/// The interface of the host's IPv4 default route, if there is one.
+async fn default_route_interface() -> Result<Option<InterfaceName>, NetworkError> {
+    let inspect = |source| NetworkError::Inspect {
+        what: "the default route".to_owned(),
+        source,
     };
-    let json = command::run("ip", &["-j", "link", "show"], None)
-        .await
-        .map_err(|e| inspect(e.to_string()))?;
-    let links: Vec<serde_json::Value> =
-        serde_json::from_str(&json).map_err(|e| inspect(e.to_string()))?;
-    Ok(links
-        .iter()
-        .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
-        .collect())
+    let host = Netlink::host().map_err(inspect)?;
+    let name = host.default_route_interface().await.map_err(inspect)?;
+    Ok(name.and_then(|name| name.parse().ok()))
 }
 
-async fn default_route_interface() -> Result<Option<InterfaceName>, NetworkError> {
-    let inspect = |detail: String| NetworkError::Inspect {
-        what: "the default route".to_owned(),
-        detail,
-    };
-    let json = command::run("ip", &["-j", "-4", "route", "show", "default"], None)
-        .await
-        .map_err(|e| inspect(e.to_string()))?;
-    let routes: Vec<serde_json::Value> =
-        serde_json::from_str(&json).map_err(|e| inspect(e.to_string()))?;
-    Ok(routes
-        .iter()
-        .filter_map(|r| r["dev"].as_str())
-        .find_map(|dev| dev.parse().ok()))
+/// Turns on IPv4 forwarding on the host unless it already is, sparing a write to a sysctl an
+/// operator may watch.
+fn enable_host_forwarding() -> std::io::Result<()> {
+    const KEY: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(KEY)?.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(KEY, b"1")
 }
 
 #[cfg(test)]
@@ -714,5 +727,29 @@ mod tests {
         );
         assert_eq!(guest_network().index_of(GUEST_IP), Some(1));
         assert_eq!(guest_network().index_of(GATEWAY_IP), Some(2));
+        let mac: Vec<String> = GATEWAY_MAC_BYTES
+            .iter()
+            .map(|b| format!("{b:02X}"))
+            .collect();
+        assert_eq!(mac.join(":"), GATEWAY_MAC);
+    }
+
+    #[test]
+    fn kernel_refusals_keep_their_errno() {
+        let refused = SystemError::io(
+            "creating network namespace wrenn-1",
+            std::io::Error::from_raw_os_error(libc::EEXIST),
+        );
+        assert_eq!(refused.errno(), Some(Errno::EEXIST));
+        assert!(refused.to_string().contains("wrenn-1"), "{refused}");
+        let mut nack = rtnetlink::packet_core::ErrorMessage::default();
+        nack.code = std::num::NonZeroI32::new(-libc::ENODEV);
+        let refused = SystemError::netlink(
+            "deleting link wrenn-1".to_owned(),
+            rtnetlink::Error::NetlinkError(nack),
+        );
+        assert_eq!(refused.errno(), Some(Errno::ENODEV));
+        let other = SystemError::netlink("x".to_owned(), rtnetlink::Error::RequestFailed);
+        assert_eq!(other.errno(), None);
     }
 }
