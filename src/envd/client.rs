@@ -174,7 +174,10 @@ impl EnvdClient {
     }
 
     fn uri(&self, path_and_query: &str) -> String {
-        format!("http://{}{}{}", self.authority, self.base_path, path_and_query)
+        format!(
+            "http://{}{}{}",
+            self.authority, self.base_path, path_and_query
+        )
     }
 
     fn authorize(&self, headers: &mut http::HeaderMap) -> Result<()> {
@@ -368,9 +371,12 @@ impl EnvdClient {
     }
 
     async fn websocket(&self, path_and_query: &str) -> Result<Socket> {
-        let mut request = format!("ws://{}{}{}", self.authority, self.base_path, path_and_query)
-            .into_client_request()
-            .map_err(ws_error)?;
+        let mut request = format!(
+            "ws://{}{}{}",
+            self.authority, self.base_path, path_and_query
+        )
+        .into_client_request()
+        .map_err(ws_error)?;
         self.authorize(request.headers_mut())?;
         match tokio_tungstenite::connect_async_with_config(request, None, true).await {
             Ok((socket, _)) => Ok(socket),
@@ -753,7 +759,10 @@ mod tests {
         );
         assert_eq!(
             parse_base("http://agent:8080/v1/sandboxes/cl-1/envd/").unwrap(),
-            ("agent:8080".to_owned(), "/v1/sandboxes/cl-1/envd".to_owned())
+            (
+                "agent:8080".to_owned(),
+                "/v1/sandboxes/cl-1/envd".to_owned()
+            )
         );
         for bad in ["https://a:1", "a:1", "http://a:1/x?y=1", ""] {
             assert!(
@@ -790,7 +799,10 @@ mod tests {
     #[test]
     fn refusals_keep_their_envelope() {
         let detail = error_detail(br#"{"error":{"code":"conflict","message":"exists"}}"#);
-        assert_eq!((detail.code, detail.message.as_str()), (ErrorCode::Conflict, "exists"));
+        assert_eq!(
+            (detail.code, detail.message.as_str()),
+            (ErrorCode::Conflict, "exists")
+        );
         let page = error_detail("x".repeat(2000).as_bytes());
         assert_eq!((page.code, page.message.len()), (ErrorCode::Unknown, 500));
     }

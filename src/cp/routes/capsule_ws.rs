@@ -17,8 +17,8 @@ use axum::response::Response;
 use crate::cp::auth::{AuthTeam, API_KEY_HEADER};
 use crate::cp::error::ApiError;
 use crate::cp::extract::path_id;
-use crate::cp::services::capsules::guest::ws::{self, ClientSocket, Protocol, ServerFrame};
 use crate::cp::services::capsules::guest;
+use crate::cp::services::capsules::guest::ws::{self, ClientSocket, Protocol, ServerFrame};
 use crate::cp::services::capsules::{self, RunningCapsule};
 use crate::cp::state::AppState;
 use crate::envd::api::AttachRequest;
@@ -126,14 +126,8 @@ async fn connect_capsule(
     let team = match caller {
         Some(auth) => auth.team_id,
         None => {
-            let token = client
-                .next_text(AUTH_FRAME_WAIT)
-                .await
-                .ok_or(ws::FrameError::Expected(
-                    "{\"type\":\"auth\",\"token\":\"...\"} as the first frame",
-                ))
-                .and_then(|text| ws::auth_token(&text));
-            let token = match token {
+            let first = client.next_text(AUTH_FRAME_WAIT).await;
+            let token = match ws::auth_token(first.as_deref()) {
                 Ok(token) => token,
                 Err(error) => {
                     client.fail(protocol, &error.to_string()).await;
@@ -206,15 +200,8 @@ async fn opened_session(
     capsule: RunningCapsule,
     protocol: Protocol,
 ) {
-    let opening = client
-        .next_text(START_FRAME_WAIT)
-        .await
-        .ok_or(ws::FrameError::Expected(match protocol {
-            Protocol::Pty => "a start or connect frame",
-            Protocol::Exec | Protocol::Process => "a start frame",
-        }))
-        .and_then(|text| ws::opening(protocol, &text));
-    match opening {
+    let first = client.next_text(START_FRAME_WAIT).await;
+    match ws::opening(protocol, first.as_deref()) {
         Ok(attach) => session(client, &state, &capsule, protocol, attach).await,
         Err(error) => client.fail(protocol, &error.to_string()).await,
     }

@@ -87,12 +87,10 @@ pub async fn exec(
     ApiJson(body): ApiJson<CommandRequest>,
 ) -> Result<Response, ApiError> {
     let id = capsule_id(&id)?;
-    Ok(
-        match guest::exec(&state, auth.team_id, id, body).await? {
-            ExecOutcome::Finished(done) => (StatusCode::OK, Json(done)).into_response(),
-            ExecOutcome::Started(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
-        },
-    )
+    Ok(match guest::exec(&state, auth.team_id, id, body).await? {
+        ExecOutcome::Finished(done) => (StatusCode::OK, Json(done)).into_response(),
+        ExecOutcome::Started(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
+    })
 }
 
 pub async fn list_processes(
@@ -101,9 +99,7 @@ pub async fn list_processes(
     Path(id): Path<String>,
 ) -> Result<Json<ProcessListResponse>, ApiError> {
     let id = capsule_id(&id)?;
-    Ok(Json(
-        guest::list_processes(&state, auth.team_id, id).await?,
-    ))
+    Ok(Json(guest::list_processes(&state, auth.team_id, id).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,9 +128,7 @@ pub async fn list_dir(
     ApiJson(body): ApiJson<ListDirRequest>,
 ) -> Result<Json<ListDirResponse>, ApiError> {
     let id = capsule_id(&id)?;
-    Ok(Json(
-        guest::list_dir(&state, auth.team_id, id, body).await?,
-    ))
+    Ok(Json(guest::list_dir(&state, auth.team_id, id, body).await?))
 }
 
 pub async fn mkdir(

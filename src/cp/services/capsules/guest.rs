@@ -29,13 +29,6 @@ const DEFAULT_RUN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Uploads take as long as the client takes to send; only an agent silent for this long fails.
 const UPLOAD_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 
-fn invalid(field: &'static str, message: impl Into<String>) -> CapsuleError {
-    CapsuleError::Invalid {
-        field,
-        message: message.into(),
-    }
-}
-
 /// envd's client for the capsule, through its host's agent and the control plane's pool.
 fn envd(state: &AppState, capsule: &RunningCapsule) -> Result<EnvdClient, CapsuleError> {
     Ok(state.capsules.agents.envd(&capsule.target, capsule.id)?)
@@ -111,12 +104,7 @@ pub async fn exec(
             let runs_for = run
                 .timeout_sec
                 .map_or(DEFAULT_RUN_TIMEOUT, Duration::from_secs);
-            let done = within(
-                &capsule,
-                request_timeout(state) + runs_for,
-                envd.run(&run),
-            )
-            .await?;
+            let done = within(&capsule, request_timeout(state) + runs_for, envd.run(&run)).await?;
             sandboxes::touch(&state.db, id.uuid()).await?;
             Ok(ExecOutcome::Finished(ExecResponse {
                 sandbox_id: id,
@@ -203,7 +191,7 @@ pub fn check_selector(selector: &str) -> Result<(), CapsuleError> {
     if valid {
         Ok(())
     } else {
-        Err(invalid(
+        Err(CapsuleError::invalid(
             "selector",
             format!("`{selector}` is neither a PID nor a process tag"),
         ))
@@ -293,10 +281,13 @@ pub struct MakeDirResponse {
 /// A guest path: non-empty, no NUL, bounded.
 pub fn check_path(path: &str) -> Result<(), CapsuleError> {
     if path.is_empty() {
-        return Err(invalid("path", "must not be empty"));
+        return Err(CapsuleError::invalid("path", "must not be empty"));
     }
     if path.contains('\0') || path.len() > 4096 {
-        return Err(invalid("path", "must be at most 4096 bytes without NUL"));
+        return Err(CapsuleError::invalid(
+            "path",
+            "must be at most 4096 bytes without NUL",
+        ));
     }
     Ok(())
 }
@@ -306,7 +297,10 @@ fn envd_depth(depth: Option<i64>) -> Result<u32, CapsuleError> {
     match depth {
         None => Ok(1),
         Some(d @ 0..=64) => Ok(u32::try_from(d).unwrap_or(1).max(1)),
-        Some(d) => Err(invalid("depth", format!("{d} is out of range 0..=64"))),
+        Some(d) => Err(CapsuleError::invalid(
+            "depth",
+            format!("{d} is out of range 0..=64"),
+        )),
     }
 }
 

@@ -110,9 +110,9 @@ impl CommandError {
             CommandError::TimeoutOutOfRange(t) => {
                 format!("{t} is out of range 1..={MAX_EXEC_TIMEOUT_SEC}")
             }
-            CommandError::BadTag(tag) => format!(
-                "`{tag}` must be 1-64 characters of A-Z a-z 0-9 - _ . and not only digits"
-            ),
+            CommandError::BadTag(tag) => {
+                format!("`{tag}` must be 1-64 characters of A-Z a-z 0-9 - _ . and not only digits")
+            }
         }
     }
 }
@@ -308,7 +308,10 @@ mod tests {
             })
         );
         let untagged = request(serde_json::json!({"cmd": "x", "background": true, "tag": ""}));
-        assert!(matches!(untagged.exec(), Ok(Exec::Background(StartRequest { tag: None, .. }))));
+        assert!(matches!(
+            untagged.exec(),
+            Ok(Exec::Background(StartRequest { tag: None, .. }))
+        ));
     }
 
     #[test]
@@ -389,7 +392,10 @@ mod tests {
             };
             assert_eq!(got, Err(want), "{json} {entry:?}");
         }
-        assert!(serde_json::from_value::<CommandRequest>(serde_json::json!({"cmd": "x", "colour": 1})).is_err());
+        assert!(serde_json::from_value::<CommandRequest>(
+            serde_json::json!({"cmd": "x", "colour": 1})
+        )
+        .is_err());
         assert!(serde_json::from_value::<CommandRequest>(serde_json::json!({"cmd": 7})).is_err());
     }
 
@@ -404,7 +410,10 @@ mod tests {
             "invalid timeout_sec: 0 is out of range 1..=86400"
         );
         let capsule: CapsuleError = CommandError::MissingCmd.into();
-        assert!(matches!(capsule, CapsuleError::Invalid { field: "cmd", .. }));
+        assert!(matches!(
+            capsule,
+            CapsuleError::Invalid { field: "cmd", .. }
+        ));
     }
 
     #[test]
@@ -421,8 +430,17 @@ mod tests {
             "cmd": "/bin/sh", "cols": 100, "rows": 0, "user": "", "envs": {"PS1": "$ "}
         }));
         let start = sized.pty().unwrap();
-        assert_eq!(start.pty, Some(PtySize { cols: 100, rows: 24 }));
-        assert_eq!((start.process.cmd.as_str(), start.process.user), ("/bin/sh", None));
+        assert_eq!(
+            start.pty,
+            Some(PtySize {
+                cols: 100,
+                rows: 24
+            })
+        );
+        assert_eq!(
+            (start.process.cmd.as_str(), start.process.user),
+            ("/bin/sh", None)
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@ use std::time::Duration;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::command::{CommandError, CommandRequest};
 use super::check_selector;
+use super::command::{CommandError, CommandRequest};
 use crate::envd::api::{AttachRequest, ClientMessage};
 use crate::envd::client::{EnvdClientError, ProcessEvent, ProcessSession, SessionInput};
 
@@ -53,14 +53,27 @@ pub enum ClientFrame {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     /// Exec and process streams: the process runs (or was found).
-    Start { pid: u32 },
+    Start {
+        pid: u32,
+    },
     /// PTY: the session runs; `tag` reconnects to it.
-    Started { tag: String, pid: u32 },
-    Stdout { data: String },
-    Stderr { data: String },
+    Started {
+        tag: String,
+        pid: u32,
+    },
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
     /// PTY output, base64.
-    Output { data: String },
-    Exit { exit_code: i32 },
+    Output {
+        data: String,
+    },
+    Exit {
+        exit_code: i32,
+    },
     /// `fatal` (PTY only) tells whether the session is over.
     Error {
         data: String,
@@ -111,28 +124,35 @@ pub enum FrameError {
 }
 
 /// The expected first frame of a connection without header credentials: its token.
-pub fn auth_token(text: &str) -> Result<String, FrameError> {
-    match serde_json::from_str::<ClientFrame>(text) {
-        Ok(ClientFrame::Auth { token }) => Ok(token),
-        Ok(_) | Err(_) => Err(FrameError::Expected(
+/// `None` is a client that sent nothing (in time).
+pub fn auth_token(text: Option<&str>) -> Result<String, FrameError> {
+    match text.map(serde_json::from_str::<ClientFrame>) {
+        Some(Ok(ClientFrame::Auth { token })) => Ok(token),
+        Some(Ok(_) | Err(_)) | None => Err(FrameError::Expected(
             "{\"type\":\"auth\",\"token\":\"...\"} as the first frame",
         )),
     }
 }
 
 /// The frame that opens an exec stream (`start`) or a PTY (`start` or `connect`), as envd's
-/// attach request.
-pub fn opening(protocol: Protocol, text: &str) -> Result<AttachRequest, FrameError> {
-    let frame = serde_json::from_str::<ClientFrame>(text)?;
+/// attach request. `None` is a client that sent nothing (in time).
+pub fn opening(protocol: Protocol, text: Option<&str>) -> Result<AttachRequest, FrameError> {
+    let expected = match protocol {
+        Protocol::Pty => "a start or connect frame",
+        Protocol::Exec | Protocol::Process => "a start frame",
+    };
+    let frame = serde_json::from_str::<ClientFrame>(text.ok_or(FrameError::Expected(expected))?)?;
     match (protocol, frame) {
-        (Protocol::Exec, ClientFrame::Start(command)) => Ok(AttachRequest::Start(command.stream()?)),
+        (Protocol::Exec, ClientFrame::Start(command)) => {
+            Ok(AttachRequest::Start(command.stream()?))
+        }
         (Protocol::Pty, ClientFrame::Start(command)) => Ok(AttachRequest::Start(command.pty()?)),
         (Protocol::Pty, ClientFrame::Connect { tag }) => {
             check_selector(&tag).map_err(|e| FrameError::Selector(e.to_string()))?;
             Ok(AttachRequest::Connect { selector: tag })
         }
-        (Protocol::Exec, _) => Err(FrameError::Expected("a start frame")),
-        (Protocol::Pty, _) => Err(FrameError::Expected("a start or connect frame")),
+        (Protocol::Exec | Protocol::Pty, _) => Err(FrameError::Expected(expected)),
+        // A process stream attaches by its path; it has no opening frame.
         (Protocol::Process, _) => Err(FrameError::NotAccepted),
     }
 }
@@ -152,7 +172,10 @@ pub fn client_frame(protocol: Protocol, text: &str) -> Result<Option<Upstream>, 
             Ok(Some(Upstream::Control(ClientMessage::Kill)))
         }
         (Protocol::Pty, ClientFrame::Resize { cols, rows }) if cols > 0 && rows > 0 => {
-            Ok(Some(Upstream::Control(ClientMessage::Resize { cols, rows })))
+            Ok(Some(Upstream::Control(ClientMessage::Resize {
+                cols,
+                rows,
+            })))
         }
         (Protocol::Pty, ClientFrame::Resize { .. }) => Err(FrameError::BadSize),
         (Protocol::Pty, ClientFrame::Input { data }) => Ok(Some(Upstream::Stdin(
@@ -293,10 +316,9 @@ impl Translator {
                 format!("unexpected message from the capsule: {reason}"),
                 false,
             )]),
-            Err(error) => Step::Finish(vec![self.protocol.error_frame(
-                format!("the capsule's session failed: {error}"),
-                true,
-            )]),
+            Err(error) => Step::Finish(vec![self
+                .protocol
+                .error_frame(format!("the capsule's session failed: {error}"), true)]),
         }
     }
 }
@@ -311,7 +333,10 @@ pub trait ClientSocket: Send {
     fn close(&mut self) -> impl Future<Output = ()> + Send;
 }
 
-async fn send_upstream(input: &mut SessionInput, upstream: Upstream) -> Result<(), EnvdClientError> {
+async fn send_upstream(
+    input: &mut SessionInput,
+    upstream: Upstream,
+) -> Result<(), EnvdClientError> {
     match upstream {
         Upstream::Control(message) => input.send(&message).await,
         Upstream::Stdin(bytes) => input.send_stdin(bytes).await,
@@ -424,7 +449,10 @@ mod tests {
                     ..CommandRequest::default()
                 }),
             ),
-            (json!({"type": "start"}), ClientFrame::Start(CommandRequest::default())),
+            (
+                json!({"type": "start"}),
+                ClientFrame::Start(CommandRequest::default()),
+            ),
             (
                 json!({"type": "connect", "tag": "pty-abc123de"}),
                 ClientFrame::Connect {
@@ -461,7 +489,10 @@ mod tests {
             json!({"type": "connect", "tag": "t", "extra": 1}),
             json!({"type": "dance"}),
         ] {
-            assert!(serde_json::from_value::<ClientFrame>(bad.clone()).is_err(), "{bad}");
+            assert!(
+                serde_json::from_value::<ClientFrame>(bad.clone()).is_err(),
+                "{bad}"
+            );
         }
     }
 
@@ -469,7 +500,10 @@ mod tests {
     #[test]
     fn server_frames_round_trip() {
         let cases = [
-            (json!({"type": "start", "pid": 1234}), ServerFrame::Start { pid: 1234 }),
+            (
+                json!({"type": "start", "pid": 1234}),
+                ServerFrame::Start { pid: 1234 },
+            ),
             (
                 json!({"type": "started", "tag": "pty-abc123de", "pid": 42}),
                 ServerFrame::Started {
@@ -495,7 +529,10 @@ mod tests {
                     data: "aGk=".into(),
                 },
             ),
-            (json!({"type": "exit", "exit_code": 0}), ServerFrame::Exit { exit_code: 0 }),
+            (
+                json!({"type": "exit", "exit_code": 0}),
+                ServerFrame::Exit { exit_code: 0 },
+            ),
             (
                 json!({"type": "error", "data": "description of error"}),
                 ServerFrame::Error {
@@ -532,7 +569,11 @@ mod tests {
     #[test]
     fn opening_frames_by_protocol() {
         assert_eq!(
-            opening(Protocol::Exec, r#"{"type":"start","cmd":"ls","args":["-l"]}"#).unwrap(),
+            opening(
+                Protocol::Exec,
+                Some(r#"{"type":"start","cmd":"ls","args":["-l"]}"#)
+            )
+            .unwrap(),
             AttachRequest::Start(StartRequest {
                 process: ProcessSpec::new("ls", &["-l"]),
                 tag: None,
@@ -540,36 +581,47 @@ mod tests {
             })
         );
         assert!(matches!(
-            opening(Protocol::Exec, r#"{"type":"start"}"#),
+            opening(Protocol::Exec, Some(r#"{"type":"start"}"#)),
             Err(FrameError::Command(CommandError::MissingCmd))
         ));
         assert!(matches!(
-            opening(Protocol::Exec, r#"{"type":"connect","tag":"x"}"#),
+            opening(Protocol::Exec, Some(r#"{"type":"connect","tag":"x"}"#)),
             Err(FrameError::Expected(_))
         ));
         assert!(matches!(
-            opening(Protocol::Exec, "not json"),
+            opening(Protocol::Exec, Some("not json")),
             Err(FrameError::Malformed(_))
         ));
         assert!(matches!(
-            opening(Protocol::Pty, r#"{"type":"start","cols":100}"#),
+            opening(Protocol::Pty, Some(r#"{"type":"start","cols":100}"#)),
             Ok(AttachRequest::Start(StartRequest {
-                pty: Some(PtySize { cols: 100, rows: 24 }),
+                pty: Some(PtySize {
+                    cols: 100,
+                    rows: 24
+                }),
                 ..
             }))
         ));
         assert_eq!(
-            opening(Protocol::Pty, r#"{"type":"connect","tag":"pty-1"}"#).unwrap(),
+            opening(Protocol::Pty, Some(r#"{"type":"connect","tag":"pty-1"}"#)).unwrap(),
             AttachRequest::Connect {
                 selector: "pty-1".into()
             }
         );
         assert!(matches!(
-            opening(Protocol::Pty, r#"{"type":"connect","tag":"a/b"}"#),
+            opening(Protocol::Pty, Some(r#"{"type":"connect","tag":"a/b"}"#)),
             Err(FrameError::Selector(_))
         ));
-        assert_eq!(auth_token(r#"{"type":"auth","token":"t"}"#).unwrap(), "t");
-        assert!(auth_token(r#"{"type":"stop"}"#).is_err());
+        assert_eq!(
+            auth_token(Some(r#"{"type":"auth","token":"t"}"#)).unwrap(),
+            "t"
+        );
+        assert!(auth_token(None).is_err());
+        assert!(matches!(
+            opening(Protocol::Pty, None),
+            Err(FrameError::Expected("a start or connect frame"))
+        ));
+        assert!(auth_token(Some(r#"{"type":"stop"}"#)).is_err());
     }
 
     #[test]
@@ -588,7 +640,10 @@ mod tests {
         );
         assert_eq!(
             client_frame(Protocol::Pty, r#"{"type":"resize","cols":3,"rows":5}"#).unwrap(),
-            Some(Upstream::Control(ClientMessage::Resize { cols: 3, rows: 5 }))
+            Some(Upstream::Control(ClientMessage::Resize {
+                cols: 3,
+                rows: 5
+            }))
         );
         assert!(matches!(
             client_frame(Protocol::Pty, r#"{"type":"input","data":"!!"}"#),
@@ -602,16 +657,24 @@ mod tests {
             client_frame(Protocol::Pty, "not json"),
             Err(FrameError::Malformed(_))
         ));
-        assert_eq!(client_frame(Protocol::Process, r#"{"type":"kill"}"#).unwrap(), None);
+        assert_eq!(
+            client_frame(Protocol::Process, r#"{"type":"kill"}"#).unwrap(),
+            None
+        );
     }
 
     #[test]
     fn envd_events_become_public_frames() {
         let mut exec = Translator::new(Protocol::Exec);
-        assert_eq!(exec.started(7, "proc-1".into()), ServerFrame::Start { pid: 7 });
+        assert_eq!(
+            exec.started(7, "proc-1".into()),
+            ServerFrame::Start { pid: 7 }
+        );
         let euro = "€".as_bytes();
         assert_eq!(
-            exec.event(Ok(Some(ProcessEvent::Stdout(Bytes::from(vec![b'a', euro[0]]))))),
+            exec.event(Ok(Some(ProcessEvent::Stdout(Bytes::from(vec![
+                b'a', euro[0]
+            ]))))),
             Step::Send(vec![ServerFrame::Stdout { data: "a".into() }])
         );
         assert_eq!(
