@@ -120,7 +120,7 @@ async fn two_gibibyte_upload_and_download_stay_within_bounded_memory() {
     assert_eq!(std::fs::metadata(&target).unwrap().len(), TOTAL);
 
     let download = client.read_file(&text(&target), None).await.unwrap();
-    assert_eq!(download.size, TOTAL);
+    assert_eq!(download.size, Some(TOTAL));
     let mut body = download.body;
     let mut offset = 0u64;
     while let Some(chunk) = body.next().await {

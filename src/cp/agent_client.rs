@@ -1,33 +1,25 @@
-//! The control plane's client for the host agent API (its contract: `agent::wire`): sandbox lifecycle calls, and the agent's transparent proxy to each
-//! sandbox's envd (`/v1/sandboxes/{id}/envd/...`) for JSON calls, streamed file transfers and
-//! WebSocket sessions. Every call carries `Authorization: Bearer <agent secret>` and a timeout;
-//! failures are typed so the API can tell "the agent said no" from "the agent is not there".
+//! The control plane's client for the host agent API (its contract: `agent::wire`): sandbox
+//! lifecycle calls, and envd's own typed client (`envd::client`) pointed at the agent's proxy to
+//! each sandbox's envd (`/v1/sandboxes/{id}/envd/...`) over the same connection pool. Every call
+//! carries `Authorization: Bearer <agent secret>`; failures are typed so the API can tell "the
+//! agent (or envd) said no" from "the agent is not there".
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, TryStreamExt};
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::agent::wire::{envd_proxy_path, AgentPing, CreateSandbox, SandboxInfo, SandboxList};
+use crate::envd::client::{EnvdClient, EnvdClientError, HttpClient, RequestBody};
 use crate::error_code::{ErrorBody, ErrorCode, ErrorEnvelope};
 use crate::id::{HostId, SandboxId};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// A WebSocket to a sandbox's envd, through the agent.
-pub type EnvdSocket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -65,6 +57,31 @@ impl AgentError {
             _ => None,
         }
     }
+
+    /// A failed call to a sandbox's envd through `target`'s proxy, in the same terms as the
+    /// agent's own calls: a refusal (by envd or by the agent) keeps its status and code, anything
+    /// else is the agent failing or not being there.
+    pub fn from_envd(target: &AgentTarget, error: EnvdClientError) -> Self {
+        match error {
+            EnvdClientError::Api { status, detail } => refusal(
+                target.host,
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                detail,
+            ),
+            EnvdClientError::Decode(reason) => AgentError::Decode {
+                host: target.host,
+                reason,
+            },
+            unreachable @ (EnvdClientError::BadAddress(_)
+            | EnvdClientError::BadCredential
+            | EnvdClientError::Transport(_)
+            | EnvdClientError::WebSocket(_)) => AgentError::Unreachable {
+                host: target.host,
+                address: target.address.clone(),
+                reason: unreachable.to_string(),
+            },
+        }
+    }
 }
 
 /// Where and how to reach one host's agent.
@@ -95,7 +112,7 @@ impl Default for AgentTimeouts {
 /// One HTTP connection pool for every agent.
 #[derive(Clone, Debug)]
 pub struct AgentClient {
-    http: Client<HttpConnector, RequestBody>,
+    http: HttpClient,
     timeouts: AgentTimeouts,
 }
 
@@ -319,138 +336,11 @@ impl AgentClient {
         .map(drop)
     }
 
-    /// A JSON call to the sandbox's envd, e.g. `POST /processes/run`. `extra` extends the
-    /// request timeout for calls that legitimately run long (a foreground command).
-    pub async fn envd_json<T: DeserializeOwned>(
-        &self,
-        target: &AgentTarget,
-        id: SandboxId,
-        method: Method,
-        envd_path: &str,
-        body: Option<&impl Serialize>,
-        extra: Duration,
-    ) -> Result<T, AgentError> {
-        self.json(
-            target,
-            method,
-            &envd_proxy_path(id, envd_path),
-            body,
-            self.timeouts.request + extra,
-        )
-        .await
-    }
-
-    /// Like [`Self::envd_json`] for calls whose answer has no body worth reading.
-    pub async fn envd_call(
-        &self,
-        target: &AgentTarget,
-        id: SandboxId,
-        method: Method,
-        envd_path: &str,
-        body: Option<&impl Serialize>,
-    ) -> Result<(), AgentError> {
-        self.send_json(
-            target,
-            method,
-            &envd_proxy_path(id, envd_path),
-            body,
-            self.timeouts.request,
-        )
-        .await
-        .map(drop)
-    }
-
-    /// Streams `body` to envd (`PUT /files?path=...`) without holding it in memory. The request
-    /// timeout covers only the wait for the answer's head after the body has been sent.
-    pub async fn envd_upload<S>(
-        &self,
-        target: &AgentTarget,
-        id: SandboxId,
-        envd_path_and_query: &str,
-        body: S,
-    ) -> Result<Bytes, AgentError>
-    where
-        S: Stream<Item = Result<Bytes, BoxError>> + Send + 'static,
-    {
-        let body = StreamBody::new(body.map_ok(Frame::data)).boxed_unsync();
-        let request = Self::request(
-            target,
-            Method::PUT,
-            &envd_proxy_path(id, envd_path_and_query),
-            body,
-            Some("application/octet-stream"),
-        );
-        // Uploads take as long as the client takes to send; only a silent agent is an error.
-        let response = self
-            .send(target, request, Duration::from_secs(24 * 3600))
-            .await?;
-        let collected = tokio::time::timeout(self.timeouts.request, response.into_body().collect())
-            .await
-            .map_err(|_| AgentError::Timeout {
-                host: target.host,
-                after: self.timeouts.request,
-            })?
-            .map_err(|e| AgentError::Unreachable {
-                host: target.host,
-                address: target.address.clone(),
-                reason: error_chain(&e),
-            })?;
-        Ok(collected.to_bytes())
-    }
-
-    /// Starts a download from envd (`GET /files?path=...`); the body streams as it arrives.
-    pub async fn envd_download(
-        &self,
-        target: &AgentTarget,
-        id: SandboxId,
-        envd_path_and_query: &str,
-    ) -> Result<Response<Incoming>, AgentError> {
-        let request = Self::request(
-            target,
-            Method::GET,
-            &envd_proxy_path(id, envd_path_and_query),
-            Self::full(Bytes::new()),
-            None,
-        );
-        self.send(target, request, self.timeouts.request).await
-    }
-
-    /// Opens a WebSocket to envd (e.g. `/processes/attach`) through the agent.
-    pub async fn envd_websocket(
-        &self,
-        target: &AgentTarget,
-        id: SandboxId,
-        envd_path: &str,
-    ) -> Result<EnvdSocket, AgentError> {
-        use tokio_tungstenite::tungstenite::Error as WsError;
-        let url = format!("ws://{}{}", target.address, envd_proxy_path(id, envd_path));
-        let mut request = url.into_client_request().map_err(|e| AgentError::Decode {
-            host: target.host,
-            reason: e.to_string(),
-        })?;
-        request.headers_mut().insert(
-            header::AUTHORIZATION,
-            format!("Bearer {}", target.secret)
-                .parse()
-                .expect("hex secrets are valid header values"),
-        );
-        let connect = tokio_tungstenite::connect_async_with_config(request, None, true);
-        match tokio::time::timeout(self.timeouts.request, connect).await {
-            Err(_) => Err(AgentError::Timeout {
-                host: target.host,
-                after: self.timeouts.request,
-            }),
-            Ok(Ok((socket, _))) => Ok(socket),
-            Ok(Err(WsError::Http(response))) => {
-                let body = response.body().clone().unwrap_or_default();
-                Err(answer_error(target.host, response.status(), &body))
-            }
-            Ok(Err(error)) => Err(AgentError::Unreachable {
-                host: target.host,
-                address: target.address.clone(),
-                reason: error.to_string(),
-            }),
-        }
+    /// envd's typed client for sandbox `id`, through `target`'s proxy and over this pool.
+    pub fn envd(&self, target: &AgentTarget, id: SandboxId) -> Result<EnvdClient, AgentError> {
+        let base = format!("http://{}{}", target.address, envd_proxy_path(id, ""));
+        EnvdClient::through_proxy(self.http.clone(), &base, &target.secret)
+            .map_err(|e| AgentError::from_envd(target, e))
     }
 }
 
@@ -467,6 +357,10 @@ fn answer_error(host: HostId, status: StatusCode, body: &[u8]) -> AgentError {
                 .take(500)
                 .collect(),
         });
+    refusal(host, status, detail)
+}
+
+fn refusal(host: HostId, status: StatusCode, detail: ErrorBody) -> AgentError {
     if status.is_client_error() && status != StatusCode::UNAUTHORIZED {
         AgentError::Rejected {
             status,
@@ -539,6 +433,57 @@ mod tests {
             envd_proxy_path(SandboxId(uuid::Uuid::from_u128(35)), "/processes/run"),
             format!("/v1/sandboxes/cl-{}z/envd/processes/run", "0".repeat(24))
         );
+    }
+
+    #[test]
+    fn envd_failures_are_told_like_the_agents_own() {
+        let target = AgentTarget {
+            host: HostId(uuid::Uuid::nil()),
+            address: "127.0.0.1:1".into(),
+            secret: "s".into(),
+        };
+        let api = |status: u16, code: ErrorCode| EnvdClientError::Api {
+            status,
+            detail: ErrorBody {
+                code,
+                message: "m".into(),
+            },
+        };
+        for (status, code) in [
+            (404, ErrorCode::NotFound),
+            (409, ErrorCode::Conflict),
+            (413, ErrorCode::TooLarge),
+            (400, ErrorCode::InvalidRequest),
+        ] {
+            assert!(
+                matches!(
+                    AgentError::from_envd(&target, api(status, code)),
+                    AgentError::Rejected { status: s, code: c, .. } if s.as_u16() == status && c == code
+                ),
+                "{status}"
+            );
+        }
+        for failed in [502, 500, 507, 401] {
+            assert!(
+                matches!(
+                    AgentError::from_envd(&target, api(failed, ErrorCode::AgentError)),
+                    AgentError::Failed { status, .. } if status.as_u16() == failed
+                ),
+                "{failed}"
+            );
+        }
+        assert!(matches!(
+            AgentError::from_envd(&target, EnvdClientError::Transport("refused".into())),
+            AgentError::Unreachable { .. }
+        ));
+        assert!(matches!(
+            AgentError::from_envd(&target, EnvdClientError::WebSocket("reset".into())),
+            AgentError::Unreachable { .. }
+        ));
+        assert!(matches!(
+            AgentError::from_envd(&target, EnvdClientError::Decode("garbled".into())),
+            AgentError::Decode { .. }
+        ));
     }
 
     #[test]

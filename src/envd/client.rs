@@ -1,12 +1,14 @@
-//! A typed async client for envd, used by the host agent and the tests: one method per endpoint,
-//! streamed file transfers both ways, and WebSocket sessions for process I/O and watches.
+//! A typed async client for envd: one method per endpoint, streamed file transfers both ways, and
+//! WebSocket sessions for process I/O and watches. The host agent and the tests talk to envd
+//! directly with its access token; the control plane talks to the same API through the agent's
+//! proxy (`/v1/sandboxes/{id}/envd/`) with the agent secret, over its own connection pool.
 
 use std::pin::Pin;
 
 use bytes::Bytes;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
-use http::{header, Method, Request, Uri};
+use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
@@ -27,13 +29,18 @@ use super::api::{
     FRAME_STDOUT,
 };
 
-type RequestBody = UnsyncBoxBody<Bytes, std::io::Error>;
+/// The request body every envd call sends; a pool built for it can be shared with other calls.
+pub type RequestBody = UnsyncBoxBody<Bytes, std::io::Error>;
+/// An HTTP connection pool envd clients can share.
+pub type HttpClient = Client<HttpConnector, RequestBody>;
 type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnvdClientError {
-    #[error("invalid envd address `{0}`: expected http://host:port")]
+    #[error("invalid envd address `{0}`: expected http://host:port[/path]")]
     BadAddress(String),
+    #[error("the credential for envd is not a valid header value")]
+    BadCredential,
     #[error("request to envd failed: {0}")]
     Transport(String),
     #[error("envd answered {status}: {} ({})", .detail.message, .detail.code)]
@@ -56,56 +63,101 @@ impl EnvdClientError {
 
 type Result<T, E = EnvdClientError> = std::result::Result<T, E>;
 
-fn transport(error: impl std::fmt::Display) -> EnvdClientError {
-    EnvdClientError::Transport(error.to_string())
+/// A failed exchange, with every cause (hyper's own message alone says little).
+fn transport(error: impl std::error::Error) -> EnvdClientError {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    EnvdClientError::Transport(text)
 }
 
 fn ws_error(error: impl std::fmt::Display) -> EnvdClientError {
     EnvdClientError::WebSocket(error.to_string())
 }
 
+/// How requests prove they may talk to envd.
+#[derive(Clone)]
+enum Credential {
+    /// envd's own access token (`X-Access-Token`), for callers that reach envd directly.
+    AccessToken(String),
+    /// `Authorization: Bearer` for a proxy in front of envd, which adds envd's token itself.
+    ProxyBearer(HeaderValue),
+}
+
 #[derive(Clone)]
 pub struct EnvdClient {
     /// `host:port`.
     authority: String,
-    token: Option<String>,
-    http: Client<HttpConnector, RequestBody>,
+    /// Prepended to envd's paths: empty when talking to envd itself, `/v1/sandboxes/{id}/envd`
+    /// through the agent's proxy.
+    base_path: String,
+    credential: Option<Credential>,
+    http: HttpClient,
 }
 
-/// A streamed download: its size and its chunks.
+/// A streamed download: its announced length and its chunks.
 pub struct FileDownload {
-    pub size: u64,
+    /// The `Content-Length` envd announced (it always does for files).
+    pub size: Option<u64>,
     pub body: Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>,
 }
 
+/// `http://host:port[/base/path][/]` as an authority and a base path without a trailing slash.
+fn parse_base(base: &str) -> Result<(String, String)> {
+    let bad = || EnvdClientError::BadAddress(base.to_owned());
+    let uri: Uri = base.parse().map_err(|_| bad())?;
+    match (uri.scheme_str(), uri.authority(), uri.query()) {
+        (Some("http"), Some(authority), None) => Ok((
+            authority.to_string(),
+            uri.path().trim_end_matches('/').to_owned(),
+        )),
+        _ => Err(bad()),
+    }
+}
+
 impl EnvdClient {
-    /// `base` is `http://host:port` (a trailing slash is fine).
+    /// A client with its own connection pool; `base` is `http://host:port` (a trailing slash is
+    /// fine).
     pub fn new(base: &str) -> Result<Self> {
-        let uri: Uri = base
-            .parse()
-            .map_err(|_| EnvdClientError::BadAddress(base.to_owned()))?;
-        let authority = match (uri.scheme_str(), uri.authority()) {
-            (Some("http"), Some(authority)) => authority.to_string(),
-            _ => return Err(EnvdClientError::BadAddress(base.to_owned())),
-        };
+        let (authority, base_path) = parse_base(base)?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let http = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Self {
             authority,
-            token: None,
+            base_path,
+            credential: None,
+            http,
+        })
+    }
+
+    /// A client of the envd behind a proxy at `base` (e.g.
+    /// `http://agent:port/v1/sandboxes/{id}/envd/`) that accepts `bearer` and adds envd's access
+    /// token itself. It shares `http`'s connections with the caller's other requests.
+    pub fn through_proxy(http: HttpClient, base: &str, bearer: &str) -> Result<Self> {
+        let (authority, base_path) = parse_base(base)?;
+        let bearer = HeaderValue::from_str(&format!("Bearer {bearer}"))
+            .map_err(|_| EnvdClientError::BadCredential)?;
+        Ok(Self {
+            authority,
+            base_path,
+            credential: Some(Credential::ProxyBearer(bearer)),
             http,
         })
     }
 
     /// Sends `token` as `X-Access-Token` on every later request.
     pub fn with_token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
+        self.set_token(Some(token.into()));
         self
     }
 
     pub fn set_token(&mut self, token: Option<String>) {
-        self.token = token;
+        self.credential = token.map(Credential::AccessToken);
     }
 
     /// The `host:port` this client talks to, for callers that proxy raw requests to envd.
@@ -115,11 +167,32 @@ impl EnvdClient {
 
     /// The access token sent with every request, if any.
     pub fn token(&self) -> Option<&str> {
-        self.token.as_deref()
+        match &self.credential {
+            Some(Credential::AccessToken(token)) => Some(token),
+            Some(Credential::ProxyBearer(_)) | None => None,
+        }
     }
 
     fn uri(&self, path_and_query: &str) -> String {
-        format!("http://{}{}", self.authority, path_and_query)
+        format!(
+            "http://{}{}{}",
+            self.authority, self.base_path, path_and_query
+        )
+    }
+
+    fn authorize(&self, headers: &mut http::HeaderMap) -> Result<()> {
+        match &self.credential {
+            Some(Credential::AccessToken(token)) => {
+                let value =
+                    HeaderValue::from_str(token).map_err(|_| EnvdClientError::BadCredential)?;
+                headers.insert(ACCESS_TOKEN_HEADER, value);
+            }
+            Some(Credential::ProxyBearer(bearer)) => {
+                headers.insert(header::AUTHORIZATION, bearer.clone());
+            }
+            None => {}
+        }
+        Ok(())
     }
 
     fn request(
@@ -135,10 +208,9 @@ impl EnvdClient {
         if json {
             builder = builder.header(header::CONTENT_TYPE, "application/json");
         }
-        if let Some(token) = &self.token {
-            builder = builder.header(ACCESS_TOKEN_HEADER, token);
-        }
-        builder.body(body).map_err(transport)
+        let mut request = builder.body(body).map_err(transport)?;
+        self.authorize(request.headers_mut())?;
+        Ok(request)
     }
 
     async fn send(&self, request: Request<RequestBody>) -> Result<hyper::Response<Incoming>> {
@@ -153,13 +225,10 @@ impl EnvdClient {
             .await
             .map_err(transport)?
             .to_bytes();
-        let detail = serde_json::from_slice::<ErrorEnvelope>(&body)
-            .map(|b| b.error)
-            .unwrap_or_else(|_| ErrorBody {
-                code: ErrorCode::Unknown,
-                message: String::from_utf8_lossy(&body).into_owned(),
-            });
-        Err(EnvdClientError::Api { status, detail })
+        Err(EnvdClientError::Api {
+            status,
+            detail: error_detail(&body),
+        })
     }
 
     fn full(bytes: impl Into<Bytes>) -> RequestBody {
@@ -302,27 +371,24 @@ impl EnvdClient {
     }
 
     async fn websocket(&self, path_and_query: &str) -> Result<Socket> {
-        let mut request = format!("ws://{}{}", self.authority, path_and_query)
-            .into_client_request()
-            .map_err(ws_error)?;
-        if let Some(token) = &self.token {
-            request
-                .headers_mut()
-                .insert(ACCESS_TOKEN_HEADER, token.parse().map_err(ws_error)?);
-        }
+        let mut request = format!(
+            "ws://{}{}{}",
+            self.authority, self.base_path, path_and_query
+        )
+        .into_client_request()
+        .map_err(ws_error)?;
+        self.authorize(request.headers_mut())?;
         match tokio_tungstenite::connect_async_with_config(request, None, true).await {
             Ok((socket, _)) => Ok(socket),
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 let status = response.status().as_u16();
-                let detail = response
-                    .body()
-                    .as_deref()
-                    .and_then(|b| serde_json::from_slice::<ErrorEnvelope>(b).ok())
-                    .map(|b| b.error)
-                    .unwrap_or_else(|| ErrorBody {
+                let detail = match response.body().as_deref() {
+                    Some(body) if !body.is_empty() => error_detail(body),
+                    _ => ErrorBody {
                         code: ErrorCode::Unknown,
                         message: format!("HTTP {status}"),
-                    });
+                    },
+                };
                 Err(EnvdClientError::Api { status, detail })
             }
             Err(error) => Err(ws_error(error)),
@@ -406,8 +472,7 @@ impl EnvdClient {
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+            .and_then(|v| v.parse().ok());
         let body = response.into_body().into_data_stream().map_err(transport);
         Ok(FileDownload {
             size,
@@ -502,6 +567,21 @@ impl EnvdClient {
             .await?;
         Ok(WatchSession { socket })
     }
+}
+
+/// The error envelope of a refusal; a body that is not one (a proxy's page, say) is kept, cut
+/// short, as the message.
+fn error_detail(body: &[u8]) -> ErrorBody {
+    serde_json::from_slice::<ErrorEnvelope>(body)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| ErrorBody {
+            code: ErrorCode::Unknown,
+            message: String::from_utf8_lossy(body)
+                .trim()
+                .chars()
+                .take(500)
+                .collect(),
+        })
 }
 
 fn path_request(path: &str, user: Option<&str>) -> PathRequest {
@@ -664,5 +744,66 @@ impl WatchSession {
                 _ => continue,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_base_is_an_authority_and_a_path() {
+        assert_eq!(
+            parse_base("http://10.0.0.2:49983").unwrap(),
+            ("10.0.0.2:49983".to_owned(), String::new())
+        );
+        assert_eq!(
+            parse_base("http://agent:8080/v1/sandboxes/cl-1/envd/").unwrap(),
+            (
+                "agent:8080".to_owned(),
+                "/v1/sandboxes/cl-1/envd".to_owned()
+            )
+        );
+        for bad in ["https://a:1", "a:1", "http://a:1/x?y=1", ""] {
+            assert!(
+                matches!(parse_base(bad), Err(EnvdClientError::BadAddress(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_credential_goes_where_its_reader_looks() {
+        let direct = EnvdClient::new("http://a:1").unwrap().with_token("t0k");
+        let mut headers = http::HeaderMap::new();
+        direct.authorize(&mut headers).unwrap();
+        assert_eq!(headers[ACCESS_TOKEN_HEADER], "t0k");
+        assert_eq!(direct.token(), Some("t0k"));
+        assert_eq!(direct.uri("/health"), "http://a:1/health");
+
+        let http = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let proxied =
+            EnvdClient::through_proxy(http, "http://agent:2/v1/sandboxes/cl-1/envd/", "s3cret")
+                .unwrap();
+        let mut headers = http::HeaderMap::new();
+        proxied.authorize(&mut headers).unwrap();
+        assert_eq!(headers[header::AUTHORIZATION], "Bearer s3cret");
+        assert!(!headers.contains_key(ACCESS_TOKEN_HEADER));
+        assert_eq!(proxied.token(), None);
+        assert_eq!(
+            proxied.uri("/processes/run"),
+            "http://agent:2/v1/sandboxes/cl-1/envd/processes/run"
+        );
+    }
+
+    #[test]
+    fn refusals_keep_their_envelope() {
+        let detail = error_detail(br#"{"error":{"code":"conflict","message":"exists"}}"#);
+        assert_eq!(
+            (detail.code, detail.message.as_str()),
+            (ErrorCode::Conflict, "exists")
+        );
+        let page = error_detail("x".repeat(2000).as_bytes());
+        assert_eq!((page.code, page.message.len()), (ErrorCode::Unknown, 500));
     }
 }

@@ -15,14 +15,14 @@ use super::no_content;
 use crate::cp::auth::AuthTeam;
 use crate::cp::error::ApiError;
 use crate::cp::extract::{path_id, ApiJson, ApiQuery};
-use crate::cp::services::capsules::{
-    self, Capsule, CreateCapsuleRequest, ExecOutcome, ExecRequest, KillSignal, ListDirRequest,
-    ListDirResponse, MakeDirResponse, NewCapsule, PathRequest, ProcessListResponse,
+use crate::cp::services::capsules::guest::command::CommandRequest;
+use crate::cp::services::capsules::guest::{
+    self, ExecOutcome, KillSignal, ListDirRequest, ListDirResponse, MakeDirResponse, PathRequest,
+    ProcessListResponse,
 };
+use crate::cp::services::capsules::{self, Capsule, CreateCapsuleRequest, NewCapsule};
 use crate::cp::state::AppState;
 use crate::id::SandboxId;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn capsule_id(raw: &str) -> Result<SandboxId, ApiError> {
     path_id("id", raw)
@@ -84,15 +84,13 @@ pub async fn exec(
     State(state): State<AppState>,
     auth: AuthTeam,
     Path(id): Path<String>,
-    ApiJson(body): ApiJson<ExecRequest>,
+    ApiJson(body): ApiJson<CommandRequest>,
 ) -> Result<Response, ApiError> {
     let id = capsule_id(&id)?;
-    Ok(
-        match capsules::exec(&state, auth.team_id, id, body).await? {
-            ExecOutcome::Finished(done) => (StatusCode::OK, Json(done)).into_response(),
-            ExecOutcome::Started(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
-        },
-    )
+    Ok(match guest::exec(&state, auth.team_id, id, body).await? {
+        ExecOutcome::Finished(done) => (StatusCode::OK, Json(done)).into_response(),
+        ExecOutcome::Started(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
+    })
 }
 
 pub async fn list_processes(
@@ -101,9 +99,7 @@ pub async fn list_processes(
     Path(id): Path<String>,
 ) -> Result<Json<ProcessListResponse>, ApiError> {
     let id = capsule_id(&id)?;
-    Ok(Json(
-        capsules::list_processes(&state, auth.team_id, id).await?,
-    ))
+    Ok(Json(guest::list_processes(&state, auth.team_id, id).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,7 +117,7 @@ pub async fn kill_process(
 ) -> Result<StatusCode, ApiError> {
     let id = capsule_id(&id)?;
     let signal = query.signal.unwrap_or(KillSignal::Kill);
-    capsules::kill_process(&state, auth.team_id, id, &selector, signal).await?;
+    guest::kill_process(&state, auth.team_id, id, &selector, signal).await?;
     Ok(no_content())
 }
 
@@ -132,9 +128,7 @@ pub async fn list_dir(
     ApiJson(body): ApiJson<ListDirRequest>,
 ) -> Result<Json<ListDirResponse>, ApiError> {
     let id = capsule_id(&id)?;
-    Ok(Json(
-        capsules::list_dir(&state, auth.team_id, id, body).await?,
-    ))
+    Ok(Json(guest::list_dir(&state, auth.team_id, id, body).await?))
 }
 
 pub async fn mkdir(
@@ -144,7 +138,7 @@ pub async fn mkdir(
     ApiJson(body): ApiJson<PathRequest>,
 ) -> Result<Json<MakeDirResponse>, ApiError> {
     let id = capsule_id(&id)?;
-    Ok(Json(capsules::mkdir(&state, auth.team_id, id, body).await?))
+    Ok(Json(guest::mkdir(&state, auth.team_id, id, body).await?))
 }
 
 pub async fn remove(
@@ -154,7 +148,7 @@ pub async fn remove(
     ApiJson(body): ApiJson<PathRequest>,
 ) -> Result<StatusCode, ApiError> {
     let id = capsule_id(&id)?;
-    capsules::remove(&state, auth.team_id, id, body).await?;
+    guest::remove(&state, auth.team_id, id, body).await?;
     Ok(no_content())
 }
 
@@ -166,16 +160,15 @@ async fn download(
     chunked: bool,
 ) -> Result<Response, ApiError> {
     let id = capsule_id(id)?;
-    let upstream = capsules::download(&state, auth.team_id, id, path).await?;
-    let length = upstream.headers().get(header::CONTENT_LENGTH).cloned();
-    let mut response = Response::new(Body::new(upstream.into_body()));
+    let download = guest::download(&state, auth.team_id, id, path).await?;
+    let mut response = Response::new(Body::from_stream(download.body));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    if let (false, Some(length)) = (chunked, length) {
-        headers.insert(header::CONTENT_LENGTH, length);
+    if let (false, Some(length)) = (chunked, download.size) {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     Ok(response)
 }
@@ -227,7 +220,7 @@ async fn path_field(mut field: Field<'_>) -> Result<String, ApiError> {
 /// no truncated file is reported as written.
 async fn pump(
     mut field: Field<'_>,
-    tx: tokio::sync::mpsc::Sender<Result<Bytes, BoxError>>,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
 ) -> Result<(), ApiError> {
     loop {
         match field.chunk().await {
@@ -239,7 +232,8 @@ async fn pump(
             }
             Ok(None) => return Ok(()),
             Err(error) => {
-                let _ = tx.send(Err("the client's upload broke off".into())).await;
+                let broke_off = std::io::Error::other("the client's upload broke off");
+                let _ = tx.send(Err(broke_off)).await;
                 return Err(multipart_error(error));
             }
         }
@@ -269,10 +263,10 @@ pub async fn write_file(
                 let path = path.take().ok_or_else(|| {
                     ApiError::InvalidRequest("the `path` field must come before `file`".into())
                 })?;
-                capsules::check_path(&path)?;
+                guest::check_path(&path)?;
                 let (tx, rx) = tokio::sync::mpsc::channel(8);
                 let (uploaded, pumped) = tokio::join!(
-                    capsules::upload(&state, &capsule, &path, ReceiverStream::new(rx)),
+                    guest::upload(&state, &capsule, &path, ReceiverStream::new(rx)),
                     pump(field, tx)
                 );
                 pumped?;
