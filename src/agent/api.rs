@@ -82,9 +82,14 @@ impl From<SandboxError> for ApiError {
             }
             SandboxError::AlreadyExists(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
             SandboxError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
-            SandboxError::NotRunning { .. } => (StatusCode::CONFLICT, ErrorCode::InvalidState),
+            SandboxError::NotRunning { .. } | SandboxError::Transition { .. } => {
+                (StatusCode::CONFLICT, ErrorCode::InvalidState)
+            }
+            SandboxError::DestroyedWhileStarting(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
             SandboxError::CreateFailed { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::AgentError),
-            SandboxError::Network(_) | SandboxError::Io { .. } => {
+            SandboxError::TeardownFailed { .. }
+            | SandboxError::Network(_)
+            | SandboxError::Io { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::InternalError)
             }
         };
@@ -216,7 +221,7 @@ async fn proxy_envd(
     mut request: Request,
 ) -> Result<Response, ApiError> {
     let id = sandbox_id(&id)?;
-    let (envd, lease) = state.sandboxes.envd(&id.to_string()).await?;
+    let (envd, lease) = state.sandboxes.envd(&id.to_string())?;
     let query = request
         .uri()
         .query()
