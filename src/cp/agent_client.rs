@@ -1,6 +1,7 @@
 //! The control plane's client for the host agent API (its contract: `agent::wire`): sandbox lifecycle calls, and the agent's transparent proxy to each
 //! sandbox's envd (`/v1/sandboxes/{id}/envd/...`) for JSON calls, streamed file transfers and
-//! WebSocket sessions. Every call carries `Authorization: Bearer <agent secret>` and a timeout;
+//! WebSocket sessions. Every call carries `Authorization: Bearer <agent secret>`, a timeout and
+//! the `x-request-id` of the API request being served (`crate::request_id`);
 //! failures are typed so the API can tell "the agent said no" from "the agent is not there".
 
 use std::time::Duration;
@@ -133,6 +134,9 @@ impl AgentClient {
             .header(header::AUTHORIZATION, format!("Bearer {}", target.secret));
         if let Some(content_type) = content_type {
             builder = builder.header(header::CONTENT_TYPE, content_type);
+        }
+        if let Some(id) = crate::request_id::current() {
+            builder = builder.header(crate::request_id::HEADER, id);
         }
         builder
             .body(body)
@@ -434,6 +438,9 @@ impl AgentClient {
                 .parse()
                 .expect("hex secrets are valid header values"),
         );
+        if let Some(id) = crate::request_id::current() {
+            request.headers_mut().insert(crate::request_id::HEADER, id);
+        }
         let connect = tokio_tungstenite::connect_async_with_config(request, None, true);
         match tokio::time::timeout(self.timeouts.request, connect).await {
             Err(_) => Err(AgentError::Timeout {
