@@ -308,10 +308,7 @@ async fn two_deletes_and_the_idle_reaper_tear_a_sandbox_down_exactly_once() {
         assert_eq!(status, StatusCode::CREATED, "{info}");
         // The DELETEs go out the moment the reaper starts its destroy, while the VM shuts down.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while agent
-            .log_lines(&["idle timeout reached", &id])
-            .is_empty()
-        {
+        while agent.log_lines(&["idle timeout reached", &id]).is_empty() {
             assert!(Instant::now() < deadline, "the reaper never acted");
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -333,7 +330,11 @@ async fn two_deletes_and_the_idle_reaper_tear_a_sandbox_down_exactly_once() {
             "{}",
             agent.log()
         );
-        assert!(agent.log_lines(&["destroy failed"]).is_empty(), "{}", agent.log());
+        assert!(
+            agent.log_lines(&["destroy failed"]).is_empty(),
+            "{}",
+            agent.log()
+        );
         wait_clean(&agent);
         agent
     })

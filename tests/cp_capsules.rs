@@ -403,7 +403,13 @@ async fn a_request_id_follows_a_call_from_the_control_plane_into_the_agent_log()
     headers.push(("x-request-id", "trace-create-7f3a"));
     let (status, answered, capsule) = stack
         .cp
-        .raw_with_headers(POST, "/v1/capsules", &headers, Some("application/json"), b"{}".to_vec())
+        .raw_with_headers(
+            POST,
+            "/v1/capsules",
+            &headers,
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{capsule}");
     assert_eq!(answered["x-request-id"], "trace-create-7f3a");
@@ -414,7 +420,13 @@ async fn a_request_id_follows_a_call_from_the_control_plane_into_the_agent_log()
     // A request without one gets a fresh ID, passed on the same way.
     let (status, answered, body) = stack
         .cp
-        .raw_with_headers(DELETE, &format!("/v1/capsules/{id}"), &auth, None, Vec::new())
+        .raw_with_headers(
+            DELETE,
+            &format!("/v1/capsules/{id}"),
+            &auth,
+            None,
+            Vec::new(),
+        )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     let generated = answered["x-request-id"].to_str().unwrap().to_owned();

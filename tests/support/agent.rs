@@ -332,7 +332,11 @@ impl Drop for Agent {
             let log = self.log();
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(200)..];
-            eprintln!("--- agent {} log (tail) ---\n{}", self.prefix, tail.join("\n"));
+            eprintln!(
+                "--- agent {} log (tail) ---\n{}",
+                self.prefix,
+                tail.join("\n")
+            );
         }
     }
 }

@@ -62,7 +62,9 @@ pub enum SandboxError {
     },
     #[error("sandbox {0} was destroyed while it was starting")]
     DestroyedWhileStarting(String),
-    #[error("sandbox {id} was destroyed, but not all of its host resources were released: {reason}")]
+    #[error(
+        "sandbox {id} was destroyed, but not all of its host resources were released: {reason}"
+    )]
     TeardownFailed { id: String, reason: String },
     #[error(transparent)]
     Network(#[from] NetworkError),

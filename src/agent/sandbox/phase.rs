@@ -97,7 +97,11 @@ mod tests {
     fn every_phase_but_stopping_can_be_destroyed_and_stopping_is_final() {
         for phase in SandboxPhase::iter() {
             let stopping = phase == SandboxPhase::Stopping;
-            assert_eq!(phase.can_become(SandboxPhase::Stopping), !stopping, "{phase}");
+            assert_eq!(
+                phase.can_become(SandboxPhase::Stopping),
+                !stopping,
+                "{phase}"
+            );
         }
         assert!(SandboxPhase::iter().all(|next| !SandboxPhase::Stopping.can_become(next)));
     }

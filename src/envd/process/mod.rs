@@ -35,8 +35,8 @@ use capture::{encode_output, pump_pipe, receiver, Capture};
 use pty::{open_pty, pump_pty, resize_pty, validate_size, write_pty};
 use reaper::exit_info;
 pub use reaper::Reaper;
-use registry::{watch_exit, Input, Registry};
 pub use registry::Process;
+use registry::{watch_exit, Input, Registry};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const DEFAULT_RUN_TIMEOUT_SECS: u64 = 30;

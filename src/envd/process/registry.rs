@@ -76,11 +76,8 @@ impl Registry {
         match selector.parse::<u32>() {
             Ok(pid) => self.by_pid.get(&pid).cloned(),
             Err(_) => {
-                let mut matching: Vec<&Arc<Process>> = self
-                    .by_pid
-                    .values()
-                    .filter(|p| p.tag == selector)
-                    .collect();
+                let mut matching: Vec<&Arc<Process>> =
+                    self.by_pid.values().filter(|p| p.tag == selector).collect();
                 matching.sort_by_key(|p| {
                     (
                         p.is_running(),
