@@ -10,6 +10,7 @@ pub mod envd;
 pub mod error_code;
 pub mod id;
 pub mod logging;
+pub mod request_id;
 pub mod template;
 pub mod version;
 pub mod vmm;

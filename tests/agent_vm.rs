@@ -296,6 +296,54 @@ async fn an_idle_sandbox_is_reaped_after_its_timeout_and_pings_keep_it_alive() {
     cp.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_deletes_and_the_idle_reaper_tear_a_sandbox_down_exactly_once() {
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let (cp, agent, _, _) = stack().await;
+    let agent = tokio::task::spawn_blocking(move || {
+        let id = sid("e2e-race");
+        let body = json!({"sandbox_id": id, "template": "minimal", "vcpus": 1,
+                          "memory_mb": 256, "disk_mb": 256, "timeout_sec": 2});
+        let (status, info) = agent.call(Method::POST, "/v1/sandboxes", Some(body));
+        assert_eq!(status, StatusCode::CREATED, "{info}");
+        // The DELETEs go out the moment the reaper starts its destroy, while the VM shuts down.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while agent.log_lines(&["idle timeout reached", &id]).is_empty() {
+            assert!(Instant::now() < deadline, "the reaper never acted");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let path = format!("/v1/sandboxes/{id}");
+        let answers: Vec<(StatusCode, Value)> = std::thread::scope(|s| {
+            let deletes: Vec<_> = (0..2)
+                .map(|_| s.spawn(|| agent.call(Method::DELETE, &path, None)))
+                .collect();
+            deletes.into_iter().map(|d| d.join().unwrap()).collect()
+        });
+        for (status, body) in &answers {
+            assert_eq!(*status, StatusCode::NO_CONTENT, "{body}");
+        }
+        let (status, _) = agent.call(Method::DELETE, &path, None);
+        assert_eq!(status, StatusCode::NOT_FOUND, "a gone sandbox stays gone");
+        assert_eq!(
+            agent.log_lines(&["sandbox destroyed", &id]).len(),
+            1,
+            "{}",
+            agent.log()
+        );
+        assert!(
+            agent.log_lines(&["destroy failed"]).is_empty(),
+            "{}",
+            agent.log()
+        );
+        wait_clean(&agent);
+        agent
+    })
+    .await
+    .unwrap();
+    drop(agent);
+    cp.stop().await;
+}
+
 /// Runs `script` with `sh -c` as root in the guest (only root may write /dev/console).
 fn run_as_root(agent: &Agent, id: &str, script: &str) -> Value {
     let (status, body) = agent.call(

@@ -391,6 +391,53 @@ async fn lifecycle_create_list_get_ping_destroy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_id_follows_a_call_from_the_control_plane_into_the_agent_log() {
+    let stack = Stack::start().await;
+    let agent = stack.host().await;
+    let key = stack.api_key(&stack.admin).await;
+    let auth = auth_headers(&key);
+    let auth: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    // The caller's own ID is kept, answered back, and reaches the agent's request span.
+    let mut headers = auth.clone();
+    headers.push(("x-request-id", "trace-create-7f3a"));
+    let (status, answered, capsule) = stack
+        .cp
+        .raw_with_headers(
+            POST,
+            "/v1/capsules",
+            &headers,
+            Some("application/json"),
+            b"{}".to_vec(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{capsule}");
+    assert_eq!(answered["x-request-id"], "trace-create-7f3a");
+    let id = capsule["id"].as_str().unwrap().to_owned();
+    let lines = agent.log_lines(&["request_id=trace-create-7f3a", "sandbox running", &id]);
+    assert_eq!(lines.len(), 1, "{}", agent.log());
+
+    // A request without one gets a fresh ID, passed on the same way.
+    let (status, answered, body) = stack
+        .cp
+        .raw_with_headers(
+            DELETE,
+            &format!("/v1/capsules/{id}"),
+            &auth,
+            None,
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let generated = answered["x-request-id"].to_str().unwrap().to_owned();
+    uuid::Uuid::parse_str(&generated).expect("a generated request ID is a UUID");
+    let needle = format!("request_id={generated}");
+    let lines = agent.log_lines(&[&needle, "sandbox destroyed", &id]);
+    assert_eq!(lines.len(), 1, "{}", agent.log());
+    stack.finish(vec![agent]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exec_processes_and_files_reach_envd() {
     let stack = Stack::start().await;
     let agent = stack.host().await;

@@ -635,3 +635,45 @@ async fn access_token_is_enforced_once_set() {
         .unwrap();
     assert_eq!(session.wait().await.unwrap().0, b"ws\n");
 }
+
+#[tokio::test]
+async fn envd_records_the_request_id_it_is_sent_in_its_request_span() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("envd.log");
+    // envd's log goes to its stderr; a shell sends that to a file the test can read.
+    let mut command = std::process::Command::new("sh");
+    command
+        .args([
+            "-c",
+            r#"exec "$0" envd --port 0 --address 127.0.0.1 --vsock-port 0 2>"$1""#,
+            env!("CARGO_BIN_EXE_wrenn"),
+        ])
+        .arg(&log)
+        .env("RUST_LOG", "wrenn::request_id=debug")
+        .env("NO_COLOR", "1");
+    let envd = EnvdProcess::start_command(command, "127.0.0.1").expect("envd starts");
+    let response = tokio::task::spawn_blocking({
+        let url = format!("{}/health", envd.url());
+        move || {
+            ureq::get(&url)
+                .header("x-request-id", "trace-envd-51c2")
+                .call()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "trace-envd-51c2");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text
+            .lines()
+            .any(|l| l.contains("request_id=trace-envd-51c2") && l.contains("request finished"))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

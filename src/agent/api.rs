@@ -82,9 +82,14 @@ impl From<SandboxError> for ApiError {
             }
             SandboxError::AlreadyExists(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
             SandboxError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
-            SandboxError::NotRunning { .. } => (StatusCode::CONFLICT, ErrorCode::InvalidState),
+            SandboxError::NotRunning { .. } | SandboxError::Transition { .. } => {
+                (StatusCode::CONFLICT, ErrorCode::InvalidState)
+            }
+            SandboxError::DestroyedWhileStarting(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
             SandboxError::CreateFailed { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::AgentError),
-            SandboxError::Network(_) | SandboxError::Io { .. } => {
+            SandboxError::TeardownFailed { .. }
+            | SandboxError::Network(_)
+            | SandboxError::Io { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::InternalError)
             }
         };
@@ -104,7 +109,7 @@ fn sandbox_id(raw: &str) -> Result<SandboxId, ApiError> {
 }
 
 pub fn router(state: AgentState) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/v1/ping", get(ping))
         .route("/v1/sandboxes", post(create).get(list))
         .route("/v1/sandboxes/{id}", get(info).delete(destroy))
@@ -117,8 +122,8 @@ pub fn router(state: AgentState) -> Router {
             state.clone(),
             require_secret,
         ))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(state)
+        .with_state(state);
+    crate::request_id::layer(routes)
 }
 
 async fn require_secret(State(state): State<AgentState>, request: Request, next: Next) -> Response {
@@ -209,14 +214,15 @@ async fn ping_sandbox(
 }
 
 /// Forwards a request to the sandbox's envd unchanged but for the envd access token, streaming
-/// both bodies, and splices WebSocket upgrades end to end.
+/// both bodies, and splices WebSocket upgrades end to end. The request's `x-request-id` goes
+/// along with the other headers.
 async fn proxy_envd(
     State(state): State<AgentState>,
     Path((id, path)): Path<(String, String)>,
     mut request: Request,
 ) -> Result<Response, ApiError> {
     let id = sandbox_id(&id)?;
-    let (envd, lease) = state.sandboxes.envd(&id.to_string()).await?;
+    let (envd, lease) = state.sandboxes.envd(&id.to_string())?;
     let query = request
         .uri()
         .query()

@@ -1,7 +1,8 @@
 //! The control plane's client for the host agent API (its contract: `agent::wire`): sandbox
 //! lifecycle calls, and envd's own typed client (`envd::client`) pointed at the agent's proxy to
 //! each sandbox's envd (`/v1/sandboxes/{id}/envd/...`) over the same connection pool. Every call
-//! carries `Authorization: Bearer <agent secret>`; failures are typed so the API can tell "the
+//! carries `Authorization: Bearer <agent secret>` and the `x-request-id` of the API request
+//! being served (`crate::request_id`); failures are typed so the API can tell "the
 //! agent (or envd) said no" from "the agent is not there".
 
 use std::time::Duration;
@@ -150,6 +151,9 @@ impl AgentClient {
             .header(header::AUTHORIZATION, format!("Bearer {}", target.secret));
         if let Some(content_type) = content_type {
             builder = builder.header(header::CONTENT_TYPE, content_type);
+        }
+        if let Some(id) = crate::request_id::current() {
+            builder = builder.header(crate::request_id::HEADER, id);
         }
         builder
             .body(body)

@@ -1,7 +1,7 @@
 //! The control plane: the public REST API over PostgreSQL (accounts, teams, API keys, the host
 //! registry) and its background tasks.
 //!
-//! Request path: TCP → hyper → tower-http trace + body limit → axum router (`routes`) → auth
+//! Request path: TCP → hyper → request ID + tower-http trace (`crate::request_id`) + body limit → axum router (`routes`) → auth
 //! extractor (`auth`) + body/path parsing (`extract`) → handler → service (`services`) → queries
 //! (`crate::db`) → the result, or an error mapped once to the envelope (`error`). Capsule calls
 //! continue from their service to the host agent (`agent_client`), placed by `scheduler` and
@@ -28,7 +28,6 @@ use axum::extract::DefaultBodyLimit;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
 use crate::db::{self, DbError};
@@ -103,11 +102,9 @@ pub fn state_from_config(config: &Config) -> Result<AppState, ServeError> {
     ))
 }
 
-/// The complete HTTP application: routes plus tracing and the body limit.
+/// The complete HTTP application: routes plus request IDs, tracing and the body limit.
 pub fn app(state: AppState) -> Router {
-    routes::router(state)
-        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
-        .layer(TraceLayer::new_for_http())
+    crate::request_id::layer(routes::router(state).layer(DefaultBodyLimit::max(JSON_BODY_LIMIT)))
 }
 
 /// Serves on `listener` and runs the background tasks (host monitor, reconciler, login-failure

@@ -180,7 +180,12 @@ impl EnvdClient {
         )
     }
 
+    /// Adds the credential, and the ID of the request being served so envd's log can be matched
+    /// with the caller's.
     fn authorize(&self, headers: &mut http::HeaderMap) -> Result<()> {
+        if let Some(id) = crate::request_id::current() {
+            headers.insert(crate::request_id::HEADER, id);
+        }
         match &self.credential {
             Some(Credential::AccessToken(token)) => {
                 let value =

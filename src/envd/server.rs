@@ -217,7 +217,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
 }
 
 pub fn router(state: Shared) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/init", post(init))
@@ -246,7 +246,9 @@ pub fn router(state: Shared) -> Router {
             state.clone(),
             require_token,
         ))
-        .with_state(state)
+        .with_state(state);
+    // The agent forwards the control plane's request ID; envd records it in its request span.
+    crate::request_id::layer(routes)
 }
 
 async fn require_token(State(state): State<Shared>, request: Request, next: Next) -> Response {

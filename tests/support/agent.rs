@@ -83,8 +83,17 @@ impl Agent {
             .env("AGENT_SANDBOX_TRANSIT_RANGE", self.transit_range())
             .env("AGENT_ENVD_READY_TIMEOUT_SECS", "180")
             .env("LOG_LEVEL", "wrenn=info")
+            // Plain text, so tests can search the log file.
+            .env("NO_COLOR", "1")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.log_path())
+                    .unwrap(),
+            );
         if let Some(point) = failpoint {
             cmd.env("FAILPOINTS", format!("{point}=return"));
         }
@@ -294,11 +303,41 @@ impl Agent {
     pub fn sandboxes_dir(&self) -> PathBuf {
         self.root.path().join("sandboxes")
     }
+
+    /// Where the agent's log goes (its stderr), across restarts.
+    fn log_path(&self) -> PathBuf {
+        self.root.path().join("agent.log")
+    }
+
+    /// What the agent has logged so far, across restarts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The log lines that contain every one of `needles`.
+    pub fn log_lines(&self, needles: &[&str]) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
+        // The log goes to a file so tests can read it; a failing test shows it.
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(200)..];
+            eprintln!(
+                "--- agent {} log (tail) ---\n{}",
+                self.prefix,
+                tail.join("\n")
+            );
+        }
     }
 }
 

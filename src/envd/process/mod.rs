@@ -1,43 +1,45 @@
-//! Processes envd runs for clients: spawning as a user, the registry of live and recently exited
-//! processes, their output logs, stdin, signals and pseudo-terminals, and the reaper that collects
-//! every exit status (including orphans when envd is PID 1).
+//! Processes envd runs for clients: preparing and spawning a command as a user, foreground runs
+//! and background processes with their stdin, signals and terminal sizes. The parts live by
+//! name: `reaper` (every exit status, orphans included when envd is PID 1), `registry` (live and
+//! recently exited processes), `pty` (pseudo-terminals) and `capture` (output over pipes).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+mod capture;
+mod pty;
+mod reaper;
+mod registry;
+
+use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
-use bytes::{Bytes, BytesMut};
 use nix::sys::signal::{self, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use super::api::{
-    Encoding, ExitInfo, ProcessInfo, ProcessSpec, PtySize, RunRequest, RunResponse, StartRequest,
-    CHUNK_BYTES, REPLAY_BYTES, RUN_OUTPUT_LIMIT,
+    ExitInfo, ProcessInfo, ProcessSpec, PtySize, RunRequest, RunResponse, StartRequest,
+    REPLAY_BYTES,
 };
 use super::output::{OutputLog, StreamKind};
 use super::users::{resolve_path, Account, Accounts, UserError};
+use capture::{encode_output, pump_pipe, receiver, Capture};
+use pty::{open_pty, pump_pty, resize_pty, validate_size, write_pty};
+use reaper::exit_info;
+pub use reaper::Reaper;
+pub use registry::Process;
+use registry::{watch_exit, Input, Registry};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const DEFAULT_RUN_TIMEOUT_SECS: u64 = 30;
-/// Exited processes kept for late re-attachment (their output tail and exit status).
-const EXITED_RETAINED: usize = 64;
-/// Output an exited process keeps, so the retained ones cost at most 4 MiB together.
-const EXITED_REPLAY_BYTES: usize = 64 << 10;
-/// How long output still in the pipes is collected after a process exited; a grandchild that
-/// keeps the pipe open must not hold the exit event back forever.
-const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -81,93 +83,6 @@ pub struct Defaults {
     pub workdir: Option<String>,
 }
 
-/// Collects exit statuses with `waitpid(-1)` on every SIGCHLD and hands each to whoever spawned
-/// that pid; statuses of processes nobody registered (orphans reparented to PID 1) are dropped,
-/// which is what reaping them means.
-pub struct Reaper {
-    waiting: Mutex<HashMap<i32, oneshot::Sender<WaitStatus>>>,
-}
-
-impl Reaper {
-    pub fn start() -> io::Result<Arc<Self>> {
-        let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
-        let reaper = Arc::new(Self {
-            waiting: Mutex::new(HashMap::new()),
-        });
-        let task_reaper = reaper.clone();
-        tokio::spawn(async move {
-            loop {
-                task_reaper.reap_ready();
-                if sigchld.recv().await.is_none() {
-                    break;
-                }
-            }
-        });
-        Ok(reaper)
-    }
-
-    fn waiting(&self) -> std::sync::MutexGuard<'_, HashMap<i32, oneshot::Sender<WaitStatus>>> {
-        self.waiting
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn reap_ready(&self) {
-        while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            let Some(pid) = status.pid() else { break };
-            if let Some(sender) = self.waiting().remove(&pid.as_raw()) {
-                let _ = sender.send(status);
-            }
-        }
-    }
-
-    /// Spawns `command` and registers its pid before the reaper can see its exit. Spawning and
-    /// reaping both run on envd's single runtime thread, so std's own wait after a failed exec
-    /// never races the reaper.
-    pub fn spawn(
-        &self,
-        command: &mut Command,
-    ) -> io::Result<(std::process::Child, oneshot::Receiver<WaitStatus>)> {
-        let mut waiting = self.waiting();
-        let child = command.spawn()?;
-        let (sender, receiver) = oneshot::channel();
-        waiting.insert(child.id() as i32, sender);
-        Ok((child, receiver))
-    }
-
-    /// Whether any child (registered or not) is still alive or unreaped.
-    pub fn has_children() -> bool {
-        // SAFETY: a zeroed siginfo_t is a valid out-parameter and WNOWAIT leaves the child alone.
-        let rc = unsafe {
-            let mut info: libc::siginfo_t = std::mem::zeroed();
-            libc::waitid(
-                libc::P_ALL,
-                0,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            )
-        };
-        !(rc == -1 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD))
-    }
-}
-
-pub fn exit_info(status: &WaitStatus) -> ExitInfo {
-    match status {
-        WaitStatus::Exited(_, code) => ExitInfo {
-            exit_code: *code,
-            signal: None,
-        },
-        WaitStatus::Signaled(_, sig, _) => ExitInfo {
-            exit_code: 128 + *sig as i32,
-            signal: Some(sig.as_str().to_owned()),
-        },
-        _ => ExitInfo {
-            exit_code: -1,
-            signal: None,
-        },
-    }
-}
-
 pub fn parse_signal(raw: &str) -> Result<Signal, ProcessError> {
     let invalid = || ProcessError::Invalid(format!("unknown signal `{raw}`"));
     if let Ok(number) = raw.parse::<i32>() {
@@ -196,42 +111,6 @@ fn validate_tag(tag: &str) -> Result<(), ProcessError> {
             "tag `{tag}` must be 1-64 letters, digits, `-`, `_` or `.`, and not all digits"
         )))
     }
-}
-
-enum Input {
-    Pipe(tokio::sync::Mutex<Option<pipe::Sender>>),
-    Pty(Arc<AsyncFd<OwnedFd>>),
-}
-
-pub struct Process {
-    pub pid: u32,
-    pub tag: String,
-    pub cmd: String,
-    pub args: Vec<String>,
-    input: Input,
-    pub output: Arc<OutputLog>,
-}
-
-impl Process {
-    pub fn info(&self) -> ProcessInfo {
-        ProcessInfo {
-            pid: self.pid,
-            tag: self.tag.clone(),
-            cmd: self.cmd.clone(),
-            args: self.args.clone(),
-            pty: matches!(self.input, Input::Pty(_)),
-        }
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.output.exit().is_none()
-    }
-}
-
-#[derive(Default)]
-struct Registry {
-    by_pid: HashMap<u32, Arc<Process>>,
-    exited: VecDeque<u32>,
 }
 
 /// Everything needed to spawn: the command with environment, user and directory applied.
@@ -408,12 +287,7 @@ impl Processes {
                 format!("{prefix}-{:08x}", rand::random::<u32>())
             }
         };
-        if self
-            .registry()
-            .by_pid
-            .values()
-            .any(|p| p.tag == tag && p.is_running())
-        {
+        if self.registry().running().any(|p| p.tag == tag) {
             return Err(ProcessError::TagInUse(tag));
         }
         let mut prepared = Self::prepare(&request.process, defaults, request.pty.is_some())?;
@@ -483,11 +357,7 @@ impl Processes {
             input,
             output,
         });
-        {
-            let mut registry = self.registry();
-            registry.exited.retain(|pid| *pid != process.pid);
-            registry.by_pid.insert(process.pid, process.clone());
-        }
+        self.registry().insert(process.clone());
         tokio::spawn(watch_exit(
             process.clone(),
             exit,
@@ -499,25 +369,9 @@ impl Processes {
 
     /// Finds a process by pid (all digits) or tag, preferring a running one.
     pub fn find(&self, selector: &str) -> Result<Arc<Process>, ProcessError> {
-        let registry = self.registry();
-        let found = match selector.parse::<u32>() {
-            Ok(pid) => registry.by_pid.get(&pid).cloned(),
-            Err(_) => {
-                let mut matching: Vec<&Arc<Process>> = registry
-                    .by_pid
-                    .values()
-                    .filter(|p| p.tag == selector)
-                    .collect();
-                matching.sort_by_key(|p| {
-                    (
-                        p.is_running(),
-                        registry.exited.iter().position(|pid| *pid == p.pid),
-                    )
-                });
-                matching.last().map(|p| (*p).clone())
-            }
-        };
-        found.ok_or_else(|| ProcessError::NotFound(selector.to_owned()))
+        self.registry()
+            .find(selector)
+            .ok_or_else(|| ProcessError::NotFound(selector.to_owned()))
     }
 
     fn find_running(&self, selector: &str) -> Result<Arc<Process>, ProcessError> {
@@ -529,13 +383,7 @@ impl Processes {
     }
 
     pub fn list(&self) -> Vec<ProcessInfo> {
-        let mut list: Vec<ProcessInfo> = self
-            .registry()
-            .by_pid
-            .values()
-            .filter(|p| p.is_running())
-            .map(|p| p.info())
-            .collect();
+        let mut list: Vec<ProcessInfo> = self.registry().running().map(|p| p.info()).collect();
         list.sort_by_key(|p| p.pid);
         list
     }
@@ -595,22 +443,16 @@ impl Processes {
             return Err(ProcessError::NotPty(selector.to_owned()));
         };
         validate_size(size)?;
-        let winsize = winsize(size);
-        // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer on an open pty master.
-        let rc = unsafe { libc::ioctl(master.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &winsize) };
-        if rc != 0 {
-            return Err(ProcessError::Io {
-                action: "resize",
-                selector: selector.to_owned(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        resize_pty(master, size).map_err(|source| ProcessError::Io {
+            action: "resize",
+            selector: selector.to_owned(),
+            source,
+        })
     }
 
     /// Sends `signal` to the process group of every running process.
     pub fn signal_all(&self, signal: Signal) {
-        for process in self.registry().by_pid.values().filter(|p| p.is_running()) {
+        for process in self.registry().running() {
             let pid = Pid::from_raw(process.pid as i32);
             if signal::killpg(pid, signal).is_err() {
                 let _ = signal::kill(pid, signal);
@@ -621,11 +463,6 @@ impl Processes {
 
 fn errno_of(error: &io::Error) -> nix::Error {
     nix::Error::from_raw(error.raw_os_error().unwrap_or(libc::EIO))
-}
-
-fn receiver(fd: Option<OwnedFd>) -> io::Result<pipe::Receiver> {
-    let fd = fd.ok_or_else(|| io::Error::other("child pipe missing"))?;
-    pipe::Receiver::from_owned_fd(fd)
 }
 
 /// Sets up, in the child between fork and exec, the process group (or session for a terminal)
@@ -656,171 +493,6 @@ fn install_pre_exec(command: &mut Command, account: &Account, pty: bool) {
     }
 }
 
-struct Pty {
-    master: OwnedFd,
-    slave: OwnedFd,
-}
-
-fn validate_size(size: PtySize) -> Result<(), ProcessError> {
-    if size.cols == 0 || size.rows == 0 {
-        return Err(ProcessError::Invalid(
-            "terminal cols and rows must be positive".into(),
-        ));
-    }
-    Ok(())
-}
-
-fn winsize(size: PtySize) -> libc::winsize {
-    libc::winsize {
-        ws_row: size.rows,
-        ws_col: size.cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    }
-}
-
-fn open_pty(size: PtySize) -> Result<Pty, ProcessError> {
-    validate_size(size)?;
-    let winsize = winsize(size);
-    let pair = nix::pty::openpty(Some(&winsize), None).map_err(ProcessError::Pty)?;
-    for fd in [&pair.master, &pair.slave] {
-        nix::fcntl::fcntl(
-            fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .map_err(ProcessError::Pty)?;
-    }
-    let flags = nix::fcntl::fcntl(&pair.master, nix::fcntl::FcntlArg::F_GETFL)
-        .map_err(ProcessError::Pty)?;
-    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-    nix::fcntl::fcntl(&pair.master, nix::fcntl::FcntlArg::F_SETFL(flags))
-        .map_err(ProcessError::Pty)?;
-    Ok(Pty {
-        master: pair.master,
-        slave: pair.slave,
-    })
-}
-
-async fn write_pty(master: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        let mut guard = master.writable().await?;
-        match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)) {
-            Ok(Ok(n)) => data = &data[n..],
-            Ok(Err(e)) => return Err(e),
-            Err(_would_block) => continue,
-        }
-    }
-    Ok(())
-}
-
-async fn pump_pty(master: Arc<AsyncFd<OwnedFd>>, output: Arc<OutputLog>) {
-    let mut buffer = vec![0u8; CHUNK_BYTES];
-    loop {
-        let Ok(mut guard) = master.readable().await else {
-            return;
-        };
-        match guard
-            .try_io(|fd| nix::unistd::read(fd.get_ref(), &mut buffer).map_err(io::Error::from))
-        {
-            Ok(Ok(0)) => return,
-            Ok(Ok(n)) => {
-                output
-                    .push(StreamKind::Pty, Bytes::copy_from_slice(&buffer[..n]))
-                    .await
-            }
-            // EIO: every slave descriptor closed, the terminal's end of output.
-            Ok(Err(_)) => return,
-            Err(_would_block) => continue,
-        }
-    }
-}
-
-async fn pump_pipe(mut pipe: pipe::Receiver, kind: StreamKind, output: Arc<OutputLog>) {
-    let mut buffer = BytesMut::with_capacity(CHUNK_BYTES);
-    loop {
-        if buffer.capacity() < CHUNK_BYTES / 4 {
-            buffer.reserve(CHUNK_BYTES);
-        }
-        match pipe.read_buf(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => output.push(kind, buffer.split().freeze()).await,
-        }
-    }
-}
-
-async fn watch_exit(
-    process: Arc<Process>,
-    exit: oneshot::Receiver<WaitStatus>,
-    mut pumps: Vec<JoinHandle<()>>,
-    registry: Arc<Mutex<Registry>>,
-) {
-    let info = exit.await.map(|s| exit_info(&s)).unwrap_or(ExitInfo {
-        exit_code: -1,
-        signal: None,
-    });
-    let drained = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
-        for pump in pumps.iter_mut() {
-            let _ = pump.await;
-        }
-    })
-    .await;
-    if drained.is_err() {
-        pumps.iter().for_each(JoinHandle::abort);
-    }
-    process.output.finish(info);
-    process.output.shrink(EXITED_REPLAY_BYTES);
-    let mut registry = registry
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    registry.exited.push_back(process.pid);
-    while registry.exited.len() > EXITED_RETAINED {
-        if let Some(pid) = registry.exited.pop_front() {
-            registry.by_pid.remove(&pid);
-        }
-    }
-}
-
-/// Output of a foreground run, capped at [`RUN_OUTPUT_LIMIT`]; the excess is counted.
-#[derive(Default)]
-struct Capture {
-    data: Vec<u8>,
-    dropped: u64,
-}
-
-impl Capture {
-    async fn collect(&mut self, mut pipe: impl AsyncRead + Unpin) {
-        let mut buffer = vec![0u8; CHUNK_BYTES];
-        loop {
-            match pipe.read(&mut buffer).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    let room = RUN_OUTPUT_LIMIT.saturating_sub(self.data.len()).min(n);
-                    self.data.extend_from_slice(&buffer[..room]);
-                    self.dropped += (n - room) as u64;
-                }
-            }
-        }
-    }
-}
-
-fn encode_output(stdout: Vec<u8>, stderr: Vec<u8>) -> (String, String, Encoding) {
-    match (String::from_utf8(stdout), String::from_utf8(stderr)) {
-        (Ok(out), Ok(err)) => (out, err, Encoding::Utf8),
-        (out, err) => {
-            let bytes = |r: Result<String, std::string::FromUtf8Error>| match r {
-                Ok(s) => s.into_bytes(),
-                Err(e) => e.into_bytes(),
-            };
-            let engine = base64::engine::general_purpose::STANDARD;
-            (
-                engine.encode(bytes(out)),
-                engine.encode(bytes(err)),
-                Encoding::Base64,
-            )
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -840,15 +512,5 @@ mod tests {
         assert!(validate_tag("1234").is_err());
         assert!(validate_tag("").is_err());
         assert!(validate_tag("a b").is_err());
-    }
-
-    #[test]
-    fn base64_for_both_streams_when_either_is_binary() {
-        let (out, err, encoding) = encode_output(vec![0xff, 0x00], b"ok".to_vec());
-        assert_eq!(encoding, Encoding::Base64);
-        assert_eq!(out, "/wA=");
-        assert_eq!(err, "b2s=");
-        let (out, _, encoding) = encode_output(b"hi".to_vec(), vec![]);
-        assert_eq!((out.as_str(), encoding), ("hi", Encoding::Utf8));
     }
 }

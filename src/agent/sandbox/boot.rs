@@ -1,0 +1,351 @@
+//! Creating a sandbox: validation, then the create steps in order (directory, disk, network,
+//! VMM, envd readiness, envd init), each undone in reverse when a later one fails.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Runtime, Sandbox, SandboxError, SandboxManager};
+use crate::agent::disk;
+use crate::agent::wire::{CreateSandbox, SandboxInfo, SandboxPhase};
+use crate::envd::api::InitRequest;
+use crate::envd::client::EnvdClient;
+use crate::vmm::{console_tail, Drive, NetAttachment, Vm, VmFiles, VmSpec, VmStatus};
+
+/// The create steps in order; a failure names the step and undoes the earlier ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateStep {
+    Directory,
+    Disk,
+    Network,
+    Vmm,
+    EnvdReady,
+    EnvdInit,
+}
+
+impl std::fmt::Display for CreateStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Directory => "creating the sandbox directory",
+            Self::Disk => "creating the writable disk",
+            Self::Network => "creating the network",
+            Self::Vmm => "starting the VMM",
+            Self::EnvdReady => "waiting for envd",
+            Self::EnvdInit => "initialising envd",
+        })
+    }
+}
+
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+impl CreateStep {
+    /// The fail point that aborts a create right after this step (`failpoints` builds only).
+    fn fail_point(self) -> &'static str {
+        match self {
+            Self::Directory => "agent-create-after-directory",
+            Self::Disk => "agent-create-after-disk",
+            Self::Network => "agent-create-after-network",
+            Self::Vmm => "agent-create-after-vmm",
+            Self::EnvdReady => "agent-create-after-envd-ready",
+            Self::EnvdInit => "agent-create-after-envd-init",
+        }
+    }
+}
+
+impl SandboxManager {
+    fn validate(&self, req: &CreateSandbox) -> Result<PathBuf, SandboxError> {
+        let l = &self.limits;
+        if req.vcpus == 0 || req.vcpus > l.max_vcpus {
+            return Err(SandboxError::Invalid(format!(
+                "vcpus must be between 1 and {}, got {}",
+                l.max_vcpus, req.vcpus
+            )));
+        }
+        if req.memory_mb < 128 || req.memory_mb > l.max_memory_mb {
+            return Err(SandboxError::Invalid(format!(
+                "memory_mb must be between 128 and {}, got {}",
+                l.max_memory_mb, req.memory_mb
+            )));
+        }
+        let min_disk = disk::MIN_UPPER_SIZE_BYTES >> 20;
+        let disk_mb = u64::from(req.disk_mb);
+        if disk_mb < min_disk || disk_mb > l.max_disk_mb {
+            return Err(SandboxError::Invalid(format!(
+                "disk_mb must be between {min_disk} and {}, got {}",
+                l.max_disk_mb, req.disk_mb
+            )));
+        }
+        let image = self.layout.image_rootfs(req.template.as_str());
+        if !image.is_file() {
+            return Err(SandboxError::UnknownTemplate {
+                template: req.template.to_string(),
+                path: image,
+            });
+        }
+        Ok(image)
+    }
+
+    /// Creates and boots a sandbox; returns once envd answers. On failure nothing is left. A
+    /// destroy that arrives while the sandbox starts waits for this task, which then tears the
+    /// fresh sandbox down instead of marking it running.
+    pub async fn create(&self, req: CreateSandbox) -> Result<SandboxInfo, SandboxError> {
+        let image = self.validate(&req)?;
+        let id = req.sandbox_id.to_string();
+        let sandbox = Arc::new(Sandbox::new(req));
+        {
+            let mut registry = self.registry();
+            if registry.contains_key(&id) || self.layout.sandbox_dir(&id).exists() {
+                return Err(SandboxError::AlreadyExists(id));
+            }
+            registry.insert(id.clone(), sandbox.clone());
+        }
+        let runtime = match self.boot(&sandbox, &image).await {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                tracing::warn!(sandbox = %id, %error, "sandbox create failed and was rolled back");
+                // Starting → Stopping cannot be refused unless a destroy already made it.
+                let _ = sandbox.lifecycle().transition(&id, SandboxPhase::Stopping);
+                self.forget(&sandbox, Ok(()));
+                return Err(error);
+            }
+        };
+        *sandbox.guest_addr.lock().expect("addr lock") =
+            Some(runtime.network.envd_addr().ip().to_string());
+        let refused = {
+            let mut lifecycle = sandbox.lifecycle();
+            match lifecycle.transition(&id, SandboxPhase::Running) {
+                Ok(()) => {
+                    lifecycle.runtime = Some(runtime);
+                    None
+                }
+                Err(_) => Some(runtime),
+            }
+        };
+        if let Some(runtime) = refused {
+            tracing::info!(sandbox = %id, "destroyed while starting; tearing down");
+            let _ = self.teardown(&sandbox, Some(runtime)).await;
+            return Err(SandboxError::DestroyedWhileStarting(id));
+        }
+        sandbox.touch();
+        tracing::info!(sandbox = %id, "sandbox running");
+        Ok(sandbox.info())
+    }
+
+    async fn boot(&self, sandbox: &Sandbox, image: &Path) -> Result<Runtime, SandboxError> {
+        let req = &sandbox.request;
+        let id_text = req.sandbox_id.to_string();
+        let id = id_text.as_str();
+        let fail = |step: CreateStep, reason: String| SandboxError::CreateFailed {
+            id: id.to_owned(),
+            step,
+            reason,
+        };
+        let check_fail_point = |step: CreateStep| injected_failure(id, step);
+        // How long each phase took, reported in the sandbox's metadata for operators and the
+        // agent benchmark.
+        let mut phases = PhaseClock::start();
+
+        let dir = self.layout.sandbox_dir(id);
+        std::fs::create_dir_all(&dir).map_err(|e| fail(CreateStep::Directory, e.to_string()))?;
+        let undo_dir = || {
+            if let Err(error) = std::fs::remove_dir_all(&dir) {
+                tracing::error!(sandbox = id, %error, "could not remove the sandbox directory");
+            }
+        };
+        if let Err(e) = check_fail_point(CreateStep::Directory) {
+            undo_dir();
+            return Err(e);
+        }
+
+        let upper = self.layout.sandbox_upper_disk(id);
+        let disk_result = self
+            .uppers
+            .create(&upper, u64::from(req.disk_mb) << 20)
+            .await
+            .map_err(|e| fail(CreateStep::Disk, e.to_string()))
+            .and_then(|()| check_fail_point(CreateStep::Disk));
+        if let Err(e) = disk_result {
+            undo_dir();
+            return Err(e);
+        }
+        phases.lap("disk");
+
+        let network = match self.network.create(id).await {
+            Ok(network) => network,
+            Err(e) => {
+                undo_dir();
+                return Err(fail(CreateStep::Network, e.to_string()));
+            }
+        };
+        let undo_network = || async {
+            if let Err(error) = self.network.destroy(&network).await {
+                tracing::error!(sandbox = id, %error, "could not remove the sandbox network");
+            }
+        };
+        if let Err(e) = check_fail_point(CreateStep::Network) {
+            undo_network().await;
+            undo_dir();
+            return Err(e);
+        }
+        phases.lap("network");
+
+        let spec = VmSpec {
+            id: id.to_owned(),
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mb,
+            kernel: self.layout.default_kernel(),
+            initrd: Some(self.layout.default_initramfs()),
+            extra_boot_args: format!("quiet {}", network.boot_ip_arg),
+            drives: vec![
+                Drive {
+                    id: "root".into(),
+                    path: image.to_owned(),
+                    read_only: true,
+                },
+                Drive {
+                    id: "upper".into(),
+                    path: upper.clone(),
+                    read_only: false,
+                },
+            ],
+            net: Some(NetAttachment {
+                tap: network.tap_name.clone(),
+                mac: network.guest_mac.clone(),
+                netns: Some(network.netns_path.clone()),
+            }),
+            vsock_cid: None,
+            files: VmFiles::for_sandbox(&self.layout, id),
+        };
+        let mut vm = match self.vmm.start(&spec).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                undo_network().await;
+                undo_dir();
+                return Err(fail(CreateStep::Vmm, e.to_string()));
+            }
+        };
+
+        phases.lap("vmm_spawn");
+        let result: Result<EnvdClient, SandboxError> = async {
+            check_fail_point(CreateStep::Vmm)?;
+            let envd = EnvdClient::new(&format!("http://{}", network.envd_addr()))
+                .map_err(|e| fail(CreateStep::EnvdReady, e.to_string()))?;
+            self.wait_envd(sandbox, &envd, &mut *vm).await?;
+            check_fail_point(CreateStep::EnvdReady)?;
+            phases.lap("boot_to_envd");
+            let access_token = hex::encode(rand::random::<[u8; 32]>());
+            let init = InitRequest {
+                env_vars: req.envs.clone().into_iter().collect(),
+                default_user: req.user.clone(),
+                default_workdir: None,
+                access_token: Some(access_token.clone()),
+            };
+            envd.init(&init)
+                .await
+                .map_err(|e| fail(CreateStep::EnvdInit, e.to_string()))?;
+            check_fail_point(CreateStep::EnvdInit)?;
+            Ok(envd.with_token(access_token))
+        }
+        .await;
+        match result {
+            Ok(envd) => {
+                let mut metadata = sandbox.metadata.lock().expect("metadata lock");
+                metadata.insert("vmm".into(), self.vmm.kind().to_string());
+                metadata.insert("vmm_version".into(), vm.vmm_version().to_owned());
+                metadata.insert("agent_version".into(), crate::version::VERSION.into());
+                phases.lap("envd_init");
+                for (phase, took) in phases.laps {
+                    metadata.insert(format!("create_ms.{phase}"), took.as_millis().to_string());
+                }
+                drop(metadata);
+                Ok(Runtime { network, vm, envd })
+            }
+            Err(e) => {
+                if let Err(error) = vm.kill().await {
+                    tracing::error!(sandbox = id, %error, "could not kill the VMM");
+                }
+                undo_network().await;
+                undo_dir();
+                Err(e)
+            }
+        }
+    }
+
+    async fn wait_envd(
+        &self,
+        sandbox: &Sandbox,
+        envd: &EnvdClient,
+        vm: &mut dyn Vm,
+    ) -> Result<(), SandboxError> {
+        let id = sandbox.id();
+        let deadline = Instant::now() + self.limits.envd_ready_timeout;
+        loop {
+            if let Ok(health) = envd.health().await {
+                sandbox
+                    .metadata
+                    .lock()
+                    .expect("metadata lock")
+                    .insert("envd_version".into(), health.version);
+                return Ok(());
+            }
+            if let Ok(VmStatus::Exited(status)) = vm.status().await {
+                return Err(SandboxError::CreateFailed {
+                    step: CreateStep::EnvdReady,
+                    reason: format!(
+                        "the VM exited ({status}) before envd answered; console: {}",
+                        self.console_tail(&id)
+                    ),
+                    id,
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::CreateFailed {
+                    step: CreateStep::EnvdReady,
+                    reason: format!(
+                        "envd did not answer within {:?}; console: {}",
+                        self.limits.envd_ready_timeout,
+                        self.console_tail(&id)
+                    ),
+                    id,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The guest's last console lines, for an error message.
+    fn console_tail(&self, id: &str) -> String {
+        console_tail(&VmFiles::for_sandbox(&self.layout, id), 8).join(" | ")
+    }
+}
+
+/// Splits a create's wall time into named phases.
+struct PhaseClock {
+    last: Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl PhaseClock {
+    fn start() -> Self {
+        Self {
+            last: Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        self.laps.push((phase, now - self.last));
+        self.last = now;
+    }
+}
+
+/// Aborts a create right after `step` when its fail point is armed (`failpoints` builds).
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+fn injected_failure(id: &str, step: CreateStep) -> Result<(), SandboxError> {
+    fail::fail_point!(step.fail_point(), |_| Err(SandboxError::CreateFailed {
+        id: id.to_owned(),
+        step,
+        reason: "injected failure".into(),
+    }));
+    Ok(())
+}

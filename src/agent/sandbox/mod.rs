@@ -1,0 +1,295 @@
+//! Sandboxes on this host: the registry and what each sandbox holds. The work is split by job:
+//! `phase` (the transition table every phase change goes through), `boot` (create, step by step
+//! with rollback), `teardown` (destroy, exactly once however many callers ask), `reaper` (the
+//! idle reaper) and `leftovers` (clean-up of what a crashed agent left behind).
+
+mod boot;
+mod leftovers;
+mod phase;
+mod reaper;
+mod teardown;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use crate::agent::disk;
+use crate::agent::network::{NetworkError, NetworkManager, SandboxNetwork};
+use crate::agent::wire::{CreateSandbox, SandboxInfo, SandboxPhase};
+use crate::config::Layout;
+use crate::envd::client::EnvdClient;
+use crate::vmm::{Vm, Vmm};
+
+pub use boot::CreateStep;
+pub use phase::IllegalTransition;
+
+/// Limits the agent enforces on a create request.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_vcpus: u32,
+    pub max_memory_mb: u32,
+    pub max_disk_mb: u64,
+    pub envd_ready_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("template `{template}` is not on this host (expected {path})")]
+    UnknownTemplate { template: String, path: PathBuf },
+    #[error("sandbox {0} already exists on this host")]
+    AlreadyExists(String),
+    #[error("sandbox {0} is not on this host")]
+    NotFound(String),
+    #[error("sandbox {id} is {state}, not running")]
+    NotRunning { id: String, state: SandboxPhase },
+    #[error("sandbox {id}: {source}")]
+    Transition {
+        id: String,
+        source: IllegalTransition,
+    },
+    #[error("creating sandbox {id} failed while {step}: {reason}")]
+    CreateFailed {
+        id: String,
+        step: CreateStep,
+        reason: String,
+    },
+    #[error("sandbox {0} was destroyed while it was starting")]
+    DestroyedWhileStarting(String),
+    #[error(
+        "sandbox {id} was destroyed, but not all of its host resources were released: {reason}"
+    )]
+    TeardownFailed { id: String, reason: String },
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// The host resources a booted sandbox holds.
+struct Runtime {
+    network: SandboxNetwork,
+    vm: Box<dyn Vm>,
+    envd: EnvdClient,
+}
+
+/// A sandbox's phase and its runtime, behind one lock: whoever moves the phase also decides who
+/// holds the runtime, in the same step.
+struct Lifecycle {
+    phase: SandboxPhase,
+    /// Present from the moment create marks the sandbox `Running` until its teardown takes it.
+    runtime: Option<Runtime>,
+}
+
+impl Lifecycle {
+    /// Moves to `next` if the transition table allows it.
+    fn transition(&mut self, id: &str, next: SandboxPhase) -> Result<(), SandboxError> {
+        self.phase = self
+            .phase
+            .transition(next)
+            .map_err(|source| SandboxError::Transition {
+                id: id.to_owned(),
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+/// How a teardown ended, for the callers that waited for it: `Err` names what was left behind.
+type TeardownOutcome = Result<(), String>;
+
+struct Sandbox {
+    request: CreateSandbox,
+    created_at: DateTime<Utc>,
+    last_active_ms: AtomicI64,
+    /// Proxied requests and sessions still open: a long command or an interactive terminal is
+    /// activity for as long as it lasts, not only when it starts.
+    open_sessions: AtomicUsize,
+    lifecycle: Mutex<Lifecycle>,
+    /// Set once, when the sandbox has left the host (and the registry).
+    gone: watch::Sender<Option<TeardownOutcome>>,
+    guest_addr: Mutex<Option<String>>,
+    metadata: Mutex<BTreeMap<String, String>>,
+}
+
+/// Holds a sandbox active (exempt from the idle reaper) while it lives; the idle timer restarts
+/// when the last lease is dropped.
+pub struct ActivityLease(Arc<Sandbox>);
+
+impl ActivityLease {
+    fn open(sandbox: Arc<Sandbox>) -> Self {
+        sandbox.open_sessions.fetch_add(1, Ordering::Relaxed);
+        sandbox.touch();
+        Self(sandbox)
+    }
+}
+
+impl Drop for ActivityLease {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.open_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Sandbox {
+    fn new(request: CreateSandbox) -> Self {
+        Self {
+            request,
+            created_at: Utc::now(),
+            last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
+            open_sessions: AtomicUsize::new(0),
+            lifecycle: Mutex::new(Lifecycle {
+                phase: SandboxPhase::Starting,
+                runtime: None,
+            }),
+            gone: watch::Sender::new(None),
+            guest_addr: Mutex::new(None),
+            metadata: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn id(&self) -> String {
+        self.request.sandbox_id.to_string()
+    }
+
+    fn lifecycle(&self) -> MutexGuard<'_, Lifecycle> {
+        self.lifecycle.lock().expect("lifecycle lock")
+    }
+
+    fn phase(&self) -> SandboxPhase {
+        self.lifecycle().phase
+    }
+
+    fn touch(&self) {
+        self.last_active_ms
+            .store(Utc::now().timestamp_millis(), Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        if self.open_sessions.load(Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        let idle_ms = Utc::now().timestamp_millis() - self.last_active_ms.load(Ordering::Relaxed);
+        Duration::from_millis(idle_ms.max(0) as u64)
+    }
+
+    fn info(&self) -> SandboxInfo {
+        let r = &self.request;
+        let last = self.last_active_ms.load(Ordering::Relaxed);
+        SandboxInfo {
+            sandbox_id: r.sandbox_id,
+            status: self.phase(),
+            template: r.template.clone(),
+            vcpus: r.vcpus,
+            memory_mb: r.memory_mb,
+            disk_mb: r.disk_mb,
+            timeout_sec: r.timeout_sec,
+            created_at: self.created_at,
+            last_active_at: DateTime::from_timestamp_millis(last).unwrap_or(self.created_at),
+            guest_addr: self.guest_addr.lock().expect("addr lock").clone(),
+            metadata: self.metadata.lock().expect("metadata lock").clone(),
+        }
+    }
+}
+
+/// Owns every sandbox on this host.
+pub struct SandboxManager {
+    layout: Layout,
+    vmm: Arc<dyn Vmm>,
+    network: NetworkManager,
+    uppers: disk::UpperDisks,
+    limits: Limits,
+    sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+}
+
+impl std::fmt::Debug for SandboxManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxManager")
+            .field("vmm", &self.vmm.kind())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SandboxManager {
+    pub fn new(layout: Layout, vmm: Arc<dyn Vmm>, network: NetworkManager, limits: Limits) -> Self {
+        let uppers = disk::UpperDisks::open(layout.clone());
+        Self {
+            layout,
+            vmm,
+            network,
+            uppers,
+            limits,
+            sandboxes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn registry(&self) -> MutexGuard<'_, HashMap<String, Arc<Sandbox>>> {
+        self.sandboxes.lock().expect("sandboxes lock")
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Sandbox>, SandboxError> {
+        self.registry()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SandboxError::NotFound(id.to_owned()))
+    }
+
+    pub fn list(&self) -> Vec<SandboxInfo> {
+        let sandboxes: Vec<Arc<Sandbox>> = self.registry().values().cloned().collect();
+        let mut list: Vec<SandboxInfo> = sandboxes.iter().map(|s| s.info()).collect();
+        list.sort_by_key(|s| s.created_at);
+        list
+    }
+
+    pub fn info(&self, id: &str) -> Result<SandboxInfo, SandboxError> {
+        Ok(self.get(id)?.info())
+    }
+
+    /// Resets the idle timer.
+    pub fn ping(&self, id: &str) -> Result<(), SandboxError> {
+        self.get(id)?.touch();
+        Ok(())
+    }
+
+    /// The envd client of a running sandbox, for the API's proxy, and a lease that keeps the
+    /// sandbox active until the proxied exchange ends and is dropped.
+    pub fn envd(&self, id: &str) -> Result<(EnvdClient, ActivityLease), SandboxError> {
+        let sandbox = self.get(id)?;
+        let envd = {
+            let lifecycle = sandbox.lifecycle();
+            match lifecycle.phase {
+                SandboxPhase::Running => lifecycle
+                    .runtime
+                    .as_ref()
+                    .expect("a running sandbox holds its runtime")
+                    .envd
+                    .clone(),
+                state @ (SandboxPhase::Starting
+                | SandboxPhase::Pausing
+                | SandboxPhase::Paused
+                | SandboxPhase::Resuming
+                | SandboxPhase::Snapshotting
+                | SandboxPhase::Stopping) => {
+                    return Err(SandboxError::NotRunning {
+                        id: id.to_owned(),
+                        state,
+                    })
+                }
+            }
+        };
+        Ok((envd, ActivityLease::open(sandbox)))
+    }
+
+    pub fn vmm_kind(&self) -> String {
+        self.vmm.kind().to_string()
+    }
+}
