@@ -152,8 +152,14 @@ async fn pause_figures(vmm: &QemuVmm) {
         for dirty in [false, true] {
             // The fill is non-zero data in a tmpfs, i.e. guest page cache that must be saved;
             // zero pages would be skipped.
+            // A 256 MiB guest keeps room for its kernel and shell.
+            let dirty_mib = DIRTY_MIB.min(memory_mib - 80);
             let fill = if dirty {
-                format!("yes wrenn-bench-dirty-page | head -c {DIRTY_MIB}M > /mnt/fill\n")
+                format!(
+                    "yes wrenn-bench-dirty-page | head -c 1048576 > /one\n\
+                     for i in $(seq {dirty_mib}); do cat /one; done > /mnt/fill\n\
+                     echo FILLED $(du -k /mnt/fill)\n"
+                )
             } else {
                 String::new()
             };
@@ -181,6 +187,14 @@ async fn pause_figures(vmm: &QemuVmm) {
             let snapshot = SnapshotFiles::for_sandbox(&layout, &id);
             let mut vm = vmm.start(&spec).await.unwrap();
             wait_for_marker(&spec.files.console_log, Instant::now()).await;
+            if dirty {
+                let console = std::fs::read_to_string(&spec.files.console_log).unwrap();
+                let filled = console.lines().find(|l| l.starts_with("FILLED"));
+                assert!(
+                    filled.is_some(),
+                    "the guest did not fill its memory:\n{console}"
+                );
+            }
             let (mut pause, mut restore, mut to_tick) = (Vec::new(), Vec::new(), Vec::new());
             let mut sizes = Vec::new();
             let mut rss_kib = 0;
@@ -199,7 +213,7 @@ async fn pause_figures(vmm: &QemuVmm) {
             vm.kill().await.unwrap();
             sizes.sort_unstable();
             let what = if dirty {
-                format!("{DIRTY_MIB} MiB dirtied")
+                format!("{dirty_mib} MiB dirtied")
             } else {
                 "idle".to_owned()
             };
