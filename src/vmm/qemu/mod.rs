@@ -642,6 +642,15 @@ mod tests {
     }
 
     #[test]
+    fn the_version_line_reads_like_query_version() {
+        assert_eq!(
+            qmp_style_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"),
+            "QEMU 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"
+        );
+        assert_eq!(qmp_style_version("QEMU 9.0.0"), "QEMU 9.0.0");
+    }
+
+    #[test]
     fn tcg_uses_the_max_cpu_and_skips_vsock_without_vhost() {
         let line = joined(&command_line(&spec(), Accel::Tcg, false));
         assert!(line.contains("-accel tcg -cpu max"), "{line}");
