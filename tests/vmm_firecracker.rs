@@ -14,10 +14,10 @@ use serde_json::{json, Value};
 use swagger::Swagger;
 use wrenn::config::{Config, ConsoleLogMaxBytes, Layout};
 use wrenn::vmm::firecracker::api::{self, ActionType, Endpoint, InstanceAction};
-use wrenn::vmm::firecracker::boot_sequence;
+use wrenn::vmm::firecracker::{boot_sequence, pause_sequence, restore_sequence};
 use wrenn::vmm::{
-    console_tail, Drive, FirecrackerApiError, FirecrackerVmm, NetAttachment, VmFiles, VmSpec,
-    VmStatus, Vmm, VmmError,
+    console_tail, AfterFailedPause, Drive, FirecrackerApiError, FirecrackerVmm, NetAttachment,
+    SnapshotError, SnapshotFiles, VmFiles, VmSpec, VmStatus, Vmm, VmmError, VmmKind,
 };
 
 fn full_spec(layout: &Layout, id: &str) -> VmSpec {
@@ -77,6 +77,16 @@ fn every_request_the_driver_builds_is_valid_against_the_swagger() {
     );
     calls.push(api::get_version());
     calls.push(api::get_instance_info());
+    let snapshot = SnapshotFiles::for_sandbox(&layout, "cl-full");
+    calls.extend(pause_sequence(&snapshot).unwrap());
+    calls.extend(restore_sequence(&full_spec(&layout, "cl-full"), &snapshot).unwrap());
+    calls.extend(restore_sequence(&minimal, &snapshot).unwrap());
+    calls.push(
+        api::VmState {
+            state: api::VmRunState::Resumed,
+        }
+        .call(),
+    );
     for call in &calls {
         swagger
             .validate_call(call.method.as_str(), &call.path, call.body.as_ref())
@@ -117,6 +127,54 @@ fn boot_sequence_follows_the_documented_order_and_boot_args() {
         Some(json!({"vcpu_count": 2, "mem_size_mib": 512}))
     );
     assert_eq!(calls[6].body, Some(json!({"action_type": "InstanceStart"})));
+}
+
+#[test]
+fn pause_and_restore_follow_the_documented_calls() {
+    let layout = Layout::new("/var/lib/wrenn");
+    let snapshot = SnapshotFiles::for_sandbox(&layout, "cl-snap");
+    let pause = pause_sequence(&snapshot).unwrap();
+    assert_eq!(
+        pause.iter().map(call_line).collect::<Vec<_>>(),
+        ["PATCH /vm", "PUT /snapshot/create"]
+    );
+    assert_eq!(pause[0].body, Some(json!({"state": "Paused"})));
+    assert_eq!(
+        pause[1].body,
+        Some(json!({
+            "snapshot_type": "Full",
+            "snapshot_path": "/var/lib/wrenn/snapshots/cl-snap/vmstate.partial",
+            "mem_file_path": "/var/lib/wrenn/snapshots/cl-snap/memory.partial",
+        }))
+    );
+    let mut spec = full_spec(&layout, "cl-snap");
+    spec.net.as_mut().unwrap().tap = "tap7".into();
+    let restore = restore_sequence(&spec, &snapshot).unwrap();
+    assert_eq!(
+        restore.iter().map(call_line).collect::<Vec<_>>(),
+        ["PUT /snapshot/load"]
+    );
+    assert_eq!(
+        restore[0].body,
+        Some(json!({
+            "snapshot_path": "/var/lib/wrenn/snapshots/cl-snap/vmstate",
+            "mem_backend": {
+                "backend_type": "File",
+                "backend_path": "/var/lib/wrenn/snapshots/cl-snap/memory",
+            },
+            "resume_vm": true,
+            "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap7"}],
+            "vsock_override": {"uds_path": "/var/lib/wrenn/sandboxes/cl-snap/vsock.sock"},
+        }))
+    );
+    spec.net = None;
+    spec.vsock_cid = None;
+    let bare = restore_sequence(&spec, &snapshot).unwrap();
+    let body = bare[0].body.as_ref().unwrap();
+    assert!(
+        body.get("network_overrides").is_none() && body.get("vsock_override").is_none(),
+        "{body}"
+    );
 }
 
 #[test]
@@ -173,6 +231,26 @@ fn the_validator_rejects_what_firecracker_rejects() {
         ),
         ("PUT", "/boot-source", None, "needs a body"),
         ("GET", "/version", Some(json!({})), "takes no body"),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some(
+                json!({"snapshot_path": "/s", "mem_backend": {"backend_type": "Disk", "backend_path": "/m"}}),
+            ),
+            "not one of",
+        ),
+        (
+            "PUT",
+            "/snapshot/create",
+            Some(json!({"snapshot_path": "/s"})),
+            "mem_file_path",
+        ),
+        (
+            "PATCH",
+            "/vm",
+            Some(json!({"state": "Stopped"})),
+            "not one of",
+        ),
         (
             "POST",
             "/actions",
@@ -236,6 +314,9 @@ mod fake {
         swagger: Swagger,
         record: PathBuf,
         started: bool,
+        paused: bool,
+        /// Anything but the logger was configured: a snapshot load is refused then.
+        configured: bool,
         fail_path: Option<String>,
         ctrl_alt_del_exits: bool,
     }
@@ -267,6 +348,8 @@ mod fake {
             swagger: Swagger::load(),
             record,
             started: false,
+            paused: false,
+            configured: false,
             fail_path: std::env::var("FAKE_FC_FAIL_PATH").ok(),
             ctrl_alt_del_exits: std::env::var("FAKE_FC_CTRL_ALT_DEL_EXITS").is_ok(),
         }));
@@ -357,10 +440,10 @@ mod fake {
                 Some(json!({"firecracker_version": "1.16.1"})),
             ),
             ("GET", "/") => {
-                let s = if state.started {
-                    "Running"
-                } else {
-                    "Not started"
+                let s = match (state.started, state.paused) {
+                    (true, true) => "Paused",
+                    (true, false) => "Running",
+                    (false, _) => "Not started",
                 };
                 reply(
                     StatusCode::OK,
@@ -369,7 +452,41 @@ mod fake {
                     ),
                 )
             }
+            ("PATCH", "/vm") if state.started => {
+                state.paused = body.as_ref().unwrap()["state"] == "Paused";
+                reply(StatusCode::NO_CONTENT, None)
+            }
+            ("PUT", "/snapshot/create") if state.started && state.paused => {
+                let body = body.unwrap();
+                for (key, content) in [("snapshot_path", "vmstate"), ("mem_file_path", "memory")] {
+                    let path = body[key].as_str().unwrap();
+                    if let Err(e) = std::fs::write(path, format!("fake {content}")) {
+                        return fault(&format!("cannot write {path}: {e}"));
+                    }
+                }
+                reply(StatusCode::NO_CONTENT, None)
+            }
+            ("PUT", "/snapshot/create") => fault("the microVM must be paused"),
+            ("PUT", "/snapshot/load") if state.started || state.configured => fault(
+                "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            ),
+            ("PUT", "/snapshot/load") => {
+                let body = body.unwrap();
+                log(&state.record, &format!("BODY {body}"));
+                let state_file = body["snapshot_path"].as_str().unwrap();
+                let memory = body["mem_backend"]["backend_path"].as_str().unwrap();
+                if std::fs::read_to_string(state_file).ok().as_deref() != Some("fake vmstate")
+                    || std::fs::read_to_string(memory).ok().as_deref() != Some("fake memory")
+                {
+                    // A failed load ends Firecracker.
+                    std::process::exit(1);
+                }
+                state.started = true;
+                state.paused = body["resume_vm"] != true;
+                reply(StatusCode::NO_CONTENT, None)
+            }
             ("PUT", "/vsock") => {
+                state.configured = true;
                 let uds = body.as_ref().unwrap()["uds_path"]
                     .as_str()
                     .unwrap()
@@ -399,7 +516,10 @@ mod fake {
             _ if state.started => {
                 fault("The requested operation is not supported after starting the microVM.")
             }
-            _ => reply(StatusCode::NO_CONTENT, None),
+            _ => {
+                state.configured = true;
+                reply(StatusCode::NO_CONTENT, None)
+            }
         }
     }
 }
@@ -424,7 +544,8 @@ impl FakeFirecracker {
             .map(|(k, v)| format!("export {k}='{v}'\n"))
             .collect();
         let script = format!(
-            "#!/bin/sh\ncase \"$1\" in --version) echo 'Firecracker v1.16.1'; echo; exit 0;; esac\n\
+            "#!/bin/sh\ncase \"$1\" in --version) echo 'Firecracker v1.16.1'; echo; exit 0;; \
+             --snapshot-version) echo 'v10.0.0'; exit 0;; esac\n\
              export FAKE_FC_ARGS=\"$*\"\nexport FAKE_FC_RECORD='{}'\n{exports}\
              exec '{}' --exact fake_firecracker_process --ignored --nocapture --test-threads=1\n",
             record.display(),
@@ -450,8 +571,28 @@ impl FakeFirecracker {
         std::fs::read_to_string(&self.record)
             .unwrap_or_default()
             .lines()
-            .filter(|l| !l.starts_with("PID "))
+            .filter(|l| !l.starts_with("PID ") && !l.starts_with("BODY "))
             .map(str::to_owned)
+            .collect()
+    }
+
+    /// The bodies of the snapshot loads the fakes received.
+    fn load_bodies(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("BODY "))
+            .map(|b| serde_json::from_str(b).unwrap())
+            .collect()
+    }
+
+    /// The pids of every fake process started so far, in order.
+    fn pids(&self) -> Vec<u32> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("PID "))
+            .map(|p| p.parse().unwrap())
             .collect()
     }
 
@@ -675,6 +816,152 @@ async fn a_missing_binary_is_a_spawn_error() {
     assert!(matches!(vmm.version().await, Err(VmmError::Spawn { .. })));
 }
 
+/// A files root on tmpfs for the snapshot tests: a pause first checks there is room for the
+/// whole guest memory, which the shared test machine's disk may not have.
+fn roomy_layout() -> (tempfile::TempDir, Layout) {
+    let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+    let layout = Layout::new(tmp.path().join("root"));
+    layout.prepare().unwrap();
+    (tmp, layout)
+}
+
+#[tokio::test]
+async fn pause_writes_a_full_snapshot_and_restore_loads_it_into_a_fresh_process() {
+    let fake = FakeFirecracker::new(&[]);
+    let (_tmp, layout) = roomy_layout();
+    let spec = full_spec(&layout, "cl-snap");
+    // The writable disk is synced as part of the pause.
+    std::fs::create_dir_all(&spec.files.dir).unwrap();
+    std::fs::write(&spec.drives[1].path, b"disk").unwrap();
+    let snap = SnapshotFiles::for_sandbox(&layout, "cl-snap");
+    let mut vm = fake.vmm().start(&spec).await.unwrap();
+    let first = vm.pid();
+    let meta = vm.pause_to(&snap).await.unwrap();
+    assert!(gone(first), "Firecracker still runs after the snapshot");
+    assert!(matches!(vm.status().await.unwrap(), VmStatus::Exited(_)));
+    assert_eq!(
+        fake.calls()[8..],
+        ["GET /", "PATCH /vm", "PUT /snapshot/create"]
+    );
+    assert_eq!(meta.vmm, VmmKind::Firecracker);
+    assert_eq!(meta.vmm_version, "1.16.1");
+    assert_eq!(meta.vmm_snapshot_version.as_deref(), Some("10.0.0"));
+    assert_eq!(meta.machine.memory_mib, 512);
+    let names: Vec<&str> = meta.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["vmstate", "memory"]);
+    assert!(snap.meta.is_file() && snap.state.is_file() && snap.memory.is_file());
+    assert!(!spec.files.firecracker_socket.exists());
+
+    // Into another TAP: the guest keeps its address, the new process gets the new device.
+    let mut moved = spec.clone();
+    moved.net.as_mut().unwrap().tap = "tap9".into();
+    let mut vm = fake.vmm().restore(&moved, &snap).await.unwrap();
+    assert_eq!(vm.pid(), fake.pids()[1]);
+    assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+    assert_eq!(
+        fake.calls()[11..],
+        ["GET /version", "PUT /snapshot/load", "GET /"]
+    );
+    let load = &fake.load_bodies()[0];
+    assert_eq!(load["network_overrides"][0]["host_dev_name"], "tap9");
+    assert_eq!(load["mem_backend"]["backend_type"], "File");
+    assert_eq!(load["resume_vm"], true);
+
+    // Restored once: the guest has run on.
+    let err = fake
+        .vmm()
+        .restore(&moved, &snap)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            err,
+            VmmError::Snapshot(SnapshotError::AlreadyRestored { .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(fake.pids().len(), 2, "a refused restore started a process");
+
+    // Pausing the restored VM replaces the snapshot; its memory file is written under a new
+    // name, never over the one the running VM maps.
+    vm.pause_to(&snap).await.unwrap();
+    let mut meta: Value = serde_json::from_slice(&std::fs::read(&snap.meta).unwrap()).unwrap();
+    meta["vmm_snapshot_version"] = "9.0.0".into();
+    std::fs::write(&snap.meta, meta.to_string()).unwrap();
+    let err = fake
+        .vmm()
+        .restore(&moved, &snap)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(err, VmmError::Snapshot(SnapshotError::VmmVersion { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("9.0.0"), "{err}");
+    assert_eq!(fake.pids().len(), 2, "a refused restore started a process");
+}
+
+#[tokio::test]
+async fn a_failed_snapshot_resumes_the_vm_and_leaves_nothing_loadable() {
+    let fake = FakeFirecracker::new(&[("FAKE_FC_FAIL_PATH", "/snapshot/create")]);
+    let (_tmp, layout) = roomy_layout();
+    let mut spec = full_spec(&layout, "cl-snapfail");
+    spec.drives.truncate(1);
+    let snap = SnapshotFiles::for_sandbox(&layout, "cl-snapfail");
+    let mut vm = fake.vmm().start(&spec).await.unwrap();
+    let err = vm.pause_to(&snap).await.expect_err("injected failure");
+    assert!(
+        matches!(
+            err,
+            VmmError::PauseFailed {
+                after: AfterFailedPause::Running,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("fake failure injected"), "{err}");
+    assert_eq!(
+        fake.calls()[7..],
+        ["GET /", "PATCH /vm", "PUT /snapshot/create", "PATCH /vm"]
+    );
+    assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+    let left: Vec<_> = std::fs::read_dir(&snap.dir).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+    vm.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_load_ends_the_process_and_keeps_the_snapshot() {
+    let fake = FakeFirecracker::new(&[("FAKE_FC_FAIL_PATH", "/snapshot/load")]);
+    let (_tmp, layout) = roomy_layout();
+    let mut spec = full_spec(&layout, "cl-loadfail");
+    spec.drives.truncate(1);
+    let snap = SnapshotFiles::for_sandbox(&layout, "cl-loadfail");
+    let mut vm = fake.vmm().start(&spec).await.unwrap();
+    vm.pause_to(&snap).await.unwrap();
+    let err = fake
+        .vmm()
+        .restore(&spec, &snap)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            err,
+            VmmError::FirecrackerApi(FirecrackerApiError::Fault { .. })
+        ),
+        "{err}"
+    );
+    assert!(gone(fake.pids()[1]), "the failed process was not killed");
+    assert!(
+        snap.meta.is_file(),
+        "the guest never ran: the snapshot stays"
+    );
+}
+
 // ---- Opt-in: a real Firecracker ----------------------------------------------------------
 
 /// Boots a real VM with /usr/local/bin/firecracker; set `WRENN_TEST_FIRECRACKER=1` on a host
@@ -715,4 +1002,73 @@ async fn real_firecracker_boots_a_guest() {
     assert!(status.success(), "{status}");
     let console = std::fs::read_to_string(&spec.files.console_log).unwrap();
     assert!(console.contains("WRENN-FC-MARKER"), "{console}");
+}
+
+/// Pauses a real guest with a counter to disk and restores it in a new Firecracker; set
+/// `WRENN_TEST_FIRECRACKER=1` on a host with working KVM.
+#[tokio::test]
+async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
+    if std::env::var("WRENN_TEST_FIRECRACKER").as_deref() != Ok("1") {
+        println!(
+            "skipped: set WRENN_TEST_FIRECRACKER=1 on a KVM host with /usr/local/bin/firecracker"
+        );
+        return;
+    }
+    let kernel = wrenn_test_support::kernel::test_kernel().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = Layout::new(tmp.path().join("root"));
+    layout.prepare().unwrap();
+    let init = "#!/bin/busybox sh\nexport PATH=/bin\ni=0\n\
+                while true; do i=$((i+1)); echo TICK $i; sleep 0.2; done\n";
+    let initrd = wrenn_test_support::kernel::busybox_initramfs(tmp.path(), init, &[]).unwrap();
+    let spec = VmSpec {
+        id: "cl-real-snap".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        kernel: kernel.vmlinux,
+        initrd: Some(initrd),
+        extra_boot_args: String::new(),
+        drives: vec![],
+        net: None,
+        vsock_cid: None,
+        files: VmFiles::for_sandbox(&layout, "cl-real-snap"),
+    };
+    let ticks = |files: &VmFiles| -> Vec<u64> {
+        std::fs::read_to_string(&files.console_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("TICK ")?.trim().parse().ok())
+            .collect()
+    };
+    let wait_ticks = |files: VmFiles| async move {
+        let started = std::time::Instant::now();
+        loop {
+            let seen = ticks(&files);
+            if seen.len() >= 2 {
+                return seen;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "no ticks");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let vmm = FirecrackerVmm::new("/usr/local/bin/firecracker".into(), console_cap());
+    let snap = SnapshotFiles::for_sandbox(&layout, "cl-real-snap");
+    let mut vm = vmm.start(&spec).await.unwrap();
+    wait_ticks(spec.files.clone()).await;
+    let pid = vm.pid();
+    let meta = vm.pause_to(&snap).await.unwrap();
+    assert!(gone(pid));
+    println!(
+        "snapshot: {:?}, {} KiB on disk",
+        meta.vmm_snapshot_version,
+        snap.allocated_bytes() / 1024
+    );
+    let paused_at = *ticks(&spec.files).last().unwrap();
+    let mut vm = vmm.restore(&spec, &snap).await.unwrap();
+    let after = wait_ticks(spec.files.clone()).await;
+    assert!(
+        after[0] > paused_at && after[0] <= paused_at + 2,
+        "paused at {paused_at}, resumed with {after:?}"
+    );
+    vm.kill().await.unwrap();
 }

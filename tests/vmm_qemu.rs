@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use wrenn::config::{Config, ConsoleLogMaxBytes, Layout, QemuAccel};
 use wrenn::vmm::qemu::qmp::QmpClient;
 use wrenn::vmm::{
-    console_tail, find_leftovers, kill_leftover, Accel, Drive, Leftover, NetAttachment, QemuVmm,
-    VmFiles, VmSpec, VmStatus, Vmm, VmmError, VmmKind,
+    console_tail, find_leftovers, kill_leftover, Accel, AfterFailedPause, Drive, Leftover,
+    NetAttachment, QemuVmm, SnapshotError, SnapshotFiles, VmFiles, VmSpec, VmStatus, Vmm, VmmError,
+    VmmKind,
 };
 use wrenn_test_support::kernel::{self as guest, TestKernel};
 
@@ -507,4 +508,317 @@ fn a_guest_flooding_its_console_after_the_agent_is_gone_neither_stalls_nor_dies(
         assert_eq!(find_leftovers(&f.layout), vec![leftover.clone()]);
         assert!(kill_leftover(&leftover).await);
     });
+}
+
+// ---- Pause to disk and restore ----------------------------------------------------------
+
+/// A guest that keeps a counter in a shell's memory, a random blob in tmpfs and the same blob
+/// on its writable disk, and prints on every tick the counter and checksums of both copies
+/// (the disk read past the guest's page cache).
+fn ticking_guest(f: &Fixture, id: &str) -> VmSpec {
+    let body = "for m in virtio_ring virtio virtio_mmio virtio_blk; do insmod /modules/$m.ko; done\n\
+                mkdir -p /mnt/t && mount -t tmpfs tmpfs /mnt/t\n\
+                head -c 65536 /dev/urandom > /mnt/t/blob\n\
+                dd if=/mnt/t/blob of=/dev/vda bs=65536 count=1 conv=fsync 2>/dev/null\n\
+                echo \"BLOB $(md5sum < /mnt/t/blob | cut -c1-8)\"\n\
+                i=0\n\
+                while true; do\n\
+                  i=$((i+1))\n\
+                  echo 3 > /proc/sys/vm/drop_caches\n\
+                  echo \"TICK $i tmpfs=$(md5sum < /mnt/t/blob | cut -c1-8) disk=$(head -c 65536 /dev/vda | md5sum | cut -c1-8)\"\n\
+                  sleep 0.2\n\
+                done";
+    let mut spec = f.spec(id, &init(body), guest::VIRTIO_MODULES);
+    let disk = f.dir.join(format!("{id}-data.img"));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    spec.drives = vec![Drive {
+        id: "data".into(),
+        path: disk,
+        read_only: false,
+    }];
+    spec
+}
+
+/// One `TICK` line: the counter and the two checksums.
+fn ticks(console: &str) -> Vec<(u64, String)> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("TICK ")?;
+            let (n, sums) = rest.split_once(' ')?;
+            Some((n.parse().ok()?, sums.to_owned()))
+        })
+        .collect()
+}
+
+async fn wait_for_ticks(path: &Path, count: usize) -> Vec<(u64, String)> {
+    let started = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let seen = ticks(&text);
+        if seen.len() >= count {
+            return seen;
+        }
+        assert!(
+            started.elapsed() < BOOT_TIMEOUT,
+            "fewer than {count} ticks in the console:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn gone(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn with_netns(mut spec: VmSpec, netns: &Netns) -> VmSpec {
+    spec.net = Some(NetAttachment {
+        tap: "tap0".into(),
+        mac: "02:FC:00:00:00:05".into(),
+        netns: Some(netns.path()),
+    });
+    spec
+}
+
+/// A 1 MiB tmpfs, far too small for a snapshot: a full disk. Unmounted on drop.
+struct TinyDisk(PathBuf);
+
+impl TinyDisk {
+    fn new(path: PathBuf) -> Self {
+        std::fs::create_dir_all(&path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs at {}", path.display());
+        Self(path)
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn pause_to_disk_and_restore_continue_the_guest_three_times_and_refuse_bad_snapshots() {
+    let f = fixture();
+    let vmm = tcg();
+    let ns_a = Netns::new("pa");
+    let ns_b = Netns::new("pb");
+    let spec_a = with_netns(ticking_guest(&f, "cl-pause"), &ns_a);
+    let spec_b = with_netns(spec_a.clone(), &ns_b);
+    // Snapshots on tmpfs: a pause first checks there is room for the whole guest memory,
+    // which the shared test machine's disk may not have.
+    let roomy = tempfile::tempdir_in("/dev/shm").unwrap();
+    let snap = SnapshotFiles::for_sandbox(&Layout::new(roomy.path()), "cl-pause");
+    let mut vm = vmm.start(&spec_a).await.unwrap();
+    let console = wait_for_console(&spec_a.files.console_log, "BLOB ").await;
+    let blob = console
+        .lines()
+        .find_map(|l| l.strip_prefix("BLOB "))
+        .unwrap()
+        .to_owned();
+    let expected_sums = format!("tmpfs={blob} disk={blob}");
+    wait_for_ticks(&spec_a.files.console_log, 2).await;
+
+    // A pause without room for its snapshot is refused before the guest stops.
+    let tiny = TinyDisk::new(f.dir.join("tiny"));
+    let full = SnapshotFiles::for_sandbox(&Layout::new(&tiny.0), "cl-pause");
+    let err = vm
+        .pause_to(&full)
+        .await
+        .expect_err("a 1 MiB disk is too small");
+    assert!(
+        matches!(
+            err,
+            VmmError::PauseFailed {
+                after: AfterFailedPause::Running,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.is_disk_full(), "{err:?}");
+    assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+    let leftovers: Vec<_> = std::fs::read_dir(&full.dir).unwrap().collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    drop(tiny);
+
+    // A pause that fails after the guest stopped and its state was written resumes the guest
+    // and leaves nothing loadable.
+    #[cfg(feature = "failpoints")]
+    {
+        fail::cfg("vmm-pause-after-save", "return").unwrap();
+        let err = vm.pause_to(&snap).await.expect_err("injected failure");
+        fail::remove("vmm-pause-after-save");
+        assert!(
+            matches!(
+                err,
+                VmmError::PauseFailed {
+                    after: AfterFailedPause::Running,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+        let left: Vec<_> = std::fs::read_dir(&snap.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        let err = vmm
+            .restore(&spec_a, &snap)
+            .await
+            .err()
+            .expect("nothing to load");
+        assert!(
+            matches!(err, VmmError::Snapshot(SnapshotError::Incomplete { .. })),
+            "{err}"
+        );
+        let seen = ticks(&std::fs::read_to_string(vm.serial_log()).unwrap()).len();
+        wait_for_ticks(vm.serial_log(), seen + 1).await;
+    }
+
+    let mut last_tick = 0;
+    for cycle in 0..3 {
+        let spec = if cycle % 2 == 0 { &spec_b } else { &spec_a };
+        let pid = vm.pid();
+        let meta = vm.pause_to(&snap).await.unwrap();
+        assert!(
+            gone(pid),
+            "cycle {cycle}: QEMU {pid} still runs after the pause"
+        );
+        assert!(matches!(vm.status().await.unwrap(), VmStatus::Exited(_)));
+        assert_eq!(meta.vmm, VmmKind::Qemu);
+        assert_eq!(meta.machine.memory_mib, 256);
+        assert_eq!(meta.machine.accel.as_deref(), Some("tcg"));
+        assert!(snap.meta.is_file() && snap.state.is_file());
+        assert!(!Layout::partial(&snap.state).exists());
+        let before = ticks(&std::fs::read_to_string(vm.serial_log()).unwrap());
+        let (paused_at, _) = before.last().cloned().unwrap();
+        assert!(
+            paused_at >= last_tick,
+            "cycle {cycle}: the counter went back"
+        );
+        println!(
+            "cycle {cycle}: paused at tick {paused_at}, {} KiB on disk",
+            snap.allocated_bytes() / 1024
+        );
+
+        vm = vmm.restore(spec, &snap).await.unwrap();
+        let ns = std::fs::metadata(spec.net.as_ref().unwrap().netns.as_ref().unwrap()).unwrap();
+        let vmm_ns = std::fs::metadata(format!("/proc/{}/ns/net", vm.pid())).unwrap();
+        assert_eq!((vmm_ns.dev(), vmm_ns.ino()), (ns.dev(), ns.ino()));
+        assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+        let after = wait_for_ticks(vm.serial_log(), 2).await;
+        let (resumed_at, sums) = &after[0];
+        assert!(
+            *resumed_at > paused_at && *resumed_at <= paused_at + 2,
+            "cycle {cycle}: paused at {paused_at}, resumed at {resumed_at}: {after:?}"
+        );
+        assert!(
+            after.iter().all(|(_, s)| *s == expected_sums),
+            "cycle {cycle}: {sums} != {expected_sums}: {after:?}"
+        );
+        last_tick = after.last().unwrap().0;
+    }
+
+    // The snapshot was restored: its guest runs on and writes its disk, so it is not loaded
+    // again.
+    let err = vmm.restore(&spec_b, &snap).await.err().expect("refused");
+    assert!(
+        matches!(
+            err,
+            VmmError::Snapshot(SnapshotError::AlreadyRestored { .. })
+        ),
+        "{err}"
+    );
+
+    // Bad snapshots and mismatches are refused before any process starts.
+    vm.pause_to(&snap).await.unwrap();
+    let good_meta = std::fs::read(&snap.meta).unwrap();
+    let refused = |err: VmmError| {
+        assert!(
+            find_leftovers(&f.layout).is_empty(),
+            "a refused restore started a VMM: {err}"
+        );
+        err
+    };
+    let mut edited: serde_json::Value = serde_json::from_slice(&good_meta).unwrap();
+    edited["vmm_version"] = "QEMU 6.0.0".into();
+    std::fs::write(&snap.meta, edited.to_string()).unwrap();
+    let err = refused(vmm.restore(&spec_a, &snap).await.err().expect("refused"));
+    assert!(
+        matches!(err, VmmError::Snapshot(SnapshotError::VmmVersion { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("QEMU 6.0.0"), "{err}");
+    edited["vmm_version"] =
+        serde_json::from_slice::<serde_json::Value>(&good_meta).unwrap()["vmm_version"].clone();
+    edited["format"] = 2.into();
+    std::fs::write(&snap.meta, edited.to_string()).unwrap();
+    let err = refused(vmm.restore(&spec_a, &snap).await.err().expect("refused"));
+    assert!(
+        matches!(
+            err,
+            VmmError::Snapshot(SnapshotError::Format { found: 2, .. })
+        ),
+        "{err}"
+    );
+    std::fs::write(&snap.meta, &good_meta).unwrap();
+    let mut bigger = spec_a.clone();
+    bigger.memory_mib = 512;
+    let err = refused(vmm.restore(&bigger, &snap).await.err().expect("refused"));
+    assert!(
+        matches!(
+            err,
+            VmmError::Snapshot(SnapshotError::Machine {
+                option: "memory_mib",
+                ..
+            })
+        ),
+        "{err}"
+    );
+
+    // A stream damaged inside: QEMU refuses it, the process is gone, the snapshot stays.
+    let state = std::fs::read(&snap.state).unwrap();
+    let mut damaged = state.clone();
+    for byte in &mut damaged[4096..] {
+        *byte ^= 0x5a;
+    }
+    std::fs::write(&snap.state, &damaged).unwrap();
+    let err = vmm.restore(&spec_a, &snap).await.err().expect("refused");
+    assert!(
+        matches!(
+            err,
+            VmmError::ExitedEarly { .. } | VmmError::Migration { .. }
+        ),
+        "{err}"
+    );
+    assert!(find_leftovers(&f.layout).is_empty());
+    assert!(snap.meta.is_file(), "a failed load keeps the snapshot");
+    // A truncated one is caught by its size before QEMU starts.
+    std::fs::write(&snap.state, &state[..state.len() / 2]).unwrap();
+    let err = refused(vmm.restore(&spec_a, &snap).await.err().expect("refused"));
+    assert!(
+        matches!(err, VmmError::Snapshot(SnapshotError::Corrupt { .. })),
+        "{err}"
+    );
+    // The intact stream restores after all of that.
+    std::fs::write(&snap.state, &state).unwrap();
+    let mut vm = vmm.restore(&spec_a, &snap).await.unwrap();
+    let after = wait_for_ticks(vm.serial_log(), 1).await;
+    assert_eq!(after[0].1, expected_sums);
+    vm.kill().await.unwrap();
+    // Without its metadata a snapshot is incomplete.
+    std::fs::remove_file(&snap.restored_meta).unwrap();
+    let err = refused(vmm.restore(&spec_a, &snap).await.err().expect("refused"));
+    assert!(
+        matches!(err, VmmError::Snapshot(SnapshotError::Incomplete { .. })),
+        "{err}"
+    );
 }

@@ -126,6 +126,40 @@ impl Layout {
         self.root.join("snapshots")
     }
 
+    /// One paused sandbox's snapshot: its files below, nothing else.
+    pub fn snapshot_dir(&self, sandbox_id: &str) -> PathBuf {
+        self.snapshots_dir().join(sandbox_id)
+    }
+
+    /// The snapshot's metadata, written last: a snapshot without it is never loaded.
+    pub fn snapshot_meta(&self, sandbox_id: &str) -> PathBuf {
+        self.snapshot_dir(sandbox_id).join("meta.json")
+    }
+
+    /// The metadata of a snapshot that has been restored, moved aside: the restored guest ran
+    /// on and wrote its disk, so the memory here no longer matches the disk.
+    pub fn snapshot_restored_meta(&self, sandbox_id: &str) -> PathBuf {
+        self.snapshot_dir(sandbox_id).join("meta.restored.json")
+    }
+
+    /// The VM's device and CPU state (QEMU's migration stream, which carries the guest memory
+    /// too; Firecracker's vmstate file).
+    pub fn snapshot_state(&self, sandbox_id: &str) -> PathBuf {
+        self.snapshot_dir(sandbox_id).join("vmstate")
+    }
+
+    /// The guest memory, for VMMs that write it apart from the state (Firecracker).
+    pub fn snapshot_memory(&self, sandbox_id: &str) -> PathBuf {
+        self.snapshot_dir(sandbox_id).join("memory")
+    }
+
+    /// The name a snapshot file is written under until it is complete: `<file>.partial`.
+    pub fn partial(path: &Path) -> PathBuf {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".partial");
+        PathBuf::from(name)
+    }
+
     /// The agent's saved host credentials (JWT and refresh token), mode 0600.
     pub fn host_token_file(&self) -> PathBuf {
         self.root.join("host-token")
@@ -231,6 +265,18 @@ mod tests {
             ] {
                 assert_eq!(path.parent(), Some(root.join("sandboxes/sb-1").as_path()));
             }
+            for path in [
+                layout.snapshot_meta("sb-1"),
+                layout.snapshot_restored_meta("sb-1"),
+                layout.snapshot_state("sb-1"),
+                layout.snapshot_memory("sb-1"),
+            ] {
+                assert_eq!(path.parent(), Some(root.join("snapshots/sb-1").as_path()));
+            }
+            assert_eq!(
+                Layout::partial(&layout.snapshot_state("sb-1")),
+                root.join("snapshots/sb-1/vmstate.partial")
+            );
             assert_eq!(
                 layout.sandbox_upper_disk("sb-1"),
                 root.join("sandboxes/sb-1/upper.ext4")

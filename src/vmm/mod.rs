@@ -2,13 +2,14 @@
 //! [`VmSpec`], and its two backends, Firecracker (production, needs working KVM) and QEMU
 //! `microvm` (KVM or TCG, for hosts where Firecracker cannot run). Networking, disks and the
 //! guest agent are prepared by the layers above; this module only runs and stops the VMM
-//! process.
+//! process, and pauses it into a snapshot on disk ([`snapshot`]) or restores one.
 
 mod console;
 pub mod firecracker;
 mod leftovers;
 mod process;
 pub mod qemu;
+pub mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -23,6 +24,7 @@ pub use console::console_tail;
 pub use firecracker::{FirecrackerApiError, FirecrackerVmm};
 pub use leftovers::{find_leftovers, kill_leftover, Leftover};
 pub use qemu::{Accel, AccelDecision, QemuVmm, QmpError};
+pub use snapshot::{SnapshotError, SnapshotFiles, SnapshotMeta};
 
 /// Kernel arguments every guest boots with, whatever the backend: the serial console the agent
 /// captures, reboot through the keyboard controller (Firecracker exits on it), reboot instead of
@@ -220,6 +222,56 @@ pub enum VmmError {
     FirecrackerApi(#[from] FirecrackerApiError),
     #[error(transparent)]
     Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("QEMU's migration {direction} {status} after {waited:?}: {detail}")]
+    Migration {
+        direction: &'static str,
+        status: String,
+        waited: Duration,
+        detail: String,
+    },
+    #[error("pausing the VM failed, and {after}: {cause}")]
+    PauseFailed {
+        after: AfterFailedPause,
+        cause: Box<VmmError>,
+    },
+    #[error("restored VMM process {pid} could not resume the guest, so it was stopped: {cause}")]
+    ResumeFailed { pid: u32, cause: Box<VmmError> },
+}
+
+impl VmmError {
+    /// The disk the snapshot goes to is full: the caller answers with a clear "no space".
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::Snapshot(e) => e.is_disk_full(),
+            Self::PauseFailed { cause, .. } | Self::ResumeFailed { cause, .. } => {
+                cause.is_disk_full()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The state a VM is left in when [`Vm::pause_to`] fails; no snapshot is loadable either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFailedPause {
+    /// The guest was resumed and runs on.
+    Running,
+    /// The guest was already paused before the call and stays paused.
+    Paused,
+    /// The VMM process exited or had to be killed: the VM is lost.
+    VmmGone,
+}
+
+impl std::fmt::Display for AfterFailedPause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Running => "the VM runs on",
+            Self::Paused => "the VM stays paused",
+            Self::VmmGone => "the VMM is gone",
+        })
+    }
 }
 
 /// A VMM backend: starts VMs. Cheap to share; one per agent.
@@ -235,6 +287,20 @@ pub trait Vmm: Send + Sync {
     /// VM nor leaves a half-configured VMM behind: on any failure the process is killed and
     /// its sockets removed.
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError>;
+
+    /// Starts a new VMM process that continues the guest saved by [`Vm::pause_to`] in
+    /// `snapshot`: its processes, memory and open files, attached to `spec`'s network (the TAP
+    /// and namespace may differ; the guest keeps its address). The snapshot's metadata is
+    /// checked against this VMM's version and `spec`'s machine options before any process
+    /// starts, and a mismatch is a typed [`SnapshotError`]. A snapshot is restored once: the
+    /// guest writes its disk again, so the snapshot is retired before the guest runs (a second
+    /// restore gets [`SnapshotError::AlreadyRestored`]; a concurrent one
+    /// [`SnapshotError::Busy`]). Runs in its own task, like [`Vmm::start`].
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        snapshot: &SnapshotFiles,
+    ) -> Result<Box<dyn Vm>, VmmError>;
 }
 
 /// One running VM, owned by the sandbox that started it. Dropping it leaves the VMM running
@@ -264,6 +330,13 @@ pub trait Vm: Send + Sync {
 
     /// Waits for the VMM process to exit on its own.
     async fn wait_exit(&mut self) -> Result<ExitStatus, VmmError>;
+
+    /// Stops the vCPUs, writes the whole VM state (guest memory, device and CPU state; the
+    /// writable disks are flushed where they are) into `snapshot`, durably (files and directory
+    /// synced) and with the metadata last, then ends the VMM process, which then holds no CPU
+    /// and no RAM. Any snapshot already in `snapshot` is replaced. On failure no loadable
+    /// snapshot is left and [`VmmError::PauseFailed`] says whether the VM runs on or is gone.
+    async fn pause_to(&mut self, snapshot: &SnapshotFiles) -> Result<SnapshotMeta, VmmError>;
 }
 
 /// The backend the configuration selects.

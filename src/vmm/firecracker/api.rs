@@ -181,6 +181,94 @@ impl Endpoint for InstanceAction {
     }
 }
 
+/// `PATCH /vm`: pauses or resumes the vCPUs.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmState {
+    pub state: VmRunState,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub enum VmRunState {
+    Paused,
+    Resumed,
+}
+
+impl Endpoint for VmState {
+    const METHOD: Method = Method::PATCH;
+    fn path(&self) -> String {
+        "/vm".into()
+    }
+}
+
+/// `PUT /snapshot/create`: writes the vmstate and the guest memory of a paused VM; both files
+/// are created or truncated.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotCreate {
+    pub snapshot_type: SnapshotType,
+    pub snapshot_path: String,
+    pub mem_file_path: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub enum SnapshotType {
+    Full,
+    Diff,
+}
+
+impl Endpoint for SnapshotCreate {
+    const METHOD: Method = Method::PUT;
+    fn path(&self) -> String {
+        "/snapshot/create".into()
+    }
+}
+
+/// `PUT /snapshot/load`: accepted only by a fresh process that has configured nothing; a
+/// failed load leaves the process unusable.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotLoad {
+    pub snapshot_path: String,
+    pub mem_backend: MemBackend,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_vm: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+}
+
+/// Where a restored guest's memory comes from.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemBackend {
+    pub backend_type: MemBackendType,
+    pub backend_path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum MemBackendType {
+    /// Firecracker maps the memory file privately; it must stay unchanged while the VM runs.
+    File,
+    /// A page-fault handler listening on `backend_path` serves the memory (lazy loading).
+    Uffd,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VsockOverride {
+    pub uds_path: String,
+}
+
+impl Endpoint for SnapshotLoad {
+    const METHOD: Method = Method::PUT;
+    fn path(&self) -> String {
+        "/snapshot/load".into()
+    }
+}
+
 /// `GET /version`.
 pub fn get_version() -> ApiCall {
     ApiCall {

@@ -1,5 +1,7 @@
 //! The Firecracker backend: one `firecracker` process per sandbox, configured over its API
-//! socket in the documented order and started with `InstanceStart`.
+//! socket in the documented order and started with `InstanceStart`; paused into a full
+//! snapshot (`PATCH /vm`, `PUT /snapshot/create`) and restored in a fresh process
+//! (`PUT /snapshot/load`).
 
 pub mod api;
 
@@ -13,11 +15,15 @@ use async_trait::async_trait;
 pub use api::FirecrackerApiError;
 use api::{
     ActionType, ApiCall, ApiClient, Endpoint, FirecrackerVersion, InstanceAction, InstanceInfo,
+    MemBackend, MemBackendType, SnapshotType, VmRunState,
 };
 
 use super::process::{self, VmmProcess};
-use super::{Vm, VmSpec, VmStatus, Vmm, VmmError, VmmKind};
-use crate::config::ConsoleLogMaxBytes;
+use super::snapshot::{self, Machine, SnapshotReader, SnapshotWriter};
+use super::{
+    AfterFailedPause, SnapshotFiles, SnapshotMeta, Vm, VmSpec, VmStatus, Vmm, VmmError, VmmKind,
+};
+use crate::config::{ConsoleLogMaxBytes, Layout};
 
 /// The guest's only network interface.
 pub const IFACE_ID: &str = "eth0";
@@ -93,6 +99,88 @@ pub fn boot_sequence(spec: &VmSpec) -> Result<Vec<ApiCall>, FirecrackerApiError>
     Ok(calls)
 }
 
+/// The calls that pause a running VM and write a full snapshot of it: the vmstate and the
+/// memory go to their `.partial` names, renamed into place once durable.
+pub fn pause_sequence(snapshot: &SnapshotFiles) -> Result<Vec<ApiCall>, FirecrackerApiError> {
+    Ok(vec![
+        api::VmState {
+            state: VmRunState::Paused,
+        }
+        .call(),
+        api::SnapshotCreate {
+            snapshot_type: SnapshotType::Full,
+            snapshot_path: api::utf8(&Layout::partial(&snapshot.state))?,
+            mem_file_path: api::utf8(&Layout::partial(&snapshot.memory))?,
+        }
+        .call(),
+    ])
+}
+
+/// Where a restored guest's memory comes from: the snapshot's memory file, mapped privately.
+/// A userfaultfd handler (lazy loading) would answer here with [`MemBackendType::Uffd`].
+fn memory_backend(snapshot: &SnapshotFiles) -> Result<MemBackend, FirecrackerApiError> {
+    Ok(MemBackend {
+        backend_type: MemBackendType::File,
+        backend_path: api::utf8(&snapshot.memory)?,
+    })
+}
+
+/// The call that loads `snapshot` into a fresh process and resumes it, attached to `spec`'s
+/// TAP and vsock socket (the drives must be where they were: Firecracker has no override).
+pub fn restore_sequence(
+    spec: &VmSpec,
+    snapshot: &SnapshotFiles,
+) -> Result<Vec<ApiCall>, FirecrackerApiError> {
+    let network_overrides = spec
+        .net
+        .iter()
+        .map(|net| api::NetworkOverride {
+            iface_id: IFACE_ID.into(),
+            host_dev_name: net.tap.clone(),
+        })
+        .collect();
+    let vsock_override = spec
+        .vsock_cid
+        .map(|_| {
+            api::utf8(&spec.files.vsock_socket).map(|uds_path| api::VsockOverride { uds_path })
+        })
+        .transpose()?;
+    Ok(vec![api::SnapshotLoad {
+        snapshot_path: api::utf8(&snapshot.state)?,
+        mem_backend: memory_backend(snapshot)?,
+        resume_vm: Some(true),
+        network_overrides,
+        vsock_override,
+    }
+    .call()])
+}
+
+/// `firecracker --snapshot-version`: the snapshot data format this binary writes and reads.
+async fn snapshot_format_version(bin: &Path) -> Result<String, VmmError> {
+    let output = tokio::process::Command::new(bin)
+        .arg("--snapshot-version")
+        .output()
+        .await
+        .map_err(|source| VmmError::Spawn {
+            bin: bin.to_owned(),
+            source,
+        })?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    match stdout.lines().next().map(str::trim) {
+        Some(line) if output.status.success() && !line.is_empty() => {
+            Ok(line.trim_start_matches('v').to_owned())
+        }
+        _ => Err(VmmError::Version {
+            bin: bin.to_owned(),
+            detail: format!(
+                "`--snapshot-version` exited {} and printed {:?}",
+                output.status,
+                stdout.trim()
+            ),
+        }),
+    }
+}
+
 #[async_trait]
 impl Vmm for FirecrackerVmm {
     fn kind(&self) -> VmmKind {
@@ -106,10 +194,68 @@ impl Vmm for FirecrackerVmm {
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
         spec.check()?;
         let calls = boot_sequence(spec)?;
-        let bin = self.bin.clone();
+        let this = self.clone();
         let spec = spec.clone();
-        let console_cap = self.console_cap;
-        let task = tokio::spawn(async move { start_detached(bin, console_cap, spec, calls).await });
+        let task = tokio::spawn(async move {
+            let mut vm = this.spawn_vm(&spec).await?;
+            match vm.configure(&calls).await {
+                Ok(()) => {
+                    tracing::info!(id = %spec.id, pid = vm.pid(), vmm_version = %vm.vmm_version, "Firecracker VM started");
+                    Ok(vm)
+                }
+                Err(error) => Err(vm.roll_back(&spec.id, error).await),
+            }
+        });
+        let vm = task
+            .await
+            .map_err(|e| VmmError::StartTask(e.to_string()))??;
+        Ok(Box::new(vm))
+    }
+
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        snapshot: &SnapshotFiles,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        spec.check()?;
+        let calls = restore_sequence(spec, snapshot)?;
+        let this = self.clone();
+        let spec = spec.clone();
+        let snapshot = snapshot.clone();
+        let task = tokio::spawn(async move {
+            let reader = SnapshotReader::open(&snapshot)?;
+            let version = this.version().await?;
+            let version = version.trim_start_matches("Firecracker v");
+            let snapshot_version = snapshot_format_version(&this.bin).await?;
+            reader.check(
+                VmmKind::Firecracker,
+                version,
+                Some(&snapshot_version),
+                &Machine::of(&spec, None),
+            )?;
+            let mut vm = this.spawn_vm(&spec).await?;
+            // With `resume_vm` the guest runs as soon as the load succeeds: retire the snapshot
+            // first, and put it back if Firecracker refused the load (the guest never ran).
+            let loaded = match reader.consume() {
+                Ok(()) => vm.configure(&calls).await,
+                Err(error) => Err(error.into()),
+            };
+            match loaded {
+                Ok(()) => {
+                    tracing::info!(id = %spec.id, pid = vm.pid(), "Firecracker VM restored");
+                    Ok(vm)
+                }
+                Err(error) => {
+                    if matches!(
+                        error,
+                        VmmError::FirecrackerApi(FirecrackerApiError::Fault { .. })
+                    ) {
+                        reader.unconsume();
+                    }
+                    Err(vm.roll_back(&spec.id, error).await)
+                }
+            }
+        });
         let vm = task
             .await
             .map_err(|e| VmmError::StartTask(e.to_string()))??;
@@ -117,85 +263,137 @@ impl Vmm for FirecrackerVmm {
     }
 }
 
-async fn start_detached(
-    bin: PathBuf,
-    console_cap: ConsoleLogMaxBytes,
-    spec: VmSpec,
-    calls: Vec<ApiCall>,
-) -> Result<FirecrackerVm, VmmError> {
-    let files = &spec.files;
-    let api_socket = files.firecracker_socket.clone();
-    process::prepare_files(files, &[&api_socket, &files.vsock_socket])?;
-    let args: Vec<OsString> = vec![
-        "--api-sock".into(),
-        api_socket.clone().into(),
-        "--id".into(),
-        spec.id.clone().into(),
-        "--log-path".into(),
-        files.firecracker_log.clone().into(),
-        "--level".into(),
-        "Info".into(),
-    ];
-    let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
-    // Firecracker opens its log itself, with its own file offset: give it a file of its own
-    // rather than interleaving it with stderr.
-    process::reset_log(&files.firecracker_log)?;
-    // Its stdout is the guest console (Firecracker's default without `PUT /serial`).
-    let mut process = process::spawn(&bin, &args, netns, files, console_cap)?
-        .with_diagnostics_log(files.firecracker_log.clone());
-    match configure(&mut process, &api_socket, &calls).await {
-        Ok((client, vmm_version)) => {
-            tracing::info!(id = %spec.id, pid = process.pid(), %vmm_version, "Firecracker VM started");
-            Ok(FirecrackerVm {
+impl FirecrackerVmm {
+    /// Spawns Firecracker for `spec` and connects to its API socket; on failure the process is
+    /// killed and its sockets removed.
+    async fn spawn_vm(&self, spec: &VmSpec) -> Result<FirecrackerVm, VmmError> {
+        let files = &spec.files;
+        let api_socket = files.firecracker_socket.clone();
+        process::prepare_files(files, &[&api_socket, &files.vsock_socket])?;
+        let args: Vec<OsString> = vec![
+            "--api-sock".into(),
+            api_socket.clone().into(),
+            "--id".into(),
+            spec.id.clone().into(),
+            "--log-path".into(),
+            files.firecracker_log.clone().into(),
+            "--level".into(),
+            "Info".into(),
+        ];
+        let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
+        // Firecracker opens its log itself, with its own file offset: give it a file of its own
+        // rather than interleaving it with stderr.
+        process::reset_log(&files.firecracker_log)?;
+        // Its stdout is the guest console (Firecracker's default without `PUT /serial`).
+        let mut process = process::spawn(&self.bin, &args, netns, files, self.console_cap)?
+            .with_diagnostics_log(files.firecracker_log.clone());
+        let sockets = vec![api_socket.clone(), files.vsock_socket.clone()];
+        let connected = async {
+            let stream = process.wait_for_socket(&api_socket).await?;
+            let mut client = ApiClient::handshake(stream, &api_socket).await?;
+            let version: FirecrackerVersion = client.get(&api::get_version()).await?;
+            // Asked once the process runs, so that a binary that cannot start is reported
+            // with its own complaint rather than this one.
+            let snapshot_version = snapshot_format_version(&self.bin).await?;
+            Ok::<_, VmmError>((client, version.firecracker_version, snapshot_version))
+        }
+        .await;
+        match connected {
+            Ok((client, vmm_version, snapshot_version)) => Ok(FirecrackerVm {
                 process,
                 client,
                 vmm_version,
+                snapshot_version,
+                machine: Machine::of(spec, None),
                 console_log: files.console_log.clone(),
-                sockets: vec![api_socket, files.vsock_socket.clone()],
-            })
-        }
-        Err(error) => {
-            // Roll back: a half-configured Firecracker is useless and holds the TAP.
-            if let Err(kill_error) = process.kill().await {
-                tracing::warn!(id = %spec.id, error = %kill_error, "killing a failed Firecracker");
+                sockets,
+            }),
+            Err(error) => {
+                if let Err(kill_error) = process.kill().await {
+                    tracing::warn!(id = %spec.id, error = %kill_error, "killing a failed Firecracker");
+                }
+                for socket in &sockets {
+                    let _ = process::remove_if_present(socket);
+                }
+                Err(error)
             }
-            for socket in [&api_socket, &files.vsock_socket] {
-                let _ = process::remove_if_present(socket);
-            }
-            Err(error)
-        }
-    }
-}
-
-async fn configure(
-    process: &mut VmmProcess,
-    api_socket: &Path,
-    calls: &[ApiCall],
-) -> Result<(ApiClient, String), VmmError> {
-    let stream = process.wait_for_socket(api_socket).await?;
-    let mut client = ApiClient::handshake(stream, api_socket).await?;
-    let version: FirecrackerVersion = client.get(&api::get_version()).await?;
-    for call in calls {
-        if let Err(error) = client.send(call).await {
-            // A transport error usually means the process died; say so with its log.
-            if let Some(status) = process.try_exit().await? {
-                return Err(process.exited_early(status));
-            }
-            return Err(error.into());
         }
     }
-    Ok((client, version.firecracker_version))
 }
 
 pub struct FirecrackerVm {
     process: VmmProcess,
     client: ApiClient,
     vmm_version: String,
+    /// `--snapshot-version` of the binary this VM runs.
+    snapshot_version: String,
+    machine: Machine,
     console_log: PathBuf,
     sockets: Vec<PathBuf>,
 }
 
 impl FirecrackerVm {
+    /// Sends `calls` in order; a transport error usually means the process died, which is
+    /// then reported with its log.
+    async fn configure(&mut self, calls: &[ApiCall]) -> Result<(), VmmError> {
+        for call in calls {
+            if let Err(error) = self.client.send(call).await {
+                if let Some(status) = self.process.try_exit().await? {
+                    return Err(self.process.exited_early(status));
+                }
+                return Err(error.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills a process that failed to start or restore (a half-configured Firecracker is
+    /// useless and holds the TAP) and returns `error`.
+    async fn roll_back(&mut self, id: &str, error: VmmError) -> VmmError {
+        if let Err(kill_error) = self.kill().await {
+            tracing::warn!(id, error = %kill_error, "killing a failed Firecracker");
+        }
+        error
+    }
+
+    /// Pauses the vCPUs and writes the snapshot's partial files.
+    async fn save(&mut self, snapshot: &SnapshotFiles) -> Result<(), VmmError> {
+        let calls = pause_sequence(snapshot)?;
+        self.configure(&calls).await?;
+        // Firecracker only promises the disks reached the host's page cache.
+        snapshot::sync_writable_drives(&self.machine)?;
+        Ok(())
+    }
+
+    /// After a failed pause: resumes a guest that ran before, or reports the VMM gone.
+    async fn recover(&mut self, was_running: bool, cause: VmmError) -> VmmError {
+        let after = if matches!(self.process.try_exit().await, Ok(Some(_)) | Err(_)) {
+            self.remove_sockets();
+            AfterFailedPause::VmmGone
+        } else if !was_running {
+            AfterFailedPause::Paused
+        } else {
+            let resume = api::VmState {
+                state: VmRunState::Resumed,
+            }
+            .call();
+            match self.client.send(&resume).await {
+                Ok(_) => AfterFailedPause::Running,
+                Err(error) => {
+                    tracing::warn!(pid = self.pid(), %error, "a VM whose pause failed cannot resume; killing it");
+                    if let Err(error) = self.kill().await {
+                        tracing::warn!(%error, "killing a VM whose pause failed");
+                    }
+                    AfterFailedPause::VmmGone
+                }
+            }
+        };
+        VmmError::PauseFailed {
+            after,
+            cause: Box::new(cause),
+        }
+    }
+
     fn remove_sockets(&self) {
         for socket in &self.sockets {
             if let Err(error) = process::remove_if_present(socket) {
@@ -264,5 +462,46 @@ impl Vm for FirecrackerVm {
         let status = self.process.wait().await?;
         self.remove_sockets();
         Ok(status)
+    }
+
+    async fn pause_to(&mut self, snapshot: &SnapshotFiles) -> Result<SnapshotMeta, VmmError> {
+        let was_running = match self
+            .client
+            .get::<InstanceInfo>(&api::get_instance_info())
+            .await
+        {
+            Ok(info) => info.state == "Running",
+            Err(error) => return Err(self.recover(true, error.into()).await),
+        };
+        let writer = match SnapshotWriter::begin(
+            snapshot,
+            &[&snapshot.state, &snapshot.memory],
+            snapshot::bytes_needed(self.machine.memory_mib),
+        ) {
+            Ok(writer) => writer,
+            Err(error) => return Err(self.recover(was_running, error.into()).await),
+        };
+        let saved = match self.save(snapshot).await {
+            Ok(()) => writer
+                .commit(
+                    VmmKind::Firecracker,
+                    &self.vmm_version,
+                    Some(&self.snapshot_version),
+                    &self.machine,
+                )
+                .map_err(VmmError::from),
+            Err(error) => {
+                drop(writer);
+                Err(error)
+            }
+        };
+        match saved {
+            Ok(meta) => {
+                // Firecracker's documented end of a snapshot that is not resumed in place.
+                self.kill().await?;
+                Ok(meta)
+            }
+            Err(error) => Err(self.recover(was_running, error).await),
+        }
     }
 }

@@ -5,10 +5,12 @@ mod accel;
 pub mod qmp;
 
 use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::OnceCell;
@@ -18,7 +20,10 @@ use qmp::QmpClient;
 pub use qmp::QmpError;
 
 use super::process::{self, VmmProcess};
-use super::{Vm, VmSpec, VmStatus, Vmm, VmmError, VmmKind};
+use super::snapshot::{self, Machine, SnapshotReader, SnapshotWriter};
+use super::{
+    AfterFailedPause, SnapshotFiles, SnapshotMeta, Vm, VmSpec, VmStatus, Vmm, VmmError, VmmKind,
+};
 use crate::config::{ConsoleLogMaxBytes, QemuAccel};
 
 const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=on";
@@ -169,32 +174,60 @@ impl Vmm for QemuVmm {
             .map_err(|e| VmmError::StartTask(e.to_string()))??;
         Ok(Box::new(vm))
     }
+
+    async fn restore(
+        &self,
+        spec: &VmSpec,
+        snapshot: &SnapshotFiles,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        spec.check()?;
+        let this = self.clone();
+        let spec = spec.clone();
+        let snapshot = snapshot.clone();
+        let task = tokio::spawn(async move { this.restore_detached(spec, snapshot).await });
+        let vm = task
+            .await
+            .map_err(|e| VmmError::StartTask(e.to_string()))??;
+        Ok(Box::new(vm))
+    }
 }
 
 impl QemuVmm {
     async fn start_detached(&self, spec: VmSpec) -> Result<QemuVm, VmmError> {
         let accel = self.accel(&spec.kernel).await.accel;
+        let vm = self.spawn_vm(&spec, accel, &[]).await?;
+        tracing::info!(id = %spec.id, pid = vm.pid(), accel = accel.as_str(), vmm_version = %vm.vmm_version, "QEMU VM started");
+        Ok(vm)
+    }
+
+    /// Spawns QEMU for `spec` with `extra` arguments and connects to its monitor; on failure
+    /// the process is killed and its socket removed.
+    async fn spawn_vm(
+        &self,
+        spec: &VmSpec,
+        accel: Accel,
+        extra: &[&str],
+    ) -> Result<QemuVm, VmmError> {
         let vsock_available = Path::new(VHOST_VSOCK).exists();
         if spec.vsock_cid.is_some() && !vsock_available {
             tracing::warn!(id = %spec.id, "{VHOST_VSOCK} is missing; the VM gets no vsock device");
         }
         let files = &spec.files;
         process::prepare_files(files, &[&files.qmp_socket])?;
-        let args = command_line(&spec, accel, vsock_available);
+        let mut args = command_line(spec, accel, vsock_available);
+        args.extend(extra.iter().map(OsString::from));
         let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
         let mut process = process::spawn(&self.bin, &args, netns, files, self.console_cap)?;
         match connect(&mut process, &files.qmp_socket).await {
-            Ok((qmp, vmm_version)) => {
-                tracing::info!(id = %spec.id, pid = process.pid(), accel = accel.as_str(), %vmm_version, "QEMU VM started");
-                Ok(QemuVm {
-                    process,
-                    qmp,
-                    vmm_version,
-                    accel,
-                    console_log: files.console_log.clone(),
-                    qmp_socket: files.qmp_socket.clone(),
-                })
-            }
+            Ok((qmp, vmm_version)) => Ok(QemuVm {
+                process,
+                qmp,
+                vmm_version,
+                accel,
+                machine: Machine::of(spec, Some(accel.as_str())),
+                console_log: files.console_log.clone(),
+                qmp_socket: files.qmp_socket.clone(),
+            }),
             Err(error) => {
                 if let Err(kill_error) = process.kill().await {
                     tracing::warn!(id = %spec.id, error = %kill_error, "killing a failed QEMU");
@@ -204,6 +237,60 @@ impl QemuVmm {
             }
         }
     }
+
+    async fn restore_detached(
+        &self,
+        spec: VmSpec,
+        snapshot: SnapshotFiles,
+    ) -> Result<QemuVm, VmmError> {
+        let started = Instant::now();
+        let reader = SnapshotReader::open(&snapshot)?;
+        let accel = self.accel(&spec.kernel).await.accel;
+        let version = qmp_style_version(&self.version().await?);
+        reader.check(
+            VmmKind::Qemu,
+            &version,
+            None,
+            &Machine::of(&spec, Some(accel.as_str())),
+        )?;
+        let state = File::open(&snapshot.state).map_err(|source| VmmError::File {
+            what: "failed to open snapshot state",
+            path: snapshot.state.clone(),
+            source,
+        })?;
+        let mut vm = self.spawn_vm(&spec, accel, &["-incoming", "defer"]).await?;
+        match vm.load(&state, &reader, spec.memory_mib).await {
+            Ok(()) => {
+                tracing::info!(id = %spec.id, pid = vm.pid(), elapsed = ?started.elapsed(), "QEMU VM restored");
+                Ok(vm)
+            }
+            Err(error) => {
+                if let Err(kill_error) = vm.kill().await {
+                    tracing::warn!(id = %spec.id, error = %kill_error, "killing a failed restore");
+                }
+                Err(error)
+            }
+        }
+    }
+}
+
+/// QEMU's `--version` line in the words of its `query-version` ([`qmp::VersionInfo::describe`]),
+/// which is what a snapshot records.
+fn qmp_style_version(line: &str) -> String {
+    match line.strip_prefix("QEMU emulator version ") {
+        Some(rest) => format!("QEMU {rest}"),
+        None => line.to_owned(),
+    }
+}
+
+/// The name the snapshot file's descriptor is handed to QEMU under.
+const SNAPSHOT_FD: &str = "wrenn-snapshot";
+const MIGRATION_POLL: Duration = Duration::from_millis(5);
+
+/// How long saving or loading a guest's memory may take: generous, since TCG hosts are slow
+/// and shared, but bounded.
+fn migration_deadline(memory_mib: u32) -> Duration {
+    Duration::from_secs(60) + Duration::from_secs(60) * memory_mib.div_ceil(1024)
 }
 
 /// How long a QEMU whose monitor went away may take to finish exiting.
@@ -232,6 +319,7 @@ pub struct QemuVm {
     qmp: QmpClient,
     vmm_version: String,
     accel: Accel,
+    machine: Machine,
     console_log: PathBuf,
     qmp_socket: PathBuf,
 }
@@ -239,6 +327,138 @@ pub struct QemuVm {
 impl QemuVm {
     pub fn accel(&self) -> Accel {
         self.accel
+    }
+
+    /// Waits until the migration in `direction` completes, fails, or outlives its deadline.
+    async fn wait_for_migration(
+        &mut self,
+        direction: &'static str,
+        deadline: Duration,
+    ) -> Result<(), VmmError> {
+        let started = Instant::now();
+        loop {
+            let info = match self.qmp.query_migrate().await {
+                Ok(info) => info,
+                // A failed incoming migration ends QEMU; its log says why.
+                Err(error) => {
+                    return match self.process.wait_for(EXIT_AFTER_CLOSE).await? {
+                        Some(status) => Err(self.process.exited_early(status)),
+                        None => Err(error.into()),
+                    }
+                }
+            };
+            let failed = |status: &str, detail: Option<String>| VmmError::Migration {
+                direction,
+                status: status.to_owned(),
+                waited: started.elapsed(),
+                detail: detail.unwrap_or_else(|| "QEMU gave no reason".into()),
+            };
+            match info.status.as_deref() {
+                Some("completed") => return Ok(()),
+                Some(status @ ("failed" | "cancelled")) => {
+                    return Err(failed(status, info.error_desc))
+                }
+                _ => {}
+            }
+            if started.elapsed() > deadline {
+                if direction == "out" {
+                    if let Err(error) = self.qmp.migrate_cancel().await {
+                        tracing::warn!(%error, "cancelling a migration that timed out");
+                    }
+                }
+                return Err(failed(
+                    "timed out",
+                    Some(format!("still {:?} at the deadline", info.status)),
+                ));
+            }
+            tokio::time::sleep(MIGRATION_POLL).await;
+        }
+    }
+
+    /// Stops the guest and streams its whole state into the snapshot's partial file.
+    async fn save(
+        &mut self,
+        writer: &SnapshotWriter,
+        snapshot: &SnapshotFiles,
+    ) -> Result<(), VmmError> {
+        let file = writer.create_partial(&snapshot.state)?;
+        self.qmp.stop().await?;
+        self.qmp.unlimit_migration_bandwidth().await?;
+        self.qmp.getfd(SNAPSHOT_FD, file.as_fd()).await?;
+        self.qmp.migrate(&format!("fd:{SNAPSHOT_FD}")).await?;
+        self.wait_for_migration("out", migration_deadline(self.machine.memory_mib))
+            .await?;
+        fail::fail_point!("vmm-pause-after-save", |_| Err(VmmError::Migration {
+            direction: "out",
+            status: "failed".into(),
+            waited: Duration::ZERO,
+            detail: "injected failure".into(),
+        }));
+        // QEMU flushed the disks when it stopped; this also covers a disk QEMU could not flush.
+        snapshot::sync_writable_drives(&self.machine)?;
+        Ok(())
+    }
+
+    /// After a failed pause: resumes a guest that ran before, or reports the VMM gone.
+    async fn recover(&mut self, was_running: bool, cause: VmmError) -> VmmError {
+        let gone = |cause| VmmError::PauseFailed {
+            after: AfterFailedPause::VmmGone,
+            cause: Box::new(cause),
+        };
+        if matches!(self.process.try_exit().await, Ok(Some(_)) | Err(_)) {
+            let _ = process::remove_if_present(&self.qmp_socket);
+            return gone(cause);
+        }
+        if !was_running {
+            return VmmError::PauseFailed {
+                after: AfterFailedPause::Paused,
+                cause: Box::new(cause),
+            };
+        }
+        match self.qmp.cont().await {
+            Ok(()) => VmmError::PauseFailed {
+                after: AfterFailedPause::Running,
+                cause: Box::new(cause),
+            },
+            Err(error) => {
+                tracing::warn!(pid = self.pid(), %error, "a VM whose pause failed cannot resume; killing it");
+                if let Err(error) = self.kill().await {
+                    tracing::warn!(%error, "killing a VM whose pause failed");
+                }
+                gone(cause)
+            }
+        }
+    }
+
+    /// Loads the snapshot into this QEMU (started with `-incoming defer`) and resumes it.
+    async fn load(
+        &mut self,
+        state: &File,
+        reader: &SnapshotReader,
+        memory_mib: u32,
+    ) -> Result<(), VmmError> {
+        self.qmp.getfd(SNAPSHOT_FD, state.as_fd()).await?;
+        self.qmp
+            .migrate_incoming(&format!("fd:{SNAPSHOT_FD}"))
+            .await?;
+        self.wait_for_migration("in", migration_deadline(memory_mib))
+            .await?;
+        snapshot::drop_page_cache(state);
+        reader.consume()?;
+        match self.qmp.cont().await {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                // QEMU refused, so the guest never ran and its disk is untouched: the snapshot
+                // stays good. Otherwise it may have run, and stays retired.
+                if matches!(error, QmpError::Command { .. }) {
+                    reader.unconsume();
+                }
+                Err(VmmError::ResumeFailed {
+                    pid: self.pid(),
+                    cause: Box::new(error.into()),
+                })
+            }
+        }
     }
 
     fn exited(&mut self, status: ExitStatus) -> ExitStatus {
@@ -321,6 +541,42 @@ impl Vm for QemuVm {
         let status = self.process.wait().await?;
         Ok(self.exited(status))
     }
+
+    async fn pause_to(&mut self, snapshot: &SnapshotFiles) -> Result<SnapshotMeta, VmmError> {
+        let started = Instant::now();
+        let was_running = match self.qmp.query_status().await {
+            Ok(info) => info.running,
+            Err(error) => return Err(self.recover(true, error.into()).await),
+        };
+        let writer = match SnapshotWriter::begin(
+            snapshot,
+            &[&snapshot.state],
+            snapshot::bytes_needed(self.machine.memory_mib),
+        ) {
+            Ok(writer) => writer,
+            Err(error) => return Err(self.recover(was_running, error.into()).await),
+        };
+        let saved = match self.save(&writer, snapshot).await {
+            Ok(()) => writer
+                .commit(VmmKind::Qemu, &self.vmm_version, None, &self.machine)
+                .map_err(VmmError::from),
+            Err(error) => {
+                drop(writer);
+                Err(error)
+            }
+        };
+        let meta = match saved {
+            Ok(meta) => meta,
+            Err(error) => return Err(self.recover(was_running, error).await),
+        };
+        // The state is on disk: QEMU has nothing left to do.
+        if self.qmp.quit().await.is_err() || self.process.wait_for(QUIT_GRACE).await?.is_none() {
+            self.process.kill().await?;
+        }
+        let _ = process::remove_if_present(&self.qmp_socket);
+        tracing::info!(pid = self.pid(), elapsed = ?started.elapsed(), dir = %snapshot.dir.display(), "QEMU VM paused to disk");
+        Ok(meta)
+    }
 }
 
 #[cfg(test)]
@@ -383,6 +639,15 @@ mod tests {
             assert!(line.contains(needle), "`{needle}` missing from {line}");
         }
         assert!(!line.contains("tsc_early_khz"), "{line}");
+    }
+
+    #[test]
+    fn the_version_line_reads_like_query_version() {
+        assert_eq!(
+            qmp_style_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"),
+            "QEMU 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"
+        );
+        assert_eq!(qmp_style_version("QEMU 9.0.0"), "QEMU 9.0.0");
     }
 
     #[test]

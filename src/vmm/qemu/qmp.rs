@@ -1,11 +1,16 @@
 //! A small QMP client: QEMU's JSON-lines control protocol on a Unix socket. One command is in
 //! flight at a time; asynchronous events arriving in between are skipped.
 
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tokio::io::Interest;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
@@ -79,6 +84,15 @@ pub struct StatusInfo {
     pub status: String,
 }
 
+/// `query-migrate`: `status` is absent before any migration, then `setup`, `active`, ...,
+/// `completed`, `failed` or `cancelled`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MigrationInfo {
+    pub status: Option<String>,
+    #[serde(rename = "error-desc")]
+    pub error_desc: Option<String>,
+}
+
 /// `query-version`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct VersionInfo {
@@ -146,6 +160,109 @@ impl QmpClient {
             .map(drop)
     }
 
+    /// Stops the vCPUs; QEMU drains and flushes the block devices before answering.
+    pub async fn stop(&mut self) -> Result<(), QmpError> {
+        self.execute::<(), serde::de::IgnoredAny>("stop", None)
+            .await
+            .map(drop)
+    }
+
+    /// Resumes the vCPUs.
+    pub async fn cont(&mut self) -> Result<(), QmpError> {
+        self.execute::<(), serde::de::IgnoredAny>("cont", None)
+            .await
+            .map(drop)
+    }
+
+    /// Lifts the default 32 MiB/s migration bandwidth cap: the stream goes to a local file
+    /// while the guest is stopped, so it should go as fast as the disk takes it.
+    pub async fn unlimit_migration_bandwidth(&mut self) -> Result<(), QmpError> {
+        self.execute::<_, serde::de::IgnoredAny>(
+            "migrate-set-parameters",
+            Some(serde_json::json!({ "max-bandwidth": i64::MAX })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Hands QEMU an open file under `name` (SCM_RIGHTS on the monitor socket), for `fd:name`
+    /// migration URIs.
+    pub async fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        let mut line = serde_json::to_vec(&Execute {
+            execute: "getfd",
+            arguments: Some(serde_json::json!({ "fdname": name })),
+        })
+        .expect("commands serialize");
+        line.push(b'\n');
+        let raw = [fd.as_raw_fd()];
+        let socket: &UnixStream = self.writer.as_ref();
+        let sent = tokio::time::timeout(COMMAND_TIMEOUT, async {
+            loop {
+                socket.writable().await?;
+                let attempt = socket.try_io(Interest::WRITABLE, || {
+                    let iov = [IoSlice::new(&line)];
+                    let cmsg = [ControlMessage::ScmRights(&raw)];
+                    sendmsg::<()>(socket.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None)
+                        .map_err(std::io::Error::from)
+                });
+                match attempt {
+                    Ok(n) if n == line.len() => return Ok(()),
+                    Ok(n) => {
+                        return Err(std::io::Error::other(format!(
+                            "sent {n} of {} bytes with the descriptor",
+                            line.len()
+                        )))
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(source)) => return Err(self.io(source)),
+            Err(_) => {
+                return Err(QmpError::Timeout {
+                    path: self.path.clone(),
+                    command: "getfd".into(),
+                })
+            }
+        }
+        self.read_reply::<serde::de::IgnoredAny>("getfd")
+            .await
+            .map(drop)
+    }
+
+    /// Starts an outgoing migration to `uri`; it completes in the background
+    /// ([`QmpClient::query_migrate`]).
+    pub async fn migrate(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute::<_, serde::de::IgnoredAny>("migrate", Some(serde_json::json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
+    /// Starts loading an incoming migration from `uri` into a QEMU started with
+    /// `-incoming defer`.
+    pub async fn migrate_incoming(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute::<_, serde::de::IgnoredAny>(
+            "migrate-incoming",
+            Some(serde_json::json!({ "uri": uri })),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn migrate_cancel(&mut self) -> Result<(), QmpError> {
+        self.execute::<(), serde::de::IgnoredAny>("migrate_cancel", None)
+            .await
+            .map(drop)
+    }
+
+    pub async fn query_migrate(&mut self) -> Result<MigrationInfo, QmpError> {
+        self.execute::<(), _>("query-migrate", None).await
+    }
+
     /// Ends QEMU at once. QEMU may close the socket before answering, which counts as done.
     pub async fn quit(&mut self) -> Result<(), QmpError> {
         match self
@@ -173,26 +290,7 @@ impl QmpClient {
                 .write_all(&line)
                 .await
                 .map_err(|source| self.io(source))?;
-            loop {
-                match self.read_message(command).await? {
-                    Message::Return { value } => {
-                        return serde_json::from_value(value).map_err(|e| {
-                            self.protocol(command, &format!("bad return value: {e}"))
-                        });
-                    }
-                    Message::Error { error } => {
-                        return Err(QmpError::Command {
-                            command: command.to_owned(),
-                            class: error.class,
-                            desc: error.desc,
-                        });
-                    }
-                    Message::Event { event } => tracing::debug!(%event, "QMP event"),
-                    Message::Greeting { .. } => {
-                        return Err(self.protocol(command, "a second greeting"))
-                    }
-                }
-            }
+            self.read_reply_untimed(command).await
         };
         match tokio::time::timeout(COMMAND_TIMEOUT, exchange).await {
             Ok(result) => result,
@@ -200,6 +298,40 @@ impl QmpClient {
                 path: self.path.clone(),
                 command: command.to_owned(),
             }),
+        }
+    }
+
+    async fn read_reply<R: DeserializeOwned>(&mut self, command: &str) -> Result<R, QmpError> {
+        match tokio::time::timeout(COMMAND_TIMEOUT, self.read_reply_untimed(command)).await {
+            Ok(result) => result,
+            Err(_) => Err(QmpError::Timeout {
+                path: self.path.clone(),
+                command: command.to_owned(),
+            }),
+        }
+    }
+
+    /// Reads up to the reply to `command`, skipping events.
+    async fn read_reply_untimed<R: DeserializeOwned>(
+        &mut self,
+        command: &str,
+    ) -> Result<R, QmpError> {
+        loop {
+            match self.read_message(command).await? {
+                Message::Return { value } => {
+                    return serde_json::from_value(value)
+                        .map_err(|e| self.protocol(command, &format!("bad return value: {e}")));
+                }
+                Message::Error { error } => {
+                    return Err(QmpError::Command {
+                        command: command.to_owned(),
+                        class: error.class,
+                        desc: error.desc,
+                    });
+                }
+                Message::Event { event } => tracing::debug!(%event, "QMP event"),
+                Message::Greeting { .. } => return Err(self.protocol(command, "a second greeting")),
+            }
         }
     }
 

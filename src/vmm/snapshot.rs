@@ -1,0 +1,748 @@
+//! Snapshots of paused VMs on disk, shared by both backends: the files one snapshot is made of,
+//! its metadata, and the rules that keep a half-written or stale snapshot from ever being
+//! loaded. Every file is written under a `.partial` name, made durable and renamed into place;
+//! the metadata comes last, so its presence means the snapshot is complete. A restore checks
+//! the metadata against the VMM and the VM spec before any process starts, and then moves the
+//! metadata aside: the restored guest writes its disk, so the memory in the snapshot no longer
+//! matches it and loading it again would corrupt the disk.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{posix_fadvise, Flock, FlockArg, PosixFadviseAdvice};
+use nix::sys::statvfs::statvfs;
+use serde::{Deserialize, Serialize};
+
+use super::{VmSpec, VmmKind};
+use crate::config::Layout;
+
+/// The version of this layout and metadata. A snapshot of another version is refused.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// The files of one snapshot, all in one directory under the files root's `snapshots/`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFiles {
+    pub dir: PathBuf,
+    pub meta: PathBuf,
+    /// Where the metadata goes once the snapshot has been restored.
+    pub restored_meta: PathBuf,
+    pub state: PathBuf,
+    pub memory: PathBuf,
+}
+
+impl SnapshotFiles {
+    pub fn for_sandbox(layout: &Layout, id: &str) -> Self {
+        Self {
+            dir: layout.snapshot_dir(id),
+            meta: layout.snapshot_meta(id),
+            restored_meta: layout.snapshot_restored_meta(id),
+            state: layout.snapshot_state(id),
+            memory: layout.snapshot_memory(id),
+        }
+    }
+
+    /// Bytes the snapshot occupies on disk (allocated blocks, not apparent sizes: holes and
+    /// skipped zero pages cost nothing).
+    pub fn allocated_bytes(&self) -> u64 {
+        [&self.meta, &self.state, &self.memory]
+            .iter()
+            .filter_map(|p| fs::metadata(p).ok())
+            .map(|m| m.blocks() * 512)
+            .sum()
+    }
+}
+
+/// What a snapshot was taken of and by whom; `meta.json` beside the state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotMeta {
+    pub format: u32,
+    #[serde(with = "vmm_kind")]
+    pub vmm: VmmKind,
+    /// The running VMM's own version report at pause time (`QEMU 7.2.22 (Debian ...)`,
+    /// Firecracker's `1.16.1`): the state format is tied to it.
+    pub vmm_version: String,
+    /// Firecracker's snapshot data format (`firecracker --snapshot-version`); QEMU has none
+    /// apart from its version.
+    pub vmm_snapshot_version: Option<String>,
+    pub machine: Machine,
+    /// The state files and their exact sizes, checked before a restore.
+    pub files: Vec<SnapshotFile>,
+    pub created_unix_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotFile {
+    /// The name inside the snapshot directory.
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// The machine options both ends of a restore must agree on. The network attachment (TAP,
+/// namespace) may differ: the guest keeps its address by design.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub boot_args: String,
+    pub drives: Vec<MachineDrive>,
+    pub mac: Option<String>,
+    pub vsock_cid: Option<u32>,
+    /// QEMU's accelerator (`kvm`, `tcg`): CPU state taken under one does not load under the
+    /// other.
+    pub accel: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineDrive {
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+impl Machine {
+    pub fn of(spec: &VmSpec, accel: Option<&str>) -> Self {
+        Self {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            kernel: spec.kernel.clone(),
+            initrd: spec.initrd.clone(),
+            boot_args: spec.boot_args(),
+            drives: spec
+                .drives
+                .iter()
+                .map(|d| MachineDrive {
+                    id: d.id.clone(),
+                    path: d.path.clone(),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            mac: spec.net.as_ref().map(|n| n.mac.clone()),
+            vsock_cid: spec.vsock_cid,
+            accel: accel.map(str::to_owned),
+        }
+    }
+
+    /// The first option that differs, as (name, in the snapshot, in the spec).
+    fn difference(&self, spec: &Self) -> Option<(&'static str, String, String)> {
+        let differs = |name, a: String, b: String| (a != b).then_some((name, a, b));
+        differs("vcpus", self.vcpus.to_string(), spec.vcpus.to_string())
+            .or_else(|| {
+                differs(
+                    "memory_mib",
+                    self.memory_mib.to_string(),
+                    spec.memory_mib.to_string(),
+                )
+            })
+            .or_else(|| {
+                differs(
+                    "kernel",
+                    self.kernel.display().to_string(),
+                    spec.kernel.display().to_string(),
+                )
+            })
+            .or_else(|| {
+                differs(
+                    "initrd",
+                    format!("{:?}", self.initrd),
+                    format!("{:?}", spec.initrd),
+                )
+            })
+            .or_else(|| differs("boot_args", self.boot_args.clone(), spec.boot_args.clone()))
+            .or_else(|| {
+                differs(
+                    "drives",
+                    format!("{:?}", self.drives),
+                    format!("{:?}", spec.drives),
+                )
+            })
+            .or_else(|| differs("mac", format!("{:?}", self.mac), format!("{:?}", spec.mac)))
+            .or_else(|| {
+                differs(
+                    "vsock_cid",
+                    format!("{:?}", self.vsock_cid),
+                    format!("{:?}", spec.vsock_cid),
+                )
+            })
+            .or_else(|| {
+                differs(
+                    "accel",
+                    format!("{:?}", self.accel),
+                    format!("{:?}", spec.accel),
+                )
+            })
+    }
+}
+
+mod vmm_kind {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::VmmKind;
+
+    pub fn serialize<S: Serializer>(kind: &VmmKind, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(kind)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<VmmKind, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {dir} is incomplete: it has no metadata (never finished, or removed)")]
+    Incomplete { dir: PathBuf },
+    #[error("snapshot {dir} was already restored; the restored guest has since changed its disk")]
+    AlreadyRestored { dir: PathBuf },
+    #[error("snapshot {path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("snapshot {dir} has format {found}; this build reads format {SNAPSHOT_FORMAT}")]
+    Format { dir: PathBuf, found: u32 },
+    #[error("snapshot {dir} was taken by {snapshot}, not {ours}")]
+    VmmKind {
+        dir: PathBuf,
+        snapshot: VmmKind,
+        ours: VmmKind,
+    },
+    #[error("snapshot {dir} was taken by {what} `{snapshot}`; this host runs `{ours}`")]
+    VmmVersion {
+        dir: PathBuf,
+        what: &'static str,
+        snapshot: String,
+        ours: String,
+    },
+    #[error("snapshot {dir} has {option} = {snapshot}, the VM spec has {spec}")]
+    Machine {
+        dir: PathBuf,
+        option: &'static str,
+        snapshot: String,
+        spec: String,
+    },
+    #[error(
+        "no space for a snapshot in {dir}: it needs up to {needed} bytes, {available} are free"
+    )]
+    NoSpace {
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+    },
+    #[error("snapshot {dir} is being written or restored by another caller")]
+    Busy { dir: PathBuf },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+}
+
+impl SnapshotError {
+    /// The disk is full (or the quota reached): the caller says so rather than "internal".
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::NoSpace { .. } => true,
+            Self::Io { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+            }
+            _ => false,
+        }
+    }
+}
+
+fn io_error<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
+    move |source| SnapshotError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<(), SnapshotError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_error("failed to remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("failed to sync directory", dir))
+}
+
+/// Drops a written file's pages from the page cache: a paused sandbox holds no host RAM.
+pub(crate) fn drop_page_cache(file: &File) {
+    if let Err(errno) = posix_fadvise(file.as_fd(), 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED) {
+        tracing::debug!(%errno, "posix_fadvise(DONTNEED) on a snapshot file");
+    }
+}
+
+/// Makes a file another process wrote durable and evicts it from the page cache.
+pub(crate) fn sync_file(path: &Path) -> Result<(), SnapshotError> {
+    let file = File::open(path).map_err(io_error("failed to open", path))?;
+    file.sync_all().map_err(io_error("failed to sync", path))?;
+    drop_page_cache(&file);
+    Ok(())
+}
+
+/// Flushes a VM's writable disks to stable storage: the disk is part of the paused state.
+pub(crate) fn sync_writable_drives(machine: &Machine) -> Result<(), SnapshotError> {
+    for drive in machine.drives.iter().filter(|d| !d.read_only) {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(&drive.path)
+            .map_err(io_error("failed to open disk", &drive.path))?;
+        file.sync_all()
+            .map_err(io_error("failed to sync disk", &drive.path))?;
+    }
+    Ok(())
+}
+
+/// The most a snapshot of a guest with `memory_mib` can take: all of its memory, plus room for
+/// the device state and the stream's page headers.
+pub(crate) fn bytes_needed(memory_mib: u32) -> u64 {
+    (u64::from(memory_mib) + 16) << 20
+}
+
+/// Holds the snapshot directory while one pause or restore works on it.
+fn lock_dir(files: &SnapshotFiles) -> Result<Flock<File>, SnapshotError> {
+    let dir = File::open(&files.dir).map_err(io_error("failed to open", &files.dir))?;
+    Flock::lock(dir, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            SnapshotError::Busy {
+                dir: files.dir.clone(),
+            }
+        } else {
+            io_error("failed to lock", &files.dir)(errno.into())
+        }
+    })
+}
+
+/// A snapshot being written. Created before the VM stops; [`SnapshotWriter::commit`] publishes
+/// it, dropping it without a commit removes what was written.
+#[derive(Debug)]
+pub(crate) struct SnapshotWriter {
+    files: SnapshotFiles,
+    /// The final names of the files the VMM writes under their `.partial` names.
+    parts: Vec<PathBuf>,
+    committed: bool,
+    _lock: Flock<File>,
+}
+
+impl SnapshotWriter {
+    /// Makes the directory and takes it, refuses to start without room for `needed` bytes
+    /// (so that a full disk is found before the VM stops), then unpublishes whatever snapshot
+    /// was there (its metadata goes first, durably) and clears leftovers of an interrupted
+    /// pause.
+    pub(crate) fn begin(
+        files: &SnapshotFiles,
+        parts: &[&Path],
+        needed: u64,
+    ) -> Result<Self, SnapshotError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&files.dir)
+            .map_err(io_error("failed to create snapshot directory", &files.dir))?;
+        let lock = lock_dir(files)?;
+        let stat = statvfs(&files.dir)
+            .map_err(|errno| io_error("failed to stat filesystem of", &files.dir)(errno.into()))?;
+        // The files being replaced count as free: they go before the new ones are written.
+        let replaced: u64 = parts
+            .iter()
+            .filter_map(|p| fs::metadata(p).ok())
+            .map(|m| m.blocks() * 512)
+            .sum();
+        let available = stat.blocks_available() * stat.fragment_size() + replaced;
+        if available < needed {
+            return Err(SnapshotError::NoSpace {
+                dir: files.dir.clone(),
+                needed,
+                available,
+            });
+        }
+        remove_if_present(&files.meta)?;
+        remove_if_present(&files.restored_meta)?;
+        remove_if_present(&Layout::partial(&files.meta))?;
+        sync_dir(&files.dir)?;
+        for part in [&files.state, &files.memory] {
+            remove_if_present(&Layout::partial(part))?;
+            // The old files go now: the space check counted them as free.
+            if parts.contains(&part.as_path()) {
+                remove_if_present(part)?;
+            }
+        }
+        Ok(Self {
+            files: files.clone(),
+            parts: parts.iter().map(|p| p.to_path_buf()).collect(),
+            committed: false,
+            _lock: lock,
+        })
+    }
+
+    /// Creates the `.partial` file of `part` for the VMM to write into (QEMU gets the file
+    /// descriptor).
+    pub(crate) fn create_partial(&self, part: &Path) -> Result<File, SnapshotError> {
+        let path = Layout::partial(part);
+        OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_error("failed to create", &path))
+    }
+
+    /// Publishes the snapshot: each part is synced and renamed into place, then the metadata
+    /// (listing the parts and their sizes) is written, synced and renamed, and the directory
+    /// synced. Until the last rename nothing here is loadable.
+    pub(crate) fn commit(
+        mut self,
+        vmm: VmmKind,
+        vmm_version: &str,
+        vmm_snapshot_version: Option<&str>,
+        machine: &Machine,
+    ) -> Result<SnapshotMeta, SnapshotError> {
+        let mut listed = Vec::new();
+        for part in &self.parts {
+            let partial = Layout::partial(part);
+            sync_file(&partial)?;
+            let bytes = fs::metadata(&partial)
+                .map_err(io_error("failed to stat", &partial))?
+                .len();
+            fs::rename(&partial, part).map_err(io_error("failed to rename", &partial))?;
+            listed.push(SnapshotFile {
+                name: file_name(part),
+                bytes,
+            });
+        }
+        let meta = SnapshotMeta {
+            format: SNAPSHOT_FORMAT,
+            vmm,
+            vmm_version: vmm_version.to_owned(),
+            vmm_snapshot_version: vmm_snapshot_version.map(str::to_owned),
+            machine: machine.clone(),
+            files: listed,
+            created_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        };
+        write_meta(&self.files.meta, &meta)?;
+        sync_dir(&self.files.dir)?;
+        self.committed = true;
+        Ok(meta)
+    }
+}
+
+impl Drop for SnapshotWriter {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        for part in &self.parts {
+            if let Err(error) = remove_if_present(&Layout::partial(part)) {
+                tracing::warn!(%error, "removing a failed snapshot's partial file");
+            }
+        }
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Writes `meta.json` through a `.partial` file, durably.
+fn write_meta(path: &Path, meta: &SnapshotMeta) -> Result<(), SnapshotError> {
+    let partial = Layout::partial(path);
+    let mut json = serde_json::to_vec_pretty(meta).expect("metadata serializes");
+    json.push(b'\n');
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(io_error("failed to create", &partial))?;
+    file.write_all(&json)
+        .and_then(|()| file.sync_all())
+        .map_err(io_error("failed to write", &partial))?;
+    fs::rename(&partial, path).map_err(io_error("failed to rename", &partial))
+}
+
+/// A complete snapshot, held for one restore.
+#[derive(Debug)]
+pub(crate) struct SnapshotReader {
+    files: SnapshotFiles,
+    meta: SnapshotMeta,
+    _lock: Flock<File>,
+}
+
+impl SnapshotReader {
+    /// Takes the directory and reads and checks the metadata and the files it lists.
+    pub(crate) fn open(files: &SnapshotFiles) -> Result<Self, SnapshotError> {
+        if !files.dir.is_dir() {
+            return Err(SnapshotError::Incomplete {
+                dir: files.dir.clone(),
+            });
+        }
+        let lock = lock_dir(files)?;
+        let text = match fs::read(&files.meta) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let dir = files.dir.clone();
+                return Err(if files.restored_meta.exists() {
+                    SnapshotError::AlreadyRestored { dir }
+                } else {
+                    SnapshotError::Incomplete { dir }
+                });
+            }
+            Err(e) => return Err(io_error("failed to read", &files.meta)(e)),
+        };
+        let corrupt = |detail: String| SnapshotError::Corrupt {
+            path: files.meta.clone(),
+            detail,
+        };
+        // The format is checked before the rest: a later format may have other fields.
+        let format = serde_json::from_slice::<serde_json::Value>(&text)
+            .map_err(|e| corrupt(e.to_string()))?
+            .get("format")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| corrupt("no format version".into()))?;
+        if format != u64::from(SNAPSHOT_FORMAT) {
+            return Err(SnapshotError::Format {
+                dir: files.dir.clone(),
+                found: u32::try_from(format).unwrap_or(u32::MAX),
+            });
+        }
+        let meta: SnapshotMeta =
+            serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
+        for listed in &meta.files {
+            let path = files.dir.join(&listed.name);
+            if listed.name.contains('/') || listed.name.is_empty() {
+                return Err(corrupt(format!("bad file name `{}`", listed.name)));
+            }
+            let bytes = fs::metadata(&path)
+                .map_err(|e| SnapshotError::Corrupt {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                })?
+                .len();
+            if bytes != listed.bytes {
+                return Err(SnapshotError::Corrupt {
+                    path,
+                    detail: format!("{bytes} bytes, the metadata says {}", listed.bytes),
+                });
+            }
+        }
+        Ok(Self {
+            files: files.clone(),
+            meta,
+            _lock: lock,
+        })
+    }
+
+    /// Refuses a snapshot this VMM, at this version, cannot load into `machine`.
+    pub(crate) fn check(
+        &self,
+        vmm: VmmKind,
+        vmm_version: &str,
+        vmm_snapshot_version: Option<&str>,
+        machine: &Machine,
+    ) -> Result<(), SnapshotError> {
+        let dir = || self.files.dir.clone();
+        let meta = &self.meta;
+        if meta.vmm != vmm {
+            return Err(SnapshotError::VmmKind {
+                dir: dir(),
+                snapshot: meta.vmm,
+                ours: vmm,
+            });
+        }
+        if meta.vmm_version != vmm_version {
+            return Err(SnapshotError::VmmVersion {
+                dir: dir(),
+                what: "VMM version",
+                snapshot: meta.vmm_version.clone(),
+                ours: vmm_version.to_owned(),
+            });
+        }
+        if meta.vmm_snapshot_version.as_deref() != vmm_snapshot_version {
+            return Err(SnapshotError::VmmVersion {
+                dir: dir(),
+                what: "snapshot format",
+                snapshot: meta.vmm_snapshot_version.clone().unwrap_or_default(),
+                ours: vmm_snapshot_version.unwrap_or_default().to_owned(),
+            });
+        }
+        if let Some((option, snapshot, spec)) = meta.machine.difference(machine) {
+            return Err(SnapshotError::Machine {
+                dir: dir(),
+                option,
+                snapshot,
+                spec,
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks the snapshot restored, durably, before the guest runs again.
+    pub(crate) fn consume(&self) -> Result<(), SnapshotError> {
+        fs::rename(&self.files.meta, &self.files.restored_meta)
+            .map_err(io_error("failed to retire", &self.files.meta))?;
+        sync_dir(&self.files.dir)
+    }
+
+    /// Undoes [`SnapshotReader::consume`] when the guest provably never ran.
+    pub(crate) fn unconsume(&self) {
+        let restored = fs::rename(&self.files.restored_meta, &self.files.meta)
+            .map_err(io_error("failed to restore", &self.files.meta))
+            .and_then(|()| sync_dir(&self.files.dir));
+        if let Err(error) = restored {
+            tracing::warn!(%error, "a snapshot whose restore failed stays retired");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::{Drive, VmFiles};
+
+    fn machine() -> Machine {
+        let spec = VmSpec {
+            id: "cl-s".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: "/k".into(),
+            initrd: None,
+            extra_boot_args: String::new(),
+            drives: vec![Drive {
+                id: "root".into(),
+                path: "/r".into(),
+                read_only: true,
+            }],
+            net: None,
+            vsock_cid: None,
+            files: VmFiles::for_sandbox(&Layout::new("/srv"), "cl-s"),
+        };
+        Machine::of(&spec, Some("tcg"))
+    }
+
+    fn written(layout: &Layout, id: &str) -> SnapshotFiles {
+        let files = SnapshotFiles::for_sandbox(layout, id);
+        let writer = SnapshotWriter::begin(&files, &[&files.state], 5).unwrap();
+        let mut f = writer.create_partial(&files.state).unwrap();
+        f.write_all(b"state").unwrap();
+        writer
+            .commit(VmmKind::Qemu, "QEMU 7.2.22", None, &machine())
+            .unwrap();
+        files
+    }
+
+    #[test]
+    fn a_committed_snapshot_reads_back_and_is_consumed_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path());
+        let files = written(&layout, "cl-a");
+        assert!(!Layout::partial(&files.state).exists());
+        let reader = SnapshotReader::open(&files).unwrap();
+        assert_eq!(reader.meta.files[0].bytes, 5);
+        reader
+            .check(VmmKind::Qemu, "QEMU 7.2.22", None, &machine())
+            .unwrap();
+        reader.consume().unwrap();
+        drop(reader);
+        let err = SnapshotReader::open(&files).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::AlreadyRestored { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_uncommitted_snapshot_leaves_nothing_loadable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path());
+        let files = written(&layout, "cl-b");
+        // A second pause into the same directory that fails midway.
+        let writer = SnapshotWriter::begin(&files, &[&files.state], 5).unwrap();
+        writer.create_partial(&files.state).unwrap();
+        drop(writer);
+        assert!(!Layout::partial(&files.state).exists());
+        let err = SnapshotReader::open(&files).unwrap_err();
+        assert!(matches!(err, SnapshotError::Incomplete { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_second_caller_finds_the_directory_busy() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = written(&Layout::new(tmp.path()), "cl-c");
+        let _reader = SnapshotReader::open(&files).unwrap();
+        let err = SnapshotReader::open(&files).unwrap_err();
+        assert!(matches!(err, SnapshotError::Busy { .. }), "{err}");
+    }
+
+    #[test]
+    fn mismatches_are_refused_with_what_differs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = written(&Layout::new(tmp.path()), "cl-d");
+        let reader = SnapshotReader::open(&files).unwrap();
+        let err = reader
+            .check(VmmKind::Firecracker, "QEMU 7.2.22", None, &machine())
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::VmmKind { .. }), "{err}");
+        let err = reader
+            .check(VmmKind::Qemu, "QEMU 8.0.0", None, &machine())
+            .unwrap_err();
+        assert!(matches!(err, SnapshotError::VmmVersion { .. }), "{err}");
+        let mut bigger = machine();
+        bigger.memory_mib = 512;
+        let err = reader
+            .check(VmmKind::Qemu, "QEMU 7.2.22", None, &bigger)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SnapshotError::Machine {
+                    option: "memory_mib",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_truncated_file_a_garbled_meta_and_another_format_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path());
+        let files = written(&layout, "cl-e");
+        fs::write(&files.state, b"sta").unwrap();
+        let err = SnapshotReader::open(&files).unwrap_err();
+        assert!(matches!(err, SnapshotError::Corrupt { .. }), "{err}");
+        fs::write(&files.meta, b"{\"format\": 1, \"vmm\": ").unwrap();
+        let err = SnapshotReader::open(&files).unwrap_err();
+        assert!(matches!(err, SnapshotError::Corrupt { .. }), "{err}");
+        fs::write(&files.meta, b"{\"format\": 99}").unwrap();
+        let err = SnapshotReader::open(&files).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::Format { found: 99, .. }),
+            "{err}"
+        );
+    }
+}
