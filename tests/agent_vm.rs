@@ -152,8 +152,11 @@ async fn two_sandboxes_cannot_reach_each_other() {
         let b_addr = b["guest_addr"].as_str().unwrap();
         // Each guest reaches its own envd over loopback, but not its neighbour's.
         let probe = |addr: &str| {
-            let script =
-                format!("printf 'GET /health HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {addr} 49983");
+            // stdin stays open until envd answers: a client that half-closes first may get
+            // nothing back, since hyper drops a connection whose read side ended mid-exchange.
+            let script = format!(
+                "(printf 'GET /health HTTP/1.0\\r\\n\\r\\n'; sleep 2) | nc -w 3 {addr} 49983"
+            );
             agent.run(&sid("e2e-a"), "sh", &["-c", &script])
         };
         let own = probe("127.0.0.1");
