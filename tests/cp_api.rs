@@ -1127,7 +1127,7 @@ async fn deleting_a_host_with_capsules_needs_force() {
             team_id: admin.team.parse::<wrenn::id::TeamId>().unwrap().uuid(),
             host_id: Some(host.uuid()),
             template_id: uuid::Uuid::nil(),
-            status: "running",
+            status: sandboxes::SandboxStatus::Running,
             vcpus: 1,
             memory_mb: 512,
         },

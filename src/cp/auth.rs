@@ -13,9 +13,9 @@ use axum::http::request::Parts;
 use uuid::Uuid;
 
 use super::error::ApiError;
+use super::services::Caller;
 use super::state::AppState;
 use super::tokens::sha256;
-use crate::db::team_members::Role;
 use crate::db::users::{User, UserStatus};
 use crate::db::{api_keys, host_refresh_tokens, users};
 use crate::error_code::ErrorCode;
@@ -39,19 +39,12 @@ fn bearer(parts: &Parts) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// A signed-in user, re-read from the database on this request, with the team their token is
-/// scoped to and their current role there (`None` if they no longer belong to it).
+/// A signed-in user, re-read from the database on this request, and the services' view of them:
+/// the team their token is scoped to and their current role there.
 #[derive(Debug, Clone)]
 pub struct AuthUser {
     pub user: User,
-    pub team_id: TeamId,
-    pub role: Option<Role>,
-}
-
-impl AuthUser {
-    pub fn id(&self) -> Uuid {
-        self.user.id
-    }
+    pub caller: Caller,
 }
 
 impl FromRequestParts<AppState> for AuthUser {
@@ -80,9 +73,13 @@ impl FromRequestParts<AppState> for AuthUser {
             });
         }
         Ok(AuthUser {
+            caller: Caller {
+                user: claims.sub,
+                team: claims.team_id,
+                role: found.role,
+                is_admin: found.user.is_admin,
+            },
             user: found.user,
-            team_id: claims.team_id,
-            role: found.role,
         })
     }
 }
@@ -138,13 +135,13 @@ impl FromRequestParts<AppState> for AuthTeam {
                 ),
                 other => other,
             })?;
-        if user.role.is_none() {
+        if user.caller.role.is_none() {
             return Err(ApiError::forbidden(
                 "you are no longer a member of this token's team",
             ));
         }
         Ok(AuthTeam {
-            team_id: user.team_id,
+            team_id: user.caller.team,
             actor: TeamActor::User(Box::new(user)),
         })
     }

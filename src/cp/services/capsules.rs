@@ -18,8 +18,8 @@ use crate::agent::wire::{CreateSandbox, SandboxInfo};
 use crate::cp::agent_client::{AgentError, AgentTarget};
 use crate::cp::scheduler::{self, Demand, Placement, ScheduleError};
 use crate::cp::state::AppState;
-use crate::db::hosts::{self, Host, HostStatus};
-use crate::db::sandboxes::{self, SandboxRow, SandboxStatus};
+use crate::db::hosts::{Host, HostStatus};
+use crate::db::sandboxes::{self, SandboxRoute, SandboxRow, SandboxStatus, Transition};
 use crate::db::templates::{self, TemplateType};
 use crate::db::DbError;
 use crate::envd::api as envd;
@@ -51,6 +51,10 @@ pub enum CapsuleError {
     NotRunning(SandboxStatus),
     #[error("capsule is {0}; try again once it has settled")]
     Busy(SandboxStatus),
+    /// The create's row was moved on while the agent booted it (its team or host was deleted,
+    /// or the reconciler gave it up); the sandbox was removed from the agent again.
+    #[error("capsule became {0} while it was being created")]
+    Interrupted(SandboxStatus),
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
     #[error("the capsule's host {0} is not online")]
@@ -197,36 +201,61 @@ impl From<SandboxRow> for Capsule {
 /// How to reach `host`'s agent: its registered address (or `cp.host_agent_addr`) and the
 /// secret derived for its current generation.
 pub fn agent_target(state: &AppState, host: &Host) -> Option<AgentTarget> {
+    target(
+        state,
+        host.id,
+        host.address.as_deref(),
+        host.agent_secret_generation,
+    )
+}
+
+fn target(
+    state: &AppState,
+    host: Uuid,
+    address: Option<&str>,
+    generation: i32,
+) -> Option<AgentTarget> {
     let address = state
         .capsules
         .agent_addr_override
-        .clone()
-        .or_else(|| host.address.clone())?;
+        .as_deref()
+        .or(address)?
+        .to_owned();
     Some(AgentTarget {
-        host: HostId(host.id),
+        host: HostId(host),
         address,
-        secret: state
-            .tokens
-            .agent_secret(host.id, host.agent_secret_generation),
+        secret: state.agent_secrets.get(&state.tokens, host, generation),
     })
 }
 
-async fn online_target(
-    state: &AppState,
-    host_id: Option<Uuid>,
-) -> Result<AgentTarget, CapsuleError> {
-    let host_id = host_id.ok_or(CapsuleError::HostUnavailable(HostId(Uuid::nil())))?;
-    let host = hosts::by_id(&state.db, host_id)
-        .await?
-        .ok_or(CapsuleError::HostUnavailable(HostId(host_id)))?;
-    if host.status != HostStatus::Online {
-        return Err(CapsuleError::HostUnavailable(HostId(host_id)));
+/// How to reach the sandbox's agent, if its host is online.
+fn online_target(state: &AppState, route: &SandboxRoute) -> Result<AgentTarget, CapsuleError> {
+    let host = route
+        .host_id
+        .ok_or(CapsuleError::HostUnavailable(HostId(Uuid::nil())))?;
+    let unavailable = CapsuleError::HostUnavailable(HostId(host));
+    match (route.host_status, route.agent_secret_generation) {
+        (Some(HostStatus::Online), Some(generation)) => {
+            target(state, host, route.host_address.as_deref(), generation).ok_or(unavailable)
+        }
+        (Some(HostStatus::Pending | HostStatus::Unreachable) | None, _) | (_, None) => {
+            Err(unavailable)
+        }
     }
-    agent_target(state, &host).ok_or(CapsuleError::HostUnavailable(HostId(host_id)))
 }
 
 async fn find(state: &AppState, team: TeamId, id: SandboxId) -> Result<SandboxRow, CapsuleError> {
     sandboxes::for_team(&state.db, team.uuid(), id.uuid())
+        .await?
+        .ok_or(CapsuleError::NotFound)
+}
+
+async fn route(
+    state: &AppState,
+    team: TeamId,
+    id: SandboxId,
+) -> Result<SandboxRoute, CapsuleError> {
+    sandboxes::route_for_team(&state.db, team.uuid(), id.uuid())
         .await?
         .ok_or(CapsuleError::NotFound)
 }
@@ -288,10 +317,20 @@ pub async fn create(
         },
     )
     .await?;
+    let failed = Transition::to(SandboxStatus::Failed);
     let Some(target) = agent_target(state, &host) else {
-        sandboxes::set_status(&state.db, id.uuid(), SandboxStatus::Failed).await?;
+        sandboxes::transition(&state.db, id.uuid(), failed).await?;
         return Err(CapsuleError::HostUnavailable(HostId(host.id)));
     };
+    if !sandboxes::transition(
+        &state.db,
+        id.uuid(),
+        Transition::to(SandboxStatus::Starting).from(SandboxStatus::Pending),
+    )
+    .await?
+    {
+        return Err(interrupted(state, id).await);
+    }
     let request = CreateSandbox {
         sandbox_id: id,
         template: new.template.clone(),
@@ -311,7 +350,10 @@ pub async fn create(
     let agent_time = asked.elapsed();
     match answer {
         Ok(info) => {
-            sandboxes::mark_started(&state.db, id.uuid(), &guest_metadata(&info)).await?;
+            if !sandboxes::mark_started(&state.db, id.uuid(), &guest_metadata(&info)).await? {
+                remove_half_created(state, &target, id).await;
+                return Err(interrupted(state, id).await);
+            }
             Ok(Created {
                 capsule: find(state, team, id).await?.into(),
                 agent_time,
@@ -325,11 +367,10 @@ pub async fn create(
                     | AgentError::Decode { .. }
             );
             if outcome_unknown {
-                if let Err(cleanup) = state.capsules.agents.destroy_sandbox(&target, id).await {
-                    tracing::warn!(sandbox = %id, %cleanup, "could not remove a half-created sandbox; the reconciler will");
-                }
+                remove_half_created(state, &target, id).await;
             }
-            sandboxes::set_status(&state.db, id.uuid(), SandboxStatus::Failed).await?;
+            sandboxes::transition(&state.db, id.uuid(), failed.from(SandboxStatus::Starting))
+                .await?;
             tracing::warn!(sandbox = %id, host = %target.host, %error, "sandbox creation failed");
             match error {
                 AgentError::Rejected {
@@ -349,6 +390,25 @@ pub async fn create(
     }
 }
 
+/// Destroys what a create may have left on the agent; what remains is the reconciler's.
+async fn remove_half_created(state: &AppState, target: &AgentTarget, id: SandboxId) {
+    if let Err(cleanup) = state.capsules.agents.destroy_sandbox(target, id).await {
+        tracing::warn!(sandbox = %id, %cleanup, "could not remove a half-created sandbox; the reconciler will");
+    }
+}
+
+/// Why a create's transition was refused: what the row became meanwhile.
+async fn interrupted(state: &AppState, id: SandboxId) -> CapsuleError {
+    match sandboxes::status_of(&state.db, id.uuid()).await {
+        Ok(Some(status)) => {
+            tracing::warn!(sandbox = %id, %status, "sandbox changed while it was being created");
+            CapsuleError::Interrupted(status)
+        }
+        Ok(None) => CapsuleError::NotFound,
+        Err(error) => error.into(),
+    }
+}
+
 pub async fn list(state: &AppState, team: TeamId) -> Result<Vec<Capsule>, CapsuleError> {
     Ok(sandboxes::list_live_for_team(&state.db, team.uuid())
         .await?
@@ -361,20 +421,31 @@ pub async fn get(state: &AppState, team: TeamId, id: SandboxId) -> Result<Capsul
     Ok(find(state, team, id).await?.into())
 }
 
-/// Destroys the capsule. Already stopped or failed capsules are gone: a no-op. One whose host is
-/// unreachable is recorded stopped now; the reconciler removes it from the host when it returns.
+/// Destroys the capsule: `stopping` while the agent removes it, then `stopped`. Already stopped
+/// or failed capsules are gone: a no-op. One whose host is away is recorded stopped now; the
+/// reconciler removes it from the host when it returns. If the agent fails, the capsule stays
+/// `stopping` and the reconciler finishes the destroy.
 pub async fn destroy(state: &AppState, team: TeamId, id: SandboxId) -> Result<(), CapsuleError> {
-    let row = find(state, team, id).await?;
-    match row.status {
+    let route = route(state, team, id).await?;
+    match route.status {
         SandboxStatus::Stopped | SandboxStatus::Failed => return Ok(()),
         SandboxStatus::Pending
         | SandboxStatus::Starting
         | SandboxStatus::Pausing
         | SandboxStatus::Resuming
-        | SandboxStatus::Stopping => return Err(CapsuleError::Busy(row.status)),
+        | SandboxStatus::Snapshotting
+        | SandboxStatus::Stopping => return Err(CapsuleError::Busy(route.status)),
         SandboxStatus::Running | SandboxStatus::Paused | SandboxStatus::Missing => {}
     }
-    match online_target(state, row.host_id).await {
+    let stopping = Transition::to(SandboxStatus::Stopping).from(route.status);
+    if !sandboxes::transition(&state.db, id.uuid(), stopping).await? {
+        return match sandboxes::status_of(&state.db, id.uuid()).await? {
+            Some(SandboxStatus::Stopped | SandboxStatus::Failed) => Ok(()),
+            Some(other) => Err(CapsuleError::Busy(other)),
+            None => Err(CapsuleError::NotFound),
+        };
+    }
+    match online_target(state, &route) {
         Ok(target) => match state.capsules.agents.destroy_sandbox(&target, id).await {
             Ok(()) => {}
             Err(AgentError::Rejected { status, .. }) if status == http::StatusCode::NOT_FOUND => {}
@@ -391,7 +462,13 @@ pub async fn destroy(state: &AppState, team: TeamId, id: SandboxId) -> Result<()
         }
         Err(other) => return Err(other),
     }
-    sandboxes::set_status(&state.db, id.uuid(), SandboxStatus::Stopped).await?;
+    // Refused only if the reconciler saw it gone first and recorded it stopped.
+    sandboxes::transition(
+        &state.db,
+        id.uuid(),
+        Transition::to(SandboxStatus::Stopped).from(SandboxStatus::Stopping),
+    )
+    .await?;
     Ok(())
 }
 
@@ -409,20 +486,21 @@ pub async fn running(
     team: TeamId,
     id: SandboxId,
 ) -> Result<RunningCapsule, CapsuleError> {
-    let row = find(state, team, id).await?;
-    match row.status {
+    let route = route(state, team, id).await?;
+    match route.status {
         SandboxStatus::Running => {}
         SandboxStatus::Pending
         | SandboxStatus::Starting
         | SandboxStatus::Pausing
         | SandboxStatus::Paused
         | SandboxStatus::Resuming
+        | SandboxStatus::Snapshotting
         | SandboxStatus::Stopping
         | SandboxStatus::Stopped
         | SandboxStatus::Failed
-        | SandboxStatus::Missing => return Err(CapsuleError::NotRunning(row.status)),
+        | SandboxStatus::Missing => return Err(CapsuleError::NotRunning(route.status)),
     }
-    let target = online_target(state, row.host_id).await?;
+    let target = online_target(state, &route)?;
     Ok(RunningCapsule { id, target })
 }
 
