@@ -1,6 +1,8 @@
 //! HTTP handlers of the capsule API: parse, call one service function, shape the answer. Files
 //! stream through in both directions; nothing here holds a whole file.
 
+use std::collections::BTreeMap;
+
 use axum::body::Body;
 use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
 use axum::extract::{Multipart, Path, State};
@@ -8,21 +10,97 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use serde::Deserialize;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::no_content;
-use crate::cp::auth::AuthTeam;
+use crate::cp::auth::{AuthTeam, CapsuleCall};
 use crate::cp::error::ApiError;
 use crate::cp::extract::{path_id, ApiJson, ApiQuery};
 use crate::cp::services::capsules::{
-    self, Capsule, CreateCapsuleRequest, ExecOutcome, ExecRequest, KillSignal, ListDirRequest,
-    ListDirResponse, MakeDirResponse, NewCapsule, PathRequest, ProcessListResponse,
+    self, ExecOutcome, ExecRequest, KillSignal, ListDirRequest, ListDirResponse, MakeDirResponse,
+    NewCapsule, PathRequest, ProcessListResponse, GUEST_IP_KEY,
 };
 use crate::cp::state::AppState;
+use crate::db::sandboxes::SandboxRow;
 use crate::id::SandboxId;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `POST /v1/capsules` body; every field optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCapsuleRequest {
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub vcpus: Option<i64>,
+    #[serde(default)]
+    pub memory_mb: Option<i64>,
+    #[serde(default)]
+    pub timeout_sec: Option<i64>,
+}
+
+/// The public Capsule representation; empty optional fields are omitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capsule {
+    pub id: SandboxId,
+    /// A `sandboxes.status` value (`running`, `stopped`, `error`, ...).
+    pub status: String,
+    pub template: String,
+    pub vcpus: i32,
+    pub memory_mb: i32,
+    pub timeout_sec: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<String>,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_active_at: Option<DateTime<Utc>>,
+    pub last_updated: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, Value>,
+}
+
+impl From<SandboxRow> for Capsule {
+    fn from(row: SandboxRow) -> Self {
+        let mut metadata: BTreeMap<String, Value> = match row.metadata {
+            Value::Object(map) => map.into_iter().collect(),
+            _ => BTreeMap::new(),
+        };
+        let guest_ip = match metadata.remove(GUEST_IP_KEY) {
+            Some(Value::String(ip)) => Some(ip),
+            _ => None,
+        };
+        let host_ip = row.host_address.as_deref().map(|address| {
+            address
+                .rsplit_once(':')
+                .map_or(address, |(host, _)| host)
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_owned()
+        });
+        Self {
+            id: SandboxId(row.id),
+            status: row.status.as_str().to_owned(),
+            template: row.template,
+            vcpus: row.vcpus,
+            memory_mb: row.memory_mb,
+            timeout_sec: row.timeout_sec,
+            guest_ip,
+            host_ip,
+            created_at: row.created_at,
+            started_at: row.started_at,
+            last_active_at: row.last_active_at,
+            last_updated: row.last_updated,
+            metadata,
+        }
+    }
+}
 
 fn capsule_id(raw: &str) -> Result<SandboxId, ApiError> {
     path_id("id", raw)
@@ -35,10 +113,15 @@ pub async fn create(
     auth: AuthTeam,
     ApiJson(body): ApiJson<CreateCapsuleRequest>,
 ) -> Result<Response, ApiError> {
-    let new = NewCapsule::parse(body)?;
+    let new = NewCapsule::parse(
+        body.template.as_deref(),
+        body.vcpus,
+        body.memory_mb,
+        body.timeout_sec,
+    )?;
     let created = capsules::create(&state, auth.team_id, new).await?;
     let timing = format!("agent;dur={:.3}", created.agent_time.as_secs_f64() * 1000.0);
-    let mut response = (StatusCode::CREATED, Json(created.capsule)).into_response();
+    let mut response = (StatusCode::CREATED, Json(Capsule::from(created.sandbox))).into_response();
     if let Ok(value) = HeaderValue::from_str(&timing) {
         response.headers_mut().insert("server-timing", value);
     }
@@ -49,7 +132,8 @@ pub async fn list(
     State(state): State<AppState>,
     auth: AuthTeam,
 ) -> Result<Json<Vec<Capsule>>, ApiError> {
-    Ok(Json(capsules::list(&state, auth.team_id).await?))
+    let rows = capsules::list(&state, auth.team_id).await?;
+    Ok(Json(rows.into_iter().map(Capsule::from).collect()))
 }
 
 pub async fn get(
@@ -57,9 +141,8 @@ pub async fn get(
     auth: AuthTeam,
     Path(id): Path<String>,
 ) -> Result<Json<Capsule>, ApiError> {
-    Ok(Json(
-        capsules::get(&state, auth.team_id, capsule_id(&id)?).await?,
-    ))
+    let row = capsules::get(&state, auth.team_id, capsule_id(&id)?).await?;
+    Ok(Json(row.into()))
 }
 
 pub async fn destroy(
@@ -73,10 +156,9 @@ pub async fn destroy(
 
 pub async fn ping(
     State(state): State<AppState>,
-    auth: AuthTeam,
-    Path(id): Path<String>,
+    call: CapsuleCall,
 ) -> Result<StatusCode, ApiError> {
-    capsules::ping(&state, auth.team_id, capsule_id(&id)?).await?;
+    capsules::ping(&state, &call.running(&state)?).await?;
     Ok(no_content())
 }
 
@@ -249,18 +331,16 @@ async fn pump(
 /// `files/write` and `files/stream/write`: multipart `path` then `file`, streamed to envd.
 pub async fn write_file(
     State(state): State<AppState>,
-    auth: AuthTeam,
-    Path(id): Path<String>,
+    call: CapsuleCall,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let id = capsule_id(&id)?;
     let mut multipart = multipart.map_err(|e| {
         ApiError::InvalidRequest(format!(
             "expected a multipart/form-data body: {}",
             e.body_text()
         ))
     })?;
-    let capsule = capsules::running(&state, auth.team_id, id).await?;
+    let capsule = call.running(&state)?;
     let mut path = None;
     while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
         match field.name() {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use futures::Stream;
 use http::Method;
 use serde::{Deserialize, Serialize};
@@ -74,20 +74,6 @@ impl CapsuleError {
     }
 }
 
-/// `POST /v1/capsules` body; every field optional.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateCapsuleRequest {
-    #[serde(default)]
-    pub template: Option<String>,
-    #[serde(default)]
-    pub vcpus: Option<i64>,
-    #[serde(default)]
-    pub memory_mb: Option<i64>,
-    #[serde(default)]
-    pub timeout_sec: Option<i64>,
-}
-
 /// A checked create request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewCapsule {
@@ -120,8 +106,14 @@ fn in_range(
 }
 
 impl NewCapsule {
-    pub fn parse(request: CreateCapsuleRequest) -> Result<Self, CapsuleError> {
-        let template = match request.template {
+    /// Checks what a caller asked for; what they left out gets the defaults.
+    pub fn parse(
+        template: Option<&str>,
+        vcpus: Option<i64>,
+        memory_mb: Option<i64>,
+        timeout_sec: Option<i64>,
+    ) -> Result<Self, CapsuleError> {
+        let template = match template {
             Some(name) => name
                 .parse()
                 .map_err(|e: TemplateNameError| CapsuleError::invalid("template", e.to_string()))?,
@@ -129,74 +121,15 @@ impl NewCapsule {
         };
         Ok(Self {
             template,
-            vcpus: in_range("vcpus", request.vcpus, 1, VCPUS_RANGE)?,
-            memory_mb: in_range("memory_mb", request.memory_mb, 512, MEMORY_MB_RANGE)?,
-            timeout_sec: in_range("timeout_sec", request.timeout_sec, 0, 0..=MAX_TIMEOUT_SEC)?,
+            vcpus: in_range("vcpus", vcpus, 1, VCPUS_RANGE)?,
+            memory_mb: in_range("memory_mb", memory_mb, 512, MEMORY_MB_RANGE)?,
+            timeout_sec: in_range("timeout_sec", timeout_sec, 0, 0..=MAX_TIMEOUT_SEC)?,
         })
     }
 }
 
-/// The public Capsule representation; empty optional fields are omitted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Capsule {
-    pub id: SandboxId,
-    /// A `sandboxes.status` value (`running`, `stopped`, `error`, ...).
-    pub status: String,
-    pub template: String,
-    pub vcpus: i32,
-    pub memory_mb: i32,
-    pub timeout_sec: i32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest_ip: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_ip: Option<String>,
-    pub created_at: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_active_at: Option<DateTime<Utc>>,
-    pub last_updated: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub metadata: BTreeMap<String, Value>,
-}
-
 /// The key under which the guest address is kept in `sandboxes.metadata`.
-const GUEST_IP_KEY: &str = "guest_ip";
-
-impl From<SandboxRow> for Capsule {
-    fn from(row: SandboxRow) -> Self {
-        let mut metadata: BTreeMap<String, Value> = match row.metadata {
-            Value::Object(map) => map.into_iter().collect(),
-            _ => BTreeMap::new(),
-        };
-        let guest_ip = match metadata.remove(GUEST_IP_KEY) {
-            Some(Value::String(ip)) => Some(ip),
-            _ => None,
-        };
-        let host_ip = row.host_address.as_deref().map(|address| {
-            address
-                .rsplit_once(':')
-                .map_or(address, |(host, _)| host)
-                .trim_matches(|c| c == '[' || c == ']')
-                .to_owned()
-        });
-        Self {
-            id: SandboxId(row.id),
-            status: row.status.as_str().to_owned(),
-            template: row.template,
-            vcpus: row.vcpus,
-            memory_mb: row.memory_mb,
-            timeout_sec: row.timeout_sec,
-            guest_ip,
-            host_ip,
-            created_at: row.created_at,
-            started_at: row.started_at,
-            last_active_at: row.last_active_at,
-            last_updated: row.last_updated,
-            metadata,
-        }
-    }
-}
+pub const GUEST_IP_KEY: &str = "guest_ip";
 
 /// How to reach `host`'s agent: its registered address (or `cp.host_agent_addr`) and the
 /// secret derived for its current generation.
@@ -275,7 +208,7 @@ fn guest_metadata(info: &SandboxInfo) -> Value {
 /// A created capsule and how long its agent took to boot it (the rest of the request's time is
 /// the control plane's).
 pub struct Created {
-    pub capsule: Capsule,
+    pub sandbox: SandboxRow,
     pub agent_time: Duration,
 }
 
@@ -355,7 +288,7 @@ pub async fn create(
                 return Err(interrupted(state, id).await);
             }
             Ok(Created {
-                capsule: find(state, team, id).await?.into(),
+                sandbox: find(state, team, id).await?,
                 agent_time,
             })
         }
@@ -409,16 +342,17 @@ async fn interrupted(state: &AppState, id: SandboxId) -> CapsuleError {
     }
 }
 
-pub async fn list(state: &AppState, team: TeamId) -> Result<Vec<Capsule>, CapsuleError> {
-    Ok(sandboxes::list_live_for_team(&state.db, team.uuid())
-        .await?
-        .into_iter()
-        .map(Capsule::from)
-        .collect())
+/// The team's capsules that are not stopped or failed.
+pub async fn list(state: &AppState, team: TeamId) -> Result<Vec<SandboxRow>, CapsuleError> {
+    Ok(sandboxes::list_live_for_team(&state.db, team.uuid()).await?)
 }
 
-pub async fn get(state: &AppState, team: TeamId, id: SandboxId) -> Result<Capsule, CapsuleError> {
-    Ok(find(state, team, id).await?.into())
+pub async fn get(
+    state: &AppState,
+    team: TeamId,
+    id: SandboxId,
+) -> Result<SandboxRow, CapsuleError> {
+    find(state, team, id).await
 }
 
 /// Destroys the capsule: `stopping` while the agent removes it, then `stopped`. Already stopped
@@ -486,7 +420,15 @@ pub async fn running(
     team: TeamId,
     id: SandboxId,
 ) -> Result<RunningCapsule, CapsuleError> {
-    let route = route(state, team, id).await?;
+    reach(state, id, route(state, team, id).await?)
+}
+
+/// The capsule as `route` found it, if it is running and its host online.
+pub fn reach(
+    state: &AppState,
+    id: SandboxId,
+    route: SandboxRoute,
+) -> Result<RunningCapsule, CapsuleError> {
     match route.status {
         SandboxStatus::Running => {}
         SandboxStatus::Pending
@@ -505,14 +447,13 @@ pub async fn running(
 }
 
 /// Resets the capsule's idle timer on its agent.
-pub async fn ping(state: &AppState, team: TeamId, id: SandboxId) -> Result<(), CapsuleError> {
-    let capsule = running(state, team, id).await?;
+pub async fn ping(state: &AppState, capsule: &RunningCapsule) -> Result<(), CapsuleError> {
     state
         .capsules
         .agents
-        .ping_sandbox(&capsule.target, id)
+        .ping_sandbox(&capsule.target, capsule.id)
         .await?;
-    sandboxes::touch(&state.db, id.uuid()).await?;
+    sandboxes::touch(&state.db, capsule.id.uuid()).await?;
     Ok(())
 }
 
@@ -977,7 +918,7 @@ mod tests {
 
     #[test]
     fn create_defaults_and_ranges() {
-        let new = NewCapsule::parse(CreateCapsuleRequest::default()).unwrap();
+        let new = NewCapsule::parse(None, None, None, None).unwrap();
         assert_eq!(
             new,
             NewCapsule {
@@ -987,38 +928,20 @@ mod tests {
                 timeout_sec: 0
             }
         );
-        for bad in [
-            CreateCapsuleRequest {
-                vcpus: Some(0),
-                ..Default::default()
-            },
-            CreateCapsuleRequest {
-                vcpus: Some(-1),
-                ..Default::default()
-            },
-            CreateCapsuleRequest {
-                memory_mb: Some(64),
-                ..Default::default()
-            },
-            CreateCapsuleRequest {
-                timeout_sec: Some(-5),
-                ..Default::default()
-            },
-            CreateCapsuleRequest {
-                template: Some("../etc".into()),
-                ..Default::default()
-            },
-            CreateCapsuleRequest {
-                template: Some(String::new()),
-                ..Default::default()
-            },
+        for (template, vcpus, memory_mb, timeout_sec) in [
+            (None, Some(0), None, None),
+            (None, Some(-1), None, None),
+            (None, None, Some(64), None),
+            (None, None, None, Some(-5)),
+            (Some("../etc"), None, None, None),
+            (Some(""), None, None, None),
         ] {
             assert!(
                 matches!(
-                    NewCapsule::parse(bad.clone()),
+                    NewCapsule::parse(template, vcpus, memory_mb, timeout_sec),
                     Err(CapsuleError::Invalid { .. })
                 ),
-                "{bad:?}"
+                "{template:?} {vcpus:?} {memory_mb:?} {timeout_sec:?}"
             );
         }
     }
