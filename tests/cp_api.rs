@@ -1127,7 +1127,7 @@ async fn deleting_a_host_with_capsules_needs_force() {
             team_id: admin.team.parse::<wrenn::id::TeamId>().unwrap().uuid(),
             host_id: Some(host.uuid()),
             template_id: uuid::Uuid::nil(),
-            status: "running",
+            status: sandboxes::SandboxStatus::Running,
             vcpus: 1,
             memory_mb: 512,
         },
@@ -1263,5 +1263,117 @@ async fn database_outage_is_503_and_recovers_without_restart() {
     assert_eq!(status, StatusCode::OK);
     let (status, _) = cp.call(GET, "/v1/api-keys", &key, None).await;
     assert_eq!(status, StatusCode::OK);
+    cp.stop().await;
+}
+
+/// A call into a capsule checks its credentials in the same query that finds the capsule, with
+/// nothing cached: a revoked key, a removed member and a stopped capsule lose access on the very
+/// next request.
+#[tokio::test]
+async fn capsule_calls_lose_access_at_once() {
+    let cp = TestCp::start().await;
+    let owner = cp.signup("owner@example.com").await;
+    let bob = cp.signup("bob@example.com").await;
+    let team = owner.team.parse::<wrenn::id::TeamId>().unwrap();
+    let sandbox = SandboxId::new_random();
+    sandboxes::insert(
+        &cp.db,
+        NewSandbox {
+            id: sandbox.uuid(),
+            team_id: team.uuid(),
+            host_id: None,
+            template_id: uuid::Uuid::nil(),
+            status: sandboxes::SandboxStatus::Running,
+            vcpus: 1,
+            memory_mb: 512,
+        },
+    )
+    .await
+    .unwrap();
+    let ping = format!("/v1/capsules/{sandbox}/ping");
+    let (status, key) = cp
+        .call(
+            POST,
+            "/v1/api-keys",
+            &owner.auth(),
+            Some(json!({"name": "ci"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{key}");
+    let key = Auth::ApiKey(key["key"].as_str().unwrap().to_owned());
+
+    // Found and running, but its host is gone: the credentials passed.
+    let (status, out) = cp.call(POST, &ping, &key, None).await;
+    assert_error(
+        status,
+        &out,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "host_unavailable",
+    );
+    let other = format!("/v1/capsules/{}/ping", SandboxId::new_random());
+    let (status, out) = cp.call(POST, &other, &key, None).await;
+    assert_error(status, &out, StatusCode::NOT_FOUND, "not_found");
+    let (status, out) = cp
+        .call(POST, "/v1/capsules/nope/ping", &Auth::None, None)
+        .await;
+    assert_error(status, &out, StatusCode::UNAUTHORIZED, "unauthorized");
+    let (status, out) = cp.call(POST, "/v1/capsules/nope/ping", &key, None).await;
+    assert_error(status, &out, StatusCode::BAD_REQUEST, "invalid_request");
+
+    // Another team's member does not see it; a member of this team does, until removed.
+    let (status, out) = cp.call(POST, &ping, &bob.auth(), None).await;
+    assert_error(status, &out, StatusCode::NOT_FOUND, "not_found");
+    let members = format!("/v1/teams/{}/members", owner.team);
+    let (status, out) = cp
+        .call(
+            POST,
+            &members,
+            &owner.auth(),
+            Some(json!({"email": bob.email})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{out}");
+    let bob_in_team = cp.switch(&bob, &owner.team).await;
+    let (status, out) = cp.call(POST, &ping, &bob_in_team.auth(), None).await;
+    assert_error(
+        status,
+        &out,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "host_unavailable",
+    );
+    let (status, out) = cp
+        .call(
+            DELETE,
+            &format!("{members}/{}", bob.id),
+            &owner.auth(),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{out}");
+    let (status, out) = cp.call(POST, &ping, &bob_in_team.auth(), None).await;
+    assert_error(status, &out, StatusCode::FORBIDDEN, "forbidden");
+
+    // A stopped capsule is no longer running.
+    let stop = sandboxes::Transition::to(sandboxes::SandboxStatus::Stopped);
+    assert!(sandboxes::transition(&cp.db, sandbox.uuid(), stop)
+        .await
+        .unwrap());
+    let (status, out) = cp.call(POST, &ping, &key, None).await;
+    assert_error(status, &out, StatusCode::CONFLICT, "invalid_state");
+
+    // A revoked key is refused on the next request.
+    let (_, keys) = cp.call(GET, "/v1/api-keys", &owner.auth(), None).await;
+    let key_id = keys[0]["id"].as_str().unwrap();
+    let (status, out) = cp
+        .call(
+            DELETE,
+            &format!("/v1/api-keys/{key_id}"),
+            &owner.auth(),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{out}");
+    let (status, out) = cp.call(POST, &ping, &key, None).await;
+    assert_error(status, &out, StatusCode::UNAUTHORIZED, "unauthorized");
     cp.stop().await;
 }

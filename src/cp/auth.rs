@@ -6,20 +6,25 @@
 //! - [`AdminUser`]: an [`AuthUser`] who is a platform admin.
 //! - [`AuthTeam`]: `X-API-Key: wrn_...` (checked first) or a user JWT whose team the user still
 //!   belongs to.
+//! - [`CapsuleCall`]: an [`AuthTeam`] calling into one of its capsules, checked and the capsule
+//!   found in one database round trip.
 //! - [`HostAuth`]: `X-Host-Token: <host JWT>` of a refresh-token family that is still live.
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
 use uuid::Uuid;
 
 use super::error::ApiError;
+use super::extract::path_id;
+use super::services::capsules::{self, CapsuleError, RunningCapsule};
+use super::services::Caller;
 use super::state::AppState;
 use super::tokens::sha256;
-use crate::db::team_members::Role;
+use crate::db::sandboxes::SandboxRoute;
 use crate::db::users::{User, UserStatus};
-use crate::db::{api_keys, host_refresh_tokens, users};
+use crate::db::{api_keys, capsule_access, host_refresh_tokens, users};
 use crate::error_code::ErrorCode;
-use crate::id::{HostId, TeamId};
+use crate::id::{HostId, SandboxId, TeamId};
 
 pub const API_KEY_HEADER: &str = "x-api-key";
 pub const HOST_TOKEN_HEADER: &str = "x-host-token";
@@ -39,19 +44,12 @@ fn bearer(parts: &Parts) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// A signed-in user, re-read from the database on this request, with the team their token is
-/// scoped to and their current role there (`None` if they no longer belong to it).
+/// A signed-in user, re-read from the database on this request, and the services' view of them:
+/// the team their token is scoped to and their current role there.
 #[derive(Debug, Clone)]
 pub struct AuthUser {
     pub user: User,
-    pub team_id: TeamId,
-    pub role: Option<Role>,
-}
-
-impl AuthUser {
-    pub fn id(&self) -> Uuid {
-        self.user.id
-    }
+    pub caller: Caller,
 }
 
 impl FromRequestParts<AppState> for AuthUser {
@@ -80,9 +78,13 @@ impl FromRequestParts<AppState> for AuthUser {
             });
         }
         Ok(AuthUser {
+            caller: Caller {
+                user: claims.sub,
+                team: claims.team_id,
+                role: found.role,
+                is_admin: found.user.is_admin,
+            },
             user: found.user,
-            team_id: claims.team_id,
-            role: found.role,
         })
     }
 }
@@ -138,14 +140,95 @@ impl FromRequestParts<AppState> for AuthTeam {
                 ),
                 other => other,
             })?;
-        if user.role.is_none() {
+        if user.caller.role.is_none() {
             return Err(ApiError::forbidden(
                 "you are no longer a member of this token's team",
             ));
         }
         Ok(AuthTeam {
-            team_id: user.team_id,
+            team_id: user.caller.team,
             actor: TeamActor::User(Box::new(user)),
+        })
+    }
+}
+
+/// A call into the capsule named by the path's `{id}`, by a caller acting for its team (as
+/// [`AuthTeam`]). The credentials are checked and the capsule and its host read in one query:
+/// the whole database cost of a call into a running capsule.
+#[derive(Debug, Clone)]
+pub struct CapsuleCall {
+    pub team_id: TeamId,
+    pub id: SandboxId,
+    pub sandbox: SandboxRoute,
+}
+
+impl CapsuleCall {
+    /// The capsule, if it is running and its host online.
+    pub fn running(self, state: &AppState) -> Result<RunningCapsule, CapsuleError> {
+        capsules::reach(state, self.id, self.sandbox)
+    }
+}
+
+impl FromRequestParts<AppState> for CapsuleCall {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let params = RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+        let raw_id = params
+            .iter()
+            .find_map(|(name, value)| (name == "id").then_some(value))
+            .unwrap_or_default();
+        let id: SandboxId = match path_id("id", raw_id) {
+            Ok(id) => id,
+            Err(bad_id) => {
+                // Who may not call is told so before what they got wrong.
+                AuthTeam::from_request_parts(parts, state).await?;
+                return Err(bad_id);
+            }
+        };
+        let (team_id, sandbox) = if let Some(key) = header(parts, API_KEY_HEADER) {
+            let access = capsule_access::by_api_key(&state.db, &sha256(key), id.uuid())
+                .await?
+                .ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
+            (TeamId(access.team_id), access.sandbox)
+        } else {
+            let Some(token) = bearer(parts) else {
+                return Err(ApiError::Unauthorized(
+                    "missing X-API-Key or Authorization: Bearer <token> header".into(),
+                ));
+            };
+            let claims = state
+                .tokens
+                .verify_user(token)
+                .map_err(|e| ApiError::Unauthorized(format!("user token rejected: {e}")))?;
+            let access = capsule_access::by_member(
+                &state.db,
+                claims.sub.uuid(),
+                claims.team_id.uuid(),
+                id.uuid(),
+            )
+            .await?
+            .ok_or_else(|| ApiError::Unauthorized("the token's user no longer exists".into()))?;
+            if access.user_status != UserStatus::Active {
+                return Err(ApiError::Forbidden {
+                    code: ErrorCode::AccountDeactivated,
+                    message: "this account is deactivated".into(),
+                });
+            }
+            if access.role.is_none() {
+                return Err(ApiError::forbidden(
+                    "you are no longer a member of this token's team",
+                ));
+            }
+            (claims.team_id, access.sandbox)
+        };
+        let sandbox = sandbox.ok_or(ApiError::from(CapsuleError::NotFound))?;
+        Ok(CapsuleCall {
+            team_id,
+            id,
+            sandbox,
         })
     }
 }

@@ -172,10 +172,12 @@ impl From<CapsuleError> for ApiError {
             CapsuleError::NotFound | CapsuleError::TemplateNotFound(_) => {
                 ApiError::NotFound(message)
             }
-            CapsuleError::NotRunning(_) | CapsuleError::Busy(_) => ApiError::Conflict {
-                code: ErrorCode::InvalidState,
-                message,
-            },
+            CapsuleError::NotRunning(_) | CapsuleError::Busy(_) | CapsuleError::Interrupted(_) => {
+                ApiError::Conflict {
+                    code: ErrorCode::InvalidState,
+                    message,
+                }
+            }
             CapsuleError::Schedule(ScheduleError::Db(db)) | CapsuleError::Db(db) => db.into(),
             CapsuleError::Schedule(_) => ApiError::Unavailable {
                 code: ErrorCode::NoHostsAvailable,

@@ -7,11 +7,13 @@
 //!   (idle timeout, crash, agent restart); a `missing` one it still runs is `running` again.
 //! - The agent runs a sandbox the database holds as `stopped`/`error` (or not at all): a destroy
 //!   or a create whose outcome was unknown; the reconciler destroys it on the agent.
-//! - A sandbox still `pending` a minute past the create timeout (the control plane died during
-//!   its create) becomes `error`, releasing its reservation.
+//! - A sandbox still `pending` or `starting` a minute past the create timeout (the control plane
+//!   died during its create) becomes `error`, releasing its reservation.
+//! - A `stopping` sandbox the agent no longer has is `stopped`; one it still runs past the
+//!   request timeout (the destroy failed) is destroyed again.
 //!
-//! Rows changed after the agent's list was taken are left for the next pass, so a create or
-//! destroy racing with a pass is never undone.
+//! Every change is a compare-and-set from the status the pass saw, refused if the row changed
+//! after the agent's list was taken, so a create or destroy racing with a pass is never undone.
 
 use std::collections::HashMap;
 
@@ -21,7 +23,7 @@ use super::services::capsules::agent_target;
 use super::state::AppState;
 use crate::agent::wire::SandboxPhase;
 use crate::db::hosts::{self, Host, HostStatus};
-use crate::db::sandboxes::{self, SandboxStatus};
+use crate::db::sandboxes::{self, SandboxStatus, Transition};
 use crate::db::DbError;
 use crate::id::{HostId, SandboxId};
 
@@ -72,7 +74,7 @@ async fn mark_missing(
     host: &Host,
     report: &mut PassReport,
 ) -> Result<(), DbError> {
-    for id in sandboxes::mark_missing_on_host(&state.db, host.id).await? {
+    for id in sandboxes::transition_on_host(&state.db, host.id, SandboxStatus::Missing).await? {
         tracing::warn!(sandbox = %SandboxId(id), host = %HostId(host.id), "host unreachable; sandbox missing");
         report.missing.push(SandboxId(id));
     }
@@ -103,10 +105,12 @@ async fn reconcile_host(
     let create_grace = chrono::Duration::from_std(state.capsules.agents.timeouts().create)
         .unwrap_or(chrono::Duration::MAX)
         + chrono::Duration::minutes(1);
+    let destroy_grace = chrono::Duration::from_std(state.capsules.agents.timeouts().request)
+        .unwrap_or(chrono::Duration::MAX);
     let mut known = HashMap::with_capacity(in_db.len());
     for row in &in_db {
         let id = SandboxId(row.id);
-        known.insert(id, row.status);
+        known.insert(id, (row.status, seen - row.last_updated));
         if row.last_updated > seen {
             continue;
         }
@@ -114,18 +118,30 @@ async fn reconcile_host(
         // A create outlives its timeout only if the control plane died during it; the row would
         // otherwise hold its host's capacity forever. Failing it lets the next pass remove any
         // VM the agent finished building.
-        let abandoned =
-            row.status == SandboxStatus::Pending && seen - row.last_updated > create_grace;
-        let next = match (row.status, present) {
-            (SandboxStatus::Running | SandboxStatus::Missing, false) => {
-                Some(SandboxStatus::Stopped)
+        let abandoned = seen - row.last_updated > create_grace;
+        let next = match row.status {
+            SandboxStatus::Running | SandboxStatus::Stopping => {
+                (!present).then_some(SandboxStatus::Stopped)
             }
-            (SandboxStatus::Missing, true) => Some(SandboxStatus::Running),
-            (SandboxStatus::Pending, _) if abandoned => Some(SandboxStatus::Failed),
-            _ => None,
+            SandboxStatus::Missing if present => Some(SandboxStatus::Running),
+            SandboxStatus::Missing => Some(SandboxStatus::Stopped),
+            SandboxStatus::Pending | SandboxStatus::Starting => {
+                abandoned.then_some(SandboxStatus::Failed)
+            }
+            // Operations in progress settle by themselves; final statuses stay final.
+            SandboxStatus::Pausing
+            | SandboxStatus::Paused
+            | SandboxStatus::Resuming
+            | SandboxStatus::Snapshotting
+            | SandboxStatus::Stopped
+            | SandboxStatus::Failed => None,
         };
         let Some(next) = next else { continue };
-        if sandboxes::transition_if_unchanged(&state.db, row.id, row.status, next, seen).await? {
+        let change = Transition {
+            unchanged_since: Some(seen),
+            ..Transition::to(next).from(row.status)
+        };
+        if sandboxes::transition(&state.db, row.id, change).await? {
             tracing::info!(sandbox = %id, from = %row.status, to = %next, "reconciled with the agent");
             match next {
                 SandboxStatus::Stopped => report.stopped.push(id),
@@ -137,7 +153,9 @@ async fn reconcile_host(
     for (id, agent_status) in agent_has {
         let orphan = match known.get(&id) {
             None => true,
-            Some(status) => matches!(status, SandboxStatus::Stopped | SandboxStatus::Failed),
+            Some((SandboxStatus::Stopped | SandboxStatus::Failed, _)) => true,
+            Some((SandboxStatus::Stopping, age)) => *age > destroy_grace,
+            Some(_) => false,
         };
         // A sandbox still starting may belong to a create the control plane gave up on; it is
         // destroyed once the agent has finished with it.

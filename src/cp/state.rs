@@ -1,9 +1,13 @@
 //! What every request handler shares: the database pool, the token keys, the capsule machinery
-//! (agent client, scheduler settings, reconciler period) and the credential guards.
+//! (agent client, scheduler settings, reconciler period, derived agent secrets) and the
+//! credential guards.
 
+use std::collections::HashMap;
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+use uuid::Uuid;
 
 use super::agent_client::{AgentClient, AgentTimeouts};
 use super::scheduler::SchedulerSettings;
@@ -18,6 +22,34 @@ pub struct Shared {
     pub tokens: TokenKeys,
     pub capsules: CapsuleSettings,
     pub auth: AuthSettings,
+    pub agent_secrets: AgentSecrets,
+}
+
+/// The secrets presented to agents, by host and generation. Each is a pure function of the two
+/// under the JWT secret, so it is derived once instead of on every call into a sandbox; a host
+/// keeps only its latest generation.
+#[derive(Debug, Default)]
+pub struct AgentSecrets(RwLock<HashMap<Uuid, (i32, String)>>);
+
+impl AgentSecrets {
+    pub fn get(&self, tokens: &TokenKeys, host: Uuid, generation: i32) -> String {
+        let known = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&host)
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, secret)| secret.clone());
+        if let Some(secret) = known {
+            return secret;
+        }
+        let secret = tokens.agent_secret(host, generation);
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(host, (generation, secret.clone()));
+        secret
+    }
 }
 
 /// How credentials are guarded.
@@ -120,6 +152,7 @@ impl AppState {
             tokens,
             capsules,
             auth,
+            agent_secrets: AgentSecrets::default(),
         }))
     }
 }

@@ -1,28 +1,21 @@
-//! Queries on `sandboxes`: placement, the capsule API's reads and status changes, and what hosts,
-//! teams and the reconciler need to find and stop what runs on a host.
+//! Queries on `sandboxes`: placement, the capsule API's reads, and status changes, every one of
+//! which is a compare-and-set against [`SandboxStatus::can_become`]: the database applies a
+//! change only from a status the table allows, so two actors racing on one row cannot both win.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use super::hosts::HostStatus;
 use super::{text_enum, DbError};
-
-/// Statuses in which a sandbox holds resources on its host.
-pub const ACTIVE_STATUSES: &[&str] = &[
-    "pending", "starting", "running", "pausing", "paused", "resuming", "stopping",
-];
-
-fn active() -> Vec<String> {
-    ACTIVE_STATUSES.iter().map(|s| (*s).to_owned()).collect()
-}
 
 pub struct NewSandbox {
     pub id: Uuid,
     pub team_id: Uuid,
     pub host_id: Option<Uuid>,
     pub template_id: Uuid,
-    pub status: &'static str,
+    pub status: SandboxStatus,
     pub vcpus: i32,
     pub memory_mb: i32,
 }
@@ -35,7 +28,7 @@ pub async fn insert(ex: impl PgExecutor<'_>, sandbox: NewSandbox) -> Result<(), 
         sandbox.team_id,
         sandbox.host_id,
         sandbox.template_id,
-        sandbox.status,
+        sandbox.status.as_str(),
         sandbox.vcpus,
         sandbox.memory_mb,
     )
@@ -44,49 +37,12 @@ pub async fn insert(ex: impl PgExecutor<'_>, sandbox: NewSandbox) -> Result<(), 
     Ok(())
 }
 
-pub async fn active_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar!(
-        "SELECT id FROM sandboxes WHERE host_id = $1 AND status = ANY($2) ORDER BY created_at, id",
-        host,
-        &active(),
-    )
-    .fetch_all(ex)
-    .await?)
-}
-
-/// Marks the host's active sandboxes stopped and returns them.
-pub async fn stop_active_on_host(
-    ex: impl PgExecutor<'_>,
-    host: Uuid,
-) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar!(
-        "UPDATE sandboxes SET status = 'stopped', last_updated = now()
-         WHERE host_id = $1 AND status = ANY($2) RETURNING id",
-        host,
-        &active(),
-    )
-    .fetch_all(ex)
-    .await?)
-}
-
-/// Marks the team's active sandboxes stopped and returns them.
-pub async fn stop_active_for_team(
-    ex: impl PgExecutor<'_>,
-    team: Uuid,
-) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar!(
-        "UPDATE sandboxes SET status = 'stopped', last_updated = now()
-         WHERE team_id = $1 AND status = ANY($2) RETURNING id",
-        team,
-        &active(),
-    )
-    .fetch_all(ex)
-    .await?)
-}
-
 text_enum! {
-    /// A sandbox's lifecycle as the control plane records it. `pending` from placement until the
-    /// agent's create answers; `missing` while its host cannot be reached.
+    /// A sandbox's lifecycle as the control plane records it: `pending` from placement until the
+    /// agent is asked to create it, `starting` while it boots, `missing` while its host cannot be
+    /// reached, `error` (a failed create or operation) and `stopped` are final. The `-ing`
+    /// statuses are operations in progress, which GET shows as they happen. Every change follows
+    /// [`SandboxStatus::can_become`].
     SandboxStatus, "sandboxes.status" {
         Pending => "pending",
         Starting => "starting",
@@ -94,11 +50,86 @@ text_enum! {
         Pausing => "pausing",
         Paused => "paused",
         Resuming => "resuming",
+        Snapshotting => "snapshotting",
         Stopping => "stopping",
         Stopped => "stopped",
         Failed => "error",
         Missing => "missing",
     }
+}
+
+impl SandboxStatus {
+    pub const ALL: [SandboxStatus; 11] = [
+        SandboxStatus::Pending,
+        SandboxStatus::Starting,
+        SandboxStatus::Running,
+        SandboxStatus::Pausing,
+        SandboxStatus::Paused,
+        SandboxStatus::Resuming,
+        SandboxStatus::Snapshotting,
+        SandboxStatus::Stopping,
+        SandboxStatus::Stopped,
+        SandboxStatus::Failed,
+        SandboxStatus::Missing,
+    ];
+
+    /// The transition table, the only place that says which status may follow which. Any live
+    /// status may be recorded `stopped` directly: a deleted team or host, or a sandbox its agent
+    /// no longer has, leaves nothing to stop on the agent that the reconciler would not remove.
+    pub fn can_become(self, to: SandboxStatus) -> bool {
+        use SandboxStatus as S;
+        match self {
+            S::Pending => matches!(to, S::Starting | S::Failed | S::Stopped),
+            S::Starting => matches!(to, S::Running | S::Failed | S::Stopped),
+            S::Running => matches!(
+                to,
+                S::Pausing | S::Snapshotting | S::Stopping | S::Stopped | S::Missing | S::Failed
+            ),
+            // A refused pause leaves the VM running; a refused resume leaves it paused.
+            S::Pausing => matches!(to, S::Paused | S::Running | S::Failed | S::Stopped),
+            S::Paused => matches!(to, S::Resuming | S::Stopping | S::Stopped),
+            S::Resuming => matches!(to, S::Running | S::Paused | S::Failed | S::Stopped),
+            S::Snapshotting => matches!(to, S::Running | S::Failed | S::Stopped),
+            S::Stopping => matches!(to, S::Stopped | S::Failed),
+            // The reconciler's view of an unreachable host: back to running when the agent
+            // reports it again.
+            S::Missing => matches!(to, S::Running | S::Stopping | S::Stopped),
+            S::Stopped | S::Failed => false,
+        }
+    }
+
+    /// Whether the sandbox may still hold resources on its host.
+    pub fn is_live(self) -> bool {
+        match self {
+            SandboxStatus::Pending
+            | SandboxStatus::Starting
+            | SandboxStatus::Running
+            | SandboxStatus::Pausing
+            | SandboxStatus::Paused
+            | SandboxStatus::Resuming
+            | SandboxStatus::Snapshotting
+            | SandboxStatus::Stopping
+            | SandboxStatus::Missing => true,
+            SandboxStatus::Stopped | SandboxStatus::Failed => false,
+        }
+    }
+
+    /// The statuses from which `to` may be reached, as the database compares them.
+    fn sources(to: SandboxStatus) -> Vec<String> {
+        Self::ALL
+            .into_iter()
+            .filter(|from| from.can_become(to))
+            .map(|from| from.as_str().to_owned())
+            .collect()
+    }
+}
+
+fn live() -> Vec<String> {
+    SandboxStatus::ALL
+        .into_iter()
+        .filter(|s| s.is_live())
+        .map(|s| s.as_str().to_owned())
+        .collect()
 }
 
 /// A sandbox with what its API representation needs from other tables.
@@ -175,6 +206,37 @@ pub async fn for_team(
     .await?)
 }
 
+/// What a call into a sandbox needs, in one read: its status and how to reach its host.
+#[derive(Debug, Clone)]
+pub struct SandboxRoute {
+    pub status: SandboxStatus,
+    pub host_id: Option<Uuid>,
+    pub host_status: Option<HostStatus>,
+    pub host_address: Option<String>,
+    pub agent_secret_generation: Option<i32>,
+}
+
+/// The team's sandbox with its host, whatever its status.
+pub async fn route_for_team(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    id: Uuid,
+) -> Result<Option<SandboxRoute>, DbError> {
+    Ok(sqlx::query_as!(
+        SandboxRoute,
+        r#"SELECT s.status AS "status: SandboxStatus", s.host_id,
+                  h.status AS "host_status?: HostStatus", h.address AS "host_address?",
+                  h.agent_secret_generation AS "agent_secret_generation?"
+           FROM sandboxes s
+           LEFT JOIN hosts h ON h.id = s.host_id
+           WHERE s.id = $1 AND s.team_id = $2"#,
+        id,
+        team,
+    )
+    .fetch_optional(ex)
+    .await?)
+}
+
 /// The team's sandboxes that are not `stopped` or `error`, oldest first.
 pub async fn list_live_for_team(
     ex: impl PgExecutor<'_>,
@@ -197,37 +259,143 @@ pub async fn list_live_for_team(
     .await?)
 }
 
-/// Records a successful create: `running`, started now, with what the agent reported.
+/// A change of one sandbox's status. The database applies it only from a status the table
+/// allows, narrowed by `from` and `unchanged_since` when given.
+#[derive(Debug, Clone, Copy)]
+pub struct Transition<'a> {
+    pub to: SandboxStatus,
+    /// Only from this status.
+    pub from: Option<SandboxStatus>,
+    /// Only if nothing changed the row since then (the reconciler's view of the agent).
+    pub unchanged_since: Option<DateTime<Utc>>,
+    /// A create's success: the agent's metadata, and started now.
+    pub started: Option<&'a Value>,
+}
+
+impl Transition<'_> {
+    pub fn to(to: SandboxStatus) -> Self {
+        Self {
+            to,
+            from: None,
+            unchanged_since: None,
+            started: None,
+        }
+    }
+
+    pub fn from(self, from: SandboxStatus) -> Self {
+        Self {
+            from: Some(from),
+            ..self
+        }
+    }
+}
+
+/// The one compare-and-set through which a sandbox's status changes; returns whether it applied.
+pub async fn transition(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    change: Transition<'_>,
+) -> Result<bool, DbError> {
+    let mut allowed = SandboxStatus::sources(change.to);
+    if let Some(from) = change.from {
+        allowed.retain(|s| s == from.as_str());
+    }
+    if allowed.is_empty() {
+        return Ok(false);
+    }
+    let done = sqlx::query!(
+        "UPDATE sandboxes SET status = $2, last_updated = now(),
+             metadata = COALESCE($4, metadata),
+             started_at = CASE WHEN $4::jsonb IS NULL THEN started_at ELSE now() END,
+             last_active_at = CASE WHEN $4::jsonb IS NULL THEN last_active_at ELSE now() END
+         WHERE id = $1 AND status = ANY($3)
+             AND ($5::timestamptz IS NULL OR last_updated <= $5)",
+        id,
+        change.to.as_str(),
+        &allowed,
+        change.started,
+        change.unchanged_since,
+    )
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Records a create's success: `starting` becomes `running` with what the agent reported. Refused
+/// (false) when something else moved the row meanwhile: the reconciler gave the create up, or its
+/// team or host was deleted.
 pub async fn mark_started(
     ex: impl PgExecutor<'_>,
     id: Uuid,
     metadata: &Value,
-) -> Result<(), DbError> {
-    sqlx::query!(
-        "UPDATE sandboxes SET status = 'running', metadata = $2, started_at = now(),
-             last_active_at = now(), last_updated = now()
-         WHERE id = $1",
+) -> Result<bool, DbError> {
+    transition(
+        ex,
         id,
-        metadata,
+        Transition {
+            started: Some(metadata),
+            ..Transition::to(SandboxStatus::Running).from(SandboxStatus::Starting)
+        },
     )
-    .execute(ex)
-    .await?;
-    Ok(())
+    .await
 }
 
-pub async fn set_status(
+/// Moves every sandbox on `host` that may become `to`; returns them.
+pub async fn transition_on_host(
+    ex: impl PgExecutor<'_>,
+    host: Uuid,
+    to: SandboxStatus,
+) -> Result<Vec<Uuid>, DbError> {
+    Ok(sqlx::query_scalar!(
+        "UPDATE sandboxes SET status = $2, last_updated = now()
+         WHERE host_id = $1 AND status = ANY($3) RETURNING id",
+        host,
+        to.as_str(),
+        &SandboxStatus::sources(to),
+    )
+    .fetch_all(ex)
+    .await?)
+}
+
+/// Moves every sandbox of `team` that may become `to`; returns them.
+pub async fn transition_for_team(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    to: SandboxStatus,
+) -> Result<Vec<Uuid>, DbError> {
+    Ok(sqlx::query_scalar!(
+        "UPDATE sandboxes SET status = $2, last_updated = now()
+         WHERE team_id = $1 AND status = ANY($3) RETURNING id",
+        team,
+        to.as_str(),
+        &SandboxStatus::sources(to),
+    )
+    .fetch_all(ex)
+    .await?)
+}
+
+/// The sandbox's status, whatever its team.
+pub async fn status_of(
     ex: impl PgExecutor<'_>,
     id: Uuid,
-    status: SandboxStatus,
-) -> Result<(), DbError> {
-    sqlx::query!(
-        "UPDATE sandboxes SET status = $2, last_updated = now() WHERE id = $1",
-        id,
-        status.as_str(),
+) -> Result<Option<SandboxStatus>, DbError> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT status AS "status: SandboxStatus" FROM sandboxes WHERE id = $1"#,
+        id
     )
-    .execute(ex)
-    .await?;
-    Ok(())
+    .fetch_optional(ex)
+    .await?)
+}
+
+/// The sandboxes on `host` that may still hold resources there.
+pub async fn live_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<Uuid>, DbError> {
+    Ok(sqlx::query_scalar!(
+        "SELECT id FROM sandboxes WHERE host_id = $1 AND status = ANY($2) ORDER BY created_at, id",
+        host,
+        &live(),
+    )
+    .fetch_all(ex)
+    .await?)
 }
 
 pub async fn touch(ex: impl PgExecutor<'_>, id: Uuid) -> Result<(), DbError> {
@@ -285,45 +453,83 @@ pub async fn on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<HostSand
     .await?)
 }
 
-/// Moves a sandbox from `from` to `to` unless something else changed it since `seen`; returns
-/// whether it moved.
-pub async fn transition_if_unchanged(
-    ex: impl PgExecutor<'_>,
-    id: Uuid,
-    from: SandboxStatus,
-    to: SandboxStatus,
-    seen: DateTime<Utc>,
-) -> Result<bool, DbError> {
-    let done = sqlx::query!(
-        "UPDATE sandboxes SET status = $3, last_updated = now()
-         WHERE id = $1 AND status = $2 AND last_updated <= $4",
-        id,
-        from.as_str(),
-        to.as_str(),
-        seen,
-    )
-    .execute(ex)
-    .await?;
-    Ok(done.rows_affected() == 1)
-}
-
-/// Marks the host's `running` sandboxes `missing`; returns them.
-pub async fn mark_missing_on_host(
-    ex: impl PgExecutor<'_>,
-    host: Uuid,
-) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar!(
-        "UPDATE sandboxes SET status = 'missing', last_updated = now()
-         WHERE host_id = $1 AND status = 'running' RETURNING id",
-        host,
-    )
-    .fetch_all(ex)
-    .await?)
-}
-
 /// The database's clock, so comparisons with `last_updated` never mix two clocks.
 pub async fn db_now(ex: impl PgExecutor<'_>) -> Result<DateTime<Utc>, DbError> {
     Ok(sqlx::query_scalar!(r#"SELECT now() AS "now!""#)
         .fetch_one(ex)
         .await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SandboxStatus as S;
+
+    /// Every pair the table allows, written out once more so a change to the table is a
+    /// deliberate change here too.
+    const ALLOWED: &[(S, S)] = &[
+        (S::Pending, S::Starting),
+        (S::Pending, S::Failed),
+        (S::Pending, S::Stopped),
+        (S::Starting, S::Running),
+        (S::Starting, S::Failed),
+        (S::Starting, S::Stopped),
+        (S::Running, S::Pausing),
+        (S::Running, S::Snapshotting),
+        (S::Running, S::Stopping),
+        (S::Running, S::Stopped),
+        (S::Running, S::Missing),
+        (S::Running, S::Failed),
+        (S::Pausing, S::Paused),
+        (S::Pausing, S::Running),
+        (S::Pausing, S::Failed),
+        (S::Pausing, S::Stopped),
+        (S::Paused, S::Resuming),
+        (S::Paused, S::Stopping),
+        (S::Paused, S::Stopped),
+        (S::Resuming, S::Running),
+        (S::Resuming, S::Paused),
+        (S::Resuming, S::Failed),
+        (S::Resuming, S::Stopped),
+        (S::Snapshotting, S::Running),
+        (S::Snapshotting, S::Failed),
+        (S::Snapshotting, S::Stopped),
+        (S::Stopping, S::Stopped),
+        (S::Stopping, S::Failed),
+        (S::Missing, S::Running),
+        (S::Missing, S::Stopping),
+        (S::Missing, S::Stopped),
+    ];
+
+    #[test]
+    fn the_table_allows_exactly_the_listed_transitions() {
+        for from in S::ALL {
+            for to in S::ALL {
+                assert_eq!(
+                    from.can_become(to),
+                    ALLOWED.contains(&(from, to)),
+                    "{from} -> {to}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn final_statuses_stay_final_and_live_ones_can_be_stopped() {
+        for from in S::ALL {
+            assert!(!from.can_become(from), "{from} -> itself");
+            assert_eq!(from.is_live(), from.can_become(S::Stopped), "{from}");
+        }
+        assert_eq!(
+            S::sources(S::Missing),
+            vec!["running".to_owned()],
+            "only running sandboxes go missing"
+        );
+    }
+
+    #[test]
+    fn every_status_round_trips_through_its_text() {
+        for status in S::ALL {
+            assert_eq!(S::try_from(status.as_str().to_owned()).unwrap(), status);
+        }
+    }
 }

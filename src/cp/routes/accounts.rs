@@ -115,7 +115,7 @@ pub async fn login(
 
 pub async fn switch_team(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     ApiJson(req): ApiJson<SwitchTeamRequest>,
 ) -> Result<Json<AuthResponse>, ApiError> {
     let team: TeamId = req
@@ -123,16 +123,16 @@ pub async fn switch_team(
         .parse()
         .map_err(|e| ApiError::InvalidRequest(format!("invalid field `team_id`: {e}")))?;
     Ok(Json(
-        accounts::switch_team(&state.db, &state.tokens, &caller.user, team)
+        accounts::switch_team(&state.db, &state.tokens, &auth.user, team)
             .await?
             .into(),
     ))
 }
 
-pub async fn me(caller: AuthUser) -> Json<MeResponse> {
+pub async fn me(auth: AuthUser) -> Json<MeResponse> {
     Json(MeResponse {
-        name: caller.user.name,
-        email: caller.user.email,
+        name: auth.user.name,
+        email: auth.user.email,
         has_password: true,
         providers: Vec::new(),
     })
@@ -140,12 +140,12 @@ pub async fn me(caller: AuthUser) -> Json<MeResponse> {
 
 pub async fn rename_me(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     ApiJson(req): ApiJson<RenameRequest>,
 ) -> Result<Json<AuthResponse>, ApiError> {
     let name = DisplayName::parse("name", &req.name)?;
     Ok(Json(
-        accounts::rename(&state.db, &state.tokens, &caller.user, caller.team_id, name)
+        accounts::rename(&state.db, &state.tokens, &auth.user, auth.caller.team, name)
             .await?
             .into(),
     ))

@@ -52,11 +52,11 @@ impl ApiKeyResponse {
 
 pub async fn create(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     ApiJson(req): ApiJson<CreateApiKeyRequest>,
 ) -> Result<(StatusCode, Json<ApiKeyResponse>), ApiError> {
     let name = KeyName::parse("name", req.name.as_deref().unwrap_or(KeyName::DEFAULT))?;
-    let (key, plaintext) = api_keys::create(&state.db, &caller, name).await?;
+    let (key, plaintext) = api_keys::create(&state.db, &auth.caller, name).await?;
     Ok((
         StatusCode::CREATED,
         Json(ApiKeyResponse::new(key, Some(plaintext))),
@@ -77,9 +77,9 @@ pub async fn list(
 
 pub async fn revoke(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    api_keys::revoke(&state.db, &caller, path_id("id", &id)?).await?;
+    api_keys::revoke(&state.db, &auth.caller, path_id("id", &id)?).await?;
     Ok(no_content())
 }

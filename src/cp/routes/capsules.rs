@@ -1,6 +1,8 @@
 //! HTTP handlers of the capsule API: parse, call one service function, shape the answer. Files
 //! stream through in both directions; nothing here holds a whole file.
 
+use std::collections::BTreeMap;
+
 use axum::body::Body;
 use axum::extract::multipart::{Field, MultipartError, MultipartRejection};
 use axum::extract::{Multipart, Path, State};
@@ -8,11 +10,13 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use serde::Deserialize;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::no_content;
-use crate::cp::auth::AuthTeam;
+use crate::cp::auth::{AuthTeam, CapsuleCall};
 use crate::cp::error::ApiError;
 use crate::cp::extract::{path_id, ApiJson, ApiQuery};
 use crate::cp::services::capsules::guest::command::CommandRequest;
@@ -20,9 +24,83 @@ use crate::cp::services::capsules::guest::{
     self, ExecOutcome, KillSignal, ListDirRequest, ListDirResponse, MakeDirResponse, PathRequest,
     ProcessListResponse,
 };
-use crate::cp::services::capsules::{self, Capsule, CreateCapsuleRequest, NewCapsule};
+use crate::cp::services::capsules::{self, NewCapsule, GUEST_IP_KEY};
 use crate::cp::state::AppState;
+use crate::db::sandboxes::SandboxRow;
 use crate::id::SandboxId;
+
+/// `POST /v1/capsules` body; every field optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCapsuleRequest {
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub vcpus: Option<i64>,
+    #[serde(default)]
+    pub memory_mb: Option<i64>,
+    #[serde(default)]
+    pub timeout_sec: Option<i64>,
+}
+
+/// The public Capsule representation; empty optional fields are omitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capsule {
+    pub id: SandboxId,
+    /// A `sandboxes.status` value (`running`, `stopped`, `error`, ...).
+    pub status: String,
+    pub template: String,
+    pub vcpus: i32,
+    pub memory_mb: i32,
+    pub timeout_sec: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<String>,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_active_at: Option<DateTime<Utc>>,
+    pub last_updated: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, Value>,
+}
+
+impl From<SandboxRow> for Capsule {
+    fn from(row: SandboxRow) -> Self {
+        let mut metadata: BTreeMap<String, Value> = match row.metadata {
+            Value::Object(map) => map.into_iter().collect(),
+            _ => BTreeMap::new(),
+        };
+        let guest_ip = match metadata.remove(GUEST_IP_KEY) {
+            Some(Value::String(ip)) => Some(ip),
+            _ => None,
+        };
+        let host_ip = row.host_address.as_deref().map(|address| {
+            address
+                .rsplit_once(':')
+                .map_or(address, |(host, _)| host)
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_owned()
+        });
+        Self {
+            id: SandboxId(row.id),
+            status: row.status.as_str().to_owned(),
+            template: row.template,
+            vcpus: row.vcpus,
+            memory_mb: row.memory_mb,
+            timeout_sec: row.timeout_sec,
+            guest_ip,
+            host_ip,
+            created_at: row.created_at,
+            started_at: row.started_at,
+            last_active_at: row.last_active_at,
+            last_updated: row.last_updated,
+            metadata,
+        }
+    }
+}
 
 fn capsule_id(raw: &str) -> Result<SandboxId, ApiError> {
     path_id("id", raw)
@@ -35,10 +113,15 @@ pub async fn create(
     auth: AuthTeam,
     ApiJson(body): ApiJson<CreateCapsuleRequest>,
 ) -> Result<Response, ApiError> {
-    let new = NewCapsule::parse(body)?;
+    let new = NewCapsule::parse(
+        body.template.as_deref(),
+        body.vcpus,
+        body.memory_mb,
+        body.timeout_sec,
+    )?;
     let created = capsules::create(&state, auth.team_id, new).await?;
     let timing = format!("agent;dur={:.3}", created.agent_time.as_secs_f64() * 1000.0);
-    let mut response = (StatusCode::CREATED, Json(created.capsule)).into_response();
+    let mut response = (StatusCode::CREATED, Json(Capsule::from(created.sandbox))).into_response();
     if let Ok(value) = HeaderValue::from_str(&timing) {
         response.headers_mut().insert("server-timing", value);
     }
@@ -49,7 +132,8 @@ pub async fn list(
     State(state): State<AppState>,
     auth: AuthTeam,
 ) -> Result<Json<Vec<Capsule>>, ApiError> {
-    Ok(Json(capsules::list(&state, auth.team_id).await?))
+    let rows = capsules::list(&state, auth.team_id).await?;
+    Ok(Json(rows.into_iter().map(Capsule::from).collect()))
 }
 
 pub async fn get(
@@ -57,9 +141,8 @@ pub async fn get(
     auth: AuthTeam,
     Path(id): Path<String>,
 ) -> Result<Json<Capsule>, ApiError> {
-    Ok(Json(
-        capsules::get(&state, auth.team_id, capsule_id(&id)?).await?,
-    ))
+    let row = capsules::get(&state, auth.team_id, capsule_id(&id)?).await?;
+    Ok(Json(row.into()))
 }
 
 pub async fn destroy(
@@ -73,21 +156,19 @@ pub async fn destroy(
 
 pub async fn ping(
     State(state): State<AppState>,
-    auth: AuthTeam,
-    Path(id): Path<String>,
+    call: CapsuleCall,
 ) -> Result<StatusCode, ApiError> {
-    capsules::ping(&state, auth.team_id, capsule_id(&id)?).await?;
+    capsules::ping(&state, &call.running(&state)?).await?;
     Ok(no_content())
 }
 
 pub async fn exec(
     State(state): State<AppState>,
-    auth: AuthTeam,
-    Path(id): Path<String>,
+    call: CapsuleCall,
     ApiJson(body): ApiJson<CommandRequest>,
 ) -> Result<Response, ApiError> {
-    let id = capsule_id(&id)?;
-    Ok(match guest::exec(&state, auth.team_id, id, body).await? {
+    let capsule = call.running(&state)?;
+    Ok(match guest::exec(&state, &capsule, body).await? {
         ExecOutcome::Finished(done) => (StatusCode::OK, Json(done)).into_response(),
         ExecOutcome::Started(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
     })
@@ -95,11 +176,10 @@ pub async fn exec(
 
 pub async fn list_processes(
     State(state): State<AppState>,
-    auth: AuthTeam,
-    Path(id): Path<String>,
+    call: CapsuleCall,
 ) -> Result<Json<ProcessListResponse>, ApiError> {
-    let id = capsule_id(&id)?;
-    Ok(Json(guest::list_processes(&state, auth.team_id, id).await?))
+    let capsule = call.running(&state)?;
+    Ok(Json(guest::list_processes(&state, &capsule).await?))
 }
 
 #[derive(Debug, Deserialize)]
@@ -111,56 +191,52 @@ pub struct KillQuery {
 
 pub async fn kill_process(
     State(state): State<AppState>,
-    auth: AuthTeam,
-    Path((id, selector)): Path<(String, String)>,
+    call: CapsuleCall,
+    Path((_, selector)): Path<(String, String)>,
     ApiQuery(query): ApiQuery<KillQuery>,
 ) -> Result<StatusCode, ApiError> {
-    let id = capsule_id(&id)?;
+    let capsule = call.running(&state)?;
     let signal = query.signal.unwrap_or(KillSignal::Kill);
-    guest::kill_process(&state, auth.team_id, id, &selector, signal).await?;
+    guest::kill_process(&state, &capsule, &selector, signal).await?;
     Ok(no_content())
 }
 
 pub async fn list_dir(
     State(state): State<AppState>,
-    auth: AuthTeam,
-    Path(id): Path<String>,
+    call: CapsuleCall,
     ApiJson(body): ApiJson<ListDirRequest>,
 ) -> Result<Json<ListDirResponse>, ApiError> {
-    let id = capsule_id(&id)?;
-    Ok(Json(guest::list_dir(&state, auth.team_id, id, body).await?))
+    let capsule = call.running(&state)?;
+    Ok(Json(guest::list_dir(&state, &capsule, body).await?))
 }
 
 pub async fn mkdir(
     State(state): State<AppState>,
-    auth: AuthTeam,
-    Path(id): Path<String>,
+    call: CapsuleCall,
     ApiJson(body): ApiJson<PathRequest>,
 ) -> Result<Json<MakeDirResponse>, ApiError> {
-    let id = capsule_id(&id)?;
-    Ok(Json(guest::mkdir(&state, auth.team_id, id, body).await?))
+    let capsule = call.running(&state)?;
+    Ok(Json(guest::mkdir(&state, &capsule, body).await?))
 }
 
 pub async fn remove(
     State(state): State<AppState>,
-    auth: AuthTeam,
-    Path(id): Path<String>,
+    call: CapsuleCall,
     ApiJson(body): ApiJson<PathRequest>,
 ) -> Result<StatusCode, ApiError> {
-    let id = capsule_id(&id)?;
-    guest::remove(&state, auth.team_id, id, body).await?;
+    let capsule = call.running(&state)?;
+    guest::remove(&state, &capsule, body).await?;
     Ok(no_content())
 }
 
 async fn download(
     state: AppState,
-    auth: AuthTeam,
-    id: &str,
+    call: CapsuleCall,
     path: &str,
     chunked: bool,
 ) -> Result<Response, ApiError> {
-    let id = capsule_id(id)?;
-    let download = guest::download(&state, auth.team_id, id, path).await?;
+    let capsule = call.running(&state)?;
+    let download = guest::download(&state, &capsule, path).await?;
     let mut response = Response::new(Body::from_stream(download.body));
     let headers = response.headers_mut();
     headers.insert(
@@ -176,21 +252,19 @@ async fn download(
 /// `files/read`: the file with its length.
 pub async fn read_file(
     State(state): State<AppState>,
-    auth: AuthTeam,
-    Path(id): Path<String>,
+    call: CapsuleCall,
     ApiJson(body): ApiJson<PathRequest>,
 ) -> Result<Response, ApiError> {
-    download(state, auth, &id, &body.path, false).await
+    download(state, call, &body.path, false).await
 }
 
 /// `files/stream/read`: the file in chunked transfer encoding.
 pub async fn stream_read_file(
     State(state): State<AppState>,
-    auth: AuthTeam,
-    Path(id): Path<String>,
+    call: CapsuleCall,
     ApiJson(body): ApiJson<PathRequest>,
 ) -> Result<Response, ApiError> {
-    download(state, auth, &id, &body.path, true).await
+    download(state, call, &body.path, true).await
 }
 
 fn multipart_error(error: MultipartError) -> ApiError {
@@ -243,18 +317,16 @@ async fn pump(
 /// `files/write` and `files/stream/write`: multipart `path` then `file`, streamed to envd.
 pub async fn write_file(
     State(state): State<AppState>,
-    auth: AuthTeam,
-    Path(id): Path<String>,
+    call: CapsuleCall,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let id = capsule_id(&id)?;
     let mut multipart = multipart.map_err(|e| {
         ApiError::InvalidRequest(format!(
             "expected a multipart/form-data body: {}",
             e.body_text()
         ))
     })?;
-    let capsule = capsules::running(&state, auth.team_id, id).await?;
+    let capsule = call.running(&state)?;
     let mut path = None;
     while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
         match field.name() {

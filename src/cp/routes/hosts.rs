@@ -162,7 +162,7 @@ fn field<T: TryFrom<u64>>(name: &str, value: Option<u64>) -> Result<Option<T>, A
 
 pub async fn create(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     ApiJson(req): ApiJson<CreateHostRequest>,
 ) -> Result<(StatusCode, Json<CreateHostResponse>), ApiError> {
     let request = CreateHost {
@@ -171,7 +171,7 @@ pub async fn create(
         provider: req.provider,
         availability_zone: req.availability_zone,
     };
-    let (host, token) = hosts::create(&state.db, &caller, request).await?;
+    let (host, token) = hosts::create(&state.db, &auth.caller, request).await?;
     Ok((
         StatusCode::CREATED,
         Json(CreateHostResponse {
@@ -183,10 +183,10 @@ pub async fn create(
 
 pub async fn list(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
 ) -> Result<Json<Vec<HostView>>, ApiError> {
     Ok(Json(
-        hosts::list(&state.db, &caller)
+        hosts::list(&state.db, &auth.caller)
             .await?
             .into_iter()
             .map(Into::into)
@@ -196,11 +196,11 @@ pub async fn list(
 
 pub async fn get(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<HostView>, ApiError> {
     Ok(Json(
-        hosts::get(&state.db, &caller, host_path(&id)?)
+        hosts::get(&state.db, &auth.caller, host_path(&id)?)
             .await?
             .into(),
     ))
@@ -208,20 +208,21 @@ pub async fn get(
 
 pub async fn delete(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
-    hosts::delete(&state.db, &caller, host_path(&id)?, query.force).await?;
+    hosts::delete(&state.db, &auth.caller, host_path(&id)?, query.force).await?;
     Ok(no_content())
 }
 
 pub async fn delete_preview(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<DeletePreview>, ApiError> {
-    let (host, sandbox_ids) = hosts::delete_preview(&state.db, &caller, host_path(&id)?).await?;
+    let (host, sandbox_ids) =
+        hosts::delete_preview(&state.db, &auth.caller, host_path(&id)?).await?;
     Ok(Json(DeletePreview {
         host: host.into(),
         sandbox_ids,
@@ -230,10 +231,10 @@ pub async fn delete_preview(
 
 pub async fn regenerate_token(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<CreateHostResponse>), ApiError> {
-    let (host, token) = hosts::regenerate_token(&state.db, &caller, host_path(&id)?).await?;
+    let (host, token) = hosts::regenerate_token(&state.db, &auth.caller, host_path(&id)?).await?;
     Ok((
         StatusCode::CREATED,
         Json(CreateHostResponse {
@@ -285,30 +286,30 @@ pub async fn refresh(
 
 pub async fn tags(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<String>>, ApiError> {
     Ok(Json(
-        hosts::tags(&state.db, &caller, host_path(&id)?).await?,
+        hosts::tags(&state.db, &auth.caller, host_path(&id)?).await?,
     ))
 }
 
 pub async fn add_tag(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<AddTagRequest>,
 ) -> Result<StatusCode, ApiError> {
     let host = host_path(&id)?;
-    hosts::add_tag(&state.db, &caller, host, Tag::parse("tag", &req.tag)?).await?;
+    hosts::add_tag(&state.db, &auth.caller, host, Tag::parse("tag", &req.tag)?).await?;
     Ok(no_content())
 }
 
 pub async fn remove_tag(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path((id, tag)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    hosts::remove_tag(&state.db, &caller, host_path(&id)?, &tag).await?;
+    hosts::remove_tag(&state.db, &auth.caller, host_path(&id)?, &tag).await?;
     Ok(no_content())
 }

@@ -109,10 +109,10 @@ fn team_path(raw: &str) -> Result<TeamId, ApiError> {
 
 pub async fn list(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
 ) -> Result<Json<Vec<TeamWithRoleView>>, ApiError> {
     Ok(Json(
-        teams::list(&state.db, &caller)
+        teams::list(&state.db, &auth.caller)
             .await?
             .into_iter()
             .map(Into::into)
@@ -122,22 +122,22 @@ pub async fn list(
 
 pub async fn create(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     ApiJson(req): ApiJson<NameRequest>,
 ) -> Result<(StatusCode, Json<TeamWithRoleView>), ApiError> {
     let name = TeamName::parse("name", &req.name)?;
     Ok((
         StatusCode::CREATED,
-        Json(teams::create(&state.db, &caller, name).await?.into()),
+        Json(teams::create(&state.db, &auth.caller, name).await?.into()),
     ))
 }
 
 pub async fn get(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<TeamDetail>, ApiError> {
-    let (team, members) = teams::get(&state.db, &caller, team_path(&id)?).await?;
+    let (team, members) = teams::get(&state.db, &auth.caller, team_path(&id)?).await?;
     Ok(Json(TeamDetail {
         team: team.into(),
         members: members.into_iter().map(Into::into).collect(),
@@ -146,14 +146,14 @@ pub async fn get(
 
 pub async fn rename(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<NameRequest>,
 ) -> Result<StatusCode, ApiError> {
     let team = team_path(&id)?;
     teams::rename(
         &state.db,
-        &caller,
+        &auth.caller,
         team,
         TeamName::parse("name", &req.name)?,
     )
@@ -163,37 +163,42 @@ pub async fn rename(
 
 pub async fn delete(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    teams::delete(&state.db, &caller, team_path(&id)?).await?;
+    teams::delete(&state.db, &auth.caller, team_path(&id)?).await?;
     Ok(no_content())
 }
 
 pub async fn members(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<Vec<MemberView>>, ApiError> {
-    let members = teams::members(&state.db, &caller, team_path(&id)?).await?;
+    let members = teams::members(&state.db, &auth.caller, team_path(&id)?).await?;
     Ok(Json(members.into_iter().map(Into::into).collect()))
 }
 
 pub async fn add_member(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
     ApiJson(req): ApiJson<AddMemberRequest>,
 ) -> Result<(StatusCode, Json<MemberView>), ApiError> {
     let team = team_path(&id)?;
-    let member =
-        teams::add_member(&state.db, &caller, team, Email::parse("email", &req.email)?).await?;
+    let member = teams::add_member(
+        &state.db,
+        &auth.caller,
+        team,
+        Email::parse("email", &req.email)?,
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(member.into())))
 }
 
 pub async fn set_member_role(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path((id, uid)): Path<(String, String)>,
     ApiJson(req): ApiJson<SetRoleRequest>,
 ) -> Result<StatusCode, ApiError> {
@@ -203,7 +208,7 @@ pub async fn set_member_role(
     };
     teams::set_member_role(
         &state.db,
-        &caller,
+        &auth.caller,
         team_path(&id)?,
         path_id("uid", &uid)?,
         role,
@@ -214,18 +219,24 @@ pub async fn set_member_role(
 
 pub async fn remove_member(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path((id, uid)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    teams::remove_member(&state.db, &caller, team_path(&id)?, path_id("uid", &uid)?).await?;
+    teams::remove_member(
+        &state.db,
+        &auth.caller,
+        team_path(&id)?,
+        path_id("uid", &uid)?,
+    )
+    .await?;
     Ok(no_content())
 }
 
 pub async fn leave(
     State(state): State<AppState>,
-    caller: AuthUser,
+    auth: AuthUser,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    teams::leave(&state.db, &caller, team_path(&id)?).await?;
+    teams::leave(&state.db, &auth.caller, team_path(&id)?).await?;
     Ok(no_content())
 }

@@ -6,8 +6,7 @@ use uuid::Uuid;
 use serde_json::json;
 
 use super::input::KeyName;
-use super::{user_action, ServiceError};
-use crate::cp::auth::AuthUser;
+use super::{user_action, Caller, ServiceError};
 use crate::cp::tokens::{random_hex, sha256};
 use crate::db::api_keys::{self, ApiKey, NewApiKey};
 use crate::db::{audit_logs, Db, DbError};
@@ -17,10 +16,10 @@ pub const KEY_PREFIX: &str = "wrn_";
 /// How much of a key is kept for display: `wrn_` and the first 8 hex digits.
 const DISPLAY_CHARS: usize = 12;
 
-fn member_team(caller: &AuthUser) -> Result<TeamId, ServiceError> {
+fn member_team(caller: &Caller) -> Result<TeamId, ServiceError> {
     caller
         .role
-        .map(|_| caller.team_id)
+        .map(|_| caller.team)
         .ok_or_else(|| ServiceError::forbidden("you are no longer a member of this token's team"))
 }
 
@@ -28,7 +27,7 @@ fn member_team(caller: &AuthUser) -> Result<TeamId, ServiceError> {
 /// the plaintext exists outside the caller.
 pub async fn create(
     db: &Db,
-    caller: &AuthUser,
+    caller: &Caller,
     name: KeyName,
 ) -> Result<(ApiKey, String), ServiceError> {
     let team = member_team(caller)?;
@@ -43,7 +42,7 @@ pub async fn create(
             name: name.as_str(),
             key_hash: &sha256(&plaintext),
             key_prefix: &prefix,
-            created_by: caller.id(),
+            created_by: caller.user.uuid(),
         },
     )
     .await?;
@@ -65,13 +64,13 @@ pub async fn list(db: &Db, team: TeamId) -> Result<Vec<ApiKey>, ServiceError> {
 }
 
 /// Owners and admins revoke any key of the team; members only keys they created.
-pub async fn revoke(db: &Db, caller: &AuthUser, key: ApiKeyId) -> Result<(), ServiceError> {
+pub async fn revoke(db: &Db, caller: &Caller, key: ApiKeyId) -> Result<(), ServiceError> {
     let team = member_team(caller)?;
     let found = api_keys::get(db, team.uuid(), key.uuid())
         .await?
         .ok_or(ServiceError::NotFound("API key"))?;
     let allowed =
-        caller.role.is_some_and(|r| r.can_manage()) || found.created_by == Some(caller.id());
+        caller.role.is_some_and(|r| r.can_manage()) || found.created_by == Some(caller.user.uuid());
     if !allowed {
         return Err(ServiceError::forbidden(
             "only team owners and admins can revoke other members' keys",

@@ -8,8 +8,6 @@ pub mod guest;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -17,8 +15,8 @@ use crate::agent::wire::{CreateSandbox, SandboxInfo};
 use crate::cp::agent_client::{AgentError, AgentTarget};
 use crate::cp::scheduler::{self, Demand, Placement, ScheduleError};
 use crate::cp::state::AppState;
-use crate::db::hosts::{self, Host, HostStatus};
-use crate::db::sandboxes::{self, SandboxRow, SandboxStatus};
+use crate::db::hosts::{Host, HostStatus};
+use crate::db::sandboxes::{self, SandboxRoute, SandboxRow, SandboxStatus, Transition};
 use crate::db::templates::{self, TemplateType};
 use crate::db::DbError;
 use crate::error_code::ErrorCode;
@@ -47,6 +45,10 @@ pub enum CapsuleError {
     NotRunning(SandboxStatus),
     #[error("capsule is {0}; try again once it has settled")]
     Busy(SandboxStatus),
+    /// The create's row was moved on while the agent booted it (its team or host was deleted,
+    /// or the reconciler gave it up); the sandbox was removed from the agent again.
+    #[error("capsule became {0} while it was being created")]
+    Interrupted(SandboxStatus),
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
     #[error("the capsule's host {0} is not online")]
@@ -64,20 +66,6 @@ impl CapsuleError {
             message: message.into(),
         }
     }
-}
-
-/// `POST /v1/capsules` body; every field optional.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateCapsuleRequest {
-    #[serde(default)]
-    pub template: Option<String>,
-    #[serde(default)]
-    pub vcpus: Option<i64>,
-    #[serde(default)]
-    pub memory_mb: Option<i64>,
-    #[serde(default)]
-    pub timeout_sec: Option<i64>,
 }
 
 /// A checked create request.
@@ -112,8 +100,14 @@ fn in_range(
 }
 
 impl NewCapsule {
-    pub fn parse(request: CreateCapsuleRequest) -> Result<Self, CapsuleError> {
-        let template = match request.template {
+    /// Checks what a caller asked for; what they left out gets the defaults.
+    pub fn parse(
+        template: Option<&str>,
+        vcpus: Option<i64>,
+        memory_mb: Option<i64>,
+        timeout_sec: Option<i64>,
+    ) -> Result<Self, CapsuleError> {
+        let template = match template {
             Some(name) => name
                 .parse()
                 .map_err(|e: TemplateNameError| CapsuleError::invalid("template", e.to_string()))?,
@@ -121,108 +115,74 @@ impl NewCapsule {
         };
         Ok(Self {
             template,
-            vcpus: in_range("vcpus", request.vcpus, 1, VCPUS_RANGE)?,
-            memory_mb: in_range("memory_mb", request.memory_mb, 512, MEMORY_MB_RANGE)?,
-            timeout_sec: in_range("timeout_sec", request.timeout_sec, 0, 0..=MAX_TIMEOUT_SEC)?,
+            vcpus: in_range("vcpus", vcpus, 1, VCPUS_RANGE)?,
+            memory_mb: in_range("memory_mb", memory_mb, 512, MEMORY_MB_RANGE)?,
+            timeout_sec: in_range("timeout_sec", timeout_sec, 0, 0..=MAX_TIMEOUT_SEC)?,
         })
     }
 }
 
-/// The public Capsule representation; empty optional fields are omitted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Capsule {
-    pub id: SandboxId,
-    /// A `sandboxes.status` value (`running`, `stopped`, `error`, ...).
-    pub status: String,
-    pub template: String,
-    pub vcpus: i32,
-    pub memory_mb: i32,
-    pub timeout_sec: i32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest_ip: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_ip: Option<String>,
-    pub created_at: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_active_at: Option<DateTime<Utc>>,
-    pub last_updated: DateTime<Utc>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub metadata: BTreeMap<String, Value>,
-}
-
 /// The key under which the guest address is kept in `sandboxes.metadata`.
-const GUEST_IP_KEY: &str = "guest_ip";
-
-impl From<SandboxRow> for Capsule {
-    fn from(row: SandboxRow) -> Self {
-        let mut metadata: BTreeMap<String, Value> = match row.metadata {
-            Value::Object(map) => map.into_iter().collect(),
-            _ => BTreeMap::new(),
-        };
-        let guest_ip = match metadata.remove(GUEST_IP_KEY) {
-            Some(Value::String(ip)) => Some(ip),
-            _ => None,
-        };
-        let host_ip = row.host_address.as_deref().map(|address| {
-            address
-                .rsplit_once(':')
-                .map_or(address, |(host, _)| host)
-                .trim_matches(|c| c == '[' || c == ']')
-                .to_owned()
-        });
-        Self {
-            id: SandboxId(row.id),
-            status: row.status.as_str().to_owned(),
-            template: row.template,
-            vcpus: row.vcpus,
-            memory_mb: row.memory_mb,
-            timeout_sec: row.timeout_sec,
-            guest_ip,
-            host_ip,
-            created_at: row.created_at,
-            started_at: row.started_at,
-            last_active_at: row.last_active_at,
-            last_updated: row.last_updated,
-            metadata,
-        }
-    }
-}
+pub const GUEST_IP_KEY: &str = "guest_ip";
 
 /// How to reach `host`'s agent: its registered address (or `cp.host_agent_addr`) and the
 /// secret derived for its current generation.
 pub fn agent_target(state: &AppState, host: &Host) -> Option<AgentTarget> {
+    target(
+        state,
+        host.id,
+        host.address.as_deref(),
+        host.agent_secret_generation,
+    )
+}
+
+fn target(
+    state: &AppState,
+    host: Uuid,
+    address: Option<&str>,
+    generation: i32,
+) -> Option<AgentTarget> {
     let address = state
         .capsules
         .agent_addr_override
-        .clone()
-        .or_else(|| host.address.clone())?;
+        .as_deref()
+        .or(address)?
+        .to_owned();
     Some(AgentTarget {
-        host: HostId(host.id),
+        host: HostId(host),
         address,
-        secret: state
-            .tokens
-            .agent_secret(host.id, host.agent_secret_generation),
+        secret: state.agent_secrets.get(&state.tokens, host, generation),
     })
 }
 
-async fn online_target(
-    state: &AppState,
-    host_id: Option<Uuid>,
-) -> Result<AgentTarget, CapsuleError> {
-    let host_id = host_id.ok_or(CapsuleError::HostUnavailable(HostId(Uuid::nil())))?;
-    let host = hosts::by_id(&state.db, host_id)
-        .await?
-        .ok_or(CapsuleError::HostUnavailable(HostId(host_id)))?;
-    if host.status != HostStatus::Online {
-        return Err(CapsuleError::HostUnavailable(HostId(host_id)));
+/// How to reach the sandbox's agent, if its host is online.
+fn online_target(state: &AppState, route: &SandboxRoute) -> Result<AgentTarget, CapsuleError> {
+    let host = route
+        .host_id
+        .ok_or(CapsuleError::HostUnavailable(HostId(Uuid::nil())))?;
+    let unavailable = CapsuleError::HostUnavailable(HostId(host));
+    match (route.host_status, route.agent_secret_generation) {
+        (Some(HostStatus::Online), Some(generation)) => {
+            target(state, host, route.host_address.as_deref(), generation).ok_or(unavailable)
+        }
+        (Some(HostStatus::Pending | HostStatus::Unreachable) | None, _) | (_, None) => {
+            Err(unavailable)
+        }
     }
-    agent_target(state, &host).ok_or(CapsuleError::HostUnavailable(HostId(host_id)))
 }
 
 async fn find(state: &AppState, team: TeamId, id: SandboxId) -> Result<SandboxRow, CapsuleError> {
     sandboxes::for_team(&state.db, team.uuid(), id.uuid())
+        .await?
+        .ok_or(CapsuleError::NotFound)
+}
+
+async fn route(
+    state: &AppState,
+    team: TeamId,
+    id: SandboxId,
+) -> Result<SandboxRoute, CapsuleError> {
+    sandboxes::route_for_team(&state.db, team.uuid(), id.uuid())
         .await?
         .ok_or(CapsuleError::NotFound)
 }
@@ -242,7 +202,7 @@ fn guest_metadata(info: &SandboxInfo) -> Value {
 /// A created capsule and how long its agent took to boot it (the rest of the request's time is
 /// the control plane's).
 pub struct Created {
-    pub capsule: Capsule,
+    pub sandbox: SandboxRow,
     pub agent_time: Duration,
 }
 
@@ -284,10 +244,20 @@ pub async fn create(
         },
     )
     .await?;
+    let failed = Transition::to(SandboxStatus::Failed);
     let Some(target) = agent_target(state, &host) else {
-        sandboxes::set_status(&state.db, id.uuid(), SandboxStatus::Failed).await?;
+        sandboxes::transition(&state.db, id.uuid(), failed).await?;
         return Err(CapsuleError::HostUnavailable(HostId(host.id)));
     };
+    if !sandboxes::transition(
+        &state.db,
+        id.uuid(),
+        Transition::to(SandboxStatus::Starting).from(SandboxStatus::Pending),
+    )
+    .await?
+    {
+        return Err(interrupted(state, id).await);
+    }
     let request = CreateSandbox {
         sandbox_id: id,
         template: new.template.clone(),
@@ -307,9 +277,12 @@ pub async fn create(
     let agent_time = asked.elapsed();
     match answer {
         Ok(info) => {
-            sandboxes::mark_started(&state.db, id.uuid(), &guest_metadata(&info)).await?;
+            if !sandboxes::mark_started(&state.db, id.uuid(), &guest_metadata(&info)).await? {
+                remove_half_created(state, &target, id).await;
+                return Err(interrupted(state, id).await);
+            }
             Ok(Created {
-                capsule: find(state, team, id).await?.into(),
+                sandbox: find(state, team, id).await?,
                 agent_time,
             })
         }
@@ -321,11 +294,10 @@ pub async fn create(
                     | AgentError::Decode { .. }
             );
             if outcome_unknown {
-                if let Err(cleanup) = state.capsules.agents.destroy_sandbox(&target, id).await {
-                    tracing::warn!(sandbox = %id, %cleanup, "could not remove a half-created sandbox; the reconciler will");
-                }
+                remove_half_created(state, &target, id).await;
             }
-            sandboxes::set_status(&state.db, id.uuid(), SandboxStatus::Failed).await?;
+            sandboxes::transition(&state.db, id.uuid(), failed.from(SandboxStatus::Starting))
+                .await?;
             tracing::warn!(sandbox = %id, host = %target.host, %error, "sandbox creation failed");
             match error {
                 AgentError::Rejected {
@@ -345,32 +317,63 @@ pub async fn create(
     }
 }
 
-pub async fn list(state: &AppState, team: TeamId) -> Result<Vec<Capsule>, CapsuleError> {
-    Ok(sandboxes::list_live_for_team(&state.db, team.uuid())
-        .await?
-        .into_iter()
-        .map(Capsule::from)
-        .collect())
+/// Destroys what a create may have left on the agent; what remains is the reconciler's.
+async fn remove_half_created(state: &AppState, target: &AgentTarget, id: SandboxId) {
+    if let Err(cleanup) = state.capsules.agents.destroy_sandbox(target, id).await {
+        tracing::warn!(sandbox = %id, %cleanup, "could not remove a half-created sandbox; the reconciler will");
+    }
 }
 
-pub async fn get(state: &AppState, team: TeamId, id: SandboxId) -> Result<Capsule, CapsuleError> {
-    Ok(find(state, team, id).await?.into())
+/// Why a create's transition was refused: what the row became meanwhile.
+async fn interrupted(state: &AppState, id: SandboxId) -> CapsuleError {
+    match sandboxes::status_of(&state.db, id.uuid()).await {
+        Ok(Some(status)) => {
+            tracing::warn!(sandbox = %id, %status, "sandbox changed while it was being created");
+            CapsuleError::Interrupted(status)
+        }
+        Ok(None) => CapsuleError::NotFound,
+        Err(error) => error.into(),
+    }
 }
 
-/// Destroys the capsule. Already stopped or failed capsules are gone: a no-op. One whose host is
-/// unreachable is recorded stopped now; the reconciler removes it from the host when it returns.
+/// The team's capsules that are not stopped or failed.
+pub async fn list(state: &AppState, team: TeamId) -> Result<Vec<SandboxRow>, CapsuleError> {
+    Ok(sandboxes::list_live_for_team(&state.db, team.uuid()).await?)
+}
+
+pub async fn get(
+    state: &AppState,
+    team: TeamId,
+    id: SandboxId,
+) -> Result<SandboxRow, CapsuleError> {
+    find(state, team, id).await
+}
+
+/// Destroys the capsule: `stopping` while the agent removes it, then `stopped`. Already stopped
+/// or failed capsules are gone: a no-op. One whose host is away is recorded stopped now; the
+/// reconciler removes it from the host when it returns. If the agent fails, the capsule stays
+/// `stopping` and the reconciler finishes the destroy.
 pub async fn destroy(state: &AppState, team: TeamId, id: SandboxId) -> Result<(), CapsuleError> {
-    let row = find(state, team, id).await?;
-    match row.status {
+    let route = route(state, team, id).await?;
+    match route.status {
         SandboxStatus::Stopped | SandboxStatus::Failed => return Ok(()),
         SandboxStatus::Pending
         | SandboxStatus::Starting
         | SandboxStatus::Pausing
         | SandboxStatus::Resuming
-        | SandboxStatus::Stopping => return Err(CapsuleError::Busy(row.status)),
+        | SandboxStatus::Snapshotting
+        | SandboxStatus::Stopping => return Err(CapsuleError::Busy(route.status)),
         SandboxStatus::Running | SandboxStatus::Paused | SandboxStatus::Missing => {}
     }
-    match online_target(state, row.host_id).await {
+    let stopping = Transition::to(SandboxStatus::Stopping).from(route.status);
+    if !sandboxes::transition(&state.db, id.uuid(), stopping).await? {
+        return match sandboxes::status_of(&state.db, id.uuid()).await? {
+            Some(SandboxStatus::Stopped | SandboxStatus::Failed) => Ok(()),
+            Some(other) => Err(CapsuleError::Busy(other)),
+            None => Err(CapsuleError::NotFound),
+        };
+    }
+    match online_target(state, &route) {
         Ok(target) => match state.capsules.agents.destroy_sandbox(&target, id).await {
             Ok(()) => {}
             Err(AgentError::Rejected { status, .. }) if status == http::StatusCode::NOT_FOUND => {}
@@ -387,7 +390,13 @@ pub async fn destroy(state: &AppState, team: TeamId, id: SandboxId) -> Result<()
         }
         Err(other) => return Err(other),
     }
-    sandboxes::set_status(&state.db, id.uuid(), SandboxStatus::Stopped).await?;
+    // Refused only if the reconciler saw it gone first and recorded it stopped.
+    sandboxes::transition(
+        &state.db,
+        id.uuid(),
+        Transition::to(SandboxStatus::Stopped).from(SandboxStatus::Stopping),
+    )
+    .await?;
     Ok(())
 }
 
@@ -405,32 +414,40 @@ pub async fn running(
     team: TeamId,
     id: SandboxId,
 ) -> Result<RunningCapsule, CapsuleError> {
-    let row = find(state, team, id).await?;
-    match row.status {
+    reach(state, id, route(state, team, id).await?)
+}
+
+/// The capsule as `route` found it, if it is running and its host online.
+pub fn reach(
+    state: &AppState,
+    id: SandboxId,
+    route: SandboxRoute,
+) -> Result<RunningCapsule, CapsuleError> {
+    match route.status {
         SandboxStatus::Running => {}
         SandboxStatus::Pending
         | SandboxStatus::Starting
         | SandboxStatus::Pausing
         | SandboxStatus::Paused
         | SandboxStatus::Resuming
+        | SandboxStatus::Snapshotting
         | SandboxStatus::Stopping
         | SandboxStatus::Stopped
         | SandboxStatus::Failed
-        | SandboxStatus::Missing => return Err(CapsuleError::NotRunning(row.status)),
+        | SandboxStatus::Missing => return Err(CapsuleError::NotRunning(route.status)),
     }
-    let target = online_target(state, row.host_id).await?;
+    let target = online_target(state, &route)?;
     Ok(RunningCapsule { id, target })
 }
 
 /// Resets the capsule's idle timer on its agent.
-pub async fn ping(state: &AppState, team: TeamId, id: SandboxId) -> Result<(), CapsuleError> {
-    let capsule = running(state, team, id).await?;
+pub async fn ping(state: &AppState, capsule: &RunningCapsule) -> Result<(), CapsuleError> {
     state
         .capsules
         .agents
-        .ping_sandbox(&capsule.target, id)
+        .ping_sandbox(&capsule.target, capsule.id)
         .await?;
-    sandboxes::touch(&state.db, id.uuid()).await?;
+    sandboxes::touch(&state.db, capsule.id.uuid()).await?;
     Ok(())
 }
 
@@ -440,7 +457,7 @@ mod tests {
 
     #[test]
     fn create_defaults_and_ranges() {
-        let new = NewCapsule::parse(CreateCapsuleRequest::default()).unwrap();
+        let new = NewCapsule::parse(None, None, None, None).unwrap();
         assert_eq!(
             new,
             NewCapsule {
@@ -450,38 +467,20 @@ mod tests {
                 timeout_sec: 0
             }
         );
-        for bad in [
-            CreateCapsuleRequest {
-                vcpus: Some(0),
-                ..Default::default()
-            },
-            CreateCapsuleRequest {
-                vcpus: Some(-1),
-                ..Default::default()
-            },
-            CreateCapsuleRequest {
-                memory_mb: Some(64),
-                ..Default::default()
-            },
-            CreateCapsuleRequest {
-                timeout_sec: Some(-5),
-                ..Default::default()
-            },
-            CreateCapsuleRequest {
-                template: Some("../etc".into()),
-                ..Default::default()
-            },
-            CreateCapsuleRequest {
-                template: Some(String::new()),
-                ..Default::default()
-            },
+        for (template, vcpus, memory_mb, timeout_sec) in [
+            (None, Some(0), None, None),
+            (None, Some(-1), None, None),
+            (None, None, Some(64), None),
+            (None, None, None, Some(-5)),
+            (Some("../etc"), None, None, None),
+            (Some(""), None, None, None),
         ] {
             assert!(
                 matches!(
-                    NewCapsule::parse(bad.clone()),
+                    NewCapsule::parse(template, vcpus, memory_mb, timeout_sec),
                     Err(CapsuleError::Invalid { .. })
                 ),
-                "{bad:?}"
+                "{template:?} {vcpus:?} {memory_mb:?} {timeout_sec:?}"
             );
         }
     }

@@ -10,13 +10,13 @@ use uuid::Uuid;
 
 use super::input::Tag;
 use super::teams::can_manage;
-use super::{user_action, ServiceError};
+use super::{user_action, Caller, ServiceError};
 use crate::config::HostPort;
-use crate::cp::auth::AuthUser;
 use crate::cp::tokens::{random_hex, sha256, TokenKeys, REFRESH_TOKEN_TTL, REGISTRATION_TOKEN_TTL};
 use crate::db::audit_logs::{self, Entry};
 use crate::db::host_refresh_tokens::RefreshToken;
 use crate::db::hosts::{self, Host, HostType, NewHost, Registration};
+use crate::db::sandboxes::SandboxStatus;
 use crate::db::{
     host_refresh_tokens, host_registration_tokens, host_tags, sandboxes, teams, Db, DbError,
 };
@@ -60,34 +60,34 @@ fn expires(ttl: std::time::Duration) -> chrono::DateTime<Utc> {
 /// owners and admins for their team's BYOC hosts.
 async fn may_manage(
     db: &Db,
-    caller: &AuthUser,
+    caller: &Caller,
     host_type: HostType,
     team: Option<Uuid>,
 ) -> Result<bool, ServiceError> {
-    if caller.user.is_admin {
+    if caller.is_admin {
         return Ok(true);
     }
     match (host_type, team) {
-        (HostType::Byoc, Some(team)) => can_manage(db, caller.id(), team).await,
+        (HostType::Byoc, Some(team)) => can_manage(db, caller.user.uuid(), team).await,
         (HostType::Byoc, None) | (HostType::Regular, _) => Ok(false),
     }
 }
 
 /// A host the caller can see: platform admins see every host; members see their current team's
 /// BYOC hosts. Hosts the caller cannot see are "not found", so their existence does not leak.
-async fn visible(db: &Db, caller: &AuthUser, id: HostId) -> Result<Host, ServiceError> {
+async fn visible(db: &Db, caller: &Caller, id: HostId) -> Result<Host, ServiceError> {
     let host = hosts::by_id(db, id.uuid())
         .await?
         .ok_or(ServiceError::NotFound("host"))?;
-    let member_of_team = host.team_id == Some(caller.team_id.uuid()) && caller.role.is_some();
-    if caller.user.is_admin || member_of_team {
+    let member_of_team = host.team_id == Some(caller.team.uuid()) && caller.role.is_some();
+    if caller.is_admin || member_of_team {
         Ok(host)
     } else {
         Err(ServiceError::NotFound("host"))
     }
 }
 
-async fn manageable(db: &Db, caller: &AuthUser, id: HostId) -> Result<Host, ServiceError> {
+async fn manageable(db: &Db, caller: &Caller, id: HostId) -> Result<Host, ServiceError> {
     let host = visible(db, caller, id).await?;
     if !may_manage(db, caller, host.host_type, host.team_id).await? {
         return Err(ServiceError::forbidden(
@@ -118,7 +118,7 @@ async fn issue_registration_token(
 /// Creates a `pending` host and its one-hour, single-use registration token.
 pub async fn create(
     db: &Db,
-    caller: &AuthUser,
+    caller: &Caller,
     req: CreateHost,
 ) -> Result<(Host, String), ServiceError> {
     let team = match (req.host_type, req.team_id) {
@@ -157,11 +157,11 @@ pub async fn create(
             team_id: team,
             provider: req.provider.as_deref(),
             availability_zone: req.availability_zone.as_deref(),
-            created_by: caller.id(),
+            created_by: caller.user.uuid(),
         },
     )
     .await?;
-    let token = issue_registration_token(&mut tx, host.id, caller.id()).await?;
+    let token = issue_registration_token(&mut tx, host.id, caller.user.uuid()).await?;
     let metadata = serde_json::json!({"type": host.host_type});
     let entry = user_action(
         caller,
@@ -181,7 +181,7 @@ pub async fn create(
 /// registration tokens stop working.
 pub async fn regenerate_token(
     db: &Db,
-    caller: &AuthUser,
+    caller: &Caller,
     id: HostId,
 ) -> Result<(Host, String), ServiceError> {
     let host = manageable(db, caller, id).await?;
@@ -198,7 +198,7 @@ pub async fn regenerate_token(
             ),
         });
     }
-    let token = issue_registration_token(&mut tx, host.id, caller.id()).await?;
+    let token = issue_registration_token(&mut tx, host.id, caller.user.uuid()).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok((locked, token))
 }
@@ -438,51 +438,46 @@ pub async fn heartbeat(db: &Db, caller: HostId, id: HostId) -> Result<(), Servic
     }
 }
 
-pub async fn list(db: &Db, caller: &AuthUser) -> Result<Vec<Host>, ServiceError> {
-    if caller.user.is_admin {
+pub async fn list(db: &Db, caller: &Caller) -> Result<Vec<Host>, ServiceError> {
+    if caller.is_admin {
         return Ok(hosts::list_all(db).await?);
     }
     if caller.role.is_none() {
         return Ok(Vec::new());
     }
-    Ok(hosts::list_for_team(db, caller.team_id.uuid()).await?)
+    Ok(hosts::list_for_team(db, caller.team.uuid()).await?)
 }
 
-pub async fn get(db: &Db, caller: &AuthUser, id: HostId) -> Result<Host, ServiceError> {
+pub async fn get(db: &Db, caller: &Caller, id: HostId) -> Result<Host, ServiceError> {
     visible(db, caller, id).await
 }
 
 pub async fn delete_preview(
     db: &Db,
-    caller: &AuthUser,
+    caller: &Caller,
     id: HostId,
 ) -> Result<(Host, Vec<SandboxId>), ServiceError> {
     let host = manageable(db, caller, id).await?;
-    let ids = sandboxes::active_on_host(db, host.id).await?;
+    let ids = sandboxes::live_on_host(db, host.id).await?;
     Ok((host, ids.into_iter().map(SandboxId).collect()))
 }
 
 /// Deletes a host with its tokens and tags. Refused while capsules are active on it, unless
 /// `force`, which stops their records first.
-pub async fn delete(
-    db: &Db,
-    caller: &AuthUser,
-    id: HostId,
-    force: bool,
-) -> Result<(), ServiceError> {
+pub async fn delete(db: &Db, caller: &Caller, id: HostId, force: bool) -> Result<(), ServiceError> {
     let host = manageable(db, caller, id).await?;
     let mut tx = db.begin().await.map_err(DbError::from)?;
     hosts::by_id_for_update(&mut *tx, host.id)
         .await?
         .ok_or(ServiceError::NotFound("host"))?;
-    let active = sandboxes::active_on_host(&mut *tx, host.id).await?;
+    let active = sandboxes::live_on_host(&mut *tx, host.id).await?;
     if !active.is_empty() {
         if !force {
             return Err(ServiceError::HostHasSandboxes(
                 active.into_iter().map(SandboxId).collect(),
             ));
         }
-        sandboxes::stop_active_on_host(&mut *tx, host.id).await?;
+        sandboxes::transition_on_host(&mut *tx, host.id, SandboxStatus::Stopped).await?;
     }
     hosts::delete(&mut *tx, host.id).await?;
     let stopped: Vec<String> = active
@@ -503,12 +498,12 @@ pub async fn delete(
     Ok(())
 }
 
-pub async fn tags(db: &Db, caller: &AuthUser, id: HostId) -> Result<Vec<String>, ServiceError> {
+pub async fn tags(db: &Db, caller: &Caller, id: HostId) -> Result<Vec<String>, ServiceError> {
     let host = visible(db, caller, id).await?;
     Ok(host_tags::list(db, host.id).await?)
 }
 
-pub async fn add_tag(db: &Db, caller: &AuthUser, id: HostId, tag: Tag) -> Result<(), ServiceError> {
+pub async fn add_tag(db: &Db, caller: &Caller, id: HostId, tag: Tag) -> Result<(), ServiceError> {
     let host = manageable(db, caller, id).await?;
     host_tags::add(db, host.id, tag.as_str()).await?;
     Ok(())
@@ -516,7 +511,7 @@ pub async fn add_tag(db: &Db, caller: &AuthUser, id: HostId, tag: Tag) -> Result
 
 pub async fn remove_tag(
     db: &Db,
-    caller: &AuthUser,
+    caller: &Caller,
     id: HostId,
     tag: &str,
 ) -> Result<(), ServiceError> {

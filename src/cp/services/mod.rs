@@ -11,11 +11,11 @@ pub mod teams;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::cp::auth::AuthUser;
 use crate::db::audit_logs::Entry;
+use crate::db::team_members::Role;
 use crate::db::DbError;
 use crate::error_code::ErrorCode;
-use crate::id::{SandboxId, UserId};
+use crate::id::{SandboxId, TeamId, UserId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -60,9 +60,21 @@ impl ServiceError {
     }
 }
 
+/// Who calls a service: a signed-in user as the database knows them on this request, and the
+/// team their token is scoped to. The web layer builds it from the request's credentials;
+/// services never see HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub user: UserId,
+    pub team: TeamId,
+    /// The user's role in `team`; `None` once they no longer belong to it.
+    pub role: Option<Role>,
+    pub is_admin: bool,
+}
+
 /// An audit-log entry for something a signed-in user did.
 pub(crate) fn user_action<'a>(
-    caller: &AuthUser,
+    caller: &Caller,
     team: Option<Uuid>,
     resource_type: &'a str,
     resource_id: String,
@@ -72,7 +84,7 @@ pub(crate) fn user_action<'a>(
     Entry {
         team_id: team,
         actor_type: "user",
-        actor_id: Some(UserId(caller.id()).to_string()),
+        actor_id: Some(caller.user.to_string()),
         resource_type,
         resource_id: Some(resource_id),
         action,

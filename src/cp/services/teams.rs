@@ -4,16 +4,16 @@ use uuid::Uuid;
 
 use super::accounts::create_team_owned_by;
 use super::input::{Email, TeamName};
-use super::{user_action, ServiceError};
-use crate::cp::auth::AuthUser;
+use super::{user_action, Caller, ServiceError};
+use crate::db::sandboxes::SandboxStatus;
 use crate::db::team_members::{self, Member, Role};
 use crate::db::teams::{self, Team, TeamWithRole};
 use crate::db::{api_keys, audit_logs, sandboxes, users, Db, DbError};
 use crate::id::{TeamId, UserId};
 
 /// The caller's role in `team`, which must be the team their token is scoped to.
-async fn access(db: &Db, caller: &AuthUser, team: TeamId) -> Result<Role, ServiceError> {
-    if team != caller.team_id {
+async fn access(db: &Db, caller: &Caller, team: TeamId) -> Result<Role, ServiceError> {
+    if team != caller.team {
         if teams::by_id(db, team.uuid()).await?.is_none() {
             return Err(ServiceError::NotFound("team"));
         }
@@ -30,7 +30,7 @@ async fn access(db: &Db, caller: &AuthUser, team: TeamId) -> Result<Role, Servic
     }
 }
 
-async fn manager(db: &Db, caller: &AuthUser, team: TeamId) -> Result<Role, ServiceError> {
+async fn manager(db: &Db, caller: &Caller, team: TeamId) -> Result<Role, ServiceError> {
     let role = access(db, caller, team).await?;
     if !role.can_manage() {
         return Err(ServiceError::forbidden("team owner or admin role required"));
@@ -38,17 +38,17 @@ async fn manager(db: &Db, caller: &AuthUser, team: TeamId) -> Result<Role, Servi
     Ok(role)
 }
 
-pub async fn list(db: &Db, caller: &AuthUser) -> Result<Vec<TeamWithRole>, ServiceError> {
-    Ok(teams::list_for_user(db, caller.id()).await?)
+pub async fn list(db: &Db, caller: &Caller) -> Result<Vec<TeamWithRole>, ServiceError> {
+    Ok(teams::list_for_user(db, caller.user.uuid()).await?)
 }
 
 pub async fn create(
     db: &Db,
-    caller: &AuthUser,
+    caller: &Caller,
     name: TeamName,
 ) -> Result<TeamWithRole, ServiceError> {
     let mut tx = db.begin().await.map_err(DbError::from)?;
-    let team = create_team_owned_by(&mut tx, caller.id(), &name, false).await?;
+    let team = create_team_owned_by(&mut tx, caller.user.uuid(), &name, false).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok(TeamWithRole {
         team,
@@ -59,7 +59,7 @@ pub async fn create(
 
 pub async fn get(
     db: &Db,
-    caller: &AuthUser,
+    caller: &Caller,
     team: TeamId,
 ) -> Result<(Team, Vec<Member>), ServiceError> {
     access(db, caller, team).await?;
@@ -72,7 +72,7 @@ pub async fn get(
 
 pub async fn rename(
     db: &Db,
-    caller: &AuthUser,
+    caller: &Caller,
     team: TeamId,
     name: TeamName,
 ) -> Result<(), ServiceError> {
@@ -85,7 +85,7 @@ pub async fn rename(
 
 /// Soft-deletes the team (its slug stays reserved), revokes its API keys and stops its
 /// capsules' records.
-pub async fn delete(db: &Db, caller: &AuthUser, team: TeamId) -> Result<(), ServiceError> {
+pub async fn delete(db: &Db, caller: &Caller, team: TeamId) -> Result<(), ServiceError> {
     if access(db, caller, team).await? != Role::Owner {
         return Err(ServiceError::forbidden(
             "only the team owner can delete the team",
@@ -101,7 +101,8 @@ pub async fn delete(db: &Db, caller: &AuthUser, team: TeamId) -> Result<(), Serv
         return Err(ServiceError::NotFound("team"));
     }
     let keys = api_keys::delete_for_team(&mut *tx, team.uuid()).await?;
-    let stopped = sandboxes::stop_active_for_team(&mut *tx, team.uuid()).await?;
+    let stopped =
+        sandboxes::transition_for_team(&mut *tx, team.uuid(), SandboxStatus::Stopped).await?;
     let metadata = serde_json::json!({"revoked_api_keys": keys, "stopped_capsules": stopped.len()});
     let entry = user_action(
         caller,
@@ -116,18 +117,14 @@ pub async fn delete(db: &Db, caller: &AuthUser, team: TeamId) -> Result<(), Serv
     Ok(())
 }
 
-pub async fn members(
-    db: &Db,
-    caller: &AuthUser,
-    team: TeamId,
-) -> Result<Vec<Member>, ServiceError> {
+pub async fn members(db: &Db, caller: &Caller, team: TeamId) -> Result<Vec<Member>, ServiceError> {
     access(db, caller, team).await?;
     Ok(team_members::list(db, team.uuid()).await?)
 }
 
 pub async fn add_member(
     db: &Db,
-    caller: &AuthUser,
+    caller: &Caller,
     team: TeamId,
     email: Email,
 ) -> Result<Member, ServiceError> {
@@ -164,7 +161,7 @@ async fn target_member(db: &Db, team: TeamId, user: UserId) -> Result<Member, Se
 
 pub async fn set_member_role(
     db: &Db,
-    caller: &AuthUser,
+    caller: &Caller,
     team: TeamId,
     user: UserId,
     role: Role,
@@ -180,7 +177,7 @@ pub async fn set_member_role(
 
 pub async fn remove_member(
     db: &Db,
-    caller: &AuthUser,
+    caller: &Caller,
     team: TeamId,
     user: UserId,
 ) -> Result<(), ServiceError> {
@@ -190,13 +187,13 @@ pub async fn remove_member(
     Ok(())
 }
 
-pub async fn leave(db: &Db, caller: &AuthUser, team: TeamId) -> Result<(), ServiceError> {
+pub async fn leave(db: &Db, caller: &Caller, team: TeamId) -> Result<(), ServiceError> {
     if access(db, caller, team).await? == Role::Owner {
         return Err(ServiceError::forbidden(
             "the owner cannot leave the team; delete it instead",
         ));
     }
-    team_members::remove(db, team.uuid(), caller.id()).await?;
+    team_members::remove(db, team.uuid(), caller.user.uuid()).await?;
     Ok(())
 }
 

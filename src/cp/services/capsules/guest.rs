@@ -15,13 +15,13 @@ use chrono::DateTime;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 
-use super::{running, CapsuleError, RunningCapsule};
+use super::{CapsuleError, RunningCapsule};
 use crate::cp::agent_client::AgentError;
 use crate::cp::state::AppState;
 use crate::db::sandboxes;
 use crate::envd::api as envd;
 use crate::envd::client::{EnvdClient, EnvdClientError, FileDownload, ProcessSession};
-use crate::id::{SandboxId, TeamId};
+use crate::id::SandboxId;
 use command::{CommandRequest, Exec};
 
 /// envd's default for a foreground command that names no timeout.
@@ -82,18 +82,16 @@ pub enum ExecOutcome {
 /// Runs a command in the foreground (waiting for its output) or starts it in the background.
 pub async fn exec(
     state: &AppState,
-    team: TeamId,
-    id: SandboxId,
+    capsule: &RunningCapsule,
     request: CommandRequest,
 ) -> Result<ExecOutcome, CapsuleError> {
     let exec = request.exec()?;
-    let capsule = running(state, team, id).await?;
-    let envd = envd(state, &capsule)?;
+    let envd = envd(state, capsule)?;
     match exec {
         Exec::Background(start) => {
-            let started = within(&capsule, request_timeout(state), envd.start(&start)).await?;
+            let started = within(capsule, request_timeout(state), envd.start(&start)).await?;
             Ok(ExecOutcome::Started(BackgroundExecResponse {
-                sandbox_id: id,
+                sandbox_id: capsule.id,
                 cmd: start.process.cmd,
                 pid: started.pid,
                 tag: started.tag,
@@ -104,10 +102,17 @@ pub async fn exec(
             let runs_for = run
                 .timeout_sec
                 .map_or(DEFAULT_RUN_TIMEOUT, Duration::from_secs);
-            let done = within(&capsule, request_timeout(state) + runs_for, envd.run(&run)).await?;
-            sandboxes::touch(&state.db, id.uuid()).await?;
+            let done = within(capsule, request_timeout(state) + runs_for, envd.run(&run)).await?;
+            // Activity bookkeeping must not delay the answer the caller is waiting for.
+            let db = state.db.clone();
+            let id = capsule.id;
+            tokio::spawn(async move {
+                if let Err(error) = sandboxes::touch(&db, id.uuid()).await {
+                    tracing::debug!(sandbox = %id, %error, "could not record activity");
+                }
+            });
             Ok(ExecOutcome::Finished(ExecResponse {
-                sandbox_id: id,
+                sandbox_id: capsule.id,
                 cmd: run.process.cmd,
                 stdout: done.stdout,
                 stderr: done.stderr,
@@ -144,12 +149,10 @@ pub struct ProcessListResponse {
 
 pub async fn list_processes(
     state: &AppState,
-    team: TeamId,
-    id: SandboxId,
+    capsule: &RunningCapsule,
 ) -> Result<ProcessListResponse, CapsuleError> {
-    let capsule = running(state, team, id).await?;
-    let envd = envd(state, &capsule)?;
-    let processes = within(&capsule, request_timeout(state), envd.list()).await?;
+    let envd = envd(state, capsule)?;
+    let processes = within(capsule, request_timeout(state), envd.list()).await?;
     Ok(ProcessListResponse {
         processes: processes
             .into_iter()
@@ -200,16 +203,14 @@ pub fn check_selector(selector: &str) -> Result<(), CapsuleError> {
 
 pub async fn kill_process(
     state: &AppState,
-    team: TeamId,
-    id: SandboxId,
+    capsule: &RunningCapsule,
     selector: &str,
     signal: KillSignal,
 ) -> Result<(), CapsuleError> {
     check_selector(selector)?;
-    let capsule = running(state, team, id).await?;
-    let envd = envd(state, &capsule)?;
+    let envd = envd(state, capsule)?;
     within(
-        &capsule,
+        capsule,
         request_timeout(state),
         envd.kill(selector, Some(signal.as_str())),
     )
@@ -306,20 +307,18 @@ fn envd_depth(depth: Option<i64>) -> Result<u32, CapsuleError> {
 
 pub async fn list_dir(
     state: &AppState,
-    team: TeamId,
-    id: SandboxId,
+    capsule: &RunningCapsule,
     request: ListDirRequest,
 ) -> Result<ListDirResponse, CapsuleError> {
     check_path(&request.path)?;
     let depth = envd_depth(request.depth)?;
-    let capsule = running(state, team, id).await?;
-    let envd = envd(state, &capsule)?;
+    let envd = envd(state, capsule)?;
     let list = envd::ListRequest {
         path: request.path,
         depth: Some(depth),
         user: None,
     };
-    let entries = within(&capsule, request_timeout(state), envd.list_dir(&list)).await?;
+    let entries = within(capsule, request_timeout(state), envd.list_dir(&list)).await?;
     Ok(ListDirResponse {
         entries: entries.into_iter().map(FileEntry::from).collect(),
     })
@@ -327,15 +326,13 @@ pub async fn list_dir(
 
 pub async fn mkdir(
     state: &AppState,
-    team: TeamId,
-    id: SandboxId,
+    capsule: &RunningCapsule,
     request: PathRequest,
 ) -> Result<MakeDirResponse, CapsuleError> {
     check_path(&request.path)?;
-    let capsule = running(state, team, id).await?;
-    let envd = envd(state, &capsule)?;
+    let envd = envd(state, capsule)?;
     let entry = within(
-        &capsule,
+        capsule,
         request_timeout(state),
         envd.mkdir(&request.path, None),
     )
@@ -347,15 +344,13 @@ pub async fn mkdir(
 
 pub async fn remove(
     state: &AppState,
-    team: TeamId,
-    id: SandboxId,
+    capsule: &RunningCapsule,
     request: PathRequest,
 ) -> Result<(), CapsuleError> {
     check_path(&request.path)?;
-    let capsule = running(state, team, id).await?;
-    let envd = envd(state, &capsule)?;
+    let envd = envd(state, capsule)?;
     within(
-        &capsule,
+        capsule,
         request_timeout(state),
         envd.remove(&request.path, None),
     )
@@ -382,14 +377,12 @@ where
 /// Starts streaming the guest file at `path`; its chunks arrive as envd sends them.
 pub async fn download(
     state: &AppState,
-    team: TeamId,
-    id: SandboxId,
+    capsule: &RunningCapsule,
     path: &str,
 ) -> Result<FileDownload, CapsuleError> {
     check_path(path)?;
-    let capsule = running(state, team, id).await?;
-    let envd = envd(state, &capsule)?;
-    within(&capsule, request_timeout(state), envd.read_file(path, None)).await
+    let envd = envd(state, capsule)?;
+    within(capsule, request_timeout(state), envd.read_file(path, None)).await
 }
 
 #[cfg(test)]
