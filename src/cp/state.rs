@@ -11,7 +11,6 @@ use uuid::Uuid;
 
 use super::agent_client::{AgentClient, AgentTimeouts};
 use super::scheduler::SchedulerSettings;
-use super::services::login_limits::{Limit, LoginLimits};
 use super::tokens::TokenKeys;
 use crate::config::{Config, IpCidrList};
 use crate::db::Db;
@@ -50,6 +49,20 @@ impl AgentSecrets {
             .insert(host, (generation, secret.clone()));
         secret
     }
+}
+
+/// At most `max_failures` failed logins per `window`, which starts at the first failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// 0 turns the limit off.
+    pub max_failures: u32,
+    pub window: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginLimits {
+    pub per_email: Limit,
+    pub per_address: Limit,
 }
 
 /// How credentials are guarded.

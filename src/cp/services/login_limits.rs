@@ -18,22 +18,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::ServiceError;
+pub use crate::cp::state::{Limit, LoginLimits};
 use crate::db::login_failures::{self, LoginScope, WindowCount};
 use crate::db::Db;
-
-/// At most `max_failures` failed logins per `window`, which starts at the first failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limit {
-    /// 0 turns the limit off.
-    pub max_failures: u32,
-    pub window: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LoginLimits {
-    pub per_email: Limit,
-    pub per_address: Limit,
-}
 
 /// What a counted attempt was counted against, to take it back.
 #[derive(Debug)]
