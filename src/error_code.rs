@@ -76,6 +76,21 @@ impl ErrorEnvelope {
             },
         }
     }
+
+    /// The error a refusal's body carries; a body that is not an envelope (a proxy's page, say)
+    /// is kept, cut short, as the message of an `Unknown` code.
+    pub fn body_of(body: &[u8]) -> ErrorBody {
+        serde_json::from_slice::<ErrorEnvelope>(body)
+            .map(|envelope| envelope.error)
+            .unwrap_or_else(|_| ErrorBody {
+                code: ErrorCode::Unknown,
+                message: String::from_utf8_lossy(body)
+                    .trim()
+                    .chars()
+                    .take(500)
+                    .collect(),
+            })
+    }
 }
 
 #[cfg(test)]

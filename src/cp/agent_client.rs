@@ -351,17 +351,7 @@ impl AgentClient {
 /// Turns a non-success answer into an error: client errors keep the agent's (or envd's) code,
 /// everything else is the agent failing.
 fn answer_error(host: HostId, status: StatusCode, body: &[u8]) -> AgentError {
-    let detail = serde_json::from_slice::<ErrorEnvelope>(body)
-        .map(|e| e.error)
-        .unwrap_or_else(|_| ErrorBody {
-            code: ErrorCode::Unknown,
-            message: String::from_utf8_lossy(body)
-                .trim()
-                .chars()
-                .take(500)
-                .collect(),
-        });
-    refusal(host, status, detail)
+    refusal(host, status, ErrorEnvelope::body_of(body))
 }
 
 fn refusal(host: HostId, status: StatusCode, detail: ErrorBody) -> AgentError {

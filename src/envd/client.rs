@@ -232,7 +232,7 @@ impl EnvdClient {
             .to_bytes();
         Err(EnvdClientError::Api {
             status,
-            detail: error_detail(&body),
+            detail: ErrorEnvelope::body_of(&body),
         })
     }
 
@@ -388,7 +388,7 @@ impl EnvdClient {
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 let status = response.status().as_u16();
                 let detail = match response.body().as_deref() {
-                    Some(body) if !body.is_empty() => error_detail(body),
+                    Some(body) if !body.is_empty() => ErrorEnvelope::body_of(body),
                     _ => ErrorBody {
                         code: ErrorCode::Unknown,
                         message: format!("HTTP {status}"),
@@ -572,21 +572,6 @@ impl EnvdClient {
             .await?;
         Ok(WatchSession { socket })
     }
-}
-
-/// The error envelope of a refusal; a body that is not one (a proxy's page, say) is kept, cut
-/// short, as the message.
-fn error_detail(body: &[u8]) -> ErrorBody {
-    serde_json::from_slice::<ErrorEnvelope>(body)
-        .map(|b| b.error)
-        .unwrap_or_else(|_| ErrorBody {
-            code: ErrorCode::Unknown,
-            message: String::from_utf8_lossy(body)
-                .trim()
-                .chars()
-                .take(500)
-                .collect(),
-        })
 }
 
 fn path_request(path: &str, user: Option<&str>) -> PathRequest {
@@ -803,12 +788,12 @@ mod tests {
 
     #[test]
     fn refusals_keep_their_envelope() {
-        let detail = error_detail(br#"{"error":{"code":"conflict","message":"exists"}}"#);
+        let detail = ErrorEnvelope::body_of(br#"{"error":{"code":"conflict","message":"exists"}}"#);
         assert_eq!(
             (detail.code, detail.message.as_str()),
             (ErrorCode::Conflict, "exists")
         );
-        let page = error_detail("x".repeat(2000).as_bytes());
+        let page = ErrorEnvelope::body_of("x".repeat(2000).as_bytes());
         assert_eq!((page.code, page.message.len()), (ErrorCode::Unknown, 500));
     }
 }
