@@ -463,3 +463,35 @@ async fn a_sandbox_flooding_its_console_stays_within_the_cap_even_after_the_agen
     drop(agent);
     cp.stop().await;
 }
+
+/// A destroyed sandbox's slot, and so its guest address, goes to the next sandbox; the next
+/// sandbox's very first proxied call must reach its own envd, not a connection kept to the old
+/// guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sandbox_reusing_a_freed_slot_answers_its_first_call() {
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let (cp, agent, _, _) = stack().await;
+    let agent = tokio::task::spawn_blocking(move || {
+        let mut addresses = Vec::new();
+        for name in ["reuse-1", "reuse-2", "reuse-3"] {
+            let id = sid(name);
+            let (status, info) = agent.create(&id);
+            assert_eq!(status, StatusCode::CREATED, "{info}");
+            addresses.push(info["guest_addr"].as_str().unwrap().to_owned());
+            let out = agent.run(&id, "echo", &[name]);
+            assert_eq!(out["stdout"], format!("{name}\n"), "{out}");
+            let (status, body) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None);
+            assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        }
+        assert!(
+            addresses.windows(2).all(|pair| pair[0] == pair[1]),
+            "the test needs the slot reused: {addresses:?}"
+        );
+        wait_clean(&agent);
+        agent
+    })
+    .await
+    .unwrap();
+    drop(agent);
+    cp.stop().await;
+}

@@ -12,8 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use subtle::ConstantTimeEq;
 
 use super::sandbox::{SandboxError, SandboxManager};
@@ -29,17 +28,14 @@ pub struct AgentState {
     pub sandboxes: Arc<SandboxManager>,
     pub secret: Arc<str>,
     pub host_id: Arc<str>,
-    http: Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
 }
 
 impl AgentState {
     pub fn new(sandboxes: Arc<SandboxManager>, secret: &str, host_id: &str) -> Self {
-        let http = Client::builder(TokioExecutor::new()).build_http();
         Self {
             sandboxes,
             secret: secret.into(),
             host_id: host_id.into(),
-            http,
         }
     }
 }
@@ -248,8 +244,11 @@ async fn proxy_envd(
         let value = HeaderValue::from_str(token).expect("access tokens are hex");
         parts.headers.insert("x-access-token", value);
     }
-    let mut upstream = state
-        .http
+    // The sandbox's own pool: a shared one would keep connections to a destroyed guest whose
+    // address a new sandbox reuses, and the new sandbox's first call would fail on them.
+    let body = body.map_err(std::io::Error::other).boxed_unsync();
+    let mut upstream = envd
+        .pool()
         .request(Request::from_parts(parts, body))
         .await
         .map_err(|e| {

@@ -160,6 +160,12 @@ impl EnvdClient {
         self.credential = token.map(Credential::AccessToken);
     }
 
+    /// This client's connection pool, for callers that proxy raw requests to the same envd: its
+    /// connections live and die with this client, never reaching a later guest at the address.
+    pub fn pool(&self) -> &HttpClient {
+        &self.http
+    }
+
     /// The `host:port` this client talks to, for callers that proxy raw requests to envd.
     pub fn authority(&self) -> &str {
         &self.authority
