@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use support::agent::{sid, stack, stack_with_env, wait_clean, Agent, VM_TURNS};
+use support::agent::{sid, stack, stack_with_env, wait_clean, VM_TURNS};
 use wrenn::config::Layout;
 use wrenn::vmm::qemu::qmp::QmpClient;
 use wrenn::vmm::{console_tail, find_leftovers, VmFiles};
@@ -256,40 +256,48 @@ async fn a_killed_agent_cleans_up_on_restart_and_the_control_plane_hears_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_idle_sandbox_is_reaped_after_its_timeout_and_pings_keep_it_alive() {
+async fn an_idle_sandbox_is_paused_after_its_timeout_pings_keep_it_alive_and_a_call_resumes_it() {
     let _turn = VM_TURNS.acquire().await.unwrap();
     let (cp, agent, _, _) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
-        let body = json!({"sandbox_id": sid("e2e-idle"), "template": "minimal", "vcpus": 1,
+        let id = sid("e2e-idle");
+        let body = json!({"sandbox_id": id, "template": "minimal", "vcpus": 1,
                           "memory_mb": 256, "disk_mb": 256, "timeout_sec": 4});
         let (status, info) = agent.call(Method::POST, "/v1/sandboxes", Some(body));
         assert_eq!(status, StatusCode::CREATED, "{info}");
         // Pings (and any use) reset the idle timer.
         for _ in 0..4 {
             std::thread::sleep(std::time::Duration::from_secs(2));
-            let (status, _) = agent.call(
-                Method::POST,
-                &format!("/v1/sandboxes/{}/ping", sid("e2e-idle")),
-                None,
-            );
+            let (status, _) = agent.call(Method::POST, &format!("/v1/sandboxes/{id}/ping"), None);
             assert_eq!(status, StatusCode::NO_CONTENT);
+            let (_, info) = agent.call(Method::GET, &format!("/v1/sandboxes/{id}"), None);
+            assert_eq!(info["status"], "running", "{info}");
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            let (status, _) = agent.call(
-                Method::GET,
-                &format!("/v1/sandboxes/{}", sid("e2e-idle")),
-                None,
+            let (status, info) = agent.call(Method::GET, &format!("/v1/sandboxes/{id}"), None);
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "an idle sandbox is paused, not destroyed"
             );
-            if status == StatusCode::NOT_FOUND {
+            if info["status"] == "paused" {
                 break;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the idle sandbox was not reaped"
+                "the idle sandbox was not paused"
             );
             std::thread::sleep(std::time::Duration::from_millis(250));
         }
+        assert!(find_leftovers(&Layout::new(agent.root.path())).is_empty());
+        // The next call resumes it transparently.
+        let out = agent.run(&id, "echo", &["awake"]);
+        assert_eq!(out["stdout"], "awake\n", "{out}");
+        let (_, info) = agent.call(Method::GET, &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(info["status"], "running", "{info}");
+        let (status, _) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(status, StatusCode::NO_CONTENT);
         wait_clean(&agent);
         agent
     })
@@ -309,7 +317,7 @@ async fn two_deletes_and_the_idle_reaper_tear_a_sandbox_down_exactly_once() {
                           "memory_mb": 256, "disk_mb": 256, "timeout_sec": 2});
         let (status, info) = agent.call(Method::POST, "/v1/sandboxes", Some(body));
         assert_eq!(status, StatusCode::CREATED, "{info}");
-        // The DELETEs go out the moment the reaper starts its destroy, while the VM shuts down.
+        // The DELETEs go out the moment the reaper starts its pause, while the VM is saved.
         let deadline = Instant::now() + Duration::from_secs(30);
         while agent.log_lines(&["idle timeout reached", &id]).is_empty() {
             assert!(Instant::now() < deadline, "the reaper never acted");
@@ -347,21 +355,6 @@ async fn two_deletes_and_the_idle_reaper_tear_a_sandbox_down_exactly_once() {
     cp.stop().await;
 }
 
-/// Runs `script` with `sh -c` as root in the guest (only root may write /dev/console).
-fn run_as_root(agent: &Agent, id: &str, script: &str) -> Value {
-    let (status, body) = agent.call(
-        Method::POST,
-        &format!("/v1/sandboxes/{id}/envd/processes/run"),
-        Some(
-            json!({"process": {"cmd": "sh", "args": ["-c", script], "user": "root"},
-                    "timeout_sec": 120}),
-        ),
-    );
-    assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["exit_code"], 0, "{body}");
-    body
-}
-
 const CONSOLE_CAP: u64 = 65536;
 
 /// The console files stay within the cap; returns their sizes.
@@ -389,8 +382,7 @@ async fn a_sandbox_flooding_its_console_stays_within_the_cap_even_after_the_agen
         let files = VmFiles::for_sandbox(&layout, id);
 
         // About 230 KB of numbered lines, several times the cap.
-        run_as_root(
-            &agent,
+        agent.run_as_root(
             id,
             "seq 1 40000 > /dev/console; echo FLOOD-END > /dev/console",
         );
@@ -418,8 +410,7 @@ async fn a_sandbox_flooding_its_console_stays_within_the_cap_even_after_the_agen
         assert_eq!(out["stdout"], "still here\n", "{out}");
 
         // A flood that never ends, and then the agent dies without a chance to clean up.
-        run_as_root(
-            &agent,
+        agent.run_as_root(
             id,
             "setsid sh -c 'yes flood > /dev/console' </dev/null >/dev/null 2>&1 &",
         );

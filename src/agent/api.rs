@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use subtle::ConstantTimeEq;
 
 use super::sandbox::{SandboxError, SandboxManager};
-use super::wire::{AgentPing, CreateSandbox, SandboxList};
+use super::wire::{AgentPing, CreateSandbox, SandboxInfo, SandboxList};
 use crate::error_code::{ErrorCode, ErrorEnvelope};
 use crate::id::SandboxId;
 
@@ -81,9 +81,22 @@ impl From<SandboxError> for ApiError {
             SandboxError::NotRunning { .. } | SandboxError::Transition { .. } => {
                 (StatusCode::CONFLICT, ErrorCode::InvalidState)
             }
-            SandboxError::DestroyedWhileStarting(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
-            SandboxError::CreateFailed { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::AgentError),
+            SandboxError::DestroyedWhileStarting(_) | SandboxError::DestroyedBefore { .. } => {
+                (StatusCode::CONFLICT, ErrorCode::Conflict)
+            }
+            SandboxError::Unsettled { .. } => (StatusCode::CONFLICT, ErrorCode::InvalidState),
+            SandboxError::PauseFailed {
+                disk_full: true, ..
+            } => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                ErrorCode::InsufficientStorage,
+            ),
+            SandboxError::CreateFailed { .. }
+            | SandboxError::PauseFailed { .. }
+            | SandboxError::ResumeFailed { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::AgentError),
             SandboxError::TeardownFailed { .. }
+            | SandboxError::Lost { .. }
+            | SandboxError::Interrupted(_)
             | SandboxError::Network(_)
             | SandboxError::Io { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::InternalError)
@@ -110,6 +123,8 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes", post(create).get(list))
         .route("/v1/sandboxes/{id}", get(info).delete(destroy))
         .route("/v1/sandboxes/{id}/ping", post(ping_sandbox))
+        .route("/v1/sandboxes/{id}/pause", post(pause))
+        .route("/v1/sandboxes/{id}/resume", post(resume))
         .route("/v1/sandboxes/{id}/envd/{*path}", any(proxy_envd))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
@@ -180,6 +195,7 @@ async fn create(State(state): State<AgentState>, request: Request) -> Result<Res
 async fn list(State(state): State<AgentState>) -> Json<SandboxList> {
     Json(SandboxList {
         sandboxes: state.sandboxes.list(),
+        lost: state.sandboxes.lost(),
     })
 }
 
@@ -209,6 +225,22 @@ async fn ping_sandbox(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn pause(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxInfo>, ApiError> {
+    let id = sandbox_id(&id)?;
+    Ok(Json(state.sandboxes.pause(&id.to_string()).await?))
+}
+
+async fn resume(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxInfo>, ApiError> {
+    let id = sandbox_id(&id)?;
+    Ok(Json(state.sandboxes.resume(&id.to_string()).await?))
+}
+
 /// Forwards a request to the sandbox's envd unchanged but for the envd access token, streaming
 /// both bodies, and splices WebSocket upgrades end to end. The request's `x-request-id` goes
 /// along with the other headers.
@@ -218,7 +250,7 @@ async fn proxy_envd(
     mut request: Request,
 ) -> Result<Response, ApiError> {
     let id = sandbox_id(&id)?;
-    let (envd, lease) = state.sandboxes.envd(&id.to_string())?;
+    let (envd, lease) = state.sandboxes.envd(&id.to_string()).await?;
     let query = request
         .uri()
         .query()

@@ -54,7 +54,9 @@ pub enum SandboxPhase {
     Stopping,
 }
 
-/// `GET /v1/sandboxes/{id}` and the answer to a create.
+/// `GET /v1/sandboxes/{id}`, and the answer to a create (`POST /v1/sandboxes`), a pause
+/// (`POST /v1/sandboxes/{id}/pause`) and a resume (`POST /v1/sandboxes/{id}/resume`). Pause and
+/// resume are idempotent on the agent and wait for one in progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxInfo {
     pub sandbox_id: SandboxId,
@@ -77,6 +79,19 @@ pub struct SandboxInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxList {
     pub sandboxes: Vec<SandboxInfo>,
+    /// Sandboxes this agent process removed because their VM was gone, most recent last; kept
+    /// in memory (a bounded number) so the control plane can record why.
+    #[serde(default)]
+    pub lost: Vec<LostSandbox>,
+}
+
+/// A sandbox whose VM is gone: it died during a pause, its snapshot could not be restored, or
+/// it did not survive a restart of its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LostSandbox {
+    pub sandbox_id: SandboxId,
+    pub reason: String,
+    pub lost_at: DateTime<Utc>,
 }
 
 /// `GET /v1/ping`.

@@ -75,6 +75,11 @@ impl Layout {
         self.sandbox_dir(sandbox_id).join("upper.ext4")
     }
 
+    /// What a restarted agent needs to adopt the sandbox or resume it (`agent::sandbox::record`).
+    pub fn sandbox_record(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("sandbox.json")
+    }
+
     /// The guest's serial console output, its most recent part.
     pub fn console_log(&self, sandbox_id: &str) -> PathBuf {
         self.sandbox_dir(sandbox_id).join("console.log")

@@ -267,6 +267,35 @@ impl Agent {
         )
     }
 
+    /// envd's typed client for sandbox `id`, through this agent's proxy (as the control plane
+    /// reaches it).
+    pub fn envd(&self, id: &str) -> wrenn::envd::client::EnvdClient {
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build(hyper_util::client::legacy::connect::HttpConnector::new());
+        wrenn::envd::client::EnvdClient::through_proxy(
+            http,
+            &self.url(&format!("/v1/sandboxes/{id}/envd/")),
+            &self.secret,
+        )
+        .unwrap()
+    }
+
+    /// Runs `script` with `sh -c` as root in the guest and asserts that it succeeded.
+    pub fn run_as_root(&self, id: &str, script: &str) -> Value {
+        let (status, body) = self.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/envd/processes/run"),
+            Some(
+                json!({"process": {"cmd": "sh", "args": ["-c", script], "user": "root"},
+                        "timeout_sec": 120}),
+            ),
+        );
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["exit_code"], 0, "{body}");
+        body
+    }
+
     pub fn run(&self, id: &str, cmd: &str, args: &[&str]) -> Value {
         let (status, body) = self.call(
             Method::POST,

@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::record::RecordedState;
 use super::{Runtime, Sandbox, SandboxError, SandboxManager};
 use crate::agent::disk;
+use crate::agent::network::SandboxNetwork;
 use crate::agent::wire::{CreateSandbox, SandboxInfo, SandboxPhase};
 use crate::envd::api::InitRequest;
 use crate::envd::client::EnvdClient;
@@ -110,6 +112,17 @@ impl SandboxManager {
         };
         *sandbox.guest_addr.lock().expect("addr lock") =
             Some(runtime.network.envd_addr().ip().to_string());
+        let recorded = RecordedState::Running {
+            vmm_pid: runtime.vm.pid(),
+            slot: runtime.network.slot,
+        };
+        if let Err(error) = sandbox.record(recorded).save(&self.layout) {
+            // A sandbox a restarted agent could not adopt is not created.
+            tracing::warn!(sandbox = %id, %error, "could not record the new sandbox; rolling back");
+            let _ = sandbox.lifecycle().transition(&id, SandboxPhase::Stopping);
+            let _ = self.teardown(&sandbox, Some(runtime)).await;
+            return Err(error);
+        }
         let refused = {
             let mut lifecycle = sandbox.lifecycle();
             match lifecycle.transition(&id, SandboxPhase::Running) {
@@ -128,6 +141,44 @@ impl SandboxManager {
         sandbox.touch();
         tracing::info!(sandbox = %id, "sandbox running");
         Ok(sandbox.info())
+    }
+
+    /// The VM of a sandbox in `network`: the same for its first boot and every resume, so a
+    /// snapshot's machine always matches (the network's TAP and namespace may differ).
+    pub(super) fn vm_spec(
+        &self,
+        req: &CreateSandbox,
+        image: &Path,
+        network: &SandboxNetwork,
+    ) -> VmSpec {
+        let id = req.sandbox_id.to_string();
+        VmSpec {
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mb,
+            kernel: self.layout.default_kernel(),
+            initrd: Some(self.layout.default_initramfs()),
+            extra_boot_args: format!("quiet {}", network.boot_ip_arg),
+            drives: vec![
+                Drive {
+                    id: "root".into(),
+                    path: image.to_owned(),
+                    read_only: true,
+                },
+                Drive {
+                    id: "upper".into(),
+                    path: self.layout.sandbox_upper_disk(&id),
+                    read_only: false,
+                },
+            ],
+            net: Some(NetAttachment {
+                tap: network.tap_name.clone(),
+                mac: network.guest_mac.clone(),
+                netns: Some(network.netns_path.clone()),
+            }),
+            vsock_cid: None,
+            files: VmFiles::for_sandbox(&self.layout, &id),
+            id,
+        }
     }
 
     async fn boot(&self, sandbox: &Sandbox, image: &Path) -> Result<Runtime, SandboxError> {
@@ -188,33 +239,7 @@ impl SandboxManager {
         }
         phases.lap("network");
 
-        let spec = VmSpec {
-            id: id.to_owned(),
-            vcpus: req.vcpus,
-            memory_mib: req.memory_mb,
-            kernel: self.layout.default_kernel(),
-            initrd: Some(self.layout.default_initramfs()),
-            extra_boot_args: format!("quiet {}", network.boot_ip_arg),
-            drives: vec![
-                Drive {
-                    id: "root".into(),
-                    path: image.to_owned(),
-                    read_only: true,
-                },
-                Drive {
-                    id: "upper".into(),
-                    path: upper.clone(),
-                    read_only: false,
-                },
-            ],
-            net: Some(NetAttachment {
-                tap: network.tap_name.clone(),
-                mac: network.guest_mac.clone(),
-                netns: Some(network.netns_path.clone()),
-            }),
-            vsock_cid: None,
-            files: VmFiles::for_sandbox(&self.layout, id),
-        };
+        let spec = self.vm_spec(req, image, &network);
         let mut vm = match self.vmm.start(&spec).await {
             Ok(vm) => vm,
             Err(e) => {
@@ -242,6 +267,7 @@ impl SandboxManager {
             envd.init(&init)
                 .await
                 .map_err(|e| fail(CreateStep::EnvdInit, e.to_string()))?;
+            *sandbox.access_token.lock().expect("token lock") = access_token.clone();
             check_fail_point(CreateStep::EnvdInit)?;
             Ok(envd.with_token(access_token))
         }
@@ -313,7 +339,7 @@ impl SandboxManager {
     }
 
     /// The guest's last console lines, for an error message.
-    fn console_tail(&self, id: &str) -> String {
+    pub(super) fn console_tail(&self, id: &str) -> String {
         console_tail(&VmFiles::for_sandbox(&self.layout, id), 8).join(" | ")
     }
 }

@@ -1,15 +1,18 @@
 //! Sandboxes on this host: the registry and what each sandbox holds. The work is split by job:
 //! `phase` (the transition table every phase change goes through), `boot` (create, step by step
-//! with rollback), `teardown` (destroy, exactly once however many callers ask), `reaper` (the
-//! idle reaper) and `leftovers` (clean-up of what a crashed agent left behind).
+//! with rollback), `pause` (pause to disk and resume), `teardown` (destroy, exactly once however
+//! many callers ask), `reaper` (the idle reaper, which pauses), `record` (each sandbox's state on
+//! disk) and `leftovers` (clean-up of what a crashed agent left behind).
 
 mod boot;
 mod leftovers;
+mod pause;
 mod phase;
 mod reaper;
+mod record;
 mod teardown;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::agent::disk;
 use crate::agent::network::{NetworkError, NetworkManager, SandboxNetwork};
-use crate::agent::wire::{CreateSandbox, SandboxInfo, SandboxPhase};
+use crate::agent::wire::{CreateSandbox, LostSandbox, SandboxInfo, SandboxPhase};
 use crate::config::Layout;
 use crate::envd::client::EnvdClient;
 use crate::vmm::{Vm, Vmm};
@@ -62,6 +65,33 @@ pub enum SandboxError {
     },
     #[error("sandbox {0} was destroyed while it was starting")]
     DestroyedWhileStarting(String),
+    /// A destroy arrived while an operation ran; the sandbox was torn down instead of becoming
+    /// `phase`.
+    #[error("sandbox {id} was destroyed before it was {phase}")]
+    DestroyedBefore { id: String, phase: SandboxPhase },
+    /// The pause did not happen and the sandbox runs on (or, if it was paused, stays so).
+    #[error("pausing sandbox {id} failed; it runs on: {reason}")]
+    PauseFailed {
+        id: String,
+        reason: String,
+        disk_full: bool,
+    },
+    /// The resume did not happen; the sandbox is still paused and may be resumed again.
+    #[error("resuming sandbox {id} failed; it stays paused: {reason}")]
+    ResumeFailed { id: String, reason: String },
+    /// The sandbox's VM is gone (it died, or its snapshot could not be used) and it was removed
+    /// from the host.
+    #[error("sandbox {id} was lost: {reason}")]
+    Lost { id: String, reason: String },
+    /// The runtime shut down under an operation.
+    #[error("the operation was interrupted: {0}")]
+    Interrupted(String),
+    #[error("sandbox {id} did not settle within {waited:?}; it is still {phase}")]
+    Unsettled {
+        id: String,
+        phase: SandboxPhase,
+        waited: Duration,
+    },
     #[error(
         "sandbox {id} was destroyed, but not all of its host resources were released: {reason}"
     )]
@@ -86,8 +116,11 @@ struct Runtime {
 /// holds the runtime, in the same step.
 struct Lifecycle {
     phase: SandboxPhase,
-    /// Present from the moment create marks the sandbox `Running` until its teardown takes it.
+    /// Present while the sandbox is `Running`, and held by the one task that pauses or tears
+    /// it down.
     runtime: Option<Runtime>,
+    /// Every phase change, for callers that wait for an operation in progress to settle.
+    changed: watch::Sender<SandboxPhase>,
 }
 
 impl Lifecycle {
@@ -100,9 +133,13 @@ impl Lifecycle {
                 id: id.to_owned(),
                 source,
             })?;
+        self.changed.send_replace(next);
         Ok(())
     }
 }
+
+/// How long a caller waits for another task's pause, resume or start to finish before it acts.
+const SETTLE_WAIT: Duration = Duration::from_secs(120);
 
 /// How a teardown ended, for the callers that waited for it: `Err` names what was left behind.
 type TeardownOutcome = Result<(), String>;
@@ -119,6 +156,9 @@ struct Sandbox {
     gone: watch::Sender<Option<TeardownOutcome>>,
     guest_addr: Mutex<Option<String>>,
     metadata: Mutex<BTreeMap<String, String>>,
+    /// The token envd in the guest expects. It lives in the guest's memory, so it survives a
+    /// pause; a resume replaces it.
+    access_token: Mutex<String>,
 }
 
 /// Holds a sandbox active (exempt from the idle reaper) while it lives; the idle timer restarts
@@ -150,10 +190,46 @@ impl Sandbox {
             lifecycle: Mutex::new(Lifecycle {
                 phase: SandboxPhase::Starting,
                 runtime: None,
+                changed: watch::Sender::new(SandboxPhase::Starting),
             }),
             gone: watch::Sender::new(None),
             guest_addr: Mutex::new(None),
             metadata: Mutex::new(BTreeMap::new()),
+            access_token: Mutex::new(String::new()),
+        }
+    }
+
+    /// Waits until the sandbox leaves `phase` (an operation in progress finished), up to
+    /// [`SETTLE_WAIT`].
+    async fn settled_from(&self, phase: SandboxPhase) -> Result<(), SandboxError> {
+        let mut changed = self.lifecycle().changed.subscribe();
+        let settled = tokio::time::timeout(SETTLE_WAIT, changed.wait_for(|now| *now != phase))
+            .await
+            .is_ok();
+        if settled {
+            Ok(())
+        } else {
+            Err(SandboxError::Unsettled {
+                id: self.id(),
+                phase,
+                waited: SETTLE_WAIT,
+            })
+        }
+    }
+
+    fn access_token(&self) -> String {
+        self.access_token.lock().expect("token lock").clone()
+    }
+
+    /// The record a restarted agent reads to take this sandbox over.
+    fn record(&self, state: record::RecordedState) -> record::SandboxRecord {
+        record::SandboxRecord {
+            format: record::RECORD_FORMAT,
+            request: self.request.clone(),
+            created_at: self.created_at,
+            access_token: self.access_token(),
+            state,
+            metadata: self.metadata.lock().expect("metadata lock").clone(),
         }
     }
 
@@ -209,7 +285,12 @@ pub struct SandboxManager {
     uppers: disk::UpperDisks,
     limits: Limits,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+    /// The most recent sandboxes lost, for the control plane's reconciler.
+    lost: Mutex<VecDeque<LostSandbox>>,
 }
+
+/// How many lost sandboxes the agent remembers; the reconciler reads them every few seconds.
+const LOST_KEPT: usize = 1024;
 
 impl std::fmt::Debug for SandboxManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -229,6 +310,7 @@ impl SandboxManager {
             uppers,
             limits,
             sandboxes: Mutex::new(HashMap::new()),
+            lost: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -250,6 +332,28 @@ impl SandboxManager {
         list
     }
 
+    /// The sandboxes lost since this agent started, oldest first.
+    pub fn lost(&self) -> Vec<LostSandbox> {
+        self.lost
+            .lock()
+            .expect("lost lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn remember_lost(&self, sandbox: &Sandbox, reason: &str) {
+        let mut lost = self.lost.lock().expect("lost lock");
+        if lost.len() == LOST_KEPT {
+            lost.pop_front();
+        }
+        lost.push_back(LostSandbox {
+            sandbox_id: sandbox.request.sandbox_id,
+            reason: reason.to_owned(),
+            lost_at: Utc::now(),
+        });
+    }
+
     pub fn info(&self, id: &str) -> Result<SandboxInfo, SandboxError> {
         Ok(self.get(id)?.info())
     }
@@ -261,32 +365,45 @@ impl SandboxManager {
     }
 
     /// The envd client of a running sandbox, for the API's proxy, and a lease that keeps the
-    /// sandbox active until the proxied exchange ends and is dropped.
-    pub fn envd(&self, id: &str) -> Result<(EnvdClient, ActivityLease), SandboxError> {
+    /// sandbox active until the proxied exchange ends and is dropped. A paused sandbox is
+    /// resumed first, and a pause or resume in progress is waited for: a caller never needs to
+    /// know that the sandbox was idle.
+    pub async fn envd(
+        self: &Arc<Self>,
+        id: &str,
+    ) -> Result<(EnvdClient, ActivityLease), SandboxError> {
         let sandbox = self.get(id)?;
-        let envd = {
-            let lifecycle = sandbox.lifecycle();
-            match lifecycle.phase {
-                SandboxPhase::Running => lifecycle
-                    .runtime
-                    .as_ref()
-                    .expect("a running sandbox holds its runtime")
-                    .envd
-                    .clone(),
-                state @ (SandboxPhase::Starting
-                | SandboxPhase::Pausing
-                | SandboxPhase::Paused
-                | SandboxPhase::Resuming
-                | SandboxPhase::Snapshotting
-                | SandboxPhase::Stopping) => {
+        loop {
+            let phase = {
+                let lifecycle = sandbox.lifecycle();
+                if let (SandboxPhase::Running, Some(runtime)) =
+                    (lifecycle.phase, lifecycle.runtime.as_ref())
+                {
+                    let envd = runtime.envd.clone();
+                    drop(lifecycle);
+                    return Ok((envd, ActivityLease::open(sandbox)));
+                }
+                lifecycle.phase
+            };
+            match phase {
+                SandboxPhase::Paused => {
+                    tracing::info!(sandbox = id, "a call for a paused sandbox resumes it");
+                    self.resume(id).await?;
+                }
+                SandboxPhase::Pausing | SandboxPhase::Resuming | SandboxPhase::Snapshotting => {
+                    sandbox.settled_from(phase).await?
+                }
+                SandboxPhase::Running => {
+                    unreachable!("a running sandbox holds its runtime (checked under the lock)")
+                }
+                SandboxPhase::Starting | SandboxPhase::Stopping => {
                     return Err(SandboxError::NotRunning {
                         id: id.to_owned(),
-                        state,
+                        state: phase,
                     })
                 }
             }
-        };
-        Ok((envd, ActivityLease::open(sandbox)))
+        }
     }
 
     pub fn vmm_kind(&self) -> String {

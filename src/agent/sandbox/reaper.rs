@@ -1,16 +1,19 @@
-//! The idle reaper: destroys running sandboxes idle for longer than their `timeout_sec`.
+//! The idle reaper: pauses running sandboxes idle for longer than their `timeout_sec`. A paused
+//! sandbox holds no CPU or RAM and resumes on its next call, so idleness costs its owner nothing
+//! but disk. The sandboxes due in one round are paused concurrently, so a slow pause never
+//! delays another.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::SandboxManager;
+use super::{SandboxError, SandboxManager};
 use crate::agent::wire::SandboxPhase;
 
 /// How often the idle reaper looks for sandboxes past their timeout.
 const REAPER_PERIOD: Duration = Duration::from_secs(1);
 
 impl SandboxManager {
-    /// Destroys running sandboxes idle for longer than their timeout, until `shutdown`.
+    /// Pauses running sandboxes idle for longer than their timeout, until `shutdown`.
     pub async fn reap_idle(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         let mut ticker = tokio::time::interval(REAPER_PERIOD);
         loop {
@@ -19,20 +22,34 @@ impl SandboxManager {
                 _ = ticker.tick() => {}
             }
             let candidates: Vec<_> = self.registry().values().cloned().collect();
-            let expired = candidates
+            let expired: Vec<_> = candidates
                 .iter()
                 .filter(|s| s.phase() == SandboxPhase::Running)
                 .filter(|s| {
                     let timeout = s.request.timeout_sec;
                     timeout > 0 && s.idle_for() > Duration::from_secs(u64::from(timeout))
                 })
-                .map(|s| s.id());
-            for id in expired {
-                tracing::info!(sandbox = %id, "idle timeout reached; destroying");
-                if let Err(error) = self.destroy(&id).await {
-                    tracing::warn!(sandbox = %id, %error, "idle destroy failed");
+                .cloned()
+                .collect();
+            let pauses = expired.into_iter().map(|sandbox| {
+                let manager = self.clone();
+                async move {
+                    let id = sandbox.id();
+                    tracing::info!(sandbox = %id, "idle timeout reached; pausing");
+                    match manager.pause(&id).await {
+                        Ok(_) => {}
+                        Err(error @ SandboxError::PauseFailed { .. }) => {
+                            // It runs on; the next attempt waits another full timeout, so a
+                            // full disk is not hammered every second.
+                            sandbox.touch();
+                            tracing::warn!(sandbox = %id, %error, "idle pause failed; retrying after another timeout");
+                        }
+                        Err(error) => tracing::warn!(sandbox = %id, %error, "idle pause failed"),
+                    }
                 }
-            }
+            });
+            // Not cancelled by a shutdown: each pause runs in its own task to the end anyway.
+            futures::future::join_all(pauses).await;
         }
     }
 }

@@ -20,7 +20,7 @@ enum Role {
     /// This call tears down; it holds the runtime (none when create never finished one).
     TearDown(Option<Runtime>),
     /// Another task tears down: the one that marked the sandbox `Stopping`, or the one whose
-    /// operation (a start, and with #13 a pause, resume or snapshot) holds the runtime now.
+    /// operation (a start, pause, resume or snapshot) holds the runtime now.
     Wait,
 }
 
@@ -52,7 +52,8 @@ impl SandboxManager {
         }
     }
 
-    /// Releases everything `runtime` and the sandbox directory hold, then forgets the sandbox.
+    /// Releases everything `runtime`, the sandbox directory and its snapshot hold, then forgets
+    /// the sandbox.
     /// Every step runs even when an earlier one failed; the first failure is returned (and
     /// what it left is removed by the next agent's leftover clean-up).
     pub(super) async fn teardown(
@@ -73,21 +74,25 @@ impl SandboxManager {
                 result = Err(SandboxError::from(error));
             }
         }
-        let dir = self.layout.sandbox_dir(&id);
-        match std::fs::remove_dir_all(&dir) {
-            Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
-                let error = SandboxError::Io {
-                    what: format!("removing {}", dir.display()),
-                    source,
-                };
-                match result {
-                    Ok(()) => result = Err(error),
-                    Err(_) => {
-                        tracing::error!(sandbox = %id, %error, "could not remove the sandbox directory")
+        // The record (in the sandbox directory) first: after a crash in between, a snapshot
+        // without a record is a leftover to remove, while a record without its snapshot would
+        // look like a paused sandbox that was lost.
+        for dir in [self.layout.sandbox_dir(&id), self.layout.snapshot_dir(&id)] {
+            match std::fs::remove_dir_all(&dir) {
+                Err(source) if source.kind() != std::io::ErrorKind::NotFound => {
+                    let error = SandboxError::Io {
+                        what: format!("removing {}", dir.display()),
+                        source,
+                    };
+                    match result {
+                        Ok(()) => result = Err(error),
+                        Err(_) => {
+                            tracing::error!(sandbox = %id, %error, "could not remove a sandbox directory")
+                        }
                     }
                 }
+                Ok(()) | Err(_) => {}
             }
-            Ok(()) | Err(_) => {}
         }
         match &result {
             Ok(()) => tracing::info!(sandbox = %id, "sandbox destroyed"),

@@ -1,0 +1,318 @@
+//! Pausing a sandbox to disk and resuming it. A pause writes the VM's whole state into
+//! `snapshots/<id>/` (the writable disk stays in the sandbox directory), ends the VMM process
+//! and releases the network slot: a paused sandbox holds no CPU, no RAM and no slot. A resume
+//! restores the state into a new VMM process in any free slot (the guest's address is the same
+//! in every slot), waits for envd and gives it a fresh access token and the host's clock.
+//!
+//! Both are idempotent on the agent (pausing a paused sandbox answers it paused, resuming a
+//! running one answers it running) and wait for another task's pause or resume in progress, so
+//! the idle reaper, the envd proxy and the control plane never trip over each other. Whether
+//! the public API calls that a conflict is the control plane's decision.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::record::RecordedState;
+use super::{Runtime, Sandbox, SandboxError, SandboxManager};
+use crate::agent::wire::{SandboxInfo, SandboxPhase};
+use crate::envd::api::InitRequest;
+use crate::envd::client::EnvdClient;
+use crate::vmm::{AfterFailedPause, SnapshotFiles, VmmError};
+
+/// How long envd in a restored guest may take to answer: it was running when the guest was
+/// paused, so anything longer means the guest is not coming back.
+const RESUMED_ENVD_WAIT: Duration = Duration::from_secs(20);
+
+/// What a failed restore left: whether the snapshot can still be loaded.
+struct RestoreFailure {
+    snapshot_intact: bool,
+    reason: String,
+}
+
+impl SandboxManager {
+    /// Pauses a running sandbox to disk; answers once the snapshot is durable and the VMM gone.
+    /// The pause runs in its own task: a caller that goes away (an HTTP client that gave up)
+    /// never leaves it half done.
+    pub async fn pause(self: &Arc<Self>, id: &str) -> Result<SandboxInfo, SandboxError> {
+        let this = self.clone();
+        let id = id.to_owned();
+        run_to_end(tokio::spawn(async move { this.pause_now(&id).await })).await
+    }
+
+    /// Resumes a paused sandbox; answers once envd in the restored guest answers. Runs in its
+    /// own task, like [`pause`](Self::pause).
+    pub async fn resume(self: &Arc<Self>, id: &str) -> Result<SandboxInfo, SandboxError> {
+        let this = self.clone();
+        let id = id.to_owned();
+        run_to_end(tokio::spawn(async move { this.resume_now(&id).await })).await
+    }
+
+    async fn pause_now(&self, id: &str) -> Result<SandboxInfo, SandboxError> {
+        let sandbox = self.get(id)?;
+        let mut runtime = loop {
+            let phase = {
+                let mut lifecycle = sandbox.lifecycle();
+                match lifecycle.phase {
+                    SandboxPhase::Running => {
+                        lifecycle.transition(id, SandboxPhase::Pausing)?;
+                        break lifecycle
+                            .runtime
+                            .take()
+                            .expect("a running sandbox holds its runtime");
+                    }
+                    phase => phase,
+                }
+            };
+            match phase {
+                SandboxPhase::Paused => return Ok(sandbox.info()),
+                SandboxPhase::Starting
+                | SandboxPhase::Pausing
+                | SandboxPhase::Resuming
+                | SandboxPhase::Snapshotting => sandbox.settled_from(phase).await?,
+                SandboxPhase::Running | SandboxPhase::Stopping => {
+                    return Err(SandboxError::NotRunning {
+                        id: id.to_owned(),
+                        state: phase,
+                    })
+                }
+            }
+        };
+        let started = Instant::now();
+        let snapshot = SnapshotFiles::for_sandbox(&self.layout, id);
+        match runtime.vm.pause_to(&snapshot).await {
+            Ok(_) => {
+                // The guest is on disk; the slot goes back to the pool. A slot that cannot be
+                // fully removed stays reserved and is cleaned up by the next agent start.
+                if let Err(error) = self.network.destroy(&runtime.network).await {
+                    tracing::warn!(sandbox = id, %error, "could not release the network of a paused sandbox");
+                }
+                drop(runtime);
+                {
+                    let mut metadata = sandbox.metadata.lock().expect("metadata lock");
+                    metadata.insert("pause_ms".into(), started.elapsed().as_millis().to_string());
+                    metadata.insert(
+                        "snapshot_bytes".into(),
+                        snapshot.allocated_bytes().to_string(),
+                    );
+                }
+                if let Err(error) = sandbox.record(RecordedState::Paused).save(&self.layout) {
+                    tracing::error!(sandbox = id, %error, "could not record the pause; a restarted agent will not find this sandbox");
+                }
+                self.settle(&sandbox, SandboxPhase::Paused, None).await?;
+                tracing::info!(sandbox = id, elapsed = ?started.elapsed(), "sandbox paused");
+                Ok(sandbox.info())
+            }
+            Err(error) => {
+                let disk_full = error.is_disk_full();
+                let reason = error.to_string();
+                match error {
+                    VmmError::PauseFailed {
+                        after: AfterFailedPause::Running | AfterFailedPause::Paused,
+                        ..
+                    } => {
+                        tracing::warn!(sandbox = id, %reason, "pause failed; the sandbox runs on");
+                        self.settle(&sandbox, SandboxPhase::Running, Some(runtime))
+                            .await?;
+                        Err(SandboxError::PauseFailed {
+                            id: id.to_owned(),
+                            reason,
+                            disk_full,
+                        })
+                    }
+                    _ => Err(self.lose(&sandbox, Some(runtime), reason).await),
+                }
+            }
+        }
+    }
+
+    async fn resume_now(&self, id: &str) -> Result<SandboxInfo, SandboxError> {
+        let sandbox = self.get(id)?;
+        loop {
+            let phase = {
+                let mut lifecycle = sandbox.lifecycle();
+                match lifecycle.phase {
+                    SandboxPhase::Paused => {
+                        lifecycle.transition(id, SandboxPhase::Resuming)?;
+                        break;
+                    }
+                    phase => phase,
+                }
+            };
+            match phase {
+                SandboxPhase::Running => return Ok(sandbox.info()),
+                SandboxPhase::Starting
+                | SandboxPhase::Pausing
+                | SandboxPhase::Resuming
+                | SandboxPhase::Snapshotting => sandbox.settled_from(phase).await?,
+                SandboxPhase::Paused | SandboxPhase::Stopping => {
+                    return Err(SandboxError::NotRunning {
+                        id: id.to_owned(),
+                        state: phase,
+                    })
+                }
+            }
+        }
+        let started = Instant::now();
+        match self.restore(&sandbox).await {
+            Ok(runtime) => {
+                let state = RecordedState::Running {
+                    vmm_pid: runtime.vm.pid(),
+                    slot: runtime.network.slot,
+                };
+                *sandbox.guest_addr.lock().expect("addr lock") =
+                    Some(runtime.network.envd_addr().ip().to_string());
+                sandbox.metadata.lock().expect("metadata lock").insert(
+                    "resume_ms".into(),
+                    started.elapsed().as_millis().to_string(),
+                );
+                if let Err(error) = sandbox.record(state).save(&self.layout) {
+                    tracing::error!(sandbox = id, %error, "could not record the resume; a restarted agent will not adopt this sandbox");
+                }
+                self.settle(&sandbox, SandboxPhase::Running, Some(runtime))
+                    .await?;
+                sandbox.touch();
+                tracing::info!(sandbox = id, elapsed = ?started.elapsed(), "sandbox resumed");
+                Ok(sandbox.info())
+            }
+            Err(RestoreFailure {
+                snapshot_intact: true,
+                reason,
+            }) => {
+                tracing::warn!(sandbox = id, %reason, "resume failed; the sandbox stays paused");
+                self.settle(&sandbox, SandboxPhase::Paused, None).await?;
+                Err(SandboxError::ResumeFailed {
+                    id: id.to_owned(),
+                    reason,
+                })
+            }
+            Err(RestoreFailure {
+                snapshot_intact: false,
+                reason,
+            }) => Err(self.lose(&sandbox, None, reason).await),
+        }
+    }
+
+    /// Starts a new VMM from the sandbox's snapshot in a fresh network slot and brings envd
+    /// back; on failure nothing of it is left running.
+    async fn restore(&self, sandbox: &Sandbox) -> Result<Runtime, RestoreFailure> {
+        let id = sandbox.id();
+        let snapshot = SnapshotFiles::for_sandbox(&self.layout, &id);
+        let intact = |reason: String| RestoreFailure {
+            snapshot_intact: snapshot.meta.is_file(),
+            reason,
+        };
+        let image = self.layout.image_rootfs(sandbox.request.template.as_str());
+        let network = self
+            .network
+            .create(&id)
+            .await
+            .map_err(|e| intact(format!("creating the network: {e}")))?;
+        let undo_network = || async {
+            if let Err(error) = self.network.destroy(&network).await {
+                tracing::error!(sandbox = %id, %error, "could not remove the network of a failed resume");
+            }
+        };
+        let spec = self.vm_spec(&sandbox.request, &image, &network);
+        let mut vm = match self.vmm.restore(&spec, &snapshot).await {
+            Ok(vm) => vm,
+            Err(error) => {
+                undo_network().await;
+                return Err(intact(format!("restoring the VM: {error}")));
+            }
+        };
+        let brought_back: Result<EnvdClient, String> = async {
+            let address = format!("http://{}", network.envd_addr());
+            let envd = EnvdClient::new(&address)
+                .map_err(|e| e.to_string())?
+                .with_token(sandbox.access_token());
+            let deadline = Instant::now() + RESUMED_ENVD_WAIT;
+            while let Err(error) = envd.health().await {
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "envd did not answer within {RESUMED_ENVD_WAIT:?} of the restore: {error}; console: {}",
+                        self.console_tail(&id)
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let token = hex::encode(rand::random::<[u8; 32]>());
+            let init = InitRequest {
+                access_token: Some(token.clone()),
+                ..InitRequest::default()
+            };
+            envd.init(&init)
+                .await
+                .map_err(|e| format!("re-initialising envd: {e}"))?;
+            *sandbox.access_token.lock().expect("token lock") = token.clone();
+            Ok(envd.with_token(token))
+        }
+        .await;
+        match brought_back {
+            Ok(envd) => Ok(Runtime { network, vm, envd }),
+            Err(reason) => {
+                // The guest ran, so the snapshot is retired: this sandbox cannot come back.
+                if let Err(error) = vm.kill().await {
+                    tracing::error!(sandbox = %id, %error, "could not kill a restored VM that failed");
+                }
+                undo_network().await;
+                Err(intact(reason))
+            }
+        }
+    }
+
+    /// Ends an operation: moves to `phase` (with `runtime` when it is `Running`). If a destroy
+    /// arrived meanwhile (the sandbox is `Stopping`), tears the sandbox down instead and says so.
+    async fn settle(
+        &self,
+        sandbox: &Sandbox,
+        phase: SandboxPhase,
+        runtime: Option<Runtime>,
+    ) -> Result<(), SandboxError> {
+        let id = sandbox.id();
+        let refused = {
+            let mut lifecycle = sandbox.lifecycle();
+            match lifecycle.transition(&id, phase) {
+                Ok(()) => {
+                    lifecycle.runtime = runtime;
+                    return Ok(());
+                }
+                Err(_) => runtime,
+            }
+        };
+        tracing::info!(sandbox = %id, %phase, "destroyed during an operation; tearing down");
+        let _ = self.teardown(sandbox, refused).await;
+        Err(SandboxError::DestroyedBefore { id, phase })
+    }
+
+    /// Removes a sandbox whose VM is gone and remembers why, for the control plane.
+    async fn lose(
+        &self,
+        sandbox: &Sandbox,
+        runtime: Option<Runtime>,
+        reason: String,
+    ) -> SandboxError {
+        let id = sandbox.id();
+        tracing::error!(sandbox = %id, %reason, "sandbox lost");
+        let runtime = {
+            let mut lifecycle = sandbox.lifecycle();
+            // Refused only when a destroy already made it `Stopping`; that destroy waits for
+            // this teardown either way.
+            let _ = lifecycle.transition(&id, SandboxPhase::Stopping);
+            runtime.or_else(|| lifecycle.runtime.take())
+        };
+        self.remember_lost(sandbox, &reason);
+        let _ = self.teardown(sandbox, runtime).await;
+        SandboxError::Lost { id, reason }
+    }
+}
+
+/// The outcome of an operation's task; a panic in it is re-raised here.
+async fn run_to_end(
+    task: tokio::task::JoinHandle<Result<SandboxInfo, SandboxError>>,
+) -> Result<SandboxInfo, SandboxError> {
+    match task.await {
+        Ok(outcome) => outcome,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => Err(SandboxError::Interrupted(error.to_string())),
+    }
+}
