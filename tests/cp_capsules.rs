@@ -1296,7 +1296,7 @@ async fn bad_input_gets_typed_errors_on_every_route() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_idle_timeout_spares_open_work_and_stops_an_idle_capsule() {
+async fn the_idle_timeout_spares_open_work_and_pauses_an_idle_capsule_which_a_call_resumes() {
     let stack = Stack::start().await;
     let agent = stack.host().await;
     let key = stack.api_key(&stack.admin).await;
@@ -1345,14 +1345,127 @@ async fn the_idle_timeout_spares_open_work_and_stops_an_idle_capsule() {
         String::from_utf8_lossy(&output)
     );
 
-    // Left alone, it is reaped on its host and recorded stopped.
+    // Left alone, it is paused on its host, and the reconciler records that.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !agent.sandbox_ids().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "never reaped");
+    loop {
+        let (_, info) = agent.call(GET, &format!("/v1/sandboxes/{id}"), None);
+        if info["status"] == "paused" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never paused: {info}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    reconciler::reconcile_once(&stack.cp.state).await.unwrap();
+    let report = reconciler::reconcile_once(&stack.cp.state).await.unwrap();
+    assert_eq!(report.paused.len(), 1, "{report:?}");
+    assert_eq!(stack.status_of(&key, &id).await, "paused");
+    // The next call resumes it and runs.
+    let (status, out) = stack.exec(&key, &id, "echo awake").await;
+    assert_eq!(
+        (status, &out["stdout"]),
+        (StatusCode::OK, &json!("awake\n")),
+        "{out}"
+    );
+    assert_eq!(stack.status_of(&key, &id).await, "running");
+    stack.finish(vec![agent]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pause_and_resume_through_the_api_keep_the_guest_and_refuse_the_wrong_state() {
+    let stack = Stack::start().await;
+    let agent = stack.host().await;
+    let key = stack.api_key(&stack.admin).await;
+    let id = stack.created(&key).await;
+    let pause = format!("/v1/capsules/{id}/pause");
+    let resume = format!("/v1/capsules/{id}/resume");
+    let (status, out) = stack
+        .exec(
+            &key,
+            &id,
+            "echo kept > /tmp/note; sleep 1000 >/dev/null 2>&1 & echo $! > /tmp/sleeper",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+
+    // Resuming a running capsule is refused, as the reference says.
+    let (status, body) = stack.cp.call(POST, &resume, &key, None).await;
+    assert_error(status, &body, StatusCode::CONFLICT, "invalid_state");
+
+    // Two pauses at once: exactly one wins, the other is told the capsule is busy or paused.
+    let (first, second) = tokio::join!(
+        stack.cp.call(POST, &pause, &key, None),
+        stack.cp.call(POST, &pause, &key, None)
+    );
+    let mut answers = [first, second];
+    answers.sort_by_key(|(status, _)| *status);
+    assert_eq!(answers[0].0, StatusCode::OK, "{:?}", answers);
+    assert_eq!(answers[0].1["status"], "paused", "{:?}", answers);
+    Spec::reference().check_component("Capsule", &answers[0].1);
+    assert_error(
+        answers[1].0,
+        &answers[1].1,
+        StatusCode::CONFLICT,
+        "invalid_state",
+    );
+    assert_eq!(stack.status_of(&key, &id).await, "paused");
+    assert!(agent.sandbox_ids().contains(&id));
+
+    // Pausing a paused capsule is refused; GET and list never resume it.
+    let (status, body) = stack.cp.call(POST, &pause, &key, None).await;
+    assert_error(status, &body, StatusCode::CONFLICT, "invalid_state");
+    let (status, list) = stack.cp.call(GET, "/v1/capsules", &key, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list[0]["status"], "paused", "{list}");
+    let (status, body) = stack
+        .cp
+        .call(POST, &format!("/v1/capsules/{id}/ping"), &key, None)
+        .await;
+    assert_error(status, &body, StatusCode::CONFLICT, "invalid_state");
+
+    let (status, capsule) = stack.cp.call(POST, &resume, &key, None).await;
+    assert_eq!(status, StatusCode::OK, "{capsule}");
+    assert_eq!(capsule["status"], "running", "{capsule}");
+    Spec::reference().check_component("Capsule", &capsule);
+    let (status, out) = stack
+        .exec(
+            &key,
+            &id,
+            "cat /tmp/note; kill -0 $(cat /tmp/sleeper) && echo alive",
+        )
+        .await;
+    assert_eq!(
+        (status, &out["stdout"]),
+        (StatusCode::OK, &json!("kept\nalive\n")),
+        "{out}"
+    );
+
+    // Pause again, then a file call resumes it by itself; a paused capsule can be destroyed.
+    let (status, _) = stack.cp.call(POST, &pause, &key, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, listing) = stack
+        .cp
+        .call(
+            POST,
+            &format!("/v1/capsules/{id}/files/list"),
+            &key,
+            Some(json!({"path": "/tmp"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{listing}");
+    assert_eq!(stack.status_of(&key, &id).await, "running");
+    let (status, _) = stack.cp.call(POST, &pause, &key, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = stack
+        .cp
+        .call(DELETE, &format!("/v1/capsules/{id}"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
     assert_eq!(stack.status_of(&key, &id).await, "stopped");
+    assert!(agent.sandbox_ids().is_empty());
+    let (status, body) = stack.cp.call(POST, &resume, &key, None).await;
+    assert_error(status, &body, StatusCode::CONFLICT, "invalid_state");
     stack.finish(vec![agent]).await;
 }
 

@@ -276,20 +276,49 @@ impl AgentClient {
         .await
     }
 
-    pub async fn list_sandboxes(
+    /// The agent's sandboxes, and those it lost recently.
+    pub async fn list_sandboxes(&self, target: &AgentTarget) -> Result<SandboxList, AgentError> {
+        self.json(
+            target,
+            Method::GET,
+            "/v1/sandboxes",
+            None::<&()>,
+            self.timeouts.request,
+        )
+        .await
+    }
+
+    /// Pauses a sandbox to disk; answers once the snapshot is durable. Allowed as long as a
+    /// create: a large guest's memory takes a while to write.
+    pub async fn pause_sandbox(
         &self,
         target: &AgentTarget,
-    ) -> Result<Vec<SandboxInfo>, AgentError> {
-        let list: SandboxList = self
-            .json(
-                target,
-                Method::GET,
-                "/v1/sandboxes",
-                None::<&()>,
-                self.timeouts.request,
-            )
-            .await?;
-        Ok(list.sandboxes)
+        id: SandboxId,
+    ) -> Result<SandboxInfo, AgentError> {
+        self.json(
+            target,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/pause"),
+            None::<&()>,
+            self.timeouts.create,
+        )
+        .await
+    }
+
+    /// Resumes a paused sandbox; answers once its envd answers.
+    pub async fn resume_sandbox(
+        &self,
+        target: &AgentTarget,
+        id: SandboxId,
+    ) -> Result<SandboxInfo, AgentError> {
+        self.json(
+            target,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/resume"),
+            None::<&()>,
+            self.timeouts.create,
+        )
+        .await
     }
 
     pub async fn get_sandbox(

@@ -163,9 +163,14 @@ pub struct CapsuleCall {
 }
 
 impl CapsuleCall {
-    /// The capsule, if it is running and its host online.
-    pub fn running(self, state: &AppState) -> Result<RunningCapsule, CapsuleError> {
+    /// The capsule, if it is running and its host online; never resumes it.
+    pub fn reach(self, state: &AppState) -> Result<RunningCapsule, CapsuleError> {
         capsules::reach(state, self.id, self.sandbox)
+    }
+
+    /// The capsule, running and its host online: a paused one is resumed first.
+    pub async fn ready(self, state: &AppState) -> Result<RunningCapsule, CapsuleError> {
+        capsules::ready(state, self.id, self.sandbox).await
     }
 }
 

@@ -44,6 +44,9 @@ pub enum ApiError {
     /// A host agent failed or could not be reached: 502 `agent_error`.
     #[error("{0}")]
     AgentFailed(String),
+    /// 507 `insufficient_storage`: the host's disk is full.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("internal error")]
     Internal,
 }
@@ -63,6 +66,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::AgentFailed(_) => StatusCode::BAD_GATEWAY,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -75,6 +79,7 @@ impl ApiError {
             | ApiError::Conflict { code, .. }
             | ApiError::Unavailable { code, .. } => *code,
             ApiError::AgentFailed(_) => ErrorCode::AgentError,
+            ApiError::InsufficientStorage(_) => ErrorCode::InsufficientStorage,
             ApiError::NotFound(_) => ErrorCode::NotFound,
             ApiError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
             ApiError::HostHasSandboxes(_) => ErrorCode::HostHasSandboxes,
@@ -172,12 +177,24 @@ impl From<CapsuleError> for ApiError {
             CapsuleError::NotFound | CapsuleError::TemplateNotFound(_) => {
                 ApiError::NotFound(message)
             }
-            CapsuleError::NotRunning(_) | CapsuleError::Busy(_) | CapsuleError::Interrupted(_) => {
-                ApiError::Conflict {
-                    code: ErrorCode::InvalidState,
-                    message,
-                }
-            }
+            CapsuleError::NotRunning(_)
+            | CapsuleError::NotPaused(_)
+            | CapsuleError::Busy(_)
+            | CapsuleError::Interrupted(_)
+            | CapsuleError::Unsettled(..) => ApiError::Conflict {
+                code: ErrorCode::InvalidState,
+                message,
+            },
+            CapsuleError::PauseFailed {
+                disk_full: true, ..
+            } => ApiError::InsufficientStorage(message),
+            CapsuleError::PauseFailed { .. }
+            | CapsuleError::ResumeFailed { .. }
+            | CapsuleError::Lost(_) => ApiError::AgentFailed(message),
+            CapsuleError::ShuttingDown => ApiError::Unavailable {
+                code: ErrorCode::InternalError,
+                message,
+            },
             CapsuleError::Schedule(ScheduleError::Db(db)) | CapsuleError::Db(db) => db.into(),
             CapsuleError::Schedule(_) => ApiError::Unavailable {
                 code: ErrorCode::NoHostsAvailable,

@@ -2,9 +2,13 @@
 //! what each host's agent reports, and fixes the database (and removes orphans from agents).
 //!
 //! - Host unreachable (by heartbeat, or its agent does not answer the list call): its `running`
-//!   sandboxes become `missing`.
-//! - Host answers: a `running` or `missing` sandbox the agent does not have became `stopped`
-//!   (idle timeout, crash, agent restart); a `missing` one it still runs is `running` again.
+//!   and `paused` sandboxes become `missing`.
+//! - Host answers: a `running`, `paused` or `missing` sandbox the agent does not have became
+//!   `stopped` (its VM was lost: the agent's list of lost sandboxes says why, and the reason is
+//!   kept in the sandbox's metadata); otherwise the sandbox takes the agent's status, `running`
+//!   or `paused` (the agent pauses idle sandboxes by itself and resumes them on a call).
+//! - A `pausing` or `resuming` sandbox long past the operation's timeout (the control plane died
+//!   during it) takes the agent's status too.
 //! - The agent runs a sandbox the database holds as `stopped`/`error` (or not at all): a destroy
 //!   or a create whose outcome was unknown; the reconciler destroys it on the agent.
 //! - A sandbox still `pending` or `starting` a minute past the create timeout (the control plane
@@ -33,6 +37,8 @@ pub struct PassReport {
     pub missing: Vec<SandboxId>,
     pub stopped: Vec<SandboxId>,
     pub recovered: Vec<SandboxId>,
+    /// Paused by the agent on its own (idle).
+    pub paused: Vec<SandboxId>,
     /// `pending` long past the create timeout: the create was abandoned.
     pub abandoned: Vec<SandboxId>,
     pub orphans_destroyed: Vec<SandboxId>,
@@ -99,8 +105,16 @@ async fn reconcile_host(
             return mark_missing(state, host, report).await;
         }
     };
-    let agent_has: HashMap<SandboxId, SandboxPhase> =
-        on_agent.iter().map(|s| (s.sandbox_id, s.status)).collect();
+    let agent_has: HashMap<SandboxId, SandboxPhase> = on_agent
+        .sandboxes
+        .iter()
+        .map(|s| (s.sandbox_id, s.status))
+        .collect();
+    let lost: HashMap<SandboxId, &str> = on_agent
+        .lost
+        .iter()
+        .map(|l| (l.sandbox_id, l.reason.as_str()))
+        .collect();
     let in_db = sandboxes::on_host(&state.db, host.id).await?;
     let create_grace = chrono::Duration::from_std(state.capsules.agents.timeouts().create)
         .unwrap_or(chrono::Duration::MAX)
@@ -114,38 +128,69 @@ async fn reconcile_host(
         if row.last_updated > seen {
             continue;
         }
-        let present = agent_has.contains_key(&id);
-        // A create outlives its timeout only if the control plane died during it; the row would
-        // otherwise hold its host's capacity forever. Failing it lets the next pass remove any
-        // VM the agent finished building.
+        let on_agent = agent_has.get(&id).copied();
+        // What the agent says the sandbox is, when it has settled there.
+        let agent_settled = match on_agent {
+            Some(SandboxPhase::Running) => Some(SandboxStatus::Running),
+            Some(SandboxPhase::Paused) => Some(SandboxStatus::Paused),
+            Some(
+                SandboxPhase::Starting
+                | SandboxPhase::Pausing
+                | SandboxPhase::Resuming
+                | SandboxPhase::Snapshotting
+                | SandboxPhase::Stopping,
+            )
+            | None => None,
+        };
+        // A create or operation outlives its timeout only if the control plane died during it;
+        // the row would otherwise hold its host's capacity forever. Failing it lets the next
+        // pass remove any VM the agent finished building.
         let abandoned = seen - row.last_updated > create_grace;
         let next = match row.status {
-            SandboxStatus::Running | SandboxStatus::Stopping => {
-                (!present).then_some(SandboxStatus::Stopped)
+            SandboxStatus::Running | SandboxStatus::Paused | SandboxStatus::Missing => {
+                match (on_agent, agent_settled) {
+                    (None, _) => Some(SandboxStatus::Stopped),
+                    (Some(_), Some(status)) => (status != row.status).then_some(status),
+                    (Some(_), None) => None,
+                }
             }
-            SandboxStatus::Missing if present => Some(SandboxStatus::Running),
-            SandboxStatus::Missing => Some(SandboxStatus::Stopped),
+            SandboxStatus::Stopping => on_agent.is_none().then_some(SandboxStatus::Stopped),
+            SandboxStatus::Pausing | SandboxStatus::Resuming if abandoned => match on_agent {
+                None => Some(SandboxStatus::Stopped),
+                Some(_) => agent_settled,
+            },
             SandboxStatus::Pending | SandboxStatus::Starting => {
                 abandoned.then_some(SandboxStatus::Failed)
             }
             // Operations in progress settle by themselves; final statuses stay final.
             SandboxStatus::Pausing
-            | SandboxStatus::Paused
             | SandboxStatus::Resuming
             | SandboxStatus::Snapshotting
             | SandboxStatus::Stopped
             | SandboxStatus::Failed => None,
         };
         let Some(next) = next else { continue };
-        let change = Transition {
+        let reason = match next {
+            SandboxStatus::Stopped if row.status != SandboxStatus::Stopping => Some(
+                lost.get(&id)
+                    .copied()
+                    .unwrap_or("its host no longer has it (the VM ended or the host restarted)"),
+            ),
+            _ => None,
+        };
+        let mut change = Transition {
             unchanged_since: Some(seen),
             ..Transition::to(next).from(row.status)
         };
+        if let Some(reason) = reason {
+            change = change.because(reason);
+        }
         if sandboxes::transition(&state.db, row.id, change).await? {
-            tracing::info!(sandbox = %id, from = %row.status, to = %next, "reconciled with the agent");
+            tracing::info!(sandbox = %id, from = %row.status, to = %next, reason, "reconciled with the agent");
             match next {
                 SandboxStatus::Stopped => report.stopped.push(id),
                 SandboxStatus::Failed => report.abandoned.push(id),
+                SandboxStatus::Paused => report.paused.push(id),
                 _ => report.recovered.push(id),
             }
         }
@@ -159,7 +204,8 @@ async fn reconcile_host(
         };
         // A sandbox still starting may belong to a create the control plane gave up on; it is
         // destroyed once the agent has finished with it.
-        if !orphan || agent_status != SandboxPhase::Running {
+        let settled = matches!(agent_status, SandboxPhase::Running | SandboxPhase::Paused);
+        if !orphan || !settled {
             continue;
         }
         match state.capsules.agents.destroy_sandbox(&target, id).await {

@@ -81,19 +81,31 @@ impl SandboxStatus {
         match self {
             S::Pending => matches!(to, S::Starting | S::Failed | S::Stopped),
             S::Starting => matches!(to, S::Running | S::Failed | S::Stopped),
+            // Running ⇄ Paused directly: the agent pauses an idle sandbox by itself and resumes
+            // it on a call, and the reconciler records what it did.
             S::Running => matches!(
                 to,
-                S::Pausing | S::Snapshotting | S::Stopping | S::Stopped | S::Missing | S::Failed
+                S::Pausing
+                    | S::Paused
+                    | S::Snapshotting
+                    | S::Stopping
+                    | S::Stopped
+                    | S::Missing
+                    | S::Failed
             ),
             // A refused pause leaves the VM running; a refused resume leaves it paused.
             S::Pausing => matches!(to, S::Paused | S::Running | S::Failed | S::Stopped),
-            S::Paused => matches!(to, S::Resuming | S::Stopping | S::Stopped),
+            // Missing: its host stopped answering; the files are still there.
+            S::Paused => matches!(
+                to,
+                S::Resuming | S::Running | S::Stopping | S::Stopped | S::Missing
+            ),
             S::Resuming => matches!(to, S::Running | S::Paused | S::Failed | S::Stopped),
             S::Snapshotting => matches!(to, S::Running | S::Failed | S::Stopped),
             S::Stopping => matches!(to, S::Stopped | S::Failed),
-            // The reconciler's view of an unreachable host: back to running when the agent
-            // reports it again.
-            S::Missing => matches!(to, S::Running | S::Stopping | S::Stopped),
+            // The reconciler's view of an unreachable host: back to what the agent reports
+            // when it answers again.
+            S::Missing => matches!(to, S::Running | S::Paused | S::Stopping | S::Stopped),
             S::Stopped | S::Failed => false,
         }
     }
@@ -268,23 +280,46 @@ pub struct Transition<'a> {
     pub from: Option<SandboxStatus>,
     /// Only if nothing changed the row since then (the reconciler's view of the agent).
     pub unchanged_since: Option<DateTime<Utc>>,
-    /// A create's success: the agent's metadata, and started now.
-    pub started: Option<&'a Value>,
+    /// The agent's metadata for the sandbox (after a create or resume), replacing the old.
+    pub metadata: Option<&'a Value>,
+    /// A create's success: started (and active) now.
+    pub started: bool,
+    /// Why the sandbox stopped or failed, kept in its metadata as [`STATUS_REASON_KEY`].
+    pub reason: Option<&'a str>,
 }
 
-impl Transition<'_> {
+/// The metadata key that says why a sandbox stopped or failed when it did so on its own.
+pub const STATUS_REASON_KEY: &str = "status_reason";
+
+impl<'a> Transition<'a> {
     pub fn to(to: SandboxStatus) -> Self {
         Self {
             to,
             from: None,
             unchanged_since: None,
-            started: None,
+            metadata: None,
+            started: false,
+            reason: None,
         }
     }
 
     pub fn from(self, from: SandboxStatus) -> Self {
         Self {
             from: Some(from),
+            ..self
+        }
+    }
+
+    pub fn with_metadata(self, metadata: &'a Value) -> Self {
+        Self {
+            metadata: Some(metadata),
+            ..self
+        }
+    }
+
+    pub fn because(self, reason: &'a str) -> Self {
+        Self {
+            reason: Some(reason),
             ..self
         }
     }
@@ -305,16 +340,21 @@ pub async fn transition(
     }
     let done = sqlx::query!(
         "UPDATE sandboxes SET status = $2, last_updated = now(),
-             metadata = COALESCE($4, metadata),
-             started_at = CASE WHEN $4::jsonb IS NULL THEN started_at ELSE now() END,
-             last_active_at = CASE WHEN $4::jsonb IS NULL THEN last_active_at ELSE now() END
+             metadata = COALESCE($4, metadata)
+                 || CASE WHEN $7::text IS NULL THEN '{}'::jsonb
+                         ELSE jsonb_build_object($8::text, $7::text) END,
+             started_at = CASE WHEN $6 THEN now() ELSE started_at END,
+             last_active_at = CASE WHEN $6 THEN now() ELSE last_active_at END
          WHERE id = $1 AND status = ANY($3)
              AND ($5::timestamptz IS NULL OR last_updated <= $5)",
         id,
         change.to.as_str(),
         &allowed,
-        change.started,
+        change.metadata,
         change.unchanged_since,
+        change.started,
+        change.reason,
+        STATUS_REASON_KEY,
     )
     .execute(ex)
     .await?;
@@ -333,8 +373,10 @@ pub async fn mark_started(
         ex,
         id,
         Transition {
-            started: Some(metadata),
-            ..Transition::to(SandboxStatus::Running).from(SandboxStatus::Starting)
+            started: true,
+            ..Transition::to(SandboxStatus::Running)
+                .from(SandboxStatus::Starting)
+                .with_metadata(metadata)
         },
     )
     .await
@@ -474,6 +516,7 @@ mod tests {
         (S::Starting, S::Failed),
         (S::Starting, S::Stopped),
         (S::Running, S::Pausing),
+        (S::Running, S::Paused),
         (S::Running, S::Snapshotting),
         (S::Running, S::Stopping),
         (S::Running, S::Stopped),
@@ -484,6 +527,8 @@ mod tests {
         (S::Pausing, S::Failed),
         (S::Pausing, S::Stopped),
         (S::Paused, S::Resuming),
+        (S::Paused, S::Running),
+        (S::Paused, S::Missing),
         (S::Paused, S::Stopping),
         (S::Paused, S::Stopped),
         (S::Resuming, S::Running),
@@ -496,6 +541,7 @@ mod tests {
         (S::Stopping, S::Stopped),
         (S::Stopping, S::Failed),
         (S::Missing, S::Running),
+        (S::Missing, S::Paused),
         (S::Missing, S::Stopping),
         (S::Missing, S::Stopped),
     ];
@@ -521,8 +567,8 @@ mod tests {
         }
         assert_eq!(
             S::sources(S::Missing),
-            vec!["running".to_owned()],
-            "only running sandboxes go missing"
+            vec!["running".to_owned(), "paused".to_owned()],
+            "only running and paused sandboxes go missing"
         );
     }
 

@@ -154,11 +154,31 @@ pub async fn destroy(
     Ok(no_content())
 }
 
+/// `POST /v1/capsules/{id}/pause`: 200 with the capsule `paused`.
+pub async fn pause(
+    State(state): State<AppState>,
+    call: CapsuleCall,
+) -> Result<Json<Capsule>, ApiError> {
+    let team = call.team_id;
+    capsules::pause(&state, call.id, call.sandbox).await?;
+    Ok(Json(capsules::get(&state, team, call.id).await?.into()))
+}
+
+/// `POST /v1/capsules/{id}/resume`: 200 with the capsule `running`.
+pub async fn resume(
+    State(state): State<AppState>,
+    call: CapsuleCall,
+) -> Result<Json<Capsule>, ApiError> {
+    let team = call.team_id;
+    capsules::resume(&state, call.id, call.sandbox).await?;
+    Ok(Json(capsules::get(&state, team, call.id).await?.into()))
+}
+
 pub async fn ping(
     State(state): State<AppState>,
     call: CapsuleCall,
 ) -> Result<StatusCode, ApiError> {
-    capsules::ping(&state, &call.running(&state)?).await?;
+    capsules::ping(&state, &call.reach(&state)?).await?;
     Ok(no_content())
 }
 
@@ -167,7 +187,7 @@ pub async fn exec(
     call: CapsuleCall,
     ApiJson(body): ApiJson<CommandRequest>,
 ) -> Result<Response, ApiError> {
-    let capsule = call.running(&state)?;
+    let capsule = call.ready(&state).await?;
     Ok(match guest::exec(&state, &capsule, body).await? {
         ExecOutcome::Finished(done) => (StatusCode::OK, Json(done)).into_response(),
         ExecOutcome::Started(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
@@ -178,7 +198,7 @@ pub async fn list_processes(
     State(state): State<AppState>,
     call: CapsuleCall,
 ) -> Result<Json<ProcessListResponse>, ApiError> {
-    let capsule = call.running(&state)?;
+    let capsule = call.ready(&state).await?;
     Ok(Json(guest::list_processes(&state, &capsule).await?))
 }
 
@@ -195,7 +215,7 @@ pub async fn kill_process(
     Path((_, selector)): Path<(String, String)>,
     ApiQuery(query): ApiQuery<KillQuery>,
 ) -> Result<StatusCode, ApiError> {
-    let capsule = call.running(&state)?;
+    let capsule = call.ready(&state).await?;
     let signal = query.signal.unwrap_or(KillSignal::Kill);
     guest::kill_process(&state, &capsule, &selector, signal).await?;
     Ok(no_content())
@@ -206,7 +226,7 @@ pub async fn list_dir(
     call: CapsuleCall,
     ApiJson(body): ApiJson<ListDirRequest>,
 ) -> Result<Json<ListDirResponse>, ApiError> {
-    let capsule = call.running(&state)?;
+    let capsule = call.ready(&state).await?;
     Ok(Json(guest::list_dir(&state, &capsule, body).await?))
 }
 
@@ -215,7 +235,7 @@ pub async fn mkdir(
     call: CapsuleCall,
     ApiJson(body): ApiJson<PathRequest>,
 ) -> Result<Json<MakeDirResponse>, ApiError> {
-    let capsule = call.running(&state)?;
+    let capsule = call.ready(&state).await?;
     Ok(Json(guest::mkdir(&state, &capsule, body).await?))
 }
 
@@ -224,7 +244,7 @@ pub async fn remove(
     call: CapsuleCall,
     ApiJson(body): ApiJson<PathRequest>,
 ) -> Result<StatusCode, ApiError> {
-    let capsule = call.running(&state)?;
+    let capsule = call.ready(&state).await?;
     guest::remove(&state, &capsule, body).await?;
     Ok(no_content())
 }
@@ -235,7 +255,7 @@ async fn download(
     path: &str,
     chunked: bool,
 ) -> Result<Response, ApiError> {
-    let capsule = call.running(&state)?;
+    let capsule = call.ready(&state).await?;
     let download = guest::download(&state, &capsule, path).await?;
     let mut response = Response::new(Body::from_stream(download.body));
     let headers = response.headers_mut();
@@ -326,7 +346,7 @@ pub async fn write_file(
             e.body_text()
         ))
     })?;
-    let capsule = call.running(&state)?;
+    let capsule = call.ready(&state).await?;
     let mut path = None;
     while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
         match field.name() {

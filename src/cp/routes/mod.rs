@@ -62,6 +62,16 @@ macro_rules! capsule_routes {
             )
             .add(
                 Method::POST,
+                concat!($base, "/{id}/pause"),
+                post(capsules::pause),
+            )
+            .add(
+                Method::POST,
+                concat!($base, "/{id}/resume"),
+                post(capsules::resume),
+            )
+            .add(
+                Method::POST,
                 concat!($base, "/{id}/exec"),
                 post(capsules::exec),
             )

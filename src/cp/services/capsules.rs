@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::agent::wire::{CreateSandbox, SandboxInfo};
+use crate::agent::wire::{CreateSandbox, SandboxInfo, SandboxPhase};
 use crate::cp::agent_client::{AgentError, AgentTarget};
 use crate::cp::scheduler::{self, Demand, Placement, ScheduleError};
 use crate::cp::state::AppState;
@@ -43,6 +43,21 @@ pub enum CapsuleError {
     TemplateNotFound(String),
     #[error("capsule is {0}; this operation needs it running")]
     NotRunning(SandboxStatus),
+    #[error("capsule is {0}; only a paused capsule can be resumed")]
+    NotPaused(SandboxStatus),
+    /// The pause did not happen; the capsule runs on.
+    #[error("pausing the capsule failed; it is still running: {message}")]
+    PauseFailed { message: String, disk_full: bool },
+    /// The resume did not happen; the capsule is still paused.
+    #[error("resuming the capsule failed; it is still paused: {message}")]
+    ResumeFailed { message: String },
+    /// The capsule's VM is gone; it is recorded as failed with this reason.
+    #[error("the capsule was lost: {0}")]
+    Lost(String),
+    #[error("capsule is still {0} after {1:?}; try again")]
+    Unsettled(SandboxStatus, Duration),
+    #[error("the control plane is shutting down")]
+    ShuttingDown,
     #[error("capsule is {0}; try again once it has settled")]
     Busy(SandboxStatus),
     /// The create's row was moved on while the agent booted it (its team or host was deleted,
@@ -407,17 +422,17 @@ pub struct RunningCapsule {
     pub target: AgentTarget,
 }
 
-/// The capsule, if it is running and its host online: what every exec, process, file and PTY
-/// call needs first.
+/// The capsule, running and its host online: what every exec, process, file and PTY call needs
+/// first. A paused capsule is resumed for it (see [`ready`]).
 pub async fn running(
     state: &AppState,
     team: TeamId,
     id: SandboxId,
 ) -> Result<RunningCapsule, CapsuleError> {
-    reach(state, id, route(state, team, id).await?)
+    ready(state, id, route(state, team, id).await?).await
 }
 
-/// The capsule as `route` found it, if it is running and its host online.
+/// The capsule as `route` found it, if it is running and its host online. Never resumes.
 pub fn reach(
     state: &AppState,
     id: SandboxId,
@@ -438,6 +453,262 @@ pub fn reach(
     }
     let target = online_target(state, &route)?;
     Ok(RunningCapsule { id, target })
+}
+
+/// How long a call waits for a pause or resume in progress before it gives up.
+const SETTLE_WAIT: Duration = Duration::from_secs(60);
+const SETTLE_POLL: Duration = Duration::from_millis(50);
+
+/// The capsule as `route` found it, made ready for a call: a paused capsule is resumed
+/// (auto-resume), and a pause or resume in progress is waited for, so a caller never needs to
+/// know the capsule was idle. Every other status is refused as by [`reach`].
+pub async fn ready(
+    state: &AppState,
+    id: SandboxId,
+    mut route: SandboxRoute,
+) -> Result<RunningCapsule, CapsuleError> {
+    let deadline = tokio::time::Instant::now() + SETTLE_WAIT;
+    loop {
+        match route.status {
+            SandboxStatus::Paused => {
+                tracing::info!(sandbox = %id, "a call for a paused capsule resumes it");
+                match resume(state, id, route.clone()).await {
+                    Ok(()) | Err(CapsuleError::NotPaused(_)) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            SandboxStatus::Pausing | SandboxStatus::Resuming => {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(CapsuleError::Unsettled(route.status, SETTLE_WAIT));
+                }
+                tokio::time::sleep(SETTLE_POLL).await;
+            }
+            SandboxStatus::Running
+            | SandboxStatus::Pending
+            | SandboxStatus::Starting
+            | SandboxStatus::Snapshotting
+            | SandboxStatus::Stopping
+            | SandboxStatus::Stopped
+            | SandboxStatus::Failed
+            | SandboxStatus::Missing => return reach(state, id, route),
+        }
+        route.status = sandboxes::status_of(&state.db, id.uuid())
+            .await?
+            .ok_or(CapsuleError::NotFound)?;
+    }
+}
+
+/// Runs an operation on a capsule's host in its own task: a caller that goes away (an HTTP
+/// client that gave up) never leaves the capsule's row half way.
+async fn to_the_end<Op, Fut>(state: &AppState, operation: Op) -> Result<(), CapsuleError>
+where
+    Op: FnOnce(AppState) -> Fut,
+    Fut: std::future::Future<Output = Result<(), CapsuleError>> + Send + 'static,
+{
+    match tokio::spawn(operation(state.clone())).await {
+        Ok(outcome) => outcome,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => Err(CapsuleError::ShuttingDown),
+    }
+}
+
+/// Pauses a running capsule: `pausing` while the agent writes it to disk, then `paused`.
+/// Pausing a capsule that is not running is refused (409, as the reference API says): one
+/// already paused is `NotRunning(paused)`, one in another operation is `Busy`.
+pub async fn pause(
+    state: &AppState,
+    id: SandboxId,
+    route: SandboxRoute,
+) -> Result<(), CapsuleError> {
+    to_the_end(state, move |state| async move {
+        pause_now(&state, id, route).await
+    })
+    .await
+}
+
+async fn pause_now(
+    state: &AppState,
+    id: SandboxId,
+    route: SandboxRoute,
+) -> Result<(), CapsuleError> {
+    pausable(route.status)?;
+    let target = online_target(state, &route)?;
+    let pausing = Transition::to(SandboxStatus::Pausing).from(SandboxStatus::Running);
+    if !sandboxes::transition(&state.db, id.uuid(), pausing).await? {
+        return Err(moved_on(state, id, pausable).await);
+    }
+    match state.capsules.agents.pause_sandbox(&target, id).await {
+        Ok(info) => {
+            settle(state, id, SandboxStatus::Pausing, &info).await?;
+            Ok(())
+        }
+        Err(error) => {
+            let Some(error) =
+                after_failed_operation(state, &target, id, SandboxStatus::Pausing, error).await?
+            else {
+                return Ok(());
+            };
+            Err(match error {
+                AgentError::Failed {
+                    status, message, ..
+                } => CapsuleError::PauseFailed {
+                    message,
+                    disk_full: status == http::StatusCode::INSUFFICIENT_STORAGE,
+                },
+                other => other.into(),
+            })
+        }
+    }
+}
+
+/// Resumes a paused capsule on the host that holds its files: `resuming`, then `running`.
+/// Resuming a capsule that is not paused is refused (409, as the reference API says).
+pub async fn resume(
+    state: &AppState,
+    id: SandboxId,
+    route: SandboxRoute,
+) -> Result<(), CapsuleError> {
+    to_the_end(state, move |state| async move {
+        resume_now(&state, id, &route).await
+    })
+    .await
+}
+
+async fn resume_now(
+    state: &AppState,
+    id: SandboxId,
+    route: &SandboxRoute,
+) -> Result<(), CapsuleError> {
+    resumable(route.status)?;
+    let target = online_target(state, route)?;
+    let resuming = Transition::to(SandboxStatus::Resuming).from(SandboxStatus::Paused);
+    if !sandboxes::transition(&state.db, id.uuid(), resuming).await? {
+        return Err(moved_on(state, id, resumable).await);
+    }
+    match state.capsules.agents.resume_sandbox(&target, id).await {
+        Ok(info) => {
+            settle(state, id, SandboxStatus::Resuming, &info).await?;
+            Ok(())
+        }
+        Err(error) => {
+            let Some(error) =
+                after_failed_operation(state, &target, id, SandboxStatus::Resuming, error).await?
+            else {
+                return Ok(());
+            };
+            Err(match error {
+                AgentError::Failed { message, .. } => CapsuleError::ResumeFailed { message },
+                other => other.into(),
+            })
+        }
+    }
+}
+
+/// Records where the agent says an operation left the sandbox (`from` is the operation's
+/// status). Refused only if something else moved the row meanwhile (a destroy); that wins.
+async fn settle(
+    state: &AppState,
+    id: SandboxId,
+    from: SandboxStatus,
+    info: &SandboxInfo,
+) -> Result<(), CapsuleError> {
+    let to = match info.status {
+        SandboxPhase::Running => SandboxStatus::Running,
+        SandboxPhase::Paused => SandboxStatus::Paused,
+        other => {
+            tracing::warn!(sandbox = %id, agent_status = %other, "the agent answered an operation with an unsettled sandbox; the reconciler settles it");
+            return Ok(());
+        }
+    };
+    let metadata = guest_metadata(info);
+    let change = Transition::to(to).from(from).with_metadata(&metadata);
+    if !sandboxes::transition(&state.db, id.uuid(), change).await? {
+        tracing::info!(sandbox = %id, %to, "the sandbox moved on during the operation");
+    }
+    Ok(())
+}
+
+/// After a pause or resume failed: asks the agent where the sandbox is and records that, so the
+/// row never stays `pausing`/`resuming` when the truth is known. A sandbox the agent no longer
+/// has was lost: `error`, with the reason. Returns the operation's error, or `None` when the
+/// sandbox reached the operation's goal after all (e.g. only the answer was lost).
+async fn after_failed_operation(
+    state: &AppState,
+    target: &AgentTarget,
+    id: SandboxId,
+    from: SandboxStatus,
+    error: AgentError,
+) -> Result<Option<AgentError>, CapsuleError> {
+    tracing::warn!(sandbox = %id, host = %target.host, %error, operation = %from, "sandbox operation failed");
+    match state.capsules.agents.get_sandbox(target, id).await {
+        Ok(info) => {
+            let reached_goal = matches!(
+                (from, info.status),
+                (SandboxStatus::Pausing, SandboxPhase::Paused)
+                    | (SandboxStatus::Resuming, SandboxPhase::Running)
+            );
+            settle(state, id, from, &info).await?;
+            Ok((!reached_goal).then_some(error))
+        }
+        Err(AgentError::Rejected { status, .. }) if status == http::StatusCode::NOT_FOUND => {
+            let reason = error.to_string();
+            let failed = Transition::to(SandboxStatus::Failed)
+                .from(from)
+                .because(&reason);
+            sandboxes::transition(&state.db, id.uuid(), failed).await?;
+            Err(CapsuleError::Lost(reason))
+        }
+        // Unknown: the reconciler settles the row when the agent answers again.
+        Err(_) => Ok(Some(error)),
+    }
+}
+
+/// Whether a capsule in `status` may be paused, and if not, why (409 as the reference says).
+fn pausable(status: SandboxStatus) -> Result<(), CapsuleError> {
+    match status {
+        SandboxStatus::Running => Ok(()),
+        SandboxStatus::Pending
+        | SandboxStatus::Starting
+        | SandboxStatus::Pausing
+        | SandboxStatus::Resuming
+        | SandboxStatus::Snapshotting
+        | SandboxStatus::Stopping => Err(CapsuleError::Busy(status)),
+        SandboxStatus::Paused
+        | SandboxStatus::Stopped
+        | SandboxStatus::Failed
+        | SandboxStatus::Missing => Err(CapsuleError::NotRunning(status)),
+    }
+}
+
+/// Whether a capsule in `status` may be resumed, and if not, why (409 as the reference says).
+fn resumable(status: SandboxStatus) -> Result<(), CapsuleError> {
+    match status {
+        SandboxStatus::Paused => Ok(()),
+        SandboxStatus::Pending
+        | SandboxStatus::Starting
+        | SandboxStatus::Pausing
+        | SandboxStatus::Resuming
+        | SandboxStatus::Snapshotting
+        | SandboxStatus::Stopping => Err(CapsuleError::Busy(status)),
+        SandboxStatus::Running
+        | SandboxStatus::Stopped
+        | SandboxStatus::Failed
+        | SandboxStatus::Missing => Err(CapsuleError::NotPaused(status)),
+    }
+}
+
+/// Why an operation's first transition was refused: what `allowed` says of the row's status
+/// now (`Busy` if it would allow it again: the row moved and came back meanwhile).
+async fn moved_on(
+    state: &AppState,
+    id: SandboxId,
+    allowed: fn(SandboxStatus) -> Result<(), CapsuleError>,
+) -> CapsuleError {
+    match sandboxes::status_of(&state.db, id.uuid()).await {
+        Ok(Some(status)) => allowed(status).err().unwrap_or(CapsuleError::Busy(status)),
+        Ok(None) => CapsuleError::NotFound,
+        Err(error) => error.into(),
+    }
 }
 
 /// Resets the capsule's idle timer on its agent.
