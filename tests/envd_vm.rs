@@ -4,10 +4,11 @@
 //! Uses the shared test files root (`$WRENN_TEST_FILES_ROOT`, default /var/tmp/wrenn-test-root)
 //! and the static binary (`$WRENN_STATIC_BIN`, else `just build-static`), like tests/images.rs.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use wrenn::envd::api::{
-    AttachRequest, ClientMessage, ProcessSpec, PtySize, RunRequest, StartRequest,
+    AttachRequest, ClientMessage, ErrorCode, InitRequest, ProcessSpec, PtySize, RunRequest,
+    StartRequest,
 };
 use wrenn::envd::client::{EnvdClient, ProcessEvent};
 use wrenn_test_support::guest::{self, GuestSpec, GuestVm};
@@ -27,6 +28,24 @@ async fn sh(client: &EnvdClient, script: &str, user: Option<&str>) -> String {
         .unwrap();
     assert_eq!(out.exit_code, 0, "{script}: {out:?}");
     out.stdout
+}
+
+fn host_unix_ms() -> i64 {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    i64::try_from(since_epoch.as_millis()).unwrap()
+}
+
+/// How many seconds the guest's wall clock is ahead of the host's.
+async fn guest_clock_ahead(client: &EnvdClient) -> i64 {
+    let guest: i64 = sh(client, "date +%s", None).await.trim().parse().unwrap();
+    guest - host_unix_ms() / 1000
+}
+
+fn init_with_clock(unix_ms: i64) -> InitRequest {
+    InitRequest {
+        wall_clock_unix_ms: Some(unix_ms),
+        ..InitRequest::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,6 +76,30 @@ async fn envd_is_the_guest_init_and_serves_the_host() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // The guest's wall clock follows the host's time given to /init, and only then; a slow TCG
+    // guest gets a minute's slack.
+    const DAY_SECS: i64 = 86_400;
+    let near = |ahead: i64, expected: i64| (ahead - expected).abs() <= 60;
+    client
+        .init(&init_with_clock(host_unix_ms() + DAY_SECS * 1000))
+        .await
+        .unwrap();
+    let ahead = guest_clock_ahead(&client).await;
+    assert!(near(ahead, DAY_SECS), "the guest is {ahead} s ahead");
+    client.init(&InitRequest::default()).await.unwrap();
+    let ahead = guest_clock_ahead(&client).await;
+    assert!(
+        near(ahead, DAY_SECS),
+        "an init without a time moved the clock: {ahead} s"
+    );
+    for bad in [-1, i64::MAX] {
+        let err = client.init(&init_with_clock(bad)).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::InvalidRequest), "{err}");
+    }
+    client.init(&init_with_clock(host_unix_ms())).await.unwrap();
+    let ahead = guest_clock_ahead(&client).await;
+    assert!(near(ahead, 0), "the guest is {ahead} s ahead");
 
     assert_eq!(
         sh(&client, "cat /proc/1/comm; hostname", None).await,

@@ -16,8 +16,9 @@ use wrenn::config::{Config, ConsoleLogMaxBytes, Layout};
 use wrenn::vmm::firecracker::api::{self, ActionType, Endpoint, InstanceAction};
 use wrenn::vmm::firecracker::{boot_sequence, pause_sequence, restore_sequence};
 use wrenn::vmm::{
-    console_tail, AfterFailedPause, Drive, FirecrackerApiError, FirecrackerVmm, NetAttachment,
-    SnapshotError, SnapshotFiles, VmFiles, VmSpec, VmStatus, Vmm, VmmError, VmmKind,
+    console_tail, AdoptRefusal, AfterFailedPause, Drive, FirecrackerApiError, FirecrackerVmm,
+    NetAttachment, SnapshotError, SnapshotFiles, VmFiles, VmSpec, VmStatus, Vmm, VmmError, VmmExit,
+    VmmKind,
 };
 
 fn full_spec(layout: &Layout, id: &str) -> VmSpec {
@@ -319,6 +320,8 @@ mod fake {
         configured: bool,
         fail_path: Option<String>,
         ctrl_alt_del_exits: bool,
+        /// Writes each request to the guest console.
+        echo_requests: bool,
     }
 
     fn log(record: &PathBuf, line: &str) {
@@ -352,6 +355,7 @@ mod fake {
             configured: false,
             fail_path: std::env::var("FAKE_FC_FAIL_PATH").ok(),
             ctrl_alt_del_exits: std::env::var("FAKE_FC_CTRL_ALT_DEL_EXITS").is_ok(),
+            echo_requests: std::env::var("FAKE_FC_ECHO_REQUESTS").is_ok(),
         }));
         loop {
             let (stream, _) = listener.accept().await.unwrap();
@@ -415,6 +419,10 @@ mod fake {
         let bytes = req.into_body().collect().await.unwrap().to_bytes();
         let mut state = state.lock().unwrap();
         log(&state.record, &format!("{method} {path}"));
+        if state.echo_requests {
+            // Like a guest's serial output: lost, not fatal, while nobody reads the console.
+            let _ = writeln!(std::io::stdout(), "console: {method} {path}");
+        }
         if chunked || (!bytes.is_empty() && content_length.is_none()) {
             log(&state.record, "VIOLATION body without Content-Length");
             return fault("send Content-Length, not chunked bodies");
@@ -526,6 +534,8 @@ mod fake {
 
 /// A Firecracker stand-in: a script that answers `--version` and otherwise re-enters this
 /// test binary as [`fake_firecracker_process`], with knobs passed through the environment.
+/// Firecracker's arguments follow on the command line, where adoption looks for `--api-sock`
+/// (the test harness takes them as test-name filters that match nothing).
 struct FakeFirecracker {
     _tmp: tempfile::TempDir,
     bin: PathBuf,
@@ -547,7 +557,7 @@ impl FakeFirecracker {
             "#!/bin/sh\ncase \"$1\" in --version) echo 'Firecracker v1.16.1'; echo; exit 0;; \
              --snapshot-version) echo 'v10.0.0'; exit 0;; esac\n\
              export FAKE_FC_ARGS=\"$*\"\nexport FAKE_FC_RECORD='{}'\n{exports}\
-             exec '{}' --exact fake_firecracker_process --ignored --nocapture --test-threads=1\n",
+             exec '{}' --exact --ignored --nocapture --test-threads=1 fake_firecracker_process -- \"$@\"\n",
             record.display(),
             std::env::current_exe().unwrap().display()
         );
@@ -656,7 +666,7 @@ async fn driver_configures_the_fake_in_order_after_removing_stale_sockets() {
     // Firecracker's stdout is the guest console, drained into the console log.
     wait_for_console(&spec.files, "fake Firecracker serving").await;
     let status = vm.kill().await.unwrap();
-    assert!(!status.success());
+    assert!(!status.status().unwrap().success());
     assert!(gone(fake.pid()));
     assert!(!spec.files.firecracker_socket.exists() && !spec.files.vsock_socket.exists());
 }
@@ -760,7 +770,7 @@ async fn shutdown_sends_ctrl_alt_del_and_waits_for_the_exit() {
     let spec = full_spec(&fake.layout, "cl-cad");
     let mut vm = fake.vmm().start(&spec).await.unwrap();
     let status = vm.shutdown(Duration::from_secs(30)).await.unwrap();
-    assert!(status.success(), "{status}");
+    assert!(status.status().unwrap().success(), "{status}");
     assert_eq!(
         fake.calls().last().map(String::as_str),
         Some("PUT /actions")
@@ -777,7 +787,10 @@ async fn shutdown_kills_a_guest_that_ignores_ctrl_alt_del() {
     let spec = full_spec(&fake.layout, "cl-deaf");
     let mut vm = fake.vmm().start(&spec).await.unwrap();
     let status = vm.shutdown(Duration::from_millis(300)).await.unwrap();
-    assert!(!status.success(), "killed, not exited: {status}");
+    assert!(
+        !status.status().unwrap().success(),
+        "killed, not exited: {status}"
+    );
     assert!(gone(fake.pid()));
 }
 
@@ -962,6 +975,130 @@ async fn a_refused_load_ends_the_process_and_keeps_the_snapshot() {
     );
 }
 
+// ---- Adoption: a VMM started by an earlier agent process -------------------------------
+
+/// Ended: gone, or a zombie its parent has not reaped yet.
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').unwrap().1.split_whitespace().next() == Some("Z"),
+        Err(_) => true,
+    }
+}
+
+#[tokio::test]
+async fn an_adopted_fake_pauses_to_disk_restores_and_is_killed_with_valid_requests() {
+    let fake = FakeFirecracker::new(&[("FAKE_FC_ECHO_REQUESTS", "1")]);
+    let (_tmp, layout) = roomy_layout();
+    let spec = full_spec(&layout, "cl-adopt");
+    std::fs::create_dir_all(&spec.files.dir).unwrap();
+    std::fs::write(&spec.drives[1].path, b"disk").unwrap();
+    let snap = SnapshotFiles::for_sandbox(&layout, "cl-adopt");
+    let vmm = fake.vmm();
+    let vm = vmm.start(&spec).await.unwrap();
+    let pid = vm.pid();
+    // As when the agent process dies: the handle goes, the process runs on.
+    drop(vm);
+    assert!(!ended(pid));
+
+    // Only this sandbox's Firecracker is taken over; refusals leave it running.
+    let refused = |err: VmmError, socket: &Path| {
+        match &err {
+            VmmError::NotAdoptable { refusal, .. } => assert_eq!(
+                refusal,
+                &AdoptRefusal::OtherProcess {
+                    socket: socket.to_path_buf()
+                },
+                "{err}"
+            ),
+            other => panic!("expected a refusal, got {other}"),
+        }
+        assert!(!ended(pid), "a refused adoption touched the VMM");
+    };
+    let other = full_spec(&layout, "cl-other");
+    let err = vmm.adopt(&other, pid).await.err().expect("another sandbox");
+    refused(err, &other.files.firecracker_socket);
+    let err = vmm
+        .adopt(&spec, std::process::id())
+        .await
+        .err()
+        .expect("not a VMM");
+    refused(err, &spec.files.firecracker_socket);
+
+    let mut vm = vmm.adopt(&spec, pid).await.unwrap();
+    assert_eq!(vm.pid(), pid);
+    assert_eq!(vm.vmm_version(), "1.16.1");
+    assert_eq!(vm.serial_log(), spec.files.console_log);
+    assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+    // What the VMM writes to its console after the adoption reaches the same log, after what
+    // the first agent process drained.
+    wait_for_console(&spec.files, "console: GET /\n").await;
+    let console = std::fs::read_to_string(&spec.files.console_log).unwrap();
+    let before = console
+        .find("console: PUT /actions\n")
+        .expect("the boot's output is kept");
+    assert!(
+        before < console.find("console: GET /\n").unwrap(),
+        "{console}"
+    );
+
+    let meta = vm.pause_to(&snap).await.unwrap();
+    assert!(ended(pid), "Firecracker still runs after the snapshot");
+    assert_eq!(
+        vm.status().await.unwrap(),
+        VmStatus::Exited(VmmExit::Unobserved)
+    );
+    assert_eq!(meta.vmm_version, "1.16.1");
+    assert_eq!(meta.vmm_snapshot_version.as_deref(), Some("10.0.0"));
+    assert_eq!(meta.machine.memory_mib, 512);
+    assert!(!spec.files.firecracker_socket.exists());
+
+    let vm = vmm.restore(&spec, &snap).await.unwrap();
+    let restored = vm.pid();
+    drop(vm);
+    let mut vm = vmm.adopt(&spec, restored).await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+    assert_eq!(vm.kill().await.unwrap(), VmmExit::Unobserved);
+    assert!(ended(restored));
+    assert_eq!(
+        vm.status().await.unwrap(),
+        VmStatus::Exited(VmmExit::Unobserved)
+    );
+    assert!(!spec.files.firecracker_socket.exists() && !spec.files.vsock_socket.exists());
+    let err = vmm.adopt(&spec, restored).await.err().expect("gone");
+    assert!(
+        matches!(
+            err,
+            VmmError::NotAdoptable {
+                refusal: AdoptRefusal::Gone | AdoptRefusal::OtherProcess { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // Every request, before and after each adoption, was valid against the swagger.
+    let calls = fake.calls();
+    assert!(
+        !calls.iter().any(|c| c.starts_with("VIOLATION")),
+        "{calls:?}"
+    );
+    let after_boot = &calls[8..];
+    assert_eq!(
+        after_boot,
+        [
+            "GET /version",
+            "GET /",
+            "GET /",
+            "PATCH /vm",
+            "PUT /snapshot/create",
+            "GET /version",
+            "PUT /snapshot/load",
+            "GET /version",
+            "GET /",
+        ]
+    );
+}
+
 // ---- Opt-in: a real Firecracker ----------------------------------------------------------
 
 /// Boots a real VM with /usr/local/bin/firecracker; set `WRENN_TEST_FIRECRACKER=1` on a host
@@ -999,7 +1136,7 @@ async fn real_firecracker_boots_a_guest() {
         .await
         .unwrap()
         .unwrap();
-    assert!(status.success(), "{status}");
+    assert!(status.status().unwrap().success(), "{status}");
     let console = std::fs::read_to_string(&spec.files.console_log).unwrap();
     assert!(console.contains("WRENN-FC-MARKER"), "{console}");
 }

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use wrenn::config::{Config, ConsoleLogMaxBytes, Layout, QemuAccel};
 use wrenn::vmm::qemu::qmp::QmpClient;
 use wrenn::vmm::{
-    console_tail, find_leftovers, kill_leftover, Accel, AfterFailedPause, Drive, Leftover,
-    NetAttachment, QemuVmm, SnapshotError, SnapshotFiles, VmFiles, VmSpec, VmStatus, Vmm, VmmError,
-    VmmKind,
+    console_tail, find_leftovers, kill_leftover, Accel, AdoptRefusal, AfterFailedPause, Drive,
+    FirecrackerVmm, Leftover, NetAttachment, QemuVmm, SnapshotError, SnapshotFiles, VmFiles,
+    VmSpec, VmStatus, Vmm, VmmError, VmmExit, VmmKind,
 };
 use wrenn_test_support::kernel::{self as guest, TestKernel};
 
@@ -106,7 +106,7 @@ async fn guest_boots_prints_to_the_serial_log_and_powers_off() {
         .await
         .expect("guest powers off")
         .unwrap();
-    assert!(status.success(), "{status}");
+    assert!(status.status().unwrap().success(), "{status}");
     let console = std::fs::read_to_string(&spec.files.console_log).unwrap();
     assert!(console.contains("WRENN-BOOT-MARKER"), "{console}");
     assert!(!spec.files.qmp_socket.exists(), "QMP socket left behind");
@@ -180,7 +180,7 @@ async fn shutdown_presses_the_power_button_and_a_cooperative_guest_powers_off() 
     wait_for_console(&spec.files.console_log, "GUEST-READY").await;
     let status = vm.shutdown(BOOT_TIMEOUT).await.unwrap();
     assert!(
-        status.success(),
+        status.status().unwrap().success(),
         "a powered-off guest ends QEMU cleanly: {status}"
     );
     let console = std::fs::read_to_string(&spec.files.console_log).unwrap();
@@ -429,7 +429,7 @@ async fn a_console_flood_stays_within_the_cap_and_keeps_the_latest_lines() {
         assert!(started.elapsed() < BOOT_TIMEOUT, "the flood never ended");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(status.success(), "{status}");
+    assert!(status.status().unwrap().success(), "{status}");
     assert_within_cap(&spec.files);
     let (_, previous) = console_sizes(&spec.files);
     assert_eq!(previous, SMALL_CAP / 2, "the log rotated");
@@ -821,4 +821,113 @@ async fn pause_to_disk_and_restore_continue_the_guest_three_times_and_refuse_bad
         matches!(err, VmmError::Snapshot(SnapshotError::Incomplete { .. })),
         "{err}"
     );
+}
+
+// ---- Adoption: a VMM started by an earlier agent process --------------------------------
+
+/// Ended: gone, or a zombie not reaped yet (this test process is the parent of every QEMU here,
+/// and a dropped handle leaves the reaping to tokio in the background).
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').unwrap().1.split_whitespace().next() == Some("Z"),
+        Err(_) => true,
+    }
+}
+
+fn refusal(err: VmmError) -> AdoptRefusal {
+    match err {
+        VmmError::NotAdoptable { refusal, .. } => refusal,
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn an_adopted_vm_drains_its_console_pauses_restores_and_is_killed() {
+    let f = fixture();
+    let vmm = tcg();
+    let spec = ticking_guest(&f, "cl-adopt");
+    let roomy = tempfile::tempdir_in("/dev/shm").unwrap();
+    let snap = SnapshotFiles::for_sandbox(&Layout::new(roomy.path()), "cl-adopt");
+    let vm = vmm.start(&spec).await.unwrap();
+    wait_for_ticks(&spec.files.console_log, 2).await;
+    let pid = vm.pid();
+    // As when the agent process dies: the handle goes, QEMU and its guest run on.
+    drop(vm);
+
+    // Refused, and left running: the test's own process, this QEMU as another sandbox's VMM,
+    // and as a Firecracker.
+    let err = vmm
+        .adopt(&spec, std::process::id())
+        .await
+        .err()
+        .expect("not a VMM");
+    let own_socket = spec.files.qmp_socket.clone();
+    assert_eq!(
+        refusal(err),
+        AdoptRefusal::OtherProcess { socket: own_socket }
+    );
+    let mut other = spec.clone();
+    other.id = "cl-other".into();
+    other.files = VmFiles::for_sandbox(&f.layout, "cl-other");
+    let err = vmm.adopt(&other, pid).await.err().expect("another sandbox");
+    let socket = other.files.qmp_socket.clone();
+    assert_eq!(refusal(err), AdoptRefusal::OtherProcess { socket });
+    let firecracker = FirecrackerVmm::new("firecracker".into(), console_cap());
+    let err = firecracker
+        .adopt(&spec, pid)
+        .await
+        .err()
+        .expect("not Firecracker");
+    let socket = spec.files.firecracker_socket.clone();
+    assert_eq!(refusal(err), AdoptRefusal::OtherProcess { socket });
+    assert!(!ended(pid), "a refused adoption touched QEMU");
+
+    let mut vm = vmm.adopt(&spec, pid).await.unwrap();
+    assert_eq!(vm.pid(), pid);
+    assert_eq!(vm.serial_log(), spec.files.console_log);
+    assert!(
+        vm.vmm_version().starts_with("QEMU "),
+        "{}",
+        vm.vmm_version()
+    );
+    assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+    // The guest's output after the adoption continues the same log.
+    let seen = ticks(&std::fs::read_to_string(vm.serial_log()).unwrap()).len();
+    let all = wait_for_ticks(vm.serial_log(), seen + 2).await;
+    assert_eq!(all[0].0, 1, "the log was started again: {all:?}");
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "{all:?}");
+
+    let meta = vm.pause_to(&snap).await.unwrap();
+    assert!(ended(pid), "QEMU {pid} still runs after the pause");
+    assert_eq!(
+        vm.status().await.unwrap(),
+        VmStatus::Exited(VmmExit::Unobserved)
+    );
+    assert_eq!(meta.vmm_version, vm.vmm_version());
+    assert_eq!(meta.machine.accel.as_deref(), Some("tcg"));
+    let (paused_at, sums) = ticks(&std::fs::read_to_string(vm.serial_log()).unwrap())
+        .last()
+        .cloned()
+        .unwrap();
+    let vm = vmm.restore(&spec, &snap).await.unwrap();
+    let after = wait_for_ticks(vm.serial_log(), 1).await;
+    assert!(
+        after[0].0 > paused_at && after[0].0 <= paused_at + 2,
+        "paused at {paused_at}: {after:?}"
+    );
+    assert_eq!(after[0].1, sums);
+
+    // Killing an adopted VM ends the process and is seen as its exit.
+    let restored = vm.pid();
+    drop(vm);
+    let mut vm = vmm.adopt(&spec, restored).await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+    assert_eq!(vm.kill().await.unwrap(), VmmExit::Unobserved);
+    assert!(ended(restored), "QEMU {restored} still runs after the kill");
+    assert_eq!(
+        vm.status().await.unwrap(),
+        VmStatus::Exited(VmmExit::Unobserved)
+    );
+    assert!(!spec.files.qmp_socket.exists());
+    assert!(find_leftovers(&f.layout).is_empty());
 }

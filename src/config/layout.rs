@@ -91,6 +91,12 @@ impl Layout {
         self.sandbox_dir(sandbox_id).join("console.log.1")
     }
 
+    /// The named pipe the VMM writes the guest console to and the agent drains into
+    /// `console.log`; a named one, so that the next agent process can drain it again.
+    pub fn console_fifo(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("console.fifo")
+    }
+
     /// The VMM process's stdout and stderr (QEMU's diagnostics).
     pub fn vmm_log(&self, sandbox_id: &str) -> PathBuf {
         self.sandbox_dir(sandbox_id).join("vmm.log")
@@ -262,6 +268,7 @@ mod tests {
             assert_eq!(layout.sandbox_dir("sb-1"), root.join("sandboxes/sb-1"));
             for path in [
                 layout.console_log("sb-1"),
+                layout.console_fifo("sb-1"),
                 layout.vmm_log("sb-1"),
                 layout.firecracker_log("sb-1"),
                 layout.firecracker_socket("sb-1"),

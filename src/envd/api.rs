@@ -57,6 +57,11 @@ pub struct InitRequest {
     /// From now on every request must carry this in `X-Access-Token`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_token: Option<String>,
+    /// The host's wall clock, in milliseconds since the Unix epoch, when it sent the request.
+    /// envd sets the guest's clock to it; sent after a resume from a snapshot, when the guest's
+    /// clock still shows the time of the pause. Absent, the clock is left alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_clock_unix_ms: Option<i64>,
 }
 
 /// What to run and as whom.

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod client;
+mod clock;
 mod files;
 mod init;
 mod metrics;

@@ -28,6 +28,7 @@ use super::api::{
     PtySize, RunRequest, RunResponse, ServerMessage, SignalRequest, StartRequest, StartResponse,
     ACCESS_TOKEN_HEADER, FRAME_PTY, FRAME_STDERR, FRAME_STDOUT,
 };
+use super::clock::{ClockError, WallClock};
 use super::files::{FileError, FileUser};
 use super::metrics::MetricsSampler;
 use super::output::{LogItem, StreamKind};
@@ -82,6 +83,8 @@ pub enum ApiError {
     Process(#[from] ProcessError),
     #[error(transparent)]
     File(#[from] FileError),
+    #[error(transparent)]
+    Clock(#[from] ClockError),
     #[error("invalid request: {0}")]
     BadRequest(String),
     #[error("no route for this method and path")]
@@ -131,6 +134,10 @@ impl ApiError {
                 FileError::PermissionDenied(_) => forbidden,
                 FileError::NoSpace(_) => (S::INSUFFICIENT_STORAGE, ErrorCode::InsufficientStorage),
                 FileError::Io { .. } => internal,
+            },
+            Self::Clock(e) => match e {
+                ClockError::OutOfRange(_) => invalid,
+                ClockError::Read(_) | ClockError::Set { .. } => internal,
             },
             Self::BadRequest(_) => invalid,
             Self::NoRoute => not_found,
@@ -286,6 +293,14 @@ async fn init(
         return Err(ApiError::BadRequest(
             "`access_token` must not be empty".into(),
         ));
+    }
+    let wall_clock = request
+        .wall_clock_unix_ms
+        .map(WallClock::from_unix_ms)
+        .transpose()?;
+    // Only when asked: envd also runs as a plain process on hosts, whose clock is not its own.
+    if let Some(wall_clock) = wall_clock {
+        wall_clock.apply()?;
     }
     {
         let mut defaults = state.defaults.write().unwrap_or_else(|p| p.into_inner());

@@ -1,9 +1,13 @@
 //! The guest serial console on the host. The guest decides how much it writes, so the VMM does
-//! not write a file itself: its console goes into a pipe that the agent drains into
-//! `console.log`, which moves aside to `console.log.1` when it reaches half of the configured
-//! cap. The files never hold more than the cap and always hold the latest output, and neither a
-//! flood nor a slow disk can stall the guest: the pipe is read as fast as it fills, and what the
-//! disk cannot take in time is dropped (and said so in the log), never queued without bound.
+//! not write a file itself: its console goes into a named pipe (`console.fifo` in the sandbox
+//! directory) that the agent drains into `console.log`, which moves aside to `console.log.1`
+//! when it reaches half of the configured cap. The files never hold more than the cap and always
+//! hold the latest output, and neither a flood nor a slow disk can stall the guest: the pipe is
+//! read as fast as it fills, and what the disk cannot take in time is dropped (and said so in the
+//! log), never queued without bound. The pipe is a named one so that it outlives the agent
+//! process: while nobody reads it the VMM's console writes fail (EPIPE, SIGPIPE ignored) and the
+//! output is lost, and once the next agent process opens it ([`ConsoleDrain::attach`]) the same
+//! log continues.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -13,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::unistd::pipe2;
+use nix::sys::stat::Mode;
+use nix::unistd::mkfifo;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
@@ -87,28 +91,58 @@ impl Handoff {
 }
 
 impl ConsoleDrain {
-    /// Starts an empty console log for `files` and drains into it; returns the end of the pipe
-    /// the VMM writes its console to. It is non-blocking, so a VMM that outruns even the drain
-    /// loses output rather than stalling the vCPU that writes the serial port. The drain ends
-    /// by itself once every copy of that end is closed, i.e. when the VMM exits.
+    /// Starts an empty console log for `files` and a new console pipe, and drains one into the
+    /// other; returns the end of the pipe the VMM writes its console to. It is non-blocking, so
+    /// a VMM that outruns even the drain loses output rather than stalling the vCPU that writes
+    /// the serial port. The drain ends by itself once every copy of that end is closed, i.e.
+    /// when the VMM exits.
     pub(crate) fn start(
         files: &VmFiles,
         cap: ConsoleLogMaxBytes,
     ) -> Result<(Self, OwnedFd), VmmError> {
-        let failed = |source: io::Error| VmmError::File {
-            what: "failed to set up the console log",
-            path: files.console_log.clone(),
+        let log = CappedLog::create(&files.console_log, &files.previous_console_log, cap)
+            .map_err(log_failed(files))?;
+        let fifo = &files.console_fifo;
+        let fifo_failed = |source: io::Error| VmmError::File {
+            what: "failed to create the console pipe",
+            path: fifo.clone(),
             source,
         };
-        let log = CappedLog::create(&files.console_log, &files.previous_console_log, cap)
-            .map_err(failed)?;
-        // Close-on-exec: no other process the agent starts may hold either end, or this VM's
-        // console would never end (a writer) or never fail once the agent is gone (a reader).
-        let (read_end, write_end) =
-            pipe2(OFlag::O_CLOEXEC).map_err(|errno| failed(errno.into()))?;
-        fcntl(&write_end, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
-            .map_err(|errno| failed(errno.into()))?;
-        let receiver = pipe::Receiver::from_owned_fd(read_end).map_err(failed)?;
+        match fs::remove_file(fifo) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                return Err(fifo_failed(error))
+            }
+            _ => {}
+        }
+        mkfifo(fifo, Mode::S_IRUSR | Mode::S_IWUSR).map_err(|errno| fifo_failed(errno.into()))?;
+        let receiver = open_read_end(fifo).map_err(fifo_failed)?;
+        // Opened while a reader exists (without one a non-blocking open fails). Close-on-exec,
+        // as std opens every file: no other process the agent starts may hold it, or this VM's
+        // console would never end.
+        let write_end = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(fifo)
+            .map_err(fifo_failed)?;
+        let drain = Self::drain(log, receiver, files)?;
+        Ok((drain, write_end.into()))
+    }
+
+    /// Drains the console pipe of a VMM that is already running (started by an earlier agent
+    /// process) into its log, continuing the log where it stopped, within the same cap.
+    pub(crate) fn attach(files: &VmFiles, cap: ConsoleLogMaxBytes) -> Result<Self, VmmError> {
+        let log = CappedLog::append(&files.console_log, &files.previous_console_log, cap)
+            .map_err(log_failed(files))?;
+        let receiver = open_read_end(&files.console_fifo).map_err(|source| VmmError::File {
+            what: "failed to open the console pipe",
+            path: files.console_fifo.clone(),
+            source,
+        })?;
+        Self::drain(log, receiver, files)
+    }
+
+    /// Starts the reader task and the writer thread.
+    fn drain(log: CappedLog, receiver: pipe::Receiver, files: &VmFiles) -> Result<Self, VmmError> {
         let handoff = Arc::new(Handoff::default());
         let (done_tx, done_rx) = oneshot::channel();
         std::thread::Builder::new()
@@ -120,17 +154,16 @@ impl ConsoleDrain {
                     let _ = done_tx.send(());
                 }
             })
-            .map_err(failed)?;
+            .map_err(log_failed(files))?;
         let reader = tokio::spawn(read_pipe(
             receiver,
             CloseOnDrop(handoff),
             files.console_log.clone(),
         ));
-        let drain = Self {
+        Ok(Self {
             reader: Some(reader),
             writer_done: Some(done_rx),
-        };
-        Ok((drain, write_end))
+        })
     }
 
     /// Waits until everything the VMM wrote is in the log; call it once the VMM has exited.
@@ -158,6 +191,31 @@ impl ConsoleDrain {
             self.writer_done = None;
         }
     }
+}
+
+/// Stops reading the pipe: a dropped VM handle gives the console up (the writer thread writes
+/// out what it holds and ends), leaving it to [`ConsoleDrain::attach`]. Two drains reading one
+/// pipe would each get part of the output.
+impl Drop for ConsoleDrain {
+    fn drop(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            reader.abort();
+        }
+    }
+}
+
+fn log_failed(files: &VmFiles) -> impl Fn(io::Error) -> VmmError + '_ {
+    |source| VmmError::File {
+        what: "failed to set up the console log",
+        path: files.console_log.clone(),
+        source,
+    }
+}
+
+/// The read end of the console pipe, non-blocking and close-on-exec (no other process the
+/// agent starts may hold it, or the VMM's writes would not fail once the agent is gone).
+fn open_read_end(fifo: &Path) -> io::Result<pipe::Receiver> {
+    pipe::OpenOptions::new().open_receiver(fifo)
 }
 
 /// Tells the writer that no more output comes, however the reader ends (EOF, error, abort, or
@@ -273,6 +331,19 @@ impl CappedLog {
         })
     }
 
+    /// Continues the log an earlier drain of the same VM wrote.
+    fn append(current: &Path, previous: &Path, cap: ConsoleLogMaxBytes) -> io::Result<Self> {
+        let file = open_appending(current, false)?;
+        Ok(Self {
+            current: current.to_owned(),
+            previous: previous.to_owned(),
+            file_limit: cap.get() / 2,
+            len: file.metadata()?.len(),
+            file,
+            rotated: false,
+        })
+    }
+
     fn write(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             if self.len >= self.file_limit {
@@ -304,10 +375,17 @@ impl CappedLog {
 }
 
 fn create_empty(path: &Path) -> io::Result<File> {
+    open_appending(path, true)
+}
+
+/// Opened in append mode: a drain that is being replaced ([`ConsoleDrain::attach`]) may still
+/// write its last batch, which then lands after, not over, the new drain's output.
+fn open_appending(path: &Path, truncate: bool) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
         .write(true)
-        .truncate(true)
+        .truncate(truncate)
+        .custom_flags(libc::O_APPEND)
         .mode(0o600)
         .open(path)
 }
@@ -586,5 +664,61 @@ mod tests {
             }
         };
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_new_drain_attaches_to_the_pipe_of_a_running_vmm_and_continues_the_capped_log() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = files(tmp.path());
+        let drain = ConsoleDrain::start(&files, cap(8192));
+        let (drain, vmm_end) = drain.unwrap();
+        let mut vmm_end = File::from(vmm_end);
+        write_waiting(&mut vmm_end, b"before\n");
+        while kept(&files) != b"before\n" {
+            tokio::task::yield_now().await;
+        }
+        // The agent goes away: the VMM's writes fail, and what it writes meanwhile is lost.
+        drop(drain);
+        let err = loop {
+            match vmm_end.write_all(b"lost\n") {
+                Ok(()) => tokio::task::yield_now().await,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
+
+        let mut drain = ConsoleDrain::attach(&files, cap(8192)).unwrap();
+        // The pipe is read again as soon as `attach` returns.
+        write_waiting(&mut vmm_end, b"after\n");
+        // Past the cap: the continued log rotates as before.
+        let more = numbered_lines(0, 2000);
+        for piece in more.chunks(1000) {
+            write_waiting(&mut vmm_end, piece);
+        }
+        drop(vmm_end);
+        drain.finish().await;
+        let (current, previous) = sizes(&files);
+        assert!(current + previous <= 8192, "{current} + {previous}");
+        assert!(more.ends_with(&kept(&files)));
+        assert_eq!(console_tail(&files, 1), ["line 001999"]);
+    }
+
+    #[tokio::test]
+    async fn an_attached_drain_keeps_what_the_log_held() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = files(tmp.path());
+        let (drain, vmm_end) = ConsoleDrain::start(&files, cap(8192)).unwrap();
+        let mut vmm_end = File::from(vmm_end);
+        write_waiting(&mut vmm_end, b"before\n");
+        while kept(&files) != b"before\n" {
+            tokio::task::yield_now().await;
+        }
+        drop(drain);
+        let mut drain = ConsoleDrain::attach(&files, cap(8192)).unwrap();
+        // The pipe is read again as soon as `attach` returns.
+        write_waiting(&mut vmm_end, b"after\n");
+        drop(vmm_end);
+        drain.finish().await;
+        assert_eq!(String::from_utf8(kept(&files)).unwrap(), "before\nafter\n");
     }
 }

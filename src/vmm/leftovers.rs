@@ -30,10 +30,7 @@ pub fn find_leftovers(layout: &Layout) -> Vec<Leftover> {
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| {
             let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let (sandbox_id, kind) = cmdline
-                .split(|b| *b == 0)
-                .filter_map(|arg| std::str::from_utf8(arg).ok())
-                .find_map(|arg| control_socket_owner(layout, arg))?;
+            let (sandbox_id, kind) = control_socket_owner(layout, &command_line(&cmdline))?;
             Some(Leftover {
                 sandbox_id,
                 pid,
@@ -45,13 +42,35 @@ pub fn find_leftovers(layout: &Layout) -> Vec<Leftover> {
     found
 }
 
-/// The sandbox and VMM a command-line argument names as its control socket, if any.
-fn control_socket_owner(layout: &Layout, arg: &str) -> Option<(String, VmmKind)> {
-    let (path, kind) = match arg.strip_prefix("unix:") {
-        // QEMU's `-qmp unix:PATH,server=on,...`, where a comma in PATH is written twice.
-        Some(qmp) => (PathBuf::from(unescape_option(qmp)), VmmKind::Qemu),
-        None => (PathBuf::from(arg), VmmKind::Firecracker),
-    };
+/// The arguments in the contents of `/proc/<pid>/cmdline`.
+pub(crate) fn command_line(cmdline: &[u8]) -> Vec<String> {
+    cmdline
+        .split(|b| *b == 0)
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect()
+}
+
+/// The control socket a VMM's command line names, and which VMM it is: QEMU's
+/// `-qmp unix:PATH,server=on,...` (a comma in PATH written twice) or Firecracker's
+/// `--api-sock PATH`.
+fn control_socket(args: &[String]) -> Option<(PathBuf, VmmKind)> {
+    args.windows(2).find_map(|pair| match pair[0].as_str() {
+        "-qmp" => pair[1]
+            .strip_prefix("unix:")
+            .map(|qmp| (PathBuf::from(unescape_option(qmp)), VmmKind::Qemu)),
+        "--api-sock" => Some((PathBuf::from(&pair[1]), VmmKind::Firecracker)),
+        _ => None,
+    })
+}
+
+/// Whether `args` are those of a `kind` VMM whose control socket is `socket`.
+pub(crate) fn names_control_socket(args: &[String], kind: VmmKind, socket: &Path) -> bool {
+    control_socket(args).is_some_and(|(path, named)| named == kind && path == socket)
+}
+
+/// The sandbox and VMM whose control socket a command line names, if any.
+fn control_socket_owner(layout: &Layout, args: &[String]) -> Option<(String, VmmKind)> {
+    let (path, kind) = control_socket(args)?;
     let sandbox_id = path.parent()?.file_name()?.to_str()?.to_owned();
     let expected = match kind {
         VmmKind::Qemu => layout.qmp_socket(&sandbox_id),
@@ -116,12 +135,23 @@ fn alive(pid: u32) -> bool {
 mod tests {
     use super::*;
 
+    fn args(line: &[&str]) -> Vec<String> {
+        line.iter().map(|a| (*a).to_owned()).collect()
+    }
+
     #[test]
     fn control_sockets_map_back_to_their_sandbox() {
         let layout = Layout::new("/srv/w,x");
         let fc = layout.firecracker_socket("cl-a");
+        let fc_line = args(&[
+            "firecracker",
+            "--api-sock",
+            fc.to_str().unwrap(),
+            "--id",
+            "cl-a",
+        ]);
         assert_eq!(
-            control_socket_owner(&layout, fc.to_str().unwrap()),
+            control_socket_owner(&layout, &fc_line),
             Some(("cl-a".into(), VmmKind::Firecracker))
         );
         let qmp = format!(
@@ -132,18 +162,46 @@ mod tests {
                 .to_string()
                 .replace(',', ",,")
         );
+        let qemu_line = args(&["qemu-system-x86_64", "-name", "wrenn-cl-b", "-qmp", &qmp]);
         assert_eq!(
-            control_socket_owner(&layout, &qmp),
+            control_socket_owner(&layout, &qemu_line),
             Some(("cl-b".into(), VmmKind::Qemu))
         );
+        for other in [
+            args(&[
+                "firecracker",
+                "--api-sock",
+                "/srv/other/sandboxes/cl-a/firecracker.sock",
+            ]),
+            args(&[
+                "firecracker",
+                "--api-sock",
+                "/srv/w,x/sandboxes/cl-a/console.log",
+            ]),
+            args(&["firecracker", "--api-sock"]),
+            // Naming the socket is not enough: it must be the VMM's own control socket.
+            args(&["cat", fc.to_str().unwrap()]),
+            args(&["qemu-system-x86_64", "-chardev", &qmp]),
+        ] {
+            assert_eq!(control_socket_owner(&layout, &other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn a_command_line_names_one_vmm_and_socket() {
+        let layout = Layout::new("/srv");
+        let qmp = layout.qmp_socket("cl-a");
+        let line = args(&["qemu", "-qmp", &format!("unix:{},server=on", qmp.display())]);
+        assert!(names_control_socket(&line, VmmKind::Qemu, &qmp));
+        assert!(!names_control_socket(&line, VmmKind::Firecracker, &qmp));
+        assert!(!names_control_socket(
+            &line,
+            VmmKind::Qemu,
+            &layout.qmp_socket("cl-b")
+        ));
         assert_eq!(
-            control_socket_owner(&layout, "/srv/other/sandboxes/cl-a/firecracker.sock"),
-            None
+            command_line(b"qemu\0-qmp\0unix:/s,server=on\0"),
+            ["qemu", "-qmp", "unix:/s,server=on", ""]
         );
-        assert_eq!(
-            control_socket_owner(&layout, "/srv/w,x/sandboxes/cl-a/console.log"),
-            None
-        );
-        assert_eq!(control_socket_owner(&layout, "--api-sock"), None);
     }
 }

@@ -2,11 +2,13 @@
 //! [`VmSpec`], and its two backends, Firecracker (production, needs working KVM) and QEMU
 //! `microvm` (KVM or TCG, for hosts where Firecracker cannot run). Networking, disks and the
 //! guest agent are prepared by the layers above; this module only runs and stops the VMM
-//! process, and pauses it into a snapshot on disk ([`snapshot`]) or restores one.
+//! process, pauses it into a snapshot on disk ([`snapshot`]) or restores one, and takes over
+//! ([`Vmm::adopt`]) a VMM process an earlier agent process started.
 
 mod console;
 pub mod firecracker;
 mod leftovers;
+mod pidfd;
 mod process;
 pub mod qemu;
 pub mod snapshot;
@@ -143,6 +145,8 @@ pub struct VmFiles {
     pub dir: PathBuf,
     pub console_log: PathBuf,
     pub previous_console_log: PathBuf,
+    /// The named pipe the VMM writes its console to, so that a later agent process can read it.
+    pub console_fifo: PathBuf,
     pub vmm_log: PathBuf,
     pub firecracker_log: PathBuf,
     pub firecracker_socket: PathBuf,
@@ -156,6 +160,7 @@ impl VmFiles {
             dir: layout.sandbox_dir(id),
             console_log: layout.console_log(id),
             previous_console_log: layout.previous_console_log(id),
+            console_fifo: layout.console_fifo(id),
             vmm_log: layout.vmm_log(id),
             firecracker_log: layout.firecracker_log(id),
             firecracker_socket: layout.firecracker_socket(id),
@@ -172,9 +177,50 @@ pub enum VmStatus {
     Paused,
     NotStarted,
     /// The VMM process has exited.
-    Exited(ExitStatus),
+    Exited(VmmExit),
     /// A state this driver does not model, verbatim (e.g. QEMU's `guest-panicked`).
     Other(String),
+}
+
+/// How a VMM process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmExit {
+    /// Its exit status, reaped by this process, which started it.
+    Status(ExitStatus),
+    /// An adopted VMM ([`Vmm::adopt`]) ended. It is not this process's child: its parent
+    /// (init, or a subreaper) reaps it, and only a parent can read an exit status, so there is
+    /// none to report. A made-up status would read as a clean exit or a kill that nobody saw.
+    Unobserved,
+}
+
+impl VmmExit {
+    /// The exit status, when this process could read it.
+    pub fn status(self) -> Option<ExitStatus> {
+        match self {
+            Self::Status(status) => Some(status),
+            Self::Unobserved => None,
+        }
+    }
+}
+
+impl std::fmt::Display for VmmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Status(status) => status.fmt(f),
+            Self::Unobserved => f.write_str("exited, status unknown (an adopted process)"),
+        }
+    }
+}
+
+/// Why a process is not taken over as a sandbox's VMM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdoptRefusal {
+    #[error("no such process is running")]
+    Gone,
+    #[error("its command line does not name the control socket {socket}")]
+    OtherProcess { socket: PathBuf },
+    #[error("its command line lacks {0}")]
+    CommandLine(&'static str),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,7 +248,7 @@ pub enum VmmError {
     #[error("{bin} exited during start-up ({status}); its log {log} ends with: {tail}")]
     ExitedEarly {
         bin: PathBuf,
-        status: ExitStatus,
+        status: VmmExit,
         log: PathBuf,
         tail: String,
     },
@@ -216,6 +262,13 @@ pub enum VmmError {
     Version { bin: PathBuf, detail: String },
     #[error("waiting for VMM process {pid} failed: {source}")]
     Wait { pid: u32, source: std::io::Error },
+    #[error("process {pid} is not taken over as the {kind} VMM of sandbox {id}: {refusal}")]
+    NotAdoptable {
+        pid: u32,
+        id: String,
+        kind: VmmKind,
+        refusal: AdoptRefusal,
+    },
     #[error("the start-up task failed: {0}")]
     StartTask(String),
     #[error(transparent)]
@@ -301,10 +354,20 @@ pub trait Vmm: Send + Sync {
         spec: &VmSpec,
         snapshot: &SnapshotFiles,
     ) -> Result<Box<dyn Vm>, VmmError>;
+
+    /// Takes over VMM process `pid`, started for `spec` by an earlier agent process and still
+    /// running: after an agent restart, its VMs run on and are adopted rather than killed.
+    /// The process must be this backend's VMM for `spec` (its command line names `spec`'s
+    /// control socket): anything else, such as a reused pid or another sandbox's VMM, is
+    /// [`VmmError::NotAdoptable`] and is left alone, as is the process on any other failure.
+    /// The returned [`Vm`] does all that a started one does; its console is drained into the
+    /// same capped log again, and its exit is [`VmmExit::Unobserved`].
+    async fn adopt(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn Vm>, VmmError>;
 }
 
 /// One running VM, owned by the sandbox that started it. Dropping it leaves the VMM running
-/// (it lives in its own session); stop it with [`Vm::shutdown`] or [`Vm::kill`].
+/// (it lives in its own session) and stops draining its console, which then waits for
+/// [`Vmm::adopt`]; stop the VM with [`Vm::shutdown`] or [`Vm::kill`].
 #[async_trait]
 pub trait Vm: Send + Sync {
     fn pid(&self) -> u32;
@@ -323,13 +386,13 @@ pub trait Vm: Send + Sync {
     async fn status(&mut self) -> Result<VmStatus, VmmError>;
 
     /// Asks the guest to power off, waits up to `grace` for the VMM to exit, then kills it.
-    async fn shutdown(&mut self, grace: Duration) -> Result<ExitStatus, VmmError>;
+    async fn shutdown(&mut self, grace: Duration) -> Result<VmmExit, VmmError>;
 
-    /// Kills the VMM at once and reaps it.
-    async fn kill(&mut self) -> Result<ExitStatus, VmmError>;
+    /// Kills the VMM at once and waits until it has ended.
+    async fn kill(&mut self) -> Result<VmmExit, VmmError>;
 
     /// Waits for the VMM process to exit on its own.
-    async fn wait_exit(&mut self) -> Result<ExitStatus, VmmError>;
+    async fn wait_exit(&mut self) -> Result<VmmExit, VmmError>;
 
     /// Stops the vCPUs, writes the whole VM state (guest memory, device and CPU state; the
     /// writable disks are flushed where they are) into `snapshot`, durably (files and directory

@@ -1,7 +1,8 @@
 //! The VMM process itself, shared by both backends: spawned in its own session and, when asked,
 //! inside the sandbox's network namespace; its stdout is the guest console, drained into a capped
 //! log, and its stderr goes to a file in the sandbox directory; it is waited for, killed and
-//! reaped here.
+//! reaped here. A VMM an earlier agent process started is adopted here too: the same handle,
+//! watching a process that is not its child.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -9,7 +10,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nix::sched::CloneFlags;
@@ -19,7 +20,9 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use super::console::ConsoleDrain;
-use super::{VmFiles, VmmError};
+use super::leftovers::{command_line, names_control_socket};
+use super::pidfd::PidFd;
+use super::{AdoptRefusal, VmFiles, VmSpec, VmmError, VmmExit, VmmKind};
 use crate::config::ConsoleLogMaxBytes;
 
 /// How long a freshly spawned VMM may take to open its control socket.
@@ -32,12 +35,22 @@ const MAX_SOCKET_PATH: usize = 107;
 #[derive(Debug)]
 pub(crate) struct VmmProcess {
     bin: PathBuf,
-    child: Child,
+    handle: Handle,
     pid: u32,
-    exit: Option<ExitStatus>,
+    exit: Option<VmmExit>,
     /// Where the VMM says why it failed: its stderr, then any log of its own.
     diagnostics: Vec<PathBuf>,
     console: ConsoleDrain,
+}
+
+/// How the end of the process is observed.
+#[derive(Debug)]
+enum Handle {
+    /// Spawned by this process: waited for and reaped here, with its exit status.
+    Child(Child),
+    /// Started by an earlier agent process: not a child, so its end is seen on a pidfd and
+    /// its parent (init) reaps it.
+    Adopted(PidFd),
 }
 
 /// The first line `bin --version` prints, provided it starts with `expected` (how each VMM
@@ -178,12 +191,67 @@ pub(crate) fn spawn(
     tracing::debug!(bin = %bin.display(), pid, "VMM process started");
     Ok(VmmProcess {
         bin: bin.to_path_buf(),
-        child,
+        handle: Handle::Child(child),
         pid,
         exit: None,
         diagnostics: vec![files.vmm_log.clone()],
         console,
     })
+}
+
+/// Takes over `pid` as the `kind` VMM of `spec`, provided its command line names `socket` as
+/// its control socket, and drains its console again; returns it with that command line. The
+/// process is checked through a pidfd opened first, so a pid reused after the check cannot be
+/// taken for it.
+pub(crate) fn adopt(
+    bin: &Path,
+    pid: u32,
+    kind: VmmKind,
+    spec: &VmSpec,
+    socket: &Path,
+    console_cap: ConsoleLogMaxBytes,
+) -> Result<(VmmProcess, Vec<String>), VmmError> {
+    let refused = |refusal| VmmError::NotAdoptable {
+        pid,
+        id: spec.id.clone(),
+        kind,
+        refusal,
+    };
+    let wait_failed = |source| VmmError::Wait { pid, source };
+    let pidfd = match PidFd::open(pid) {
+        Ok(pidfd) => pidfd,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Err(refused(AdoptRefusal::Gone)),
+        Err(e) => return Err(wait_failed(e)),
+    };
+    let cmdline = match fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            return Err(refused(AdoptRefusal::Gone))
+        }
+        Err(e) => return Err(wait_failed(e)),
+    };
+    // A process that ended has an empty command line; one running after the read is the
+    // pidfd's, so the command line read was its own.
+    if pidfd.ended().map_err(wait_failed)? {
+        return Err(refused(AdoptRefusal::Gone));
+    }
+    let args = command_line(&cmdline);
+    if !names_control_socket(&args, kind, socket) {
+        return Err(refused(AdoptRefusal::OtherProcess {
+            socket: socket.to_path_buf(),
+        }));
+    }
+    let console = ConsoleDrain::attach(&spec.files, console_cap)?;
+    tracing::debug!(bin = %bin.display(), pid, "VMM process adopted");
+    let process = VmmProcess {
+        bin: bin.to_path_buf(),
+        handle: Handle::Adopted(pidfd),
+        pid,
+        exit: None,
+        diagnostics: vec![spec.files.vmm_log.clone()],
+        console,
+    };
+    Ok((process, args))
 }
 
 impl VmmProcess {
@@ -220,7 +288,7 @@ impl VmmProcess {
 
     /// The error for a process that died while being set up, quoting the end of the last of
     /// its logs that has anything in it.
-    pub(crate) fn exited_early(&self, status: ExitStatus) -> VmmError {
+    pub(crate) fn exited_early(&self, status: VmmExit) -> VmmError {
         let (log, tail) = self
             .diagnostics
             .iter()
@@ -235,11 +303,17 @@ impl VmmProcess {
         }
     }
 
-    /// The exit status, without waiting, once the process has exited; its console output is
-    /// then all in the log.
-    pub(crate) async fn try_exit(&mut self) -> Result<Option<ExitStatus>, VmmError> {
+    /// The exit, without waiting, once the process has exited; its console output is then all
+    /// in the log.
+    pub(crate) async fn try_exit(&mut self) -> Result<Option<VmmExit>, VmmError> {
         if self.exit.is_none() {
-            self.exit = self.child.try_wait().map_err(|source| VmmError::Wait {
+            self.exit = match &mut self.handle {
+                Handle::Child(child) => child.try_wait().map(|s| s.map(VmmExit::Status)),
+                Handle::Adopted(pidfd) => pidfd
+                    .ended()
+                    .map(|ended| ended.then_some(VmmExit::Unobserved)),
+            }
+            .map_err(|source| VmmError::Wait {
                 pid: self.pid,
                 source,
             })?;
@@ -251,41 +325,49 @@ impl VmmProcess {
     }
 
     /// Waits for the process to exit and for its console output to reach the log.
-    pub(crate) async fn wait(&mut self) -> Result<ExitStatus, VmmError> {
-        let status = match self.exit {
-            Some(status) => status,
+    pub(crate) async fn wait(&mut self) -> Result<VmmExit, VmmError> {
+        let exit = match self.exit {
+            Some(exit) => exit,
             None => {
-                let status = self.child.wait().await.map_err(|source| VmmError::Wait {
+                let exit = match &mut self.handle {
+                    Handle::Child(child) => child.wait().await.map(VmmExit::Status),
+                    Handle::Adopted(pidfd) => pidfd.wait().await.map(|()| VmmExit::Unobserved),
+                }
+                .map_err(|source| VmmError::Wait {
                     pid: self.pid,
                     source,
                 })?;
-                self.exit = Some(status);
-                status
+                self.exit = Some(exit);
+                exit
             }
         };
         self.console.finish().await;
-        Ok(status)
+        Ok(exit)
     }
 
     /// Waits up to `limit`; `None` when the process is still running.
-    pub(crate) async fn wait_for(
-        &mut self,
-        limit: Duration,
-    ) -> Result<Option<ExitStatus>, VmmError> {
+    pub(crate) async fn wait_for(&mut self, limit: Duration) -> Result<Option<VmmExit>, VmmError> {
         match tokio::time::timeout(limit, self.wait()).await {
-            Ok(status) => status.map(Some),
+            Ok(exit) => exit.map(Some),
             Err(_) => Ok(None),
         }
     }
 
-    pub(crate) async fn kill(&mut self) -> Result<ExitStatus, VmmError> {
-        if let Some(status) = self.try_exit().await? {
-            return Ok(status);
+    pub(crate) async fn kill(&mut self) -> Result<VmmExit, VmmError> {
+        if let Some(exit) = self.try_exit().await? {
+            return Ok(exit);
         }
-        // The pid cannot have been reused: the child is not reaped until `wait` below.
-        let pid = Pid::from_raw(i32::try_from(self.pid).expect("pids fit in i32"));
-        if let Err(errno) = signal::kill(pid, Signal::SIGKILL) {
-            tracing::warn!(pid = self.pid, %errno, "SIGKILL to VMM failed");
+        let sent = match &self.handle {
+            // The pid cannot have been reused: the child is not reaped until `wait` below.
+            Handle::Child(_) => {
+                let pid = Pid::from_raw(i32::try_from(self.pid).expect("pids fit in i32"));
+                signal::kill(pid, Signal::SIGKILL).map_err(io::Error::from)
+            }
+            // Through the pidfd, which names this process and never a later one with its pid.
+            Handle::Adopted(pidfd) => pidfd.signal(Signal::SIGKILL),
+        };
+        if let Err(error) = sent {
+            tracing::warn!(pid = self.pid, %error, "SIGKILL to VMM failed");
         }
         self.wait().await
     }

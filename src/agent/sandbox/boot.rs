@@ -263,6 +263,7 @@ impl SandboxManager {
                 default_user: req.user.clone(),
                 default_workdir: None,
                 access_token: Some(access_token.clone()),
+                wall_clock_unix_ms: None,
             };
             envd.init(&init)
                 .await

@@ -27,6 +27,11 @@ pub enum FirecrackerApiError {
         path: String,
         source: hyper::Error,
     },
+    #[error("could not connect to the Firecracker API socket {socket}: {source}")]
+    Connect {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
     #[error("Firecracker API handshake on {socket} failed: {source}")]
     Handshake {
         socket: PathBuf,

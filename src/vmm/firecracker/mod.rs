@@ -7,7 +7,6 @@ pub mod api;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,7 +20,8 @@ use api::{
 use super::process::{self, VmmProcess};
 use super::snapshot::{self, Machine, SnapshotReader, SnapshotWriter};
 use super::{
-    AfterFailedPause, SnapshotFiles, SnapshotMeta, Vm, VmSpec, VmStatus, Vmm, VmmError, VmmKind,
+    AfterFailedPause, SnapshotFiles, SnapshotMeta, Vm, VmSpec, VmStatus, Vmm, VmmError, VmmExit,
+    VmmKind,
 };
 use crate::config::{ConsoleLogMaxBytes, Layout};
 
@@ -261,6 +261,50 @@ impl Vmm for FirecrackerVmm {
             .map_err(|e| VmmError::StartTask(e.to_string()))??;
         Ok(Box::new(vm))
     }
+
+    async fn adopt(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn Vm>, VmmError> {
+        spec.check()?;
+        let files = &spec.files;
+        let api_socket = files.firecracker_socket.clone();
+        let (process, _) = process::adopt(
+            &self.bin,
+            pid,
+            VmmKind::Firecracker,
+            spec,
+            &api_socket,
+            self.console_cap,
+        )?;
+        let process = process.with_diagnostics_log(files.firecracker_log.clone());
+        let stream = tokio::net::UnixStream::connect(&api_socket)
+            .await
+            .map_err(|source| FirecrackerApiError::Connect {
+                socket: api_socket.clone(),
+                source,
+            })?;
+        let mut client = ApiClient::handshake(stream, &api_socket).await?;
+        let version: FirecrackerVersion = client.get(&api::get_version()).await?;
+        let vmm_version = version.firecracker_version;
+        // The snapshot format is the running binary's. The installed one answers for it unless
+        // it was upgraded since; then the binary the process runs (still readable through
+        // /proc, even when replaced on disk) is asked.
+        let installed = self.version().await?;
+        let asked = if installed.trim_start_matches("Firecracker v") == vmm_version {
+            self.bin.clone()
+        } else {
+            PathBuf::from(format!("/proc/{pid}/exe"))
+        };
+        let snapshot_version = snapshot_format_version(&asked).await?;
+        tracing::info!(id = %spec.id, pid, %vmm_version, "Firecracker VM adopted");
+        Ok(Box::new(FirecrackerVm {
+            process,
+            client,
+            vmm_version,
+            snapshot_version,
+            machine: Machine::of(spec, None),
+            console_log: files.console_log.clone(),
+            sockets: vec![api_socket, files.vsock_socket.clone()],
+        }))
+    }
 }
 
 impl FirecrackerVmm {
@@ -430,7 +474,7 @@ impl Vm for FirecrackerVm {
         })
     }
 
-    async fn shutdown(&mut self, grace: Duration) -> Result<ExitStatus, VmmError> {
+    async fn shutdown(&mut self, grace: Duration) -> Result<VmmExit, VmmError> {
         if self.process.try_exit().await?.is_none() {
             let ctrl_alt_del = InstanceAction {
                 action_type: ActionType::SendCtrlAltDel,
@@ -452,13 +496,13 @@ impl Vm for FirecrackerVm {
         self.kill().await
     }
 
-    async fn kill(&mut self) -> Result<ExitStatus, VmmError> {
+    async fn kill(&mut self) -> Result<VmmExit, VmmError> {
         let status = self.process.kill().await?;
         self.remove_sockets();
         Ok(status)
     }
 
-    async fn wait_exit(&mut self) -> Result<ExitStatus, VmmError> {
+    async fn wait_exit(&mut self) -> Result<VmmExit, VmmError> {
         let status = self.process.wait().await?;
         self.remove_sockets();
         Ok(status)

@@ -35,6 +35,16 @@ impl Accel {
             Self::Tcg => "tcg",
         }
     }
+
+    /// The accelerator a QEMU command line from [`super::command_line`] runs under.
+    pub fn of_command_line(args: &[String]) -> Option<Self> {
+        let value = args
+            .windows(2)
+            .find_map(|pair| (pair[0] == "-accel").then_some(pair[1].as_str()))?;
+        [Self::Kvm, Self::Tcg]
+            .into_iter()
+            .find(|accel| accel.as_str() == value)
+    }
 }
 
 /// The accelerator in use and why.

@@ -8,11 +8,11 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use tokio::net::UnixStream;
 use tokio::sync::OnceCell;
 
 pub use accel::{Accel, AccelDecision, PROBE_DEADLINE};
@@ -22,14 +22,15 @@ pub use qmp::QmpError;
 use super::process::{self, VmmProcess};
 use super::snapshot::{self, Machine, SnapshotReader, SnapshotWriter};
 use super::{
-    AfterFailedPause, SnapshotFiles, SnapshotMeta, Vm, VmSpec, VmStatus, Vmm, VmmError, VmmKind,
+    AdoptRefusal, AfterFailedPause, SnapshotFiles, SnapshotMeta, Vm, VmSpec, VmStatus, Vmm,
+    VmmError, VmmExit, VmmKind,
 };
 use crate::config::{ConsoleLogMaxBytes, QemuAccel};
 
 const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=on";
 const VHOST_VSOCK: &str = "/dev/vhost-vsock";
-/// The serial console goes to QEMU's stdout, the pipe the agent drains into the capped console
-/// log; QEMU opens it anew, so the file backend works unchanged on the pipe.
+/// The serial console goes to QEMU's stdout, the named pipe the agent drains into the capped
+/// console log; QEMU opens it anew, so the file backend works unchanged on the pipe.
 const CONSOLE_PATH: &str = "/proc/self/fd/1";
 /// How long `quit` may take before the process is killed.
 const QUIT_GRACE: Duration = Duration::from_secs(2);
@@ -189,6 +190,46 @@ impl Vmm for QemuVmm {
             .await
             .map_err(|e| VmmError::StartTask(e.to_string()))??;
         Ok(Box::new(vm))
+    }
+
+    async fn adopt(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn Vm>, VmmError> {
+        spec.check()?;
+        let files = &spec.files;
+        let (process, cmdline) = process::adopt(
+            &self.bin,
+            pid,
+            VmmKind::Qemu,
+            spec,
+            &files.qmp_socket,
+            self.console_cap,
+        )?;
+        // The accelerator the guest runs under, which a later snapshot records, is the one it
+        // was started with: this agent's own decision may differ.
+        let accel = Accel::of_command_line(&cmdline).ok_or_else(|| VmmError::NotAdoptable {
+            pid,
+            id: spec.id.clone(),
+            kind: VmmKind::Qemu,
+            refusal: AdoptRefusal::CommandLine("`-accel kvm` or `-accel tcg`"),
+        })?;
+        // The previous agent's monitor connection died with it, so QEMU takes a new client.
+        let stream = UnixStream::connect(&files.qmp_socket)
+            .await
+            .map_err(|source| QmpError::Io {
+                path: files.qmp_socket.clone(),
+                source,
+            })?;
+        let mut qmp = QmpClient::handshake(stream, &files.qmp_socket).await?;
+        let vmm_version = qmp.query_version().await?.describe();
+        tracing::info!(id = %spec.id, pid, accel = accel.as_str(), %vmm_version, "QEMU VM adopted");
+        Ok(Box::new(QemuVm {
+            process,
+            qmp,
+            vmm_version,
+            accel,
+            machine: Machine::of(spec, Some(accel.as_str())),
+            console_log: files.console_log.clone(),
+            qmp_socket: files.qmp_socket.clone(),
+        }))
     }
 }
 
@@ -461,7 +502,7 @@ impl QemuVm {
         }
     }
 
-    fn exited(&mut self, status: ExitStatus) -> ExitStatus {
+    fn exited(&mut self, status: VmmExit) -> VmmExit {
         let _ = process::remove_if_present(&self.qmp_socket);
         status
     }
@@ -505,7 +546,7 @@ impl Vm for QemuVm {
         })
     }
 
-    async fn shutdown(&mut self, grace: Duration) -> Result<ExitStatus, VmmError> {
+    async fn shutdown(&mut self, grace: Duration) -> Result<VmmExit, VmmError> {
         if let Some(status) = self.process.try_exit().await? {
             return Ok(self.exited(status));
         }
@@ -532,12 +573,12 @@ impl Vm for QemuVm {
         self.kill().await
     }
 
-    async fn kill(&mut self) -> Result<ExitStatus, VmmError> {
+    async fn kill(&mut self) -> Result<VmmExit, VmmError> {
         let status = self.process.kill().await?;
         Ok(self.exited(status))
     }
 
-    async fn wait_exit(&mut self) -> Result<ExitStatus, VmmError> {
+    async fn wait_exit(&mut self) -> Result<VmmExit, VmmError> {
         let status = self.process.wait().await?;
         Ok(self.exited(status))
     }
@@ -648,6 +689,21 @@ mod tests {
             "QEMU 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"
         );
         assert_eq!(qmp_style_version("QEMU 9.0.0"), "QEMU 9.0.0");
+    }
+
+    #[test]
+    fn the_accelerator_is_read_back_from_the_command_line() {
+        for accel in [Accel::Kvm, Accel::Tcg] {
+            let line: Vec<String> = command_line(&spec(), accel, true)
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(Accel::of_command_line(&line), Some(accel));
+        }
+        let line = vec!["qemu-system-x86_64".to_owned(), "-accel".to_owned()];
+        assert_eq!(Accel::of_command_line(&line), None);
+        let line = vec!["-accel".to_owned(), "hvf".to_owned()];
+        assert_eq!(Accel::of_command_line(&line), None);
     }
 
     #[test]

@@ -135,7 +135,18 @@ impl QmpClient {
             reader: BufReader::new(read),
             writer,
         };
-        let greeting = client.read_message("greeting").await?;
+        // QEMU serves one monitor client at a time: while another holds the monitor (an agent
+        // process that is still alive), the greeting never comes.
+        let greeting =
+            match tokio::time::timeout(COMMAND_TIMEOUT, client.read_message("greeting")).await {
+                Ok(message) => message?,
+                Err(_) => {
+                    return Err(QmpError::Timeout {
+                        path: client.path.clone(),
+                        command: "greeting".into(),
+                    })
+                }
+            };
         if !matches!(greeting, Message::Greeting { .. }) {
             return Err(client.protocol("greeting", "the first message is not a QMP greeting"));
         }
