@@ -142,7 +142,8 @@ dev: build build-static
     token=$(curl -sf "$api/v1/hosts" -H "authorization: Bearer $jwt" -H 'content-type: application/json' \
       -d '{"type":"regular"}' | json "['registration_token']")
     rm -rf "$dev/root/host-token" "$dev/root/sandboxes"
-    AGENT_FILES_ROOTDIR=$dev/root AGENT_CP_URL=$api AGENT_LISTEN_ADDR=127.0.0.1:$agent_port \
+    # The dev stack owns its sandboxes: stopping it removes them.
+    AGENT_FILES_ROOTDIR=$dev/root AGENT_CP_URL=$api AGENT_LISTEN_ADDR=127.0.0.1:$agent_port AGENT_DESTROY_SANDBOXES_ON_STOP=true \
       AGENT_VMM=$vmm "$bin" agent --register "$token" --address "127.0.0.1:$agent_port" \
       2>"$dev/agent.log" & pids+=($!)
     for _ in $(seq 600); do

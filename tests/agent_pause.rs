@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use support::agent::{sid, stack, wait_clean, Agent, VM_TURNS};
+use support::agent::{sid, stack_with_env, wait_clean, Agent, VM_TURNS};
 use wrenn::config::Layout;
 use wrenn::envd::api::{AttachRequest, ProcessSpec, PtySize, StartRequest};
 use wrenn::envd::client::ProcessEvent;
@@ -217,11 +217,29 @@ fn holds_nothing_but_files(agent: &Agent, id: &str) {
     );
 }
 
+/// Agents whose graceful stop leaves their sandboxes running, as in production.
+const KEEP_SANDBOXES: &[(&str, &str)] = &[("AGENT_DESTROY_SANDBOXES_ON_STOP", "false")];
+
+/// The pid of the VMM process running sandbox `id`, if any.
+fn vmm_pid(agent: &Agent, id: &str) -> Option<u32> {
+    find_leftovers(&Layout::new(agent.root.path()))
+        .into_iter()
+        .find(|l| l.sandbox_id == id)
+        .map(|l| l.pid)
+}
+
+fn status_of(agent: &Agent, id: &str) -> Value {
+    let (status, info) = agent.call(Method::GET, &format!("/v1/sandboxes/{id}"), None);
+    assert_eq!(status, StatusCode::OK, "{info}");
+    info["status"].clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn no_write_is_lost_across_pause_and_resume_cycles() {
+async fn no_write_is_lost_across_pause_resume_cycles_and_agent_restarts() {
     let _turn = VM_TURNS.acquire().await.unwrap();
-    let (cp, agent, _, _) = stack().await;
+    let (cp, agent, _, _) = stack_with_env(KEEP_SANDBOXES).await;
     let agent = tokio::task::spawn_blocking(move || {
+        let mut agent = agent;
         let id = sid("gate");
         let (status, body) = agent.create(&id);
         assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -245,6 +263,36 @@ async fn no_write_is_lost_across_pause_and_resume_cycles() {
         let cycles = gate_cycles() as usize;
         assert_eq!(agent.log_lines(&["sandbox paused", &id]).len(), cycles);
         assert_eq!(agent.log_lines(&["sandbox resumed", &id]).len(), cycles);
+
+        // The agent is killed while the sandbox runs: the next one adopts the same VMM.
+        let running_vmm = vmm_pid(&agent, &id).expect("a running sandbox has a VMM");
+        agent.kill_hard();
+        agent.restart(None);
+        assert_eq!(status_of(&agent, &id), "running");
+        assert_eq!(
+            vmm_pid(&agent, &id),
+            Some(running_vmm),
+            "the VMM was adopted"
+        );
+        gate.check(&agent, 100);
+        // A graceful stop leaves it running too; a paused one survives a SIGKILL as well.
+        agent.restart(None);
+        assert_eq!(
+            vmm_pid(&agent, &id),
+            Some(running_vmm),
+            "the VMM was adopted"
+        );
+        gate.check(&agent, 101);
+        pause(&agent, &id);
+        agent.kill_hard();
+        agent.restart(None);
+        assert_eq!(status_of(&agent, &id), "paused");
+        holds_nothing_but_files(&agent, &id);
+        gate.check(&agent, 102);
+        // The adopted VM pauses and resumes like any other.
+        pause(&agent, &id);
+        resume(&agent, &id);
+        gate.check(&agent, 103);
         let (status, _) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None);
         assert_eq!(status, StatusCode::NO_CONTENT);
         let layout = Layout::new(agent.root.path());
@@ -259,10 +307,11 @@ async fn no_write_is_lost_across_pause_and_resume_cycles() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn pause_and_resume_are_idempotent_and_a_paused_sandbox_can_be_destroyed() {
+async fn pause_and_resume_are_idempotent_and_only_a_sandbox_that_lost_its_vm_is_lost() {
     let _turn = VM_TURNS.acquire().await.unwrap();
-    let (cp, agent, _, _) = stack().await;
+    let (cp, agent, _, _) = stack_with_env(KEEP_SANDBOXES).await;
     let agent = tokio::task::spawn_blocking(move || {
+        let mut agent = agent;
         let id = sid("idempotent");
         let (status, body) = agent.create(&id);
         assert_eq!(status, StatusCode::CREATED, "{body}");
@@ -280,7 +329,16 @@ async fn pause_and_resume_are_idempotent_and_a_paused_sandbox_can_be_destroyed()
         }
         assert_eq!(agent.log_lines(&["sandbox paused", &id]).len(), 1);
         holds_nothing_but_files(&agent, &id);
+        // The guest's clock stood still while it was paused; the resume sets it again.
+        std::thread::sleep(Duration::from_secs(4));
         resume(&agent, &id);
+        let out = agent.run(&id, "date", &["+%s"]);
+        let guest: i64 = out["stdout"].as_str().unwrap().trim().parse().unwrap();
+        let host = chrono::Utc::now().timestamp();
+        assert!(
+            (host - guest).abs() <= 2,
+            "guest clock {guest}, host {host}"
+        );
         resume(&agent, &id);
         assert_eq!(agent.log_lines(&["sandbox resumed", &id]).len(), 1);
         let out = agent.run(&id, "echo", &["back"]);
@@ -306,6 +364,41 @@ async fn pause_and_resume_are_idempotent_and_a_paused_sandbox_can_be_destroyed()
             "the snapshot is removed"
         );
         assert!(!layout.sandbox_dir(&id).exists(), "the disk is removed");
+
+        // A sandbox whose VM dies while no agent runs (as in a host reboot) is lost, and the
+        // next agent says why; a paused one is not.
+        let doomed = sid("doomed");
+        let (status, body) = agent.create(&doomed);
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (status, body) = agent.create(&id);
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        pause(&agent, &id);
+        let pid = vmm_pid(&agent, &doomed).unwrap();
+        agent.kill_hard();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        agent.restart(None);
+        let (status, _) = agent.call(Method::GET, &format!("/v1/sandboxes/{doomed}"), None);
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (_, list) = agent.call(Method::GET, "/v1/sandboxes", None);
+        let lost = list["lost"].as_array().unwrap();
+        assert_eq!(lost.len(), 1, "{list}");
+        assert_eq!(lost[0]["sandbox_id"], doomed.as_str());
+        assert!(
+            lost[0]["reason"]
+                .as_str()
+                .unwrap()
+                .contains("stopped while no agent ran"),
+            "{list}"
+        );
+        assert!(!layout.sandbox_dir(&doomed).exists());
+        assert_eq!(status_of(&agent, &id), "paused");
+        resume(&agent, &id);
+        let (status, _) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(status, StatusCode::NO_CONTENT);
         wait_clean(&agent);
         agent
     })

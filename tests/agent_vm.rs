@@ -226,14 +226,18 @@ async fn a_failure_after_each_create_step_rolls_back_everything() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_killed_agent_cleans_up_on_restart_and_the_control_plane_hears_it() {
+async fn a_create_a_killed_agent_left_unrecorded_is_removed_by_the_next_one() {
     let _turn = VM_TURNS.acquire().await.unwrap();
     let (cp, agent, host_id, admin) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
         let mut agent = agent;
-        let (status, body) = agent.create(&sid("e2e-orphan"));
+        let id = sid("e2e-orphan");
+        let (status, body) = agent.create(&id);
         assert_eq!(status, StatusCode::CREATED, "{body}");
         agent.kill_hard();
+        // As if the agent died before it recorded the sandbox: nobody was promised anything.
+        let layout = Layout::new(agent.root.path());
+        std::fs::remove_file(layout.sandbox_record(&id)).unwrap();
         // The VM outlives the agent that started it...
         assert!(!agent.traces().is_empty());
         // ...until the next agent removes it before it serves anything.
@@ -369,7 +373,7 @@ fn console_within_cap(files: &VmFiles) -> (u64, u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_sandbox_flooding_its_console_stays_within_the_cap_even_after_the_agent_is_killed() {
+async fn a_sandbox_flooding_its_console_stays_within_the_cap_even_across_an_agent_restart() {
     let _turn = VM_TURNS.acquire().await.unwrap();
     let cap = CONSOLE_CAP.to_string();
     let (cp, agent, _, _) = stack_with_env(&[("AGENT_CONSOLE_LOG_MAX_BYTES", &cap)]).await;
@@ -442,10 +446,22 @@ async fn a_sandbox_flooding_its_console_stays_within_the_cap_even_after_the_agen
             "nothing writes the log now"
         );
 
-        // The next agent removes it all before serving.
+        // The next agent adopts it and drains its console again, within the cap.
         agent.restart(None);
-        let (_, list) = agent.call(Method::GET, "/v1/sandboxes", None);
-        assert_eq!(list["sandboxes"], json!([]), "{list}");
+        let (_, info) = agent.call(Method::GET, &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(info["status"], "running", "{info}");
+        let started = Instant::now();
+        while console_within_cap(&files) == sizes {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the adopted console is not drained"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        console_within_cap(&files);
+        let (status, _) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(status, StatusCode::NO_CONTENT);
         wait_clean(&agent);
         agent
     })

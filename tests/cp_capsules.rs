@@ -1393,6 +1393,40 @@ async fn pause_and_resume_through_the_api_keep_the_guest_and_refuse_the_wrong_st
     let (status, body) = stack.cp.call(POST, &resume, &key, None).await;
     assert_error(status, &body, StatusCode::CONFLICT, "invalid_state");
 
+    // A host disk too full for the snapshot: 507, and the capsule runs on untouched.
+    let snapshots = agent.root.path().join("snapshots");
+    let mount = |args: &[&str]| {
+        let status = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{args:?}");
+    };
+    mount(&[
+        "mount",
+        "-t",
+        "tmpfs",
+        "-o",
+        "size=1m",
+        "wrenn-test-full",
+        snapshots.to_str().unwrap(),
+    ]);
+    let (status, body) = stack.cp.call(POST, &pause, &key, None).await;
+    mount(&["umount", snapshots.to_str().unwrap()]);
+    assert_error(
+        status,
+        &body,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "insufficient_storage",
+    );
+    assert_eq!(stack.status_of(&key, &id).await, "running");
+    let (status, out) = stack.exec(&key, &id, "cat /tmp/note").await;
+    assert_eq!(
+        (status, &out["stdout"]),
+        (StatusCode::OK, &json!("kept\n")),
+        "{out}"
+    );
+
     // Two pauses at once: exactly one wins, the other is told the capsule is busy or paused.
     let (first, second) = tokio::join!(
         stack.cp.call(POST, &pause, &key, None),

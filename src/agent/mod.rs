@@ -85,7 +85,7 @@ pub async fn run(
         envd_ready_timeout: Duration::from_secs(config.agent.envd_ready_timeout_secs.max(1)),
     };
     let sandboxes = Arc::new(SandboxManager::new(layout.clone(), vmm, network, limits));
-    sandboxes.cleanup_leftovers().await?;
+    sandboxes.recover().await?;
 
     let addr = config.agent.listen_addr.0;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -113,11 +113,25 @@ pub async fn run(
         registration::heartbeat_loop(cp, creds, layout.host_token_file(), interval, stop.clone())
             .await
             .map_err(AgentError::from);
-    // Whatever ended the heartbeat (a signal, or the host being deleted) ends the agent; its
-    // sandboxes do not outlive it.
+    // Whatever ended the heartbeat (a signal, or the host being deleted) ends the agent. Its
+    // sandboxes run on for the next agent process to adopt, unless the host is gone or the
+    // operator asked otherwise.
     stop.cancel();
     let _ = reaper.await;
-    sandboxes.destroy_all().await;
+    let host_deleted = matches!(
+        outcome,
+        Err(AgentError::Registration(
+            RegistrationError::HostDeleted { .. }
+        ))
+    );
+    if host_deleted || config.agent.destroy_sandboxes_on_stop {
+        sandboxes.destroy_all().await;
+    } else {
+        tracing::info!(
+            sandboxes = sandboxes.list().len(),
+            "leaving the sandboxes running for the next agent process"
+        );
+    }
     match server.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(AgentError::Serve(e)),

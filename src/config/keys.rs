@@ -99,6 +99,7 @@ pub const KEYS: &[Key] = &[
     key("agent.cp_url", "AGENT_CP_URL", None, "Control-plane base URL the agent registers and heartbeats with, e.g. http://cp:8000."),
     key("agent.network_name_prefix", "AGENT_NETWORK_NAME_PREFIX", Some("wrenn"), "Names this agent's sandbox namespaces and host links (`<prefix>-<slot>`) and its nft table; lowercase letters and digits. Give each agent on one machine its own prefix and address ranges."),
     scalar("agent.envd_ready_timeout_secs", "AGENT_ENVD_READY_TIMEOUT_SECS", "60", "Seconds a new sandbox's envd has to answer before the create is rolled back."),
+    scalar("agent.destroy_sandboxes_on_stop", "AGENT_DESTROY_SANDBOXES_ON_STOP", "false", "Whether a graceful stop destroys this host's sandboxes. By default they run on and the next agent process adopts them (an upgrade or restart costs them nothing); a deleted host always destroys its sandboxes."),
     scalar("agent.heartbeat_interval_secs", "AGENT_HEARTBEAT_INTERVAL_SECS", "30", "Seconds between the agent's heartbeats to the control plane."),
     key("agent.sandbox_host_range", "AGENT_SANDBOX_HOST_RANGE", Some("10.11.0.0/16"), "Per-sandbox host-routable addresses (one per network slot) through which the agent reaches envd and guest ports."),
     key("agent.sandbox_transit_range", "AGENT_SANDBOX_TRANSIT_RANGE", Some("10.12.0.0/16"), "Addresses of the veth /31 pairs between the host and each sandbox namespace (two per slot)."),

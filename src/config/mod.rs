@@ -75,6 +75,7 @@ pub struct AgentConfig {
     pub cp_url: Option<HttpUrl>,
     pub heartbeat_interval_secs: u64,
     pub envd_ready_timeout_secs: u64,
+    pub destroy_sandboxes_on_stop: bool,
     pub network_name_prefix: String,
     pub sandbox_host_range: Ipv4Cidr,
     pub sandbox_transit_range: Ipv4Cidr,
@@ -159,6 +160,9 @@ impl Default for Config {
                 envd_ready_timeout_secs: default("agent.envd_ready_timeout_secs")
                     .parse()
                     .expect("default is a number"),
+                destroy_sandboxes_on_stop: default("agent.destroy_sandboxes_on_stop")
+                    .parse()
+                    .expect("default is a boolean"),
                 heartbeat_interval_secs: default("agent.heartbeat_interval_secs")
                     .parse()
                     .expect("default is a number"),

@@ -35,6 +35,7 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.cp_url" => c.agent.cp_url.as_ref()?.to_string(),
             "agent.network_name_prefix" => c.agent.network_name_prefix.clone(),
             "agent.envd_ready_timeout_secs" => c.agent.envd_ready_timeout_secs.to_string(),
+            "agent.destroy_sandboxes_on_stop" => c.agent.destroy_sandboxes_on_stop.to_string(),
             "agent.heartbeat_interval_secs" => c.agent.heartbeat_interval_secs.to_string(),
             "agent.sandbox_host_range" => c.agent.sandbox_host_range.to_string(),
             "agent.sandbox_transit_range" => c.agent.sandbox_transit_range.to_string(),

@@ -82,6 +82,8 @@ impl Agent {
             .env("AGENT_SANDBOX_HOST_RANGE", self.host_range())
             .env("AGENT_SANDBOX_TRANSIT_RANGE", self.transit_range())
             .env("AGENT_ENVD_READY_TIMEOUT_SECS", "180")
+            // A test's VMs end with its agent unless the test is about outliving it.
+            .env("AGENT_DESTROY_SANDBOXES_ON_STOP", "true")
             .env("LOG_LEVEL", "wrenn=info")
             // Plain text, so tests can search the log file.
             .env("NO_COLOR", "1")
@@ -356,6 +358,14 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.stop();
+        // An agent that keeps its sandboxes on stop leaves their VMs running; a test that
+        // failed before destroying them must not leave them behind.
+        for leftover in wrenn::vmm::find_leftovers(&wrenn::config::Layout::new(self.root.path())) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(leftover.pid as i32),
+                Signal::SIGKILL,
+            );
+        }
         // The log goes to a file so tests can read it; a failing test shows it.
         if std::thread::panicking() {
             let log = self.log();

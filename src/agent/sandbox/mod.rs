@@ -2,10 +2,10 @@
 //! `phase` (the transition table every phase change goes through), `boot` (create, step by step
 //! with rollback), `pause` (pause to disk and resume), `teardown` (destroy, exactly once however
 //! many callers ask), `reaper` (the idle reaper, which pauses), `record` (each sandbox's state on
-//! disk) and `leftovers` (clean-up of what a crashed agent left behind).
+//! disk) and `adopt` (taking over the sandboxes of an earlier agent process).
 
+mod adopt;
 mod boot;
-mod leftovers;
 mod pause;
 mod phase;
 mod reaper;
@@ -26,8 +26,10 @@ use crate::agent::network::{NetworkError, NetworkManager, SandboxNetwork};
 use crate::agent::wire::{CreateSandbox, LostSandbox, SandboxInfo, SandboxPhase};
 use crate::config::Layout;
 use crate::envd::client::EnvdClient;
+use crate::id::SandboxId;
 use crate::vmm::{Vm, Vmm};
 
+pub use adopt::Recovery;
 pub use boot::CreateStep;
 pub use phase::IllegalTransition;
 
@@ -182,21 +184,33 @@ impl Drop for ActivityLease {
 
 impl Sandbox {
     fn new(request: CreateSandbox) -> Self {
+        Self::in_phase(request, Utc::now(), SandboxPhase::Starting)
+    }
+
+    fn in_phase(request: CreateSandbox, created_at: DateTime<Utc>, phase: SandboxPhase) -> Self {
         Self {
             request,
-            created_at: Utc::now(),
+            created_at,
             last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
             open_sessions: AtomicUsize::new(0),
             lifecycle: Mutex::new(Lifecycle {
-                phase: SandboxPhase::Starting,
+                phase,
                 runtime: None,
-                changed: watch::Sender::new(SandboxPhase::Starting),
+                changed: watch::Sender::new(phase),
             }),
             gone: watch::Sender::new(None),
             guest_addr: Mutex::new(None),
             metadata: Mutex::new(BTreeMap::new()),
             access_token: Mutex::new(String::new()),
         }
+    }
+
+    /// A sandbox an earlier agent process recorded, taken over in `phase`.
+    fn recovered(record: record::SandboxRecord, phase: SandboxPhase) -> Self {
+        let sandbox = Self::in_phase(record.request, record.created_at, phase);
+        *sandbox.metadata.lock().expect("metadata lock") = record.metadata;
+        *sandbox.access_token.lock().expect("token lock") = record.access_token;
+        sandbox
     }
 
     /// Waits until the sandbox leaves `phase` (an operation in progress finished), up to
@@ -342,13 +356,14 @@ impl SandboxManager {
             .collect()
     }
 
-    fn remember_lost(&self, sandbox: &Sandbox, reason: &str) {
+    /// Remembers that sandbox `id` was lost, and why, for the control plane.
+    fn remember(&self, sandbox_id: SandboxId, reason: &str) {
         let mut lost = self.lost.lock().expect("lost lock");
         if lost.len() == LOST_KEPT {
             lost.pop_front();
         }
         lost.push_back(LostSandbox {
-            sandbox_id: sandbox.request.sandbox_id,
+            sandbox_id,
             reason: reason.to_owned(),
             lost_at: Utc::now(),
         });

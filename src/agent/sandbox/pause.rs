@@ -236,8 +236,10 @@ impl SandboxManager {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             let token = hex::encode(rand::random::<[u8; 32]>());
+            // The guest's wall clock stood still while it was paused.
             let init = InitRequest {
                 access_token: Some(token.clone()),
+                wall_clock_unix_ms: Some(chrono::Utc::now().timestamp_millis()),
                 ..InitRequest::default()
             };
             envd.init(&init)
@@ -300,7 +302,7 @@ impl SandboxManager {
             let _ = lifecycle.transition(&id, SandboxPhase::Stopping);
             runtime.or_else(|| lifecycle.runtime.take())
         };
-        self.remember_lost(sandbox, &reason);
+        self.remember(sandbox.request.sandbox_id, &reason);
         let _ = self.teardown(sandbox, runtime).await;
         SandboxError::Lost { id, reason }
     }
