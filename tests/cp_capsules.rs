@@ -1375,7 +1375,7 @@ async fn the_idle_timeout_spares_open_work_and_pauses_an_idle_capsule_which_a_ca
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pause_and_resume_through_the_api_keep_the_guest_and_refuse_the_wrong_state() {
     let stack = Stack::start().await;
-    let agent = stack.host().await;
+    let mut agent = stack.host().await;
     let key = stack.api_key(&stack.admin).await;
     let id = stack.created(&key).await;
     let pause = format!("/v1/capsules/{id}/pause");
@@ -1489,13 +1489,28 @@ async fn pause_and_resume_through_the_api_keep_the_guest_and_refuse_the_wrong_st
         .await;
     assert_eq!(status, StatusCode::OK, "{listing}");
     assert_eq!(stack.status_of(&key, &id).await, "running");
-    let (status, _) = stack.cp.call(POST, &pause, &key, None).await;
-    assert_eq!(status, StatusCode::OK);
-    let (status, _) = stack
-        .cp
-        .call(DELETE, &format!("/v1/capsules/{id}"), &key, None)
-        .await;
-    assert_eq!(status, StatusCode::NO_CONTENT);
+    // A pause and a destroy at once: one wins, the other is 409; then it is destroyed.
+    let destroy = format!("/v1/capsules/{id}");
+    let (paused, destroyed) = tokio::join!(
+        stack.cp.call(POST, &pause, &key, None),
+        stack.cp.call(DELETE, &destroy, &key, None)
+    );
+    match (paused.0, destroyed.0) {
+        (StatusCode::OK, StatusCode::CONFLICT) => {
+            assert_error(
+                destroyed.0,
+                &destroyed.1,
+                StatusCode::CONFLICT,
+                "invalid_state",
+            );
+            let (status, _) = stack.cp.call(DELETE, &destroy, &key, None).await;
+            assert_eq!(status, StatusCode::NO_CONTENT);
+        }
+        (StatusCode::CONFLICT, StatusCode::NO_CONTENT) => {
+            assert_error(paused.0, &paused.1, StatusCode::CONFLICT, "invalid_state");
+        }
+        other => panic!("pause {paused:?}, destroy {destroyed:?}: {other:?}"),
+    }
     assert_eq!(stack.status_of(&key, &id).await, "stopped");
     assert!(agent.sandbox_ids().is_empty());
     let (status, body) = stack.cp.call(POST, &resume, &key, None).await;
