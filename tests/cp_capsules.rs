@@ -1599,9 +1599,14 @@ async fn reconciler_tracks_unreachable_forgotten_and_orphaned_sandboxes() {
     // In agreement: nothing changes.
     let report = reconciler::reconcile_once(&stack.cp.state).await.unwrap();
     assert_eq!(report, Default::default());
+    let (status, body) = stack
+        .cp
+        .call(POST, &format!("/v1/capsules/{first}/pause"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 
     // The agent stops answering (its VMs keep running) and the monitor has marked its host
-    // unreachable: both capsules are missing, and per-capsule calls say so.
+    // unreachable: both capsules, the paused one too, are missing, and calls say so.
     agent.signal(Signal::SIGSTOP);
     stack.set_hosts("unreachable").await;
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
@@ -1613,15 +1618,28 @@ async fn reconciler_tracks_unreachable_forgotten_and_orphaned_sandboxes() {
         .await;
     assert_error(status, &body, StatusCode::CONFLICT, "invalid_state");
 
-    // Back, having lost the second one meanwhile (as its idle reaper would): the first is
-    // running again, the second stopped.
+    let (status, body) = stack.exec(&key, &first, "echo back").await;
+    assert_error(status, &body, StatusCode::CONFLICT, "invalid_state");
+
+    // Back, having lost the second one meanwhile: the first is paused again (and a call
+    // resumes it), the second stopped, saying why.
     agent.signal(Signal::SIGCONT);
     let (status, body) = agent.call(DELETE, &format!("/v1/sandboxes/{second}"), None);
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     stack.set_hosts("online").await;
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
-    assert_eq!(stack.status_of(&key, &first).await, "running");
+    assert_eq!(stack.status_of(&key, &first).await, "paused");
     assert_eq!(stack.status_of(&key, &second).await, "stopped");
+    let (_, stopped) = stack
+        .cp
+        .call(GET, &format!("/v1/capsules/{second}"), &key, None)
+        .await;
+    assert!(
+        stopped["metadata"]["status_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no longer has it")),
+        "{stopped}"
+    );
     let (status, out) = stack.exec(&key, &first, "echo back").await;
     assert_eq!((status, &out["stdout"]), (StatusCode::OK, &json!("back\n")));
 
