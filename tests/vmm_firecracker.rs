@@ -16,9 +16,9 @@ use wrenn::config::{Config, ConsoleLogMaxBytes, Layout};
 use wrenn::vmm::firecracker::api::{self, ActionType, Endpoint, InstanceAction};
 use wrenn::vmm::firecracker::{boot_sequence, pause_sequence, restore_sequence};
 use wrenn::vmm::{
-    console_tail, AdoptRefusal, AfterFailedPause, Drive, FirecrackerApiError, FirecrackerVmm,
-    NetAttachment, SnapshotError, SnapshotFiles, VmFiles, VmSpec, VmStatus, Vmm, VmmError, VmmExit,
-    VmmKind,
+    console_tail, find_leftovers, AdoptRefusal, AfterFailedPause, Drive, FirecrackerApiError,
+    FirecrackerVmm, Leftover, NetAttachment, SnapshotError, SnapshotFiles, VmFiles, VmSpec,
+    VmStatus, Vmm, VmmError, VmmExit, VmmKind,
 };
 
 fn full_spec(layout: &Layout, id: &str) -> VmSpec {
@@ -985,10 +985,24 @@ fn ended(pid: u32) -> bool {
     }
 }
 
+/// Kills the fakes left running for a layout's sandboxes when dropped: a test that hands VMs
+/// over by dropping their handles would otherwise leave them running if it fails.
+struct KillLeftovers<'a>(&'a Layout);
+
+impl Drop for KillLeftovers<'_> {
+    fn drop(&mut self) {
+        for leftover in find_leftovers(self.0) {
+            let pid = nix::unistd::Pid::from_raw(leftover.pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_adopted_fake_pauses_to_disk_restores_and_is_killed_with_valid_requests() {
     let fake = FakeFirecracker::new(&[("FAKE_FC_ECHO_REQUESTS", "1")]);
     let (_tmp, layout) = roomy_layout();
+    let _cleanup = KillLeftovers(&layout);
     let spec = full_spec(&layout, "cl-adopt");
     std::fs::create_dir_all(&spec.files.dir).unwrap();
     std::fs::write(&spec.drives[1].path, b"disk").unwrap();
@@ -996,9 +1010,15 @@ async fn an_adopted_fake_pauses_to_disk_restores_and_is_killed_with_valid_reques
     let vmm = fake.vmm();
     let vm = vmm.start(&spec).await.unwrap();
     let pid = vm.pid();
-    // As when the agent process dies: the handle goes, the process runs on.
+    // As when the agent process dies: the handle goes, the process runs on, and the next
+    // agent process finds it by its command line.
     drop(vm);
-    assert!(!ended(pid));
+    let leftover = Leftover {
+        sandbox_id: "cl-adopt".into(),
+        pid,
+        kind: VmmKind::Firecracker,
+    };
+    assert_eq!(find_leftovers(&layout), [leftover]);
 
     // Only this sandbox's Firecracker is taken over; refusals leave it running.
     let refused = |err: VmmError, socket: &Path| {

@@ -834,6 +834,20 @@ fn ended(pid: u32) -> bool {
     }
 }
 
+/// Kills the VMMs left running for a layout's sandboxes when dropped: a test that hands VMs over
+/// by dropping their handles would otherwise leave them running if it fails, holding the VM-test
+/// lock they inherited from `flock`.
+struct KillLeftovers<'a>(&'a Layout);
+
+impl Drop for KillLeftovers<'_> {
+    fn drop(&mut self) {
+        for leftover in find_leftovers(self.0) {
+            let pid = nix::unistd::Pid::from_raw(leftover.pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 fn refusal(err: VmmError) -> AdoptRefusal {
     match err {
         VmmError::NotAdoptable { refusal, .. } => refusal,
@@ -844,6 +858,7 @@ fn refusal(err: VmmError) -> AdoptRefusal {
 #[tokio::test]
 async fn an_adopted_vm_drains_its_console_pauses_restores_and_is_killed() {
     let f = fixture();
+    let _cleanup = KillLeftovers(&f.layout);
     let vmm = tcg();
     let spec = ticking_guest(&f, "cl-adopt");
     let roomy = tempfile::tempdir_in("/dev/shm").unwrap();
@@ -905,7 +920,8 @@ async fn an_adopted_vm_drains_its_console_pauses_restores_and_is_killed() {
     );
     assert_eq!(meta.vmm_version, vm.vmm_version());
     assert_eq!(meta.machine.accel.as_deref(), Some("tcg"));
-    let (paused_at, sums) = ticks(&std::fs::read_to_string(vm.serial_log()).unwrap())
+    // The pause may cut the last line short: its counter is read, not its checksums.
+    let (paused_at, _) = ticks(&std::fs::read_to_string(vm.serial_log()).unwrap())
         .last()
         .cloned()
         .unwrap();
@@ -915,7 +931,7 @@ async fn an_adopted_vm_drains_its_console_pauses_restores_and_is_killed() {
         after[0].0 > paused_at && after[0].0 <= paused_at + 2,
         "paused at {paused_at}: {after:?}"
     );
-    assert_eq!(after[0].1, sums);
+    assert_eq!(after[0].1, all[0].1, "the guest's blob changed");
 
     // Killing an adopted VM ends the process and is seen as its exit.
     let restored = vm.pid();
