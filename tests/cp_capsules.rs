@@ -1427,6 +1427,29 @@ async fn pause_and_resume_through_the_api_keep_the_guest_and_refuse_the_wrong_st
         "{out}"
     );
 
+    // A pause that fails after the state was written (the agent, restarted with a fail point,
+    // adopted the VM): 502, the capsule runs on and nothing is left to resume from.
+    agent.kill_hard();
+    agent.restart(Some("vmm-pause-after-save"));
+    let (status, body) = stack.cp.call(POST, &pause, &key, None).await;
+    assert_error(status, &body, StatusCode::BAD_GATEWAY, "agent_error");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("still running"),
+        "{body}"
+    );
+    assert_eq!(stack.status_of(&key, &id).await, "running");
+    let (status, out) = stack.exec(&key, &id, "cat /tmp/note").await;
+    assert_eq!(
+        (status, &out["stdout"]),
+        (StatusCode::OK, &json!("kept\n")),
+        "{out}"
+    );
+    agent.kill_hard();
+    agent.restart(None);
+
     // Two pauses at once: exactly one wins, the other is told the capsule is busy or paused.
     let (first, second) = tokio::join!(
         stack.cp.call(POST, &pause, &key, None),

@@ -1161,8 +1161,9 @@ async fn real_firecracker_boots_a_guest() {
     assert!(console.contains("WRENN-FC-MARKER"), "{console}");
 }
 
-/// Pauses a real guest with a counter to disk and restores it in a new Firecracker; set
-/// `WRENN_TEST_FIRECRACKER=1` on a host with working KVM.
+/// Pauses a real guest with a counter to disk, restores it in a new Firecracker and adopts
+/// that process after dropping its handle; set `WRENN_TEST_FIRECRACKER=1` on a host with
+/// working KVM.
 #[tokio::test]
 async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
     if std::env::var("WRENN_TEST_FIRECRACKER").as_deref() != Ok("1") {
@@ -1221,11 +1222,26 @@ async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
         snap.allocated_bytes() / 1024
     );
     let paused_at = *ticks(&spec.files).last().unwrap();
-    let mut vm = vmm.restore(&spec, &snap).await.unwrap();
+    let vm = vmm.restore(&spec, &snap).await.unwrap();
     let after = wait_ticks(spec.files.clone()).await;
     assert!(
         after[0] > paused_at && after[0] <= paused_at + 2,
         "paused at {paused_at}, resumed with {after:?}"
     );
+    // The restored VM's handle is dropped, as by an agent that died, and the VM is adopted:
+    // its console is drained again and it can be killed.
+    let pid = vm.pid();
+    drop(vm);
+    let before = ticks(&spec.files).last().copied().unwrap_or(0);
+    let mut vm = vmm.adopt(&spec, pid).await.unwrap();
+    let started = std::time::Instant::now();
+    while ticks(&spec.files).last().copied().unwrap_or(0) <= before {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no ticks after the adoption"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     vm.kill().await.unwrap();
+    assert!(gone(pid));
 }

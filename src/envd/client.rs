@@ -4,6 +4,7 @@
 //! proxy (`/v1/sandboxes/{id}/envd/`) with the agent secret, over its own connection pool.
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{SplitSink, SplitStream};
@@ -119,6 +120,9 @@ fn parse_base(base: &str) -> Result<(String, String)> {
     }
 }
 
+/// How long a direct client waits for envd to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl EnvdClient {
     /// A client with its own connection pool; `base` is `http://host:port` (a trailing slash is
     /// fine).
@@ -126,6 +130,9 @@ impl EnvdClient {
         let (authority, base_path) = parse_base(base)?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        // A guest that does not accept (its network is down, a SYN was lost on the way) must
+        // cost the caller a retry, not the kernel's two-minute SYN back-off.
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let http = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Self {
             authority,

@@ -16,6 +16,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::pause::ENVD_ATTEMPT;
 use super::record::{RecordedState, SandboxRecord};
 use super::{Runtime, Sandbox, SandboxError, SandboxManager};
 use crate::agent::wire::SandboxPhase;
@@ -151,7 +152,12 @@ impl SandboxManager {
                     .map_err(|e| e.to_string())?
                     .with_token(record.access_token.clone());
                 let deadline = Instant::now() + ADOPTED_ENVD_WAIT;
-                while let Err(error) = envd.health().await {
+                loop {
+                    let error = match tokio::time::timeout(ENVD_ATTEMPT, envd.health()).await {
+                        Ok(Ok(_)) => break,
+                        Ok(Err(error)) => error.to_string(),
+                        Err(_) => format!("no answer within {ENVD_ATTEMPT:?}"),
+                    };
                     if Instant::now() > deadline {
                         let mut vm = vm;
                         if let Err(kill) = vm.kill().await {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::pause::ENVD_ATTEMPT;
 use super::record::RecordedState;
 use super::{Runtime, Sandbox, SandboxError, SandboxManager};
 use crate::agent::disk;
@@ -306,7 +307,7 @@ impl SandboxManager {
         let id = sandbox.id();
         let deadline = Instant::now() + self.limits.envd_ready_timeout;
         loop {
-            if let Ok(health) = envd.health().await {
+            if let Ok(Ok(health)) = tokio::time::timeout(ENVD_ATTEMPT, envd.health()).await {
                 sandbox
                     .metadata
                     .lock()

@@ -22,6 +22,8 @@ use crate::vmm::{AfterFailedPause, SnapshotFiles, VmmError};
 /// How long envd in a restored guest may take to answer: it was running when the guest was
 /// paused, so anything longer means the guest is not coming back.
 const RESUMED_ENVD_WAIT: Duration = Duration::from_secs(20);
+/// One readiness probe: a probe that hangs (a lost packet) is retried on a new connection.
+pub(super) const ENVD_ATTEMPT: Duration = Duration::from_secs(2);
 
 /// What a failed restore left: whether the snapshot can still be loaded.
 struct RestoreFailure {
@@ -226,7 +228,12 @@ impl SandboxManager {
                 .map_err(|e| e.to_string())?
                 .with_token(sandbox.access_token());
             let deadline = Instant::now() + RESUMED_ENVD_WAIT;
-            while let Err(error) = envd.health().await {
+            loop {
+                let error = match tokio::time::timeout(ENVD_ATTEMPT, envd.health()).await {
+                    Ok(Ok(_)) => break,
+                    Ok(Err(error)) => error.to_string(),
+                    Err(_) => format!("no answer within {ENVD_ATTEMPT:?}"),
+                };
                 if Instant::now() > deadline {
                     return Err(format!(
                         "envd did not answer within {RESUMED_ENVD_WAIT:?} of the restore: {error}; console: {}",
@@ -242,9 +249,15 @@ impl SandboxManager {
                 wall_clock_unix_ms: Some(chrono::Utc::now().timestamp_millis()),
                 ..InitRequest::default()
             };
-            envd.init(&init)
-                .await
-                .map_err(|e| format!("re-initialising envd: {e}"))?;
+            match tokio::time::timeout(RESUMED_ENVD_WAIT, envd.init(&init)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Err(format!("re-initialising envd: {error}")),
+                Err(_) => {
+                    return Err(format!(
+                        "re-initialising envd: no answer within {RESUMED_ENVD_WAIT:?}"
+                    ))
+                }
+            }
             *sandbox.access_token.lock().expect("token lock") = token.clone();
             Ok(envd.with_token(token))
         }
