@@ -17,7 +17,7 @@ use super::{Runtime, Sandbox, SandboxError, SandboxManager};
 use crate::agent::wire::{SandboxInfo, SandboxPhase};
 use crate::envd::api::InitRequest;
 use crate::envd::client::EnvdClient;
-use crate::vmm::{AfterFailedPause, SnapshotFiles, VmmError};
+use crate::vmm::{AfterFailedPause, SnapshotFiles, VmStatus, VmmError};
 
 /// How long envd in a restored guest may take to answer: it was running when the guest was
 /// paused, so anything longer means the guest is not coming back.
@@ -222,56 +222,70 @@ impl SandboxManager {
                 return Err(intact(format!("restoring the VM: {error}")));
             }
         };
-        let brought_back: Result<EnvdClient, String> = async {
-            let address = format!("http://{}", network.envd_addr());
-            let envd = EnvdClient::new(&address)
-                .map_err(|e| e.to_string())?
-                .with_token(sandbox.access_token());
-            let deadline = Instant::now() + RESUMED_ENVD_WAIT;
-            loop {
-                let error = match tokio::time::timeout(ENVD_ATTEMPT, envd.health()).await {
-                    Ok(Ok(_)) => break,
-                    Ok(Err(error)) => error.to_string(),
-                    Err(_) => format!("no answer within {ENVD_ATTEMPT:?}"),
-                };
-                if Instant::now() > deadline {
-                    return Err(format!(
-                        "envd did not answer within {RESUMED_ENVD_WAIT:?} of the restore: {error}; console: {}",
-                        self.console_tail(&id)
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            let token = hex::encode(rand::random::<[u8; 32]>());
-            // The guest's wall clock stood still while it was paused.
-            let init = InitRequest {
-                access_token: Some(token.clone()),
-                wall_clock_unix_ms: Some(chrono::Utc::now().timestamp_millis()),
-                ..InitRequest::default()
-            };
-            match tokio::time::timeout(RESUMED_ENVD_WAIT, envd.init(&init)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => return Err(format!("re-initialising envd: {error}")),
-                Err(_) => {
-                    return Err(format!(
-                        "re-initialising envd: no answer within {RESUMED_ENVD_WAIT:?}"
-                    ))
-                }
-            }
-            *sandbox.access_token.lock().expect("token lock") = token.clone();
-            Ok(envd.with_token(token))
-        }
-        .await;
-        match brought_back {
-            Ok(envd) => Ok(Runtime { network, vm, envd }),
-            Err(reason) => {
-                // The guest ran, so the snapshot is retired: this sandbox cannot come back.
-                if let Err(error) = vm.kill().await {
-                    tracing::error!(sandbox = %id, %error, "could not kill a restored VM that failed");
-                }
+        let address = format!("http://{}", network.envd_addr());
+        let envd = match EnvdClient::new(&address) {
+            Ok(envd) => envd.with_token(sandbox.access_token()),
+            Err(error) => {
                 undo_network().await;
-                Err(intact(reason))
+                let _ = vm.kill().await;
+                return Err(intact(error.to_string()));
             }
+        };
+        if let Err(reason) = self.wait_resumed_envd(&id, &envd).await {
+            // The guest runs, and its snapshot is retired: killing it would lose the sandbox
+            // for good. It is kept with the token it had; its next call tells whether it
+            // recovered.
+            if matches!(vm.status().await, Ok(VmStatus::Running)) {
+                tracing::warn!(sandbox = %id, %reason, "resumed, but envd does not answer yet; keeping the running VM");
+                return Ok(Runtime { network, vm, envd });
+            }
+            undo_network().await;
+            let _ = vm.kill().await;
+            return Err(intact(reason));
+        }
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        // The guest's wall clock stood still while it was paused.
+        let init = InitRequest {
+            access_token: Some(token.clone()),
+            wall_clock_unix_ms: Some(chrono::Utc::now().timestamp_millis()),
+            ..InitRequest::default()
+        };
+        let reason = match tokio::time::timeout(RESUMED_ENVD_WAIT, envd.init(&init)).await {
+            Ok(Ok(())) => {
+                *sandbox.access_token.lock().expect("token lock") = token.clone();
+                return Ok(Runtime {
+                    network,
+                    vm,
+                    envd: envd.with_token(token),
+                });
+            }
+            Ok(Err(error)) => format!("re-initialising envd: {error}"),
+            Err(_) => format!("re-initialising envd: no answer within {RESUMED_ENVD_WAIT:?}"),
+        };
+        // Whether envd took the new token is unknown, so no call could be trusted to reach it.
+        if let Err(error) = vm.kill().await {
+            tracing::error!(sandbox = %id, %error, "could not kill a restored VM that failed");
+        }
+        undo_network().await;
+        Err(intact(reason))
+    }
+
+    /// Waits for envd in a restored guest, retrying probes that hang.
+    async fn wait_resumed_envd(&self, id: &str, envd: &EnvdClient) -> Result<(), String> {
+        let deadline = Instant::now() + RESUMED_ENVD_WAIT;
+        loop {
+            let error = match tokio::time::timeout(ENVD_ATTEMPT, envd.health()).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("no answer within {ENVD_ATTEMPT:?}"),
+            };
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "envd did not answer within {RESUMED_ENVD_WAIT:?} of the restore: {error}; console: {}",
+                    self.console_tail(id)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
