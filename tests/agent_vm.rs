@@ -502,3 +502,38 @@ async fn a_sandbox_reusing_a_freed_slot_answers_its_first_call() {
     drop(agent);
     cp.stop().await;
 }
+
+/// A guest that cuts its own network (`ip link set eth0 down`) can no longer be asked to shut
+/// down; its destroy still ends quickly, leaving nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guest_without_network_is_destroyed_quickly() {
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let (cp, agent, _, _) = stack().await;
+    let agent = tokio::task::spawn_blocking(move || {
+        let id = sid("e2e-offline");
+        let (status, body) = agent.create(&id);
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (status, body) = agent.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/envd/processes"),
+            Some(json!({"process": {"cmd": "sh", "args": ["-c", "sleep 1; /sbin/ip link set eth0 down"],
+                                    "user": "root"}})),
+        );
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        std::thread::sleep(Duration::from_secs(3));
+        let started = Instant::now();
+        let (status, body) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the destroy took {:?}",
+            started.elapsed()
+        );
+        wait_clean(&agent);
+        agent
+    })
+    .await
+    .unwrap();
+    drop(agent);
+    cp.stop().await;
+}

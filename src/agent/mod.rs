@@ -118,6 +118,9 @@ pub async fn run(
     // operator asked otherwise.
     stop.cancel();
     let _ = reaper.await;
+    // No pause or resume starts from here; those in progress run to their end, so no VM is
+    // left frozen half way.
+    sandboxes.finish_operations().await;
     let host_deleted = matches!(
         outcome,
         Err(AgentError::Registration(

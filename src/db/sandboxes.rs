@@ -93,14 +93,21 @@ impl SandboxStatus {
                     | S::Missing
                     | S::Failed
             ),
-            // A refused pause leaves the VM running; a refused resume leaves it paused.
-            S::Pausing => matches!(to, S::Paused | S::Running | S::Failed | S::Stopped),
+            // A refused pause leaves the VM running; a refused resume leaves it paused. Missing:
+            // the host stopped answering during the operation, whose outcome is then unknown.
+            S::Pausing => matches!(
+                to,
+                S::Paused | S::Running | S::Failed | S::Stopped | S::Missing
+            ),
             // Missing: its host stopped answering; the files are still there.
             S::Paused => matches!(
                 to,
                 S::Resuming | S::Running | S::Stopping | S::Stopped | S::Missing
             ),
-            S::Resuming => matches!(to, S::Running | S::Paused | S::Failed | S::Stopped),
+            S::Resuming => matches!(
+                to,
+                S::Running | S::Paused | S::Failed | S::Stopped | S::Missing
+            ),
             S::Snapshotting => matches!(to, S::Running | S::Failed | S::Stopped),
             S::Stopping => matches!(to, S::Stopped | S::Failed),
             // The reconciler's view of an unreachable host: back to what the agent reports
@@ -526,6 +533,7 @@ mod tests {
         (S::Pausing, S::Running),
         (S::Pausing, S::Failed),
         (S::Pausing, S::Stopped),
+        (S::Pausing, S::Missing),
         (S::Paused, S::Resuming),
         (S::Paused, S::Running),
         (S::Paused, S::Missing),
@@ -535,6 +543,7 @@ mod tests {
         (S::Resuming, S::Paused),
         (S::Resuming, S::Failed),
         (S::Resuming, S::Stopped),
+        (S::Resuming, S::Missing),
         (S::Snapshotting, S::Running),
         (S::Snapshotting, S::Failed),
         (S::Snapshotting, S::Stopped),
@@ -567,8 +576,10 @@ mod tests {
         }
         assert_eq!(
             S::sources(S::Missing),
-            vec!["running".to_owned(), "paused".to_owned()],
-            "only running and paused sandboxes go missing"
+            ["running", "pausing", "paused", "resuming"]
+                .map(String::from)
+                .to_vec(),
+            "only sandboxes that are (or may be) on their host go missing"
         );
     }
 

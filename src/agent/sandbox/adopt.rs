@@ -4,9 +4,11 @@
 //! - `paused`: it is registered paused again, resumable as before, as long as its snapshot is
 //!   on disk. After a host reboot this is how sandboxes survive.
 //! - `running`: its VMM process is adopted (`Vmm::adopt`) in its network slot and envd is asked
-//!   whether it answers; the sandbox runs on without noticing. If the VMM or its slot is gone
-//!   (the host rebooted, or the VM died with the agent down), the sandbox is lost: its files
-//!   are removed and the control plane learns why from the agent's list of lost sandboxes.
+//!   whether it answers; the sandbox runs on without noticing (a VM frozen half way through a
+//!   pause is paused to the end; a record the old agent had no time to update after a pause's
+//!   snapshot was committed is taken as paused). If the VMM or its slot is gone (the host
+//!   rebooted, or the VM died with the agent down), the sandbox is lost: its files are removed
+//!   and the control plane learns why from the agent's list of lost sandboxes.
 //!
 //! Whatever no record explains is a leftover and removed: VMM processes of sandboxes without
 //! a record (a create the old agent did not finish), sandbox and snapshot directories, and
@@ -21,7 +23,7 @@ use super::record::{RecordedState, SandboxRecord};
 use super::{Runtime, Sandbox, SandboxError, SandboxManager};
 use crate::agent::wire::SandboxPhase;
 use crate::envd::client::EnvdClient;
-use crate::vmm::{find_leftovers, kill_leftover, Leftover};
+use crate::vmm::{find_leftovers, kill_leftover, Leftover, SnapshotFiles, VmStatus};
 
 /// How long envd in an adopted VM may take to answer.
 const ADOPTED_ENVD_WAIT: Duration = Duration::from_secs(10);
@@ -125,6 +127,16 @@ impl SandboxManager {
                 self.register(Sandbox::recovered(record, SandboxPhase::Paused), None);
                 Ok(Taken::Paused)
             }
+            RecordedState::Running { .. } if self.layout.snapshot_meta(&id).is_file() => {
+                // The old agent died between committing a pause's snapshot and recording it:
+                // the snapshot is whole (a restore retires it before the guest runs), so the
+                // sandbox is paused, and any VMM left of it is stale.
+                while let Some(i) = vmms.iter().position(|l| l.sandbox_id == id) {
+                    kill_leftover(&vmms.remove(i)).await;
+                }
+                self.register(Sandbox::recovered(record, SandboxPhase::Paused), None);
+                Ok(Taken::Paused)
+            }
             RecordedState::Running { vmm_pid, slot } => {
                 let Some(i) = vmms
                     .iter()
@@ -142,15 +154,27 @@ impl SandboxManager {
                 };
                 let image = self.layout.image_rootfs(record.request.template.as_str());
                 let spec = self.vm_spec(&record.request, &image, &network);
-                let vm = self
+                let envd = EnvdClient::new(&format!("http://{}", network.envd_addr()))
+                    .expect("a socket address is a valid envd base")
+                    .with_token(record.access_token.clone());
+                let mut vm = self
                     .vmm
                     .adopt(&spec, vmm_pid)
                     .await
                     .map_err(|e| format!("its VMM could not be adopted: {e}"))?;
                 vmms.remove(i);
-                let envd = EnvdClient::new(&format!("http://{}", network.envd_addr()))
-                    .map_err(|e| e.to_string())?
-                    .with_token(record.access_token.clone());
+                if let Ok(VmStatus::Paused) = vm.status().await {
+                    // Frozen half way through a pause when the old agent died: finish it.
+                    let snapshot = SnapshotFiles::for_sandbox(&self.layout, &id);
+                    if let Err(error) = vm.pause_to(&snapshot).await {
+                        let _ = vm.kill().await;
+                        return Err(format!(
+                            "the previous agent died while pausing it, and the pause could not be finished: {error}"
+                        ));
+                    }
+                    self.register(Sandbox::recovered(record, SandboxPhase::Paused), None);
+                    return Ok(Taken::Paused);
+                }
                 let deadline = Instant::now() + ADOPTED_ENVD_WAIT;
                 loop {
                     let error = match tokio::time::timeout(ENVD_ATTEMPT, envd.health()).await {
@@ -159,13 +183,9 @@ impl SandboxManager {
                         Err(_) => format!("no answer within {ENVD_ATTEMPT:?}"),
                     };
                     if Instant::now() > deadline {
-                        let mut vm = vm;
-                        if let Err(kill) = vm.kill().await {
-                            tracing::warn!(sandbox = %id, error = %kill, "killing an adopted VM whose envd is silent");
-                        }
-                        return Err(format!(
-                            "its VM runs, but envd did not answer within {ADOPTED_ENVD_WAIT:?}: {error}"
-                        ));
+                        // The VM runs: killing it would lose the sandbox for good.
+                        tracing::warn!(sandbox = %id, %error, "adopted, but envd does not answer yet; keeping the running VM");
+                        break;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

@@ -301,6 +301,8 @@ pub struct SandboxManager {
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     /// The most recent sandboxes lost, for the control plane's reconciler.
     lost: Mutex<VecDeque<LostSandbox>>,
+    /// Pauses and resumes in progress, which a graceful stop lets finish.
+    operations: tokio_util::task::TaskTracker,
 }
 
 /// How many lost sandboxes the agent remembers; the reconciler reads them every few seconds.
@@ -325,7 +327,15 @@ impl SandboxManager {
             limits,
             sandboxes: Mutex::new(HashMap::new()),
             lost: Mutex::new(VecDeque::new()),
+            operations: tokio_util::task::TaskTracker::new(),
         }
+    }
+
+    /// Waits for the pauses and resumes in progress (each runs in its own task) and refuses new
+    /// ones; at agent shutdown, so that no VM is left frozen half way through a pause.
+    pub async fn finish_operations(&self) {
+        self.operations.close();
+        self.operations.wait().await;
     }
 
     fn registry(&self) -> MutexGuard<'_, HashMap<String, Arc<Sandbox>>> {
@@ -394,9 +404,12 @@ impl SandboxManager {
                 if let (SandboxPhase::Running, Some(runtime)) =
                     (lifecycle.phase, lifecycle.runtime.as_ref())
                 {
+                    // The lease is taken under the lock, so the idle reaper, which decides
+                    // under it too, never pauses a sandbox a call has just reached.
                     let envd = runtime.envd.clone();
+                    let lease = ActivityLease::open(sandbox.clone());
                     drop(lifecycle);
-                    return Ok((envd, ActivityLease::open(sandbox)));
+                    return Ok((envd, lease));
                 }
                 lifecycle.phase
             };

@@ -2,7 +2,8 @@
 //! `snapshots/<id>/` (the writable disk stays in the sandbox directory), ends the VMM process
 //! and releases the network slot: a paused sandbox holds no CPU, no RAM and no slot. A resume
 //! restores the state into a new VMM process in any free slot (the guest's address is the same
-//! in every slot), waits for envd and gives it a fresh access token and the host's clock.
+//! in every slot), records it running, waits for envd and sends it its access token again with
+//! the host's clock.
 //!
 //! Both are idempotent on the agent (pausing a paused sandbox answers it paused, resuming a
 //! running one answers it running) and wait for another task's pause or resume in progress, so
@@ -38,7 +39,22 @@ impl SandboxManager {
     pub async fn pause(self: &Arc<Self>, id: &str) -> Result<SandboxInfo, SandboxError> {
         let this = self.clone();
         let id = id.to_owned();
-        run_to_end(tokio::spawn(async move { this.pause_now(&id).await })).await
+        self.run_to_end(async move { this.pause_now(&id, None).await })
+            .await
+    }
+
+    /// Pauses a running sandbox if it is still idle for longer than `timeout` when the pause
+    /// begins (decided under the lifecycle lock, where a call takes its activity lease): the
+    /// idle reaper's pause.
+    pub async fn pause_if_idle(
+        self: &Arc<Self>,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<SandboxInfo, SandboxError> {
+        let this = self.clone();
+        let id = id.to_owned();
+        self.run_to_end(async move { this.pause_now(&id, Some(timeout)).await })
+            .await
     }
 
     /// Resumes a paused sandbox; answers once envd in the restored guest answers. Runs in its
@@ -46,16 +62,42 @@ impl SandboxManager {
     pub async fn resume(self: &Arc<Self>, id: &str) -> Result<SandboxInfo, SandboxError> {
         let this = self.clone();
         let id = id.to_owned();
-        run_to_end(tokio::spawn(async move { this.resume_now(&id).await })).await
+        self.run_to_end(async move { this.resume_now(&id).await })
+            .await
     }
 
-    async fn pause_now(&self, id: &str) -> Result<SandboxInfo, SandboxError> {
+    /// Runs an operation in its own task, tracked so that a graceful stop lets it finish.
+    async fn run_to_end(
+        &self,
+        operation: impl std::future::Future<Output = Result<SandboxInfo, SandboxError>> + Send + 'static,
+    ) -> Result<SandboxInfo, SandboxError> {
+        if self.operations.is_closed() {
+            return Err(SandboxError::Interrupted(
+                "the agent is shutting down".into(),
+            ));
+        }
+        match self.operations.spawn(operation).await {
+            Ok(outcome) => outcome,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => Err(SandboxError::Interrupted(error.to_string())),
+        }
+    }
+
+    async fn pause_now(
+        &self,
+        id: &str,
+        only_if_idle_for: Option<Duration>,
+    ) -> Result<SandboxInfo, SandboxError> {
         let sandbox = self.get(id)?;
         let mut runtime = loop {
             let phase = {
                 let mut lifecycle = sandbox.lifecycle();
                 match lifecycle.phase {
                     SandboxPhase::Running => {
+                        if only_if_idle_for.is_some_and(|timeout| sandbox.idle_for() <= timeout) {
+                            drop(lifecycle);
+                            return Ok(sandbox.info());
+                        }
                         lifecycle.transition(id, SandboxPhase::Pausing)?;
                         break lifecycle
                             .runtime
@@ -82,27 +124,14 @@ impl SandboxManager {
         let started = Instant::now();
         let snapshot = SnapshotFiles::for_sandbox(&self.layout, id);
         match runtime.vm.pause_to(&snapshot).await {
-            Ok(_) => {
-                // The guest is on disk; the slot goes back to the pool. A slot that cannot be
-                // fully removed stays reserved and is cleaned up by the next agent start.
-                if let Err(error) = self.network.destroy(&runtime.network).await {
-                    tracing::warn!(sandbox = id, %error, "could not release the network of a paused sandbox");
+            Ok(_) => self.paused(&sandbox, runtime, &snapshot, started).await,
+            Err(error) if snapshot.meta.is_file() => {
+                // The state is on disk and committed; only ending the VMM went wrong.
+                tracing::warn!(sandbox = id, %error, "the VMM did not end cleanly after its snapshot; killing it");
+                if let Err(error) = runtime.vm.kill().await {
+                    tracing::warn!(sandbox = id, %error, "killing the VMM of a paused sandbox");
                 }
-                drop(runtime);
-                {
-                    let mut metadata = sandbox.metadata.lock().expect("metadata lock");
-                    metadata.insert("pause_ms".into(), started.elapsed().as_millis().to_string());
-                    metadata.insert(
-                        "snapshot_bytes".into(),
-                        snapshot.allocated_bytes().to_string(),
-                    );
-                }
-                if let Err(error) = sandbox.record(RecordedState::Paused).save(&self.layout) {
-                    tracing::error!(sandbox = id, %error, "could not record the pause; a restarted agent will not find this sandbox");
-                }
-                self.settle(&sandbox, SandboxPhase::Paused, None).await?;
-                tracing::info!(sandbox = id, elapsed = ?started.elapsed(), "sandbox paused");
-                Ok(sandbox.info())
+                self.paused(&sandbox, runtime, &snapshot, started).await
             }
             Err(error) => {
                 let disk_full = error.is_disk_full();
@@ -125,6 +154,40 @@ impl SandboxManager {
                 }
             }
         }
+    }
+
+    /// Ends a pause whose snapshot is on disk: the slot goes back to the pool, the record says
+    /// paused, the phase too.
+    async fn paused(
+        &self,
+        sandbox: &Sandbox,
+        runtime: Runtime,
+        snapshot: &SnapshotFiles,
+        started: Instant,
+    ) -> Result<SandboxInfo, SandboxError> {
+        let id = sandbox.id();
+        // A slot that cannot be fully removed stays reserved and is cleaned up by the next
+        // agent start.
+        if let Err(error) = self.network.destroy(&runtime.network).await {
+            tracing::warn!(sandbox = %id, %error, "could not release the network of a paused sandbox");
+        }
+        drop(runtime);
+        {
+            let mut metadata = sandbox.metadata.lock().expect("metadata lock");
+            metadata.insert("pause_ms".into(), started.elapsed().as_millis().to_string());
+            metadata.insert(
+                "snapshot_bytes".into(),
+                snapshot.allocated_bytes().to_string(),
+            );
+        }
+        // Should this fail, the record still says running; a restarted agent finds the
+        // committed snapshot and takes the sandbox over as paused anyway.
+        if let Err(error) = sandbox.record(RecordedState::Paused).save(&self.layout) {
+            tracing::error!(sandbox = %id, %error, "could not record the pause");
+        }
+        self.settle(sandbox, SandboxPhase::Paused, None).await?;
+        tracing::info!(sandbox = %id, elapsed = ?started.elapsed(), "sandbox paused");
+        Ok(sandbox.info())
     }
 
     async fn resume_now(&self, id: &str) -> Result<SandboxInfo, SandboxError> {
@@ -157,19 +220,12 @@ impl SandboxManager {
         let started = Instant::now();
         match self.restore(&sandbox).await {
             Ok(runtime) => {
-                let state = RecordedState::Running {
-                    vmm_pid: runtime.vm.pid(),
-                    slot: runtime.network.slot,
-                };
                 *sandbox.guest_addr.lock().expect("addr lock") =
                     Some(runtime.network.envd_addr().ip().to_string());
                 sandbox.metadata.lock().expect("metadata lock").insert(
                     "resume_ms".into(),
                     started.elapsed().as_millis().to_string(),
                 );
-                if let Err(error) = sandbox.record(state).save(&self.layout) {
-                    tracing::error!(sandbox = id, %error, "could not record the resume; a restarted agent will not adopt this sandbox");
-                }
                 self.settle(&sandbox, SandboxPhase::Running, Some(runtime))
                     .await?;
                 sandbox.touch();
@@ -222,52 +278,53 @@ impl SandboxManager {
                 return Err(intact(format!("restoring the VM: {error}")));
             }
         };
+        // The guest runs again and its snapshot is retired: from here on the sandbox is this
+        // VM, and a restarted agent must adopt it, so it is recorded before anything else.
+        let recorded = RecordedState::Running {
+            vmm_pid: vm.pid(),
+            slot: network.slot,
+        };
+        if let Err(error) = sandbox.record(recorded).save(&self.layout) {
+            tracing::error!(sandbox = %id, %error, "could not record the resume; a restarted agent will not adopt this sandbox");
+        }
         let address = format!("http://{}", network.envd_addr());
-        let envd = match EnvdClient::new(&address) {
-            Ok(envd) => envd.with_token(sandbox.access_token()),
-            Err(error) => {
-                undo_network().await;
-                let _ = vm.kill().await;
-                return Err(intact(error.to_string()));
+        let envd = EnvdClient::new(&address)
+            .expect("a socket address is a valid envd base")
+            .with_token(sandbox.access_token());
+        // Killing a guest that runs would lose the sandbox for good; one whose envd is slow to
+        // answer is kept, and its next call tells whether it recovered.
+        match self.wait_resumed_envd(&id, &envd).await {
+            Ok(()) => {
+                // The same token again (it never left the guest's memory, and a crash between
+                // here and a record of a new one could not lose it), and the host's clock: the
+                // guest's wall clock stood still while it was paused.
+                let init = InitRequest {
+                    access_token: Some(sandbox.access_token()),
+                    wall_clock_unix_ms: Some(chrono::Utc::now().timestamp_millis()),
+                    ..InitRequest::default()
+                };
+                match tokio::time::timeout(RESUMED_ENVD_WAIT, envd.init(&init)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(sandbox = %id, %error, "re-initialising envd after the resume failed; its clock may be behind")
+                    }
+                    Err(_) => {
+                        tracing::warn!(sandbox = %id, "re-initialising envd after the resume timed out; its clock may be behind")
+                    }
+                }
             }
-        };
-        if let Err(reason) = self.wait_resumed_envd(&id, &envd).await {
-            // The guest runs, and its snapshot is retired: killing it would lose the sandbox
-            // for good. It is kept with the token it had; its next call tells whether it
-            // recovered.
-            if matches!(vm.status().await, Ok(VmStatus::Running)) {
+            Err(reason) if matches!(vm.status().await, Ok(VmStatus::Running)) => {
                 tracing::warn!(sandbox = %id, %reason, "resumed, but envd does not answer yet; keeping the running VM");
-                return Ok(Runtime { network, vm, envd });
             }
-            undo_network().await;
-            let _ = vm.kill().await;
-            return Err(intact(reason));
-        }
-        let token = hex::encode(rand::random::<[u8; 32]>());
-        // The guest's wall clock stood still while it was paused.
-        let init = InitRequest {
-            access_token: Some(token.clone()),
-            wall_clock_unix_ms: Some(chrono::Utc::now().timestamp_millis()),
-            ..InitRequest::default()
-        };
-        let reason = match tokio::time::timeout(RESUMED_ENVD_WAIT, envd.init(&init)).await {
-            Ok(Ok(())) => {
-                *sandbox.access_token.lock().expect("token lock") = token.clone();
-                return Ok(Runtime {
-                    network,
-                    vm,
-                    envd: envd.with_token(token),
-                });
+            Err(reason) => {
+                if let Err(error) = vm.kill().await {
+                    tracing::error!(sandbox = %id, %error, "could not kill a restored VM that failed");
+                }
+                undo_network().await;
+                return Err(intact(reason));
             }
-            Ok(Err(error)) => format!("re-initialising envd: {error}"),
-            Err(_) => format!("re-initialising envd: no answer within {RESUMED_ENVD_WAIT:?}"),
-        };
-        // Whether envd took the new token is unknown, so no call could be trusted to reach it.
-        if let Err(error) = vm.kill().await {
-            tracing::error!(sandbox = %id, %error, "could not kill a restored VM that failed");
         }
-        undo_network().await;
-        Err(intact(reason))
+        Ok(Runtime { network, vm, envd })
     }
 
     /// Waits for envd in a restored guest, retrying probes that hang.
@@ -332,16 +389,5 @@ impl SandboxManager {
         self.remember(sandbox.request.sandbox_id, &reason);
         let _ = self.teardown(sandbox, runtime).await;
         SandboxError::Lost { id, reason }
-    }
-}
-
-/// The outcome of an operation's task; a panic in it is re-raised here.
-async fn run_to_end(
-    task: tokio::task::JoinHandle<Result<SandboxInfo, SandboxError>>,
-) -> Result<SandboxInfo, SandboxError> {
-    match task.await {
-        Ok(outcome) => outcome,
-        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-        Err(error) => Err(SandboxError::Interrupted(error.to_string())),
     }
 }

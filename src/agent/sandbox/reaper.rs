@@ -35,8 +35,9 @@ impl SandboxManager {
                 let manager = self.clone();
                 async move {
                     let id = sandbox.id();
+                    let timeout = Duration::from_secs(u64::from(sandbox.request.timeout_sec));
                     tracing::info!(sandbox = %id, "idle timeout reached; pausing");
-                    match manager.pause(&id).await {
+                    match manager.pause_if_idle(&id, timeout).await {
                         Ok(_) => {}
                         Err(error @ SandboxError::PauseFailed { .. }) => {
                             // It runs on; the next attempt waits another full timeout, so a

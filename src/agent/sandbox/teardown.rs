@@ -12,6 +12,8 @@ use crate::agent::wire::SandboxPhase;
 
 /// How long a graceful guest shutdown may take before the VMM is killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How long envd may take to accept the request to shut the guest down.
+const ENVD_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 /// What a destroy call does, decided under the lifecycle lock.
 // One lives on the stack for the length of one call; boxing the runtime would buy nothing.
@@ -64,8 +66,15 @@ impl SandboxManager {
         let id = sandbox.id();
         let mut result = Ok(());
         if let Some(mut runtime) = runtime {
-            if let Err(error) = runtime.envd.shutdown().await {
-                tracing::debug!(sandbox = %id, %error, "envd shutdown request failed; stopping the VM");
+            // A guest that accepts the request but never answers must not hold the destroy.
+            match tokio::time::timeout(ENVD_SHUTDOWN_WAIT, runtime.envd.shutdown()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(sandbox = %id, %error, "envd shutdown request failed; stopping the VM")
+                }
+                Err(_) => {
+                    tracing::debug!(sandbox = %id, "envd did not answer the shutdown request; stopping the VM")
+                }
             }
             if let Err(error) = runtime.vm.shutdown(SHUTDOWN_GRACE).await {
                 tracing::warn!(sandbox = %id, %error, "graceful VM shutdown failed; killed");

@@ -472,8 +472,10 @@ pub async fn ready(
         match route.status {
             SandboxStatus::Paused => {
                 tracing::info!(sandbox = %id, "a call for a paused capsule resumes it");
+                // Another call resuming it first, or anything else having moved it on, is
+                // no failure of this call: the loop looks at the status again.
                 match resume(state, id, route.clone()).await {
-                    Ok(()) | Err(CapsuleError::NotPaused(_)) => {}
+                    Ok(()) | Err(CapsuleError::NotPaused(_) | CapsuleError::Busy(_)) => {}
                     Err(error) => return Err(error),
                 }
             }
