@@ -1578,19 +1578,29 @@ async fn failed_or_unreachable_agents_leave_nothing_running() {
     assert_error(status, &body, StatusCode::BAD_GATEWAY, "agent_error");
     let (status, body) = stack.exec(&key, &id, "true").await;
     assert_error(status, &body, StatusCode::BAD_GATEWAY, "agent_error");
-    // Restarted, it removes the VMs it no longer knows; the reconciler records the capsule
-    // stopped and the failed create stays failed.
+    // Restarted, it adopts the VM it ran: the capsule answers again, and the failed create
+    // stays failed.
     agent.restart(None);
-    assert!(agent.sandbox_ids().is_empty());
-    wait_clean(&agent);
+    assert_eq!(agent.sandbox_ids(), vec![id.clone()]);
     reconciler::reconcile_once(&stack.cp.state).await.unwrap();
-    assert_eq!(stack.status_of(&key, &id).await, "stopped");
+    assert_eq!(stack.status_of(&key, &id).await, "running");
+    let (status, out) = stack.exec(&key, &id, "echo adopted").await;
+    assert_eq!(
+        (status, &out["stdout"]),
+        (StatusCode::OK, &json!("adopted\n")),
+        "{out}"
+    );
     let running: i64 =
         sqlx::query_scalar("SELECT count(*) FROM sandboxes WHERE status = 'running'")
             .fetch_one(&stack.cp.db)
             .await
             .unwrap();
-    assert_eq!(running, 0);
+    assert_eq!(running, 1);
+    let (status, _) = stack
+        .cp
+        .call(DELETE, &format!("/v1/capsules/{id}"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
 
     // A host marked unreachable by its heartbeat: 503 host_unavailable.
     let id = stack.created(&key).await;
@@ -1805,12 +1815,27 @@ async fn two_agents_share_the_load_and_survive_losing_a_host() {
         (StatusCode::OK, &json!("remembered\n"))
     );
 
-    // A is lost for real: its agent dies. The capsule goes missing; when the agent comes back
-    // it removes the VMs it no longer knows and the capsule is recorded stopped.
+    // A is lost for real: its agent dies, and its VMs with it (as in a host reboot). The
+    // capsule goes missing; when the agent comes back it reports the VM lost and the capsule
+    // is recorded stopped, saying why.
     a.kill_hard();
+    for vmm in wrenn::vmm::find_leftovers(&wrenn::config::Layout::new(a.root.path())) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(vmm.pid as i32), Signal::SIGKILL)
+            .unwrap();
+    }
     stack.await_status(&key, &on_a, "missing").await;
     tokio::task::block_in_place(|| a.restart(None));
     stack.await_status(&key, &on_a, "stopped").await;
+    let (_, lost) = stack
+        .cp
+        .call(GET, &format!("/v1/capsules/{on_a}"), &key, None)
+        .await;
+    assert!(
+        lost["metadata"]["status_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("stopped while no agent ran")),
+        "{lost}"
+    );
     assert!(a.sandbox_ids().is_empty());
     wait_clean(&a);
     assert_eq!(stack.status_of(&key, &on_b).await, "running");

@@ -73,6 +73,10 @@ impl AgentError {
                 host: target.host,
                 reason,
             },
+            too_large @ EnvdClientError::TooLarge { .. } => AgentError::Decode {
+                host: target.host,
+                reason: too_large.to_string(),
+            },
             unreachable @ (EnvdClientError::BadAddress(_)
             | EnvdClientError::BadCredential
             | EnvdClientError::Transport(_)

@@ -11,7 +11,7 @@ use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, Stream, StreamExt, TryStreamExt};
 use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -50,6 +50,25 @@ pub enum EnvdClientError {
     Decode(String),
     #[error("envd WebSocket failed: {0}")]
     WebSocket(String),
+    /// The answer was longer than any legitimate one: the guest is misbehaving.
+    #[error("envd's answer exceeds {limit} bytes")]
+    TooLarge { limit: usize },
+}
+
+/// The largest JSON answer read: a foreground run's two capped outputs, base64-encoded, fit.
+const ANSWER_LIMIT: usize = 64 << 20;
+/// The largest answer to a control call (health, init, shutdown) or an error body: a guest
+/// cannot make the agent hold more than this for them.
+const CONTROL_LIMIT: usize = 64 << 10;
+
+/// Reads a whole body of at most `limit` bytes; a longer one is [`EnvdClientError::TooLarge`]
+/// and is not buffered beyond the limit.
+async fn read_capped(body: Incoming, limit: usize) -> Result<Bytes> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(EnvdClientError::TooLarge { limit }),
+        Err(error) => Err(transport(&*error)),
+    }
 }
 
 impl EnvdClientError {
@@ -237,12 +256,7 @@ impl EnvdClient {
             return Ok(response);
         }
         let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(transport)?
-            .to_bytes();
+        let body = read_capped(response.into_body(), CONTROL_LIMIT).await?;
         Err(EnvdClientError::Api {
             status,
             detail: ErrorEnvelope::body_of(&body),
@@ -265,7 +279,7 @@ impl EnvdClient {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T> {
-        let body = self.send_json(method, path, body).await?;
+        let body = self.send_json(method, path, body, ANSWER_LIMIT).await?;
         serde_json::from_slice(&body).map_err(|e| EnvdClientError::Decode(e.to_string()))
     }
 
@@ -274,6 +288,7 @@ impl EnvdClient {
         method: Method,
         path: &str,
         body: Option<&impl Serialize>,
+        limit: usize,
     ) -> Result<Bytes> {
         let request = match body {
             Some(body) => {
@@ -284,12 +299,7 @@ impl EnvdClient {
             None => self.request(method, path, Self::empty(), false)?,
         };
         let response = self.send(request).await?;
-        Ok(response
-            .into_body()
-            .collect()
-            .await
-            .map_err(transport)?
-            .to_bytes())
+        read_capped(response.into_body(), limit).await
     }
 
     async fn call_empty(
@@ -298,11 +308,16 @@ impl EnvdClient {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<()> {
-        self.send_json(method, path, body).await.map(drop)
+        self.send_json(method, path, body, CONTROL_LIMIT)
+            .await
+            .map(drop)
     }
 
     pub async fn health(&self) -> Result<Health> {
-        self.call(Method::GET, "/health", None::<&()>).await
+        let body = self
+            .send_json(Method::GET, "/health", None::<&()>, CONTROL_LIMIT)
+            .await?;
+        serde_json::from_slice(&body).map_err(|e| EnvdClientError::Decode(e.to_string()))
     }
 
     pub async fn metrics(&self) -> Result<Metrics> {
@@ -511,12 +526,7 @@ impl EnvdClient {
             false,
         )?;
         let response = self.send(request).await?;
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(transport)?
-            .to_bytes();
+        let body = read_capped(response.into_body(), CONTROL_LIMIT).await?;
         serde_json::from_slice(&body).map_err(|e| EnvdClientError::Decode(e.to_string()))
     }
 
@@ -753,6 +763,43 @@ impl WatchSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server that answers every request with a 200 whose chunked body never ends.
+    async fn endless_server() -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = stream.read(&mut request).await;
+                    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                transfer-encoding: chunked\r\n\r\n";
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
+                    while stream.write_all(chunk.as_bytes()).await.is_ok() {}
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_endless_answer_is_refused_at_its_limit_not_buffered() {
+        let addr = endless_server().await;
+        let envd = EnvdClient::new(&format!("http://{addr}")).unwrap();
+        match envd.health().await {
+            Err(EnvdClientError::TooLarge { limit }) => assert_eq!(limit, CONTROL_LIMIT),
+            other => panic!("{other:?}"),
+        }
+        match envd.list().await {
+            Err(EnvdClientError::TooLarge { limit }) => assert_eq!(limit, ANSWER_LIMIT),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn a_base_is_an_authority_and_a_path() {
