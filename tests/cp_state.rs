@@ -58,7 +58,7 @@ async fn the_database_applies_exactly_the_table() {
     assert!(!sandboxes::transition(&cp.db, id, from_paused)
         .await
         .unwrap());
-    let illegal = Transition::to(SandboxStatus::Paused).from(SandboxStatus::Running);
+    let illegal = Transition::to(SandboxStatus::Resuming).from(SandboxStatus::Running);
     assert!(!sandboxes::transition(&cp.db, id, illegal).await.unwrap());
     assert_eq!(status(&cp.db, id).await, SandboxStatus::Running);
     cp.stop().await;
