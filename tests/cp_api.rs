@@ -1377,3 +1377,43 @@ async fn capsule_calls_lose_access_at_once() {
     assert_error(status, &out, StatusCode::UNAUTHORIZED, "unauthorized");
     cp.stop().await;
 }
+
+/// A WebSocket client, before it has authenticated, cannot make the control plane take a
+/// message beyond the limit: the socket is closed, and the control plane serves on.
+#[tokio::test]
+async fn an_oversized_websocket_message_closes_the_socket_before_authentication() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let cp = TestCp::start().await;
+    let id = SandboxId::new_random();
+    let url = format!("ws://{}/v1/capsules/{id}/pty", cp.addr);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let huge = "x".repeat(5 << 20);
+    // The send itself may already fail once the server has closed the socket.
+    let _ = ws.send(Message::Text(huge.into())).await;
+    // Over the limit the message is never read: the one error frame says so, then the socket
+    // closes.
+    let answers = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut answers = Vec::new();
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return answers,
+                Some(Ok(message)) => answers.push(message),
+            }
+        }
+    })
+    .await
+    .expect("the socket stayed open");
+    let texts: Vec<String> = answers
+        .iter()
+        .filter_map(|m| m.to_text().ok().map(str::to_owned))
+        .collect();
+    assert_eq!(texts.len(), 1, "{answers:?}");
+    assert!(
+        texts[0].contains("could not be read") && texts[0].contains("too long"),
+        "{texts:?}"
+    );
+    let (status, _) = cp.call(GET, "/health", &Auth::None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    cp.stop().await;
+}

@@ -100,15 +100,19 @@ impl Client {
             .await;
     }
 
-    /// Reads the next text frame, skipping pings; `None` when the client left, took too long or
-    /// sent something else.
-    async fn next_text(&mut self, wait: Duration) -> Option<String> {
+    /// Reads the next text frame, skipping pings; `Ok(None)` when the client left, took too
+    /// long or sent something else, `Err` with why when the frame could not be read (e.g. it
+    /// exceeds [`CLIENT_MESSAGE_LIMIT`]).
+    async fn next_text(&mut self, wait: Duration) -> Result<Option<String>, String> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             match tokio::time::timeout_at(deadline, self.0.recv()).await {
-                Ok(Some(Ok(Message::Text(text)))) => return Some(text.to_string()),
+                Ok(Some(Ok(Message::Text(text)))) => return Ok(Some(text.to_string())),
                 Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-                _ => return None,
+                Ok(Some(Err(error))) => {
+                    return Err(format!("the frame could not be read: {error}"))
+                }
+                _ => return Ok(None),
             }
         }
     }
@@ -126,7 +130,13 @@ async fn connect_capsule(
     let team = match caller {
         Some(auth) => auth.team_id,
         None => {
-            let first = client.next_text(AUTH_FRAME_WAIT).await;
+            let first = match client.next_text(AUTH_FRAME_WAIT).await {
+                Ok(first) => first,
+                Err(reason) => {
+                    client.fail(protocol, &reason).await;
+                    return None;
+                }
+            };
             let token = match ws::auth_token(first.as_deref()) {
                 Ok(token) => token,
                 Err(error) => {
@@ -154,6 +164,11 @@ async fn connect_capsule(
     }
 }
 
+/// The largest message a client may send (the default is 64 MiB). Clients send commands,
+/// keystrokes and pastes; this is far above any of them and bounds what a client, before it has
+/// even authenticated, can make the control plane hold. A larger one closes the socket.
+const CLIENT_MESSAGE_LIMIT: usize = 4 << 20;
+
 /// Checks what can be checked before upgrading: the upgrade itself, the ID and, for header
 /// callers, the capsule.
 async fn prepare(
@@ -162,9 +177,12 @@ async fn prepare(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     id: &str,
 ) -> Result<(WebSocketUpgrade, SandboxId), ApiError> {
-    let upgrade = upgrade.map_err(|e| {
-        ApiError::InvalidRequest(format!("expected a WebSocket upgrade: {}", e.body_text()))
-    })?;
+    let upgrade = upgrade
+        .map_err(|e| {
+            ApiError::InvalidRequest(format!("expected a WebSocket upgrade: {}", e.body_text()))
+        })?
+        .max_message_size(CLIENT_MESSAGE_LIMIT)
+        .max_frame_size(CLIENT_MESSAGE_LIMIT);
     let id: SandboxId = path_id("id", id)?;
     if let WsCaller(Some(auth)) = caller {
         capsules::running(state, auth.team_id, id).await?;
@@ -200,7 +218,10 @@ async fn opened_session(
     capsule: RunningCapsule,
     protocol: Protocol,
 ) {
-    let first = client.next_text(START_FRAME_WAIT).await;
+    let first = match client.next_text(START_FRAME_WAIT).await {
+        Ok(first) => first,
+        Err(reason) => return client.fail(protocol, &reason).await,
+    };
     match ws::opening(protocol, first.as_deref()) {
         Ok(attach) => session(client, &state, &capsule, protocol, attach).await,
         Err(error) => client.fail(protocol, &error.to_string()).await,
