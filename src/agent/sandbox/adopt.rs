@@ -16,9 +16,8 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::pause::ENVD_ATTEMPT;
 use super::record::{RecordedState, SandboxRecord};
 use super::{Runtime, Sandbox, SandboxError, SandboxManager};
 use crate::agent::wire::SandboxPhase;
@@ -175,19 +174,9 @@ impl SandboxManager {
                     self.register(Sandbox::recovered(record, SandboxPhase::Paused), None);
                     return Ok(Taken::Paused);
                 }
-                let deadline = Instant::now() + ADOPTED_ENVD_WAIT;
-                loop {
-                    let error = match tokio::time::timeout(ENVD_ATTEMPT, envd.health()).await {
-                        Ok(Ok(_)) => break,
-                        Ok(Err(error)) => error.to_string(),
-                        Err(_) => format!("no answer within {ENVD_ATTEMPT:?}"),
-                    };
-                    if Instant::now() > deadline {
-                        // The VM runs: killing it would lose the sandbox for good.
-                        tracing::warn!(sandbox = %id, %error, "adopted, but envd does not answer yet; keeping the running VM");
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Err(reason) = self.await_envd(&id, &envd, ADOPTED_ENVD_WAIT).await {
+                    // The VM runs: killing it would lose the sandbox for good.
+                    tracing::warn!(sandbox = %id, %reason, "adopted, but envd does not answer yet; keeping the running VM");
                 }
                 let sandbox = Sandbox::recovered(record, SandboxPhase::Running);
                 *sandbox.guest_addr.lock().expect("addr lock") =

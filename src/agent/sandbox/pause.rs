@@ -293,7 +293,7 @@ impl SandboxManager {
             .with_token(sandbox.access_token());
         // Killing a guest that runs would lose the sandbox for good; one whose envd is slow to
         // answer is kept, and its next call tells whether it recovered.
-        match self.wait_resumed_envd(&id, &envd).await {
+        match self.await_envd(&id, &envd, RESUMED_ENVD_WAIT).await {
             Ok(()) => {
                 // The same token again (it never left the guest's memory, and a crash between
                 // here and a record of a new one could not lose it), and the host's clock: the
@@ -327,9 +327,15 @@ impl SandboxManager {
         Ok(Runtime { network, vm, envd })
     }
 
-    /// Waits for envd in a restored guest, retrying probes that hang.
-    async fn wait_resumed_envd(&self, id: &str, envd: &EnvdClient) -> Result<(), String> {
-        let deadline = Instant::now() + RESUMED_ENVD_WAIT;
+    /// Waits up to `within` for envd in a guest that was running (a restored or an adopted
+    /// one), retrying probes that hang; the error says why, with the console's last lines.
+    pub(super) async fn await_envd(
+        &self,
+        id: &str,
+        envd: &EnvdClient,
+        within: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + within;
         loop {
             let error = match tokio::time::timeout(ENVD_ATTEMPT, envd.health()).await {
                 Ok(Ok(_)) => return Ok(()),
@@ -338,7 +344,7 @@ impl SandboxManager {
             };
             if Instant::now() > deadline {
                 return Err(format!(
-                    "envd did not answer within {RESUMED_ENVD_WAIT:?} of the restore: {error}; console: {}",
+                    "envd did not answer within {within:?}: {error}; console: {}",
                     self.console_tail(id)
                 ));
             }

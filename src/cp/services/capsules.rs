@@ -523,44 +523,9 @@ pub async fn pause(
     route: SandboxRoute,
 ) -> Result<(), CapsuleError> {
     to_the_end(state, move |state| async move {
-        pause_now(&state, id, route).await
+        operate(&state, id, route, Operation::Pause).await
     })
     .await
-}
-
-async fn pause_now(
-    state: &AppState,
-    id: SandboxId,
-    route: SandboxRoute,
-) -> Result<(), CapsuleError> {
-    pausable(route.status)?;
-    let target = online_target(state, &route)?;
-    let pausing = Transition::to(SandboxStatus::Pausing).from(SandboxStatus::Running);
-    if !sandboxes::transition(&state.db, id.uuid(), pausing).await? {
-        return Err(moved_on(state, id, pausable).await);
-    }
-    match state.capsules.agents.pause_sandbox(&target, id).await {
-        Ok(info) => {
-            settle(state, id, SandboxStatus::Pausing, &info).await?;
-            Ok(())
-        }
-        Err(error) => {
-            let Some(error) =
-                after_failed_operation(state, &target, id, SandboxStatus::Pausing, error).await?
-            else {
-                return Ok(());
-            };
-            Err(match error {
-                AgentError::Failed {
-                    status, message, ..
-                } => CapsuleError::PauseFailed {
-                    message,
-                    disk_full: status == http::StatusCode::INSUFFICIENT_STORAGE,
-                },
-                other => other.into(),
-            })
-        }
-    }
 }
 
 /// Resumes a paused capsule on the host that holds its files: `resuming`, then `running`.
@@ -571,38 +536,94 @@ pub async fn resume(
     route: SandboxRoute,
 ) -> Result<(), CapsuleError> {
     to_the_end(state, move |state| async move {
-        resume_now(&state, id, &route).await
+        operate(&state, id, route, Operation::Resume).await
     })
     .await
 }
 
-async fn resume_now(
+/// The two operations that move a capsule between its host's memory and its disk.
+#[derive(Debug, Clone, Copy)]
+enum Operation {
+    Pause,
+    Resume,
+}
+
+impl Operation {
+    /// The status it starts from, and the one the capsule shows while it runs.
+    fn statuses(self) -> (SandboxStatus, SandboxStatus) {
+        match self {
+            Operation::Pause => (SandboxStatus::Running, SandboxStatus::Pausing),
+            Operation::Resume => (SandboxStatus::Paused, SandboxStatus::Resuming),
+        }
+    }
+
+    /// Whether a capsule in `status` may undergo it, and if not, why (409 as the reference
+    /// says).
+    fn allowed(self, status: SandboxStatus) -> Result<(), CapsuleError> {
+        if status == self.statuses().0 {
+            return Ok(());
+        }
+        match status {
+            SandboxStatus::Pending
+            | SandboxStatus::Starting
+            | SandboxStatus::Pausing
+            | SandboxStatus::Resuming
+            | SandboxStatus::Snapshotting
+            | SandboxStatus::Stopping => Err(CapsuleError::Busy(status)),
+            SandboxStatus::Running
+            | SandboxStatus::Paused
+            | SandboxStatus::Stopped
+            | SandboxStatus::Failed
+            | SandboxStatus::Missing => Err(match self {
+                Operation::Pause => CapsuleError::NotRunning(status),
+                Operation::Resume => CapsuleError::NotPaused(status),
+            }),
+        }
+    }
+
+    /// The capsule error for an agent's failure of this operation.
+    fn failed(self, error: AgentError) -> CapsuleError {
+        match (self, error) {
+            (
+                Operation::Pause,
+                AgentError::Failed {
+                    status, message, ..
+                },
+            ) => CapsuleError::PauseFailed {
+                message,
+                disk_full: status == http::StatusCode::INSUFFICIENT_STORAGE,
+            },
+            (Operation::Resume, AgentError::Failed { message, .. }) => {
+                CapsuleError::ResumeFailed { message }
+            }
+            (_, other) => other.into(),
+        }
+    }
+}
+
+async fn operate(
     state: &AppState,
     id: SandboxId,
-    route: &SandboxRoute,
+    route: SandboxRoute,
+    operation: Operation,
 ) -> Result<(), CapsuleError> {
-    resumable(route.status)?;
-    let target = online_target(state, route)?;
-    let resuming = Transition::to(SandboxStatus::Resuming).from(SandboxStatus::Paused);
-    if !sandboxes::transition(&state.db, id.uuid(), resuming).await? {
-        return Err(moved_on(state, id, resumable).await);
+    operation.allowed(route.status)?;
+    let target = online_target(state, &route)?;
+    let (from, during) = operation.statuses();
+    if !sandboxes::transition(&state.db, id.uuid(), Transition::to(during).from(from)).await? {
+        return Err(moved_on(state, id, operation).await);
     }
-    match state.capsules.agents.resume_sandbox(&target, id).await {
-        Ok(info) => {
-            settle(state, id, SandboxStatus::Resuming, &info).await?;
-            Ok(())
-        }
-        Err(error) => {
-            let Some(error) =
-                after_failed_operation(state, &target, id, SandboxStatus::Resuming, error).await?
-            else {
-                return Ok(());
-            };
-            Err(match error {
-                AgentError::Failed { message, .. } => CapsuleError::ResumeFailed { message },
-                other => other.into(),
-            })
-        }
+    let agents = &state.capsules.agents;
+    let answer = match operation {
+        Operation::Pause => agents.pause_sandbox(&target, id).await,
+        Operation::Resume => agents.resume_sandbox(&target, id).await,
+    };
+    match answer {
+        Ok(info) => settle(state, id, during, &info).await,
+        Err(error) => match after_failed_operation(state, &target, id, during, error).await? {
+            None => Ok(()),
+            Some(error) => Err(operation.failed(error)),
+        },
     }
 }
 
@@ -665,49 +686,14 @@ async fn after_failed_operation(
     }
 }
 
-/// Whether a capsule in `status` may be paused, and if not, why (409 as the reference says).
-fn pausable(status: SandboxStatus) -> Result<(), CapsuleError> {
-    match status {
-        SandboxStatus::Running => Ok(()),
-        SandboxStatus::Pending
-        | SandboxStatus::Starting
-        | SandboxStatus::Pausing
-        | SandboxStatus::Resuming
-        | SandboxStatus::Snapshotting
-        | SandboxStatus::Stopping => Err(CapsuleError::Busy(status)),
-        SandboxStatus::Paused
-        | SandboxStatus::Stopped
-        | SandboxStatus::Failed
-        | SandboxStatus::Missing => Err(CapsuleError::NotRunning(status)),
-    }
-}
-
-/// Whether a capsule in `status` may be resumed, and if not, why (409 as the reference says).
-fn resumable(status: SandboxStatus) -> Result<(), CapsuleError> {
-    match status {
-        SandboxStatus::Paused => Ok(()),
-        SandboxStatus::Pending
-        | SandboxStatus::Starting
-        | SandboxStatus::Pausing
-        | SandboxStatus::Resuming
-        | SandboxStatus::Snapshotting
-        | SandboxStatus::Stopping => Err(CapsuleError::Busy(status)),
-        SandboxStatus::Running
-        | SandboxStatus::Stopped
-        | SandboxStatus::Failed
-        | SandboxStatus::Missing => Err(CapsuleError::NotPaused(status)),
-    }
-}
-
-/// Why an operation's first transition was refused: what `allowed` says of the row's status
-/// now (`Busy` if it would allow it again: the row moved and came back meanwhile).
-async fn moved_on(
-    state: &AppState,
-    id: SandboxId,
-    allowed: fn(SandboxStatus) -> Result<(), CapsuleError>,
-) -> CapsuleError {
+/// Why an operation's first transition was refused: what the operation says of the row's
+/// status now (`Busy` if it would allow it again: the row moved and came back meanwhile).
+async fn moved_on(state: &AppState, id: SandboxId, operation: Operation) -> CapsuleError {
     match sandboxes::status_of(&state.db, id.uuid()).await {
-        Ok(Some(status)) => allowed(status).err().unwrap_or(CapsuleError::Busy(status)),
+        Ok(Some(status)) => operation
+            .allowed(status)
+            .err()
+            .unwrap_or(CapsuleError::Busy(status)),
         Ok(None) => CapsuleError::NotFound,
         Err(error) => error.into(),
     }
