@@ -1378,6 +1378,141 @@ async fn capsule_calls_lose_access_at_once() {
     cp.stop().await;
 }
 
+async fn new_key(cp: &TestCp, user: &User) -> (String, Auth) {
+    let (status, key) = cp
+        .call(
+            POST,
+            "/v1/api-keys",
+            &user.auth(),
+            Some(json!({"name": "k"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{key}");
+    (
+        key["id"].as_str().unwrap().to_owned(),
+        Auth::ApiKey(key["key"].as_str().unwrap().to_owned()),
+    )
+}
+
+/// The API keys a member created stop working when they leave the team or their account is
+/// disabled; keys of other members and of the member's other teams do not.
+#[tokio::test]
+async fn removed_members_and_disabled_accounts_lose_their_api_keys() {
+    let cp = TestCp::start().await;
+    let admin = cp.signup("admin@example.com").await;
+    let owner = cp.signup("owner@example.com").await;
+    let bob = cp.signup("bob@example.com").await;
+    let carol = cp.signup("carol@example.com").await;
+    let members = format!("/v1/teams/{}/members", owner.team);
+    for user in [&bob, &carol] {
+        let (status, out) = cp
+            .call(
+                POST,
+                &members,
+                &owner.auth(),
+                Some(json!({"email": user.email})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{out}");
+    }
+    let (_, owner_key) = new_key(&cp, &owner).await;
+    let bob_in_team = cp.switch(&bob, &owner.team).await;
+    let (_, bob_team_key) = new_key(&cp, &bob_in_team).await;
+    let (_, bob_own_key) = new_key(&cp, &bob).await;
+    let carol_in_team = cp.switch(&carol, &owner.team).await;
+    let (_, carol_team_key) = new_key(&cp, &carol_in_team).await;
+    let works = |auth: Auth| {
+        let cp = &cp;
+        async move { cp.call(GET, "/v1/capsules", &auth, None).await.0 == StatusCode::OK }
+    };
+    for key in [&owner_key, &bob_team_key, &bob_own_key, &carol_team_key] {
+        assert!(works(key.clone()).await);
+    }
+
+    // Bob leaves the owner's team (removed by the owner): his key there is gone.
+    let (status, out) = cp
+        .call(
+            DELETE,
+            &format!("{members}/{}", bob.id),
+            &owner.auth(),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{out}");
+    let (status, out) = cp.call(GET, "/v1/capsules", &bob_team_key, None).await;
+    assert_error(status, &out, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert!(works(bob_own_key.clone()).await);
+    assert!(works(owner_key.clone()).await);
+    let (_, keys) = cp.call(GET, "/v1/api-keys", &owner.auth(), None).await;
+    assert_eq!(keys.as_array().unwrap().len(), 2, "{keys}");
+
+    // Only platform admins enable and disable accounts, never their own.
+    let active = |user: &User| format!("/v1/admin/users/{}/active", user.id);
+    let disable = Some(json!({"active": false}));
+    let (status, out) = cp
+        .call(Method::PUT, &active(&carol), &owner.auth(), disable.clone())
+        .await;
+    assert_error(status, &out, StatusCode::FORBIDDEN, "forbidden");
+    let (status, out) = cp
+        .call(Method::PUT, &active(&admin), &admin.auth(), disable.clone())
+        .await;
+    assert_error(status, &out, StatusCode::BAD_REQUEST, "invalid_request");
+    let unknown = format!(
+        "/v1/admin/users/{}/active",
+        wrenn::id::UserId(uuid::Uuid::new_v4())
+    );
+    let (status, out) = cp
+        .call(Method::PUT, &unknown, &admin.auth(), disable.clone())
+        .await;
+    assert_error(status, &out, StatusCode::NOT_FOUND, "not_found");
+    for body in [
+        json!({}),
+        json!({"active": "no"}),
+        json!({"active": true, "x": 1}),
+    ] {
+        let (status, out) = cp
+            .call(Method::PUT, &active(&carol), &admin.auth(), Some(body))
+            .await;
+        assert_error(status, &out, StatusCode::BAD_REQUEST, "invalid_request");
+    }
+
+    // Disabling Carol: her keys and tokens stop working, and so does her password.
+    let (status, out) = cp
+        .call(Method::PUT, &active(&carol), &admin.auth(), disable.clone())
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{out}");
+    let (status, out) = cp.call(GET, "/v1/capsules", &carol_team_key, None).await;
+    assert_error(status, &out, StatusCode::UNAUTHORIZED, "unauthorized");
+    let (status, out) = cp
+        .call(GET, "/v1/capsules", &carol_in_team.auth(), None)
+        .await;
+    assert_error(status, &out, StatusCode::FORBIDDEN, "account_deactivated");
+    let login = json!({"email": carol.email, "password": "correct horse battery"});
+    let (status, out) = cp
+        .call(POST, "/v1/auth/login", &Auth::None, Some(login.clone()))
+        .await;
+    assert_error(status, &out, StatusCode::FORBIDDEN, "account_deactivated");
+    assert!(works(owner_key.clone()).await);
+
+    // Enabled again she signs in, but her deleted keys stay deleted.
+    let (status, out) = cp
+        .call(
+            Method::PUT,
+            &active(&carol),
+            &admin.auth(),
+            Some(json!({"active": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{out}");
+    let (status, out) = cp
+        .call(POST, "/v1/auth/login", &Auth::None, Some(login))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let (status, out) = cp.call(GET, "/v1/capsules", &carol_team_key, None).await;
+    assert_error(status, &out, StatusCode::UNAUTHORIZED, "unauthorized");
+    cp.stop().await;
+}
+
 /// A WebSocket client, before it has authenticated, cannot make the control plane take a
 /// message beyond the limit: the socket is closed, and the control plane serves on.
 #[tokio::test]

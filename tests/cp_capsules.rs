@@ -1295,6 +1295,130 @@ async fn bad_input_gets_typed_errors_on_every_route() {
     stack.finish(vec![agent]).await;
 }
 
+/// Opens a terminal in capsule `id` at `url`: authenticated by `auth`'s header, or by the first
+/// frame when `auth` is a bearer token sent as `{"type":"auth"}`.
+async fn open_pty(url: &str, auth: &Auth, by_frame: bool) -> Ws {
+    let mut ws = if by_frame {
+        let Auth::Bearer(token) = auth else {
+            panic!("frame authentication takes a token")
+        };
+        let mut ws = ws_connect(url, &Auth::None).await.unwrap();
+        send(&mut ws, json!({"type": "auth", "token": token})).await;
+        ws
+    } else {
+        ws_connect(url, auth).await.unwrap()
+    };
+    send(&mut ws, json!({"type": "start", "cmd": "/bin/sh"})).await;
+    let started = next_frame(&mut ws).await;
+    assert_eq!(started["type"], "started", "{started}");
+    ws
+}
+
+/// Revoking what an open session was authenticated with closes it, on every control-plane
+/// replica: the sessions here run through a second replica in its own process, and the
+/// revocations go through the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoked_credentials_close_open_sessions_on_every_replica() {
+    let stack = Stack::start().await;
+    let agent = stack.host().await;
+    let cp = &stack.cp;
+    let admin = &stack.admin;
+    let members = format!("/v1/teams/{}/members", admin.team);
+    let mut joined = Vec::new();
+    for email in ["bob@example.com", "carol@example.com"] {
+        let user = cp.signup(email).await;
+        let (status, out) = cp
+            .call(POST, &members, &admin.auth(), Some(json!({"email": email})))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{out}");
+        joined.push((cp.switch(&user, &admin.team).await, user));
+    }
+    let [(bob, _), (carol, carol_account)] = <[_; 2]>::try_from(joined).unwrap();
+    let kept_key = stack.api_key(admin).await;
+    let (status, doomed) = cp
+        .call(
+            POST,
+            "/v1/api-keys",
+            &admin.auth(),
+            Some(json!({"name": "doomed"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{doomed}");
+    let doomed_key = Auth::ApiKey(doomed["key"].as_str().unwrap().to_owned());
+    let bob_key = stack.api_key(&bob).await;
+    let id = stack.created(&kept_key).await;
+
+    let replica = support::CpReplica::start(cp).await;
+    let url = format!("ws://{}/v1/capsules/{id}/pty", replica.addr);
+    let mut kept = open_pty(&url, &kept_key, false).await;
+    let mut by_doomed_key = open_pty(&url, &doomed_key, false).await;
+    let mut by_bob_token = open_pty(&url, &bob.auth(), false).await;
+    let mut by_bob_key = open_pty(&url, &bob_key, false).await;
+    let mut by_carol_frame = open_pty(&url, &carol.auth(), true).await;
+
+    let ends_revoked = |frames: Vec<Value>| {
+        let last = frames.last().cloned().unwrap_or_default();
+        assert_eq!(last["type"], "error", "{frames:?}");
+        assert!(
+            last["data"].as_str().unwrap().contains("revoked"),
+            "{frames:?}"
+        );
+    };
+    let (status, out) = cp
+        .call(
+            DELETE,
+            &format!("/v1/api-keys/{}", doomed["id"].as_str().unwrap()),
+            &admin.auth(),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{out}");
+    ends_revoked(frames_until_close(&mut by_doomed_key).await);
+
+    let (status, out) = cp
+        .call(
+            DELETE,
+            &format!("{members}/{}", bob.id),
+            &admin.auth(),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{out}");
+    ends_revoked(frames_until_close(&mut by_bob_token).await);
+    ends_revoked(frames_until_close(&mut by_bob_key).await);
+
+    let (status, out) = cp
+        .call(
+            Method::PUT,
+            &format!("/v1/admin/users/{}/active", carol_account.id),
+            &admin.auth(),
+            Some(json!({"active": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{out}");
+    ends_revoked(frames_until_close(&mut by_carol_frame).await);
+
+    // The session opened with a credential that still stands was never touched.
+    let typed = base64::engine::general_purpose::STANDARD.encode("echo alive-$((40+2)); exit\n");
+    send(&mut kept, json!({"type": "input", "data": typed})).await;
+    let frames = frames_until_close(&mut kept).await;
+    let output: Vec<u8> = frames
+        .iter()
+        .filter(|f| f["type"] == "output")
+        .flat_map(|f| {
+            base64::engine::general_purpose::STANDARD
+                .decode(f["data"].as_str().unwrap())
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        String::from_utf8_lossy(&output).contains("alive-42"),
+        "{frames:?}"
+    );
+    drop(replica);
+    stack.finish(vec![agent]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_idle_timeout_spares_open_work_and_pauses_an_idle_capsule_which_a_call_resumes() {
     let stack = Stack::start().await;

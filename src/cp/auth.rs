@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::extract::path_id;
+use super::revocations::Credential;
 use super::services::capsules::{self, CapsuleError, RunningCapsule};
 use super::services::Caller;
 use super::state::AppState;
@@ -117,6 +118,20 @@ pub enum TeamActor {
 pub struct AuthTeam {
     pub team_id: TeamId,
     pub actor: TeamActor,
+}
+
+impl AuthTeam {
+    /// What this caller authenticated with, for sessions that must end when it is revoked.
+    pub fn credential(&self) -> Credential {
+        let team = self.team_id.uuid();
+        match &self.actor {
+            TeamActor::ApiKey(id) => Credential::ApiKey { id: *id, team },
+            TeamActor::User(user) => Credential::Member {
+                user: user.caller.user.uuid(),
+                team,
+            },
+        }
+    }
 }
 
 impl FromRequestParts<AppState> for AuthTeam {

@@ -14,6 +14,7 @@ pub mod extract;
 pub mod monitor;
 pub mod pruner;
 pub mod reconciler;
+pub mod revocations;
 pub mod routes;
 pub mod scheduler;
 pub mod services;
@@ -119,6 +120,12 @@ pub async fn run(
     let monitor_task = tokio::spawn(monitor::run(state.db.clone(), monitor, cancel.clone()));
     let reconciler_task = tokio::spawn(reconciler::run(state.clone(), cancel.clone()));
     let pruner_task = tokio::spawn(pruner::run(state.db.clone(), cancel.clone()));
+    let revocations_task = tokio::spawn(
+        state
+            .revocations
+            .clone()
+            .listen(state.db.clone(), cancel.clone()),
+    );
     let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -127,6 +134,7 @@ pub async fn run(
     let _ = monitor_task.await;
     let _ = reconciler_task.await;
     let _ = pruner_task.await;
+    let _ = revocations_task.await;
     served.map_err(ServeError::Serve)
 }
 

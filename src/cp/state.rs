@@ -10,6 +10,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::agent_client::{AgentClient, AgentTimeouts};
+use super::revocations::Revocations;
 use super::scheduler::SchedulerSettings;
 use super::tokens::TokenKeys;
 use crate::config::{Config, IpCidrList};
@@ -22,6 +23,7 @@ pub struct Shared {
     pub capsules: CapsuleSettings,
     pub auth: AuthSettings,
     pub agent_secrets: AgentSecrets,
+    pub revocations: Revocations,
 }
 
 /// The secrets presented to agents, by host and generation. Each is a pure function of the two
@@ -166,6 +168,7 @@ impl AppState {
             capsules,
             auth,
             agent_secrets: AgentSecrets::default(),
+            revocations: Revocations::default(),
         }))
     }
 }

@@ -84,6 +84,22 @@ pub async fn delete_for_team(ex: impl PgExecutor<'_>, team: Uuid) -> Result<u64,
     Ok(done.rows_affected())
 }
 
+/// Deletes the keys `user` created, in `team` or in every team; returns their IDs.
+pub async fn delete_created_by(
+    ex: impl PgExecutor<'_>,
+    user: Uuid,
+    team: Option<Uuid>,
+) -> Result<Vec<Uuid>, DbError> {
+    Ok(sqlx::query_scalar!(
+        "DELETE FROM team_api_keys WHERE created_by = $1 AND ($2::uuid IS NULL OR team_id = $2)
+         RETURNING id",
+        user,
+        team,
+    )
+    .fetch_all(ex)
+    .await?)
+}
+
 /// Resolves a key hash to `(key id, team id)` for a live team and records the use. `last_used`
 /// is written at most once a second per key so a busy key does not serialise on its row lock.
 pub async fn authenticate(

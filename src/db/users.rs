@@ -92,6 +92,21 @@ pub async fn set_admin(ex: impl PgExecutor<'_>, id: Uuid, is_admin: bool) -> Res
     Ok(done.rows_affected() == 1)
 }
 
+pub async fn set_status(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    status: UserStatus,
+) -> Result<bool, DbError> {
+    let done = sqlx::query!(
+        "UPDATE users SET status = $2, updated_at = now() WHERE id = $1",
+        id,
+        status.as_str()
+    )
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 pub async fn rename(
     ex: impl PgExecutor<'_>,
     id: Uuid,

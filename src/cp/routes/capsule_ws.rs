@@ -17,6 +17,7 @@ use axum::response::Response;
 use crate::cp::auth::{AuthTeam, API_KEY_HEADER};
 use crate::cp::error::ApiError;
 use crate::cp::extract::path_id;
+use crate::cp::revocations::Credential;
 use crate::cp::services::capsules::guest;
 use crate::cp::services::capsules::guest::ws::{self, ClientSocket, Protocol, ServerFrame};
 use crate::cp::services::capsules::{self, RunningCapsule};
@@ -118,6 +119,13 @@ impl Client {
     }
 }
 
+/// A connected session's client, capsule and the credential it was opened with.
+struct Connected {
+    client: Client,
+    capsule: RunningCapsule,
+    credential: Credential,
+}
+
 /// Resolves the capsule for a connection, authenticating by first frame when needed; on failure
 /// the client gets an error frame and the socket is closed.
 async fn connect_capsule(
@@ -126,9 +134,9 @@ async fn connect_capsule(
     caller: Option<AuthTeam>,
     id: SandboxId,
     protocol: Protocol,
-) -> Option<(Client, RunningCapsule)> {
-    let team = match caller {
-        Some(auth) => auth.team_id,
+) -> Option<Connected> {
+    let auth = match caller {
+        Some(auth) => auth,
         None => {
             let first = match client.next_text(AUTH_FRAME_WAIT).await {
                 Ok(first) => first,
@@ -145,7 +153,7 @@ async fn connect_capsule(
                 }
             };
             match authenticate_token(state, &token).await {
-                Ok(auth) => auth.team_id,
+                Ok(auth) => auth,
                 Err(error) => {
                     client.fail(protocol, &error.to_string()).await;
                     return None;
@@ -153,8 +161,12 @@ async fn connect_capsule(
             }
         }
     };
-    match capsules::running(state, team, id).await {
-        Ok(capsule) => Some((client, capsule)),
+    match capsules::running(state, auth.team_id, id).await {
+        Ok(capsule) => Some(Connected {
+            client,
+            capsule,
+            credential: auth.credential(),
+        }),
         Err(error) => {
             client
                 .fail(protocol, &ApiError::from(error).to_string())
@@ -190,41 +202,46 @@ async fn prepare(
     Ok((upgrade, id))
 }
 
-/// Attaches to envd and relays the session; a failed attach is the client's one fatal frame.
+/// Attaches to envd and relays the session until either side ends it or the credential it was
+/// opened with is revoked; a failed attach or a revocation is the client's one fatal frame.
 async fn session(
-    client: Client,
     state: &AppState,
-    capsule: &RunningCapsule,
+    connected: Connected,
     protocol: Protocol,
     attach: AttachRequest,
 ) {
-    match guest::attach(state, capsule, &attach).await {
-        Ok(session) => {
-            let mut client = client;
-            ws::relay(&mut client, protocol, session).await;
-        }
+    let Connected {
+        mut client,
+        capsule,
+        credential,
+    } = connected;
+    let session = match guest::attach(state, &capsule, &attach).await {
+        Ok(session) => session,
         Err(error) => {
-            client
+            return client
                 .fail(protocol, &ApiError::from(error).to_string())
                 .await
+        }
+    };
+    tokio::select! {
+        () = ws::relay(&mut client, protocol, session) => {}
+        () = state.revocations.ended(&state.db, credential) => {
+            client.fail(protocol, REVOKED).await;
         }
     }
 }
 
+const REVOKED: &str = "the credentials this session was opened with were revoked";
+
 /// Sessions that start with a frame (exec stream, PTY): reads and checks it, then relays.
-async fn opened_session(
-    mut client: Client,
-    state: AppState,
-    capsule: RunningCapsule,
-    protocol: Protocol,
-) {
-    let first = match client.next_text(START_FRAME_WAIT).await {
+async fn opened_session(state: AppState, mut connected: Connected, protocol: Protocol) {
+    let first = match connected.client.next_text(START_FRAME_WAIT).await {
         Ok(first) => first,
-        Err(reason) => return client.fail(protocol, &reason).await,
+        Err(reason) => return connected.client.fail(protocol, &reason).await,
     };
     match ws::opening(protocol, first.as_deref()) {
-        Ok(attach) => session(client, &state, &capsule, protocol, attach).await,
-        Err(error) => client.fail(protocol, &error.to_string()).await,
+        Ok(attach) => session(&state, connected, protocol, attach).await,
+        Err(error) => connected.client.fail(protocol, &error.to_string()).await,
     }
 }
 
@@ -236,10 +253,10 @@ pub async fn exec_stream(
 ) -> Result<Response, ApiError> {
     let (upgrade, id) = prepare(&state, &caller, upgrade, &id).await?;
     Ok(upgrade.on_upgrade(move |socket| async move {
-        if let Some((client, capsule)) =
+        if let Some(connected) =
             connect_capsule(Client(socket), &state, caller.0, id, Protocol::Exec).await
         {
-            opened_session(client, state, capsule, Protocol::Exec).await;
+            opened_session(state, connected, Protocol::Exec).await;
         }
     }))
 }
@@ -253,11 +270,11 @@ pub async fn process_stream(
     guest::check_selector(&selector)?;
     let (upgrade, id) = prepare(&state, &caller, upgrade, &id).await?;
     Ok(upgrade.on_upgrade(move |socket| async move {
-        if let Some((client, capsule)) =
+        if let Some(connected) =
             connect_capsule(Client(socket), &state, caller.0, id, Protocol::Process).await
         {
             let attach = AttachRequest::Connect { selector };
-            session(client, &state, &capsule, Protocol::Process, attach).await;
+            session(&state, connected, Protocol::Process, attach).await;
         }
     }))
 }
@@ -270,10 +287,10 @@ pub async fn pty(
 ) -> Result<Response, ApiError> {
     let (upgrade, id) = prepare(&state, &caller, upgrade, &id).await?;
     Ok(upgrade.on_upgrade(move |socket| async move {
-        if let Some((client, capsule)) =
+        if let Some(connected) =
             connect_capsule(Client(socket), &state, caller.0, id, Protocol::Pty).await
         {
-            opened_session(client, state, capsule, Protocol::Pty).await;
+            opened_session(state, connected, Protocol::Pty).await;
         }
     }))
 }

@@ -10,6 +10,7 @@ mod meta;
 
 pub use meta::OPENAPI_YAML;
 mod teams;
+mod users;
 
 use axum::http::{Method, StatusCode};
 use axum::routing::MethodRouter;
@@ -140,7 +141,7 @@ fn capsule_api(routes: Routes) -> Routes {
 }
 
 fn api() -> Routes {
-    use axum::routing::{delete, get, patch, post};
+    use axum::routing::{delete, get, patch, post, put};
     let routes = Routes::default()
         .add(Method::POST, "/v1/auth/signup", post(accounts::signup))
         .add(Method::POST, "/v1/auth/login", post(accounts::login))
@@ -207,6 +208,11 @@ fn api() -> Routes {
             Method::DELETE,
             "/v1/hosts/{id}/tags/{tag}",
             delete(hosts::remove_tag),
+        )
+        .add(
+            Method::PUT,
+            "/v1/admin/users/{id}/active",
+            put(users::set_active),
         );
     capsule_api(routes)
 }

@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::input::KeyName;
 use super::{user_action, Caller, ServiceError};
+use crate::cp::revocations::{self, Revoked};
 use crate::cp::tokens::{random_hex, sha256};
 use crate::db::api_keys::{self, ApiKey, NewApiKey};
 use crate::db::{audit_logs, Db, DbError};
@@ -89,6 +90,7 @@ pub async fn revoke(db: &Db, caller: &Caller, key: ApiKeyId) -> Result<(), Servi
         json!({"name": found.name}),
     );
     audit_logs::insert(&mut *tx, entry).await?;
+    revocations::announce(&mut *tx, Revoked::ApiKey { id: key.uuid() }).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok(())
 }

@@ -7,6 +7,7 @@ pub mod capsules;
 pub mod hosts;
 pub mod login_limits;
 pub mod teams;
+pub mod users;
 
 use serde_json::Value;
 use uuid::Uuid;

@@ -5,6 +5,7 @@ use uuid::Uuid;
 use super::accounts::create_team_owned_by;
 use super::input::{Email, TeamName};
 use super::{user_action, Caller, ServiceError};
+use crate::cp::revocations::{self, Revoked};
 use crate::db::sandboxes::SandboxStatus;
 use crate::db::team_members::{self, Member, Role};
 use crate::db::teams::{self, Team, TeamWithRole};
@@ -113,6 +114,7 @@ pub async fn delete(db: &Db, caller: &Caller, team: TeamId) -> Result<(), Servic
         metadata,
     );
     audit_logs::insert(&mut *tx, entry).await?;
+    revocations::announce(&mut *tx, Revoked::Team { id: team.uuid() }).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok(())
 }
@@ -183,7 +185,24 @@ pub async fn remove_member(
 ) -> Result<(), ServiceError> {
     manager(db, caller, team).await?;
     target_member(db, team, user).await?;
-    team_members::remove(db, team.uuid(), user.uuid()).await?;
+    end_membership(db, team, user).await
+}
+
+/// Removes `user` from `team` with the API keys they created there, and ends their open
+/// sessions in it.
+async fn end_membership(db: &Db, team: TeamId, user: UserId) -> Result<(), ServiceError> {
+    let mut tx = db.begin().await.map_err(DbError::from)?;
+    team_members::remove(&mut *tx, team.uuid(), user.uuid()).await?;
+    let keys = api_keys::delete_created_by(&mut *tx, user.uuid(), Some(team.uuid())).await?;
+    let member = Revoked::Member {
+        user: user.uuid(),
+        team: team.uuid(),
+    };
+    for revoked in keys.into_iter().map(|id| Revoked::ApiKey { id }) {
+        revocations::announce(&mut *tx, revoked).await?;
+    }
+    revocations::announce(&mut *tx, member).await?;
+    tx.commit().await.map_err(DbError::from)?;
     Ok(())
 }
 
@@ -193,8 +212,7 @@ pub async fn leave(db: &Db, caller: &Caller, team: TeamId) -> Result<(), Service
             "the owner cannot leave the team; delete it instead",
         ));
     }
-    team_members::remove(db, team.uuid(), caller.user.uuid()).await?;
-    Ok(())
+    end_membership(db, team, caller.user).await
 }
 
 /// Whether `user` may manage (own or administer) `team`: used for BYOC hosts.
