@@ -1378,6 +1378,87 @@ async fn capsule_calls_lose_access_at_once() {
     cp.stop().await;
 }
 
+/// The reconciler visits hosts side by side: an agent that accepts the connection and never
+/// answers holds up its own host's visit, not another host's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_agent_does_not_hold_up_reconciling_other_hosts() {
+    use wrenn::cp::agent_client::{AgentClient, AgentTimeouts};
+    use wrenn::cp::state::{AuthSettings, CapsuleSettings};
+
+    // The kernel completes connections into the backlog; nothing ever reads them.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hour = Duration::from_secs(3600);
+    let capsules = CapsuleSettings {
+        agents: AgentClient::new(AgentTimeouts {
+            request: hour,
+            create: hour,
+        }),
+        ..support::quiet_capsules()
+    };
+    let cp = TestCp::start_full(support::QUIET_MONITOR, capsules, AuthSettings::default()).await;
+    let admin = cp.signup("admin@example.com").await;
+    let mut sandbox_on = Vec::new();
+    for (address, status) in [
+        (silent.local_addr().unwrap().to_string(), "online"),
+        ("10.0.0.5:50051".to_owned(), "unreachable"),
+    ] {
+        let (host, _) = cp.registered_host(&admin, json!({"type": "regular"})).await;
+        let host = host.parse::<HostId>().unwrap().uuid();
+        sqlx::query("UPDATE hosts SET address = $1, status = $2 WHERE id = $3")
+            .bind(address)
+            .bind(status)
+            .bind(host)
+            .execute(&cp.db)
+            .await
+            .unwrap();
+        let sandbox = SandboxId::new_random();
+        sandboxes::insert(
+            &cp.db,
+            NewSandbox {
+                id: sandbox.uuid(),
+                team_id: wrenn::id::TeamId::PLATFORM.uuid(),
+                host_id: Some(host),
+                template_id: uuid::Uuid::nil(),
+                status: sandboxes::SandboxStatus::Running,
+                vcpus: 1,
+                memory_mb: 512,
+            },
+        )
+        .await
+        .unwrap();
+        sandbox_on.push(sandbox.uuid());
+    }
+    let status_of = |id: uuid::Uuid| {
+        let db = cp.db.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT status FROM sandboxes WHERE id = $1")
+                .bind(id)
+                .fetch_one(&db)
+                .await
+                .unwrap()
+        }
+    };
+
+    // The hanging host was registered first, so a pass going host by host would never get
+    // past it.
+    let pass = tokio::spawn({
+        let state = cp.state.clone();
+        async move { wrenn::cp::reconciler::reconcile_once(&state).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status_of(sandbox_on[1]).await != "missing" {
+        assert!(
+            Instant::now() < deadline,
+            "the unreachable host was never visited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status_of(sandbox_on[0]).await, "running");
+    assert!(!pass.is_finished());
+    pass.abort();
+    cp.stop().await;
+}
+
 async fn new_key(cp: &TestCp, user: &User) -> (String, Auth) {
     let (status, key) = cp
         .call(

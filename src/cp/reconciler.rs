@@ -16,11 +16,15 @@
 //! - A `stopping` sandbox the agent no longer has is `stopped`; one it still runs past the
 //!   request timeout (the destroy failed) is destroyed again.
 //!
+//! Hosts are visited concurrently, each visit with a deadline, and each reads only the sandboxes
+//! that may still hold resources (a partial index leaves out the ever-growing stopped history).
+//!
 //! Every change is a compare-and-set from the status the pass saw, refused if the row changed
 //! after the agent's list was taken, so a create or destroy racing with a pass is never undone.
 
 use std::collections::HashMap;
 
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::services::capsules::agent_target;
@@ -44,6 +48,8 @@ pub struct PassReport {
     pub orphans_destroyed: Vec<SandboxId>,
     /// Hosts whose agent did not answer.
     pub unreachable_hosts: Vec<HostId>,
+    /// Hosts whose visit overran its deadline and was cut short.
+    pub overran_hosts: Vec<HostId>,
 }
 
 /// Runs passes every `state.capsules.reconcile_interval` until `cancel` fires.
@@ -66,13 +72,74 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
     }
 }
 
-/// One pass over every registered host.
-pub async fn reconcile_once(state: &AppState) -> Result<PassReport, DbError> {
-    let mut report = PassReport::default();
-    for host in hosts::list_registered(&state.db).await? {
-        reconcile_host(state, &host, &mut report).await?;
+impl PassReport {
+    fn merge(&mut self, other: PassReport) {
+        let PassReport {
+            missing,
+            stopped,
+            recovered,
+            paused,
+            abandoned,
+            orphans_destroyed,
+            unreachable_hosts,
+            overran_hosts,
+        } = other;
+        self.missing.extend(missing);
+        self.stopped.extend(stopped);
+        self.recovered.extend(recovered);
+        self.paused.extend(paused);
+        self.abandoned.extend(abandoned);
+        self.orphans_destroyed.extend(orphans_destroyed);
+        self.unreachable_hosts.extend(unreachable_hosts);
+        self.overran_hosts.extend(overran_hosts);
     }
-    Ok(report)
+}
+
+/// Hosts visited at once. Visits wait mostly on agents, so a slow or partitioned host holds up
+/// one slot, not the pass.
+const CONCURRENT_HOSTS: usize = 16;
+
+/// One pass over every registered host, [`CONCURRENT_HOSTS`] at a time, each visit cut short
+/// after a deadline (every change is a compare-and-set, so a visit cut anywhere leaves nothing
+/// half done; the next pass carries on). A database error on one host does not stop the others;
+/// the first is returned after all were visited.
+pub async fn reconcile_once(state: &AppState) -> Result<PassReport, DbError> {
+    let deadline = state
+        .capsules
+        .reconcile_interval
+        .max(state.capsules.agents.timeouts().request * 2);
+    let mut visits = futures::stream::iter(hosts::list_registered(&state.db).await?)
+        .map(|host| async move {
+            let mut report = PassReport::default();
+            match tokio::time::timeout(deadline, reconcile_host(state, &host, &mut report)).await
+            {
+                Ok(Ok(())) => Ok(report),
+                Ok(Err(error)) => {
+                    tracing::warn!(host = %HostId(host.id), %error, "reconciling a host failed");
+                    Err(error)
+                }
+                Err(_) => {
+                    tracing::warn!(host = %HostId(host.id), ?deadline, "reconciling a host overran its deadline; the next pass continues");
+                    report.overran_hosts.push(HostId(host.id));
+                    Ok(report)
+                }
+            }
+        })
+        .buffer_unordered(CONCURRENT_HOSTS);
+    let mut report = PassReport::default();
+    let mut first_error = None;
+    while let Some(visit) = visits.next().await {
+        match visit {
+            Ok(visited) => report.merge(visited),
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(report),
+    }
 }
 
 async fn mark_missing(
@@ -115,7 +182,7 @@ async fn reconcile_host(
         .iter()
         .map(|l| (l.sandbox_id, l.reason.as_str()))
         .collect();
-    let in_db = sandboxes::on_host(&state.db, host.id).await?;
+    let in_db = sandboxes::live_rows_on_host(&state.db, host.id).await?;
     let create_grace = chrono::Duration::from_std(state.capsules.agents.timeouts().create)
         .unwrap_or(chrono::Duration::MAX)
         + chrono::Duration::minutes(1);

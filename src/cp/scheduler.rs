@@ -1,7 +1,9 @@
 //! Placement of new sandboxes: least-loaded over the online hosts a team may use, by free vCPU,
-//! memory and disk after overcommit. The choice and the reservation (the sandbox row, `pending`
-//! on its host) happen in one transaction holding row locks on the candidate hosts, so concurrent
-//! creates queue for a moment instead of over-committing a host.
+//! memory and disk after overcommit. The reservation (the sandbox row, `pending` on its host) is
+//! made under a lock on the chosen host alone (see [`place`]), so concurrent creates never
+//! over-commit a host and only those choosing the same host wait for each other.
+
+use std::collections::HashMap;
 
 use sqlx::Acquire;
 use uuid::Uuid;
@@ -115,49 +117,71 @@ pub struct Placement {
     pub demand: Demand,
 }
 
-/// Chooses a host for the sandbox and inserts its row `pending` there, atomically.
+/// Chooses a host for the sandbox and inserts its row `pending` there. The loads of every
+/// candidate are read without locks; only the chosen host is locked, its load read again under
+/// the lock and the row inserted if the demand still fits, so concurrent placements on other
+/// hosts never wait and those on the same host cannot over-commit it. A host that filled up
+/// meanwhile drops out and the next best is tried.
 pub async fn place(
     db: &Db,
     settings: &SchedulerSettings,
     placement: &Placement,
 ) -> Result<Host, ScheduleError> {
-    let mut conn = db.acquire().await.map_err(DbError::from)?;
-    let mut tx = conn.begin().await.map_err(DbError::from)?;
-    let candidates = hosts::schedulable_for_team_locked(&mut *tx, placement.team_id).await?;
+    let mut candidates = hosts::schedulable_for_team(db, placement.team_id).await?;
     if candidates.is_empty() {
         return Err(ScheduleError::NoHosts);
     }
-    let mut loads = Vec::with_capacity(candidates.len());
-    for host in &candidates {
-        loads.push(Load {
+    let considered = candidates.len();
+    let ids: Vec<Uuid> = candidates.iter().map(|h| h.id).collect();
+    let reserved: HashMap<Uuid, Reserved> = sandboxes::reserved_on_hosts(db, &ids)
+        .await?
+        .into_iter()
+        .collect();
+    let mut loads: Vec<Load> = candidates
+        .iter()
+        .map(|host| Load {
             capacity: Capacity::of(host, settings),
-            reserved: sandboxes::reserved_on_host(&mut *tx, host.id).await?,
-        });
+            reserved: reserved.get(&host.id).copied().unwrap_or_default(),
+        })
+        .collect();
+    while let Some(index) = choose(&loads, &placement.demand) {
+        let mut conn = db.acquire().await.map_err(DbError::from)?;
+        let mut tx = conn.begin().await.map_err(DbError::from)?;
+        let chosen = candidates[index].id;
+        if let Some(host) = hosts::lock_schedulable(&mut *tx, chosen, placement.team_id).await? {
+            let load = Load {
+                capacity: Capacity::of(&host, settings),
+                reserved: sandboxes::reserved_on_host(&mut *tx, chosen).await?,
+            };
+            if headroom(&load, &placement.demand).is_some() {
+                sandboxes::insert_placed(&mut *tx, &placement.row(chosen)).await?;
+                tx.commit().await.map_err(DbError::from)?;
+                return Ok(host);
+            }
+        }
+        candidates.swap_remove(index);
+        loads.swap_remove(index);
     }
-    let Some(index) = choose(&loads, &placement.demand) else {
-        return Err(ScheduleError::NoRoom {
-            demand: placement.demand,
-            hosts: candidates.len(),
-        });
-    };
-    let host = candidates[index].clone();
-    let as_i32 = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
-    sandboxes::insert_placed(
-        &mut *tx,
-        &PlacedSandbox {
-            id: placement.sandbox_id,
-            team_id: placement.team_id,
-            host_id: host.id,
-            template_id: placement.template_id,
-            vcpus: as_i32(placement.demand.vcpus),
-            memory_mb: as_i32(placement.demand.memory_mb),
-            disk_mb: as_i32(placement.demand.disk_mb),
-            timeout_sec: placement.timeout_sec,
-        },
-    )
-    .await?;
-    tx.commit().await.map_err(DbError::from)?;
-    Ok(host)
+    Err(ScheduleError::NoRoom {
+        demand: placement.demand,
+        hosts: considered,
+    })
+}
+
+impl Placement {
+    fn row(&self, host_id: Uuid) -> PlacedSandbox {
+        let as_i32 = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
+        PlacedSandbox {
+            id: self.sandbox_id,
+            team_id: self.team_id,
+            host_id,
+            template_id: self.template_id,
+            vcpus: as_i32(self.demand.vcpus),
+            memory_mb: as_i32(self.demand.memory_mb),
+            disk_mb: as_i32(self.demand.disk_mb),
+            timeout_sec: self.timeout_sec,
+        }
+    }
 }
 
 #[cfg(test)]

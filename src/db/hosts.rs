@@ -245,9 +245,8 @@ pub async fn delete(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, DbError> 
 }
 
 /// Online hosts with an address that `team` may place sandboxes on (regular hosts and the team's
-/// own BYOC hosts), locked for the rest of the transaction in ID order so that concurrent
-/// placements queue instead of over-committing a host or deadlocking.
-pub async fn schedulable_for_team_locked(
+/// own BYOC hosts).
+pub async fn schedulable_for_team(
     ex: impl PgExecutor<'_>,
     team: Uuid,
 ) -> Result<Vec<Host>, DbError> {
@@ -259,10 +258,34 @@ pub async fn schedulable_for_team_locked(
                   agent_secret_hash, created_by, created_at, updated_at
            FROM hosts
            WHERE status = 'online' AND address IS NOT NULL AND (type = 'regular' OR team_id = $1)
-           ORDER BY id FOR UPDATE"#,
+           ORDER BY id"#,
         team,
     )
     .fetch_all(ex)
+    .await?)
+}
+
+/// Host `id` if `team` may still place sandboxes on it, locked for the rest of the transaction
+/// so that placements on this host queue instead of over-committing it.
+pub async fn lock_schedulable(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    team: Uuid,
+) -> Result<Option<Host>, DbError> {
+    Ok(sqlx::query_as!(
+        Host,
+        r#"SELECT id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
+                  cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
+                  last_heartbeat_at, metadata, versions, agent_secret_generation,
+                  agent_secret_hash, created_by, created_at, updated_at
+           FROM hosts
+           WHERE id = $1 AND status = 'online' AND address IS NOT NULL
+             AND (type = 'regular' OR team_id = $2)
+           FOR UPDATE"#,
+        id,
+        team,
+    )
+    .fetch_optional(ex)
     .await?)
 }
 

@@ -143,14 +143,6 @@ impl SandboxStatus {
     }
 }
 
-fn live() -> Vec<String> {
-    SandboxStatus::ALL
-        .into_iter()
-        .filter(|s| s.is_live())
-        .map(|s| s.as_str().to_owned())
-        .collect()
-}
-
 /// A sandbox with what its API representation needs from other tables.
 #[derive(Debug, Clone)]
 pub struct SandboxRow {
@@ -436,12 +428,14 @@ pub async fn status_of(
     .await?)
 }
 
-/// The sandboxes on `host` that may still hold resources there.
+/// The sandboxes on `host` that may still hold resources there (`status NOT IN ('stopped',
+/// 'error')` is [`SandboxStatus::is_live`], spelled as the partial index `sandboxes_live_on_host`
+/// needs it).
 pub async fn live_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<Uuid>, DbError> {
     Ok(sqlx::query_scalar!(
-        "SELECT id FROM sandboxes WHERE host_id = $1 AND status = ANY($2) ORDER BY created_at, id",
+        "SELECT id FROM sandboxes WHERE host_id = $1 AND status NOT IN ('stopped', 'error')
+         ORDER BY created_at, id",
         host,
-        &live(),
     )
     .fetch_all(ex)
     .await?)
@@ -482,6 +476,36 @@ pub async fn reserved_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Res
     .await?)
 }
 
+/// [`reserved_on_host`] for each of `hosts` in one read; hosts holding nothing are absent.
+pub async fn reserved_on_hosts(
+    ex: impl PgExecutor<'_>,
+    hosts: &[Uuid],
+) -> Result<Vec<(Uuid, Reserved)>, DbError> {
+    let rows = sqlx::query!(
+        r#"SELECT host_id AS "host_id!",
+               COALESCE(SUM(vcpus) FILTER (WHERE status <> 'paused'), 0)::BIGINT AS "vcpus!",
+               COALESCE(SUM(memory_mb) FILTER (WHERE status <> 'paused'), 0)::BIGINT AS "memory_mb!",
+               COALESCE(SUM(disk_mb), 0)::BIGINT AS "disk_mb!"
+           FROM sandboxes
+           WHERE host_id = ANY($1) AND status NOT IN ('stopped', 'error')
+           GROUP BY host_id"#,
+        hosts,
+    )
+    .fetch_all(ex)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let reserved = Reserved {
+                vcpus: r.vcpus,
+                memory_mb: r.memory_mb,
+                disk_mb: r.disk_mb,
+            };
+            (r.host_id, reserved)
+        })
+        .collect())
+}
+
 /// One sandbox as the reconciler sees it.
 #[derive(Debug, Clone)]
 pub struct HostSandbox {
@@ -490,12 +514,16 @@ pub struct HostSandbox {
     pub last_updated: DateTime<Utc>,
 }
 
-/// Every sandbox placed on `host`, any status.
-pub async fn on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<HostSandbox>, DbError> {
+/// The sandboxes on `host` that may still hold resources there (as [`live_on_host`]).
+pub async fn live_rows_on_host(
+    ex: impl PgExecutor<'_>,
+    host: Uuid,
+) -> Result<Vec<HostSandbox>, DbError> {
     Ok(sqlx::query_as!(
         HostSandbox,
         r#"SELECT id, status AS "status: SandboxStatus", last_updated
-           FROM sandboxes WHERE host_id = $1 ORDER BY created_at, id"#,
+           FROM sandboxes WHERE host_id = $1 AND status NOT IN ('stopped', 'error')
+           ORDER BY created_at, id"#,
         host,
     )
     .fetch_all(ex)
@@ -512,6 +540,19 @@ pub async fn db_now(ex: impl PgExecutor<'_>) -> Result<DateTime<Utc>, DbError> {
 #[cfg(test)]
 mod tests {
     use super::SandboxStatus as S;
+
+    /// Queries spell "may still hold resources" as `status NOT IN ('stopped', 'error')`, which
+    /// partial indexes rely on; it must stay [`S::is_live`].
+    #[test]
+    fn the_sql_spelling_of_live_is_is_live() {
+        let mut not_live: Vec<&str> = S::ALL
+            .into_iter()
+            .filter(|s| !s.is_live())
+            .map(S::as_str)
+            .collect();
+        not_live.sort_unstable();
+        assert_eq!(not_live, ["error", "stopped"]);
+    }
 
     /// Every pair the table allows, written out once more so a change to the table is a
     /// deliberate change here too.
