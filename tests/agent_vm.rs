@@ -9,6 +9,7 @@
 mod support;
 
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
@@ -529,6 +530,188 @@ async fn a_guest_without_network_is_destroyed_quickly() {
             "the destroy took {:?}",
             started.elapsed()
         );
+        wait_clean(&agent);
+        agent
+    })
+    .await
+    .unwrap();
+    drop(agent);
+    cp.stop().await;
+}
+
+/// A stand-in for envd that a hostile guest could run: `silent` accepts connections and never
+/// answers; `endless` answers every request with a 500 whose body never ends.
+const HOSTILE_ENVD: &str = r#"
+import socket, sys, threading
+mode, port = sys.argv[1], int(sys.argv[2])
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", port))
+server.listen(256)
+held = []
+def endless(conn):
+    try:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+        while True:
+            conn.sendall(chunk)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+print("ready", flush=True)
+while True:
+    conn, _ = server.accept()
+    if mode == "silent":
+        held.append(conn)
+    else:
+        threading.Thread(target=endless, args=(conn,), daemon=True).start()
+"#;
+
+/// A running [`HOSTILE_ENVD`], stopped when dropped (a failing test too must not leave it
+/// holding the VM test lock it inherited).
+struct HostileEnvd(Child);
+
+impl Drop for HostileEnvd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Turns sandbox `guest_addr`'s envd into a hostile one: inside the sandbox's network namespace,
+/// new connections to envd are redirected to [`HOSTILE_ENVD`] before they reach the guest, and
+/// the agent's open connections to the real one are cut, so the agent meets the hostile server
+/// exactly where it expects envd.
+fn impersonate_envd(agent: &support::agent::Agent, guest_addr: &str, mode: &str) -> HostileEnvd {
+    use std::io::BufRead;
+    let own = format!("{}-", agent.prefix);
+    let namespace = support::agent::sh("ip netns list")
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|ns| ns.starts_with(&own))
+        .find(|ns| {
+            support::agent::sh(&format!("ip netns exec {ns} nft list ruleset")).contains(guest_addr)
+        })
+        .expect("the sandbox's namespace")
+        .to_owned();
+    let rules = format!(
+        "table ip hostile_envd {{\n chain prerouting {{\n  type nat hook prerouting priority -150\n  \
+         ip daddr {guest_addr} tcp dport 49983 redirect to :49984\n }}\n}}\n"
+    );
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &namespace, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(nft.stdin.as_mut().unwrap(), rules.as_bytes()).unwrap();
+    drop(nft.stdin.take());
+    assert!(nft.wait().unwrap().success());
+    let mut server = HostileEnvd(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &namespace,
+                "python3",
+                "-c",
+                HOSTILE_ENVD,
+                mode,
+                "49984",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut ready = String::new();
+    std::io::BufReader::new(server.0.stdout.as_mut().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    support::agent::sh(&format!("ss -K dst {guest_addr} dport = 49983"));
+    server
+}
+
+/// Guests whose envd never answers, or answers without end, cost their own calls and nothing
+/// else: the agent's memory stays put, another sandbox is paused on time meanwhile, and each
+/// hostile sandbox is destroyed in well under 15 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_guests_cost_the_agent_neither_memory_nor_time() {
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let (cp, agent, _, _) = stack().await;
+    let agent = tokio::task::spawn_blocking(move || {
+        let (silent, endless, idle) = (sid("e2e-silent"), sid("e2e-endless"), sid("e2e-idle"));
+        let mut addresses = Vec::new();
+        for id in [&silent, &endless] {
+            let (status, info) = agent.create(id);
+            assert_eq!(status, StatusCode::CREATED, "{info}");
+            addresses.push(info["guest_addr"].as_str().unwrap().to_owned());
+        }
+        let fakes = [
+            impersonate_envd(&agent, &addresses[0], "silent"),
+            impersonate_envd(&agent, &addresses[1], "endless"),
+        ];
+        let body = json!({"sandbox_id": idle, "template": "minimal", "vcpus": 1,
+                          "memory_mb": 256, "disk_mb": 256, "timeout_sec": 6});
+        let (status, info) = agent.call(Method::POST, "/v1/sandboxes", Some(body));
+        assert_eq!(status, StatusCode::CREATED, "{info}");
+        let idle_since = Instant::now();
+        let before = agent.peak_rss_kib();
+
+        // Calls into both, many at once, each client giving up after a few seconds.
+        let call = |id: &str| {
+            agent.call_bounded(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/envd/processes/run"),
+                json!({"process": {"cmd": "true"}}),
+                Duration::from_secs(4),
+                1 << 20,
+            )
+        };
+        std::thread::scope(|scope| {
+            let calls: Vec<_> = (0..16)
+                .flat_map(|_| [&silent, &endless])
+                .map(|id| scope.spawn(move || (id.clone(), call(id))))
+                .collect();
+            for handle in calls {
+                let (id, status) = handle.join().unwrap();
+                if id == silent {
+                    assert_eq!(status, None, "a silent envd answered");
+                } else {
+                    assert_eq!(status, Some(StatusCode::INTERNAL_SERVER_ERROR));
+                }
+            }
+        });
+
+        // The idle sandbox was paused on time all the same.
+        loop {
+            let (_, info) = agent.call(Method::GET, &format!("/v1/sandboxes/{idle}"), None);
+            if info["status"] == "paused" {
+                break;
+            }
+            assert!(
+                idle_since.elapsed() < Duration::from_secs(40),
+                "the idle sandbox was not paused: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        for id in [&silent, &endless] {
+            let started = Instant::now();
+            let (status, body) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None);
+            assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "destroying {id} took {:?}",
+                started.elapsed()
+            );
+        }
+        drop(fakes);
+        let grown = agent.peak_rss_kib().saturating_sub(before);
+        assert!(grown < 32 * 1024, "the agent grew by {grown} KiB");
+        let (status, body) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{idle}"), None);
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
         wait_clean(&agent);
         agent
     })

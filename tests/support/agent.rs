@@ -261,6 +261,36 @@ impl Agent {
         )
     }
 
+    /// A call a hostile guest may never answer, or answer without end: gives up after
+    /// `timeout` and reads at most `read_limit` bytes of the body. `None` when no answer came.
+    pub fn call_bounded(
+        &self,
+        method: Method,
+        path: &str,
+        body: Value,
+        timeout: Duration,
+        read_limit: u64,
+    ) -> Option<StatusCode> {
+        use std::io::Read;
+        let http: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .build()
+            .into();
+        let request = ureq::http::Request::builder()
+            .method(method)
+            .uri(self.url(path))
+            .header("authorization", format!("Bearer {}", self.secret))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&body).unwrap())
+            .unwrap();
+        let mut response = http.run(request).ok()?;
+        let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+        let mut reader = response.body_mut().as_reader().take(read_limit);
+        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        Some(status)
+    }
+
     pub fn create(&self, id: &str) -> (StatusCode, Value) {
         self.call(
             Method::POST,
