@@ -48,7 +48,10 @@ fn contract(value: &Value) -> Value {
 fn without_additions(spec: &Spec, ours: &Value, reference: &Value) -> Value {
     let mut op = ours.clone();
     if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
-        let known = reference["parameters"].as_array().cloned().unwrap_or_default();
+        let known = reference["parameters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         params.retain(|param| {
             if known.contains(param) {
                 return true;
@@ -61,7 +64,10 @@ fn without_additions(spec: &Spec, ours: &Value, reference: &Value) -> Value {
                 None => param.clone(),
             };
             assert_eq!(resolved["in"], "query", "added parameter {param}");
-            assert_ne!(resolved["required"], true, "added parameter {param} is required");
+            assert_ne!(
+                resolved["required"], true,
+                "added parameter {param} is required"
+            );
             false
         });
         if params.is_empty() && reference.get("parameters").is_none() {
