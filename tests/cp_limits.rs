@@ -686,3 +686,131 @@ async fn signup_is_throttled_per_address_and_can_be_closed() {
     assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
     cp.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn team_limits_apply_alike_to_rest_calls_and_websocket_sessions() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+    use wrenn::cp::limits::{TeamLimitSettings, Work};
+    use wrenn::cp::state::AuthSettings;
+
+    let capsules = wrenn::cp::state::CapsuleSettings {
+        team_limits: TeamLimitSettings {
+            execs: 1,
+            transfers: 1,
+            sessions: 1,
+        },
+        ..support::quiet_capsules()
+    };
+    let cp = TestCp::start_full(support::QUIET_MONITOR, capsules, AuthSettings::default()).await;
+    let admin = cp.signup("admin@example.com").await;
+    let other = cp.signup("other@example.com").await;
+    let sandbox = SandboxId(Uuid::new_v4());
+    let fake = fake_agent(sandbox).await;
+    let host = online_host(&cp, &fake.to_string()).await;
+    let capsule = running_capsule(&cp, &admin, host, sandbox.uuid()).await;
+    let team = admin.team.parse::<wrenn::id::TeamId>().unwrap();
+    // Work already in progress for the team: one of each kind, its whole allowance.
+    let _held = [Work::Exec, Work::Transfer, Work::Session]
+        .map(|work| cp.state.team_limits.acquire(team, work).unwrap());
+
+    let rest = [
+        ("exec", json!({"cmd": "true"})),
+        ("files/list", json!({"path": "/"})),
+        ("files/read", json!({"path": "/big"})),
+        ("files/stream/read", json!({"path": "/big"})),
+    ];
+    for (route, body) in rest {
+        let headers = [("authorization", format!("Bearer {}", admin.token))];
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (status, response_headers, body) = cp
+            .raw_with_headers(
+                Method::POST,
+                &format!("/v1/capsules/{capsule}/{route}"),
+                &headers,
+                Some("application/json"),
+                serde_json::to_vec(&body).unwrap(),
+            )
+            .await;
+        assert_error(status, &body, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+        assert_eq!(response_headers["retry-after"], "1", "{route}");
+    }
+    let boundary = "b";
+    let upload = format!(
+        "--{boundary}\r\ncontent-disposition: form-data; name=\"path\"\r\n\r\n/x\r\n--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\nhi\r\n--{boundary}--\r\n"
+    );
+    let (status, body) = cp
+        .raw(
+            Method::POST,
+            &format!("/v1/capsules/{capsule}/files/write"),
+            &[("authorization", &format!("Bearer {}", admin.token))],
+            Some(&format!("multipart/form-data; boundary={boundary}")),
+            upload.into_bytes(),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+
+    for route in ["exec/stream", "pty", "processes/42/stream"] {
+        let url = format!("ws://{}/v1/capsules/{capsule}/{route}", cp.addr);
+        // Authenticated by header: refused before the upgrade, as a plain 429.
+        let mut request = url.as_str().into_client_request().unwrap();
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", admin.token).parse().unwrap(),
+        );
+        match tokio_tungstenite::connect_async(request).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS, "{route}");
+                assert_eq!(response.headers()["retry-after"], "1");
+            }
+            other => panic!("{route}: {:?}", other.map(|_| ())),
+        }
+        // Authenticated by frame: one fatal error frame naming the limit.
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+        ws.send(Message::Text(
+            json!({"type": "auth", "token": admin.token}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+        let frame = loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Text(text) => break serde_json::from_str::<Value>(&text).unwrap(),
+                _ => continue,
+            }
+        };
+        assert_eq!(frame["type"], "error", "{frame}");
+        assert!(
+            frame["data"]
+                .as_str()
+                .unwrap()
+                .contains("cp.team_max_sessions"),
+            "{frame}"
+        );
+    }
+
+    // Another team's work is its own: its exec reaches the (fake) agent.
+    let sandbox = SandboxId(Uuid::new_v4());
+    let theirs = running_capsule(&cp, &other, host, sandbox.uuid()).await;
+    let (status, body) = cp
+        .call(
+            Method::POST,
+            &format!("/v1/capsules/{theirs}/exec"),
+            &other.auth(),
+            Some(json!({"cmd": "true"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // And once the team's work ends, its calls run again.
+    drop(_held);
+    let (status, body) = cp
+        .call(
+            Method::POST,
+            &format!("/v1/capsules/{capsule}/exec"),
+            &admin.auth(),
+            Some(json!({"cmd": "true"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    cp.stop().await;
+}
