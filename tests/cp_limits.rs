@@ -767,9 +767,13 @@ async fn team_limits_apply_alike_to_rest_calls_and_websocket_sessions() {
             other => panic!("{route}: {:?}", other.map(|_| ())),
         }
         // Authenticated by frame: one fatal error frame naming the limit.
-        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+        let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .unwrap();
         ws.send(Message::Text(
-            json!({"type": "auth", "token": admin.token}).to_string().into(),
+            json!({"type": "auth", "token": admin.token})
+                .to_string()
+                .into(),
         ))
         .await
         .unwrap();
