@@ -527,6 +527,59 @@ async fn pagination_walks_ten_thousand_hosts_and_capsules_without_duplicates_or_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_holds_at_most_64_tags() {
+    let cp = TestCp::start().await;
+    let admin = cp.signup("admin@example.com").await;
+    let (host, _) = cp.registered_host(&admin, json!({"type": "regular"})).await;
+    let tag = |n: usize| {
+        let cp = &cp;
+        let path = format!("/v1/hosts/{host}/tags");
+        let auth = admin.auth();
+        async move {
+            cp.call(
+                Method::POST,
+                &path,
+                &auth,
+                Some(json!({"tag": format!("t{n}")})),
+            )
+            .await
+        }
+    };
+    // Added concurrently, they still stop at the bound.
+    let added = futures::future::join_all((0..80).map(tag)).await;
+    let created = added
+        .iter()
+        .filter(|(status, _)| *status == StatusCode::NO_CONTENT)
+        .count();
+    assert_eq!(created, 64);
+    for (status, body) in added.iter().filter(|(s, _)| *s != StatusCode::NO_CONTENT) {
+        assert_error(*status, body, StatusCode::CONFLICT, "conflict");
+    }
+    let (status, tags) = cp
+        .call(
+            Method::GET,
+            &format!("/v1/hosts/{host}/tags"),
+            &admin.auth(),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let tags: Vec<String> = serde_json::from_value(tags).unwrap();
+    assert_eq!(tags.len(), 64);
+    // Adding one it has is still a no-op.
+    let (status, _) = cp
+        .call(
+            Method::POST,
+            &format!("/v1/hosts/{host}/tags"),
+            &admin.auth(),
+            Some(json!({"tag": tags[0]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn small_lists_page_in_their_order_and_teams_keep_the_default_first() {
     let cp = TestCp::start().await;
     let user = cp.signup("owner@example.com").await;

@@ -507,9 +507,23 @@ pub async fn tags(db: &Db, caller: &Caller, id: HostId) -> Result<Vec<String>, S
     Ok(host_tags::list(db, host.id).await?)
 }
 
+/// The most tags a host holds, which bounds `GET /v1/hosts/{id}/tags` without pages.
+pub const MAX_HOST_TAGS: i64 = 64;
+
 pub async fn add_tag(db: &Db, caller: &Caller, id: HostId, tag: Tag) -> Result<(), ServiceError> {
     let host = manageable(db, caller, id).await?;
-    host_tags::add(db, host.id, tag.as_str()).await?;
+    // The host's row lock makes concurrent adds count one after another.
+    let mut tx = db.begin().await.map_err(DbError::from)?;
+    hosts::by_id_for_update(&mut *tx, host.id)
+        .await?
+        .ok_or(ServiceError::NotFound("host"))?;
+    if !host_tags::add_bounded(&mut *tx, host.id, tag.as_str(), MAX_HOST_TAGS).await? {
+        return Err(ServiceError::Conflict {
+            code: ErrorCode::Conflict,
+            message: format!("a host holds at most {MAX_HOST_TAGS} tags; remove one first"),
+        });
+    }
+    tx.commit().await.map_err(DbError::from)?;
     Ok(())
 }
 
