@@ -203,7 +203,8 @@ async fn run_cp(command: CpCommand, config: &config::Config) -> anyhow::Result<E
             let email = input::Email::parse("--email", &email)?;
             let password = input::Password::parse("password", password)?;
             let db = connect(config).await?;
-            match accounts::ensure_admin(&db, email, password).await? {
+            let passwords = crate::cp::services::passwords::PasswordHashing::new(1);
+            match accounts::ensure_admin(&db, &passwords, email, password).await? {
                 accounts::AdminBootstrap::Created(id) => println!("created platform admin {id}"),
                 accounts::AdminBootstrap::Promoted(id) => {
                     println!(

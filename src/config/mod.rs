@@ -18,7 +18,7 @@ pub use keys::{Key, KEYS};
 pub use layout::{Layout, LayoutError};
 pub use types::{
     ConsoleLogMaxBytes, DatabaseUrl, HostPort, HttpUrl, InterfaceName, IpCidr, IpCidrList,
-    Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat, QemuAccel, Secret, VmmKind,
+    Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat, QemuAccel, Secret, SignupMode, VmmKind,
 };
 
 /// The variable that names the configuration file when `--config` is not given.
@@ -64,6 +64,13 @@ pub struct CpConfig {
     pub login_address_max_failures: u32,
     pub login_address_window_secs: u64,
     pub trusted_proxies: IpCidrList,
+    pub signup: SignupMode,
+    pub signup_address_max: u32,
+    pub signup_address_window_secs: u64,
+    pub password_hash_permits: usize,
+    pub team_max_execs: usize,
+    pub team_max_transfers: usize,
+    pub team_max_sessions: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,6 +156,27 @@ impl Default for Config {
                     .parse()
                     .expect("default is a number"),
                 trusted_proxies: default("cp.trusted_proxies")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                signup: default("cp.signup")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                signup_address_max: default("cp.signup_address_max")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                signup_address_window_secs: default("cp.signup_address_window_secs")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                password_hash_permits: default("cp.password_hash_permits")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                team_max_execs: default("cp.team_max_execs")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                team_max_transfers: default("cp.team_max_transfers")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                team_max_sessions: default("cp.team_max_sessions")
                     .parse()
                     .expect("defaults in KEYS parse"),
             },

@@ -443,6 +443,36 @@ impl fmt::Display for LogFormat {
     }
 }
 
+/// Whether `POST /v1/auth/signup` creates accounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignupMode {
+    Open,
+    Closed,
+}
+
+impl FromStr for SignupMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(Self::Open),
+            "closed" => Ok(Self::Closed),
+            other => Err(format!(
+                "`{other}` is not a signup mode; expected `open` or `closed`"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for SignupMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Open => "open",
+            Self::Closed => "closed",
+        })
+    }
+}
+
 /// Which VMM the host agent runs sandboxes under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VmmKind {
@@ -586,6 +616,7 @@ string_serde! {
     DatabaseUrl => |v| v.0.clone(),
     Secret => |v| v.0.clone(),
     LogFormat => |v| v.to_string(),
+    SignupMode => |v| v.to_string(),
     Ipv4Cidr => |v| v.to_string(),
     Ipv4CidrList => |v| v.to_string(),
     IpCidrList => |v| v.to_string(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -48,7 +48,17 @@ pub enum AgentError {
     },
     #[error("unexpected answer from host agent {host}: {reason}")]
     Decode { host: HostId, reason: String },
+    /// The answer was longer than any legitimate one (a hostile agent, or a guest behind it):
+    /// reading stopped at the cap.
+    #[error("the agent's answer exceeded {} MiB (host agent {host})", .limit >> 20)]
+    TooLarge { host: HostId, limit: usize },
 }
+
+/// The largest JSON answer read from an agent's own API (sandbox lifecycle, its sandbox list):
+/// a list of thousands of sandboxes fits many times over.
+pub const AGENT_ANSWER_LIMIT: usize = 16 << 20;
+/// The largest error body read from an agent; only its message is kept.
+const ERROR_BODY_LIMIT: usize = 64 << 10;
 
 impl AgentError {
     /// The error code the agent or envd answered with, if it refused the request.
@@ -73,9 +83,9 @@ impl AgentError {
                 host: target.host,
                 reason,
             },
-            too_large @ EnvdClientError::TooLarge { .. } => AgentError::Decode {
+            EnvdClientError::TooLarge { limit } => AgentError::TooLarge {
                 host: target.host,
-                reason: too_large.to_string(),
+                limit,
             },
             unreachable @ (EnvdClientError::BadAddress(_)
             | EnvdClientError::BadCredential
@@ -192,11 +202,9 @@ impl AgentClient {
             return Ok(response);
         }
         let status = response.status();
-        let body = tokio::time::timeout(timeout, response.into_body().collect())
+        // An unreadable or oversized error body still leaves the status to go by.
+        let body = read_capped(target, response, ERROR_BODY_LIMIT, timeout)
             .await
-            .ok()
-            .and_then(Result::ok)
-            .map(|b| b.to_bytes())
             .unwrap_or_default();
         Err(answer_error(target.host, status, &body))
     }
@@ -238,18 +246,7 @@ impl AgentClient {
             None => Self::request(target, method, path, Self::full(Bytes::new()), None),
         };
         let response = self.send(target, request, timeout).await?;
-        let collected = tokio::time::timeout(timeout, response.into_body().collect())
-            .await
-            .map_err(|_| AgentError::Timeout {
-                host: target.host,
-                after: timeout,
-            })?
-            .map_err(|e| AgentError::Unreachable {
-                host: target.host,
-                address: target.address.clone(),
-                reason: error_chain(&e),
-            })?;
-        Ok(collected.to_bytes())
+        read_capped(target, response, AGENT_ANSWER_LIMIT, timeout).await
     }
 
     pub async fn ping(&self, target: &AgentTarget) -> Result<AgentPing, AgentError> {
@@ -381,6 +378,34 @@ impl AgentClient {
     }
 }
 
+/// Reads a whole answer of at most `limit` bytes within `timeout`; a longer one is
+/// [`AgentError::TooLarge`] and nothing beyond the limit is buffered (the connection is dropped
+/// rather than drained).
+async fn read_capped(
+    target: &AgentTarget,
+    response: Response<Incoming>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, AgentError> {
+    let read = Limited::new(response.into_body(), limit).collect();
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Err(AgentError::Timeout {
+            host: target.host,
+            after: timeout,
+        }),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<LengthLimitError>() => Err(AgentError::TooLarge {
+            host: target.host,
+            limit,
+        }),
+        Ok(Err(error)) => Err(AgentError::Unreachable {
+            host: target.host,
+            address: target.address.clone(),
+            reason: error_chain(&*error),
+        }),
+    }
+}
+
 /// Turns a non-success answer into an error: client errors keep the agent's (or envd's) code,
 /// everything else is the agent failing.
 fn answer_error(host: HostId, status: StatusCode, body: &[u8]) -> AgentError {
@@ -462,6 +487,61 @@ mod tests {
         );
     }
 
+    /// A server that answers every request with `head` and then zeros without end.
+    async fn endless(head: &'static str) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = socket.read(&mut request).await;
+                    socket.write_all(head.as_bytes()).await?;
+                    let zeros = vec![b'0'; 1 << 20];
+                    loop {
+                        socket.write_all(&zeros).await?;
+                    }
+                    #[allow(unreachable_code)]
+                    Ok::<_, std::io::Error>(())
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_endless_answer_or_error_body_is_cut_at_its_cap() {
+        let client = AgentClient::new(AgentTimeouts::default());
+        let target = |addr: std::net::SocketAddr| AgentTarget {
+            host: HostId(uuid::Uuid::nil()),
+            address: addr.to_string(),
+            secret: "s".into(),
+        };
+        let ok = endless("HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n").await;
+        let started = std::time::Instant::now();
+        match client.ping(&target(ok)).await {
+            Err(error @ AgentError::TooLarge { limit, .. }) => {
+                assert_eq!(limit, AGENT_ANSWER_LIMIT);
+                assert!(error
+                    .to_string()
+                    .starts_with("the agent's answer exceeded 16 MiB"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+        // An endless error body: the status is what the error tells.
+        let failed = endless("HTTP/1.1 500 Oops\r\ncontent-length: 1073741824\r\n\r\n").await;
+        assert!(matches!(
+            client.ping(&target(failed)).await,
+            Err(AgentError::Failed {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                ..
+            })
+        ));
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
+
     #[test]
     fn envd_failures_are_told_like_the_agents_own() {
         let target = AgentTarget {
@@ -511,6 +591,14 @@ mod tests {
             AgentError::from_envd(&target, EnvdClientError::Decode("garbled".into())),
             AgentError::Decode { .. }
         ));
+        let too_large =
+            AgentError::from_envd(&target, EnvdClientError::TooLarge { limit: 64 << 20 });
+        assert!(
+            too_large
+                .to_string()
+                .starts_with("the agent's answer exceeded 64 MiB"),
+            "{too_large}"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::extract::path_id;
+use super::limits::{Work, WorkPermit};
 use super::revocations::Credential;
 use super::services::capsules::{self, CapsuleError, RunningCapsule};
 use super::services::Caller;
@@ -186,6 +187,17 @@ impl CapsuleCall {
     /// The capsule, running and its host online: a paused one is resumed first.
     pub async fn ready(self, state: &AppState) -> Result<RunningCapsule, CapsuleError> {
         capsules::ready(state, self.id, self.sandbox).await
+    }
+
+    /// [`CapsuleCall::ready`] for `work` counted against the team's limit (checked first, so
+    /// a refused call resumes nothing); the work lasts as long as the permit.
+    pub async fn ready_for(
+        self,
+        state: &AppState,
+        work: Work,
+    ) -> Result<(RunningCapsule, WorkPermit), CapsuleError> {
+        let permit = state.team_limits.acquire(self.team_id, work)?;
+        Ok((self.ready(state).await?, permit))
     }
 }
 

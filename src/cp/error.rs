@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::agent_client::AgentError;
+use super::limits;
 use super::scheduler::ScheduleError;
 use super::services::capsules::CapsuleError;
 use super::services::ServiceError;
@@ -205,6 +206,10 @@ impl From<CapsuleError> for ApiError {
                 message,
             },
             CapsuleError::Agent(agent) => agent.into(),
+            CapsuleError::TeamBusy(_) => ApiError::RateLimited {
+                message,
+                retry_after_secs: limits::RETRY_AFTER.as_secs(),
+            },
         }
     }
 }

@@ -10,10 +10,12 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::agent_client::{AgentClient, AgentTimeouts};
+use super::limits::{TeamLimitSettings, TeamLimits};
 use super::revocations::Revocations;
 use super::scheduler::SchedulerSettings;
+use super::services::passwords::PasswordHashing;
 use super::tokens::TokenKeys;
-use crate::config::{Config, IpCidrList};
+use crate::config::{Config, IpCidrList, SignupMode};
 use crate::db::Db;
 
 #[derive(Debug)]
@@ -24,6 +26,10 @@ pub struct Shared {
     pub auth: AuthSettings,
     pub agent_secrets: AgentSecrets,
     pub revocations: Revocations,
+    /// Execs, transfers and sessions each team has in progress.
+    pub team_limits: Arc<TeamLimits>,
+    /// The permits password hashes and checks run under.
+    pub passwords: PasswordHashing,
 }
 
 /// The secrets presented to agents, by host and generation. Each is a pure function of the two
@@ -76,6 +82,11 @@ pub struct AuthSettings {
     pub login_limits: LoginLimits,
     /// Reverse proxies whose `X-Forwarded-For` names the client address.
     pub trusted_proxies: IpCidrList,
+    pub signup: SignupMode,
+    /// Signups per client address and window (`max_failures` counts every signup here).
+    pub signup_per_address: Limit,
+    /// Password hashes and checks computed at once (at least 1).
+    pub password_hash_permits: usize,
 }
 
 /// The configuration's defaults.
@@ -99,6 +110,9 @@ impl AuthSettings {
                 per_address: limit(cp.login_address_max_failures, cp.login_address_window_secs),
             },
             trusted_proxies: cp.trusted_proxies.clone(),
+            signup: cp.signup,
+            signup_per_address: limit(cp.signup_address_max, cp.signup_address_window_secs),
+            password_hash_permits: cp.password_hash_permits.max(1),
         }
     }
 }
@@ -111,6 +125,7 @@ pub struct CapsuleSettings {
     /// `cp.host_agent_addr`: dialled instead of every host's registered address.
     pub agent_addr_override: Option<String>,
     pub reconcile_interval: Duration,
+    pub team_limits: TeamLimitSettings,
 }
 
 impl Default for CapsuleSettings {
@@ -120,6 +135,7 @@ impl Default for CapsuleSettings {
             scheduler: SchedulerSettings::default(),
             agent_addr_override: None,
             reconcile_interval: Duration::from_secs(15),
+            team_limits: TeamLimitSettings::default(),
         }
     }
 }
@@ -139,6 +155,7 @@ impl CapsuleSettings {
             },
             agent_addr_override: cp.host_agent_addr.as_ref().map(ToString::to_string),
             reconcile_interval: Duration::from_secs(cp.reconcile_interval_secs.max(1)),
+            team_limits: TeamLimitSettings::from_config(config),
         }
     }
 }
@@ -162,6 +179,8 @@ impl AppState {
         capsules: CapsuleSettings,
         auth: AuthSettings,
     ) -> Self {
+        let team_limits = TeamLimits::new(capsules.team_limits);
+        let passwords = PasswordHashing::new(auth.password_hash_permits);
         Self(Arc::new(Shared {
             db,
             tokens,
@@ -169,6 +188,8 @@ impl AppState {
             auth,
             agent_secrets: AgentSecrets::default(),
             revocations: Revocations::default(),
+            team_limits,
+            passwords,
         }))
     }
 }

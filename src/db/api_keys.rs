@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use super::page::Keyset;
 use super::DbError;
 
 #[derive(Debug, Clone)]
@@ -43,12 +44,22 @@ pub async fn insert(ex: impl PgExecutor<'_>, key: NewApiKey<'_>) -> Result<ApiKe
     .await?)
 }
 
-pub async fn list(ex: impl PgExecutor<'_>, team: Uuid) -> Result<Vec<ApiKey>, DbError> {
+/// Up to `limit` of the team's keys after `after`, oldest first.
+pub async fn page(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    after: Keyset,
+    limit: i64,
+) -> Result<Vec<ApiKey>, DbError> {
     Ok(sqlx::query_as!(
         ApiKey,
         "SELECT id, team_id, name, key_prefix, created_by, created_at, last_used
-         FROM team_api_keys WHERE team_id = $1 ORDER BY created_at, id",
+         FROM team_api_keys WHERE team_id = $1 AND (created_at, id) > ($2, $3)
+         ORDER BY created_at, id LIMIT $4",
         team,
+        after.created_at,
+        after.id,
+        limit,
     )
     .fetch_all(ex)
     .await?)

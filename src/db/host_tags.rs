@@ -14,16 +14,29 @@ pub async fn list(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Vec<String>, Db
     .await?)
 }
 
-/// Adding a tag the host already has is a no-op.
-pub async fn add(ex: impl PgExecutor<'_>, host: Uuid, tag: &str) -> Result<(), DbError> {
-    sqlx::query!(
-        "INSERT INTO host_tags (host_id, tag) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+/// Adds a tag unless the host already has `max` others; adding a tag the host already has is a
+/// no-op. `false` when the host is full. Concurrent adds must hold the host's row lock
+/// (`hosts::by_id_for_update`) so that they count one after another.
+pub async fn add_bounded(
+    ex: impl PgExecutor<'_>,
+    host: Uuid,
+    tag: &str,
+    max: i64,
+) -> Result<bool, DbError> {
+    Ok(sqlx::query_scalar!(
+        r#"WITH tags AS (SELECT tag FROM host_tags WHERE host_id = $1),
+                added AS (
+                    INSERT INTO host_tags (host_id, tag)
+                    SELECT $1, $2 WHERE (SELECT count(*) FROM tags) < $3
+                    ON CONFLICT DO NOTHING RETURNING tag)
+           SELECT EXISTS (SELECT 1 FROM tags WHERE tag = $2)
+                  OR EXISTS (SELECT 1 FROM added) AS "tagged!""#,
         host,
-        tag
+        tag,
+        max,
     )
-    .execute(ex)
-    .await?;
-    Ok(())
+    .fetch_one(ex)
+    .await?)
 }
 
 pub async fn remove(ex: impl PgExecutor<'_>, host: Uuid, tag: &str) -> Result<bool, DbError> {

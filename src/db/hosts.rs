@@ -7,6 +7,7 @@ use serde_json::Value;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use super::page::Keyset;
 use super::{text_enum, DbError};
 
 text_enum! {
@@ -101,28 +102,47 @@ pub async fn by_id_for_update(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Optio
     .await?)
 }
 
-pub async fn list_all(ex: impl PgExecutor<'_>) -> Result<Vec<Host>, DbError> {
+/// Up to `limit` hosts after `after`, oldest first.
+pub async fn page_all(
+    ex: impl PgExecutor<'_>,
+    after: Keyset,
+    limit: i64,
+) -> Result<Vec<Host>, DbError> {
     Ok(sqlx::query_as!(
         Host,
         r#"SELECT id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
                   cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
                   last_heartbeat_at, metadata, versions, agent_secret_generation,
                   agent_secret_hash, created_by, created_at, updated_at
-           FROM hosts ORDER BY created_at, id"#,
+           FROM hosts WHERE (created_at, id) > ($1, $2)
+           ORDER BY created_at, id LIMIT $3"#,
+        after.created_at,
+        after.id,
+        limit,
     )
     .fetch_all(ex)
     .await?)
 }
 
-pub async fn list_for_team(ex: impl PgExecutor<'_>, team: Uuid) -> Result<Vec<Host>, DbError> {
+/// Up to `limit` of the team's BYOC hosts after `after`, oldest first.
+pub async fn page_for_team(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    after: Keyset,
+    limit: i64,
+) -> Result<Vec<Host>, DbError> {
     Ok(sqlx::query_as!(
         Host,
         r#"SELECT id, type AS "host_type: HostType", team_id, provider, availability_zone, arch,
                   cpu_cores, memory_mb, disk_gb, address, status AS "status: HostStatus",
                   last_heartbeat_at, metadata, versions, agent_secret_generation,
                   agent_secret_hash, created_by, created_at, updated_at
-           FROM hosts WHERE team_id = $1 ORDER BY created_at, id"#,
+           FROM hosts WHERE team_id = $1 AND (created_at, id) > ($2, $3)
+           ORDER BY created_at, id LIMIT $4"#,
         team,
+        after.created_at,
+        after.id,
+        limit,
     )
     .fetch_all(ex)
     .await?)

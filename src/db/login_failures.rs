@@ -10,8 +10,12 @@ use sqlx::PgExecutor;
 use super::{text_enum, DbError};
 
 text_enum! {
-    /// What a failure is counted against.
-    LoginScope, "login_failures.scope" { Email => "email", Address => "address" }
+    /// What a failure is counted against; `SignupAddress` counts every signup, failed or not.
+    LoginScope, "login_failures.scope" {
+        Email => "email",
+        Address => "address",
+        SignupAddress => "signup_address"
+    }
 }
 
 /// A subject's count right after an attempt was added to it.

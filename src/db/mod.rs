@@ -10,6 +10,7 @@ pub mod host_tags;
 pub mod hosts;
 pub mod login_failures;
 pub mod migrate;
+pub mod page;
 pub mod sandboxes;
 pub mod team_members;
 pub mod teams;

@@ -8,6 +8,7 @@ use sqlx::PgExecutor;
 use uuid::Uuid;
 
 use super::hosts::HostStatus;
+use super::page::Keyset;
 use super::{text_enum, DbError};
 
 pub struct NewSandbox {
@@ -249,9 +250,13 @@ pub async fn route_for_team(
 }
 
 /// The team's sandboxes that are not `stopped` or `error`, oldest first.
-pub async fn list_live_for_team(
+/// Up to `limit` of the team's live (not stopped or failed) sandboxes after `after`, oldest
+/// first.
+pub async fn page_live_for_team(
     ex: impl PgExecutor<'_>,
     team: Uuid,
+    after: Keyset,
+    limit: i64,
 ) -> Result<Vec<SandboxRow>, DbError> {
     Ok(sqlx::query_as!(
         SandboxRow,
@@ -263,8 +268,12 @@ pub async fn list_live_for_team(
            JOIN templates t ON t.id = s.template_id
            LEFT JOIN hosts h ON h.id = s.host_id
            WHERE s.team_id = $1 AND s.status NOT IN ('stopped', 'error')
-           ORDER BY s.created_at, s.id"#,
+             AND (s.created_at, s.id) > ($2, $3)
+           ORDER BY s.created_at, s.id LIMIT $4"#,
         team,
+        after.created_at,
+        after.id,
+        limit,
     )
     .fetch_all(ex)
     .await?)

@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use super::page::Keyset;
 use super::{text_enum, DbError};
 
 text_enum! {
@@ -60,13 +61,23 @@ pub async fn role_of(
     .await?)
 }
 
-pub async fn list(ex: impl PgExecutor<'_>, team: Uuid) -> Result<Vec<Member>, DbError> {
+/// Up to `limit` of the team's members after `after` (by joining time and user ID).
+pub async fn page(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    after: Keyset,
+    limit: i64,
+) -> Result<Vec<Member>, DbError> {
     Ok(sqlx::query_as!(
         Member,
         r#"SELECT m.user_id, u.email, m.role AS "role: Role", m.created_at AS joined_at
            FROM team_members m JOIN users u ON u.id = m.user_id
-           WHERE m.team_id = $1 ORDER BY m.created_at, m.user_id"#,
+           WHERE m.team_id = $1 AND (m.created_at, m.user_id) > ($2, $3)
+           ORDER BY m.created_at, m.user_id LIMIT $4"#,
         team,
+        after.created_at,
+        after.id,
+        limit,
     )
     .fetch_all(ex)
     .await?)

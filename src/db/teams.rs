@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use super::page::Keyset;
 use super::team_members::Role;
 use super::DbError;
 
@@ -50,17 +51,25 @@ pub async fn by_id(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Team>, Db
     .await?)
 }
 
-/// The live teams a user belongs to, default team first.
-pub async fn list_for_user(
+/// Up to `limit` of the live teams a user belongs to after `after`: the default team first
+/// (`later` false), then the others (`later` true) by creation.
+pub async fn page_for_user(
     ex: impl PgExecutor<'_>,
     user: Uuid,
+    after: Keyset,
+    limit: i64,
 ) -> Result<Vec<TeamWithRole>, DbError> {
     let rows = sqlx::query!(
         r#"SELECT t.id, t.name, t.slug, t.created_at, m.role AS "role: Role", m.is_default
            FROM team_members m JOIN teams t ON t.id = m.team_id
            WHERE m.user_id = $1 AND t.deleted_at IS NULL
-           ORDER BY m.is_default DESC, t.created_at, t.id"#,
+             AND (NOT m.is_default, t.created_at, t.id) > ($2, $3, $4)
+           ORDER BY m.is_default DESC, t.created_at, t.id LIMIT $5"#,
         user,
+        after.later,
+        after.created_at,
+        after.id,
+        limit,
     )
     .fetch_all(ex)
     .await?;

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::cp::auth::AuthUser;
 use crate::cp::error::ApiError;
 use crate::cp::extract::{ApiJson, ClientAddr};
-use crate::cp::services::accounts::{self, Session, Signup};
+use crate::cp::services::accounts::{self, Session, Signup, SignupPolicy};
 use crate::cp::services::input::{DisplayName, Email, Password};
 use crate::cp::state::AppState;
 use crate::id::{TeamId, UserId};
@@ -80,6 +80,7 @@ pub struct MeResponse {
 
 pub async fn signup(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     ApiJson(req): ApiJson<SignupRequest>,
 ) -> Result<(StatusCode, Json<SignupResponse>), ApiError> {
     let signup = Signup {
@@ -87,7 +88,19 @@ pub async fn signup(
         password: Password::parse("password", &req.password)?,
         name: DisplayName::parse("name", &req.name)?,
     };
-    let session = accounts::signup(&state.db, &state.tokens, signup).await?;
+    let policy = SignupPolicy {
+        mode: state.auth.signup,
+        per_address: state.auth.signup_per_address,
+    };
+    let session = accounts::signup(
+        &state.db,
+        &state.tokens,
+        &state.passwords,
+        policy,
+        signup,
+        client,
+    )
+    .await?;
     let body = SignupResponse {
         message: "account created; you are signed in",
         session: session.into(),
@@ -104,6 +117,7 @@ pub async fn login(
     let session = accounts::login(
         &state.db,
         &state.tokens,
+        &state.passwords,
         limits,
         &req.email,
         &req.password,

@@ -2,6 +2,7 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -10,6 +11,7 @@ use super::no_content;
 use crate::cp::auth::{AuthTeam, AuthUser};
 use crate::cp::error::ApiError;
 use crate::cp::extract::{path_id, ApiJson};
+use crate::cp::pagination::PageQuery;
 use crate::cp::services::api_keys;
 use crate::cp::services::input::KeyName;
 use crate::cp::state::AppState;
@@ -66,13 +68,10 @@ pub async fn create(
 pub async fn list(
     State(state): State<AppState>,
     caller: AuthTeam,
-) -> Result<Json<Vec<ApiKeyResponse>>, ApiError> {
-    let keys = api_keys::list(&state.db, caller.team_id).await?;
-    Ok(Json(
-        keys.into_iter()
-            .map(|k| ApiKeyResponse::new(k, None))
-            .collect(),
-    ))
+    query: PageQuery,
+) -> Result<Response, ApiError> {
+    let page = api_keys::list(&state.db, caller.team_id, query.request).await?;
+    Ok(query.answer(page.map(|k| ApiKeyResponse::new(k, None))))
 }
 
 pub async fn revoke(

@@ -17,10 +17,11 @@ use axum::response::Response;
 use crate::cp::auth::{AuthTeam, API_KEY_HEADER};
 use crate::cp::error::ApiError;
 use crate::cp::extract::path_id;
+use crate::cp::limits::{Work, WorkPermit};
 use crate::cp::revocations::Credential;
 use crate::cp::services::capsules::guest;
 use crate::cp::services::capsules::guest::ws::{self, ClientSocket, Protocol, ServerFrame};
-use crate::cp::services::capsules::{self, RunningCapsule};
+use crate::cp::services::capsules::{self, CapsuleError, RunningCapsule};
 use crate::cp::state::AppState;
 use crate::envd::api::AttachRequest;
 use crate::id::SandboxId;
@@ -119,25 +120,28 @@ impl Client {
     }
 }
 
-/// A connected session's client, capsule and the credential it was opened with.
+/// A connected session: its client and capsule, the credential it was opened with and its place
+/// in the team's session limit.
 struct Connected {
     client: Client,
     capsule: RunningCapsule,
     credential: Credential,
+    _permit: WorkPermit,
 }
 
-/// Resolves the capsule for a connection, authenticating by first frame when needed; on failure
-/// the client gets an error frame and the socket is closed.
+/// Resolves the capsule for a connection, authenticating by first frame when needed (and then
+/// counting the session against the team's limit, which header callers passed before the
+/// upgrade); on failure the client gets an error frame and the socket is closed.
 async fn connect_capsule(
     mut client: Client,
     state: &AppState,
-    caller: Option<AuthTeam>,
+    caller: Caller,
     id: SandboxId,
     protocol: Protocol,
 ) -> Option<Connected> {
-    let auth = match caller {
-        Some(auth) => auth,
-        None => {
+    let (auth, permit) = match caller {
+        Caller::Header(auth, permit) => (auth, permit),
+        Caller::ByFrame => {
             let first = match client.next_text(AUTH_FRAME_WAIT).await {
                 Ok(first) => first,
                 Err(reason) => {
@@ -152,10 +156,17 @@ async fn connect_capsule(
                     return None;
                 }
             };
-            match authenticate_token(state, &token).await {
+            let auth = match authenticate_token(state, &token).await {
                 Ok(auth) => auth,
                 Err(error) => {
                     client.fail(protocol, &error.to_string()).await;
+                    return None;
+                }
+            };
+            match state.team_limits.acquire(auth.team_id, Work::Session) {
+                Ok(permit) => (auth, permit),
+                Err(busy) => {
+                    client.fail(protocol, &busy.to_string()).await;
                     return None;
                 }
             }
@@ -166,6 +177,7 @@ async fn connect_capsule(
             client,
             capsule,
             credential: auth.credential(),
+            _permit: permit,
         }),
         Err(error) => {
             client
@@ -181,14 +193,22 @@ async fn connect_capsule(
 /// even authenticated, can make the control plane hold. A larger one closes the socket.
 const CLIENT_MESSAGE_LIMIT: usize = 4 << 20;
 
+/// Who the session is for, as far as the upgrade request told.
+enum Caller {
+    /// Authenticated by header, the session already counted against its team's limit.
+    Header(AuthTeam, WorkPermit),
+    /// To be authenticated by the first frame.
+    ByFrame,
+}
+
 /// Checks what can be checked before upgrading: the upgrade itself, the ID and, for header
-/// callers, the capsule.
+/// callers, the team's session limit (a plain 429 with `Retry-After`) and the capsule.
 async fn prepare(
     state: &AppState,
-    caller: &WsCaller,
+    caller: WsCaller,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     id: &str,
-) -> Result<(WebSocketUpgrade, SandboxId), ApiError> {
+) -> Result<(WebSocketUpgrade, SandboxId, Caller), ApiError> {
     let upgrade = upgrade
         .map_err(|e| {
             ApiError::InvalidRequest(format!("expected a WebSocket upgrade: {}", e.body_text()))
@@ -196,10 +216,18 @@ async fn prepare(
         .max_message_size(CLIENT_MESSAGE_LIMIT)
         .max_frame_size(CLIENT_MESSAGE_LIMIT);
     let id: SandboxId = path_id("id", id)?;
-    if let WsCaller(Some(auth)) = caller {
-        capsules::running(state, auth.team_id, id).await?;
-    }
-    Ok((upgrade, id))
+    let caller = match caller {
+        WsCaller(Some(auth)) => {
+            let permit = state
+                .team_limits
+                .acquire(auth.team_id, Work::Session)
+                .map_err(CapsuleError::from)?;
+            capsules::running(state, auth.team_id, id).await?;
+            Caller::Header(auth, permit)
+        }
+        WsCaller(None) => Caller::ByFrame,
+    };
+    Ok((upgrade, id, caller))
 }
 
 /// Attaches to envd and relays the session until either side ends it or the credential it was
@@ -214,6 +242,7 @@ async fn session(
         mut client,
         capsule,
         credential,
+        _permit,
     } = connected;
     let session = match guest::attach(state, &capsule, &attach).await {
         Ok(session) => session,
@@ -251,10 +280,10 @@ pub async fn exec_stream(
     Path(id): Path<String>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let (upgrade, id) = prepare(&state, &caller, upgrade, &id).await?;
+    let (upgrade, id, caller) = prepare(&state, caller, upgrade, &id).await?;
     Ok(upgrade.on_upgrade(move |socket| async move {
         if let Some(connected) =
-            connect_capsule(Client(socket), &state, caller.0, id, Protocol::Exec).await
+            connect_capsule(Client(socket), &state, caller, id, Protocol::Exec).await
         {
             opened_session(state, connected, Protocol::Exec).await;
         }
@@ -268,10 +297,10 @@ pub async fn process_stream(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     guest::check_selector(&selector)?;
-    let (upgrade, id) = prepare(&state, &caller, upgrade, &id).await?;
+    let (upgrade, id, caller) = prepare(&state, caller, upgrade, &id).await?;
     Ok(upgrade.on_upgrade(move |socket| async move {
         if let Some(connected) =
-            connect_capsule(Client(socket), &state, caller.0, id, Protocol::Process).await
+            connect_capsule(Client(socket), &state, caller, id, Protocol::Process).await
         {
             let attach = AttachRequest::Connect { selector };
             session(&state, connected, Protocol::Process, attach).await;
@@ -285,10 +314,10 @@ pub async fn pty(
     Path(id): Path<String>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    let (upgrade, id) = prepare(&state, &caller, upgrade, &id).await?;
+    let (upgrade, id, caller) = prepare(&state, caller, upgrade, &id).await?;
     Ok(upgrade.on_upgrade(move |socket| async move {
         if let Some(connected) =
-            connect_capsule(Client(socket), &state, caller.0, id, Protocol::Pty).await
+            connect_capsule(Client(socket), &state, caller, id, Protocol::Pty).await
         {
             opened_session(state, connected, Protocol::Pty).await;
         }

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,6 +20,8 @@ use super::no_content;
 use crate::cp::auth::{AuthTeam, CapsuleCall};
 use crate::cp::error::ApiError;
 use crate::cp::extract::{path_id, ApiJson, ApiQuery};
+use crate::cp::limits::Work;
+use crate::cp::pagination::PageQuery;
 use crate::cp::services::capsules::guest::command::CommandRequest;
 use crate::cp::services::capsules::guest::{
     self, ExecOutcome, KillSignal, ListDirRequest, ListDirResponse, MakeDirResponse, PathRequest,
@@ -131,9 +134,10 @@ pub async fn create(
 pub async fn list(
     State(state): State<AppState>,
     auth: AuthTeam,
-) -> Result<Json<Vec<Capsule>>, ApiError> {
-    let rows = capsules::list(&state, auth.team_id).await?;
-    Ok(Json(rows.into_iter().map(Capsule::from).collect()))
+    query: PageQuery,
+) -> Result<Response, ApiError> {
+    let page = capsules::list(&state, auth.team_id, query.request).await?;
+    Ok(query.answer(page.map(Capsule::from)))
 }
 
 pub async fn get(
@@ -187,7 +191,7 @@ pub async fn exec(
     call: CapsuleCall,
     ApiJson(body): ApiJson<CommandRequest>,
 ) -> Result<Response, ApiError> {
-    let capsule = call.ready(&state).await?;
+    let (capsule, _exec) = call.ready_for(&state, Work::Exec).await?;
     Ok(match guest::exec(&state, &capsule, body).await? {
         ExecOutcome::Finished(done) => (StatusCode::OK, Json(done)).into_response(),
         ExecOutcome::Started(started) => (StatusCode::ACCEPTED, Json(started)).into_response(),
@@ -226,7 +230,7 @@ pub async fn list_dir(
     call: CapsuleCall,
     ApiJson(body): ApiJson<ListDirRequest>,
 ) -> Result<Json<ListDirResponse>, ApiError> {
-    let capsule = call.ready(&state).await?;
+    let (capsule, _transfer) = call.ready_for(&state, Work::Transfer).await?;
     Ok(Json(guest::list_dir(&state, &capsule, body).await?))
 }
 
@@ -255,9 +259,14 @@ async fn download(
     path: &str,
     chunked: bool,
 ) -> Result<Response, ApiError> {
-    let capsule = call.ready(&state).await?;
+    let (capsule, transfer) = call.ready_for(&state, Work::Transfer).await?;
     let download = guest::download(&state, &capsule, path).await?;
-    let mut response = Response::new(Body::from_stream(download.body));
+    // The transfer lasts until its last chunk is sent (or the client leaves).
+    let body = download.body.map(move |chunk| {
+        let _ = &transfer;
+        chunk
+    });
+    let mut response = Response::new(Body::from_stream(body));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -346,7 +355,7 @@ pub async fn write_file(
             e.body_text()
         ))
     })?;
-    let capsule = call.ready(&state).await?;
+    let (capsule, _transfer) = call.ready_for(&state, Work::Transfer).await?;
     let mut path = None;
     while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
         match field.name() {

@@ -3,6 +3,7 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -13,6 +14,7 @@ use crate::config::HostPort;
 use crate::cp::auth::{AuthUser, HostAuth};
 use crate::cp::error::ApiError;
 use crate::cp::extract::{path_id, ApiJson, ApiQuery, ClientAddr};
+use crate::cp::pagination::PageQuery;
 use crate::cp::services::hosts::{self, AgentSpecs, CreateHost, HostCredentials};
 use crate::cp::services::input::Tag;
 use crate::cp::state::AppState;
@@ -184,14 +186,10 @@ pub async fn create(
 pub async fn list(
     State(state): State<AppState>,
     auth: AuthUser,
-) -> Result<Json<Vec<HostView>>, ApiError> {
-    Ok(Json(
-        hosts::list(&state.db, &auth.caller)
-            .await?
-            .into_iter()
-            .map(Into::into)
-            .collect(),
-    ))
+    query: PageQuery,
+) -> Result<Response, ApiError> {
+    let page = hosts::list(&state.db, &auth.caller, query.request).await?;
+    Ok(query.answer(page.map(HostView::from)))
 }
 
 pub async fn get(

@@ -2,6 +2,7 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -10,6 +11,7 @@ use super::no_content;
 use crate::cp::auth::AuthUser;
 use crate::cp::error::ApiError;
 use crate::cp::extract::{path_id, ApiJson};
+use crate::cp::pagination::PageQuery;
 use crate::cp::services::input::{Email, TeamName};
 use crate::cp::services::teams;
 use crate::cp::state::AppState;
@@ -110,14 +112,10 @@ fn team_path(raw: &str) -> Result<TeamId, ApiError> {
 pub async fn list(
     State(state): State<AppState>,
     auth: AuthUser,
-) -> Result<Json<Vec<TeamWithRoleView>>, ApiError> {
-    Ok(Json(
-        teams::list(&state.db, &auth.caller)
-            .await?
-            .into_iter()
-            .map(Into::into)
-            .collect(),
-    ))
+    query: PageQuery,
+) -> Result<Response, ApiError> {
+    let page = teams::list(&state.db, &auth.caller, query.request).await?;
+    Ok(query.answer(page.map(TeamWithRoleView::from)))
 }
 
 pub async fn create(
@@ -174,9 +172,11 @@ pub async fn members(
     State(state): State<AppState>,
     auth: AuthUser,
     Path(id): Path<String>,
-) -> Result<Json<Vec<MemberView>>, ApiError> {
-    let members = teams::members(&state.db, &auth.caller, team_path(&id)?).await?;
-    Ok(Json(members.into_iter().map(Into::into).collect()))
+    query: PageQuery,
+) -> Result<Response, ApiError> {
+    let team = team_path(&id)?;
+    let page = teams::members(&state.db, &auth.caller, team, query.request).await?;
+    Ok(query.answer(page.map(MemberView::from)))
 }
 
 pub async fn add_member(

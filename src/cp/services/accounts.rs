@@ -2,14 +2,16 @@
 
 use std::net::IpAddr;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
 use uuid::Uuid;
 
 use super::input::{DisplayName, Email, Password, TeamName};
-use super::login_limits::{Attempt, LoginLimits};
+use super::login_limits::{self, Attempt, LoginLimits};
+use super::passwords::PasswordHashing;
 use super::ServiceError;
+use crate::config::SignupMode;
+use crate::cp::state::Limit;
 use crate::cp::tokens::{random_hex, TokenKeys};
+use crate::db::page::Keyset;
 use crate::db::team_members::{self, Role};
 use crate::db::users::{self, NewUser, User, UserStatus};
 use crate::db::{teams, Db, DbError};
@@ -33,46 +35,6 @@ pub struct Signup {
     pub email: Email,
     pub password: Password,
     pub name: DisplayName,
-}
-
-async fn hash_password(password: &Password) -> Result<String, ServiceError> {
-    let password = password.as_str().to_owned();
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::encode_b64(random_hex(16).as_bytes())
-            .map_err(|e| ServiceError::PasswordHash(e.to_string()))?;
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .map_err(|e| ServiceError::PasswordHash(e.to_string()))
-    })
-    .await
-    .map_err(|e| ServiceError::PasswordHash(e.to_string()))?
-}
-
-async fn password_matches(hash: &str, password: &str) -> bool {
-    let (hash, password) = (hash.to_owned(), password.to_owned());
-    tokio::task::spawn_blocking(move || {
-        PasswordHash::new(&hash).is_ok_and(|parsed| {
-            Argon2::default()
-                .verify_password(password.as_bytes(), &parsed)
-                .is_ok()
-        })
-    })
-    .await
-    .unwrap_or(false)
-}
-
-/// A valid argon2 hash of a random password, computed once, for logins with an unknown email.
-fn unknown_account_hash() -> &'static str {
-    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    HASH.get_or_init(|| {
-        let salt =
-            SaltString::encode_b64(random_hex(16).as_bytes()).expect("16 bytes is a valid salt");
-        Argon2::default()
-            .hash_password(random_hex(16).as_bytes(), &salt)
-            .map(|h| h.to_string())
-            .unwrap_or_default()
-    })
 }
 
 /// `xxxxxx-yyyyyy`, 12 hex digits: teams are addressed by ID; the slug is for people.
@@ -118,10 +80,11 @@ pub(crate) async fn create_team_owned_by(
 /// becomes platform admin, as does any account made with `make_admin`.
 pub async fn create_account(
     db: &Db,
+    passwords: &PasswordHashing,
     signup: Signup,
     make_admin: bool,
 ) -> Result<(User, teams::Team), ServiceError> {
-    let hash = hash_password(&signup.password).await?;
+    let hash = passwords.hash(&signup.password).await?;
     let mut tx = db.begin().await.map_err(DbError::from)?;
     users::lock_admin_bootstrap(&mut *tx).await?;
     let is_admin = make_admin || !users::any_admin(&mut *tx).await?;
@@ -143,8 +106,36 @@ pub async fn create_account(
     Ok((user, team))
 }
 
-pub async fn signup(db: &Db, tokens: &TokenKeys, signup: Signup) -> Result<Session, ServiceError> {
-    let (user, team) = create_account(db, signup, false).await?;
+/// How signup is allowed: open or closed, and how often per client address.
+#[derive(Debug, Clone, Copy)]
+pub struct SignupPolicy {
+    pub mode: SignupMode,
+    pub per_address: Limit,
+}
+
+/// A self-service signup from `client`: refused when signup is closed, throttled per client
+/// address (every signup counts, so a burst from one address stops before it reaches the
+/// password hash).
+pub async fn signup(
+    db: &Db,
+    tokens: &TokenKeys,
+    passwords: &PasswordHashing,
+    policy: SignupPolicy,
+    signup: Signup,
+    client: Option<IpAddr>,
+) -> Result<Session, ServiceError> {
+    match policy.mode {
+        SignupMode::Open => {}
+        SignupMode::Closed => {
+            return Err(ServiceError::forbidden(
+                "signup is closed on this installation; an administrator creates accounts",
+            ))
+        }
+    }
+    if let Some(client) = client {
+        login_limits::count_signup(db, policy.per_address, client).await?;
+    }
+    let (user, team) = create_account(db, passwords, signup, false).await?;
     Ok(session(tokens, &user, team.id))
 }
 
@@ -153,6 +144,7 @@ pub async fn signup(db: &Db, tokens: &TokenKeys, signup: Signup) -> Result<Sessi
 pub async fn login(
     db: &Db,
     tokens: &TokenKeys,
+    passwords: &PasswordHashing,
     limits: &LoginLimits,
     email: &str,
     password: &str,
@@ -160,23 +152,17 @@ pub async fn login(
 ) -> Result<Session, ServiceError> {
     let invalid = || ServiceError::Unauthorized("invalid email or password".into());
     let attempt = Attempt::begin(db, limits, email, client).await?;
-    let Some(user) = users::by_email(db, email.trim()).await? else {
-        // Verify against a throwaway hash anyway, so response time does not reveal which
-        // emails have accounts.
-        let dummy = tokio::task::spawn_blocking(unknown_account_hash)
-            .await
-            .unwrap_or_default();
-        password_matches(dummy, password).await;
+    let user = users::by_email(db, email.trim()).await?;
+    let hash = user.as_ref().map(|u| u.password_hash.as_str());
+    let (true, Some(user)) = (passwords.matches(hash, password).await?, user) else {
         return Err(invalid());
     };
-    if !password_matches(&user.password_hash, password).await {
-        return Err(invalid());
-    }
     attempt.succeeded(db).await?;
     if user.status != UserStatus::Active {
         return Err(ServiceError::AccountDisabled);
     }
-    let team = match teams::list_for_user(db, user.id).await?.into_iter().next() {
+    let first = teams::page_for_user(db, user.id, Keyset::START, 1).await?;
+    let team = match first.into_iter().next() {
         Some(membership) => membership.team.id,
         None => {
             // Every account keeps a team to act in, even after leaving all of its teams.
@@ -232,6 +218,7 @@ pub enum AdminBootstrap {
 /// Makes sure an admin account with this email exists (headless installs have no signup page).
 pub async fn ensure_admin(
     db: &Db,
+    passwords: &PasswordHashing,
     email: Email,
     password: Password,
 ) -> Result<AdminBootstrap, ServiceError> {
@@ -248,6 +235,7 @@ pub async fn ensure_admin(
     let name = DisplayName::parse("name", &name)?;
     let (user, _) = create_account(
         db,
+        passwords,
         Signup {
             email,
             password,

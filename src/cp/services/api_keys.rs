@@ -7,9 +7,11 @@ use serde_json::json;
 
 use super::input::KeyName;
 use super::{user_action, Caller, ServiceError};
+use crate::cp::pagination::{Page, PageRequest};
 use crate::cp::revocations::{self, Revoked};
 use crate::cp::tokens::{random_hex, sha256};
 use crate::db::api_keys::{self, ApiKey, NewApiKey};
+use crate::db::page::Keyset;
 use crate::db::{audit_logs, Db, DbError};
 use crate::id::{ApiKeyId, TeamId};
 
@@ -60,8 +62,9 @@ pub async fn create(
     Ok((key, plaintext))
 }
 
-pub async fn list(db: &Db, team: TeamId) -> Result<Vec<ApiKey>, ServiceError> {
-    Ok(api_keys::list(db, team.uuid()).await?)
+pub async fn list(db: &Db, team: TeamId, page: PageRequest) -> Result<Page<ApiKey>, ServiceError> {
+    let rows = api_keys::page(db, team.uuid(), page.after, page.fetch()).await?;
+    Ok(page.page(rows, |k| Keyset::of(k.created_at, k.id)))
 }
 
 /// Owners and admins revoke any key of the team; members only keys they created.

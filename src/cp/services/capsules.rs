@@ -13,9 +13,12 @@ use uuid::Uuid;
 
 use crate::agent::wire::{CreateSandbox, SandboxInfo, SandboxPhase};
 use crate::cp::agent_client::{AgentError, AgentTarget};
+use crate::cp::limits::TeamBusy;
+use crate::cp::pagination::{Page, PageRequest};
 use crate::cp::scheduler::{self, Demand, Placement, ScheduleError};
 use crate::cp::state::AppState;
 use crate::db::hosts::{Host, HostStatus};
+use crate::db::page::Keyset;
 use crate::db::sandboxes::{self, SandboxRoute, SandboxRow, SandboxStatus, Transition};
 use crate::db::templates::{self, TemplateType};
 use crate::db::DbError;
@@ -72,6 +75,8 @@ pub enum CapsuleError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    TeamBusy(#[from] TeamBusy),
 }
 
 impl CapsuleError {
@@ -352,8 +357,14 @@ async fn interrupted(state: &AppState, id: SandboxId) -> CapsuleError {
 }
 
 /// The team's capsules that are not stopped or failed.
-pub async fn list(state: &AppState, team: TeamId) -> Result<Vec<SandboxRow>, CapsuleError> {
-    Ok(sandboxes::list_live_for_team(&state.db, team.uuid()).await?)
+pub async fn list(
+    state: &AppState,
+    team: TeamId,
+    page: PageRequest,
+) -> Result<Page<SandboxRow>, CapsuleError> {
+    let rows =
+        sandboxes::page_live_for_team(&state.db, team.uuid(), page.after, page.fetch()).await?;
+    Ok(page.page(rows, |s| Keyset::of(s.created_at, s.id)))
 }
 
 pub async fn get(

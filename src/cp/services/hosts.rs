@@ -12,10 +12,12 @@ use super::input::Tag;
 use super::teams::can_manage;
 use super::{user_action, Caller, ServiceError};
 use crate::config::HostPort;
+use crate::cp::pagination::{Page, PageRequest};
 use crate::cp::tokens::{random_hex, sha256, TokenKeys, REFRESH_TOKEN_TTL, REGISTRATION_TOKEN_TTL};
 use crate::db::audit_logs::{self, Entry};
 use crate::db::host_refresh_tokens::RefreshToken;
 use crate::db::hosts::{self, Host, HostType, NewHost, Registration};
+use crate::db::page::Keyset;
 use crate::db::sandboxes::SandboxStatus;
 use crate::db::{
     host_refresh_tokens, host_registration_tokens, host_tags, sandboxes, teams, Db, DbError,
@@ -438,14 +440,16 @@ pub async fn heartbeat(db: &Db, caller: HostId, id: HostId) -> Result<(), Servic
     }
 }
 
-pub async fn list(db: &Db, caller: &Caller) -> Result<Vec<Host>, ServiceError> {
-    if caller.is_admin {
-        return Ok(hosts::list_all(db).await?);
-    }
-    if caller.role.is_none() {
-        return Ok(Vec::new());
-    }
-    Ok(hosts::list_for_team(db, caller.team.uuid()).await?)
+/// Admins page through every host; others through their team's BYOC hosts.
+pub async fn list(db: &Db, caller: &Caller, page: PageRequest) -> Result<Page<Host>, ServiceError> {
+    let rows = if caller.is_admin {
+        hosts::page_all(db, page.after, page.fetch()).await?
+    } else if caller.role.is_none() {
+        Vec::new()
+    } else {
+        hosts::page_for_team(db, caller.team.uuid(), page.after, page.fetch()).await?
+    };
+    Ok(page.page(rows, |h| Keyset::of(h.created_at, h.id)))
 }
 
 pub async fn get(db: &Db, caller: &Caller, id: HostId) -> Result<Host, ServiceError> {
@@ -503,9 +507,23 @@ pub async fn tags(db: &Db, caller: &Caller, id: HostId) -> Result<Vec<String>, S
     Ok(host_tags::list(db, host.id).await?)
 }
 
+/// The most tags a host holds, which bounds `GET /v1/hosts/{id}/tags` without pages.
+pub const MAX_HOST_TAGS: i64 = 64;
+
 pub async fn add_tag(db: &Db, caller: &Caller, id: HostId, tag: Tag) -> Result<(), ServiceError> {
     let host = manageable(db, caller, id).await?;
-    host_tags::add(db, host.id, tag.as_str()).await?;
+    // The host's row lock makes concurrent adds count one after another.
+    let mut tx = db.begin().await.map_err(DbError::from)?;
+    hosts::by_id_for_update(&mut *tx, host.id)
+        .await?
+        .ok_or(ServiceError::NotFound("host"))?;
+    if !host_tags::add_bounded(&mut *tx, host.id, tag.as_str(), MAX_HOST_TAGS).await? {
+        return Err(ServiceError::Conflict {
+            code: ErrorCode::Conflict,
+            message: format!("a host holds at most {MAX_HOST_TAGS} tags; remove one first"),
+        });
+    }
+    tx.commit().await.map_err(DbError::from)?;
     Ok(())
 }
 

@@ -99,7 +99,7 @@ impl Attempt {
         attempt.take_back(db).await?;
         let whose = match scope {
             LoginScope::Email => "for this email",
-            LoginScope::Address => "from this address",
+            LoginScope::Address | LoginScope::SignupAddress => "from this address",
         };
         Err(ServiceError::RateLimited {
             message: format!(
@@ -127,6 +127,30 @@ impl Attempt {
         }
         Ok(())
     }
+}
+
+/// Counts a signup from `client` against its address's signup window; 429
+/// (`ServiceError::RateLimited`) once the address has had `limit.max_failures` signups in it.
+/// Refused signups count too: an address hammering signup stays blocked until its window ends.
+pub async fn count_signup(db: &Db, limit: Limit, client: IpAddr) -> Result<(), ServiceError> {
+    if limit.max_failures == 0 {
+        return Ok(());
+    }
+    let subject = address_subject(client);
+    let count =
+        login_failures::count_attempt(db, LoginScope::SignupAddress, &subject, limit.window)
+            .await?;
+    if count.failures <= i64::from(limit.max_failures) {
+        return Ok(());
+    }
+    let retry_after = time_left(&count);
+    Err(ServiceError::RateLimited {
+        message: format!(
+            "too many signups from this address; try again in {} seconds",
+            retry_after.as_secs()
+        ),
+        retry_after,
+    })
 }
 
 /// Deletes the counts whose window ended; the next failure of such a subject starts afresh

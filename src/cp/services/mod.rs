@@ -6,6 +6,7 @@ pub mod api_keys;
 pub mod capsules;
 pub mod hosts;
 pub mod login_limits;
+pub mod passwords;
 pub mod teams;
 pub mod users;
 

@@ -5,7 +5,9 @@ use uuid::Uuid;
 use super::accounts::create_team_owned_by;
 use super::input::{Email, TeamName};
 use super::{user_action, Caller, ServiceError};
+use crate::cp::pagination::{Page, PageRequest, MAX_LIMIT};
 use crate::cp::revocations::{self, Revoked};
+use crate::db::page::Keyset;
 use crate::db::sandboxes::SandboxStatus;
 use crate::db::team_members::{self, Member, Role};
 use crate::db::teams::{self, Team, TeamWithRole};
@@ -39,8 +41,18 @@ async fn manager(db: &Db, caller: &Caller, team: TeamId) -> Result<Role, Service
     Ok(role)
 }
 
-pub async fn list(db: &Db, caller: &Caller) -> Result<Vec<TeamWithRole>, ServiceError> {
-    Ok(teams::list_for_user(db, caller.user.uuid()).await?)
+/// The caller's teams, default team first.
+pub async fn list(
+    db: &Db,
+    caller: &Caller,
+    page: PageRequest,
+) -> Result<Page<TeamWithRole>, ServiceError> {
+    let rows = teams::page_for_user(db, caller.user.uuid(), page.after, page.fetch()).await?;
+    Ok(page.page(rows, |t| Keyset {
+        later: !t.is_default,
+        created_at: t.team.created_at,
+        id: t.team.id,
+    }))
 }
 
 pub async fn create(
@@ -67,7 +79,14 @@ pub async fn get(
     let found = teams::by_id(db, team.uuid())
         .await?
         .ok_or(ServiceError::NotFound("team"))?;
-    let members = team_members::list(db, team.uuid()).await?;
+    // A team's detail shows its first page of members; `members` pages through the rest.
+    let members = team_members::page(
+        db,
+        team.uuid(),
+        Keyset::START,
+        i64::try_from(MAX_LIMIT).unwrap_or(i64::MAX),
+    )
+    .await?;
     Ok((found, members))
 }
 
@@ -119,9 +138,15 @@ pub async fn delete(db: &Db, caller: &Caller, team: TeamId) -> Result<(), Servic
     Ok(())
 }
 
-pub async fn members(db: &Db, caller: &Caller, team: TeamId) -> Result<Vec<Member>, ServiceError> {
+pub async fn members(
+    db: &Db,
+    caller: &Caller,
+    team: TeamId,
+    page: PageRequest,
+) -> Result<Page<Member>, ServiceError> {
     access(db, caller, team).await?;
-    Ok(team_members::list(db, team.uuid()).await?)
+    let rows = team_members::page(db, team.uuid(), page.after, page.fetch()).await?;
+    Ok(page.page(rows, |m| Keyset::of(m.joined_at, m.user_id)))
 }
 
 pub async fn add_member(
