@@ -48,6 +48,7 @@ fn full_spec(layout: &Layout, id: &str) -> VmSpec {
         }),
         vsock_cid: Some(3),
         files: VmFiles::for_sandbox(layout, id),
+        confinement: None,
     }
 }
 
@@ -1148,6 +1149,7 @@ async fn real_firecracker_boots_a_guest() {
         net: None,
         vsock_cid: None,
         files: VmFiles::for_sandbox(&layout, "cl-real"),
+        confinement: None,
     };
     let vmm = FirecrackerVmm::new("/usr/local/bin/firecracker".into(), console_cap());
     println!("{}", vmm.version().await.unwrap());
@@ -1190,6 +1192,7 @@ async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
         net: None,
         vsock_cid: None,
         files: VmFiles::for_sandbox(&layout, "cl-real-snap"),
+        confinement: None,
     };
     let ticks = |files: &VmFiles| -> Vec<u64> {
         std::fs::read_to_string(&files.console_log)

@@ -57,6 +57,7 @@ impl Fixture {
             net: None,
             vsock_cid: None,
             files: VmFiles::for_sandbox(&self.layout, id),
+            confinement: None,
         }
     }
 }

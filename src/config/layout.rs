@@ -122,6 +122,11 @@ impl Layout {
         self.sandbox_dir(sandbox_id).join("qmp.sock")
     }
 
+    /// The empty directory a confined QEMU is chrooted into: it needs no file once running.
+    pub fn vmm_root(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("vmm-root")
+    }
+
     /// Formatted blank upper disks, one per size, from which sandbox uppers are copied; safe to
     /// delete at any time (they are re-created on demand).
     pub fn blank_uppers_dir(&self) -> PathBuf {

@@ -79,6 +79,7 @@ impl Agent {
             .env("AGENT_QEMU_ACCEL", "tcg")
             .env("AGENT_HEARTBEAT_INTERVAL_SECS", "1")
             .env("AGENT_NETWORK_NAME_PREFIX", &self.prefix)
+            .env("AGENT_CGROUP_PARENT", self.cgroup_parent())
             .env("AGENT_SANDBOX_HOST_RANGE", self.host_range())
             .env("AGENT_SANDBOX_TRANSIT_RANGE", self.transit_range())
             .env("AGENT_ENVD_READY_TIMEOUT_SECS", "180")
@@ -131,6 +132,12 @@ impl Agent {
         agent.child = Some(cmd.spawn().unwrap());
         agent.wait_ready();
         agent
+    }
+
+    /// `agent.cgroup_parent`: the VMs' cgroups are `<parent>/<sandbox id>`, its own like its
+    /// prefix.
+    pub fn cgroup_parent(&self) -> String {
+        format!("wrenn-tests/{}", self.prefix)
     }
 
     pub fn restart(&mut self, failpoint: Option<&str>) {

@@ -11,8 +11,8 @@
 //!   and the control plane learns why from the agent's list of lost sandboxes.
 //!
 //! Whatever no record explains is a leftover and removed: VMM processes of sandboxes without
-//! a record (a create the old agent did not finish), sandbox and snapshot directories, and
-//! network slots.
+//! a record (a create the old agent did not finish), sandbox and snapshot directories, network
+//! slots, and the cgroups of VMs that are not running (an adopted VM keeps its own).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -93,6 +93,7 @@ impl SandboxManager {
             kill_leftover(&leftover).await;
         }
         self.remove_orphan_snapshots();
+        self.remove_leftover_cgroups(&recovery.adopted).await;
         let slots = self.network.cleanup_leftovers(&keep_slots).await?;
         tracing::info!(
             adopted = recovery.adopted.len(),
@@ -211,6 +212,21 @@ impl SandboxManager {
                 if error.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(path = %dir.display(), %error, "could not remove a leftover");
                 }
+            }
+        }
+    }
+
+    /// Cgroups of VMs that no longer run: a VMM that died, or was killed above, while no
+    /// agent watched it. Whatever still runs in one is killed first.
+    async fn remove_leftover_cgroups(&self, adopted: &[String]) {
+        let cgroups = &self.confinement.cgroups;
+        for id in cgroups.existing() {
+            if adopted.contains(&id) {
+                continue;
+            }
+            tracing::info!(sandbox = %id, "removing a leftover cgroup");
+            if let Err(error) = cgroups.vm(&id).kill_and_remove().await {
+                tracing::warn!(sandbox = %id, %error, "could not remove a leftover cgroup");
             }
         }
     }

@@ -152,8 +152,24 @@ pub fn command_line(spec: &VmSpec, accel: Accel, vsock_available: bool) -> Vec<O
     if let (Some(cid), true) = (spec.vsock_cid, vsock_available) {
         push(&["-device", &format!("vhost-vsock-device,guest-cid={cid}")]);
     }
+    if let Some(confinement) = &spec.confinement {
+        push(&["-sandbox", SECCOMP_POLICY]);
+        args.push("-chroot".into());
+        args.push(spec.files.vmm_root.clone().into());
+        args.push("-runas".into());
+        args.push(format!("{}:{}", confinement.uid, confinement.gid).into());
+    }
     args
 }
+
+/// QEMU's seccomp filter: no obsolete system calls, no new processes or programs, no changes to
+/// scheduling or CPU affinity. `elevateprivileges=deny` cannot be among them: QEMU installs the
+/// filter before it applies `-runas`, so it would be killed by its own `setgid` (SIGSYS). The
+/// same end is reached another way: after `-runas` every uid of the process is unprivileged,
+/// it holds no capability, and `-sandbox` sets no-new-privileges, so a `set*id` call can only
+/// name the ids it already has.
+const SECCOMP_POLICY: &str =
+    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
 
 #[async_trait]
 impl Vmm for QemuVmm {
@@ -258,7 +274,26 @@ impl QemuVmm {
         let mut args = command_line(spec, accel, vsock_available);
         args.extend(extra.iter().map(OsString::from));
         let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
-        let mut process = process::spawn(&self.bin, &args, netns, files, self.console_cap)?;
+        let cgroup = match &spec.confinement {
+            Some(confinement) => {
+                process::prepare_empty_root(&files.vmm_root)?;
+                let cgroups = &confinement.cgroups;
+                Some(cgroups.create(&spec.id, &cgroups.limits(spec.vcpus, spec.memory_mib))?)
+            }
+            None => None,
+        };
+        let spawned = process::spawn(&self.bin, &args, netns, files, self.console_cap, cgroup.clone());
+        let mut process = match spawned {
+            Ok(process) => process,
+            Err(error) => {
+                if let Some(cgroup) = cgroup {
+                    if let Err(remove) = cgroup.remove().await {
+                        tracing::warn!(id = %spec.id, error = %remove, "removing the cgroup of a VMM that did not start");
+                    }
+                }
+                return Err(error);
+            }
+        };
         match connect(&mut process, &files.qmp_socket).await {
             Ok((qmp, vmm_version)) => Ok(QemuVm {
                 process,
@@ -653,6 +688,7 @@ mod tests {
             }),
             vsock_cid: Some(3),
             files: VmFiles::for_sandbox(&Layout::new("/srv"), "cl-q"),
+            confinement: None,
         }
     }
 
