@@ -236,7 +236,27 @@ impl Agent {
                 traces.push(format!("file {}", entry.path().display()));
             }
         }
+        for cgroup in self.vm_cgroups() {
+            traces.push(format!("cgroup {}", cgroup.display()));
+        }
         traces
+    }
+
+    /// The VMs' cgroups under this agent's parent, in every hierarchy (v2, or each v1
+    /// controller's).
+    pub fn vm_cgroups(&self) -> Vec<PathBuf> {
+        let root = std::path::Path::new("/sys/fs/cgroup");
+        let mut parents = vec![root.join(self.cgroup_parent())];
+        if let Ok(hierarchies) = std::fs::read_dir(root) {
+            parents.extend(hierarchies.flatten().map(|h| h.path().join(self.cgroup_parent())));
+        }
+        parents
+            .iter()
+            .filter_map(|parent| std::fs::read_dir(parent).ok())
+            .flat_map(|entries| entries.flatten())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect()
     }
 
     pub fn url(&self, path: &str) -> String {
