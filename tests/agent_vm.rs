@@ -687,3 +687,44 @@ async fn cgroups_of_vms_that_died_with_the_agent_are_removed_and_adopted_vms_kee
     drop(agent);
     cp.stop().await;
 }
+
+/// The writable disk is the sandbox's quota: a guest that fills it gets "no space left", and
+/// the host file stays at the size the sandbox was created with (it is a fixed-size sparse
+/// file, which QEMU never grows), allocating no more than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guest_filling_its_disk_stops_at_the_sandbox_disk_size() {
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let (cp, agent, _host_id, _admin) = stack().await;
+    let agent = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::MetadataExt;
+        let id = sid("e2e-disk-full");
+        let (status, body) = agent.create(&id);
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let disk = Layout::new(agent.root.path()).sandbox_upper_disk(&id);
+        let size = std::fs::metadata(&disk).unwrap().len();
+        assert_eq!(size, 256 << 20);
+        let (status, out) = agent.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/envd/processes/run"),
+            Some(json!({"process": {"cmd": "sh", "args": ["-c",
+                "dd if=/dev/zero of=/home/user/fill bs=1M count=1024 2>&1; sync; echo status=$?"],
+                "user": "root"}, "timeout_sec": 300})),
+        );
+        assert_eq!(status, StatusCode::OK, "{out}");
+        let text = out["stdout"].as_str().unwrap();
+        assert!(text.contains("No space left on device"), "{out}");
+        let meta = std::fs::metadata(&disk).unwrap();
+        assert_eq!(meta.len(), size, "the disk file grew");
+        assert!(meta.blocks() * 512 <= size, "{} bytes allocated", meta.blocks() * 512);
+        let out = agent.run(&id, "echo", &["still here"]);
+        assert_eq!(out["stdout"], "still here\n", "{out}");
+        let (status, body) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        wait_clean(&agent);
+        agent
+    })
+    .await
+    .unwrap();
+    drop(agent);
+    cp.stop().await;
+}

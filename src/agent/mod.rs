@@ -144,6 +144,7 @@ pub async fn run(
             "leaving the sandboxes running for the next agent process"
         );
     }
+    sandboxes.leave_host();
     match server.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(AgentError::Serve(e)),

@@ -181,6 +181,11 @@ impl Layout {
         self.root.join("host-token")
     }
 
+    /// The host sysctls the agent changed and the values they had, put back when it leaves.
+    pub fn host_sysctls_record(&self) -> PathBuf {
+        self.root.join("host-sysctls.json")
+    }
+
     /// The derived paths by name, in display order, for `config show` and retired-variable
     /// messages.
     pub fn derived(&self) -> [(&'static str, PathBuf); 5] {

@@ -442,6 +442,13 @@ impl SandboxManager {
         }
     }
 
+    /// At a graceful stop that leaves no sandbox on the host: puts the host's sysctls back.
+    pub fn leave_host(&self) {
+        if self.registry().is_empty() {
+            self.network.restore_host_sysctls();
+        }
+    }
+
     pub fn vmm_kind(&self) -> String {
         self.vmm.kind().to_string()
     }

@@ -126,11 +126,18 @@ pub fn command_line(spec: &VmSpec, accel: Accel, vsock_available: bool) -> Vec<O
     }
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
     for drive in &spec.drives {
-        let readonly = if drive.read_only { "on" } else { "off" };
+        // A writable drive keeps the descriptor it was opened with: by default QEMU reopens it
+        // read-only when a migration (a pause) stops the guest's writes, and read-write when
+        // one ends, which a confined QEMU, chrooted and unprivileged, cannot do.
+        let mode = if drive.read_only {
+            "readonly=on"
+        } else {
+            "readonly=off,auto-read-only=off"
+        };
         push(&[
             "-drive",
             &format!(
-                "id={},file={},format=raw,if=none,readonly={readonly}",
+                "id={},file={},format=raw,if=none,{mode}",
                 drive.id,
                 opt_value(&drive.path)
             ),
@@ -709,7 +716,7 @@ mod tests {
             "-qmp unix:/srv/sandboxes/cl-q/qmp.sock,server=on,wait=off",
             "-append console=ttyS0 reboot=k panic=1 pci=off ip=dhcp -kernel /k/vmlinux -initrd /k/initrd",
             "-drive id=root,file=/img/base,,v1.ext4,format=raw,if=none,readonly=on -device virtio-blk-device,drive=root \
-             -drive id=data,file=/s/data.ext4,format=raw,if=none,readonly=off -device virtio-blk-device,drive=data",
+             -drive id=data,file=/s/data.ext4,format=raw,if=none,readonly=off,auto-read-only=off -device virtio-blk-device,drive=data",
             "-netdev tap,id=net0,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=net0,mac=02:FC:00:00:00:05",
             "-device vhost-vsock-device,guest-cid=3",
         ] {
