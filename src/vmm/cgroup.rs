@@ -249,7 +249,7 @@ impl Cgroups {
             CgroupVersion::V1 => cgroup.write_v1(limits),
         };
         if let Err(error) = written {
-            if let Err(remove) = cgroup.remove_now() {
+            if let Err(remove) = cgroup.remove_empty() {
                 tracing::warn!(%remove, "removing a cgroup whose limits could not be set");
             }
             return Err(error);
@@ -434,7 +434,7 @@ impl VmCgroup {
     pub async fn remove(&self) -> Result<(), CgroupError> {
         let started = Instant::now();
         loop {
-            match self.remove_now() {
+            match self.remove_empty() {
                 Err(CgroupError::Busy { .. }) if started.elapsed() < REMOVE_WAIT => {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
@@ -460,7 +460,8 @@ impl VmCgroup {
         self.remove().await
     }
 
-    fn remove_now(&self) -> Result<(), CgroupError> {
+    /// Removes the cgroup now: one no process ever ran in, or whose processes are all reaped.
+    pub(crate) fn remove_empty(&self) -> Result<(), CgroupError> {
         for dir in &self.dirs {
             match fs::remove_dir(dir) {
                 Ok(()) => {}

@@ -162,10 +162,33 @@ fn open_log(path: &Path, truncate: bool) -> Result<File, VmmError> {
 /// Spawns `bin args` detached from the agent: a new session (no signals from the agent's
 /// terminal or process group), stdin closed, and in `netns` when given. Its stdout is the guest
 /// console, which starts empty (one VM per sandbox directory) and is kept within `console_cap`;
-/// its stderr is appended to the VMM log. With a `cgroup`, the process joins it before it
-/// executes `bin`, so all the VMM allocates is charged there, and it is removed when the
-/// process has ended.
+/// its stderr is appended to the VMM log. A confined `spec` gets its cgroup, which the process
+/// joins before it executes `bin` (so all the VMM allocates is charged there) and which is
+/// removed when the process has ended, or at once if it could not start.
 pub(crate) fn spawn(
+    bin: &Path,
+    args: &[OsString],
+    netns: Option<&Path>,
+    spec: &VmSpec,
+    console_cap: ConsoleLogMaxBytes,
+) -> Result<VmmProcess, VmmError> {
+    let cgroup = match &spec.confinement {
+        Some(confinement) => {
+            let cgroups = &confinement.cgroups;
+            Some(cgroups.create(&spec.id, &cgroups.limits(spec.vcpus, spec.memory_mib))?)
+        }
+        None => None,
+    };
+    let spawned = spawn_into(bin, args, netns, &spec.files, console_cap, cgroup.clone());
+    if let (Err(_), Some(cgroup)) = (&spawned, cgroup) {
+        if let Err(error) = cgroup.remove_empty() {
+            tracing::warn!(id = %spec.id, %error, "removing the cgroup of a VMM that did not start");
+        }
+    }
+    spawned
+}
+
+fn spawn_into(
     bin: &Path,
     args: &[OsString],
     netns: Option<&Path>,

@@ -329,7 +329,7 @@ impl FirecrackerVmm {
         // rather than interleaving it with stderr.
         process::reset_log(&files.firecracker_log)?;
         // Its stdout is the guest console (Firecracker's default without `PUT /serial`).
-        let mut process = process::spawn(&self.bin, &args, netns, files, self.console_cap, None)?
+        let mut process = process::spawn(&self.bin, &args, netns, spec, self.console_cap)?
             .with_diagnostics_log(files.firecracker_log.clone());
         let sockets = vec![api_socket.clone(), files.vsock_socket.clone()];
         let connected = async {

@@ -341,26 +341,10 @@ impl QemuVmm {
         let mut args = command_line(spec, accel, vsock_available, options);
         args.extend(extra.iter().map(OsString::from));
         let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
-        let cgroup = match &spec.confinement {
-            Some(confinement) => {
-                process::prepare_empty_root(&files.vmm_root)?;
-                let cgroups = &confinement.cgroups;
-                Some(cgroups.create(&spec.id, &cgroups.limits(spec.vcpus, spec.memory_mib))?)
-            }
-            None => None,
-        };
-        let spawned = process::spawn(&self.bin, &args, netns, files, self.console_cap, cgroup.clone());
-        let mut process = match spawned {
-            Ok(process) => process,
-            Err(error) => {
-                if let Some(cgroup) = cgroup {
-                    if let Err(remove) = cgroup.remove().await {
-                        tracing::warn!(id = %spec.id, error = %remove, "removing the cgroup of a VMM that did not start");
-                    }
-                }
-                return Err(error);
-            }
-        };
+        if spec.confinement.is_some() {
+            process::prepare_empty_root(&files.vmm_root)?;
+        }
+        let mut process = process::spawn(&self.bin, &args, netns, spec, self.console_cap)?;
         match connect(&mut process, &files.qmp_socket).await {
             Ok((qmp, vmm_version)) => Ok(QemuVm {
                 process,
