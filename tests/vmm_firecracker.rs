@@ -14,8 +14,10 @@ use serde_json::{json, Value};
 use swagger::Swagger;
 use wrenn::config::{Config, ConsoleLogMaxBytes, Layout};
 use wrenn::vmm::firecracker::api::{self, ActionType, Endpoint, InstanceAction};
+use wrenn::vmm::firecracker::jail::{self, Jail};
 use wrenn::vmm::firecracker::{boot_sequence, pause_sequence, restore_sequence};
 use wrenn::vmm::{
+    CgroupVersion, Cgroups, Confinement,
     console_tail, find_leftovers, AdoptRefusal, AfterFailedPause, Drive, FirecrackerApiError,
     FirecrackerVmm, Leftover, NetAttachment, SnapshotError, SnapshotFiles, VmFiles, VmSpec,
     VmStatus, Vmm, VmmError, VmmExit, VmmKind,
@@ -1247,4 +1249,130 @@ async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
     }
     vm.kill().await.unwrap();
     assert!(gone(pid));
+}
+
+fn jailed_confinement() -> Confinement {
+    Confinement {
+        uid: 900_000_042,
+        gid: 900_000_043,
+        cgroups: Cgroups::with_version(
+            CgroupVersion::V2,
+            Path::new("/sys/fs/cgroup"),
+            Path::new("wrenn"),
+            None,
+        )
+        .unwrap(),
+    }
+}
+
+#[test]
+fn the_jailer_runs_firecracker_as_the_vms_user_in_its_namespace_and_its_chroot() {
+    let swagger = Swagger::load();
+    let layout = Layout::new("/var/lib/wrenn");
+    // A real sandbox ID: `cl-` and 25 base36 digits.
+    let id = "cl-0qp2v521i3pcwehe0y0z48h0m";
+    let spec = full_spec(&layout, id);
+    let jail = Jail::new(
+        &layout.jails_dir(),
+        Path::new("/usr/local/bin/firecracker"),
+        &spec,
+        &jailed_confinement(),
+    );
+    assert_eq!(
+        jail.root(),
+        Path::new(&format!("/var/lib/wrenn/jails/firecracker/{id}/root"))
+    );
+    let line: Vec<String> = jail
+        .command_line(Some(Path::new("/run/netns/wrenn-5")))
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        line.join(" "),
+        format!(
+            "--id {id} --exec-file /usr/local/bin/firecracker --uid 900000042 --gid 900000043 \
+             --chroot-base-dir /var/lib/wrenn/jails --netns /run/netns/wrenn-5 \
+             -- --api-sock /api.sock --log-path /firecracker.log --level Info"
+        )
+    );
+    let api_socket = jail.host_path(jail::API_SOCKET);
+    assert_eq!(api_socket, jail.root().join("api.sock"));
+    assert!(api_socket.as_os_str().len() <= 107, "{}", api_socket.display());
+
+    // Firecracker is told only paths inside the jail, and the calls stay valid.
+    let inside = jail.inside(&spec);
+    let calls = boot_sequence(&inside).unwrap();
+    for call in &calls {
+        swagger
+            .validate_call(call.method.as_str(), &call.path, call.body.as_ref())
+            .unwrap_or_else(|e| panic!("{}: {e}", call_line(call)));
+    }
+    let body = |path: &str| {
+        calls
+            .iter()
+            .find(|c| c.path == path)
+            .and_then(|c| c.body.clone())
+            .unwrap()
+    };
+    assert_eq!(body("/boot-source")["kernel_image_path"], "/vmlinux");
+    assert_eq!(body("/boot-source")["initrd_path"], "/initrd");
+    assert_eq!(body("/drives/root")["path_on_host"], "/drives/root");
+    assert_eq!(body("/drives/data")["path_on_host"], "/drives/data");
+    assert_eq!(body("/vsock")["uds_path"], "/vsock.sock");
+}
+
+#[test]
+fn a_jail_links_the_kernel_and_disks_and_hands_the_writable_ones_to_the_vms_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = Layout::new(tmp.path());
+    layout.prepare().unwrap();
+    let mut spec = full_spec(&layout, "cl-jail");
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let write = |path: &Path, mode: u32| {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, path.to_string_lossy().as_bytes()).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // The kernel is on another filesystem; the initrd readable by root alone.
+    spec.kernel = shm.path().join("vmlinux");
+    write(&spec.kernel, 0o644);
+    write(spec.initrd.as_ref().unwrap(), 0o600);
+    write(&spec.drives[0].path, 0o644);
+    write(&spec.drives[1].path, 0o600);
+    let confinement = jailed_confinement();
+    let jail = Jail::new(
+        &layout.jails_dir(),
+        Path::new("/usr/local/bin/firecracker"),
+        &spec,
+        &confinement,
+    );
+    jail.populate(&spec).unwrap();
+    // Populating again replaces the jail a previous VMM left.
+    jail.populate(&spec).unwrap();
+
+    let meta = |path: &Path| std::fs::metadata(path).unwrap();
+    let inside = |p: &str| jail.host_path(p);
+    let (root_image, data) = (&spec.drives[0].path, &spec.drives[1].path);
+    // Linked, and left as they are: the shared image and the writable disk (now the VM's).
+    assert_eq!(meta(&inside("/drives/root")).ino(), meta(root_image).ino());
+    assert_eq!(meta(root_image).uid(), 0, "a shared image keeps its owner");
+    assert_eq!(meta(&inside("/drives/data")).ino(), meta(data).ino());
+    assert_eq!(meta(data).uid(), confinement.uid);
+    assert_eq!(meta(data).gid(), confinement.gid);
+    // Copied for the VM's user alone: across filesystems, and where others may not read.
+    for (copy, original) in [
+        (inside("/vmlinux"), spec.kernel.clone()),
+        (inside("/initrd"), spec.initrd.clone().unwrap()),
+    ] {
+        assert_ne!(meta(&copy).ino(), meta(&original).ino());
+        assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&original).unwrap());
+        assert_eq!(meta(&copy).uid(), confinement.uid);
+        assert_eq!(meta(&copy).mode() & 0o777, 0o400);
+    }
+    assert_eq!(meta(&inside("/firecracker.log")).uid(), confinement.uid);
+
+    jail.remove().unwrap();
+    assert!(!jail.root().exists());
+    assert!(root_image.is_file() && data.is_file() && spec.kernel.is_file());
 }

@@ -127,6 +127,12 @@ impl Layout {
         self.sandbox_dir(sandbox_id).join("vmm-root")
     }
 
+    /// The chroot base of Firecracker's jailer: each VM's jail is
+    /// `jails/<firecracker binary name>/<sandbox id>/root`, short enough for its API socket.
+    pub fn jails_dir(&self) -> PathBuf {
+        self.root.join("jails")
+    }
+
     /// Formatted blank upper disks, one per size, from which sandbox uppers are copied; safe to
     /// delete at any time (they are re-created on demand).
     pub fn blank_uppers_dir(&self) -> PathBuf {

@@ -4,6 +4,7 @@
 //! (`PUT /snapshot/load`).
 
 pub mod api;
+pub mod jail;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
