@@ -290,7 +290,7 @@ fn fake_firecracker_process() {
             .position(|a| *a == name)
             .map(|i| PathBuf::from(args[i + 1]))
     };
-    let socket = flag("--api-sock").expect("--api-sock given");
+    let socket = fake::host(&flag("--api-sock").expect("--api-sock given").to_string_lossy());
     let record = PathBuf::from(std::env::var("FAKE_FC_RECORD").expect("FAKE_FC_RECORD set"));
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -313,6 +313,15 @@ mod fake {
     use serde_json::{json, Value};
 
     use super::Swagger;
+
+    /// Where a path Firecracker is given is on the host: under `FAKE_FC_ROOT`, the jail a
+    /// jailed Firecracker would be chrooted into, when the fake jailer set one.
+    pub fn host(path: &str) -> PathBuf {
+        match std::env::var("FAKE_FC_ROOT") {
+            Ok(root) => PathBuf::from(root).join(path.trim_start_matches('/')),
+            Err(_) => PathBuf::from(path),
+        }
+    }
 
     struct State {
         swagger: Swagger,
@@ -470,9 +479,9 @@ mod fake {
             ("PUT", "/snapshot/create") if state.started && state.paused => {
                 let body = body.unwrap();
                 for (key, content) in [("snapshot_path", "vmstate"), ("mem_file_path", "memory")] {
-                    let path = body[key].as_str().unwrap();
-                    if let Err(e) = std::fs::write(path, format!("fake {content}")) {
-                        return fault(&format!("cannot write {path}: {e}"));
+                    let path = host(body[key].as_str().unwrap());
+                    if let Err(e) = std::fs::write(&path, format!("fake {content}")) {
+                        return fault(&format!("cannot write {}: {e}", path.display()));
                     }
                 }
                 reply(StatusCode::NO_CONTENT, None)
@@ -484,8 +493,8 @@ mod fake {
             ("PUT", "/snapshot/load") => {
                 let body = body.unwrap();
                 log(&state.record, &format!("BODY {body}"));
-                let state_file = body["snapshot_path"].as_str().unwrap();
-                let memory = body["mem_backend"]["backend_path"].as_str().unwrap();
+                let state_file = host(body["snapshot_path"].as_str().unwrap());
+                let memory = host(body["mem_backend"]["backend_path"].as_str().unwrap());
                 if std::fs::read_to_string(state_file).ok().as_deref() != Some("fake vmstate")
                     || std::fs::read_to_string(memory).ok().as_deref() != Some("fake memory")
                 {
@@ -498,16 +507,13 @@ mod fake {
             }
             ("PUT", "/vsock") => {
                 state.configured = true;
-                let uds = body.as_ref().unwrap()["uds_path"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned();
+                let uds = host(body.as_ref().unwrap()["uds_path"].as_str().unwrap());
                 match std::os::unix::net::UnixListener::bind(&uds) {
                     Ok(listener) => {
                         std::mem::forget(listener);
                         reply(StatusCode::NO_CONTENT, None)
                     }
-                    Err(e) => fault(&format!("cannot bind vsock socket {uds}: {e}")),
+                    Err(e) => fault(&format!("cannot bind vsock socket {}: {e}", uds.display())),
                 }
             }
             ("PUT", "/actions") => match body.as_ref().unwrap()["action_type"].as_str() {
@@ -578,6 +584,32 @@ impl FakeFirecracker {
 
     fn vmm(&self) -> FirecrackerVmm {
         FirecrackerVmm::new(self.bin.clone(), console_cap())
+    }
+
+    /// A jailer stand-in: records its arguments, then runs the fake Firecracker the way the
+    /// jailer runs Firecracker (its `--id` first, then Firecracker's own arguments), with the
+    /// paths Firecracker is given resolved in the jail instead of chrooting into it.
+    fn jailer(&self) -> (PathBuf, PathBuf) {
+        let dir = self.bin.parent().unwrap();
+        let record = dir.join("jailer.log");
+        let script = format!(
+            "#!/bin/sh
+echo \"$*\" >> '{}'
+             while [ \"$1\" != -- ]; do
+               case \"$1\" in --id) id=$2;; --exec-file) exe=$2;; --chroot-base-dir) base=$2;; esac
+               shift 2
+             done
+shift
+             export FAKE_FC_ROOT=\"$base/$(basename \"$exe\")/$id/root\"
+             exec \"$exe\" --id \"$id\" \"$@\"
+",
+            record.display()
+        );
+        let bin = dir.join("jailer");
+        std::fs::write(&bin, script).unwrap();
+        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        (bin, record)
     }
 
     fn calls(&self) -> Vec<String> {
@@ -1375,4 +1407,102 @@ fn a_jail_links_the_kernel_and_disks_and_hands_the_writable_ones_to_the_vms_user
     jail.remove().unwrap();
     assert!(!jail.root().exists());
     assert!(root_image.is_file() && data.is_file() && spec.kernel.is_file());
+}
+
+/// Removes a test's cgroup parent from every hierarchy.
+struct CgroupParent(PathBuf);
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        let root = Path::new(wrenn::vmm::cgroup::DEFAULT_ROOT);
+        let mut dirs = vec![root.join(&self.0)];
+        if let Ok(hierarchies) = std::fs::read_dir(root) {
+            dirs.extend(hierarchies.flatten().map(|h| h.path().join(&self.0)));
+        }
+        for dir in dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// A confined VM starts through the jailer and is told only paths inside its jail; it pauses
+/// (the snapshot leaves the jail for the snapshot directory), restores into a fresh jail, is
+/// adopted (and refused as another sandbox's), and its jail and cgroup go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_firecracker_runs_in_its_jail_across_pause_restore_and_adoption() {
+    use std::os::unix::fs::MetadataExt;
+    let fake = FakeFirecracker::new(&[]);
+    let (jailer, jailer_record) = fake.jailer();
+    let layout = fake.layout.clone();
+    let parent = PathBuf::from(format!("wrenn-tests/vmm-fc-{}", std::process::id()));
+    let _parent = CgroupParent(parent.clone());
+    let cgroups =
+        Cgroups::detect(Path::new(wrenn::vmm::cgroup::DEFAULT_ROOT), &parent, None).unwrap();
+    let vmm = fake.vmm().jailed(jailer, layout.jails_dir());
+    let mut spec = full_spec(&layout, "cl-jailed");
+    spec.net = None;
+    spec.confinement = Some(Confinement {
+        uid: 900_000_042,
+        gid: 900_000_042,
+        cgroups: cgroups.clone(),
+    });
+    for path in [&spec.kernel, spec.initrd.as_ref().unwrap(), &spec.drives[0].path, &spec.drives[1].path] {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, "contents").unwrap();
+    }
+    let jail = Jail::new(&layout.jails_dir(), &fake.bin, &spec, spec.confinement.as_ref().unwrap());
+    let cgroup = cgroups.vm(&spec.id);
+
+    let mut vm = vmm.start(&spec).await.unwrap();
+    let recorded = std::fs::read_to_string(&jailer_record).unwrap();
+    let expected: Vec<String> = jail
+        .command_line(None)
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(recorded.trim(), expected.join(" "));
+    assert!(jail.host_path(jail::API_SOCKET).exists());
+    assert!(jail.host_path(jail::VSOCK_SOCKET).exists(), "the vsock socket is inside the jail");
+    let data = std::fs::metadata(&spec.drives[1].path).unwrap();
+    assert_eq!(std::fs::metadata(jail.host_path("/drives/data")).unwrap().ino(), data.ino());
+    assert_eq!(data.uid(), 900_000_042);
+    assert_eq!(cgroup.pids(), [vm.pid()]);
+    let found = find_leftovers(&layout);
+    assert_eq!(
+        found,
+        [Leftover {
+            sandbox_id: spec.id.clone(),
+            pid: vm.pid(),
+            kind: VmmKind::Firecracker
+        }]
+    );
+
+    let snap = SnapshotFiles::for_sandbox(&layout, &spec.id);
+    vm.pause_to(&snap).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&snap.state).unwrap(), "fake vmstate");
+    assert_eq!(std::fs::read_to_string(&snap.memory).unwrap(), "fake memory");
+    assert!(!jail.root().exists(), "the jail goes with its VMM");
+    assert!(cgroup.dirs().iter().all(|d| !d.exists()));
+
+    let vm = vmm.restore(&spec, &snap).await.unwrap();
+    let load = fake.load_bodies().pop().unwrap();
+    let inside = jail.snapshot_inside(&snap);
+    assert_eq!(load["snapshot_path"], inside.state.to_str().unwrap());
+    assert_eq!(load["mem_backend"]["backend_path"], inside.memory.to_str().unwrap());
+    assert_eq!(load["vsock_override"]["uds_path"], jail::VSOCK_SOCKET);
+
+    let pid = vm.pid();
+    drop(vm);
+    let mut other = spec.clone();
+    other.id = "cl-other".into();
+    other.files = VmFiles::for_sandbox(&layout, "cl-other");
+    let err = vmm.adopt(&other, pid).await.err().expect("another sandbox's VMM");
+    assert!(matches!(err, VmmError::NotAdoptable { .. }), "{err}");
+    let mut vm = vmm.adopt(&spec, pid).await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+    assert_eq!(cgroup.pids(), [pid]);
+    vm.kill().await.unwrap();
+    assert!(!jail.root().exists());
+    assert!(cgroup.dirs().iter().all(|d| !d.exists()));
+    assert!(find_leftovers(&layout).is_empty());
 }

@@ -108,6 +108,7 @@ pub const KEYS: &[Key] = &[
     key("agent.vmm", "AGENT_VMM", Some("firecracker"), "VMM that runs sandboxes: `firecracker` or `qemu`."),
     key("agent.qemu_accel", "AGENT_QEMU_ACCEL", Some("auto"), "QEMU accelerator: `kvm`, `tcg`, or `auto` (probe KVM once, fall back to TCG, with a warning, when it cannot run a guest). Production hosts set `kvm`, which never runs a guest under TCG."),
     key("agent.firecracker_bin", "AGENT_FIRECRACKER_BIN", Some("/usr/local/bin/firecracker"), "Firecracker executable."),
+    key("agent.firecracker_jailer_bin", "AGENT_FIRECRACKER_JAILER_BIN", Some("/usr/local/bin/jailer"), "Firecracker's jailer, through which every Firecracker VM starts: chrooted into `<files root>/jails/<firecracker binary name>/<sandbox id>/root`, as its own unprivileged user, under Firecracker's seccomp filters."),
     key("agent.qemu_bin", "AGENT_QEMU_BIN", Some("qemu-system-x86_64"), "QEMU executable, a path or a name looked up in PATH."),
     key("agent.cgroup_parent", "AGENT_CGROUP_PARENT", Some("wrenn"), "This agent's cgroup, relative to /sys/fs/cgroup (under cgroup v1: to each controller's hierarchy); each VM gets a cgroup `<parent>/<sandbox id>` with its CPU, memory, process and disk I/O limits. Give each agent on one machine its own."),
     scalar("agent.vmm_id_base", "AGENT_VMM_ID_BASE", "900000000", "VMM processes drop to uid and gid `base + network slot`, one unprivileged identity per running VM; the range must belong to no user of the host."),

@@ -85,6 +85,7 @@ pub struct AgentConfig {
     pub vmm: VmmKind,
     pub qemu_accel: QemuAccel,
     pub firecracker_bin: PathBuf,
+    pub firecracker_jailer_bin: PathBuf,
     pub qemu_bin: PathBuf,
     pub console_log_max_bytes: ConsoleLogMaxBytes,
     pub cgroup_parent: PathBuf,
@@ -187,6 +188,7 @@ impl Default for Config {
                     .parse()
                     .expect("defaults in KEYS parse"),
                 firecracker_bin: PathBuf::from(default("agent.firecracker_bin")),
+                firecracker_jailer_bin: PathBuf::from(default("agent.firecracker_jailer_bin")),
                 qemu_bin: PathBuf::from(default("agent.qemu_bin")),
                 console_log_max_bytes: default("agent.console_log_max_bytes")
                     .parse()

@@ -480,10 +480,13 @@ pub trait Vm: Send + Sync {
 /// The backend the configuration selects.
 pub fn from_config(agent: &AgentConfig) -> Arc<dyn Vmm> {
     match agent.vmm {
-        VmmKind::Firecracker => Arc::new(FirecrackerVmm::new(
-            agent.firecracker_bin.clone(),
-            agent.console_log_max_bytes,
-        )),
+        VmmKind::Firecracker => Arc::new(
+            FirecrackerVmm::new(agent.firecracker_bin.clone(), agent.console_log_max_bytes)
+                .jailed(
+                    agent.firecracker_jailer_bin.clone(),
+                    Layout::new(&agent.files_rootdir).jails_dir(),
+                ),
+        ),
         VmmKind::Qemu => Arc::new(QemuVmm::new(
             agent.qemu_bin.clone(),
             agent.qemu_accel,

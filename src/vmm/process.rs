@@ -21,6 +21,7 @@ use tokio::process::{Child, Command};
 
 use super::cgroup::VmCgroup;
 use super::console::ConsoleDrain;
+use super::firecracker::jail::Jail;
 use super::leftovers::{command_line, names_control_socket};
 use super::pidfd::PidFd;
 use super::{AdoptRefusal, VmFiles, VmSpec, VmmError, VmmExit, VmmKind};
@@ -44,6 +45,8 @@ pub(crate) struct VmmProcess {
     console: ConsoleDrain,
     /// The VM's cgroup, removed once the process has ended.
     cgroup: Option<VmCgroup>,
+    /// The jail the VMM runs in, removed once the process has ended.
+    jail: Option<Jail>,
 }
 
 /// How the end of the process is observed.
@@ -262,6 +265,7 @@ fn spawn_into(
         diagnostics: vec![files.vmm_log.clone()],
         console,
         cgroup,
+        jail: None,
     })
 }
 
@@ -302,7 +306,12 @@ pub(crate) fn adopt(
         return Err(refused(AdoptRefusal::Gone));
     }
     let args = command_line(&cmdline);
-    if !names_control_socket(&args, kind, socket) {
+    // A jailed Firecracker's socket is named inside its jail, the same for every VM: its
+    // `--id` says whose it is.
+    let other_id = args
+        .windows(2)
+        .any(|pair| pair[0] == "--id" && pair[1] != spec.id);
+    if !names_control_socket(&args, kind, socket) || other_id {
         return Err(refused(AdoptRefusal::OtherProcess {
             socket: socket.to_path_buf(),
         }));
@@ -317,6 +326,7 @@ pub(crate) fn adopt(
         diagnostics: vec![spec.files.vmm_log.clone()],
         console,
         cgroup: spec.confinement.as_ref().map(|c| c.cgroup(spec)),
+        jail: None,
     };
     Ok((process, args))
 }
@@ -345,6 +355,12 @@ impl VmmProcess {
             }
             tokio::time::sleep(SOCKET_POLL).await;
         }
+    }
+
+    /// Makes the process's jail go with it.
+    pub(crate) fn with_jail(mut self, jail: Jail) -> Self {
+        self.jail = Some(jail);
+        self
     }
 
     /// Adds a log the VMM writes itself to those quoted when it fails.
@@ -387,17 +403,22 @@ impl VmmProcess {
         }
         if self.exit.is_some() {
             self.console.finish().await;
-            self.release_cgroup().await;
+            self.release().await;
         }
         Ok(self.exit)
     }
 
-    /// Removes the cgroup of a process that has ended; one that cannot be removed is left to
-    /// the next agent's clean-up.
-    async fn release_cgroup(&mut self) {
+    /// Removes the cgroup and jail of a process that has ended; what cannot be removed is left
+    /// to the next agent's clean-up.
+    async fn release(&mut self) {
         if let Some(cgroup) = self.cgroup.take() {
             if let Err(error) = cgroup.remove().await {
                 tracing::warn!(pid = self.pid, %error, "could not remove an ended VMM's cgroup");
+            }
+        }
+        if let Some(jail) = self.jail.take() {
+            if let Err(error) = jail.remove() {
+                tracing::warn!(pid = self.pid, %error, "could not remove an ended VMM's jail");
             }
         }
     }
@@ -420,7 +441,7 @@ impl VmmProcess {
             }
         };
         self.console.finish().await;
-        self.release_cgroup().await;
+        self.release().await;
         Ok(exit)
     }
 

@@ -93,7 +93,7 @@ impl SandboxManager {
             kill_leftover(&leftover).await;
         }
         self.remove_orphan_snapshots();
-        self.remove_leftover_cgroups(&recovery.adopted).await;
+        self.remove_leftover_confinement(&recovery.adopted).await;
         let slots = self.network.cleanup_leftovers(&keep_slots).await?;
         tracing::info!(
             adopted = recovery.adopted.len(),
@@ -216,9 +216,21 @@ impl SandboxManager {
         }
     }
 
-    /// Cgroups of VMs that no longer run: a VMM that died, or was killed above, while no
-    /// agent watched it. Whatever still runs in one is killed first.
-    async fn remove_leftover_cgroups(&self, adopted: &[String]) {
+    /// Cgroups and Firecracker jails of VMs that no longer run: a VMM that died, or was killed
+    /// above, while no agent watched it. Whatever still runs in a cgroup is killed first.
+    async fn remove_leftover_confinement(&self, adopted: &[String]) {
+        let jails = std::fs::read_dir(self.layout.jails_dir()).into_iter().flatten().flatten();
+        for exec in jails {
+            for jail in std::fs::read_dir(exec.path()).into_iter().flatten().flatten() {
+                if adopted.iter().any(|id| jail.file_name() == id.as_str()) {
+                    continue;
+                }
+                tracing::info!(path = %jail.path().display(), "removing a leftover jail");
+                if let Err(error) = std::fs::remove_dir_all(jail.path()) {
+                    tracing::warn!(path = %jail.path().display(), %error, "could not remove a leftover jail");
+                }
+            }
+        }
         let cgroups = &self.confinement.cgroups;
         for id in cgroups.existing() {
             if adopted.contains(&id) {

@@ -12,7 +12,8 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::super::{Confinement, Drive, VmSpec, VmmError};
+use super::super::{Confinement, Drive, SnapshotFiles, VmSpec, VmmError};
+use crate::config::Layout;
 
 /// Paths inside the jail, as Firecracker sees them.
 pub const API_SOCKET: &str = "/api.sock";
@@ -21,6 +22,8 @@ pub const VSOCK_SOCKET: &str = "/vsock.sock";
 pub const KERNEL: &str = "/vmlinux";
 pub const INITRD: &str = "/initrd";
 pub const DRIVES: &str = "/drives";
+/// Where Firecracker writes a snapshot and reads one back, inside the jail.
+pub const SNAPSHOT: &str = "/snapshot";
 
 /// One VM's jail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +167,66 @@ impl Jail {
     fn give(&self, path: &Path) -> Result<(), VmmError> {
         std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))
             .map_err(jail_error("failed to hand over", path))
+    }
+
+    /// `snapshot` as Firecracker sees it from inside the jail: the same file names, in
+    /// [`SNAPSHOT`].
+    pub fn snapshot_inside(&self, snapshot: &SnapshotFiles) -> SnapshotFiles {
+        let inside = |path: &Path| Path::new(SNAPSHOT).join(path.file_name().unwrap_or_default());
+        SnapshotFiles {
+            dir: SNAPSHOT.into(),
+            meta: inside(&snapshot.meta),
+            restored_meta: inside(&snapshot.restored_meta),
+            state: inside(&snapshot.state),
+            memory: inside(&snapshot.memory),
+        }
+    }
+
+    /// Creates the jail's snapshot directory, empty and the VM user's, for Firecracker to
+    /// write a snapshot into.
+    pub fn prepare_snapshot(&self) -> Result<(), VmmError> {
+        let dir = self.host_path(SNAPSHOT);
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            if e.kind() != io::ErrorKind::NotFound {
+                return Err(jail_error("failed to empty", &dir)(e));
+            }
+        }
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(jail_error("failed to create jail directory", &dir))?;
+        self.give(&dir)
+    }
+
+    /// Moves the state and memory Firecracker wrote into the jail (at `snapshot`'s partial
+    /// names) to `snapshot`'s own partial files, which the snapshot writer then commits.
+    pub fn take_snapshot(&self, snapshot: &SnapshotFiles) -> Result<(), VmmError> {
+        let inside = self.snapshot_inside(snapshot);
+        for (from, to) in [(&inside.state, &snapshot.state), (&inside.memory, &snapshot.memory)] {
+            let from = self.host_path(&Layout::partial(from).to_string_lossy());
+            let to = Layout::partial(to);
+            if fs::rename(&from, &to).is_err() {
+                // Another filesystem.
+                fs::copy(&from, &to).map_err(jail_error("failed to move out of the jail", &from))?;
+                fs::remove_file(&from).map_err(jail_error("failed to remove", &from))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts `snapshot`'s state and memory into the jail for Firecracker to load, readable by
+    /// the VM's user (linked where they share a filesystem, copied otherwise).
+    pub fn bring_snapshot(&self, snapshot: &SnapshotFiles) -> Result<(), VmmError> {
+        let inside = self.snapshot_inside(snapshot);
+        self.prepare_snapshot()?;
+        for (from, to) in [(&snapshot.state, &inside.state), (&snapshot.memory, &inside.memory)] {
+            let to = self.host_path(&to.to_string_lossy());
+            if fs::hard_link(from, &to).is_err() {
+                fs::copy(from, &to).map_err(jail_error("failed to copy into the jail", from))?;
+            }
+            self.give(&to)?;
+        }
+        Ok(())
     }
 
     /// Removes the jail (its links; the files they point to stay).
