@@ -1156,8 +1156,40 @@ async fn an_adopted_fake_pauses_to_disk_restores_and_is_killed_with_valid_reques
 
 // ---- Opt-in: a real Firecracker ----------------------------------------------------------
 
-/// Boots a real VM with /usr/local/bin/firecracker; set `WRENN_TEST_FIRECRACKER=1` on a host
-/// with working KVM.
+/// The real suite's VMs are confined: through /usr/local/bin/jailer, as an unprivileged user,
+/// in a cgroup under a parent of the test's own (removed when the returned guard drops).
+fn real_vmm(layout: &Layout) -> (FirecrackerVmm, Confinement, CgroupParent) {
+    let parent = PathBuf::from(format!("wrenn-tests/vmm-fc-real-{}", std::process::id()));
+    let cgroups =
+        Cgroups::detect(Path::new(wrenn::vmm::cgroup::DEFAULT_ROOT), &parent, None).unwrap();
+    let vmm = FirecrackerVmm::new("/usr/local/bin/firecracker".into(), console_cap())
+        .jailed("/usr/local/bin/jailer".into(), layout.jails_dir());
+    let confinement = Confinement {
+        uid: 900_000_077,
+        gid: 900_000_077,
+        cgroups,
+    };
+    (vmm, confinement, CgroupParent(parent))
+}
+
+/// A running VMM is unprivileged, filtered and chrooted.
+fn assert_jailed(pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    assert!(field("Uid").split_whitespace().all(|u| u == "900000077"), "{status}");
+    assert_eq!(field("Seccomp"), "2");
+    assert_ne!(std::fs::read_link(format!("/proc/{pid}/root")).unwrap(), Path::new("/"));
+}
+
+/// Boots a real VM with /usr/local/bin/firecracker through its jailer; set
+/// `WRENN_TEST_FIRECRACKER=1` on a host with working KVM.
 #[tokio::test]
 async fn real_firecracker_boots_a_guest() {
     if std::env::var("WRENN_TEST_FIRECRACKER").as_deref() != Ok("1") {
@@ -1185,9 +1217,14 @@ async fn real_firecracker_boots_a_guest() {
         files: VmFiles::for_sandbox(&layout, "cl-real"),
         confinement: None,
     };
-    let vmm = FirecrackerVmm::new("/usr/local/bin/firecracker".into(), console_cap());
+    let (vmm, confinement, _parent) = real_vmm(&layout);
+    let spec = VmSpec {
+        confinement: Some(confinement),
+        ..spec
+    };
     println!("{}", vmm.version().await.unwrap());
     let mut vm = vmm.start(&spec).await.unwrap();
+    assert_jailed(vm.pid());
     let status = tokio::time::timeout(Duration::from_secs(60), vm.wait_exit())
         .await
         .unwrap()
@@ -1228,6 +1265,11 @@ async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
         files: VmFiles::for_sandbox(&layout, "cl-real-snap"),
         confinement: None,
     };
+    let (vmm, confinement, _parent) = real_vmm(&layout);
+    let spec = VmSpec {
+        confinement: Some(confinement),
+        ..spec
+    };
     let ticks = |files: &VmFiles| -> Vec<u64> {
         std::fs::read_to_string(&files.console_log)
             .unwrap_or_default()
@@ -1246,9 +1288,9 @@ async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    let vmm = FirecrackerVmm::new("/usr/local/bin/firecracker".into(), console_cap());
     let snap = SnapshotFiles::for_sandbox(&layout, "cl-real-snap");
     let mut vm = vmm.start(&spec).await.unwrap();
+    assert_jailed(vm.pid());
     wait_ticks(spec.files.clone()).await;
     let pid = vm.pid();
     let meta = vm.pause_to(&snap).await.unwrap();
@@ -1271,6 +1313,7 @@ async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
     drop(vm);
     let before = ticks(&spec.files).last().copied().unwrap_or(0);
     let mut vm = vmm.adopt(&spec, pid).await.unwrap();
+    assert_jailed(pid);
     let started = std::time::Instant::now();
     while ticks(&spec.files).last().copied().unwrap_or(0) <= before {
         assert!(
