@@ -12,7 +12,10 @@ use support::agent::stack;
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 fn forwarding() -> String {
-    std::fs::read_to_string(IP_FORWARD).unwrap().trim().to_owned()
+    std::fs::read_to_string(IP_FORWARD)
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 /// Puts the host's forwarding back whatever the test did.
@@ -34,7 +37,10 @@ async fn ip_forward_is_changed_only_when_needed_and_restored_at_a_graceful_stop(
         let record = agent.root.path().join("host-sysctls.json");
         assert_eq!(forwarding(), "1");
         let recorded = std::fs::read_to_string(&record).unwrap();
-        assert!(recorded.contains(r#""net/ipv4/ip_forward": "0""#), "{recorded}");
+        assert!(
+            recorded.contains(r#""net/ipv4/ip_forward": "0""#),
+            "{recorded}"
+        );
         // Namespaces of other agents (or other software) may rely on forwarding: then it stays.
         let others = std::fs::read_dir("/run/netns").is_ok_and(|mut d| d.next().is_some());
         agent.stop();

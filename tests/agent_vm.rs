@@ -559,13 +559,26 @@ fn vmm_pid(layout: &Layout, id: &str) -> u32 {
 
 /// Checks the limits of a VM's cgroup directories (v2: one; v1: one per controller) and that
 /// `pid` is in each; returns how many limits were read.
-fn assert_cgroup_limits(dirs: &[std::path::PathBuf], pid: u32, vcpus: u64, memory_mib: u64) -> usize {
-    let read = |path: std::path::PathBuf| std::fs::read_to_string(path).ok().map(|s| s.trim().to_owned());
+fn assert_cgroup_limits(
+    dirs: &[std::path::PathBuf],
+    pid: u32,
+    vcpus: u64,
+    memory_mib: u64,
+) -> usize {
+    let read = |path: std::path::PathBuf| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_owned())
+    };
     let memory = ((memory_mib + wrenn::vmm::cgroup::VMM_MEMORY_OVERHEAD_MIB) << 20).to_string();
     let mut checked = 0;
     for dir in dirs {
         let procs = read(dir.join("cgroup.procs")).unwrap_or_default();
-        assert!(procs.lines().any(|p| p == pid.to_string()), "{pid} is not in {}: {procs}", dir.display());
+        assert!(
+            procs.lines().any(|p| p == pid.to_string()),
+            "{pid} is not in {}: {procs}",
+            dir.display()
+        );
         for (file, expected) in [
             ("memory.limit_in_bytes", memory.clone()),
             ("memory.max", memory.clone()),
@@ -605,9 +618,17 @@ async fn the_vmm_is_confined_and_a_guest_allocating_too_much_does_not_push_the_h
         let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
         assert_ne!(root, Path::new("/"));
         assert_eq!(root, layout.vmm_root(&id));
-        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "its root is empty");
+        assert_eq!(
+            std::fs::read_dir(&root).unwrap().count(),
+            0,
+            "its root is empty"
+        );
 
-        let dirs: Vec<_> = agent.vm_cgroups().into_iter().filter(|d| d.ends_with(&id)).collect();
+        let dirs: Vec<_> = agent
+            .vm_cgroups()
+            .into_iter()
+            .filter(|d| d.ends_with(&id))
+            .collect();
         assert!(!dirs.is_empty(), "no cgroup for {id}");
         assert!(assert_cgroup_limits(&dirs, pid, 1, 256) >= 3, "{dirs:?}");
 
@@ -620,10 +641,16 @@ async fn the_vmm_is_confined_and_a_guest_allocating_too_much_does_not_push_the_h
                 "user": "root"}, "timeout_sec": 120})),
         );
         assert_eq!(status, StatusCode::OK, "{out}");
-        assert!(out["stdout"].as_str().unwrap().contains("status=137"), "the hog was killed: {out}");
+        assert!(
+            out["stdout"].as_str().unwrap().contains("status=137"),
+            "the hog was killed: {out}"
+        );
         let limit = (256 + wrenn::vmm::cgroup::VMM_MEMORY_OVERHEAD_MIB) << 10;
         let rss = support::agent::peak_rss_kib(pid);
-        assert!(rss <= limit, "VMM peak RSS {rss} KiB over its cgroup's {limit} KiB");
+        assert!(
+            rss <= limit,
+            "VMM peak RSS {rss} KiB over its cgroup's {limit} KiB"
+        );
         assert!(agent.child.is_some());
         let out = agent.run(&id, "echo", &["still here"]);
         assert_eq!(out["stdout"], "still here\n", "{out}");
@@ -668,14 +695,28 @@ async fn cgroups_of_vms_that_died_with_the_agent_are_removed_and_adopted_vms_kee
             std::thread::sleep(Duration::from_millis(50));
         }
         let cgroups_of = |agent: &support::agent::Agent, id: &str| -> Vec<_> {
-            agent.vm_cgroups().into_iter().filter(|d| d.ends_with(id)).collect()
+            agent
+                .vm_cgroups()
+                .into_iter()
+                .filter(|d| d.ends_with(id))
+                .collect()
         };
-        assert!(!cgroups_of(&agent, &died).is_empty(), "nobody removed it while no agent ran");
+        assert!(
+            !cgroups_of(&agent, &died).is_empty(),
+            "nobody removed it while no agent ran"
+        );
 
         agent.restart(None);
-        assert!(cgroups_of(&agent, &died).is_empty(), "{:?}", cgroups_of(&agent, &died));
+        assert!(
+            cgroups_of(&agent, &died).is_empty(),
+            "{:?}",
+            cgroups_of(&agent, &died)
+        );
         let dirs = cgroups_of(&agent, &kept);
-        assert!(assert_cgroup_limits(&dirs, kept_pid, 1, 256) >= 3, "{dirs:?}");
+        assert!(
+            assert_cgroup_limits(&dirs, kept_pid, 1, 256) >= 3,
+            "{dirs:?}"
+        );
 
         let (status, body) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{kept}"), None);
         assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
@@ -715,7 +756,11 @@ async fn a_guest_filling_its_disk_stops_at_the_sandbox_disk_size() {
         assert!(text.contains("No space left on device"), "{out}");
         let meta = std::fs::metadata(&disk).unwrap();
         assert_eq!(meta.len(), size, "the disk file grew");
-        assert!(meta.blocks() * 512 <= size, "{} bytes allocated", meta.blocks() * 512);
+        assert!(
+            meta.blocks() * 512 <= size,
+            "{} bytes allocated",
+            meta.blocks() * 512
+        );
         let out = agent.run(&id, "echo", &["still here"]);
         assert_eq!(out["stdout"], "still here\n", "{out}");
         let (status, body) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None);

@@ -17,10 +17,9 @@ use wrenn::vmm::firecracker::api::{self, ActionType, Endpoint, InstanceAction};
 use wrenn::vmm::firecracker::jail::{self, Jail};
 use wrenn::vmm::firecracker::{boot_sequence, pause_sequence, restore_sequence};
 use wrenn::vmm::{
-    CgroupVersion, Cgroups, Confinement,
-    console_tail, find_leftovers, AdoptRefusal, AfterFailedPause, Drive, FirecrackerApiError,
-    FirecrackerVmm, Leftover, NetAttachment, SnapshotError, SnapshotFiles, VmFiles, VmSpec,
-    VmStatus, Vmm, VmmError, VmmExit, VmmKind,
+    console_tail, find_leftovers, AdoptRefusal, AfterFailedPause, CgroupVersion, Cgroups,
+    Confinement, Drive, FirecrackerApiError, FirecrackerVmm, Leftover, NetAttachment,
+    SnapshotError, SnapshotFiles, VmFiles, VmSpec, VmStatus, Vmm, VmmError, VmmExit, VmmKind,
 };
 
 fn full_spec(layout: &Layout, id: &str) -> VmSpec {
@@ -290,7 +289,11 @@ fn fake_firecracker_process() {
             .position(|a| *a == name)
             .map(|i| PathBuf::from(args[i + 1]))
     };
-    let socket = fake::host(&flag("--api-sock").expect("--api-sock given").to_string_lossy());
+    let socket = fake::host(
+        &flag("--api-sock")
+            .expect("--api-sock given")
+            .to_string_lossy(),
+    );
     let record = PathBuf::from(std::env::var("FAKE_FC_RECORD").expect("FAKE_FC_RECORD set"));
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1183,9 +1186,15 @@ fn assert_jailed(pid: u32) {
             .trim()
             .to_owned()
     };
-    assert!(field("Uid").split_whitespace().all(|u| u == "900000077"), "{status}");
+    assert!(
+        field("Uid").split_whitespace().all(|u| u == "900000077"),
+        "{status}"
+    );
     assert_eq!(field("Seccomp"), "2");
-    assert_ne!(std::fs::read_link(format!("/proc/{pid}/root")).unwrap(), Path::new("/"));
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+        Path::new("/")
+    );
 }
 
 /// Boots a real VM with /usr/local/bin/firecracker through its jailer; set
@@ -1372,7 +1381,11 @@ fn the_jailer_runs_firecracker_as_the_vms_user_in_its_namespace_and_its_chroot()
     );
     let api_socket = jail.host_path(jail::API_SOCKET);
     assert_eq!(api_socket, jail.root().join("api.sock"));
-    assert!(api_socket.as_os_str().len() <= 107, "{}", api_socket.display());
+    assert!(
+        api_socket.as_os_str().len() <= 107,
+        "{}",
+        api_socket.display()
+    );
 
     // Firecracker is told only paths inside the jail, and the calls stay valid.
     let inside = jail.inside(&spec);
@@ -1441,7 +1454,10 @@ fn a_jail_links_the_kernel_and_disks_and_hands_the_writable_ones_to_the_vms_user
         (inside("/initrd"), spec.initrd.clone().unwrap()),
     ] {
         assert_ne!(meta(&copy).ino(), meta(&original).ino());
-        assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&original).unwrap());
+        assert_eq!(
+            std::fs::read(&copy).unwrap(),
+            std::fs::read(&original).unwrap()
+        );
         assert_eq!(meta(&copy).uid(), confinement.uid);
         assert_eq!(meta(&copy).mode() & 0o777, 0o400);
     }
@@ -1489,11 +1505,21 @@ async fn a_confined_firecracker_runs_in_its_jail_across_pause_restore_and_adopti
         gid: 900_000_042,
         cgroups: cgroups.clone(),
     });
-    for path in [&spec.kernel, spec.initrd.as_ref().unwrap(), &spec.drives[0].path, &spec.drives[1].path] {
+    for path in [
+        &spec.kernel,
+        spec.initrd.as_ref().unwrap(),
+        &spec.drives[0].path,
+        &spec.drives[1].path,
+    ] {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, "contents").unwrap();
     }
-    let jail = Jail::new(&layout.jails_dir(), &fake.bin, &spec, spec.confinement.as_ref().unwrap());
+    let jail = Jail::new(
+        &layout.jails_dir(),
+        &fake.bin,
+        &spec,
+        spec.confinement.as_ref().unwrap(),
+    );
     let cgroup = cgroups.vm(&spec.id);
 
     let mut vm = vmm.start(&spec).await.unwrap();
@@ -1505,9 +1531,17 @@ async fn a_confined_firecracker_runs_in_its_jail_across_pause_restore_and_adopti
         .collect();
     assert_eq!(recorded.trim(), expected.join(" "));
     assert!(jail.host_path(jail::API_SOCKET).exists());
-    assert!(jail.host_path(jail::VSOCK_SOCKET).exists(), "the vsock socket is inside the jail");
+    assert!(
+        jail.host_path(jail::VSOCK_SOCKET).exists(),
+        "the vsock socket is inside the jail"
+    );
     let data = std::fs::metadata(&spec.drives[1].path).unwrap();
-    assert_eq!(std::fs::metadata(jail.host_path("/drives/data")).unwrap().ino(), data.ino());
+    assert_eq!(
+        std::fs::metadata(jail.host_path("/drives/data"))
+            .unwrap()
+            .ino(),
+        data.ino()
+    );
     assert_eq!(data.uid(), 900_000_042);
     assert_eq!(cgroup.pids(), [vm.pid()]);
     let found = find_leftovers(&layout);
@@ -1522,8 +1556,14 @@ async fn a_confined_firecracker_runs_in_its_jail_across_pause_restore_and_adopti
 
     let snap = SnapshotFiles::for_sandbox(&layout, &spec.id);
     vm.pause_to(&snap).await.unwrap();
-    assert_eq!(std::fs::read_to_string(&snap.state).unwrap(), "fake vmstate");
-    assert_eq!(std::fs::read_to_string(&snap.memory).unwrap(), "fake memory");
+    assert_eq!(
+        std::fs::read_to_string(&snap.state).unwrap(),
+        "fake vmstate"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&snap.memory).unwrap(),
+        "fake memory"
+    );
     assert!(!jail.root().exists(), "the jail goes with its VMM");
     assert!(cgroup.dirs().iter().all(|d| !d.exists()));
 
@@ -1531,7 +1571,10 @@ async fn a_confined_firecracker_runs_in_its_jail_across_pause_restore_and_adopti
     let load = fake.load_bodies().pop().unwrap();
     let inside = jail.snapshot_inside(&snap);
     assert_eq!(load["snapshot_path"], inside.state.to_str().unwrap());
-    assert_eq!(load["mem_backend"]["backend_path"], inside.memory.to_str().unwrap());
+    assert_eq!(
+        load["mem_backend"]["backend_path"],
+        inside.memory.to_str().unwrap()
+    );
     assert_eq!(load["vsock_override"]["uds_path"], jail::VSOCK_SOCKET);
 
     let pid = vm.pid();
@@ -1539,7 +1582,11 @@ async fn a_confined_firecracker_runs_in_its_jail_across_pause_restore_and_adopti
     let mut other = spec.clone();
     other.id = "cl-other".into();
     other.files = VmFiles::for_sandbox(&layout, "cl-other");
-    let err = vmm.adopt(&other, pid).await.err().expect("another sandbox's VMM");
+    let err = vmm
+        .adopt(&other, pid)
+        .await
+        .err()
+        .expect("another sandbox's VMM");
     assert!(matches!(err, VmmError::NotAdoptable { .. }), "{err}");
     let mut vm = vmm.adopt(&spec, pid).await.unwrap();
     assert_eq!(vm.status().await.unwrap(), VmStatus::Running);

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use wrenn::config::{Config, ConsoleLogMaxBytes, Layout, QemuAccel};
 use wrenn::vmm::qemu::qmp::QmpClient;
 use wrenn::vmm::{
-    cgroup, console_tail, find_leftovers, Cgroups, Confinement, VmCgroup, kill_leftover, Accel, AdoptRefusal, AfterFailedPause, Drive,
-    FirecrackerVmm, Leftover, NetAttachment, QemuVmm, SnapshotError, SnapshotFiles, VmFiles,
-    VmSpec, VmStatus, Vmm, VmmError, VmmExit, VmmKind,
+    cgroup, console_tail, find_leftovers, kill_leftover, Accel, AdoptRefusal, AfterFailedPause,
+    Cgroups, Confinement, Drive, FirecrackerVmm, Leftover, NetAttachment, QemuVmm, SnapshotError,
+    SnapshotFiles, VmCgroup, VmFiles, VmSpec, VmStatus, Vmm, VmmError, VmmExit, VmmKind,
 };
 use wrenn_test_support::kernel::{self as guest, TestKernel};
 
@@ -989,7 +989,11 @@ fn assert_confined(spec: &VmSpec, pid: u32, cgroup: &VmCgroup) {
     assert_eq!(cgroup.pids(), [pid]);
     for dir in cgroup.dirs() {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
-        assert!(procs.lines().any(|p| p == pid.to_string()), "{}: {procs}", dir.display());
+        assert!(
+            procs.lines().any(|p| p == pid.to_string()),
+            "{}: {procs}",
+            dir.display()
+        );
     }
 }
 
@@ -1021,7 +1025,11 @@ async fn a_confined_vm_pauses_restores_and_is_adopted_and_its_cgroup_goes_with_i
     let limits = cgroups.limits(2, 256);
     assert_eq!(limits.cpu_quota_us, 200_000);
     for dir in cgroup.dirs() {
-        let read = |file: &str| std::fs::read_to_string(dir.join(file)).ok().map(|v| v.trim().to_owned());
+        let read = |file: &str| {
+            std::fs::read_to_string(dir.join(file))
+                .ok()
+                .map(|v| v.trim().to_owned())
+        };
         if let Some(max) = read("memory.max").or_else(|| read("memory.limit_in_bytes")) {
             assert_eq!(max, limits.memory_bytes.to_string());
         }
@@ -1034,10 +1042,16 @@ async fn a_confined_vm_pauses_restores_and_is_adopted_and_its_cgroup_goes_with_i
     }
 
     vm.pause_to(&snap).await.unwrap();
-    assert!(cgroup.dirs().iter().all(|d| !d.exists()), "a paused VM holds no cgroup");
+    assert!(
+        cgroup.dirs().iter().all(|d| !d.exists()),
+        "a paused VM holds no cgroup"
+    );
     let vm = vmm.restore(&spec, &snap).await.unwrap();
     let after = wait_for_ticks(vm.serial_log(), 1).await;
-    assert_eq!(after[0].1, first[0].1, "the guest's tmpfs and disk read back the same");
+    assert_eq!(
+        after[0].1, first[0].1,
+        "the guest's tmpfs and disk read back the same"
+    );
     assert_confined(&spec, vm.pid(), &cgroup);
 
     let pid = vm.pid();
@@ -1045,6 +1059,10 @@ async fn a_confined_vm_pauses_restores_and_is_adopted_and_its_cgroup_goes_with_i
     let mut vm = vmm.adopt(&spec, pid).await.unwrap();
     assert_confined(&spec, pid, &cgroup);
     assert_eq!(vm.kill().await.unwrap(), VmmExit::Unobserved);
-    assert!(cgroup.dirs().iter().all(|d| !d.exists()), "{:?}", cgroup.dirs());
+    assert!(
+        cgroup.dirs().iter().all(|d| !d.exists()),
+        "{:?}",
+        cgroup.dirs()
+    );
     assert!(cgroups.existing().is_empty());
 }

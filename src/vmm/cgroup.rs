@@ -150,15 +150,13 @@ pub struct Cgroups {
 impl Cgroups {
     /// Cgroup v2 when `root` is a v2 hierarchy offering cpu, memory and pids (pure v2 hosts);
     /// otherwise the v1 hierarchies mounted under `root` (hybrid hosts).
-    pub fn detect(
-        root: &Path,
-        parent: &Path,
-        io: Option<IoLimit>,
-    ) -> Result<Self, CgroupError> {
+    pub fn detect(root: &Path, parent: &Path, io: Option<IoLimit>) -> Result<Self, CgroupError> {
         check_parent(parent)?;
         let version = if fs::read_to_string(root.join("cgroup.controllers")).is_ok_and(|c| {
             let offered: Vec<&str> = c.split_whitespace().collect();
-            ["cpu", "memory", "pids"].iter().all(|n| offered.contains(n))
+            ["cpu", "memory", "pids"]
+                .iter()
+                .all(|n| offered.contains(n))
         }) {
             CgroupVersion::V2
         } else if ["cpu", "memory", "pids"]
@@ -315,7 +313,9 @@ impl Cgroups {
 }
 
 fn check_parent(parent: &Path) -> Result<(), CgroupError> {
-    let normal = parent.components().all(|c| matches!(c, Component::Normal(_)));
+    let normal = parent
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)));
     if parent.as_os_str().is_empty() || !normal {
         return Err(CgroupError::BadParent(parent.to_owned()));
     }
@@ -353,7 +353,12 @@ impl VmCgroup {
         self.dirs
             .first()
             .and_then(|dir| fs::read_to_string(dir.join("cgroup.procs")).ok())
-            .map(|procs| procs.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .map(|procs| {
+                procs
+                    .lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -400,7 +405,11 @@ impl VmCgroup {
                 Self::write(dir, "cpu.cfs_quota_us", &limits.cpu_quota_us.to_string())?;
             }
             if dir.join("memory.limit_in_bytes").exists() {
-                Self::write(dir, "memory.limit_in_bytes", &limits.memory_bytes.to_string())?;
+                Self::write(
+                    dir,
+                    "memory.limit_in_bytes",
+                    &limits.memory_bytes.to_string(),
+                )?;
                 // Memory plus swap: the same, so that none of it goes to swap.
                 if dir.join("memory.memsw.limit_in_bytes").exists() {
                     Self::write(
@@ -413,8 +422,10 @@ impl VmCgroup {
             if dir.join("pids.max").exists() {
                 Self::write(dir, "pids.max", &limits.pids.to_string())?;
             }
-            if let (Some(io), true) = (limits.io, dir.join("blkio.throttle.read_bps_device").exists())
-            {
+            if let (Some(io), true) = (
+                limits.io,
+                dir.join("blkio.throttle.read_bps_device").exists(),
+            ) {
                 let device = format!("{}:{}", io.major, io.minor);
                 for (file, value) in [
                     ("blkio.throttle.read_bps_device", io.bytes_per_sec),
@@ -511,25 +522,42 @@ mod tests {
     fn a_v2_cgroup_gets_its_limits_and_the_parents_delegate_the_controllers() {
         let root = tempfile::tempdir().unwrap();
         let root = root.path();
-        fs::write(root.join("cgroup.controllers"), "cpuset cpu io memory hugetlb pids\n").unwrap();
+        fs::write(
+            root.join("cgroup.controllers"),
+            "cpuset cpu io memory hugetlb pids\n",
+        )
+        .unwrap();
         fs::write(root.join("cgroup.subtree_control"), "").unwrap();
         let cgroups = Cgroups::detect(root, Path::new("wrenn/agent1"), Some(io())).unwrap();
         assert_eq!(cgroups.version(), CgroupVersion::V2);
         let cgroup = cgroups.create("cl-a", &cgroups.limits(2, 256)).unwrap();
         let dir = root.join("wrenn/agent1/cl-a");
-        assert_eq!(cgroup.dirs(), [dir.clone()]);
+        assert_eq!(cgroup.dirs(), std::slice::from_ref(&dir));
         let read = |path: PathBuf| fs::read_to_string(path).unwrap();
-        for level in [root.to_owned(), root.join("wrenn"), root.join("wrenn/agent1")] {
-            assert_eq!(read(level.join("cgroup.subtree_control")), "+cpu +io +memory +pids");
+        for level in [
+            root.to_owned(),
+            root.join("wrenn"),
+            root.join("wrenn/agent1"),
+        ] {
+            assert_eq!(
+                read(level.join("cgroup.subtree_control")),
+                "+cpu +io +memory +pids"
+            );
         }
         assert_eq!(read(dir.join("cpu.max")), "200000 100000");
-        assert_eq!(read(dir.join("memory.max")), ((256 + VMM_MEMORY_OVERHEAD_MIB) << 20).to_string());
+        assert_eq!(
+            read(dir.join("memory.max")),
+            ((256 + VMM_MEMORY_OVERHEAD_MIB) << 20).to_string()
+        );
         assert_eq!(read(dir.join("pids.max")), (PIDS_BASE + 2).to_string());
         assert_eq!(
             read(dir.join("io.max")),
             "254:0 rbps=1048576 wbps=1048576 riops=100 wiops=100"
         );
-        assert!(!dir.join("memory.swap.max").exists(), "written only where the kernel offers it");
+        assert!(
+            !dir.join("memory.swap.max").exists(),
+            "written only where the kernel offers it"
+        );
         assert_eq!(cgroups.existing(), ["cl-a"]);
     }
 
@@ -558,8 +586,9 @@ mod tests {
         let err = Cgroups::detect(root.path(), Path::new("wrenn"), None).unwrap_err();
         assert!(matches!(err, CgroupError::Unavailable { .. }), "{err}");
         for parent in ["", "../x", "/abs", "a/../b"] {
-            let err = Cgroups::with_version(CgroupVersion::V2, root.path(), Path::new(parent), None)
-                .unwrap_err();
+            let err =
+                Cgroups::with_version(CgroupVersion::V2, root.path(), Path::new(parent), None)
+                    .unwrap_err();
             assert!(matches!(err, CgroupError::BadParent(_)), "{parent}: {err}");
         }
     }

@@ -206,7 +206,15 @@ mod tests {
         let layout = Layout::new(tmp.path());
         fs::create_dir_all(layout.jails_dir().join("firecracker/cl-j/root")).unwrap();
         let line = |id: &str| {
-            args(&["/firecracker", "--id", id, "--start-time-us", "1", "--api-sock", "/api.sock"])
+            args(&[
+                "/firecracker",
+                "--id",
+                id,
+                "--start-time-us",
+                "1",
+                "--api-sock",
+                "/api.sock",
+            ])
         };
         assert_eq!(
             control_socket_owner(&layout, &line("cl-j")),
@@ -216,7 +224,10 @@ mod tests {
         assert_eq!(control_socket_owner(&layout, &line("cl-k")), None);
         fs::create_dir_all(layout.jails_dir().join("x/../root")).unwrap();
         assert_eq!(control_socket_owner(&layout, &line("..")), None);
-        assert_eq!(control_socket_owner(&layout, &args(&["/firecracker", "--api-sock", "/api.sock"])), None);
+        assert_eq!(
+            control_socket_owner(&layout, &args(&["/firecracker", "--api-sock", "/api.sock"])),
+            None
+        );
     }
 
     #[test]

@@ -94,11 +94,7 @@ impl ConfinementPolicy {
             agent.vm_io_bytes_per_sec,
             agent.vm_io_ops_per_sec,
         );
-        let cgroups = Cgroups::detect(
-            Path::new(cgroup::DEFAULT_ROOT),
-            &agent.cgroup_parent,
-            io,
-        )?;
+        let cgroups = Cgroups::detect(Path::new(cgroup::DEFAULT_ROOT), &agent.cgroup_parent, io)?;
         tracing::info!(
             version = %cgroups.version(),
             parent = %agent.cgroup_parent.display(),
@@ -481,11 +477,10 @@ pub trait Vm: Send + Sync {
 pub fn from_config(agent: &AgentConfig) -> Arc<dyn Vmm> {
     match agent.vmm {
         VmmKind::Firecracker => Arc::new(
-            FirecrackerVmm::new(agent.firecracker_bin.clone(), agent.console_log_max_bytes)
-                .jailed(
-                    agent.firecracker_jailer_bin.clone(),
-                    Layout::new(&agent.files_rootdir).jails_dir(),
-                ),
+            FirecrackerVmm::new(agent.firecracker_bin.clone(), agent.console_log_max_bytes).jailed(
+                agent.firecracker_jailer_bin.clone(),
+                Layout::new(&agent.files_rootdir).jails_dir(),
+            ),
         ),
         VmmKind::Qemu => Arc::new(QemuVmm::new(
             agent.qemu_bin.clone(),

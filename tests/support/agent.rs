@@ -248,7 +248,11 @@ impl Agent {
         let root = std::path::Path::new("/sys/fs/cgroup");
         let mut parents = vec![root.join(self.cgroup_parent())];
         if let Ok(hierarchies) = std::fs::read_dir(root) {
-            parents.extend(hierarchies.flatten().map(|h| h.path().join(self.cgroup_parent())));
+            parents.extend(
+                hierarchies
+                    .flatten()
+                    .map(|h| h.path().join(self.cgroup_parent())),
+            );
         }
         parents
             .iter()

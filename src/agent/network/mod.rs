@@ -627,7 +627,9 @@ impl NetworkManager {
             return;
         }
         if sysctl::other_namespaces_exist(std::path::Path::new(NETNS_DIR)) {
-            tracing::info!("other network namespaces remain on the host; host sysctls stay as they are");
+            tracing::info!(
+                "other network namespaces remain on the host; host sysctls stay as they are"
+            );
             return;
         }
         if let Err(error) = self.sysctls.restore() {
@@ -727,7 +729,6 @@ async fn default_route_interface() -> Result<Option<InterfaceName>, NetworkError
     let name = host.default_route_interface().await.map_err(inspect)?;
     Ok(name.and_then(|name| name.parse().ok()))
 }
-
 
 #[cfg(test)]
 mod tests {

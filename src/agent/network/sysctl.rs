@@ -140,8 +140,13 @@ mod tests {
     fn host(value: &str) -> (tempfile::TempDir, HostSysctls) {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("sys/net/ipv4")).unwrap();
-        fs::write(dir.path().join("sys/net/ipv4/ip_forward"), format!("{value}\n")).unwrap();
-        let sysctls = HostSysctls::new(dir.path().join("sys"), dir.path().join("host-sysctls.json"));
+        fs::write(
+            dir.path().join("sys/net/ipv4/ip_forward"),
+            format!("{value}\n"),
+        )
+        .unwrap();
+        let sysctls =
+            HostSysctls::new(dir.path().join("sys"), dir.path().join("host-sysctls.json"));
         (dir, sysctls)
     }
 

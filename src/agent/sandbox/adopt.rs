@@ -219,9 +219,16 @@ impl SandboxManager {
     /// Cgroups and Firecracker jails of VMs that no longer run: a VMM that died, or was killed
     /// above, while no agent watched it. Whatever still runs in a cgroup is killed first.
     async fn remove_leftover_confinement(&self, adopted: &[String]) {
-        let jails = std::fs::read_dir(self.layout.jails_dir()).into_iter().flatten().flatten();
+        let jails = std::fs::read_dir(self.layout.jails_dir())
+            .into_iter()
+            .flatten()
+            .flatten();
         for exec in jails {
-            for jail in std::fs::read_dir(exec.path()).into_iter().flatten().flatten() {
+            for jail in std::fs::read_dir(exec.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 if adopted.iter().any(|id| jail.file_name() == id.as_str()) {
                     continue;
                 }

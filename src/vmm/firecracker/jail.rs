@@ -88,9 +88,17 @@ impl Jail {
             args.push(netns.into());
         }
         args.extend(
-            ["--", "--api-sock", API_SOCKET, "--log-path", LOG, "--level", "Info"]
-                .iter()
-                .map(OsString::from),
+            [
+                "--",
+                "--api-sock",
+                API_SOCKET,
+                "--log-path",
+                LOG,
+                "--level",
+                "Info",
+            ]
+            .iter()
+            .map(OsString::from),
         );
         args
     }
@@ -151,7 +159,8 @@ impl Jail {
         let target = self.host_path(inside);
         let meta = fs::metadata(host).map_err(jail_error("failed to read", host))?;
         if writable {
-            fs::hard_link(host, &target).map_err(jail_error("failed to link into the jail", host))?;
+            fs::hard_link(host, &target)
+                .map_err(jail_error("failed to link into the jail", host))?;
             return self.give(&target);
         }
         if meta.mode() & 0o004 != 0 && fs::hard_link(host, &target).is_ok() {
@@ -202,12 +211,16 @@ impl Jail {
     /// names) to `snapshot`'s own partial files, which the snapshot writer then commits.
     pub fn take_snapshot(&self, snapshot: &SnapshotFiles) -> Result<(), VmmError> {
         let inside = self.snapshot_inside(snapshot);
-        for (from, to) in [(&inside.state, &snapshot.state), (&inside.memory, &snapshot.memory)] {
+        for (from, to) in [
+            (&inside.state, &snapshot.state),
+            (&inside.memory, &snapshot.memory),
+        ] {
             let from = self.host_path(&Layout::partial(from).to_string_lossy());
             let to = Layout::partial(to);
             if fs::rename(&from, &to).is_err() {
                 // Another filesystem.
-                fs::copy(&from, &to).map_err(jail_error("failed to move out of the jail", &from))?;
+                fs::copy(&from, &to)
+                    .map_err(jail_error("failed to move out of the jail", &from))?;
                 fs::remove_file(&from).map_err(jail_error("failed to remove", &from))?;
             }
         }
@@ -219,7 +232,10 @@ impl Jail {
     pub fn bring_snapshot(&self, snapshot: &SnapshotFiles) -> Result<(), VmmError> {
         let inside = self.snapshot_inside(snapshot);
         self.prepare_snapshot()?;
-        for (from, to) in [(&snapshot.state, &inside.state), (&snapshot.memory, &inside.memory)] {
+        for (from, to) in [
+            (&snapshot.state, &inside.state),
+            (&snapshot.memory, &inside.memory),
+        ] {
             let to = self.host_path(&to.to_string_lossy());
             if fs::hard_link(from, &to).is_err() {
                 fs::copy(from, &to).map_err(jail_error("failed to copy into the jail", from))?;

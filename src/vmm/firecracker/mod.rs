@@ -401,8 +401,14 @@ impl FirecrackerVmm {
             (Some(jail), Some(jailer)) => {
                 jail.populate(spec)?;
                 // The jailer joins the namespace itself, before it drops its privileges.
-                process::spawn(&jailer.bin, &jail.command_line(netns), None, spec, self.console_cap)
-                    .map(|p| p.with_jail(jail.clone()))
+                process::spawn(
+                    &jailer.bin,
+                    &jail.command_line(netns),
+                    None,
+                    spec,
+                    self.console_cap,
+                )
+                .map(|p| p.with_jail(jail.clone()))
             }
             _ => {
                 let args: Vec<OsString> = vec![

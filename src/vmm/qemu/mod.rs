@@ -330,12 +330,14 @@ impl QemuVmm {
         let files = &spec.files;
         process::prepare_files(files, &[&files.qmp_socket])?;
         let options = match spec.confinement {
-            Some(_) => *self
-                .confinement_options
-                .get_or_try_init(|| async {
-                    Ok::<_, VmmError>(ConfinementOptions::of_version(&self.version().await?))
-                })
-                .await?,
+            Some(_) => {
+                *self
+                    .confinement_options
+                    .get_or_try_init(|| async {
+                        Ok::<_, VmmError>(ConfinementOptions::of_version(&self.version().await?))
+                    })
+                    .await?
+            }
             None => ConfinementOptions::Legacy,
         };
         let mut args = command_line(spec, accel, vsock_available, options);
@@ -752,7 +754,12 @@ mod tests {
 
     #[test]
     fn command_line_carries_every_device_in_order() {
-        let line = joined(&command_line(&spec(), Accel::Kvm, true, ConfinementOptions::Legacy));
+        let line = joined(&command_line(
+            &spec(),
+            Accel::Kvm,
+            true,
+            ConfinementOptions::Legacy,
+        ));
         for needle in [
             "-M microvm,x-option-roms=off,isa-serial=on,rtc=on -accel kvm -cpu host -m 256 -smp 2",
             "-nodefaults -no-user-config -nographic -no-reboot",
@@ -773,27 +780,59 @@ mod tests {
     fn a_confined_vm_gets_seccomp_a_chroot_and_a_user_spelt_for_its_qemu() {
         use crate::vmm::{CgroupVersion, Cgroups, Confinement};
         let mut spec = spec();
-        assert!(!joined(&command_line(&spec, Accel::Kvm, true, ConfinementOptions::Legacy)).contains("-sandbox"));
+        assert!(!joined(&command_line(
+            &spec,
+            Accel::Kvm,
+            true,
+            ConfinementOptions::Legacy
+        ))
+        .contains("-sandbox"));
         spec.confinement = Some(Confinement {
             uid: 900_000_007,
             gid: 900_000_008,
-            cgroups: Cgroups::with_version(CgroupVersion::V2, Path::new("/sys/fs/cgroup"), Path::new("wrenn"), None).unwrap(),
+            cgroups: Cgroups::with_version(
+                CgroupVersion::V2,
+                Path::new("/sys/fs/cgroup"),
+                Path::new("wrenn"),
+                None,
+            )
+            .unwrap(),
         });
-        let seccomp = "-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
+        let seccomp =
+            "-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
         for (version, options, expected) in [
-            ("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)", ConfinementOptions::Legacy,
-             "-chroot /srv/sandboxes/cl-q/vmm-root -runas 900000007:900000008"),
-            ("QEMU emulator version 8.2.2 (Debian 1:8.2.2+ds-0ubuntu1)", ConfinementOptions::RunWithChroot,
-             "-run-with chroot=/srv/sandboxes/cl-q/vmm-root -runas 900000007:900000008"),
-            ("QEMU emulator version 10.0.2", ConfinementOptions::RunWith,
-             "-run-with chroot=/srv/sandboxes/cl-q/vmm-root,user=900000007:900000008"),
+            (
+                "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)",
+                ConfinementOptions::Legacy,
+                "-chroot /srv/sandboxes/cl-q/vmm-root -runas 900000007:900000008",
+            ),
+            (
+                "QEMU emulator version 8.2.2 (Debian 1:8.2.2+ds-0ubuntu1)",
+                ConfinementOptions::RunWithChroot,
+                "-run-with chroot=/srv/sandboxes/cl-q/vmm-root -runas 900000007:900000008",
+            ),
+            (
+                "QEMU emulator version 10.0.2",
+                ConfinementOptions::RunWith,
+                "-run-with chroot=/srv/sandboxes/cl-q/vmm-root,user=900000007:900000008",
+            ),
         ] {
-            assert_eq!(ConfinementOptions::of_version(version), options, "{version}");
+            assert_eq!(
+                ConfinementOptions::of_version(version),
+                options,
+                "{version}"
+            );
             let line = joined(&command_line(&spec, Accel::Kvm, true, options));
             assert!(line.ends_with(&format!("{seccomp} {expected}")), "{line}");
         }
-        assert_eq!(ConfinementOptions::of_version("QEMU 9.0.0"), ConfinementOptions::RunWithChroot);
-        assert_eq!(ConfinementOptions::of_version("garbage"), ConfinementOptions::Legacy);
+        assert_eq!(
+            ConfinementOptions::of_version("QEMU 9.0.0"),
+            ConfinementOptions::RunWithChroot
+        );
+        assert_eq!(
+            ConfinementOptions::of_version("garbage"),
+            ConfinementOptions::Legacy
+        );
     }
 
     #[test]
@@ -822,7 +861,12 @@ mod tests {
 
     #[test]
     fn tcg_uses_the_max_cpu_and_skips_vsock_without_vhost() {
-        let line = joined(&command_line(&spec(), Accel::Tcg, false, ConfinementOptions::Legacy));
+        let line = joined(&command_line(
+            &spec(),
+            Accel::Tcg,
+            false,
+            ConfinementOptions::Legacy,
+        ));
         assert!(line.contains("-accel tcg -cpu max"), "{line}");
         assert!(!line.contains("vhost-vsock"), "{line}");
     }
