@@ -360,6 +360,21 @@ async fn auto_accel_probes_kvm_once_and_logs_its_choice() {
         log.lines().count(),
         "the second call probes and logs nothing"
     );
+
+    // TCG configured is said out loud too; `kvm`, production's choice, never falls back.
+    let tcg = QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Tcg, console_cap());
+    assert_eq!(tcg.accel(&f.kernel.vmlinux).await.accel, Accel::Tcg);
+    let kvm = QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Kvm, console_cap());
+    assert_eq!(kvm.accel(&f.kernel.vmlinux).await.accel, Accel::Kvm);
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        log.contains("QEMU uses TCG (software emulation), as configured"),
+        "{log}"
+    );
+    assert!(
+        log.contains("QEMU uses KVM (configured; no fallback to TCG)"),
+        "{log}"
+    );
 }
 
 #[tokio::test]

@@ -182,6 +182,11 @@ impl VmSpec {
                 return invalid(format!("vsock CID {cid} is reserved; use 3 or above"));
             }
         }
+        if let Some(confinement) = &self.confinement {
+            if confinement.uid == 0 || confinement.gid == 0 {
+                return invalid("a confined VMM must not run as uid or gid 0".into());
+            }
+        }
         Ok(())
     }
 }
@@ -551,6 +556,25 @@ mod tests {
                 "unique",
             ),
             (Box::new(|s| s.vsock_cid = Some(2)), "CID"),
+            (
+                Box::new(|s| {
+                    let cgroups = Cgroups::with_version(
+                        CgroupVersion::V2,
+                        Path::new("/sys/fs/cgroup"),
+                        Path::new("wrenn"),
+                        None,
+                    )
+                    .unwrap();
+                    s.confinement = Some(
+                        ConfinementPolicy {
+                            id_base: 0,
+                            cgroups,
+                        }
+                        .for_slot(0),
+                    );
+                }),
+                "uid or gid 0",
+            ),
         ];
         for (mutate, needle) in cases {
             let mut s = spec();
