@@ -647,6 +647,7 @@ async fn the_vmm_is_confined_and_a_guest_allocating_too_much_does_not_push_the_h
         );
         let limit = (256 + wrenn::vmm::cgroup::VMM_MEMORY_OVERHEAD_MIB) << 10;
         let rss = support::agent::peak_rss_kib(pid);
+        println!("VMM of a 256 MiB guest that used all its memory: peak RSS {rss} KiB, limit {limit} KiB");
         assert!(
             rss <= limit,
             "VMM peak RSS {rss} KiB over its cgroup's {limit} KiB"

@@ -18,7 +18,7 @@ pub const DEFAULT_ROOT: &str = "/sys/fs/cgroup";
 /// The period CPU quotas are measured in (the kernel's default).
 const CPU_PERIOD_US: u64 = 100_000;
 /// Memory the VMM needs beyond the guest's RAM: its own code and heap, device emulation and,
-/// under TCG, its translation cache, measured at about 100 MiB for a TCG guest here.
+/// under TCG, its translation cache (see `docs/confinement.md` for what a TCG guest takes).
 pub const VMM_MEMORY_OVERHEAD_MIB: u64 = 256;
 /// Threads a VMM runs besides one per vCPU: QEMU's block I/O pool alone grows to 64.
 const PIDS_BASE: u64 = 128;
