@@ -100,6 +100,7 @@ async fn boot_figures(vmm: &QemuVmm) {
             net: None,
             vsock_cid: None,
             files: VmFiles::for_sandbox(&layout, &id),
+            confinement: None,
         };
         let started = Instant::now();
         let mut vm = vmm.start(&spec).await.unwrap();
@@ -183,6 +184,7 @@ async fn pause_figures(vmm: &QemuVmm) {
                 net: None,
                 vsock_cid: None,
                 files: VmFiles::for_sandbox(&layout, &id),
+                confinement: None,
             };
             let snapshot = SnapshotFiles::for_sandbox(&layout, &id);
             let mut vm = vmm.start(&spec).await.unwrap();

@@ -539,6 +539,243 @@ async fn a_guest_without_network_is_destroyed_quickly() {
     cp.stop().await;
 }
 
+/// A field of `/proc/<pid>/status`, e.g. `Seccomp`.
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in the status of {pid}"))
+        .trim()
+        .to_owned()
+}
+
+fn vmm_pid(layout: &Layout, id: &str) -> u32 {
+    find_leftovers(layout)
+        .into_iter()
+        .find(|l| l.sandbox_id == id)
+        .unwrap_or_else(|| panic!("no VMM runs for {id}"))
+        .pid
+}
+
+/// Checks the limits of a VM's cgroup directories (v2: one; v1: one per controller) and that
+/// `pid` is in each; returns how many limits were read.
+fn assert_cgroup_limits(
+    dirs: &[std::path::PathBuf],
+    pid: u32,
+    vcpus: u64,
+    memory_mib: u64,
+) -> usize {
+    let read = |path: std::path::PathBuf| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_owned())
+    };
+    let memory = ((memory_mib + wrenn::vmm::cgroup::VMM_MEMORY_OVERHEAD_MIB) << 20).to_string();
+    let mut checked = 0;
+    for dir in dirs {
+        let procs = read(dir.join("cgroup.procs")).unwrap_or_default();
+        assert!(
+            procs.lines().any(|p| p == pid.to_string()),
+            "{pid} is not in {}: {procs}",
+            dir.display()
+        );
+        for (file, expected) in [
+            ("memory.limit_in_bytes", memory.clone()),
+            ("memory.max", memory.clone()),
+            ("cpu.cfs_quota_us", (vcpus * 100_000).to_string()),
+            ("cpu.max", format!("{} 100000", vcpus * 100_000)),
+            ("pids.max", (128 + vcpus).to_string()),
+        ] {
+            if let Some(value) = read(dir.join(file)) {
+                assert_eq!(value, expected, "{}/{file}", dir.display());
+                checked += 1;
+            }
+        }
+    }
+    checked
+}
+
+/// The VMM runs confined: an unprivileged uid, QEMU's seccomp filter, an empty root of its
+/// own, and a cgroup limited by the sandbox's vCPUs and memory. A guest that allocates more
+/// than its memory is stopped by its own kernel: the VMM stays within its cgroup, the agent
+/// and the sandbox run on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_vmm_is_confined_and_a_guest_allocating_too_much_does_not_push_the_host() {
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let (cp, agent, _host_id, _admin) = stack().await;
+    let agent = tokio::task::spawn_blocking(move || {
+        let id = sid("e2e-confined");
+        let (status, body) = agent.create(&id);
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let layout = Layout::new(agent.root.path());
+        let pid = vmm_pid(&layout, &id);
+
+        let uids = status_field(pid, "Uid");
+        assert!(uids.split_whitespace().all(|u| u != "0"), "uids {uids}");
+        assert_eq!(status_field(pid, "Seccomp"), "2");
+        assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+        assert_ne!(root, Path::new("/"));
+        assert_eq!(root, layout.vmm_root(&id));
+        assert_eq!(
+            std::fs::read_dir(&root).unwrap().count(),
+            0,
+            "its root is empty"
+        );
+
+        let dirs: Vec<_> = agent
+            .vm_cgroups()
+            .into_iter()
+            .filter(|d| d.ends_with(&id))
+            .collect();
+        assert!(!dirs.is_empty(), "no cgroup for {id}");
+        assert!(assert_cgroup_limits(&dirs, pid, 1, 256) >= 3, "{dirs:?}");
+
+        // Strings doubling until the guest's 256 MiB run out: its OOM killer ends the program.
+        let (status, out) = agent.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/envd/processes/run"),
+            Some(json!({"process": {"cmd": "sh", "args": ["-c",
+                "awk 'BEGIN { s = \"0123456789abcdef\"; while (1) s = s s }'; echo status=$?"],
+                "user": "root"}, "timeout_sec": 120})),
+        );
+        assert_eq!(status, StatusCode::OK, "{out}");
+        assert!(
+            out["stdout"].as_str().unwrap().contains("status=137"),
+            "the hog was killed: {out}"
+        );
+        let limit = (256 + wrenn::vmm::cgroup::VMM_MEMORY_OVERHEAD_MIB) << 10;
+        let rss = support::agent::peak_rss_kib(pid);
+        println!("VMM of a 256 MiB guest that used all its memory: peak RSS {rss} KiB, limit {limit} KiB");
+        assert!(
+            rss <= limit,
+            "VMM peak RSS {rss} KiB over its cgroup's {limit} KiB"
+        );
+        assert!(agent.child.is_some());
+        let out = agent.run(&id, "echo", &["still here"]);
+        assert_eq!(out["stdout"], "still here\n", "{out}");
+        assert_eq!(vmm_pid(&layout, &id), pid);
+
+        let (status, body) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        // wait_clean counts the VMs' cgroups among the traces.
+        wait_clean(&agent);
+        agent
+    })
+    .await
+    .unwrap();
+    drop(agent);
+    cp.stop().await;
+}
+
+/// After an agent crash, an adopted VM keeps its cgroup and one whose VMM died meanwhile has
+/// its cgroup removed by the next agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cgroups_of_vms_that_died_with_the_agent_are_removed_and_adopted_vms_keep_theirs() {
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let (cp, agent, _host_id, _admin) = stack().await;
+    let agent = tokio::task::spawn_blocking(move || {
+        let mut agent = agent;
+        let (kept, died) = (sid("e2e-cg-kept"), sid("e2e-cg-died"));
+        for id in [&kept, &died] {
+            let (status, body) = agent.create(id);
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+        }
+        let layout = Layout::new(agent.root.path());
+        let (kept_pid, died_pid) = (vmm_pid(&layout, &kept), vmm_pid(&layout, &died));
+        agent.kill_hard();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(died_pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while find_leftovers(&layout).iter().any(|l| l.pid == died_pid) {
+            assert!(Instant::now() < deadline, "the VMM did not die");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let cgroups_of = |agent: &support::agent::Agent, id: &str| -> Vec<_> {
+            agent
+                .vm_cgroups()
+                .into_iter()
+                .filter(|d| d.ends_with(id))
+                .collect()
+        };
+        assert!(
+            !cgroups_of(&agent, &died).is_empty(),
+            "nobody removed it while no agent ran"
+        );
+
+        agent.restart(None);
+        assert!(
+            cgroups_of(&agent, &died).is_empty(),
+            "{:?}",
+            cgroups_of(&agent, &died)
+        );
+        let dirs = cgroups_of(&agent, &kept);
+        assert!(
+            assert_cgroup_limits(&dirs, kept_pid, 1, 256) >= 3,
+            "{dirs:?}"
+        );
+
+        let (status, body) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{kept}"), None);
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        wait_clean(&agent);
+        agent
+    })
+    .await
+    .unwrap();
+    drop(agent);
+    cp.stop().await;
+}
+
+/// The writable disk is the sandbox's quota: a guest that fills it gets "no space left", and
+/// the host file stays at the size the sandbox was created with (it is a fixed-size sparse
+/// file, which QEMU never grows), allocating no more than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guest_filling_its_disk_stops_at_the_sandbox_disk_size() {
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let (cp, agent, _host_id, _admin) = stack().await;
+    let agent = tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::MetadataExt;
+        let id = sid("e2e-disk-full");
+        let (status, body) = agent.create(&id);
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let disk = Layout::new(agent.root.path()).sandbox_upper_disk(&id);
+        let size = std::fs::metadata(&disk).unwrap().len();
+        assert_eq!(size, 256 << 20);
+        let (status, out) = agent.call(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/envd/processes/run"),
+            Some(json!({"process": {"cmd": "sh", "args": ["-c",
+                "dd if=/dev/zero of=/home/user/fill bs=1M count=1024 2>&1; sync; echo status=$?"],
+                "user": "root"}, "timeout_sec": 300})),
+        );
+        assert_eq!(status, StatusCode::OK, "{out}");
+        let text = out["stdout"].as_str().unwrap();
+        assert!(text.contains("No space left on device"), "{out}");
+        let meta = std::fs::metadata(&disk).unwrap();
+        assert_eq!(meta.len(), size, "the disk file grew");
+        assert!(
+            meta.blocks() * 512 <= size,
+            "{} bytes allocated",
+            meta.blocks() * 512
+        );
+        let out = agent.run(&id, "echo", &["still here"]);
+        assert_eq!(out["stdout"], "still here\n", "{out}");
+        let (status, body) = agent.call(Method::DELETE, &format!("/v1/sandboxes/{id}"), None);
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        wait_clean(&agent);
+        agent
+    })
+    .await
+    .unwrap();
+    drop(agent);
+    cp.stop().await;
+}
+
 /// A stand-in for envd that a hostile guest could run: `silent` accepts connections and never
 /// answers; `endless` answers every request with a 500 whose body never ends.
 const HOSTILE_ENVD: &str = r#"

@@ -14,11 +14,12 @@ use serde_json::{json, Value};
 use swagger::Swagger;
 use wrenn::config::{Config, ConsoleLogMaxBytes, Layout};
 use wrenn::vmm::firecracker::api::{self, ActionType, Endpoint, InstanceAction};
+use wrenn::vmm::firecracker::jail::{self, Jail};
 use wrenn::vmm::firecracker::{boot_sequence, pause_sequence, restore_sequence};
 use wrenn::vmm::{
-    console_tail, find_leftovers, AdoptRefusal, AfterFailedPause, Drive, FirecrackerApiError,
-    FirecrackerVmm, Leftover, NetAttachment, SnapshotError, SnapshotFiles, VmFiles, VmSpec,
-    VmStatus, Vmm, VmmError, VmmExit, VmmKind,
+    console_tail, find_leftovers, AdoptRefusal, AfterFailedPause, CgroupVersion, Cgroups,
+    Confinement, Drive, FirecrackerApiError, FirecrackerVmm, Leftover, NetAttachment,
+    SnapshotError, SnapshotFiles, VmFiles, VmSpec, VmStatus, Vmm, VmmError, VmmExit, VmmKind,
 };
 
 fn full_spec(layout: &Layout, id: &str) -> VmSpec {
@@ -48,6 +49,7 @@ fn full_spec(layout: &Layout, id: &str) -> VmSpec {
         }),
         vsock_cid: Some(3),
         files: VmFiles::for_sandbox(layout, id),
+        confinement: None,
     }
 }
 
@@ -287,7 +289,11 @@ fn fake_firecracker_process() {
             .position(|a| *a == name)
             .map(|i| PathBuf::from(args[i + 1]))
     };
-    let socket = flag("--api-sock").expect("--api-sock given");
+    let socket = fake::host(
+        &flag("--api-sock")
+            .expect("--api-sock given")
+            .to_string_lossy(),
+    );
     let record = PathBuf::from(std::env::var("FAKE_FC_RECORD").expect("FAKE_FC_RECORD set"));
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -310,6 +316,15 @@ mod fake {
     use serde_json::{json, Value};
 
     use super::Swagger;
+
+    /// Where a path Firecracker is given is on the host: under `FAKE_FC_ROOT`, the jail a
+    /// jailed Firecracker would be chrooted into, when the fake jailer set one.
+    pub fn host(path: &str) -> PathBuf {
+        match std::env::var("FAKE_FC_ROOT") {
+            Ok(root) => PathBuf::from(root).join(path.trim_start_matches('/')),
+            Err(_) => PathBuf::from(path),
+        }
+    }
 
     struct State {
         swagger: Swagger,
@@ -467,9 +482,9 @@ mod fake {
             ("PUT", "/snapshot/create") if state.started && state.paused => {
                 let body = body.unwrap();
                 for (key, content) in [("snapshot_path", "vmstate"), ("mem_file_path", "memory")] {
-                    let path = body[key].as_str().unwrap();
-                    if let Err(e) = std::fs::write(path, format!("fake {content}")) {
-                        return fault(&format!("cannot write {path}: {e}"));
+                    let path = host(body[key].as_str().unwrap());
+                    if let Err(e) = std::fs::write(&path, format!("fake {content}")) {
+                        return fault(&format!("cannot write {}: {e}", path.display()));
                     }
                 }
                 reply(StatusCode::NO_CONTENT, None)
@@ -481,8 +496,8 @@ mod fake {
             ("PUT", "/snapshot/load") => {
                 let body = body.unwrap();
                 log(&state.record, &format!("BODY {body}"));
-                let state_file = body["snapshot_path"].as_str().unwrap();
-                let memory = body["mem_backend"]["backend_path"].as_str().unwrap();
+                let state_file = host(body["snapshot_path"].as_str().unwrap());
+                let memory = host(body["mem_backend"]["backend_path"].as_str().unwrap());
                 if std::fs::read_to_string(state_file).ok().as_deref() != Some("fake vmstate")
                     || std::fs::read_to_string(memory).ok().as_deref() != Some("fake memory")
                 {
@@ -495,16 +510,13 @@ mod fake {
             }
             ("PUT", "/vsock") => {
                 state.configured = true;
-                let uds = body.as_ref().unwrap()["uds_path"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned();
+                let uds = host(body.as_ref().unwrap()["uds_path"].as_str().unwrap());
                 match std::os::unix::net::UnixListener::bind(&uds) {
                     Ok(listener) => {
                         std::mem::forget(listener);
                         reply(StatusCode::NO_CONTENT, None)
                     }
-                    Err(e) => fault(&format!("cannot bind vsock socket {uds}: {e}")),
+                    Err(e) => fault(&format!("cannot bind vsock socket {}: {e}", uds.display())),
                 }
             }
             ("PUT", "/actions") => match body.as_ref().unwrap()["action_type"].as_str() {
@@ -575,6 +587,32 @@ impl FakeFirecracker {
 
     fn vmm(&self) -> FirecrackerVmm {
         FirecrackerVmm::new(self.bin.clone(), console_cap())
+    }
+
+    /// A jailer stand-in: records its arguments, then runs the fake Firecracker the way the
+    /// jailer runs Firecracker (its `--id` first, then Firecracker's own arguments), with the
+    /// paths Firecracker is given resolved in the jail instead of chrooting into it.
+    fn jailer(&self) -> (PathBuf, PathBuf) {
+        let dir = self.bin.parent().unwrap();
+        let record = dir.join("jailer.log");
+        let script = format!(
+            "#!/bin/sh
+echo \"$*\" >> '{}'
+             while [ \"$1\" != -- ]; do
+               case \"$1\" in --id) id=$2;; --exec-file) exe=$2;; --chroot-base-dir) base=$2;; esac
+               shift 2
+             done
+shift
+             export FAKE_FC_ROOT=\"$base/$(basename \"$exe\")/$id/root\"
+             exec \"$exe\" --id \"$id\" \"$@\"
+",
+            record.display()
+        );
+        let bin = dir.join("jailer");
+        std::fs::write(&bin, script).unwrap();
+        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        (bin, record)
     }
 
     fn calls(&self) -> Vec<String> {
@@ -1121,8 +1159,46 @@ async fn an_adopted_fake_pauses_to_disk_restores_and_is_killed_with_valid_reques
 
 // ---- Opt-in: a real Firecracker ----------------------------------------------------------
 
-/// Boots a real VM with /usr/local/bin/firecracker; set `WRENN_TEST_FIRECRACKER=1` on a host
-/// with working KVM.
+/// The real suite's VMs are confined: through /usr/local/bin/jailer, as an unprivileged user,
+/// in a cgroup under a parent of the test's own (removed when the returned guard drops).
+fn real_vmm(layout: &Layout) -> (FirecrackerVmm, Confinement, CgroupParent) {
+    let parent = PathBuf::from(format!("wrenn-tests/vmm-fc-real-{}", std::process::id()));
+    let cgroups =
+        Cgroups::detect(Path::new(wrenn::vmm::cgroup::DEFAULT_ROOT), &parent, None).unwrap();
+    let vmm = FirecrackerVmm::new("/usr/local/bin/firecracker".into(), console_cap())
+        .jailed("/usr/local/bin/jailer".into(), layout.jails_dir());
+    let confinement = Confinement {
+        uid: 900_000_077,
+        gid: 900_000_077,
+        cgroups,
+    };
+    (vmm, confinement, CgroupParent(parent))
+}
+
+/// A running VMM is unprivileged, filtered and chrooted.
+fn assert_jailed(pid: u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    assert!(
+        field("Uid").split_whitespace().all(|u| u == "900000077"),
+        "{status}"
+    );
+    assert_eq!(field("Seccomp"), "2");
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+        Path::new("/")
+    );
+}
+
+/// Boots a real VM with /usr/local/bin/firecracker through its jailer; set
+/// `WRENN_TEST_FIRECRACKER=1` on a host with working KVM.
 #[tokio::test]
 async fn real_firecracker_boots_a_guest() {
     if std::env::var("WRENN_TEST_FIRECRACKER").as_deref() != Ok("1") {
@@ -1148,10 +1224,16 @@ async fn real_firecracker_boots_a_guest() {
         net: None,
         vsock_cid: None,
         files: VmFiles::for_sandbox(&layout, "cl-real"),
+        confinement: None,
     };
-    let vmm = FirecrackerVmm::new("/usr/local/bin/firecracker".into(), console_cap());
+    let (vmm, confinement, _parent) = real_vmm(&layout);
+    let spec = VmSpec {
+        confinement: Some(confinement),
+        ..spec
+    };
     println!("{}", vmm.version().await.unwrap());
     let mut vm = vmm.start(&spec).await.unwrap();
+    assert_jailed(vm.pid());
     let status = tokio::time::timeout(Duration::from_secs(60), vm.wait_exit())
         .await
         .unwrap()
@@ -1190,6 +1272,12 @@ async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
         net: None,
         vsock_cid: None,
         files: VmFiles::for_sandbox(&layout, "cl-real-snap"),
+        confinement: None,
+    };
+    let (vmm, confinement, _parent) = real_vmm(&layout);
+    let spec = VmSpec {
+        confinement: Some(confinement),
+        ..spec
     };
     let ticks = |files: &VmFiles| -> Vec<u64> {
         std::fs::read_to_string(&files.console_log)
@@ -1209,9 +1297,9 @@ async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    let vmm = FirecrackerVmm::new("/usr/local/bin/firecracker".into(), console_cap());
     let snap = SnapshotFiles::for_sandbox(&layout, "cl-real-snap");
     let mut vm = vmm.start(&spec).await.unwrap();
+    assert_jailed(vm.pid());
     wait_ticks(spec.files.clone()).await;
     let pid = vm.pid();
     let meta = vm.pause_to(&snap).await.unwrap();
@@ -1234,6 +1322,7 @@ async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
     drop(vm);
     let before = ticks(&spec.files).last().copied().unwrap_or(0);
     let mut vm = vmm.adopt(&spec, pid).await.unwrap();
+    assert_jailed(pid);
     let started = std::time::Instant::now();
     while ticks(&spec.files).last().copied().unwrap_or(0) <= before {
         assert!(
@@ -1244,4 +1333,266 @@ async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
     }
     vm.kill().await.unwrap();
     assert!(gone(pid));
+}
+
+fn jailed_confinement() -> Confinement {
+    Confinement {
+        uid: 900_000_042,
+        gid: 900_000_043,
+        cgroups: Cgroups::with_version(
+            CgroupVersion::V2,
+            Path::new("/sys/fs/cgroup"),
+            Path::new("wrenn"),
+            None,
+        )
+        .unwrap(),
+    }
+}
+
+#[test]
+fn the_jailer_runs_firecracker_as_the_vms_user_in_its_namespace_and_its_chroot() {
+    let swagger = Swagger::load();
+    let layout = Layout::new("/var/lib/wrenn");
+    // A real sandbox ID: `cl-` and 25 base36 digits.
+    let id = "cl-0qp2v521i3pcwehe0y0z48h0m";
+    let spec = full_spec(&layout, id);
+    let jail = Jail::new(
+        &layout.jails_dir(),
+        Path::new("/usr/local/bin/firecracker"),
+        &spec,
+        &jailed_confinement(),
+    );
+    assert_eq!(
+        jail.root(),
+        Path::new(&format!("/var/lib/wrenn/jails/firecracker/{id}/root"))
+    );
+    let line: Vec<String> = jail
+        .command_line(Some(Path::new("/run/netns/wrenn-5")))
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        line.join(" "),
+        format!(
+            "--id {id} --exec-file /usr/local/bin/firecracker --uid 900000042 --gid 900000043 \
+             --chroot-base-dir /var/lib/wrenn/jails --netns /run/netns/wrenn-5 \
+             -- --api-sock /api.sock --log-path /firecracker.log --level Info"
+        )
+    );
+    let api_socket = jail.host_path(jail::API_SOCKET);
+    assert_eq!(api_socket, jail.root().join("api.sock"));
+    assert!(
+        api_socket.as_os_str().len() <= 107,
+        "{}",
+        api_socket.display()
+    );
+
+    // Firecracker is told only paths inside the jail, and the calls stay valid.
+    let inside = jail.inside(&spec);
+    let calls = boot_sequence(&inside).unwrap();
+    for call in &calls {
+        swagger
+            .validate_call(call.method.as_str(), &call.path, call.body.as_ref())
+            .unwrap_or_else(|e| panic!("{}: {e}", call_line(call)));
+    }
+    let body = |path: &str| {
+        calls
+            .iter()
+            .find(|c| c.path == path)
+            .and_then(|c| c.body.clone())
+            .unwrap()
+    };
+    assert_eq!(body("/boot-source")["kernel_image_path"], "/vmlinux");
+    assert_eq!(body("/boot-source")["initrd_path"], "/initrd");
+    assert_eq!(body("/drives/root")["path_on_host"], "/drives/root");
+    assert_eq!(body("/drives/data")["path_on_host"], "/drives/data");
+    assert_eq!(body("/vsock")["uds_path"], "/vsock.sock");
+}
+
+#[test]
+fn a_jail_links_the_kernel_and_disks_and_hands_the_writable_ones_to_the_vms_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = Layout::new(tmp.path());
+    layout.prepare().unwrap();
+    let mut spec = full_spec(&layout, "cl-jail");
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let write = |path: &Path, mode: u32| {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, path.to_string_lossy().as_bytes()).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // The kernel is on another filesystem; the initrd readable by root alone.
+    spec.kernel = shm.path().join("vmlinux");
+    write(&spec.kernel, 0o644);
+    write(spec.initrd.as_ref().unwrap(), 0o600);
+    write(&spec.drives[0].path, 0o644);
+    write(&spec.drives[1].path, 0o600);
+    let confinement = jailed_confinement();
+    let jail = Jail::new(
+        &layout.jails_dir(),
+        Path::new("/usr/local/bin/firecracker"),
+        &spec,
+        &confinement,
+    );
+    jail.populate(&spec).unwrap();
+    // Populating again replaces the jail a previous VMM left.
+    jail.populate(&spec).unwrap();
+
+    let meta = |path: &Path| std::fs::metadata(path).unwrap();
+    let inside = |p: &str| jail.host_path(p);
+    let (root_image, data) = (&spec.drives[0].path, &spec.drives[1].path);
+    // Linked, and left as they are: the shared image and the writable disk (now the VM's).
+    assert_eq!(meta(&inside("/drives/root")).ino(), meta(root_image).ino());
+    assert_eq!(meta(root_image).uid(), 0, "a shared image keeps its owner");
+    assert_eq!(meta(&inside("/drives/data")).ino(), meta(data).ino());
+    assert_eq!(meta(data).uid(), confinement.uid);
+    assert_eq!(meta(data).gid(), confinement.gid);
+    // Copied for the VM's user alone: across filesystems, and where others may not read.
+    for (copy, original) in [
+        (inside("/vmlinux"), spec.kernel.clone()),
+        (inside("/initrd"), spec.initrd.clone().unwrap()),
+    ] {
+        assert_ne!(meta(&copy).ino(), meta(&original).ino());
+        assert_eq!(
+            std::fs::read(&copy).unwrap(),
+            std::fs::read(&original).unwrap()
+        );
+        assert_eq!(meta(&copy).uid(), confinement.uid);
+        assert_eq!(meta(&copy).mode() & 0o777, 0o400);
+    }
+    assert_eq!(meta(&inside("/firecracker.log")).uid(), confinement.uid);
+
+    jail.remove().unwrap();
+    assert!(!jail.root().exists());
+    assert!(root_image.is_file() && data.is_file() && spec.kernel.is_file());
+}
+
+/// Removes a test's cgroup parent from every hierarchy.
+struct CgroupParent(PathBuf);
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        let root = Path::new(wrenn::vmm::cgroup::DEFAULT_ROOT);
+        let mut dirs = vec![root.join(&self.0)];
+        if let Ok(hierarchies) = std::fs::read_dir(root) {
+            dirs.extend(hierarchies.flatten().map(|h| h.path().join(&self.0)));
+        }
+        for dir in dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// A confined VM starts through the jailer and is told only paths inside its jail; it pauses
+/// (the snapshot leaves the jail for the snapshot directory), restores into a fresh jail, is
+/// adopted (and refused as another sandbox's), and its jail and cgroup go with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_firecracker_runs_in_its_jail_across_pause_restore_and_adoption() {
+    use std::os::unix::fs::MetadataExt;
+    let fake = FakeFirecracker::new(&[]);
+    let (jailer, jailer_record) = fake.jailer();
+    let layout = fake.layout.clone();
+    let parent = PathBuf::from(format!("wrenn-tests/vmm-fc-{}", std::process::id()));
+    let _parent = CgroupParent(parent.clone());
+    let cgroups =
+        Cgroups::detect(Path::new(wrenn::vmm::cgroup::DEFAULT_ROOT), &parent, None).unwrap();
+    let vmm = fake.vmm().jailed(jailer, layout.jails_dir());
+    let mut spec = full_spec(&layout, "cl-jailed");
+    spec.net = None;
+    spec.confinement = Some(Confinement {
+        uid: 900_000_042,
+        gid: 900_000_042,
+        cgroups: cgroups.clone(),
+    });
+    for path in [
+        &spec.kernel,
+        spec.initrd.as_ref().unwrap(),
+        &spec.drives[0].path,
+        &spec.drives[1].path,
+    ] {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, "contents").unwrap();
+    }
+    let jail = Jail::new(
+        &layout.jails_dir(),
+        &fake.bin,
+        &spec,
+        spec.confinement.as_ref().unwrap(),
+    );
+    let cgroup = cgroups.vm(&spec.id);
+
+    let mut vm = vmm.start(&spec).await.unwrap();
+    let recorded = std::fs::read_to_string(&jailer_record).unwrap();
+    let expected: Vec<String> = jail
+        .command_line(None)
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(recorded.trim(), expected.join(" "));
+    assert!(jail.host_path(jail::API_SOCKET).exists());
+    assert!(
+        jail.host_path(jail::VSOCK_SOCKET).exists(),
+        "the vsock socket is inside the jail"
+    );
+    let data = std::fs::metadata(&spec.drives[1].path).unwrap();
+    assert_eq!(
+        std::fs::metadata(jail.host_path("/drives/data"))
+            .unwrap()
+            .ino(),
+        data.ino()
+    );
+    assert_eq!(data.uid(), 900_000_042);
+    assert_eq!(cgroup.pids(), [vm.pid()]);
+    let found = find_leftovers(&layout);
+    assert_eq!(
+        found,
+        [Leftover {
+            sandbox_id: spec.id.clone(),
+            pid: vm.pid(),
+            kind: VmmKind::Firecracker
+        }]
+    );
+
+    let snap = SnapshotFiles::for_sandbox(&layout, &spec.id);
+    vm.pause_to(&snap).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&snap.state).unwrap(),
+        "fake vmstate"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&snap.memory).unwrap(),
+        "fake memory"
+    );
+    assert!(!jail.root().exists(), "the jail goes with its VMM");
+    assert!(cgroup.dirs().iter().all(|d| !d.exists()));
+
+    let vm = vmm.restore(&spec, &snap).await.unwrap();
+    let load = fake.load_bodies().pop().unwrap();
+    let inside = jail.snapshot_inside(&snap);
+    assert_eq!(load["snapshot_path"], inside.state.to_str().unwrap());
+    assert_eq!(
+        load["mem_backend"]["backend_path"],
+        inside.memory.to_str().unwrap()
+    );
+    assert_eq!(load["vsock_override"]["uds_path"], jail::VSOCK_SOCKET);
+
+    let pid = vm.pid();
+    drop(vm);
+    let mut other = spec.clone();
+    other.id = "cl-other".into();
+    other.files = VmFiles::for_sandbox(&layout, "cl-other");
+    let err = vmm
+        .adopt(&other, pid)
+        .await
+        .err()
+        .expect("another sandbox's VMM");
+    assert!(matches!(err, VmmError::NotAdoptable { .. }), "{err}");
+    let mut vm = vmm.adopt(&spec, pid).await.unwrap();
+    assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+    assert_eq!(cgroup.pids(), [pid]);
+    vm.kill().await.unwrap();
+    assert!(!jail.root().exists());
+    assert!(cgroup.dirs().iter().all(|d| !d.exists()));
+    assert!(find_leftovers(&layout).is_empty());
 }

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use wrenn::config::{Config, ConsoleLogMaxBytes, Layout, QemuAccel};
 use wrenn::vmm::qemu::qmp::QmpClient;
 use wrenn::vmm::{
-    console_tail, find_leftovers, kill_leftover, Accel, AdoptRefusal, AfterFailedPause, Drive,
-    FirecrackerVmm, Leftover, NetAttachment, QemuVmm, SnapshotError, SnapshotFiles, VmFiles,
-    VmSpec, VmStatus, Vmm, VmmError, VmmExit, VmmKind,
+    cgroup, console_tail, find_leftovers, kill_leftover, Accel, AdoptRefusal, AfterFailedPause,
+    Cgroups, Confinement, Drive, FirecrackerVmm, Leftover, NetAttachment, QemuVmm, SnapshotError,
+    SnapshotFiles, VmCgroup, VmFiles, VmSpec, VmStatus, Vmm, VmmError, VmmExit, VmmKind,
 };
 use wrenn_test_support::kernel::{self as guest, TestKernel};
 
@@ -57,6 +57,7 @@ impl Fixture {
             net: None,
             vsock_cid: None,
             files: VmFiles::for_sandbox(&self.layout, id),
+            confinement: None,
         }
     }
 }
@@ -358,6 +359,21 @@ async fn auto_accel_probes_kvm_once_and_logs_its_choice() {
         lines,
         log.lines().count(),
         "the second call probes and logs nothing"
+    );
+
+    // TCG configured is said out loud too; `kvm`, production's choice, never falls back.
+    let tcg = QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Tcg, console_cap());
+    assert_eq!(tcg.accel(&f.kernel.vmlinux).await.accel, Accel::Tcg);
+    let kvm = QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Kvm, console_cap());
+    assert_eq!(kvm.accel(&f.kernel.vmlinux).await.accel, Accel::Kvm);
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        log.contains("QEMU uses TCG (software emulation), as configured"),
+        "{log}"
+    );
+    assert!(
+        log.contains("QEMU uses KVM (configured; no fallback to TCG)"),
+        "{log}"
     );
 }
 
@@ -946,4 +962,122 @@ async fn an_adopted_vm_drains_its_console_pauses_restores_and_is_killed() {
     );
     assert!(!spec.files.qmp_socket.exists());
     assert!(find_leftovers(&f.layout).is_empty());
+}
+
+/// A field of `/proc/<pid>/status`, e.g. `Seccomp`.
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in the status of {pid}"))
+        .trim()
+        .to_owned()
+}
+
+/// Removes a test's cgroup parent from every hierarchy.
+struct CgroupParent(PathBuf);
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        let root = Path::new(cgroup::DEFAULT_ROOT);
+        let mut dirs = vec![root.join(&self.0)];
+        if let Ok(hierarchies) = std::fs::read_dir(root) {
+            dirs.extend(hierarchies.flatten().map(|h| h.path().join(&self.0)));
+        }
+        for dir in dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn assert_confined(spec: &VmSpec, pid: u32, cgroup: &VmCgroup) {
+    let uid = spec.confinement.as_ref().unwrap().uid.to_string();
+    let uids = status_field(pid, "Uid");
+    assert!(uids.split_whitespace().all(|u| u == uid), "uids {uids}");
+    let gids = status_field(pid, "Gid");
+    assert!(gids.split_whitespace().all(|g| g == uid), "gids {gids}");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    let root = std::fs::read_link(format!("/proc/{pid}/root")).unwrap();
+    assert_eq!(root, spec.files.vmm_root);
+    assert_eq!(cgroup.pids(), [pid]);
+    for dir in cgroup.dirs() {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.lines().any(|p| p == pid.to_string()),
+            "{}: {procs}",
+            dir.display()
+        );
+    }
+}
+
+/// A confined QEMU runs as its own unprivileged uid and gid, under seccomp, chrooted into an
+/// empty directory, in a cgroup with the VM's limits; it pauses to disk and restores (its
+/// writable disk keeps working), is adopted with its cgroup, and its cgroup goes with it.
+#[tokio::test]
+async fn a_confined_vm_pauses_restores_and_is_adopted_and_its_cgroup_goes_with_it() {
+    let f = fixture();
+    let _cleanup = KillLeftovers(&f.layout);
+    let parent = PathBuf::from(format!("wrenn-tests/vmm-qemu-{}", std::process::id()));
+    let _parent = CgroupParent(parent.clone());
+    let cgroups = Cgroups::detect(Path::new(cgroup::DEFAULT_ROOT), &parent, None).unwrap();
+    let vmm = tcg();
+    let mut spec = ticking_guest(&f, "cl-confined");
+    spec.vcpus = 2;
+    spec.confinement = Some(Confinement {
+        uid: 900_000_321,
+        gid: 900_000_321,
+        cgroups: cgroups.clone(),
+    });
+    let cgroup = cgroups.vm(&spec.id);
+    let roomy = tempfile::tempdir_in("/dev/shm").unwrap();
+    let snap = SnapshotFiles::for_sandbox(&Layout::new(roomy.path()), "cl-confined");
+
+    let mut vm = vmm.start(&spec).await.unwrap();
+    let first = wait_for_ticks(vm.serial_log(), 2).await;
+    assert_confined(&spec, vm.pid(), &cgroup);
+    let limits = cgroups.limits(2, 256);
+    assert_eq!(limits.cpu_quota_us, 200_000);
+    for dir in cgroup.dirs() {
+        let read = |file: &str| {
+            std::fs::read_to_string(dir.join(file))
+                .ok()
+                .map(|v| v.trim().to_owned())
+        };
+        if let Some(max) = read("memory.max").or_else(|| read("memory.limit_in_bytes")) {
+            assert_eq!(max, limits.memory_bytes.to_string());
+        }
+        if let Some(quota) = read("cpu.cfs_quota_us") {
+            assert_eq!(quota, "200000");
+        }
+        if let Some(max) = read("pids.max") {
+            assert_eq!(max, limits.pids.to_string());
+        }
+    }
+
+    vm.pause_to(&snap).await.unwrap();
+    assert!(
+        cgroup.dirs().iter().all(|d| !d.exists()),
+        "a paused VM holds no cgroup"
+    );
+    let vm = vmm.restore(&spec, &snap).await.unwrap();
+    let after = wait_for_ticks(vm.serial_log(), 1).await;
+    assert_eq!(
+        after[0].1, first[0].1,
+        "the guest's tmpfs and disk read back the same"
+    );
+    assert_confined(&spec, vm.pid(), &cgroup);
+
+    let pid = vm.pid();
+    drop(vm);
+    let mut vm = vmm.adopt(&spec, pid).await.unwrap();
+    assert_confined(&spec, pid, &cgroup);
+    assert_eq!(vm.kill().await.unwrap(), VmmExit::Unobserved);
+    assert!(
+        cgroup.dirs().iter().all(|d| !d.exists()),
+        "{:?}",
+        cgroup.dirs()
+    );
+    assert!(cgroups.existing().is_empty());
 }

@@ -43,6 +43,8 @@ pub enum AgentError {
     Network(#[from] NetworkError),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::vmm::CgroupError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -84,7 +86,14 @@ pub async fn run(
         max_disk_mb: specs.disk_gb.max(1) << 10,
         envd_ready_timeout: Duration::from_secs(config.agent.envd_ready_timeout_secs.max(1)),
     };
-    let sandboxes = Arc::new(SandboxManager::new(layout.clone(), vmm, network, limits));
+    let confinement = crate::vmm::ConfinementPolicy::from_config(&config.agent)?;
+    let sandboxes = Arc::new(SandboxManager::new(
+        layout.clone(),
+        vmm,
+        network,
+        limits,
+        confinement,
+    ));
     sandboxes.recover().await?;
 
     let addr = config.agent.listen_addr.0;
@@ -135,6 +144,7 @@ pub async fn run(
             "leaving the sandboxes running for the next agent process"
         );
     }
+    sandboxes.leave_host();
     match server.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(AgentError::Serve(e)),

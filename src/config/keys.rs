@@ -113,9 +113,14 @@ pub const KEYS: &[Key] = &[
     key("agent.egress_interface", "AGENT_EGRESS_INTERFACE", None, "Interface sandbox egress is NAT'd through; unset means the interface of the default route at start-up."),
     key("agent.egress_deny", "AGENT_EGRESS_DENY", Some("10.0.0.0/8,100.64.0.0/10,169.254.0.0/16,172.16.0.0/12,192.168.0.0/16"), "Comma-separated networks sandboxes may never reach (private LANs, CGNAT, link-local and cloud metadata); may be empty."),
     key("agent.vmm", "AGENT_VMM", Some("firecracker"), "VMM that runs sandboxes: `firecracker` or `qemu`."),
-    key("agent.qemu_accel", "AGENT_QEMU_ACCEL", Some("auto"), "QEMU accelerator: `kvm`, `tcg`, or `auto` (probe KVM once, fall back to TCG when it cannot run a guest)."),
+    key("agent.qemu_accel", "AGENT_QEMU_ACCEL", Some("auto"), "QEMU accelerator: `kvm`, `tcg`, or `auto` (probe KVM once, fall back to TCG, with a warning, when it cannot run a guest). Production hosts set `kvm`, which never runs a guest under TCG."),
     key("agent.firecracker_bin", "AGENT_FIRECRACKER_BIN", Some("/usr/local/bin/firecracker"), "Firecracker executable."),
+    key("agent.firecracker_jailer_bin", "AGENT_FIRECRACKER_JAILER_BIN", Some("/usr/local/bin/jailer"), "Firecracker's jailer, through which every Firecracker VM starts: chrooted into `<files root>/jails/<firecracker binary name>/<sandbox id>/root`, as its own unprivileged user, under Firecracker's seccomp filters."),
     key("agent.qemu_bin", "AGENT_QEMU_BIN", Some("qemu-system-x86_64"), "QEMU executable, a path or a name looked up in PATH."),
+    key("agent.cgroup_parent", "AGENT_CGROUP_PARENT", Some("wrenn"), "This agent's cgroup, relative to /sys/fs/cgroup (under cgroup v1: to each controller's hierarchy); each VM gets a cgroup `<parent>/<sandbox id>` with its CPU, memory, process and disk I/O limits. Give each agent on one machine its own."),
+    scalar("agent.vmm_id_base", "AGENT_VMM_ID_BASE", "900000000", "VMM processes drop to uid and gid `base + network slot`, one unprivileged identity per running VM; the range must belong to no user of the host."),
+    scalar("agent.vm_io_bytes_per_sec", "AGENT_VM_IO_BYTES_PER_SEC", "209715200", "Bytes per second each VM may read, and as many write, on the disk holding the files root."),
+    scalar("agent.vm_io_ops_per_sec", "AGENT_VM_IO_OPS_PER_SEC", "4000", "I/O operations per second each VM may issue for reads, and as many for writes, on the disk holding the files root."),
     scalar("agent.console_log_max_bytes", "AGENT_CONSOLE_LOG_MAX_BYTES", "1048576", "Bytes each sandbox's guest console may take on the host (`console.log` plus the older half in `console.log.1`); at least 8192. Output beyond it pushes out the oldest."),
 ];
 

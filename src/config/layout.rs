@@ -122,6 +122,17 @@ impl Layout {
         self.sandbox_dir(sandbox_id).join("qmp.sock")
     }
 
+    /// The empty directory a confined QEMU is chrooted into: it needs no file once running.
+    pub fn vmm_root(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("vmm-root")
+    }
+
+    /// The chroot base of Firecracker's jailer: each VM's jail is
+    /// `jails/<firecracker binary name>/<sandbox id>/root`, short enough for its API socket.
+    pub fn jails_dir(&self) -> PathBuf {
+        self.root.join("jails")
+    }
+
     /// Formatted blank upper disks, one per size, from which sandbox uppers are copied; safe to
     /// delete at any time (they are re-created on demand).
     pub fn blank_uppers_dir(&self) -> PathBuf {
@@ -174,6 +185,11 @@ impl Layout {
     /// The agent's saved host credentials (JWT and refresh token), mode 0600.
     pub fn host_token_file(&self) -> PathBuf {
         self.root.join("host-token")
+    }
+
+    /// The host sysctls the agent changed and the values they had, put back when it leaves.
+    pub fn host_sysctls_record(&self) -> PathBuf {
+        self.root.join("host-sysctls.json")
     }
 
     /// The derived paths by name, in display order, for `config show` and retired-variable

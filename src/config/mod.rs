@@ -92,8 +92,13 @@ pub struct AgentConfig {
     pub vmm: VmmKind,
     pub qemu_accel: QemuAccel,
     pub firecracker_bin: PathBuf,
+    pub firecracker_jailer_bin: PathBuf,
     pub qemu_bin: PathBuf,
     pub console_log_max_bytes: ConsoleLogMaxBytes,
+    pub cgroup_parent: PathBuf,
+    pub vmm_id_base: u32,
+    pub vm_io_bytes_per_sec: u64,
+    pub vm_io_ops_per_sec: u64,
 }
 
 impl Default for Config {
@@ -211,10 +216,21 @@ impl Default for Config {
                     .parse()
                     .expect("defaults in KEYS parse"),
                 firecracker_bin: PathBuf::from(default("agent.firecracker_bin")),
+                firecracker_jailer_bin: PathBuf::from(default("agent.firecracker_jailer_bin")),
                 qemu_bin: PathBuf::from(default("agent.qemu_bin")),
                 console_log_max_bytes: default("agent.console_log_max_bytes")
                     .parse()
                     .expect("defaults in KEYS parse"),
+                cgroup_parent: PathBuf::from(default("agent.cgroup_parent")),
+                vmm_id_base: default("agent.vmm_id_base")
+                    .parse()
+                    .expect("default is a number"),
+                vm_io_bytes_per_sec: default("agent.vm_io_bytes_per_sec")
+                    .parse()
+                    .expect("default is a number"),
+                vm_io_ops_per_sec: default("agent.vm_io_ops_per_sec")
+                    .parse()
+                    .expect("default is a number"),
             },
         }
     }

@@ -51,8 +51,13 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.vmm" => c.agent.vmm.to_string(),
             "agent.qemu_accel" => c.agent.qemu_accel.to_string(),
             "agent.firecracker_bin" => c.agent.firecracker_bin.display().to_string(),
+            "agent.firecracker_jailer_bin" => c.agent.firecracker_jailer_bin.display().to_string(),
             "agent.qemu_bin" => c.agent.qemu_bin.display().to_string(),
             "agent.console_log_max_bytes" => c.agent.console_log_max_bytes.to_string(),
+            "agent.cgroup_parent" => c.agent.cgroup_parent.display().to_string(),
+            "agent.vmm_id_base" => c.agent.vmm_id_base.to_string(),
+            "agent.vm_io_bytes_per_sec" => c.agent.vm_io_bytes_per_sec.to_string(),
+            "agent.vm_io_ops_per_sec" => c.agent.vm_io_ops_per_sec.to_string(),
             other => unreachable!("config key {other} has no renderer"),
         })
     };

@@ -63,8 +63,13 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "agent.vmm" => ("qemu", "firecracker"),
         "agent.qemu_accel" => ("kvm", "tcg"),
         "agent.firecracker_bin" => ("/opt/file/firecracker", "/opt/env/firecracker"),
+        "agent.firecracker_jailer_bin" => ("/opt/file/jailer", "/opt/env/jailer"),
         "agent.qemu_bin" => ("/opt/file/qemu", "qemu-system-x86_64-env"),
         "agent.console_log_max_bytes" => ("65536", "2097152"),
+        "agent.cgroup_parent" => ("wrenn/file", "wrenn-env"),
+        "agent.vmm_id_base" => ("500000", "600000"),
+        "agent.vm_io_bytes_per_sec" => ("1048576", "2097152"),
+        "agent.vm_io_ops_per_sec" => ("100", "200"),
         other => panic!("add sample values for new key {other}"),
     }
 }

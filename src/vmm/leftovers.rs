@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 
+use super::firecracker::jail;
 use super::VmmKind;
 use crate::config::Layout;
 
@@ -68,9 +69,21 @@ pub(crate) fn names_control_socket(args: &[String], kind: VmmKind, socket: &Path
     control_socket(args).is_some_and(|(path, named)| named == kind && path == socket)
 }
 
-/// The sandbox and VMM whose control socket a command line names, if any.
+/// The sandbox and VMM whose control socket a command line names, if any. A jailed
+/// Firecracker names its socket inside its jail, so its `--id` and the jail say whose it is.
 fn control_socket_owner(layout: &Layout, args: &[String]) -> Option<(String, VmmKind)> {
     let (path, kind) = control_socket(args)?;
+    if kind == VmmKind::Firecracker && path == Path::new(jail::API_SOCKET) {
+        let id = args
+            .windows(2)
+            .find_map(|pair| (pair[0] == "--id").then(|| pair[1].clone()))
+            .filter(|id| id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))?;
+        let jailed = fs::read_dir(layout.jails_dir())
+            .ok()?
+            .flatten()
+            .any(|exec| exec.path().join(&id).join("root").is_dir());
+        return jailed.then_some((id, kind));
+    }
     let sandbox_id = path.parent()?.file_name()?.to_str()?.to_owned();
     let expected = match kind {
         VmmKind::Qemu => layout.qmp_socket(&sandbox_id),
@@ -185,6 +198,36 @@ mod tests {
         ] {
             assert_eq!(control_socket_owner(&layout, &other), None, "{other:?}");
         }
+    }
+
+    #[test]
+    fn a_jailed_firecracker_is_known_by_its_id_and_its_jail() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path());
+        fs::create_dir_all(layout.jails_dir().join("firecracker/cl-j/root")).unwrap();
+        let line = |id: &str| {
+            args(&[
+                "/firecracker",
+                "--id",
+                id,
+                "--start-time-us",
+                "1",
+                "--api-sock",
+                "/api.sock",
+            ])
+        };
+        assert_eq!(
+            control_socket_owner(&layout, &line("cl-j")),
+            Some(("cl-j".into(), VmmKind::Firecracker))
+        );
+        // No jail of that sandbox, or an ID no sandbox can have.
+        assert_eq!(control_socket_owner(&layout, &line("cl-k")), None);
+        fs::create_dir_all(layout.jails_dir().join("x/../root")).unwrap();
+        assert_eq!(control_socket_owner(&layout, &line("..")), None);
+        assert_eq!(
+            control_socket_owner(&layout, &args(&["/firecracker", "--api-sock", "/api.sock"])),
+            None
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! process, pauses it into a snapshot on disk ([`snapshot`]) or restores one, and takes over
 //! ([`Vmm::adopt`]) a VMM process an earlier agent process started.
 
+pub mod cgroup;
 mod console;
 pub mod firecracker;
 mod leftovers;
@@ -22,6 +23,7 @@ use async_trait::async_trait;
 
 use crate::config::{AgentConfig, Layout};
 pub use crate::config::{ConsoleLogMaxBytes, QemuAccel, VmmKind};
+pub use cgroup::{CgroupError, CgroupVersion, Cgroups, IoLimit, VmCgroup, VmLimits};
 pub use console::console_tail;
 pub use firecracker::{FirecrackerApiError, FirecrackerVmm};
 pub use leftovers::{find_leftovers, kill_leftover, Leftover};
@@ -51,6 +53,70 @@ pub struct VmSpec {
     /// Guest CID of a virtio-vsock device, when the guest agent is reached over vsock.
     pub vsock_cid: Option<u32>,
     pub files: VmFiles,
+    /// How the VMM process is confined; `None` runs it with the agent's own privileges.
+    pub confinement: Option<Confinement>,
+}
+
+/// What a confined VMM process may do: it runs as an unprivileged user of its own, inside an
+/// empty root directory, under a seccomp filter, in a cgroup whose limits follow from the VM's
+/// vCPUs and memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confinement {
+    /// The user and group the VMM runs as once it has opened its files. One per running VM,
+    /// so that a VMM taken over by its guest cannot signal or trace another VM's.
+    pub uid: u32,
+    pub gid: u32,
+    /// Where the VM's cgroup is made.
+    pub cgroups: Cgroups,
+}
+
+impl Confinement {
+    /// The cgroup of `spec`'s VM.
+    fn cgroup(&self, spec: &VmSpec) -> VmCgroup {
+        self.cgroups.vm(&spec.id)
+    }
+}
+
+/// How the agent confines every VMM it starts: the VM in network slot N runs as uid and gid
+/// `id_base + N`, in a cgroup under `cgroups`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfinementPolicy {
+    pub id_base: u32,
+    pub cgroups: Cgroups,
+}
+
+impl ConfinementPolicy {
+    /// The host's cgroup hierarchy (v2, or v1 on hybrid hosts) under `agent.cgroup_parent`,
+    /// with the disk I/O limit on the files root's disk; the choice is logged.
+    pub fn from_config(agent: &AgentConfig) -> Result<Self, CgroupError> {
+        let io = IoLimit::for_path(
+            &agent.files_rootdir,
+            agent.vm_io_bytes_per_sec,
+            agent.vm_io_ops_per_sec,
+        );
+        let cgroups = Cgroups::detect(Path::new(cgroup::DEFAULT_ROOT), &agent.cgroup_parent, io)?;
+        tracing::info!(
+            version = %cgroups.version(),
+            parent = %agent.cgroup_parent.display(),
+            io_device = ?io.map(|io| format!("{}:{}", io.major, io.minor)),
+            "each VM gets a cgroup {} of its own",
+            cgroups.version()
+        );
+        Ok(Self {
+            id_base: agent.vmm_id_base,
+            cgroups,
+        })
+    }
+
+    /// The confinement of the VM in network slot `slot`.
+    pub fn for_slot(&self, slot: u32) -> Confinement {
+        let id = self.id_base.saturating_add(slot);
+        Confinement {
+            uid: id,
+            gid: id,
+            cgroups: self.cgroups.clone(),
+        }
+    }
 }
 
 impl VmSpec {
@@ -116,6 +182,11 @@ impl VmSpec {
                 return invalid(format!("vsock CID {cid} is reserved; use 3 or above"));
             }
         }
+        if let Some(confinement) = &self.confinement {
+            if confinement.uid == 0 || confinement.gid == 0 {
+                return invalid("a confined VMM must not run as uid or gid 0".into());
+            }
+        }
         Ok(())
     }
 }
@@ -152,6 +223,8 @@ pub struct VmFiles {
     pub firecracker_socket: PathBuf,
     pub vsock_socket: PathBuf,
     pub qmp_socket: PathBuf,
+    /// The empty directory a confined QEMU is chrooted into.
+    pub vmm_root: PathBuf,
 }
 
 impl VmFiles {
@@ -166,6 +239,7 @@ impl VmFiles {
             firecracker_socket: layout.firecracker_socket(id),
             vsock_socket: layout.vsock_socket(id),
             qmp_socket: layout.qmp_socket(id),
+            vmm_root: layout.vmm_root(id),
         }
     }
 }
@@ -277,6 +351,8 @@ pub enum VmmError {
     Qmp(#[from] QmpError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
     #[error("QEMU's migration {direction} {status} after {waited:?}: {detail}")]
     Migration {
         direction: &'static str,
@@ -405,10 +481,12 @@ pub trait Vm: Send + Sync {
 /// The backend the configuration selects.
 pub fn from_config(agent: &AgentConfig) -> Arc<dyn Vmm> {
     match agent.vmm {
-        VmmKind::Firecracker => Arc::new(FirecrackerVmm::new(
-            agent.firecracker_bin.clone(),
-            agent.console_log_max_bytes,
-        )),
+        VmmKind::Firecracker => Arc::new(
+            FirecrackerVmm::new(agent.firecracker_bin.clone(), agent.console_log_max_bytes).jailed(
+                agent.firecracker_jailer_bin.clone(),
+                Layout::new(&agent.files_rootdir).jails_dir(),
+            ),
+        ),
         VmmKind::Qemu => Arc::new(QemuVmm::new(
             agent.qemu_bin.clone(),
             agent.qemu_accel,
@@ -433,6 +511,7 @@ mod tests {
             net: None,
             vsock_cid: None,
             files: VmFiles::for_sandbox(&Layout::new("/srv"), "cl-abc"),
+            confinement: None,
         }
     }
 
@@ -477,6 +556,25 @@ mod tests {
                 "unique",
             ),
             (Box::new(|s| s.vsock_cid = Some(2)), "CID"),
+            (
+                Box::new(|s| {
+                    let cgroups = Cgroups::with_version(
+                        CgroupVersion::V2,
+                        Path::new("/sys/fs/cgroup"),
+                        Path::new("wrenn"),
+                        None,
+                    )
+                    .unwrap();
+                    s.confinement = Some(
+                        ConfinementPolicy {
+                            id_base: 0,
+                            cgroups,
+                        }
+                        .for_slot(0),
+                    );
+                }),
+                "uid or gid 0",
+            ),
         ];
         for (mutate, needle) in cases {
             let mut s = spec();

@@ -19,7 +19,9 @@ use nix::unistd::Pid;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
+use super::cgroup::VmCgroup;
 use super::console::ConsoleDrain;
+use super::firecracker::jail::Jail;
 use super::leftovers::{command_line, names_control_socket};
 use super::pidfd::PidFd;
 use super::{AdoptRefusal, VmFiles, VmSpec, VmmError, VmmExit, VmmKind};
@@ -41,6 +43,10 @@ pub(crate) struct VmmProcess {
     /// Where the VMM says why it failed: its stderr, then any log of its own.
     diagnostics: Vec<PathBuf>,
     console: ConsoleDrain,
+    /// The VM's cgroup, removed once the process has ended.
+    cgroup: Option<VmCgroup>,
+    /// The jail the VMM runs in, removed once the process has ended.
+    jail: Option<Jail>,
 }
 
 /// How the end of the process is observed.
@@ -101,6 +107,29 @@ pub(crate) fn prepare_files(files: &VmFiles, sockets: &[&Path]) -> Result<(), Vm
     Ok(())
 }
 
+/// Creates `dir` empty and unwritable, for a VMM that is chrooted into it once it has opened
+/// its files: there it finds nothing to read and nowhere to write.
+pub(crate) fn prepare_empty_root(dir: &Path) -> Result<(), VmmError> {
+    let failed = |source| VmmError::File {
+        what: "failed to create the VMM's empty root",
+        path: dir.to_path_buf(),
+        source,
+    };
+    match fs::DirBuilder::new().mode(0o555).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            if fs::read_dir(dir).map_err(failed)?.next().is_some() {
+                return Err(failed(io::Error::new(
+                    io::ErrorKind::DirectoryNotEmpty,
+                    "it is not empty",
+                )));
+            }
+            Ok(())
+        }
+        Err(e) => Err(failed(e)),
+    }
+}
+
 pub(crate) fn remove_if_present(path: &Path) -> Result<(), VmmError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -136,13 +165,39 @@ fn open_log(path: &Path, truncate: bool) -> Result<File, VmmError> {
 /// Spawns `bin args` detached from the agent: a new session (no signals from the agent's
 /// terminal or process group), stdin closed, and in `netns` when given. Its stdout is the guest
 /// console, which starts empty (one VM per sandbox directory) and is kept within `console_cap`;
-/// its stderr is appended to the VMM log.
+/// its stderr is appended to the VMM log. A confined `spec` gets its cgroup, which the process
+/// joins before it executes `bin` (so all the VMM allocates is charged there) and which is
+/// removed when the process has ended, or at once if it could not start.
 pub(crate) fn spawn(
+    bin: &Path,
+    args: &[OsString],
+    netns: Option<&Path>,
+    spec: &VmSpec,
+    console_cap: ConsoleLogMaxBytes,
+) -> Result<VmmProcess, VmmError> {
+    let cgroup = match &spec.confinement {
+        Some(confinement) => {
+            let cgroups = &confinement.cgroups;
+            Some(cgroups.create(&spec.id, &cgroups.limits(spec.vcpus, spec.memory_mib))?)
+        }
+        None => None,
+    };
+    let spawned = spawn_into(bin, args, netns, &spec.files, console_cap, cgroup.clone());
+    if let (Err(_), Some(cgroup)) = (&spawned, cgroup) {
+        if let Err(error) = cgroup.remove_empty() {
+            tracing::warn!(id = %spec.id, %error, "removing the cgroup of a VMM that did not start");
+        }
+    }
+    spawned
+}
+
+fn spawn_into(
     bin: &Path,
     args: &[OsString],
     netns: Option<&Path>,
     files: &VmFiles,
     console_cap: ConsoleLogMaxBytes,
+    cgroup: Option<VmCgroup>,
 ) -> Result<VmmProcess, VmmError> {
     let vmm_log = open_log(&files.vmm_log, false)?;
     let netns_fd = netns
@@ -153,6 +208,11 @@ pub(crate) fn spawn(
             })
         })
         .transpose()?;
+    let cgroup_procs = match &cgroup {
+        Some(cgroup) => cgroup.join_handles()?,
+        None => Vec::new(),
+    };
+    let cgroup_raw: Vec<i32> = cgroup_procs.iter().map(AsRawFd::as_raw_fd).collect();
 
     // Should spawning fail, dropping the command closes the pipe and the drain ends by itself.
     let (console, console_pipe) = ConsoleDrain::start(files, console_cap)?;
@@ -165,9 +225,16 @@ pub(crate) fn spawn(
         .kill_on_drop(false);
     let netns_raw = netns_fd.as_ref().map(|f| f.as_raw_fd());
     // SAFETY: the closure runs in the forked child before exec and only makes the
-    // async-signal-safe system calls setsid(2), sigaction(2) and setns(2); it allocates nothing.
+    // async-signal-safe system calls write(2), setsid(2), sigaction(2) and setns(2); it
+    // allocates nothing (the descriptors were collected before the fork).
     unsafe {
         command.pre_exec(move || {
+            for &raw in &cgroup_raw {
+                // `0` is the writing process: the child moves itself before it runs the VMM.
+                // SAFETY: the parent holds `cgroup_procs` open until `spawn` returns.
+                let fd = BorrowedFd::borrow_raw(raw);
+                nix::unistd::write(fd, b"0")?;
+            }
             nix::unistd::setsid()?;
             // A VMM that outlives the agent writes its console into a pipe nobody reads: it
             // must get EPIPE and drop the output, not die of SIGPIPE (an ignored signal stays
@@ -187,6 +254,7 @@ pub(crate) fn spawn(
         source,
     })?;
     drop(netns_fd);
+    drop(cgroup_procs);
     let pid = child.id().expect("a just-spawned child has a pid");
     tracing::debug!(bin = %bin.display(), pid, "VMM process started");
     Ok(VmmProcess {
@@ -196,13 +264,15 @@ pub(crate) fn spawn(
         exit: None,
         diagnostics: vec![files.vmm_log.clone()],
         console,
+        cgroup,
+        jail: None,
     })
 }
 
 /// Takes over `pid` as the `kind` VMM of `spec`, provided its command line names `socket` as
 /// its control socket, and drains its console again; returns it with that command line. The
 /// process is checked through a pidfd opened first, so a pid reused after the check cannot be
-/// taken for it.
+/// taken for it. A confined VMM keeps the cgroup it runs in, removed when it ends.
 pub(crate) fn adopt(
     bin: &Path,
     pid: u32,
@@ -236,7 +306,12 @@ pub(crate) fn adopt(
         return Err(refused(AdoptRefusal::Gone));
     }
     let args = command_line(&cmdline);
-    if !names_control_socket(&args, kind, socket) {
+    // A jailed Firecracker's socket is named inside its jail, the same for every VM: its
+    // `--id` says whose it is.
+    let other_id = args
+        .windows(2)
+        .any(|pair| pair[0] == "--id" && pair[1] != spec.id);
+    if !names_control_socket(&args, kind, socket) || other_id {
         return Err(refused(AdoptRefusal::OtherProcess {
             socket: socket.to_path_buf(),
         }));
@@ -250,6 +325,8 @@ pub(crate) fn adopt(
         exit: None,
         diagnostics: vec![spec.files.vmm_log.clone()],
         console,
+        cgroup: spec.confinement.as_ref().map(|c| c.cgroup(spec)),
+        jail: None,
     };
     Ok((process, args))
 }
@@ -278,6 +355,12 @@ impl VmmProcess {
             }
             tokio::time::sleep(SOCKET_POLL).await;
         }
+    }
+
+    /// Makes the process's jail go with it.
+    pub(crate) fn with_jail(mut self, jail: Jail) -> Self {
+        self.jail = Some(jail);
+        self
     }
 
     /// Adds a log the VMM writes itself to those quoted when it fails.
@@ -320,8 +403,24 @@ impl VmmProcess {
         }
         if self.exit.is_some() {
             self.console.finish().await;
+            self.release().await;
         }
         Ok(self.exit)
+    }
+
+    /// Removes the cgroup and jail of a process that has ended; what cannot be removed is left
+    /// to the next agent's clean-up.
+    async fn release(&mut self) {
+        if let Some(cgroup) = self.cgroup.take() {
+            if let Err(error) = cgroup.remove().await {
+                tracing::warn!(pid = self.pid, %error, "could not remove an ended VMM's cgroup");
+            }
+        }
+        if let Some(jail) = self.jail.take() {
+            if let Err(error) = jail.remove() {
+                tracing::warn!(pid = self.pid, %error, "could not remove an ended VMM's jail");
+            }
+        }
     }
 
     /// Waits for the process to exit and for its console output to reach the log.
@@ -342,6 +441,7 @@ impl VmmProcess {
             }
         };
         self.console.finish().await;
+        self.release().await;
         Ok(exit)
     }
 

@@ -639,6 +639,7 @@ mod tests {
             net: None,
             vsock_cid: None,
             files: VmFiles::for_sandbox(&Layout::new("/srv"), "cl-s"),
+            confinement: None,
         };
         Machine::of(&spec, Some("tcg"))
     }

@@ -79,6 +79,7 @@ impl Agent {
             .env("AGENT_QEMU_ACCEL", "tcg")
             .env("AGENT_HEARTBEAT_INTERVAL_SECS", "1")
             .env("AGENT_NETWORK_NAME_PREFIX", &self.prefix)
+            .env("AGENT_CGROUP_PARENT", self.cgroup_parent())
             .env("AGENT_SANDBOX_HOST_RANGE", self.host_range())
             .env("AGENT_SANDBOX_TRANSIT_RANGE", self.transit_range())
             .env("AGENT_ENVD_READY_TIMEOUT_SECS", "180")
@@ -131,6 +132,12 @@ impl Agent {
         agent.child = Some(cmd.spawn().unwrap());
         agent.wait_ready();
         agent
+    }
+
+    /// `agent.cgroup_parent`: the VMs' cgroups are `<parent>/<sandbox id>`, its own like its
+    /// prefix.
+    pub fn cgroup_parent(&self) -> String {
+        format!("wrenn-tests/{}", self.prefix)
     }
 
     pub fn restart(&mut self, failpoint: Option<&str>) {
@@ -229,7 +236,31 @@ impl Agent {
                 traces.push(format!("file {}", entry.path().display()));
             }
         }
+        for cgroup in self.vm_cgroups() {
+            traces.push(format!("cgroup {}", cgroup.display()));
+        }
         traces
+    }
+
+    /// The VMs' cgroups under this agent's parent, in every hierarchy (v2, or each v1
+    /// controller's).
+    pub fn vm_cgroups(&self) -> Vec<PathBuf> {
+        let root = std::path::Path::new("/sys/fs/cgroup");
+        let mut parents = vec![root.join(self.cgroup_parent())];
+        if let Ok(hierarchies) = std::fs::read_dir(root) {
+            parents.extend(
+                hierarchies
+                    .flatten()
+                    .map(|h| h.path().join(self.cgroup_parent())),
+            );
+        }
+        parents
+            .iter()
+            .filter_map(|parent| std::fs::read_dir(parent).ok())
+            .flat_map(|entries| entries.flatten())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .collect()
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -20,6 +20,7 @@ mod netns;
 mod nft;
 mod plan;
 mod rules;
+pub mod sysctl;
 mod tap;
 
 use std::collections::BTreeSet;
@@ -30,7 +31,7 @@ use std::sync::Mutex;
 
 use nix::errno::Errno;
 
-use crate::config::{AgentConfig, InterfaceName, Ipv4Cidr};
+use crate::config::{AgentConfig, InterfaceName, Ipv4Cidr, Layout};
 use netlink::Netlink;
 use netns::{Namespace, NETNS_DIR};
 use plan::SlotPlan;
@@ -180,8 +181,8 @@ pub enum NetworkError {
     InvalidSettings(String),
     #[error("no free sandbox network slot: all {capacity} slots are in use")]
     SlotsExhausted { capacity: u32 },
-    #[error("could not enable IPv4 forwarding on the host: {0}")]
-    Forwarding(std::io::Error),
+    #[error("could not set the host's sysctls for sandbox networking: {0}")]
+    HostSysctl(#[from] sysctl::SysctlError),
     #[error("could not load the host firewall table inet {table}: {source}")]
     HostRuleset { table: String, source: SystemError },
     #[error("could not remove the host firewall table inet {table}: {source}")]
@@ -246,6 +247,8 @@ pub struct NetworkOptions {
     pub egress_deny: Vec<Ipv4Cidr>,
     /// Makes every create fail right after this step, for rollback tests.
     pub fail_after: Option<CreateStep>,
+    /// The host sysctls sandbox networking changes, and where their old values are kept.
+    pub sysctls: sysctl::HostSysctls,
 }
 
 impl NetworkOptions {
@@ -257,6 +260,10 @@ impl NetworkOptions {
             egress_interface: agent.egress_interface.clone(),
             egress_deny: agent.egress_deny.0.clone(),
             fail_after: None,
+            sysctls: sysctl::HostSysctls::new(
+                "/proc/sys",
+                Layout::new(&agent.files_rootdir).host_sysctls_record(),
+            ),
         }
     }
 }
@@ -268,6 +275,7 @@ pub struct NetworkManager {
     egress_interface: Option<InterfaceName>,
     egress_deny: Vec<Ipv4Cidr>,
     fail_after: Option<CreateStep>,
+    sysctls: sysctl::HostSysctls,
     /// Slots with a network or with leftovers not yet cleaned up.
     in_use: Mutex<BTreeSet<u32>>,
 }
@@ -308,6 +316,7 @@ impl NetworkManager {
             egress_interface,
             egress_deny: options.egress_deny,
             fail_after: options.fail_after,
+            sysctls: options.sysctls,
             in_use: Mutex::new(BTreeSet::new()),
         };
         let existing = manager.discover().await?;
@@ -323,7 +332,7 @@ impl NetworkManager {
                 source,
             })?;
         // Only now that the firewall is in place may the host start forwarding.
-        enable_host_forwarding().map_err(NetworkError::Forwarding)?;
+        manager.sysctls.ensure(sysctl::HOST_SYSCTLS)?;
         tracing::info!(
             adopted = existing.len(),
             egress = manager.egress_interface.as_ref().map(|i| i.as_str()),
@@ -611,6 +620,23 @@ impl NetworkManager {
         Ok(())
     }
 
+    /// Puts back the host sysctls this agent (or an earlier process of it) changed, once this
+    /// agent holds no network and no other namespace on the host may rely on them.
+    pub fn restore_host_sysctls(&self) {
+        if !self.slots_in_use().is_empty() {
+            return;
+        }
+        if sysctl::other_namespaces_exist(std::path::Path::new(NETNS_DIR)) {
+            tracing::info!(
+                "other network namespaces remain on the host; host sysctls stay as they are"
+            );
+            return;
+        }
+        if let Err(error) = self.sysctls.restore() {
+            tracing::warn!(%error, "could not restore the host's sysctls");
+        }
+    }
+
     /// Removes every namespace, link and firewall element of this manager's prefix whose slot is
     /// not in `keep` (the sandboxes the agent still runs), e.g. after a crash. Routes go with
     /// their links. Returns the slots that were cleaned.
@@ -702,16 +728,6 @@ async fn default_route_interface() -> Result<Option<InterfaceName>, NetworkError
     let host = Netlink::host().map_err(inspect)?;
     let name = host.default_route_interface().await.map_err(inspect)?;
     Ok(name.and_then(|name| name.parse().ok()))
-}
-
-/// Turns on IPv4 forwarding on the host unless it already is, sparing a write to a sysctl an
-/// operator may watch.
-fn enable_host_forwarding() -> std::io::Result<()> {
-    const KEY: &str = "/proc/sys/net/ipv4/ip_forward";
-    if std::fs::read_to_string(KEY)?.trim() == "1" {
-        return Ok(());
-    }
-    std::fs::write(KEY, b"1")
 }
 
 #[cfg(test)]

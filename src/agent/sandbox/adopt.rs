@@ -11,8 +11,8 @@
 //!   and the control plane learns why from the agent's list of lost sandboxes.
 //!
 //! Whatever no record explains is a leftover and removed: VMM processes of sandboxes without
-//! a record (a create the old agent did not finish), sandbox and snapshot directories, and
-//! network slots.
+//! a record (a create the old agent did not finish), sandbox and snapshot directories, network
+//! slots, and the cgroups of VMs that are not running (an adopted VM keeps its own).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -93,6 +93,7 @@ impl SandboxManager {
             kill_leftover(&leftover).await;
         }
         self.remove_orphan_snapshots();
+        self.remove_leftover_confinement(&recovery.adopted).await;
         let slots = self.network.cleanup_leftovers(&keep_slots).await?;
         tracing::info!(
             adopted = recovery.adopted.len(),
@@ -211,6 +212,40 @@ impl SandboxManager {
                 if error.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(path = %dir.display(), %error, "could not remove a leftover");
                 }
+            }
+        }
+    }
+
+    /// Cgroups and Firecracker jails of VMs that no longer run: a VMM that died, or was killed
+    /// above, while no agent watched it. Whatever still runs in a cgroup is killed first.
+    async fn remove_leftover_confinement(&self, adopted: &[String]) {
+        let jails = std::fs::read_dir(self.layout.jails_dir())
+            .into_iter()
+            .flatten()
+            .flatten();
+        for exec in jails {
+            for jail in std::fs::read_dir(exec.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if adopted.iter().any(|id| jail.file_name() == id.as_str()) {
+                    continue;
+                }
+                tracing::info!(path = %jail.path().display(), "removing a leftover jail");
+                if let Err(error) = std::fs::remove_dir_all(jail.path()) {
+                    tracing::warn!(path = %jail.path().display(), %error, "could not remove a leftover jail");
+                }
+            }
+        }
+        let cgroups = &self.confinement.cgroups;
+        for id in cgroups.existing() {
+            if adopted.contains(&id) {
+                continue;
+            }
+            tracing::info!(sandbox = %id, "removing a leftover cgroup");
+            if let Err(error) = cgroups.vm(&id).kill_and_remove().await {
+                tracing::warn!(sandbox = %id, %error, "could not remove a leftover cgroup");
             }
         }
     }

@@ -178,6 +178,7 @@ impl SandboxManager {
             }),
             vsock_cid: None,
             files: VmFiles::for_sandbox(&self.layout, &id),
+            confinement: Some(self.confinement.for_slot(network.slot)),
             id,
         }
     }

@@ -27,7 +27,7 @@ use crate::agent::wire::{CreateSandbox, LostSandbox, SandboxInfo, SandboxPhase};
 use crate::config::Layout;
 use crate::envd::client::EnvdClient;
 use crate::id::SandboxId;
-use crate::vmm::{Vm, Vmm};
+use crate::vmm::{ConfinementPolicy, Vm, Vmm};
 
 pub use adopt::Recovery;
 pub use boot::CreateStep;
@@ -298,6 +298,7 @@ pub struct SandboxManager {
     network: NetworkManager,
     uppers: disk::UpperDisks,
     limits: Limits,
+    confinement: ConfinementPolicy,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     /// The most recent sandboxes lost, for the control plane's reconciler.
     lost: Mutex<VecDeque<LostSandbox>>,
@@ -317,7 +318,13 @@ impl std::fmt::Debug for SandboxManager {
 }
 
 impl SandboxManager {
-    pub fn new(layout: Layout, vmm: Arc<dyn Vmm>, network: NetworkManager, limits: Limits) -> Self {
+    pub fn new(
+        layout: Layout,
+        vmm: Arc<dyn Vmm>,
+        network: NetworkManager,
+        limits: Limits,
+        confinement: ConfinementPolicy,
+    ) -> Self {
         let uppers = disk::UpperDisks::open(layout.clone());
         Self {
             layout,
@@ -325,6 +332,7 @@ impl SandboxManager {
             network,
             uppers,
             limits,
+            confinement,
             sandboxes: Mutex::new(HashMap::new()),
             lost: Mutex::new(VecDeque::new()),
             operations: tokio_util::task::TaskTracker::new(),
@@ -431,6 +439,13 @@ impl SandboxManager {
                     })
                 }
             }
+        }
+    }
+
+    /// At a graceful stop that leaves no sandbox on the host: puts the host's sysctls back.
+    pub fn leave_host(&self) {
+        if self.registry().is_empty() {
+            self.network.restore_host_sysctls();
         }
     }
 

@@ -4,6 +4,9 @@
 //! (`PUT /snapshot/load`).
 
 pub mod api;
+pub mod jail;
+
+use jail::Jail;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -32,11 +35,69 @@ pub const IFACE_ID: &str = "eth0";
 pub struct FirecrackerVmm {
     bin: PathBuf,
     console_cap: ConsoleLogMaxBytes,
+    jailer: Option<Jailer>,
+}
+
+/// The jailer confined VMs start through, and the base directory of their jails.
+#[derive(Debug, Clone)]
+struct Jailer {
+    bin: PathBuf,
+    chroot_base: PathBuf,
 }
 
 impl FirecrackerVmm {
     pub fn new(bin: PathBuf, console_cap: ConsoleLogMaxBytes) -> Self {
-        Self { bin, console_cap }
+        Self {
+            bin,
+            console_cap,
+            jailer: None,
+        }
+    }
+
+    /// Starts the VMs of confined specs through the jailer `bin`, in jails under
+    /// `chroot_base` ([`jail::Jail`]); without it a confined VM gets its cgroup only.
+    pub fn jailed(mut self, bin: PathBuf, chroot_base: PathBuf) -> Self {
+        self.jailer = Some(Jailer { bin, chroot_base });
+        self
+    }
+
+    /// The jail of `spec`'s VM, when it is confined and a jailer is configured.
+    fn jail(&self, spec: &VmSpec) -> Option<Jail> {
+        let jailer = self.jailer.as_ref()?;
+        let confinement = spec.confinement.as_ref()?;
+        Some(Jail::new(&jailer.chroot_base, &self.bin, spec, confinement))
+    }
+
+    /// `spec` as Firecracker sees it: from inside its jail when it has one.
+    fn api_view(&self, spec: &VmSpec) -> VmSpec {
+        match self.jail(spec) {
+            Some(jail) => jail.inside(spec),
+            None => spec.clone(),
+        }
+    }
+}
+
+/// Where a VM's Firecracker can be reached and what it leaves on the host.
+struct Endpoints {
+    api_socket: PathBuf,
+    log: PathBuf,
+    vsock_socket: PathBuf,
+}
+
+impl Endpoints {
+    fn of(spec: &VmSpec, jail: Option<&Jail>) -> Self {
+        match jail {
+            Some(jail) => Self {
+                api_socket: jail.host_path(jail::API_SOCKET),
+                log: jail.host_path(jail::LOG),
+                vsock_socket: jail.host_path(jail::VSOCK_SOCKET),
+            },
+            None => Self {
+                api_socket: spec.files.firecracker_socket.clone(),
+                log: spec.files.firecracker_log.clone(),
+                vsock_socket: spec.files.vsock_socket.clone(),
+            },
+        }
     }
 }
 
@@ -193,7 +254,7 @@ impl Vmm for FirecrackerVmm {
 
     async fn start(&self, spec: &VmSpec) -> Result<Box<dyn Vm>, VmmError> {
         spec.check()?;
-        let calls = boot_sequence(spec)?;
+        let calls = boot_sequence(&self.api_view(spec))?;
         let this = self.clone();
         let spec = spec.clone();
         let task = tokio::spawn(async move {
@@ -218,7 +279,10 @@ impl Vmm for FirecrackerVmm {
         snapshot: &SnapshotFiles,
     ) -> Result<Box<dyn Vm>, VmmError> {
         spec.check()?;
-        let calls = restore_sequence(spec, snapshot)?;
+        let calls = match self.jail(spec) {
+            Some(jail) => restore_sequence(&jail.inside(spec), &jail.snapshot_inside(snapshot))?,
+            None => restore_sequence(spec, snapshot)?,
+        };
         let this = self.clone();
         let spec = spec.clone();
         let snapshot = snapshot.clone();
@@ -234,6 +298,11 @@ impl Vmm for FirecrackerVmm {
                 &Machine::of(&spec, None),
             )?;
             let mut vm = this.spawn_vm(&spec).await?;
+            if let Some(jail) = &vm.jail {
+                if let Err(error) = jail.bring_snapshot(&snapshot) {
+                    return Err(vm.roll_back(&spec.id, error).await);
+                }
+            }
             // With `resume_vm` the guest runs as soon as the load succeeds: retire the snapshot
             // first, and put it back if Firecracker refused the load (the guest never ran).
             let loaded = match reader.consume() {
@@ -265,16 +334,26 @@ impl Vmm for FirecrackerVmm {
     async fn adopt(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn Vm>, VmmError> {
         spec.check()?;
         let files = &spec.files;
-        let api_socket = files.firecracker_socket.clone();
+        let jail = self.jail(spec);
+        let endpoints = Endpoints::of(spec, jail.as_ref());
+        let api_socket = endpoints.api_socket.clone();
+        // A jailed Firecracker names its socket as it sees it.
+        let named = match &jail {
+            Some(_) => PathBuf::from(jail::API_SOCKET),
+            None => api_socket.clone(),
+        };
         let (process, _) = process::adopt(
             &self.bin,
             pid,
             VmmKind::Firecracker,
             spec,
-            &api_socket,
+            &named,
             self.console_cap,
         )?;
-        let process = process.with_diagnostics_log(files.firecracker_log.clone());
+        let mut process = process.with_diagnostics_log(endpoints.log.clone());
+        if let Some(jail) = &jail {
+            process = process.with_jail(jail.clone());
+        }
         let stream = tokio::net::UnixStream::connect(&api_socket)
             .await
             .map_err(|source| FirecrackerApiError::Connect {
@@ -302,7 +381,8 @@ impl Vmm for FirecrackerVmm {
             snapshot_version,
             machine: Machine::of(spec, None),
             console_log: files.console_log.clone(),
-            sockets: vec![api_socket, files.vsock_socket.clone()],
+            sockets: vec![api_socket, endpoints.vsock_socket],
+            jail,
         }))
     }
 }
@@ -312,26 +392,44 @@ impl FirecrackerVmm {
     /// killed and its sockets removed.
     async fn spawn_vm(&self, spec: &VmSpec) -> Result<FirecrackerVm, VmmError> {
         let files = &spec.files;
-        let api_socket = files.firecracker_socket.clone();
-        process::prepare_files(files, &[&api_socket, &files.vsock_socket])?;
-        let args: Vec<OsString> = vec![
-            "--api-sock".into(),
-            api_socket.clone().into(),
-            "--id".into(),
-            spec.id.clone().into(),
-            "--log-path".into(),
-            files.firecracker_log.clone().into(),
-            "--level".into(),
-            "Info".into(),
-        ];
+        let jail = self.jail(spec);
+        let endpoints = Endpoints::of(spec, jail.as_ref());
+        let api_socket = endpoints.api_socket.clone();
+        process::prepare_files(files, &[&api_socket, &endpoints.vsock_socket])?;
         let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
-        // Firecracker opens its log itself, with its own file offset: give it a file of its own
-        // rather than interleaving it with stderr.
-        process::reset_log(&files.firecracker_log)?;
-        // Its stdout is the guest console (Firecracker's default without `PUT /serial`).
-        let mut process = process::spawn(&self.bin, &args, netns, files, self.console_cap)?
-            .with_diagnostics_log(files.firecracker_log.clone());
-        let sockets = vec![api_socket.clone(), files.vsock_socket.clone()];
+        let spawned = match (&jail, &self.jailer) {
+            (Some(jail), Some(jailer)) => {
+                jail.populate(spec)?;
+                // The jailer joins the namespace itself, before it drops its privileges.
+                process::spawn(
+                    &jailer.bin,
+                    &jail.command_line(netns),
+                    None,
+                    spec,
+                    self.console_cap,
+                )
+                .map(|p| p.with_jail(jail.clone()))
+            }
+            _ => {
+                let args: Vec<OsString> = vec![
+                    "--api-sock".into(),
+                    api_socket.clone().into(),
+                    "--id".into(),
+                    spec.id.clone().into(),
+                    "--log-path".into(),
+                    endpoints.log.clone().into(),
+                    "--level".into(),
+                    "Info".into(),
+                ];
+                // Firecracker opens its log itself, with its own file offset: give it a file
+                // of its own rather than interleaving it with stderr.
+                process::reset_log(&endpoints.log)?;
+                // Its stdout is the guest console (Firecracker's default without `PUT /serial`).
+                process::spawn(&self.bin, &args, netns, spec, self.console_cap)
+            }
+        };
+        let mut process = spawned?.with_diagnostics_log(endpoints.log.clone());
+        let sockets = vec![api_socket.clone(), endpoints.vsock_socket.clone()];
         let connected = async {
             let stream = process.wait_for_socket(&api_socket).await?;
             let mut client = ApiClient::handshake(stream, &api_socket).await?;
@@ -351,6 +449,7 @@ impl FirecrackerVmm {
                 machine: Machine::of(spec, None),
                 console_log: files.console_log.clone(),
                 sockets,
+                jail,
             }),
             Err(error) => {
                 if let Err(kill_error) = process.kill().await {
@@ -374,6 +473,8 @@ pub struct FirecrackerVm {
     machine: Machine,
     console_log: PathBuf,
     sockets: Vec<PathBuf>,
+    /// The jail the VM runs in: its snapshots are written there first.
+    jail: Option<Jail>,
 }
 
 impl FirecrackerVm {
@@ -402,8 +503,18 @@ impl FirecrackerVm {
 
     /// Pauses the vCPUs and writes the snapshot's partial files.
     async fn save(&mut self, snapshot: &SnapshotFiles) -> Result<(), VmmError> {
-        let calls = pause_sequence(snapshot)?;
-        self.configure(&calls).await?;
+        match self.jail.clone() {
+            Some(jail) => {
+                jail.prepare_snapshot()?;
+                let calls = pause_sequence(&jail.snapshot_inside(snapshot))?;
+                self.configure(&calls).await?;
+                jail.take_snapshot(snapshot)?;
+            }
+            None => {
+                let calls = pause_sequence(snapshot)?;
+                self.configure(&calls).await?;
+            }
+        }
         // Firecracker only promises the disks reached the host's page cache.
         snapshot::sync_writable_drives(&self.machine)?;
         Ok(())

@@ -55,16 +55,26 @@ pub struct AccelDecision {
 }
 
 /// Resolves `configured` into an accelerator, probing KVM for `auto`.
+/// Every decision is logged: a guest under TCG runs tens of times slower, so it is never a
+/// silent one (production configures `kvm`, which never falls back).
 pub async fn decide(configured: QemuAccel, qemu_bin: &Path, kernel: &Path) -> AccelDecision {
     match configured {
-        QemuAccel::Kvm => AccelDecision {
-            accel: Accel::Kvm,
-            reason: "configured".into(),
-        },
-        QemuAccel::Tcg => AccelDecision {
-            accel: Accel::Tcg,
-            reason: "configured".into(),
-        },
+        QemuAccel::Kvm => {
+            tracing::info!("QEMU uses KVM (configured; no fallback to TCG)");
+            AccelDecision {
+                accel: Accel::Kvm,
+                reason: "configured".into(),
+            }
+        }
+        QemuAccel::Tcg => {
+            tracing::warn!(
+                "QEMU uses TCG (software emulation), as configured; guests run much slower"
+            );
+            AccelDecision {
+                accel: Accel::Tcg,
+                reason: "configured".into(),
+            }
+        }
         QemuAccel::Auto => {
             let decision = match probe_kvm(qemu_bin, kernel).await {
                 Ok(elapsed) => AccelDecision {

@@ -42,6 +42,8 @@ pub struct QemuVmm {
     console_cap: ConsoleLogMaxBytes,
     /// The accelerator decision, made on the first start and kept for the agent's lifetime.
     decision: Arc<OnceCell<AccelDecision>>,
+    /// How the installed QEMU spells the confinement options, read on the first confined start.
+    confinement_options: Arc<OnceCell<ConfinementOptions>>,
 }
 
 impl QemuVmm {
@@ -51,6 +53,7 @@ impl QemuVmm {
             accel,
             console_cap,
             decision: Arc::new(OnceCell::new()),
+            confinement_options: Arc::new(OnceCell::new()),
         }
     }
 
@@ -84,8 +87,14 @@ pub fn host_tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0) as u64)
 }
 
-/// The complete QEMU command line for `spec`.
-pub fn command_line(spec: &VmSpec, accel: Accel, vsock_available: bool) -> Vec<OsString> {
+/// The complete QEMU command line for `spec`; a confined spec's options are spelt as `options`
+/// says (see [`ConfinementOptions::of_version`]).
+pub fn command_line(
+    spec: &VmSpec,
+    accel: Accel,
+    vsock_available: bool,
+    options: ConfinementOptions,
+) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
     push(&["-name", &format!("wrenn-{}", spec.id), "-M", MACHINE]);
@@ -126,11 +135,18 @@ pub fn command_line(spec: &VmSpec, accel: Accel, vsock_available: bool) -> Vec<O
     }
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
     for drive in &spec.drives {
-        let readonly = if drive.read_only { "on" } else { "off" };
+        // A writable drive keeps the descriptor it was opened with: by default QEMU reopens it
+        // read-only when a migration (a pause) stops the guest's writes, and read-write when
+        // one ends, which a confined QEMU, chrooted and unprivileged, cannot do.
+        let mode = if drive.read_only {
+            "readonly=on"
+        } else {
+            "readonly=off,auto-read-only=off"
+        };
         push(&[
             "-drive",
             &format!(
-                "id={},file={},format=raw,if=none,readonly={readonly}",
+                "id={},file={},format=raw,if=none,{mode}",
                 drive.id,
                 opt_value(&drive.path)
             ),
@@ -152,8 +168,66 @@ pub fn command_line(spec: &VmSpec, accel: Accel, vsock_available: bool) -> Vec<O
     if let (Some(cid), true) = (spec.vsock_cid, vsock_available) {
         push(&["-device", &format!("vhost-vsock-device,guest-cid={cid}")]);
     }
+    if let Some(confinement) = &spec.confinement {
+        let root = opt_value(&spec.files.vmm_root);
+        let user = format!("{}:{}", confinement.uid, confinement.gid);
+        push(&["-sandbox", SECCOMP_POLICY]);
+        match options {
+            ConfinementOptions::Legacy => push(&[
+                "-chroot",
+                &spec.files.vmm_root.to_string_lossy(),
+                "-runas",
+                &user,
+            ]),
+            ConfinementOptions::RunWithChroot => {
+                push(&["-run-with", &format!("chroot={root}"), "-runas", &user]);
+            }
+            ConfinementOptions::RunWith => {
+                push(&["-run-with", &format!("chroot={root},user={user}")]);
+            }
+        }
+    }
     args
 }
+
+/// How a QEMU release spells "chroot, then drop to this user": `-chroot` and `-runas` until
+/// 8.1 added `-run-with chroot=` (and 9.0 removed `-chroot`); 9.1 added `-run-with user=` and
+/// deprecated `-runas`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfinementOptions {
+    Legacy,
+    RunWithChroot,
+    RunWith,
+}
+
+impl ConfinementOptions {
+    /// The options of the QEMU whose `--version` line is `line`; the oldest spelling when the
+    /// version cannot be read.
+    pub fn of_version(line: &str) -> Self {
+        let version = line
+            .split_whitespace()
+            .find(|word| word.starts_with(|c: char| c.is_ascii_digit()))
+            .unwrap_or_default();
+        let mut numbers = version.split('.').map(|n| n.parse::<u32>().unwrap_or(0));
+        let major_minor = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        if major_minor >= (9, 1) {
+            Self::RunWith
+        } else if major_minor >= (8, 1) {
+            Self::RunWithChroot
+        } else {
+            Self::Legacy
+        }
+    }
+}
+
+/// QEMU's seccomp filter: no obsolete system calls, no new processes or programs, no changes to
+/// scheduling or CPU affinity. `elevateprivileges=deny` cannot be among them: QEMU installs the
+/// filter before it applies `-runas`, so it would be killed by its own `setgid` (SIGSYS). The
+/// same end is reached another way: after `-runas` every uid of the process is unprivileged,
+/// it holds no capability, and `-sandbox` sets no-new-privileges, so a `set*id` call can only
+/// name the ids it already has.
+const SECCOMP_POLICY: &str =
+    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
 
 #[async_trait]
 impl Vmm for QemuVmm {
@@ -255,10 +329,24 @@ impl QemuVmm {
         }
         let files = &spec.files;
         process::prepare_files(files, &[&files.qmp_socket])?;
-        let mut args = command_line(spec, accel, vsock_available);
+        let options = match spec.confinement {
+            Some(_) => {
+                *self
+                    .confinement_options
+                    .get_or_try_init(|| async {
+                        Ok::<_, VmmError>(ConfinementOptions::of_version(&self.version().await?))
+                    })
+                    .await?
+            }
+            None => ConfinementOptions::Legacy,
+        };
+        let mut args = command_line(spec, accel, vsock_available, options);
         args.extend(extra.iter().map(OsString::from));
         let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
-        let mut process = process::spawn(&self.bin, &args, netns, files, self.console_cap)?;
+        if spec.confinement.is_some() {
+            process::prepare_empty_root(&files.vmm_root)?;
+        }
+        let mut process = process::spawn(&self.bin, &args, netns, spec, self.console_cap)?;
         match connect(&mut process, &files.qmp_socket).await {
             Ok((qmp, vmm_version)) => Ok(QemuVm {
                 process,
@@ -653,6 +741,7 @@ mod tests {
             }),
             vsock_cid: Some(3),
             files: VmFiles::for_sandbox(&Layout::new("/srv"), "cl-q"),
+            confinement: None,
         }
     }
 
@@ -665,7 +754,12 @@ mod tests {
 
     #[test]
     fn command_line_carries_every_device_in_order() {
-        let line = joined(&command_line(&spec(), Accel::Kvm, true));
+        let line = joined(&command_line(
+            &spec(),
+            Accel::Kvm,
+            true,
+            ConfinementOptions::Legacy,
+        ));
         for needle in [
             "-M microvm,x-option-roms=off,isa-serial=on,rtc=on -accel kvm -cpu host -m 256 -smp 2",
             "-nodefaults -no-user-config -nographic -no-reboot",
@@ -673,13 +767,72 @@ mod tests {
             "-qmp unix:/srv/sandboxes/cl-q/qmp.sock,server=on,wait=off",
             "-append console=ttyS0 reboot=k panic=1 pci=off ip=dhcp -kernel /k/vmlinux -initrd /k/initrd",
             "-drive id=root,file=/img/base,,v1.ext4,format=raw,if=none,readonly=on -device virtio-blk-device,drive=root \
-             -drive id=data,file=/s/data.ext4,format=raw,if=none,readonly=off -device virtio-blk-device,drive=data",
+             -drive id=data,file=/s/data.ext4,format=raw,if=none,readonly=off,auto-read-only=off -device virtio-blk-device,drive=data",
             "-netdev tap,id=net0,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=net0,mac=02:FC:00:00:00:05",
             "-device vhost-vsock-device,guest-cid=3",
         ] {
             assert!(line.contains(needle), "`{needle}` missing from {line}");
         }
         assert!(!line.contains("tsc_early_khz"), "{line}");
+    }
+
+    #[test]
+    fn a_confined_vm_gets_seccomp_a_chroot_and_a_user_spelt_for_its_qemu() {
+        use crate::vmm::{CgroupVersion, Cgroups, Confinement};
+        let mut spec = spec();
+        assert!(!joined(&command_line(
+            &spec,
+            Accel::Kvm,
+            true,
+            ConfinementOptions::Legacy
+        ))
+        .contains("-sandbox"));
+        spec.confinement = Some(Confinement {
+            uid: 900_000_007,
+            gid: 900_000_008,
+            cgroups: Cgroups::with_version(
+                CgroupVersion::V2,
+                Path::new("/sys/fs/cgroup"),
+                Path::new("wrenn"),
+                None,
+            )
+            .unwrap(),
+        });
+        let seccomp =
+            "-sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
+        for (version, options, expected) in [
+            (
+                "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)",
+                ConfinementOptions::Legacy,
+                "-chroot /srv/sandboxes/cl-q/vmm-root -runas 900000007:900000008",
+            ),
+            (
+                "QEMU emulator version 8.2.2 (Debian 1:8.2.2+ds-0ubuntu1)",
+                ConfinementOptions::RunWithChroot,
+                "-run-with chroot=/srv/sandboxes/cl-q/vmm-root -runas 900000007:900000008",
+            ),
+            (
+                "QEMU emulator version 10.0.2",
+                ConfinementOptions::RunWith,
+                "-run-with chroot=/srv/sandboxes/cl-q/vmm-root,user=900000007:900000008",
+            ),
+        ] {
+            assert_eq!(
+                ConfinementOptions::of_version(version),
+                options,
+                "{version}"
+            );
+            let line = joined(&command_line(&spec, Accel::Kvm, true, options));
+            assert!(line.ends_with(&format!("{seccomp} {expected}")), "{line}");
+        }
+        assert_eq!(
+            ConfinementOptions::of_version("QEMU 9.0.0"),
+            ConfinementOptions::RunWithChroot
+        );
+        assert_eq!(
+            ConfinementOptions::of_version("garbage"),
+            ConfinementOptions::Legacy
+        );
     }
 
     #[test]
@@ -694,7 +847,7 @@ mod tests {
     #[test]
     fn the_accelerator_is_read_back_from_the_command_line() {
         for accel in [Accel::Kvm, Accel::Tcg] {
-            let line: Vec<String> = command_line(&spec(), accel, true)
+            let line: Vec<String> = command_line(&spec(), accel, true, ConfinementOptions::Legacy)
                 .iter()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect();
@@ -708,7 +861,12 @@ mod tests {
 
     #[test]
     fn tcg_uses_the_max_cpu_and_skips_vsock_without_vhost() {
-        let line = joined(&command_line(&spec(), Accel::Tcg, false));
+        let line = joined(&command_line(
+            &spec(),
+            Accel::Tcg,
+            false,
+            ConfinementOptions::Legacy,
+        ));
         assert!(line.contains("-accel tcg -cpu max"), "{line}");
         assert!(!line.contains("vhost-vsock"), "{line}");
     }
