@@ -1,6 +1,6 @@
 //! What every request handler shares: the database pool, the token keys, the capsule machinery
-//! (agent client, scheduler settings, reconciler period, derived agent secrets) and the
-//! credential guards.
+//! (agent client, scheduler settings, reconciler period, derived agent secrets), the CA and
+//! the credential guards.
 
 use std::collections::HashMap;
 use std::ops::Deref;
@@ -10,7 +10,9 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::agent_client::{AgentClient, AgentTimeouts};
+use super::ca::CaHandle;
 use super::scheduler::SchedulerSettings;
+use super::services::hosts::AddressPolicy;
 use super::tokens::TokenKeys;
 use crate::config::{Config, IpCidrList};
 use crate::db::Db;
@@ -22,32 +24,46 @@ pub struct Shared {
     pub capsules: CapsuleSettings,
     pub auth: AuthSettings,
     pub agent_secrets: AgentSecrets,
+    /// The CA that certifies agents and this control plane to them; shared with the agent
+    /// client's TLS.
+    pub ca: CaHandle,
 }
 
 /// The secrets presented to agents, by host and generation. Each is a pure function of the two
-/// under the JWT secret, so it is derived once instead of on every call into a sandbox; a host
-/// keeps only its latest generation.
-#[derive(Debug, Default)]
-pub struct AgentSecrets(RwLock<HashMap<Uuid, (i32, String)>>);
+/// under the CA's agent secret key, so it is derived once instead of on every call into a
+/// sandbox; a host keeps only its latest generation.
+#[derive(Debug)]
+pub struct AgentSecrets {
+    ca: CaHandle,
+    known: RwLock<HashMap<Uuid, (i32, String)>>,
+}
 
 impl AgentSecrets {
-    pub fn get(&self, tokens: &TokenKeys, host: Uuid, generation: i32) -> String {
+    fn new(ca: CaHandle) -> Self {
+        Self {
+            ca,
+            known: RwLock::default(),
+        }
+    }
+
+    /// `None` until the CA is loaded (`cp::run` loads it before serving).
+    pub fn get(&self, host: Uuid, generation: i32) -> Option<String> {
         let known = self
-            .0
+            .known
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&host)
             .filter(|(g, _)| *g == generation)
             .map(|(_, secret)| secret.clone());
         if let Some(secret) = known {
-            return secret;
+            return Some(secret);
         }
-        let secret = tokens.agent_secret(host, generation);
-        self.0
+        let secret = self.ca.get().ok()?.agent_secret(host, generation);
+        self.known
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(host, (generation, secret.clone()));
-        secret
+        Some(secret)
     }
 }
 
@@ -74,6 +90,8 @@ pub struct AuthSettings {
     pub login_limits: LoginLimits,
     /// Reverse proxies whose `X-Forwarded-For` names the client address.
     pub trusted_proxies: IpCidrList,
+    /// Which addresses hosts may register with.
+    pub host_addresses: AddressPolicy,
 }
 
 /// The configuration's defaults.
@@ -97,6 +115,9 @@ impl AuthSettings {
                 per_address: limit(cp.login_address_max_failures, cp.login_address_window_secs),
             },
             trusted_proxies: cp.trusted_proxies.clone(),
+            host_addresses: AddressPolicy {
+                allow_loopback: cp.allow_loopback_hosts,
+            },
         }
     }
 }
@@ -160,12 +181,14 @@ impl AppState {
         capsules: CapsuleSettings,
         auth: AuthSettings,
     ) -> Self {
+        let ca = capsules.agents.ca().clone();
         Self(Arc::new(Shared {
             db,
             tokens,
             capsules,
             auth,
-            agent_secrets: AgentSecrets::default(),
+            agent_secrets: AgentSecrets::new(ca.clone()),
+            ca,
         }))
     }
 }

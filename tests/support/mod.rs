@@ -18,6 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use wrenn::cp::ca;
 use wrenn::cp::monitor::MonitorSettings;
 use wrenn::cp::state::{AppState, AuthSettings, CapsuleSettings};
 use wrenn::cp::tokens::TokenKeys;
@@ -64,8 +65,23 @@ impl TestCp {
         Self::start_full(monitor, quiet_capsules(), auth).await
     }
 
-    /// A server with its own agent timeouts, scheduler, reconciler period and login limits.
+    /// A server with its own agent timeouts, scheduler, reconciler period and login limits. Its
+    /// agents run on this machine, so hosts may register loopback addresses.
     pub async fn start_full(
+        monitor: MonitorSettings,
+        capsules: CapsuleSettings,
+        mut auth: AuthSettings,
+    ) -> Self {
+        auth.host_addresses.allow_loopback = true;
+        Self::start_exactly(monitor, capsules, auth).await
+    }
+
+    /// A server that refuses loopback host addresses, as in production.
+    pub async fn start_refusing_loopback() -> Self {
+        Self::start_exactly(QUIET_MONITOR, quiet_capsules(), AuthSettings::default()).await
+    }
+
+    async fn start_exactly(
         monitor: MonitorSettings,
         capsules: CapsuleSettings,
         auth: AuthSettings,
@@ -86,6 +102,13 @@ impl TestCp {
             capsules,
             auth,
         );
+        // Loaded here as `run` would, so that the CA is there when this returns.
+        state
+            .ca
+            .install(std::sync::Arc::new(
+                ca::load_or_create(&db).await.expect("the CA loads"),
+            ))
+            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -117,6 +140,17 @@ impl TestCp {
         }
         if let Some(server) = self.server.take() {
             server.await.unwrap();
+        }
+    }
+
+    /// The control plane's client identity and CA, for calling its agents directly.
+    pub fn agent_tls(&self) -> agent::AgentTls {
+        let ca = self.state.ca.get().unwrap();
+        let (cert_pem, key_pem) = ca.issue_client_pem().unwrap();
+        agent::AgentTls {
+            cert_pem,
+            key_pem: key_pem.expose().to_owned(),
+            ca_pem: ca.cert_pem().to_owned(),
         }
     }
 
@@ -331,6 +365,7 @@ impl CpReplica {
             .current_dir(dir.path())
             .env("DATABASE_URL", cp.pg.url())
             .env("JWT_SECRET", std::str::from_utf8(JWT_SECRET).unwrap())
+            .env("CP_ALLOW_LOOPBACK_HOSTS", "true")
             .env("CP_LISTEN_ADDR", addr.to_string())
             .env("CP_RECONCILE_INTERVAL_SECS", "3600")
             .env("LOG_LEVEL", "wrenn=warn")
