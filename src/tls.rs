@@ -142,18 +142,17 @@ pub fn agent_server_config(
     Ok(config)
 }
 
-/// A client config that verifies servers with `verifier` and presents `identity`.
+/// A client config that verifies servers with `verifier` and presents `identity`. Its ALPN is
+/// left to the connector that uses it (hyper-rustls sets HTTP/1.1 itself).
 pub fn client_config(
     verifier: Arc<dyn ServerCertVerifier>,
     identity: Arc<dyn ResolvesClientCert>,
 ) -> Result<ClientConfig, TlsError> {
-    let mut config = ClientConfig::builder_with_provider(provider())
+    Ok(ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(identity);
-    config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
-    Ok(config)
+        .with_client_cert_resolver(identity))
 }
 
 /// A client config trusting no server at all, for connection pools that only ever speak plain

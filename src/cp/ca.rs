@@ -412,7 +412,7 @@ mod tests {
             cert.subject_alternative_name().unwrap().unwrap().value
         );
         assert!(
-            text.contains("10.0.0.5") && !text.contains("evil"),
+            text.contains("IPAddress([10, 0, 0, 5])") && !text.contains("evil"),
             "{text}"
         );
         let eku = cert.extended_key_usage().unwrap().unwrap().value;

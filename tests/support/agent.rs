@@ -52,13 +52,12 @@ impl AgentTls {
         let certs = wrenn::tls::certificates(&self.cert_pem).unwrap();
         let key =
             rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap();
-        let mut config = rustls::ClientConfig::builder_with_provider(wrenn::tls::provider())
+        let config = rustls::ClientConfig::builder_with_provider(wrenn::tls::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap()
             .with_root_certificates(roots)
             .with_client_auth_cert(certs, key)
             .unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         std::sync::Arc::new(config)
     }
 }
