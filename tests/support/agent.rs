@@ -71,8 +71,16 @@ static NEXT_AGENT: AtomicU8 = AtomicU8::new(0);
 
 const CREATE_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// Where a registering agent finds its one-time token.
+pub enum TokenFrom<'a> {
+    Env(&'a str),
+    File(&'a std::path::Path),
+}
+
 pub struct Agent {
     pub root: tempfile::TempDir,
+    /// Apart from the files root, so that a test filling that disk still has the log.
+    logs: tempfile::TempDir,
     pub port: u16,
     /// `agent.network_name_prefix`: names its namespaces, host links and nft table.
     pub prefix: String,
@@ -105,15 +113,20 @@ fn free_port() -> u16 {
 
 impl Agent {
     /// A files root whose kernels and images are the shared test builds.
-    fn new_root() -> tempfile::TempDir {
-        let files = guest::test_files();
+    pub fn new_root() -> tempfile::TempDir {
         let root = tempfile::Builder::new()
             .prefix("wrenn-agent-")
             .tempdir()
             .unwrap();
-        std::os::unix::fs::symlink(files.kernels_dir(), root.path().join("kernels")).unwrap();
-        std::os::unix::fs::symlink(files.images_dir(), root.path().join("images")).unwrap();
+        Self::link_test_files(root.path());
         root
+    }
+
+    /// Links the shared test kernels and images into a files root.
+    pub fn link_test_files(root: &std::path::Path) {
+        let files = guest::test_files();
+        std::os::unix::fs::symlink(files.kernels_dir(), root.join("kernels")).unwrap();
+        std::os::unix::fs::symlink(files.images_dir(), root.join("images")).unwrap();
     }
 
     fn command(&self, failpoint: Option<&str>) -> Command {
@@ -150,9 +163,24 @@ impl Agent {
     }
 
     pub fn register(cp_url: &str, token: &str, tls: AgentTls, env: Vec<(String, String)>) -> Agent {
+        Self::register_in(Self::new_root(), cp_url, TokenFrom::Env(token), tls, env)
+    }
+
+    /// Starts an agent in `root` that registers with the token from `token`.
+    pub fn register_in(
+        root: tempfile::TempDir,
+        cp_url: &str,
+        token: TokenFrom<'_>,
+        tls: AgentTls,
+        env: Vec<(String, String)>,
+    ) -> Agent {
         let number = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
         let mut agent = Agent {
-            root: Self::new_root(),
+            root,
+            logs: tempfile::Builder::new()
+                .prefix("wrenn-agent-log-")
+                .tempdir()
+                .unwrap(),
             port: free_port(),
             // Unique per test binary; binaries run one after another, and an agent cleans up
             // what a crashed predecessor with its prefix left.
@@ -166,9 +194,12 @@ impl Agent {
             env,
         };
         let mut cmd = agent.command(None);
-        // From the environment, as production should: a command line is visible to every user.
-        cmd.env("WRENN_REGISTER_TOKEN", token)
-            .args(["--address", &format!("127.0.0.1:{}", agent.port)]);
+        // Never on the command line, which every local user can read.
+        match token {
+            TokenFrom::Env(token) => cmd.env("WRENN_REGISTER_TOKEN", token),
+            TokenFrom::File(path) => cmd.arg("--register-file").arg(path),
+        };
+        cmd.args(["--address", &format!("127.0.0.1:{}", agent.port)]);
         agent.child = Some(cmd.spawn().unwrap());
         agent.wait_ready();
         agent
@@ -379,7 +410,7 @@ impl Agent {
 
     /// Where the agent's log goes (its stderr), across restarts.
     fn log_path(&self) -> PathBuf {
-        self.root.path().join("agent.log")
+        self.logs.path().join("agent.log")
     }
 
     /// What the agent has logged so far, across restarts.

@@ -27,6 +27,30 @@ use wrenn_test_support::pg::PgCluster;
 
 pub const JWT_SECRET: &[u8] = b"integration-test-secret-0123456789abcdef";
 
+/// Runs `wrenn::cp::run` on `listener` until the returned sender fires; the CA is loaded
+/// before this returns, as `run` would load it.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    monitor: MonitorSettings,
+) -> (oneshot::Sender<()>, JoinHandle<()>) {
+    state
+        .ca
+        .install(std::sync::Arc::new(
+            ca::load_or_create(&state.db).await.expect("the CA loads"),
+        ))
+        .unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        wrenn::cp::run(listener, state, monitor, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("server runs");
+    });
+    (tx, server)
+}
+
 pub struct TestCp {
     pub pg: PgCluster,
     pub db: Db,
@@ -102,26 +126,9 @@ impl TestCp {
             capsules,
             auth,
         );
-        // Loaded here as `run` would, so that the CA is there when this returns.
-        state
-            .ca
-            .install(std::sync::Arc::new(
-                ca::load_or_create(&db).await.expect("the CA loads"),
-            ))
-            .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn({
-            let state = state.clone();
-            async move {
-                wrenn::cp::run(listener, state, monitor, async {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("server runs");
-            }
-        });
+        let (tx, server) = serve(listener, state.clone(), monitor).await;
         let client = Client::builder(TokioExecutor::new()).build_http();
         Self {
             pg,
@@ -131,6 +138,30 @@ impl TestCp {
             client,
             shutdown: Some(tx),
             server: Some(server),
+        }
+    }
+
+    /// Restarts the server on the same address and database with other token keys, as an
+    /// operator rotating the JWT secret restarts the control plane. Agents keep their saved
+    /// URL; the CA stays (it lives in the database).
+    pub async fn restart_with_tokens(&mut self, tokens: TokenKeys) {
+        self.shutdown_server().await;
+        let mut auth = AuthSettings::default();
+        auth.host_addresses.allow_loopback = true;
+        let state = AppState::with_settings(self.db.clone(), tokens, quiet_capsules(), auth);
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        let (tx, server) = serve(listener, state.clone(), QUIET_MONITOR).await;
+        self.state = state;
+        self.shutdown = Some(tx);
+        self.server = Some(server);
+    }
+
+    async fn shutdown_server(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap();
         }
     }
 
