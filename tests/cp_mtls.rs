@@ -140,11 +140,7 @@ async fn the_control_plane_calls_only_agents_its_ca_certified_for_the_address_it
     let certified = |address: &str| {
         let key = KeyPair::generate().unwrap();
         let cert = ca
-            .issue_agent_cert(
-                HostId::new_random(),
-                &address.parse().unwrap(),
-                &csr(&key),
-            )
+            .issue_agent_cert(HostId::new_random(), &address.parse().unwrap(), &csr(&key))
             .unwrap();
         (cert.pem, key.serialize_pem())
     };
@@ -257,9 +253,10 @@ async fn the_agent_serves_only_the_control_plane_s_client_certificate() {
     assert!(ping_with(&foreign_client, &agent).is_err());
     // An agent's own certificate, from the same CA, is for serving only: one agent (a BYOC
     // machine) cannot call another.
-    let saved: Value =
-        serde_json::from_str(&std::fs::read_to_string(agent.root.path().join("host-token")).unwrap())
-            .unwrap();
+    let saved: Value = serde_json::from_str(
+        &std::fs::read_to_string(agent.root.path().join("host-token")).unwrap(),
+    )
+    .unwrap();
     let own = AgentTls {
         cert_pem: saved["tls"]["cert_pem"].as_str().unwrap().to_owned(),
         key_pem: saved["tls"]["key_pem"].as_str().unwrap().to_owned(),
@@ -273,7 +270,10 @@ async fn the_agent_serves_only_the_control_plane_s_client_certificate() {
         let config = TlsConfig::builder()
             .root_certs(RootCerts::Specific(Arc::new(vec![ca])))
             .build();
-        let client: ureq::Agent = ureq::Agent::config_builder().tls_config(config).build().into();
+        let client: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(config)
+            .build()
+            .into();
         client
     };
     assert!(anonymous.get(agent.url("/v1/ping")).call().is_err());
@@ -287,7 +287,10 @@ async fn a_missing_or_empty_registration_token_file_is_explained() {
     let empty = dir.path().join("empty");
     std::fs::write(&empty, "\n").unwrap();
     for (file, needle) in [
-        (dir.path().join("missing"), "cannot read the registration token file"),
+        (
+            dir.path().join("missing"),
+            "cannot read the registration token file",
+        ),
         (empty, "is empty"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_wrenn"))
@@ -365,7 +368,12 @@ async fn hosts_cannot_register_addresses_the_control_plane_must_not_dial() {
     let mut body = register_body(token);
     body["address"] = json!("169.254.169.254:80");
     let (status, answer) = local
-        .call(Method::POST, "/v1/hosts/register", &Auth::None, Some(body.clone()))
+        .call(
+            Method::POST,
+            "/v1/hosts/register",
+            &Auth::None,
+            Some(body.clone()),
+        )
         .await;
     assert_error(status, &answer, StatusCode::BAD_REQUEST, "invalid_request");
     body["address"] = json!("127.0.0.1:50051");
@@ -378,7 +386,12 @@ async fn hosts_cannot_register_addresses_the_control_plane_must_not_dial() {
 
 async fn api_key(cp: &TestCp, auth: &Auth) -> Auth {
     let (status, key) = cp
-        .call(Method::POST, "/v1/api-keys", auth, Some(json!({"name": "k"})))
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            auth,
+            Some(json!({"name": "k"})),
+        )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{key}");
     Auth::ApiKey(key["key"].as_str().unwrap().to_owned())
@@ -450,10 +463,18 @@ async fn rotating_the_jwt_secret_keeps_capsules_reachable_and_the_agent_refreshe
         .unwrap();
     cp.restart_with_tokens(both).await;
     let (status, _) = cp.call(Method::GET, "/v1/hosts", &admin, None).await;
-    assert_eq!(status, StatusCode::OK, "a user token of the old secret still works");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "a user token of the old secret still works"
+    );
     exec_echo(&cp, &key, &id, "during").await;
     fresh_heartbeat(&cp, &host_id).await;
-    assert_eq!(saved_host_token(&agent), old_host_token, "nothing forced a refresh");
+    assert_eq!(
+        saved_host_token(&agent),
+        old_host_token,
+        "nothing forced a refresh"
+    );
 
     // Step 2: the old secret is gone. The agent's host token is refused, it refreshes without a
     // restart, and the capsule stays reachable throughout.
@@ -464,7 +485,10 @@ async fn rotating_the_jwt_secret_keeps_capsules_reachable_and_the_agent_refreshe
     exec_echo(&cp, &key, &id, "after").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while saved_host_token(&agent) == old_host_token {
-        assert!(tokio::time::Instant::now() < deadline, "the agent never refreshed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent never refreshed"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let renewed = saved_host_token(&agent);
@@ -472,7 +496,11 @@ async fn rotating_the_jwt_secret_keeps_capsules_reachable_and_the_agent_refreshe
     assert!(keys.verify_host(&renewed).is_ok());
     fresh_heartbeat(&cp, &host_id).await;
     exec_echo(&cp, &key, &id, "renewed").await;
-    assert_eq!(agent.child.as_ref().unwrap().id(), pid, "the agent restarted");
+    assert_eq!(
+        agent.child.as_ref().unwrap().id(),
+        pid,
+        "the agent restarted"
+    );
     assert_eq!(ping_with(&agent.tls, &agent), Ok(200));
 
     let (status, _) = cp
@@ -546,7 +574,11 @@ async fn a_full_files_root_keeps_the_agent_serving_with_its_refreshed_credential
         .log_lines(&["credentials stay in memory only"])
         .is_empty()
     {
-        assert!(tokio::time::Instant::now() < deadline, "no failed save: {}", agent.log());
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no failed save: {}",
+            agent.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(
