@@ -33,6 +33,7 @@ const NEW_SECRET: &[u8] = b"rotated-integration-secret-0123456789abcd";
 
 /// A CA the control plane never heard of, and certificates from it.
 struct ForeignCa {
+    cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -44,8 +45,9 @@ impl ForeignCa {
             .distinguished_name
             .push(DnType::CommonName, "Wrenn control plane CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.self_signed(&key).unwrap();
+        let cert = params.self_signed(&key).unwrap();
         Self {
+            cert_pem: cert.pem(),
             issuer: Issuer::new(params, key),
         }
     }
@@ -163,23 +165,39 @@ async fn the_control_plane_calls_only_agents_its_ca_certified_for_the_address_it
     );
 
     // The agent's side of the control channel trusts only verified certificates too: a control
-    // plane URL served with a certificate from a CA it does not trust is unreachable.
-    let unknown = fake_agent(Some(
+    // plane served with a certificate from a CA the agent does not trust is unreachable, whether
+    // it trusts the web PKI or pins a private CA (`agent.cp_ca_file`); the pinned CA is enough.
+    let private_cp = fake_agent(Some(
         foreign.issue("127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth),
     ))
     .await;
-    let agent_side = ControlPlane::new(format!("https://{unknown}").parse().unwrap());
-    let specs = wrenn::agent::registration::HostSpecs::detect(std::path::Path::new("/"));
-    let outcome = tokio::task::spawn_blocking(move || {
-        agent_side.register(&SecretText::new("t"), "10.0.0.5:50051", &specs)
-    })
-    .await
-    .unwrap();
-    match outcome {
-        Err(RegistrationError::Unreachable { reason, .. }) => {
-            assert!(reason.to_lowercase().contains("certificate"), "{reason}")
+    let url = format!("https://{private_cp}");
+    let other_ca = ForeignCa::new();
+    for (agent_side, trusted) in [
+        (ControlPlane::new(url.parse().unwrap()), false),
+        (
+            ControlPlane::pinned(url.parse().unwrap(), &other_ca.cert_pem).unwrap(),
+            false,
+        ),
+        (
+            ControlPlane::pinned(url.parse().unwrap(), &foreign.cert_pem).unwrap(),
+            true,
+        ),
+    ] {
+        let specs = wrenn::agent::registration::HostSpecs::detect(std::path::Path::new("/"));
+        let outcome = tokio::task::spawn_blocking(move || {
+            agent_side.register(&SecretText::new("t"), "10.0.0.5:50051", &specs)
+        })
+        .await
+        .unwrap();
+        match (outcome, trusted) {
+            (Err(RegistrationError::Unreachable { reason, .. }), false) => {
+                assert!(reason.to_lowercase().contains("certificate"), "{reason}")
+            }
+            // Through the handshake: the fake's answer is no registration.
+            (Err(RegistrationError::Unexpected { status: 200, .. }), true) => {}
+            (other, trusted) => panic!("trusted {trusted}: {other:?}"),
         }
-        other => panic!("registered with an untrusted control plane: {other:?}"),
     }
     cp.stop().await;
 }

@@ -73,7 +73,17 @@ pub async fn run(
         .clone()
         .ok_or(RegistrationError::NoControlPlaneUrl)?;
     registration::check_cp_url(&cp_url, config.agent.allow_plain_http)?;
-    let cp = ControlPlane::new(cp_url);
+    let cp = match &config.agent.cp_ca_file {
+        Some(path) => {
+            let pem =
+                std::fs::read_to_string(path).map_err(|e| RegistrationError::CaFileUnreadable {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            ControlPlane::pinned(cp_url, &pem)?
+        }
+        None => ControlPlane::new(cp_url),
+    };
     let creds = obtain_credentials(&cp, &layout, &args).await?;
     tracing::info!(host_id = %creds.host_id, "agent registered with the control plane");
     let served = Arc::new(ServedCredentials::new(&creds)?);

@@ -115,6 +115,8 @@ pub enum RegistrationError {
          agent.allow_plain_http (AGENT_ALLOW_PLAIN_HTTP=true) on a network you trust"
     )]
     PlainHttp { url: String },
+    #[error("agent.cp_ca_file {path} is unreadable: {reason}")]
+    CaFileUnreadable { path: PathBuf, reason: String },
     #[error("cannot make a TLS key and certificate request: {0}")]
     KeyGeneration(String),
     #[error("the control plane's certificate for this agent is unusable: {0}")]
@@ -186,6 +188,7 @@ impl RegistrationError {
             | RegistrationError::Unexpected { .. }
             | RegistrationError::Unreachable { .. }
             | RegistrationError::PlainHttp { .. }
+            | RegistrationError::CaFileUnreadable { .. }
             | RegistrationError::KeyGeneration(_)
             | RegistrationError::Certificate(_)
             | RegistrationError::CaChanged { .. } => false,
@@ -298,6 +301,7 @@ enum Reply {
 }
 
 impl ControlPlane {
+    /// A control plane whose `https://` certificate the web PKI vouches for.
     pub fn new(base: HttpUrl) -> Self {
         let http = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -305,6 +309,26 @@ impl ControlPlane {
             .build()
             .into();
         Self { base, http }
+    }
+
+    /// A control plane whose `https://` certificate must chain to one of the CAs in `ca_pem`
+    /// (`agent.cp_ca_file`) and to nothing else: a private deployment's own CA, pinned.
+    pub fn pinned(base: HttpUrl, ca_pem: &str) -> Result<Self, RegistrationError> {
+        use ureq::tls::{Certificate, RootCerts, TlsConfig};
+        let roots = crate::tls::certificates(ca_pem)?
+            .into_iter()
+            .map(|der| Certificate::from_der(der.as_ref()).to_owned())
+            .collect();
+        let tls = TlsConfig::builder()
+            .root_certs(RootCerts::Specific(std::sync::Arc::new(roots)))
+            .build();
+        let http = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(HTTP_TIMEOUT))
+            .tls_config(tls)
+            .build()
+            .into();
+        Ok(Self { base, http })
     }
 
     fn url(&self, path: &str) -> String {

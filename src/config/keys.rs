@@ -99,6 +99,7 @@ pub const KEYS: &[Key] = &[
     key("agent.listen_addr", "AGENT_LISTEN_ADDR", Some(":50051"), "Host-agent API listen address."),
     key("agent.files_rootdir", "AGENT_FILES_ROOTDIR", Some("/var/lib/wrenn"), "Files root: kernels/, images/, sandboxes/, snapshots/ and host-token live under it."),
     key("agent.cp_url", "AGENT_CP_URL", None, "Control-plane base URL the agent registers and heartbeats with, e.g. https://cp.example.com. Plain http:// is accepted only to a loopback address unless `agent.allow_plain_http` is set."),
+    key("agent.cp_ca_file", "AGENT_CP_CA_FILE", None, "PEM file of the CA(s) the control plane's https:// certificate must chain to, instead of the public web PKI: a private deployment pins its own CA."),
     scalar("agent.allow_plain_http", "AGENT_ALLOW_PLAIN_HTTP", "false", "Whether `agent.cp_url` may be plain http:// to a non-loopback address: the registration token, host token and refresh token would cross the network unencrypted."),
     key("agent.network_name_prefix", "AGENT_NETWORK_NAME_PREFIX", Some("wrenn"), "Names this agent's sandbox namespaces and host links (`<prefix>-<slot>`) and its nft table; lowercase letters and digits. Give each agent on one machine its own prefix and address ranges."),
     scalar("agent.envd_ready_timeout_secs", "AGENT_ENVD_READY_TIMEOUT_SECS", "60", "Seconds a new sandbox's envd has to answer before the create is rolled back."),

@@ -76,6 +76,8 @@ pub struct AgentConfig {
     pub files_rootdir: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cp_url: Option<HttpUrl>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cp_ca_file: Option<PathBuf>,
     pub allow_plain_http: bool,
     pub heartbeat_interval_secs: u64,
     pub envd_ready_timeout_secs: u64,
@@ -164,6 +166,7 @@ impl Default for Config {
                 listen_addr: parse("agent.listen_addr"),
                 files_rootdir: PathBuf::from(default("agent.files_rootdir")),
                 cp_url: None,
+                cp_ca_file: None,
                 allow_plain_http: default("agent.allow_plain_http")
                     .parse()
                     .expect("default is a boolean"),

@@ -39,6 +39,7 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.listen_addr" => c.agent.listen_addr.to_string(),
             "agent.files_rootdir" => c.agent.files_rootdir.display().to_string(),
             "agent.cp_url" => c.agent.cp_url.as_ref()?.to_string(),
+            "agent.cp_ca_file" => c.agent.cp_ca_file.as_ref()?.display().to_string(),
             "agent.allow_plain_http" => c.agent.allow_plain_http.to_string(),
             "agent.network_name_prefix" => c.agent.network_name_prefix.clone(),
             "agent.envd_ready_timeout_secs" => c.agent.envd_ready_timeout_secs.to_string(),

@@ -50,6 +50,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "agent.listen_addr" => (":7000", "127.0.0.1:7001"),
         "agent.files_rootdir" => ("/srv/file", "/srv/env"),
         "agent.cp_url" => ("http://cp.file:8000", "https://cp.env"),
+        "agent.cp_ca_file" => ("/etc/wrenn/file-ca.pem", "/etc/wrenn/env-ca.pem"),
         "agent.allow_plain_http" => ("true", "false"),
         "agent.heartbeat_interval_secs" => ("5", "7"),
         "agent.envd_ready_timeout_secs" => ("20", "40"),

@@ -119,14 +119,15 @@ impl From<Host> for HostView {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// No `Debug`: it carries the registration token.
+#[derive(Serialize)]
 pub struct CreateHostResponse {
     host: HostView,
     registration_token: String,
 }
 
-/// `RegisterHostResponse` / `RefreshHostTokenResponse` of the spec, plus what the agent's mTLS
-/// needs: `agent_secret` (presented by the control plane on every call), the agent's
+/// `RegisterHostResponse` / `RefreshHostTokenResponse` of the spec (no `Debug`: it carries
+/// tokens), plus what the agent's mTLS needs: `agent_secret` (presented by the control plane on every call), the agent's
 /// certificate when it sent a CSR, and the CA it pins.
 #[derive(Serialize)]
 pub struct HostCredentialsResponse {
