@@ -628,3 +628,78 @@ async fn a_full_files_root_keeps_the_agent_serving_with_its_refreshed_credential
     drop(agent);
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn postgresql_is_reached_over_tls_when_the_url_asks_for_it() {
+    let pg = tokio::task::spawn_blocking(wrenn_test_support::pg::PgCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let plain = wrenn::db::connect_lazy(&pg.url()).unwrap();
+    // A server certificate for 127.0.0.1 from a CA of the test's, written into the data
+    // directory by the server itself (so that it owns the files), then TLS switched on.
+    let ca = ForeignCa::new();
+    let (cert, key) = ca.issue("127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth);
+    let data: String = sqlx::query_scalar("SHOW data_directory")
+        .fetch_one(&plain)
+        .await
+        .unwrap();
+    for (file, pem) in [("server.crt", &cert), ("server.key", &key)] {
+        sqlx::query(&format!(
+            "COPY (SELECT unnest(string_to_array($${pem}$$, E'\\n'))) TO '{data}/{file}'"
+        ))
+        .execute(&plain)
+        .await
+        .unwrap();
+    }
+    // PostgreSQL refuses a key others may read.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        format!("{data}/server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    sqlx::query("ALTER SYSTEM SET ssl = 'on'")
+        .execute(&plain)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_reload_conf()")
+        .execute(&plain)
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (root, other) = (dir.path().join("ca.pem"), dir.path().join("other.pem"));
+    std::fs::write(&root, &ca.cert_pem).unwrap();
+    std::fs::write(&other, ForeignCa::new().cert_pem).unwrap();
+
+    let verified = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url(),
+        root.display()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let on_tls = loop {
+        let db = wrenn::db::connect_lazy(&verified).unwrap();
+        let answer: Result<bool, _> =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&db)
+                .await;
+        match answer {
+            Ok(ssl) => break ssl,
+            // The reload takes a moment to reach the postmaster.
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(error) => panic!("no TLS connection: {error}"),
+        }
+    };
+    assert!(on_tls);
+    // A server whose certificate the URL's CA did not issue is refused.
+    let mistrusted = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url(),
+        other.display()
+    );
+    let db = wrenn::db::connect_lazy(&mistrusted).unwrap();
+    assert!(sqlx::query("SELECT 1").execute(&db).await.is_err());
+}
