@@ -42,14 +42,7 @@ pub struct ServedCredentials {
 
 impl ServedCredentials {
     pub fn new(creds: &HostCredentials) -> Result<Self, RegistrationError> {
-        let tls = creds
-            .tls
-            .as_ref()
-            .ok_or_else(|| RegistrationError::Unexpected {
-                url: String::new(),
-                status: 200,
-                message: "the credentials carry no certificate".into(),
-            })?;
+        let tls = creds.tls.as_ref().ok_or(RegistrationError::NoCertificate)?;
         Ok(Self {
             identity: Arc::new(ServerIdentity::new(crate::tls::certified_key(
                 &tls.cert_pem,

@@ -117,6 +117,8 @@ pub enum RegistrationError {
     PlainHttp { url: String },
     #[error("agent.cp_ca_file {path} is unreadable: {reason}")]
     CaFileUnreadable { path: PathBuf, reason: String },
+    #[error("the host credentials carry no TLS certificate to serve the control plane with")]
+    NoCertificate,
     #[error("cannot make a TLS key and certificate request: {0}")]
     KeyGeneration(String),
     #[error("the control plane's certificate for this agent is unusable: {0}")]
@@ -189,6 +191,7 @@ impl RegistrationError {
             | RegistrationError::Unreachable { .. }
             | RegistrationError::PlainHttp { .. }
             | RegistrationError::CaFileUnreadable { .. }
+            | RegistrationError::NoCertificate
             | RegistrationError::KeyGeneration(_)
             | RegistrationError::Certificate(_)
             | RegistrationError::CaChanged { .. } => false,
