@@ -130,7 +130,8 @@ dev: build build-static
     password=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
     echo "$password" > "$dev/admin-password"
     "$bin" cp admin create --email admin@wrenn.local --password-file "$dev/admin-password" >&2
-    CP_LISTEN_ADDR=127.0.0.1:$cp_port "$bin" cp serve 2>"$dev/cp.log" & pids+=($!)
+    # Agent and control plane share this machine: the agent registers a loopback address.
+    CP_LISTEN_ADDR=127.0.0.1:$cp_port CP_ALLOW_LOOPBACK_HOSTS=true "$bin" cp serve 2>"$dev/cp.log" & pids+=($!)
     api=http://127.0.0.1:$cp_port
     for _ in $(seq 100); do curl -sf "$api/health" >/dev/null && break; sleep 0.1; done
     jwt=$(curl -sf "$api/v1/auth/login" -H 'content-type: application/json' \
@@ -143,8 +144,9 @@ dev: build build-static
       -d '{"type":"regular"}' | json "['registration_token']")
     rm -rf "$dev/root/host-token" "$dev/root/sandboxes"
     # The dev stack owns its sandboxes: stopping it removes them.
+    # The token from the environment: a command line is visible to every local user.
     AGENT_FILES_ROOTDIR=$dev/root AGENT_CP_URL=$api AGENT_LISTEN_ADDR=127.0.0.1:$agent_port AGENT_DESTROY_SANDBOXES_ON_STOP=true \
-      AGENT_VMM=$vmm "$bin" agent --register "$token" --address "127.0.0.1:$agent_port" \
+      WRENN_REGISTER_TOKEN=$token AGENT_VMM=$vmm "$bin" agent --address "127.0.0.1:$agent_port" \
       2>"$dev/agent.log" & pids+=($!)
     for _ in $(seq 600); do
       [ "$(curl -sf "$api/v1/hosts" -H "authorization: Bearer $jwt" | json "[0]['status']")" = online ] && break

@@ -9,10 +9,9 @@
 //!   `WRENN_BENCH_API_KEY` (`wrn_...`) are set. Optional: `WRENN_BENCH_TEMPLATE` (default
 //!   `minimal`); `WRENN_BENCH_ENVD_URL` (envd of the created capsule as this machine reaches it;
 //!   default `http://<guest_ip>:49983`, reachable on the agent's host) with
-//!   `WRENN_BENCH_ENVD_TOKEN` (envd's access token) for straight-to-envd figures; and
-//!   `WRENN_BENCH_AGENT_URL` with `WRENN_BENCH_AGENT_SECRET` (the `agent_secret` of the host's
-//!   `host-token` file) for figures through the agent's envd proxy alone. Each comparison is
-//!   skipped, saying why, when its endpoint does not answer `/health`.
+//!   `WRENN_BENCH_ENVD_TOKEN` (envd's access token) for straight-to-envd figures (a deployed
+//!   agent's proxy takes only the control plane's client certificate, so it is not measured
+//!   alone). Each comparison is skipped, saying why, when its endpoint does not answer `/health`.
 //! - Otherwise, as root, a local stack of real parts: a private PostgreSQL, `wrenn cp serve` as
 //!   its own process (so its peak memory is its own and is printed), a registered `wrenn agent`
 //!   and QEMU/TCG microVMs from the shared test images. The agent keeps each sandbox's envd
@@ -53,13 +52,20 @@ fn number(name: &str, default: usize) -> usize {
 }
 
 struct Http {
-    client: Client<HttpConnector, Body>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>,
 }
 
 impl Http {
-    fn new() -> Self {
+    /// Plain HTTP to the control plane and envd; `https://` (the agent) with `tls`.
+    fn new(tls: std::sync::Arc<rustls::ClientConfig>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         Self {
             client: Client::builder(TokioExecutor::new()).build(connector),
         }
@@ -207,6 +213,8 @@ struct Target {
     bypasses: Bypasses,
     /// Processes whose peak memory is printed at the end.
     processes: Vec<(&'static str, u32)>,
+    /// The control plane's client identity, which the agent's proxy requires (local stack only).
+    agent_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// The parts of the local stack, kept alive while it is measured.
@@ -238,6 +246,7 @@ async fn local_stack() -> (Target, LocalStack) {
             ("control plane", replica.pid()),
             ("agent", agent.child.as_ref().unwrap().id()),
         ],
+        agent_tls: Some(agent.tls.rustls()),
     };
     (target, LocalStack { cp, agent, replica })
 }
@@ -245,16 +254,12 @@ async fn local_stack() -> (Target, LocalStack) {
 fn deployed_stack(cp_url: String, api_key: String) -> Target {
     let envd_url = setting("WRENN_BENCH_ENVD_URL");
     let envd_token = setting("WRENN_BENCH_ENVD_TOKEN");
-    let agent = setting("WRENN_BENCH_AGENT_URL").zip(setting("WRENN_BENCH_AGENT_SECRET"));
     Target {
         cp_url: cp_url.trim_end_matches('/').to_owned(),
         api_key,
         template: setting("WRENN_BENCH_TEMPLATE").unwrap_or_else(|| "minimal".into()),
-        bypasses: Box::new(move |id, capsule| {
+        bypasses: Box::new(move |_, capsule| {
             let mut bypasses = Vec::new();
-            if let Some((url, secret)) = &agent {
-                bypasses.push(Bypass::agent_proxy(url, id, secret));
-            }
             let envd = envd_url.clone().or_else(|| {
                 capsule["guest_ip"]
                     .as_str()
@@ -266,6 +271,7 @@ fn deployed_stack(cp_url: String, api_key: String) -> Target {
             bypasses
         }),
         processes: Vec::new(),
+        agent_tls: None,
     }
 }
 
@@ -478,7 +484,11 @@ async fn file_figures(
 }
 
 async fn bench(target: &Target) {
-    let http = Http::new();
+    let tls = target
+        .agent_tls
+        .clone()
+        .unwrap_or_else(wrenn::tls::trust_nothing);
+    let http = Http::new(tls);
     let key = vec![("x-api-key", target.api_key.clone())];
     let capsule = create_figures(&http, target, &key).await;
     let id = capsule["id"].as_str().unwrap().to_owned();

@@ -6,26 +6,33 @@
 //!
 //! `cargo bench --bench cp_history` (optionally `-- ROWS`, default 1 000 000).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::routing::get;
 use axum::{Json, Router};
+use rcgen::{CertificateParams, KeyPair};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use wrenn::agent::api::serve_tls;
 use wrenn::agent::wire::SandboxList;
+use wrenn::cp::ca::{self, Ca};
 use wrenn::cp::reconciler;
 use wrenn::cp::scheduler::{self, Demand, Placement, SchedulerSettings};
 use wrenn::cp::state::{AppState, AuthSettings, CapsuleSettings};
 use wrenn::cp::tokens::TokenKeys;
 use wrenn::db::{self, migrate, Db};
-use wrenn::id::TeamId;
+use wrenn::id::{HostId, TeamId};
+use wrenn::tls::{self, ServerIdentity};
 use wrenn_test_support::pg::PgCluster;
 
 const HOSTS: i32 = 100;
 const PASSES: usize = 10;
 const PLACEMENTS: usize = 200;
 
-/// An agent with nothing running, for every host.
-async fn empty_agent() -> String {
+/// An agent with nothing running, for every host: served over TLS with a certificate of the
+/// control plane's CA for the address dialled, as the agent client requires.
+async fn empty_agent(ca: &Ca) -> String {
     let app = Router::new().route(
         "/v1/sandboxes",
         get(|| async {
@@ -36,9 +43,21 @@ async fn empty_agent() -> String {
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr.to_string()
+    let addr = listener.local_addr().unwrap().to_string();
+    let key = KeyPair::generate().unwrap();
+    let csr = CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let cert = ca
+        .issue_agent_cert(HostId::new_random(), &addr.parse().unwrap(), &csr)
+        .unwrap();
+    let identity =
+        ServerIdentity::new(tls::certified_key(&cert.pem, &key.serialize_pem()).unwrap());
+    let config = tls::agent_server_config(Arc::new(identity), ca.cert_pem()).unwrap();
+    tokio::spawn(serve_tls(listener, config, app, CancellationToken::new()));
+    addr
 }
 
 async fn add_hosts(db: &Db) {
@@ -133,8 +152,9 @@ fn main() {
         let pool = db::connect_lazy(&pg.url()).unwrap();
         migrate::up(&pool).await.unwrap();
         add_hosts(&pool).await;
+        let ca = Arc::new(ca::load_or_create(&pool).await.unwrap());
         let capsules = CapsuleSettings {
-            agent_addr_override: Some(empty_agent().await),
+            agent_addr_override: Some(empty_agent(&ca).await),
             ..CapsuleSettings::default()
         };
         let state = AppState::with_settings(
@@ -143,6 +163,7 @@ fn main() {
             capsules,
             AuthSettings::default(),
         );
+        state.ca.install(ca).unwrap();
         let (pass_empty, place_empty) = measure(&state).await;
         let filled = Instant::now();
         add_history(&pool, rows).await;

@@ -21,9 +21,18 @@ pub struct Cli {
 pub enum Command {
     /// Run the host agent: register with the control plane and run microVMs.
     Agent {
-        /// One-time registration token from `POST /v1/hosts` (first start only).
-        #[arg(long, value_name = "TOKEN")]
+        /// One-time registration token from `POST /v1/hosts` (first start only). Every local
+        /// user can read a command line: prefer WRENN_REGISTER_TOKEN or --register-file.
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            env = "WRENN_REGISTER_TOKEN",
+            hide_env_values = true
+        )]
         register: Option<String>,
+        /// A file holding the one-time registration token (first start only).
+        #[arg(long, value_name = "PATH", conflicts_with = "register")]
+        register_file: Option<PathBuf>,
         /// Address (ip:port) the control plane reaches this agent at.
         #[arg(long, value_name = "ADDR")]
         address: Option<String>,
@@ -129,11 +138,34 @@ fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
     token
 }
 
+/// The registration token in `path`, without surrounding whitespace.
+fn read_register_file(path: &std::path::Path) -> anyhow::Result<crate::tls::SecretText> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the registration token file {}: {e}",
+            path.display()
+        )
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        anyhow::bail!("the registration token file {} is empty", path.display());
+    }
+    Ok(crate::tls::SecretText::new(token))
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Agent { register, address } => {
+        Command::Agent {
+            register,
+            register_file,
+            address,
+        } => {
             let loaded = load_config(cli.config)?;
             crate::logging::init(&loaded.config.log)?;
+            let register = match register_file {
+                Some(path) => Some(read_register_file(&path)?),
+                None => register.map(crate::tls::SecretText::new),
+            };
             let args = crate::agent::AgentArgs { register, address };
             let outcome = runtime()?.block_on(async {
                 crate::agent::run(&loaded.config, args, shutdown_on_signals()).await

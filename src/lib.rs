@@ -12,5 +12,6 @@ pub mod id;
 pub mod logging;
 pub mod request_id;
 pub mod template;
+pub mod tls;
 pub mod version;
 pub mod vmm;

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
@@ -11,9 +12,12 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use support::{assert_error, Auth, TestCp, User, QUIET_MONITOR};
 use tokio_util::sync::CancellationToken;
-use wrenn::agent::registration::{self, ControlPlane, HostCredentials, RegistrationError};
+use wrenn::agent::registration::{
+    self, ControlPlane, HostCredentials, RegistrationError, ServeNothing,
+};
 use wrenn::cp::services::login_limits::{self, Limit, LoginLimits};
 use wrenn::cp::state::AuthSettings;
+use wrenn::tls::SecretText;
 
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
@@ -215,12 +219,16 @@ async fn only_the_immediately_previous_token_gets_the_grace() {
     cp.stop().await;
 }
 
+/// The credentials an agent saved, from a registration body (without its certificate: the
+/// agent's first heartbeat refreshes to get one).
 fn agent_credentials(creds: &Value) -> HostCredentials {
+    let text = |key: &str| SecretText::new(creds[key].as_str().unwrap());
     HostCredentials {
         host_id: creds["host"]["id"].as_str().unwrap().to_owned(),
-        token: creds["token"].as_str().unwrap().to_owned(),
-        refresh_token: creds["refresh_token"].as_str().unwrap().to_owned(),
-        agent_secret: creds["agent_secret"].as_str().unwrap().to_owned(),
+        token: text("token"),
+        refresh_token: text("refresh_token"),
+        agent_secret: text("agent_secret"),
+        tls: None,
         revoked: None,
     }
 }
@@ -238,7 +246,7 @@ async fn the_agent_refreshes_an_expired_host_token_and_saves_the_new_credentials
     let file = tmp.path().join("host-token");
     // A host JWT the control plane no longer accepts, as after its 7 days.
     let mut saved = agent_credentials(&creds);
-    saved.token = "expired".into();
+    saved.token = SecretText::new("expired");
     registration::save_credentials(&file, &saved).unwrap();
 
     let shutdown = CancellationToken::new();
@@ -247,13 +255,15 @@ async fn the_agent_refreshes_an_expired_host_token_and_saves_the_new_credentials
         saved.clone(),
         file.clone(),
         Duration::from_secs(1),
+        Arc::new(ServeNothing),
         shutdown.clone(),
     ));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let current = registration::load_credentials(&file).unwrap();
         if current.refresh_token != saved.refresh_token {
-            assert_ne!(current.token, "expired");
+            assert_ne!(current.token.expose(), "expired");
+            assert!(current.tls.is_some(), "the refresh brought a certificate");
             assert_eq!(current.agent_secret, saved.agent_secret);
             break;
         }
@@ -293,7 +303,7 @@ async fn the_agent_stops_and_says_to_register_again_when_its_refresh_token_is_re
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("host-token");
     let mut saved = agent_credentials(&creds);
-    saved.token = "expired".into();
+    saved.token = SecretText::new("expired");
     registration::save_credentials(&file, &saved).unwrap();
     // A thief with a copy of the refresh token rotates it twice before the agent needs it.
     let stolen = refreshed(&cp, &creds["refresh_token"]).await;
@@ -306,6 +316,7 @@ async fn the_agent_stops_and_says_to_register_again_when_its_refresh_token_is_re
             saved,
             file.clone(),
             Duration::from_secs(1),
+            Arc::new(ServeNothing),
             CancellationToken::new(),
         ),
     )

@@ -1,8 +1,11 @@
 //! The agent API the control plane calls: sandbox lifecycle, and a streaming proxy to each
-//! sandbox's envd for exec, processes, PTYs and files. Every request must carry the agent secret
-//! issued at registration (`Authorization: Bearer <secret>`); nothing else is served.
+//! sandbox's envd for exec, processes, PTYs and files. Served over TLS only to clients presenting
+//! the control plane's client certificate (`crate::tls::agent_server_config`); every request
+//! must also carry the agent secret issued at registration (`Authorization: Bearer <secret>`).
+//! Both are replaced in place when a refresh renews them.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -15,29 +18,146 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use subtle::ConstantTimeEq;
 
+use super::registration::{Adopt, HostCredentials, RegistrationError};
 use super::sandbox::{SandboxError, SandboxManager};
 use super::wire::{AgentPing, CreateSandbox, SandboxInfo, SandboxList};
 use crate::error_code::{ErrorCode, ErrorEnvelope};
 use crate::id::SandboxId;
+use crate::tls::{SecretText, ServerIdentity};
 
 /// Upper bound for a JSON request body; file contents travel through the envd proxy, unbounded.
 const JSON_BODY_LIMIT: usize = 1 << 20;
 
+/// A TLS handshake that has not finished in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the API serves with from the host credentials: its certificate and the secret it
+/// expects, both swapped when a refresh renews them.
+#[derive(Debug)]
+pub struct ServedCredentials {
+    identity: Arc<ServerIdentity>,
+    secret: RwLock<SecretText>,
+    ca_cert_pem: String,
+}
+
+impl ServedCredentials {
+    pub fn new(creds: &HostCredentials) -> Result<Self, RegistrationError> {
+        let tls = creds.tls.as_ref().ok_or(RegistrationError::NoCertificate)?;
+        Ok(Self {
+            identity: Arc::new(ServerIdentity::new(crate::tls::certified_key(
+                &tls.cert_pem,
+                tls.key_pem.expose(),
+            )?)),
+            secret: RwLock::new(creds.agent_secret.clone()),
+            ca_cert_pem: tls.ca_cert_pem.clone(),
+        })
+    }
+
+    /// The TLS server config: this identity, and clients certified by the pinned CA.
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, RegistrationError> {
+        Ok(crate::tls::agent_server_config(
+            self.identity.clone(),
+            &self.ca_cert_pem,
+        )?)
+    }
+
+    fn secret_matches(&self, presented: &str) -> bool {
+        let secret = self
+            .secret
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        bool::from(presented.as_bytes().ct_eq(secret.expose().as_bytes()))
+    }
+}
+
+impl Adopt for ServedCredentials {
+    fn adopt(&self, creds: &HostCredentials) -> Result<(), RegistrationError> {
+        if let Some(tls) = &creds.tls {
+            self.identity.replace(crate::tls::certified_key(
+                &tls.cert_pem,
+                tls.key_pem.expose(),
+            )?);
+        }
+        *self
+            .secret
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = creds.agent_secret.clone();
+        Ok(())
+    }
+}
+
 #[derive(Clone)]
 pub struct AgentState {
     pub sandboxes: Arc<SandboxManager>,
-    pub secret: Arc<str>,
+    pub credentials: Arc<ServedCredentials>,
     pub host_id: Arc<str>,
 }
 
 impl AgentState {
-    pub fn new(sandboxes: Arc<SandboxManager>, secret: &str, host_id: &str) -> Self {
+    pub fn new(
+        sandboxes: Arc<SandboxManager>,
+        credentials: Arc<ServedCredentials>,
+        host_id: &str,
+    ) -> Self {
         Self {
             sandboxes,
-            secret: secret.into(),
+            credentials,
             host_id: host_id.into(),
         }
     }
+}
+
+/// Serves `app` over TLS with `config` until `stop` fires, then lets open requests finish. A
+/// client that fails the handshake (no certificate, or one the CA did not issue for clients)
+/// never reaches the router.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    config: rustls::ServerConfig,
+    app: Router,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        let (acceptor, app, stop) = (acceptor.clone(), app.clone(), stop.clone());
+        connections.spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    while connections.join_next().await.is_some() {}
 }
 
 /// An API failure, rendered as the `{"error":{"code","message"}}` envelope.
@@ -144,7 +264,7 @@ async fn require_secret(State(state): State<AgentState>, request: Request, next:
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    if bool::from(presented.as_bytes().ct_eq(state.secret.as_bytes())) {
+    if state.credentials.secret_matches(presented) {
         next.run(request).await
     } else {
         ApiError::new(

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use api::ServedCredentials;
 use network::{NetworkError, NetworkManager};
 use registration::{ControlPlane, HostCredentials, HostSpecs, RegistrationError};
 use sandbox::{Limits, SandboxError, SandboxManager};
@@ -21,7 +22,7 @@ use sandbox::{Limits, SandboxError, SandboxManager};
 #[derive(Debug, Clone, Default)]
 pub struct AgentArgs {
     /// One-time registration token from `POST /v1/hosts`.
-    pub register: Option<String>,
+    pub register: Option<crate::tls::SecretText>,
     /// The address (ip:port) the control plane reaches this agent at.
     pub address: Option<String>,
 }
@@ -73,9 +74,22 @@ pub async fn run(
         .cp_url
         .clone()
         .ok_or(RegistrationError::NoControlPlaneUrl)?;
-    let cp = ControlPlane::new(cp_url);
+    registration::check_cp_url(&cp_url, config.agent.allow_plain_http)?;
+    let cp = match &config.agent.cp_ca_file {
+        Some(path) => {
+            let pem =
+                std::fs::read_to_string(path).map_err(|e| RegistrationError::CaFileUnreadable {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            ControlPlane::pinned(cp_url, &pem)?
+        }
+        None => ControlPlane::new(cp_url),
+    };
     let creds = obtain_credentials(&cp, &layout, &args).await?;
     tracing::info!(host_id = %creds.host_id, "agent registered with the control plane");
+    let served = Arc::new(ServedCredentials::new(&creds)?);
+    let tls = served.server_config()?;
 
     let network = NetworkManager::new(&config.agent).await?;
     let vmm = crate::vmm::from_config(&config.agent);
@@ -103,25 +117,24 @@ pub async fn run(
     tracing::info!(%addr, vmm = %sandboxes.vmm_kind(), "agent API listening");
     let app = api::router(api::AgentState::new(
         sandboxes.clone(),
-        &creds.agent_secret,
+        served.clone(),
         &creds.host_id,
     ));
     let stop = shutdown.child_token();
-    let server = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }
-    });
+    let server = tokio::spawn(api::serve_tls(listener, tls, app, stop.clone()));
     let reaper = tokio::spawn(sandboxes.clone().reap_idle(stop.clone()));
 
     let interval = Duration::from_secs(config.agent.heartbeat_interval_secs.max(1));
-    let outcome =
-        registration::heartbeat_loop(cp, creds, layout.host_token_file(), interval, stop.clone())
-            .await
-            .map_err(AgentError::from);
+    let outcome = registration::heartbeat_loop(
+        cp,
+        creds,
+        layout.host_token_file(),
+        interval,
+        served,
+        stop.clone(),
+    )
+    .await
+    .map_err(AgentError::from);
     // Whatever ended the heartbeat (a signal, or the host being deleted) ends the agent. Its
     // sandboxes run on for the next agent process to adopt, unless the host is gone or the
     // operator asked otherwise.
@@ -145,32 +158,49 @@ pub async fn run(
         );
     }
     sandboxes.leave_host();
-    match server.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(AgentError::Serve(e)),
-        Err(join) => return Err(AgentError::Serve(std::io::Error::other(join.to_string()))),
+    if let Err(join) = server.await {
+        return Err(AgentError::Serve(std::io::Error::other(join.to_string())));
     }
     outcome
 }
 
+/// The saved credentials, or new ones from a registration; either way with a certificate the
+/// API can serve with (credentials saved before mTLS refresh to get one). Credentials that
+/// cannot be saved are used from memory; the heartbeat retries the save.
 async fn obtain_credentials(
     cp: &ControlPlane,
     layout: &crate::config::Layout,
     args: &AgentArgs,
 ) -> Result<HostCredentials, AgentError> {
     let path = layout.host_token_file();
-    let Some(token) = args.register.clone() else {
-        if args.address.is_some() {
-            tracing::info!("--address is only sent at registration; the saved registration stands");
+    let creds = match args.register.clone() {
+        None => {
+            if args.address.is_some() {
+                tracing::info!(
+                    "--address is only sent at registration; the saved registration stands"
+                );
+            }
+            let saved = registration::load_credentials(&path)?;
+            if saved.tls.is_some() {
+                return Ok(saved);
+            }
+            tracing::info!("the saved credentials predate mTLS; refreshing them for a certificate");
+            let cp = cp.clone();
+            tokio::task::spawn_blocking(move || cp.refresh(&saved))
+                .await
+                .expect("refresh task does not panic")?
         }
-        return Ok(registration::load_credentials(&path)?);
+        Some(token) => {
+            let address = args.address.clone().ok_or(AgentError::AddressRequired)?;
+            let specs = HostSpecs::detect(layout.root());
+            let cp = cp.clone();
+            tokio::task::spawn_blocking(move || cp.register(&token, &address, &specs))
+                .await
+                .expect("registration task does not panic")?
+        }
     };
-    let address = args.address.clone().ok_or(AgentError::AddressRequired)?;
-    let specs = HostSpecs::detect(layout.root());
-    let cp = cp.clone();
-    let creds = tokio::task::spawn_blocking(move || cp.register(&token, &address, &specs))
-        .await
-        .expect("registration task does not panic")?;
-    registration::save_credentials(&path, &creds)?;
+    if let Err(error) = registration::save_credentials(&path, &creds) {
+        tracing::error!(%error, "the new credentials stay in memory only; the heartbeat retries the save");
+    }
     Ok(creds)
 }

@@ -1,5 +1,7 @@
 //! The agent's side of the deployment guide: first-start registration with a one-time token,
-//! saved host credentials, the 30-second heartbeat and credential refresh.
+//! saved host credentials, the 30-second heartbeat and credential refresh. The agent's TLS key
+//! is generated here and never leaves the host: registration and every refresh send a CSR, and
+//! the control plane answers with the certificate and its CA, which the agent pins.
 
 use std::fs;
 use std::io::Write;
@@ -7,32 +9,63 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpUrl;
 use crate::error_code::ErrorEnvelope;
+use crate::tls::SecretText;
 
 const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The longest wait before retrying a refresh that failed in transit. Short, because the
 /// control plane accepts the same refresh token again only for its grace window (60 s by
 /// default) after it rotated it, and the lost answer may have carried that rotation.
 const MAX_REFRESH_RETRY_DELAY: Duration = Duration::from_secs(8);
+/// A certificate this close to its end is renewed at the next heartbeat (the control plane
+/// issues them for 7 days).
+const CERT_RENEW_BEFORE: chrono::Duration = chrono::Duration::days(3);
 
-/// What `host-token` holds: everything the agent needs to talk to the control plane again.
+/// What `host-token` holds: everything the agent needs to talk to the control plane again and
+/// to serve it. `Debug` shows no secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostCredentials {
     pub host_id: String,
     /// Host JWT, sent as `X-Host-Token`.
-    pub token: String,
-    pub refresh_token: String,
+    pub token: SecretText,
+    pub refresh_token: SecretText,
     /// Shared secret the control plane presents on every call to this agent.
-    pub agent_secret: String,
+    pub agent_secret: SecretText,
+    /// The agent API's TLS identity; missing in credentials saved before mTLS, which a refresh
+    /// then supplies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsCredentials>,
     /// Why the control plane no longer accepts these credentials, once it refused them: a
     /// restart then stops at once with the reason instead of asking the control plane again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked: Option<String>,
+}
+
+/// The agent's certificate and key, and the control plane's CA pinned at registration: only
+/// clients it certified may call this agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCredentials {
+    pub key_pem: SecretText,
+    pub cert_pem: String,
+    pub cert_expires_at: DateTime<Utc>,
+    pub ca_cert_pem: String,
+}
+
+impl HostCredentials {
+    /// Whether the next heartbeat should refresh to get a certificate, or a newer one.
+    pub fn certificate_due(&self, now: DateTime<Utc>) -> bool {
+        match &self.tls {
+            Some(tls) => tls.cert_expires_at - now < CERT_RENEW_BEFORE,
+            None => true,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +109,42 @@ pub enum RegistrationError {
     },
     #[error("control plane at {url} is unreachable: {reason}")]
     Unreachable { url: String, reason: String },
+    #[error(
+        "agent.cp_url {url} is plain http:// to a non-loopback address: the registration, host \
+         and refresh tokens would cross the network unencrypted. Use https://, or set \
+         agent.allow_plain_http (AGENT_ALLOW_PLAIN_HTTP=true) on a network you trust"
+    )]
+    PlainHttp { url: String },
+    #[error("agent.cp_ca_file {path} is unreadable: {reason}")]
+    CaFileUnreadable { path: PathBuf, reason: String },
+    #[error("the host credentials carry no TLS certificate to serve the control plane with")]
+    NoCertificate,
+    #[error("cannot make a TLS key and certificate request: {0}")]
+    KeyGeneration(String),
+    #[error("the control plane's certificate for this agent is unusable: {0}")]
+    Certificate(#[from] crate::tls::TlsError),
+    #[error(
+        "the control plane at {url} answered with a different CA than the one pinned at \
+         registration; the agent keeps its credentials"
+    )]
+    CaChanged { url: String },
+}
+
+/// Refuses a control-plane URL that would send the agent's tokens in the clear over a network:
+/// plain `http://` is fine to a loopback address, anywhere else only when `allow_plain_http`.
+pub fn check_cp_url(url: &HttpUrl, allow_plain_http: bool) -> Result<(), RegistrationError> {
+    let loopback = match url.0.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        None => false,
+    };
+    if url.0.scheme() == "http" && !loopback && !allow_plain_http {
+        return Err(RegistrationError::PlainHttp {
+            url: url.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// The machine facts sent at registration.
@@ -119,7 +188,13 @@ impl RegistrationError {
             | RegistrationError::CredentialsUnreadable { .. }
             | RegistrationError::CredentialsUnwritable { .. }
             | RegistrationError::Unexpected { .. }
-            | RegistrationError::Unreachable { .. } => false,
+            | RegistrationError::Unreachable { .. }
+            | RegistrationError::PlainHttp { .. }
+            | RegistrationError::CaFileUnreadable { .. }
+            | RegistrationError::NoCertificate
+            | RegistrationError::KeyGeneration(_)
+            | RegistrationError::Certificate(_)
+            | RegistrationError::CaChanged { .. } => false,
         }
     }
 }
@@ -155,27 +230,45 @@ pub fn load_credentials(path: &Path) -> Result<HostCredentials, RegistrationErro
     }
 }
 
-/// Writes the credentials atomically with mode 0600, so a crash never leaves half a file.
+/// Writes the credentials atomically with mode 0600: a temporary file, synced, renamed over the
+/// old one and the directory synced, so a crash or a full disk leaves the old file or the new
+/// one, never half of either. A failed attempt removes its temporary file.
 pub fn save_credentials(path: &Path, creds: &HostCredentials) -> Result<(), RegistrationError> {
     let unwritable = |source| RegistrationError::CredentialsUnwritable {
         path: path.to_owned(),
         source,
     };
     let tmp = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(unwritable)?;
-    file.set_permissions(fs::Permissions::from_mode(0o600))
-        .map_err(unwritable)?;
-    let json = serde_json::to_vec_pretty(creds).expect("credentials serialize");
-    file.write_all(&json)
-        .and_then(|()| file.sync_all())
-        .map_err(unwritable)?;
-    fs::rename(&tmp, path).map_err(unwritable)
+    let written = (|| {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        let json = serde_json::to_vec_pretty(creds).expect("credentials serialize");
+        file.write_all(&json)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        fs::File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map_err(unwritable)
+}
+
+/// A new TLS key and a CSR for it; the control plane decides the certificate's names.
+fn new_key_and_csr() -> Result<(SecretText, String), RegistrationError> {
+    let failed = |e: rcgen::Error| RegistrationError::KeyGeneration(e.to_string());
+    let key = rcgen::KeyPair::generate().map_err(failed)?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .map_err(failed)?;
+    Ok((SecretText::new(key.serialize_pem()), csr))
 }
 
 #[derive(Debug, Deserialize)]
@@ -186,10 +279,16 @@ struct HostRef {
 #[derive(Debug, Deserialize)]
 struct TokenResponse {
     host: HostRef,
-    token: String,
-    refresh_token: String,
+    token: SecretText,
+    refresh_token: SecretText,
     #[serde(default)]
-    agent_secret: Option<String>,
+    agent_secret: Option<SecretText>,
+    #[serde(default)]
+    cert_pem: Option<String>,
+    #[serde(default)]
+    cert_expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    ca_cert_pem: Option<String>,
 }
 
 /// Talks to the control plane's host endpoints. Blocking (ureq): call from `spawn_blocking`.
@@ -205,6 +304,7 @@ enum Reply {
 }
 
 impl ControlPlane {
+    /// A control plane whose `https://` certificate the web PKI vouches for.
     pub fn new(base: HttpUrl) -> Self {
         let http = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -212,6 +312,26 @@ impl ControlPlane {
             .build()
             .into();
         Self { base, http }
+    }
+
+    /// A control plane whose `https://` certificate must chain to one of the CAs in `ca_pem`
+    /// (`agent.cp_ca_file`) and to nothing else: a private deployment's own CA, pinned.
+    pub fn pinned(base: HttpUrl, ca_pem: &str) -> Result<Self, RegistrationError> {
+        use ureq::tls::{Certificate, RootCerts, TlsConfig};
+        let roots = crate::tls::certificates(ca_pem)?
+            .into_iter()
+            .map(|der| Certificate::from_der(der.as_ref()).to_owned())
+            .collect();
+        let tls = TlsConfig::builder()
+            .root_certs(RootCerts::Specific(std::sync::Arc::new(roots)))
+            .build();
+        let http = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(HTTP_TIMEOUT))
+            .tls_config(tls)
+            .build()
+            .into();
+        Ok(Self { base, http })
     }
 
     fn url(&self, path: &str) -> String {
@@ -251,7 +371,8 @@ impl ControlPlane {
         &self,
         path: &str,
         mut response: ureq::http::Response<ureq::Body>,
-        current_secret: Option<&str>,
+        current: Option<&HostCredentials>,
+        key_pem: SecretText,
     ) -> Result<HostCredentials, RegistrationError> {
         let malformed = |message: String| RegistrationError::Unexpected {
             url: self.url(path),
@@ -265,27 +386,50 @@ impl ControlPlane {
         // Registration always issues the agent secret; a refresh may leave it unchanged.
         let agent_secret = parsed
             .agent_secret
-            .or_else(|| current_secret.map(str::to_owned))
+            .or_else(|| current.map(|c| c.agent_secret.clone()))
             .ok_or_else(|| malformed("response carries no agent_secret".into()))?;
+        let (Some(cert_pem), Some(cert_expires_at), Some(ca_cert_pem)) =
+            (parsed.cert_pem, parsed.cert_expires_at, parsed.ca_cert_pem)
+        else {
+            return Err(malformed("response carries no certificate".into()));
+        };
+        if let Some(pinned) = current.and_then(|c| c.tls.as_ref()) {
+            if pinned.ca_cert_pem != ca_cert_pem {
+                return Err(RegistrationError::CaChanged {
+                    url: self.url(path),
+                });
+            }
+        }
+        // Refuse a certificate that does not fit the key before it replaces a working one.
+        crate::tls::certified_key(&cert_pem, key_pem.expose())?;
         Ok(HostCredentials {
             host_id: parsed.host.id,
             token: parsed.token,
             refresh_token: parsed.refresh_token,
             agent_secret,
+            tls: Some(TlsCredentials {
+                key_pem,
+                cert_pem,
+                cert_expires_at,
+                ca_cert_pem,
+            }),
             revoked: None,
         })
     }
 
-    /// Exchanges a one-time registration token for host credentials.
+    /// Exchanges a one-time registration token for host credentials and a certificate for a
+    /// new key.
     pub fn register(
         &self,
-        token: &str,
+        token: &SecretText,
         address: &str,
         specs: &HostSpecs,
     ) -> Result<HostCredentials, RegistrationError> {
         let path = "/v1/hosts/register";
+        let (key_pem, csr) = new_key_and_csr()?;
         let body = serde_json::json!({
-            "token": token,
+            "token": token.expose(),
+            "csr": csr,
             "address": address,
             "arch": specs.arch,
             "cpu_cores": specs.cpu_cores,
@@ -293,7 +437,7 @@ impl ControlPlane {
             "disk_gb": specs.disk_gb,
         });
         match self.post(path, None, body)? {
-            Reply::Ok(response) => self.credentials_from(path, response, None),
+            Reply::Ok(response) => self.credentials_from(path, response, None, key_pem),
             Reply::Status(401, message) => Err(RegistrationError::TokenRejected { message }),
             Reply::Status(status, message) => Err(RegistrationError::Unexpected {
                 url: self.url(path),
@@ -303,12 +447,13 @@ impl ControlPlane {
         }
     }
 
-    /// Rotates the refresh token and obtains a new host JWT.
+    /// Rotates the refresh token and obtains a new host JWT, and a certificate for a new key.
     pub fn refresh(&self, creds: &HostCredentials) -> Result<HostCredentials, RegistrationError> {
         let path = "/v1/hosts/auth/refresh";
-        let body = serde_json::json!({ "refresh_token": creds.refresh_token });
+        let (key_pem, csr) = new_key_and_csr()?;
+        let body = serde_json::json!({ "refresh_token": creds.refresh_token.expose(), "csr": csr });
         match self.post(path, None, body)? {
-            Reply::Ok(response) => self.credentials_from(path, response, Some(&creds.agent_secret)),
+            Reply::Ok(response) => self.credentials_from(path, response, Some(creds), key_pem),
             Reply::Status(401, message) => Err(RegistrationError::RefreshRejected {
                 host_id: creds.host_id.clone(),
                 message,
@@ -324,7 +469,7 @@ impl ControlPlane {
     /// One heartbeat. `Ok(false)` means the host token expired and a refresh is due.
     pub fn heartbeat(&self, creds: &HostCredentials) -> Result<bool, RegistrationError> {
         let path = format!("/v1/hosts/{}/heartbeat", creds.host_id);
-        match self.post(&path, Some(&creds.token), serde_json::json!({}))? {
+        match self.post(&path, Some(creds.token.expose()), serde_json::json!({}))? {
             Reply::Ok(_) => Ok(true),
             Reply::Status(401, _) => Ok(false),
             Reply::Status(404, message) => Err(RegistrationError::HostDeleted { message }),
@@ -370,64 +515,115 @@ impl RetryDelay {
     }
 }
 
-/// Heartbeats every `interval` until `shutdown` fires. A refused host token triggers a refresh
-/// (the new credentials are saved before they are used). A refresh lost in transit is retried
+/// Where refreshed credentials take effect without a restart: the agent API's certificate and
+/// the secret it expects.
+pub trait Adopt: Send + Sync {
+    fn adopt(&self, creds: &HostCredentials) -> Result<(), RegistrationError>;
+}
+
+/// Credentials nothing serves, for a heartbeat without an API server.
+pub struct ServeNothing;
+
+impl Adopt for ServeNothing {
+    fn adopt(&self, _: &HostCredentials) -> Result<(), RegistrationError> {
+        Ok(())
+    }
+}
+
+/// Saves `creds`, or says why not: the agent serves on with them in memory and tries again at
+/// the next heartbeat.
+fn save_or_keep(path: &Path, creds: &HostCredentials) -> bool {
+    match save_credentials(path, creds) {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(%error, "the credentials stay in memory only; retrying the save at the next heartbeat");
+            false
+        }
+    }
+}
+
+/// Heartbeats every `interval` until `shutdown` fires. A refused host token, or a certificate
+/// near its end, triggers a refresh; the new credentials are adopted at once (`served`) and
+/// saved. A save that fails (a full disk) keeps the agent serving with the new credentials in
+/// memory and is retried every heartbeat until it succeeds. A refresh lost in transit is retried
 /// with the same token within seconds. A refused refresh token, or a deleted host, ends the
-/// loop with an error that tells the operator what to do; the credentials file records it, so
-/// a restart fails the same way without calling the control plane.
+/// loop with an error that tells the operator what to do; the credentials file records it, so a
+/// restart fails the same way without calling the control plane.
 pub async fn heartbeat_loop(
     cp: ControlPlane,
     mut creds: HostCredentials,
     token_file: PathBuf,
     interval: Duration,
+    served: std::sync::Arc<dyn Adopt>,
     shutdown: CancellationToken,
 ) -> Result<(), RegistrationError> {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry = RetryDelay::new(interval.min(MAX_REFRESH_RETRY_DELAY));
+    // Credentials a full disk kept from the file at start-up are saved at the first tick.
+    let mut saved = load_credentials(&token_file).is_ok_and(|on_disk| on_disk == creds);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             _ = ticker.tick() => {}
         }
-        let (cp2, c2) = (cp.clone(), creds.clone());
-        let beat = tokio::task::spawn_blocking(move || cp2.heartbeat(&c2))
-            .await
-            .expect("heartbeat task does not panic");
-        let refused = match beat {
-            Ok(true) => continue,
-            Ok(false) => {
-                tracing::info!("host token refused; refreshing credentials");
-                let (cp2, c2) = (cp.clone(), creds.clone());
-                match tokio::task::spawn_blocking(move || cp2.refresh(&c2))
-                    .await
-                    .expect("refresh task does not panic")
-                {
-                    Ok(fresh) => {
-                        save_credentials(&token_file, &fresh)?;
-                        creds = fresh;
-                        retry = RetryDelay::new(interval.min(MAX_REFRESH_RETRY_DELAY));
-                        ticker.reset_immediately();
-                        continue;
-                    }
-                    Err(error) if error.needs_registration() => error,
-                    Err(error) => {
-                        let delay = retry.take();
-                        tracing::warn!(%error, ?delay, "credential refresh failed; retrying with the same refresh token");
-                        ticker.reset_after(delay);
-                        continue;
-                    }
+        if !saved {
+            saved = save_or_keep(&token_file, &creds);
+            if saved {
+                tracing::info!("the credentials kept in memory are saved now");
+            }
+        }
+        let refresh_due = if creds.certificate_due(Utc::now()) {
+            tracing::info!("renewing the agent certificate");
+            true
+        } else {
+            let (cp2, c2) = (cp.clone(), creds.clone());
+            let beat = tokio::task::spawn_blocking(move || cp2.heartbeat(&c2))
+                .await
+                .expect("heartbeat task does not panic");
+            match beat {
+                Ok(true) => false,
+                Ok(false) => {
+                    tracing::info!("host token refused; refreshing credentials");
+                    true
+                }
+                Err(error @ RegistrationError::HostDeleted { .. }) => {
+                    retire_credentials(&token_file, &creds, &error);
+                    tracing::error!(%error, "the control plane deleted this host; the agent stops");
+                    return Err(error);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "heartbeat failed; retrying next interval");
+                    false
                 }
             }
-            Err(error @ RegistrationError::HostDeleted { .. }) => error,
-            Err(error) => {
-                tracing::warn!(%error, "heartbeat failed; retrying next interval");
-                continue;
-            }
         };
-        retire_credentials(&token_file, &creds, &refused);
-        tracing::error!(error = %refused, "the control plane refused this host's credentials; the agent stops");
-        return Err(refused);
+        if !refresh_due {
+            continue;
+        }
+        let (cp2, c2) = (cp.clone(), creds.clone());
+        let refreshed = tokio::task::spawn_blocking(move || cp2.refresh(&c2))
+            .await
+            .expect("refresh task does not panic")
+            .and_then(|fresh| served.adopt(&fresh).map(|()| fresh));
+        match refreshed {
+            Ok(fresh) => {
+                creds = fresh;
+                saved = save_or_keep(&token_file, &creds);
+                retry = RetryDelay::new(interval.min(MAX_REFRESH_RETRY_DELAY));
+                ticker.reset_immediately();
+            }
+            Err(error) if error.needs_registration() => {
+                retire_credentials(&token_file, &creds, &error);
+                tracing::error!(%error, "the control plane refused this host's credentials; the agent stops");
+                return Err(error);
+            }
+            Err(error) => {
+                let delay = retry.take();
+                tracing::warn!(%error, ?delay, "credential refresh failed; retrying with the same refresh token");
+                ticker.reset_after(delay);
+            }
+        }
     }
 }
 
@@ -441,9 +637,15 @@ mod tests {
         let path = tmp.path().join("host-token");
         let creds = HostCredentials {
             host_id: "host-1".into(),
-            token: "jwt".into(),
-            refresh_token: "r".into(),
-            agent_secret: "s".repeat(64),
+            token: SecretText::new("jwt-value"),
+            refresh_token: SecretText::new("refresh-value"),
+            agent_secret: SecretText::new("s".repeat(64)),
+            tls: Some(TlsCredentials {
+                key_pem: SecretText::new("-----BEGIN PRIVATE KEY-----"),
+                cert_pem: "cert".into(),
+                cert_expires_at: Utc::now(),
+                ca_cert_pem: "ca".into(),
+            }),
             revoked: None,
         };
         save_credentials(&path, &creds).unwrap();
@@ -452,6 +654,35 @@ mod tests {
             0o600
         );
         assert_eq!(load_credentials(&path).unwrap(), creds);
+        assert!(!path.with_extension("tmp").exists());
+        let shown = format!("{creds:?}");
+        for secret in ["jwt-value", "refresh-value", "sss", "PRIVATE KEY"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        // Credentials saved before mTLS still load; a refresh brings their certificate.
+        let legacy = r#"{"host_id":"h","token":"t","refresh_token":"r","agent_secret":"s"}"#;
+        fs::write(&path, legacy).unwrap();
+        assert!(load_credentials(&path).unwrap().certificate_due(Utc::now()));
+        assert!(!creds.certificate_due(Utc::now() - chrono::Duration::days(4)));
+        assert!(creds.certificate_due(Utc::now() - chrono::Duration::days(2)));
+    }
+
+    #[test]
+    fn a_failed_save_leaves_the_old_file_and_no_temporary() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("host-token");
+        fs::write(&path, "old").unwrap();
+        // The temporary's name is taken by a directory: the write fails part way.
+        fs::create_dir(path.with_extension("tmp")).unwrap();
+        let creds: HostCredentials = serde_json::from_str(
+            r#"{"host_id":"h","token":"t","refresh_token":"r","agent_secret":"s"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            save_credentials(&path, &creds),
+            Err(RegistrationError::CredentialsUnwritable { .. })
+        ));
+        assert_eq!(fs::read_to_string(&path).unwrap(), "old");
     }
 
     #[test]
@@ -463,6 +694,29 @@ mod tests {
         fs::write(&path, "not json").unwrap();
         let err = load_credentials(&path).unwrap_err().to_string();
         assert!(err.contains("unreadable"), "{err}");
+    }
+
+    #[test]
+    fn plain_http_is_refused_off_the_loopback() {
+        let check = |url: &str, allow| check_cp_url(&url.parse().unwrap(), allow);
+        for ok in [
+            "https://cp.example.com",
+            "http://127.0.0.1:8000",
+            "http://[::1]:8000",
+            "http://localhost:8000",
+        ] {
+            assert!(check(ok, false).is_ok(), "{ok}");
+        }
+        for refused in ["http://10.0.0.2:8000", "http://cp.example.com"] {
+            assert!(
+                matches!(
+                    check(refused, false),
+                    Err(RegistrationError::PlainHttp { .. })
+                ),
+                "{refused}"
+            );
+            assert!(check(refused, true).is_ok(), "{refused}");
+        }
     }
 
     #[test]

@@ -18,7 +18,8 @@ pub use keys::{Key, KEYS};
 pub use layout::{Layout, LayoutError};
 pub use types::{
     ConsoleLogMaxBytes, DatabaseUrl, HostPort, HttpUrl, InterfaceName, IpCidr, IpCidrList,
-    Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat, QemuAccel, Secret, SignupMode, VmmKind,
+    Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat, QemuAccel, Secret, SecretList, SignupMode,
+    VmmKind,
 };
 
 /// The variable that names the configuration file when `--config` is not given.
@@ -50,6 +51,9 @@ pub struct CpConfig {
     pub host_agent_addr: Option<HostPort>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_secret: Option<Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_previous_secrets: Option<SecretList>,
+    pub allow_loopback_hosts: bool,
     pub host_unreachable_after_secs: u64,
     pub host_monitor_interval_secs: u64,
     pub cpu_overcommit: f64,
@@ -80,6 +84,9 @@ pub struct AgentConfig {
     pub files_rootdir: PathBuf,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cp_url: Option<HttpUrl>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cp_ca_file: Option<PathBuf>,
+    pub allow_plain_http: bool,
     pub heartbeat_interval_secs: u64,
     pub envd_ready_timeout_secs: u64,
     pub destroy_sandboxes_on_stop: bool,
@@ -121,6 +128,10 @@ impl Default for Config {
                 listen_addr: parse("cp.listen_addr"),
                 host_agent_addr: None,
                 jwt_secret: None,
+                jwt_previous_secrets: None,
+                allow_loopback_hosts: default("cp.allow_loopback_hosts")
+                    .parse()
+                    .expect("default is a boolean"),
                 host_unreachable_after_secs: default("cp.host_unreachable_after_secs")
                     .parse()
                     .expect("default is a number"),
@@ -189,6 +200,10 @@ impl Default for Config {
                 listen_addr: parse("agent.listen_addr"),
                 files_rootdir: PathBuf::from(default("agent.files_rootdir")),
                 cp_url: None,
+                cp_ca_file: None,
+                allow_plain_http: default("agent.allow_plain_http")
+                    .parse()
+                    .expect("default is a boolean"),
                 network_name_prefix: default("agent.network_name_prefix").to_owned(),
                 envd_ready_timeout_secs: default("agent.envd_ready_timeout_secs")
                     .parse()

@@ -16,6 +16,12 @@ pub fn render(loaded: &Loaded) -> String {
             "cp.listen_addr" => c.cp.listen_addr.to_string(),
             "cp.host_agent_addr" => c.cp.host_agent_addr.as_ref()?.to_string(),
             "cp.jwt_secret" => c.cp.jwt_secret.as_ref().map(|_| "<redacted>".to_owned())?,
+            "cp.jwt_previous_secrets" => {
+                c.cp.jwt_previous_secrets
+                    .as_ref()
+                    .map(|l| format!("<{} redacted>", l.0.len()))?
+            }
+            "cp.allow_loopback_hosts" => c.cp.allow_loopback_hosts.to_string(),
             "cp.host_unreachable_after_secs" => c.cp.host_unreachable_after_secs.to_string(),
             "cp.host_monitor_interval_secs" => c.cp.host_monitor_interval_secs.to_string(),
             "cp.cpu_overcommit" => c.cp.cpu_overcommit.to_string(),
@@ -40,6 +46,8 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.listen_addr" => c.agent.listen_addr.to_string(),
             "agent.files_rootdir" => c.agent.files_rootdir.display().to_string(),
             "agent.cp_url" => c.agent.cp_url.as_ref()?.to_string(),
+            "agent.cp_ca_file" => c.agent.cp_ca_file.as_ref()?.display().to_string(),
+            "agent.allow_plain_http" => c.agent.allow_plain_http.to_string(),
             "agent.network_name_prefix" => c.agent.network_name_prefix.clone(),
             "agent.envd_ready_timeout_secs" => c.agent.envd_ready_timeout_secs.to_string(),
             "agent.destroy_sandboxes_on_stop" => c.agent.destroy_sandboxes_on_stop.to_string(),

@@ -169,6 +169,30 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Comma-separated secrets; never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SecretList(pub Vec<Secret>);
+
+impl FromStr for SecretList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Secret(s.to_owned()))
+                .collect(),
+        ))
+    }
+}
+
+impl fmt::Debug for SecretList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} redacted>", self.0.len())
+    }
+}
+
 /// An IPv4 network in CIDR form, e.g. `10.11.0.0/16`; host bits must be zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Ipv4Cidr {
@@ -615,6 +639,7 @@ string_serde! {
     HttpUrl => |v| v.to_string(),
     DatabaseUrl => |v| v.0.clone(),
     Secret => |v| v.0.clone(),
+    SecretList => |v| v.0.iter().map(|s| s.0.as_str()).collect::<Vec<_>>().join(","),
     LogFormat => |v| v.to_string(),
     SignupMode => |v| v.to_string(),
     Ipv4Cidr => |v| v.to_string(),

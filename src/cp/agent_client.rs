@@ -1,10 +1,13 @@
 //! The control plane's client for the host agent API (its contract: `agent::wire`): sandbox
 //! lifecycle calls, and envd's own typed client (`envd::client`) pointed at the agent's proxy to
 //! each sandbox's envd (`/v1/sandboxes/{id}/envd/...`) over the same connection pool. Every call
+//! goes over mTLS (the agent's certificate must chain to the control plane's CA and name the
+//! address dialled; the control plane presents its client certificate, `cp::ca`), and
 //! carries `Authorization: Bearer <agent secret>` and the `x-request-id` of the API request
 //! being served (`crate::request_id`); failures are typed so the API can tell "the
 //! agent (or envd) said no" from "the agent is not there".
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::ca::CaHandle;
 use crate::agent::wire::{envd_proxy_path, AgentPing, CreateSandbox, SandboxInfo, SandboxList};
 use crate::envd::client::{EnvdClient, EnvdClientError, HttpClient, RequestBody};
 use crate::error_code::{ErrorBody, ErrorCode, ErrorEnvelope};
@@ -100,12 +104,22 @@ impl AgentError {
 }
 
 /// Where and how to reach one host's agent.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentTarget {
     pub host: HostId,
     /// `host:port`.
     pub address: String,
     pub secret: String,
+}
+
+impl std::fmt::Debug for AgentTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentTarget")
+            .field("host", &self.host)
+            .field("address", &self.address)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Timeouts for agent calls; creation waits for a VM to boot, so it has its own.
@@ -124,22 +138,52 @@ impl Default for AgentTimeouts {
     }
 }
 
-/// One HTTP connection pool for every agent.
-#[derive(Clone, Debug)]
+/// One HTTPS connection pool for every agent.
+#[derive(Clone)]
 pub struct AgentClient {
     http: HttpClient,
+    tls: Arc<rustls::ClientConfig>,
+    ca: CaHandle,
     timeouts: AgentTimeouts,
 }
 
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("timeouts", &self.timeouts)
+            .finish_non_exhaustive()
+    }
+}
+
 impl AgentClient {
+    /// A client whose TLS trusts the CA installed later in [`AgentClient::ca`]; until then every
+    /// connection is refused.
     pub fn new(timeouts: AgentTimeouts) -> Self {
+        let ca = CaHandle::default();
+        let tls = ca.agent_client_config();
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_only()
+            .enable_http1()
+            .wrap_connector(connector);
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
-        Self { http, timeouts }
+        Self {
+            http,
+            tls,
+            ca,
+            timeouts,
+        }
+    }
+
+    /// Where the control plane's CA is installed once loaded (`cp::run`).
+    pub fn ca(&self) -> &CaHandle {
+        &self.ca
     }
 
     pub fn timeouts(&self) -> AgentTimeouts {
@@ -161,7 +205,7 @@ impl AgentClient {
     ) -> Request<RequestBody> {
         let mut builder = Request::builder()
             .method(method)
-            .uri(format!("http://{}{}", target.address, path_and_query))
+            .uri(format!("https://{}{}", target.address, path_and_query))
             .header(header::AUTHORIZATION, format!("Bearer {}", target.secret));
         if let Some(content_type) = content_type {
             builder = builder.header(header::CONTENT_TYPE, content_type);
@@ -372,8 +416,8 @@ impl AgentClient {
 
     /// envd's typed client for sandbox `id`, through `target`'s proxy and over this pool.
     pub fn envd(&self, target: &AgentTarget, id: SandboxId) -> Result<EnvdClient, AgentError> {
-        let base = format!("http://{}{}", target.address, envd_proxy_path(id, ""));
-        EnvdClient::through_proxy(self.http.clone(), &base, &target.secret)
+        let base = format!("https://{}{}", target.address, envd_proxy_path(id, ""));
+        EnvdClient::through_proxy(self.http.clone(), &base, &target.secret, self.tls.clone())
             .map_err(|e| AgentError::from_envd(target, e))
     }
 }

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::agent_client::AgentError;
+use super::ca::CaError;
 use super::limits;
 use super::scheduler::ScheduleError;
 use super::services::capsules::CapsuleError;
@@ -155,6 +156,16 @@ impl From<ServiceError> for ApiError {
                 ApiError::HostHasSandboxes(ids.iter().map(ToString::to_string).collect())
             }
             ServiceError::Db(db) => db.into(),
+            ServiceError::Certificates(CaError::Csr(_) | CaError::Sign(_)) => {
+                ApiError::InvalidRequest(format!("invalid field `csr`: {message}"))
+            }
+            ServiceError::Certificates(CaError::Db(db)) => db.into(),
+            ServiceError::Certificates(
+                cause @ (CaError::Generate(_) | CaError::Stored(_) | CaError::Tls(_)),
+            ) => {
+                tracing::error!(%cause, "the control plane's CA failed");
+                ApiError::Internal
+            }
             ServiceError::PasswordHash(cause) => {
                 tracing::error!(%cause, "password hashing failed");
                 ApiError::Internal

@@ -9,6 +9,7 @@
 
 pub mod agent_client;
 pub mod auth;
+pub mod ca;
 pub mod error;
 pub mod extract;
 pub mod limits;
@@ -49,6 +50,10 @@ pub enum ServeError {
     BadOvercommit { key: &'static str, value: f64 },
     #[error(transparent)]
     JwtSecret(#[from] TokenError),
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    #[error(transparent)]
+    CaInstall(#[from] ca::CaHandleError),
     #[error("invalid database_url: {0}")]
     Database(#[from] DbError),
     #[error("cannot listen on {addr}: {source}")]
@@ -95,7 +100,9 @@ pub fn state_from_config(config: &Config) -> Result<AppState, ServeError> {
             return Err(ServeError::BadOvercommit { key, value });
         }
     }
-    let tokens = TokenKeys::new(secret.0.as_bytes())?;
+    let previous = config.cp.jwt_previous_secrets.iter().flat_map(|l| &l.0);
+    let tokens =
+        TokenKeys::new(secret.0.as_bytes())?.with_previous(previous.map(|s| s.0.as_bytes()))?;
     let db = db::connect_lazy(&config.database_url.0)?;
     Ok(AppState::with_settings(
         db,
@@ -110,14 +117,18 @@ pub fn app(state: AppState) -> Router {
     crate::request_id::layer(routes::router(state).layer(DefaultBodyLimit::max(JSON_BODY_LIMIT)))
 }
 
-/// Serves on `listener` and runs the background tasks (host monitor, reconciler, login-failure
-/// pruner) until `shutdown` completes, then drains in-flight requests and stops them.
+/// Loads (or, on a new database, creates) the CA, then serves on `listener` and runs the
+/// background tasks (host monitor, reconciler, login-failure pruner) until `shutdown` completes,
+/// then drains in-flight requests and stops them.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
     monitor: MonitorSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    state
+        .ca
+        .install(std::sync::Arc::new(ca::load_or_create(&state.db).await?))?;
     let cancel = CancellationToken::new();
     let monitor_task = tokio::spawn(monitor::run(state.db.clone(), monitor, cancel.clone()));
     let reconciler_task = tokio::spawn(reconciler::run(state.clone(), cancel.clone()));

@@ -1,6 +1,6 @@
 //! What every request handler shares: the database pool, the token keys, the capsule machinery
-//! (agent client, scheduler settings, reconciler period, derived agent secrets) and the
-//! credential guards.
+//! (agent client, scheduler settings, reconciler period, derived agent secrets), the CA and
+//! the credential guards.
 
 use std::collections::HashMap;
 use std::ops::Deref;
@@ -10,9 +10,11 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use super::agent_client::{AgentClient, AgentTimeouts};
+use super::ca::CaHandle;
 use super::limits::{TeamLimitSettings, TeamLimits};
 use super::revocations::Revocations;
 use super::scheduler::SchedulerSettings;
+use super::services::hosts::AddressPolicy;
 use super::services::passwords::PasswordHashing;
 use super::tokens::TokenKeys;
 use crate::config::{Config, IpCidrList, SignupMode};
@@ -30,32 +32,46 @@ pub struct Shared {
     pub team_limits: Arc<TeamLimits>,
     /// The permits password hashes and checks run under.
     pub passwords: PasswordHashing,
+    /// The CA that certifies agents and this control plane to them; shared with the agent
+    /// client's TLS.
+    pub ca: CaHandle,
 }
 
 /// The secrets presented to agents, by host and generation. Each is a pure function of the two
-/// under the JWT secret, so it is derived once instead of on every call into a sandbox; a host
-/// keeps only its latest generation.
-#[derive(Debug, Default)]
-pub struct AgentSecrets(RwLock<HashMap<Uuid, (i32, String)>>);
+/// under the CA's agent secret key, so it is derived once instead of on every call into a
+/// sandbox; a host keeps only its latest generation.
+#[derive(Debug)]
+pub struct AgentSecrets {
+    ca: CaHandle,
+    known: RwLock<HashMap<Uuid, (i32, String)>>,
+}
 
 impl AgentSecrets {
-    pub fn get(&self, tokens: &TokenKeys, host: Uuid, generation: i32) -> String {
+    fn new(ca: CaHandle) -> Self {
+        Self {
+            ca,
+            known: RwLock::default(),
+        }
+    }
+
+    /// `None` until the CA is loaded (`cp::run` loads it before serving).
+    pub fn get(&self, host: Uuid, generation: i32) -> Option<String> {
         let known = self
-            .0
+            .known
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&host)
             .filter(|(g, _)| *g == generation)
             .map(|(_, secret)| secret.clone());
         if let Some(secret) = known {
-            return secret;
+            return Some(secret);
         }
-        let secret = tokens.agent_secret(host, generation);
-        self.0
+        let secret = self.ca.get().ok()?.agent_secret(host, generation);
+        self.known
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(host, (generation, secret.clone()));
-        secret
+        Some(secret)
     }
 }
 
@@ -87,6 +103,8 @@ pub struct AuthSettings {
     pub signup_per_address: Limit,
     /// Password hashes and checks computed at once (at least 1).
     pub password_hash_permits: usize,
+    /// Which addresses hosts may register with.
+    pub host_addresses: AddressPolicy,
 }
 
 /// The configuration's defaults.
@@ -113,6 +131,9 @@ impl AuthSettings {
             signup: cp.signup,
             signup_per_address: limit(cp.signup_address_max, cp.signup_address_window_secs),
             password_hash_permits: cp.password_hash_permits.max(1),
+            host_addresses: AddressPolicy {
+                allow_loopback: cp.allow_loopback_hosts,
+            },
         }
     }
 }
@@ -181,12 +202,14 @@ impl AppState {
     ) -> Self {
         let team_limits = TeamLimits::new(capsules.team_limits);
         let passwords = PasswordHashing::new(auth.password_hash_permits);
+        let ca = capsules.agents.ca().clone();
         Self(Arc::new(Shared {
             db,
             tokens,
             capsules,
             auth,
-            agent_secrets: AgentSecrets::default(),
+            agent_secrets: AgentSecrets::new(ca.clone()),
+            ca,
             revocations: Revocations::default(),
             team_limits,
             passwords,

@@ -1,9 +1,10 @@
 //! Credentials the control plane issues: user and host JWTs (HS256, told apart by a `typ`
-//! claim), random one-time tokens stored only as SHA-256 hashes, and per-host agent secrets.
+//! claim) and random one-time tokens stored only as SHA-256 hashes. Tokens are signed with the
+//! current JWT secret and accepted under it or any previous one (`cp.jwt_previous_secrets`), so
+//! a rotation does not sign everyone out or take the fleet down.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hmac::{Hmac, Mac};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -64,12 +65,13 @@ pub struct HostClaims {
     pub exp: u64,
 }
 
-/// Signing material derived from `cp.jwt_secret`.
+/// Signing material derived from `cp.jwt_secret`, and the verification keys of the secrets it
+/// replaced.
 #[derive(Clone)]
 pub struct TokenKeys {
     encoding: EncodingKey,
-    decoding: DecodingKey,
-    secret: Vec<u8>,
+    /// The current secret's first, then the previous ones.
+    decoding: Vec<DecodingKey>,
     validation: Validation,
 }
 
@@ -95,10 +97,39 @@ impl TokenKeys {
         validation.set_required_spec_claims(&["exp", "sub"]);
         Ok(Self {
             encoding: EncodingKey::from_secret(secret),
-            decoding: DecodingKey::from_secret(secret),
-            secret: secret.to_vec(),
+            decoding: vec![DecodingKey::from_secret(secret)],
             validation,
         })
+    }
+
+    /// Also accepts tokens signed with `previous` secrets, during a rotation.
+    pub fn with_previous<'a>(
+        mut self,
+        previous: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Self, TokenError> {
+        for secret in previous {
+            if secret.len() < MIN_SECRET_BYTES {
+                return Err(TokenError::SecretTooShort(secret.len()));
+            }
+            self.decoding.push(DecodingKey::from_secret(secret));
+        }
+        Ok(self)
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, TokenError> {
+        let mut refused = None;
+        for key in &self.decoding {
+            match jsonwebtoken::decode(token, key, &self.validation) {
+                Ok(data) => return Ok(data.claims),
+                Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    refused.get_or_insert(e);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(refused
+            .expect("there is always the current secret's key")
+            .into())
     }
 
     fn sign<T: Serialize>(&self, claims: &T) -> String {
@@ -128,7 +159,7 @@ impl TokenKeys {
     }
 
     pub fn verify_user(&self, token: &str) -> Result<UserClaims, TokenError> {
-        Ok(jsonwebtoken::decode(token, &self.decoding, &self.validation)?.claims)
+        self.decode(token)
     }
 
     pub fn issue_host(&self, host: HostId, family: Uuid) -> String {
@@ -143,18 +174,7 @@ impl TokenKeys {
     }
 
     pub fn verify_host(&self, token: &str) -> Result<HostClaims, TokenError> {
-        Ok(jsonwebtoken::decode(token, &self.decoding, &self.validation)?.claims)
-    }
-
-    /// The secret the control plane presents to a host agent. Derived, not stored: HMAC-SHA256 of
-    /// the host ID and a generation counter under the JWT secret, hex-encoded.
-    pub fn agent_secret(&self, host: Uuid, generation: i32) -> String {
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
-        mac.update(b"wrenn-agent-secret:v1:");
-        mac.update(host.as_bytes());
-        mac.update(&generation.to_be_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        self.decode(token)
     }
 }
 
@@ -194,14 +214,29 @@ mod tests {
     }
 
     #[test]
-    fn agent_secret_depends_on_host_and_generation() {
-        let keys = TokenKeys::new(&[7u8; 32]).unwrap();
-        let host = Uuid::new_v4();
-        assert_eq!(keys.agent_secret(host, 1), keys.agent_secret(host, 1));
-        assert_ne!(keys.agent_secret(host, 1), keys.agent_secret(host, 2));
-        assert_ne!(
-            keys.agent_secret(host, 1),
-            keys.agent_secret(Uuid::new_v4(), 1)
+    fn previous_secrets_verify_while_new_tokens_use_the_current_one() {
+        let old = TokenKeys::new(&[1u8; 32]).unwrap();
+        let user = old.issue_user(UserId::new_random(), TeamId::PLATFORM, "a@b.c", "A", false);
+        let host = old.issue_host(HostId::new_random(), Uuid::new_v4());
+        let rotated = TokenKeys::new(&[2u8; 32])
+            .unwrap()
+            .with_previous([&[1u8; 32][..]])
+            .unwrap();
+        assert!(rotated.verify_user(&user).is_ok());
+        assert!(rotated.verify_host(&host).is_ok());
+        let fresh = rotated.issue_user(UserId::new_random(), TeamId::PLATFORM, "a@b.c", "A", false);
+        assert!(
+            old.verify_user(&fresh).is_err(),
+            "signed with the old secret"
         );
+        let done = TokenKeys::new(&[2u8; 32]).unwrap();
+        assert!(done.verify_user(&user).is_err());
+        assert!(done.verify_user(&fresh).is_ok());
+        assert!(matches!(
+            TokenKeys::new(&[2u8; 32])
+                .unwrap()
+                .with_previous([&b"short"[..]]),
+            Err(TokenError::SecretTooShort(5))
+        ));
     }
 }

@@ -4,6 +4,7 @@
 pub mod api_keys;
 pub mod audit_logs;
 pub mod capsule_access;
+pub mod control_plane_ca;
 pub mod host_refresh_tokens;
 pub mod host_registration_tokens;
 pub mod host_tags;

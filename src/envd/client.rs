@@ -1,9 +1,11 @@
 //! A typed async client for envd: one method per endpoint, streamed file transfers both ways, and
 //! WebSocket sessions for process I/O and watches. The host agent and the tests talk to envd
 //! directly with its access token; the control plane talks to the same API through the agent's
-//! proxy (`/v1/sandboxes/{id}/envd/`) with the agent secret, over its own connection pool.
+//! proxy (`/v1/sandboxes/{id}/envd/`) with the agent secret, over its own connection pool and
+//! the agent API's mTLS.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,6 +15,7 @@ use http::{header, HeaderValue, Method, Request, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -33,7 +36,8 @@ use super::api::{
 /// The request body every envd call sends; a pool built for it can be shared with other calls.
 pub type RequestBody = UnsyncBoxBody<Bytes, std::io::Error>;
 /// An HTTP connection pool envd clients can share.
-pub type HttpClient = Client<HttpConnector, RequestBody>;
+/// Plain HTTP to envd itself, TLS to the agent's proxy: one pool type for both.
+pub type HttpClient = Client<HttpsConnector<HttpConnector>, RequestBody>;
 type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +121,8 @@ pub struct EnvdClient {
     base_path: String,
     credential: Option<Credential>,
     http: HttpClient,
+    /// How WebSockets reach the proxy when it speaks TLS; `None` for plain HTTP.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A streamed download: its announced length and its chunks.
@@ -126,17 +132,35 @@ pub struct FileDownload {
     pub body: Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>,
 }
 
-/// `http://host:port[/base/path][/]` as an authority and a base path without a trailing slash.
-fn parse_base(base: &str) -> Result<(String, String)> {
+/// `http[s]://host:port[/base/path][/]` as whether it is TLS, an authority and a base path
+/// without a trailing slash.
+fn parse_base(base: &str) -> Result<(bool, String, String)> {
     let bad = || EnvdClientError::BadAddress(base.to_owned());
     let uri: Uri = base.parse().map_err(|_| bad())?;
-    match (uri.scheme_str(), uri.authority(), uri.query()) {
-        (Some("http"), Some(authority), None) => Ok((
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        _ => return Err(bad()),
+    };
+    match (uri.authority(), uri.query()) {
+        (Some(authority), None) => Ok((
+            https,
             authority.to_string(),
             uri.path().trim_end_matches('/').to_owned(),
         )),
         _ => Err(bad()),
     }
+}
+
+/// A pool over `connector` that speaks TLS with `tls` to `https://` addresses and plain HTTP to
+/// `http://` ones.
+pub fn pool(connector: HttpConnector, tls: Arc<rustls::ClientConfig>) -> HttpClient {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config((*tls).clone())
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// How long a direct client waits for envd to accept a connection.
@@ -146,26 +170,36 @@ impl EnvdClient {
     /// A client with its own connection pool; `base` is `http://host:port` (a trailing slash is
     /// fine).
     pub fn new(base: &str) -> Result<Self> {
-        let (authority, base_path) = parse_base(base)?;
+        let (https, authority, base_path) = parse_base(base)?;
+        if https {
+            return Err(EnvdClientError::BadAddress(base.to_owned()));
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         // A guest that does not accept (its network is down, a SYN was lost on the way) must
         // cost the caller a retry, not the kernel's two-minute SYN back-off.
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let http = Client::builder(TokioExecutor::new()).build(connector);
+        connector.enforce_http(false);
         Ok(Self {
             authority,
             base_path,
             credential: None,
-            http,
+            http: pool(connector, crate::tls::trust_nothing()),
+            tls: None,
         })
     }
 
     /// A client of the envd behind a proxy at `base` (e.g.
-    /// `http://agent:port/v1/sandboxes/{id}/envd/`) that accepts `bearer` and adds envd's access
-    /// token itself. It shares `http`'s connections with the caller's other requests.
-    pub fn through_proxy(http: HttpClient, base: &str, bearer: &str) -> Result<Self> {
-        let (authority, base_path) = parse_base(base)?;
+    /// `https://agent:port/v1/sandboxes/{id}/envd/`) that accepts `bearer` and adds envd's access
+    /// token itself. It shares `http`'s connections with the caller's other requests; its
+    /// WebSockets speak TLS with `tls` when `base` is `https://`.
+    pub fn through_proxy(
+        http: HttpClient,
+        base: &str,
+        bearer: &str,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Self> {
+        let (https, authority, base_path) = parse_base(base)?;
         let bearer = HeaderValue::from_str(&format!("Bearer {bearer}"))
             .map_err(|_| EnvdClientError::BadCredential)?;
         Ok(Self {
@@ -173,6 +207,7 @@ impl EnvdClient {
             base_path,
             credential: Some(Credential::ProxyBearer(bearer)),
             http,
+            tls: https.then_some(tls),
         })
     }
 
@@ -206,8 +241,9 @@ impl EnvdClient {
     }
 
     fn uri(&self, path_and_query: &str) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         format!(
-            "http://{}{}{}",
+            "{scheme}://{}{}{}",
             self.authority, self.base_path, path_and_query
         )
     }
@@ -404,14 +440,22 @@ impl EnvdClient {
     }
 
     async fn websocket(&self, path_and_query: &str) -> Result<Socket> {
+        let scheme = if self.tls.is_some() { "wss" } else { "ws" };
         let mut request = format!(
-            "ws://{}{}{}",
+            "{scheme}://{}{}{}",
             self.authority, self.base_path, path_and_query
         )
         .into_client_request()
         .map_err(ws_error)?;
         self.authorize(request.headers_mut())?;
-        match tokio_tungstenite::connect_async_with_config(request, None, true).await {
+        let connector = self
+            .tls
+            .clone()
+            .map(tokio_tungstenite::Connector::Rustls)
+            .unwrap_or(tokio_tungstenite::Connector::Plain);
+        match tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector))
+            .await
+        {
             Ok((socket, _)) => Ok(socket),
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 let status = response.status().as_u16();
@@ -805,16 +849,21 @@ mod tests {
     fn a_base_is_an_authority_and_a_path() {
         assert_eq!(
             parse_base("http://10.0.0.2:49983").unwrap(),
-            ("10.0.0.2:49983".to_owned(), String::new())
+            (false, "10.0.0.2:49983".to_owned(), String::new())
         );
         assert_eq!(
-            parse_base("http://agent:8080/v1/sandboxes/cl-1/envd/").unwrap(),
+            parse_base("https://agent:8080/v1/sandboxes/cl-1/envd/").unwrap(),
             (
+                true,
                 "agent:8080".to_owned(),
                 "/v1/sandboxes/cl-1/envd".to_owned()
             )
         );
-        for bad in ["https://a:1", "a:1", "http://a:1/x?y=1", ""] {
+        assert!(matches!(
+            EnvdClient::new("https://a:1"),
+            Err(EnvdClientError::BadAddress(_))
+        ));
+        for bad in ["ftp://a:1", "a:1", "http://a:1/x?y=1", ""] {
             assert!(
                 matches!(parse_base(bad), Err(EnvdClientError::BadAddress(_))),
                 "{bad}"
@@ -831,10 +880,15 @@ mod tests {
         assert_eq!(direct.token(), Some("t0k"));
         assert_eq!(direct.uri("/health"), "http://a:1/health");
 
-        let http = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-        let proxied =
-            EnvdClient::through_proxy(http, "http://agent:2/v1/sandboxes/cl-1/envd/", "s3cret")
-                .unwrap();
+        let tls = crate::tls::trust_nothing();
+        let http = pool(HttpConnector::new(), tls.clone());
+        let proxied = EnvdClient::through_proxy(
+            http,
+            "https://agent:2/v1/sandboxes/cl-1/envd/",
+            "s3cret",
+            tls,
+        )
+        .unwrap();
         let mut headers = http::HeaderMap::new();
         proxied.authorize(&mut headers).unwrap();
         assert_eq!(headers[header::AUTHORIZATION], "Bearer s3cret");
@@ -842,7 +896,7 @@ mod tests {
         assert_eq!(proxied.token(), None);
         assert_eq!(
             proxied.uri("/processes/run"),
-            "http://agent:2/v1/sandboxes/cl-1/envd/processes/run"
+            "https://agent:2/v1/sandboxes/cl-1/envd/processes/run"
         );
     }
 

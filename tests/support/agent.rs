@@ -17,6 +17,51 @@ use wrenn_test_support::guest;
 
 use super::{Auth, TestCp};
 
+/// What calling an agent directly takes: the control plane's client certificate and key, and
+/// the CA the agent's certificate chains to.
+#[derive(Clone)]
+pub struct AgentTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub ca_pem: String,
+}
+
+impl AgentTls {
+    /// A blocking client presenting this identity and trusting only this CA.
+    pub fn ureq(&self, timeout: Duration) -> ureq::Agent {
+        use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
+        let cert = Certificate::from_pem(self.cert_pem.as_bytes()).unwrap();
+        let key = PrivateKey::from_pem(self.key_pem.as_bytes()).unwrap();
+        let ca = Certificate::from_pem(self.ca_pem.as_bytes()).unwrap();
+        let tls = TlsConfig::builder()
+            .client_cert(Some(ClientCert::new_with_certs(&[cert], key)))
+            .root_certs(RootCerts::Specific(std::sync::Arc::new(vec![ca])))
+            .build();
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .tls_config(tls)
+            .build()
+            .into()
+    }
+
+    /// The same for async clients (envd's through the agent's proxy).
+    pub fn rustls(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let roots = wrenn::tls::roots(&self.ca_pem).unwrap();
+        let certs = wrenn::tls::certificates(&self.cert_pem).unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(wrenn::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .unwrap();
+        std::sync::Arc::new(config)
+    }
+}
+
 /// TCG guests are CPU-bound and this machine has two cores: tests that boot VMs take turns in
 /// pairs so boots stay well inside the agent's envd-ready timeout.
 pub static VM_TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
@@ -26,8 +71,16 @@ static NEXT_AGENT: AtomicU8 = AtomicU8::new(0);
 
 const CREATE_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// Where a registering agent finds its one-time token.
+pub enum TokenFrom<'a> {
+    Env(&'a str),
+    File(&'a std::path::Path),
+}
+
 pub struct Agent {
     pub root: tempfile::TempDir,
+    /// Apart from the files root, so that a test filling that disk still has the log.
+    logs: tempfile::TempDir,
     pub port: u16,
     /// `agent.network_name_prefix`: names its namespaces, host links and nft table.
     pub prefix: String,
@@ -35,7 +88,9 @@ pub struct Agent {
     cp_url: String,
     pub child: Option<Child>,
     pub secret: String,
+    /// Presents the control plane's client certificate, as only the control plane may call.
     pub http: ureq::Agent,
+    pub tls: AgentTls,
     /// Configuration variables on top of the test defaults, kept across restarts.
     env: Vec<(String, String)>,
 }
@@ -58,15 +113,20 @@ fn free_port() -> u16 {
 
 impl Agent {
     /// A files root whose kernels and images are the shared test builds.
-    fn new_root() -> tempfile::TempDir {
-        let files = guest::test_files();
+    pub fn new_root() -> tempfile::TempDir {
         let root = tempfile::Builder::new()
             .prefix("wrenn-agent-")
             .tempdir()
             .unwrap();
-        std::os::unix::fs::symlink(files.kernels_dir(), root.path().join("kernels")).unwrap();
-        std::os::unix::fs::symlink(files.images_dir(), root.path().join("images")).unwrap();
+        Self::link_test_files(root.path());
         root
+    }
+
+    /// Links the shared test kernels and images into a files root.
+    pub fn link_test_files(root: &std::path::Path) {
+        let files = guest::test_files();
+        std::os::unix::fs::symlink(files.kernels_dir(), root.join("kernels")).unwrap();
+        std::os::unix::fs::symlink(files.images_dir(), root.join("images")).unwrap();
     }
 
     fn command(&self, failpoint: Option<&str>) -> Command {
@@ -103,10 +163,25 @@ impl Agent {
         cmd
     }
 
-    pub fn register(cp_url: &str, token: &str, env: Vec<(String, String)>) -> Agent {
+    pub fn register(cp_url: &str, token: &str, tls: AgentTls, env: Vec<(String, String)>) -> Agent {
+        Self::register_in(Self::new_root(), cp_url, TokenFrom::Env(token), tls, env)
+    }
+
+    /// Starts an agent in `root` that registers with the token from `token`.
+    pub fn register_in(
+        root: tempfile::TempDir,
+        cp_url: &str,
+        token: TokenFrom<'_>,
+        tls: AgentTls,
+        env: Vec<(String, String)>,
+    ) -> Agent {
         let number = NEXT_AGENT.fetch_add(1, Ordering::Relaxed);
         let mut agent = Agent {
-            root: Self::new_root(),
+            root,
+            logs: tempfile::Builder::new()
+                .prefix("wrenn-agent-log-")
+                .tempdir()
+                .unwrap(),
             port: free_port(),
             // Unique per test binary; binaries run one after another, and an agent cleans up
             // what a crashed predecessor with its prefix left.
@@ -115,20 +190,17 @@ impl Agent {
             cp_url: cp_url.to_owned(),
             child: None,
             secret: String::new(),
-            http: ureq::Agent::config_builder()
-                .http_status_as_error(false)
-                .timeout_global(Some(CREATE_TIMEOUT))
-                .build()
-                .into(),
+            http: tls.ureq(CREATE_TIMEOUT),
+            tls,
             env,
         };
         let mut cmd = agent.command(None);
-        cmd.args([
-            "--register",
-            token,
-            "--address",
-            &format!("127.0.0.1:{}", agent.port),
-        ]);
+        // Never on the command line, which every local user can read.
+        match token {
+            TokenFrom::Env(token) => cmd.env("WRENN_REGISTER_TOKEN", token),
+            TokenFrom::File(path) => cmd.arg("--register-file").arg(path),
+        };
+        cmd.args(["--address", &format!("127.0.0.1:{}", agent.port)]);
         agent.child = Some(cmd.spawn().unwrap());
         agent.wait_ready();
         agent
@@ -264,7 +336,7 @@ impl Agent {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        format!("https://127.0.0.1:{}{path}", self.port)
     }
 
     pub fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
@@ -303,11 +375,7 @@ impl Agent {
         read_limit: u64,
     ) -> Option<StatusCode> {
         use std::io::Read;
-        let http: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(timeout))
-            .build()
-            .into();
+        let http = self.tls.ureq(timeout);
         let request = ureq::http::Request::builder()
             .method(method)
             .uri(self.url(path))
@@ -333,13 +401,14 @@ impl Agent {
     /// envd's typed client for sandbox `id`, through this agent's proxy (as the control plane
     /// reaches it).
     pub fn envd(&self, id: &str) -> wrenn::envd::client::EnvdClient {
-        let http =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(hyper_util::client::legacy::connect::HttpConnector::new());
+        let tls = self.tls.rustls();
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.enforce_http(false);
         wrenn::envd::client::EnvdClient::through_proxy(
-            http,
+            wrenn::envd::client::pool(connector, tls.clone()),
             &self.url(&format!("/v1/sandboxes/{id}/envd/")),
             &self.secret,
+            tls,
         )
         .unwrap()
     }
@@ -398,7 +467,7 @@ impl Agent {
 
     /// Where the agent's log goes (its stderr), across restarts.
     fn log_path(&self) -> PathBuf {
-        self.root.path().join("agent.log")
+        self.logs.path().join("agent.log")
     }
 
     /// What the agent has logged so far, across restarts.
@@ -496,7 +565,8 @@ pub async fn add_agent_with_env(
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    let agent = tokio::task::spawn_blocking(move || Agent::register(&cp_url, &token, env))
+    let tls = cp.agent_tls();
+    let agent = tokio::task::spawn_blocking(move || Agent::register(&cp_url, &token, tls, env))
         .await
         .unwrap();
     (agent, host_id)

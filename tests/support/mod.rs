@@ -18,6 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use wrenn::cp::ca;
 use wrenn::cp::monitor::MonitorSettings;
 use wrenn::cp::state::{AppState, AuthSettings, CapsuleSettings};
 use wrenn::cp::tokens::TokenKeys;
@@ -25,6 +26,30 @@ use wrenn::db::{self, migrate, Db};
 use wrenn_test_support::pg::PgCluster;
 
 pub const JWT_SECRET: &[u8] = b"integration-test-secret-0123456789abcdef";
+
+/// Runs `wrenn::cp::run` on `listener` until the returned sender fires; the CA is loaded
+/// before this returns, as `run` would load it.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    monitor: MonitorSettings,
+) -> (oneshot::Sender<()>, JoinHandle<()>) {
+    state
+        .ca
+        .install(std::sync::Arc::new(
+            ca::load_or_create(&state.db).await.expect("the CA loads"),
+        ))
+        .unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        wrenn::cp::run(listener, state, monitor, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("server runs");
+    });
+    (tx, server)
+}
 
 pub struct TestCp {
     pub pg: PgCluster,
@@ -64,8 +89,23 @@ impl TestCp {
         Self::start_full(monitor, quiet_capsules(), auth).await
     }
 
-    /// A server with its own agent timeouts, scheduler, reconciler period and login limits.
+    /// A server with its own agent timeouts, scheduler, reconciler period and login limits. Its
+    /// agents run on this machine, so hosts may register loopback addresses.
     pub async fn start_full(
+        monitor: MonitorSettings,
+        capsules: CapsuleSettings,
+        mut auth: AuthSettings,
+    ) -> Self {
+        auth.host_addresses.allow_loopback = true;
+        Self::start_exactly(monitor, capsules, auth).await
+    }
+
+    /// A server that refuses loopback host addresses, as in production.
+    pub async fn start_refusing_loopback() -> Self {
+        Self::start_exactly(QUIET_MONITOR, quiet_capsules(), AuthSettings::default()).await
+    }
+
+    async fn start_exactly(
         monitor: MonitorSettings,
         capsules: CapsuleSettings,
         auth: AuthSettings,
@@ -88,17 +128,7 @@ impl TestCp {
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let server = tokio::spawn({
-            let state = state.clone();
-            async move {
-                wrenn::cp::run(listener, state, monitor, async {
-                    let _ = rx.await;
-                })
-                .await
-                .expect("server runs");
-            }
-        });
+        let (tx, server) = serve(listener, state.clone(), monitor).await;
         let client = Client::builder(TokioExecutor::new()).build_http();
         Self {
             pg,
@@ -111,12 +141,47 @@ impl TestCp {
         }
     }
 
+    /// Restarts the server on the same address and database with other token keys, as an
+    /// operator rotating the JWT secret restarts the control plane. Agents keep their saved
+    /// URL; the CA stays (it lives in the database).
+    pub async fn restart_with_tokens(&mut self, tokens: TokenKeys) {
+        self.shutdown_server().await;
+        let mut auth = AuthSettings::default();
+        auth.host_addresses.allow_loopback = true;
+        let state = AppState::with_settings(self.db.clone(), tokens, quiet_capsules(), auth);
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        let (tx, server) = serve(listener, state.clone(), QUIET_MONITOR).await;
+        self.state = state;
+        self.shutdown = Some(tx);
+        self.server = Some(server);
+    }
+
+    async fn shutdown_server(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap();
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(server) = self.server.take() {
             server.await.unwrap();
+        }
+    }
+
+    /// The control plane's client identity and CA, for calling its agents directly.
+    pub fn agent_tls(&self) -> agent::AgentTls {
+        let ca = self.state.ca.get().unwrap();
+        let (cert_pem, key_pem) = ca.issue_client_pem().unwrap();
+        agent::AgentTls {
+            cert_pem,
+            key_pem: key_pem.expose().to_owned(),
+            ca_pem: ca.cert_pem().to_owned(),
         }
     }
 
@@ -331,6 +396,7 @@ impl CpReplica {
             .current_dir(dir.path())
             .env("DATABASE_URL", cp.pg.url())
             .env("JWT_SECRET", std::str::from_utf8(JWT_SECRET).unwrap())
+            .env("CP_ALLOW_LOOPBACK_HOSTS", "true")
             .env("CP_LISTEN_ADDR", addr.to_string())
             .env("CP_RECONCILE_INTERVAL_SECS", "3600")
             .env("LOG_LEVEL", "wrenn=warn")

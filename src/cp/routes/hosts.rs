@@ -34,7 +34,7 @@ pub struct CreateHostRequest {
     availability_zone: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterHostRequest {
     token: String,
@@ -50,12 +50,18 @@ pub struct RegisterHostRequest {
     /// Our addition: component versions (agent, kernel, VMM) reported by the agent.
     #[serde(default)]
     versions: Option<serde_json::Map<String, Value>>,
+    /// Our addition: a PEM certificate signing request for the agent's TLS key.
+    #[serde(default)]
+    csr: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshRequest {
     refresh_token: String,
+    /// Our addition: a CSR for the agent's renewed certificate.
+    #[serde(default)]
+    csr: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,31 +121,53 @@ impl From<Host> for HostView {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// No `Debug`: it carries the registration token.
+#[derive(Serialize)]
 pub struct CreateHostResponse {
     host: HostView,
     registration_token: String,
 }
 
-/// `RegisterHostResponse` / `RefreshHostTokenResponse` of the spec, plus `agent_secret`: the
-/// credential the control plane presents when it calls this agent.
-#[derive(Debug, Serialize)]
+/// `RegisterHostResponse` / `RefreshHostTokenResponse` of the spec (no `Debug`: it carries
+/// tokens), plus what the agent's mTLS needs: `agent_secret` (presented by the control plane on every call), the agent's
+/// certificate when it sent a CSR, and the CA it pins.
+#[derive(Serialize)]
 pub struct HostCredentialsResponse {
     host: HostView,
     token: String,
     refresh_token: String,
     agent_secret: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cert_pem: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cert_expires_at: Option<DateTime<Utc>>,
+    ca_cert_pem: String,
 }
 
 impl From<HostCredentials> for HostCredentialsResponse {
     fn from(c: HostCredentials) -> Self {
+        let (cert_pem, cert_expires_at) = match c.cert {
+            Some(cert) => (Some(cert.pem), Some(cert.not_after)),
+            None => (None, None),
+        };
         Self {
             host: c.host.into(),
             token: c.token,
             refresh_token: c.refresh_token,
             agent_secret: c.agent_secret,
+            cert_pem,
+            cert_expires_at,
+            ca_cert_pem: c.ca_cert_pem,
         }
     }
+}
+
+/// The loaded CA; only a control plane started without `cp::run` lacks it.
+fn ca(state: &AppState) -> Result<&crate::cp::ca::Ca, ApiError> {
+    state.ca.get().map(AsRef::as_ref).map_err(|error| {
+        tracing::error!(%error, "registration without a CA");
+        ApiError::Internal
+    })
 }
 
 #[derive(Debug, Serialize)]
@@ -257,8 +285,17 @@ pub async fn register(
         disk_gb: field("disk_gb", req.disk_gb)?,
         address,
         versions: Value::Object(req.versions.unwrap_or_default()),
+        csr: req.csr,
     };
-    let credentials = hosts::register(&state.db, &state.tokens, &req.token, specs).await?;
+    let credentials = hosts::register(
+        &state.db,
+        &state.tokens,
+        ca(&state)?,
+        state.auth.host_addresses,
+        &req.token,
+        specs,
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(credentials.into())))
 }
 
@@ -277,8 +314,16 @@ pub async fn refresh(
     ApiJson(req): ApiJson<RefreshRequest>,
 ) -> Result<Json<HostCredentialsResponse>, ApiError> {
     let grace = state.auth.host_refresh_grace;
-    let credentials =
-        hosts::refresh(&state.db, &state.tokens, grace, &req.refresh_token, client).await?;
+    let credentials = hosts::refresh(
+        &state.db,
+        &state.tokens,
+        ca(&state)?,
+        grace,
+        &req.refresh_token,
+        req.csr.as_deref(),
+        client,
+    )
+    .await?;
     Ok(Json(credentials.into()))
 }
 

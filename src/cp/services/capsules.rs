@@ -171,7 +171,7 @@ fn target(
     Some(AgentTarget {
         host: HostId(host),
         address,
-        secret: state.agent_secrets.get(&state.tokens, host, generation),
+        secret: state.agent_secrets.get(host, generation)?,
     })
 }
 

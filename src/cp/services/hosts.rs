@@ -1,7 +1,8 @@
-//! The host registry: creating hosts, the registration handshake, heartbeats, credential
-//! refresh, visibility (BYOC hosts belong to one team) and deletion.
+//! The host registry: creating hosts, the registration handshake (with the address checks and
+//! the agent's certificate), heartbeats, credential refresh, visibility (BYOC hosts belong to one
+//! team) and deletion.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -12,6 +13,7 @@ use super::input::Tag;
 use super::teams::can_manage;
 use super::{user_action, Caller, ServiceError};
 use crate::config::HostPort;
+use crate::cp::ca::{Ca, IssuedCert};
 use crate::cp::pagination::{Page, PageRequest};
 use crate::cp::tokens::{random_hex, sha256, TokenKeys, REFRESH_TOKEN_TTL, REGISTRATION_TOKEN_TTL};
 use crate::db::audit_logs::{self, Entry};
@@ -40,10 +42,13 @@ pub struct AgentSpecs {
     pub disk_gb: Option<i64>,
     pub address: HostPort,
     pub versions: Value,
+    /// PEM certificate signing request for the agent's TLS key; without one the host gets no
+    /// certificate and the control plane cannot call it.
+    pub csr: Option<String>,
 }
 
 /// Credentials handed to an agent at registration and on refresh.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HostCredentials {
     pub host: Host,
     /// Host JWT for `X-Host-Token`.
@@ -52,6 +57,97 @@ pub struct HostCredentials {
     pub refresh_token: String,
     /// What the control plane will present when it calls this agent.
     pub agent_secret: String,
+    /// The agent's server certificate, when it sent a CSR.
+    pub cert: Option<IssuedCert>,
+    /// The CA the agent pins: only clients it certified may call the agent.
+    pub ca_cert_pem: String,
+}
+
+impl std::fmt::Debug for HostCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostCredentials")
+            .field("host", &HostId(self.host.id))
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which addresses a host may register with. The control plane dials what a host registers, so
+/// a BYOC owner could otherwise point it at the control plane's own machine or the cloud's
+/// metadata service.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AddressPolicy {
+    /// `cp.allow_loopback_hosts`: for stacks where agent and control plane share a machine.
+    pub allow_loopback: bool,
+}
+
+const METADATA_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+const METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+
+/// Why the control plane will not dial `ip`, if it will not.
+fn refused_because(ip: IpAddr, own: &[IpAddr], policy: AddressPolicy) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    };
+    let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+    if ip == IpAddr::V4(METADATA_V4) || ip == IpAddr::V6(METADATA_V6) {
+        Some("the cloud metadata service")
+    } else if ip.is_unspecified() || ip.is_multicast() || broadcast {
+        Some("not a unicast address")
+    } else if ip.is_loopback() {
+        (!policy.allow_loopback)
+            .then_some("a loopback address (allowed only with cp.allow_loopback_hosts)")
+    } else if link_local {
+        Some("a link-local address")
+    } else if own.iter().any(|o| o.to_canonical() == ip) {
+        Some("an address of the control plane's own machine")
+    } else {
+        None
+    }
+}
+
+/// The addresses of this machine's interfaces.
+fn own_addresses() -> Vec<IpAddr> {
+    let Ok(interfaces) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    interfaces
+        .filter_map(|i| i.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect()
+}
+
+/// Refuses an address the control plane must not dial; a name is checked by every address it
+/// resolves to now.
+pub async fn check_address(address: &HostPort, policy: AddressPolicy) -> Result<(), ServiceError> {
+    let ips: Vec<IpAddr> = match address.host.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => tokio::net::lookup_host((address.host.as_str(), address.port))
+            .await
+            .map_err(|e| {
+                ServiceError::invalid("address", format!("{address} does not resolve: {e}"))
+            })?
+            .map(|a| a.ip())
+            .collect(),
+    };
+    let own = own_addresses();
+    for ip in ips {
+        if let Some(reason) = refused_because(ip, &own, policy) {
+            return Err(ServiceError::invalid(
+                "address",
+                format!(
+                    "{address} is {reason}; register the agent with an address of its own host"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn expires(ttl: std::time::Duration) -> chrono::DateTime<Utc> {
@@ -238,13 +334,17 @@ async fn issue_refresh_token(
 
 /// Trades a registration token for host credentials and brings the host online. The token is
 /// consumed in the same transaction, so of two concurrent registrations exactly one succeeds.
-/// Each registration starts a new refresh-token family.
+/// Each registration starts a new refresh-token family. A refused address leaves the token
+/// unused.
 pub async fn register(
     db: &Db,
     tokens: &TokenKeys,
+    ca: &Ca,
+    policy: AddressPolicy,
     token: &str,
     specs: AgentSpecs,
 ) -> Result<HostCredentials, ServiceError> {
+    check_address(&specs.address, policy).await?;
     let mut tx = db.begin().await.map_err(DbError::from)?;
     let host_id = host_registration_tokens::consume(&mut *tx, &sha256(token))
         .await?
@@ -253,7 +353,12 @@ pub async fn register(
         .await?
         .ok_or_else(|| invalid_token("registration token"))?;
     let generation = host.agent_secret_generation + 1;
-    let agent_secret = tokens.agent_secret(host.id, generation);
+    let agent_secret = ca.agent_secret(host.id, generation);
+    let cert = specs
+        .csr
+        .as_deref()
+        .map(|csr| ca.issue_agent_cert(HostId(host.id), &specs.address, csr))
+        .transpose()?;
     let address = specs.address.to_string();
     let host = hosts::complete_registration(
         &mut *tx,
@@ -290,6 +395,8 @@ pub async fn register(
         token,
         refresh_token,
         agent_secret,
+        cert,
+        ca_cert_pem: ca.cert_pem().to_owned(),
     })
 }
 
@@ -325,8 +432,8 @@ fn classify(
 }
 
 /// Rotates a host's credentials: the presented refresh token is retired and a new one of the
-/// same family issued with a new host JWT. The agent secret stays the same unless the JWT secret
-/// changed.
+/// same family issued with a new host JWT, and the agent's certificate renewed from `csr`. The
+/// agent secret stays the same unless the key it derives from changed.
 ///
 /// Reuse detection: presenting a token its family has already moved past revokes every live
 /// token of the family (so both the thief and the real agent must register again, and the
@@ -337,8 +444,10 @@ fn classify(
 pub async fn refresh(
     db: &Db,
     tokens: &TokenKeys,
+    ca: &Ca,
     grace: Duration,
     refresh_token: &str,
+    csr: Option<&str>,
     client: Option<IpAddr>,
 ) -> Result<HostCredentials, ServiceError> {
     let hash = sha256(refresh_token);
@@ -408,14 +517,27 @@ pub async fn refresh(
             )));
         }
     }
-    let mut agent_secret = tokens.agent_secret(host.id, host.agent_secret_generation);
+    let mut agent_secret = ca.agent_secret(host.id, host.agent_secret_generation);
     if host.agent_secret_hash.as_deref() != Some(sha256(&agent_secret).as_slice()) {
         let generation = host.agent_secret_generation + 1;
-        agent_secret = tokens.agent_secret(host.id, generation);
+        agent_secret = ca.agent_secret(host.id, generation);
         host = hosts::set_agent_secret(&mut *tx, host.id, generation, &sha256(&agent_secret))
             .await?
             .ok_or_else(|| invalid_token("refresh token"))?;
     }
+    let cert = match (csr, host.address.as_deref()) {
+        (Some(csr), Some(address)) => {
+            let address: HostPort =
+                address
+                    .parse()
+                    .map_err(|e: String| ServiceError::Conflict {
+                        code: ErrorCode::InvalidState,
+                        message: format!("the host's registered address is unusable: {e}"),
+                    })?;
+            Some(ca.issue_agent_cert(HostId(host.id), &address, csr)?)
+        }
+        (Some(_), None) | (None, _) => None,
+    };
     let (new_refresh, new_id) = issue_refresh_token(&mut tx, host.id, family).await?;
     host_refresh_tokens::mark_rotated(&mut *tx, presented.id, new_id).await?;
     host_refresh_tokens::delete_expired(&mut *tx, host.id).await?;
@@ -425,6 +547,8 @@ pub async fn refresh(
         host,
         refresh_token: new_refresh,
         agent_secret,
+        cert,
+        ca_cert_pem: ca.cert_pem().to_owned(),
     })
 }
 
@@ -536,4 +660,40 @@ pub async fn remove_tag(
     let host = manageable(db, caller, id).await?;
     host_tags::remove(db, host.id, tag).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_the_control_plane_must_not_dial_are_refused() {
+        let strict = AddressPolicy::default();
+        let local = AddressPolicy {
+            allow_loopback: true,
+        };
+        let own: Vec<IpAddr> = vec!["192.0.2.7".parse().unwrap()];
+        let refused = |ip: &str, policy| refused_because(ip.parse().unwrap(), &own, policy);
+        for ip in [
+            "169.254.169.254",
+            "fd00:ec2::254",
+            "169.254.1.1",
+            "fe80::1",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "255.255.255.255",
+            "192.0.2.7",
+            "::ffff:192.0.2.7",
+        ] {
+            assert!(refused(ip, local).is_some(), "{ip}");
+        }
+        for ip in ["127.0.0.1", "127.8.0.1", "::1", "::ffff:127.0.0.1"] {
+            assert!(refused(ip, strict).is_some(), "{ip}");
+            assert_eq!(refused(ip, local), None, "{ip}");
+        }
+        for ip in ["10.0.0.5", "203.0.113.9", "2001:db8::5", "fd00::5"] {
+            assert_eq!(refused(ip, strict), None, "{ip}");
+        }
+    }
 }

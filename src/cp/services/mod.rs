@@ -40,6 +40,8 @@ pub enum ServiceError {
     HostHasSandboxes(Vec<SandboxId>),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Certificates(#[from] crate::cp::ca::CaError),
     #[error("password hashing failed: {0}")]
     PasswordHash(String),
     #[error("{message}")]
