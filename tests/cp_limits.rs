@@ -125,12 +125,38 @@ async fn fake_answer(
     Ok(response)
 }
 
-async fn fake_agent(sandbox: SandboxId) -> SocketAddr {
+/// The fake agent for `sandbox`, certified by the control plane's CA for the address it listens
+/// on, as the control plane requires of agents.
+async fn fake_agent(cp: &TestCp, sandbox: SandboxId) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let ca = cp.state.ca.get().unwrap().clone();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let cert = ca
+        .issue_agent_cert(
+            wrenn::id::HostId::new_random(),
+            &addr.to_string().parse().unwrap(),
+            &csr,
+        )
+        .unwrap();
+    let identity = wrenn::tls::ServerIdentity::new(
+        wrenn::tls::certified_key(&cert.pem, &key.serialize_pem()).unwrap(),
+    );
+    let config =
+        wrenn::tls::agent_server_config(std::sync::Arc::new(identity), ca.cert_pem()).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(
                         TokioIo::new(stream),
@@ -217,7 +243,7 @@ async fn a_hostile_agent_and_fifty_big_execs_cost_the_control_plane_bounded_memo
     let cp = TestCp::start().await;
     let admin = cp.signup("admin@example.com").await;
     let sandbox = SandboxId(Uuid::new_v4());
-    let fake = fake_agent(sandbox).await;
+    let fake = fake_agent(&cp, sandbox).await;
     let host = online_host(&cp, &fake.to_string()).await;
     let capsule = running_capsule(&cp, &admin, host, sandbox.uuid()).await;
     // The calls go through a control plane in its own process (default limits: 8 execs and 16
@@ -760,7 +786,7 @@ async fn team_limits_apply_alike_to_rest_calls_and_websocket_sessions() {
     let admin = cp.signup("admin@example.com").await;
     let other = cp.signup("other@example.com").await;
     let sandbox = SandboxId(Uuid::new_v4());
-    let fake = fake_agent(sandbox).await;
+    let fake = fake_agent(&cp, sandbox).await;
     let host = online_host(&cp, &fake.to_string()).await;
     let capsule = running_capsule(&cp, &admin, host, sandbox.uuid()).await;
     let team = admin.team.parse::<wrenn::id::TeamId>().unwrap();

@@ -494,6 +494,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cp::ca::Ca;
     use crate::template::TemplateName;
     use std::collections::BTreeMap;
 
@@ -531,14 +532,35 @@ mod tests {
         );
     }
 
-    /// A server that answers every request with `head` and then zeros without end.
-    async fn endless(head: &'static str) -> std::net::SocketAddr {
+    /// An agent, certified by `ca` for the address it listens on, that answers every request
+    /// with `head` and then zeros without end.
+    async fn endless(ca: &Ca, head: &'static str) -> std::net::SocketAddr {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .pem()
+            .unwrap();
+        let cert = ca
+            .issue_agent_cert(
+                HostId(uuid::Uuid::nil()),
+                &addr.to_string().parse().unwrap(),
+                &csr,
+            )
+            .unwrap();
+        let identity = crate::tls::ServerIdentity::new(
+            crate::tls::certified_key(&cert.pem, &key.serialize_pem()).unwrap(),
+        );
+        let config = crate::tls::agent_server_config(Arc::new(identity), ca.cert_pem()).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
+                    let mut socket = acceptor.accept(tcp).await?;
                     let mut request = [0u8; 4096];
                     let _ = socket.read(&mut request).await;
                     socket.write_all(head.as_bytes()).await?;
@@ -557,12 +579,14 @@ mod tests {
     #[tokio::test]
     async fn an_endless_answer_or_error_body_is_cut_at_its_cap() {
         let client = AgentClient::new(AgentTimeouts::default());
+        let ca = Arc::new(Ca::ephemeral());
+        client.ca().install(ca.clone()).unwrap();
         let target = |addr: std::net::SocketAddr| AgentTarget {
             host: HostId(uuid::Uuid::nil()),
             address: addr.to_string(),
             secret: "s".into(),
         };
-        let ok = endless("HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n").await;
+        let ok = endless(&ca, "HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n").await;
         let started = std::time::Instant::now();
         match client.ping(&target(ok)).await {
             Err(error @ AgentError::TooLarge { limit, .. }) => {
@@ -575,7 +599,11 @@ mod tests {
         }
         assert!(started.elapsed() < Duration::from_secs(20));
         // An endless error body: the status is what the error tells.
-        let failed = endless("HTTP/1.1 500 Oops\r\ncontent-length: 1073741824\r\n\r\n").await;
+        let failed = endless(
+            &ca,
+            "HTTP/1.1 500 Oops\r\ncontent-length: 1073741824\r\n\r\n",
+        )
+        .await;
         assert!(matches!(
             client.ping(&target(failed)).await,
             Err(AgentError::Failed {
