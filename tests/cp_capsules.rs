@@ -252,6 +252,20 @@ async fn frames_until_close(ws: &mut Ws) -> Vec<Value> {
     out
 }
 
+/// What a terminal printed: its `output` frames' data, decoded and joined.
+fn terminal_output(frames: &[Value]) -> String {
+    let bytes: Vec<u8> = frames
+        .iter()
+        .filter(|f| f["type"] == "output")
+        .flat_map(|f| {
+            base64::engine::general_purpose::STANDARD
+                .decode(f["data"].as_str().unwrap())
+                .unwrap()
+        })
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 async fn next_frame(ws: &mut Ws) -> Value {
     loop {
         let message = tokio::time::timeout(FRAME_WAIT, ws.next())
@@ -612,16 +626,7 @@ async fn exec_processes_and_files_reach_envd() {
         base64::engine::general_purpose::STANDARD.encode("echo $((6*7)); stty size; exit 5\n");
     send(&mut ws, json!({"type": "input", "data": typed})).await;
     let frames = frames_until_close(&mut ws).await;
-    let output: Vec<u8> = frames
-        .iter()
-        .filter(|f| f["type"] == "output")
-        .flat_map(|f| {
-            base64::engine::general_purpose::STANDARD
-                .decode(f["data"].as_str().unwrap())
-                .unwrap()
-        })
-        .collect();
-    let output = String::from_utf8_lossy(&output);
+    let output = terminal_output(&frames);
     assert!(
         output.contains("42") && output.contains("30 100"),
         "{output}"
@@ -1402,19 +1407,7 @@ async fn revoked_credentials_close_open_sessions_on_every_replica() {
     let typed = base64::engine::general_purpose::STANDARD.encode("echo alive-$((40+2)); exit\n");
     send(&mut kept, json!({"type": "input", "data": typed})).await;
     let frames = frames_until_close(&mut kept).await;
-    let output: Vec<u8> = frames
-        .iter()
-        .filter(|f| f["type"] == "output")
-        .flat_map(|f| {
-            base64::engine::general_purpose::STANDARD
-                .decode(f["data"].as_str().unwrap())
-                .unwrap()
-        })
-        .collect();
-    assert!(
-        String::from_utf8_lossy(&output).contains("alive-42"),
-        "{frames:?}"
-    );
+    assert!(terminal_output(&frames).contains("alive-42"), "{frames:?}");
     drop(replica);
     stack.finish(vec![agent]).await;
 }
@@ -1453,21 +1446,8 @@ async fn the_idle_timeout_spares_open_work_and_pauses_an_idle_capsule_which_a_ca
     tokio::time::sleep(Duration::from_secs(7)).await;
     let typed = base64::engine::general_purpose::STANDARD.encode("echo still-$((40+2)); exit\n");
     send(&mut ws, json!({"type": "input", "data": typed})).await;
-    let output: Vec<u8> = frames_until_close(&mut ws)
-        .await
-        .iter()
-        .filter(|f| f["type"] == "output")
-        .flat_map(|f| {
-            base64::engine::general_purpose::STANDARD
-                .decode(f["data"].as_str().unwrap())
-                .unwrap()
-        })
-        .collect();
-    assert!(
-        String::from_utf8_lossy(&output).contains("still-42"),
-        "{}",
-        String::from_utf8_lossy(&output)
-    );
+    let output = terminal_output(&frames_until_close(&mut ws).await);
+    assert!(output.contains("still-42"), "{output}");
 
     // Left alone, it is paused on its host, and the reconciler records that.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
