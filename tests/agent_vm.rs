@@ -203,7 +203,7 @@ async fn a_failure_after_each_create_step_rolls_back_everything() {
             "envd-ready",
             "envd-init",
         ] {
-            agent.restart(Some(&format!("agent-create-after-{step}")));
+            agent.restart(Some(&format!("agent-create-after-{step}=return")));
             let (status, body) = agent.create(&sid("e2e-fail"));
             assert_eq!(status, StatusCode::BAD_GATEWAY, "{step}: {body}");
             assert_eq!(body["error"]["code"], "agent_error", "{body}");

@@ -1534,7 +1534,7 @@ async fn pause_and_resume_through_the_api_keep_the_guest_and_refuse_the_wrong_st
     // A pause that fails after the state was written (the agent, restarted with a fail point,
     // adopted the VM): 502, the capsule runs on and nothing is left to resume from.
     agent.kill_hard();
-    agent.restart(Some("vmm-pause-after-save"));
+    agent.restart(Some("vmm-pause-after-save=return"));
     let (status, body) = stack.cp.call(POST, &pause, &key, None).await;
     assert_error(status, &body, StatusCode::BAD_GATEWAY, "agent_error");
     assert!(
@@ -1656,7 +1656,7 @@ async fn failed_or_unreachable_agents_leave_nothing_running() {
     let key = stack.api_key(&stack.admin).await;
 
     // The VM boots, then the agent fails: it rolls back, and the row is `error`, never running.
-    agent.restart(Some("agent-create-after-vmm"));
+    agent.restart(Some("agent-create-after-vmm=return"));
     let (status, body) = stack.create(&key, json!({})).await;
     assert_error(status, &body, StatusCode::BAD_GATEWAY, "agent_error");
     assert!(agent.sandbox_ids().is_empty());

@@ -129,7 +129,7 @@ impl Agent {
         std::os::unix::fs::symlink(files.images_dir(), root.join("images")).unwrap();
     }
 
-    fn command(&self, failpoint: Option<&str>) -> Command {
+    fn command(&self, failpoints: Option<&str>) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wrenn"));
         cmd.arg("agent")
             .env("AGENT_FILES_ROOTDIR", self.root.path())
@@ -157,8 +157,8 @@ impl Agent {
                     .open(self.log_path())
                     .unwrap(),
             );
-        if let Some(point) = failpoint {
-            cmd.env("FAILPOINTS", format!("{point}=return"));
+        if let Some(failpoints) = failpoints {
+            cmd.env("FAILPOINTS", failpoints);
         }
         cmd
     }
@@ -212,9 +212,11 @@ impl Agent {
         format!("wrenn-tests/{}", self.prefix)
     }
 
-    pub fn restart(&mut self, failpoint: Option<&str>) {
+    /// Restarts the agent, with fail points armed by a `FAILPOINTS` value
+    /// (`name=action;...`, as the `fail` crate reads it).
+    pub fn restart(&mut self, failpoints: Option<&str>) {
         self.stop();
-        self.child = Some(self.command(failpoint).spawn().unwrap());
+        self.child = Some(self.command(failpoints).spawn().unwrap());
         self.wait_ready();
     }
 

@@ -90,7 +90,18 @@ impl SandboxManager {
     /// Creates and boots a sandbox; returns once envd answers. On failure nothing is left. A
     /// destroy that arrives while the sandbox starts waits for this task, which then tears the
     /// fresh sandbox down instead of marking it running.
-    pub async fn create(&self, req: CreateSandbox) -> Result<SandboxInfo, SandboxError> {
+    ///
+    /// The create runs in its own tracked task: a caller that hangs up half way (a control
+    /// plane killed or timing out) must not cancel it between its steps, which would leave a
+    /// `starting` sandbox holding a network slot, files and addresses until the agent restarts.
+    /// It ends running, for the reconciler to find and settle, or rolled back.
+    pub async fn create(self: &Arc<Self>, req: CreateSandbox) -> Result<SandboxInfo, SandboxError> {
+        let this = self.clone();
+        self.run_to_end(async move { this.create_now(req).await })
+            .await
+    }
+
+    async fn create_now(&self, req: CreateSandbox) -> Result<SandboxInfo, SandboxError> {
         let image = self.validate(&req)?;
         let id = req.sandbox_id.to_string();
         let sandbox = Arc::new(Sandbox::new(req));
@@ -192,7 +203,6 @@ impl SandboxManager {
             step,
             reason,
         };
-        let check_fail_point = |step: CreateStep| injected_failure(id, step);
         // How long each phase took, reported in the sandbox's metadata for operators and the
         // agent benchmark.
         let mut phases = PhaseClock::start();
@@ -204,18 +214,20 @@ impl SandboxManager {
                 tracing::error!(sandbox = id, %error, "could not remove the sandbox directory");
             }
         };
-        if let Err(e) = check_fail_point(CreateStep::Directory) {
+        if let Err(e) = injected_failure(id, CreateStep::Directory).await {
             undo_dir();
             return Err(e);
         }
 
         let upper = self.layout.sandbox_upper_disk(id);
-        let disk_result = self
+        let disk_result = match self
             .uppers
             .create(&upper, u64::from(req.disk_mb) << 20)
             .await
-            .map_err(|e| fail(CreateStep::Disk, e.to_string()))
-            .and_then(|()| check_fail_point(CreateStep::Disk));
+        {
+            Ok(()) => injected_failure(id, CreateStep::Disk).await,
+            Err(e) => Err(fail(CreateStep::Disk, e.to_string())),
+        };
         if let Err(e) = disk_result {
             undo_dir();
             return Err(e);
@@ -234,7 +246,7 @@ impl SandboxManager {
                 tracing::error!(sandbox = id, %error, "could not remove the sandbox network");
             }
         };
-        if let Err(e) = check_fail_point(CreateStep::Network) {
+        if let Err(e) = injected_failure(id, CreateStep::Network).await {
             undo_network().await;
             undo_dir();
             return Err(e);
@@ -253,11 +265,11 @@ impl SandboxManager {
 
         phases.lap("vmm_spawn");
         let result: Result<EnvdClient, SandboxError> = async {
-            check_fail_point(CreateStep::Vmm)?;
+            injected_failure(id, CreateStep::Vmm).await?;
             let envd = EnvdClient::new(&format!("http://{}", network.envd_addr()))
                 .map_err(|e| fail(CreateStep::EnvdReady, e.to_string()))?;
             self.wait_envd(sandbox, &envd, &mut *vm).await?;
-            check_fail_point(CreateStep::EnvdReady)?;
+            injected_failure(id, CreateStep::EnvdReady).await?;
             phases.lap("boot_to_envd");
             let access_token = hex::encode(rand::random::<[u8; 32]>());
             let init = InitRequest {
@@ -271,7 +283,7 @@ impl SandboxManager {
                 .await
                 .map_err(|e| fail(CreateStep::EnvdInit, e.to_string()))?;
             *sandbox.access_token.lock().expect("token lock") = access_token.clone();
-            check_fail_point(CreateStep::EnvdInit)?;
+            injected_failure(id, CreateStep::EnvdInit).await?;
             Ok(envd.with_token(access_token))
         }
         .await;
@@ -368,13 +380,39 @@ impl PhaseClock {
     }
 }
 
-/// Aborts a create right after `step` when its fail point is armed (`failpoints` builds).
+/// What an armed fail point does to a create (`failpoints` builds only).
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+enum Injected {
+    /// `return`: the step fails, and the create rolls back.
+    Failure,
+    /// `return(hang)`: the create stops after the step and never goes on, for a test to kill
+    /// the agent at exactly that point.
+    Hang,
+}
+
 #[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
-fn injected_failure(id: &str, step: CreateStep) -> Result<(), SandboxError> {
-    fail::fail_point!(step.fail_point(), |_| Err(SandboxError::CreateFailed {
-        id: id.to_owned(),
-        step,
-        reason: "injected failure".into(),
-    }));
-    Ok(())
+fn armed(step: CreateStep) -> Option<Injected> {
+    fail::fail_point!(step.fail_point(), |action: Option<String>| Some(
+        match action.as_deref() {
+            Some("hang") => Injected::Hang,
+            _ => Injected::Failure,
+        }
+    ));
+    None
+}
+
+/// Aborts or stops a create right after `step` when its fail point is armed.
+async fn injected_failure(id: &str, step: CreateStep) -> Result<(), SandboxError> {
+    match armed(step) {
+        None => Ok(()),
+        Some(Injected::Failure) => Err(SandboxError::CreateFailed {
+            id: id.to_owned(),
+            step,
+            reason: "injected failure".into(),
+        }),
+        Some(Injected::Hang) => {
+            tracing::warn!(sandbox = id, %step, "fail point: the create hangs after this step");
+            std::future::pending().await
+        }
+    }
 }

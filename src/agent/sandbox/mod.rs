@@ -302,7 +302,8 @@ pub struct SandboxManager {
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     /// The most recent sandboxes lost, for the control plane's reconciler.
     lost: Mutex<VecDeque<LostSandbox>>,
-    /// Pauses and resumes in progress, which a graceful stop lets finish.
+    /// Creates, pauses and resumes in progress, which neither a caller hanging up nor a
+    /// graceful stop interrupts.
     operations: tokio_util::task::TaskTracker,
 }
 
@@ -339,11 +340,39 @@ impl SandboxManager {
         }
     }
 
-    /// Waits for the pauses and resumes in progress (each runs in its own task) and refuses new
-    /// ones; at agent shutdown, so that no VM is left frozen half way through a pause.
+    /// Waits for the creates, pauses and resumes in progress (each runs in its own task) and
+    /// refuses new ones; at agent shutdown, so that no VM is left half created or frozen half
+    /// way through a pause.
     pub async fn finish_operations(&self) {
         self.operations.close();
         self.operations.wait().await;
+    }
+
+    /// Starts an operation in its own task, unless the agent is shutting down; see
+    /// [`in_own_task`](Self::in_own_task).
+    async fn run_to_end<T: Send + 'static>(
+        &self,
+        operation: impl std::future::Future<Output = Result<T, SandboxError>> + Send + 'static,
+    ) -> Result<T, SandboxError> {
+        if self.operations.is_closed() {
+            return Err(SandboxError::Interrupted(
+                "the agent is shutting down".into(),
+            ));
+        }
+        self.in_own_task(operation).await
+    }
+
+    /// Runs an operation in its own task, tracked so that neither its caller hanging up nor a
+    /// graceful stop cuts it short between two steps.
+    async fn in_own_task<T: Send + 'static>(
+        &self,
+        operation: impl std::future::Future<Output = Result<T, SandboxError>> + Send + 'static,
+    ) -> Result<T, SandboxError> {
+        match self.operations.spawn(operation).await {
+            Ok(outcome) => outcome,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => Err(SandboxError::Interrupted(error.to_string())),
+        }
     }
 
     fn registry(&self) -> MutexGuard<'_, HashMap<String, Arc<Sandbox>>> {

@@ -66,23 +66,6 @@ impl SandboxManager {
             .await
     }
 
-    /// Runs an operation in its own task, tracked so that a graceful stop lets it finish.
-    async fn run_to_end(
-        &self,
-        operation: impl std::future::Future<Output = Result<SandboxInfo, SandboxError>> + Send + 'static,
-    ) -> Result<SandboxInfo, SandboxError> {
-        if self.operations.is_closed() {
-            return Err(SandboxError::Interrupted(
-                "the agent is shutting down".into(),
-            ));
-        }
-        match self.operations.spawn(operation).await {
-            Ok(outcome) => outcome,
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Err(error) => Err(SandboxError::Interrupted(error.to_string())),
-        }
-    }
-
     async fn pause_now(
         &self,
         id: &str,

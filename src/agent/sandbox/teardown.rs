@@ -29,7 +29,7 @@ enum Role {
 impl SandboxManager {
     /// Stops the VM (graceful, then forced) and releases the network, disk and directory; or,
     /// when another caller is already doing so, waits for it to finish.
-    pub async fn destroy(&self, id: &str) -> Result<(), SandboxError> {
+    pub async fn destroy(self: &Arc<Self>, id: &str) -> Result<(), SandboxError> {
         let sandbox = self.get(id)?;
         let role = {
             let mut lifecycle = sandbox.lifecycle();
@@ -49,7 +49,13 @@ impl SandboxManager {
             }
         };
         match role {
-            Role::TearDown(runtime) => self.teardown(&sandbox, runtime).await,
+            // Even while the agent shuts down: a sandbox left `stopping` by a caller that hung
+            // up would refuse every later destroy until the agent restarts.
+            Role::TearDown(runtime) => {
+                let this = self.clone();
+                self.in_own_task(async move { this.teardown(&sandbox, runtime).await })
+                    .await
+            }
             Role::Wait => wait_gone(&sandbox).await,
         }
     }
@@ -120,7 +126,7 @@ impl SandboxManager {
     }
 
     /// Destroys every sandbox and then the host firewall table they needed; at agent shutdown.
-    pub async fn destroy_all(&self) {
+    pub async fn destroy_all(self: &Arc<Self>) {
         let sandboxes: Vec<Arc<Sandbox>> = self.registry().values().cloned().collect();
         for sandbox in sandboxes {
             let id = sandbox.id();
