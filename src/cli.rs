@@ -139,7 +139,7 @@ fn shutdown_on_signals() -> tokio_util::sync::CancellationToken {
 }
 
 /// The registration token in `path`, without surrounding whitespace.
-fn read_register_file(path: &std::path::Path) -> anyhow::Result<crate::tls::SecretText> {
+fn read_register_file(path: &std::path::Path) -> anyhow::Result<crate::secret::SecretText> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         anyhow::anyhow!(
             "cannot read the registration token file {}: {e}",
@@ -150,7 +150,7 @@ fn read_register_file(path: &std::path::Path) -> anyhow::Result<crate::tls::Secr
     if token.is_empty() {
         anyhow::bail!("the registration token file {} is empty", path.display());
     }
-    Ok(crate::tls::SecretText::new(token))
+    Ok(crate::secret::SecretText::new(token))
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -164,7 +164,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::logging::init(&loaded.config.log)?;
             let register = match register_file {
                 Some(path) => Some(read_register_file(&path)?),
-                None => register.map(crate::tls::SecretText::new),
+                None => register.map(crate::secret::SecretText::new),
             };
             let args = crate::agent::AgentArgs { register, address };
             let outcome = runtime()?.block_on(async {

@@ -11,6 +11,7 @@ pub mod error_code;
 pub mod id;
 pub mod logging;
 pub mod request_id;
+pub mod secret;
 pub mod template;
 pub mod tls;
 pub mod version;

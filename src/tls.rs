@@ -14,7 +14,6 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use serde::{Deserialize, Serialize};
 
 /// The one protocol both sides speak: HTTP/1.1 (upgrades carry the envd WebSockets).
 const ALPN_HTTP1: &[u8] = b"http/1.1";
@@ -29,28 +28,6 @@ pub enum TlsError {
     TrustAnchor(String),
     #[error("TLS setup failed: {0}")]
     Rustls(#[from] rustls::Error),
-}
-
-/// Text that must never reach a log: private keys, tokens, secrets. Serialized as the plain
-/// string (it is stored where it belongs); `Debug` shows only that something is there.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SecretText(String);
-
-impl SecretText {
-    pub fn new(text: impl Into<String>) -> Self {
-        Self(text.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for SecretText {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
 }
 
 pub fn provider() -> Arc<CryptoProvider> {

@@ -17,7 +17,7 @@ use wrenn::agent::registration::{
 };
 use wrenn::cp::services::login_limits::{self, Limit, LoginLimits};
 use wrenn::cp::state::AuthSettings;
-use wrenn::tls::SecretText;
+use wrenn::secret::SecretText;
 
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;

@@ -27,7 +27,7 @@ use wrenn::agent::registration::{ControlPlane, RegistrationError};
 use wrenn::cp::agent_client::{AgentError, AgentTarget};
 use wrenn::cp::tokens::TokenKeys;
 use wrenn::id::HostId;
-use wrenn::tls::SecretText;
+use wrenn::secret::SecretText;
 
 const NEW_SECRET: &[u8] = b"rotated-integration-secret-0123456789abcd";
 

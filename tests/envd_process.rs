@@ -594,7 +594,7 @@ async fn access_token_is_enforced_once_set() {
     let envd = envd();
     let open = envd.client();
     open.init(&InitRequest {
-        access_token: Some("s3cret".into()),
+        access_token: Some(wrenn::secret::SecretText::new("s3cret")),
         ..InitRequest::default()
     })
     .await

@@ -23,7 +23,8 @@ use super::sandbox::{SandboxError, SandboxManager};
 use super::wire::{AgentPing, CreateSandbox, SandboxInfo, SandboxList};
 use crate::error_code::{ErrorCode, ErrorEnvelope};
 use crate::id::SandboxId;
-use crate::tls::{SecretText, ServerIdentity};
+use crate::secret::SecretText;
+use crate::tls::ServerIdentity;
 
 /// Upper bound for a JSON request body; file contents travel through the envd proxy, unbounded.
 const JSON_BODY_LIMIT: usize = 1 << 20;

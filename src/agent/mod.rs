@@ -22,7 +22,7 @@ use sandbox::{Limits, SandboxError, SandboxManager};
 #[derive(Debug, Clone, Default)]
 pub struct AgentArgs {
     /// One-time registration token from `POST /v1/hosts`.
-    pub register: Option<crate::tls::SecretText>,
+    pub register: Option<crate::secret::SecretText>,
     /// The address (ip:port) the control plane reaches this agent at.
     pub address: Option<String>,
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::HttpUrl;
 use crate::error_code::ErrorEnvelope;
-use crate::tls::SecretText;
+use crate::secret::SecretText;
 
 const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
 /// The longest wait before retrying a refresh that failed in transit. Short, because the

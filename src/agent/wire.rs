@@ -8,13 +8,14 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::id::SandboxId;
+use crate::secret::EnvNames;
 use crate::template::TemplateName;
 
 /// The default writable disk of a sandbox when a request names none.
 pub const DEFAULT_DISK_MB: u32 = 5120;
 
 /// `POST /v1/sandboxes`: boot a sandbox; answered once envd in the guest answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     pub sandbox_id: SandboxId,
@@ -31,6 +32,21 @@ pub struct CreateSandbox {
     /// Default user for commands inside the guest; envd's default when absent.
     #[serde(default)]
     pub user: Option<String>,
+}
+
+impl std::fmt::Debug for CreateSandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateSandbox")
+            .field("sandbox_id", &self.sandbox_id)
+            .field("template", &self.template)
+            .field("vcpus", &self.vcpus)
+            .field("memory_mb", &self.memory_mb)
+            .field("disk_mb", &self.disk_mb)
+            .field("timeout_sec", &self.timeout_sec)
+            .field("envs", &EnvNames(&self.envs))
+            .field("user", &self.user)
+            .finish()
+    }
 }
 
 fn default_disk_mb() -> u32 {

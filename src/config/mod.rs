@@ -14,12 +14,13 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider, Source};
 use serde::{Deserialize, Serialize};
 
+use crate::secret::SecretText;
+
 pub use keys::{Key, KEYS};
 pub use layout::{Layout, LayoutError};
 pub use types::{
     ConsoleLogMaxBytes, DatabaseUrl, HostPort, HttpUrl, InterfaceName, IpCidr, IpCidrList,
-    Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat, QemuAccel, Secret, SecretList, SignupMode,
-    VmmKind,
+    Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat, QemuAccel, SecretList, SignupMode, VmmKind,
 };
 
 /// The variable that names the configuration file when `--config` is not given.
@@ -50,7 +51,7 @@ pub struct CpConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_agent_addr: Option<HostPort>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub jwt_secret: Option<Secret>,
+    pub jwt_secret: Option<SecretText>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_previous_secrets: Option<SecretList>,
     pub allow_loopback_hosts: bool,

@@ -7,6 +7,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::secret::SecretText;
+
 /// A listen address. `:PORT` means every interface, as in Go's `net.Listen`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ListenAddr(pub SocketAddr);
@@ -151,27 +153,9 @@ fn redact_url(s: &str) -> String {
     }
 }
 
-/// A secret string (signing keys); `Debug` and `config show` never reveal it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(pub String);
-
-impl FromStr for Secret {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Self(s.to_owned()))
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
 /// Comma-separated secrets; never printed.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct SecretList(pub Vec<Secret>);
+pub struct SecretList(pub Vec<SecretText>);
 
 impl FromStr for SecretList {
     type Err = String;
@@ -181,7 +165,7 @@ impl FromStr for SecretList {
             s.split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
-                .map(|s| Secret(s.to_owned()))
+                .map(SecretText::new)
                 .collect(),
         ))
     }
@@ -638,8 +622,7 @@ string_serde! {
     HostPort => |v| v.to_string(),
     HttpUrl => |v| v.to_string(),
     DatabaseUrl => |v| v.0.clone(),
-    Secret => |v| v.0.clone(),
-    SecretList => |v| v.0.iter().map(|s| s.0.as_str()).collect::<Vec<_>>().join(","),
+    SecretList => |v| v.0.iter().map(SecretText::expose).collect::<Vec<_>>().join(","),
     LogFormat => |v| v.to_string(),
     SignupMode => |v| v.to_string(),
     Ipv4Cidr => |v| v.to_string(),

@@ -32,7 +32,8 @@ use crate::config::HostPort;
 use crate::db::control_plane_ca::{self, CaRow};
 use crate::db::{Db, DbError};
 use crate::id::HostId;
-use crate::tls::{self, SecretText, TlsError};
+use crate::secret::SecretText;
+use crate::tls::{self, TlsError};
 
 /// How long an agent's certificate is valid; agents renew at refresh well before the end.
 pub const AGENT_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);

@@ -101,8 +101,8 @@ pub fn state_from_config(config: &Config) -> Result<AppState, ServeError> {
         }
     }
     let previous = config.cp.jwt_previous_secrets.iter().flat_map(|l| &l.0);
-    let tokens =
-        TokenKeys::new(secret.0.as_bytes())?.with_previous(previous.map(|s| s.0.as_bytes()))?;
+    let tokens = TokenKeys::new(secret.expose().as_bytes())?
+        .with_previous(previous.map(|s| s.expose().as_bytes()))?;
     let db = db::connect_lazy(&config.database_url.0)?;
     Ok(AppState::with_settings(
         db,

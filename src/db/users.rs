@@ -12,7 +12,8 @@ text_enum! {
     UserStatus, "users.status" { Active => "active", Disabled => "disabled" }
 }
 
-#[derive(Debug, Clone)]
+/// `Debug` leaves out the password hash, which an offline attack could use.
+#[derive(Clone)]
 pub struct User {
     pub id: Uuid,
     pub email: String,
@@ -22,6 +23,18 @@ pub struct User {
     pub status: UserStatus,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User")
+            .field("id", &self.id)
+            .field("email", &self.email)
+            .field("name", &self.name)
+            .field("is_admin", &self.is_admin)
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
 }
 
 pub struct NewUser<'a> {

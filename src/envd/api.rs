@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::secret::{EnvNames, SecretText};
 use serde::{Deserialize, Serialize};
 
 /// The TCP (and vsock) port envd listens on unless told otherwise.
@@ -42,7 +43,7 @@ pub struct Metrics {
     pub disk_total: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InitRequest {
     /// Merged into the environment of every process started afterwards.
@@ -56,12 +57,24 @@ pub struct InitRequest {
     pub default_workdir: Option<String>,
     /// From now on every request must carry this in `X-Access-Token`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub access_token: Option<String>,
+    pub access_token: Option<SecretText>,
     /// The host's wall clock, in milliseconds since the Unix epoch, when it sent the request.
     /// envd sets the guest's clock to it; sent after a resume from a snapshot, when the guest's
     /// clock still shows the time of the pause. Absent, the clock is left alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wall_clock_unix_ms: Option<i64>,
+}
+
+impl std::fmt::Debug for InitRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitRequest")
+            .field("env_vars", &EnvNames(&self.env_vars))
+            .field("default_user", &self.default_user)
+            .field("default_workdir", &self.default_workdir)
+            .field("access_token", &self.access_token)
+            .field("wall_clock_unix_ms", &self.wall_clock_unix_ms)
+            .finish()
+    }
 }
 
 /// What to run and as whom.

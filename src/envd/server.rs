@@ -35,6 +35,7 @@ use super::output::{LogItem, StreamKind};
 use super::process::{parse_signal, Defaults, ProcessError, Processes};
 use super::users::UserError;
 use super::watch::DirWatch;
+use crate::secret::SecretText;
 
 /// Download chunk size: large enough to keep per-chunk overhead low, small enough for memory.
 const DOWNLOAD_CHUNK: usize = 256 << 10;
@@ -289,7 +290,7 @@ async fn init(
     if let Some(user) = &request.default_user {
         FileUser::resolve(Some(user))?;
     }
-    if request.access_token.as_deref() == Some("") {
+    if request.access_token.as_ref().map(SecretText::expose) == Some("") {
         return Err(ApiError::BadRequest(
             "`access_token` must not be empty".into(),
         ));
@@ -316,7 +317,8 @@ async fn init(
         *state
             .token_digest
             .write()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Sha256::digest(token.as_bytes()).into());
+            .unwrap_or_else(|p| p.into_inner()) =
+            Some(Sha256::digest(token.expose().as_bytes()).into());
     }
     Ok(StatusCode::NO_CONTENT)
 }

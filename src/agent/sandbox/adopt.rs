@@ -156,7 +156,7 @@ impl SandboxManager {
                 let spec = self.vm_spec(&record.request, &image, &network);
                 let envd = EnvdClient::new(&format!("http://{}", network.envd_addr()))
                     .expect("a socket address is a valid envd base")
-                    .with_token(record.access_token.clone());
+                    .with_token(record.access_token.expose());
                 let mut vm = self
                     .vmm
                     .adopt(&spec, vmm_pid)

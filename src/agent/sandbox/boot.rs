@@ -13,6 +13,7 @@ use crate::agent::network::SandboxNetwork;
 use crate::agent::wire::{CreateSandbox, SandboxInfo, SandboxPhase};
 use crate::envd::api::InitRequest;
 use crate::envd::client::EnvdClient;
+use crate::secret::SecretText;
 use crate::vmm::{console_tail, Drive, NetAttachment, Vm, VmFiles, VmSpec, VmStatus};
 
 /// The create steps in order; a failure names the step and undoes the earlier ones.
@@ -271,7 +272,7 @@ impl SandboxManager {
             self.wait_envd(sandbox, &envd, &mut *vm).await?;
             injected_failure(id, CreateStep::EnvdReady).await?;
             phases.lap("boot_to_envd");
-            let access_token = hex::encode(rand::random::<[u8; 32]>());
+            let access_token = SecretText::new(hex::encode(rand::random::<[u8; 32]>()));
             let init = InitRequest {
                 env_vars: req.envs.clone().into_iter().collect(),
                 default_user: req.user.clone(),
@@ -284,7 +285,7 @@ impl SandboxManager {
                 .map_err(|e| fail(CreateStep::EnvdInit, e.to_string()))?;
             *sandbox.access_token.lock().expect("token lock") = access_token.clone();
             injected_failure(id, CreateStep::EnvdInit).await?;
-            Ok(envd.with_token(access_token))
+            Ok(envd.with_token(access_token.into_exposed()))
         }
         .await;
         match result {

@@ -27,6 +27,7 @@ use crate::agent::wire::{CreateSandbox, LostSandbox, SandboxInfo, SandboxPhase};
 use crate::config::Layout;
 use crate::envd::client::EnvdClient;
 use crate::id::SandboxId;
+use crate::secret::SecretText;
 use crate::vmm::{ConfinementPolicy, Vm, Vmm};
 
 pub use adopt::Recovery;
@@ -160,7 +161,7 @@ struct Sandbox {
     metadata: Mutex<BTreeMap<String, String>>,
     /// The token envd in the guest expects. It lives in the guest's memory, so it survives a
     /// pause; a resume replaces it.
-    access_token: Mutex<String>,
+    access_token: Mutex<SecretText>,
 }
 
 /// Holds a sandbox active (exempt from the idle reaper) while it lives; the idle timer restarts
@@ -201,7 +202,7 @@ impl Sandbox {
             gone: watch::Sender::new(None),
             guest_addr: Mutex::new(None),
             metadata: Mutex::new(BTreeMap::new()),
-            access_token: Mutex::new(String::new()),
+            access_token: Mutex::new(SecretText::default()),
         }
     }
 
@@ -231,7 +232,7 @@ impl Sandbox {
         }
     }
 
-    fn access_token(&self) -> String {
+    fn access_token(&self) -> SecretText {
         self.access_token.lock().expect("token lock").clone()
     }
 

@@ -273,7 +273,7 @@ impl SandboxManager {
         let address = format!("http://{}", network.envd_addr());
         let envd = EnvdClient::new(&address)
             .expect("a socket address is a valid envd base")
-            .with_token(sandbox.access_token());
+            .with_token(sandbox.access_token().into_exposed());
         // Killing a guest that runs would lose the sandbox for good; one whose envd is slow to
         // answer is kept, and its next call tells whether it recovered.
         match self.await_envd(&id, &envd, RESUMED_ENVD_WAIT).await {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::SandboxError;
 use crate::agent::wire::CreateSandbox;
 use crate::config::Layout;
+use crate::secret::SecretText;
 
 /// The version of this record's shape; a record of another version is not adopted.
 pub const RECORD_FORMAT: u32 = 1;
@@ -25,7 +26,7 @@ pub struct SandboxRecord {
     pub request: CreateSandbox,
     pub created_at: DateTime<Utc>,
     /// The token envd in the guest expects; it survives a pause in the guest's memory.
-    pub access_token: String,
+    pub access_token: SecretText,
     pub state: RecordedState,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
@@ -105,17 +106,22 @@ mod tests {
                 memory_mb: 256,
                 disk_mb: 512,
                 timeout_sec: 30,
-                envs: BTreeMap::new(),
+                envs: BTreeMap::from([("API_KEY".into(), "sk-secret".into())]),
                 user: None,
             },
             created_at: Utc::now(),
-            access_token: "t".repeat(64),
+            access_token: SecretText::new("t".repeat(64)),
             state: RecordedState::Running {
                 vmm_pid: 42,
                 slot: 3,
             },
             metadata: BTreeMap::from([("vmm".into(), "qemu".into())]),
         };
+        let shown = format!("{record:?}");
+        assert!(
+            !shown.contains("tttt") && !shown.contains("sk-secret") && shown.contains("API_KEY"),
+            "{shown}"
+        );
         let path = layout.sandbox_record(&id.to_string());
         record.save(&layout).unwrap();
         assert_eq!(SandboxRecord::load(&path).unwrap(), record);

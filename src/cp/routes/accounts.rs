@@ -12,12 +12,13 @@ use crate::cp::services::accounts::{self, Session, Signup, SignupPolicy};
 use crate::cp::services::input::{DisplayName, Email, Password};
 use crate::cp::state::AppState;
 use crate::id::{TeamId, UserId};
+use crate::secret::SecretText;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SignupRequest {
     email: String,
-    password: String,
+    password: SecretText,
     name: String,
 }
 
@@ -25,7 +26,7 @@ pub struct SignupRequest {
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     email: String,
-    password: String,
+    password: SecretText,
 }
 
 #[derive(Debug, Deserialize)]
@@ -43,7 +44,7 @@ pub struct RenameRequest {
 /// `AuthResponse` of the spec.
 #[derive(Debug, Serialize)]
 pub struct AuthResponse {
-    token: String,
+    token: SecretText,
     user_id: UserId,
     team_id: TeamId,
     email: String,
@@ -85,7 +86,7 @@ pub async fn signup(
 ) -> Result<(StatusCode, Json<SignupResponse>), ApiError> {
     let signup = Signup {
         email: Email::parse("email", &req.email)?,
-        password: Password::parse("password", &req.password)?,
+        password: Password::parse("password", req.password.expose())?,
         name: DisplayName::parse("name", &req.name)?,
     };
     let policy = SignupPolicy {
@@ -120,7 +121,7 @@ pub async fn login(
         &state.passwords,
         limits,
         &req.email,
-        &req.password,
+        req.password.expose(),
         client,
     )
     .await?;
@@ -163,4 +164,38 @@ pub async fn rename_me(
             .await?
             .into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_and_tokens_stay_out_of_debug_output() {
+        const SECRET: &str = "hunter2-hunter2";
+        let signup: SignupRequest = serde_json::from_value(serde_json::json!({
+            "email": "a@example.com", "password": SECRET, "name": "A"
+        }))
+        .unwrap();
+        let login: LoginRequest = serde_json::from_value(serde_json::json!({
+            "email": "a@example.com", "password": SECRET
+        }))
+        .unwrap();
+        let response = AuthResponse::from(Session {
+            token: SecretText::new(SECRET),
+            user_id: UserId(uuid::Uuid::nil()),
+            team_id: TeamId(uuid::Uuid::nil()),
+            email: "a@example.com".into(),
+            name: "A".into(),
+        });
+        for shown in [
+            format!("{signup:?}"),
+            format!("{login:?}"),
+            format!("{response:?}"),
+        ] {
+            assert!(!shown.contains(SECRET), "{shown}");
+        }
+        // On the wire the token is still there.
+        assert_eq!(serde_json::to_value(&response).unwrap()["token"], SECRET);
+    }
 }

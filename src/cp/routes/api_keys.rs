@@ -17,6 +17,7 @@ use crate::cp::services::input::KeyName;
 use crate::cp::state::AppState;
 use crate::db::api_keys::ApiKey;
 use crate::id::{ApiKeyId, TeamId};
+use crate::secret::SecretText;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,7 +36,7 @@ pub struct ApiKeyResponse {
     created_at: DateTime<Utc>,
     last_used: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<String>,
+    key: Option<SecretText>,
 }
 
 impl ApiKeyResponse {
@@ -47,7 +48,7 @@ impl ApiKeyResponse {
             key_prefix: key.key_prefix,
             created_at: key.created_at,
             last_used: key.last_used,
-            key: plaintext,
+            key: plaintext.map(SecretText::new),
         }
     }
 }

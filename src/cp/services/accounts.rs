@@ -17,6 +17,7 @@ use crate::db::users::{self, NewUser, User, UserStatus};
 use crate::db::{teams, Db, DbError};
 use crate::error_code::ErrorCode;
 use crate::id::{TeamId, UserId};
+use crate::secret::SecretText;
 
 /// Name of the team every account gets at signup.
 pub const DEFAULT_TEAM_NAME: &str = "Personal";
@@ -24,7 +25,7 @@ pub const DEFAULT_TEAM_NAME: &str = "Personal";
 /// What signup, login and team switching return: a user JWT scoped to one team.
 #[derive(Debug, Clone)]
 pub struct Session {
-    pub token: String,
+    pub token: SecretText,
     pub user_id: UserId,
     pub team_id: TeamId,
     pub email: String,
@@ -46,7 +47,13 @@ fn new_slug() -> String {
 fn session(tokens: &TokenKeys, user: &User, team: Uuid) -> Session {
     let (user_id, team_id) = (UserId(user.id), TeamId(team));
     Session {
-        token: tokens.issue_user(user_id, team_id, &user.email, &user.name, user.is_admin),
+        token: SecretText::new(tokens.issue_user(
+            user_id,
+            team_id,
+            &user.email,
+            &user.name,
+            user.is_admin,
+        )),
         user_id,
         team_id,
         email: user.email.clone(),

@@ -100,6 +100,7 @@ pub(crate) fn user_action<'a>(
 /// only valid names, emails and passwords.
 pub mod input {
     use super::ServiceError;
+    use crate::secret::SecretText;
 
     macro_rules! checked_string {
         ($(#[$doc:meta])* $name:ident) => {
@@ -118,10 +119,6 @@ pub mod input {
     checked_string!(
         /// An email address: trimmed, 3-254 characters, one `@` with text on both sides.
         Email
-    );
-    checked_string!(
-        /// A password of 8-1024 bytes.
-        Password
     );
     checked_string!(
         /// A person's display name: 1-100 characters after trimming.
@@ -159,14 +156,22 @@ pub mod input {
         }
     }
 
+    /// A password of 8-1024 bytes.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Password(SecretText);
+
     impl Password {
+        pub fn as_str(&self) -> &str {
+            self.0.expose()
+        }
+
         pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
             match raw.len() {
                 0..=7 => Err(ServiceError::invalid(
                     field,
                     "must be at least 8 characters",
                 )),
-                8..=1024 => Ok(Self(raw.to_owned())),
+                8..=1024 => Ok(Self(SecretText::new(raw))),
                 _ => Err(ServiceError::invalid(field, "must be at most 1024 bytes")),
             }
         }

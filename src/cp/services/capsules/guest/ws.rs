@@ -18,6 +18,7 @@ use super::check_selector;
 use super::command::{CommandError, CommandRequest};
 use crate::envd::api::{AttachRequest, ClientMessage};
 use crate::envd::client::{EnvdClientError, ProcessEvent, ProcessSession, SessionInput};
+use crate::secret::SecretText;
 
 const PTY_PING_EVERY: Duration = Duration::from_secs(30);
 
@@ -29,7 +30,7 @@ const PTY_PING_EVERY: Duration = Duration::from_secs(30);
 pub enum ClientFrame {
     /// An API key (`wrn_...`) or a user JWT.
     Auth {
-        token: String,
+        token: SecretText,
     },
     Start(CommandRequest),
     /// Re-attach to a PTY by the tag its `started` frame gave.
@@ -127,7 +128,7 @@ pub enum FrameError {
 /// `None` is a client that sent nothing (in time).
 pub fn auth_token(text: Option<&str>) -> Result<String, FrameError> {
     match text.map(serde_json::from_str::<ClientFrame>) {
-        Some(Ok(ClientFrame::Auth { token })) => Ok(token),
+        Some(Ok(ClientFrame::Auth { token })) => Ok(token.into_exposed()),
         Some(Ok(_) | Err(_)) | None => Err(FrameError::Expected(
             "{\"type\":\"auth\",\"token\":\"...\"} as the first frame",
         )),
@@ -424,7 +425,7 @@ mod tests {
             (
                 json!({"type": "auth", "token": "wrn_x"}),
                 ClientFrame::Auth {
-                    token: "wrn_x".into(),
+                    token: SecretText::new("wrn_x"),
                 },
             ),
             (
