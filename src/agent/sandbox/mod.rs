@@ -369,7 +369,12 @@ impl SandboxManager {
         &self,
         operation: impl std::future::Future<Output = Result<T, SandboxError>> + Send + 'static,
     ) -> Result<T, SandboxError> {
-        match self.operations.spawn(operation).await {
+        // The task carries the caller's span, so its log lines keep the request's ID.
+        match self
+            .operations
+            .spawn(tracing::Instrument::in_current_span(operation))
+            .await
+        {
             Ok(outcome) => outcome,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             Err(error) => Err(SandboxError::Interrupted(error.to_string())),
