@@ -159,6 +159,13 @@ install_accounts() {
     chmod 0640 "$tree/etc/shadow"
     install -d -m 0700 -o 0 -g 0 "$tree/root"
     install -d -m 0755 -o 1000 -g 1000 "$tree/home/user"
+    # The sandbox is the user's own machine: where sudo is installed, `user` may use it without
+    # a password (it has none).
+    if [[ -x $tree/usr/bin/sudo ]]; then
+        install -d -m 0750 "$tree/etc/sudoers.d"
+        echo 'user ALL=(ALL:ALL) NOPASSWD: ALL' >"$tree/etc/sudoers.d/wrenn-user"
+        chmod 0440 "$tree/etc/sudoers.d/wrenn-user"
+    fi
 }
 
 # What envd expects in every image: mount points, sticky temp directories, and the files it
@@ -205,4 +212,56 @@ with open(meta + ".new", "w") as f:
     f.write("\n")
 os.replace(meta + ".new", meta)
 PY
+}
+
+# ---- Debian templates ------------------------------------------------------------------------
+
+DEBIAN_SUITE=bookworm
+DEBIAN_MIRROR=${WRENN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+DEBIAN_SECURITY_MIRROR=${WRENN_DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+# Downloaded packages, shared by every Debian template's build so the second one fetches only
+# what the first did not.
+DEBIAN_PACKAGE_CACHE=$BUILD_DIR/apt-archives
+
+# What decides a Debian tree: the suite, the mirrors and the packages (comma-separated).
+debian_inputs() {
+    echo "$DEBIAN_SUITE" "$DEBIAN_MIRROR" "$DEBIAN_SECURITY_MIRROR" "$1"
+}
+
+# Unpacks into TREE a Debian minbase tree with PACKAGES (comma-separated), from a tarball cached
+# under BUILD_DIR and keyed by its inputs; a new envd or a change outside the Debian tree repeats
+# only the quick image step. KIND names the cache (one tarball per kind is kept).
+debian_tree() {
+    local tree=$1 kind=$2 packages=$3 tarball
+    tarball=$BUILD_DIR/$kind-base-$(inputs_hash "$SOURCE_DATE_EPOCH" "$(debian_inputs "$packages")").tar
+    if [[ -f $tarball ]]; then
+        log "reusing the Debian tree $(basename "$tarball")"
+    else
+        need_tools mmdebstrap
+        mkdir -p "$BUILD_DIR" "$DEBIAN_PACKAGE_CACHE"
+        rm -f "$BUILD_DIR/$kind"-base-*.tar "$BUILD_DIR/$kind"-base-*.tar.part
+        log "mmdebstrap $DEBIAN_SUITE minbase + $packages (downloads what the package cache lacks)"
+        # Documentation, manuals and translations are a third of the tree and unused in a
+        # sandbox; apt's lists are dropped as in container images (`apt-get update` first).
+        mmdebstrap --variant=minbase --include="$packages" --format=tar \
+            --dpkgopt='path-exclude=/usr/share/man/*' \
+            --dpkgopt='path-exclude=/usr/share/locale/*' \
+            --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+            --dpkgopt='path-exclude=/usr/share/doc/*' \
+            --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+            --aptopt='Acquire::Retries "3"' \
+            --setup-hook='mkdir -p "$1"/var/cache/apt/archives/' \
+            --setup-hook="sync-in $DEBIAN_PACKAGE_CACHE /var/cache/apt/archives/" \
+            --customize-hook="sync-out /var/cache/apt/archives $DEBIAN_PACKAGE_CACHE" \
+            --customize-hook='rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED' \
+            --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/log/*' \
+            "$DEBIAN_SUITE" "$tarball.part" \
+            "deb $DEBIAN_MIRROR $DEBIAN_SUITE main" \
+            "deb $DEBIAN_MIRROR $DEBIAN_SUITE-updates main" \
+            "deb $DEBIAN_SECURITY_MIRROR $DEBIAN_SUITE-security main" >&2 ||
+            die "mmdebstrap failed (is $DEBIAN_MIRROR reachable?)"
+        mv -f "$tarball.part" "$tarball"
+    fi
+    log "unpacking the Debian tree"
+    tar -x --numeric-owner -p --xattrs --xattrs-include='*' -f "$tarball" -C "$tree"
 }

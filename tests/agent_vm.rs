@@ -116,12 +116,12 @@ async fn requests_without_the_agent_secret_or_with_bad_input_are_refused() {
         agent.secret = secret;
 
         let cases = [
-            (json!({"sandbox_id": "../x", "template": "minimal", "vcpus": 1, "memory_mb": 256}), 400),
+            (json!({"sandbox_id": "../x", "template": "busybox", "vcpus": 1, "memory_mb": 256}), 400),
             (json!({"sandbox_id": sid("a"), "template": "nope", "vcpus": 1, "memory_mb": 256}), 404),
-            (json!({"sandbox_id": sid("a"), "template": "minimal", "vcpus": 0, "memory_mb": 256}), 400),
-            (json!({"sandbox_id": sid("a"), "template": "minimal", "vcpus": 1, "memory_mb": 1}), 400),
-            (json!({"sandbox_id": sid("a"), "template": "minimal", "vcpus": 1, "memory_mb": 256, "x": 1}), 400),
-            (json!({"template": "minimal"}), 400),
+            (json!({"sandbox_id": sid("a"), "template": "busybox", "vcpus": 0, "memory_mb": 256}), 400),
+            (json!({"sandbox_id": sid("a"), "template": "busybox", "vcpus": 1, "memory_mb": 1}), 400),
+            (json!({"sandbox_id": sid("a"), "template": "busybox", "vcpus": 1, "memory_mb": 256, "x": 1}), 400),
+            (json!({"template": "busybox"}), 400),
         ];
         for (body, want) in cases {
             let (status, reply) = agent.call(Method::POST, "/v1/sandboxes", Some(body.clone()));
@@ -266,7 +266,7 @@ async fn an_idle_sandbox_is_paused_after_its_timeout_pings_keep_it_alive_and_a_c
     let (cp, agent, _, _) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
         let id = sid("e2e-idle");
-        let body = json!({"sandbox_id": id, "template": "minimal", "vcpus": 1,
+        let body = json!({"sandbox_id": id, "template": "busybox", "vcpus": 1,
                           "memory_mb": 256, "disk_mb": 256, "timeout_sec": 4});
         let (status, info) = agent.call(Method::POST, "/v1/sandboxes", Some(body));
         assert_eq!(status, StatusCode::CREATED, "{info}");
@@ -318,7 +318,7 @@ async fn two_deletes_and_the_idle_reaper_tear_a_sandbox_down_exactly_once() {
     let (cp, agent, _, _) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
         let id = sid("e2e-race");
-        let body = json!({"sandbox_id": id, "template": "minimal", "vcpus": 1,
+        let body = json!({"sandbox_id": id, "template": "busybox", "vcpus": 1,
                           "memory_mb": 256, "disk_mb": 256, "timeout_sec": 2});
         let (status, info) = agent.call(Method::POST, "/v1/sandboxes", Some(body));
         assert_eq!(status, StatusCode::CREATED, "{info}");
@@ -890,7 +890,7 @@ async fn hostile_guests_cost_the_agent_neither_memory_nor_time() {
             impersonate_envd(&agent, &addresses[0], "silent"),
             impersonate_envd(&agent, &addresses[1], "endless"),
         ];
-        let body = json!({"sandbox_id": idle, "template": "minimal", "vcpus": 1,
+        let body = json!({"sandbox_id": idle, "template": "busybox", "vcpus": 1,
                           "memory_mb": 256, "disk_mb": 256, "timeout_sec": 6});
         let (status, info) = agent.call(Method::POST, "/v1/sandboxes", Some(body));
         assert_eq!(status, StatusCode::CREATED, "{info}");

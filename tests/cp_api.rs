@@ -1633,3 +1633,91 @@ async fn an_oversized_websocket_message_closes_the_socket_before_authentication(
     assert_eq!(status, StatusCode::OK);
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn templates_list_the_builtins_for_every_team_by_type() {
+    let cp = TestCp::start().await;
+    let spec = Spec::reference();
+    let ours = Spec::ours();
+    let user = cp.signup("ada@example.com").await;
+    let (status, key) = cp
+        .call(
+            POST,
+            "/v1/api-keys",
+            &user.auth(),
+            Some(json!({"name": "t"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{key}");
+    let key = Auth::ApiKey(key["key"].as_str().unwrap().to_owned());
+
+    for auth in [&key, &user.auth()] {
+        let (status, list) = cp.call(GET, "/v1/snapshots", auth, None).await;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        spec.check_response("GET", "/v1/snapshots", 200, &list);
+        ours.check_response("GET", "/v1/snapshots", 200, &list);
+        let names: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["minimal", "python", "busybox"], "{list}");
+        let minimal = &list[0];
+        assert_eq!(
+            (
+                &minimal["type"],
+                &minimal["vcpus"],
+                &minimal["memory_mb"],
+                &minimal["platform"],
+                &minimal["protected"]
+            ),
+            (
+                &json!("base"),
+                &json!(1),
+                &json!(512),
+                &json!(true),
+                &json!(true)
+            ),
+            "{minimal}"
+        );
+        assert!(minimal["metadata"]["description"].is_string(), "{minimal}");
+    }
+
+    let (_, bases) = cp.call(GET, "/v1/snapshots?type=base", &key, None).await;
+    assert_eq!(bases.as_array().unwrap().len(), 3, "{bases}");
+    let (_, snapshots) = cp
+        .call(GET, "/v1/snapshots?type=snapshot", &key, None)
+        .await;
+    assert_eq!(snapshots, json!([]));
+    let (status, page) = cp.call(GET, "/v1/snapshots?limit=1", &key, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page.as_array().unwrap().len(), 1, "{page}");
+    let (status, body) = cp.call(GET, "/v1/snapshots?type=docker", &key, None).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("docker"));
+    let (status, body) = cp.call(GET, "/v1/snapshots", &Auth::None, None).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    // A template nobody has is a 404 naming it, before any host is asked.
+    let (status, body) = cp
+        .call(
+            POST,
+            "/v1/capsules",
+            &key,
+            Some(json!({"template": "no-such-template"})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-template"),
+        "{body}"
+    );
+    cp.stop().await;
+}

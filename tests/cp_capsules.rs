@@ -336,6 +336,19 @@ async fn lifecycle_create_list_get_ping_destroy() {
         (Some("minimal"), Some(1), Some(512), Some(0))
     );
     let second_id = second["id"].as_str().unwrap();
+    // A template's own defaults fill what a request leaves out.
+    let (status, small) = stack.create(&key, json!({"template": "busybox"})).await;
+    assert_eq!(status, StatusCode::CREATED, "{small}");
+    assert_eq!(
+        (small["template"].as_str(), small["memory_mb"].as_i64()),
+        (Some("busybox"), Some(256))
+    );
+    let small_id = small["id"].as_str().unwrap();
+    let (status, _) = stack
+        .cp
+        .call(DELETE, &format!("/v1/capsules/{small_id}"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
 
     let (status, list) = stack.cp.call(GET, "/v1/capsules", &key, None).await;
     assert_eq!(status, StatusCode::OK);

@@ -1,4 +1,4 @@
-//! envd as the real guest init: the minimal image booted under QEMU `microvm` (TCG), reached
+//! envd as the real guest init: the busybox image booted under QEMU `microvm` (TCG), reached
 //! through the forwarded port like a host reaches it, and powered off through its API.
 //!
 //! Uses the shared test files root (`$WRENN_TEST_FILES_ROOT`, default /var/tmp/wrenn-test-root)
@@ -57,7 +57,7 @@ async fn envd_is_the_guest_init_and_serves_the_host() {
     let disk = guest::sandbox_disk(tmp.path(), None).unwrap();
     let port = guest::free_port().unwrap();
     let mut spec = GuestSpec::new(&layout);
-    spec.base_image = Some(layout.image_rootfs("minimal"));
+    spec.base_image = Some(layout.image_rootfs("busybox"));
     spec.sandbox_disk = Some(disk);
     spec.forward_port = Some(port);
     let mut vm = GuestVm::boot(&spec).unwrap();

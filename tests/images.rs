@@ -22,12 +22,14 @@ use wrenn_test_support::guest::{self, GuestSpec, GuestVm};
 /// Generous: two cores shared with other TCG guests and compilers. A boot takes 2-5 s alone.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// The shared files root with the kernel, initramfs and minimal image built (once per run).
+/// The shared files root with the kernel, initramfs, busybox and minimal images built (once per
+/// run).
 fn files() -> &'static Layout {
     guest::test_files()
 }
 
-/// The shared files root with the python image built too (minutes when cold: mmdebstrap).
+/// The shared files root with the python image built too (a minute or two when cold:
+/// mmdebstrap, with the packages the minimal image already fetched).
 fn files_with_python() -> &'static Layout {
     static PYTHON: OnceLock<()> = OnceLock::new();
     let layout = files();
@@ -87,9 +89,9 @@ exec httpd -f -p 49983 -h /tmp/www
 "#;
 
 #[test]
-fn minimal_image_boots_on_an_overlay_of_read_only_base_and_sandbox_disk() {
+fn busybox_image_boots_on_an_overlay_of_read_only_base_and_sandbox_disk() {
     let layout = files();
-    let base = layout.image_rootfs("minimal");
+    let base = layout.image_rootfs("busybox");
     let base_before = sha256_file(&base);
     let tmp = tempfile::tempdir().unwrap();
     let disk = guest::sandbox_disk(tmp.path(), Some(PROBE_INIT)).unwrap();
@@ -106,7 +108,7 @@ fn minimal_image_boots_on_an_overlay_of_read_only_base_and_sandbox_disk() {
         .unwrap_or_else(|e| panic!("{e}"));
     let console = vm.console();
     for line in [
-        "probe: os=wrenn-minimal",
+        "probe: os=wrenn-busybox",
         "probe: wrote /etc/overlay-probe",
         "probe: base read-only",
         "probe: root is overlay",
@@ -124,7 +126,7 @@ fn minimal_image_boots_on_an_overlay_of_read_only_base_and_sandbox_disk() {
         "{health}"
     );
     let os_release = http_get(port, "/os-release", Duration::from_secs(10));
-    assert!(os_release.contains("ID=wrenn-minimal"), "{os_release}");
+    assert!(os_release.contains("ID=wrenn-busybox"), "{os_release}");
     http_get(port, "/cgi-bin/poweroff", Duration::from_secs(10));
     vm.wait_for_exit(BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -188,7 +190,7 @@ fn unformatted_sandbox_disk_powers_off_with_a_message() {
         .set_len(64 << 20)
         .unwrap();
     let mut spec = GuestSpec::new(layout);
-    spec.base_image = Some(layout.image_rootfs("minimal"));
+    spec.base_image = Some(layout.image_rootfs("busybox"));
     spec.sandbox_disk = Some(blank);
     assert_fails_and_powers_off(
         &spec,
@@ -200,7 +202,7 @@ fn unformatted_sandbox_disk_powers_off_with_a_message() {
 fn missing_init_program_powers_off_and_no_sandbox_disk_means_tmpfs() {
     let layout = files();
     let mut spec = GuestSpec::new(layout);
-    spec.base_image = Some(layout.image_rootfs("minimal"));
+    spec.base_image = Some(layout.image_rootfs("busybox"));
     spec.extra_cmdline
         .push("wrenn.init=/usr/local/bin/absent".into());
     let console = assert_fails_and_powers_off(
@@ -220,9 +222,9 @@ fn image_builds_are_reproducible_and_idempotent() {
     let mut digests = Vec::new();
     for root in &roots {
         let layout = Layout::new(root.path());
-        let log = guest::build_image(&layout, "minimal", &bin).unwrap_or_else(|e| panic!("{e}"));
+        let log = guest::build_image(&layout, "busybox", &bin).unwrap_or_else(|e| panic!("{e}"));
         assert!(log.contains("done:"), "{log}");
-        digests.push(sha256_file(&layout.image_rootfs("minimal")));
+        digests.push(sha256_file(&layout.image_rootfs("busybox")));
     }
     assert_eq!(
         digests[0], digests[1],
@@ -230,19 +232,19 @@ fn image_builds_are_reproducible_and_idempotent() {
     );
 
     let layout = Layout::new(roots[0].path());
-    let again = guest::build_image(&layout, "minimal", &bin).unwrap();
+    let again = guest::build_image(&layout, "busybox", &bin).unwrap();
     assert!(again.contains("up to date"), "{again}");
     let meta: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(layout.image_dir("minimal").join("meta.json")).unwrap(),
+        &std::fs::read(layout.image_dir("busybox").join("meta.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(meta["template"], "minimal");
+    assert_eq!(meta["template"], "busybox");
     assert_eq!(meta["sha256"], digests[0].as_str());
     assert!(
         meta["envd_version"].as_str().unwrap().starts_with("wrenn "),
         "{meta}"
     );
-    let passwd = guest::read_from_ext4(&layout.image_rootfs("minimal"), "/etc/passwd").unwrap();
+    let passwd = guest::read_from_ext4(&layout.image_rootfs("busybox"), "/etc/passwd").unwrap();
     assert!(passwd.contains("root:x:0:0:"), "{passwd}");
     assert!(
         passwd.contains("user:x:1000:1000:Wrenn sandbox user:/home/user:/bin/sh"),
@@ -255,7 +257,7 @@ fn update_envd_replaces_the_binary_in_place() {
     let layout = files();
     let tmp = tempfile::tempdir().unwrap();
     let image = tmp.path().join("rootfs.ext4");
-    std::fs::copy(layout.image_rootfs("minimal"), &image).unwrap();
+    std::fs::copy(layout.image_rootfs("busybox"), &image).unwrap();
     // A different but still runnable binary: ELF files ignore trailing bytes.
     let mut new_bin = std::fs::read(guest::static_binary()).unwrap();
     new_bin.extend(std::iter::repeat_n(0xa5u8, 8 << 20));
@@ -366,9 +368,9 @@ impl EnvdGuest {
 }
 
 #[test]
-fn envd_starts_in_the_minimal_image_and_runs_commands_on_the_overlay() {
+fn envd_starts_in_the_busybox_image_and_runs_commands_on_the_overlay() {
     let layout = files();
-    let guest = EnvdGuest::boot(layout, "minimal");
+    let guest = EnvdGuest::boot(layout, "busybox");
     assert!(
         guest
             .vm
@@ -379,7 +381,7 @@ fn envd_starts_in_the_minimal_image_and_runs_commands_on_the_overlay() {
     );
     let os_release = guest.run(None, "cat", &["/etc/os-release"]);
     assert!(
-        os_release.stdout.contains("ID=wrenn-minimal"),
+        os_release.stdout.contains("ID=wrenn-busybox"),
         "{os_release:?}"
     );
     let whoami = guest.run(Some("user"), "sh", &["-c", "id -un; pwd; echo kept >note"]);
@@ -404,6 +406,48 @@ fn envd_starts_in_the_minimal_image_and_runs_commands_on_the_overlay() {
 }
 
 #[test]
+fn minimal_image_is_debian_with_a_shell_git_and_sudo_for_user() {
+    let layout = files();
+    let guest = EnvdGuest::boot(layout, "minimal");
+    let os_release = guest.run(None, "cat", &["/etc/os-release"]);
+    assert!(
+        os_release.stdout.contains("VERSION_CODENAME=bookworm"),
+        "{os_release:?}"
+    );
+    // What the SDKs reach for: a login bash (the PTY's default shell), git, curl, and the
+    // tools of a Debian machine; `user` may sudo without a password.
+    let tools = guest.run(
+        Some("user"),
+        "bash",
+        &[
+            "-lc",
+            "echo $SHELL; git --version && curl --version | head -n1 && ps -p $$ -o comm= && \
+             ip -V && tar --version | head -n1 && xz --version | head -n1 && \
+             echo hi | gzip | gunzip && less --version | head -n1 && sudo -n id -un",
+        ],
+    );
+    for expected in [
+        "git version 2.",
+        "curl 7.",
+        "bash\n",
+        "ip utility",
+        "tar (GNU tar)",
+        "xz (XZ Utils)",
+        "hi\n",
+        "less ",
+        "root\n",
+    ] {
+        assert!(tools.stdout.contains(expected), "{expected:?}: {tools:?}");
+    }
+    let passwd = guest.run(None, "getent", &["passwd", "user"]);
+    assert_eq!(
+        passwd.stdout,
+        "user:x:1000:1000:Wrenn sandbox user:/home/user:/bin/bash\n"
+    );
+    guest.shut_down();
+}
+
+#[test]
 fn python_image_runs_python_through_envd() {
     let layout = files_with_python();
     let guest = EnvdGuest::boot(layout, "python");
@@ -422,7 +466,8 @@ fn python_image_runs_python_through_envd() {
         "bash",
         &[
             "-c",
-            "git --version && python3 -m pip --version && curl --version",
+            "git --version && python3 -V && python3 -m pip --version && python3 -m venv /tmp/v && \
+             sudo -n true && curl --version",
         ],
     );
     assert!(tools.stdout.contains("git version 2."), "{tools:?}");

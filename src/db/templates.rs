@@ -1,8 +1,13 @@
-//! Queries on `templates`: the images (and, later, snapshots) sandboxes start from.
+//! Queries on `templates`: the images (and, later, snapshots) sandboxes start from. Platform
+//! templates (the platform team's) are visible to every team; a team's own come first when
+//! names clash.
 
+use chrono::{DateTime, Utc};
+use serde_json::Value;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
+use super::page::Keyset;
 use super::{text_enum, DbError};
 use crate::id::TeamId;
 
@@ -19,6 +24,16 @@ pub struct Template {
     pub template_type: TemplateType,
     pub vcpus: i32,
     pub memory_mb: i32,
+    pub size_bytes: i64,
+    pub protected: bool,
+    pub metadata: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Template {
+    pub fn is_platform(&self) -> bool {
+        self.team_id == TeamId::PLATFORM.uuid()
+    }
 }
 
 /// The template `name` as `team` sees it: its own first, then the platform's.
@@ -29,7 +44,8 @@ pub async fn visible_by_name(
 ) -> Result<Option<Template>, DbError> {
     Ok(sqlx::query_as!(
         Template,
-        r#"SELECT id, team_id, name, type AS "template_type: TemplateType", vcpus, memory_mb
+        r#"SELECT id, team_id, name, type AS "template_type: TemplateType", vcpus, memory_mb,
+                  size_bytes, protected, metadata, created_at
            FROM templates
            WHERE name = $1 AND team_id IN ($2, $3)
            ORDER BY (team_id = $2) DESC LIMIT 1"#,
@@ -38,5 +54,33 @@ pub async fn visible_by_name(
         TeamId::PLATFORM.uuid(),
     )
     .fetch_optional(ex)
+    .await?)
+}
+
+/// Up to `limit` of the templates `team` sees (its own and the platform's) after `after`, of
+/// `template_type` when given, oldest first.
+pub async fn page_visible(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    template_type: Option<TemplateType>,
+    after: Keyset,
+    limit: i64,
+) -> Result<Vec<Template>, DbError> {
+    Ok(sqlx::query_as!(
+        Template,
+        r#"SELECT id, team_id, name, type AS "template_type: TemplateType", vcpus, memory_mb,
+                  size_bytes, protected, metadata, created_at
+           FROM templates
+           WHERE team_id IN ($1, $2) AND ($3::text IS NULL OR type = $3)
+             AND (created_at, id) > ($4, $5)
+           ORDER BY created_at, id LIMIT $6"#,
+        team,
+        TeamId::PLATFORM.uuid(),
+        template_type.map(|t| t.as_str()),
+        after.created_at,
+        after.id,
+        limit,
+    )
+    .fetch_all(ex)
     .await?)
 }

@@ -396,7 +396,7 @@ impl Agent {
         self.call(
             Method::POST,
             "/v1/sandboxes",
-            Some(json!({"sandbox_id": id, "template": "minimal", "vcpus": 1, "memory_mb": 256, "disk_mb": 256})),
+            Some(json!({"sandbox_id": id, "template": "busybox", "vcpus": 1, "memory_mb": 256, "disk_mb": 256})),
         )
     }
 

@@ -430,13 +430,16 @@ pub fn test_kernel_root() -> Result<&'static Layout, GuestError> {
     })
 }
 
-/// The shared test root ([`test_root`]) with the kernel, initramfs and `minimal` image built
-/// once per process.
+/// The shared test root ([`test_root`]) with the kernel, the initramfs, the `busybox` image
+/// (the fastest to build and boot, for tests of the VM and the agent) and the `minimal` image
+/// (the control plane's default template) built once per process.
 pub fn test_files() -> &'static Layout {
     static FILES: std::sync::OnceLock<Layout> = std::sync::OnceLock::new();
     FILES.get_or_init(|| {
         let layout = test_kernel_root().unwrap_or_else(|e| panic!("{e}")).clone();
-        build_image(&layout, "minimal", &static_binary()).unwrap_or_else(|e| panic!("{e}"));
+        for template in ["busybox", "minimal"] {
+            build_image(&layout, template, &static_binary()).unwrap_or_else(|e| panic!("{e}"));
+        }
         layout
     })
 }

@@ -10,6 +10,7 @@ mod meta;
 
 pub use meta::OPENAPI_YAML;
 mod teams;
+mod templates;
 mod users;
 
 use axum::http::{Method, StatusCode};
@@ -159,6 +160,7 @@ fn api() -> Routes {
             "/v1/api-keys/{id}",
             delete(api_keys::revoke),
         )
+        .add(Method::GET, "/v1/snapshots", get(templates::list))
         .add(Method::GET, "/v1/teams", get(teams::list))
         .add(Method::POST, "/v1/teams", post(teams::create))
         .add(Method::GET, "/v1/teams/{id}", get(teams::get))

@@ -88,22 +88,20 @@ impl CapsuleError {
     }
 }
 
-/// A checked create request.
+/// A checked create request; a size left out is the template's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewCapsule {
     pub template: TemplateName,
-    pub vcpus: u32,
-    pub memory_mb: u32,
+    pub vcpus: Option<u32>,
+    pub memory_mb: Option<u32>,
     pub timeout_sec: u32,
 }
 
 fn in_range(
     field: &'static str,
-    value: Option<i64>,
-    default: u32,
+    value: i64,
     range: std::ops::RangeInclusive<u32>,
 ) -> Result<u32, CapsuleError> {
-    let value = value.unwrap_or(i64::from(default));
     u32::try_from(value)
         .ok()
         .filter(|v| range.contains(v))
@@ -135,9 +133,13 @@ impl NewCapsule {
         };
         Ok(Self {
             template,
-            vcpus: in_range("vcpus", vcpus, 1, VCPUS_RANGE)?,
-            memory_mb: in_range("memory_mb", memory_mb, 512, MEMORY_MB_RANGE)?,
-            timeout_sec: in_range("timeout_sec", timeout_sec, 0, 0..=MAX_TIMEOUT_SEC)?,
+            vcpus: vcpus
+                .map(|v| in_range("vcpus", v, VCPUS_RANGE))
+                .transpose()?,
+            memory_mb: memory_mb
+                .map(|m| in_range("memory_mb", m, MEMORY_MB_RANGE))
+                .transpose()?,
+            timeout_sec: in_range("timeout_sec", timeout_sec.unwrap_or(0), 0..=MAX_TIMEOUT_SEC)?,
         })
     }
 }
@@ -239,13 +241,16 @@ pub async fn create(
     let template = templates::visible_by_name(&state.db, team.uuid(), new.template.as_str())
         .await?
         .ok_or_else(|| CapsuleError::TemplateNotFound(new.template.to_string()))?;
-    // A snapshot resumes with the size it was taken at.
+    // A snapshot resumes with the size it was taken at; a base image takes the size asked
+    // for, or its template's defaults.
+    let template_vcpus = u32::try_from(template.vcpus).unwrap_or(1);
+    let template_memory_mb = u32::try_from(template.memory_mb).unwrap_or(512);
     let (vcpus, memory_mb) = match template.template_type {
-        TemplateType::Snapshot => (
-            u32::try_from(template.vcpus).unwrap_or(1),
-            u32::try_from(template.memory_mb).unwrap_or(512),
+        TemplateType::Snapshot => (template_vcpus, template_memory_mb),
+        TemplateType::Base => (
+            new.vcpus.unwrap_or(template_vcpus),
+            new.memory_mb.unwrap_or(template_memory_mb),
         ),
-        TemplateType::Base => (new.vcpus, new.memory_mb),
     };
     let id = SandboxId::new_random();
     let host = scheduler::place(
@@ -732,8 +737,8 @@ mod tests {
             new,
             NewCapsule {
                 template: TemplateName::default_template(),
-                vcpus: 1,
-                memory_mb: 512,
+                vcpus: None,
+                memory_mb: None,
                 timeout_sec: 0
             }
         );

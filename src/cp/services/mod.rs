@@ -8,6 +8,7 @@ pub mod hosts;
 pub mod login_limits;
 pub mod passwords;
 pub mod teams;
+pub mod templates;
 pub mod users;
 
 use serde_json::Value;

@@ -1,0 +1,7 @@
+DROP INDEX templates_team_created;
+-- Capsules that ran from the added templates keep their rows; the templates stay then.
+DELETE FROM templates t
+ WHERE t.id IN ('00000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-000000000002')
+   AND NOT EXISTS (SELECT 1 FROM sandboxes s WHERE s.template_id = t.id);
+UPDATE templates SET metadata = '{}' WHERE id = '00000000-0000-0000-0000-000000000000';
+ALTER TABLE templates DROP COLUMN protected;

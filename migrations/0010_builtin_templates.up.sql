@@ -1,0 +1,20 @@
+-- The built-in templates: `minimal` (the default, now Debian), `python` and `busybox`, platform
+-- templates visible to every team. `protected` ones cannot be deleted; `metadata` carries what
+-- the 0.3.0 SDK's Template model shows.
+
+ALTER TABLE templates ADD COLUMN protected BOOLEAN NOT NULL DEFAULT false;
+
+UPDATE templates SET protected = true,
+       metadata = '{"description": "Debian bookworm with bash, git, curl and sudo"}'
+ WHERE id = '00000000-0000-0000-0000-000000000000';
+
+INSERT INTO templates (id, team_id, name, type, vcpus, memory_mb, protected, metadata)
+VALUES ('00000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-000000000000',
+        'python', 'base', 1, 512, true,
+        '{"description": "the minimal template with Python 3, pip and venv"}'),
+       ('00000000-0000-0000-0000-000000000002', '00000000-0000-0000-0000-000000000000',
+        'busybox', 'base', 1, 256, true,
+        '{"description": "a static busybox userland; the fastest boot"}');
+
+-- Listing a team's templates with the platform's, in creation order.
+CREATE INDEX templates_team_created ON templates (team_id, created_at, id);
