@@ -39,6 +39,7 @@ async fn empty_agent(ca: &Ca) -> String {
             Json(SandboxList {
                 sandboxes: Vec::new(),
                 lost: Vec::new(),
+                templates: Vec::new(),
             })
         }),
     );
@@ -112,6 +113,7 @@ async fn measure(state: &AppState) -> (f64, f64) {
             sandbox_id: Uuid::new_v4(),
             team_id: TeamId::PLATFORM.uuid(),
             template_id: Uuid::nil(),
+            template_name: "minimal".into(),
             timeout_sec: 300,
             demand: Demand {
                 vcpus: 1,

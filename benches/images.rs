@@ -1,6 +1,7 @@
 //! Guest kernel and image figures: sizes, cold and up-to-date build times, and boot-to-ready
-//! time under QEMU TCG. `just bench-images` runs it; `-- --cold-python` also rebuilds the
-//! python template's Debian tree from scratch (minutes) instead of reusing the cached one.
+//! time under QEMU TCG. `just bench-images` runs it; `-- --cold-debian` also makes the
+//! minimal and python templates' Debian trees from scratch (minutes) instead of reusing the
+//! cached ones.
 //!
 //! Builds go to a temporary files root and build directory (the kernel package is downloaded
 //! again), and the boots use what they built.
@@ -110,7 +111,7 @@ fn main() {
         return;
     }
     let args: Vec<String> = std::env::args().collect();
-    let cold_python = args.iter().any(|a| a == "--cold-python");
+    let cold_debian = args.iter().any(|a| a == "--cold-debian");
     let bin = static_binary();
     println!(
         "wrenn guest images (host TSC {:?} kHz, {} CPUs)",
@@ -134,34 +135,38 @@ fn main() {
     }
     for pass in ["cold", "up to date"] {
         timed_script(
-            &format!("image minimal ({pass})"),
+            &format!("image busybox ({pass})"),
             "build-image.sh",
-            &[Path::new("minimal"), root],
+            &[Path::new("busybox"), root],
             cold_build.path(),
             &bin,
         );
     }
-    // The Debian tree takes minutes to make; by default it comes from the shared cache.
+    // The Debian trees take a minute or more each to make; by default they come from the shared
+    // cache (`--cold-debian` makes them, and downloads their packages, from scratch).
     let shared_build = PathBuf::from("/var/tmp/wrenn-build");
-    let (python_build, python_cold) = if cold_python {
+    let (debian_build, debian_cold) = if cold_debian {
         (cold_build.path(), "cold, Debian tree included")
     } else {
         (shared_build.as_path(), "cold, cached Debian tree")
     };
-    for pass in [python_cold, "up to date"] {
-        timed_script(
-            &format!("image python ({pass})"),
-            "build-image.sh",
-            &[Path::new("python"), root],
-            python_build,
-            &bin,
-        );
+    for template in ["minimal", "python"] {
+        for pass in [debian_cold, "up to date"] {
+            timed_script(
+                &format!("image {template} ({pass})"),
+                "build-image.sh",
+                &[Path::new(template), root],
+                debian_build,
+                &bin,
+            );
+        }
     }
 
     println!("\n== sizes");
     for (what, path) in [
         ("vmlinux", layout.default_kernel()),
         ("initramfs.cpio.gz", layout.default_initramfs()),
+        ("images/busybox/rootfs.ext4", layout.image_rootfs("busybox")),
         ("images/minimal/rootfs.ext4", layout.image_rootfs("minimal")),
         ("images/python/rootfs.ext4", layout.image_rootfs("python")),
     ] {
@@ -169,7 +174,7 @@ fn main() {
     }
 
     println!("\n== boot under QEMU microvm with TCG (median of {BOOTS})");
-    for template in ["minimal", "python"] {
+    for template in ["busybox", "minimal", "python"] {
         let first_line = boot_to_userspace(&layout, template);
         println!(
             "{:<48} {:>8.2} s",

@@ -373,6 +373,24 @@ async fn lifecycle_create_list_get_ping_destroy() {
         .await;
     spec.check_response("get", "/v1/capsules/{id}", status.as_u16(), &got);
 
+    // The reconciler records the template images the host holds; the registry shows their size.
+    reconciler::reconcile_once(&stack.cp.state).await.unwrap();
+    let held: Vec<String> = sqlx::query_scalar(
+        "SELECT template_name FROM host_templates WHERE size_bytes > 0 ORDER BY 1",
+    )
+    .fetch_all(&stack.cp.db)
+    .await
+    .unwrap();
+    assert!(
+        held.iter().any(|t| t == "busybox") && held.iter().any(|t| t == "minimal"),
+        "{held:?}"
+    );
+    let (_, templates) = stack.cp.call(GET, "/v1/snapshots", &key, None).await;
+    assert!(
+        templates[0]["size_bytes"].as_i64().unwrap() > 0,
+        "{templates}"
+    );
+
     let (status, body) = stack
         .cp
         .call(POST, &format!("/v1/capsules/{id}/ping"), &key, None)
@@ -1035,6 +1053,7 @@ async fn byoc_hosts_take_only_their_own_teams_capsules() {
                     sandbox_id: wrenn::id::SandboxId::new_random().uuid(),
                     team_id: team,
                     template_id: template,
+                    template_name: "minimal".into(),
                     timeout_sec: 0,
                     demand: Demand {
                         vcpus: 1,

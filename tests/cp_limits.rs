@@ -73,6 +73,7 @@ fn sandbox_list(sandbox: SandboxId) -> Vec<u8> {
             metadata: Default::default(),
         }],
         lost: Vec::new(),
+        templates: Vec::new(),
     })
     .unwrap()
 }

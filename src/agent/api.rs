@@ -317,6 +317,7 @@ async fn list(State(state): State<AgentState>) -> Json<SandboxList> {
     Json(SandboxList {
         sandboxes: state.sandboxes.list(),
         lost: state.sandboxes.lost(),
+        templates: state.sandboxes.held_templates(),
     })
 }
 

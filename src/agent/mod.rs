@@ -5,6 +5,7 @@ pub mod disk;
 pub mod network;
 pub mod registration;
 pub mod sandbox;
+pub mod templates;
 pub mod wire;
 
 use std::sync::Arc;

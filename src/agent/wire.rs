@@ -99,6 +99,19 @@ pub struct SandboxList {
     /// in memory (a bounded number) so the control plane can record why.
     #[serde(default)]
     pub lost: Vec<LostSandbox>,
+    /// The template images this host holds, for the control plane's registry and scheduler.
+    #[serde(default)]
+    pub templates: Vec<HeldTemplate>,
+}
+
+/// A template image in the host's files root (`images/<name>/rootfs.ext4`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldTemplate {
+    pub name: TemplateName,
+    pub size_bytes: u64,
+    /// From the image's `meta.json`, when it has one.
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 /// A sandbox whose VM is gone: it died during a pause, its snapshot could not be restored, or

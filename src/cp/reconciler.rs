@@ -15,6 +15,8 @@
 //!   died during its create) becomes `error`, releasing its reservation.
 //! - A `stopping` sandbox the agent no longer has is `stopped`; one it still runs past the
 //!   request timeout (the destroy failed) is destroyed again.
+//! - The template images the agent reports are recorded as the host's (`host_templates`), for
+//!   the scheduler, which prefers hosts that hold a capsule's template.
 //!
 //! Hosts are visited concurrently, each visit with a deadline, and each reads only the sandboxes
 //! that may still hold resources (a partial index leaves out the ever-growing stopped history).
@@ -30,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::services::capsules::agent_target;
 use super::state::AppState;
 use crate::agent::wire::SandboxPhase;
+use crate::db::host_templates;
 use crate::db::hosts::{self, Host, HostStatus};
 use crate::db::sandboxes::{self, SandboxStatus, Transition};
 use crate::db::DbError;
@@ -172,6 +175,7 @@ async fn reconcile_host(
             return mark_missing(state, host, report).await;
         }
     };
+    host_templates::record(&state.db, host.id, &on_agent.templates).await?;
     let agent_has: HashMap<SandboxId, SandboxPhase> = on_agent
         .sandboxes
         .iter()

@@ -1,13 +1,15 @@
 //! Placement of new sandboxes: least-loaded over the online hosts a team may use, by free vCPU,
-//! memory and disk after overcommit. The reservation (the sandbox row, `pending` on its host) is
+//! memory and disk after overcommit, preferring hosts that already hold the sandbox's template
+//! image. The reservation (the sandbox row, `pending` on its host) is
 //! made under a lock on the chosen host alone (see [`place`]), so concurrent creates never
 //! over-commit a host and only those choosing the same host wait for each other.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use sqlx::Acquire;
 use uuid::Uuid;
 
+use crate::db::host_templates;
 use crate::db::hosts::{self, Host};
 use crate::db::sandboxes::{self, PlacedSandbox, Reserved};
 use crate::db::{Db, DbError};
@@ -51,11 +53,13 @@ pub enum ScheduleError {
     Db(#[from] DbError),
 }
 
-/// A host's capacity after overcommit and what is already promised on it.
+/// A host's capacity after overcommit, what is already promised on it, and whether it holds
+/// the template image (a host without it would have to fetch it first).
 #[derive(Debug, Clone, Copy)]
 pub struct Load {
     pub capacity: Capacity,
     pub reserved: Reserved,
+    pub holds_template: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,13 +99,15 @@ pub fn headroom(load: &Load, demand: &Demand) -> Option<f64> {
     Some(cpu.min(memory).min(disk))
 }
 
-/// The index of the least-loaded host that fits, ties broken by order.
+/// The index of the host that fits and holds the template with the most room; failing that, of
+/// the one that fits with the most room; ties broken by order.
 pub fn choose(loads: &[Load], demand: &Demand) -> Option<usize> {
-    let mut best: Option<(usize, f64)> = None;
+    let mut best: Option<(usize, (bool, f64))> = None;
     for (index, load) in loads.iter().enumerate() {
         if let Some(room) = headroom(load, demand) {
-            if best.is_none_or(|(_, most)| room > most) {
-                best = Some((index, room));
+            let rank = (load.holds_template, room);
+            if best.is_none_or(|(_, most)| rank > most) {
+                best = Some((index, rank));
             }
         }
     }
@@ -113,6 +119,7 @@ pub struct Placement {
     pub sandbox_id: Uuid,
     pub team_id: Uuid,
     pub template_id: Uuid,
+    pub template_name: String,
     pub timeout_sec: i32,
     pub demand: Demand,
 }
@@ -137,11 +144,16 @@ pub async fn place(
         .await?
         .into_iter()
         .collect();
+    let holding: HashSet<Uuid> = host_templates::holding(db, &ids, &placement.template_name)
+        .await?
+        .into_iter()
+        .collect();
     let mut loads: Vec<Load> = candidates
         .iter()
         .map(|host| Load {
             capacity: Capacity::of(host, settings),
             reserved: reserved.get(&host.id).copied().unwrap_or_default(),
+            holds_template: holding.contains(&host.id),
         })
         .collect();
     while let Some(index) = choose(&loads, &placement.demand) {
@@ -152,6 +164,7 @@ pub async fn place(
             let load = Load {
                 capacity: Capacity::of(&host, settings),
                 reserved: sandboxes::reserved_on_host(&mut *tx, chosen).await?,
+                holds_template: loads[index].holds_template,
             };
             if headroom(&load, &placement.demand).is_some() {
                 sandboxes::insert_placed(&mut *tx, &placement.row(chosen)).await?;
@@ -200,6 +213,7 @@ mod tests {
                 memory_mb: reserved.1,
                 disk_mb: reserved.2,
             },
+            holds_template: false,
         }
     }
 
@@ -216,6 +230,21 @@ mod tests {
             load(8.0, 8192.0, 100_000.0, (4, 2048, 0)),
         ];
         assert_eq!(choose(&loads, &SMALL), Some(1));
+    }
+
+    #[test]
+    fn prefers_a_host_holding_the_template_while_it_has_room() {
+        let busy_with_image = Load {
+            holds_template: true,
+            ..load(8.0, 8192.0, 100_000.0, (4, 4096, 0))
+        };
+        let idle = load(8.0, 8192.0, 100_000.0, (0, 0, 0));
+        assert_eq!(choose(&[idle, busy_with_image], &SMALL), Some(1));
+        let full_with_image = Load {
+            holds_template: true,
+            ..load(1.0, 8192.0, 100_000.0, (1, 0, 0))
+        };
+        assert_eq!(choose(&[full_with_image, idle], &SMALL), Some(1));
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod control_plane_ca;
 pub mod host_refresh_tokens;
 pub mod host_registration_tokens;
 pub mod host_tags;
+pub mod host_templates;
 pub mod hosts;
 pub mod login_failures;
 pub mod migrate;

@@ -422,6 +422,11 @@ impl SandboxManager {
         });
     }
 
+    /// The template images on this host.
+    pub fn held_templates(&self) -> Vec<crate::agent::wire::HeldTemplate> {
+        crate::agent::templates::held(&self.layout)
+    }
+
     pub fn info(&self, id: &str) -> Result<SandboxInfo, SandboxError> {
         Ok(self.get(id)?.info())
     }

@@ -260,6 +260,7 @@ pub async fn create(
             sandbox_id: id.uuid(),
             team_id: team.uuid(),
             template_id: template.id,
+            template_name: template.name.clone(),
             timeout_sec: i32::try_from(new.timeout_sec).unwrap_or(i32::MAX),
             demand: Demand {
                 vcpus: i64::from(vcpus),

@@ -1,3 +1,4 @@
+DROP TABLE host_templates;
 DROP INDEX templates_team_created;
 -- Capsules that ran from the added templates keep their rows; the templates stay then.
 DELETE FROM templates t

@@ -1,6 +1,7 @@
--- The built-in templates: `minimal` (the default, now Debian), `python` and `busybox`, platform
--- templates visible to every team. `protected` ones cannot be deleted; `metadata` carries what
--- the 0.3.0 SDK's Template model shows.
+-- The template registry: the built-in templates `minimal` (the default, now Debian), `python` and
+-- `busybox`, platform templates visible to every team (`protected` ones cannot be deleted;
+-- `metadata` carries what the 0.3.0 SDK's Template model shows), and which hosts hold which
+-- template images.
 
 ALTER TABLE templates ADD COLUMN protected BOOLEAN NOT NULL DEFAULT false;
 
@@ -18,3 +19,13 @@ VALUES ('00000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-0000000
 
 -- Listing a team's templates with the platform's, in creation order.
 CREATE INDEX templates_team_created ON templates (team_id, created_at, id);
+
+-- The template images each host reported at its last reconcile.
+CREATE TABLE host_templates (
+    host_id        UUID NOT NULL REFERENCES hosts (id) ON DELETE CASCADE,
+    template_name  TEXT NOT NULL,
+    size_bytes     BIGINT NOT NULL CHECK (size_bytes >= 0),
+    sha256         TEXT,
+    PRIMARY KEY (host_id, template_name)
+);
+CREATE INDEX host_templates_name ON host_templates (template_name);

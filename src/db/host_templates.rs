@@ -1,0 +1,71 @@
+//! Queries on `host_templates`: which template images each host holds, as its agent last
+//! reported them to the reconciler.
+
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use super::{Db, DbError};
+use crate::agent::wire::HeldTemplate;
+use crate::id::TeamId;
+
+/// Makes `host`'s rows what its agent reported: new images added, changed ones updated, gone
+/// ones removed. Rows that did not change are not rewritten. The platform template of the same
+/// name takes the reported size.
+pub async fn record(db: &Db, host: Uuid, held: &[HeldTemplate]) -> Result<(), DbError> {
+    let names: Vec<String> = held.iter().map(|t| t.name.to_string()).collect();
+    let sizes: Vec<i64> = held
+        .iter()
+        .map(|t| i64::try_from(t.size_bytes).unwrap_or(i64::MAX))
+        .collect();
+    let sums: Vec<Option<String>> = held.iter().map(|t| t.sha256.clone()).collect();
+    let mut tx = db.begin().await?;
+    sqlx::query!(
+        "DELETE FROM host_templates WHERE host_id = $1 AND template_name <> ALL($2)",
+        host,
+        &names,
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        r#"INSERT INTO host_templates (host_id, template_name, size_bytes, sha256)
+           SELECT $1, name, size, sum
+           FROM UNNEST($2::text[], $3::bigint[], $4::text[]) AS held (name, size, sum)
+           ON CONFLICT (host_id, template_name) DO UPDATE
+           SET size_bytes = EXCLUDED.size_bytes, sha256 = EXCLUDED.sha256
+           WHERE (host_templates.size_bytes, host_templates.sha256)
+                 IS DISTINCT FROM (EXCLUDED.size_bytes, EXCLUDED.sha256)"#,
+        host,
+        &names,
+        &sizes,
+        &sums as &[Option<String>],
+    )
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query!(
+        r#"UPDATE templates t SET size_bytes = held.size
+           FROM UNNEST($1::text[], $2::bigint[]) AS held (name, size)
+           WHERE t.team_id = $3 AND t.name = held.name AND t.size_bytes <> held.size"#,
+        &names,
+        &sizes,
+        TeamId::PLATFORM.uuid(),
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Those of `hosts` that hold the template image `name`.
+pub async fn holding(
+    ex: impl PgExecutor<'_>,
+    hosts: &[Uuid],
+    name: &str,
+) -> Result<Vec<Uuid>, DbError> {
+    Ok(sqlx::query_scalar!(
+        "SELECT host_id FROM host_templates WHERE host_id = ANY($1) AND template_name = $2",
+        hosts,
+        name,
+    )
+    .fetch_all(ex)
+    .await?)
+}
