@@ -677,3 +677,98 @@ async fn envd_records_the_request_id_it_is_sent_in_its_request_span() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_templates_settings_are_the_defaults_and_its_processes_start_at_boot() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("template.json");
+    let workdir = dir.path().display().to_string();
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "env": {"FROM_TEMPLATE": "yes"},
+            "workdir": workdir,
+            "start": [
+                {"process": {"cmd": "sh", "args": ["-c", "echo booted > booted; sleep 600"]},
+                 "tag": "server"},
+                {"process": {"cmd": "/no/such/program"}}
+            ]
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn"));
+    command
+        .args([
+            "envd",
+            "--port",
+            "0",
+            "--address",
+            "127.0.0.1",
+            "--vsock-port",
+            "0",
+        ])
+        .arg("--template-config")
+        .arg(&config);
+    let envd = EnvdProcess::start_command(command, "127.0.0.1").expect("envd starts");
+    let client = envd.client();
+
+    // The boot process runs under its tag, in the template's working directory; the one that
+    // cannot start is left out and envd serves on.
+    let tags: Vec<String> = client
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.tag)
+        .collect();
+    assert_eq!(tags, ["server"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dir.path().join("booted").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the boot process never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = client
+        .run(&run_request("sh", &["-c", "echo $FROM_TEMPLATE $(pwd)"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, format!("yes {workdir}\n"));
+    // The agent's /init adds to the template's settings.
+    let init = InitRequest {
+        env_vars: [("LATER".to_owned(), "1".to_owned())].into(),
+        ..InitRequest::default()
+    };
+    client.init(&init).await.unwrap();
+    let out = client
+        .run(&run_request("sh", &["-c", "echo $FROM_TEMPLATE$LATER"]))
+        .await
+        .unwrap();
+    assert_eq!(out.stdout, "yes1\n");
+    client.kill("server", None).await.unwrap();
+
+    // Unusable settings stop envd with the reason, so the sandbox's start fails with it.
+    std::fs::write(&config, br#"{"start": "not a list"}"#).unwrap();
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn"))
+        .args([
+            "envd",
+            "--port",
+            "0",
+            "--address",
+            "127.0.0.1",
+            "--vsock-port",
+            "0",
+        ])
+        .arg("--template-config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("template.json") && stderr.contains("settings"),
+        "{stderr}"
+    );
+}

@@ -11,6 +11,7 @@ mod metrics;
 mod output;
 mod process;
 mod server;
+pub mod template;
 mod users;
 mod watch;
 
@@ -50,6 +51,9 @@ pub struct EnvdArgs {
     /// Where the kernel arguments (`ip=`, `wrenn.dns=`) are read from in PID-1 mode.
     #[arg(long, default_value = "/proc/cmdline")]
     pub cmdline_file: PathBuf,
+    /// The template's settings (defaults and processes started at boot); absent is none.
+    #[arg(long, default_value = template::TEMPLATE_CONFIG)]
+    pub template_config: PathBuf,
 }
 
 /// Why envd could not run.
@@ -66,6 +70,8 @@ pub enum EnvdError {
     Reaper(std::io::Error),
     #[error("could not install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("the template's settings are unusable: {0}")]
+    TemplateConfig(#[from] template::TemplateConfigError),
 }
 
 pub fn run(args: EnvdArgs) -> Result<ExitCode, EnvdError> {
@@ -94,8 +100,14 @@ pub fn run(args: EnvdArgs) -> Result<ExitCode, EnvdError> {
 }
 
 async fn serve(args: EnvdArgs, is_init: bool) -> Result<(), EnvdError> {
+    // A broken template must fail the sandbox's start with the reason on its console, not run
+    // without what the template promised.
+    let template = template::TemplateConfig::load(&args.template_config)?.unwrap_or_default();
     let reaper = process::Reaper::start().map_err(EnvdError::Reaper)?;
-    let state = Arc::new(server::AppState::new(process::Processes::new(reaper)));
+    let state = Arc::new(server::AppState::new(
+        process::Processes::new(reaper),
+        template.defaults(),
+    ));
     let router = server::router(state.clone());
 
     let addr = SocketAddr::new(args.address, args.port);
@@ -114,6 +126,9 @@ async fn serve(args: EnvdArgs, is_init: bool) -> Result<(), EnvdError> {
     tokio::spawn(axum::serve(tcp, router.clone()).into_future());
     if args.vsock_port != 0 {
         serve_vsock(args.vsock_port, router);
+    }
+    for request in template.start_requests() {
+        state.start_at_boot(&request);
     }
 
     let mut terminate = signal(SignalKind::terminate()).map_err(EnvdError::Signals)?;

@@ -2,6 +2,7 @@
 //! where module errors become HTTP statuses and error codes.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::sync::{Arc, RwLock};
 
 use axum::body::Body;
@@ -50,10 +51,10 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(processes: Processes) -> Self {
+    pub fn new(processes: Processes, defaults: Defaults) -> Self {
         Self {
             processes,
-            defaults: RwLock::default(),
+            defaults: RwLock::new(defaults),
             token_digest: RwLock::default(),
             metrics: MetricsSampler::default(),
             shutdown: Notify::new(),
@@ -65,6 +66,24 @@ impl AppState {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Starts one of the template's boot processes; one that cannot start is reported on the
+    /// console and in the log, and the sandbox runs on without it.
+    pub fn start_at_boot(&self, request: &StartRequest) {
+        match self.processes.start(request, &self.defaults()) {
+            Ok(process) => {
+                tracing::info!(tag = %process.tag, pid = process.pid, cmd = %process.cmd, "started the template's process");
+            }
+            Err(error) => {
+                let tag = request.tag.as_deref().unwrap_or_default();
+                let _ = writeln!(
+                    std::io::stdout(),
+                    "envd: the template's process {tag} did not start: {error}"
+                );
+                tracing::error!(tag, %error, "the template's process did not start");
+            }
+        }
     }
 
     fn default_user(&self) -> Option<String> {
