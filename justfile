@@ -60,8 +60,8 @@ kernel root=files_root:
 kernel-firecracker root=files_root:
     rootfs/kernel/build-firecracker-kernel.sh {{root}}
 
-# A template base image, ROOT/images/NAME/rootfs.ext4 (minimal, python, busybox), with the
-# current envd.
+# A template base image, ROOT/images/NAME/rootfs.ext4 (minimal, python, code-runner-beta,
+# busybox), with the current envd.
 image name root=files_root:
     WRENN_STATIC_BIN="$(just build-static | tail -n1)" rootfs/build-image.sh {{name}} {{root}}
 
@@ -69,10 +69,12 @@ image-minimal root=files_root: (image "minimal" root)
 
 image-busybox root=files_root: (image "busybox" root)
 
+image-code-runner-beta root=files_root: (image "code-runner-beta" root)
+
 image-python root=files_root: (image "python" root)
 
 # Kernel and every image; each step is skipped when its inputs are unchanged.
-images root=files_root: (kernel root) (image-minimal root) (image-python root) (image-busybox root)
+images root=files_root: (kernel root) (image-minimal root) (image-python root) (image-code-runner-beta root) (image-busybox root)
 
 # Replace envd inside an existing image (a name under ROOT/images, or an .ext4 path).
 update-envd image root=files_root:

@@ -1,7 +1,7 @@
--- The template registry: the built-in templates `minimal` (the default, now Debian), `python` and
--- `busybox`, platform templates visible to every team (`protected` ones cannot be deleted;
--- `metadata` carries what the 0.3.0 SDK's Template model shows), and which hosts hold which
--- template images.
+-- The template registry: the built-in templates `minimal` (the default, now Debian), `python`,
+-- `code-runner-beta` and `busybox`, platform templates visible to every team (`protected` ones
+-- cannot be deleted; `metadata` carries what the 0.3.0 SDK's Template model shows), and which
+-- hosts hold which template images.
 
 ALTER TABLE templates ADD COLUMN protected BOOLEAN NOT NULL DEFAULT false;
 
@@ -15,7 +15,10 @@ VALUES ('00000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-0000000
         '{"description": "the minimal template with Python 3, pip and venv"}'),
        ('00000000-0000-0000-0000-000000000002', '00000000-0000-0000-0000-000000000000',
         'busybox', 'base', 1, 256, true,
-        '{"description": "a static busybox userland; the fastest boot"}');
+        '{"description": "a static busybox userland; the fastest boot"}'),
+       ('00000000-0000-0000-0000-000000000003', '00000000-0000-0000-0000-000000000000',
+        'code-runner-beta', 'base', 1, 1024, true,
+        '{"description": "the python template with a Jupyter server on port 8888 and the wrenn kernel"}');
 
 -- Listing a team's templates with the platform's, in creation order.
 CREATE INDEX templates_team_created ON templates (team_id, created_at, id);

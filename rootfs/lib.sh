@@ -122,7 +122,7 @@ make_ext4() {
     uuid=$(name_uuid "image:$name")
     rm -f "$out"
     mkfs.ext4 -q -F -t ext4 -b 4096 -I 256 -m 0 -N $((files + files / 5 + 256)) \
-        -L "wrenn-$name" -U "$uuid" -E "hash_seed=$uuid,root_owner=0:0,lazy_itable_init=0" \
+        -L "$(printf '%.16s' "wrenn-$name")" -U "$uuid" -E "hash_seed=$uuid,root_owner=0:0,lazy_itable_init=0" \
         -d "$tree" "$out" "${size_kib}K" >/dev/null ||
         die "mkfs.ext4 could not build $out from $tree"
     used_inodes "$out" | awk -v t="@$SOURCE_DATE_EPOCH" '

@@ -1662,7 +1662,11 @@ async fn templates_list_the_builtins_for_every_team_by_type() {
             .iter()
             .map(|t| t["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["minimal", "python", "busybox"], "{list}");
+        assert_eq!(
+            names,
+            ["minimal", "python", "busybox", "code-runner-beta"],
+            "{list}"
+        );
         let minimal = &list[0];
         assert_eq!(
             (
@@ -1685,7 +1689,7 @@ async fn templates_list_the_builtins_for_every_team_by_type() {
     }
 
     let (_, bases) = cp.call(GET, "/v1/snapshots?type=base", &key, None).await;
-    assert_eq!(bases.as_array().unwrap().len(), 3, "{bases}");
+    assert_eq!(bases.as_array().unwrap().len(), 4, "{bases}");
     let (_, snapshots) = cp
         .call(GET, "/v1/snapshots?type=snapshot", &key, None)
         .await;

@@ -40,6 +40,18 @@ fn files_with_python() -> &'static Layout {
     layout
 }
 
+/// The shared files root with the code-runner-beta image built too (about a minute when cold:
+/// the python Debian tree and the Jupyter wheels).
+fn files_with_code_runner() -> &'static Layout {
+    static CODE_RUNNER: OnceLock<()> = OnceLock::new();
+    let layout = files_with_python();
+    CODE_RUNNER.get_or_init(|| {
+        guest::build_image(layout, "code-runner-beta", &guest::static_binary())
+            .unwrap_or_else(|e| panic!("{e}"));
+    });
+    layout
+}
+
 fn sha256_file(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     hex::encode(Sha256::digest(bytes))
@@ -347,7 +359,7 @@ impl EnvdGuest {
         process.user = user.map(str::to_owned);
         let request = RunRequest {
             process,
-            timeout_sec: Some(120),
+            timeout_sec: Some(300),
         };
         let response = self.runtime.block_on(self.client.run(&request));
         let response = response.unwrap_or_else(|e| panic!("{cmd} {args:?}: {e}"));
@@ -472,5 +484,61 @@ fn python_image_runs_python_through_envd() {
     );
     assert!(tools.stdout.contains("git version 2."), "{tools:?}");
     assert!(tools.stdout.contains("pip 23"), "{tools:?}");
+    guest.shut_down();
+}
+
+/// What the SDK's code runner does, from inside the guest: find the `wrenn` kernelspec on the
+/// Jupyter server envd started at boot, start a kernel of it through the server and run code
+/// over the kernel's WebSocket.
+const KERNEL_CHECK: &str = r#"
+import json, time, urllib.request, uuid
+import websocket
+
+base = "http://127.0.0.1:8888"
+deadline = time.time() + 240
+while True:
+    try:
+        specs = json.load(urllib.request.urlopen(base + "/api/kernelspecs", timeout=10))
+        break
+    except OSError:
+        if time.time() > deadline:
+            raise
+        time.sleep(0.5)
+assert "wrenn" in specs["kernelspecs"], specs
+request = urllib.request.Request(
+    base + "/api/kernels", data=json.dumps({"name": "wrenn"}).encode(),
+    headers={"Content-Type": "application/json"}, method="POST")
+kernel = json.load(urllib.request.urlopen(request, timeout=120))
+ws = websocket.create_connection(
+    "ws://127.0.0.1:8888/api/kernels/%s/channels" % kernel["id"], timeout=240)
+msg_id = uuid.uuid4().hex
+ws.send(json.dumps({
+    "header": {"msg_id": msg_id, "username": "check", "session": uuid.uuid4().hex,
+               "msg_type": "execute_request", "version": "5.3", "date": ""},
+    "parent_header": {}, "metadata": {}, "channel": "shell", "buffers": [],
+    "content": {"code": "print(6 * 7)", "silent": False, "store_history": False,
+                "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}}))
+while True:
+    message = json.loads(ws.recv())
+    if message.get("parent_header", {}).get("msg_id") != msg_id:
+        continue
+    if message["msg_type"] == "stream":
+        print("kernel says", message["content"]["text"].strip())
+    if message["msg_type"] == "status" and message["content"]["execution_state"] == "idle":
+        break
+"#;
+
+#[test]
+fn code_runner_image_serves_a_wrenn_jupyter_kernel_started_at_boot() {
+    let layout = files_with_code_runner();
+    let guest = EnvdGuest::boot(layout, "code-runner-beta");
+    let processes = guest.runtime.block_on(guest.client.list()).unwrap();
+    assert!(
+        processes.iter().any(|p| p.tag == "jupyter"),
+        "{processes:?}; console:\n{}",
+        guest.vm.console()
+    );
+    let check = guest.run(Some("user"), "python3", &["-c", KERNEL_CHECK]);
+    assert!(check.stdout.contains("kernel says 42"), "{check:?}");
     guest.shut_down();
 }
