@@ -667,6 +667,41 @@ async fn exec_processes_and_files_reach_envd() {
         &json!({"type": "exit", "exit_code": 5})
     );
 
+    // The same as the 0.3 SDK drives it: raw terminal bytes in binary frames both ways, the
+    // default shell, and a pong to the server's ping accepted silently.
+    let mut ws = ws_connect(&stack.ws_url(&format!("/v1/capsules/{id}/pty")), &key)
+        .await
+        .unwrap();
+    send(
+        &mut ws,
+        json!({"type": "start", "cmd": "/bin/bash", "cols": 80, "rows": 24}),
+    )
+    .await;
+    let started = next_frame(&mut ws).await;
+    assert_eq!(started["type"], "started", "{started}");
+    send(&mut ws, json!({"type": "pong"})).await;
+    ws.send(Message::Binary(
+        b"echo raw-$((6*7)) $BASH_VERSINFO; exit 4\n"
+            .to_vec()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    let mut control = Vec::new();
+    let deadline = tokio::time::Instant::now() + FRAME_WAIT;
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, ws.next()).await {
+        match message.unwrap() {
+            Message::Binary(bytes) => raw.extend_from_slice(&bytes),
+            Message::Text(text) => control.push(serde_json::from_str::<Value>(&text).unwrap()),
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    let raw = String::from_utf8_lossy(&raw);
+    assert!(raw.contains("raw-42 5"), "{raw}");
+    assert_eq!(control, [json!({"type": "exit", "exit_code": 4})], "{raw}");
+
     // Files: write (both forms), read (both forms), list, mkdir, remove.
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let (status, body) = stack

@@ -20,7 +20,9 @@ use crate::cp::extract::path_id;
 use crate::cp::limits::{Work, WorkPermit};
 use crate::cp::revocations::Credential;
 use crate::cp::services::capsules::guest;
-use crate::cp::services::capsules::guest::ws::{self, ClientSocket, Protocol, ServerFrame};
+use crate::cp::services::capsules::guest::ws::{
+    self, ClientSocket, Incoming, Protocol, ServerFrame,
+};
 use crate::cp::services::capsules::{self, CapsuleError, RunningCapsule};
 use crate::cp::state::AppState;
 use crate::envd::api::AttachRequest;
@@ -69,12 +71,13 @@ async fn authenticate_token(state: &AppState, token: &str) -> Result<AuthTeam, A
 struct Client(WebSocket);
 
 impl ClientSocket for Client {
-    async fn recv_text(&mut self) -> Option<String> {
+    async fn recv(&mut self) -> Option<Incoming> {
         loop {
             match self.0.recv().await {
-                Some(Ok(Message::Text(text))) => return Some(text.to_string()),
+                Some(Ok(Message::Text(text))) => return Some(Incoming::Text(text.to_string())),
+                Some(Ok(Message::Binary(data))) => return Some(Incoming::Binary(data.to_vec())),
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
-                Some(Ok(Message::Binary(_) | Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
             }
         }
     }
@@ -82,6 +85,10 @@ impl ClientSocket for Client {
     async fn send(&mut self, frame: &ServerFrame) -> bool {
         let text = serde_json::to_string(frame).expect("server frames serialize");
         self.0.send(Message::Text(text.into())).await.is_ok()
+    }
+
+    async fn send_binary(&mut self, data: bytes::Bytes) -> bool {
+        self.0.send(Message::Binary(data)).await.is_ok()
     }
 
     async fn close(&mut self) {

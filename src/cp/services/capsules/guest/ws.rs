@@ -4,14 +4,16 @@
 //! [`ClientSocket`] in; nothing here knows the web framework.
 //!
 //! envd's output (`ProcessEvent::Stdout`/`Stderr`/`Pty`) becomes `stdout`/`stderr` text frames
-//! (never splitting a UTF-8 character) or, on a PTY, base64 `output` frames; its start, exit and
-//! error become `start`/`started`, `exit` and `error`. The client's `stop` (exec) and `kill`
-//! (PTY) become envd's `kill`, PTY `input` stdin bytes and `resize` envd's `resize`.
+//! (never splitting a UTF-8 character) or, on a PTY, base64 `output` frames or raw binary frames
+//! (see [`PtyOutput`]); its start, exit and error become `start`/`started`, `exit` and `error`.
+//! The client's `stop` (exec) and `kill` (PTY) become envd's `kill`, PTY `input` frames and
+//! binary frames stdin bytes, and `resize` envd's `resize`.
 
 use std::future::Future;
 use std::time::Duration;
 
 use base64::Engine;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::check_selector;
@@ -21,6 +23,11 @@ use crate::envd::client::{EnvdClientError, ProcessEvent, ProcessSession, Session
 use crate::secret::SecretText;
 
 const PTY_PING_EVERY: Duration = Duration::from_secs(30);
+/// How long a PTY's output waits for the client to show, by its first input, which framing it
+/// speaks; a client that has not written by then gets the reference's JSON frames.
+const PTY_MODE_WAIT: Duration = Duration::from_secs(2);
+/// Output held meanwhile; past it, the reference's JSON frames are chosen at once.
+const PTY_HOLD_LIMIT: usize = 1 << 20;
 
 /// A frame a client sends. Each stream accepts some of them: the first frame may be `auth`
 /// (when the upgrade carried no credentials); then the exec stream takes `start` and `stop`, the
@@ -47,6 +54,8 @@ pub enum ClientFrame {
         rows: u16,
     },
     Kill,
+    /// The answer to the server's keep-alive `ping`.
+    Pong,
 }
 
 /// A frame the server sends.
@@ -182,6 +191,7 @@ pub fn client_frame(protocol: Protocol, text: &str) -> Result<Option<Upstream>, 
         (Protocol::Pty, ClientFrame::Input { data }) => Ok(Some(Upstream::Stdin(
             base64::engine::general_purpose::STANDARD.decode(data.as_bytes())?,
         ))),
+        (Protocol::Pty, ClientFrame::Pong) => Ok(None),
         // A process stream only reads; whatever its client says changes nothing.
         (Protocol::Process, _) => Ok(None),
         (Protocol::Exec | Protocol::Pty, _) => Err(FrameError::NotAccepted),
@@ -226,12 +236,43 @@ fn incomplete_tail(bytes: &[u8]) -> usize {
     0
 }
 
+/// What goes to the client: a JSON frame, or raw PTY output in a binary frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    Frame(ServerFrame),
+    Binary(Bytes),
+}
+
+impl From<ServerFrame> for Outgoing {
+    fn from(frame: ServerFrame) -> Self {
+        Self::Frame(frame)
+    }
+}
+
+/// What a client sent during a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    Text(String),
+    Binary(Vec<u8>),
+}
+
+/// How a PTY's output reaches its client. The reference protocol (and the 0.1 SDKs) carries
+/// terminal bytes both ways in base64 `input`/`output` JSON frames; the 0.3 SDK in raw binary
+/// frames. Both open the session alike, so the client's first input decides, and output waits
+/// for it (at most [`PTY_MODE_WAIT`] and [`PTY_HOLD_LIMIT`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PtyOutput {
+    Undecided(Vec<u8>),
+    Json,
+    Binary,
+}
+
 /// What to do with the client after an envd event.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
-    Send(Vec<ServerFrame>),
+    Send(Vec<Outgoing>),
     /// The process exited (or the session cannot continue): send these, then close.
-    Finish(Vec<ServerFrame>),
+    Finish(Vec<Outgoing>),
 }
 
 /// Translates envd's events of one session into public frames.
@@ -239,6 +280,7 @@ pub struct Translator {
     protocol: Protocol,
     stdout: Utf8Carry,
     stderr: Utf8Carry,
+    pty: PtyOutput,
     exited: bool,
 }
 
@@ -248,7 +290,44 @@ impl Translator {
             protocol,
             stdout: Utf8Carry::default(),
             stderr: Utf8Carry::default(),
+            pty: PtyOutput::Undecided(Vec::new()),
             exited: false,
+        }
+    }
+
+    /// Whether a PTY's output still waits for the client's framing.
+    pub fn pty_undecided(&self) -> bool {
+        self.protocol == Protocol::Pty && matches!(self.pty, PtyOutput::Undecided(_))
+    }
+
+    /// Settles a PTY's framing (the first decision stands) and releases the output held.
+    pub fn decide(&mut self, mode: PtyOutput) -> Vec<Outgoing> {
+        let PtyOutput::Undecided(held) = &mut self.pty else {
+            return Vec::new();
+        };
+        let held = std::mem::take(held);
+        self.pty = mode;
+        if held.is_empty() {
+            Vec::new()
+        } else {
+            self.pty_output(&held)
+        }
+    }
+
+    fn pty_output(&mut self, data: &[u8]) -> Vec<Outgoing> {
+        match &mut self.pty {
+            PtyOutput::Json => vec![Outgoing::Frame(ServerFrame::Output {
+                data: base64::engine::general_purpose::STANDARD.encode(data),
+            })],
+            PtyOutput::Binary => vec![Outgoing::Binary(Bytes::copy_from_slice(data))],
+            PtyOutput::Undecided(held) => {
+                held.extend_from_slice(data);
+                if held.len() > PTY_HOLD_LIMIT {
+                    self.decide(PtyOutput::Json)
+                } else {
+                    Vec::new()
+                }
+            }
         }
     }
 
@@ -265,10 +344,9 @@ impl Translator {
         self.exited
     }
 
-    fn output(&mut self, stderr: bool, data: &[u8]) -> Vec<ServerFrame> {
+    fn output(&mut self, stderr: bool, data: &[u8]) -> Vec<Outgoing> {
         if self.protocol == Protocol::Pty {
-            let data = base64::engine::general_purpose::STANDARD.encode(data);
-            return vec![ServerFrame::Output { data }];
+            return self.pty_output(data);
         }
         let text = if stderr {
             self.stderr.push(data)
@@ -277,18 +355,23 @@ impl Translator {
         };
         match (text.is_empty(), stderr) {
             (true, _) => Vec::new(),
-            (false, true) => vec![ServerFrame::Stderr { data: text }],
-            (false, false) => vec![ServerFrame::Stdout { data: text }],
+            (false, true) => vec![ServerFrame::Stderr { data: text }.into()],
+            (false, false) => vec![ServerFrame::Stdout { data: text }.into()],
         }
     }
 
-    fn flush(&mut self) -> Vec<ServerFrame> {
-        let mut frames = Vec::new();
+    /// What is still held back, before the session ends.
+    fn flush(&mut self) -> Vec<Outgoing> {
+        let mut frames = if self.protocol == Protocol::Pty {
+            self.decide(PtyOutput::Json)
+        } else {
+            Vec::new()
+        };
         if let Some(data) = self.stdout.flush() {
-            frames.push(ServerFrame::Stdout { data });
+            frames.push(ServerFrame::Stdout { data }.into());
         }
         if let Some(data) = self.stderr.flush() {
-            frames.push(ServerFrame::Stderr { data });
+            frames.push(ServerFrame::Stderr { data }.into());
         }
         frames
     }
@@ -303,35 +386,64 @@ impl Translator {
             Ok(Some(ProcessEvent::Exit(exit))) => {
                 self.exited = true;
                 let mut frames = self.flush();
-                frames.push(ServerFrame::Exit {
-                    exit_code: exit.exit_code,
-                });
+                frames.push(
+                    ServerFrame::Exit {
+                        exit_code: exit.exit_code,
+                    }
+                    .into(),
+                );
                 Step::Finish(frames)
             }
-            Ok(Some(ProcessEvent::Error(detail))) => {
-                Step::Send(vec![self.protocol.error_frame(detail.message, false)])
-            }
+            Ok(Some(ProcessEvent::Error(detail))) => Step::Send(vec![self
+                .protocol
+                .error_frame(detail.message, false)
+                .into()]),
             Ok(Some(ProcessEvent::Lost(_))) => Step::Send(Vec::new()),
             Ok(None) => Step::Finish(self.flush()),
-            Err(EnvdClientError::Decode(reason)) => Step::Send(vec![self.protocol.error_frame(
-                format!("unexpected message from the capsule: {reason}"),
-                false,
-            )]),
-            Err(error) => Step::Finish(vec![self
+            Err(EnvdClientError::Decode(reason)) => Step::Send(vec![self
                 .protocol
-                .error_frame(format!("the capsule's session failed: {error}"), true)]),
+                .error_frame(
+                    format!("unexpected message from the capsule: {reason}"),
+                    false,
+                )
+                .into()]),
+            Err(error) => {
+                let mut frames = self.flush();
+                frames.push(
+                    self.protocol
+                        .error_frame(format!("the capsule's session failed: {error}"), true)
+                        .into(),
+                );
+                Step::Finish(frames)
+            }
         }
     }
 }
 
 /// The client's end of a session, as the web layer provides it.
 pub trait ClientSocket: Send {
-    /// The client's next text frame (other frames are skipped); `None` once it left. Must be
-    /// cancel-safe.
-    fn recv_text(&mut self) -> impl Future<Output = Option<String>> + Send;
+    /// The client's next text or binary frame (others are skipped); `None` once it left. Must
+    /// be cancel-safe.
+    fn recv(&mut self) -> impl Future<Output = Option<Incoming>> + Send;
     /// Sends a frame; `false` once the client is gone.
     fn send(&mut self, frame: &ServerFrame) -> impl Future<Output = bool> + Send;
+    /// Sends raw PTY output in a binary frame; `false` once the client is gone.
+    fn send_binary(&mut self, data: Bytes) -> impl Future<Output = bool> + Send;
     fn close(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// Sends `items` in order; `false` once the client is gone.
+async fn deliver(client: &mut impl ClientSocket, items: Vec<Outgoing>) -> bool {
+    for item in items {
+        let sent = match item {
+            Outgoing::Frame(frame) => client.send(&frame).await,
+            Outgoing::Binary(data) => client.send_binary(data).await,
+        };
+        if !sent {
+            return false;
+        }
+    }
+    true
 }
 
 async fn send_upstream(
@@ -353,38 +465,65 @@ pub async fn relay(client: &mut impl ClientSocket, protocol: Protocol, session: 
     let (mut input, mut output) = session.split();
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + PTY_PING_EVERY, PTY_PING_EVERY);
+    let mode_wait = tokio::time::sleep(PTY_MODE_WAIT);
+    tokio::pin!(mode_wait);
     if client.send(&started).await {
         loop {
             tokio::select! {
                 event = output.next_event() => match translator.event(event) {
-                    Step::Send(frames) => {
-                        for frame in &frames {
-                            if !client.send(frame).await {
-                                break;
-                            }
+                    Step::Send(items) => {
+                        if !deliver(client, items).await {
+                            break;
                         }
                     }
-                    Step::Finish(frames) => {
-                        for frame in &frames {
-                            client.send(frame).await;
-                        }
+                    Step::Finish(items) => {
+                        deliver(client, items).await;
                         client.close().await;
                         break;
                     }
                 },
-                text = client.recv_text() => match text.map(|t| client_frame(protocol, &t)) {
-                    None => break,
-                    Some(Ok(Some(upstream))) => {
-                        if send_upstream(&mut input, upstream).await.is_err() {
-                            client.send(&protocol.error_frame("the capsule's session closed", true)).await;
-                            break;
+                incoming = client.recv() => {
+                    let upstream = match incoming {
+                        None => break,
+                        Some(Incoming::Binary(bytes)) if protocol == Protocol::Pty => {
+                            let held = translator.decide(PtyOutput::Binary);
+                            if !deliver(client, held).await {
+                                break;
+                            }
+                            Ok(Some(Upstream::Stdin(bytes)))
+                        }
+                        // Exec and process streams take no raw bytes.
+                        Some(Incoming::Binary(_)) => Ok(None),
+                        Some(Incoming::Text(text)) => {
+                            let frame = client_frame(protocol, &text);
+                            if matches!(frame, Ok(Some(Upstream::Stdin(_)))) {
+                                let held = translator.decide(PtyOutput::Json);
+                                if !deliver(client, held).await {
+                                    break;
+                                }
+                            }
+                            frame
+                        }
+                    };
+                    match upstream {
+                        Ok(Some(upstream)) => {
+                            if send_upstream(&mut input, upstream).await.is_err() {
+                                client.send(&protocol.error_frame("the capsule's session closed", true)).await;
+                                break;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(error) => {
+                            client.send(&protocol.error_frame(error.to_string(), false)).await;
                         }
                     }
-                    Some(Ok(None)) => {}
-                    Some(Err(error)) => {
-                        client.send(&protocol.error_frame(error.to_string(), false)).await;
-                    }
                 },
+                () = &mut mode_wait, if translator.pty_undecided() => {
+                    let held = translator.decide(PtyOutput::Json);
+                    if !deliver(client, held).await {
+                        break;
+                    }
+                }
                 _ = ping.tick(), if protocol == Protocol::Pty => {
                     if !client.send(&ServerFrame::Ping).await {
                         break;
@@ -664,6 +803,10 @@ mod tests {
         );
     }
 
+    fn frames(frames: Vec<ServerFrame>) -> Vec<Outgoing> {
+        frames.into_iter().map(Outgoing::from).collect()
+    }
+
     #[test]
     fn envd_events_become_public_frames() {
         let mut exec = Translator::new(Protocol::Exec);
@@ -676,21 +819,21 @@ mod tests {
             exec.event(Ok(Some(ProcessEvent::Stdout(Bytes::from(vec![
                 b'a', euro[0]
             ]))))),
-            Step::Send(vec![ServerFrame::Stdout { data: "a".into() }])
+            Step::Send(frames(vec![ServerFrame::Stdout { data: "a".into() }]))
         );
         assert_eq!(
             exec.event(Ok(Some(ProcessEvent::Stderr(Bytes::from_static(b"e"))))),
-            Step::Send(vec![ServerFrame::Stderr { data: "e".into() }])
+            Step::Send(frames(vec![ServerFrame::Stderr { data: "e".into() }]))
         );
         assert_eq!(
             exec.event(Ok(Some(ProcessEvent::Error(ErrorBody {
                 code: ErrorCode::InvalidRequest,
                 message: "no".into()
             })))),
-            Step::Send(vec![ServerFrame::Error {
+            Step::Send(frames(vec![ServerFrame::Error {
                 data: "no".into(),
                 fatal: None
-            }])
+            }]))
         );
         assert!(!exec.exited());
         assert_eq!(
@@ -698,12 +841,12 @@ mod tests {
                 exit_code: 3,
                 signal: None
             })))),
-            Step::Finish(vec![
+            Step::Finish(frames(vec![
                 ServerFrame::Stdout {
                     data: "\u{fffd}".into()
                 },
                 ServerFrame::Exit { exit_code: 3 }
-            ])
+            ]))
         );
         assert!(exec.exited());
 
@@ -715,19 +858,69 @@ mod tests {
                 pid: 9
             }
         );
+        assert_eq!(pty.decide(PtyOutput::Json), Vec::new());
         assert_eq!(
             pty.event(Ok(Some(ProcessEvent::Pty(Bytes::from_static(b"hi"))))),
-            Step::Send(vec![ServerFrame::Output {
+            Step::Send(frames(vec![ServerFrame::Output {
                 data: "aGk=".into()
-            }])
+            }]))
         );
         assert_eq!(pty.event(Ok(None)), Step::Finish(Vec::new()));
         assert!(matches!(
             pty.event(Err(EnvdClientError::WebSocket("reset".into()))),
-            Step::Finish(frames) if frames == [ServerFrame::Error {
+            Step::Finish(items) if items == frames(vec![ServerFrame::Error {
                 data: "the capsule's session failed: envd WebSocket failed: reset".into(),
                 fatal: Some(true)
-            }]
+            }])
         ));
+    }
+
+    #[test]
+    fn pty_output_waits_for_the_clients_framing_and_keeps_it() {
+        let output = |bytes: &'static [u8]| Ok(Some(ProcessEvent::Pty(Bytes::from_static(bytes))));
+        // A client that writes raw bytes gets raw bytes, the prompt held until then included.
+        let mut raw = Translator::new(Protocol::Pty);
+        assert!(raw.pty_undecided());
+        assert_eq!(raw.event(output(b"$ ")), Step::Send(Vec::new()));
+        assert_eq!(
+            raw.decide(PtyOutput::Binary),
+            [Outgoing::Binary(Bytes::from_static(b"$ "))]
+        );
+        assert_eq!(
+            raw.decide(PtyOutput::Json),
+            Vec::new(),
+            "the first decision stands"
+        );
+        assert_eq!(
+            raw.event(output(b"ok")),
+            Step::Send(vec![Outgoing::Binary(Bytes::from_static(b"ok"))])
+        );
+        // A process that ends before any input: what was held goes out as JSON, then the exit.
+        let mut quiet = Translator::new(Protocol::Pty);
+        assert_eq!(quiet.event(output(b"bye")), Step::Send(Vec::new()));
+        assert_eq!(
+            quiet.event(Ok(Some(ProcessEvent::Exit(ExitInfo {
+                exit_code: 0,
+                signal: None
+            })))),
+            Step::Finish(frames(vec![
+                ServerFrame::Output {
+                    data: "Ynll".into()
+                },
+                ServerFrame::Exit { exit_code: 0 }
+            ]))
+        );
+        // Output past the hold limit does not wait for the client.
+        let mut flood = Translator::new(Protocol::Pty);
+        let big = vec![b'x'; PTY_HOLD_LIMIT + 1];
+        let Step::Send(items) = flood.event(Ok(Some(ProcessEvent::Pty(Bytes::from(big))))) else {
+            panic!("a flood is sent");
+        };
+        assert_eq!(items.len(), 1);
+        assert!(!flood.pty_undecided());
+        assert_eq!(
+            client_frame(Protocol::Pty, r#"{"type":"pong"}"#).unwrap(),
+            None
+        );
     }
 }
