@@ -661,7 +661,9 @@ async fn two_hundred_concurrent_signups_hash_at_most_k_passwords_at_once() {
         ..AuthSettings::default()
     };
     let cp = TestCp::start_configured(support::QUIET_MONITOR, auth).await;
-    // Every hash passes this fail point while it holds its permit.
+    // Every hash passes this fail point while it holds its permit, and stays until K hashes run
+    // at once (or a while passed): on a busy machine the hashes would otherwise rarely overlap
+    // enough to show the bound.
     let running = Arc::new(AtomicUsize::new(0));
     let most = Arc::new(AtomicUsize::new(0));
     fail::cfg_callback("cp-password-hash", {
@@ -669,7 +671,10 @@ async fn two_hundred_concurrent_signups_hash_at_most_k_passwords_at_once() {
         move || {
             let now = running.fetch_add(1, Ordering::SeqCst) + 1;
             most.fetch_max(now, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(5));
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while running.load(Ordering::SeqCst) < K && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             running.fetch_sub(1, Ordering::SeqCst);
         }
     })
