@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use support::agent::{sid, stack, stack_with_env, wait_clean, VM_TURNS};
+use support::agent::{sid, stack, stack_with_env, wait_clean, CREATE_STEPS, VM_TURNS};
 use wrenn::config::Layout;
 use wrenn::vmm::qemu::qmp::QmpClient;
 use wrenn::vmm::{console_tail, find_leftovers, VmFiles};
@@ -195,14 +195,7 @@ async fn a_failure_after_each_create_step_rolls_back_everything() {
     let (cp, agent, _, _) = stack().await;
     let agent = tokio::task::spawn_blocking(move || {
         let mut agent = agent;
-        for step in [
-            "directory",
-            "disk",
-            "network",
-            "vmm",
-            "envd-ready",
-            "envd-init",
-        ] {
+        for (step, _) in CREATE_STEPS {
             agent.restart(Some(&format!("agent-create-after-{step}=return")));
             let (status, body) = agent.create(&sid("e2e-fail"));
             assert_eq!(status, StatusCode::BAD_GATEWAY, "{step}: {body}");

@@ -12,7 +12,7 @@ use hyper::{Method, StatusCode};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::json;
-use support::agent::{add_agent, wait_clean, VM_TURNS};
+use support::agent::{add_agent, wait_clean, CREATE_STEPS, VM_TURNS};
 use support::{Auth, CpReplica, TestCp};
 use wrenn::cp::agent_client::{AgentClient, AgentTimeouts};
 use wrenn::cp::reconciler;
@@ -182,14 +182,7 @@ async fn an_agent_killed_after_any_create_step_leaves_nothing_stuck_or_behind() 
     let plain_key = api_key(&cp, &admin.auth()).await;
     let key = Auth::ApiKey(plain_key.clone());
 
-    for (point, step) in [
-        ("directory", "creating the sandbox directory"),
-        ("disk", "creating the writable disk"),
-        ("network", "creating the network"),
-        ("vmm", "starting the VMM"),
-        ("envd-ready", "waiting for envd"),
-        ("envd-init", "initialising envd"),
-    ] {
+    for (point, step) in CREATE_STEPS {
         // The create stops right after the step, and the agent is killed there.
         tokio::task::block_in_place(|| {
             agent.restart(Some(&format!("agent-create-after-{point}=return(hang)")))

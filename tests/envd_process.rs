@@ -697,19 +697,12 @@ async fn a_templates_settings_are_the_defaults_and_its_processes_start_at_boot()
         .to_string(),
     )
     .unwrap();
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn"));
-    command
-        .args([
-            "envd",
-            "--port",
-            "0",
-            "--address",
-            "127.0.0.1",
-            "--vsock-port",
-            "0",
-        ])
-        .arg("--template-config")
-        .arg(&config);
+    let with_config = || {
+        let mut command = EnvdProcess::command(Path::new(env!("CARGO_BIN_EXE_wrenn")));
+        command.arg("--template-config").arg(&config);
+        command
+    };
+    let command = with_config();
     let envd = EnvdProcess::start_command(command, "127.0.0.1").expect("envd starts");
     let client = envd.client();
 
@@ -751,20 +744,7 @@ async fn a_templates_settings_are_the_defaults_and_its_processes_start_at_boot()
 
     // Unusable settings stop envd with the reason, so the sandbox's start fails with it.
     std::fs::write(&config, br#"{"start": "not a list"}"#).unwrap();
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_wrenn"))
-        .args([
-            "envd",
-            "--port",
-            "0",
-            "--address",
-            "127.0.0.1",
-            "--vsock-port",
-            "0",
-        ])
-        .arg("--template-config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let refused = with_config().output().unwrap();
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(

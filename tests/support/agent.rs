@@ -66,6 +66,17 @@ impl AgentTls {
 /// pairs so boots stay well inside the agent's envd-ready timeout.
 pub static VM_TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
+/// The agent's create steps: the name in each one's fail point (`agent-create-after-<name>`) and
+/// how the agent's messages describe it.
+pub const CREATE_STEPS: [(&str, &str); 6] = [
+    ("directory", "creating the sandbox directory"),
+    ("disk", "creating the writable disk"),
+    ("network", "creating the network"),
+    ("vmm", "starting the VMM"),
+    ("envd-ready", "waiting for envd"),
+    ("envd-init", "initialising envd"),
+];
+
 /// Numbers the agents of one test process; each number owns a name prefix and two /24s.
 static NEXT_AGENT: AtomicU8 = AtomicU8::new(0);
 

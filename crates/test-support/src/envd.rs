@@ -27,6 +27,11 @@ pub struct EnvdProcess {
 impl EnvdProcess {
     /// `wrenn envd` as an ordinary process on 127.0.0.1 and a free port.
     pub fn start(binary: &Path) -> Result<Self, EnvdHarnessError> {
+        Self::start_command(Self::command(binary), "127.0.0.1")
+    }
+
+    /// The command [`start`](Self::start) runs, for a caller that adds arguments.
+    pub fn command(binary: &Path) -> Command {
         let mut command = Command::new(binary);
         command.args([
             "envd",
@@ -37,7 +42,7 @@ impl EnvdProcess {
             "--vsock-port",
             "0",
         ]);
-        Self::start_command(command, "127.0.0.1")
+        command
     }
 
     /// Any command that ends up running envd; envd's "listening" line on stdout gives the port,
