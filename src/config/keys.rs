@@ -126,6 +126,12 @@ pub const KEYS: &[Key] = &[
     scalar("agent.vm_io_bytes_per_sec", "AGENT_VM_IO_BYTES_PER_SEC", "209715200", "Bytes per second each VM may read, and as many write, on the disk holding the files root."),
     scalar("agent.vm_io_ops_per_sec", "AGENT_VM_IO_OPS_PER_SEC", "4000", "I/O operations per second each VM may issue for reads, and as many for writes, on the disk holding the files root."),
     scalar("agent.console_log_max_bytes", "AGENT_CONSOLE_LOG_MAX_BYTES", "1048576", "Bytes each sandbox's guest console may take on the host (`console.log` plus the older half in `console.log.1`); at least 8192. Output beyond it pushes out the oldest."),
+    key("store.url", "STORE_URL", None, "Template store every agent pulls template images from and publishes them to: `file:///srv/wrenn-store` (a directory; on several hosts, a shared mount) or `s3://bucket/prefix` (any S3-compatible service, see the `store.s3_*` keys). Unset means the directory `store/` under `agent.files_rootdir`, which serves a single machine."),
+    key("store.s3_endpoint", "STORE_S3_ENDPOINT", None, "Endpoint of an S3-compatible service other than AWS (MinIO, Ceph, R2), e.g. https://minio.example:9000; unset means AWS S3."),
+    key("store.s3_region", "STORE_S3_REGION", Some("us-east-1"), "Region of the S3 bucket."),
+    key("store.s3_access_key_id", "STORE_S3_ACCESS_KEY_ID", None, "Access key ID for the S3 bucket; unset means the host's instance role (cloud metadata credentials)."),
+    secret("store.s3_secret_access_key", "STORE_S3_SECRET_ACCESS_KEY", "Secret access key for the S3 bucket."),
+    scalar("store.s3_allow_http", "STORE_S3_ALLOW_HTTP", "false", "Whether `store.s3_endpoint` may be plain http:// (template images would cross the network unencrypted and unauthenticated)."),
 ];
 
 pub fn by_path(path: &str) -> Option<&'static Key> {

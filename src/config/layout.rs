@@ -55,6 +55,11 @@ impl Layout {
         self.images_dir().join(template)
     }
 
+    /// The template store's directory when `store.url` names none (`crate::store`).
+    pub fn store_dir(&self) -> PathBuf {
+        self.root.join("store")
+    }
+
     /// A template's base image, attached read-only as /dev/vda to every sandbox made from it.
     pub fn image_rootfs(&self, template: &str) -> PathBuf {
         self.image_dir(template).join("rootfs.ext4")
@@ -73,6 +78,11 @@ impl Layout {
     /// The sandbox's sparse writable ext4 disk, overlaid in the guest on the read-only template.
     pub fn sandbox_upper_disk(&self, sandbox_id: &str) -> PathBuf {
         self.sandbox_dir(sandbox_id).join("upper.ext4")
+    }
+
+    /// The sandbox's hard link to the template image it was created from.
+    pub fn sandbox_base_image(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("base.ext4")
     }
 
     /// What a restarted agent needs to adopt the sandbox or resume it (`agent::sandbox::record`).

@@ -20,7 +20,8 @@ pub use keys::{Key, KEYS};
 pub use layout::{Layout, LayoutError};
 pub use types::{
     ConsoleLogMaxBytes, DatabaseUrl, HostPort, HttpUrl, InterfaceName, IpCidr, IpCidrList,
-    Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat, QemuAccel, SecretList, SignupMode, VmmKind,
+    Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat, QemuAccel, SecretList, SignupMode, StoreUrl,
+    VmmKind,
 };
 
 /// The variable that names the configuration file when `--config` is not given.
@@ -35,6 +36,7 @@ pub struct Config {
     pub log: LogConfig,
     pub cp: CpConfig,
     pub agent: AgentConfig,
+    pub store: StoreConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +109,23 @@ pub struct AgentConfig {
     pub vmm_id_base: u32,
     pub vm_io_bytes_per_sec: u64,
     pub vm_io_ops_per_sec: u64,
+}
+
+/// The template store (`crate::store`): read by the agents, which pull and publish template
+/// images, and by the control plane, which checks what it registers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<StoreUrl>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_endpoint: Option<HttpUrl>,
+    pub s3_region: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3_secret_access_key: Option<SecretText>,
+    pub s3_allow_http: bool,
 }
 
 impl Default for Config {
@@ -247,6 +266,16 @@ impl Default for Config {
                 vm_io_ops_per_sec: default("agent.vm_io_ops_per_sec")
                     .parse()
                     .expect("default is a number"),
+            },
+            store: StoreConfig {
+                url: None,
+                s3_endpoint: None,
+                s3_region: default("store.s3_region").to_owned(),
+                s3_access_key_id: None,
+                s3_secret_access_key: None,
+                s3_allow_http: default("store.s3_allow_http")
+                    .parse()
+                    .expect("default is a boolean"),
             },
         }
     }

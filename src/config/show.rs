@@ -66,6 +66,16 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.vmm_id_base" => c.agent.vmm_id_base.to_string(),
             "agent.vm_io_bytes_per_sec" => c.agent.vm_io_bytes_per_sec.to_string(),
             "agent.vm_io_ops_per_sec" => c.agent.vm_io_ops_per_sec.to_string(),
+            "store.url" => c.store.url.as_ref()?.to_string(),
+            "store.s3_endpoint" => c.store.s3_endpoint.as_ref()?.to_string(),
+            "store.s3_region" => c.store.s3_region.clone(),
+            "store.s3_access_key_id" => c.store.s3_access_key_id.clone()?,
+            "store.s3_secret_access_key" => c
+                .store
+                .s3_secret_access_key
+                .as_ref()
+                .map(|_| "<redacted>".to_owned())?,
+            "store.s3_allow_http" => c.store.s3_allow_http.to_string(),
             other => unreachable!("config key {other} has no renderer"),
         })
     };

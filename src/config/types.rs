@@ -111,6 +111,52 @@ impl fmt::Display for HttpUrl {
     }
 }
 
+/// Where the template store lives: `file:///absolute/dir` or `s3://bucket[/prefix]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Dir(std::path::PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+impl FromStr for StoreUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let url = url::Url::parse(s).map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+        match url.scheme() {
+            "file" if url.host().is_none() => {
+                let dir = url
+                    .to_file_path()
+                    .map_err(|()| format!("`{s}` does not name an absolute directory"))?;
+                Ok(Self::Dir(dir))
+            }
+            "s3" => {
+                let bucket = url
+                    .host_str()
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| format!("`{s}` names no bucket (s3://bucket/prefix)"))?;
+                Ok(Self::S3 {
+                    bucket: bucket.to_owned(),
+                    prefix: url.path().trim_matches('/').to_owned(),
+                })
+            }
+            _ => Err(format!(
+                "`{s}` is neither file:///directory nor s3://bucket/prefix"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Dir(dir) => write!(f, "file://{}", dir.display()),
+            Self::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            Self::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
+
 /// A PostgreSQL connection URL; its password is never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct DatabaseUrl(pub String);
@@ -621,6 +667,7 @@ string_serde! {
     ListenAddr => |v| v.to_string(),
     HostPort => |v| v.to_string(),
     HttpUrl => |v| v.to_string(),
+    StoreUrl => |v| v.to_string(),
     DatabaseUrl => |v| v.0.clone(),
     SecretList => |v| v.0.iter().map(SecretText::expose).collect::<Vec<_>>().join(","),
     LogFormat => |v| v.to_string(),
@@ -676,6 +723,24 @@ mod tests {
         assert!("http://cp:8000".parse::<HttpUrl>().is_ok());
         assert!("ftp://cp".parse::<HttpUrl>().is_err());
         assert!("cp:8000".parse::<HttpUrl>().is_err());
+        assert_eq!(
+            "file:///srv/store".parse::<StoreUrl>(),
+            Ok(StoreUrl::Dir("/srv/store".into()))
+        );
+        assert_eq!(
+            "s3://templates/wrenn/prod/".parse::<StoreUrl>(),
+            Ok(StoreUrl::S3 {
+                bucket: "templates".into(),
+                prefix: "wrenn/prod".into()
+            })
+        );
+        assert_eq!(
+            "s3://templates".parse::<StoreUrl>().unwrap().to_string(),
+            "s3://templates"
+        );
+        assert!("file://host/srv".parse::<StoreUrl>().is_err());
+        assert!("s3:///prefix".parse::<StoreUrl>().is_err());
+        assert!("/srv/store".parse::<StoreUrl>().is_err());
         let db: DatabaseUrl = "postgres://u:hunter2@h/db".parse().unwrap();
         assert!(!format!("{db:?}").contains("hunter2"));
         assert!("mysql://h/db".parse::<DatabaseUrl>().is_err());
