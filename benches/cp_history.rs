@@ -114,6 +114,7 @@ async fn measure(state: &AppState) -> (f64, f64) {
             team_id: TeamId::PLATFORM.uuid(),
             template_id: Uuid::nil(),
             template_name: "minimal".into(),
+            template_sha256: None,
             timeout_sec: 300,
             demand: Demand {
                 vcpus: 1,

@@ -40,6 +40,8 @@ pub enum ErrorCode {
     /// Addition (envd): a filesystem watch broke.
     WatchFailed,
     DbUnavailable,
+    /// Addition: the template store cannot be reached, so a template image cannot be had.
+    StoreUnavailable,
     HostUnavailable,
     NoHostsAvailable,
     AgentError,

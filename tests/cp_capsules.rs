@@ -1089,6 +1089,7 @@ async fn byoc_hosts_take_only_their_own_teams_capsules() {
                     team_id: team,
                     template_id: template,
                     template_name: "minimal".into(),
+                    template_sha256: None,
                     timeout_sec: 0,
                     demand: Demand {
                         vcpus: 1,

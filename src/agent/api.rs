@@ -20,10 +20,13 @@ use subtle::ConstantTimeEq;
 
 use super::registration::{Adopt, HostCredentials, RegistrationError};
 use super::sandbox::{SandboxError, SandboxManager};
+use super::templates::TemplateError;
 use super::wire::{AgentPing, CreateSandbox, SandboxInfo, SandboxList};
 use crate::error_code::{ErrorCode, ErrorEnvelope};
 use crate::id::SandboxId;
 use crate::secret::SecretText;
+use crate::store::{BlobRef, StoreError};
+use crate::template::{TemplateName, TemplateNameError};
 use crate::tls::ServerIdentity;
 
 /// Upper bound for a JSON request body; file contents travel through the envd proxy, unbounded.
@@ -194,8 +197,18 @@ impl From<SandboxError> for ApiError {
         let message = e.to_string();
         let (status, code) = match &e {
             SandboxError::Invalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest),
-            SandboxError::UnknownTemplate { .. } => {
+            SandboxError::Template(TemplateError::NotHere { .. }) => {
                 (StatusCode::NOT_FOUND, ErrorCode::TemplateNotFound)
+            }
+            SandboxError::Template(TemplateError::Store {
+                source: StoreError::Unreachable { .. },
+                ..
+            }) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StoreUnavailable),
+            SandboxError::Template(TemplateError::Store { .. }) => {
+                (StatusCode::BAD_GATEWAY, ErrorCode::AgentError)
+            }
+            SandboxError::Template(TemplateError::Io { .. }) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::InternalError)
             }
             SandboxError::AlreadyExists(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
             SandboxError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
@@ -247,6 +260,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}/pause", post(pause))
         .route("/v1/sandboxes/{id}/resume", post(resume))
         .route("/v1/sandboxes/{id}/envd/{*path}", any(proxy_envd))
+        .route("/v1/templates/{name}/publish", post(publish_template))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
         })
@@ -361,6 +375,21 @@ async fn resume(
 ) -> Result<Json<SandboxInfo>, ApiError> {
     let id = sandbox_id(&id)?;
     Ok(Json(state.sandboxes.resume(&id.to_string()).await?))
+}
+
+/// Puts this host's image of a template into the template store; answers its reference.
+async fn publish_template(
+    State(state): State<AgentState>,
+    Path(name): Path<String>,
+) -> Result<Json<BlobRef>, ApiError> {
+    let name: TemplateName = name.parse().map_err(|e: TemplateNameError| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest,
+            e.to_string(),
+        )
+    })?;
+    Ok(Json(state.sandboxes.publish_template(&name).await?))
 }
 
 /// Forwards a request to the sandbox's envd unchanged but for the envd access token, streaming

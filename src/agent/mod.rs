@@ -47,6 +47,8 @@ pub enum AgentError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Cgroup(#[from] crate::vmm::CgroupError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -102,12 +104,16 @@ pub async fn run(
         envd_ready_timeout: Duration::from_secs(config.agent.envd_ready_timeout_secs.max(1)),
     };
     let confinement = crate::vmm::ConfinementPolicy::from_config(&config.agent)?;
+    let store = crate::store::TemplateStore::open(&config.store, &layout)?;
+    tracing::info!(store = store.location(), "template store");
+    let templates = Arc::new(templates::TemplateImages::new(layout.clone(), store));
     let sandboxes = Arc::new(SandboxManager::new(
         layout.clone(),
         vmm,
         network,
         limits,
         confinement,
+        templates,
     ));
     sandboxes.recover().await?;
 

@@ -1,9 +1,212 @@
-//! The template images this host holds: every `images/<name>/rootfs.ext4` under a valid template
-//! name, with its size and the checksum its `meta.json` records.
+//! The template images this host holds (every `images/<name>/rootfs.ext4` under a valid template
+//! name, with its size and the checksum its `meta.json` records), and their exchange with the
+//! template store: a create whose template this host lacks, or holds in another version, pulls
+//! it first; a publish puts a local image into the store for every other host.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use crate::agent::wire::HeldTemplate;
 use crate::config::Layout;
+use crate::store::{BlobRef, StoreError, TemplateStore};
 use crate::template::TemplateName;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("template `{template}` is not on this host (expected {path})")]
+    NotHere { template: String, path: PathBuf },
+    #[error("template `{template}`: {source}")]
+    Store {
+        template: String,
+        source: StoreError,
+    },
+    #[error("template `{template}`: {what}: {source}")]
+    Io {
+        template: String,
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// This host's template images and the store they come from.
+pub struct TemplateImages {
+    layout: Layout,
+    store: TemplateStore,
+    /// One pull per template at a time: creates that need the same missing image wait for the
+    /// first one's pull instead of fetching it again.
+    pulls: Mutex<HashMap<TemplateName, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for TemplateImages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TemplateImages")
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TemplateImages {
+    pub fn new(layout: Layout, store: TemplateStore) -> Self {
+        Self {
+            layout,
+            store,
+            pulls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn held(&self) -> Vec<HeldTemplate> {
+        held(&self.layout)
+    }
+
+    /// The path of the template's image, pulled from the store first when `wanted` names a
+    /// version this host does not hold. Without `wanted`, whatever the host holds is used.
+    pub async fn ensure(
+        &self,
+        template: &TemplateName,
+        wanted: Option<&BlobRef>,
+    ) -> Result<PathBuf, TemplateError> {
+        let image = self.layout.image_rootfs(template.as_str());
+        let Some(wanted) = wanted else {
+            return if image.is_file() {
+                Ok(image)
+            } else {
+                Err(TemplateError::NotHere {
+                    template: template.to_string(),
+                    path: image,
+                })
+            };
+        };
+        let lock = self
+            .pulls
+            .lock()
+            .expect("pulls lock")
+            .entry(template.clone())
+            .or_default()
+            .clone();
+        let _pulling = lock.lock().await;
+        if self.holds(template, wanted) {
+            return Ok(image);
+        }
+        self.pull(template, wanted).await?;
+        Ok(image)
+    }
+
+    /// Whether the local image is `wanted`, by the checksum recorded when it was built or
+    /// pulled: hashing a multi-GiB image on every create would cost more than the boot.
+    fn holds(&self, template: &TemplateName, wanted: &BlobRef) -> bool {
+        let size = std::fs::metadata(self.layout.image_rootfs(template.as_str())).map(|m| m.len());
+        size.ok() == Some(wanted.size_bytes)
+            && recorded_sha256(&self.layout, template).as_deref() == Some(wanted.sha256.as_str())
+    }
+
+    async fn pull(&self, template: &TemplateName, wanted: &BlobRef) -> Result<(), TemplateError> {
+        let name = template.to_string();
+        let io = |what: &str| {
+            let template = name.clone();
+            let what = what.to_owned();
+            move |source| TemplateError::Io {
+                template,
+                what,
+                source,
+            }
+        };
+        let dir = self.layout.image_dir(template.as_str());
+        std::fs::create_dir_all(&dir).map_err(io("creating its image directory"))?;
+        // Named by the blob, so an interrupted pull of this version resumes and a pull of
+        // another version never mistakes it for its own.
+        let fetched = dir.join(format!(".pull-{}", wanted.sha256));
+        tracing::info!(
+            template = name,
+            sha256 = wanted.sha256,
+            bytes = wanted.size_bytes,
+            store = self.store.location(),
+            "pulling the template image"
+        );
+        let started = std::time::Instant::now();
+        self.store
+            .fetch(wanted, &fetched, |progress| {
+                tracing::info!(template = name, "pulling: {progress}");
+            })
+            .await
+            .map_err(|source| TemplateError::Store {
+                template: name.clone(),
+                source,
+            })?;
+        // Sandboxes booted from the image this replaces keep their own link to it
+        // (`sandboxes/<id>/base.ext4`), so the rename cannot change a running or paused disk.
+        std::fs::rename(&fetched, self.layout.image_rootfs(template.as_str()))
+            .map_err(io("installing the pulled image"))?;
+        let meta = serde_json::json!({
+            "template": name,
+            "sha256": wanted.sha256,
+            "size_bytes": wanted.size_bytes,
+            "source": "store",
+            "store": self.store.location(),
+            "pulled_at": chrono::Utc::now(),
+            "pull_seconds": started.elapsed().as_secs_f64(),
+        });
+        write_meta(&self.layout, template, &meta).map_err(io("writing meta.json"))?;
+        tracing::info!(
+            template = name,
+            seconds = started.elapsed().as_secs_f64(),
+            "template image pulled"
+        );
+        Ok(())
+    }
+
+    /// Puts the local image of `template` into the store and records its checksum beside it.
+    pub async fn publish(&self, template: &TemplateName) -> Result<BlobRef, TemplateError> {
+        let name = template.to_string();
+        let image = self.layout.image_rootfs(template.as_str());
+        if !image.is_file() {
+            return Err(TemplateError::NotHere {
+                template: name,
+                path: image,
+            });
+        }
+        let blob = self
+            .store
+            .publish(&image, |progress| {
+                tracing::info!(template = name, "publishing: {progress}");
+            })
+            .await
+            .map_err(|source| TemplateError::Store {
+                template: name.clone(),
+                source,
+            })?;
+        let meta_path = self.layout.image_dir(template.as_str()).join("meta.json");
+        let mut meta = std::fs::read(&meta_path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .filter(serde_json::Value::is_object)
+            .unwrap_or_else(|| serde_json::json!({ "template": name }));
+        meta["sha256"] = blob.sha256.clone().into();
+        meta["size_bytes"] = blob.size_bytes.into();
+        write_meta(&self.layout, template, &meta).map_err(|source| TemplateError::Io {
+            template: name.clone(),
+            what: "writing meta.json".into(),
+            source,
+        })?;
+        tracing::info!(
+            template = name,
+            sha256 = blob.sha256,
+            "template image published"
+        );
+        Ok(blob)
+    }
+}
+
+fn write_meta(
+    layout: &Layout,
+    template: &TemplateName,
+    meta: &serde_json::Value,
+) -> std::io::Result<()> {
+    let path = layout.image_dir(template.as_str()).join("meta.json");
+    let partial = Layout::partial(&path);
+    std::fs::write(&partial, serde_json::to_vec_pretty(meta)?)?;
+    std::fs::rename(&partial, &path)
+}
 
 /// Read on every listing: a directory scan and one small file per template, so an image built
 /// or removed while the agent runs is reported at once.

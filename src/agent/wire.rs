@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::SandboxId;
 use crate::secret::EnvNames;
+use crate::store::BlobRef;
 use crate::template::TemplateName;
 
 /// The default writable disk of a sandbox when a request names none.
@@ -32,6 +33,10 @@ pub struct CreateSandbox {
     /// Default user for commands inside the guest; envd's default when absent.
     #[serde(default)]
     pub user: Option<String>,
+    /// The template image's version in the template store: an agent that holds another
+    /// version, or none, pulls this one first. Absent means the image the host holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<BlobRef>,
 }
 
 impl std::fmt::Debug for CreateSandbox {
@@ -45,6 +50,7 @@ impl std::fmt::Debug for CreateSandbox {
             .field("timeout_sec", &self.timeout_sec)
             .field("envs", &EnvNames(&self.envs))
             .field("user", &self.user)
+            .field("image", &self.image)
             .finish()
     }
 }

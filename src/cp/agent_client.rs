@@ -25,6 +25,8 @@ use crate::agent::wire::{envd_proxy_path, AgentPing, CreateSandbox, SandboxInfo,
 use crate::envd::client::{EnvdClient, EnvdClientError, HttpClient, RequestBody};
 use crate::error_code::{ErrorBody, ErrorCode, ErrorEnvelope};
 use crate::id::{HostId, SandboxId};
+use crate::store::BlobRef;
+use crate::template::TemplateName;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -316,6 +318,23 @@ impl AgentClient {
             Method::POST,
             "/v1/sandboxes",
             Some(request),
+            self.timeouts.create,
+        )
+        .await
+    }
+
+    /// Has the agent put its image of `template` into the template store: hashing and uploading
+    /// a large image takes as long as a create may.
+    pub async fn publish_template(
+        &self,
+        target: &AgentTarget,
+        template: &TemplateName,
+    ) -> Result<BlobRef, AgentError> {
+        self.json(
+            target,
+            Method::POST,
+            &format!("/v1/templates/{template}/publish"),
+            None::<&()>,
             self.timeouts.create,
         )
         .await
@@ -684,6 +703,7 @@ mod tests {
             timeout_sec: 0,
             envs: BTreeMap::new(),
             user: None,
+            image: Some(BlobRef::new(&"0".repeat(64), 1 << 20).unwrap()),
         };
         let value = serde_json::to_value(&request).unwrap();
         let mut keys: Vec<&str> = value
@@ -698,6 +718,7 @@ mod tests {
             [
                 "disk_mb",
                 "envs",
+                "image",
                 "memory_mb",
                 "sandbox_id",
                 "template",

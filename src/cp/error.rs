@@ -10,6 +10,7 @@ use super::ca::CaError;
 use super::limits;
 use super::scheduler::ScheduleError;
 use super::services::capsules::CapsuleError;
+use super::services::templates::PublishError;
 use super::services::ServiceError;
 use crate::db::DbError;
 use crate::error_code::{ErrorCode, ErrorEnvelope};
@@ -225,6 +226,24 @@ impl From<CapsuleError> for ApiError {
     }
 }
 
+impl From<PublishError> for ApiError {
+    fn from(error: PublishError) -> Self {
+        let message = error.to_string();
+        match error {
+            PublishError::TemplateNotFound(_) | PublishError::HostNotFound(_) => {
+                ApiError::NotFound(message)
+            }
+            PublishError::NoHolder(_) | PublishError::HostUnavailable(_) => ApiError::Unavailable {
+                code: ErrorCode::HostUnavailable,
+                message,
+            },
+            PublishError::Unconfirmed { .. } => ApiError::AgentFailed(message),
+            PublishError::Agent(agent) => agent.into(),
+            PublishError::Db(db) => db.into(),
+        }
+    }
+}
+
 /// What the agent (or the envd behind it) refused keeps its meaning; everything else about an
 /// agent is a 502.
 impl From<AgentError> for ApiError {
@@ -246,6 +265,8 @@ impl From<AgentError> for ApiError {
                     message,
                 },
                 413 => ApiError::TooLarge(message),
+                503 => ApiError::Unavailable { code, message },
+                500..=599 => ApiError::AgentFailed(message),
                 _ => ApiError::InvalidRequest(message),
             },
             other => {

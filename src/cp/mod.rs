@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::db::{self, DbError};
+use crate::store::TemplateStore;
 use monitor::MonitorSettings;
 use state::AppState;
 use tokens::{TokenError, TokenKeys};
@@ -56,6 +57,8 @@ pub enum ServeError {
     CaInstall(#[from] ca::CaHandleError),
     #[error("invalid database_url: {0}")]
     Database(#[from] DbError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -104,10 +107,16 @@ pub fn state_from_config(config: &Config) -> Result<AppState, ServeError> {
     let tokens = TokenKeys::new(secret.expose().as_bytes())?
         .with_previous(previous.map(|s| s.expose().as_bytes()))?;
     let db = db::connect_lazy(&config.database_url.0)?;
+    let mut capsules = state::CapsuleSettings::from_config(config);
+    // The default store is a directory on each agent's own files root; only a store named
+    // explicitly is one the control plane can see too.
+    if config.store.url.is_some() {
+        capsules.store = Some(TemplateStore::open(&config.store, &config.layout())?);
+    }
     Ok(AppState::with_settings(
         db,
         tokens,
-        state::CapsuleSettings::from_config(config),
+        capsules,
         state::AuthSettings::from_config(config),
     ))
 }

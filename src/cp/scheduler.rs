@@ -120,6 +120,8 @@ pub struct Placement {
     pub team_id: Uuid,
     pub template_id: Uuid,
     pub template_name: String,
+    /// The template image's version in the store; hosts holding another version must pull.
+    pub template_sha256: Option<String>,
     pub timeout_sec: i32,
     pub demand: Demand,
 }
@@ -144,10 +146,15 @@ pub async fn place(
         .await?
         .into_iter()
         .collect();
-    let holding: HashSet<Uuid> = host_templates::holding(db, &ids, &placement.template_name)
-        .await?
-        .into_iter()
-        .collect();
+    let holding: HashSet<Uuid> = host_templates::holding(
+        db,
+        &ids,
+        &placement.template_name,
+        placement.template_sha256.as_deref(),
+    )
+    .await?
+    .into_iter()
+    .collect();
     let mut loads: Vec<Load> = candidates
         .iter()
         .map(|host| Load {

@@ -19,6 +19,7 @@ use super::services::passwords::PasswordHashing;
 use super::tokens::TokenKeys;
 use crate::config::{Config, IpCidrList, SignupMode};
 use crate::db::Db;
+use crate::store::TemplateStore;
 
 #[derive(Debug)]
 pub struct Shared {
@@ -147,6 +148,9 @@ pub struct CapsuleSettings {
     pub agent_addr_override: Option<String>,
     pub reconcile_interval: Duration,
     pub team_limits: TeamLimitSettings,
+    /// The template store, when `store.url` names one the control plane can reach too: it then
+    /// confirms what a host says it published. Without it, the host's word is taken.
+    pub store: Option<TemplateStore>,
 }
 
 impl Default for CapsuleSettings {
@@ -157,6 +161,7 @@ impl Default for CapsuleSettings {
             agent_addr_override: None,
             reconcile_interval: Duration::from_secs(15),
             team_limits: TeamLimitSettings::default(),
+            store: None,
         }
     }
 }
@@ -177,6 +182,7 @@ impl CapsuleSettings {
             agent_addr_override: cp.host_agent_addr.as_ref().map(ToString::to_string),
             reconcile_interval: Duration::from_secs(cp.reconcile_interval_secs.max(1)),
             team_limits: TeamLimitSettings::from_config(config),
+            store: None,
         }
     }
 }

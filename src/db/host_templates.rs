@@ -44,7 +44,8 @@ pub async fn record(db: &Db, host: Uuid, held: &[HeldTemplate]) -> Result<(), Db
     sqlx::query!(
         r#"UPDATE templates t SET size_bytes = held.size
            FROM UNNEST($1::text[], $2::bigint[]) AS held (name, size)
-           WHERE t.team_id = $3 AND t.name = held.name AND t.size_bytes <> held.size"#,
+           WHERE t.team_id = $3 AND t.name = held.name AND t.size_bytes <> held.size
+             AND t.image_sha256 IS NULL"#,
         &names,
         &sizes,
         TeamId::PLATFORM.uuid(),
@@ -55,15 +56,29 @@ pub async fn record(db: &Db, host: Uuid, held: &[HeldTemplate]) -> Result<(), Db
     Ok(())
 }
 
-/// Those of `hosts` that hold the template image `name`.
+/// Those of `hosts` that hold the template image `name`, in version `sha256` when given.
 pub async fn holding(
     ex: impl PgExecutor<'_>,
     hosts: &[Uuid],
     name: &str,
+    sha256: Option<&str>,
 ) -> Result<Vec<Uuid>, DbError> {
     Ok(sqlx::query_scalar!(
-        "SELECT host_id FROM host_templates WHERE host_id = ANY($1) AND template_name = $2",
+        "SELECT host_id FROM host_templates
+         WHERE host_id = ANY($1) AND template_name = $2 AND ($3::text IS NULL OR sha256 = $3)",
         hosts,
+        name,
+        sha256,
+    )
+    .fetch_all(ex)
+    .await?)
+}
+
+/// The hosts that reported holding the template image `name`, most recently registered first.
+pub async fn holders(ex: impl PgExecutor<'_>, name: &str) -> Result<Vec<Uuid>, DbError> {
+    Ok(sqlx::query_scalar!(
+        "SELECT ht.host_id FROM host_templates ht JOIN hosts h ON h.id = ht.host_id
+         WHERE ht.template_name = $1 ORDER BY h.created_at DESC",
         name,
     )
     .fetch_all(ex)

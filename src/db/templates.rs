@@ -26,6 +26,8 @@ pub struct Template {
     pub memory_mb: i32,
     pub size_bytes: i64,
     pub protected: bool,
+    /// The image's blob in the template store, once published.
+    pub image_sha256: Option<String>,
     pub metadata: Value,
     pub created_at: DateTime<Utc>,
 }
@@ -45,7 +47,7 @@ pub async fn visible_by_name(
     Ok(sqlx::query_as!(
         Template,
         r#"SELECT id, team_id, name, type AS "template_type: TemplateType", vcpus, memory_mb,
-                  size_bytes, protected, metadata, created_at
+                  size_bytes, protected, image_sha256, metadata, created_at
            FROM templates
            WHERE name = $1 AND team_id IN ($2, $3)
            ORDER BY (team_id = $2) DESC LIMIT 1"#,
@@ -69,7 +71,7 @@ pub async fn page_visible(
     Ok(sqlx::query_as!(
         Template,
         r#"SELECT id, team_id, name, type AS "template_type: TemplateType", vcpus, memory_mb,
-                  size_bytes, protected, metadata, created_at
+                  size_bytes, protected, image_sha256, metadata, created_at
            FROM templates
            WHERE team_id IN ($1, $2) AND ($3::text IS NULL OR type = $3)
              AND (created_at, id) > ($4, $5)
@@ -83,4 +85,30 @@ pub async fn page_visible(
     )
     .fetch_all(ex)
     .await?)
+}
+
+/// The platform template `name`.
+pub async fn platform_by_name(
+    ex: impl PgExecutor<'_>,
+    name: &str,
+) -> Result<Option<Template>, DbError> {
+    visible_by_name(ex, TeamId::PLATFORM.uuid(), name).await
+}
+
+/// Points template `id` at its image's blob in the template store.
+pub async fn set_image(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    sha256: &str,
+    size_bytes: i64,
+) -> Result<bool, DbError> {
+    let updated = sqlx::query!(
+        "UPDATE templates SET image_sha256 = $2, size_bytes = $3 WHERE id = $1",
+        id,
+        sha256,
+        size_bytes,
+    )
+    .execute(ex)
+    .await?;
+    Ok(updated.rows_affected() == 1)
 }

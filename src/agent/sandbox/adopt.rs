@@ -152,7 +152,7 @@ impl SandboxManager {
                         "its network slot {slot} is gone (the host restarted?)"
                     ));
                 };
-                let image = self.layout.image_rootfs(record.request.template.as_str());
+                let image = self.base_image(&record.request);
                 let spec = self.vm_spec(&record.request, &image, &network);
                 let envd = EnvdClient::new(&format!("http://{}", network.envd_addr()))
                     .expect("a socket address is a valid envd base")

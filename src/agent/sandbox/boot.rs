@@ -1,7 +1,7 @@
 //! Creating a sandbox: validation, then the create steps in order (directory, disk, network,
 //! VMM, envd readiness, envd init), each undone in reverse when a later one fails.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -56,7 +56,7 @@ impl CreateStep {
 }
 
 impl SandboxManager {
-    fn validate(&self, req: &CreateSandbox) -> Result<PathBuf, SandboxError> {
+    fn validate(&self, req: &CreateSandbox) -> Result<(), SandboxError> {
         let l = &self.limits;
         if req.vcpus == 0 || req.vcpus > l.max_vcpus {
             return Err(SandboxError::Invalid(format!(
@@ -78,14 +78,7 @@ impl SandboxManager {
                 l.max_disk_mb, req.disk_mb
             )));
         }
-        let image = self.layout.image_rootfs(req.template.as_str());
-        if !image.is_file() {
-            return Err(SandboxError::UnknownTemplate {
-                template: req.template.to_string(),
-                path: image,
-            });
-        }
-        Ok(image)
+        Ok(())
     }
 
     /// Creates and boots a sandbox; returns once envd answers. On failure nothing is left. A
@@ -103,7 +96,11 @@ impl SandboxManager {
     }
 
     async fn create_now(&self, req: CreateSandbox) -> Result<SandboxInfo, SandboxError> {
-        let image = self.validate(&req)?;
+        self.validate(&req)?;
+        let image = self
+            .templates
+            .ensure(&req.template, req.image.as_ref())
+            .await?;
         let id = req.sandbox_id.to_string();
         let sandbox = Arc::new(Sandbox::new(req));
         {
@@ -215,10 +212,26 @@ impl SandboxManager {
                 tracing::error!(sandbox = id, %error, "could not remove the sandbox directory");
             }
         };
-        if let Err(e) = injected_failure(id, CreateStep::Directory).await {
+        let base = self.layout.sandbox_base_image(id);
+        let linked = match std::fs::hard_link(image, &base) {
+            Ok(()) => Ok(()),
+            // Images on another file system than the sandboxes (a symlinked images/) cannot be
+            // linked; such a sandbox reads the template's image, as before links existed.
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Ok(()),
+            Err(e) => Err(fail(
+                CreateStep::Directory,
+                format!("linking {}: {e}", image.display()),
+            )),
+        };
+        if let Err(e) = linked.and(injected_failure(id, CreateStep::Directory).await) {
             undo_dir();
             return Err(e);
         }
+        let image = if base.is_file() {
+            base.as_path()
+        } else {
+            image
+        };
 
         let upper = self.layout.sandbox_upper_disk(id);
         let disk_result = match self

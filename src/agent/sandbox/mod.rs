@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::agent::disk;
 use crate::agent::network::{NetworkError, NetworkManager, SandboxNetwork};
+use crate::agent::templates::{TemplateError, TemplateImages};
 use crate::agent::wire::{CreateSandbox, LostSandbox, SandboxInfo, SandboxPhase};
 use crate::config::Layout;
 use crate::envd::client::EnvdClient;
@@ -47,8 +48,8 @@ pub struct Limits {
 pub enum SandboxError {
     #[error("invalid request: {0}")]
     Invalid(String),
-    #[error("template `{template}` is not on this host (expected {path})")]
-    UnknownTemplate { template: String, path: PathBuf },
+    #[error(transparent)]
+    Template(#[from] TemplateError),
     #[error("sandbox {0} already exists on this host")]
     AlreadyExists(String),
     #[error("sandbox {0} is not on this host")]
@@ -300,6 +301,7 @@ pub struct SandboxManager {
     uppers: disk::UpperDisks,
     limits: Limits,
     confinement: ConfinementPolicy,
+    templates: Arc<TemplateImages>,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     /// The most recent sandboxes lost, for the control plane's reconciler.
     lost: Mutex<VecDeque<LostSandbox>>,
@@ -326,6 +328,7 @@ impl SandboxManager {
         network: NetworkManager,
         limits: Limits,
         confinement: ConfinementPolicy,
+        templates: Arc<TemplateImages>,
     ) -> Self {
         let uppers = disk::UpperDisks::open(layout.clone());
         Self {
@@ -335,6 +338,7 @@ impl SandboxManager {
             uppers,
             limits,
             confinement,
+            templates,
             sandboxes: Mutex::new(HashMap::new()),
             lost: Mutex::new(VecDeque::new()),
             operations: tokio_util::task::TaskTracker::new(),
@@ -422,9 +426,31 @@ impl SandboxManager {
         });
     }
 
+    /// The image a sandbox boots and resumes from: its own link to the template image it was
+    /// created from, so that a template updated since cannot change a paused sandbox's disk
+    /// under it. Sandboxes created before these links existed use the template's image.
+    fn base_image(&self, request: &CreateSandbox) -> PathBuf {
+        let own = self
+            .layout
+            .sandbox_base_image(&request.sandbox_id.to_string());
+        if own.is_file() {
+            own
+        } else {
+            self.layout.image_rootfs(request.template.as_str())
+        }
+    }
+
+    /// Puts this host's image of `template` into the template store.
+    pub async fn publish_template(
+        &self,
+        template: &crate::template::TemplateName,
+    ) -> Result<crate::store::BlobRef, SandboxError> {
+        Ok(self.templates.publish(template).await?)
+    }
+
     /// The template images on this host.
     pub fn held_templates(&self) -> Vec<crate::agent::wire::HeldTemplate> {
-        crate::agent::templates::held(&self.layout)
+        self.templates.held()
     }
 
     pub fn info(&self, id: &str) -> Result<SandboxInfo, SandboxError> {

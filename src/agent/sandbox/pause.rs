@@ -242,7 +242,7 @@ impl SandboxManager {
             snapshot_intact: snapshot.meta.is_file(),
             reason,
         };
-        let image = self.layout.image_rootfs(sandbox.request.template.as_str());
+        let image = self.base_image(&sandbox.request);
         let network = self
             .network
             .create(&id)

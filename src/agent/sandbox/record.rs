@@ -108,6 +108,7 @@ mod tests {
                 timeout_sec: 30,
                 envs: BTreeMap::from([("API_KEY".into(), "sk-secret".into())]),
                 user: None,
+                image: None,
             },
             created_at: Utc::now(),
             access_token: SecretText::new("t".repeat(64)),

@@ -215,6 +215,11 @@ fn api() -> Routes {
             Method::PUT,
             "/v1/admin/users/{id}/active",
             put(users::set_active),
+        )
+        .add(
+            Method::POST,
+            "/v1/admin/templates/{name}/publish",
+            post(templates::publish),
         );
     capsule_api(routes)
 }

@@ -1,5 +1,5 @@
 //! `GET /v1/snapshots`: the templates a team can start capsules from (the reference calls the
-//! list "snapshots"; it holds base images too).
+//! list "snapshots"; it holds base images too); and the admins' publishing of template images.
 
 use std::collections::BTreeMap;
 
@@ -8,13 +8,18 @@ use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::cp::auth::AuthTeam;
+use axum::extract::Path;
+use axum::Json;
+
+use crate::cp::auth::{AdminUser, AuthTeam};
 use crate::cp::error::ApiError;
-use crate::cp::extract::ApiQuery;
+use crate::cp::extract::{path_id, ApiQuery};
 use crate::cp::pagination::PageQuery;
-use crate::cp::services::templates;
+use crate::cp::services::templates::{self, Published};
 use crate::cp::state::AppState;
 use crate::db::templates::{Template, TemplateType};
+use crate::id::HostId;
+use crate::template::{TemplateName, TemplateNameError};
 
 /// `?type=`; `limit` and `cursor` are the page's (`PageQuery`).
 #[derive(Debug, Deserialize)]
@@ -84,4 +89,28 @@ pub async fn list(
         .transpose()?;
     let page = templates::list(&state.db, auth.team_id, template_type, query.request).await?;
     Ok(query.answer(page.map(TemplateView::from)))
+}
+
+/// `?host_id=`: the host whose image to publish; by default any online host holding it.
+#[derive(Debug, Deserialize)]
+pub struct PublishFrom {
+    host_id: Option<String>,
+}
+
+/// `POST /v1/admin/templates/{name}/publish` (addition): puts a host's image of a platform
+/// template into the template store, so every other host pulls it before its first capsule.
+pub async fn publish(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Path(name): Path<String>,
+    ApiQuery(from): ApiQuery<PublishFrom>,
+) -> Result<Json<Published>, ApiError> {
+    let name: TemplateName = name
+        .parse()
+        .map_err(|e: TemplateNameError| ApiError::InvalidRequest(e.to_string()))?;
+    let host = from
+        .host_id
+        .map(|raw| path_id::<HostId>("host_id", &raw))
+        .transpose()?;
+    Ok(Json(templates::publish(&state, &name, host).await?))
 }

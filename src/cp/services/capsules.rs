@@ -24,6 +24,7 @@ use crate::db::templates::{self, TemplateType};
 use crate::db::DbError;
 use crate::error_code::ErrorCode;
 use crate::id::{HostId, SandboxId, TeamId};
+use crate::store::BlobRef;
 use crate::template::{TemplateName, TemplateNameError};
 
 /// Every sandbox gets this much disk; the public API does not expose it.
@@ -261,6 +262,7 @@ pub async fn create(
             team_id: team.uuid(),
             template_id: template.id,
             template_name: template.name.clone(),
+            template_sha256: template.image_sha256.clone(),
             timeout_sec: i32::try_from(new.timeout_sec).unwrap_or(i32::MAX),
             demand: Demand {
                 vcpus: i64::from(vcpus),
@@ -293,6 +295,10 @@ pub async fn create(
         timeout_sec: new.timeout_sec,
         envs: BTreeMap::new(),
         user: None,
+        image: template.image_sha256.clone().map(|sha256| BlobRef {
+            sha256,
+            size_bytes: u64::try_from(template.size_bytes).unwrap_or(0),
+        }),
     };
     let asked = std::time::Instant::now();
     let answer = state

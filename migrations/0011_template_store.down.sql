@@ -1,0 +1,1 @@
+ALTER TABLE templates DROP COLUMN image_sha256;
