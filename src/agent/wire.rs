@@ -147,3 +147,13 @@ pub fn envd_proxy_path(id: SandboxId, envd_path: &str) -> String {
         envd_path.trim_start_matches('/')
     )
 }
+
+/// `POST /v1/sandboxes/{id}/template`: turn the sandbox's disk as it is now into the base image
+/// of `template` (with `config` as its `/etc/wrenn/template.json`), install it on this host and
+/// publish it to the template store; answered with its blob. The sandbox keeps running.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureTemplate {
+    pub template: TemplateName,
+    pub config: crate::envd::template::TemplateConfig,
+}

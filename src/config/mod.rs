@@ -78,6 +78,7 @@ pub struct CpConfig {
     pub team_max_execs: usize,
     pub team_max_transfers: usize,
     pub team_max_sessions: usize,
+    pub build_context_max_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -213,6 +214,9 @@ impl Default for Config {
                     .parse()
                     .expect("defaults in KEYS parse"),
                 team_max_sessions: default("cp.team_max_sessions")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                build_context_max_bytes: default("cp.build_context_max_bytes")
                     .parse()
                     .expect("defaults in KEYS parse"),
             },

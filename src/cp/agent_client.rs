@@ -21,7 +21,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::ca::CaHandle;
-use crate::agent::wire::{envd_proxy_path, AgentPing, CreateSandbox, SandboxInfo, SandboxList};
+use crate::agent::wire::{
+    envd_proxy_path, AgentPing, CaptureTemplate, CreateSandbox, SandboxInfo, SandboxList,
+};
 use crate::envd::client::{EnvdClient, EnvdClientError, HttpClient, RequestBody};
 use crate::error_code::{ErrorBody, ErrorCode, ErrorEnvelope};
 use crate::id::{HostId, SandboxId};
@@ -336,6 +338,24 @@ impl AgentClient {
             &format!("/v1/templates/{template}/publish"),
             None::<&()>,
             self.timeouts.create,
+        )
+        .await
+    }
+
+    /// Has the agent make a template image of a sandbox's disk (a build's last step).
+    pub async fn capture_template(
+        &self,
+        target: &AgentTarget,
+        id: SandboxId,
+        request: &CaptureTemplate,
+        timeout: Duration,
+    ) -> Result<BlobRef, AgentError> {
+        self.json(
+            target,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/template"),
+            Some(request),
+            timeout,
         )
         .await
     }

@@ -9,6 +9,7 @@ use super::agent_client::AgentError;
 use super::ca::CaError;
 use super::limits;
 use super::scheduler::ScheduleError;
+use super::services::builds::BuildError;
 use super::services::capsules::CapsuleError;
 use super::services::templates::PublishError;
 use super::services::ServiceError;
@@ -222,6 +223,23 @@ impl From<CapsuleError> for ApiError {
                 message,
                 retry_after_secs: limits::RETRY_AFTER.as_secs(),
             },
+        }
+    }
+}
+
+impl From<BuildError> for ApiError {
+    fn from(error: BuildError) -> Self {
+        let message = error.to_string();
+        match error {
+            BuildError::Invalid { .. } | BuildError::Recipe(_) => ApiError::InvalidRequest(message),
+            BuildError::TemplateNotFound(_) => ApiError::NotFound(message),
+            BuildError::NotFound => ApiError::NotFound(message),
+            BuildError::Protected(_) => ApiError::forbidden(message),
+            BuildError::InProgress(_) | BuildError::Finished(_) => ApiError::Conflict {
+                code: ErrorCode::Conflict,
+                message,
+            },
+            BuildError::Db(db) => db.into(),
         }
     }
 }

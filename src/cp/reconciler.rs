@@ -53,6 +53,8 @@ pub struct PassReport {
     pub unreachable_hosts: Vec<HostId>,
     /// Hosts whose visit overran its deadline and was cut short.
     pub overran_hosts: Vec<HostId>,
+    /// Template builds whose control plane stopped running them, ended as `error`.
+    pub abandoned_builds: usize,
 }
 
 /// Runs passes every `state.capsules.reconcile_interval` until `cancel` fires.
@@ -86,6 +88,7 @@ impl PassReport {
             orphans_destroyed,
             unreachable_hosts,
             overran_hosts,
+            abandoned_builds,
         } = other;
         self.missing.extend(missing);
         self.stopped.extend(stopped);
@@ -95,6 +98,7 @@ impl PassReport {
         self.orphans_destroyed.extend(orphans_destroyed);
         self.unreachable_hosts.extend(unreachable_hosts);
         self.overran_hosts.extend(overran_hosts);
+        self.abandoned_builds += abandoned_builds;
     }
 }
 
@@ -131,6 +135,12 @@ pub async fn reconcile_once(state: &AppState) -> Result<PassReport, DbError> {
         .buffer_unordered(CONCURRENT_HOSTS);
     let mut report = PassReport::default();
     let mut first_error = None;
+    match crate::cp::services::builds::end_abandoned(state).await {
+        Ok(ended) => report.abandoned_builds = ended,
+        Err(error) => {
+            first_error = Some(error);
+        }
+    }
     while let Some(visit) = visits.next().await {
         match visit {
             Ok(visited) => report.merge(visited),

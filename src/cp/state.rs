@@ -151,6 +151,8 @@ pub struct CapsuleSettings {
     /// The template store, when `store.url` names one the control plane can reach too: it then
     /// confirms what a host says it published. Without it, the host's word is taken.
     pub store: Option<TemplateStore>,
+    /// `cp.build_context_max_bytes`: the largest build archive, uploaded and unpacked.
+    pub build_context_max_bytes: u64,
 }
 
 impl Default for CapsuleSettings {
@@ -162,6 +164,7 @@ impl Default for CapsuleSettings {
             reconcile_interval: Duration::from_secs(15),
             team_limits: TeamLimitSettings::default(),
             store: None,
+            build_context_max_bytes: 1 << 30,
         }
     }
 }
@@ -183,6 +186,7 @@ impl CapsuleSettings {
             reconcile_interval: Duration::from_secs(cp.reconcile_interval_secs.max(1)),
             team_limits: TeamLimitSettings::from_config(config),
             store: None,
+            build_context_max_bytes: cp.build_context_max_bytes,
         }
     }
 }

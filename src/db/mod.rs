@@ -3,6 +3,7 @@
 
 pub mod api_keys;
 pub mod audit_logs;
+pub mod builds;
 pub mod capsule_access;
 pub mod control_plane_ca;
 pub mod host_refresh_tokens;

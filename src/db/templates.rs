@@ -112,3 +112,43 @@ pub async fn set_image(
     .await?;
     Ok(updated.rows_affected() == 1)
 }
+
+/// A template a build made.
+pub struct BuiltTemplate<'a> {
+    pub team_id: Uuid,
+    pub name: &'a str,
+    pub vcpus: i32,
+    pub memory_mb: i32,
+    pub size_bytes: i64,
+    pub image_sha256: &'a str,
+    pub metadata: Value,
+}
+
+/// Registers a built template, or points an existing unprotected one at the new image; answers
+/// its ID, or none when a protected template has the name.
+pub async fn upsert_built(
+    ex: impl PgExecutor<'_>,
+    built: BuiltTemplate<'_>,
+) -> Result<Option<Uuid>, DbError> {
+    Ok(sqlx::query_scalar!(
+        r#"INSERT INTO templates (id, team_id, name, type, vcpus, memory_mb, size_bytes,
+                                  image_sha256, metadata)
+           VALUES ($1, $2, $3, 'base', $4, $5, $6, $7, $8)
+           ON CONFLICT (team_id, name) DO UPDATE
+           SET type = 'base', vcpus = EXCLUDED.vcpus, memory_mb = EXCLUDED.memory_mb,
+               size_bytes = EXCLUDED.size_bytes, image_sha256 = EXCLUDED.image_sha256,
+               metadata = EXCLUDED.metadata
+           WHERE NOT templates.protected
+           RETURNING id"#,
+        Uuid::new_v4(),
+        built.team_id,
+        built.name,
+        built.vcpus,
+        built.memory_mb,
+        built.size_bytes,
+        built.image_sha256,
+        built.metadata,
+    )
+    .fetch_optional(ex)
+    .await?)
+}

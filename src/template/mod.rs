@@ -2,6 +2,9 @@
 //! scheduler, the agent API and the files root's `images/<name>/`), so a name is judged the same
 //! way everywhere.
 
+pub mod archive;
+pub mod recipe;
+
 use std::fmt;
 use std::str::FromStr;
 

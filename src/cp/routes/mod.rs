@@ -3,6 +3,7 @@
 
 mod accounts;
 mod api_keys;
+mod builds;
 mod capsule_ws;
 mod capsules;
 mod hosts;
@@ -142,6 +143,7 @@ fn capsule_api(routes: Routes) -> Routes {
 }
 
 fn api() -> Routes {
+    use axum::extract::DefaultBodyLimit;
     use axum::routing::{delete, get, patch, post, put};
     let routes = Routes::default()
         .add(Method::POST, "/v1/auth/signup", post(accounts::signup))
@@ -220,7 +222,20 @@ fn api() -> Routes {
             Method::POST,
             "/v1/admin/templates/{name}/publish",
             post(templates::publish),
-        );
+        )
+        .add(
+            Method::POST,
+            "/v1/admin/builds",
+            post(builds::create).layer(DefaultBodyLimit::disable()),
+        )
+        .add(Method::GET, "/v1/admin/builds", get(builds::list))
+        .add(Method::GET, "/v1/admin/builds/{id}", get(builds::get))
+        .add(
+            Method::POST,
+            "/v1/admin/builds/{id}/cancel",
+            post(builds::cancel),
+        )
+        .add(Method::GET, "/v1/admin/builds/{id}/logs", get(builds::logs));
     capsule_api(routes)
 }
 

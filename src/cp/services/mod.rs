@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod api_keys;
+pub mod builds;
 pub mod capsules;
 pub mod hosts;
 pub mod login_limits;

@@ -1,0 +1,2 @@
+DROP TABLE template_build_logs;
+DROP TABLE template_builds;
