@@ -1,6 +1,10 @@
-//! Template names: one checked type for every hop that carries one (the public API, the
-//! scheduler, the agent API and the files root's `images/<name>/`), so a name is judged the same
-//! way everywhere.
+//! Templates. Here, their names: one checked type for every hop that carries one (the public API,
+//! the scheduler, the agent API and the files root's `images/<name>/`), so a name is judged the
+//! same way everywhere. Beside it, reading a container image archive into a directory tree
+//! ([`oci`]).
+
+pub mod oci;
+mod tree;
 
 use std::fmt;
 use std::str::FromStr;
