@@ -1546,7 +1546,7 @@ pub(super) mod tests {
             self.entry(tar::EntryType::Link, path, target, b"")
         }
 
-        fn tar(self) -> Vec<u8> {
+        pub(in crate::template) fn tar(self) -> Vec<u8> {
             self.0.into_inner().unwrap()
         }
 

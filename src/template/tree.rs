@@ -1,20 +1,24 @@
 //! A host directory holding an untrusted guest root file system, worked on through file
 //! descriptors only. The importer runs as root and an image is arbitrary input, so nothing an
-//! image put in the tree may send a read or a write outside it: [`Tree::walk`] refuses symlinks
-//! and every final component is opened, created or removed without following a symlink.
+//! image put in the tree may send a read or a write outside it: [`Tree::walk`] refuses symlinks,
+//! [`Tree::resolve`] resolves them as the guest would, with the tree as `/`, and every final
+//! component is opened, created or removed without following a symlink.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use nix::dir::{Dir, Type};
 use nix::errno::Errno;
-use nix::fcntl::{openat, AtFlags, OFlag};
+use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
 use nix::sys::stat::{fstatat, mkdirat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
+
+/// Symlinks followed while resolving one path: the kernel's own limit.
+const MAX_SYMLINK_HOPS: usize = 40;
 
 /// What a directory entry is, as `lstat` sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +120,78 @@ impl Tree {
         }
         Ok(Some(fd))
     }
+
+    /// The tree's components for the guest path `path` once every symlink on the way is
+    /// resolved as the guest kernel would with the tree as `/`: an absolute target starts again
+    /// at the tree's root and `..` stops there. The last component is followed only with
+    /// `follow_last`; components that do not exist are taken as they are.
+    pub(crate) fn resolve(&self, path: &Path, follow_last: bool) -> io::Result<Vec<OsString>> {
+        let mut resolved: Vec<OsString> = Vec::new();
+        let mut pending = steps(path);
+        let mut hops = 0;
+        // Below a missing component nothing exists, so nothing more can be a symlink: how many
+        // resolved components exist, once one is missing.
+        let mut existing: Option<usize> = None;
+        while let Some(step) = pending.pop() {
+            let name = match step {
+                Step::Up => {
+                    resolved.pop();
+                    if existing.is_some_and(|n| resolved.len() <= n) {
+                        existing = None;
+                    }
+                    continue;
+                }
+                Step::Name(name) => name,
+            };
+            if existing.is_some() || (pending.is_empty() && !follow_last) {
+                resolved.push(name);
+                continue;
+            }
+            let Some(dir) = self.walk(&resolved, false)? else {
+                existing = Some(resolved.len());
+                resolved.push(name);
+                continue;
+            };
+            match kind(&dir, &name)? {
+                Some(Kind::Symlink) => {
+                    hops += 1;
+                    if hops > MAX_SYMLINK_HOPS {
+                        return Err(Errno::ELOOP.into());
+                    }
+                    let target = readlinkat(&dir, name.as_os_str())?;
+                    if target.as_bytes().starts_with(b"/") {
+                        resolved.clear();
+                    }
+                    pending.extend(steps(Path::new(&target)));
+                }
+                None => {
+                    existing = Some(resolved.len());
+                    resolved.push(name);
+                }
+                Some(_) => resolved.push(name),
+            }
+        }
+        Ok(resolved)
+    }
+}
+
+enum Step {
+    Up,
+    Name(OsString),
+}
+
+/// `path`'s steps, last first (a stack).
+fn steps(path: &Path) -> Vec<Step> {
+    let mut steps: Vec<Step> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(Step::Name(name.to_owned())),
+            Component::ParentDir => Some(Step::Up),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+        })
+        .collect();
+    steps.reverse();
+    steps
 }
 
 /// Opens the directory `name` in `dir`, failing (`ELOOP` or `ENOTDIR`) on a symlink.
@@ -228,6 +304,34 @@ mod tests {
     use std::os::unix::fs::symlink;
 
     use super::*;
+
+    fn names(components: &[OsString]) -> String {
+        components
+            .iter()
+            .map(|c| c.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    #[test]
+    fn resolve_keeps_symlinks_inside_the_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("usr/bin")).unwrap();
+        symlink("usr/bin", root.join("bin")).unwrap();
+        symlink("/usr", root.join("abs")).unwrap();
+        symlink("../../../../..", root.join("usr/up")).unwrap();
+        symlink("loop", root.join("loop")).unwrap();
+        let tree = Tree::open(root).unwrap();
+        let resolve = |path: &str, follow| names(&tree.resolve(Path::new(path), follow).unwrap());
+        assert_eq!(resolve("/bin/bash", true), "usr/bin/bash");
+        assert_eq!(resolve("/abs/bin", true), "usr/bin");
+        assert_eq!(resolve("/usr/up/etc/passwd", true), "etc/passwd");
+        assert_eq!(resolve("/bin", false), "bin");
+        assert_eq!(resolve("/missing/../bin/x", true), "usr/bin/x");
+        let error = tree.resolve(Path::new("/loop/x"), true).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::ELOOP));
+    }
 
     #[test]
     fn walk_refuses_symlinks_and_creates_directories() {
