@@ -12,7 +12,7 @@ mod output;
 mod process;
 mod server;
 pub mod template;
-mod users;
+pub(crate) mod users;
 mod watch;
 
 use std::future::IntoFuture;

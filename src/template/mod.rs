@@ -1,6 +1,11 @@
-//! Template names: one checked type for every hop that carries one (the public API, the
-//! scheduler, the agent API and the files root's `images/<name>/`), so a name is judged the same
-//! way everywhere.
+//! Templates. Here, their names: one checked type for every hop that carries one (the public API,
+//! the scheduler, the agent API and the files root's `images/<name>/`), so a name is judged the
+//! same way everywhere. Beside it, importing a container image as a template's image: reading
+//! the archive into a directory tree ([`oci`]) and making the ext4 image of it ([`image`]).
+
+pub mod image;
+pub mod oci;
+mod tree;
 
 pub mod archive;
 pub mod recipe;

@@ -1,0 +1,256 @@
+//! A container image archive, made here as `docker save` writes it from the host's static busybox,
+//! imported as a template image with `wrenn::template::image::import`; the ext4 image is read
+//! back with e2fsprogs. Nothing boots. Needs root (the tree keeps the image's owners) and
+//! busybox-static.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flate2::write::GzEncoder;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use wrenn::envd::template::TemplateConfig;
+use wrenn::template::image::{self, ImportOptions, ENTRYPOINT_TAG};
+use wrenn::template::TemplateName;
+
+const BUSYBOX: &str = "/bin/busybox";
+const MTIME: u64 = 1_700_000_000;
+
+fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_size(size);
+    header.set_mode(mode);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(MTIME);
+    header
+}
+
+fn add_file(layer: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
+    let mut header = header(tar::EntryType::Regular, data.len() as u64, mode);
+    layer.append_data(&mut header, path, data).unwrap();
+}
+
+fn add_dir(layer: &mut tar::Builder<Vec<u8>>, path: &str) {
+    let mut header = header(tar::EntryType::Directory, 0, 0o755);
+    layer.append_data(&mut header, path, &b""[..]).unwrap();
+}
+
+/// The busybox userland as the busybox template lays it out (rootfs/templates/busybox.sh):
+/// the binary and a symlink per applet.
+fn busybox_layer() -> Vec<u8> {
+    let busybox =
+        fs::read(BUSYBOX).unwrap_or_else(|e| panic!("{BUSYBOX}: {e} (install busybox-static)"));
+    let applets = Command::new(BUSYBOX).arg("--list-full").output().unwrap();
+    let applets = String::from_utf8(applets.stdout).unwrap();
+    let mut layer = tar::Builder::new(Vec::new());
+    for dir in ["bin/", "sbin/", "usr/", "usr/bin/", "usr/sbin/", "etc/"] {
+        add_dir(&mut layer, dir);
+    }
+    add_file(&mut layer, "bin/busybox", &busybox, 0o755);
+    for applet in applets.lines().map(str::trim) {
+        if applet.is_empty() || ["bin/busybox", "sbin/init", "linuxrc"].contains(&applet) {
+            continue;
+        }
+        let mut header = header(tar::EntryType::Symlink, 0, 0o777);
+        layer
+            .append_link(&mut header, applet, "/bin/busybox")
+            .unwrap();
+    }
+    add_file(
+        &mut layer,
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        0o644,
+    );
+    add_file(
+        &mut layer,
+        "etc/group",
+        b"root:x:0:\nnogroup:x:65534:\n",
+        0o644,
+    );
+    add_file(
+        &mut layer,
+        "etc/motd",
+        b"removed by the next layer\n",
+        0o644,
+    );
+    layer.into_inner().unwrap()
+}
+
+/// A gzip'd layer on top: an application directory and a whiteout of the first layer's motd.
+fn app_layer() -> Vec<u8> {
+    let mut layer = tar::Builder::new(Vec::new());
+    add_dir(&mut layer, "srv/");
+    add_file(
+        &mut layer,
+        "srv/hello.sh",
+        b"#!/bin/sh\necho hello\n",
+        0o755,
+    );
+    add_file(&mut layer, "etc/.wh.motd", b"", 0o644);
+    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&layer.into_inner().unwrap()).unwrap();
+    gz.finish().unwrap()
+}
+
+/// A `docker save` archive: `manifest.json`, the config under its digest, `<id>/layer.tar`.
+fn docker_save(dir: &Path) -> PathBuf {
+    let config = serde_json::to_vec(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=hello world"],
+            "Cmd": ["/srv/hello.sh"],
+            "WorkingDir": "/srv",
+            "User": "65534",
+        },
+        "rootfs": {"type": "layers", "diff_ids": []},
+    }))
+    .unwrap();
+    let config_name = format!("{}.json", hex::encode(Sha256::digest(&config)));
+    let layers = [busybox_layer(), app_layer()];
+    let layer_names = ["base/layer.tar", "app/layer.tar"];
+    let manifest = json!([{
+        "Config": config_name,
+        "RepoTags": ["busybox-app:latest"],
+        "Layers": layer_names,
+    }]);
+    let path = dir.join("busybox-app.tar");
+    let mut archive = tar::Builder::new(File::create(&path).unwrap());
+    let mut members = vec![
+        (
+            "manifest.json".to_owned(),
+            manifest.to_string().into_bytes(),
+        ),
+        (config_name, config),
+    ];
+    members.extend(
+        layer_names
+            .iter()
+            .map(|n| (*n).to_owned())
+            .zip(layers.iter().cloned()),
+    );
+    for (name, data) in members {
+        let mut header = header(tar::EntryType::Regular, data.len() as u64, 0o644);
+        archive
+            .append_data(&mut header, name, data.as_slice())
+            .unwrap();
+    }
+    archive.into_inner().unwrap().sync_all().unwrap();
+    path
+}
+
+fn debugfs(image: &Path, request: &str) -> String {
+    let output = Command::new("debugfs")
+        .args(["-R", request])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "debugfs -R '{request}': {output:?}"
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_docker_save_archive_of_busybox_becomes_a_checked_template_image() {
+    let inputs = tempfile::tempdir().unwrap();
+    let images = tempfile::tempdir().unwrap();
+    let archive = docker_save(inputs.path());
+    // Any executable stands in for the static wrenn binary: nothing runs it here.
+    let binary = inputs.path().join("wrenn");
+    fs::copy("/bin/true", &binary).unwrap();
+    fs::set_permissions(&binary, fs::Permissions::from_mode(0o700)).unwrap();
+
+    let name: TemplateName = "busybox-app".parse().unwrap();
+    let out_dir = images.path().join("busybox-app");
+    let options = ImportOptions {
+        start_entrypoint: true,
+        ..ImportOptions::new(&binary)
+    };
+    let mut reports = Vec::new();
+    let imported = image::import(&archive, &name, &out_dir, &options, |p| reports.push(p)).unwrap();
+
+    let rootfs = out_dir.join("rootfs.ext4");
+    assert_eq!(imported.rootfs, rootfs);
+    let names: Vec<String> = fs::read_dir(images.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["busybox-app"], "the work directory is gone");
+    let last = reports.last().unwrap();
+    assert_eq!((last.layer, last.layers), (2, 2));
+    assert_eq!(last.bytes_done, last.bytes_total);
+
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(out_dir.join("meta.json")).unwrap()).unwrap();
+    assert_eq!(meta["template"], "busybox-app");
+    assert_eq!(meta["source"], "oci");
+    assert_eq!(
+        meta["sha256"].as_str().unwrap(),
+        hex::encode(Sha256::digest(fs::read(&rootfs).unwrap()))
+    );
+    assert_eq!(meta["size_bytes"], fs::metadata(&rootfs).unwrap().len());
+    assert!(
+        meta["envd_version"].as_str().unwrap().starts_with("wrenn "),
+        "{meta}"
+    );
+    assert!(meta["build_seconds"].is_f64(), "{meta}");
+
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&rootfs)
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "e2fsck: {fsck:?}");
+    let label = Command::new("e2label").arg(&rootfs).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&label.stdout).trim(),
+        "wrenn-busybox-ap"
+    );
+
+    let wrenn = debugfs(&rootfs, "stat /usr/local/bin/wrenn");
+    assert!(wrenn.contains("Type: regular    Mode:  0755"), "{wrenn}");
+    assert!(wrenn.contains("User:     0   Group:     0"), "{wrenn}");
+    let sh = debugfs(&rootfs, "stat /bin/sh");
+    assert!(sh.contains("Type: symlink"), "{sh}");
+    assert!(sh.contains("\"/bin/busybox\""), "{sh}");
+    let busybox = debugfs(&rootfs, "stat /bin/busybox");
+    assert!(busybox.contains("Mode:  0755"), "{busybox}");
+    let motd = debugfs(&rootfs, "stat /etc/motd");
+    assert!(!motd.contains("Inode:"), "the whiteout removed it: {motd}");
+    let hello = debugfs(&rootfs, "cat /srv/hello.sh");
+    assert_eq!(hello, "#!/bin/sh\necho hello\n");
+
+    let passwd = debugfs(&rootfs, "cat /etc/passwd");
+    assert!(
+        passwd.contains("root:x:0:0:root:/root:/bin/sh\n"),
+        "{passwd}"
+    );
+    assert!(
+        passwd.contains("user:x:1000:1000:Wrenn sandbox user:/home/user:/bin/sh\n"),
+        "{passwd}"
+    );
+    let home = debugfs(&rootfs, "stat /home/user");
+    assert!(home.contains("User:  1000   Group:  1000"), "{home}");
+    let tmp = debugfs(&rootfs, "stat /tmp");
+    assert!(tmp.contains("Mode:  01777"), "{tmp}");
+
+    let settings: TemplateConfig =
+        serde_json::from_str(&debugfs(&rootfs, "cat /etc/wrenn/template.json")).unwrap();
+    assert_eq!(settings, imported.template);
+    assert_eq!(settings.env["GREETING"], "hello world");
+    assert_eq!(settings.workdir.as_deref(), Some("/srv"));
+    // uid 65534 is `nobody` in the image's /etc/passwd, the name envd looks up.
+    assert_eq!(settings.user.as_deref(), Some("nobody"));
+    let start = &settings.start[0];
+    assert_eq!(start.tag.as_deref(), Some(ENTRYPOINT_TAG));
+    assert_eq!(start.process.cmd, "/srv/hello.sh");
+    assert_eq!(start.process.cwd.as_deref(), Some("/srv"));
+}
