@@ -21,7 +21,7 @@ use subtle::ConstantTimeEq;
 use super::registration::{Adopt, HostCredentials, RegistrationError};
 use super::sandbox::{SandboxError, SandboxManager};
 use super::templates::TemplateError;
-use super::wire::{AgentPing, CreateSandbox, SandboxInfo, SandboxList};
+use super::wire::{AgentPing, CaptureTemplate, CreateSandbox, SandboxInfo, SandboxList};
 use crate::error_code::{ErrorCode, ErrorEnvelope};
 use crate::id::SandboxId;
 use crate::secret::SecretText;
@@ -226,6 +226,7 @@ impl From<SandboxError> for ApiError {
                 ErrorCode::InsufficientStorage,
             ),
             SandboxError::CreateFailed { .. }
+            | SandboxError::CaptureFailed { .. }
             | SandboxError::PauseFailed { .. }
             | SandboxError::ResumeFailed { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::AgentError),
             SandboxError::TeardownFailed { .. }
@@ -260,6 +261,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}/pause", post(pause))
         .route("/v1/sandboxes/{id}/resume", post(resume))
         .route("/v1/sandboxes/{id}/envd/{*path}", any(proxy_envd))
+        .route("/v1/sandboxes/{id}/template", post(capture_template))
         .route("/v1/templates/{name}/publish", post(publish_template))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
@@ -375,6 +377,22 @@ async fn resume(
 ) -> Result<Json<SandboxInfo>, ApiError> {
     let id = sandbox_id(&id)?;
     Ok(Json(state.sandboxes.resume(&id.to_string()).await?))
+}
+
+/// Makes the sandbox's disk a template image, installed here and published to the store.
+async fn capture_template(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Result<Json<BlobRef>, ApiError> {
+    let id = sandbox_id(&id)?;
+    let capture: CaptureTemplate = json_body(request).await?;
+    Ok(Json(
+        state
+            .sandboxes
+            .capture_template(&id.to_string(), capture)
+            .await?,
+    ))
 }
 
 /// Puts this host's image of a template into the template store; answers its reference.

@@ -98,17 +98,29 @@ fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) 
 /// Makes the unpacked userland at `tree` a Wrenn guest: the accounts root and `user`
 /// (1000:1000) where missing, the mount points and files envd expects, the wrenn binary
 /// (`wrenn_binary`, trusted, read on the host) as [`WRENN_BINARY`], and `config` as
-/// [`TEMPLATE_CONFIG`] unless it is empty.
+/// [`TEMPLATE_CONFIG`] unless it is empty. Without `wrenn_binary` the tree must hold its own
+/// (a captured Wrenn guest does).
 pub fn finish_tree(
     tree: &Path,
-    wrenn_binary: &Path,
+    wrenn_binary: Option<&Path>,
     config: &TemplateConfig,
 ) -> Result<(), ImageError> {
     let tree = Tree::open(tree).map_err(io_error("open the tree", tree))?;
     install_accounts(&tree)?;
     install_guest_files(&tree)?;
-    let mut binary = File::open(wrenn_binary).map_err(io_error("open", wrenn_binary))?;
-    write_file(&tree, WRENN_BINARY, &mut binary, 0o755)?;
+    match wrenn_binary {
+        Some(wrenn_binary) => {
+            let mut binary = File::open(wrenn_binary).map_err(io_error("open", wrenn_binary))?;
+            write_file(&tree, WRENN_BINARY, &mut binary, 0o755)?;
+        }
+        None if is_executable(&tree, WRENN_BINARY) => {}
+        None => {
+            return Err(ImageError::NotA {
+                path: WRENN_BINARY.to_owned(),
+                wanted: "an executable file (the wrenn binary envd runs from)",
+            })
+        }
+    }
     if *config != TemplateConfig::default() {
         ensure_dir(&tree, "/etc/wrenn", Some(0o755), None)?;
         let mut json = serde_json::to_vec_pretty(config).expect("template settings serialize");
@@ -557,19 +569,25 @@ fn account_name(tree: &Tree, user: &str) -> Result<String, ImageError> {
 
 #[derive(Debug, Clone)]
 pub struct ImportOptions {
-    /// The static wrenn binary installed as [`WRENN_BINARY`].
-    pub wrenn_binary: PathBuf,
+    /// The static wrenn binary installed as [`WRENN_BINARY`]; none keeps the image's own.
+    pub wrenn_binary: Option<PathBuf>,
     pub limits: UnpackLimits,
     /// Start the image's entrypoint and command at boot (see [`template_config`]).
     pub start_entrypoint: bool,
+    /// The settings to bake in instead of those the image's config gives (a build's).
+    pub template: Option<TemplateConfig>,
+    /// Where the image came from, for `meta.json`: `oci` or `build`.
+    pub source: &'static str,
 }
 
 impl ImportOptions {
     pub fn new(wrenn_binary: impl Into<PathBuf>) -> Self {
         Self {
-            wrenn_binary: wrenn_binary.into(),
+            wrenn_binary: Some(wrenn_binary.into()),
             limits: UnpackLimits::default(),
             start_entrypoint: false,
+            template: None,
+            source: "oci",
         }
     }
 }
@@ -632,12 +650,15 @@ pub fn import(
         .map_err(io_error("create", &tree_path))?;
 
     let image = oci::unpack(archive, &tree_path, &options.limits, progress)?;
-    let mut template = template_config(&image, options.start_entrypoint);
+    let mut template = options
+        .template
+        .clone()
+        .unwrap_or_else(|| template_config(&image, options.start_entrypoint));
     if let Some(user) = &template.user {
         let tree = Tree::open(&tree_path).map_err(io_error("open the tree", &tree_path))?;
         template.user = Some(account_name(&tree, user)?);
     }
-    finish_tree(&tree_path, &options.wrenn_binary, &template)?;
+    finish_tree(&tree_path, options.wrenn_binary.as_deref(), &template)?;
     let staged_rootfs = work.path.join("rootfs.ext4");
     make_ext4(&tree_path, &staged_rootfs, name.as_str())?;
     let (size_bytes, sha256) = hash_file(&staged_rootfs)?;
@@ -650,7 +671,7 @@ pub fn import(
         build_seconds,
         size_bytes,
         sha256: &sha256,
-        source: "oci",
+        source: options.source,
     })
     .expect("image metadata serializes");
     json.push(b'\n');
@@ -753,7 +774,7 @@ mod tests {
             workdir: Some("/srv".into()),
             ..TemplateConfig::default()
         };
-        finish_tree(&tree, &binary, &config).unwrap();
+        finish_tree(&tree, Some(&binary), &config).unwrap();
 
         let passwd = fs::read_to_string(tree.join("etc/passwd")).unwrap();
         assert_eq!(
@@ -812,7 +833,7 @@ mod tests {
 
         let bare = dir.path().join("bare");
         fs::create_dir(&bare).unwrap();
-        finish_tree(&bare, &binary, &TemplateConfig::default()).unwrap();
+        finish_tree(&bare, Some(&binary), &TemplateConfig::default()).unwrap();
         assert!(!bare.join("etc/wrenn").exists(), "no settings, no file");
         let passwd = fs::read_to_string(bare.join("etc/passwd")).unwrap();
         assert!(
@@ -834,7 +855,7 @@ mod tests {
         symlink(outside.path().join("bin"), tree.join("usr")).unwrap();
         let binary = dir.path().join("wrenn");
         executable(&binary);
-        finish_tree(&tree, &binary, &TemplateConfig::default()).unwrap();
+        finish_tree(&tree, Some(&binary), &TemplateConfig::default()).unwrap();
 
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
         let etc = tree.join(outside.path().strip_prefix("/").unwrap());

@@ -1,14 +1,14 @@
 //! Templates. Here, their names: one checked type for every hop that carries one (the public API,
 //! the scheduler, the agent API and the files root's `images/<name>/`), so a name is judged the
-//! same way everywhere. Beside it, importing a container image as a template's image: reading
-//! the archive into a directory tree ([`oci`]) and making the ext4 image of it ([`image`]).
-
-pub mod image;
-pub mod oci;
-mod tree;
+//! same way everywhere. Beside it: importing a container image as a template's image (reading
+//! the archive into a directory tree, [`oci`], and making the ext4 image of it, [`image`]), and
+//! building one from a recipe ([`recipe`], with its uploaded files checked by [`archive`]).
 
 pub mod archive;
+pub mod image;
+pub mod oci;
 pub mod recipe;
+mod tree;
 
 use std::fmt;
 use std::str::FromStr;

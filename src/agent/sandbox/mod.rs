@@ -2,10 +2,12 @@
 //! `phase` (the transition table every phase change goes through), `boot` (create, step by step
 //! with rollback), `pause` (pause to disk and resume), `teardown` (destroy, exactly once however
 //! many callers ask), `reaper` (the idle reaper, which pauses), `record` (each sandbox's state on
-//! disk) and `adopt` (taking over the sandboxes of an earlier agent process).
+//! disk), `adopt` (taking over the sandboxes of an earlier agent process) and `capture` (a
+//! sandbox's disk made a template image, a build's last step).
 
 mod adopt;
 mod boot;
+mod capture;
 mod pause;
 mod phase;
 mod reaper;
@@ -80,6 +82,9 @@ pub enum SandboxError {
         reason: String,
         disk_full: bool,
     },
+    /// No template image was made; the sandbox runs on.
+    #[error("capturing sandbox {id} as a template failed: {reason}")]
+    CaptureFailed { id: String, reason: String },
     /// The resume did not happen; the sandbox is still paused and may be resumed again.
     #[error("resuming sandbox {id} failed; it stays paused: {reason}")]
     ResumeFailed { id: String, reason: String },

@@ -641,8 +641,17 @@ impl Worker {
             }
             Instruction::User(user) => {
                 let name = quote(user);
+                // useradd (Debian), adduser (Alpine), or the account files themselves where
+                // the image has neither (busybox).
                 let script = format!(
-                    "id -u {name} >/dev/null 2>&1 || useradd -m -s /bin/sh {name} 2>/dev/null || adduser -D {name}"
+                    "id -u {name} >/dev/null 2>&1 && exit 0; \
+                     if command -v useradd >/dev/null; then exec useradd -m -s /bin/sh {name}; fi; \
+                     if command -v adduser >/dev/null; then exec adduser -D {name}; fi; \
+                     set -e; uid=1001; while cut -d: -f3 /etc/passwd | grep -qx \"$uid\"; do uid=$((uid + 1)); done; \
+                     echo {name}:x:$uid:$uid::/home/{user}:/bin/sh >> /etc/passwd; \
+                     echo {name}:x:$uid: >> /etc/group; \
+                     if [ -f /etc/shadow ]; then echo {name}:*:0:0:99999:7::: >> /etc/shadow; fi; \
+                     mkdir -p /home/{user}; chown $uid:$uid /home/{user}"
                 );
                 self.run_checked(envd, line, ctx.as_root(&script), Duration::from_secs(60))
                     .await?;
@@ -651,7 +660,8 @@ impl Worker {
             }
             Instruction::Copy { sources, dest } => {
                 // As the current user, from its working directory: relative destinations
-                // resolve there and the copies belong to the user without a chown.
+                // resolve there and the copies belong to the user without a chown. A directory
+                // source copies its contents, as in a Dockerfile.
                 let quoted: Vec<String> = sources.iter().map(|s| quote(s)).collect();
                 let several = if sources.len() > 1 || dest.ends_with('/') {
                     "mkdir -p \"$dest\"; "
@@ -659,7 +669,7 @@ impl Worker {
                     ""
                 };
                 let script = format!(
-                    "set -e; dest={dest}; case \"$dest\" in /*) ;; *) dest=\"$PWD/$dest\";; esac; {several}cd {CONTEXT_DIR}; for source in {sources}; do cp -R \"$source\" \"$dest\"; done",
+                    "set -e; dest={dest}; case \"$dest\" in /*) ;; *) dest=\"$PWD/$dest\";; esac; {several}cd {CONTEXT_DIR}; for source in {sources}; do if [ -d \"$source\" ]; then mkdir -p \"$dest\"; cp -R \"$source/.\" \"$dest/\"; else cp \"$source\" \"$dest\"; fi; done",
                     dest = quote(dest),
                     sources = quoted.join(" "),
                 );
