@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use support::agent::{add_agent, wait_clean, Agent, VM_TURNS};
+use support::agent::{add_agent_in, wait_clean, Agent, VM_TURNS};
 use support::{assert_error, Auth, TestCp};
 use wrenn::config::Layout;
 
@@ -154,7 +154,7 @@ async fn a_recipe_with_an_archive_becomes_a_template_that_capsules_start_from() 
     let _turn = VM_TURNS.acquire().await.unwrap();
     let cp = TestCp::start().await;
     let admin = cp.signup("admin@example.com").await.auth();
-    let (agent, _) = add_agent(&cp, &admin).await;
+    let (agent, _) = add_agent_in(&cp, &admin, Agent::new_root_with_own_images(), &[]).await;
 
     let recipe = "FROM busybox\n\
                   ENV GREETING=hello NAME=${GREETING}-world\n\
@@ -249,7 +249,7 @@ async fn a_failing_step_and_a_cancel_register_nothing_and_leave_nothing() {
     let _turn = VM_TURNS.acquire().await.unwrap();
     let cp = TestCp::start().await;
     let admin = cp.signup("admin@example.com").await.auth();
-    let (agent, _) = add_agent(&cp, &admin).await;
+    let (agent, _) = add_agent_in(&cp, &admin, Agent::new_root_with_own_images(), &[]).await;
 
     let (status, build) = cp
         .call(

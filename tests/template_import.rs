@@ -1,7 +1,9 @@
 //! A container image archive, made here as `docker save` writes it from the host's static busybox,
-//! imported as a template image with `wrenn::template::image::import`; the ext4 image is read
-//! back with e2fsprogs. Nothing boots. Needs root (the tree keeps the image's owners) and
-//! busybox-static.
+//! imported as a template image: with `wrenn::template::image::import`, the ext4 image read back
+//! with e2fsprogs; and through the control plane's API, uploaded and from a path on the host, with
+//! a capsule booted from it. Needs root (the tree keeps the image's owners) and busybox-static.
+
+mod support;
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -253,4 +255,136 @@ fn a_docker_save_archive_of_busybox_becomes_a_checked_template_image() {
     assert_eq!(start.tag.as_deref(), Some(ENTRYPOINT_TAG));
     assert_eq!(start.process.cmd, "/srv/hello.sh");
     assert_eq!(start.process.cwd.as_deref(), Some("/srv"));
+}
+
+fn multipart(config: &serde_json::Value, archive: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "wrenn-import-boundary";
+    let mut body = Vec::new();
+    write!(
+        body,
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"config\"\r\n\r\n{config}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"archive\"; filename=\"image.tar\"\r\nContent-Type: application/x-tar\r\n\r\n"
+    )
+    .unwrap();
+    body.extend_from_slice(archive);
+    write!(body, "\r\n--{boundary}--\r\n").unwrap();
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploaded_image_and_one_on_the_host_become_templates_that_capsules_boot() {
+    use hyper::{Method, StatusCode};
+    use support::agent::{add_agent_in, wait_clean, Agent, VM_TURNS};
+    use support::{assert_error, Auth, TestCp};
+
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let inputs = tempfile::tempdir().unwrap();
+    let archive = docker_save(inputs.path());
+    let cp = TestCp::start().await;
+    let admin = cp.signup("admin@example.com").await.auth();
+    let Auth::Bearer(token) = &admin else {
+        panic!("a user token")
+    };
+    let authorization = format!("Bearer {token}");
+    let (agent, host_id) = add_agent_in(&cp, &admin, Agent::new_root_with_own_images(), &[]).await;
+
+    let (content_type, body) = multipart(
+        &json!({"description": "busybox with an app", "memory_mb": 256}),
+        &fs::read(&archive).unwrap(),
+    );
+    let (status, imported) = cp
+        .raw(
+            Method::POST,
+            "/v1/admin/templates/busybox-app/import",
+            &[("authorization", authorization.as_str())],
+            Some(&content_type),
+            body,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{imported}");
+    assert_eq!(imported["host_id"], host_id.as_str());
+    assert_eq!(imported["cmd"], json!(["/srv/hello.sh"]));
+    assert_eq!(imported["user"], "nobody");
+    assert_eq!(imported["env"], json!(["GREETING", "PATH"]));
+
+    let (status, capsule) = cp
+        .call(
+            Method::POST,
+            "/v1/capsules",
+            &admin,
+            Some(json!({"template": "busybox-app"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{capsule}");
+    let id = capsule["id"].as_str().unwrap().to_owned();
+    let (status, out) = cp
+        .call(
+            Method::POST,
+            &format!("/v1/capsules/{id}/exec"),
+            &admin,
+            Some(json!({"cmd": "/bin/sh", "args": ["-c", "id -un; pwd; echo $GREETING; /srv/hello.sh; test -e /etc/motd || echo motd-gone"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    assert_eq!(
+        out["stdout"].as_str().unwrap().lines().collect::<Vec<_>>(),
+        ["nobody", "/srv", "hello world", "hello", "motd-gone"],
+        "{out}"
+    );
+    let (status, _) = cp
+        .call(Method::DELETE, &format!("/v1/capsules/{id}"), &admin, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    // An archive already on the host, named by path.
+    let (status, imported) = cp
+        .call(
+            Method::POST,
+            "/v1/admin/templates/busybox-app-2/import",
+            &admin,
+            Some(json!({"host_id": host_id, "path": archive})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{imported}");
+    let (status, templates) = cp.call(Method::GET, "/v1/snapshots", &admin, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        templates.to_string().contains("busybox-app-2"),
+        "{templates}"
+    );
+
+    // Refusals: a protected name, a path without its host, an archive that is no image.
+    let (status, body) = cp
+        .call(
+            Method::POST,
+            "/v1/admin/templates/minimal/import",
+            &admin,
+            Some(json!({"host_id": host_id, "path": archive})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    let (status, body) = cp
+        .call(
+            Method::POST,
+            "/v1/admin/templates/x/import",
+            &admin,
+            Some(json!({"path": archive})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let (content_type, body) = multipart(&json!({}), b"not an image");
+    let (status, body) = cp
+        .raw(
+            Method::POST,
+            "/v1/admin/templates/junk/import",
+            &[("authorization", authorization.as_str())],
+            Some(&content_type),
+            body,
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    let images = wrenn::config::Layout::new(agent.root.path()).images_dir();
+    assert!(!images.join("junk").exists());
+    wait_clean(&agent);
+    drop(agent);
+    cp.stop().await;
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
-use support::agent::{wait_clean, Agent, TokenFrom, VM_TURNS};
+use support::agent::{add_agent_in, wait_clean, Agent, VM_TURNS};
 use support::{Auth, TestCp};
 use wrenn::config::{Config, HttpUrl, Layout, StoreConfig};
 use wrenn::cp::reconciler;
@@ -211,29 +211,8 @@ async fn add_host(
     root: tempfile::TempDir,
     store: &Path,
 ) -> (Agent, String) {
-    let (status, body) = cp
-        .call(
-            Method::POST,
-            "/v1/hosts",
-            admin,
-            Some(json!({"type": "regular"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let token = body["registration_token"].as_str().unwrap().to_owned();
-    let host_id = body["host"]["id"].as_str().unwrap().to_owned();
-    let cp_url = format!("http://{}", cp.addr);
-    let tls = cp.agent_tls();
-    let env = vec![(
-        "STORE_URL".to_owned(),
-        format!("file://{}", store.display()),
-    )];
-    let agent = tokio::task::spawn_blocking(move || {
-        Agent::register_in(root, &cp_url, TokenFrom::Env(&token), tls, env)
-    })
-    .await
-    .unwrap();
-    (agent, host_id)
+    let url = format!("file://{}", store.display());
+    add_agent_in(cp, admin, root, &[("STORE_URL", &url)]).await
 }
 
 fn meta(agent: &Agent) -> Value {

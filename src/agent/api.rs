@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,8 +20,11 @@ use subtle::ConstantTimeEq;
 
 use super::registration::{Adopt, HostCredentials, RegistrationError};
 use super::sandbox::{SandboxError, SandboxManager};
-use super::templates::TemplateError;
-use super::wire::{AgentPing, CaptureTemplate, CreateSandbox, SandboxInfo, SandboxList};
+use super::templates::{ImportSource, TemplateError};
+use super::wire::{
+    AgentPing, CaptureTemplate, CreateSandbox, ImportFromPath, ImportedTemplate, SandboxInfo,
+    SandboxList,
+};
 use crate::error_code::{ErrorCode, ErrorEnvelope};
 use crate::id::SandboxId;
 use crate::secret::SecretText;
@@ -207,6 +210,12 @@ impl From<SandboxError> for ApiError {
             SandboxError::Template(TemplateError::Store { .. }) => {
                 (StatusCode::BAD_GATEWAY, ErrorCode::AgentError)
             }
+            SandboxError::Template(TemplateError::Import { .. }) => {
+                (StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest)
+            }
+            SandboxError::Template(TemplateError::ArchiveTooLarge { .. }) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge)
+            }
             SandboxError::Template(TemplateError::Io { .. }) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::InternalError)
             }
@@ -263,6 +272,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}/envd/{*path}", any(proxy_envd))
         .route("/v1/sandboxes/{id}/template", post(capture_template))
         .route("/v1/templates/{name}/publish", post(publish_template))
+        .route("/v1/templates/{name}/import", post(import_template))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
         })
@@ -391,6 +401,45 @@ async fn capture_template(
         state
             .sandboxes
             .capture_template(&id.to_string(), capture)
+            .await?,
+    ))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ImportQuery {
+    #[serde(default)]
+    start_entrypoint: bool,
+}
+
+/// Imports a container image archive, the body itself or (as JSON) a file on this host, as a
+/// template's image; installed here and published to the store.
+async fn import_template(
+    State(state): State<AgentState>,
+    Path(name): Path<String>,
+    Query(query): Query<ImportQuery>,
+    request: Request,
+) -> Result<Json<ImportedTemplate>, ApiError> {
+    let name: TemplateName = name.parse().map_err(|e: TemplateNameError| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest,
+            e.to_string(),
+        )
+    })?;
+    let is_json = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let source = if is_json {
+        let from: ImportFromPath = json_body(request).await?;
+        ImportSource::Path(from.path)
+    } else {
+        ImportSource::Upload(request.into_body())
+    };
+    Ok(Json(
+        state
+            .sandboxes
+            .import_template(&name, source, query.start_entrypoint)
             .await?,
     ))
 }

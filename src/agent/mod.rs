@@ -49,6 +49,8 @@ pub enum AgentError {
     Cgroup(#[from] crate::vmm::CgroupError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("cannot find the agent's own executable: {0}")]
+    OwnExecutable(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -106,7 +108,15 @@ pub async fn run(
     let confinement = crate::vmm::ConfinementPolicy::from_config(&config.agent)?;
     let store = crate::store::TemplateStore::open(&config.store, &layout)?;
     tracing::info!(store = store.location(), "template store");
-    let templates = Arc::new(templates::TemplateImages::new(layout.clone(), store));
+    let envd_binary = match &config.agent.envd_binary {
+        Some(path) => path.clone(),
+        None => std::env::current_exe().map_err(AgentError::OwnExecutable)?,
+    };
+    let templates = Arc::new(templates::TemplateImages::new(
+        layout.clone(),
+        store,
+        envd_binary,
+    ));
     let sandboxes = Arc::new(SandboxManager::new(
         layout.clone(),
         vmm,

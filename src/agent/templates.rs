@@ -7,9 +7,11 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use crate::agent::wire::HeldTemplate;
+use crate::agent::wire::{HeldTemplate, ImportedTemplate};
 use crate::config::Layout;
 use crate::store::{BlobRef, StoreError, TemplateStore};
+use crate::template::image::{self, ImportOptions};
+use crate::template::oci::UnpackLimits;
 use crate::template::TemplateName;
 
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,10 @@ pub enum TemplateError {
         template: String,
         source: StoreError,
     },
+    #[error("importing template `{template}`: {reason}")]
+    Import { template: String, reason: String },
+    #[error("the archive is over the {limit}-byte limit")]
+    ArchiveTooLarge { limit: u64 },
     #[error("template `{template}`: {what}: {source}")]
     Io {
         template: String,
@@ -33,6 +39,8 @@ pub enum TemplateError {
 pub struct TemplateImages {
     layout: Layout,
     store: TemplateStore,
+    /// The static wrenn binary imported images get as their envd.
+    envd_binary: PathBuf,
     /// One pull per template at a time: creates that need the same missing image wait for the
     /// first one's pull instead of fetching it again.
     pulls: Mutex<HashMap<TemplateName, Arc<tokio::sync::Mutex<()>>>>,
@@ -47,10 +55,11 @@ impl std::fmt::Debug for TemplateImages {
 }
 
 impl TemplateImages {
-    pub fn new(layout: Layout, store: TemplateStore) -> Self {
+    pub fn new(layout: Layout, store: TemplateStore, envd_binary: PathBuf) -> Self {
         Self {
             layout,
             store,
+            envd_binary,
             pulls: Mutex::new(HashMap::new()),
         }
     }
@@ -195,6 +204,167 @@ impl TemplateImages {
         );
         Ok(blob)
     }
+}
+
+/// Where an import's archive comes from.
+pub enum ImportSource {
+    /// A file on this host, which the import leaves in place.
+    Path(PathBuf),
+    /// The request's body, written to a private file first.
+    Upload(axum::body::Body),
+}
+
+impl TemplateImages {
+    /// Imports a container image archive (`docker save` or OCI layout) as the image of
+    /// `template`, installs it here and publishes it to the store. A failed import leaves no
+    /// file and keeps the image the host had.
+    pub async fn import(
+        &self,
+        template: &TemplateName,
+        source: ImportSource,
+        start_entrypoint: bool,
+    ) -> Result<ImportedTemplate, TemplateError> {
+        let name = template.to_string();
+        let failed = |reason: String| TemplateError::Import {
+            template: name.clone(),
+            reason,
+        };
+        check_static(&self.envd_binary).map_err(&failed)?;
+        let limits = UnpackLimits::default();
+        let (archive, uploaded) = match source {
+            ImportSource::Path(path) => {
+                if !path.is_absolute() || !path.is_file() {
+                    return Err(failed(format!(
+                        "{} is not an absolute path to a file on this host",
+                        path.display()
+                    )));
+                }
+                (path, None)
+            }
+            ImportSource::Upload(body) => {
+                let file = tempfile::Builder::new()
+                    .prefix(&format!(".upload-{name}-"))
+                    .tempfile_in(self.layout.images_dir())
+                    .map_err(|e| failed(format!("creating the upload file: {e}")))?;
+                let (file, path) = file.into_parts();
+                receive(body, file, limits.max_archive_bytes).await?;
+                (path.to_path_buf(), Some(path))
+            }
+        };
+        let options = ImportOptions {
+            wrenn_binary: Some(self.envd_binary.clone()),
+            limits,
+            start_entrypoint,
+            template: None,
+            source: "oci",
+        };
+        let out_dir = self.layout.image_dir(template.as_str());
+        let owned = template.clone();
+        let progress_name = name.clone();
+        let imported = tokio::task::spawn_blocking(move || {
+            let mut last = std::time::Instant::now();
+            image::import(&archive, &owned, &out_dir, &options, |p| {
+                if last.elapsed() >= std::time::Duration::from_secs(2) {
+                    last = std::time::Instant::now();
+                    tracing::info!(
+                        template = progress_name,
+                        "importing: layer {} of {}, {} of {}",
+                        p.layer,
+                        p.layers,
+                        crate::progress::Bytes(p.bytes_done),
+                        crate::progress::Bytes(p.bytes_total)
+                    );
+                }
+            })
+        })
+        .await;
+        drop(uploaded);
+        let imported = match imported {
+            Ok(Ok(imported)) => imported,
+            Ok(Err(error)) => return Err(failed(error.to_string())),
+            Err(error) => return Err(failed(format!("the import task failed: {error}"))),
+        };
+        let image = self.publish(template).await?;
+        Ok(ImportedTemplate {
+            image,
+            entrypoint: imported.image.entrypoint,
+            cmd: imported.image.cmd,
+            user: imported.template.user,
+            workdir: imported.template.workdir,
+            env: imported.template.env.into_keys().collect(),
+        })
+    }
+}
+
+/// Writes an uploaded archive to `file`, refusing it once it passes `limit`.
+async fn receive(
+    body: axum::body::Body,
+    file: std::fs::File,
+    limit: u64,
+) -> Result<(), TemplateError> {
+    use futures::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let io = |source| TemplateError::Io {
+        template: String::new(),
+        what: "writing the uploaded archive".into(),
+        source,
+    };
+    let mut file = tokio::fs::File::from_std(file);
+    let mut stream = body.into_data_stream();
+    let mut received = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| io(std::io::Error::other(e)))?;
+        received += chunk.len() as u64;
+        if received > limit {
+            return Err(TemplateError::ArchiveTooLarge { limit });
+        }
+        file.write_all(&chunk).await.map_err(io)?;
+    }
+    file.flush().await.map_err(io)
+}
+
+/// Refuses a binary with an ELF interpreter: a dynamically linked envd would not start in
+/// images without the host's libraries.
+fn check_static(binary: &std::path::Path) -> Result<(), String> {
+    let bytes =
+        std::fs::read(binary).map_err(|e| format!("the envd binary {}: {e}", binary.display()))?;
+    let field = |at: usize, len: usize| -> Option<u64> {
+        let raw = bytes.get(at..at + len)?;
+        Some(
+            raw.iter()
+                .rev()
+                .fold(0u64, |acc, b| (acc << 8) | u64::from(*b)),
+        )
+    };
+    let elf64 = bytes.starts_with(b"\x7fELF\x02\x01");
+    let (Some(phoff), Some(phentsize), Some(phnum)) =
+        (field(0x20, 8), field(0x36, 2), field(0x38, 2))
+    else {
+        return Err(format!(
+            "the envd binary {} is not an ELF executable",
+            binary.display()
+        ));
+    };
+    if !elf64 {
+        return Err(format!(
+            "the envd binary {} is not a 64-bit ELF executable",
+            binary.display()
+        ));
+    }
+    const PT_INTERP: u64 = 3;
+    let dynamic = (0..phnum).any(|i| {
+        usize::try_from(phoff + i * phentsize)
+            .ok()
+            .and_then(|at| field(at, 4))
+            == Some(PT_INTERP)
+    });
+    if dynamic {
+        return Err(format!(
+            "the envd binary {} is dynamically linked; set agent.envd_binary to a static build (`just build-static`)",
+            binary.display()
+        ));
+    }
+    Ok(())
 }
 
 fn write_meta(

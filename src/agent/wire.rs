@@ -157,3 +157,24 @@ pub struct CaptureTemplate {
     pub template: TemplateName,
     pub config: crate::envd::template::TemplateConfig,
 }
+
+/// `POST /v1/templates/{name}/import`, as JSON: import the container image archive already at
+/// `path` on the host. (The archive may also be the request's body itself.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportFromPath {
+    pub path: std::path::PathBuf,
+}
+
+/// The answer to an import: the template image as installed and published, and what the image's
+/// config said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportedTemplate {
+    pub image: BlobRef,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+    /// The names of the variables the image's config sets (their values may be secrets).
+    pub env: Vec<String>,
+}

@@ -110,6 +110,8 @@ pub struct AgentConfig {
     pub vmm_id_base: u32,
     pub vm_io_bytes_per_sec: u64,
     pub vm_io_ops_per_sec: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub envd_binary: Option<PathBuf>,
 }
 
 /// The template store (`crate::store`): read by the agents, which pull and publish template
@@ -270,6 +272,7 @@ impl Default for Config {
                 vm_io_ops_per_sec: default("agent.vm_io_ops_per_sec")
                     .parse()
                     .expect("default is a number"),
+                envd_binary: None,
             },
             store: StoreConfig {
                 url: None,

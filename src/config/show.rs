@@ -67,6 +67,7 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.vmm_id_base" => c.agent.vmm_id_base.to_string(),
             "agent.vm_io_bytes_per_sec" => c.agent.vm_io_bytes_per_sec.to_string(),
             "agent.vm_io_ops_per_sec" => c.agent.vm_io_ops_per_sec.to_string(),
+            "agent.envd_binary" => c.agent.envd_binary.as_ref()?.display().to_string(),
             "store.url" => c.store.url.as_ref()?.to_string(),
             "store.s3_endpoint" => c.store.s3_endpoint.as_ref()?.to_string(),
             "store.s3_region" => c.store.s3_region.clone(),

@@ -78,6 +78,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "agent.vmm_id_base" => ("500000", "600000"),
         "agent.vm_io_bytes_per_sec" => ("1048576", "2097152"),
         "agent.vm_io_ops_per_sec" => ("100", "200"),
+        "agent.envd_binary" => ("/opt/file/wrenn", "/opt/env/wrenn"),
         "store.url" => ("file:///srv/file-store", "s3://env-bucket/templates"),
         "store.s3_endpoint" => ("http://minio.file:9000", "https://s3.env"),
         "store.s3_region" => ("eu-west-1", "eu-central-1"),

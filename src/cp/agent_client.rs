@@ -22,7 +22,8 @@ use serde::Serialize;
 
 use super::ca::CaHandle;
 use crate::agent::wire::{
-    envd_proxy_path, AgentPing, CaptureTemplate, CreateSandbox, SandboxInfo, SandboxList,
+    envd_proxy_path, AgentPing, CaptureTemplate, CreateSandbox, ImportFromPath, ImportedTemplate,
+    SandboxInfo, SandboxList,
 };
 use crate::envd::client::{EnvdClient, EnvdClientError, HttpClient, RequestBody};
 use crate::error_code::{ErrorBody, ErrorCode, ErrorEnvelope};
@@ -360,6 +361,45 @@ impl AgentClient {
         .await
     }
 
+    /// Has the agent import a container image archive as a template's image: `archive` streams
+    /// the archive to it, or names a file on its host.
+    pub async fn import_template(
+        &self,
+        target: &AgentTarget,
+        template: &TemplateName,
+        archive: ImportArchive,
+        start_entrypoint: bool,
+        timeout: Duration,
+    ) -> Result<ImportedTemplate, AgentError> {
+        let path = format!("/v1/templates/{template}/import?start_entrypoint={start_entrypoint}");
+        let request = match archive {
+            ImportArchive::Upload(body) => Self::request(
+                target,
+                Method::POST,
+                &path,
+                body,
+                Some("application/octet-stream"),
+            ),
+            ImportArchive::OnHost(path_on_host) => {
+                let json = serde_json::to_vec(&ImportFromPath { path: path_on_host })
+                    .expect("request types serialize");
+                Self::request(
+                    target,
+                    Method::POST,
+                    &path,
+                    Self::full(json),
+                    Some("application/json"),
+                )
+            }
+        };
+        let response = self.send(target, request, timeout).await?;
+        let bytes = read_capped(target, response, AGENT_ANSWER_LIMIT, timeout).await?;
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::Decode {
+            host: target.host,
+            reason: e.to_string(),
+        })
+    }
+
     /// The agent's sandboxes, and those it lost recently.
     pub async fn list_sandboxes(&self, target: &AgentTarget) -> Result<SandboxList, AgentError> {
         self.json(
@@ -459,6 +499,12 @@ impl AgentClient {
         EnvdClient::through_proxy(self.http.clone(), &base, &target.secret, self.tls.clone())
             .map_err(|e| AgentError::from_envd(target, e))
     }
+}
+
+/// The archive of an import: streamed in the request, or a file on the agent's host.
+pub enum ImportArchive {
+    Upload(RequestBody),
+    OnHost(std::path::PathBuf),
 }
 
 /// Reads a whole answer of at most `limit` bytes within `timeout`; a longer one is

@@ -11,7 +11,7 @@ use super::limits;
 use super::scheduler::ScheduleError;
 use super::services::builds::BuildError;
 use super::services::capsules::CapsuleError;
-use super::services::templates::PublishError;
+use super::services::templates::{ImportError, PublishError};
 use super::services::ServiceError;
 use crate::db::DbError;
 use crate::error_code::{ErrorCode, ErrorEnvelope};
@@ -240,6 +240,17 @@ impl From<BuildError> for ApiError {
                 message,
             },
             BuildError::Db(db) => db.into(),
+        }
+    }
+}
+
+impl From<ImportError> for ApiError {
+    fn from(error: ImportError) -> Self {
+        let message = error.to_string();
+        match error {
+            ImportError::Invalid { .. } => ApiError::InvalidRequest(message),
+            ImportError::Protected(_) => ApiError::forbidden(message),
+            ImportError::Publish(publish) => publish.into(),
         }
     }
 }

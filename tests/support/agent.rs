@@ -133,6 +133,24 @@ impl Agent {
         root
     }
 
+    /// A files root with an images directory of its own, for tests that build or import
+    /// templates: they land there, not among the shared test images, which it links one by one.
+    pub fn new_root_with_own_images() -> tempfile::TempDir {
+        let root = tempfile::Builder::new()
+            .prefix("wrenn-agent-")
+            .tempdir()
+            .unwrap();
+        let files = guest::test_files();
+        std::os::unix::fs::symlink(files.kernels_dir(), root.path().join("kernels")).unwrap();
+        let images = root.path().join("images");
+        std::fs::create_dir(&images).unwrap();
+        for entry in std::fs::read_dir(files.images_dir()).unwrap() {
+            let entry = entry.unwrap();
+            std::os::unix::fs::symlink(entry.path(), images.join(entry.file_name())).unwrap();
+        }
+        root
+    }
+
     /// Links the shared test kernels and images into a files root.
     pub fn link_test_files(root: &std::path::Path) {
         let files = guest::test_files();
@@ -154,6 +172,8 @@ impl Agent {
             .env("AGENT_SANDBOX_HOST_RANGE", self.host_range())
             .env("AGENT_SANDBOX_TRANSIT_RANGE", self.transit_range())
             .env("AGENT_ENVD_READY_TIMEOUT_SECS", "180")
+            // Images the agent imports get the static build the test images carry.
+            .env("AGENT_ENVD_BINARY", guest::static_binary())
             // A test's VMs end with its agent unless the test is about outliving it.
             .env("AGENT_DESTROY_SANDBOXES_ON_STOP", "true")
             .env("LOG_LEVEL", "wrenn=info")
@@ -554,6 +574,38 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 /// agent and the host's ID.
 pub async fn add_agent(cp: &TestCp, admin: &Auth) -> (Agent, String) {
     add_agent_with_env(cp, admin, &[]).await
+}
+
+/// [`add_agent`] with the agent's files root given.
+pub async fn add_agent_in(
+    cp: &TestCp,
+    admin: &Auth,
+    root: tempfile::TempDir,
+    env: &[(&str, &str)],
+) -> (Agent, String) {
+    let (status, body) = cp
+        .call(
+            Method::POST,
+            "/v1/hosts",
+            admin,
+            Some(json!({"type": "regular"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let token = body["registration_token"].as_str().unwrap().to_owned();
+    let host_id = body["host"]["id"].as_str().unwrap().to_owned();
+    let cp_url = format!("http://{}", cp.addr);
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let tls = cp.agent_tls();
+    let agent = tokio::task::spawn_blocking(move || {
+        Agent::register_in(root, &cp_url, TokenFrom::Env(&token), tls, env)
+    })
+    .await
+    .unwrap();
+    (agent, host_id)
 }
 
 /// [`add_agent`] with configuration variables for the agent, e.g. a smaller console cap.

@@ -445,6 +445,20 @@ impl SandboxManager {
         }
     }
 
+    /// Imports a container image archive as the image of `template` (see
+    /// [`TemplateImages::import`]).
+    pub async fn import_template(
+        &self,
+        template: &crate::template::TemplateName,
+        source: crate::agent::templates::ImportSource,
+        start_entrypoint: bool,
+    ) -> Result<crate::agent::wire::ImportedTemplate, SandboxError> {
+        Ok(self
+            .templates
+            .import(template, source, start_entrypoint)
+            .await?)
+    }
+
     /// Puts this host's image of `template` into the template store.
     pub async fn publish_template(
         &self,

@@ -225,6 +225,11 @@ fn api() -> Routes {
         )
         .add(
             Method::POST,
+            "/v1/admin/templates/{name}/import",
+            post(templates::import).layer(DefaultBodyLimit::disable()),
+        )
+        .add(
+            Method::POST,
             "/v1/admin/builds",
             post(builds::create).layer(DefaultBodyLimit::disable()),
         )

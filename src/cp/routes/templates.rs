@@ -8,14 +8,22 @@ use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use axum::extract::Path;
+use axum::extract::multipart::MultipartError;
+use axum::extract::{FromRequest, Multipart, Path, Request};
+use axum::http::header;
 use axum::Json;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio_stream::wrappers::ReceiverStream;
 
+use crate::cp::agent_client::ImportArchive;
 use crate::cp::auth::{AdminUser, AuthTeam};
 use crate::cp::error::ApiError;
-use crate::cp::extract::{path_id, ApiQuery};
+use crate::cp::extract::{parse_json, path_id, ApiQuery};
 use crate::cp::pagination::PageQuery;
-use crate::cp::services::templates::{self, Published};
+use crate::cp::services::templates::{self, ImportSettings, Imported, Published};
 use crate::cp::state::AppState;
 use crate::db::templates::{Template, TemplateType};
 use crate::id::HostId;
@@ -113,4 +121,116 @@ pub async fn publish(
         .map(|raw| path_id::<HostId>("host_id", &raw))
         .transpose()?;
     Ok(Json(templates::publish(&state, &name, host).await?))
+}
+
+/// `POST /v1/admin/templates/{name}/import` (addition): a container image archive (`docker save`
+/// or OCI layout) becomes platform template `name`. Multipart with an optional `config` part
+/// (JSON [`ImportSettings`]) before the `archive` part, which streams through to the host; or
+/// JSON settings naming an archive already on a host (`host_id` and `path`).
+pub async fn import(
+    State(state): State<AppState>,
+    _admin: AdminUser,
+    Path(name): Path<String>,
+    request: Request,
+) -> Result<Json<Imported>, ApiError> {
+    let name: TemplateName = name
+        .parse()
+        .map_err(|e: TemplateNameError| ApiError::InvalidRequest(e.to_string()))?;
+    let multipart = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    if !multipart {
+        let bytes = axum::body::to_bytes(request.into_body(), 1 << 20)
+            .await
+            .map_err(|_| ApiError::TooLarge("the JSON body is over 1 MiB".into()))?;
+        let settings: ImportSettings = parse_json(&bytes)?;
+        let path = settings.path.clone().ok_or_else(|| {
+            ApiError::InvalidRequest(
+                "send the archive as multipart `archive`, or name one on a host with `host_id` and `path`".into(),
+            )
+        })?;
+        let target = templates::import_target(&state, &name, &settings).await?;
+        let archive = ImportArchive::OnHost(path);
+        return Ok(Json(
+            templates::import(&state, &name, &settings, target, archive).await?,
+        ));
+    }
+    let mut multipart = Multipart::from_request(request, &state)
+        .await
+        .map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let malformed = |e: MultipartError| {
+        ApiError::InvalidRequest(format!("malformed multipart body: {}", e.body_text()))
+    };
+    let mut settings = ImportSettings::default();
+    while let Some(mut field) = multipart.next_field().await.map_err(malformed)? {
+        match field.name() {
+            Some("config") => {
+                let mut bytes = Vec::new();
+                while let Some(chunk) = field.chunk().await.map_err(malformed)? {
+                    bytes.extend_from_slice(&chunk);
+                    if bytes.len() > 1 << 20 {
+                        return Err(ApiError::TooLarge("the `config` part is over 1 MiB".into()));
+                    }
+                }
+                settings = parse_json(&bytes)?;
+                if settings.path.is_some() {
+                    return Err(ApiError::InvalidRequest(
+                        "`path` names an archive on a host; with an `archive` part, leave it out"
+                            .into(),
+                    ));
+                }
+            }
+            Some("archive") => {
+                let target = templates::import_target(&state, &name, &settings).await?;
+                let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
+                let body =
+                    StreamBody::new(ReceiverStream::new(rx).map_ok(Frame::data)).boxed_unsync();
+                let pump = async move {
+                    loop {
+                        match field.chunk().await {
+                            Ok(Some(chunk)) => {
+                                if tx.send(Ok(chunk)).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                            Ok(None) => return Ok(()),
+                            Err(error) => {
+                                let _ = tx
+                                    .send(Err(std::io::Error::other("the upload broke off")))
+                                    .await;
+                                return Err(malformed(error));
+                            }
+                        }
+                    }
+                };
+                let (imported, pumped) = tokio::join!(
+                    templates::import(
+                        &state,
+                        &name,
+                        &settings,
+                        target,
+                        ImportArchive::Upload(body)
+                    ),
+                    pump
+                );
+                pumped?;
+                return Ok(Json(imported?));
+            }
+            Some(other) => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "unexpected multipart part `{other}`; expected `config` and `archive`"
+                )))
+            }
+            None => {
+                return Err(ApiError::InvalidRequest(
+                    "a multipart part has no name".into(),
+                ))
+            }
+        }
+    }
+    Err(ApiError::InvalidRequest(
+        "missing the `archive` part".into(),
+    ))
 }

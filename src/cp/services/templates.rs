@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::{capsules, ServiceError};
-use crate::cp::agent_client::AgentError;
+use crate::cp::agent_client::{AgentError, AgentTarget, ImportArchive};
 use crate::cp::pagination::{Page, PageRequest};
 use crate::cp::state::AppState;
 use crate::db::hosts::{self, HostStatus};
@@ -116,5 +116,187 @@ pub async fn publish(
         host_id,
         sha256: blob.sha256,
         size_bytes: blob.size_bytes,
+    })
+}
+
+/// What an import asks for besides the archive.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportSettings {
+    /// The host to import on; by default any online host. Required for `path`.
+    #[serde(default)]
+    pub host_id: Option<String>,
+    /// An archive already on that host.
+    #[serde(default)]
+    pub path: Option<std::path::PathBuf>,
+    /// Start the image's entrypoint and command at every boot.
+    #[serde(default)]
+    pub start_entrypoint: bool,
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mb: Option<u32>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("invalid {field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("template `{0}` is protected; an import cannot replace it")]
+    Protected(String),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+impl From<DbError> for ImportError {
+    fn from(e: DbError) -> Self {
+        Self::Publish(PublishError::Db(e))
+    }
+}
+
+impl From<AgentError> for ImportError {
+    fn from(e: AgentError) -> Self {
+        Self::Publish(PublishError::Agent(e))
+    }
+}
+
+/// An imported template.
+#[derive(Debug, Serialize)]
+pub struct Imported {
+    pub template: String,
+    pub host_id: HostId,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub user: Option<String>,
+    pub workdir: Option<String>,
+    pub env: Vec<String>,
+}
+
+/// Reading, unpacking and checking a large image, then publishing it, takes a while.
+const IMPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Checks an import before any archive byte moves: the name, the host, the sizes.
+pub async fn import_target(
+    state: &AppState,
+    name: &TemplateName,
+    settings: &ImportSettings,
+) -> Result<(AgentTarget, HostId), ImportError> {
+    if let Some(existing) = templates::platform_by_name(&state.db, name.as_str()).await? {
+        if existing.protected {
+            return Err(ImportError::Protected(name.to_string()));
+        }
+    }
+    if settings.vcpus.is_some_and(|v| !(1..=32).contains(&v)) {
+        return Err(ImportError::Invalid {
+            field: "vcpus",
+            message: "must be between 1 and 32".into(),
+        });
+    }
+    if settings
+        .memory_mb
+        .is_some_and(|m| !(128..=65536).contains(&m))
+    {
+        return Err(ImportError::Invalid {
+            field: "memory_mb",
+            message: "must be between 128 and 65536".into(),
+        });
+    }
+    let host = match settings.host_id.as_deref() {
+        Some(raw) => {
+            let id: HostId = raw
+                .parse()
+                .map_err(|e: crate::id::IdError| ImportError::Invalid {
+                    field: "host_id",
+                    message: e.to_string(),
+                })?;
+            hosts::by_id(&state.db, id.uuid())
+                .await?
+                .ok_or(PublishError::HostNotFound(id))?
+        }
+        None if settings.path.is_some() => {
+            return Err(ImportError::Invalid {
+                field: "host_id",
+                message: "an archive given by path needs the host it is on".into(),
+            })
+        }
+        None => hosts::list_registered(&state.db)
+            .await?
+            .into_iter()
+            .find(|h| h.status == HostStatus::Online)
+            .ok_or_else(|| PublishError::NoHolder(name.to_string()))?,
+    };
+    let host_id = HostId(host.id);
+    if host.status != HostStatus::Online {
+        return Err(PublishError::HostUnavailable(host_id).into());
+    }
+    let target =
+        capsules::agent_target(state, &host).ok_or(PublishError::HostUnavailable(host_id))?;
+    Ok((target, host_id))
+}
+
+/// Has the host import the archive as platform template `name`'s image, publish it, and
+/// registers it (a new template, or a new image for an unprotected one).
+pub async fn import(
+    state: &AppState,
+    name: &TemplateName,
+    settings: &ImportSettings,
+    (target, host_id): (AgentTarget, HostId),
+    archive: ImportArchive,
+) -> Result<Imported, ImportError> {
+    let imported = state
+        .capsules
+        .agents
+        .import_template(
+            &target,
+            name,
+            archive,
+            settings.start_entrypoint,
+            IMPORT_TIMEOUT,
+        )
+        .await?;
+    let image = &imported.image;
+    let metadata = serde_json::json!({
+        "description": settings
+            .description
+            .clone()
+            .unwrap_or_else(|| format!("imported container image `{name}`")),
+        "source": "oci",
+        "entrypoint": imported.entrypoint.join(" "),
+        "cmd": imported.cmd.join(" "),
+    });
+    templates::upsert_built(
+        &state.db,
+        templates::BuiltTemplate {
+            team_id: TeamId::PLATFORM.uuid(),
+            name: name.as_str(),
+            vcpus: settings.vcpus.map_or(1, |v| i32::try_from(v).unwrap_or(1)),
+            memory_mb: settings
+                .memory_mb
+                .map_or(512, |m| i32::try_from(m).unwrap_or(512)),
+            size_bytes: i64::try_from(image.size_bytes).unwrap_or(i64::MAX),
+            image_sha256: &image.sha256,
+            metadata,
+        },
+    )
+    .await?
+    .ok_or_else(|| ImportError::Protected(name.to_string()))?;
+    tracing::info!(template = %name, host = %host_id, sha256 = image.sha256, "container image imported");
+    Ok(Imported {
+        template: name.to_string(),
+        host_id,
+        sha256: image.sha256.clone(),
+        size_bytes: image.size_bytes,
+        entrypoint: imported.entrypoint,
+        cmd: imported.cmd,
+        user: imported.user,
+        workdir: imported.workdir,
+        env: imported.env,
     })
 }
