@@ -273,6 +273,10 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}/template", post(capture_template))
         .route("/v1/templates/{name}/publish", post(publish_template))
         .route("/v1/templates/{name}/import", post(import_template))
+        .route(
+            "/v1/templates/{name}",
+            axum::routing::delete(remove_template),
+        )
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
         })
@@ -442,6 +446,22 @@ async fn import_template(
             .import_template(&name, source, query.start_entrypoint)
             .await?,
     ))
+}
+
+/// Removes this host's image of a template; sandboxes made from it keep their own links.
+async fn remove_template(
+    State(state): State<AgentState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let name: TemplateName = name.parse().map_err(|e: TemplateNameError| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidRequest,
+            e.to_string(),
+        )
+    })?;
+    state.sandboxes.remove_template(&name)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Puts this host's image of a template into the template store; answers its reference.

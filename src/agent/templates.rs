@@ -164,6 +164,30 @@ impl TemplateImages {
         Ok(())
     }
 
+    /// Removes the local image of `template`, at once from the name's point of view (a rename
+    /// out of the way first), so a create never sees half a directory. Removing an image the
+    /// host does not hold is not an error.
+    pub fn remove(&self, template: &TemplateName) -> Result<(), TemplateError> {
+        let dir = self.layout.image_dir(template.as_str());
+        let doomed = self.layout.images_dir().join(format!(
+            ".removing-{template}-{:016x}",
+            rand::random::<u64>()
+        ));
+        let failed = |source| TemplateError::Io {
+            template: template.to_string(),
+            what: "removing its image".into(),
+            source,
+        };
+        match std::fs::rename(&dir, &doomed) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(failed(source)),
+        }
+        std::fs::remove_dir_all(&doomed).map_err(failed)?;
+        tracing::info!(%template, "template image removed from this host");
+        Ok(())
+    }
+
     /// Puts the local image of `template` into the store and records its checksum beside it.
     pub async fn publish(&self, template: &TemplateName) -> Result<BlobRef, TemplateError> {
         let name = template.to_string();

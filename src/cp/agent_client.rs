@@ -400,6 +400,23 @@ impl AgentClient {
         })
     }
 
+    /// Has the agent remove its local image of `template` (its sandboxes keep their own links).
+    pub async fn remove_template(
+        &self,
+        target: &AgentTarget,
+        template: &TemplateName,
+    ) -> Result<(), AgentError> {
+        self.send_json(
+            target,
+            Method::DELETE,
+            &format!("/v1/templates/{template}"),
+            None::<&()>,
+            self.timeouts.request,
+        )
+        .await
+        .map(drop)
+    }
+
     /// The agent's sandboxes, and those it lost recently.
     pub async fn list_sandboxes(&self, target: &AgentTarget) -> Result<SandboxList, AgentError> {
         self.json(

@@ -235,10 +235,12 @@ impl From<BuildError> for ApiError {
             BuildError::TemplateNotFound(_) => ApiError::NotFound(message),
             BuildError::NotFound => ApiError::NotFound(message),
             BuildError::Protected(_) => ApiError::forbidden(message),
-            BuildError::InProgress(_) | BuildError::Finished(_) => ApiError::Conflict {
-                code: ErrorCode::Conflict,
-                message,
-            },
+            BuildError::InProgress(_) | BuildError::SnapshotExists(_) | BuildError::Finished(_) => {
+                ApiError::Conflict {
+                    code: ErrorCode::Conflict,
+                    message,
+                }
+            }
             BuildError::Db(db) => db.into(),
         }
     }

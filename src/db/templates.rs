@@ -138,7 +138,7 @@ pub async fn upsert_built(
            SET type = 'base', vcpus = EXCLUDED.vcpus, memory_mb = EXCLUDED.memory_mb,
                size_bytes = EXCLUDED.size_bytes, image_sha256 = EXCLUDED.image_sha256,
                metadata = EXCLUDED.metadata
-           WHERE NOT templates.protected
+           WHERE NOT templates.protected AND templates.type = 'base'
            RETURNING id"#,
         Uuid::new_v4(),
         built.team_id,

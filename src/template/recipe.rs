@@ -360,8 +360,8 @@ pub fn expand(value: &str, env: &std::collections::BTreeMap<String, String>) -> 
     out
 }
 
-/// A healthcheck: `[--interval=3s] [--timeout=10s] [--start-period=0s] [--retries=0] <cmd>`;
-/// zero retries means until the timeout.
+/// A healthcheck: `[--interval=3s] [--timeout=60s] [--start-period=0s] [--retries=0] <cmd>`.
+/// `--timeout` bounds each attempt; zero retries means attempts go on for up to five minutes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Healthcheck {
     pub command: String,

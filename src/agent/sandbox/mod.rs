@@ -459,6 +459,14 @@ impl SandboxManager {
             .await?)
     }
 
+    /// Removes this host's image of `template`; its sandboxes keep their own links to it.
+    pub fn remove_template(
+        &self,
+        template: &crate::template::TemplateName,
+    ) -> Result<(), SandboxError> {
+        Ok(self.templates.remove(template)?)
+    }
+
     /// Puts this host's image of `template` into the template store.
     pub async fn publish_template(
         &self,

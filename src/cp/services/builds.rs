@@ -27,7 +27,8 @@ use crate::db::DbError;
 use crate::envd::api::{AttachRequest, ClientMessage, ProcessSpec, RunRequest, StartRequest};
 use crate::envd::client::{EnvdClient, EnvdClientError, ProcessEvent};
 use crate::envd::template::TemplateConfig;
-use crate::id::{SandboxId, TeamId};
+use crate::id::{HostId, SandboxId, TeamId};
+use crate::store::BlobRef;
 use crate::template::recipe::{self, Healthcheck, Instruction, Recipe, RecipeError};
 use crate::template::{TemplateName, DEFAULT_TEMPLATE};
 
@@ -62,6 +63,8 @@ pub enum BuildError {
     Protected(String),
     #[error("a build of template `{0}` is already in progress")]
     InProgress(String),
+    #[error("template `{0}` is a snapshot template; builds make base templates")]
+    SnapshotExists(String),
     #[error("build not found")]
     NotFound,
     #[error("the build is {0}; only a build in progress can be cancelled")]
@@ -101,7 +104,7 @@ pub struct BuildView {
     pub total_steps: i32,
     pub error: Option<String>,
     pub capsule_id: Option<String>,
-    pub host_id: Option<Uuid>,
+    pub host_id: Option<String>,
     pub recipe: String,
     pub healthcheck: Option<String>,
     pub vcpus: i32,
@@ -122,7 +125,7 @@ impl From<Build> for BuildView {
             total_steps: b.total_steps,
             error: b.error,
             capsule_id: b.sandbox_id.map(|id| SandboxId(id).to_string()),
-            host_id: b.host_id,
+            host_id: b.host_id.map(|id| HostId(id).to_string()),
             recipe: b.recipe,
             healthcheck: b.healthcheck,
             vcpus: b.vcpus,
@@ -196,6 +199,9 @@ pub async fn submit(
     {
         if existing.protected {
             return Err(BuildError::Protected(name.to_string()));
+        }
+        if existing.template_type == TemplateType::Snapshot {
+            return Err(BuildError::SnapshotExists(name.to_string()));
         }
     }
     let vcpus = new
@@ -345,6 +351,8 @@ struct Context {
     /// The guest's own environment, for `$VAR` expansion of names no ENV set.
     guest_env: BTreeMap<String, String>,
     user: Option<String>,
+    /// Who steps run as before any USER: the base template's default user.
+    base_user: Option<String>,
     workdir: Option<String>,
     start: Vec<StartRequest>,
 }
@@ -413,19 +421,21 @@ impl Worker {
         }
         drop(self.context.take());
         heartbeat.abort();
-        let (status, error, template) = match outcome {
-            Ok(template) => (BuildStatus::Success, None, Some(template)),
-            Err(StepError::Cancelled) => {
-                (BuildStatus::Cancelled, Some("cancelled".to_owned()), None)
+        let (status, error) = match outcome {
+            // Ended with the registration, in its transaction.
+            Ok(_) => {
+                tracing::info!(build = %id, "build succeeded");
+                return;
             }
+            Err(StepError::Cancelled) => (BuildStatus::Cancelled, Some("cancelled".to_owned())),
             Err(error) => {
                 let message = error.to_string();
                 self.note(LogStream::Failure, &format!("build failed: {message}"))
                     .await;
-                (BuildStatus::Failed, Some(message), None)
+                (BuildStatus::Failed, Some(message))
             }
         };
-        match builds::finish(&db, id, status, error.as_deref(), template).await {
+        match builds::finish(&db, id, status, error.as_deref(), None).await {
             Ok(true) => tracing::info!(build = %id, status = status.as_str(), "build ended"),
             Ok(false) => tracing::info!(build = %id, "build was ended elsewhere (cancelled)"),
             Err(error) => tracing::warn!(build = %id, %error, "could not record the build's end"),
@@ -497,8 +507,15 @@ impl Worker {
             .capsules
             .agents
             .envd(&running.target, capsule_id)?;
+        let base_user = envd
+            .run(&RunRequest {
+                process: ProcessSpec::new("id", &["-un"]),
+                timeout_sec: Some(30),
+            })
+            .await?;
         let mut ctx = Context {
             guest_env: envd.envs().await?,
+            base_user: Some(base_user.stdout.trim().to_owned()).filter(|u| !u.is_empty()),
             ..Context::default()
         };
 
@@ -571,18 +588,50 @@ impl Worker {
             template: self.name.clone(),
             config: ctx.template_config(),
         };
-        let blob = tokio::select! {
-            blob = self.state.capsules.agents.capture_template(&running.target, capsule_id, &capture, CAPTURE_TIMEOUT) => blob?,
-            () = self.cancel.cancelled() => return Err(StepError::Cancelled),
-        };
+        // The agent finishes a capture it began whatever this side does, so a cancel is looked
+        // at once it is done; the image it made is then removed again.
+        let blob = self
+            .state
+            .capsules
+            .agents
+            .capture_template(&running.target, capsule_id, &capture, CAPTURE_TIMEOUT)
+            .await?;
+        match self.register(&blob).await {
+            Ok(template) => Ok(template),
+            Err(error) => {
+                if let Err(cleanup) = self
+                    .state
+                    .capsules
+                    .agents
+                    .remove_template(&running.target, &self.name)
+                    .await
+                {
+                    tracing::warn!(build = %self.build.id, error = %cleanup, "could not remove an unregistered build image from its host");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Registers the captured image and ends the build `success` in one transaction, so a
+    /// cancel that arrived meanwhile registers nothing.
+    async fn register(&mut self, blob: &BlobRef) -> Result<Uuid, StepError> {
         self.check_cancel()?;
+        if let Some(store) = &self.state.capsules.store {
+            store.check(blob).await.map_err(|e| {
+                StepError::Other(format!(
+                    "the control plane cannot find the captured image in the template store: {e}"
+                ))
+            })?;
+        }
         let metadata = serde_json::json!({
             "description": format!("built from {} by build {}", self.base, self.build.id),
             "base_template": self.base.as_str(),
             "build_id": self.build.id.to_string(),
         });
+        let mut tx = self.state.db.begin().await.map_err(DbError::from)?;
         let template = templates::upsert_built(
-            &self.state.db,
+            &mut *tx,
             templates::BuiltTemplate {
                 team_id: self.team.uuid(),
                 name: self.name.as_str(),
@@ -594,7 +643,24 @@ impl Worker {
             },
         )
         .await?
-        .ok_or_else(|| StepError::Other(format!("template `{}` became protected", self.name)))?;
+        .ok_or_else(|| {
+            StepError::Other(format!(
+                "template `{}` became protected or a snapshot template",
+                self.name
+            ))
+        })?;
+        if !builds::finish(
+            &mut *tx,
+            self.build.id,
+            BuildStatus::Success,
+            None,
+            Some(template),
+        )
+        .await?
+        {
+            return Err(StepError::Cancelled);
+        }
+        tx.commit().await.map_err(DbError::from)?;
         self.note(
             LogStream::Info,
             &format!(
@@ -631,7 +697,8 @@ impl Worker {
             }
             Instruction::Workdir(dir) => {
                 let mut script = format!("mkdir -p {}", quote(dir));
-                if let Some(user) = ctx.user.as_deref().filter(|u| *u != "root") {
+                let owner = ctx.user.as_deref().or(ctx.base_user.as_deref());
+                if let Some(user) = owner.filter(|u| *u != "root") {
                     script.push_str(&format!(" && chown {} {}", quote(user), quote(dir)));
                 }
                 self.run_checked(envd, line, ctx.as_root(&script), Duration::from_secs(60))
@@ -686,6 +753,14 @@ impl Worker {
                 });
                 Ok(())
             }
+        }
+    }
+
+    /// Waits, unless the build is cancelled first.
+    async fn pause(&self, wait: Duration) -> Result<(), StepError> {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => Ok(()),
+            () = self.cancel.cancelled() => Err(StepError::Cancelled),
         }
     }
 
@@ -778,7 +853,7 @@ impl Worker {
         }
         self.note(LogStream::Step, &format!("healthcheck: {}", check.command))
             .await;
-        tokio::time::sleep(check.start_period).await;
+        self.pause(check.start_period).await?;
         let started = tokio::time::Instant::now();
         let mut attempt = 0u32;
         let healthy = loop {
@@ -813,7 +888,7 @@ impl Worker {
             if out_of_tries || started.elapsed() > HEALTHY_WITHIN {
                 break false;
             }
-            tokio::time::sleep(check.interval).await;
+            self.pause(check.interval).await?;
         };
         // The image is taken from the disk; the processes start again at every boot.
         for start in &ctx.start {
@@ -839,10 +914,19 @@ impl Worker {
 /// any replica) cancels the worker.
 async fn renew_lease(db: crate::db::Db, id: Uuid, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(HEARTBEAT);
+    let mut renewed = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         match builds::heartbeat(&db, id).await {
-            Ok(Some(BuildStatus::Running)) | Err(_) => {}
+            Ok(Some(BuildStatus::Running)) => renewed = tokio::time::Instant::now(),
+            // Past half the lease another replica may end the build and remove its capsule:
+            // stop before that.
+            Err(error) if renewed.elapsed() > ABANDONED_AFTER / 2 => {
+                tracing::warn!(build = %id, %error, "the build's lease could not be renewed; stopping it");
+                cancel.cancel();
+                return;
+            }
+            Err(_) => {}
             Ok(_) => {
                 cancel.cancel();
                 return;
