@@ -52,6 +52,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Template images on this host: import container images, publish to the template store.
+    Template {
+        #[command(subcommand)]
+        command: TemplateCommand,
+    },
     /// Run the guest agent (inside a capsule; PID 1 of the guest).
     Envd(crate::envd::EnvdArgs),
     /// Print the version and build details.
@@ -79,6 +84,24 @@ pub enum AdminCommand {
         #[arg(long, value_name = "PATH")]
         password_file: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// Import a container image archive (`docker save` or OCI layout) as the image of template
+    /// NAME under this host's files root, and publish it to the template store. Register it
+    /// with `POST /v1/admin/templates/NAME/publish?host_id=...`.
+    Import {
+        /// The archive, a tar file on this host.
+        archive: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Start the image's entrypoint and command at every boot.
+        #[arg(long)]
+        start_entrypoint: bool,
+    },
+    /// Publish this host's image of template NAME to the template store.
+    Publish { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,6 +215,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let loaded = load_config(cli.config)?;
             runtime()?.block_on(run_migrate(command, &loaded.config))
         }
+        Command::Template { command } => {
+            let loaded = load_config(cli.config)?;
+            crate::logging::init(&loaded.config.log)?;
+            runtime()?.block_on(run_template(command, &loaded.config))
+        }
         Command::Envd(args) => {
             let loaded = load_config(cli.config)?;
             crate::logging::init(&loaded.config.log)?;
@@ -205,6 +233,43 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Host-local template work, with the agent's files root, store and envd binary; progress goes to
+/// the log (stderr), the result as JSON to stdout.
+async fn run_template(
+    command: TemplateCommand,
+    config: &config::Config,
+) -> anyhow::Result<ExitCode> {
+    use crate::agent::templates::{ImportSource, TemplateImages};
+    let layout = config.layout();
+    layout.prepare()?;
+    let store = crate::store::TemplateStore::open(&config.store, &layout)?;
+    let envd_binary = match &config.agent.envd_binary {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?,
+    };
+    let images = TemplateImages::new(layout, store, envd_binary);
+    let answer = match command {
+        TemplateCommand::Import {
+            archive,
+            name,
+            start_entrypoint,
+        } => {
+            let name: crate::template::TemplateName = name.parse()?;
+            let archive = std::path::absolute(&archive)?;
+            let imported = images
+                .import(&name, ImportSource::Path(archive), start_entrypoint)
+                .await?;
+            serde_json::to_string_pretty(&imported)?
+        }
+        TemplateCommand::Publish { name } => {
+            let name: crate::template::TemplateName = name.parse()?;
+            serde_json::to_string_pretty(&images.publish(&name).await?)?
+        }
+    };
+    println!("{answer}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn connect(config: &config::Config) -> anyhow::Result<crate::db::Db> {

@@ -417,3 +417,37 @@ async fn bad_recipes_and_archives_are_refused_before_anything_runs() {
     assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
     cp.stop().await;
 }
+
+#[tokio::test]
+async fn a_build_whose_control_plane_died_is_ended_by_the_next_reconcile() {
+    let cp = TestCp::start().await;
+    let admin = cp.signup("admin@example.com").await.auth();
+    // As a replica leaves it when it dies mid-build: running, its lease no longer renewed.
+    let id = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO template_builds (id, team_id, name, base_template, recipe, vcpus, memory_mb,
+                                      status, total_steps, started_at, heartbeat_at)
+         VALUES ($1, '00000000-0000-0000-0000-000000000000', 'orphan', 'busybox', 'RUN true',
+                 1, 256, 'running', 1, now(), now() - interval '5 minutes')",
+    )
+    .bind(id)
+    .execute(&cp.db)
+    .await
+    .unwrap();
+    let report = wrenn::cp::reconciler::reconcile_once(&cp.state)
+        .await
+        .unwrap();
+    assert_eq!(report.abandoned_builds, 1);
+    let (status, build) = cp
+        .call(Method::GET, &format!("/v1/admin/builds/{id}"), &admin, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{build}");
+    assert_eq!(build["status"], "error");
+    assert!(
+        build["error"].as_str().unwrap().contains("stopped"),
+        "{build}"
+    );
+    let (_, templates) = cp.call(Method::GET, "/v1/snapshots", &admin, None).await;
+    assert!(!templates.to_string().contains("orphan"), "{templates}");
+    cp.stop().await;
+}

@@ -388,3 +388,51 @@ async fn an_uploaded_image_and_one_on_the_host_become_templates_that_capsules_bo
     drop(agent);
     cp.stop().await;
 }
+
+#[test]
+fn the_cli_imports_an_archive_on_the_host_and_publishes_it_to_the_store() {
+    let inputs = tempfile::tempdir().unwrap();
+    let archive = docker_save(inputs.path());
+    let root = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_wrenn"))
+        .args(["template", "import"])
+        .arg(&archive)
+        .args(["--name", "cli-app"])
+        .env("AGENT_FILES_ROOTDIR", root.path())
+        .env(
+            "AGENT_ENVD_BINARY",
+            wrenn_test_support::guest::static_binary(),
+        )
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let sha256 = answer["image"]["sha256"].as_str().unwrap();
+    assert!(
+        root.path()
+            .join("store/blobs/sha256")
+            .join(sha256)
+            .is_file(),
+        "published to the default store"
+    );
+    assert!(root.path().join("images/cli-app/rootfs.ext4").is_file());
+    assert!(stderr.contains("template image published"), "{stderr}");
+
+    // A dynamically linked envd binary would not start in the image: refused.
+    let output = Command::new(env!("CARGO_BIN_EXE_wrenn"))
+        .args(["template", "import"])
+        .arg(&archive)
+        .args(["--name", "cli-app-2"])
+        .env("AGENT_FILES_ROOTDIR", root.path())
+        .env("AGENT_ENVD_BINARY", env!("CARGO_BIN_EXE_wrenn"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("dynamically linked"),
+        "{output:?}"
+    );
+    assert!(!root.path().join("images/cli-app-2").exists());
+}

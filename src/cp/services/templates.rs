@@ -28,7 +28,7 @@ pub async fn list(
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("template `{0}` is not a platform template")]
+    #[error("template `{0}` is neither a platform template nor held by any host")]
     TemplateNotFound(String),
     #[error("host {0} not found")]
     HostNotFound(HostId),
@@ -66,16 +66,18 @@ pub async fn publish(
     name: &TemplateName,
     from: Option<HostId>,
 ) -> Result<Published, PublishError> {
-    let template = templates::platform_by_name(&state.db, name.as_str())
-        .await?
-        .ok_or_else(|| PublishError::TemplateNotFound(name.to_string()))?;
+    let template = templates::platform_by_name(&state.db, name.as_str()).await?;
+    let holders = host_templates::holders(&state.db, name.as_str()).await?;
+    if template.is_none() && holders.is_empty() && from.is_none() {
+        return Err(PublishError::TemplateNotFound(name.to_string()));
+    }
     let host = match from {
         Some(id) => hosts::by_id(&state.db, id.uuid())
             .await?
             .ok_or(PublishError::HostNotFound(id))?,
         None => {
             let mut online = None;
-            for id in host_templates::holders(&state.db, name.as_str()).await? {
+            for id in holders {
                 match hosts::by_id(&state.db, id).await? {
                     Some(host) if host.status == HostStatus::Online => {
                         online = Some(host);
@@ -109,7 +111,29 @@ pub async fn publish(
             })?;
     }
     let size = i64::try_from(blob.size_bytes).unwrap_or(i64::MAX);
-    templates::set_image(&state.db, template.id, &blob.sha256, size).await?;
+    match template {
+        Some(template) => {
+            templates::set_image(&state.db, template.id, &blob.sha256, size).await?;
+        }
+        // An image made on the host (`wrenn template import`) becomes a new platform template.
+        None => {
+            templates::upsert_built(
+                &state.db,
+                templates::BuiltTemplate {
+                    team_id: TeamId::PLATFORM.uuid(),
+                    name: name.as_str(),
+                    vcpus: 1,
+                    memory_mb: 512,
+                    size_bytes: size,
+                    image_sha256: &blob.sha256,
+                    metadata: serde_json::json!({
+                        "description": format!("published from host {host_id}"),
+                    }),
+                },
+            )
+            .await?;
+        }
+    }
     tracing::info!(template = %name, host = %host_id, sha256 = blob.sha256, "template image published");
     Ok(Published {
         template: name.to_string(),
