@@ -84,6 +84,10 @@ update-envd image root=files_root:
 bench-images:
     WRENN_STATIC_BIN="$(just build-static | tail -n1)" cargo bench --bench images
 
+# Template store throughput (directory and S3 backends): publish, pull, resumed pull.
+bench-store:
+    cargo bench --bench store
+
 # Regenerate `.sqlx/` (the data checked queries compile against) from the database at
 # $DATABASE_URL, which must have every migration applied (`wrenn migrate up`).
 sqlx-prepare:

@@ -65,6 +65,12 @@ async fn generated_requests_never_get_a_server_error_or_an_undocumented_answer()
                 "createCapsule",
                 "--exclude-operation-id",
                 "createCapsuleSandbox",
+                // Likewise publishing and importing a template image ask a host; the template
+                // tests cover them against real agents.
+                "--exclude-operation-id",
+                "publishTemplate",
+                "--exclude-operation-id",
+                "importTemplate",
                 "--no-color",
             ])
             .output()

@@ -369,11 +369,32 @@ async fn bad_recipes_and_archives_are_refused_before_anything_runs() {
     let (status, body) =
         build(json!({"name": "x", "recipe": "RUN true", "healthcheck": "--every=1s true"})).await;
     assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    // A team's plain member builds nothing; its owner (see the team test) may.
+    let owner = cp.signup("owner@example.com").await;
+    let (status, body) = cp
+        .call(
+            Method::POST,
+            &format!("/v1/teams/{}/members", owner.team),
+            &owner.auth(),
+            Some(json!({"email": "member@example.com"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, switched) = cp
+        .call(
+            Method::POST,
+            "/v1/auth/switch-team",
+            &member,
+            Some(json!({"team_id": owner.team})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{switched}");
+    let plain_member = Auth::Bearer(switched["token"].as_str().unwrap().to_owned());
     let (status, body) = cp
         .call(
             Method::POST,
             "/v1/admin/builds",
-            &member,
+            &plain_member,
             Some(json!({"name": "x", "recipe": "RUN true"})),
         )
         .await;
@@ -449,5 +470,88 @@ async fn a_build_whose_control_plane_died_is_ended_by_the_next_reconcile() {
     );
     let (_, templates) = cp.call(Method::GET, "/v1/snapshots", &admin, None).await;
     assert!(!templates.to_string().contains("orphan"), "{templates}");
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_owner_builds_a_template_only_that_team_sees() {
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let cp = TestCp::start().await;
+    let admin = cp.signup("admin@example.com").await.auth();
+    let owner = cp.signup("owner@example.com").await.auth();
+    let stranger = cp.signup("stranger@example.com").await.auth();
+    let (agent, _) = add_agent_in(&cp, &admin, Agent::new_root_with_own_images(), &[]).await;
+
+    // The team's own `busybox` would shadow the platform's for it; here the name is new.
+    let (status, build) = cp
+        .call(
+            Method::POST,
+            "/v1/admin/builds",
+            &owner,
+            Some(json!({"name": "ours", "base_template": "busybox",
+                        "recipe": "RUN echo team-built > /marker"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{build}");
+    let id = build["id"].as_str().unwrap().to_owned();
+    let (lines, build) = follow(&cp, &owner, &id).await;
+    assert_eq!(build["status"], "success", "{build}\n{}", log_text(&lines));
+
+    // Other teams neither see the build nor the template.
+    let (status, body) = cp
+        .call(
+            Method::GET,
+            &format!("/v1/admin/builds/{id}"),
+            &stranger,
+            None,
+        )
+        .await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
+    let (_, listed) = cp.call(Method::GET, "/v1/snapshots", &stranger, None).await;
+    assert!(!listed.to_string().contains("\"ours\""), "{listed}");
+    let (status, body) = cp
+        .call(
+            Method::POST,
+            "/v1/capsules",
+            &stranger,
+            Some(json!({"template": "ours"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
+    let (_, listed) = cp.call(Method::GET, "/v1/snapshots", &owner, None).await;
+    assert!(listed.to_string().contains("\"ours\""), "{listed}");
+    let (status, capsule) = cp
+        .call(
+            Method::POST,
+            "/v1/capsules",
+            &owner,
+            Some(json!({"template": "ours"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{capsule}");
+    let capsule_id = capsule["id"].as_str().unwrap().to_owned();
+    let out = exec(&cp, &owner, &capsule_id, "cat /marker").await;
+    assert_eq!(out["stdout"], "team-built\n", "{out}");
+    // On the host the team's image has a name no other team's template can have.
+    let images = Layout::new(agent.root.path()).images_dir();
+    let names: Vec<String> = std::fs::read_dir(&images)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("ours"))
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(names[0].starts_with("ours.t"), "{names:?}");
+    let (status, _) = cp
+        .call(
+            Method::DELETE,
+            &format!("/v1/capsules/{capsule_id}"),
+            &owner,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    no_build_leftovers(&agent);
+    drop(agent);
     cp.stop().await;
 }

@@ -234,7 +234,7 @@ impl From<BuildError> for ApiError {
             BuildError::Invalid { .. } | BuildError::Recipe(_) => ApiError::InvalidRequest(message),
             BuildError::TemplateNotFound(_) => ApiError::NotFound(message),
             BuildError::NotFound => ApiError::NotFound(message),
-            BuildError::Protected(_) => ApiError::forbidden(message),
+            BuildError::Protected(_) | BuildError::NotOwner => ApiError::forbidden(message),
             BuildError::InProgress(_) | BuildError::SnapshotExists(_) | BuildError::Finished(_) => {
                 ApiError::Conflict {
                     code: ErrorCode::Conflict,

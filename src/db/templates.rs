@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::page::Keyset;
 use super::{text_enum, DbError};
 use crate::id::TeamId;
+use crate::template::TemplateName;
 
 text_enum! {
     /// `base` images boot fresh; `snapshot` templates resume a saved VM with its baked size.
@@ -36,7 +37,27 @@ impl Template {
     pub fn is_platform(&self) -> bool {
         self.team_id == TeamId::PLATFORM.uuid()
     }
+
+    /// The name of the template's image on hosts (`images/<name>/`) and in their reports.
+    pub fn image_name(&self) -> TemplateName {
+        image_name(TeamId(self.team_id), &self.name)
+    }
 }
+
+/// Platform templates' images go by the template's name; a team's by its name and the team, so
+/// two teams' templates of one name, or a team's `python` and the platform's, never share one.
+pub fn image_name(team: TeamId, name: &str) -> TemplateName {
+    let key = if team == TeamId::PLATFORM {
+        name.to_owned()
+    } else {
+        format!("{name}.t{}", team.uuid().simple())
+    };
+    key.parse()
+        .expect("a template name with a team suffix is still a template name")
+}
+
+/// The longest name of a team template: its image name adds the team (`.t` and 32 hex digits).
+pub const MAX_TEAM_TEMPLATE_NAME_LEN: usize = crate::template::MAX_TEMPLATE_NAME_LEN - 34;
 
 /// The template `name` as `team` sees it: its own first, then the platform's.
 pub async fn visible_by_name(

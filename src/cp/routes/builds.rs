@@ -1,4 +1,5 @@
-//! `/v1/admin/builds`: template builds from recipes (platform admins). A build is submitted as
+//! `/v1/admin/builds`: template builds from recipes, by platform admins (platform templates) and
+//! team owners (their team's templates, signed in to that team). A build is submitted as
 //! JSON, or as multipart with its JSON in a `config` part and the files its `COPY` steps use in
 //! an `archive` part (tar, tar.gz or zip, streamed to disk, never held in memory).
 
@@ -14,7 +15,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::cp::auth::AdminUser;
+use crate::cp::auth::AuthUser;
 use crate::cp::error::ApiError;
 use crate::cp::extract::{parse_json, path_id, ApiQuery};
 use crate::cp::pagination::PageQuery;
@@ -68,7 +69,7 @@ const CONFIG_LIMIT: usize = 1 << 20;
 /// `POST /v1/admin/builds`: 202 with the build, which runs on.
 pub async fn create(
     State(state): State<AppState>,
-    AdminUser(admin): AdminUser,
+    user: AuthUser,
     request: Request,
 ) -> Result<Response, ApiError> {
     let multipart = request
@@ -76,6 +77,8 @@ pub async fn create(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
+    // Refused before any upload is read.
+    builds::builder_team(&user.caller)?;
     let limit = state.capsules.build_context_max_bytes;
     let (body, context) = if multipart {
         let multipart = Multipart::from_request(request, &state)
@@ -90,7 +93,7 @@ pub async fn create(
             })?;
         (parse_json::<BuildBody>(&bytes)?, None)
     };
-    let build = builds::submit(&state, &admin.caller, body.into(), context).await?;
+    let build = builds::submit(&state, &user.caller, body.into(), context).await?;
     Ok((StatusCode::ACCEPTED, Json(BuildView::from(build))).into_response())
 }
 
@@ -183,29 +186,32 @@ fn internal(error: impl std::fmt::Display) -> ApiError {
 
 pub async fn list(
     State(state): State<AppState>,
-    _admin: AdminUser,
+    user: AuthUser,
     query: PageQuery,
 ) -> Result<Response, ApiError> {
-    let page = builds::list(&state, query.request).await?;
+    let team = builds::builder_team(&user.caller)?;
+    let page = builds::list(&state, team, query.request).await?;
     Ok(query.answer(page.map(BuildView::from)))
 }
 
 pub async fn get(
     State(state): State<AppState>,
-    _admin: AdminUser,
+    user: AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<BuildView>, ApiError> {
     let id: Uuid = build_id(&id)?;
-    Ok(Json(builds::get(&state, id).await?.into()))
+    let team = builds::builder_team(&user.caller)?;
+    Ok(Json(builds::get(&state, team, id).await?.into()))
 }
 
 pub async fn cancel(
     State(state): State<AppState>,
-    _admin: AdminUser,
+    user: AuthUser,
     Path(id): Path<String>,
 ) -> Result<Json<BuildView>, ApiError> {
     let id: Uuid = build_id(&id)?;
-    Ok(Json(builds::cancel(&state, id).await?.into()))
+    let team = builds::builder_team(&user.caller)?;
+    Ok(Json(builds::cancel(&state, team, id).await?.into()))
 }
 
 fn build_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -230,12 +236,13 @@ const LOG_BATCH: i64 = 500;
 /// are in the database.
 pub async fn logs(
     State(state): State<AppState>,
-    _admin: AdminUser,
+    user: AuthUser,
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<LogQuery>,
 ) -> Result<Response, ApiError> {
     let id: Uuid = build_id(&id)?;
-    builds::get(&state, id).await?;
+    let team = builds::builder_team(&user.caller)?;
+    builds::get(&state, team, id).await?;
     let db = state.db.clone();
     let lines = futures::stream::unfold((query.after, false), move |(after, ended)| {
         let db = db.clone();

@@ -22,6 +22,7 @@ use crate::cp::pagination::{Page, PageRequest};
 use crate::cp::state::AppState;
 use crate::db::builds::{self, Build, BuildStatus, LogStream};
 use crate::db::page::Keyset;
+use crate::db::team_members::Role;
 use crate::db::templates::{self, TemplateType};
 use crate::db::DbError;
 use crate::envd::api::{AttachRequest, ClientMessage, ProcessSpec, RunRequest, StartRequest};
@@ -67,6 +68,8 @@ pub enum BuildError {
     SnapshotExists(String),
     #[error("build not found")]
     NotFound,
+    #[error("only platform admins (platform templates) and team owners (their team's templates) build templates")]
+    NotOwner,
     #[error("the build is {0}; only a build in progress can be cancelled")]
     Finished(&'static str),
     #[error(transparent)]
@@ -139,19 +142,39 @@ impl From<Build> for BuildView {
 
 /// Checks the request, records the build and starts it in this replica. `context` is the
 /// uploaded archive, already checked and rewritten as a plain tar; the build removes it.
+/// Whose templates a caller builds: a platform admin the platform's, a team owner the team's.
+pub fn builder_team(caller: &Caller) -> Result<TeamId, BuildError> {
+    if caller.is_admin {
+        Ok(TeamId::PLATFORM)
+    } else if caller.role == Some(Role::Owner) {
+        Ok(caller.team)
+    } else {
+        Err(BuildError::NotOwner)
+    }
+}
+
 pub async fn submit(
     state: &AppState,
     caller: &Caller,
     new: NewBuild,
     context: Option<tempfile::TempPath>,
 ) -> Result<Build, BuildError> {
-    let team = TeamId::PLATFORM;
+    let team = builder_team(caller)?;
     let name: TemplateName =
         new.name
             .parse()
             .map_err(|e: crate::template::TemplateNameError| {
                 BuildError::invalid("name", e.to_string())
             })?;
+    if team != TeamId::PLATFORM && name.as_str().len() > templates::MAX_TEAM_TEMPLATE_NAME_LEN {
+        return Err(BuildError::invalid(
+            "name",
+            format!(
+                "a team template's name has at most {} characters",
+                templates::MAX_TEAM_TEMPLATE_NAME_LEN
+            ),
+        ));
+    }
     let recipe = Recipe::parse(&new.recipe).map_err(BuildError::Recipe)?;
     let healthcheck = new
         .healthcheck
@@ -194,9 +217,10 @@ pub async fn submit(
             format!("`{base}` is a snapshot template; builds start from base templates"),
         ));
     }
-    if let Some(existing) =
-        templates::visible_by_name(&state.db, team.uuid(), name.as_str()).await?
-    {
+    let existing = templates::visible_by_name(&state.db, team.uuid(), name.as_str())
+        .await?
+        .filter(|t| t.team_id == team.uuid());
+    if let Some(existing) = existing {
         if existing.protected {
             return Err(BuildError::Protected(name.to_string()));
         }
@@ -261,21 +285,25 @@ pub async fn submit(
     Ok(build)
 }
 
-pub async fn get(state: &AppState, id: Uuid) -> Result<Build, BuildError> {
-    builds::get(&state.db, TeamId::PLATFORM.uuid(), id)
+pub async fn get(state: &AppState, team: TeamId, id: Uuid) -> Result<Build, BuildError> {
+    builds::get(&state.db, team.uuid(), id)
         .await?
         .ok_or(BuildError::NotFound)
 }
 
-pub async fn list(state: &AppState, page: PageRequest) -> Result<Page<Build>, BuildError> {
-    let rows = builds::page(&state.db, TeamId::PLATFORM.uuid(), page.after, page.fetch()).await?;
+pub async fn list(
+    state: &AppState,
+    team: TeamId,
+    page: PageRequest,
+) -> Result<Page<Build>, BuildError> {
+    let rows = builds::page(&state.db, team.uuid(), page.after, page.fetch()).await?;
     Ok(page.page(rows, |b| Keyset::of(b.created_at, b.id)))
 }
 
 /// Ends the build as `cancelled`; its replica notices within a heartbeat, stops the step in
 /// progress and removes what the build made.
-pub async fn cancel(state: &AppState, id: Uuid) -> Result<Build, BuildError> {
-    let build = get(state, id).await?;
+pub async fn cancel(state: &AppState, team: TeamId, id: Uuid) -> Result<Build, BuildError> {
+    let build = get(state, team, id).await?;
     if !builds::finish(
         &state.db,
         id,
@@ -285,12 +313,12 @@ pub async fn cancel(state: &AppState, id: Uuid) -> Result<Build, BuildError> {
     )
     .await?
     {
-        let now = get(state, id).await?;
+        let now = get(state, team, id).await?;
         return Err(BuildError::Finished(now.status.as_str()));
     }
     builds::log(&state.db, id, LogStream::Failure, "build cancelled").await?;
     tracing::info!(build = %build.id, "build cancelled");
-    get(state, id).await
+    get(state, team, id).await
 }
 
 /// Ends the builds whose replica stopped renewing their lease, and removes their capsules.
@@ -585,7 +613,7 @@ impl Worker {
 
         self.note(LogStream::Info, "taking the image").await;
         let capture = CaptureTemplate {
-            template: self.name.clone(),
+            template: templates::image_name(self.team, self.name.as_str()),
             config: ctx.template_config(),
         };
         // The agent finishes a capture it began whatever this side does, so a cancel is looked
@@ -603,7 +631,10 @@ impl Worker {
                     .state
                     .capsules
                     .agents
-                    .remove_template(&running.target, &self.name)
+                    .remove_template(
+                        &running.target,
+                        &templates::image_name(self.team, self.name.as_str()),
+                    )
                     .await
                 {
                     tracing::warn!(build = %self.build.id, error = %cleanup, "could not remove an unregistered build image from its host");

@@ -261,7 +261,7 @@ pub async fn create(
             sandbox_id: id.uuid(),
             team_id: team.uuid(),
             template_id: template.id,
-            template_name: template.name.clone(),
+            template_name: template.image_name().to_string(),
             template_sha256: template.image_sha256.clone(),
             timeout_sec: i32::try_from(new.timeout_sec).unwrap_or(i32::MAX),
             demand: Demand {
@@ -288,7 +288,7 @@ pub async fn create(
     }
     let request = CreateSandbox {
         sandbox_id: id,
-        template: new.template.clone(),
+        template: template.image_name(),
         vcpus,
         memory_mb,
         disk_mb: DISK_MB,
