@@ -122,7 +122,8 @@ dev: build build-static
     say "files root $dev/root: kernel and minimal image"
     mkdir -p "$dev/root"
     rootfs/build-kernel.sh "$dev/root" >&2
-    WRENN_STATIC_BIN="$(just build-static | tail -n1)" rootfs/build-image.sh minimal "$dev/root" >&2
+    static=$(just build-static | tail -n1)
+    WRENN_STATIC_BIN=$static rootfs/build-image.sh minimal "$dev/root" >&2
 
     say "private PostgreSQL on 127.0.0.1:$pg_port"
     rm -rf "$dev/pg" && mkdir -p "$dev/pg" && chown nobody:nogroup "$dev/pg"
@@ -155,7 +156,7 @@ dev: build build-static
     # The dev stack owns its sandboxes: stopping it removes them.
     # The token from the environment: a command line is visible to every local user.
     AGENT_FILES_ROOTDIR=$dev/root AGENT_CP_URL=$api AGENT_LISTEN_ADDR=127.0.0.1:$agent_port AGENT_DESTROY_SANDBOXES_ON_STOP=true \
-      WRENN_REGISTER_TOKEN=$token AGENT_VMM=$vmm "$bin" agent --address "127.0.0.1:$agent_port" \
+      AGENT_ENVD_BINARY=$static WRENN_REGISTER_TOKEN=$token AGENT_VMM=$vmm "$bin" agent --address "127.0.0.1:$agent_port" \
       2>"$dev/agent.log" & pids+=($!)
     for _ in $(seq 600); do
       [ "$(curl -sf "$api/v1/hosts" -H "authorization: Bearer $jwt" | json "[0]['status']")" = online ] && break
