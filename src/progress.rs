@@ -23,7 +23,8 @@ impl Progress {
     pub fn eta(&self) -> Option<Duration> {
         let rate = self.rate()?;
         let left = self.total.saturating_sub(self.done) as f64;
-        Some(Duration::from_secs_f64(left / rate))
+        // A total announced by the other side can be absurd; no ETA then, rather than a panic.
+        Duration::try_from_secs_f64(left / rate).ok()
     }
 }
 

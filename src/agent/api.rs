@@ -210,8 +210,11 @@ impl From<SandboxError> for ApiError {
             SandboxError::Template(TemplateError::Store { .. }) => {
                 (StatusCode::BAD_GATEWAY, ErrorCode::AgentError)
             }
-            SandboxError::Template(TemplateError::Import { .. }) => {
+            SandboxError::Template(TemplateError::ImportRefused { .. }) => {
                 (StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest)
+            }
+            SandboxError::Template(TemplateError::ImportFailed { .. }) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::InternalError)
             }
             SandboxError::Template(TemplateError::ArchiveTooLarge { .. }) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge)
@@ -460,7 +463,7 @@ async fn remove_template(
             e.to_string(),
         )
     })?;
-    state.sandboxes.remove_template(&name)?;
+    state.sandboxes.remove_template(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -10,9 +10,12 @@ use std::sync::{Arc, Mutex};
 use crate::agent::wire::{HeldTemplate, ImportedTemplate};
 use crate::config::Layout;
 use crate::store::{BlobRef, StoreError, TemplateStore};
-use crate::template::image::{self, ImportOptions};
+use crate::template::image::{self, ImageError, ImportOptions};
 use crate::template::oci::UnpackLimits;
 use crate::template::TemplateName;
+
+/// A template's lock, held: its image does not change until this is dropped.
+pub type ImageLease = tokio::sync::OwnedMutexGuard<()>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -23,8 +26,12 @@ pub enum TemplateError {
         template: String,
         source: StoreError,
     },
+    /// The archive is at fault: not an image, or an entry refused.
     #[error("importing template `{template}`: {reason}")]
-    Import { template: String, reason: String },
+    ImportRefused { template: String, reason: String },
+    /// This host is: its envd binary, its disk, its tools.
+    #[error("importing template `{template}`: {reason}")]
+    ImportFailed { template: String, reason: String },
     #[error("the archive is over the {limit}-byte limit")]
     ArchiveTooLarge { limit: u64 },
     #[error("template `{template}`: {what}: {source}")]
@@ -41,9 +48,10 @@ pub struct TemplateImages {
     store: TemplateStore,
     /// The static wrenn binary imported images get as their envd.
     envd_binary: PathBuf,
-    /// One pull per template at a time: creates that need the same missing image wait for the
-    /// first one's pull instead of fetching it again.
-    pulls: Mutex<HashMap<TemplateName, Arc<tokio::sync::Mutex<()>>>>,
+    /// One change per template at a time: a pull, a capture, an import, a publish, a removal,
+    /// and a create linking the image, each hold the template's lock, so none sees another's
+    /// half-done work (creates needing the same missing image wait for the first one's pull).
+    locks: Mutex<HashMap<TemplateName, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for TemplateImages {
@@ -60,7 +68,7 @@ impl TemplateImages {
             layout,
             store,
             envd_binary,
-            pulls: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
         }
     }
 
@@ -68,17 +76,31 @@ impl TemplateImages {
         held(&self.layout)
     }
 
+    /// Holds `template`'s images still until the lease is dropped.
+    pub async fn lock(&self, template: &TemplateName) -> ImageLease {
+        let lock = self
+            .locks
+            .lock()
+            .expect("template locks")
+            .entry(template.clone())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
     /// The path of the template's image, pulled from the store first when `wanted` names a
-    /// version this host does not hold. Without `wanted`, whatever the host holds is used.
+    /// version this host does not hold; without `wanted`, whatever the host holds. The image
+    /// stays as it is while the lease lives: the create links it before letting go.
     pub async fn ensure(
         &self,
         template: &TemplateName,
         wanted: Option<&BlobRef>,
-    ) -> Result<PathBuf, TemplateError> {
+    ) -> Result<(PathBuf, ImageLease), TemplateError> {
+        let lease = self.lock(template).await;
         let image = self.layout.image_rootfs(template.as_str());
         let Some(wanted) = wanted else {
             return if image.is_file() {
-                Ok(image)
+                Ok((image, lease))
             } else {
                 Err(TemplateError::NotHere {
                     template: template.to_string(),
@@ -86,19 +108,10 @@ impl TemplateImages {
                 })
             };
         };
-        let lock = self
-            .pulls
-            .lock()
-            .expect("pulls lock")
-            .entry(template.clone())
-            .or_default()
-            .clone();
-        let _pulling = lock.lock().await;
-        if self.holds(template, wanted) {
-            return Ok(image);
+        if !self.holds(template, wanted) {
+            self.pull(template, wanted).await?;
         }
-        self.pull(template, wanted).await?;
-        Ok(image)
+        Ok((image, lease))
     }
 
     /// Whether the local image is `wanted`, by the checksum recorded when it was built or
@@ -167,7 +180,8 @@ impl TemplateImages {
     /// Removes the local image of `template`, at once from the name's point of view (a rename
     /// out of the way first), so a create never sees half a directory. Removing an image the
     /// host does not hold is not an error.
-    pub fn remove(&self, template: &TemplateName) -> Result<(), TemplateError> {
+    pub async fn remove(&self, template: &TemplateName) -> Result<(), TemplateError> {
+        let _lease = self.lock(template).await;
         let dir = self.layout.image_dir(template.as_str());
         let doomed = self.layout.images_dir().join(format!(
             ".removing-{template}-{:016x}",
@@ -183,13 +197,22 @@ impl TemplateImages {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(source) => return Err(failed(source)),
         }
-        std::fs::remove_dir_all(&doomed).map_err(failed)?;
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&doomed))
+            .await
+            .map_err(|e| failed(std::io::Error::other(e)))?
+            .map_err(failed)?;
         tracing::info!(%template, "template image removed from this host");
         Ok(())
     }
 
     /// Puts the local image of `template` into the store and records its checksum beside it.
     pub async fn publish(&self, template: &TemplateName) -> Result<BlobRef, TemplateError> {
+        let _lease = self.lock(template).await;
+        self.publish_locked(template).await
+    }
+
+    /// [`Self::publish`], for a caller holding the template's lease.
+    pub async fn publish_locked(&self, template: &TemplateName) -> Result<BlobRef, TemplateError> {
         let name = template.to_string();
         let image = self.layout.image_rootfs(template.as_str());
         if !image.is_file() {
@@ -249,19 +272,27 @@ impl TemplateImages {
         start_entrypoint: bool,
     ) -> Result<ImportedTemplate, TemplateError> {
         let name = template.to_string();
-        let failed = |reason: String| TemplateError::Import {
+        let failed = |reason: String| TemplateError::ImportFailed {
             template: name.clone(),
             reason,
         };
-        check_static(&self.envd_binary).map_err(&failed)?;
+        let binary = self.envd_binary.clone();
+        tokio::task::spawn_blocking(move || check_static(&binary))
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(&failed)?;
         let limits = UnpackLimits::default();
+        let _lease = self.lock(template).await;
         let (archive, uploaded) = match source {
             ImportSource::Path(path) => {
                 if !path.is_absolute() || !path.is_file() {
-                    return Err(failed(format!(
-                        "{} is not an absolute path to a file on this host",
-                        path.display()
-                    )));
+                    return Err(TemplateError::ImportRefused {
+                        template: name.clone(),
+                        reason: format!(
+                            "{} is not an absolute path to a file on this host",
+                            path.display()
+                        ),
+                    });
                 }
                 (path, None)
             }
@@ -305,10 +336,20 @@ impl TemplateImages {
         drop(uploaded);
         let imported = match imported {
             Ok(Ok(imported)) => imported,
+            Ok(Err(
+                error @ (ImageError::Unpack(_)
+                | ImageError::UnknownUser { .. }
+                | ImageError::NotA { .. }),
+            )) => {
+                return Err(TemplateError::ImportRefused {
+                    template: name.clone(),
+                    reason: error.to_string(),
+                })
+            }
             Ok(Err(error)) => return Err(failed(error.to_string())),
             Err(error) => return Err(failed(format!("the import task failed: {error}"))),
         };
-        let image = self.publish(template).await?;
+        let image = self.publish_locked(template).await?;
         Ok(ImportedTemplate {
             image,
             entrypoint: imported.image.entrypoint,

@@ -327,7 +327,7 @@ impl AgentClient {
     }
 
     /// Has the agent put its image of `template` into the template store: hashing and uploading
-    /// a large image takes as long as a create may.
+    /// a multi-GiB image to a remote store takes a while.
     pub async fn publish_template(
         &self,
         target: &AgentTarget,
@@ -338,7 +338,7 @@ impl AgentClient {
             Method::POST,
             &format!("/v1/templates/{template}/publish"),
             None::<&()>,
-            self.timeouts.create,
+            PUBLISH_TIMEOUT,
         )
         .await
     }
@@ -517,6 +517,9 @@ impl AgentClient {
             .map_err(|e| AgentError::from_envd(target, e))
     }
 }
+
+/// How long a publish may take: a multi-GiB image to a remote store.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The archive of an import: streamed in the request, or a file on the agent's host.
 pub enum ImportArchive {

@@ -269,6 +269,11 @@ impl From<PublishError> for ApiError {
                 message,
             },
             PublishError::Unconfirmed { .. } => ApiError::AgentFailed(message),
+            PublishError::TeamHost(_) => ApiError::InvalidRequest(message),
+            PublishError::Ambiguous(_) => ApiError::Conflict {
+                code: ErrorCode::Conflict,
+                message,
+            },
             PublishError::Agent(agent) => agent.into(),
             PublishError::Db(db) => db.into(),
         }

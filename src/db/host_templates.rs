@@ -74,11 +74,21 @@ pub async fn holding(
     .await?)
 }
 
-/// The hosts that reported holding the template image `name`, most recently registered first.
-pub async fn holders(ex: impl PgExecutor<'_>, name: &str) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar!(
-        "SELECT ht.host_id FROM host_templates ht JOIN hosts h ON h.id = ht.host_id
-         WHERE ht.template_name = $1 ORDER BY h.created_at DESC",
+/// A regular host's report of an image.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub host_id: Uuid,
+    pub sha256: Option<String>,
+}
+
+/// The regular (platform-run) hosts that reported holding the template image `name`, most
+/// recently registered first. A team's own (BYOC) hosts are left out: what they report is the
+/// team's word, not the platform's.
+pub async fn holders(ex: impl PgExecutor<'_>, name: &str) -> Result<Vec<Holder>, DbError> {
+    Ok(sqlx::query_as!(
+        Holder,
+        "SELECT ht.host_id, ht.sha256 FROM host_templates ht JOIN hosts h ON h.id = ht.host_id
+         WHERE ht.template_name = $1 AND h.type = 'regular' ORDER BY h.created_at DESC",
         name,
     )
     .fetch_all(ex)

@@ -56,6 +56,13 @@ pub fn image_name(team: TeamId, name: &str) -> TemplateName {
         .expect("a template name with a team suffix is still a template name")
 }
 
+/// Whether `name` ends like a team template's image name (`.t` and 32 hex digits), which a
+/// platform template must not, or it would share that team's image directory on hosts.
+pub fn looks_like_team_image(name: &str) -> bool {
+    name.rsplit_once(".t")
+        .is_some_and(|(_, hex)| hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// The longest name of a team template: its image name adds the team (`.t` and 32 hex digits).
 pub const MAX_TEAM_TEMPLATE_NAME_LEN: usize = crate::template::MAX_TEMPLATE_NAME_LEN - 34;
 

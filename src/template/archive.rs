@@ -17,6 +17,8 @@ pub enum ArchiveError {
     Refused { path: String, reason: String },
     #[error("the archive unpacks to more than {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("the archive has more than {limit} entries")]
+    TooManyEntries { limit: u64 },
     #[error("the archive is damaged: {0}")]
     Damaged(String),
     #[error("{0}")]
@@ -211,7 +213,16 @@ impl<W: Write> Rewriter<W> {
             ));
         }
         self.summary.entries += 1;
-        self.summary.bytes = self.summary.bytes.saturating_add(size);
+        if self.summary.entries > MAX_ENTRIES {
+            return Err(ArchiveError::TooManyEntries { limit: MAX_ENTRIES });
+        }
+        // Headers count too: a million empty files would otherwise rewrite to gigabytes.
+        let header_bytes = 512 + path.as_os_str().len() as u64;
+        self.summary.bytes = self
+            .summary
+            .bytes
+            .saturating_add(size)
+            .saturating_add(header_bytes);
         if self.summary.bytes > self.limit {
             return Err(ArchiveError::TooLarge { limit: self.limit });
         }
@@ -241,13 +252,38 @@ impl<W: Write> Rewriter<W> {
             Kind::File => {
                 header.set_entry_type(tar::EntryType::Regular);
                 header.set_size(size);
-                // A size the entry does not hold would make a short tar; the limit reader also
-                // stops an entry claiming less than it carries.
-                let mut exact = data.take(size);
+                // An entry shorter than it claims would leave the tar misaligned, its later bytes
+                // read as unchecked headers; the count catches it.
+                let mut exact = Counted {
+                    inner: data.take(size),
+                    read: 0,
+                };
                 self.builder.append_data(&mut header, &path, &mut exact)?;
+                if exact.read != size {
+                    return Err(refused(
+                        raw,
+                        &format!("it holds {} of the {size} bytes it claims", exact.read),
+                    ));
+                }
             }
         }
         Ok(())
+    }
+}
+
+/// Entries per archive.
+const MAX_ENTRIES: u64 = 1_000_000;
+
+struct Counted<R> {
+    inner: R,
+    read: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
     }
 }
 
@@ -345,13 +381,10 @@ mod tests {
         });
         let out = dir.path().join("out.tar");
         let summary = rewrite_as_tar(&source, &out, 1 << 20).unwrap();
-        assert_eq!(
-            summary,
-            Summary {
-                entries: 3,
-                bytes: 5
-            }
-        );
+        assert_eq!(summary.entries, 3);
+        let entry_names = ["app", "app/main.py", "app/lib"];
+        let headers: u64 = entry_names.iter().map(|n| 512 + n.len() as u64).sum();
+        assert_eq!(summary.bytes, 5 + headers, "data and headers both count");
         assert_eq!(names(&out), ["app", "app/main.py", "app/lib"]);
 
         let gz = dir.path().join("in.tar.gz");
@@ -372,7 +405,7 @@ mod tests {
         writer.finish().unwrap();
         assert_eq!(sniff(&zipped).unwrap(), ArchiveKind::Zip);
         let summary = rewrite_as_tar(&zipped, &out, 1 << 20).unwrap();
-        assert_eq!(summary.bytes, 5);
+        assert_eq!(summary.entries, 2);
         assert_eq!(names(&out), ["app", "app/main.py"]);
     }
 

@@ -10,6 +10,7 @@ use super::record::RecordedState;
 use super::{Runtime, Sandbox, SandboxError, SandboxManager};
 use crate::agent::disk;
 use crate::agent::network::SandboxNetwork;
+use crate::agent::templates::ImageLease;
 use crate::agent::wire::{CreateSandbox, SandboxInfo, SandboxPhase};
 use crate::envd::api::InitRequest;
 use crate::envd::client::EnvdClient;
@@ -97,7 +98,7 @@ impl SandboxManager {
 
     async fn create_now(&self, req: CreateSandbox) -> Result<SandboxInfo, SandboxError> {
         self.validate(&req)?;
-        let image = self
+        let (image, lease) = self
             .templates
             .ensure(&req.template, req.image.as_ref())
             .await?;
@@ -110,7 +111,7 @@ impl SandboxManager {
             }
             registry.insert(id.clone(), sandbox.clone());
         }
-        let runtime = match self.boot(&sandbox, &image).await {
+        let runtime = match self.boot(&sandbox, &image, lease).await {
             Ok(runtime) => runtime,
             Err(error) => {
                 tracing::warn!(sandbox = %id, %error, "sandbox create failed and was rolled back");
@@ -192,7 +193,12 @@ impl SandboxManager {
         }
     }
 
-    async fn boot(&self, sandbox: &Sandbox, image: &Path) -> Result<Runtime, SandboxError> {
+    async fn boot(
+        &self,
+        sandbox: &Sandbox,
+        image: &Path,
+        lease: ImageLease,
+    ) -> Result<Runtime, SandboxError> {
         let req = &sandbox.request;
         let id_text = req.sandbox_id.to_string();
         let id = id_text.as_str();
@@ -216,13 +222,29 @@ impl SandboxManager {
         let linked = match std::fs::hard_link(image, &base) {
             Ok(()) => Ok(()),
             // Images on another file system than the sandboxes (a symlinked images/) cannot be
-            // linked; such a sandbox reads the template's image, as before links existed.
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Ok(()),
+            // linked: the sandbox gets a copy, since a pull may replace the template's image
+            // under a paused sandbox.
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                tracing::warn!(
+                    sandbox = id,
+                    "images/ is on another file system than sandboxes/; copying the base image"
+                );
+                let (from, to) = (image.to_owned(), base.clone());
+                match tokio::task::spawn_blocking(move || std::fs::copy(from, to)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(fail(
+                        CreateStep::Directory,
+                        format!("copying {}: {e}", image.display()),
+                    )),
+                    Err(e) => Err(fail(CreateStep::Directory, e.to_string())),
+                }
+            }
             Err(e) => Err(fail(
                 CreateStep::Directory,
                 format!("linking {}: {e}", image.display()),
             )),
         };
+        drop(lease);
         if let Err(e) = linked.and(injected_failure(id, CreateStep::Directory).await) {
             undo_dir();
             return Err(e);

@@ -73,6 +73,7 @@ impl SandboxManager {
             let _ = std::fs::remove_file(&archive);
             return Err(failed(reason));
         }
+        let lease = self.templates.lock(&template).await;
         let out_dir = self.layout.image_dir(template.as_str());
         let options = ImportOptions {
             wrenn_binary: None,
@@ -93,7 +94,8 @@ impl SandboxManager {
             })
         })
         .await;
-        let _ = std::fs::remove_file(&archive);
+        let removed = archive.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(removed)).await;
         let imported = match imported {
             Ok(Ok(imported)) => imported,
             Ok(Err(error)) => return Err(failed(error.to_string())),
@@ -106,7 +108,9 @@ impl SandboxManager {
             bytes = imported.size_bytes,
             "template image captured"
         );
-        Ok(self.templates.publish(&template).await?)
+        let published = self.templates.publish_locked(&template).await;
+        drop(lease);
+        Ok(published?)
     }
 }
 
@@ -157,6 +161,13 @@ async fn fetch_as_image(envd: &EnvdClient, archive: &Path) -> Result<(), String>
     let size = download
         .size
         .ok_or("envd did not say how large the packed files are")?;
+    // The guest says how large; what it says is checked before a byte lands on the host's disk.
+    let limit = UnpackLimits::default().max_archive_bytes;
+    if size > limit {
+        return Err(format!(
+            "the packed files are {size} bytes, over the {limit}-byte limit of an image"
+        ));
+    }
     let mut file = tokio::fs::OpenOptions::new()
         .create_new(true)
         .write(true)

@@ -453,18 +453,23 @@ impl SandboxManager {
         source: crate::agent::templates::ImportSource,
         start_entrypoint: bool,
     ) -> Result<crate::agent::wire::ImportedTemplate, SandboxError> {
-        Ok(self
-            .templates
-            .import(template, source, start_entrypoint)
-            .await?)
+        // To its end whatever the caller does: an import dropped half way would still install
+        // its image (the blocking work goes on) without publishing it.
+        let (templates, template) = (self.templates.clone(), template.clone());
+        self.run_to_end(async move {
+            Ok(templates
+                .import(&template, source, start_entrypoint)
+                .await?)
+        })
+        .await
     }
 
     /// Removes this host's image of `template`; its sandboxes keep their own links to it.
-    pub fn remove_template(
+    pub async fn remove_template(
         &self,
         template: &crate::template::TemplateName,
     ) -> Result<(), SandboxError> {
-        Ok(self.templates.remove(template)?)
+        Ok(self.templates.remove(template).await?)
     }
 
     /// Puts this host's image of `template` into the template store.
@@ -472,7 +477,10 @@ impl SandboxManager {
         &self,
         template: &crate::template::TemplateName,
     ) -> Result<crate::store::BlobRef, SandboxError> {
-        Ok(self.templates.publish(template).await?)
+        // An upload dropped half way would leave its multipart parts in the store.
+        let (templates, template) = (self.templates.clone(), template.clone());
+        self.run_to_end(async move { Ok(templates.publish(&template).await?) })
+            .await
     }
 
     /// The template images on this host.

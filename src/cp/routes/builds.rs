@@ -3,7 +3,6 @@
 //! JSON, or as multipart with its JSON in a `config` part and the files its `COPY` steps use in
 //! an `archive` part (tar, tar.gz or zip, streamed to disk, never held in memory).
 
-use std::io::Write;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -13,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
 use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
 use crate::cp::auth::AuthUser;
@@ -123,7 +123,8 @@ async fn read_multipart(
                     .prefix("wrenn-build-upload-")
                     .tempfile()
                     .map_err(internal)?;
-                let (mut file, path) = file.into_parts();
+                let (file, path) = file.into_parts();
+                let mut file = tokio::fs::File::from_std(file);
                 let mut received = 0u64;
                 while let Some(chunk) = field.chunk().await.map_err(malformed)? {
                     received += chunk.len() as u64;
@@ -132,9 +133,9 @@ async fn read_multipart(
                             "the archive is over the {limit}-byte limit (cp.build_context_max_bytes)"
                         )));
                     }
-                    file.write_all(&chunk).map_err(internal)?;
+                    file.write_all(&chunk).await.map_err(internal)?;
                 }
-                file.flush().map_err(internal)?;
+                file.flush().await.map_err(internal)?;
                 upload = Some(path);
             }
             Some(other) => {

@@ -166,6 +166,12 @@ pub async fn submit(
             .map_err(|e: crate::template::TemplateNameError| {
                 BuildError::invalid("name", e.to_string())
             })?;
+    if team == TeamId::PLATFORM && templates::looks_like_team_image(name.as_str()) {
+        return Err(BuildError::invalid(
+            "name",
+            "names ending in `.t` and 32 hex digits are reserved for team images",
+        ));
+    }
     if team != TeamId::PLATFORM && name.as_str().len() > templates::MAX_TEAM_TEMPLATE_NAME_LEN {
         return Err(BuildError::invalid(
             "name",

@@ -7,7 +7,7 @@ use super::{capsules, ServiceError};
 use crate::cp::agent_client::{AgentError, AgentTarget, ImportArchive};
 use crate::cp::pagination::{Page, PageRequest};
 use crate::cp::state::AppState;
-use crate::db::hosts::{self, HostStatus};
+use crate::db::hosts::{self, HostStatus, HostType};
 use crate::db::page::Keyset;
 use crate::db::templates::{self, Template, TemplateType};
 use crate::db::{host_templates, Db, DbError};
@@ -36,6 +36,12 @@ pub enum PublishError {
     NoHolder(String),
     #[error("host {0} is not online")]
     HostUnavailable(HostId),
+    #[error("host {0} is a team's own host; platform templates come from platform hosts")]
+    TeamHost(HostId),
+    #[error(
+        "hosts hold different versions of template `{0}`; name the one to publish with host_id"
+    )]
+    Ambiguous(String),
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error("host {host} published sha256:{sha256}, but the control plane cannot find it in the template store ({source}); do the host and the control plane name the same store?")]
@@ -66,19 +72,34 @@ pub async fn publish(
     name: &TemplateName,
     from: Option<HostId>,
 ) -> Result<Published, PublishError> {
+    if templates::looks_like_team_image(name.as_str()) {
+        return Err(PublishError::TemplateNotFound(name.to_string()));
+    }
     let template = templates::platform_by_name(&state.db, name.as_str()).await?;
     let holders = host_templates::holders(&state.db, name.as_str()).await?;
     if template.is_none() && holders.is_empty() && from.is_none() {
         return Err(PublishError::TemplateNotFound(name.to_string()));
     }
     let host = match from {
-        Some(id) => hosts::by_id(&state.db, id.uuid())
-            .await?
-            .ok_or(PublishError::HostNotFound(id))?,
+        Some(id) => {
+            let host = hosts::by_id(&state.db, id.uuid())
+                .await?
+                .ok_or(PublishError::HostNotFound(id))?;
+            if host.host_type != HostType::Regular {
+                return Err(PublishError::TeamHost(id));
+            }
+            host
+        }
         None => {
+            // Hosts holding different versions: which one is meant is the admin's to say.
+            let versions: std::collections::HashSet<_> =
+                holders.iter().map(|h| h.sha256.clone()).collect();
+            if versions.len() > 1 {
+                return Err(PublishError::Ambiguous(name.to_string()));
+            }
             let mut online = None;
-            for id in holders {
-                match hosts::by_id(&state.db, id).await? {
+            for holder in holders {
+                match hosts::by_id(&state.db, holder.host_id).await? {
                     Some(host) if host.status == HostStatus::Online => {
                         online = Some(host);
                         break;
@@ -212,6 +233,12 @@ pub async fn import_target(
     name: &TemplateName,
     settings: &ImportSettings,
 ) -> Result<(AgentTarget, HostId), ImportError> {
+    if templates::looks_like_team_image(name.as_str()) {
+        return Err(ImportError::Invalid {
+            field: "name",
+            message: "names ending in `.t` and 32 hex digits are reserved for team images".into(),
+        });
+    }
     if let Some(existing) = templates::platform_by_name(&state.db, name.as_str()).await? {
         if existing.protected {
             return Err(ImportError::Protected(name.to_string()));
@@ -240,9 +267,13 @@ pub async fn import_target(
                     field: "host_id",
                     message: e.to_string(),
                 })?;
-            hosts::by_id(&state.db, id.uuid())
+            let host = hosts::by_id(&state.db, id.uuid())
                 .await?
-                .ok_or(PublishError::HostNotFound(id))?
+                .ok_or(PublishError::HostNotFound(id))?;
+            if host.host_type != HostType::Regular {
+                return Err(PublishError::TeamHost(id).into());
+            }
+            host
         }
         None if settings.path.is_some() => {
             return Err(ImportError::Invalid {
@@ -253,7 +284,7 @@ pub async fn import_target(
         None => hosts::list_registered(&state.db)
             .await?
             .into_iter()
-            .find(|h| h.status == HostStatus::Online)
+            .find(|h| h.status == HostStatus::Online && h.host_type == HostType::Regular)
             .ok_or_else(|| PublishError::NoHolder(name.to_string()))?,
     };
     let host_id = HostId(host.id);
