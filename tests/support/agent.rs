@@ -614,27 +614,9 @@ pub async fn add_agent_with_env(
     admin: &Auth,
     env: &[(&str, &str)],
 ) -> (Agent, String) {
-    let (status, body) = cp
-        .call(
-            Method::POST,
-            "/v1/hosts",
-            admin,
-            Some(json!({"type": "regular"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
-    let token = body["registration_token"].as_str().unwrap().to_owned();
-    let host_id = body["host"]["id"].as_str().unwrap().to_owned();
-    let cp_url = format!("http://{}", cp.addr);
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    let tls = cp.agent_tls();
-    let agent = tokio::task::spawn_blocking(move || Agent::register(&cp_url, &token, tls, env))
-        .await
-        .unwrap();
-    (agent, host_id)
+    // Linking the test files may build them first: off the runtime's threads.
+    let root = tokio::task::spawn_blocking(Agent::new_root).await.unwrap();
+    add_agent_in(cp, admin, root, env).await
 }
 
 /// A control plane with a platform admin and a registered host whose agent is running.
