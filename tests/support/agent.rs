@@ -194,10 +194,6 @@ impl Agent {
         cmd
     }
 
-    pub fn register(cp_url: &str, token: &str, tls: AgentTls, env: Vec<(String, String)>) -> Agent {
-        Self::register_in(Self::new_root(), cp_url, TokenFrom::Env(token), tls, env)
-    }
-
     /// Starts an agent in `root` that registers with the token from `token`.
     pub fn register_in(
         root: tempfile::TempDir,
