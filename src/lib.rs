@@ -13,6 +13,7 @@ pub mod logging;
 pub mod progress;
 pub mod request_id;
 pub mod secret;
+pub mod sparse;
 pub mod store;
 pub mod template;
 pub mod tls;

@@ -14,9 +14,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use nix::errno::Errno;
-use nix::fcntl::copy_file_range;
-use nix::unistd::{lseek, Whence};
 use tokio::process::Command;
 
 use crate::config::Layout;
@@ -164,16 +161,15 @@ impl UpperDisks {
 
 const STAGING_EXTENSION: &str = "staging";
 
-/// Copies `source` to a new file `target`, reproducing its holes: only the data extents are
-/// copied, with `copy_file_range`, which the kernel turns into a reflink on filesystems that
-/// share extents (XFS, btrfs) and into an in-kernel copy elsewhere.
-fn copy_sparse(source: &Path, target: &Path) -> Result<(), DiskError> {
+/// Copies `source` to a new file `target`, reproducing its holes ([`crate::sparse`]); on
+/// failure nothing is left at `target`.
+pub fn copy_sparse(source: &Path, target: &Path) -> Result<(), DiskError> {
     let input = File::open(source).map_err(|error| DiskError::Inspect {
         path: source.to_owned(),
         source: error,
     })?;
     let output = create_new_file(target)?;
-    let result = copy_extents(&input, &output);
+    let result = crate::sparse::copy_sparse(&input, &output);
     drop(output);
     result.map_err(|error| {
         let _ = std::fs::remove_file(target);
@@ -182,41 +178,6 @@ fn copy_sparse(source: &Path, target: &Path) -> Result<(), DiskError> {
             source: error,
         }
     })
-}
-
-fn copy_extents(input: &File, output: &File) -> io::Result<()> {
-    let len = input.metadata()?.len();
-    output.set_len(len)?;
-    let len = i64::try_from(len).map_err(io::Error::other)?;
-    let mut position = 0;
-    while position < len {
-        let data = match lseek(input, position, Whence::SeekData) {
-            Ok(offset) => offset,
-            // No data after `position`: the rest is a hole, already there from set_len.
-            Err(Errno::ENXIO) => break,
-            Err(e) => return Err(e.into()),
-        };
-        let hole = lseek(input, data, Whence::SeekHole)?;
-        let (mut offset_in, mut offset_out) = (data, data);
-        while offset_in < hole {
-            let chunk = usize::try_from(hole - offset_in).unwrap_or(usize::MAX);
-            let copied = copy_file_range(
-                input,
-                Some(&mut offset_in),
-                output,
-                Some(&mut offset_out),
-                chunk,
-            )?;
-            if copied == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "source shrank while copying",
-                ));
-            }
-        }
-        position = hole;
-    }
-    Ok(())
 }
 
 /// Formats the sparse file in place. `mke2fs` punches the whole file before writing and, on a

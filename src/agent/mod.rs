@@ -124,6 +124,7 @@ pub async fn run(
         limits,
         confinement,
         templates,
+        config.agent.boot_snapshots,
     ));
     sandboxes.recover().await?;
 

@@ -185,6 +185,28 @@ impl Layout {
         self.snapshot_dir(sandbox_id).join("memory")
     }
 
+    /// Shared snapshots of booted templates, one directory per boot key (the template image,
+    /// kernel, VMM and VM shape it was made with): the files of a shared snapshot, the
+    /// writable disk at that instant and what it was made from. Kept apart from the paused
+    /// sandboxes' snapshots, which are named by sandbox id.
+    pub fn boot_snapshots_dir(&self) -> PathBuf {
+        self.snapshots_dir().join("boot")
+    }
+
+    pub fn boot_snapshot_dir(&self, key: &str) -> PathBuf {
+        self.boot_snapshots_dir().join(key)
+    }
+
+    /// A boot snapshot being made: published by renaming it to [`Layout::boot_snapshot_dir`].
+    pub fn boot_snapshot_staging_dir(&self, key: &str) -> PathBuf {
+        self.boot_snapshots_dir().join(format!(".staging-{key}"))
+    }
+
+    /// The snapshot of the booted VM a boot snapshot is made from, while it is being made.
+    pub fn boot_snapshot_work_dir(&self, key: &str) -> PathBuf {
+        self.boot_snapshots_dir().join(format!(".paused-{key}"))
+    }
+
     /// The name a snapshot file is written under until it is complete: `<file>.partial`.
     pub fn partial(path: &Path) -> PathBuf {
         let mut name = path.as_os_str().to_owned();

@@ -94,6 +94,8 @@ pub struct AgentConfig {
     pub heartbeat_interval_secs: u64,
     pub envd_ready_timeout_secs: u64,
     pub destroy_sandboxes_on_stop: bool,
+    /// Creates restore their template's boot snapshot instead of booting.
+    pub boot_snapshots: bool,
     pub network_name_prefix: String,
     pub sandbox_host_range: Ipv4Cidr,
     pub sandbox_transit_range: Ipv4Cidr,
@@ -234,6 +236,7 @@ impl Default for Config {
                 envd_ready_timeout_secs: default("agent.envd_ready_timeout_secs")
                     .parse()
                     .expect("default is a number"),
+                boot_snapshots: default("agent.boot_snapshots").parse().expect("default"),
                 destroy_sandboxes_on_stop: default("agent.destroy_sandboxes_on_stop")
                     .parse()
                     .expect("default is a boolean"),

@@ -52,6 +52,7 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.network_name_prefix" => c.agent.network_name_prefix.clone(),
             "agent.envd_ready_timeout_secs" => c.agent.envd_ready_timeout_secs.to_string(),
             "agent.destroy_sandboxes_on_stop" => c.agent.destroy_sandboxes_on_stop.to_string(),
+            "agent.boot_snapshots" => c.agent.boot_snapshots.to_string(),
             "agent.heartbeat_interval_secs" => c.agent.heartbeat_interval_secs.to_string(),
             "agent.sandbox_host_range" => c.agent.sandbox_host_range.to_string(),
             "agent.sandbox_transit_range" => c.agent.sandbox_transit_range.to_string(),

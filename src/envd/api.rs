@@ -63,6 +63,17 @@ pub struct InitRequest {
     /// clock still shows the time of the pause. Absent, the clock is left alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wall_clock_unix_ms: Option<i64>,
+    /// Fresh random bytes (hex, 32 to 512 bytes), mixed into the guest kernel's pool, which is
+    /// then reseeded: guests restored from one snapshot diverge before any user code runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<SecretText>,
+    /// The guest's host name (one DNS label), set and written to `/etc/hostname` and
+    /// `/etc/hosts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Written to `/etc/machine-id` (32 lowercase hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
 }
 
 impl std::fmt::Debug for InitRequest {
@@ -73,6 +84,9 @@ impl std::fmt::Debug for InitRequest {
             .field("default_workdir", &self.default_workdir)
             .field("access_token", &self.access_token)
             .field("wall_clock_unix_ms", &self.wall_clock_unix_ms)
+            .field("entropy", &self.entropy.as_ref().map(|_| "<redacted>"))
+            .field("hostname", &self.hostname)
+            .field("machine_id", &self.machine_id)
             .finish()
     }
 }

@@ -146,7 +146,7 @@ fn is_mountpoint(path: &Path) -> bool {
     })
 }
 
-fn write_hosts(hostname: &str) {
+pub(super) fn write_hosts(hostname: &str) {
     let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
     let known = hosts
         .lines()
@@ -154,7 +154,12 @@ fn write_hosts(hostname: &str) {
     if known {
         return;
     }
-    let mut text = hosts;
+    // A renamed guest (a clone given its own name) keeps one line for its own name.
+    let mut text: String = hosts
+        .lines()
+        .filter(|l| !l.starts_with("127.0.1.1"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     if !text.contains("localhost") {
         text.push_str("127.0.0.1\tlocalhost\n");
     }

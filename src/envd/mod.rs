@@ -6,6 +6,7 @@ pub mod api;
 pub mod client;
 mod clock;
 mod files;
+mod identity;
 mod init;
 mod metrics;
 mod output;

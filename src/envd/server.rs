@@ -31,6 +31,7 @@ use super::api::{
 };
 use super::clock::{ClockError, WallClock};
 use super::files::{FileError, FileUser};
+use super::identity::{Entropy, Hostname, IdentityError, MachineId};
 use super::metrics::MetricsSampler;
 use super::output::{LogItem, StreamKind};
 use super::process::{parse_signal, Defaults, ProcessError, Processes};
@@ -105,6 +106,8 @@ pub enum ApiError {
     File(#[from] FileError),
     #[error(transparent)]
     Clock(#[from] ClockError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
     #[error("invalid request: {0}")]
     BadRequest(String),
     #[error("no route for this method and path")]
@@ -158,6 +161,12 @@ impl ApiError {
             Self::Clock(e) => match e {
                 ClockError::OutOfRange(_) => invalid,
                 ClockError::Read(_) | ClockError::Set { .. } => internal,
+            },
+            Self::Identity(e) => match e {
+                IdentityError::Entropy | IdentityError::Hostname | IdentityError::MachineId => {
+                    invalid
+                }
+                IdentityError::System { .. } | IdentityError::Io { .. } => internal,
             },
             Self::BadRequest(_) => invalid,
             Self::NoRoute => not_found,
@@ -318,9 +327,34 @@ async fn init(
         .wall_clock_unix_ms
         .map(WallClock::from_unix_ms)
         .transpose()?;
-    // Only when asked: envd also runs as a plain process on hosts, whose clock is not its own.
+    let entropy = request
+        .entropy
+        .as_ref()
+        .map(|hex| Entropy::from_hex(hex.expose()))
+        .transpose()?;
+    let hostname = request
+        .hostname
+        .as_deref()
+        .map(Hostname::parse)
+        .transpose()?;
+    let machine_id = request
+        .machine_id
+        .as_deref()
+        .map(MachineId::parse)
+        .transpose()?;
+    // Only when asked: envd also runs as a plain process on hosts, whose clock, random pool
+    // and names are not its own.
     if let Some(wall_clock) = wall_clock {
         wall_clock.apply()?;
+    }
+    if let Some(entropy) = entropy {
+        entropy.apply()?;
+    }
+    if let Some(hostname) = hostname {
+        hostname.apply()?;
+    }
+    if let Some(machine_id) = machine_id {
+        machine_id.apply()?;
     }
     {
         let mut defaults = state.defaults.write().unwrap_or_else(|p| p.into_inner());

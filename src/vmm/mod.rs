@@ -431,6 +431,30 @@ pub trait Vmm: Send + Sync {
         snapshot: &SnapshotFiles,
     ) -> Result<Box<dyn Vm>, VmmError>;
 
+    /// Makes `paused`, a snapshot [`Vm::pause_to`] wrote of `spec`'s VM (left loadable, so
+    /// that VM can still be resumed from it), into a shared snapshot in `out`
+    /// ([`SnapshotMeta::shared`]) that any number of VMs start from with [`Vmm::restore_shared`].
+    /// Its memory file's zero pages cost no disk. `spec` may name copies of the drives (the
+    /// guest never runs here) and must be attached to a network: QEMU loads the state into a
+    /// process whose devices match. On failure nothing loadable is left in `out`.
+    async fn share(
+        &self,
+        spec: &VmSpec,
+        paused: &SnapshotFiles,
+        out: &SnapshotFiles,
+    ) -> Result<SnapshotMeta, VmmError>;
+
+    /// Starts a new VM that continues the guest of the shared snapshot `snapshot`, attached to
+    /// `spec`'s network and drives (each VM's own copies of the snapshot's writable drives).
+    /// The snapshot stays as it is, and any number of these restores may run together. Each
+    /// VM maps the snapshot's memory file privately, so it pays only for the pages it changes.
+    /// Checked like [`Vmm::restore`], apart from the drives' paths.
+    async fn restore_shared(
+        &self,
+        spec: &VmSpec,
+        snapshot: &SnapshotFiles,
+    ) -> Result<Box<dyn Vm>, VmmError>;
+
     /// Takes over VMM process `pid`, started for `spec` by an earlier agent process and still
     /// running: after an agent restart, its VMs run on and are adopted rather than killed.
     /// The process must be this backend's VMM for `spec` (its command line names `spec`'s

@@ -45,6 +45,19 @@ impl SnapshotFiles {
         }
     }
 
+    /// The same files in another directory (a shared snapshot's, see [`SnapshotMeta::shared`]).
+    pub fn in_dir(dir: PathBuf) -> Self {
+        let named = |path: PathBuf| dir.join(path.file_name().unwrap_or_default());
+        let layout = Layout::new("/");
+        Self {
+            meta: named(layout.snapshot_meta("x")),
+            restored_meta: named(layout.snapshot_restored_meta("x")),
+            state: named(layout.snapshot_state("x")),
+            memory: named(layout.snapshot_memory("x")),
+            dir,
+        }
+    }
+
     /// Bytes the snapshot occupies on disk (allocated blocks, not apparent sizes: holes and
     /// skipped zero pages cost nothing).
     pub fn allocated_bytes(&self) -> u64 {
@@ -70,6 +83,11 @@ pub struct SnapshotMeta {
     /// apart from its version.
     pub vmm_snapshot_version: Option<String>,
     pub machine: Machine,
+    /// A shared snapshot is the start of any number of VMs ([`super::Vmm::restore_shared`]) and is
+    /// never retired; each VM gets its own copy of the writable drives, so their paths are not
+    /// part of the machine check. A paused VM's snapshot (the default) is restored once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
     /// The state files and their exact sizes, checked before a restore.
     pub files: Vec<SnapshotFile>,
     pub created_unix_ms: u64,
@@ -132,8 +150,23 @@ impl Machine {
         }
     }
 
-    /// The first option that differs, as (name, in the snapshot, in the spec).
-    fn difference(&self, spec: &Self) -> Option<(&'static str, String, String)> {
+    /// The first option that differs, as (name, in the snapshot, in the spec); drives are
+    /// compared by id and mode only unless `drive_paths`.
+    fn difference(&self, spec: &Self, drive_paths: bool) -> Option<(&'static str, String, String)> {
+        let drives = |machine: &Self| {
+            let listed: Vec<_> = machine
+                .drives
+                .iter()
+                .map(|d| {
+                    if drive_paths {
+                        format!("{} {} ro={}", d.id, d.path.display(), d.read_only)
+                    } else {
+                        format!("{} ro={}", d.id, d.read_only)
+                    }
+                })
+                .collect();
+            listed.join(", ")
+        };
         let differs = |name, a: String, b: String| (a != b).then_some((name, a, b));
         differs("vcpus", self.vcpus.to_string(), spec.vcpus.to_string())
             .or_else(|| {
@@ -158,13 +191,7 @@ impl Machine {
                 )
             })
             .or_else(|| differs("boot_args", self.boot_args.clone(), spec.boot_args.clone()))
-            .or_else(|| {
-                differs(
-                    "drives",
-                    format!("{:?}", self.drives),
-                    format!("{:?}", spec.drives),
-                )
-            })
+            .or_else(|| differs("drives", drives(self), drives(spec)))
             .or_else(|| differs("mac", format!("{:?}", self.mac), format!("{:?}", spec.mac)))
             .or_else(|| {
                 differs(
@@ -237,6 +264,8 @@ pub enum SnapshotError {
         needed: u64,
         available: u64,
     },
+    #[error("snapshot {dir} is {}, not {}", kind_name(*.shared), kind_name(!*.shared))]
+    Kind { dir: PathBuf, shared: bool },
     #[error("snapshot {dir} is being written or restored by another caller")]
     Busy { dir: PathBuf },
     #[error("{what} {path}: {source}")]
@@ -257,6 +286,14 @@ impl SnapshotError {
             }
             _ => false,
         }
+    }
+}
+
+fn kind_name(shared: bool) -> &'static str {
+    if shared {
+        "a shared snapshot"
+    } else {
+        "a paused VM's snapshot"
     }
 }
 
@@ -318,10 +355,16 @@ pub(crate) fn bytes_needed(memory_mib: u32) -> u64 {
     (u64::from(memory_mib) + 16) << 20
 }
 
-/// Holds the snapshot directory while one pause or restore works on it.
-fn lock_dir(files: &SnapshotFiles) -> Result<Flock<File>, SnapshotError> {
+/// Holds the snapshot directory while one pause or restore works on it; `shared` lets any
+/// number of restores of a shared snapshot hold it together (but no writer).
+fn lock_dir(files: &SnapshotFiles, shared: bool) -> Result<Flock<File>, SnapshotError> {
     let dir = File::open(&files.dir).map_err(io_error("failed to open", &files.dir))?;
-    Flock::lock(dir, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+    let mode = if shared {
+        FlockArg::LockSharedNonblock
+    } else {
+        FlockArg::LockExclusiveNonblock
+    };
+    Flock::lock(dir, mode).map_err(|(_, errno)| {
         if errno == nix::errno::Errno::EWOULDBLOCK {
             SnapshotError::Busy {
                 dir: files.dir.clone(),
@@ -358,7 +401,7 @@ impl SnapshotWriter {
             .mode(0o700)
             .create(&files.dir)
             .map_err(io_error("failed to create snapshot directory", &files.dir))?;
-        let lock = lock_dir(files)?;
+        let lock = lock_dir(files, false)?;
         let stat = statvfs(&files.dir)
             .map_err(|errno| io_error("failed to stat filesystem of", &files.dir)(errno.into()))?;
         // The files being replaced count as free: they go before the new ones are written.
@@ -415,11 +458,19 @@ impl SnapshotWriter {
         vmm_version: &str,
         vmm_snapshot_version: Option<&str>,
         machine: &Machine,
+        shared: bool,
     ) -> Result<SnapshotMeta, SnapshotError> {
         let mut listed = Vec::new();
         for part in &self.parts {
             let partial = Layout::partial(part);
-            sync_file(&partial)?;
+            if shared {
+                // Every VM started from a shared snapshot reads it: its pages stay cached.
+                File::open(&partial)
+                    .and_then(|file| file.sync_all())
+                    .map_err(io_error("failed to sync", &partial))?;
+            } else {
+                sync_file(&partial)?;
+            }
             let bytes = fs::metadata(&partial)
                 .map_err(io_error("failed to stat", &partial))?
                 .len();
@@ -435,6 +486,7 @@ impl SnapshotWriter {
             vmm_version: vmm_version.to_owned(),
             vmm_snapshot_version: vmm_snapshot_version.map(str::to_owned),
             machine: machine.clone(),
+            shared,
             files: listed,
             created_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -484,6 +536,35 @@ fn write_meta(path: &Path, meta: &SnapshotMeta) -> Result<(), SnapshotError> {
     fs::rename(&partial, path).map_err(io_error("failed to rename", &partial))
 }
 
+/// Makes the paused VM's snapshot `paused` (left loadable) into the shared snapshot `out` by
+/// copying its files, sparsely, and giving back the memory's zero pages: for VMMs whose paused
+/// snapshot already keeps the guest's memory in a file of its own (Firecracker).
+pub(crate) fn share_by_copy(
+    paused: &SnapshotFiles,
+    out: &SnapshotFiles,
+    vmm: VmmKind,
+    vmm_version: &str,
+    vmm_snapshot_version: Option<&str>,
+) -> Result<SnapshotMeta, SnapshotError> {
+    let reader = SnapshotReader::open(paused)?;
+    let machine = reader.meta.machine.clone();
+    reader.check(vmm, vmm_version, vmm_snapshot_version, &machine)?;
+    let writer = SnapshotWriter::begin(out, &[&out.state, &out.memory], paused.allocated_bytes())?;
+    for (from, to) in [(&paused.state, &out.state), (&paused.memory, &out.memory)] {
+        let input = File::open(from).map_err(io_error("failed to open", from))?;
+        let output = writer.create_partial(to)?;
+        crate::sparse::copy_sparse(&input, &output).map_err(io_error("failed to copy", from))?;
+    }
+    let memory = Layout::partial(&out.memory);
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&memory)
+        .and_then(|file| crate::sparse::punch_zero_pages(&file))
+        .map_err(io_error("failed to punch zero pages of", &memory))?;
+    writer.commit(vmm, vmm_version, vmm_snapshot_version, &machine, true)
+}
+
 /// A complete snapshot, held for one restore.
 #[derive(Debug)]
 pub(crate) struct SnapshotReader {
@@ -493,14 +574,24 @@ pub(crate) struct SnapshotReader {
 }
 
 impl SnapshotReader {
-    /// Takes the directory and reads and checks the metadata and the files it lists.
+    /// Takes a paused VM's snapshot for its one restore, and reads and checks the metadata and
+    /// the files it lists.
     pub(crate) fn open(files: &SnapshotFiles) -> Result<Self, SnapshotError> {
+        Self::open_as(files, false)
+    }
+
+    /// Takes a shared snapshot for one of its many restores (together with any others).
+    pub(crate) fn open_shared(files: &SnapshotFiles) -> Result<Self, SnapshotError> {
+        Self::open_as(files, true)
+    }
+
+    fn open_as(files: &SnapshotFiles, shared: bool) -> Result<Self, SnapshotError> {
         if !files.dir.is_dir() {
             return Err(SnapshotError::Incomplete {
                 dir: files.dir.clone(),
             });
         }
-        let lock = lock_dir(files)?;
+        let lock = lock_dir(files, shared)?;
         let text = match fs::read(&files.meta) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -531,6 +622,12 @@ impl SnapshotReader {
         }
         let meta: SnapshotMeta =
             serde_json::from_slice(&text).map_err(|e| corrupt(e.to_string()))?;
+        if meta.shared != shared {
+            return Err(SnapshotError::Kind {
+                dir: files.dir.clone(),
+                shared: meta.shared,
+            });
+        }
         for listed in &meta.files {
             let path = files.dir.join(&listed.name);
             if listed.name.contains('/') || listed.name.is_empty() {
@@ -564,6 +661,30 @@ impl SnapshotReader {
         vmm_snapshot_version: Option<&str>,
         machine: &Machine,
     ) -> Result<(), SnapshotError> {
+        let drive_paths = !self.meta.shared;
+        self.check_with(vmm, vmm_version, vmm_snapshot_version, machine, drive_paths)
+    }
+
+    /// [`SnapshotReader::check`] for a load that never runs the guest (making a shared
+    /// snapshot), which may name copies of the drives.
+    pub(crate) fn check_ignoring_drive_paths(
+        &self,
+        vmm: VmmKind,
+        vmm_version: &str,
+        vmm_snapshot_version: Option<&str>,
+        machine: &Machine,
+    ) -> Result<(), SnapshotError> {
+        self.check_with(vmm, vmm_version, vmm_snapshot_version, machine, false)
+    }
+
+    fn check_with(
+        &self,
+        vmm: VmmKind,
+        vmm_version: &str,
+        vmm_snapshot_version: Option<&str>,
+        machine: &Machine,
+        drive_paths: bool,
+    ) -> Result<(), SnapshotError> {
         let dir = || self.files.dir.clone();
         let meta = &self.meta;
         if meta.vmm != vmm {
@@ -589,7 +710,7 @@ impl SnapshotReader {
                 ours: vmm_snapshot_version.unwrap_or_default().to_owned(),
             });
         }
-        if let Some((option, snapshot, spec)) = meta.machine.difference(machine) {
+        if let Some((option, snapshot, spec)) = meta.machine.difference(machine, drive_paths) {
             return Err(SnapshotError::Machine {
                 dir: dir(),
                 option,
@@ -650,7 +771,7 @@ mod tests {
         let mut f = writer.create_partial(&files.state).unwrap();
         f.write_all(b"state").unwrap();
         writer
-            .commit(VmmKind::Qemu, "QEMU 7.2.22", None, &machine())
+            .commit(VmmKind::Qemu, "QEMU 7.2.22", None, &machine(), false)
             .unwrap();
         files
     }

@@ -176,6 +176,9 @@ impl Agent {
             .env("AGENT_ENVD_BINARY", guest::static_binary())
             // A test's VMs end with its agent unless the test is about outliving it.
             .env("AGENT_DESTROY_SANDBOXES_ON_STOP", "true")
+            // Making a boot snapshot boots one more VM after a test's first create, which the
+            // two CI cores cannot spare for every test; the tests about them turn it on.
+            .env("AGENT_BOOT_SNAPSHOTS", "false")
             .env("LOG_LEVEL", "wrenn=info")
             // Plain text, so tests can search the log file.
             .env("NO_COLOR", "1")

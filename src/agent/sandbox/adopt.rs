@@ -93,6 +93,7 @@ impl SandboxManager {
             kill_leftover(&leftover).await;
         }
         self.remove_orphan_snapshots();
+        self.collect_boot_snapshots();
         self.remove_leftover_confinement(&recovery.adopted).await;
         let slots = self.network.cleanup_leftovers(&keep_slots).await?;
         tracing::info!(
@@ -258,6 +259,9 @@ impl SandboxManager {
             return;
         };
         for entry in entries.flatten() {
+            if entry.path() == self.layout.boot_snapshots_dir() {
+                continue;
+            }
             let id = entry.file_name().to_string_lossy().into_owned();
             if !known.contains(&id) {
                 if let Err(error) = std::fs::remove_dir_all(entry.path()) {

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::boot_snapshot::{link_or_copy, BootKey};
 use super::pause::ENVD_ATTEMPT;
 use super::record::RecordedState;
 use super::{Runtime, Sandbox, SandboxError, SandboxManager};
@@ -96,12 +97,13 @@ impl SandboxManager {
             .await
     }
 
-    async fn create_now(&self, req: CreateSandbox) -> Result<SandboxInfo, SandboxError> {
+    async fn create_now(self: Arc<Self>, req: CreateSandbox) -> Result<SandboxInfo, SandboxError> {
         self.validate(&req)?;
         let (image, lease) = self
             .templates
             .ensure(&req.template, req.image.as_ref())
             .await?;
+        let boot_key = self.boot_key(&req, &image).await;
         let id = req.sandbox_id.to_string();
         let sandbox = Arc::new(Sandbox::new(req));
         {
@@ -111,7 +113,7 @@ impl SandboxManager {
             }
             registry.insert(id.clone(), sandbox.clone());
         }
-        let runtime = match self.boot(&sandbox, &image, lease).await {
+        let runtime = match self.boot(&sandbox, &image, lease, boot_key.as_ref()).await {
             Ok(runtime) => runtime,
             Err(error) => {
                 tracing::warn!(sandbox = %id, %error, "sandbox create failed and was rolled back");
@@ -151,6 +153,10 @@ impl SandboxManager {
         }
         sandbox.touch();
         tracing::info!(sandbox = %id, "sandbox running");
+        if let Some(key) = boot_key {
+            // After the create, so that its own boot has the CPU to itself.
+            self.want_boot_snapshot(key, image);
+        }
         Ok(sandbox.info())
     }
 
@@ -198,6 +204,7 @@ impl SandboxManager {
         sandbox: &Sandbox,
         image: &Path,
         lease: ImageLease,
+        boot_key: Option<&BootKey>,
     ) -> Result<Runtime, SandboxError> {
         let req = &sandbox.request;
         let id_text = req.sandbox_id.to_string();
@@ -219,30 +226,13 @@ impl SandboxManager {
             }
         };
         let base = self.layout.sandbox_base_image(id);
-        let linked = match std::fs::hard_link(image, &base) {
-            Ok(()) => Ok(()),
-            // Images on another file system than the sandboxes (a symlinked images/) cannot be
-            // linked: the sandbox gets a copy, since a pull may replace the template's image
-            // under a paused sandbox.
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                tracing::warn!(
-                    sandbox = id,
-                    "images/ is on another file system than sandboxes/; copying the base image"
-                );
-                let (from, to) = (image.to_owned(), base.clone());
-                match tokio::task::spawn_blocking(move || std::fs::copy(from, to)).await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(fail(
-                        CreateStep::Directory,
-                        format!("copying {}: {e}", image.display()),
-                    )),
-                    Err(e) => Err(fail(CreateStep::Directory, e.to_string())),
-                }
-            }
-            Err(e) => Err(fail(
-                CreateStep::Directory,
-                format!("linking {}: {e}", image.display()),
-            )),
+        // Images on another file system than the sandboxes (a symlinked images/) cannot be
+        // linked: the sandbox gets a copy, since a pull may replace the template's image under
+        // a paused sandbox.
+        let (from, to) = (image.to_owned(), base.clone());
+        let linked = match tokio::task::spawn_blocking(move || link_or_copy(&from, &to)).await {
+            Ok(linked) => linked.map_err(|reason| fail(CreateStep::Directory, reason)),
+            Err(e) => Err(fail(CreateStep::Directory, e.to_string())),
         };
         drop(lease);
         if let Err(e) = linked.and(injected_failure(id, CreateStep::Directory).await) {
@@ -256,13 +246,25 @@ impl SandboxManager {
         };
 
         let upper = self.layout.sandbox_upper_disk(id);
-        let disk_result = match self
-            .uppers
-            .create(&upper, u64::from(req.disk_mb) << 20)
-            .await
-        {
+        let restore_from = boot_key.and_then(|key| self.ready_boot_snapshot(key));
+        let disk = match &restore_from {
+            // The disk as it was when the snapshot's guest last wrote it.
+            Some(snapshot) => {
+                let (from, to) = (snapshot.upper.clone(), upper.clone());
+                match tokio::task::spawn_blocking(move || disk::copy_sparse(&from, &to)).await {
+                    Ok(copied) => copied.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            None => self
+                .uppers
+                .create(&upper, u64::from(req.disk_mb) << 20)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        let disk_result = match disk {
             Ok(()) => injected_failure(id, CreateStep::Disk).await,
-            Err(e) => Err(fail(CreateStep::Disk, e.to_string())),
+            Err(reason) => Err(fail(CreateStep::Disk, reason)),
         };
         if let Err(e) = disk_result {
             undo_dir();
@@ -290,7 +292,43 @@ impl SandboxManager {
         phases.lap("network");
 
         let spec = self.vm_spec(req, image, &network);
-        let mut vm = match self.vmm.start(&spec).await {
+        let restored = match (restore_from, boot_key) {
+            (Some(snapshot), Some(key)) => {
+                match self.vmm.restore_shared(&spec, &snapshot.files).await {
+                    Ok(vm) => Some(vm),
+                    Err(error) => {
+                        tracing::warn!(sandbox = id, %error, "restoring the boot snapshot failed; discarding it and booting");
+                        self.discard_boot_snapshot(key);
+                        // The copied disk belongs to the snapshot's guest: a booting one gets a new one.
+                        let fresh = match disk::remove(&upper) {
+                            Ok(()) => self
+                                .uppers
+                                .create(&upper, u64::from(req.disk_mb) << 20)
+                                .await
+                                .map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        if let Err(reason) = fresh {
+                            undo_network().await;
+                            undo_dir();
+                            return Err(fail(CreateStep::Disk, reason));
+                        }
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let create_path = if restored.is_some() {
+            "boot_snapshot"
+        } else {
+            "cold_boot"
+        };
+        let started = match restored {
+            Some(vm) => Ok(vm),
+            None => self.vmm.start(&spec).await,
+        };
+        let mut vm = match started {
             Ok(vm) => vm,
             Err(e) => {
                 undo_network().await;
@@ -300,6 +338,7 @@ impl SandboxManager {
         };
 
         phases.lap("vmm_spawn");
+        tracing::info!(sandbox = id, create_path, "the sandbox's VM runs");
         let result: Result<EnvdClient, SandboxError> = async {
             injected_failure(id, CreateStep::Vmm).await?;
             let envd = EnvdClient::new(&format!("http://{}", network.envd_addr()))
@@ -308,12 +347,18 @@ impl SandboxManager {
             injected_failure(id, CreateStep::EnvdReady).await?;
             phases.lap("boot_to_envd");
             let access_token = SecretText::new(hex::encode(rand::random::<[u8; 32]>()));
+            // The guest's own identity, before any user code runs: a restored guest woke with
+            // the snapshot's random state, name and clock, shared with every other one.
+            let entropy: [[u8; 32]; 2] = rand::random();
             let init = InitRequest {
                 env_vars: req.envs.clone().into_iter().collect(),
                 default_user: req.user.clone(),
                 default_workdir: None,
                 access_token: Some(access_token.clone()),
-                wall_clock_unix_ms: None,
+                wall_clock_unix_ms: Some(chrono::Utc::now().timestamp_millis()),
+                entropy: Some(SecretText::new(hex::encode(entropy.concat()))),
+                hostname: Some(id.to_ascii_lowercase()),
+                machine_id: Some(req.sandbox_id.uuid().simple().to_string()),
             };
             envd.init(&init)
                 .await
@@ -329,6 +374,7 @@ impl SandboxManager {
                 metadata.insert("vmm".into(), self.vmm.kind().to_string());
                 metadata.insert("vmm_version".into(), vm.vmm_version().to_owned());
                 metadata.insert("agent_version".into(), crate::version::VERSION.into());
+                metadata.insert("create_path".into(), create_path.into());
                 phases.lap("envd_init");
                 for (phase, took) in phases.laps {
                     metadata.insert(format!("create_ms.{phase}"), took.as_millis().to_string());

@@ -7,6 +7,7 @@
 
 mod adopt;
 mod boot;
+mod boot_snapshot;
 mod capture;
 mod pause;
 mod phase;
@@ -307,6 +308,7 @@ pub struct SandboxManager {
     limits: Limits,
     confinement: ConfinementPolicy,
     templates: Arc<TemplateImages>,
+    boot_snapshots: boot_snapshot::BootSnapshots,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     /// The most recent sandboxes lost, for the control plane's reconciler.
     lost: Mutex<VecDeque<LostSandbox>>,
@@ -334,6 +336,7 @@ impl SandboxManager {
         limits: Limits,
         confinement: ConfinementPolicy,
         templates: Arc<TemplateImages>,
+        boot_snapshots: bool,
     ) -> Self {
         let uppers = disk::UpperDisks::open(layout.clone());
         Self {
@@ -344,6 +347,7 @@ impl SandboxManager {
             limits,
             confinement,
             templates,
+            boot_snapshots: boot_snapshot::BootSnapshots::new(boot_snapshots),
             sandboxes: Mutex::new(HashMap::new()),
             lost: Mutex::new(VecDeque::new()),
             operations: tokio_util::task::TaskTracker::new(),
@@ -469,7 +473,9 @@ impl SandboxManager {
         &self,
         template: &crate::template::TemplateName,
     ) -> Result<(), SandboxError> {
-        Ok(self.templates.remove(template).await?)
+        self.templates.remove(template).await?;
+        self.remove_boot_snapshots_of(template);
+        Ok(())
     }
 
     /// Puts this host's image of `template` into the template store.

@@ -228,8 +228,10 @@ impl Jail {
     }
 
     /// Puts `snapshot`'s state and memory into the jail for Firecracker to load, readable by
-    /// the VM's user (linked where they share a filesystem, copied otherwise).
-    pub fn bring_snapshot(&self, snapshot: &SnapshotFiles) -> Result<(), VmmError> {
+    /// the VM's user: a paused VM's files are linked where they share a filesystem (the VM is
+    /// their only user), a `shared` snapshot's are always copied, sparsely, since giving the
+    /// shared files to one VM's user would open them to that VM alone and to no other.
+    pub fn bring_snapshot(&self, snapshot: &SnapshotFiles, shared: bool) -> Result<(), VmmError> {
         let inside = self.snapshot_inside(snapshot);
         self.prepare_snapshot()?;
         for (from, to) in [
@@ -237,8 +239,8 @@ impl Jail {
             (&snapshot.memory, &inside.memory),
         ] {
             let to = self.host_path(&to.to_string_lossy());
-            if fs::hard_link(from, &to).is_err() {
-                fs::copy(from, &to).map_err(jail_error("failed to copy into the jail", from))?;
+            if shared || fs::hard_link(from, &to).is_err() {
+                copy_sparse(from, &to).map_err(jail_error("failed to copy into the jail", from))?;
             }
             self.give(&to)?;
         }
@@ -255,4 +257,15 @@ impl Jail {
             _ => Ok(()),
         }
     }
+}
+
+/// Copies `from` to a new `to`, keeping its holes.
+fn copy_sparse(from: &Path, to: &Path) -> io::Result<()> {
+    let input = fs::File::open(from)?;
+    let output = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    crate::sparse::copy_sparse(&input, &output)
 }

@@ -278,57 +278,40 @@ impl Vmm for FirecrackerVmm {
         spec: &VmSpec,
         snapshot: &SnapshotFiles,
     ) -> Result<Box<dyn Vm>, VmmError> {
+        self.restore_as(spec, snapshot, false).await
+    }
+
+    async fn share(
+        &self,
+        spec: &VmSpec,
+        paused: &SnapshotFiles,
+        out: &SnapshotFiles,
+    ) -> Result<SnapshotMeta, VmmError> {
         spec.check()?;
-        let calls = match self.jail(spec) {
-            Some(jail) => restore_sequence(&jail.inside(spec), &jail.snapshot_inside(snapshot))?,
-            None => restore_sequence(spec, snapshot)?,
-        };
-        let this = self.clone();
-        let spec = spec.clone();
-        let snapshot = snapshot.clone();
-        let task = tokio::spawn(async move {
-            let reader = SnapshotReader::open(&snapshot)?;
-            let version = this.version().await?;
-            let version = version.trim_start_matches("Firecracker v");
-            let snapshot_version = snapshot_format_version(&this.bin).await?;
-            reader.check(
+        let version = self.version().await?;
+        let version = version.trim_start_matches("Firecracker v").to_owned();
+        let snapshot_version = snapshot_format_version(&self.bin).await?;
+        let (paused, out) = (paused.clone(), out.clone());
+        tokio::task::spawn_blocking(move || {
+            snapshot::share_by_copy(
+                &paused,
+                &out,
                 VmmKind::Firecracker,
-                version,
+                &version,
                 Some(&snapshot_version),
-                &Machine::of(&spec, None),
-            )?;
-            let mut vm = this.spawn_vm(&spec).await?;
-            if let Some(jail) = &vm.jail {
-                if let Err(error) = jail.bring_snapshot(&snapshot) {
-                    return Err(vm.roll_back(&spec.id, error).await);
-                }
-            }
-            // With `resume_vm` the guest runs as soon as the load succeeds: retire the snapshot
-            // first, and put it back if Firecracker refused the load (the guest never ran).
-            let loaded = match reader.consume() {
-                Ok(()) => vm.configure(&calls).await,
-                Err(error) => Err(error.into()),
-            };
-            match loaded {
-                Ok(()) => {
-                    tracing::info!(id = %spec.id, pid = vm.pid(), "Firecracker VM restored");
-                    Ok(vm)
-                }
-                Err(error) => {
-                    if matches!(
-                        error,
-                        VmmError::FirecrackerApi(FirecrackerApiError::Fault { .. })
-                    ) {
-                        reader.unconsume();
-                    }
-                    Err(vm.roll_back(&spec.id, error).await)
-                }
-            }
-        });
-        let vm = task
-            .await
-            .map_err(|e| VmmError::StartTask(e.to_string()))??;
-        Ok(Box::new(vm))
+            )
+        })
+        .await
+        .map_err(|e| VmmError::StartTask(e.to_string()))?
+        .map_err(VmmError::from)
+    }
+
+    async fn restore_shared(
+        &self,
+        spec: &VmSpec,
+        snapshot: &SnapshotFiles,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        self.restore_as(spec, snapshot, true).await
     }
 
     async fn adopt(&self, spec: &VmSpec, pid: u32) -> Result<Box<dyn Vm>, VmmError> {
@@ -390,6 +373,75 @@ impl Vmm for FirecrackerVmm {
 impl FirecrackerVmm {
     /// Spawns Firecracker for `spec` and connects to its API socket; on failure the process is
     /// killed and its sockets removed.
+    /// Restores a paused VM's snapshot (retired before the guest runs), or (`shared`) starts a
+    /// VM from a shared snapshot, which stays as it is: its files are copied into the jail,
+    /// where they belong to this VM's user alone.
+    async fn restore_as(
+        &self,
+        spec: &VmSpec,
+        snapshot: &SnapshotFiles,
+        shared: bool,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        spec.check()?;
+        let calls = match self.jail(spec) {
+            Some(jail) => restore_sequence(&jail.inside(spec), &jail.snapshot_inside(snapshot))?,
+            None => restore_sequence(spec, snapshot)?,
+        };
+        let this = self.clone();
+        let spec = spec.clone();
+        let snapshot = snapshot.clone();
+        let task = tokio::spawn(async move {
+            let reader = if shared {
+                SnapshotReader::open_shared(&snapshot)?
+            } else {
+                SnapshotReader::open(&snapshot)?
+            };
+            let version = this.version().await?;
+            let version = version.trim_start_matches("Firecracker v");
+            let snapshot_version = snapshot_format_version(&this.bin).await?;
+            reader.check(
+                VmmKind::Firecracker,
+                version,
+                Some(&snapshot_version),
+                &Machine::of(&spec, None),
+            )?;
+            let mut vm = this.spawn_vm(&spec).await?;
+            if let Some(jail) = &vm.jail {
+                if let Err(error) = jail.bring_snapshot(&snapshot, shared) {
+                    return Err(vm.roll_back(&spec.id, error).await);
+                }
+            }
+            // With `resume_vm` the guest runs as soon as the load succeeds: retire the snapshot
+            // first, and put it back if Firecracker refused the load (the guest never ran).
+            let retired = if shared { Ok(()) } else { reader.consume() };
+            let loaded = match retired {
+                Ok(()) => vm.configure(&calls).await,
+                Err(error) => Err(error.into()),
+            };
+            match loaded {
+                Ok(()) => {
+                    tracing::info!(id = %spec.id, pid = vm.pid(), shared, "Firecracker VM restored");
+                    Ok(vm)
+                }
+                Err(error) => {
+                    if !shared
+                        && matches!(
+                            error,
+                            VmmError::FirecrackerApi(FirecrackerApiError::Fault { .. })
+                        )
+                    {
+                        reader.unconsume();
+                    }
+                    Err(vm.roll_back(&spec.id, error).await)
+                }
+            }
+        });
+        let vm = task
+            .await
+            .map_err(|e| VmmError::StartTask(e.to_string()))??;
+        Ok(Box::new(vm))
+    }
+
     async fn spawn_vm(&self, spec: &VmSpec) -> Result<FirecrackerVm, VmmError> {
         let files = &spec.files;
         let jail = self.jail(spec);
@@ -643,6 +695,7 @@ impl Vm for FirecrackerVm {
                     &self.vmm_version,
                     Some(&self.snapshot_version),
                     &self.machine,
+                    false,
                 )
                 .map_err(VmmError::from),
             Err(error) => {

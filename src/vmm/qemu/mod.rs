@@ -25,9 +25,12 @@ use super::{
     AdoptRefusal, AfterFailedPause, SnapshotFiles, SnapshotMeta, Vm, VmSpec, VmStatus, Vmm,
     VmmError, VmmExit, VmmKind,
 };
-use crate::config::{ConsoleLogMaxBytes, QemuAccel};
+use crate::config::{ConsoleLogMaxBytes, Layout, QemuAccel};
 
 const MACHINE: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=on";
+/// The id of the guest's RAM block: the one `-m` alone gives it, so that a migration stream of
+/// any VM loads into one whose RAM is a file, and back.
+const RAM_ID: &str = "microvm.ram";
 const VHOST_VSOCK: &str = "/dev/vhost-vsock";
 /// The serial console goes to QEMU's stdout, the named pipe the agent drains into the capped
 /// console log; QEMU opens it anew, so the file backend works unchanged on the pipe.
@@ -87,6 +90,17 @@ pub fn host_tsc_khz() -> Option<u64> {
     Some((mhz * 1000.0) as u64)
 }
 
+/// Where a VM's RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestMemory {
+    /// The QEMU process's own memory: cold boots and paused VMs' restores.
+    Anonymous,
+    /// A file, `shared` (the guest's memory is written to it: a shared snapshot being made) or
+    /// mapped privately (each VM started from a shared snapshot reads the one file and pays
+    /// only for the pages it changes).
+    File { path: PathBuf, shared: bool },
+}
+
 /// The complete QEMU command line for `spec`; a confined spec's options are spelt as `options`
 /// says (see [`ConfinementOptions::of_version`]).
 pub fn command_line(
@@ -94,10 +108,26 @@ pub fn command_line(
     accel: Accel,
     vsock_available: bool,
     options: ConfinementOptions,
+    memory: &GuestMemory,
 ) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
-    push(&["-name", &format!("wrenn-{}", spec.id), "-M", MACHINE]);
+    match memory {
+        GuestMemory::Anonymous => push(&["-name", &format!("wrenn-{}", spec.id), "-M", MACHINE]),
+        GuestMemory::File { path, shared } => push(&[
+            "-name",
+            &format!("wrenn-{}", spec.id),
+            "-M",
+            &format!("{MACHINE},memory-backend={RAM_ID}"),
+            "-object",
+            &format!(
+                "memory-backend-file,id={RAM_ID},size={}M,mem-path={},share={}",
+                spec.memory_mib,
+                opt_value(path),
+                if *shared { "on" } else { "off" }
+            ),
+        ]),
+    }
     match accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
@@ -259,7 +289,37 @@ impl Vmm for QemuVmm {
         let this = self.clone();
         let spec = spec.clone();
         let snapshot = snapshot.clone();
-        let task = tokio::spawn(async move { this.restore_detached(spec, snapshot).await });
+        let task = tokio::spawn(async move { this.restore_detached(spec, snapshot, false).await });
+        let vm = task
+            .await
+            .map_err(|e| VmmError::StartTask(e.to_string()))??;
+        Ok(Box::new(vm))
+    }
+
+    async fn share(
+        &self,
+        spec: &VmSpec,
+        paused: &SnapshotFiles,
+        out: &SnapshotFiles,
+    ) -> Result<SnapshotMeta, VmmError> {
+        spec.check()?;
+        let this = self.clone();
+        let (spec, paused, out) = (spec.clone(), paused.clone(), out.clone());
+        tokio::spawn(async move { this.share_detached(spec, paused, out).await })
+            .await
+            .map_err(|e| VmmError::StartTask(e.to_string()))?
+    }
+
+    async fn restore_shared(
+        &self,
+        spec: &VmSpec,
+        snapshot: &SnapshotFiles,
+    ) -> Result<Box<dyn Vm>, VmmError> {
+        spec.check()?;
+        let this = self.clone();
+        let spec = spec.clone();
+        let snapshot = snapshot.clone();
+        let task = tokio::spawn(async move { this.restore_detached(spec, snapshot, true).await });
         let vm = task
             .await
             .map_err(|e| VmmError::StartTask(e.to_string()))??;
@@ -310,7 +370,9 @@ impl Vmm for QemuVmm {
 impl QemuVmm {
     async fn start_detached(&self, spec: VmSpec) -> Result<QemuVm, VmmError> {
         let accel = self.accel(&spec.kernel).await.accel;
-        let vm = self.spawn_vm(&spec, accel, &[]).await?;
+        let vm = self
+            .spawn_vm(&spec, accel, &[], &GuestMemory::Anonymous)
+            .await?;
         tracing::info!(id = %spec.id, pid = vm.pid(), accel = accel.as_str(), vmm_version = %vm.vmm_version, "QEMU VM started");
         Ok(vm)
     }
@@ -322,6 +384,7 @@ impl QemuVmm {
         spec: &VmSpec,
         accel: Accel,
         extra: &[&str],
+        memory: &GuestMemory,
     ) -> Result<QemuVm, VmmError> {
         let vsock_available = Path::new(VHOST_VSOCK).exists();
         if spec.vsock_cid.is_some() && !vsock_available {
@@ -340,7 +403,7 @@ impl QemuVmm {
             }
             None => ConfinementOptions::Legacy,
         };
-        let mut args = command_line(spec, accel, vsock_available, options);
+        let mut args = command_line(spec, accel, vsock_available, options, memory);
         args.extend(extra.iter().map(OsString::from));
         let netns = spec.net.as_ref().and_then(|n| n.netns.as_deref());
         if spec.confinement.is_some() {
@@ -367,13 +430,20 @@ impl QemuVmm {
         }
     }
 
+    /// Restores a paused VM's snapshot, or (`shared`) starts a VM from a shared snapshot, its
+    /// RAM the snapshot's memory file mapped privately.
     async fn restore_detached(
         &self,
         spec: VmSpec,
         snapshot: SnapshotFiles,
+        shared: bool,
     ) -> Result<QemuVm, VmmError> {
         let started = Instant::now();
-        let reader = SnapshotReader::open(&snapshot)?;
+        let reader = if shared {
+            SnapshotReader::open_shared(&snapshot)?
+        } else {
+            SnapshotReader::open(&snapshot)?
+        };
         let accel = self.accel(&spec.kernel).await.accel;
         let version = qmp_style_version(&self.version().await?);
         reader.check(
@@ -387,10 +457,20 @@ impl QemuVmm {
             path: snapshot.state.clone(),
             source,
         })?;
-        let mut vm = self.spawn_vm(&spec, accel, &["-incoming", "defer"]).await?;
-        match vm.load(&state, &reader, spec.memory_mib).await {
+        let memory = if shared {
+            GuestMemory::File {
+                path: snapshot.memory.clone(),
+                shared: false,
+            }
+        } else {
+            GuestMemory::Anonymous
+        };
+        let mut vm = self
+            .spawn_vm(&spec, accel, &["-incoming", "defer"], &memory)
+            .await?;
+        match vm.load(&state, &reader, spec.memory_mib, shared).await {
             Ok(()) => {
-                tracing::info!(id = %spec.id, pid = vm.pid(), elapsed = ?started.elapsed(), "QEMU VM restored");
+                tracing::info!(id = %spec.id, pid = vm.pid(), shared, elapsed = ?started.elapsed(), "QEMU VM restored");
                 Ok(vm)
             }
             Err(error) => {
@@ -401,6 +481,83 @@ impl QemuVmm {
             }
         }
     }
+
+    /// Loads the paused snapshot into a QEMU whose RAM is the shared snapshot's memory file
+    /// (written through), never running the guest, and saves only the device state beside it.
+    async fn share_detached(
+        &self,
+        spec: VmSpec,
+        paused: SnapshotFiles,
+        out: SnapshotFiles,
+    ) -> Result<SnapshotMeta, VmmError> {
+        let started = Instant::now();
+        let reader = SnapshotReader::open(&paused)?;
+        let accel = self.accel(&spec.kernel).await.accel;
+        let version = qmp_style_version(&self.version().await?);
+        reader.check_ignoring_drive_paths(
+            VmmKind::Qemu,
+            &version,
+            None,
+            &Machine::of(&spec, Some(accel.as_str())),
+        )?;
+        let state = File::open(&paused.state).map_err(|source| VmmError::File {
+            what: "failed to open snapshot state",
+            path: paused.state.clone(),
+            source,
+        })?;
+        let writer = SnapshotWriter::begin(
+            &out,
+            &[&out.state, &out.memory],
+            snapshot::bytes_needed(spec.memory_mib),
+        )?;
+        let device_state = writer.create_partial(&out.state)?;
+        let memory = Layout::partial(&out.memory);
+        let mut vm = self
+            .spawn_vm(
+                &spec,
+                accel,
+                &["-incoming", "defer"],
+                &GuestMemory::File {
+                    path: memory.clone(),
+                    shared: true,
+                },
+            )
+            .await?;
+        if let Err(error) = vm.convert(&state, &device_state, spec.memory_mib).await {
+            if let Err(kill_error) = vm.kill().await {
+                tracing::warn!(id = %spec.id, error = %kill_error, "killing a failed conversion");
+            }
+            return Err(error);
+        }
+        drop(reader);
+        let punched = punch_zero_pages_of(&memory)?;
+        let meta = writer.commit(
+            VmmKind::Qemu,
+            &vm.vmm_version,
+            None,
+            &Machine::of(&spec, Some(accel.as_str())),
+            true,
+        )?;
+        tracing::info!(id = %spec.id, elapsed = ?started.elapsed(), zero_bytes_punched = punched, dir = %out.dir.display(), "shared snapshot made");
+        Ok(meta)
+    }
+}
+
+/// Gives back the zero pages of a memory file written by a VMM that has exited.
+fn punch_zero_pages_of(path: &Path) -> Result<u64, VmmError> {
+    let file_error = |what| {
+        move |source| VmmError::File {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(file_error("failed to open memory file"))?;
+    crate::sparse::punch_zero_pages(&file).map_err(file_error("failed to punch zero pages of"))
 }
 
 /// QEMU's `--version` line in the words of its `query-version` ([`qmp::VersionInfo::describe`]),
@@ -559,19 +716,37 @@ impl QemuVm {
         }
     }
 
-    /// Loads the snapshot into this QEMU (started with `-incoming defer`) and resumes it.
+    /// Loads the snapshot into this QEMU (started with `-incoming defer`) and resumes it. A
+    /// paused VM's snapshot is retired before the guest runs; a shared one stays as it is.
     async fn load(
         &mut self,
         state: &File,
         reader: &SnapshotReader,
         memory_mib: u32,
+        shared: bool,
     ) -> Result<(), VmmError> {
+        if shared {
+            // The stream has no RAM: it is the memory file this QEMU maps.
+            self.qmp.set_ignore_shared(true).await?;
+        }
         self.qmp.getfd(SNAPSHOT_FD, state.as_fd()).await?;
         self.qmp
             .migrate_incoming(&format!("fd:{SNAPSHOT_FD}"))
             .await?;
         self.wait_for_migration("in", migration_deadline(memory_mib))
             .await?;
+        if shared {
+            // This VM's own RAM is private: a later pause must write it into its stream.
+            self.qmp.set_ignore_shared(false).await?;
+            return self
+                .qmp
+                .cont()
+                .await
+                .map_err(|error| VmmError::ResumeFailed {
+                    pid: self.pid(),
+                    cause: Box::new(error.into()),
+                });
+        }
         snapshot::drop_page_cache(state);
         reader.consume()?;
         match self.qmp.cont().await {
@@ -588,6 +763,34 @@ impl QemuVm {
                 })
             }
         }
+    }
+
+    /// Loads a paused VM's stream into this QEMU (its RAM a shared memory file), then writes
+    /// only the device state to `device_state` and quits without ever running the guest.
+    async fn convert(
+        &mut self,
+        stream: &File,
+        device_state: &File,
+        memory_mib: u32,
+    ) -> Result<(), VmmError> {
+        self.qmp.getfd(SNAPSHOT_FD, stream.as_fd()).await?;
+        self.qmp
+            .migrate_incoming(&format!("fd:{SNAPSHOT_FD}"))
+            .await?;
+        self.wait_for_migration("in", migration_deadline(memory_mib))
+            .await?;
+        snapshot::drop_page_cache(stream);
+        self.qmp.set_ignore_shared(true).await?;
+        self.qmp.unlimit_migration_bandwidth().await?;
+        self.qmp.getfd(SNAPSHOT_FD, device_state.as_fd()).await?;
+        self.qmp.migrate(&format!("fd:{SNAPSHOT_FD}")).await?;
+        self.wait_for_migration("out", migration_deadline(memory_mib))
+            .await?;
+        if self.qmp.quit().await.is_err() || self.process.wait_for(QUIT_GRACE).await?.is_none() {
+            self.process.kill().await?;
+        }
+        let _ = process::remove_if_present(&self.qmp_socket);
+        Ok(())
     }
 
     fn exited(&mut self, status: VmmExit) -> VmmExit {
@@ -687,7 +890,7 @@ impl Vm for QemuVm {
         };
         let saved = match self.save(&writer, snapshot).await {
             Ok(()) => writer
-                .commit(VmmKind::Qemu, &self.vmm_version, None, &self.machine)
+                .commit(VmmKind::Qemu, &self.vmm_version, None, &self.machine, false)
                 .map_err(VmmError::from),
             Err(error) => {
                 drop(writer);
@@ -759,6 +962,7 @@ mod tests {
             Accel::Kvm,
             true,
             ConfinementOptions::Legacy,
+            &GuestMemory::Anonymous,
         ));
         for needle in [
             "-M microvm,x-option-roms=off,isa-serial=on,rtc=on -accel kvm -cpu host -m 256 -smp 2",
@@ -784,7 +988,8 @@ mod tests {
             &spec,
             Accel::Kvm,
             true,
-            ConfinementOptions::Legacy
+            ConfinementOptions::Legacy,
+            &GuestMemory::Anonymous
         ))
         .contains("-sandbox"));
         spec.confinement = Some(Confinement {
@@ -822,7 +1027,13 @@ mod tests {
                 options,
                 "{version}"
             );
-            let line = joined(&command_line(&spec, Accel::Kvm, true, options));
+            let line = joined(&command_line(
+                &spec,
+                Accel::Kvm,
+                true,
+                options,
+                &GuestMemory::Anonymous,
+            ));
             assert!(line.ends_with(&format!("{seccomp} {expected}")), "{line}");
         }
         assert_eq!(
@@ -847,10 +1058,16 @@ mod tests {
     #[test]
     fn the_accelerator_is_read_back_from_the_command_line() {
         for accel in [Accel::Kvm, Accel::Tcg] {
-            let line: Vec<String> = command_line(&spec(), accel, true, ConfinementOptions::Legacy)
-                .iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect();
+            let line: Vec<String> = command_line(
+                &spec(),
+                accel,
+                true,
+                ConfinementOptions::Legacy,
+                &GuestMemory::Anonymous,
+            )
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
             assert_eq!(Accel::of_command_line(&line), Some(accel));
         }
         let line = vec!["qemu-system-x86_64".to_owned(), "-accel".to_owned()];
@@ -866,6 +1083,7 @@ mod tests {
             Accel::Tcg,
             false,
             ConfinementOptions::Legacy,
+            &GuestMemory::Anonymous,
         ));
         assert!(line.contains("-accel tcg -cpu max"), "{line}");
         assert!(!line.contains("vhost-vsock"), "{line}");

@@ -196,6 +196,19 @@ impl QmpClient {
         .map(drop)
     }
 
+    /// Sets the `x-ignore-shared` migration capability: RAM in a shared file is left out of
+    /// the stream (when saving) and taken from the file as it is (when loading).
+    pub async fn set_ignore_shared(&mut self, on: bool) -> Result<(), QmpError> {
+        self.execute::<_, serde::de::IgnoredAny>(
+            "migrate-set-capabilities",
+            Some(serde_json::json!({
+                "capabilities": [{ "capability": "x-ignore-shared", "state": on }]
+            })),
+        )
+        .await
+        .map(drop)
+    }
+
     /// Hands QEMU an open file under `name` (SCM_RIGHTS on the monitor socket), for `fd:name`
     /// migration URIs.
     pub async fn getfd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
