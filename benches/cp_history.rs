@@ -115,6 +115,7 @@ async fn measure(state: &AppState) -> (f64, f64) {
             template_id: Uuid::nil(),
             template_name: "minimal".into(),
             template_sha256: None,
+            holders_only: false,
             timeout_sec: 300,
             demand: Demand {
                 vcpus: 1,

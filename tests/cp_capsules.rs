@@ -1090,6 +1090,7 @@ async fn byoc_hosts_take_only_their_own_teams_capsules() {
                     template_id: template,
                     template_name: "minimal".into(),
                     template_sha256: None,
+                    holders_only: false,
                     timeout_sec: 0,
                     demand: Demand {
                         vcpus: 1,

@@ -23,7 +23,7 @@ use super::sandbox::{SandboxError, SandboxManager};
 use super::templates::{ImportSource, TemplateError};
 use super::wire::{
     AgentPing, CaptureTemplate, CreateSandbox, ImportFromPath, ImportedTemplate, SandboxInfo,
-    SandboxList,
+    SandboxList, SnapshotTemplate, SnapshotTemplateInfo,
 };
 use crate::error_code::{ErrorCode, ErrorEnvelope};
 use crate::id::SandboxId;
@@ -222,7 +222,11 @@ impl From<SandboxError> for ApiError {
             SandboxError::Template(TemplateError::Io { .. }) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::InternalError)
             }
-            SandboxError::AlreadyExists(_) => (StatusCode::CONFLICT, ErrorCode::Conflict),
+            SandboxError::AlreadyExists(_)
+            | SandboxError::TemplateExists(_)
+            | SandboxError::Template(TemplateError::SnapshotTemplate(_)) => {
+                (StatusCode::CONFLICT, ErrorCode::Conflict)
+            }
             SandboxError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             SandboxError::NotRunning { .. } | SandboxError::Transition { .. } => {
                 (StatusCode::CONFLICT, ErrorCode::InvalidState)
@@ -239,6 +243,7 @@ impl From<SandboxError> for ApiError {
             ),
             SandboxError::CreateFailed { .. }
             | SandboxError::CaptureFailed { .. }
+            | SandboxError::SnapshotFailed { .. }
             | SandboxError::PauseFailed { .. }
             | SandboxError::ResumeFailed { .. } => (StatusCode::BAD_GATEWAY, ErrorCode::AgentError),
             SandboxError::TeardownFailed { .. }
@@ -274,6 +279,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}/resume", post(resume))
         .route("/v1/sandboxes/{id}/envd/{*path}", any(proxy_envd))
         .route("/v1/sandboxes/{id}/template", post(capture_template))
+        .route("/v1/sandboxes/{id}/snapshot", post(snapshot_template))
         .route("/v1/templates/{name}/publish", post(publish_template))
         .route("/v1/templates/{name}/import", post(import_template))
         .route(
@@ -408,6 +414,22 @@ async fn capture_template(
         state
             .sandboxes
             .capture_template(&id.to_string(), capture)
+            .await?,
+    ))
+}
+
+/// Makes the sandbox's memory and disk a snapshot template on this host.
+async fn snapshot_template(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Result<Json<SnapshotTemplateInfo>, ApiError> {
+    let id = sandbox_id(&id)?;
+    let snapshot: SnapshotTemplate = json_body(request).await?;
+    Ok(Json(
+        state
+            .sandboxes
+            .snapshot_template(&id.to_string(), snapshot)
             .await?,
     ))
 }

@@ -32,6 +32,10 @@ pub enum TemplateError {
     /// This host is: its envd binary, its disk, its tools.
     #[error("importing template `{template}`: {reason}")]
     ImportFailed { template: String, reason: String },
+    /// A snapshot template's saved memory belongs to this host's VMM and kernel: it is not
+    /// an image other hosts could use.
+    #[error("template `{0}` is a snapshot template, which stays on its host")]
+    SnapshotTemplate(String),
     #[error("the archive is over the {limit}-byte limit")]
     ArchiveTooLarge { limit: u64 },
     #[error("template `{template}`: {what}: {source}")]
@@ -220,6 +224,9 @@ impl TemplateImages {
                 template: name,
                 path: image,
             });
+        }
+        if self.layout.image_snapshot_dir(template.as_str()).exists() {
+            return Err(TemplateError::SnapshotTemplate(name));
         }
         let blob = self
             .store

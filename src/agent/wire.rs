@@ -158,6 +158,29 @@ pub struct CaptureTemplate {
     pub config: crate::envd::template::TemplateConfig,
 }
 
+/// `POST /v1/sandboxes/{id}/snapshot`: make the sandbox's memory and disk, as they are now, the
+/// snapshot template `template` on this host (`images/<template>/`). A running sandbox is
+/// paused for the moment it takes and runs on; a paused one stays paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotTemplate {
+    pub template: TemplateName,
+    /// Replace a template of that name on this host; without it one is a conflict.
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+/// A snapshot template made on this host: creates of it restore with exactly this shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotTemplateInfo {
+    pub template: TemplateName,
+    pub vcpus: u32,
+    pub memory_mb: u32,
+    pub disk_mb: u32,
+    /// What it occupies on the host's disk (memory, device state, disk copy).
+    pub size_bytes: u64,
+}
+
 /// `POST /v1/templates/{name}/import`, as JSON: import the container image archive already at
 /// `path` on the host. (The archive may also be the request's body itself.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

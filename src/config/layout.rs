@@ -55,6 +55,12 @@ impl Layout {
         self.images_dir().join(template)
     }
 
+    /// A snapshot template's saved VM (a shared snapshot, the writable disk of that instant and
+    /// `snapshot.json`), beside the base image it booted from.
+    pub fn image_snapshot_dir(&self, template: &str) -> PathBuf {
+        self.image_dir(template).join("snapshot")
+    }
+
     /// The template store's directory when `store.url` names none (`crate::store`).
     pub fn store_dir(&self) -> PathBuf {
         self.root.join("store")

@@ -23,7 +23,7 @@ use serde::Serialize;
 use super::ca::CaHandle;
 use crate::agent::wire::{
     envd_proxy_path, AgentPing, CaptureTemplate, CreateSandbox, ImportFromPath, ImportedTemplate,
-    SandboxInfo, SandboxList,
+    SandboxInfo, SandboxList, SnapshotTemplate, SnapshotTemplateInfo,
 };
 use crate::envd::client::{EnvdClient, EnvdClientError, HttpClient, RequestBody};
 use crate::error_code::{ErrorBody, ErrorCode, ErrorEnvelope};
@@ -361,6 +361,23 @@ impl AgentClient {
         .await
     }
 
+    /// Has the agent make a sandbox's memory and disk a snapshot template on its host.
+    pub async fn snapshot_template(
+        &self,
+        target: &AgentTarget,
+        id: SandboxId,
+        request: &SnapshotTemplate,
+    ) -> Result<SnapshotTemplateInfo, AgentError> {
+        self.json(
+            target,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/snapshot"),
+            Some(request),
+            SNAPSHOT_TIMEOUT,
+        )
+        .await
+    }
+
     /// Has the agent import a container image archive as a template's image: `archive` streams
     /// the archive to it, or names a file on its host.
     pub async fn import_template(
@@ -517,6 +534,10 @@ impl AgentClient {
             .map_err(|e| AgentError::from_envd(target, e))
     }
 }
+
+/// How long making a snapshot template may take: a pause, a copy of the disk, a resume and the
+/// memory made a shared snapshot, each bounded on the agent.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How long a publish may take: a multi-GiB image to a remote store.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(3600);

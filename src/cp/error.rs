@@ -11,7 +11,7 @@ use super::limits;
 use super::scheduler::ScheduleError;
 use super::services::builds::BuildError;
 use super::services::capsules::CapsuleError;
-use super::services::templates::{ImportError, PublishError};
+use super::services::templates::{ImportError, PublishError, SnapshotTemplateError};
 use super::services::ServiceError;
 use crate::db::DbError;
 use crate::error_code::{ErrorCode, ErrorEnvelope};
@@ -253,6 +253,25 @@ impl From<ImportError> for ApiError {
             ImportError::Invalid { .. } => ApiError::InvalidRequest(message),
             ImportError::Protected(_) => ApiError::forbidden(message),
             ImportError::Publish(publish) => publish.into(),
+        }
+    }
+}
+
+impl From<SnapshotTemplateError> for ApiError {
+    fn from(error: SnapshotTemplateError) -> Self {
+        let message = error.to_string();
+        match error {
+            SnapshotTemplateError::InvalidName(_) => ApiError::InvalidRequest(message),
+            SnapshotTemplateError::Exists(_) | SnapshotTemplateError::PlatformName(_) => {
+                ApiError::Conflict {
+                    code: ErrorCode::Conflict,
+                    message,
+                }
+            }
+            SnapshotTemplateError::Platform(_) => ApiError::forbidden(message),
+            SnapshotTemplateError::NotFound(_) => ApiError::NotFound(message),
+            SnapshotTemplateError::Capsule(capsule) => capsule.into(),
+            SnapshotTemplateError::Db(db) => db.into(),
         }
     }
 }

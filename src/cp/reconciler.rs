@@ -236,10 +236,14 @@ async fn reconcile_host(
                 }
             }
             SandboxStatus::Stopping => on_agent.is_none().then_some(SandboxStatus::Stopped),
-            SandboxStatus::Pausing | SandboxStatus::Resuming if abandoned => match on_agent {
-                None => Some(SandboxStatus::Stopped),
-                Some(_) => agent_settled,
-            },
+            SandboxStatus::Pausing | SandboxStatus::Resuming | SandboxStatus::Snapshotting
+                if abandoned =>
+            {
+                match on_agent {
+                    None => Some(SandboxStatus::Stopped),
+                    Some(_) => agent_settled,
+                }
+            }
             SandboxStatus::Pending | SandboxStatus::Starting => {
                 abandoned.then_some(SandboxStatus::Failed)
             }

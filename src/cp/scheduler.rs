@@ -49,6 +49,9 @@ pub enum ScheduleError {
         .demand.vcpus, .demand.memory_mb, .demand.disk_mb
     )]
     NoRoom { demand: Demand, hosts: usize },
+    /// A snapshot template lives only on the hosts that made it.
+    #[error("no online host available to this team holds template `{0}`")]
+    NoHolder(String),
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -122,6 +125,9 @@ pub struct Placement {
     pub template_name: String,
     /// The template image's version in the store; hosts holding another version must pull.
     pub template_sha256: Option<String>,
+    /// Only hosts holding the template may take the sandbox (a snapshot template, which no
+    /// other host can fetch).
+    pub holders_only: bool,
     pub timeout_sec: i32,
     pub demand: Demand,
 }
@@ -155,6 +161,12 @@ pub async fn place(
     .await?
     .into_iter()
     .collect();
+    if placement.holders_only {
+        candidates.retain(|host| holding.contains(&host.id));
+        if candidates.is_empty() {
+            return Err(ScheduleError::NoHolder(placement.template_name.clone()));
+        }
+    }
     let mut loads: Vec<Load> = candidates
         .iter()
         .map(|host| Load {

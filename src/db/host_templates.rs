@@ -94,3 +94,42 @@ pub async fn holders(ex: impl PgExecutor<'_>, name: &str) -> Result<Vec<Holder>,
     .fetch_all(ex)
     .await?)
 }
+
+/// Records that `host` holds image `name` now (before its next report says so).
+pub async fn add(
+    ex: impl PgExecutor<'_>,
+    host: Uuid,
+    name: &str,
+    size_bytes: i64,
+) -> Result<(), DbError> {
+    sqlx::query!(
+        "INSERT INTO host_templates (host_id, template_name, size_bytes, sha256)
+         VALUES ($1, $2, $3, NULL)
+         ON CONFLICT (host_id, template_name)
+         DO UPDATE SET size_bytes = EXCLUDED.size_bytes, sha256 = NULL",
+        host,
+        name,
+        size_bytes,
+    )
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+/// Forgets every host's image `name` but `keep`'s (all of them when `keep` is none); answers
+/// the hosts that held one, whose copies are now stale.
+pub async fn remove_all_but(
+    ex: impl PgExecutor<'_>,
+    name: &str,
+    keep: Option<Uuid>,
+) -> Result<Vec<Uuid>, DbError> {
+    Ok(sqlx::query_scalar!(
+        "DELETE FROM host_templates
+         WHERE template_name = $1 AND ($2::uuid IS NULL OR host_id <> $2)
+         RETURNING host_id",
+        name,
+        keep,
+    )
+    .fetch_all(ex)
+    .await?)
+}

@@ -23,8 +23,9 @@ pub struct NewSandbox {
 
 pub async fn insert(ex: impl PgExecutor<'_>, sandbox: NewSandbox) -> Result<(), DbError> {
     sqlx::query!(
-        "INSERT INTO sandboxes (id, team_id, host_id, template_id, status, vcpus, memory_mb)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO sandboxes (id, team_id, host_id, template_id, template_name, status, vcpus,
+             memory_mb)
+         SELECT $1, $2, $3, t.id, t.name, $5, $6, $7 FROM templates t WHERE t.id = $4",
         sandbox.id,
         sandbox.team_id,
         sandbox.host_id,
@@ -103,13 +104,17 @@ impl SandboxStatus {
             // Missing: its host stopped answering; the files are still there.
             S::Paused => matches!(
                 to,
-                S::Resuming | S::Running | S::Stopping | S::Stopped | S::Missing
+                S::Resuming | S::Running | S::Snapshotting | S::Stopping | S::Stopped | S::Missing
             ),
             S::Resuming => matches!(
                 to,
                 S::Running | S::Paused | S::Failed | S::Stopped | S::Missing
             ),
-            S::Snapshotting => matches!(to, S::Running | S::Failed | S::Stopped),
+            // A snapshot template is taken of a running or a paused capsule, which stays so.
+            S::Snapshotting => matches!(
+                to,
+                S::Running | S::Paused | S::Failed | S::Stopped | S::Missing
+            ),
             S::Stopping => matches!(to, S::Stopped | S::Failed),
             // The reconciler's view of an unreachable host: back to what the agent reports
             // when it answers again.
@@ -177,10 +182,11 @@ pub struct PlacedSandbox {
 }
 
 pub async fn insert_placed(ex: impl PgExecutor<'_>, s: &PlacedSandbox) -> Result<(), DbError> {
-    sqlx::query!(
-        "INSERT INTO sandboxes (id, team_id, host_id, template_id, status, vcpus, memory_mb,
-             disk_mb, timeout_sec)
-         VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8)",
+    let inserted = sqlx::query!(
+        "INSERT INTO sandboxes (id, team_id, host_id, template_id, template_name, status, vcpus,
+             memory_mb, disk_mb, timeout_sec)
+         SELECT $1, $2, $3, t.id, t.name, 'pending', $5, $6, $7, $8
+         FROM templates t WHERE t.id = $4",
         s.id,
         s.team_id,
         s.host_id,
@@ -192,6 +198,10 @@ pub async fn insert_placed(ex: impl PgExecutor<'_>, s: &PlacedSandbox) -> Result
     )
     .execute(ex)
     .await?;
+    // The template was deleted since it was looked up.
+    if inserted.rows_affected() == 0 {
+        return Err(DbError::Query(sqlx::Error::RowNotFound));
+    }
     Ok(())
 }
 
@@ -203,12 +213,11 @@ pub async fn for_team(
 ) -> Result<Option<SandboxRow>, DbError> {
     Ok(sqlx::query_as!(
         SandboxRow,
-        r#"SELECT s.id, s.team_id, s.host_id, t.name AS template, s.status AS "status: SandboxStatus",
+        r#"SELECT s.id, s.team_id, s.host_id, s.template_name AS template, s.status AS "status: SandboxStatus",
                   s.vcpus, s.memory_mb, s.disk_mb, s.timeout_sec, s.created_at, s.started_at,
                   s.last_active_at, s.last_updated, s.metadata,
                   h.address AS "host_address?"
            FROM sandboxes s
-           JOIN templates t ON t.id = s.template_id
            LEFT JOIN hosts h ON h.id = s.host_id
            WHERE s.id = $1 AND s.team_id = $2"#,
         id,
@@ -260,12 +269,11 @@ pub async fn page_live_for_team(
 ) -> Result<Vec<SandboxRow>, DbError> {
     Ok(sqlx::query_as!(
         SandboxRow,
-        r#"SELECT s.id, s.team_id, s.host_id, t.name AS template, s.status AS "status: SandboxStatus",
+        r#"SELECT s.id, s.team_id, s.host_id, s.template_name AS template, s.status AS "status: SandboxStatus",
                   s.vcpus, s.memory_mb, s.disk_mb, s.timeout_sec, s.created_at, s.started_at,
                   s.last_active_at, s.last_updated, s.metadata,
                   h.address AS "host_address?"
            FROM sandboxes s
-           JOIN templates t ON t.id = s.template_id
            LEFT JOIN hosts h ON h.id = s.host_id
            WHERE s.team_id = $1 AND s.status NOT IN ('stopped', 'error')
              AND (s.created_at, s.id) > ($2, $3)
@@ -586,6 +594,7 @@ mod tests {
         (S::Pausing, S::Missing),
         (S::Paused, S::Resuming),
         (S::Paused, S::Running),
+        (S::Paused, S::Snapshotting),
         (S::Paused, S::Missing),
         (S::Paused, S::Stopping),
         (S::Paused, S::Stopped),
@@ -595,8 +604,10 @@ mod tests {
         (S::Resuming, S::Stopped),
         (S::Resuming, S::Missing),
         (S::Snapshotting, S::Running),
+        (S::Snapshotting, S::Paused),
         (S::Snapshotting, S::Failed),
         (S::Snapshotting, S::Stopped),
+        (S::Snapshotting, S::Missing),
         (S::Stopping, S::Stopped),
         (S::Stopping, S::Failed),
         (S::Missing, S::Running),

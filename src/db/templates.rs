@@ -180,3 +180,62 @@ pub async fn upsert_built(
     .fetch_optional(ex)
     .await?)
 }
+
+/// What a snapshot template was made of.
+pub struct SnapshotTemplate<'a> {
+    pub team_id: Uuid,
+    pub name: &'a str,
+    pub vcpus: i32,
+    pub memory_mb: i32,
+    pub size_bytes: i64,
+    pub metadata: Value,
+}
+
+/// Registers a team's snapshot template, or makes the team's unprotected template of that name
+/// this one (an overwrite; the caller has decided it may); answers it, or none when a protected
+/// template has the name.
+pub async fn upsert_snapshot(
+    ex: impl PgExecutor<'_>,
+    snapshot: SnapshotTemplate<'_>,
+) -> Result<Option<Template>, DbError> {
+    Ok(sqlx::query_as!(
+        Template,
+        r#"INSERT INTO templates (id, team_id, name, type, vcpus, memory_mb, size_bytes,
+                                  image_sha256, metadata)
+           VALUES ($1, $2, $3, 'snapshot', $4, $5, $6, NULL, $7)
+           ON CONFLICT (team_id, name) DO UPDATE
+           SET type = 'snapshot', vcpus = EXCLUDED.vcpus, memory_mb = EXCLUDED.memory_mb,
+               size_bytes = EXCLUDED.size_bytes, image_sha256 = NULL,
+               metadata = EXCLUDED.metadata, created_at = now()
+           WHERE NOT templates.protected
+           RETURNING id, team_id, name, type AS "template_type: TemplateType", vcpus, memory_mb,
+                     size_bytes, protected, image_sha256, metadata, created_at"#,
+        Uuid::new_v4(),
+        snapshot.team_id,
+        snapshot.name,
+        snapshot.vcpus,
+        snapshot.memory_mb,
+        snapshot.size_bytes,
+        snapshot.metadata,
+    )
+    .fetch_optional(ex)
+    .await?)
+}
+
+/// Removes template `id` from the registry.
+pub async fn delete(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, DbError> {
+    let deleted = sqlx::query!("DELETE FROM templates WHERE id = $1", id)
+        .execute(ex)
+        .await?;
+    Ok(deleted.rows_affected() == 1)
+}
+
+/// Whether any template's image is the store's blob `sha256`.
+pub async fn blob_in_use(ex: impl PgExecutor<'_>, sha256: &str) -> Result<bool, DbError> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM templates WHERE image_sha256 = $1) AS "used!""#,
+        sha256
+    )
+    .fetch_one(ex)
+    .await?)
+}

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::boot_snapshot::{link_or_copy, BootKey};
 use super::pause::ENVD_ATTEMPT;
 use super::record::RecordedState;
+use super::snapshot_template::TemplateSnapshot;
 use super::{Runtime, Sandbox, SandboxError, SandboxManager};
 use crate::agent::disk;
 use crate::agent::network::SandboxNetwork;
@@ -17,6 +18,14 @@ use crate::envd::api::InitRequest;
 use crate::envd::client::EnvdClient;
 use crate::secret::SecretText;
 use crate::vmm::{console_tail, Drive, NetAttachment, Vm, VmFiles, VmSpec, VmStatus};
+
+/// What a sandbox's VM starts from.
+pub(super) enum StartFrom<'a> {
+    /// A snapshot template, restored: there is no other way to start one.
+    Template(Box<TemplateSnapshot>),
+    /// Its template's boot snapshot of this key when there is one, else a boot.
+    Boot(Option<&'a BootKey>),
+}
 
 /// The create steps in order; a failure names the step and undoes the earlier ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +112,25 @@ impl SandboxManager {
             .templates
             .ensure(&req.template, req.image.as_ref())
             .await?;
-        let boot_key = self.boot_key(&req, &image).await;
+        let template_snapshot = self.template_snapshot(&req.template)?;
+        if let Some(snapshot) = &template_snapshot {
+            let record = &snapshot.record;
+            if (req.vcpus, req.memory_mb) != (record.vcpus, record.memory_mb) {
+                return Err(SandboxError::Invalid(format!(
+                    "template `{}` is a snapshot of a sandbox with {} vCPUs and {} MB; its \
+                     sandboxes have that size, not {} vCPUs and {} MB",
+                    req.template, record.vcpus, record.memory_mb, req.vcpus, req.memory_mb
+                )));
+            }
+        }
+        let boot_key = match template_snapshot {
+            Some(_) => None,
+            None => self.boot_key(&req, &image).await,
+        };
+        let start = match template_snapshot {
+            Some(snapshot) => StartFrom::Template(Box::new(snapshot)),
+            None => StartFrom::Boot(boot_key.as_ref()),
+        };
         let id = req.sandbox_id.to_string();
         let sandbox = Arc::new(Sandbox::new(req));
         {
@@ -113,7 +140,7 @@ impl SandboxManager {
             }
             registry.insert(id.clone(), sandbox.clone());
         }
-        let runtime = match self.boot(&sandbox, &image, lease, boot_key.as_ref()).await {
+        let runtime = match self.boot(&sandbox, &image, lease, start).await {
             Ok(runtime) => runtime,
             Err(error) => {
                 tracing::warn!(sandbox = %id, %error, "sandbox create failed and was rolled back");
@@ -204,7 +231,7 @@ impl SandboxManager {
         sandbox: &Sandbox,
         image: &Path,
         lease: ImageLease,
-        boot_key: Option<&BootKey>,
+        start: StartFrom<'_>,
     ) -> Result<Runtime, SandboxError> {
         let req = &sandbox.request;
         let id_text = req.sandbox_id.to_string();
@@ -246,11 +273,25 @@ impl SandboxManager {
         };
 
         let upper = self.layout.sandbox_upper_disk(id);
-        let restore_from = boot_key.and_then(|key| self.ready_boot_snapshot(key));
+        // What the VM starts from: a snapshot template (no other way), the template's boot
+        // snapshot (a boot when there is none yet, or it fails), or a boot.
+        let (restore_from, boot_key, saved_token) = match start {
+            StartFrom::Template(snapshot) => (
+                Some((snapshot.files, snapshot.upper)),
+                None,
+                Some(snapshot.record.access_token),
+            ),
+            StartFrom::Boot(key) => (
+                key.and_then(|key| self.ready_boot_snapshot(key))
+                    .map(|snapshot| (snapshot.files, snapshot.upper)),
+                key,
+                None,
+            ),
+        };
         let disk = match &restore_from {
             // The disk as it was when the snapshot's guest last wrote it.
-            Some(snapshot) => {
-                let (from, to) = (snapshot.upper.clone(), upper.clone());
+            Some((_, snapshot_upper)) => {
+                let (from, to) = (snapshot_upper.clone(), upper.clone());
                 match tokio::task::spawn_blocking(move || disk::copy_sparse(&from, &to)).await {
                     Ok(copied) => copied.map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
@@ -293,8 +334,19 @@ impl SandboxManager {
 
         let spec = self.vm_spec(req, image, &network);
         let restored = match (restore_from, boot_key) {
-            (Some(snapshot), Some(key)) => {
-                match self.vmm.restore_shared(&spec, &snapshot.files).await {
+            (Some((files, _)), None) => match self.vmm.restore_shared(&spec, &files).await {
+                Ok(vm) => Some(vm),
+                Err(error) => {
+                    undo_network().await;
+                    undo_dir();
+                    return Err(fail(
+                        CreateStep::Vmm,
+                        format!("restoring the snapshot template: {error}"),
+                    ));
+                }
+            },
+            (Some((files, _)), Some(key)) => {
+                match self.vmm.restore_shared(&spec, &files).await {
                     Ok(vm) => Some(vm),
                     Err(error) => {
                         tracing::warn!(sandbox = id, %error, "restoring the boot snapshot failed; discarding it and booting");
@@ -319,10 +371,10 @@ impl SandboxManager {
             }
             _ => None,
         };
-        let create_path = if restored.is_some() {
-            "boot_snapshot"
-        } else {
-            "cold_boot"
+        let create_path = match (&restored, &saved_token) {
+            (Some(_), Some(_)) => "snapshot_template",
+            (Some(_), None) => "boot_snapshot",
+            (None, _) => "cold_boot",
         };
         let started = match restored {
             Some(vm) => Ok(vm),
@@ -341,8 +393,12 @@ impl SandboxManager {
         tracing::info!(sandbox = id, create_path, "the sandbox's VM runs");
         let result: Result<EnvdClient, SandboxError> = async {
             injected_failure(id, CreateStep::Vmm).await?;
-            let envd = EnvdClient::new(&format!("http://{}", network.envd_addr()))
+            let mut envd = EnvdClient::new(&format!("http://{}", network.envd_addr()))
                 .map_err(|e| fail(CreateStep::EnvdReady, e.to_string()))?;
+            // A snapshot template's guest still expects the token it was saved with.
+            if let Some(token) = &saved_token {
+                envd.set_token(Some(token.clone().into_exposed()));
+            }
             self.wait_envd(sandbox, &envd, &mut *vm).await?;
             injected_failure(id, CreateStep::EnvdReady).await?;
             phases.lap("boot_to_envd");

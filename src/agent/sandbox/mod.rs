@@ -13,6 +13,7 @@ mod pause;
 mod phase;
 mod reaper;
 mod record;
+mod snapshot_template;
 mod teardown;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -83,6 +84,11 @@ pub enum SandboxError {
         reason: String,
         disk_full: bool,
     },
+    /// No snapshot template was made; the sandbox is as it was.
+    #[error("making a snapshot template of sandbox {id} failed: {reason}")]
+    SnapshotFailed { id: String, reason: String },
+    #[error("template `{0}` already exists on this host")]
+    TemplateExists(String),
     /// No template image was made; the sandbox runs on.
     #[error("capturing sandbox {id} as a template failed: {reason}")]
     CaptureFailed { id: String, reason: String },

@@ -27,9 +27,9 @@ const RESUMED_ENVD_WAIT: Duration = Duration::from_secs(20);
 pub(super) const ENVD_ATTEMPT: Duration = Duration::from_secs(2);
 
 /// What a failed restore left: whether the snapshot can still be loaded.
-struct RestoreFailure {
-    snapshot_intact: bool,
-    reason: String,
+pub(super) struct RestoreFailure {
+    pub snapshot_intact: bool,
+    pub reason: String,
 }
 
 impl SandboxManager {
@@ -235,7 +235,7 @@ impl SandboxManager {
 
     /// Starts a new VMM from the sandbox's snapshot in a fresh network slot and brings envd
     /// back; on failure nothing of it is left running.
-    async fn restore(&self, sandbox: &Sandbox) -> Result<Runtime, RestoreFailure> {
+    pub(super) async fn restore(&self, sandbox: &Sandbox) -> Result<Runtime, RestoreFailure> {
         let id = sandbox.id();
         let snapshot = SnapshotFiles::for_sandbox(&self.layout, &id);
         let intact = |reason: String| RestoreFailure {
@@ -337,7 +337,7 @@ impl SandboxManager {
 
     /// Ends an operation: moves to `phase` (with `runtime` when it is `Running`). If a destroy
     /// arrived meanwhile (the sandbox is `Stopping`), tears the sandbox down instead and says so.
-    async fn settle(
+    pub(super) async fn settle(
         &self,
         sandbox: &Sandbox,
         phase: SandboxPhase,
@@ -360,7 +360,7 @@ impl SandboxManager {
     }
 
     /// Removes a sandbox whose VM is gone and remembers why, for the control plane.
-    async fn lose(
+    pub(super) async fn lose(
         &self,
         sandbox: &Sandbox,
         runtime: Option<Runtime>,

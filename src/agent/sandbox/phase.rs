@@ -24,10 +24,12 @@ impl SandboxPhase {
             Running => matches!(next, Pausing | Snapshotting | Stopping),
             // Back to Running when a pause fails and the guest still runs.
             Pausing => matches!(next, Paused | Running | Stopping),
-            Paused => matches!(next, Resuming | Stopping),
+            Paused => matches!(next, Resuming | Snapshotting | Stopping),
             // Back to Paused when a resume fails before the guest ran.
             Resuming => matches!(next, Running | Paused | Stopping),
-            Snapshotting => matches!(next, Running | Stopping),
+            // Back to where it was: a snapshot template is taken of a running or a paused
+            // sandbox, which stays so.
+            Snapshotting => matches!(next, Running | Paused | Stopping),
             Stopping => false,
         }
     }
@@ -64,11 +66,13 @@ mod tests {
             (Pausing, Running),
             (Pausing, Stopping),
             (Paused, Resuming),
+            (Paused, Snapshotting),
             (Paused, Stopping),
             (Resuming, Running),
             (Resuming, Paused),
             (Resuming, Stopping),
             (Snapshotting, Running),
+            (Snapshotting, Paused),
             (Snapshotting, Stopping),
         ]
     };

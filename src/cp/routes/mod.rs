@@ -163,6 +163,16 @@ fn api() -> Routes {
             delete(api_keys::revoke),
         )
         .add(Method::GET, "/v1/snapshots", get(templates::list))
+        .add(
+            Method::POST,
+            "/v1/snapshots",
+            post(templates::create_snapshot),
+        )
+        .add(
+            Method::DELETE,
+            "/v1/snapshots/{name}",
+            delete(templates::delete),
+        )
         .add(Method::GET, "/v1/teams", get(teams::list))
         .add(Method::POST, "/v1/teams", post(teams::create))
         .add(Method::GET, "/v1/teams/{id}", get(teams::get))

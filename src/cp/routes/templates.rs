@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 
 use axum::extract::State;
-use axum::response::Response;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -21,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::cp::agent_client::ImportArchive;
 use crate::cp::auth::{AdminUser, AuthTeam};
 use crate::cp::error::ApiError;
-use crate::cp::extract::{parse_json, path_id, ApiQuery};
+use crate::cp::extract::{parse_json, path_id, ApiJson, ApiQuery};
 use crate::cp::pagination::PageQuery;
 use crate::cp::services::templates::{self, ImportSettings, Imported, Published};
 use crate::cp::state::AppState;
@@ -97,6 +98,55 @@ pub async fn list(
         .transpose()?;
     let page = templates::list(&state.db, auth.team_id, template_type, query.request).await?;
     Ok(query.answer(page.map(TemplateView::from)))
+}
+
+/// `CreateSnapshotRequest` of the spec.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshotRequest {
+    sandbox_id: String,
+    name: Option<String>,
+}
+
+/// `?overwrite=true`.
+#[derive(Debug, Deserialize)]
+pub struct Overwrite {
+    overwrite: Option<String>,
+}
+
+/// `POST /v1/snapshots`: the capsule's memory and disk as they are now become a team template
+/// that capsules start from. Unlike the original (which destroyed the capsule), the capsule
+/// runs on, or stays paused.
+pub async fn create_snapshot(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    ApiQuery(query): ApiQuery<Overwrite>,
+    ApiJson(body): ApiJson<CreateSnapshotRequest>,
+) -> Result<Response, ApiError> {
+    let overwrite = match query.overwrite.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "overwrite: `{other}` is not `true` or `false`"
+            )))
+        }
+    };
+    let capsule = path_id("sandbox_id", &body.sandbox_id)?;
+    let template =
+        templates::create_snapshot(&state, auth.team_id, capsule, body.name, overwrite).await?;
+    Ok((StatusCode::CREATED, Json(TemplateView::from(template))).into_response())
+}
+
+/// `DELETE /v1/snapshots/{name}`: the team's template leaves the registry, every host and the
+/// store; platform templates are refused (403).
+pub async fn delete(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    templates::delete(&state, auth.team_id, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `?host_id=`: the host whose image to publish; by default any online host holding it.

@@ -11,7 +11,9 @@ use std::time::Duration;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::agent::wire::{CreateSandbox, SandboxInfo, SandboxPhase};
+use crate::agent::wire::{
+    CreateSandbox, SandboxInfo, SandboxPhase, SnapshotTemplate, SnapshotTemplateInfo,
+};
 use crate::cp::agent_client::{AgentError, AgentTarget};
 use crate::cp::limits::TeamBusy;
 use crate::cp::pagination::{Page, PageRequest};
@@ -263,6 +265,7 @@ pub async fn create(
             template_id: template.id,
             template_name: template.image_name().to_string(),
             template_sha256: template.image_sha256.clone(),
+            holders_only: template.template_type == TemplateType::Snapshot,
             timeout_sec: i32::try_from(new.timeout_sec).unwrap_or(i32::MAX),
             demand: Demand {
                 vcpus: i64::from(vcpus),
@@ -562,6 +565,69 @@ pub async fn resume(
         operate(&state, id, route, Operation::Resume).await
     })
     .await
+}
+
+/// Has the capsule's host make the capsule's memory and disk, as they are now, the snapshot
+/// template `request.template` there: `snapshotting` meanwhile, then `running` or `paused`
+/// again, as it was (the agent pauses a running capsule for a moment). Answers what was made
+/// and the host that holds it. Runs to its end whatever the caller does.
+pub async fn snapshot(
+    state: &AppState,
+    team: TeamId,
+    id: SandboxId,
+    request: SnapshotTemplate,
+) -> Result<(SnapshotTemplateInfo, Uuid), CapsuleError> {
+    let route = route(state, team, id).await?;
+    let from = match route.status {
+        SandboxStatus::Running | SandboxStatus::Paused => route.status,
+        SandboxStatus::Pending
+        | SandboxStatus::Starting
+        | SandboxStatus::Pausing
+        | SandboxStatus::Resuming
+        | SandboxStatus::Snapshotting
+        | SandboxStatus::Stopping => return Err(CapsuleError::Busy(route.status)),
+        SandboxStatus::Stopped | SandboxStatus::Failed | SandboxStatus::Missing => {
+            return Err(CapsuleError::NotRunning(route.status))
+        }
+    };
+    let target = online_target(state, &route)?;
+    let during = Transition::to(SandboxStatus::Snapshotting).from(from);
+    if !sandboxes::transition(&state.db, id.uuid(), during).await? {
+        return Err(match sandboxes::status_of(&state.db, id.uuid()).await? {
+            Some(status) => CapsuleError::Busy(status),
+            None => CapsuleError::NotFound,
+        });
+    }
+    let state = state.clone();
+    let operation = tokio::spawn(async move {
+        let agents = &state.capsules.agents;
+        let answer = agents.snapshot_template(&target, id, &request).await;
+        // Back to wherever the agent left it.
+        match agents.get_sandbox(&target, id).await {
+            Ok(info) => settle(&state, id, SandboxStatus::Snapshotting, &info).await?,
+            Err(AgentError::Rejected { status, .. }) if status == http::StatusCode::NOT_FOUND => {
+                let reason = match &answer {
+                    Err(error) => error.to_string(),
+                    Ok(_) => "its host no longer has it".to_owned(),
+                };
+                let failed = Transition::to(SandboxStatus::Failed)
+                    .from(SandboxStatus::Snapshotting)
+                    .because(&reason);
+                sandboxes::transition(&state.db, id.uuid(), failed).await?;
+            }
+            // Unknown for now: the reconciler settles the row when the agent answers again.
+            Err(error) => {
+                tracing::warn!(sandbox = %id, %error, "could not learn where the snapshot left the capsule");
+            }
+        }
+        let host = target.host.uuid();
+        answer.map(|info| (info, host)).map_err(CapsuleError::from)
+    });
+    match operation.await {
+        Ok(outcome) => outcome,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => Err(CapsuleError::ShuttingDown),
+    }
 }
 
 /// The two operations that move a capsule between its host's memory and its disk.

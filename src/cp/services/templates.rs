@@ -355,3 +355,146 @@ pub async fn import(
         env: imported.env,
     })
 }
+
+/// Why a snapshot template was not made, or a template not deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotTemplateError {
+    #[error("name: {0}")]
+    InvalidName(String),
+    #[error("template `{0}` already exists; pass overwrite=true to replace it")]
+    Exists(String),
+    #[error("`{0}` is a platform template; a team's template cannot take its name")]
+    PlatformName(String),
+    #[error("template `{0}` is a platform template; only the platform's operators remove it")]
+    Platform(String),
+    #[error("template `{0}` not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Capsule(#[from] capsules::CapsuleError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// Makes capsule `capsule`'s memory and disk, as they are now, the team's snapshot template
+/// `name` (generated when absent): every capsule created from it continues from this instant.
+/// The capsule stays as it was (running or paused). A name the team already uses is a conflict
+/// unless `overwrite`; a platform template's name is never the team's to take.
+pub async fn create_snapshot(
+    state: &AppState,
+    team: TeamId,
+    capsule: crate::id::SandboxId,
+    name: Option<String>,
+    overwrite: bool,
+) -> Result<Template, SnapshotTemplateError> {
+    let name = name.unwrap_or_else(|| format!("snapshot-{:08x}", rand::random::<u32>()));
+    let parsed: TemplateName = name
+        .parse()
+        .map_err(|e: crate::template::TemplateNameError| {
+            SnapshotTemplateError::InvalidName(e.to_string())
+        })?;
+    if name.len() > templates::MAX_TEAM_TEMPLATE_NAME_LEN || templates::looks_like_team_image(&name)
+    {
+        return Err(SnapshotTemplateError::InvalidName(format!(
+            "`{name}` must be at most {} characters and not end in `.t` and 32 hex digits",
+            templates::MAX_TEAM_TEMPLATE_NAME_LEN
+        )));
+    }
+    match templates::visible_by_name(&state.db, team.uuid(), parsed.as_str()).await? {
+        Some(existing) if existing.is_platform() => {
+            return Err(SnapshotTemplateError::PlatformName(name))
+        }
+        Some(_) if !overwrite => return Err(SnapshotTemplateError::Exists(name)),
+        _ => {}
+    }
+    let image = templates::image_name(team, parsed.as_str());
+    let (made, host) = capsules::snapshot(
+        state,
+        team,
+        capsule,
+        crate::agent::wire::SnapshotTemplate {
+            template: image.clone(),
+            // The registry decided above; a stale copy on the host is replaced.
+            overwrite: true,
+        },
+    )
+    .await?;
+    let size_bytes = i64::try_from(made.size_bytes).unwrap_or(i64::MAX);
+    let mut tx = state.db.begin().await.map_err(DbError::from)?;
+    let template = templates::upsert_snapshot(
+        &mut *tx,
+        templates::SnapshotTemplate {
+            team_id: team.uuid(),
+            name: parsed.as_str(),
+            vcpus: i32::try_from(made.vcpus).unwrap_or(i32::MAX),
+            memory_mb: i32::try_from(made.memory_mb).unwrap_or(i32::MAX),
+            size_bytes,
+            metadata: serde_json::json!({ "capsule_id": capsule.to_string() }),
+        },
+    )
+    .await?
+    .ok_or_else(|| SnapshotTemplateError::PlatformName(name.clone()))?;
+    let stale = host_templates::remove_all_but(&mut *tx, image.as_str(), Some(host)).await?;
+    host_templates::add(&mut *tx, host, image.as_str(), size_bytes).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    // Hosts that held the template this one replaced no longer hold it.
+    remove_from_hosts(state, &image, &stale).await;
+    tracing::info!(team = %team, template = %name, capsule = %capsule, host = %HostId(host), "snapshot template made");
+    Ok(template)
+}
+
+/// Removes the team's template `name` from the registry, from every host and from the template
+/// store. Capsules created from it run on (each has its own copy of what it started from).
+pub async fn delete(
+    state: &AppState,
+    team: TeamId,
+    name: &str,
+) -> Result<(), SnapshotTemplateError> {
+    let template = templates::visible_by_name(&state.db, team.uuid(), name)
+        .await?
+        .ok_or_else(|| SnapshotTemplateError::NotFound(name.to_owned()))?;
+    if template.is_platform() {
+        return Err(SnapshotTemplateError::Platform(name.to_owned()));
+    }
+    let image = template.image_name();
+    let mut tx = state.db.begin().await.map_err(DbError::from)?;
+    let holders = host_templates::remove_all_but(&mut *tx, image.as_str(), None).await?;
+    templates::delete(&mut *tx, template.id).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    remove_from_hosts(state, &image, &holders).await;
+    if let (Some(store), Some(sha256)) = (&state.capsules.store, &template.image_sha256) {
+        match templates::blob_in_use(&state.db, sha256).await {
+            Ok(false) => {
+                if let Err(error) = store.delete(sha256).await {
+                    tracing::warn!(template = name, sha256, %error, "could not remove a deleted template's blob from the store");
+                }
+            }
+            Ok(true) => {}
+            Err(error) => {
+                tracing::warn!(template = name, %error, "could not tell whether a deleted template's blob is still used; it stays")
+            }
+        }
+    }
+    tracing::info!(team = %team, template = name, hosts = holders.len(), "template deleted");
+    Ok(())
+}
+
+/// Asks each of `hosts` to remove its image `image`. A host that cannot be reached keeps it
+/// until it is removed there by hand or the host is; its next report lists it, and creates
+/// never choose it for a template the registry no longer has.
+async fn remove_from_hosts(state: &AppState, image: &TemplateName, hosts: &[uuid::Uuid]) {
+    for host in hosts {
+        let target = match hosts::by_id(&state.db, *host).await {
+            Ok(Some(row)) if row.status == HostStatus::Online => {
+                capsules::agent_target(state, &row)
+            }
+            _ => None,
+        };
+        let Some(target) = target else {
+            tracing::warn!(host = %HostId(*host), template = %image, "host not online; its copy of the template stays");
+            continue;
+        };
+        if let Err(error) = state.capsules.agents.remove_template(&target, image).await {
+            tracing::warn!(host = %HostId(*host), template = %image, %error, "could not remove the template from a host");
+        }
+    }
+}
