@@ -637,7 +637,7 @@ mod tests {
         }
         assert_eq!(
             S::sources(S::Missing),
-            ["running", "pausing", "paused", "resuming"]
+            ["running", "pausing", "paused", "resuming", "snapshotting"]
                 .map(String::from)
                 .to_vec(),
             "only sandboxes that are (or may be) on their host go missing"
