@@ -222,3 +222,119 @@ async fn a_snapshot_template_continues_the_capsule_and_is_deleted_everywhere() {
     }
     wait_clean(&agent);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fork_of_eight_children_continues_the_capsule_in_each_on_its_own() {
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let cp = TestCp::start().await;
+    let admin = cp.signup("admin@example.com").await;
+    let (agent, _host) =
+        add_agent_in(&cp, &admin.auth(), support::agent::Agent::new_root(), &[]).await;
+    // Room for the source and its children whatever this machine's size; the real check is
+    // below, with a count no host has room for.
+    sqlx::query("UPDATE hosts SET cpu_cores = 64, memory_mb = 65536, disk_gb = 4096")
+        .execute(&cp.db)
+        .await
+        .unwrap();
+    let key = api_key(&cp, &admin).await;
+    let source = create(&cp, &key, "busybox").await;
+    exec(
+        &cp,
+        &key,
+        &source,
+        "mkdir -p /mnt/m && mount -t tmpfs m /mnt/m && echo in-memory > /mnt/m/f
+         sh -c 'while :; do sleep 0.2; done' >/dev/null 2>&1 &
+         echo $! > /root/loop.pid; sync",
+    )
+    .await;
+
+    let fork = format!("/v1/capsules/{source}/fork");
+    for bad in [
+        json!({"count": 0}),
+        json!({"count": 100_000}),
+        json!({"n": 2}),
+    ] {
+        let (status, body) = cp.call(POST, &fork, &key, Some(bad)).await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    let (status, body) = cp
+        .call(POST, &fork, &key, Some(json!({"count": 10_000})))
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no_hosts_available",
+    );
+
+    let started = std::time::Instant::now();
+    let (status, children) = cp.call(POST, &fork, &key, Some(json!({"count": 8}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{children}");
+    eprintln!("fork of 8 took {:?}", started.elapsed());
+    let children: Vec<String> = children
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|child| {
+            Spec::ours().check_component("Capsule", child);
+            assert_eq!(child["status"], "running", "{child}");
+            assert_eq!(child["template"], "busybox", "{child}");
+            child["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(children.len(), 8);
+    assert_eq!(status_of(&cp, &key, &source).await, "running");
+
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, child) in children.iter().enumerate() {
+        let out = exec(
+            &cp,
+            &key,
+            child,
+            &format!(
+                "kill -0 $(cat /root/loop.pid) && cat /mnt/m/f && echo {i} > /root/who && sync
+                 cat /proc/sys/kernel/random/uuid"
+            ),
+        )
+        .await;
+        assert_eq!(out["exit_code"], 0, "{out}");
+        let lines: Vec<&str> = out["stdout"].as_str().unwrap().lines().collect();
+        assert_eq!(lines[0], "in-memory", "{out}");
+        assert!(seen.insert(lines[1].to_owned()), "a repeated UUID: {out}");
+    }
+    for (i, child) in children.iter().enumerate() {
+        let out = exec(&cp, &key, child, "cat /root/who").await;
+        assert_eq!(
+            out["stdout"],
+            format!("{i}\n"),
+            "each child's disk is its own"
+        );
+    }
+    let out = exec(&cp, &key, &source, "test -e /root/who; echo $?").await;
+    assert_eq!(out["stdout"], "1\n", "{out}");
+
+    // A paused capsule forks and stays paused.
+    let (status, body) = cp
+        .call(POST, &format!("/v1/capsules/{source}/pause"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, more) = cp.call(POST, &fork, &key, Some(json!({}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{more}");
+    assert_eq!(status_of(&cp, &key, &source).await, "paused");
+    let last = more[0]["id"].as_str().unwrap().to_owned();
+    let out = exec(&cp, &key, &last, "cat /mnt/m/f").await;
+    assert_eq!(out["stdout"], "in-memory\n", "{out}");
+
+    for id in children.iter().chain([&source, &last]) {
+        let (status, body) = cp
+            .call(DELETE, &format!("/v1/capsules/{id}"), &key, None)
+            .await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    }
+    wait_clean(&agent);
+    let forks = agent.root.path().join("snapshots/forks");
+    let left: Vec<_> = std::fs::read_dir(&forks)
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "a fork's files were left: {left:?}");
+}

@@ -22,8 +22,8 @@ use super::registration::{Adopt, HostCredentials, RegistrationError};
 use super::sandbox::{SandboxError, SandboxManager};
 use super::templates::{ImportSource, TemplateError};
 use super::wire::{
-    AgentPing, CaptureTemplate, CreateSandbox, ImportFromPath, ImportedTemplate, SandboxInfo,
-    SandboxList, SnapshotTemplate, SnapshotTemplateInfo,
+    AgentPing, CaptureTemplate, CreateSandbox, ForkSandbox, ForkedSandboxes, ImportFromPath,
+    ImportedTemplate, SandboxInfo, SandboxList, SnapshotTemplate, SnapshotTemplateInfo,
 };
 use crate::error_code::{ErrorCode, ErrorEnvelope};
 use crate::id::SandboxId;
@@ -280,6 +280,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}/envd/{*path}", any(proxy_envd))
         .route("/v1/sandboxes/{id}/template", post(capture_template))
         .route("/v1/sandboxes/{id}/snapshot", post(snapshot_template))
+        .route("/v1/sandboxes/{id}/fork", post(fork_sandbox))
         .route("/v1/templates/{name}/publish", post(publish_template))
         .route("/v1/templates/{name}/import", post(import_template))
         .route(
@@ -432,6 +433,18 @@ async fn snapshot_template(
             .snapshot_template(&id.to_string(), snapshot)
             .await?,
     ))
+}
+
+/// Starts children continuing the sandbox as it is now.
+async fn fork_sandbox(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Result<Json<ForkedSandboxes>, ApiError> {
+    let id = sandbox_id(&id)?;
+    let fork: ForkSandbox = json_body(request).await?;
+    let children = state.sandboxes.fork(&id.to_string(), fork).await?;
+    Ok(Json(ForkedSandboxes { children }))
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -181,6 +181,20 @@ pub struct SnapshotTemplateInfo {
     pub size_bytes: u64,
 }
 
+/// `POST /v1/sandboxes/{id}/fork`: start `children` (new sandbox IDs), each continuing the
+/// sandbox's memory and disk of one instant. The sandbox runs on (or stays paused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkSandbox {
+    pub children: Vec<SandboxId>,
+}
+
+/// The children a fork started, in the order asked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForkedSandboxes {
+    pub children: Vec<SandboxInfo>,
+}
+
 /// `POST /v1/templates/{name}/import`, as JSON: import the container image archive already at
 /// `path` on the host. (The archive may also be the request's body itself.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -213,6 +213,12 @@ impl Layout {
         self.boot_snapshots_dir().join(format!(".paused-{key}"))
     }
 
+    /// Forks in progress: the source's memory and disk of one instant, each fork's until its
+    /// children are started (nothing here outlives the agent process that made it).
+    pub fn forks_dir(&self) -> PathBuf {
+        self.snapshots_dir().join("forks")
+    }
+
     /// The name a snapshot file is written under until it is complete: `<file>.partial`.
     pub fn partial(path: &Path) -> PathBuf {
         let mut name = path.as_os_str().to_owned();

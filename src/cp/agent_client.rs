@@ -22,8 +22,9 @@ use serde::Serialize;
 
 use super::ca::CaHandle;
 use crate::agent::wire::{
-    envd_proxy_path, AgentPing, CaptureTemplate, CreateSandbox, ImportFromPath, ImportedTemplate,
-    SandboxInfo, SandboxList, SnapshotTemplate, SnapshotTemplateInfo,
+    envd_proxy_path, AgentPing, CaptureTemplate, CreateSandbox, ForkSandbox, ForkedSandboxes,
+    ImportFromPath, ImportedTemplate, SandboxInfo, SandboxList, SnapshotTemplate,
+    SnapshotTemplateInfo,
 };
 use crate::envd::client::{EnvdClient, EnvdClientError, HttpClient, RequestBody};
 use crate::error_code::{ErrorBody, ErrorCode, ErrorEnvelope};
@@ -372,6 +373,23 @@ impl AgentClient {
             target,
             Method::POST,
             &format!("/v1/sandboxes/{id}/snapshot"),
+            Some(request),
+            SNAPSHOT_TIMEOUT,
+        )
+        .await
+    }
+
+    /// Has the agent start `request.children`, each continuing sandbox `id` as it is now.
+    pub async fn fork_sandbox(
+        &self,
+        target: &AgentTarget,
+        id: SandboxId,
+        request: &ForkSandbox,
+    ) -> Result<ForkedSandboxes, AgentError> {
+        self.json(
+            target,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/fork"),
             Some(request),
             SNAPSHOT_TIMEOUT,
         )

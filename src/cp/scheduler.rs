@@ -200,6 +200,45 @@ pub async fn place(
     })
 }
 
+/// Reserves room on `host` for `children` of sandbox `source` (each asking `demand`), inserted
+/// `pending` there: a fork's children share their source's host, which holds its memory. Under
+/// the host's lock, like [`place`].
+pub async fn place_fork(
+    db: &Db,
+    settings: &SchedulerSettings,
+    host: Uuid,
+    team: Uuid,
+    source: Uuid,
+    children: &[Uuid],
+    demand: Demand,
+) -> Result<(), ScheduleError> {
+    let count = i64::try_from(children.len()).unwrap_or(i64::MAX);
+    let total = Demand {
+        vcpus: demand.vcpus.saturating_mul(count),
+        memory_mb: demand.memory_mb.saturating_mul(count),
+        disk_mb: demand.disk_mb.saturating_mul(count),
+    };
+    let mut conn = db.acquire().await.map_err(DbError::from)?;
+    let mut tx = conn.begin().await.map_err(DbError::from)?;
+    let Some(locked) = hosts::lock_schedulable(&mut *tx, host, team).await? else {
+        return Err(ScheduleError::NoHosts);
+    };
+    let load = Load {
+        capacity: Capacity::of(&locked, settings),
+        reserved: sandboxes::reserved_on_host(&mut *tx, host).await?,
+        holds_template: true,
+    };
+    if headroom(&load, &total).is_none() {
+        return Err(ScheduleError::NoRoom {
+            demand: total,
+            hosts: 1,
+        });
+    }
+    sandboxes::insert_forked(&mut *tx, source, children).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok(())
+}
+
 impl Placement {
     fn row(&self, host_id: Uuid) -> PlacedSandbox {
         let as_i32 = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);

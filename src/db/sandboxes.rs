@@ -205,6 +205,28 @@ pub async fn insert_placed(ex: impl PgExecutor<'_>, s: &PlacedSandbox) -> Result
     Ok(())
 }
 
+/// Inserts `children`, `pending` on the host of sandbox `source`, each of its template and size:
+/// the children of a fork. Answers how many were inserted (none when `source` is gone).
+pub async fn insert_forked(
+    ex: impl PgExecutor<'_>,
+    source: Uuid,
+    children: &[Uuid],
+) -> Result<u64, DbError> {
+    let inserted = sqlx::query!(
+        "INSERT INTO sandboxes (id, team_id, host_id, template_id, template_name, status, vcpus,
+             memory_mb, disk_mb, timeout_sec)
+         SELECT c.id, s.team_id, s.host_id, s.template_id, s.template_name, 'pending', s.vcpus,
+                s.memory_mb, s.disk_mb, s.timeout_sec
+         FROM sandboxes s, unnest($2::uuid[]) AS c(id)
+         WHERE s.id = $1",
+        source,
+        children,
+    )
+    .execute(ex)
+    .await?;
+    Ok(inserted.rows_affected())
+}
+
 /// The team's sandbox, whatever its status.
 pub async fn for_team(
     ex: impl PgExecutor<'_>,

@@ -262,6 +262,7 @@ impl SandboxManager {
             if entry.path() == self.layout.boot_snapshots_dir() {
                 continue;
             }
+            // No fork outlives the agent that made it: what one left is removed whole.
             let id = entry.file_name().to_string_lossy().into_owned();
             if !known.contains(&id) {
                 if let Err(error) = std::fs::remove_dir_all(entry.path()) {

@@ -131,6 +131,23 @@ impl SandboxManager {
             Some(snapshot) => StartFrom::Template(Box::new(snapshot)),
             None => StartFrom::Boot(boot_key.as_ref()),
         };
+        let info = self.create_with(req, &image, Some(lease), start).await?;
+        if let Some(key) = boot_key {
+            // After the create, so that its own boot has the CPU to itself.
+            self.want_boot_snapshot(key, image);
+        }
+        Ok(info)
+    }
+
+    /// Creates sandbox `req` from base image `image` (held still by `lease` until it is
+    /// linked), its VM started as `start` says.
+    pub(super) async fn create_with(
+        &self,
+        req: CreateSandbox,
+        image: &Path,
+        lease: Option<ImageLease>,
+        start: StartFrom<'_>,
+    ) -> Result<SandboxInfo, SandboxError> {
         let id = req.sandbox_id.to_string();
         let sandbox = Arc::new(Sandbox::new(req));
         {
@@ -140,7 +157,7 @@ impl SandboxManager {
             }
             registry.insert(id.clone(), sandbox.clone());
         }
-        let runtime = match self.boot(&sandbox, &image, lease, start).await {
+        let runtime = match self.boot(&sandbox, image, lease, start).await {
             Ok(runtime) => runtime,
             Err(error) => {
                 tracing::warn!(sandbox = %id, %error, "sandbox create failed and was rolled back");
@@ -180,10 +197,6 @@ impl SandboxManager {
         }
         sandbox.touch();
         tracing::info!(sandbox = %id, "sandbox running");
-        if let Some(key) = boot_key {
-            // After the create, so that its own boot has the CPU to itself.
-            self.want_boot_snapshot(key, image);
-        }
         Ok(sandbox.info())
     }
 
@@ -230,7 +243,7 @@ impl SandboxManager {
         &self,
         sandbox: &Sandbox,
         image: &Path,
-        lease: ImageLease,
+        lease: Option<ImageLease>,
         start: StartFrom<'_>,
     ) -> Result<Runtime, SandboxError> {
         let req = &sandbox.request;

@@ -9,6 +9,7 @@ mod adopt;
 mod boot;
 mod boot_snapshot;
 mod capture;
+mod fork;
 mod pause;
 mod phase;
 mod reaper;

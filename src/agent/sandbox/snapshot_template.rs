@@ -55,28 +55,7 @@ impl SandboxManager {
         &self,
         template: &TemplateName,
     ) -> Result<Option<TemplateSnapshot>, SandboxError> {
-        let dir = self.layout.image_snapshot_dir(template.as_str());
-        let path = dir.join("snapshot.json");
-        let text = match fs::read(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(SandboxError::Io {
-                    what: format!("reading {}", path.display()),
-                    source,
-                })
-            }
-        };
-        let record: SnapshotTemplateRecord =
-            serde_json::from_slice(&text).map_err(|e| SandboxError::Io {
-                what: format!("reading {}", path.display()),
-                source: std::io::Error::other(e),
-            })?;
-        Ok(Some(TemplateSnapshot {
-            files: SnapshotFiles::in_dir(dir.clone()),
-            upper: dir.join("upper.ext4"),
-            record,
-        }))
+        read_template_snapshot(self.layout.image_snapshot_dir(template.as_str()))
     }
 
     /// Makes the sandbox's memory and disk, as they are now, the snapshot template
@@ -106,80 +85,23 @@ impl SandboxManager {
         if let Some(error) = exists() {
             return Err(error);
         }
-        let runtime = loop {
-            let phase = {
-                let mut lifecycle = sandbox.lifecycle();
-                match lifecycle.phase {
-                    SandboxPhase::Running => {
-                        lifecycle.transition(id, SandboxPhase::Snapshotting)?;
-                        break lifecycle.runtime.take();
-                    }
-                    SandboxPhase::Paused => {
-                        lifecycle.transition(id, SandboxPhase::Snapshotting)?;
-                        break None;
-                    }
-                    phase => phase,
-                }
-            };
-            match phase {
-                SandboxPhase::Starting
-                | SandboxPhase::Pausing
-                | SandboxPhase::Resuming
-                | SandboxPhase::Snapshotting => sandbox.settled_from(phase).await?,
-                SandboxPhase::Running | SandboxPhase::Paused | SandboxPhase::Stopping => {
-                    return Err(SandboxError::NotRunning {
-                        id: id.to_owned(),
-                        state: phase,
-                    })
-                }
-            }
-        };
-        let was_running = runtime.is_some();
+        let frozen = self.freeze(&sandbox).await?;
         let failed = |reason: String| SandboxError::SnapshotFailed {
             id: id.to_owned(),
             reason,
         };
-        let snapshot = SnapshotFiles::for_sandbox(&self.layout, id);
-        if let Some(mut runtime) = runtime {
-            match runtime.vm.pause_to(&snapshot).await {
-                Ok(_) => {}
-                Err(error) if snapshot.meta.is_file() => {
-                    tracing::warn!(sandbox = id, %error, "the VMM did not end cleanly after its snapshot; killing it");
-                    let _ = runtime.vm.kill().await;
-                }
-                Err(
-                    error @ VmmError::PauseFailed {
-                        after: AfterFailedPause::Running | AfterFailedPause::Paused,
-                        ..
-                    },
-                ) => {
-                    self.settle(&sandbox, SandboxPhase::Running, Some(runtime))
-                        .await?;
-                    return Err(failed(format!("pausing it: {error}")));
-                }
-                Err(error) => {
-                    return Err(self.lose(&sandbox, Some(runtime), error.to_string()).await)
-                }
-            }
-            if let Err(error) = self.network.destroy(&runtime.network).await {
-                tracing::warn!(sandbox = id, %error, "could not release the network of a paused sandbox");
-            }
-            if let Err(error) = sandbox.record(RecordedState::Paused).save(&self.layout) {
-                tracing::error!(sandbox = id, %error, "could not record the pause");
-            }
-        }
         let paused_for = started.elapsed();
         let lease = self.templates.lock(&request.template).await;
+        let staging = self.layout.images_dir().join(format!(
+            ".snapshot-{}-{:016x}",
+            request.template,
+            rand::random::<u64>()
+        ));
         let staged = match exists() {
             Some(error) => Err(error.to_string()),
-            None => self.stage_snapshot_template(&sandbox, &request, &snapshot),
+            None => self.stage_snapshot(&sandbox, &frozen.snapshot, &staging),
         };
-        // The sandbox goes back to what it was; its own snapshot was only linked.
-        let back = if was_running {
-            self.resume_after_snapshot(&sandbox).await
-        } else {
-            self.settle(&sandbox, SandboxPhase::Paused, None).await
-        };
+        let back = self.thaw(&sandbox, frozen).await;
         let staging = match staged {
             Ok(staging) => staging,
             Err(reason) => {
@@ -206,9 +128,91 @@ impl SandboxManager {
             back?;
             return Err(failed(reason));
         }
-        tracing::info!(sandbox = id, template = %request.template, was_running, ?paused_for, elapsed = ?started.elapsed(), "snapshot template made");
+        tracing::info!(sandbox = id, template = %request.template, ?paused_for, elapsed = ?started.elapsed(), "snapshot template made");
         back?;
         Ok(info)
+    }
+
+    /// Holds a running or paused sandbox still, paused to its own snapshot, for the files of
+    /// that instant to be taken ([`Self::stage_snapshot`]); [`Self::thaw`] gives it back.
+    pub(super) async fn freeze(&self, sandbox: &Sandbox) -> Result<Frozen, SandboxError> {
+        let id = sandbox.id();
+        let runtime = loop {
+            let phase = {
+                let mut lifecycle = sandbox.lifecycle();
+                match lifecycle.phase {
+                    SandboxPhase::Running => {
+                        lifecycle.transition(&id, SandboxPhase::Snapshotting)?;
+                        break lifecycle.runtime.take();
+                    }
+                    SandboxPhase::Paused => {
+                        lifecycle.transition(&id, SandboxPhase::Snapshotting)?;
+                        break None;
+                    }
+                    phase => phase,
+                }
+            };
+            match phase {
+                SandboxPhase::Starting
+                | SandboxPhase::Pausing
+                | SandboxPhase::Resuming
+                | SandboxPhase::Snapshotting => sandbox.settled_from(phase).await?,
+                SandboxPhase::Running | SandboxPhase::Paused | SandboxPhase::Stopping => {
+                    return Err(SandboxError::NotRunning {
+                        id: id.clone(),
+                        state: phase,
+                    })
+                }
+            }
+        };
+        let was_running = runtime.is_some();
+        let failed = |reason: String| SandboxError::SnapshotFailed {
+            id: id.to_string(),
+            reason,
+        };
+        let snapshot = SnapshotFiles::for_sandbox(&self.layout, &id);
+        if let Some(mut runtime) = runtime {
+            match runtime.vm.pause_to(&snapshot).await {
+                Ok(_) => {}
+                Err(error) if snapshot.meta.is_file() => {
+                    tracing::warn!(sandbox = %id, %error, "the VMM did not end cleanly after its snapshot; killing it");
+                    let _ = runtime.vm.kill().await;
+                }
+                Err(
+                    error @ VmmError::PauseFailed {
+                        after: AfterFailedPause::Running | AfterFailedPause::Paused,
+                        ..
+                    },
+                ) => {
+                    self.settle(sandbox, SandboxPhase::Running, Some(runtime))
+                        .await?;
+                    return Err(failed(format!("pausing it: {error}")));
+                }
+                Err(error) => {
+                    return Err(self.lose(sandbox, Some(runtime), error.to_string()).await)
+                }
+            }
+            if let Err(error) = self.network.destroy(&runtime.network).await {
+                tracing::warn!(sandbox = %id, %error, "could not release the network of a paused sandbox");
+            }
+            if let Err(error) = sandbox.record(RecordedState::Paused).save(&self.layout) {
+                tracing::error!(sandbox = %id, %error, "could not record the pause");
+            }
+        }
+        Ok(Frozen {
+            was_running,
+            snapshot,
+        })
+    }
+
+    /// Gives a frozen sandbox back as it was: a running one resumed (its snapshot was only
+    /// linked), a paused one paused.
+    pub(super) async fn thaw(&self, sandbox: &Sandbox, frozen: Frozen) -> Result<(), SandboxError> {
+        if frozen.was_running {
+            self.resume_after_snapshot(sandbox).await
+        } else {
+            self.settle(sandbox, SandboxPhase::Paused, None).await
+        }
     }
 
     /// Resumes a sandbox paused for a snapshot template; one whose resume fails stays paused
@@ -240,18 +244,14 @@ impl SandboxManager {
     /// Puts what the template needs from the paused sandbox into a staging directory under
     /// `images/`: its base image (linked), its snapshot's files (linked: a later pause writes
     /// new files, never into these) and a copy of its disk.
-    fn stage_snapshot_template(
+    pub(super) fn stage_snapshot(
         &self,
         sandbox: &Sandbox,
-        request: &SnapshotTemplate,
         snapshot: &SnapshotFiles,
+        staging: &Path,
     ) -> Result<PathBuf, String> {
         let id = sandbox.id();
-        let staging = self.layout.images_dir().join(format!(
-            ".snapshot-{}-{:016x}",
-            request.template,
-            rand::random::<u64>()
-        ));
+        let staging = staging.to_owned();
         let result = (|| {
             let paused = staging.join(PAUSED_DIR);
             let snapshot_dir = staging.join("snapshot");
@@ -295,7 +295,7 @@ impl SandboxManager {
 
     /// Makes the staged snapshot a shared one (in a network slot of its own: QEMU loads it
     /// into a process whose devices match), and writes `snapshot.json` and `meta.json`.
-    async fn finish_snapshot_template(
+    pub(super) async fn finish_snapshot_template(
         &self,
         source: &CreateSandbox,
         access_token: SecretText,
@@ -391,6 +391,40 @@ impl SandboxManager {
         let _ = fs::remove_dir_all(&dir);
         shared.map(drop).map_err(|e| e.to_string())
     }
+}
+
+/// The snapshot template saved in `dir` (a template's `snapshot/`, or a fork's), if there is
+/// one.
+pub(super) fn read_template_snapshot(
+    dir: PathBuf,
+) -> Result<Option<TemplateSnapshot>, SandboxError> {
+    let path = dir.join("snapshot.json");
+    let text = match fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(SandboxError::Io {
+                what: format!("reading {}", path.display()),
+                source,
+            })
+        }
+    };
+    let record: SnapshotTemplateRecord =
+        serde_json::from_slice(&text).map_err(|e| SandboxError::Io {
+            what: format!("reading {}", path.display()),
+            source: std::io::Error::other(e),
+        })?;
+    Ok(Some(TemplateSnapshot {
+        files: SnapshotFiles::in_dir(dir.clone()),
+        upper: dir.join("upper.ext4"),
+        record,
+    }))
+}
+
+/// A sandbox held still by [`SandboxManager::freeze`].
+pub(super) struct Frozen {
+    was_running: bool,
+    pub snapshot: SnapshotFiles,
 }
 
 /// The staging directory's copy of the sandbox's paused snapshot, removed once shared.

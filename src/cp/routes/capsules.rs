@@ -178,6 +178,33 @@ pub async fn resume(
     Ok(Json(capsules::get(&state, team, call.id).await?.into()))
 }
 
+/// `POST /v1/capsules/{id}/fork` body (addition).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    /// How many children; 1 when absent.
+    count: Option<i64>,
+}
+
+/// `POST /v1/capsules/{id}/fork` (addition): 201 with the new capsules, each continuing this
+/// one's memory and disk of one instant; this one runs on (or stays paused).
+pub async fn fork(
+    State(state): State<AppState>,
+    call: CapsuleCall,
+    ApiJson(body): ApiJson<ForkRequest>,
+) -> Result<Response, ApiError> {
+    let count = body.count.unwrap_or(1);
+    let count = u32::try_from(count).map_err(|_| {
+        ApiError::InvalidRequest(format!(
+            "count: must be between 1 and {}, got {count}",
+            capsules::MAX_FORK_CHILDREN
+        ))
+    })?;
+    let children = capsules::fork(&state, call.team_id, call.id, count).await?;
+    let children: Vec<Capsule> = children.into_iter().map(Capsule::from).collect();
+    Ok((StatusCode::CREATED, Json(children)).into_response())
+}
+
 pub async fn ping(
     State(state): State<AppState>,
     call: CapsuleCall,

@@ -139,7 +139,11 @@ macro_rules! capsule_routes {
 
 fn capsule_api(routes: Routes) -> Routes {
     let routes = capsule_routes!(routes, "/v1/capsules");
-    capsule_routes!(routes, "/v1/sandboxes")
+    capsule_routes!(routes, "/v1/sandboxes").add(
+        Method::POST,
+        "/v1/capsules/{id}/fork",
+        axum::routing::post(capsules::fork),
+    )
 }
 
 fn api() -> Routes {

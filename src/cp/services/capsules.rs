@@ -12,7 +12,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::agent::wire::{
-    CreateSandbox, SandboxInfo, SandboxPhase, SnapshotTemplate, SnapshotTemplateInfo,
+    CreateSandbox, ForkSandbox, SandboxInfo, SandboxPhase, SnapshotTemplate, SnapshotTemplateInfo,
 };
 use crate::cp::agent_client::{AgentError, AgentTarget};
 use crate::cp::limits::TeamBusy;
@@ -602,26 +602,157 @@ pub async fn snapshot(
     let operation = tokio::spawn(async move {
         let agents = &state.capsules.agents;
         let answer = agents.snapshot_template(&target, id, &request).await;
-        // Back to wherever the agent left it.
-        match agents.get_sandbox(&target, id).await {
-            Ok(info) => settle(&state, id, SandboxStatus::Snapshotting, &info).await?,
-            Err(AgentError::Rejected { status, .. }) if status == http::StatusCode::NOT_FOUND => {
-                let reason = match &answer {
-                    Err(error) => error.to_string(),
-                    Ok(_) => "its host no longer has it".to_owned(),
-                };
-                let failed = Transition::to(SandboxStatus::Failed)
-                    .from(SandboxStatus::Snapshotting)
-                    .because(&reason);
-                sandboxes::transition(&state.db, id.uuid(), failed).await?;
-            }
-            // Unknown for now: the reconciler settles the row when the agent answers again.
-            Err(error) => {
-                tracing::warn!(sandbox = %id, %error, "could not learn where the snapshot left the capsule");
-            }
-        }
+        settle_after_snapshot(&state, &target, id, answer.as_ref().err()).await?;
         let host = target.host.uuid();
         answer.map(|info| (info, host)).map_err(CapsuleError::from)
+    });
+    match operation.await {
+        Ok(outcome) => outcome,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => Err(CapsuleError::ShuttingDown),
+    }
+}
+
+/// Records where a snapshot or a fork left its source (`snapshotting` until then): wherever the
+/// agent says, `error` if the agent no longer has it, or unknown for the reconciler to settle.
+async fn settle_after_snapshot(
+    state: &AppState,
+    target: &AgentTarget,
+    id: SandboxId,
+    failure: Option<&AgentError>,
+) -> Result<(), CapsuleError> {
+    match state.capsules.agents.get_sandbox(target, id).await {
+        Ok(info) => settle(state, id, SandboxStatus::Snapshotting, &info).await,
+        Err(AgentError::Rejected { status, .. }) if status == http::StatusCode::NOT_FOUND => {
+            let reason = failure.map_or_else(
+                || "its host no longer has it".to_owned(),
+                ToString::to_string,
+            );
+            let failed = Transition::to(SandboxStatus::Failed)
+                .from(SandboxStatus::Snapshotting)
+                .because(&reason);
+            sandboxes::transition(&state.db, id.uuid(), failed).await?;
+            Ok(())
+        }
+        Err(error) => {
+            tracing::warn!(sandbox = %id, %error, "could not learn where the snapshot left the capsule; the reconciler will");
+            Ok(())
+        }
+    }
+}
+
+/// The most children one fork request may ask for: a bound on the request, far above what any
+/// host has room for; the real bound is the room on the source's host.
+pub const MAX_FORK_CHILDREN: u32 = 10_000;
+
+/// Starts `count` new capsules on the capsule's host, each continuing its memory and disk of one
+/// instant; the capsule runs on (or stays paused). The children are the capsule's size and
+/// template; they all fit on its host or none is made. Answers them, `running`.
+pub async fn fork(
+    state: &AppState,
+    team: TeamId,
+    id: SandboxId,
+    count: u32,
+) -> Result<Vec<SandboxRow>, CapsuleError> {
+    if !(1..=MAX_FORK_CHILDREN).contains(&count) {
+        return Err(CapsuleError::invalid(
+            "count",
+            format!("must be between 1 and {MAX_FORK_CHILDREN}, got {count}"),
+        ));
+    }
+    let source = find(state, team, id).await?;
+    let route = route(state, team, id).await?;
+    let from = match route.status {
+        SandboxStatus::Running | SandboxStatus::Paused => route.status,
+        SandboxStatus::Pending
+        | SandboxStatus::Starting
+        | SandboxStatus::Pausing
+        | SandboxStatus::Resuming
+        | SandboxStatus::Snapshotting
+        | SandboxStatus::Stopping => return Err(CapsuleError::Busy(route.status)),
+        SandboxStatus::Stopped | SandboxStatus::Failed | SandboxStatus::Missing => {
+            return Err(CapsuleError::NotRunning(route.status))
+        }
+    };
+    let target = online_target(state, &route)?;
+    let children: Vec<SandboxId> = (0..count).map(|_| SandboxId::new_random()).collect();
+    let child_ids: Vec<Uuid> = children.iter().map(|c| c.uuid()).collect();
+    scheduler::place_fork(
+        &state.db,
+        &state.capsules.scheduler,
+        target.host.uuid(),
+        team.uuid(),
+        id.uuid(),
+        &child_ids,
+        Demand {
+            vcpus: i64::from(source.vcpus),
+            memory_mb: i64::from(source.memory_mb),
+            disk_mb: i64::from(source.disk_mb),
+        },
+    )
+    .await?;
+    let state = state.clone();
+    let operation = tokio::spawn(async move {
+        let fail_children = |reason: String| {
+            let state = state.clone();
+            let child_ids = child_ids.clone();
+            async move {
+                for child in child_ids {
+                    let failed = Transition::to(SandboxStatus::Failed).because(&reason);
+                    sandboxes::transition(&state.db, child, failed).await?;
+                }
+                Ok::<(), DbError>(())
+            }
+        };
+        let during = Transition::to(SandboxStatus::Snapshotting).from(from);
+        if !sandboxes::transition(&state.db, id.uuid(), during).await? {
+            fail_children("the source capsule changed before the fork".into()).await?;
+            return Err(match sandboxes::status_of(&state.db, id.uuid()).await? {
+                Some(status) => CapsuleError::Busy(status),
+                None => CapsuleError::NotFound,
+            });
+        }
+        for child in &child_ids {
+            let starting = Transition::to(SandboxStatus::Starting).from(SandboxStatus::Pending);
+            sandboxes::transition(&state.db, *child, starting).await?;
+        }
+        let agents = &state.capsules.agents;
+        let request = ForkSandbox {
+            children: children.clone(),
+        };
+        let answer = agents.fork_sandbox(&target, id, &request).await;
+        settle_after_snapshot(&state, &target, id, answer.as_ref().err()).await?;
+        match answer {
+            Ok(forked) => {
+                let mut rows = Vec::with_capacity(forked.children.len());
+                for info in &forked.children {
+                    let child = info.sandbox_id;
+                    if !sandboxes::mark_started(&state.db, child.uuid(), &guest_metadata(info))
+                        .await?
+                    {
+                        remove_half_created(&state, &target, child).await;
+                        continue;
+                    }
+                    rows.push(find(&state, team, child).await?);
+                }
+                Ok(rows)
+            }
+            Err(error) => {
+                let outcome_unknown = matches!(
+                    error,
+                    AgentError::Unreachable { .. }
+                        | AgentError::Timeout { .. }
+                        | AgentError::Decode { .. }
+                );
+                if outcome_unknown {
+                    for child in &children {
+                        remove_half_created(&state, &target, *child).await;
+                    }
+                }
+                fail_children(error.to_string()).await?;
+                Err(error.into())
+            }
+        }
     });
     match operation.await {
         Ok(outcome) => outcome,
