@@ -84,6 +84,10 @@ update-envd image root=files_root:
 bench-images:
     WRENN_STATIC_BIN="$(just build-static | tail -n1)" cargo bench --bench images
 
+# Creates by cold boot vs by boot snapshot, snapshot templates, forks, snapshot sizes.
+bench-snapshots:
+    cargo bench --bench snapshots
+
 # Template store throughput (directory and S3 backends): publish, pull, resumed pull.
 bench-store:
     cargo bench --bench store

@@ -820,6 +820,61 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_snapshot_is_read_by_many_never_retired_and_not_taken_for_a_paused_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let files = SnapshotFiles::in_dir(tmp.path().join("shared"));
+        let writer = SnapshotWriter::begin(&files, &[&files.state], 5).unwrap();
+        writer
+            .create_partial(&files.state)
+            .unwrap()
+            .write_all(b"state")
+            .unwrap();
+        let meta = writer
+            .commit(VmmKind::Qemu, "QEMU 7.2.22", None, &machine(), true)
+            .unwrap();
+        assert!(meta.shared);
+        let err = SnapshotReader::open(&files).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::Kind { shared: true, .. }),
+            "{err}"
+        );
+        let first = SnapshotReader::open_shared(&files).unwrap();
+        let second = SnapshotReader::open_shared(&files).unwrap();
+        // Each VM has its own copy of the writable drives: their paths do not count.
+        let mut elsewhere = machine();
+        elsewhere.drives[0].path = "/somewhere/else".into();
+        first
+            .check(VmmKind::Qemu, "QEMU 7.2.22", None, &elsewhere)
+            .unwrap();
+        // A writer waits for the readers.
+        let err = SnapshotWriter::begin(&files, &[&files.state], 5).unwrap_err();
+        assert!(matches!(err, SnapshotError::Busy { .. }), "{err}");
+        drop((first, second));
+        assert!(files.meta.is_file(), "never retired");
+
+        let paused = written(&Layout::new(tmp.path()), "cl-p");
+        let err = SnapshotReader::open_shared(&paused).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::Kind { shared: false, .. }),
+            "{err}"
+        );
+        let reader = SnapshotReader::open(&paused).unwrap();
+        let err = reader
+            .check(VmmKind::Qemu, "QEMU 7.2.22", None, &elsewhere)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SnapshotError::Machine {
+                    option: "drives",
+                    ..
+                }
+            ),
+            "a paused VM's drives stay where they were: {err}"
+        );
+    }
+
+    #[test]
     fn mismatches_are_refused_with_what_differs() {
         let tmp = tempfile::tempdir().unwrap();
         let files = written(&Layout::new(tmp.path()), "cl-d");

@@ -94,6 +94,7 @@ impl SandboxManager {
         }
         self.remove_orphan_snapshots();
         self.collect_boot_snapshots();
+        self.collect_snapshot_template_leftovers();
         self.remove_leftover_confinement(&recovery.adopted).await;
         let slots = self.network.cleanup_leftovers(&keep_slots).await?;
         tracing::info!(

@@ -215,6 +215,26 @@ impl SandboxManager {
         }
     }
 
+    /// At agent start: removes the staging directories of snapshot templates an earlier agent
+    /// process did not finish.
+    pub(super) fn collect_snapshot_template_leftovers(&self) {
+        let Ok(entries) = fs::read_dir(self.layout.images_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".snapshot-")
+            {
+                tracing::info!(path = %entry.path().display(), "removing an unfinished snapshot template");
+                if let Err(error) = fs::remove_dir_all(entry.path()) {
+                    tracing::warn!(path = %entry.path().display(), %error, "could not remove an unfinished snapshot template");
+                }
+            }
+        }
+    }
+
     /// Resumes a sandbox paused for a snapshot template; one whose resume fails stays paused
     /// (its snapshot is intact) or is lost, as any resume.
     async fn resume_after_snapshot(&self, sandbox: &Sandbox) -> Result<(), SandboxError> {

@@ -1047,6 +1047,30 @@ mod tests {
     }
 
     #[test]
+    fn guest_memory_in_a_file_names_the_ram_block_as_m_does() {
+        for (shared, share) in [(true, "share=on"), (false, "share=off")] {
+            let line = joined(&command_line(
+                &spec(),
+                Accel::Tcg,
+                false,
+                ConfinementOptions::Legacy,
+                &GuestMemory::File {
+                    path: "/snap/me,m".into(),
+                    shared,
+                },
+            ));
+            assert!(
+                line.contains(&format!(
+                    "-M {MACHINE},memory-backend=microvm.ram -object memory-backend-file,\
+                     id=microvm.ram,size=256M,mem-path=/snap/me,,m,{share}"
+                )),
+                "{line}"
+            );
+            assert!(line.contains("-m 256"), "{line}");
+        }
+    }
+
+    #[test]
     fn the_version_line_reads_like_query_version() {
         assert_eq!(
             qmp_style_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)"),
