@@ -77,10 +77,11 @@ async fn add_hosts(db: &Db) {
 
 async fn add_history(db: &Db, rows: i64) {
     sqlx::query(
-        "INSERT INTO sandboxes (id, team_id, host_id, template_id, status, vcpus, memory_mb,
-                                created_at, last_updated)
-         SELECT gen_random_uuid(), $1, h.ids[1 + n % array_length(h.ids, 1)], $2, 'stopped', 1,
-                512, now() - make_interval(secs => n), now() - make_interval(secs => n)
+        "INSERT INTO sandboxes (id, team_id, host_id, template_id, template_name, status, vcpus,
+                                memory_mb, created_at, last_updated)
+         SELECT gen_random_uuid(), $1, h.ids[1 + n % array_length(h.ids, 1)], $2, 'minimal',
+                'stopped', 1, 512, now() - make_interval(secs => n),
+                now() - make_interval(secs => n)
          FROM generate_series(1, $3) AS n,
               (SELECT array_agg(id) AS ids FROM hosts) AS h",
     )

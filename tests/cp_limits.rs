@@ -193,9 +193,10 @@ async fn online_host(cp: &TestCp, address: &str) -> Uuid {
 /// A running capsule `id` of `user`'s team on `host`, as a create would leave it.
 async fn running_capsule(cp: &TestCp, user: &User, host: Uuid, id: Uuid) -> String {
     sqlx::query(
-        "INSERT INTO sandboxes (id, team_id, host_id, template_id, status, vcpus, memory_mb,
-                                started_at)
-         VALUES ($1, $2, $3, '00000000-0000-0000-0000-000000000000', 'running', 1, 512, now())",
+        "INSERT INTO sandboxes (id, team_id, host_id, template_id, template_name, status, vcpus,
+                                memory_mb, started_at)
+         VALUES ($1, $2, $3, '00000000-0000-0000-0000-000000000000', 'minimal', 'running', 1,
+                 512, now())",
     )
     .bind(id)
     .bind(team_uuid(user))
@@ -407,8 +408,9 @@ async fn pagination_walks_ten_thousand_hosts_and_capsules_without_duplicates_or_
     .await
     .unwrap();
     sqlx::query(
-        "INSERT INTO sandboxes (id, team_id, template_id, status, vcpus, memory_mb, created_at)
-         SELECT gen_random_uuid(), $1, '00000000-0000-0000-0000-000000000000',
+        "INSERT INTO sandboxes (id, team_id, template_id, template_name, status, vcpus,
+                                memory_mb, created_at)
+         SELECT gen_random_uuid(), $1, '00000000-0000-0000-0000-000000000000', 'minimal',
                 CASE WHEN g % 10 = 0 THEN 'stopped' ELSE 'running' END, 1, 512,
                 CASE WHEN g % 2 = 0 THEN now() - interval '1 hour'
                      ELSE now() - g * interval '1 ms' END
@@ -456,8 +458,10 @@ async fn pagination_walks_ten_thousand_hosts_and_capsules_without_duplicates_or_
                 .await
                 .unwrap();
                 sqlx::query(
-                    "INSERT INTO sandboxes (id, team_id, template_id, status, vcpus, memory_mb)
-                     VALUES ($1, $2, '00000000-0000-0000-0000-000000000000', 'running', 1, 512)",
+                    "INSERT INTO sandboxes (id, team_id, template_id, template_name, status,
+                                            vcpus, memory_mb)
+                     VALUES ($1, $2, '00000000-0000-0000-0000-000000000000', 'minimal',
+                             'running', 1, 512)",
                 )
                 .bind(Uuid::new_v4())
                 .bind(team)

@@ -1596,3 +1596,46 @@ async fn a_confined_firecracker_runs_in_its_jail_across_pause_restore_and_adopti
     assert!(cgroup.dirs().iter().all(|d| !d.exists()));
     assert!(find_leftovers(&layout).is_empty());
 }
+
+#[tokio::test]
+async fn a_shared_snapshot_starts_several_vms_with_valid_loads_and_is_never_retired() {
+    let fake = FakeFirecracker::new(&[]);
+    let (_tmp, layout) = roomy_layout();
+    let spec = full_spec(&layout, "cl-source");
+    std::fs::create_dir_all(&spec.files.dir).unwrap();
+    std::fs::write(&spec.drives[1].path, b"disk").unwrap();
+    let paused = SnapshotFiles::for_sandbox(&layout, "cl-source");
+    let mut vm = fake.vmm().start(&spec).await.unwrap();
+    vm.pause_to(&paused).await.unwrap();
+
+    let shared = SnapshotFiles::in_dir(layout.snapshots_dir().join("shared"));
+    let meta = fake.vmm().share(&spec, &paused, &shared).await.unwrap();
+    assert!(meta.shared);
+    assert_eq!(meta.vmm_snapshot_version.as_deref(), Some("10.0.0"));
+    assert!(paused.meta.is_file(), "the paused snapshot stays loadable");
+    let err = fake
+        .vmm()
+        .restore(&spec, &shared)
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(err, VmmError::Snapshot(SnapshotError::Kind { .. })),
+        "{err}"
+    );
+
+    // Each VM has its own disk at its own path; every load passed the swagger check in the fake.
+    for (n, id) in ["cl-clone-a", "cl-clone-b"].into_iter().enumerate() {
+        let clone = full_spec(&layout, id);
+        std::fs::create_dir_all(&clone.files.dir).unwrap();
+        std::fs::write(&clone.drives[1].path, b"disk").unwrap();
+        let mut vm = fake.vmm().restore_shared(&clone, &shared).await.unwrap();
+        assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+        let load = &fake.load_bodies()[n];
+        assert_eq!(load["mem_backend"]["backend_type"], "File");
+        assert_eq!(load["resume_vm"], true);
+        vm.kill().await.unwrap();
+    }
+    assert!(shared.meta.is_file(), "a shared snapshot is never retired");
+    assert!(paused.meta.is_file());
+}
