@@ -706,6 +706,11 @@ async fn a_templates_settings_are_the_defaults_and_its_processes_start_at_boot()
     let envd = EnvdProcess::start_command(command, "127.0.0.1").expect("envd starts");
     let client = envd.client();
 
+    // Nothing of the template runs before the first /init: a guest saved before it (a boot
+    // snapshot many sandboxes restore) must not hold processes all of them would share.
+    assert!(client.list().await.unwrap().is_empty());
+    client.init(&InitRequest::default()).await.unwrap();
+
     // The boot process runs under its tag, in the template's working directory; the one that
     // cannot start is left out and envd serves on.
     let tags: Vec<String> = client

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wrenn::config::Layout;
-use wrenn::envd::api::{ProcessSpec, RunRequest, RunResponse};
+use wrenn::envd::api::{InitRequest, ProcessSpec, RunRequest, RunResponse};
 use wrenn::envd::client::EnvdClient;
 use wrenn_test_support::guest::{self, GuestSpec, GuestVm};
 
@@ -345,6 +345,10 @@ impl EnvdGuest {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
+        // As the agent does first: the template's processes start with the first /init.
+        runtime
+            .block_on(client.init(&InitRequest::default()))
+            .unwrap_or_else(|e| panic!("/init: {e}; console:\n{}", vm.console()));
         Self {
             vm,
             client,

@@ -1598,23 +1598,48 @@ async fn a_confined_firecracker_runs_in_its_jail_across_pause_restore_and_adopti
 }
 
 #[tokio::test]
-async fn a_shared_snapshot_starts_several_vms_with_valid_loads_and_is_never_retired() {
+async fn a_shared_snapshot_starts_several_jailed_vms_with_valid_loads_and_is_never_retired() {
+    use std::os::unix::fs::MetadataExt;
     let fake = FakeFirecracker::new(&[]);
-    let (_tmp, layout) = roomy_layout();
-    let spec = full_spec(&layout, "cl-source");
-    std::fs::create_dir_all(&spec.files.dir).unwrap();
-    std::fs::write(&spec.drives[1].path, b"disk").unwrap();
+    let (jailer, _record) = fake.jailer();
+    let layout = fake.layout.clone();
+    let parent = PathBuf::from(format!("wrenn-tests/vmm-fc-shared-{}", std::process::id()));
+    let _parent = CgroupParent(parent.clone());
+    let cgroups =
+        Cgroups::detect(Path::new(wrenn::vmm::cgroup::DEFAULT_ROOT), &parent, None).unwrap();
+    let spec_of = |id: &str, uid: u32| {
+        let mut spec = full_spec(&layout, id);
+        spec.net = None;
+        spec.confinement = Some(Confinement {
+            uid,
+            gid: uid,
+            cgroups: cgroups.clone(),
+        });
+        for path in [
+            &spec.kernel,
+            spec.initrd.as_ref().unwrap(),
+            &spec.drives[0].path,
+            &spec.drives[1].path,
+        ] {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            if !path.exists() {
+                std::fs::write(path, "contents").unwrap();
+            }
+        }
+        spec
+    };
+    let jailed = || fake.vmm().jailed(jailer.clone(), layout.jails_dir());
+    let spec = spec_of("cl-source", 900_000_051);
     let paused = SnapshotFiles::for_sandbox(&layout, "cl-source");
-    let mut vm = fake.vmm().start(&spec).await.unwrap();
+    let mut vm = jailed().start(&spec).await.unwrap();
     vm.pause_to(&paused).await.unwrap();
 
     let shared = SnapshotFiles::in_dir(layout.snapshots_dir().join("shared"));
-    let meta = fake.vmm().share(&spec, &paused, &shared).await.unwrap();
+    let meta = jailed().share(&spec, &paused, &shared).await.unwrap();
     assert!(meta.shared);
     assert_eq!(meta.vmm_snapshot_version.as_deref(), Some("10.0.0"));
     assert!(paused.meta.is_file(), "the paused snapshot stays loadable");
-    let err = fake
-        .vmm()
+    let err = jailed()
         .restore(&spec, &shared)
         .await
         .err()
@@ -1623,19 +1648,42 @@ async fn a_shared_snapshot_starts_several_vms_with_valid_loads_and_is_never_reti
         matches!(err, VmmError::Snapshot(SnapshotError::Kind { .. })),
         "{err}"
     );
+    // Without the jailer a clone would open the drives the snapshot names, its source's.
+    let err = fake
+        .vmm()
+        .restore_shared(&spec_of("cl-unjailed", 900_000_052), &shared)
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, VmmError::InvalidSpec { .. }), "{err}");
 
-    // Each VM has its own disk at its own path; every load passed the swagger check in the fake.
-    for (n, id) in ["cl-clone-a", "cl-clone-b"].into_iter().enumerate() {
-        let clone = full_spec(&layout, id);
-        std::fs::create_dir_all(&clone.files.dir).unwrap();
-        std::fs::write(&clone.drives[1].path, b"disk").unwrap();
-        let mut vm = fake.vmm().restore_shared(&clone, &shared).await.unwrap();
+    // Each VM has its own disk at its own path, and its own copy of the snapshot in its jail;
+    // every load passed the swagger check in the fake.
+    for (n, (id, uid)) in [("cl-clone-a", 900_000_053), ("cl-clone-b", 900_000_054)]
+        .into_iter()
+        .enumerate()
+    {
+        let clone = spec_of(id, uid);
+        let mut vm = jailed().restore_shared(&clone, &shared).await.unwrap();
         assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
         let load = &fake.load_bodies()[n];
         assert_eq!(load["mem_backend"]["backend_type"], "File");
         assert_eq!(load["resume_vm"], true);
+        let jail = Jail::new(
+            &layout.jails_dir(),
+            &fake.bin,
+            &clone,
+            clone.confinement.as_ref().unwrap(),
+        );
+        let memory = jail.host_path(&jail.snapshot_inside(&shared).memory.to_string_lossy());
+        let memory = std::fs::metadata(memory).unwrap();
+        assert_eq!(memory.uid(), uid, "the VM's own copy");
+        assert_ne!(
+            memory.ino(),
+            std::fs::metadata(&shared.memory).unwrap().ino()
+        );
         vm.kill().await.unwrap();
     }
     assert!(shared.meta.is_file(), "a shared snapshot is never retired");
-    assert!(paused.meta.is_file());
+    assert_eq!(std::fs::metadata(&shared.memory).unwrap().uid(), 0);
 }

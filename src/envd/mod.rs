@@ -108,6 +108,7 @@ async fn serve(args: EnvdArgs, is_init: bool) -> Result<(), EnvdError> {
     let state = Arc::new(server::AppState::new(
         process::Processes::new(reaper),
         template.defaults(),
+        template.start_requests(),
     ));
     let router = server::router(state.clone());
 
@@ -127,9 +128,6 @@ async fn serve(args: EnvdArgs, is_init: bool) -> Result<(), EnvdError> {
     tokio::spawn(axum::serve(tcp, router.clone()).into_future());
     if args.vsock_port != 0 {
         serve_vsock(args.vsock_port, router);
-    }
-    for request in template.start_requests() {
-        state.start_at_boot(&request);
     }
 
     let mut terminate = signal(SignalKind::terminate()).map_err(EnvdError::Signals)?;

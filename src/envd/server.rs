@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -49,16 +49,30 @@ pub struct AppState {
     token_digest: RwLock<Option<[u8; 32]>>,
     metrics: MetricsSampler,
     pub shutdown: Notify,
+    /// The template's processes, started by the first `/init`: a guest saved before it (a
+    /// template's boot snapshot, restored by many sandboxes) holds none of them, so each
+    /// sandbox's are its own, started after it got its own identity.
+    pending_start: Mutex<Vec<StartRequest>>,
 }
 
 impl AppState {
-    pub fn new(processes: Processes, defaults: Defaults) -> Self {
+    pub fn new(processes: Processes, defaults: Defaults, start: Vec<StartRequest>) -> Self {
         Self {
             processes,
             defaults: RwLock::new(defaults),
             token_digest: RwLock::default(),
             metrics: MetricsSampler::default(),
             shutdown: Notify::new(),
+            pending_start: Mutex::new(start),
+        }
+    }
+
+    /// Starts the template's processes that no `/init` has started yet.
+    fn start_pending(&self) {
+        let pending =
+            std::mem::take(&mut *self.pending_start.lock().unwrap_or_else(|p| p.into_inner()));
+        for request in &pending {
+            self.start_at_boot(request);
         }
     }
 
@@ -373,6 +387,7 @@ async fn init(
             .unwrap_or_else(|p| p.into_inner()) =
             Some(Sha256::digest(token.expose().as_bytes()).into());
     }
+    state.start_pending();
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -274,7 +274,9 @@ impl SandboxManager {
             Ok(linked) => linked.map_err(|reason| fail(CreateStep::Directory, reason)),
             Err(e) => Err(fail(CreateStep::Directory, e.to_string())),
         };
-        drop(lease);
+        // The lease is held until the VM has started: a snapshot template's files (its disk,
+        // memory and state) are read by path below, and an overwrite must not swap them
+        // half way.
         if let Err(e) = linked.and(injected_failure(id, CreateStep::Directory).await) {
             undo_dir();
             return Err(e);
@@ -301,16 +303,32 @@ impl SandboxManager {
                 None,
             ),
         };
-        let disk = match &restore_from {
+        let copied = match &restore_from {
             // The disk as it was when the snapshot's guest last wrote it.
             Some((_, snapshot_upper)) => {
                 let (from, to) = (snapshot_upper.clone(), upper.clone());
-                match tokio::task::spawn_blocking(move || disk::copy_sparse(&from, &to)).await {
-                    Ok(copied) => copied.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                }
+                Some(
+                    match tokio::task::spawn_blocking(move || disk::copy_sparse(&from, &to)).await {
+                        Ok(copied) => copied.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    },
+                )
             }
-            None => self
+            None => None,
+        };
+        // A boot snapshot removed meanwhile (superseded) leaves the create to a boot.
+        let restore_from = match (copied.as_ref(), boot_key) {
+            (Some(Err(reason)), Some(_)) => {
+                tracing::warn!(sandbox = id, %reason, "copying the boot snapshot's disk failed; booting");
+                let _ = disk::remove(&upper);
+                None
+            }
+            _ => restore_from,
+        };
+        let disk = match copied {
+            Some(Ok(())) if restore_from.is_some() => Ok(()),
+            Some(Err(reason)) if restore_from.is_some() => Err(reason),
+            _ => self
                 .uppers
                 .create(&upper, u64::from(req.disk_mb) << 20)
                 .await
@@ -393,6 +411,7 @@ impl SandboxManager {
             Some(vm) => Ok(vm),
             None => self.vmm.start(&spec).await,
         };
+        drop(lease);
         let mut vm = match started {
             Ok(vm) => vm,
             Err(e) => {

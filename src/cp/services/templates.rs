@@ -419,6 +419,31 @@ pub async fn create_snapshot(
     )
     .await?;
     let size_bytes = i64::try_from(made.size_bytes).unwrap_or(i64::MAX);
+    let registered = register_snapshot(state, team, &parsed, &image, &made, host, capsule).await;
+    if registered.is_err() {
+        // Made on the host but not in the registry: nothing would ever use or remove it.
+        remove_from_hosts(state, &image, &[host]).await;
+    }
+    let (template, stale) = registered?;
+    // Hosts that held the template this one replaced no longer hold it.
+    remove_from_hosts(state, &image, &stale).await;
+    tracing::info!(team = %team, template = %name, capsule = %capsule, host = %HostId(host), size_bytes, "snapshot template made");
+    Ok(template)
+}
+
+/// Registers the snapshot template made on `host` and records that the host holds it;
+/// answers it and the other hosts that held an image of that name (now stale).
+async fn register_snapshot(
+    state: &AppState,
+    team: TeamId,
+    name: &TemplateName,
+    image: &TemplateName,
+    made: &crate::agent::wire::SnapshotTemplateInfo,
+    host: uuid::Uuid,
+    capsule: crate::id::SandboxId,
+) -> Result<(Template, Vec<uuid::Uuid>), SnapshotTemplateError> {
+    let size_bytes = i64::try_from(made.size_bytes).unwrap_or(i64::MAX);
+    let parsed = name;
     let mut tx = state.db.begin().await.map_err(DbError::from)?;
     let template = templates::upsert_snapshot(
         &mut *tx,
@@ -432,14 +457,11 @@ pub async fn create_snapshot(
         },
     )
     .await?
-    .ok_or_else(|| SnapshotTemplateError::PlatformName(name.clone()))?;
+    .ok_or_else(|| SnapshotTemplateError::PlatformName(parsed.to_string()))?;
     let stale = host_templates::remove_all_but(&mut *tx, image.as_str(), Some(host)).await?;
     host_templates::add(&mut *tx, host, image.as_str(), size_bytes).await?;
     tx.commit().await.map_err(DbError::from)?;
-    // Hosts that held the template this one replaced no longer hold it.
-    remove_from_hosts(state, &image, &stale).await;
-    tracing::info!(team = %team, template = %name, capsule = %capsule, host = %HostId(host), "snapshot template made");
-    Ok(template)
+    Ok((template, stale))
 }
 
 /// Removes the team's template `name` from the registry, from every host and from the template

@@ -383,6 +383,14 @@ impl FirecrackerVmm {
         shared: bool,
     ) -> Result<Box<dyn Vm>, VmmError> {
         spec.check()?;
+        if shared && self.jail(spec).is_none() {
+            // The drives are restored where the snapshot's VM had them: only a jail, whose
+            // drive paths are the same for every VM, gives each VM its own.
+            return Err(VmmError::InvalidSpec {
+                id: spec.id.clone(),
+                reason: "a shared snapshot is restored only by a jailed Firecracker".into(),
+            });
+        }
         let calls = match self.jail(spec) {
             Some(jail) => restore_sequence(&jail.inside(spec), &jail.snapshot_inside(snapshot))?,
             None => restore_sequence(spec, snapshot)?,
