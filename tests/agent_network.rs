@@ -79,7 +79,12 @@ fn host_links() -> Vec<String> {
 
 /// Test `k` owns host addresses 10.201.k.0/24 and transit addresses 10.202.k.0/24.
 fn options(prefix: &str, k: u8) -> NetworkOptions {
-    let mut options = NetworkOptions::from_config(&Config::default().agent);
+    // Not the production files root: the record of the host's sysctls goes to a directory of
+    // these tests' own, which exists on a fresh machine too.
+    let mut agent = Config::default().agent;
+    agent.files_rootdir = std::env::temp_dir().join("wrenn-agent-network-tests");
+    std::fs::create_dir_all(&agent.files_rootdir).unwrap();
+    let mut options = NetworkOptions::from_config(&agent);
     options.name_prefix = prefix.to_owned();
     options.host_range = format!("10.201.{k}.0/24").parse().unwrap();
     options.transit_range = format!("10.202.{k}.0/24").parse().unwrap();
