@@ -6,7 +6,9 @@
 //!   restoring the template's boot snapshot (p50/p99/max);
 //! - a snapshot template: its `POST /v1/snapshots`, and creates from it;
 //! - forks of 1 and of 8 children;
-//! - pause → resume on the same host;
+//! - pause → resume on the same host, and resume on another host from the template store
+//!   (two agents sharing a store directory; the capsule's host killed), with the size and time
+//!   of the copy a pause puts in the store;
 //! - what the files cost on disk against the guest's memory: the boot snapshot's memory file
 //!   (apparent and allocated), a snapshot template, a paused capsule's snapshot.
 //!
@@ -174,6 +176,142 @@ impl Bench {
     }
 }
 
+/// Pause on one host, kill it, resume on the other from the store, `rounds` times (the killed
+/// host is started again each time, and the capsule moves back and forth).
+async fn relocation_figures(template: &str, rounds: usize) {
+    use wrenn::config::{Config, Layout};
+    use wrenn::cp::state::{AuthSettings, CapsuleSettings};
+
+    let store_dir = tempfile::tempdir().unwrap();
+    let store_url = format!("file://{}", store_dir.path().display());
+    let mut config = Config::default();
+    config.store.url = Some(store_url.parse().unwrap());
+    let store =
+        wrenn::store::TemplateStore::open(&config.store, &Layout::new(store_dir.path())).unwrap();
+    let capsules = CapsuleSettings {
+        store: Some(store),
+        ..support::quiet_capsules()
+    };
+    let cp = TestCp::start_full(support::QUIET_MONITOR, capsules, AuthSettings::default()).await;
+    let admin = cp.signup("admin@example.com").await.auth();
+    let env = [
+        ("STORE_URL", store_url.as_str()),
+        ("AGENT_BOOT_SNAPSHOTS", "false"),
+    ];
+    let mut agents = Vec::new();
+    for _ in 0..2 {
+        let root = support::agent::Agent::new_root();
+        let (agent, host) = support::agent::add_agent_in(&cp, &admin, root, &env).await;
+        agents.push((agent, host));
+    }
+    sqlx::query("UPDATE hosts SET cpu_cores = 64, memory_mb = 65536, disk_gb = 4096")
+        .execute(&cp.db)
+        .await
+        .unwrap();
+    let (status, key) = cp
+        .call(
+            Method::POST,
+            "/v1/api-keys",
+            &admin,
+            Some(json!({"name": "bench"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{key}");
+    let key = Auth::ApiKey(key["key"].as_str().unwrap().to_owned());
+    let (status, capsule) = cp
+        .call(
+            Method::POST,
+            "/v1/capsules",
+            &key,
+            Some(json!({"template": template})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{capsule}");
+    let id = capsule["id"].as_str().unwrap().to_owned();
+    let (status, out) = cp
+        .call(
+            Method::POST,
+            &format!("/v1/capsules/{id}/exec"),
+            &key,
+            Some(json!({"cmd": "/bin/sh", "args": ["-c",
+                "head -c 67108864 /dev/urandom > /dev/shm/state; head -c 16777216 /dev/urandom > /root/disk; sync"],
+                "timeout_sec": 120})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{out}");
+    let copy_path = store_dir.path().join(format!("paused/{id}.json"));
+    let (mut copies, mut moves, mut stored) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let (status, body) = cp
+            .call(
+                Method::POST,
+                &format!("/v1/capsules/{id}/pause"),
+                &key,
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let paused = Instant::now();
+        while !copy_path.is_file() {
+            assert!(paused.elapsed() < Duration::from_secs(600), "no store copy");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        copies.push(paused.elapsed());
+        let copy: Value = serde_json::from_slice(&std::fs::read(&copy_path).unwrap()).unwrap();
+        stored.push(
+            copy["parts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["blob"]["size_bytes"].as_u64().unwrap())
+                .sum::<u64>(),
+        );
+        let row =
+            wrenn::db::sandboxes::by_id(&cp.db, id.parse::<wrenn::id::SandboxId>().unwrap().uuid())
+                .await
+                .unwrap()
+                .unwrap();
+        let home = wrenn::id::HostId(row.host_id.unwrap()).to_string();
+        let index = agents.iter().position(|(_, host)| *host == home).unwrap();
+        agents[index].0.kill_hard();
+        wrenn::cp::reconciler::reconcile_once(&cp.state)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let (status, body) = cp
+            .call(
+                Method::POST,
+                &format!("/v1/capsules/{id}/resume"),
+                &key,
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        moves.push(started.elapsed());
+        let agent = &mut agents[index].0;
+        tokio::task::block_in_place(|| agent.restart(None));
+        wrenn::cp::reconciler::reconcile_once(&cp.state)
+            .await
+            .unwrap();
+    }
+    println!("resume on another host, from the template store (64 MiB dirtied in memory, 16 MiB on disk)");
+    print_latencies("pause -> copy complete in the store", copies);
+    print_latencies("resume elsewhere (import + restore)", moves);
+    println!(
+        "  copy in the store: {:.1} MiB (packs of record, snapshot and disk)",
+        mib(stored.iter().sum::<u64>() / stored.len().max(1) as u64)
+    );
+    let (status, body) = cp
+        .call(Method::DELETE, &format!("/v1/capsules/{id}"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    for (agent, _) in agents {
+        support::agent::wait_clean(&agent);
+        drop(agent);
+    }
+    cp.stop().await;
+}
+
 fn wait_for_boot_snapshot(root: &Path) -> std::path::PathBuf {
     let dir = root.join("snapshots/boot");
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -288,6 +426,7 @@ fn main() {
         }
         print_latencies("pause", pauses);
         print_latencies("resume", resumes);
+        relocation_figures(&template, 3).await;
         let (status, body) = warm
             .call(Method::POST, &format!("/v1/capsules/{source}/pause"), None)
             .await;

@@ -111,6 +111,139 @@ pub fn punch_zero_pages(file: &File) -> io::Result<u64> {
     Ok(punched)
 }
 
+/// What a pack starts with: names the format and its version.
+const PACK_MAGIC: &[u8; 8] = b"WRNPACK1";
+/// Marks the end of a pack's extents (no extent starts there).
+const PACK_END: u64 = u64::MAX;
+/// The longest label a pack may carry.
+const PACK_LABEL_MAX: u64 = 4096;
+
+/// Writes `input` as a *pack*: one stream holding its apparent size and only the runs of pages
+/// that hold data, so a mostly empty disk or memory file travels (to the template store and
+/// back) at the cost of what the guest wrote. `label` goes into the header: it names what the
+/// pack is of and makes two packs of identical files different objects. Returns the bytes
+/// written.
+///
+/// Layout (integers little-endian u64): magic, label length, label, apparent size, then per
+/// extent its offset, length and bytes, and last an extent at offset `u64::MAX` of length 0.
+pub fn pack(input: &File, output: &mut impl io::Write, label: &str) -> io::Result<u64> {
+    let len = input.metadata()?.len();
+    let mut written = 0u64;
+    let mut put = |output: &mut dyn io::Write, bytes: &[u8]| -> io::Result<()> {
+        output.write_all(bytes)?;
+        written += bytes.len() as u64;
+        Ok(())
+    };
+    put(output, PACK_MAGIC)?;
+    put(output, &(label.len() as u64).to_le_bytes())?;
+    put(output, label.as_bytes())?;
+    put(output, &len.to_le_bytes())?;
+    let mut buffer = vec![0u8; SCAN_CHUNK];
+    let mut position = 0i64;
+    let end = i64::try_from(len).map_err(io::Error::other)?;
+    while position < end {
+        let data = match lseek(input, position, Whence::SeekData) {
+            Ok(offset) => offset,
+            Err(Errno::ENXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let extent_end = lseek(input, data, Whence::SeekHole)?.min(end);
+        let mut offset = data;
+        while offset < extent_end {
+            let want = usize::try_from((extent_end - offset).min(SCAN_CHUNK as i64))
+                .map_err(io::Error::other)?;
+            let read = input.read_at(&mut buffer[..want], u64::try_from(offset).unwrap_or(0))?;
+            if read == 0 {
+                break;
+            }
+            // Runs of pages with data, each written as one extent; zero pages are left out.
+            let mut run: Option<usize> = None;
+            let pages = buffer[..read].chunks(PAGE).enumerate();
+            for (index, page) in pages {
+                let zero = page.iter().all(|&b| b == 0);
+                match (zero, run) {
+                    (false, None) => run = Some(index * PAGE),
+                    (true, Some(start)) => {
+                        let bytes = &buffer[start..index * PAGE];
+                        put(output, &(offset as u64 + start as u64).to_le_bytes())?;
+                        put(output, &(bytes.len() as u64).to_le_bytes())?;
+                        put(output, bytes)?;
+                        run = None;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(start) = run {
+                let bytes = &buffer[start..read];
+                put(output, &(offset as u64 + start as u64).to_le_bytes())?;
+                put(output, &(bytes.len() as u64).to_le_bytes())?;
+                put(output, bytes)?;
+            }
+            offset += read as i64;
+        }
+        position = extent_end;
+    }
+    put(output, &PACK_END.to_le_bytes())?;
+    put(output, &0u64.to_le_bytes())?;
+    Ok(written)
+}
+
+/// Writes the file a [`pack`] holds into the empty file `output` (holes where it had none of
+/// its pages) and returns the pack's label. A pack that is truncated, damaged or names extents
+/// outside its size is an `InvalidData` error.
+pub fn unpack(input: &mut impl io::Read, output: &File) -> io::Result<String> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("pack: {what}"));
+    let mut word = [0u8; 8];
+    let mut next = |input: &mut dyn io::Read| -> io::Result<u64> {
+        input.read_exact(&mut word)?;
+        Ok(u64::from_le_bytes(word))
+    };
+    let mut magic = [0u8; 8];
+    input.read_exact(&mut magic)?;
+    if &magic != PACK_MAGIC {
+        return Err(invalid("not a pack (wrong magic)"));
+    }
+    let label_len = next(input)?;
+    if label_len > PACK_LABEL_MAX {
+        return Err(invalid("label too long"));
+    }
+    let mut label = vec![0u8; label_len as usize];
+    input.read_exact(&mut label)?;
+    let label = String::from_utf8(label).map_err(|_| invalid("label is not UTF-8"))?;
+    let len = next(input)?;
+    output.set_len(len)?;
+    let mut buffer = vec![0u8; SCAN_CHUNK];
+    let mut previous_end = 0u64;
+    loop {
+        let offset = next(input)?;
+        let mut left = next(input)?;
+        if offset == PACK_END {
+            return if left == 0 {
+                Ok(label)
+            } else {
+                Err(invalid("malformed end"))
+            };
+        }
+        let fits = offset
+            .checked_add(left)
+            .is_some_and(|extent_end| offset >= previous_end && extent_end <= len);
+        if !fits {
+            return Err(invalid("extent out of order or beyond the file's size"));
+        }
+        let mut at = offset;
+        while left > 0 {
+            let want = buffer
+                .len()
+                .min(usize::try_from(left).unwrap_or(usize::MAX));
+            input.read_exact(&mut buffer[..want])?;
+            output.write_all_at(&buffer[..want], at)?;
+            at += want as u64;
+            left -= want as u64;
+        }
+        previous_end = at;
+    }
+}
+
 fn punch(file: &File, (start, end): (i64, i64)) -> io::Result<u64> {
     fallocate(
         file,
@@ -180,5 +313,60 @@ mod tests {
         assert_eq!(&copied[..5], b"start");
         assert_eq!(&copied[32 << 20..(32 << 20) + 6], b"middle");
         assert!(allocated(&output) < 1 << 20);
+    }
+
+    #[test]
+    fn a_pack_carries_data_pages_only_and_unpacks_to_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("source");
+        let file = File::create(&source).unwrap();
+        file.set_len(16 << 20).unwrap();
+        file.write_at(b"start", 0).unwrap();
+        file.write_at(&[0u8; 3 * PAGE], 4 * PAGE as u64).unwrap();
+        file.write_at(&[7u8; 2 * PAGE], (3 << 20) - PAGE as u64)
+            .unwrap();
+        file.set_len((16 << 20) + 100).unwrap();
+        file.write_at(b"tail", 16 << 20).unwrap();
+        drop(file);
+
+        let mut packed = Vec::new();
+        let written = pack(
+            &File::open(&source).unwrap(),
+            &mut packed,
+            "sandbox x memory",
+        )
+        .unwrap();
+        assert_eq!(written, packed.len() as u64);
+        assert!(packed.len() < 4 * PAGE + 200, "{} bytes", packed.len());
+
+        let target = dir.path().join("target");
+        let output = File::create(&target).unwrap();
+        let label = unpack(&mut packed.as_slice(), &output).unwrap();
+        assert_eq!(label, "sandbox x memory");
+        assert!(std::fs::read(&target).unwrap() == std::fs::read(&source).unwrap());
+        assert!(allocated(&output) < 1 << 20);
+    }
+
+    #[test]
+    fn a_damaged_pack_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("source");
+        std::fs::write(&source, [1u8; 3 * PAGE]).unwrap();
+        let mut packed = Vec::new();
+        pack(&File::open(&source).unwrap(), &mut packed, "l").unwrap();
+        let output = File::create(dir.path().join("target")).unwrap();
+
+        let truncated = &packed[..packed.len() - 20];
+        assert!(unpack(&mut &truncated[..], &output).is_err());
+        let mut wrong_magic = packed.clone();
+        wrong_magic[0] = b'X';
+        let error = unpack(&mut wrong_magic.as_slice(), &output).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
+        // The file's size shrunk under its one extent.
+        let mut too_small = packed.clone();
+        let size_at = 8 + 8 + 1;
+        too_small[size_at..size_at + 8].copy_from_slice(&(PAGE as u64).to_le_bytes());
+        let error = unpack(&mut too_small.as_slice(), &output).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     }
 }

@@ -398,6 +398,35 @@ impl TemplateStore {
         Ok(hex::encode(hasher.finalize()))
     }
 
+    /// Writes the small document `key` (a JSON manifest; not content-addressed, so it can be
+    /// replaced and must be read back to be trusted).
+    pub async fn put_document(&self, key: &str, bytes: Vec<u8>) -> Result<(), StoreError> {
+        self.objects
+            .put(&ObjectPath::from(key), bytes.into())
+            .await
+            .map_err(self.unreachable())?;
+        Ok(())
+    }
+
+    /// The document `key`, if the store holds it.
+    pub async fn get_document(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.objects.get(&ObjectPath::from(key)).await {
+            Ok(answer) => Ok(Some(
+                answer.bytes().await.map_err(self.unreachable())?.to_vec(),
+            )),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.unreachable()(e)),
+        }
+    }
+
+    /// Removes the document `key`; removing one the store does not hold is not an error.
+    pub async fn delete_document(&self, key: &str) -> Result<(), StoreError> {
+        match self.objects.delete(&ObjectPath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.unreachable()(e)),
+        }
+    }
+
     /// Removes a blob; removing one the store does not hold is not an error.
     pub async fn delete(&self, sha256: &str) -> Result<(), StoreError> {
         let key = BlobRef::new(sha256, 0)?.key();

@@ -227,7 +227,10 @@ impl From<SandboxError> for ApiError {
             | SandboxError::Template(TemplateError::SnapshotTemplate(_)) => {
                 (StatusCode::CONFLICT, ErrorCode::Conflict)
             }
-            SandboxError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            SandboxError::NotFound(_) | SandboxError::NotStored(_) => {
+                (StatusCode::NOT_FOUND, ErrorCode::NotFound)
+            }
+            SandboxError::ImportFailed { .. } => (StatusCode::CONFLICT, ErrorCode::Conflict),
             SandboxError::NotRunning { .. } | SandboxError::Transition { .. } => {
                 (StatusCode::CONFLICT, ErrorCode::InvalidState)
             }
@@ -281,6 +284,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}/template", post(capture_template))
         .route("/v1/sandboxes/{id}/snapshot", post(snapshot_template))
         .route("/v1/sandboxes/{id}/fork", post(fork_sandbox))
+        .route("/v1/sandboxes/{id}/import", post(import_sandbox))
         .route("/v1/templates/{name}/publish", post(publish_template))
         .route("/v1/templates/{name}/import", post(import_template))
         .route(
@@ -401,6 +405,16 @@ async fn resume(
 ) -> Result<Json<SandboxInfo>, ApiError> {
     let id = sandbox_id(&id)?;
     Ok(Json(state.sandboxes.resume(&id.to_string()).await?))
+}
+
+/// Takes in a paused sandbox from its copy in the template store (another host paused it);
+/// answered with it paused here, ready for a resume.
+async fn import_sandbox(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxInfo>, ApiError> {
+    let id = sandbox_id(&id)?;
+    Ok(Json(state.sandboxes.import_paused(id).await?))
 }
 
 /// Makes the sandbox's disk a template image, installed here and published to the store.

@@ -17,7 +17,7 @@ use crate::config::Config;
 use api::ServedCredentials;
 use network::{NetworkError, NetworkManager};
 use registration::{ControlPlane, HostCredentials, HostSpecs, RegistrationError};
-use sandbox::{Limits, SandboxError, SandboxManager};
+use sandbox::{Limits, SandboxError, SandboxManager, SnapshotUse};
 
 /// Command-line inputs of `wrenn agent`.
 #[derive(Debug, Clone, Default)]
@@ -124,7 +124,11 @@ pub async fn run(
         limits,
         confinement,
         templates,
-        config.agent.boot_snapshots,
+        SnapshotUse {
+            boot_snapshots: config.agent.boot_snapshots,
+            // The default store is this host's own directory: a copy there helps no other host.
+            store_paused: config.agent.store_paused_sandboxes && config.store.url.is_some(),
+        },
     ));
     sandboxes.recover().await?;
 

@@ -4,7 +4,7 @@
 //! it first; a publish puts a local image into the store for every other host.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::agent::wire::{HeldTemplate, ImportedTemplate};
@@ -78,6 +78,63 @@ impl TemplateImages {
 
     pub fn held(&self) -> Vec<HeldTemplate> {
         held(&self.layout)
+    }
+
+    /// The store the images come from and go to.
+    pub fn store(&self) -> &TemplateStore {
+        &self.store
+    }
+
+    /// Puts the image file at `path` (a sandbox's link to the image of `template` it was
+    /// created from) into the store, unless the store holds it already, and returns its blob.
+    /// When `path` is still the template's current image, the checksum recorded for it saves
+    /// hashing it again.
+    pub async fn publish_image_file(
+        &self,
+        template: &TemplateName,
+        path: &Path,
+    ) -> Result<BlobRef, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let identity = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino(), m.len()));
+        let current = self.layout.image_rootfs(template.as_str());
+        if let (Ok(own), Ok(image), Some(sha256)) = (
+            identity(path),
+            identity(&current),
+            recorded_sha256(&self.layout, template),
+        ) {
+            if own == image {
+                let blob = BlobRef::new(&sha256, own.2)?;
+                if self.store.check(&blob).await.is_ok() {
+                    return Ok(blob);
+                }
+            }
+        }
+        self.store.publish(path, |_| {}).await
+    }
+
+    /// Makes `dest` the image `blob` of `template`: a link to this host's image when it is that
+    /// version, else a copy fetched from the store.
+    pub async fn image_file_at(
+        &self,
+        template: &TemplateName,
+        blob: &BlobRef,
+        dest: &Path,
+    ) -> Result<(), TemplateError> {
+        let _lease = self.lock(template).await;
+        if self.holds(template, blob)
+            && std::fs::hard_link(self.layout.image_rootfs(template.as_str()), dest).is_ok()
+        {
+            return Ok(());
+        }
+        self.store
+            .fetch(blob, dest, |progress| {
+                tracing::info!(template = %template, "fetching a paused sandbox's image: {progress}");
+            })
+            .await
+            .map_err(|source| TemplateError::Store {
+                template: template.to_string(),
+                source,
+            })
     }
 
     /// Holds `template`'s images still until the lease is dropped.

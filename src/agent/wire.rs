@@ -195,6 +195,57 @@ pub struct ForkedSandboxes {
     pub children: Vec<SandboxInfo>,
 }
 
+/// A paused sandbox's copy in the template store, the document [`stored_pause_key`]: all
+/// another host needs to resume it when its own host is gone or full
+/// (`agent::sandbox::relocation`). Its presence means the guest has not run since the pause
+/// it holds: every resume removes it before the guest runs again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredPause {
+    pub format: u32,
+    pub sandbox_id: SandboxId,
+    /// The VMM that paused it (`qemu`, `firecracker`); only the same kind can resume it.
+    pub vmm: String,
+    /// The guest kernel and initramfs it runs: a host with other ones cannot resume it.
+    pub kernel_sha256: String,
+    pub initrd_sha256: Option<String>,
+    /// The read-only template image under its disk, byte for byte (shared with the template
+    /// and other sandboxes: content-addressed, and never removed with the copy).
+    pub base_image: BlobRef,
+    /// Its record, snapshot and writable disk, each a pack of its own (`sparse::pack`) whose
+    /// label names this sandbox and pause, so these blobs belong to this copy alone.
+    pub parts: Vec<StoredPart>,
+    pub stored_at: DateTime<Utc>,
+}
+
+/// The version of [`StoredPause`] this build writes and reads.
+pub const STORED_PAUSE_FORMAT: u32 = 1;
+
+/// Where a paused sandbox's copy is in the template store.
+pub fn stored_pause_key(id: SandboxId) -> String {
+    format!("paused/{id}.json")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredPart {
+    pub part: PausedPart,
+    pub blob: BlobRef,
+}
+
+/// The files a paused sandbox is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, strum::EnumIter)]
+#[serde(rename_all = "snake_case")]
+pub enum PausedPart {
+    /// `sandboxes/<id>/sandbox.json`: the create request, envd's token, the metadata.
+    Record,
+    SnapshotMeta,
+    SnapshotState,
+    SnapshotMemory,
+    /// `sandboxes/<id>/upper.ext4`, the writable disk.
+    Disk,
+}
+
 /// `POST /v1/templates/{name}/import`, as JSON: import the container image archive already at
 /// `path` on the host. (The archive may also be the request's body itself.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -96,6 +96,8 @@ pub struct AgentConfig {
     pub destroy_sandboxes_on_stop: bool,
     /// Creates restore their template's boot snapshot instead of booting.
     pub boot_snapshots: bool,
+    /// Paused sandboxes are copied to a shared template store, resumable on any host.
+    pub store_paused_sandboxes: bool,
     pub network_name_prefix: String,
     pub sandbox_host_range: Ipv4Cidr,
     pub sandbox_transit_range: Ipv4Cidr,
@@ -237,6 +239,9 @@ impl Default for Config {
                     .parse()
                     .expect("default is a number"),
                 boot_snapshots: default("agent.boot_snapshots").parse().expect("default"),
+                store_paused_sandboxes: default("agent.store_paused_sandboxes")
+                    .parse()
+                    .expect("default is a boolean"),
                 destroy_sandboxes_on_stop: default("agent.destroy_sandboxes_on_stop")
                     .parse()
                     .expect("default is a boolean"),

@@ -53,6 +53,7 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.envd_ready_timeout_secs" => c.agent.envd_ready_timeout_secs.to_string(),
             "agent.destroy_sandboxes_on_stop" => c.agent.destroy_sandboxes_on_stop.to_string(),
             "agent.boot_snapshots" => c.agent.boot_snapshots.to_string(),
+            "agent.store_paused_sandboxes" => c.agent.store_paused_sandboxes.to_string(),
             "agent.heartbeat_interval_secs" => c.agent.heartbeat_interval_secs.to_string(),
             "agent.sandbox_host_range" => c.agent.sandbox_host_range.to_string(),
             "agent.sandbox_transit_range" => c.agent.sandbox_transit_range.to_string(),

@@ -64,6 +64,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "agent.envd_ready_timeout_secs" => ("20", "40"),
         "agent.destroy_sandboxes_on_stop" => ("true", "false"),
         "agent.boot_snapshots" => ("false", "true"),
+        "agent.store_paused_sandboxes" => ("false", "true"),
         "agent.network_name_prefix" => ("wrnfile", "wrnenv"),
         "agent.sandbox_host_range" => ("10.51.0.0/16", "10.61.0.0/24"),
         "agent.sandbox_transit_range" => ("10.52.0.0/16", "10.62.0.0/24"),

@@ -481,6 +481,23 @@ impl AgentClient {
         .await
     }
 
+    /// Has the host take in a paused sandbox from its copy in the template store (another host
+    /// paused it); answers it paused there.
+    pub async fn import_sandbox(
+        &self,
+        target: &AgentTarget,
+        id: SandboxId,
+    ) -> Result<SandboxInfo, AgentError> {
+        self.json(
+            target,
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/import"),
+            None::<&()>,
+            self.timeouts.create,
+        )
+        .await
+    }
+
     /// Resumes a paused sandbox; answers once its envd answers.
     pub async fn resume_sandbox(
         &self,

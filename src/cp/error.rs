@@ -219,6 +219,10 @@ impl From<CapsuleError> for ApiError {
                 message,
             },
             CapsuleError::Agent(agent) => agent.into(),
+            CapsuleError::Store(_) => ApiError::Unavailable {
+                code: ErrorCode::StoreUnavailable,
+                message,
+            },
             CapsuleError::TeamBusy(_) => ApiError::RateLimited {
                 message,
                 retry_after_secs: limits::RETRY_AFTER.as_secs(),

@@ -10,7 +10,9 @@
 //! - A `pausing` or `resuming` sandbox long past the operation's timeout (the control plane died
 //!   during it) takes the agent's status too.
 //! - The agent runs a sandbox the database holds as `stopped`/`error` (or not at all): a destroy
-//!   or a create whose outcome was unknown; the reconciler destroys it on the agent.
+//!   or a create whose outcome was unknown; the reconciler destroys it on the agent. So is one
+//!   the database holds on another host (it was resumed there from the template store), once
+//!   that resume has finished.
 //! - A sandbox still `pending` or `starting` a minute past the create timeout (the control plane
 //!   died during its create) becomes `error`, releasing its reservation.
 //! - A `stopping` sandbox the agent no longer has is `stopped`; one it still runs past the
@@ -155,6 +157,12 @@ pub async fn reconcile_once(state: &AppState) -> Result<PassReport, DbError> {
     }
 }
 
+/// Whether the sandbox's row is `resuming` on another host: a relocation in progress, whose
+/// import still needs the store copy this host's teardown would remove.
+async fn moving_elsewhere(state: &AppState, id: SandboxId) -> Result<bool, DbError> {
+    Ok(sandboxes::status_of(&state.db, id.uuid()).await? == Some(SandboxStatus::Resuming))
+}
+
 async fn mark_missing(
     state: &AppState,
     host: &Host,
@@ -291,6 +299,11 @@ async fn reconcile_host(
         // destroyed once the agent has finished with it.
         let settled = matches!(agent_status, SandboxPhase::Running | SandboxPhase::Paused);
         if !orphan || !settled {
+            continue;
+        }
+        if !known.contains_key(&id) && moving_elsewhere(state, id).await? {
+            // Its copy is being resumed on another host; this host's copy of it is removed
+            // once that has finished (the row is then live there, and this is an orphan).
             continue;
         }
         match state.capsules.agents.destroy_sandbox(&target, id).await {

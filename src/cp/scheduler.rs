@@ -239,6 +239,96 @@ pub async fn place_fork(
     Ok(())
 }
 
+/// A paused capsule that must resume away from its host (gone, or full): it may go to any
+/// other online host of its team with room, as a create would (those holding its template
+/// first), and is moved there `resuming`.
+pub struct Relocation {
+    pub sandbox_id: Uuid,
+    pub team_id: Uuid,
+    pub from_host: Uuid,
+    pub from_status: sandboxes::SandboxStatus,
+    pub template_name: String,
+    pub demand: Demand,
+}
+
+/// Chooses a host for `relocation` and moves the capsule's row there under that host's lock,
+/// like [`place`]. `Ok(None)`: the row moved on meanwhile (a destroy, another resume).
+pub async fn place_relocation(
+    db: &Db,
+    settings: &SchedulerSettings,
+    relocation: &Relocation,
+) -> Result<Option<Host>, ScheduleError> {
+    let mut candidates = hosts::schedulable_for_team(db, relocation.team_id).await?;
+    candidates.retain(|host| host.id != relocation.from_host);
+    if candidates.is_empty() {
+        return Err(ScheduleError::NoHosts);
+    }
+    let considered = candidates.len();
+    let ids: Vec<Uuid> = candidates.iter().map(|h| h.id).collect();
+    let reserved: HashMap<Uuid, Reserved> = sandboxes::reserved_on_hosts(db, &ids)
+        .await?
+        .into_iter()
+        .collect();
+    let holding: HashSet<Uuid> = host_templates::holding(db, &ids, &relocation.template_name, None)
+        .await?
+        .into_iter()
+        .collect();
+    let mut loads: Vec<Load> = candidates
+        .iter()
+        .map(|host| Load {
+            capacity: Capacity::of(host, settings),
+            reserved: reserved.get(&host.id).copied().unwrap_or_default(),
+            holds_template: holding.contains(&host.id),
+        })
+        .collect();
+    while let Some(index) = choose(&loads, &relocation.demand) {
+        let mut conn = db.acquire().await.map_err(DbError::from)?;
+        let mut tx = conn.begin().await.map_err(DbError::from)?;
+        let chosen = candidates[index].id;
+        if let Some(host) = hosts::lock_schedulable(&mut *tx, chosen, relocation.team_id).await? {
+            let load = Load {
+                capacity: Capacity::of(&host, settings),
+                reserved: sandboxes::reserved_on_host(&mut *tx, chosen).await?,
+                holds_template: loads[index].holds_template,
+            };
+            if headroom(&load, &relocation.demand).is_some() {
+                let moved = sandboxes::relocate(
+                    &mut *tx,
+                    relocation.sandbox_id,
+                    relocation.from_host,
+                    relocation.from_status,
+                    chosen,
+                )
+                .await?;
+                tx.commit().await.map_err(DbError::from)?;
+                return Ok(moved.then_some(host));
+            }
+        }
+        candidates.swap_remove(index);
+        loads.swap_remove(index);
+    }
+    Err(ScheduleError::NoRoom {
+        demand: relocation.demand,
+        hosts: considered,
+    })
+}
+
+/// Whether `host` has room for `demand` now (a read, without its lock): whether a paused capsule
+/// can resume at home or should move.
+pub async fn has_room(
+    db: &Db,
+    settings: &SchedulerSettings,
+    host: &Host,
+    demand: &Demand,
+) -> Result<bool, ScheduleError> {
+    let load = Load {
+        capacity: Capacity::of(host, settings),
+        reserved: sandboxes::reserved_on_host(db, host.id).await?,
+        holds_template: true,
+    };
+    Ok(headroom(&load, demand).is_some())
+}
+
 impl Placement {
     fn row(&self, host_id: Uuid) -> PlacedSandbox {
         let as_i32 = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);

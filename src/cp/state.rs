@@ -149,7 +149,8 @@ pub struct CapsuleSettings {
     pub reconcile_interval: Duration,
     pub team_limits: TeamLimitSettings,
     /// The template store, when `store.url` names one the control plane can reach too: it then
-    /// confirms what a host says it published. Without it, the host's word is taken.
+    /// confirms what a host says it published, and finds the copies of paused capsules that
+    /// can resume on another host. Without it, the host's word is taken and nothing moves.
     pub store: Option<TemplateStore>,
     /// `cp.build_context_max_bytes`: the largest build archive, uploaded and unpacked.
     pub build_context_max_bytes: u64,

@@ -227,6 +227,23 @@ pub async fn insert_forked(
     Ok(inserted.rows_affected())
 }
 
+/// The sandbox, whatever its status and team.
+pub async fn by_id(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<SandboxRow>, DbError> {
+    Ok(sqlx::query_as!(
+        SandboxRow,
+        r#"SELECT s.id, s.team_id, s.host_id, s.template_name AS template, s.status AS "status: SandboxStatus",
+                  s.vcpus, s.memory_mb, s.disk_mb, s.timeout_sec, s.created_at, s.started_at,
+                  s.last_active_at, s.last_updated, s.metadata,
+                  h.address AS "host_address?"
+           FROM sandboxes s
+           LEFT JOIN hosts h ON h.id = s.host_id
+           WHERE s.id = $1"#,
+        id,
+    )
+    .fetch_optional(ex)
+    .await?)
+}
+
 /// The team's sandbox, whatever its status.
 pub async fn for_team(
     ex: impl PgExecutor<'_>,
@@ -275,6 +292,22 @@ pub async fn route_for_team(
            WHERE s.id = $1 AND s.team_id = $2"#,
         id,
         team,
+    )
+    .fetch_optional(ex)
+    .await?)
+}
+
+/// The sandbox with its host, whatever its status (read again after it may have moved).
+pub async fn route_of(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<SandboxRoute>, DbError> {
+    Ok(sqlx::query_as!(
+        SandboxRoute,
+        r#"SELECT s.status AS "status: SandboxStatus", s.host_id,
+                  h.status AS "host_status?: HostStatus", h.address AS "host_address?",
+                  h.agent_secret_generation AS "agent_secret_generation?"
+           FROM sandboxes s
+           LEFT JOIN hosts h ON h.id = s.host_id
+           WHERE s.id = $1"#,
+        id,
     )
     .fetch_optional(ex)
     .await?)
@@ -393,6 +426,52 @@ pub async fn transition(
         change.started,
         change.reason,
         STATUS_REASON_KEY,
+    )
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Moves a paused (or missing: its host is gone) sandbox to host `to`, `resuming` there, to be
+/// resumed from its copy in the template store; refused (false) if the row left `from_status`
+/// on `from_host` meanwhile. Outside the transition table on purpose: only the relocation
+/// changes a sandbox's host, and [`move_back`] is its only undo.
+pub async fn relocate(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    from_host: Uuid,
+    from_status: SandboxStatus,
+    to: Uuid,
+) -> Result<bool, DbError> {
+    let done = sqlx::query!(
+        "UPDATE sandboxes SET host_id = $4, status = 'resuming', last_updated = now()
+         WHERE id = $1 AND host_id = $2 AND status = $3 AND status IN ('paused', 'missing')",
+        id,
+        from_host,
+        from_status.as_str(),
+        to,
+    )
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Undoes a [`relocate`] whose import failed: the sandbox goes back to `host`, `status`, if it is
+/// still `resuming` on `from` (a destroy meanwhile wins).
+pub async fn move_back(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    from: Uuid,
+    host: Uuid,
+    status: SandboxStatus,
+) -> Result<bool, DbError> {
+    let done = sqlx::query!(
+        "UPDATE sandboxes SET host_id = $3, status = $4, last_updated = now()
+         WHERE id = $1 AND host_id = $2 AND status = 'resuming'",
+        id,
+        from,
+        host,
+        status.as_str(),
     )
     .execute(ex)
     .await?;

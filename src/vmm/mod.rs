@@ -28,7 +28,7 @@ pub use console::console_tail;
 pub use firecracker::{FirecrackerApiError, FirecrackerVmm};
 pub use leftovers::{find_leftovers, kill_leftover, Leftover};
 pub use qemu::{Accel, AccelDecision, QemuVmm, QmpError};
-pub use snapshot::{SnapshotError, SnapshotFiles, SnapshotMeta};
+pub use snapshot::{rebase_snapshot_meta, SnapshotError, SnapshotFiles, SnapshotMeta};
 
 /// Kernel arguments every guest boots with, whatever the backend: the serial console the agent
 /// captures, reboot through the keyboard controller (Firecracker exits on it), reboot instead of

@@ -518,6 +518,31 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// Points the snapshot whose metadata is at `meta_path` at this host's files: the kernel, the
+/// initramfs and each drive (by id) under this host's paths, for a snapshot taken on another
+/// host whose files root differs. The caller has checked that the files are the same.
+pub fn rebase_snapshot_meta(
+    meta_path: &Path,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    drives: &[(&str, &Path)],
+) -> Result<(), SnapshotError> {
+    let bytes = fs::read(meta_path).map_err(io_error("failed to read", meta_path))?;
+    let mut meta: SnapshotMeta =
+        serde_json::from_slice(&bytes).map_err(|e| SnapshotError::Corrupt {
+            path: meta_path.to_owned(),
+            detail: format!("the metadata does not parse: {e}"),
+        })?;
+    meta.machine.kernel = kernel.to_owned();
+    meta.machine.initrd = initrd.map(Path::to_owned);
+    for drive in &mut meta.machine.drives {
+        if let Some((_, path)) = drives.iter().find(|(id, _)| *id == drive.id) {
+            drive.path = (*path).to_owned();
+        }
+    }
+    write_meta(meta_path, &meta)
+}
+
 /// Writes `meta.json` through a `.partial` file, durably.
 fn write_meta(path: &Path, meta: &SnapshotMeta) -> Result<(), SnapshotError> {
     let partial = Layout::partial(path);
@@ -794,6 +819,40 @@ mod tests {
             matches!(err, SnapshotError::AlreadyRestored { .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_snapshot_from_another_host_is_rebased_onto_this_hosts_paths_and_then_loads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path());
+        let files = written(&layout, "cl-r");
+        let here = Machine {
+            kernel: "/here/kernels/vmlinux".into(),
+            initrd: Some("/here/kernels/initramfs".into()),
+            drives: vec![MachineDrive {
+                id: "root".into(),
+                path: "/here/sandboxes/cl-r/base.ext4".into(),
+                read_only: true,
+            }],
+            ..machine()
+        };
+        let reader = SnapshotReader::open(&files).unwrap();
+        assert!(reader
+            .check(VmmKind::Qemu, "QEMU 7.2.22", None, &here)
+            .is_err());
+        drop(reader);
+        rebase_snapshot_meta(
+            &files.meta,
+            &here.kernel,
+            here.initrd.as_deref(),
+            &[("root", &here.drives[0].path), ("absent", Path::new("/x"))],
+        )
+        .unwrap();
+        let reader = SnapshotReader::open(&files).unwrap();
+        reader
+            .check(VmmKind::Qemu, "QEMU 7.2.22", None, &here)
+            .unwrap();
+        assert_eq!(reader.meta.machine, here);
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod pause;
 mod phase;
 mod reaper;
 mod record;
+mod relocation;
 mod snapshot_template;
 mod teardown;
 
@@ -93,6 +94,13 @@ pub enum SandboxError {
     /// No template image was made; the sandbox runs on.
     #[error("capturing sandbox {id} as a template failed: {reason}")]
     CaptureFailed { id: String, reason: String },
+    /// The template store holds no copy of the sandbox (it was not paused elsewhere with a
+    /// shared store, or it has been resumed since).
+    #[error("the template store holds no paused copy of sandbox {0}")]
+    NotStored(String),
+    /// The store's copy of a paused sandbox cannot be taken in here; nothing of it was kept.
+    #[error("importing paused sandbox {id} failed: {reason}")]
+    ImportFailed { id: String, reason: String },
     /// The resume did not happen; the sandbox is still paused and may be resumed again.
     #[error("resuming sandbox {id} failed; it stays paused: {reason}")]
     ResumeFailed { id: String, reason: String },
@@ -176,6 +184,8 @@ struct Sandbox {
     /// The token envd in the guest expects. It lives in the guest's memory, so it survives a
     /// pause; a resume replaces it.
     access_token: Mutex<SecretText>,
+    /// Its copy in the template store, while paused (`relocation`).
+    store_copy: relocation::StoreCopy,
 }
 
 /// Holds a sandbox active (exempt from the idle reaper) while it lives; the idle timer restarts
@@ -217,6 +227,7 @@ impl Sandbox {
             guest_addr: Mutex::new(None),
             metadata: Mutex::new(BTreeMap::new()),
             access_token: Mutex::new(SecretText::default()),
+            store_copy: relocation::StoreCopy::default(),
         }
     }
 
@@ -306,6 +317,15 @@ impl Sandbox {
     }
 }
 
+/// Which uses of snapshots beyond pause and resume this host makes.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotUse {
+    /// Creates restore their template's boot snapshot.
+    pub boot_snapshots: bool,
+    /// Paused sandboxes are copied to the (shared) template store, resumable on any host.
+    pub store_paused: bool,
+}
+
 /// Owns every sandbox on this host.
 pub struct SandboxManager {
     layout: Layout,
@@ -316,6 +336,8 @@ pub struct SandboxManager {
     confinement: ConfinementPolicy,
     templates: Arc<TemplateImages>,
     boot_snapshots: boot_snapshot::BootSnapshots,
+    /// Paused sandboxes are copied to the (shared) template store.
+    store_paused: bool,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     /// The most recent sandboxes lost, for the control plane's reconciler.
     lost: Mutex<VecDeque<LostSandbox>>,
@@ -343,7 +365,7 @@ impl SandboxManager {
         limits: Limits,
         confinement: ConfinementPolicy,
         templates: Arc<TemplateImages>,
-        boot_snapshots: bool,
+        snapshots: SnapshotUse,
     ) -> Self {
         let uppers = disk::UpperDisks::open(layout.clone());
         Self {
@@ -354,7 +376,8 @@ impl SandboxManager {
             limits,
             confinement,
             templates,
-            boot_snapshots: boot_snapshot::BootSnapshots::new(boot_snapshots),
+            boot_snapshots: boot_snapshot::BootSnapshots::new(snapshots.boot_snapshots),
+            store_paused: snapshots.store_paused,
             sandboxes: Mutex::new(HashMap::new()),
             lost: Mutex::new(VecDeque::new()),
             operations: tokio_util::task::TaskTracker::new(),

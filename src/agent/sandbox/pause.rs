@@ -38,9 +38,14 @@ impl SandboxManager {
     /// never leaves it half done.
     pub async fn pause(self: &Arc<Self>, id: &str) -> Result<SandboxInfo, SandboxError> {
         let this = self.clone();
-        let id = id.to_owned();
-        self.run_to_end(async move { this.pause_now(&id, None).await })
-            .await
+        let owned = id.to_owned();
+        let info = self
+            .run_to_end(async move { this.pause_now(&owned, None).await })
+            .await?;
+        if info.status == SandboxPhase::Paused {
+            self.copy_to_store_later(id);
+        }
+        Ok(info)
     }
 
     /// Pauses a running sandbox if it is still idle for longer than `timeout` when the pause
@@ -52,9 +57,14 @@ impl SandboxManager {
         timeout: Duration,
     ) -> Result<SandboxInfo, SandboxError> {
         let this = self.clone();
-        let id = id.to_owned();
-        self.run_to_end(async move { this.pause_now(&id, Some(timeout)).await })
-            .await
+        let owned = id.to_owned();
+        let info = self
+            .run_to_end(async move { this.pause_now(&owned, Some(timeout)).await })
+            .await?;
+        if info.status == SandboxPhase::Paused {
+            self.copy_to_store_later(id);
+        }
+        Ok(info)
     }
 
     /// Resumes a paused sandbox; answers once envd in the restored guest answers. Runs in its
@@ -201,6 +211,11 @@ impl SandboxManager {
             }
         }
         let started = Instant::now();
+        // The store's copy goes before the guest runs: from then on it would be older than the
+        // guest, and a host importing it would lose what the guest wrote.
+        if let Err(error) = self.drop_store_copy(&sandbox).await {
+            tracing::warn!(sandbox = id, %error, "could not remove the paused sandbox's copy from the template store; resuming anyway, so another host must not import it");
+        }
         match self.restore(&sandbox).await {
             Ok(runtime) => {
                 *sandbox.guest_addr.lock().expect("addr lock") =

@@ -89,6 +89,9 @@ impl SandboxManager {
                 result = Err(SandboxError::from(error));
             }
         }
+        if let Err(error) = self.drop_store_copy(sandbox).await {
+            tracing::warn!(sandbox = %id, %error, "could not remove the sandbox's copy from the template store");
+        }
         // The record (in the sandbox directory) first: after a crash in between, a snapshot
         // without a record is a leftover to remove, while a record without its snapshot would
         // look like a paused sandbox that was lost.

@@ -4,6 +4,7 @@
 //! not found.
 
 pub mod guest;
+mod relocate;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -80,6 +81,8 @@ pub enum CapsuleError {
     Db(#[from] DbError),
     #[error(transparent)]
     TeamBusy(#[from] TeamBusy),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 impl CapsuleError {
@@ -428,6 +431,7 @@ pub async fn destroy(state: &AppState, team: TeamId, id: SandboxId) -> Result<()
         },
         Err(CapsuleError::HostUnavailable(host)) => {
             tracing::info!(sandbox = %id, %host, "destroying a capsule whose host is away; it is removed there on return");
+            relocate::remove_store_copy(state, id).await;
         }
         Err(other) => return Err(other),
     }
@@ -511,6 +515,13 @@ pub async fn ready(
                 }
                 tokio::time::sleep(SETTLE_POLL).await;
             }
+            SandboxStatus::Missing if relocate::has_store_copy(state, id).await => {
+                tracing::info!(sandbox = %id, "a call for a capsule whose host is gone resumes it elsewhere");
+                match resume(state, id, route.clone()).await {
+                    Ok(()) | Err(CapsuleError::NotPaused(_) | CapsuleError::Busy(_)) => {}
+                    Err(error) => return Err(error),
+                }
+            }
             SandboxStatus::Running
             | SandboxStatus::Pending
             | SandboxStatus::Starting
@@ -520,7 +531,8 @@ pub async fn ready(
             | SandboxStatus::Failed
             | SandboxStatus::Missing => return reach(state, id, route),
         }
-        route.status = sandboxes::status_of(&state.db, id.uuid())
+        // All of it: a resume may have moved the capsule to another host.
+        route = sandboxes::route_of(&state.db, id.uuid())
             .await?
             .ok_or(CapsuleError::NotFound)?;
     }
@@ -562,7 +574,11 @@ pub async fn resume(
     route: SandboxRoute,
 ) -> Result<(), CapsuleError> {
     to_the_end(state, move |state| async move {
-        operate(&state, id, route, Operation::Resume).await
+        if relocate::must_move(&state, id, &route).await? {
+            relocate::resume_elsewhere(&state, id, route).await
+        } else {
+            operate(&state, id, route, Operation::Resume).await
+        }
     })
     .await
 }
