@@ -452,7 +452,19 @@ fn remove_unless_in_use(dir: &Path) {
     };
     match Flock::lock(handle, FlockArg::LockExclusiveNonblock) {
         Ok(_lock) => {
-            if let Err(reason) = remove_dir_if_present(dir) {
+            // Out of the way at once, then removed: nobody (a create, a collection, a test
+            // watching the directory) sees it half removed under its own name. A dot-name left
+            // by a crash is removed by the next collection.
+            let doomed = dir.with_file_name(format!(
+                ".removing-{}",
+                dir.file_name().unwrap_or_default().to_string_lossy()
+            ));
+            let target = if fs::rename(dir, &doomed).is_ok() {
+                doomed
+            } else {
+                dir.to_owned()
+            };
+            if let Err(reason) = remove_dir_if_present(&target) {
                 tracing::warn!(%reason, "could not remove a boot snapshot");
             }
         }
