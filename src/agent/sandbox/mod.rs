@@ -338,6 +338,7 @@ pub struct SandboxManager {
     boot_snapshots: boot_snapshot::BootSnapshots,
     /// Paused sandboxes are copied to the (shared) template store.
     store_paused: bool,
+    kernel_checksums: relocation::KernelChecksums,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
     /// The most recent sandboxes lost, for the control plane's reconciler.
     lost: Mutex<VecDeque<LostSandbox>>,
@@ -378,6 +379,7 @@ impl SandboxManager {
             templates,
             boot_snapshots: boot_snapshot::BootSnapshots::new(snapshots.boot_snapshots),
             store_paused: snapshots.store_paused,
+            kernel_checksums: relocation::KernelChecksums::default(),
             sandboxes: Mutex::new(HashMap::new()),
             lost: Mutex::new(VecDeque::new()),
             operations: tokio_util::task::TaskTracker::new(),

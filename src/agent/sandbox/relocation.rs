@@ -104,16 +104,40 @@ fn read_marker(layout: &Layout, id: &str) -> Option<StoredPause> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// The checksums of this host's guest kernel and initramfs.
-async fn kernel_checksums(layout: &Layout) -> Result<(String, Option<String>), StoreError> {
-    let (kernel, _) = sha256_of(&layout.default_kernel()).await?;
-    let initramfs = layout.default_initramfs();
-    let initrd = if initramfs.is_file() {
-        Some(sha256_of(&initramfs).await?.0)
-    } else {
-        None
-    };
-    Ok((kernel, initrd))
+/// The checksums of this host's guest kernel and initramfs, computed again only when either
+/// file changed (a kernel is tens of MiB: hashing it on every pause and import would cost more
+/// than the rest of a small copy).
+#[derive(Default)]
+pub(super) struct KernelChecksums(std::sync::Mutex<Option<(FilesSeen, KernelSums)>>);
+
+type FilesSeen = Vec<Option<(u64, std::time::SystemTime)>>;
+type KernelSums = (String, Option<String>);
+
+impl KernelChecksums {
+    async fn of(&self, layout: &Layout) -> Result<KernelSums, StoreError> {
+        let (kernel, initramfs) = (layout.default_kernel(), layout.default_initramfs());
+        let seen: FilesSeen = [&kernel, &initramfs]
+            .iter()
+            .map(|p| {
+                let meta = std::fs::metadata(p).ok()?;
+                Some((meta.len(), meta.modified().ok()?))
+            })
+            .collect();
+        if let Some((known, sums)) = self.0.lock().expect("checksums lock").as_ref() {
+            if *known == seen {
+                return Ok(sums.clone());
+            }
+        }
+        let (kernel_sum, _) = sha256_of(&kernel).await?;
+        let initrd_sum = if initramfs.is_file() {
+            Some(sha256_of(&initramfs).await?.0)
+        } else {
+            None
+        };
+        let sums = (kernel_sum, initrd_sum);
+        *self.0.lock().expect("checksums lock") = Some((seen, sums.clone()));
+        Ok(sums)
+    }
 }
 
 impl SandboxManager {
@@ -177,7 +201,7 @@ impl SandboxManager {
             // Unfinished (this agent stopped during it): made again.
             self.remove_store_copy(&id).await?;
         }
-        let (kernel_sha256, initrd_sha256) = kernel_checksums(&self.layout).await?;
+        let (kernel_sha256, initrd_sha256) = self.kernel_checksums.of(&self.layout).await?;
         let base_image = self
             .templates
             .publish_image_file(
@@ -330,7 +354,9 @@ impl SandboxManager {
                 copy.vmm
             )));
         }
-        let (kernel, initrd) = kernel_checksums(&self.layout)
+        let (kernel, initrd) = self
+            .kernel_checksums
+            .of(&self.layout)
             .await
             .map_err(|e| refused(e.to_string()))?;
         if copy.kernel_sha256 != kernel || copy.initrd_sha256 != initrd {
