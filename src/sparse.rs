@@ -121,12 +121,18 @@ const PACK_LABEL_MAX: u64 = 4096;
 /// Writes `input` as a *pack*: one stream holding its apparent size and only the runs of pages
 /// that hold data, so a mostly empty disk or memory file travels (to the template store and
 /// back) at the cost of what the guest wrote. `label` goes into the header: it names what the
-/// pack is of and makes two packs of identical files different objects. Returns the bytes
+/// pack is of and makes two packs of identical files different objects. `stop` is asked
+/// between chunks; when it says so the pack ends with an `Interrupted` error. Returns the bytes
 /// written.
 ///
 /// Layout (integers little-endian u64): magic, label length, label, apparent size, then per
 /// extent its offset, length and bytes, and last an extent at offset `u64::MAX` of length 0.
-pub fn pack(input: &File, output: &mut impl io::Write, label: &str) -> io::Result<u64> {
+pub fn pack(
+    input: &File,
+    output: &mut impl io::Write,
+    label: &str,
+    stop: &dyn Fn() -> bool,
+) -> io::Result<u64> {
     let len = input.metadata()?.len();
     let mut written = 0u64;
     let mut put = |output: &mut dyn io::Write, bytes: &[u8]| -> io::Result<()> {
@@ -150,6 +156,9 @@ pub fn pack(input: &File, output: &mut impl io::Write, label: &str) -> io::Resul
         let extent_end = lseek(input, data, Whence::SeekHole)?.min(end);
         let mut offset = data;
         while offset < extent_end {
+            if stop() {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "pack stopped"));
+            }
             let want = usize::try_from((extent_end - offset).min(SCAN_CHUNK as i64))
                 .map_err(io::Error::other)?;
             let read = input.read_at(&mut buffer[..want], u64::try_from(offset).unwrap_or(0))?;
@@ -334,6 +343,7 @@ mod tests {
             &File::open(&source).unwrap(),
             &mut packed,
             "sandbox x memory",
+            &|| false,
         )
         .unwrap();
         assert_eq!(written, packed.len() as u64);
@@ -353,7 +363,12 @@ mod tests {
         let source = dir.path().join("source");
         std::fs::write(&source, [1u8; 3 * PAGE]).unwrap();
         let mut packed = Vec::new();
-        pack(&File::open(&source).unwrap(), &mut packed, "l").unwrap();
+        pack(&File::open(&source).unwrap(), &mut packed, "l", &|| false).unwrap();
+        let error = pack(&File::open(&source).unwrap(), &mut Vec::new(), "l", &|| {
+            true
+        })
+        .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::Interrupted);
         let output = File::create(dir.path().join("target")).unwrap();
 
         let truncated = &packed[..packed.len() - 20];

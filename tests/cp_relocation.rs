@@ -399,10 +399,30 @@ async fn a_paused_capsule_whose_host_is_full_resumes_on_another() {
         "{report:?}"
     );
     assert!(!home_agent.sandbox_ids().contains(&id));
+
+    // With no room anywhere, it resumes where it is, as it always could, rather than not at all.
+    let (status, body) = cp
+        .call(POST, &format!("/v1/capsules/{id}/pause"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_stored(store_dir.path(), &id).await;
+    sqlx::query("UPDATE hosts SET memory_mb = 64")
+        .execute(&cp.db)
+        .await
+        .unwrap();
+    let (status, body) = cp
+        .call(POST, &format!("/v1/capsules/{id}/resume"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(host_of(&cp, &id).await, away_host);
+    let out = exec(&cp, &key, &id, "cat /root/f").await;
+    assert_eq!(out["stdout"], "before-the-move\n", "{out}");
+
     let (status, body) = cp
         .call(DELETE, &format!("/v1/capsules/{id}"), &key, None)
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    assert!(stored_copy(store_dir.path(), &id).is_none());
     wait_clean(&away_agent);
     wait_clean(&home_agent);
 }

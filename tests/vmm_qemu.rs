@@ -329,6 +329,9 @@ async fn auto_accel_probes_kvm_once_and_logs_its_choice() {
         .with_ansi(false)
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Other tests of this binary hit the same log call sites on their threads at the same time,
+    // with no subscriber; their cached "nobody listens" must not silence this thread's.
+    tracing::callsite::rebuild_interest_cache();
 
     let vmm = QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Auto, console_cap());
     let started = Instant::now();
@@ -362,6 +365,7 @@ async fn auto_accel_probes_kvm_once_and_logs_its_choice() {
     );
 
     // TCG configured is said out loud too; `kvm`, production's choice, never falls back.
+    tracing::callsite::rebuild_interest_cache();
     let tcg = QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Tcg, console_cap());
     assert_eq!(tcg.accel(&f.kernel.vmlinux).await.accel, Accel::Tcg);
     let kvm = QemuVmm::new("qemu-system-x86_64".into(), QemuAccel::Kvm, console_cap());

@@ -373,13 +373,27 @@ async fn info(
     Ok(Json(state.sandboxes.info(&id.to_string())?).into_response())
 }
 
+/// `DELETE /v1/sandboxes/{id}`; with `?keep_store_copy=true` the sandbox's copy in the template
+/// store stays (see [`SandboxManager::destroy_here`]).
 async fn destroy(
     State(state): State<AgentState>,
     Path(id): Path<String>,
+    Query(query): Query<DestroyQuery>,
 ) -> Result<StatusCode, ApiError> {
     let id = sandbox_id(&id)?;
-    state.sandboxes.destroy(&id.to_string()).await?;
+    if query.keep_store_copy {
+        state.sandboxes.destroy_here(&id.to_string()).await?;
+    } else {
+        state.sandboxes.destroy(&id.to_string()).await?;
+    }
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestroyQuery {
+    #[serde(default)]
+    keep_store_copy: bool,
 }
 
 async fn ping_sandbox(

@@ -204,8 +204,13 @@ pub struct ForkedSandboxes {
 pub struct StoredPause {
     pub format: u32,
     pub sandbox_id: SandboxId,
-    /// The VMM that paused it (`qemu`, `firecracker`); only the same kind can resume it.
+    /// When its snapshot was taken (the snapshot's own `created_unix_ms`): which pause this is
+    /// the copy of.
+    pub paused_at_unix_ms: u64,
+    /// The VMM that paused it (`qemu`, `firecracker`) and its version; a snapshot loads only
+    /// into the same.
     pub vmm: String,
+    pub vmm_version: String,
     /// The guest kernel and initramfs it runs: a host with other ones cannot resume it.
     pub kernel_sha256: String,
     pub initrd_sha256: Option<String>,

@@ -545,6 +545,24 @@ impl AgentClient {
         .map(drop)
     }
 
+    /// Destroys the sandbox on that host only, keeping its copy in the template store: for a
+    /// stale copy of a capsule that lives on (or is being moved to) another host.
+    pub async fn destroy_sandbox_here(
+        &self,
+        target: &AgentTarget,
+        id: SandboxId,
+    ) -> Result<(), AgentError> {
+        self.send_json(
+            target,
+            Method::DELETE,
+            &format!("/v1/sandboxes/{id}?keep_store_copy=true"),
+            None::<&()>,
+            self.timeouts.request,
+        )
+        .await
+        .map(drop)
+    }
+
     /// Resets the sandbox's idle timer.
     pub async fn ping_sandbox(
         &self,

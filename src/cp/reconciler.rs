@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::services::capsules::agent_target;
+use super::services::capsules::{agent_target, has_store_copy};
 use super::state::AppState;
 use crate::agent::wire::SandboxPhase;
 use crate::db::host_templates;
@@ -244,6 +244,13 @@ async fn reconcile_host(
                 }
             }
             SandboxStatus::Stopping => on_agent.is_none().then_some(SandboxStatus::Stopped),
+            // A relocation whose control plane died: the host never took the capsule in,
+            // but the store still holds it, so it can be resumed (moved) again.
+            SandboxStatus::Resuming
+                if abandoned && on_agent.is_none() && has_store_copy(state, id).await =>
+            {
+                Some(SandboxStatus::Missing)
+            }
             SandboxStatus::Pausing | SandboxStatus::Resuming | SandboxStatus::Snapshotting
                 if abandoned =>
             {
@@ -306,7 +313,13 @@ async fn reconcile_host(
             // once that has finished (the row is then live there, and this is an orphan).
             continue;
         }
-        match state.capsules.agents.destroy_sandbox(&target, id).await {
+        // Its copy in the store is not this host's to remove: the capsule may live on elsewhere.
+        match state
+            .capsules
+            .agents
+            .destroy_sandbox_here(&target, id)
+            .await
+        {
             Ok(()) => {
                 tracing::info!(sandbox = %id, host = %target.host, "destroyed a sandbox the control plane no longer runs");
                 report.orphans_destroyed.push(id);

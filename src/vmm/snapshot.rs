@@ -518,6 +518,17 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+impl SnapshotMeta {
+    /// The metadata at `path` (`meta.json` of a committed snapshot).
+    pub fn read(path: &Path) -> Result<Self, SnapshotError> {
+        let bytes = fs::read(path).map_err(io_error("failed to read", path))?;
+        serde_json::from_slice(&bytes).map_err(|e| SnapshotError::Corrupt {
+            path: path.to_owned(),
+            detail: format!("the metadata does not parse: {e}"),
+        })
+    }
+}
+
 /// Points the snapshot whose metadata is at `meta_path` at this host's files: the kernel, the
 /// initramfs and each drive (by id) under this host's paths, for a snapshot taken on another
 /// host whose files root differs. The caller has checked that the files are the same.
@@ -527,12 +538,7 @@ pub fn rebase_snapshot_meta(
     initrd: Option<&Path>,
     drives: &[(&str, &Path)],
 ) -> Result<(), SnapshotError> {
-    let bytes = fs::read(meta_path).map_err(io_error("failed to read", meta_path))?;
-    let mut meta: SnapshotMeta =
-        serde_json::from_slice(&bytes).map_err(|e| SnapshotError::Corrupt {
-            path: meta_path.to_owned(),
-            detail: format!("the metadata does not parse: {e}"),
-        })?;
+    let mut meta = SnapshotMeta::read(meta_path)?;
     meta.machine.kernel = kernel.to_owned();
     meta.machine.initrd = initrd.map(Path::to_owned);
     for drive in &mut meta.machine.drives {

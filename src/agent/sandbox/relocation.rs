@@ -16,8 +16,6 @@ use std::sync::Arc;
 
 use std::os::unix::fs::OpenOptionsExt;
 
-use tokio_util::sync::CancellationToken;
-
 use super::record::{RecordedState, SandboxRecord};
 use super::{Sandbox, SandboxError, SandboxManager};
 use crate::agent::wire::{
@@ -27,28 +25,28 @@ use crate::agent::wire::{
 use crate::config::Layout;
 use crate::id::SandboxId;
 use crate::store::{sha256_of, StoreError, TemplateStore};
-use crate::vmm::{rebase_snapshot_meta, SnapshotFiles};
+use crate::vmm::{rebase_snapshot_meta, SnapshotFiles, SnapshotMeta};
 
-/// What the copy of one paused sandbox is waiting on, for a resume that must stop it.
+/// One paused sandbox's copy: made or removed by one task at a time. A copy stops by itself
+/// as soon as the sandbox leaves `paused` (a resume or destroy moves the phase first, then
+/// waits here), checked between pages while packing and while uploading.
 #[derive(Default)]
 pub(super) struct StoreCopy {
-    /// Held while a copy is made or removed: one at a time per sandbox.
     busy: tokio::sync::Mutex<()>,
-    cancel: std::sync::Mutex<CancellationToken>,
+    /// Set by a destroy that removes only this host's files (the capsule lives on elsewhere,
+    /// and the store's copy may still be needed there).
+    keep: std::sync::atomic::AtomicBool,
 }
 
 impl StoreCopy {
-    /// A token for a new copy; cancelling it stops the copy at its next step.
-    fn start(&self) -> CancellationToken {
-        let token = CancellationToken::new();
-        *self.cancel.lock().expect("store copy lock") = token.clone();
-        token
-    }
-
-    fn cancel(&self) {
-        self.cancel.lock().expect("store copy lock").cancel();
+    /// A later teardown leaves the store's copy where it is.
+    pub(super) fn keep_in_store(&self) {
+        self.keep.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// How often an upload looks whether the sandbox is still paused.
+const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 enum CopyError {
@@ -178,27 +176,32 @@ impl SandboxManager {
 
     /// Copies the paused sandbox to the store; `None` when it is no longer paused. What was
     /// uploaded of a copy that fails or is cancelled is removed again.
-    async fn copy_to_store(&self, sandbox: &Sandbox) -> Result<Option<u64>, CopyError> {
-        let cancel = sandbox.store_copy.start();
+    async fn copy_to_store(&self, sandbox: &Arc<Sandbox>) -> Result<Option<u64>, CopyError> {
         let _busy = sandbox.store_copy.busy.lock().await;
-        if cancel.is_cancelled() || sandbox.phase() != SandboxPhase::Paused {
+        if sandbox.phase() != SandboxPhase::Paused {
             return Ok(None);
         }
         let id = sandbox.id();
         let store = self.templates.store().clone();
+        // Which pause this is: a copy is of one pause, never taken for another's.
+        let paused_at_unix_ms = SnapshotMeta::read(&self.layout.snapshot_meta(&id))
+            .map(|meta| meta.created_unix_ms)
+            .map_err(|e| io("reading the snapshot's metadata")(std::io::Error::other(e)))?;
         if let Some(made) = read_marker(&self.layout, &id) {
-            // A pause of a sandbox already paused: the copy of this pause may be complete.
+            // A second pause call for a sandbox already paused: this pause's copy may be whole.
             let key = stored_pause_key(made.sandbox_id);
-            if store.get_document(&key).await?.as_deref()
-                == Some(
-                    serde_json::to_vec_pretty(&made)
-                        .expect("serialises")
-                        .as_slice(),
-                )
-            {
+            let whole = made.paused_at_unix_ms == paused_at_unix_ms
+                && store.get_document(&key).await?.as_deref()
+                    == Some(
+                        serde_json::to_vec_pretty(&made)
+                            .expect("serialises")
+                            .as_slice(),
+                    );
+            if whole {
                 return Ok(None);
             }
-            // Unfinished (this agent stopped during it): made again.
+            // Unfinished (this agent stopped during it), or of an earlier pause whose removal
+            // at the resume failed: removed, and made again.
             self.remove_store_copy(&id).await?;
         }
         let (kernel_sha256, initrd_sha256) = self.kernel_checksums.of(&self.layout).await?;
@@ -209,10 +212,17 @@ impl SandboxManager {
                 &self.base_image(&sandbox.request),
             )
             .await?;
+        let vmm_version = self
+            .vmm
+            .version()
+            .await
+            .map_err(|e| io("asking the VMM's version")(std::io::Error::other(e)))?;
         let mut copy = StoredPause {
             format: STORED_PAUSE_FORMAT,
             sandbox_id: sandbox.request.sandbox_id,
+            paused_at_unix_ms,
             vmm: self.vmm.kind().to_string(),
+            vmm_version,
             kernel_sha256,
             initrd_sha256,
             base_image,
@@ -237,17 +247,17 @@ impl SandboxManager {
                 }
                 let pack = staging.join(format!("{part:?}.pack"));
                 let label = format!("wrenn paused sandbox {id} pause {pause} {part:?}");
-                let written = pack_file(source, pack.clone(), label).await?;
-                if cancel.is_cancelled() {
-                    return Err(CopyError::Cancelled);
-                }
-                let blob = store.publish(&pack, |_| {}).await?;
+                let written = pack_file(source, pack.clone(), label, sandbox.clone()).await?;
+                let blob = tokio::select! {
+                    blob = store.publish(&pack, |_| {}) => blob?,
+                    () = left_paused(sandbox) => return Err(CopyError::Cancelled),
+                };
                 let _ = std::fs::remove_file(&pack);
                 copy.parts.push(StoredPart { part, blob });
                 // Listed before anything else can happen, so the blob is never forgotten.
                 write_marker(&self.layout, &copy).map_err(io("recording the store copy"))?;
                 bytes += written;
-                if cancel.is_cancelled() {
+                if sandbox.phase() != SandboxPhase::Paused {
                     return Err(CopyError::Cancelled);
                 }
             }
@@ -270,12 +280,20 @@ impl SandboxManager {
         }
     }
 
-    /// Stops a copy in progress and removes the sandbox's copy from the store, before its guest
-    /// runs again (a resume) or when it goes (a destroy). A store that cannot be reached leaves
+    /// Waits for a copy in progress to stop (the caller has moved the sandbox out of `paused`)
+    /// and removes the sandbox's copy from the store, before its guest runs again (a resume)
+    /// or when it goes (a destroy; not one that keeps the store's copy, see
+    /// [`destroy_here`](SandboxManager::destroy_here)). A store that cannot be reached leaves
     /// the copy there (the error says so); the caller decides whether to go on.
     pub(super) async fn drop_store_copy(&self, sandbox: &Sandbox) -> Result<(), StoreError> {
-        sandbox.store_copy.cancel();
         let _busy = sandbox.store_copy.busy.lock().await;
+        if sandbox
+            .store_copy
+            .keep
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(());
+        }
         self.remove_store_copy(&sandbox.id())
             .await
             .map_err(|error| match error {
@@ -348,10 +366,15 @@ impl SandboxManager {
             )));
         }
         let vmm = self.vmm.kind().to_string();
-        if copy.vmm != vmm {
+        let vmm_version = self
+            .vmm
+            .version()
+            .await
+            .map_err(|e| refused(format!("asking the VMM's version: {e}")))?;
+        if copy.vmm != vmm || copy.vmm_version != vmm_version {
             return Err(refused(format!(
-                "it was paused by {}, this host runs {vmm}",
-                copy.vmm
+                "it was paused by {} {}, this host runs {vmm} {vmm_version}",
+                copy.vmm, copy.vmm_version
             )));
         }
         let (kernel, initrd) = self
@@ -397,20 +420,32 @@ impl SandboxManager {
         let staging = staging_dir(&self.layout, &id);
         std::fs::create_dir_all(&staging)
             .map_err(|e| format!("creating the staging directory: {e}"))?;
+        // The record is written last, in place: until then a restarted agent finds a sandbox
+        // directory without a record, a leftover it removes, never a half-imported sandbox.
+        let record_copy = staging.join("record.json");
         for part in &copy.parts {
             let pack = staging.join(format!("{:?}.pack", part.part));
             store
                 .fetch(&part.blob, &pack, |_| {})
                 .await
                 .map_err(|e| format!("fetching its {:?}: {e}", part.part))?;
-            let dest = part_path(&self.layout, &id, part.part);
-            unpack_file(pack.clone(), dest)
+            let dest = match part.part {
+                PausedPart::Record => record_copy.clone(),
+                other => part_path(&self.layout, &id, other),
+            };
+            let label = unpack_file(pack.clone(), dest)
                 .await
                 .map_err(|e| format!("unpacking its {:?}: {e}", part.part))?;
+            if !label.starts_with(&format!("wrenn paused sandbox {id} ")) {
+                return Err(format!(
+                    "its {:?} is a pack of something else: {label}",
+                    part.part
+                ));
+            }
             let _ = std::fs::remove_file(&pack);
         }
+        let mut record = SandboxRecord::load(&record_copy)?;
         let _ = std::fs::remove_dir_all(&staging);
-        let mut record = SandboxRecord::load(&self.layout.sandbox_record(&id))?;
         if record.request.sandbox_id != copy.sandbox_id {
             return Err(format!(
                 "its record names another sandbox, {}",
@@ -435,12 +470,12 @@ impl SandboxManager {
             ],
         )
         .map_err(|e| format!("pointing its snapshot at this host's files: {e}"))?;
+        // This host now holds the store's copy: its resume or destroy removes it.
+        write_marker(&self.layout, copy).map_err(|e| format!("recording the store copy: {e}"))?;
         record.state = RecordedState::Paused;
         record
             .save(&self.layout)
             .map_err(|e| format!("recording it: {e}"))?;
-        // This host now holds the store's copy: its resume or destroy removes it.
-        write_marker(&self.layout, copy).map_err(|e| format!("recording the store copy: {e}"))?;
         let sandbox = Arc::new(Sandbox::recovered(record, SandboxPhase::Paused));
         let mut registry = self.registry();
         if registry.contains_key(&id) {
@@ -458,27 +493,43 @@ async fn remove_parts(store: &TemplateStore, copy: &StoredPause) -> Result<(), S
     Ok(())
 }
 
-async fn pack_file(source: PathBuf, pack: PathBuf, label: String) -> Result<u64, CopyError> {
+/// Resolves once the sandbox is no longer paused.
+async fn left_paused(sandbox: &Sandbox) {
+    while sandbox.phase() == SandboxPhase::Paused {
+        tokio::time::sleep(STOP_POLL).await;
+    }
+}
+
+async fn pack_file(
+    source: PathBuf,
+    pack: PathBuf,
+    label: String,
+    sandbox: Arc<Sandbox>,
+) -> Result<u64, CopyError> {
     tokio::task::spawn_blocking(move || {
         let input =
             std::fs::File::open(&source).map_err(io(format!("opening {}", source.display())))?;
         let output =
             std::fs::File::create(&pack).map_err(io(format!("creating {}", pack.display())))?;
         let mut writer = std::io::BufWriter::with_capacity(1 << 20, output);
-        let written = crate::sparse::pack(&input, &mut writer, &label)
-            .and_then(|written| {
+        let stop = || sandbox.phase() != SandboxPhase::Paused;
+        match crate::sparse::pack(&input, &mut writer, &label, &stop) {
+            Ok(written) => {
                 use std::io::Write;
-                writer.flush()?;
+                writer
+                    .flush()
+                    .map_err(io(format!("writing {}", pack.display())))?;
                 Ok(written)
-            })
-            .map_err(io(format!("packing {}", source.display())))?;
-        Ok(written)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Err(CopyError::Cancelled),
+            Err(e) => Err(io(format!("packing {}", source.display()))(e)),
+        }
     })
     .await
     .map_err(|e| io("packing")(std::io::Error::other(e)))?
 }
 
-async fn unpack_file(pack: PathBuf, dest: PathBuf) -> Result<(), std::io::Error> {
+async fn unpack_file(pack: PathBuf, dest: PathBuf) -> Result<String, std::io::Error> {
     tokio::task::spawn_blocking(move || {
         let input = std::fs::File::open(&pack)?;
         let mut reader = std::io::BufReader::with_capacity(1 << 20, input);
@@ -488,8 +539,9 @@ async fn unpack_file(pack: PathBuf, dest: PathBuf) -> Result<(), std::io::Error>
             .write(true)
             .mode(0o600)
             .open(&dest)?;
-        crate::sparse::unpack(&mut reader, &output)?;
-        output.sync_all()
+        let label = crate::sparse::unpack(&mut reader, &output)?;
+        output.sync_all()?;
+        Ok(label)
     })
     .await
     .map_err(std::io::Error::other)?

@@ -27,6 +27,14 @@ enum Role {
 }
 
 impl SandboxManager {
+    /// Destroys the sandbox on this host only: its copy in the template store stays (the
+    /// control plane's reconciler removing a stale copy of a capsule that lives on, or is being
+    /// resumed, on another host, which may still need the store's copy).
+    pub async fn destroy_here(self: &Arc<Self>, id: &str) -> Result<(), SandboxError> {
+        self.get(id)?.store_copy.keep_in_store();
+        self.destroy(id).await
+    }
+
     /// Stops the VM (graceful, then forced) and releases the network, disk and directory; or,
     /// when another caller is already doing so, waits for it to finish.
     pub async fn destroy(self: &Arc<Self>, id: &str) -> Result<(), SandboxError> {

@@ -6,6 +6,8 @@
 pub mod guest;
 mod relocate;
 
+pub use relocate::has_store_copy;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -503,9 +505,14 @@ pub async fn ready(
             SandboxStatus::Paused => {
                 tracing::info!(sandbox = %id, "a call for a paused capsule resumes it");
                 // Another call resuming it first, or anything else having moved it on, is
-                // no failure of this call: the loop looks at the status again.
+                // no failure of this call: the loop looks at the status again, for a while.
                 match resume(state, id, route.clone()).await {
-                    Ok(()) | Err(CapsuleError::NotPaused(_) | CapsuleError::Busy(_)) => {}
+                    Ok(()) => {}
+                    Err(CapsuleError::NotPaused(_) | CapsuleError::Busy(_))
+                        if tokio::time::Instant::now() <= deadline =>
+                    {
+                        tokio::time::sleep(SETTLE_POLL).await;
+                    }
                     Err(error) => return Err(error),
                 }
             }
@@ -518,7 +525,11 @@ pub async fn ready(
             SandboxStatus::Missing if relocate::has_store_copy(state, id).await => {
                 tracing::info!(sandbox = %id, "a call for a capsule whose host is gone resumes it elsewhere");
                 match resume(state, id, route.clone()).await {
-                    Ok(()) | Err(CapsuleError::NotPaused(_) | CapsuleError::Busy(_)) => {}
+                    Ok(()) => {}
+                    // Another call is moving it: wait for that, as for a resume in progress.
+                    Err(CapsuleError::Busy(_)) if tokio::time::Instant::now() <= deadline => {
+                        tokio::time::sleep(SETTLE_POLL).await;
+                    }
                     Err(error) => return Err(error),
                 }
             }
@@ -574,10 +585,19 @@ pub async fn resume(
     route: SandboxRoute,
 ) -> Result<(), CapsuleError> {
     to_the_end(state, move |state| async move {
-        if relocate::must_move(&state, id, &route).await? {
-            relocate::resume_elsewhere(&state, id, route).await
-        } else {
-            operate(&state, id, route, Operation::Resume).await
+        match relocate::must_move(&state, id, &route).await? {
+            relocate::Where::Home => operate(&state, id, route, Operation::Resume).await,
+            relocate::Where::Elsewhere => relocate::resume_elsewhere(&state, id, route).await,
+            // Its host is full, but it runs: with no room elsewhere either, it resumes at
+            // home as it always could (overcommitting that host) rather than not at all.
+            relocate::Where::ElsewhereIfRoom => {
+                match relocate::resume_elsewhere(&state, id, route.clone()).await {
+                    Err(CapsuleError::Schedule(
+                        ScheduleError::NoRoom { .. } | ScheduleError::NoHosts,
+                    )) => operate(&state, id, route, Operation::Resume).await,
+                    other => other,
+                }
+            }
         }
     })
     .await

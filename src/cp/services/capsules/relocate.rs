@@ -29,9 +29,9 @@ async fn store_copy(state: &AppState, id: SandboxId) -> Result<bool, StoreError>
     }
 }
 
-/// Whether the capsule could be resumed elsewhere (for a call into a capsule whose host is
-/// gone); an unreachable store counts as no.
-pub(super) async fn has_store_copy(state: &AppState, id: SandboxId) -> bool {
+/// Whether the capsule could be resumed elsewhere (its store copy exists); an unreachable
+/// store counts as no.
+pub async fn has_store_copy(state: &AppState, id: SandboxId) -> bool {
     store_copy(state, id).await.unwrap_or(false)
 }
 
@@ -43,38 +43,49 @@ fn demand_of(row: &sandboxes::SandboxRow) -> Demand {
     }
 }
 
-/// Whether a resume of the capsule must go to another host: its own is gone or full, and the
-/// store holds its copy. An unreachable store is an error only when the capsule cannot resume
-/// at home either.
+/// Where a resume takes the capsule.
+pub(super) enum Where {
+    Home,
+    /// Its host is gone and the store holds its copy.
+    Elsewhere,
+    /// Its host runs but has no room for it, and the store holds its copy.
+    ElsewhereIfRoom,
+}
+
+/// Where a resume of the capsule must go. An unreachable store is an error only when the
+/// capsule cannot resume at home either.
 pub(super) async fn must_move(
     state: &AppState,
     id: SandboxId,
     route: &SandboxRoute,
-) -> Result<bool, CapsuleError> {
+) -> Result<Where, CapsuleError> {
     let home_away = online_target(state, route).is_err();
+    let elsewhere_if = |copy: bool, to: Where| if copy { to } else { Where::Home };
     match route.status {
-        SandboxStatus::Missing => Ok(store_copy(state, id).await?),
-        SandboxStatus::Paused if home_away => Ok(store_copy(state, id).await?),
+        SandboxStatus::Missing => Ok(elsewhere_if(store_copy(state, id).await?, Where::Elsewhere)),
+        SandboxStatus::Paused if home_away => {
+            Ok(elsewhere_if(store_copy(state, id).await?, Where::Elsewhere))
+        }
         SandboxStatus::Paused => {
             let (Some(row), Some(host_id)) =
                 (sandboxes::by_id(&state.db, id.uuid()).await?, route.host_id)
             else {
-                return Ok(false);
+                return Ok(Where::Home);
             };
             let Some(host) = hosts::by_id(&state.db, host_id).await? else {
-                return Ok(false);
+                return Ok(Where::Home);
             };
             let settings = &state.capsules.scheduler;
             if scheduler::has_room(&state.db, settings, &host, &demand_of(&row)).await? {
-                return Ok(false);
+                return Ok(Where::Home);
             }
             let copy = store_copy(state, id).await.unwrap_or(false);
             if copy {
-                tracing::info!(sandbox = %id, host = %HostId(host_id), "the capsule's host has no room for it; resuming it elsewhere");
+                tracing::info!(sandbox = %id, host = %HostId(host_id), "the capsule's host has no room for it; resuming it elsewhere if another has");
             }
-            Ok(copy)
+            Ok(elsewhere_if(copy, Where::ElsewhereIfRoom))
         }
-        _ => Ok(false),
+        _ => Ok(Where::Home),
     }
 }
 
@@ -124,9 +135,12 @@ pub(super) async fn resume_elsewhere(
         tracing::warn!(sandbox = %id, host = %target.host, %error, "importing the capsule's store copy failed");
         back().await;
         return Err(match error {
-            // The copy went meanwhile: the capsule was resumed (or destroyed) elsewhere.
+            // The copy went meanwhile: the capsule can only resume where it was.
             AgentError::Rejected { status, .. } if status == http::StatusCode::NOT_FOUND => {
-                CapsuleError::NotPaused(route.status)
+                match route.status {
+                    SandboxStatus::Missing => CapsuleError::NotPaused(route.status),
+                    _ => CapsuleError::HostUnavailable(HostId(from_host)),
+                }
             }
             other => other.into(),
         });
