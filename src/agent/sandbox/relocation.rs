@@ -205,13 +205,13 @@ impl SandboxManager {
             self.remove_store_copy(&id).await?;
         }
         let (kernel_sha256, initrd_sha256) = self.kernel_checksums.of(&self.layout).await?;
-        let base_image = self
-            .templates
-            .publish_image_file(
-                &sandbox.request.template,
-                &self.base_image(&sandbox.request),
-            )
-            .await?;
+        // Publishing a template image hashes and uploads hundreds of MiB: a resume must not
+        // wait for it.
+        let base_path = self.base_image(&sandbox.request);
+        let base_image = tokio::select! {
+            blob = self.templates.publish_image_file(&sandbox.request.template, &base_path) => blob?,
+            () = left_paused(sandbox) => return Err(CopyError::Cancelled),
+        };
         let vmm_version = self
             .vmm
             .version()
