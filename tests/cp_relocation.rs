@@ -40,6 +40,45 @@ async fn api_key(cp: &TestCp, user: &User) -> Auth {
     Auth::ApiKey(key["key"].as_str().unwrap().to_owned())
 }
 
+/// A control plane and its agents sharing a template store directory (which the control plane
+/// reaches too, as a shared mount or a bucket would be), and an API key of the admin's team.
+struct Stack {
+    cp: TestCp,
+    /// Each agent with its host ID.
+    agents: Vec<(Agent, String)>,
+    key: Auth,
+    store: tempfile::TempDir,
+}
+
+async fn stack(agents: usize) -> Stack {
+    let store = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.store.url = Some(store_url(store.path()).parse().unwrap());
+    let capsules = CapsuleSettings {
+        store: Some(TemplateStore::open(&config.store, &Layout::new(store.path())).unwrap()),
+        ..support::quiet_capsules()
+    };
+    let cp = TestCp::start_full(support::QUIET_MONITOR, capsules, AuthSettings::default()).await;
+    let admin = cp.signup("admin@example.com").await;
+    let mut started = Vec::new();
+    for _ in 0..agents {
+        let url = store_url(store.path());
+        let env = [("STORE_URL", url.as_str())];
+        started.push(add_agent_in(&cp, &admin.auth(), Agent::new_root(), &env).await);
+    }
+    let key = api_key(&cp, &admin).await;
+    Stack {
+        cp,
+        agents: started,
+        key,
+        store,
+    }
+}
+
+fn store_url(dir: &Path) -> String {
+    format!("file://{}", dir.display())
+}
+
 async fn exec(cp: &TestCp, key: &Auth, id: &str, script: &str) -> Value {
     let (status, out) = cp
         .call(
@@ -104,21 +143,14 @@ fn part_blobs(copy: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_capsule_resumes_on_another_host_when_its_own_is_gone_and_loses_no_write() {
     let _turn = VM_TURNS.acquire().await.unwrap();
-    let store_dir = tempfile::tempdir().unwrap();
-    let store_url = format!("file://{}", store_dir.path().display());
-    let mut config = Config::default();
-    config.store.url = Some(store_url.parse().unwrap());
-    let store = TemplateStore::open(&config.store, &Layout::new(store_dir.path())).unwrap();
-    let capsules = CapsuleSettings {
-        store: Some(store),
-        ..support::quiet_capsules()
-    };
-    let cp = TestCp::start_full(support::QUIET_MONITOR, capsules, AuthSettings::default()).await;
-    let admin = cp.signup("admin@example.com").await;
-    let env = [("STORE_URL", store_url.as_str())];
-    let (first, first_host) = add_agent_in(&cp, &admin.auth(), Agent::new_root(), &env).await;
-    let (second, second_host) = add_agent_in(&cp, &admin.auth(), Agent::new_root(), &env).await;
-    let key = api_key(&cp, &admin).await;
+    let Stack {
+        cp,
+        mut agents,
+        key,
+        store: store_dir,
+    } = stack(2).await;
+    let (second, second_host) = agents.pop().unwrap();
+    let (first, first_host) = agents.pop().unwrap();
 
     let (status, capsule) = cp
         .call(
@@ -284,20 +316,12 @@ async fn a_paused_capsule_resumes_on_another_host_when_its_own_is_gone_and_loses
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_missing_capsule_without_a_store_copy_is_not_moved() {
     let _turn = VM_TURNS.acquire().await.unwrap();
-    let store_dir = tempfile::tempdir().unwrap();
-    let store_url = format!("file://{}", store_dir.path().display());
-    let mut config = Config::default();
-    config.store.url = Some(store_url.parse().unwrap());
-    let store = TemplateStore::open(&config.store, &Layout::new(store_dir.path())).unwrap();
-    let capsules = CapsuleSettings {
-        store: Some(store),
-        ..support::quiet_capsules()
-    };
-    let cp = TestCp::start_full(support::QUIET_MONITOR, capsules, AuthSettings::default()).await;
-    let admin = cp.signup("admin@example.com").await;
-    let env = [("STORE_URL", store_url.as_str())];
-    let (mut agent, host) = add_agent_in(&cp, &admin.auth(), Agent::new_root(), &env).await;
-    let key = api_key(&cp, &admin).await;
+    let Stack {
+        cp,
+        mut agents,
+        key,
+        store: _store,
+    } = stack(2).await;
     let (status, capsule) = cp
         .call(
             POST,
@@ -308,7 +332,10 @@ async fn a_missing_capsule_without_a_store_copy_is_not_moved() {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{capsule}");
     let id = capsule["id"].as_str().unwrap().to_owned();
-    let (_other, _) = add_agent_in(&cp, &admin.auth(), Agent::new_root(), &env).await;
+    // It runs: no copy. The other host has room, and it must not be moved there.
+    let host = host_of(&cp, &id).await;
+    let home = agents.iter().position(|(_, h)| *h == host).unwrap();
+    let (mut agent, _) = agents.swap_remove(home);
 
     agent.kill_hard();
     reconciler::reconcile_once(&cp.state).await.unwrap();
@@ -341,21 +368,14 @@ async fn a_missing_capsule_without_a_store_copy_is_not_moved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_capsule_whose_host_is_full_resumes_on_another() {
     let _turn = VM_TURNS.acquire().await.unwrap();
-    let store_dir = tempfile::tempdir().unwrap();
-    let store_url = format!("file://{}", store_dir.path().display());
-    let mut config = Config::default();
-    config.store.url = Some(store_url.parse().unwrap());
-    let store = TemplateStore::open(&config.store, &Layout::new(store_dir.path())).unwrap();
-    let capsules = CapsuleSettings {
-        store: Some(store),
-        ..support::quiet_capsules()
-    };
-    let cp = TestCp::start_full(support::QUIET_MONITOR, capsules, AuthSettings::default()).await;
-    let admin = cp.signup("admin@example.com").await;
-    let env = [("STORE_URL", store_url.as_str())];
-    let (first, first_host) = add_agent_in(&cp, &admin.auth(), Agent::new_root(), &env).await;
-    let (second, second_host) = add_agent_in(&cp, &admin.auth(), Agent::new_root(), &env).await;
-    let key = api_key(&cp, &admin).await;
+    let Stack {
+        cp,
+        mut agents,
+        key,
+        store: store_dir,
+    } = stack(2).await;
+    let (second, second_host) = agents.pop().unwrap();
+    let (first, first_host) = agents.pop().unwrap();
     let (status, capsule) = cp
         .call(
             POST,
