@@ -208,3 +208,54 @@ async fn force_deleting_a_host_stops_a_create_in_flight() {
     assert_eq!(status(&cp.db, booting).await, SandboxStatus::Stopped);
     cp.stop().await;
 }
+
+/// A deleted template's image blob stays in the store while capsules of that template live on:
+/// their paused copies (resume on any host) lie over it.
+#[tokio::test]
+async fn a_template_blob_is_in_use_while_capsules_of_the_deleted_template_live() {
+    use wrenn::db::templates;
+    let cp = TestCp::start().await;
+    let admin = cp.signup("admin@example.com").await;
+    let team = admin.team.parse::<TeamId>().unwrap().uuid();
+    let sha256 = "ab".repeat(32);
+    let template = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO templates (id, team_id, name, type, vcpus, memory_mb, image_sha256) \
+         VALUES ($1, $2, 'mine', 'base', 1, 256, $3)",
+    )
+    .bind(template)
+    .bind(team)
+    .bind(&sha256)
+    .execute(&cp.db)
+    .await
+    .unwrap();
+    let capsule = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO sandboxes (id, team_id, template_id, template_name, status, vcpus, memory_mb)
+         VALUES ($1, $2, $3, 'mine', 'paused', 1, 256)",
+    )
+    .bind(capsule)
+    .bind(team)
+    .bind(template)
+    .execute(&cp.db)
+    .await
+    .unwrap();
+    assert!(templates::delete(&cp.db, template).await.unwrap());
+    assert!(templates::blob_in_use(&cp.db, &sha256, team, "mine")
+        .await
+        .unwrap());
+    // Another team's capsules of a template of that name are not this blob's.
+    assert!(
+        !templates::blob_in_use(&cp.db, &sha256, Uuid::new_v4(), "mine")
+            .await
+            .unwrap()
+    );
+    let stopped = Transition::to(SandboxStatus::Stopped).from(SandboxStatus::Paused);
+    assert!(sandboxes::transition(&cp.db, capsule, stopped)
+        .await
+        .unwrap());
+    assert!(!templates::blob_in_use(&cp.db, &sha256, team, "mine")
+        .await
+        .unwrap());
+    cp.stop().await;
+}

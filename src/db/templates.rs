@@ -230,11 +230,24 @@ pub async fn delete(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, DbError> 
     Ok(deleted.rows_affected() == 1)
 }
 
-/// Whether any template's image is the store's blob `sha256`.
-pub async fn blob_in_use(ex: impl PgExecutor<'_>, sha256: &str) -> Result<bool, DbError> {
+/// Whether the store's blob `sha256` is still needed: another template's image, or the image
+/// under live capsules of the team's template `name` (deleted, their rows keep its name).
+pub async fn blob_in_use(
+    ex: impl PgExecutor<'_>,
+    sha256: &str,
+    team: Uuid,
+    name: &str,
+) -> Result<bool, DbError> {
+    // Live capsules of the deleted template may have paused copies in the store whose disk
+    // lies over this image (`agent::sandbox::relocation`): without it they could not move.
     Ok(sqlx::query_scalar!(
-        r#"SELECT EXISTS (SELECT 1 FROM templates WHERE image_sha256 = $1) AS "used!""#,
-        sha256
+        r#"SELECT (EXISTS (SELECT 1 FROM templates WHERE image_sha256 = $1)
+                   OR EXISTS (SELECT 1 FROM sandboxes
+                              WHERE team_id = $2 AND template_name = $3
+                                AND status NOT IN ('stopped', 'error'))) AS "used!""#,
+        sha256,
+        team,
+        name,
     )
     .fetch_one(ex)
     .await?)

@@ -484,7 +484,7 @@ pub async fn delete(
     tx.commit().await.map_err(DbError::from)?;
     remove_from_hosts(state, &image, &holders).await;
     if let (Some(store), Some(sha256)) = (&state.capsules.store, &template.image_sha256) {
-        match templates::blob_in_use(&state.db, sha256).await {
+        match templates::blob_in_use(&state.db, sha256, team.uuid(), &template.name).await {
             Ok(false) => {
                 if let Err(error) = store.delete(sha256).await {
                     tracing::warn!(template = name, sha256, %error, "could not remove a deleted template's blob from the store");
