@@ -555,6 +555,27 @@ struct FakeFirecracker {
     layout: Layout,
 }
 
+/// Writes the executable script `path` from a child process. Written from this process, its
+/// file descriptor open for writing would be inherited by whatever another test thread spawns
+/// at that moment, and executing the script before that child's `exec` fails with
+/// `ETXTBSY` ("Text file busy").
+fn install_executable(path: &Path, script: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "cat > \"$0\" && chmod 755 \"$0\""])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
 impl FakeFirecracker {
     fn new(knobs: &[(&str, &str)]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
@@ -574,9 +595,7 @@ impl FakeFirecracker {
             std::env::current_exe().unwrap().display()
         );
         let bin = tmp.path().join("firecracker");
-        std::fs::write(&bin, script).unwrap();
-        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        install_executable(&bin, &script);
         Self {
             _tmp: tmp,
             bin,
@@ -609,9 +628,7 @@ shift
             record.display()
         );
         let bin = dir.join("jailer");
-        std::fs::write(&bin, script).unwrap();
-        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        install_executable(&bin, &script);
         (bin, record)
     }
 
@@ -836,12 +853,10 @@ async fn shutdown_kills_a_guest_that_ignores_ctrl_alt_del() {
 async fn a_binary_that_exits_at_once_is_reported_with_its_stderr() {
     let tmp = tempfile::tempdir().unwrap();
     let bin = tmp.path().join("firecracker");
-    std::fs::write(
+    install_executable(
         &bin,
         "#!/bin/sh\necho 'Error: KVM is not available' >&2\nexit 1\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let layout = Layout::new(tmp.path().join("root"));
     let spec = full_spec(&layout, "cl-dies");
     let err = FirecrackerVmm::new(bin, console_cap())
