@@ -142,7 +142,68 @@ pub async fn place(
     settings: &SchedulerSettings,
     placement: &Placement,
 ) -> Result<Host, ScheduleError> {
-    let mut candidates = hosts::schedulable_for_team(db, placement.team_id).await?;
+    // An insert is never refused once the host has room; `None` cannot come back.
+    claim_best(db, settings, Claim::Insert(placement))
+        .await?
+        .ok_or(ScheduleError::NoHosts)
+}
+
+/// What a placement writes under the chosen host's lock: a new capsule's row, or a paused
+/// capsule's row moved there.
+enum Claim<'a> {
+    Insert(&'a Placement),
+    Move(&'a Relocation),
+}
+
+impl Claim<'_> {
+    fn team(&self) -> Uuid {
+        match self {
+            Claim::Insert(p) => p.team_id,
+            Claim::Move(r) => r.team_id,
+        }
+    }
+
+    fn demand(&self) -> Demand {
+        match self {
+            Claim::Insert(p) => p.demand,
+            Claim::Move(r) => r.demand,
+        }
+    }
+
+    fn template_name(&self) -> &str {
+        match self {
+            Claim::Insert(p) => &p.template_name,
+            Claim::Move(r) => &r.template_name,
+        }
+    }
+
+    /// Writes the claim on `host`; false when the row it moves has moved on meanwhile.
+    async fn write(&self, conn: &mut sqlx::PgConnection, host: Uuid) -> Result<bool, DbError> {
+        match self {
+            Claim::Insert(p) => {
+                sandboxes::insert_placed(&mut *conn, &p.row(host)).await?;
+                Ok(true)
+            }
+            Claim::Move(r) => {
+                sandboxes::relocate(conn, r.sandbox_id, r.from_host, r.from_status, host).await
+            }
+        }
+    }
+}
+
+/// The heart of [`place`] and [`place_relocation`]: candidates' loads read without locks, the
+/// best one locked, its load read again and the claim written if it still fits; a host that
+/// filled up meanwhile drops out and the next best is tried. `Ok(None)`: the claim's row moved
+/// on meanwhile.
+async fn claim_best(
+    db: &Db,
+    settings: &SchedulerSettings,
+    claim: Claim<'_>,
+) -> Result<Option<Host>, ScheduleError> {
+    let mut candidates = hosts::schedulable_for_team(db, claim.team()).await?;
+    if let Claim::Move(relocation) = &claim {
+        candidates.retain(|host| host.id != relocation.from_host);
+    }
     if candidates.is_empty() {
         return Err(ScheduleError::NoHosts);
     }
@@ -152,21 +213,24 @@ pub async fn place(
         .await?
         .into_iter()
         .collect();
-    let holding: HashSet<Uuid> = host_templates::holding(
-        db,
-        &ids,
-        &placement.template_name,
-        placement.template_sha256.as_deref(),
-    )
-    .await?
-    .into_iter()
-    .collect();
-    if placement.holders_only {
-        candidates.retain(|host| holding.contains(&host.id));
-        if candidates.is_empty() {
-            return Err(ScheduleError::NoHolder(placement.template_name.clone()));
+    let wanted_sha256 = match &claim {
+        Claim::Insert(placement) => placement.template_sha256.as_deref(),
+        Claim::Move(_) => None,
+    };
+    let holding: HashSet<Uuid> =
+        host_templates::holding(db, &ids, claim.template_name(), wanted_sha256)
+            .await?
+            .into_iter()
+            .collect();
+    if let Claim::Insert(placement) = &claim {
+        if placement.holders_only {
+            candidates.retain(|host| holding.contains(&host.id));
+            if candidates.is_empty() {
+                return Err(ScheduleError::NoHolder(placement.template_name.clone()));
+            }
         }
     }
+    let demand = claim.demand();
     let mut loads: Vec<Load> = candidates
         .iter()
         .map(|host| Load {
@@ -175,27 +239,27 @@ pub async fn place(
             holds_template: holding.contains(&host.id),
         })
         .collect();
-    while let Some(index) = choose(&loads, &placement.demand) {
+    while let Some(index) = choose(&loads, &demand) {
         let mut conn = db.acquire().await.map_err(DbError::from)?;
         let mut tx = conn.begin().await.map_err(DbError::from)?;
         let chosen = candidates[index].id;
-        if let Some(host) = hosts::lock_schedulable(&mut *tx, chosen, placement.team_id).await? {
+        if let Some(host) = hosts::lock_schedulable(&mut *tx, chosen, claim.team()).await? {
             let load = Load {
                 capacity: Capacity::of(&host, settings),
                 reserved: sandboxes::reserved_on_host(&mut *tx, chosen).await?,
                 holds_template: loads[index].holds_template,
             };
-            if headroom(&load, &placement.demand).is_some() {
-                sandboxes::insert_placed(&mut *tx, &placement.row(chosen)).await?;
+            if headroom(&load, &demand).is_some() {
+                let written = claim.write(&mut tx, chosen).await?;
                 tx.commit().await.map_err(DbError::from)?;
-                return Ok(host);
+                return Ok(written.then_some(host));
             }
         }
         candidates.swap_remove(index);
         loads.swap_remove(index);
     }
     Err(ScheduleError::NoRoom {
-        demand: placement.demand,
+        demand,
         hosts: considered,
     })
 }
@@ -258,59 +322,7 @@ pub async fn place_relocation(
     settings: &SchedulerSettings,
     relocation: &Relocation,
 ) -> Result<Option<Host>, ScheduleError> {
-    let mut candidates = hosts::schedulable_for_team(db, relocation.team_id).await?;
-    candidates.retain(|host| host.id != relocation.from_host);
-    if candidates.is_empty() {
-        return Err(ScheduleError::NoHosts);
-    }
-    let considered = candidates.len();
-    let ids: Vec<Uuid> = candidates.iter().map(|h| h.id).collect();
-    let reserved: HashMap<Uuid, Reserved> = sandboxes::reserved_on_hosts(db, &ids)
-        .await?
-        .into_iter()
-        .collect();
-    let holding: HashSet<Uuid> = host_templates::holding(db, &ids, &relocation.template_name, None)
-        .await?
-        .into_iter()
-        .collect();
-    let mut loads: Vec<Load> = candidates
-        .iter()
-        .map(|host| Load {
-            capacity: Capacity::of(host, settings),
-            reserved: reserved.get(&host.id).copied().unwrap_or_default(),
-            holds_template: holding.contains(&host.id),
-        })
-        .collect();
-    while let Some(index) = choose(&loads, &relocation.demand) {
-        let mut conn = db.acquire().await.map_err(DbError::from)?;
-        let mut tx = conn.begin().await.map_err(DbError::from)?;
-        let chosen = candidates[index].id;
-        if let Some(host) = hosts::lock_schedulable(&mut *tx, chosen, relocation.team_id).await? {
-            let load = Load {
-                capacity: Capacity::of(&host, settings),
-                reserved: sandboxes::reserved_on_host(&mut *tx, chosen).await?,
-                holds_template: loads[index].holds_template,
-            };
-            if headroom(&load, &relocation.demand).is_some() {
-                let moved = sandboxes::relocate(
-                    &mut *tx,
-                    relocation.sandbox_id,
-                    relocation.from_host,
-                    relocation.from_status,
-                    chosen,
-                )
-                .await?;
-                tx.commit().await.map_err(DbError::from)?;
-                return Ok(moved.then_some(host));
-            }
-        }
-        candidates.swap_remove(index);
-        loads.swap_remove(index);
-    }
-    Err(ScheduleError::NoRoom {
-        demand: relocation.demand,
-        hosts: considered,
-    })
+    claim_best(db, settings, Claim::Move(relocation)).await
 }
 
 /// Whether `host` has room for `demand` now (a read, without its lock): whether a paused capsule
