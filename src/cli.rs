@@ -61,6 +61,34 @@ pub enum Command {
     Envd(crate::envd::EnvdArgs),
     /// Print the version and build details.
     Version,
+    /// Serve a restored Firecracker guest's memory lazily from its snapshot (userfaultfd); the
+    /// agent starts one per restore.
+    #[command(hide = true)]
+    UffdServe {
+        /// The socket Firecracker's snapshot load connects to.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// The snapshot's memory file.
+        #[arg(long, value_name = "PATH")]
+        memory: PathBuf,
+        /// Pages to copy in first: the list a previous restore recorded.
+        #[arg(long, value_name = "PATH")]
+        prefetch: Option<PathBuf>,
+        /// Where to keep the list of pages this guest touches.
+        #[arg(long, value_name = "PATH")]
+        record: Option<PathBuf>,
+        /// Owner of the socket, as UID:GID (a jailed Firecracker's).
+        #[arg(long, value_name = "UID:GID", value_parser = parse_owner)]
+        owner: Option<(u32, u32)>,
+    },
+}
+
+fn parse_owner(text: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = text
+        .split_once(':')
+        .ok_or_else(|| format!("`{text}` is not UID:GID"))?;
+    let number = |n: &str| n.parse::<u32>().map_err(|e| format!("`{n}`: {e}"));
+    Ok((number(uid)?, number(gid)?))
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,6 +247,28 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let loaded = load_config(cli.config)?;
             crate::logging::init(&loaded.config.log)?;
             runtime()?.block_on(run_template(command, &loaded.config))
+        }
+        Command::UffdServe {
+            socket,
+            memory,
+            prefetch,
+            record,
+            owner,
+        } => {
+            let options = crate::vmm::firecracker::uffd::ServeOptions {
+                socket,
+                memory,
+                prefetch,
+                record,
+                owner,
+            };
+            // The agent waits for this line before the load.
+            let served = crate::vmm::firecracker::uffd::serve(&options, || println!("ready"))?;
+            eprintln!(
+                "uffd-serve: faults={} prefetched={} zero_pages={}",
+                served.faults, served.prefetched, served.zero_pages
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Envd(args) => {
             let loaded = load_config(cli.config)?;

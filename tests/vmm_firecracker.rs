@@ -6,6 +6,8 @@
 
 #[path = "support/swagger.rs"]
 mod swagger;
+#[path = "support/uffd.rs"]
+mod uffd;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -82,8 +84,8 @@ fn every_request_the_driver_builds_is_valid_against_the_swagger() {
     calls.push(api::get_instance_info());
     let snapshot = SnapshotFiles::for_sandbox(&layout, "cl-full");
     calls.extend(pause_sequence(&snapshot).unwrap());
-    calls.extend(restore_sequence(&full_spec(&layout, "cl-full"), &snapshot).unwrap());
-    calls.extend(restore_sequence(&minimal, &snapshot).unwrap());
+    calls.extend(restore_sequence(&full_spec(&layout, "cl-full"), &snapshot, None).unwrap());
+    calls.extend(restore_sequence(&minimal, &snapshot, None).unwrap());
     calls.push(
         api::VmState {
             state: api::VmRunState::Resumed,
@@ -152,7 +154,7 @@ fn pause_and_restore_follow_the_documented_calls() {
     );
     let mut spec = full_spec(&layout, "cl-snap");
     spec.net.as_mut().unwrap().tap = "tap7".into();
-    let restore = restore_sequence(&spec, &snapshot).unwrap();
+    let restore = restore_sequence(&spec, &snapshot, None).unwrap();
     assert_eq!(
         restore.iter().map(call_line).collect::<Vec<_>>(),
         ["PUT /snapshot/load"]
@@ -172,7 +174,7 @@ fn pause_and_restore_follow_the_documented_calls() {
     );
     spec.net = None;
     spec.vsock_cid = None;
-    let bare = restore_sequence(&spec, &snapshot).unwrap();
+    let bare = restore_sequence(&spec, &snapshot, None).unwrap();
     let body = bare[0].body.as_ref().unwrap();
     assert!(
         body.get("network_overrides").is_none() && body.get("vsock_override").is_none(),
@@ -337,6 +339,8 @@ mod fake {
         ctrl_alt_del_exits: bool,
         /// Writes each request to the guest console.
         echo_requests: bool,
+        /// The guest memory of a lazy load, served by the driver's page server.
+        lazy: Option<super::uffd::LazyMemory>,
     }
 
     fn log(record: &PathBuf, line: &str) {
@@ -371,6 +375,7 @@ mod fake {
             fail_path: std::env::var("FAKE_FC_FAIL_PATH").ok(),
             ctrl_alt_del_exits: std::env::var("FAKE_FC_CTRL_ALT_DEL_EXITS").is_ok(),
             echo_requests: std::env::var("FAKE_FC_ECHO_REQUESTS").is_ok(),
+            lazy: None,
         }));
         loop {
             let (stream, _) = listener.accept().await.unwrap();
@@ -481,9 +486,22 @@ mod fake {
             }
             ("PUT", "/snapshot/create") if state.started && state.paused => {
                 let body = body.unwrap();
-                for (key, content) in [("snapshot_path", "vmstate"), ("mem_file_path", "memory")] {
+                // The guest's memory as it is now: what a lazy load brought in and the guest
+                // wrote since.
+                let memory = match &mut state.lazy {
+                    Some(lazy) => {
+                        let bytes = lazy.bytes();
+                        let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+                        bytes[..end].to_vec()
+                    }
+                    None => b"fake memory".to_vec(),
+                };
+                for (key, content) in [
+                    ("snapshot_path", b"fake vmstate".to_vec()),
+                    ("mem_file_path", memory),
+                ] {
                     let path = host(body[key].as_str().unwrap());
-                    if let Err(e) = std::fs::write(&path, format!("fake {content}")) {
+                    if let Err(e) = std::fs::write(&path, content) {
                         return fault(&format!("cannot write {}: {e}", path.display()));
                     }
                 }
@@ -497,9 +515,25 @@ mod fake {
                 let body = body.unwrap();
                 log(&state.record, &format!("BODY {body}"));
                 let state_file = host(body["snapshot_path"].as_str().unwrap());
-                let memory = host(body["mem_backend"]["backend_path"].as_str().unwrap());
+                let backend = host(body["mem_backend"]["backend_path"].as_str().unwrap());
+                let memory_ok = if body["mem_backend"]["backend_type"] == "Uffd" {
+                    // Firecracker's side of the page server's handshake; then the guest reads
+                    // its memory and writes one more mark after what it holds.
+                    let mut lazy = super::uffd::LazyMemory::connect(&backend, super::uffd::PAGE);
+                    let bytes = lazy.bytes();
+                    let ok = bytes.starts_with(b"fake memory");
+                    let end = bytes
+                        .iter()
+                        .position(|b| *b == 0)
+                        .unwrap_or(bytes.len() - 1);
+                    bytes[end] = b'+';
+                    state.lazy = Some(lazy);
+                    ok
+                } else {
+                    std::fs::read(&backend).is_ok_and(|m| m.starts_with(b"fake memory"))
+                };
                 if std::fs::read_to_string(state_file).ok().as_deref() != Some("fake vmstate")
-                    || std::fs::read_to_string(memory).ok().as_deref() != Some("fake memory")
+                    || !memory_ok
                 {
                     // A failed load ends Firecracker.
                     std::process::exit(1);
@@ -1350,6 +1384,91 @@ async fn real_firecracker_pauses_to_disk_and_restores_a_guest() {
     assert!(gone(pid));
 }
 
+/// The lazy path's no-lost-writes gate on a real Firecracker: a guest whose only state is in
+/// memory (a shell counting in a variable) is paused and restored lazily twice, the second time
+/// with the first restore's working set prefetched; each time it counts on from where it was.
+#[tokio::test]
+async fn real_firecracker_restores_lazily_from_the_page_server_and_loses_no_write() {
+    if std::env::var("WRENN_TEST_FIRECRACKER").as_deref() != Ok("1") {
+        println!(
+            "skipped: set WRENN_TEST_FIRECRACKER=1 on a KVM host with /usr/local/bin/firecracker"
+        );
+        return;
+    }
+    let kernel = wrenn_test_support::kernel::test_kernel().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = Layout::new(tmp.path().join("root"));
+    layout.prepare().unwrap();
+    let init = "#!/bin/busybox sh\nexport PATH=/bin\ni=0\n\
+                while true; do i=$((i+1)); echo TICK $i; sleep 0.2; done\n";
+    let initrd = wrenn_test_support::kernel::busybox_initramfs(tmp.path(), init, &[]).unwrap();
+    let (vmm, confinement, _parent) = real_vmm(&layout);
+    let vmm = vmm.lazy_memory(Some(env!("CARGO_BIN_EXE_wrenn").into()));
+    let spec = VmSpec {
+        id: "cl-real-lazy".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        kernel: kernel.vmlinux,
+        initrd: Some(initrd),
+        extra_boot_args: String::new(),
+        drives: vec![],
+        net: None,
+        vsock_cid: None,
+        files: VmFiles::for_sandbox(&layout, "cl-real-lazy"),
+        confinement: Some(confinement),
+    };
+    let ticks = |files: &VmFiles| -> Vec<u64> {
+        std::fs::read_to_string(&files.console_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix("TICK ")?.trim().parse().ok())
+            .collect()
+    };
+    let wait_past = |files: VmFiles, past: u64| async move {
+        let started = std::time::Instant::now();
+        loop {
+            let seen: Vec<u64> = ticks(&files).into_iter().filter(|t| *t > past).collect();
+            if seen.len() >= 2 {
+                return seen;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no ticks past {past}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let snap = SnapshotFiles::for_sandbox(&layout, "cl-real-lazy");
+    let mut vm = vmm.start(&spec).await.unwrap();
+    wait_past(spec.files.clone(), 0).await;
+    for round in 1..=2 {
+        vm.pause_to(&snap).await.unwrap();
+        let paused_at = *ticks(&spec.files).last().unwrap();
+        vm = vmm.restore(&spec, &snap).await.unwrap();
+        let after = wait_past(spec.files.clone(), paused_at).await;
+        assert_eq!(
+            after[0],
+            paused_at + 1,
+            "round {round}: the guest counts on from its memory"
+        );
+        let served = std::fs::read_to_string(spec.files.dir.join("uffd.log")).unwrap_or_default();
+        println!("round {round}: page server so far: {served}");
+    }
+    vm.pause_to(&snap).await.unwrap();
+    let touched = wrenn::vmm::firecracker::uffd::read_pages(
+        &snap.dir.join(wrenn::vmm::firecracker::TOUCHED_PAGES),
+    );
+    assert!(
+        !touched.is_empty(),
+        "the working set is kept with the snapshot"
+    );
+    let served = std::fs::read_to_string(spec.files.dir.join("uffd.log")).unwrap();
+    assert!(
+        !served.contains("prefetched=0 "),
+        "the second restore prefetched: {served}"
+    );
+}
+
 fn jailed_confinement() -> Confinement {
     Confinement {
         uid: 900_000_042,
@@ -1701,4 +1820,80 @@ async fn a_shared_snapshot_starts_several_jailed_vms_with_valid_loads_and_is_nev
     }
     assert!(shared.meta.is_file(), "a shared snapshot is never retired");
     assert_eq!(std::fs::metadata(&shared.memory).unwrap().uid(), 0);
+}
+
+/// Lazily loaded memory (`mem_backend` `Uffd`): the driver starts `wrenn uffd-serve` before the
+/// load and names its socket inside the jail; the fake does Firecracker's side of the handshake
+/// with a real userfaultfd, reads its memory through the page server and writes to it. Pause
+/// and restore twice: every write is in the next snapshot (no lost writes), the memory never
+/// goes into the jail, the pages touched are kept with the snapshot and prefetched by the next
+/// restore, and the page server ends with its VM.
+#[tokio::test]
+async fn a_lazily_restored_vm_gets_its_memory_from_the_page_server_and_loses_no_write() {
+    let fake = FakeFirecracker::new(&[]);
+    let (jailer, _record) = fake.jailer();
+    let layout = fake.layout.clone();
+    let parent = PathBuf::from(format!("wrenn-tests/vmm-fc-lazy-{}", std::process::id()));
+    let _parent = CgroupParent(parent.clone());
+    let cgroups =
+        Cgroups::detect(Path::new(wrenn::vmm::cgroup::DEFAULT_ROOT), &parent, None).unwrap();
+    let mut spec = full_spec(&layout, "cl-lazy");
+    spec.net = None;
+    spec.confinement = Some(Confinement {
+        uid: 900_000_061,
+        gid: 900_000_061,
+        cgroups,
+    });
+    for path in [
+        &spec.kernel,
+        spec.initrd.as_ref().unwrap(),
+        &spec.drives[0].path,
+        &spec.drives[1].path,
+    ] {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        if !path.exists() {
+            std::fs::write(path, "contents").unwrap();
+        }
+    }
+    let lazy = || {
+        fake.vmm()
+            .jailed(jailer.clone(), layout.jails_dir())
+            .lazy_memory(Some(env!("CARGO_BIN_EXE_wrenn").into()))
+    };
+    let snapshot = SnapshotFiles::for_sandbox(&layout, "cl-lazy");
+    let mut vm = lazy().start(&spec).await.unwrap();
+    vm.pause_to(&snapshot).await.unwrap();
+    assert_eq!(std::fs::read(&snapshot.memory).unwrap(), b"fake memory");
+
+    for (round, expected) in [(1, "fake memory+"), (2, "fake memory++")] {
+        let mut vm = lazy().restore(&spec, &snapshot).await.unwrap();
+        assert_eq!(vm.status().await.unwrap(), VmStatus::Running);
+        let load = fake.load_bodies().last().unwrap().clone();
+        assert_eq!(load["mem_backend"]["backend_type"], "Uffd", "{load}");
+        assert_eq!(load["mem_backend"]["backend_path"], jail::UFFD_SOCKET);
+        let jail = Jail::new(
+            &layout.jails_dir(),
+            &fake.bin,
+            &spec,
+            spec.confinement.as_ref().unwrap(),
+        );
+        let inside = jail.host_path(&jail.snapshot_inside(&snapshot).memory.to_string_lossy());
+        assert!(!inside.exists(), "the memory stays out of the jail");
+        vm.pause_to(&snapshot).await.unwrap();
+        assert_eq!(
+            String::from_utf8(std::fs::read(&snapshot.memory).unwrap()).unwrap(),
+            expected,
+            "round {round}: the guest's writes are in its snapshot"
+        );
+        let touched = wrenn::vmm::firecracker::uffd::read_pages(
+            &snapshot.dir.join(wrenn::vmm::firecracker::TOUCHED_PAGES),
+        );
+        assert_eq!(touched, vec![0], "round {round}: the page it touched");
+        let served = std::fs::read_to_string(spec.files.dir.join("uffd.log")).unwrap();
+        let prefetched = if round == 1 { 0 } else { 1 };
+        assert!(
+            served.contains(&format!("prefetched={prefetched}")),
+            "round {round}: {served}"
+        );
+    }
 }

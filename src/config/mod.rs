@@ -108,6 +108,8 @@ pub struct AgentConfig {
     pub qemu_accel: QemuAccel,
     pub firecracker_bin: PathBuf,
     pub firecracker_jailer_bin: PathBuf,
+    /// Restored Firecracker guests get their memory from a userfaultfd page server.
+    pub firecracker_lazy_memory: bool,
     pub qemu_bin: PathBuf,
     pub console_log_max_bytes: ConsoleLogMaxBytes,
     pub cgroup_parent: PathBuf,
@@ -266,6 +268,9 @@ impl Default for Config {
                     .expect("defaults in KEYS parse"),
                 firecracker_bin: PathBuf::from(default("agent.firecracker_bin")),
                 firecracker_jailer_bin: PathBuf::from(default("agent.firecracker_jailer_bin")),
+                firecracker_lazy_memory: default("agent.firecracker_lazy_memory")
+                    .parse()
+                    .expect("default"),
                 qemu_bin: PathBuf::from(default("agent.qemu_bin")),
                 console_log_max_bytes: default("agent.console_log_max_bytes")
                     .parse()

@@ -62,6 +62,7 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.vmm" => c.agent.vmm.to_string(),
             "agent.qemu_accel" => c.agent.qemu_accel.to_string(),
             "agent.firecracker_bin" => c.agent.firecracker_bin.display().to_string(),
+            "agent.firecracker_lazy_memory" => c.agent.firecracker_lazy_memory.to_string(),
             "agent.firecracker_jailer_bin" => c.agent.firecracker_jailer_bin.display().to_string(),
             "agent.qemu_bin" => c.agent.qemu_bin.display().to_string(),
             "agent.console_log_max_bytes" => c.agent.console_log_max_bytes.to_string(),

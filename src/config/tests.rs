@@ -73,6 +73,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "agent.vmm" => ("qemu", "firecracker"),
         "agent.qemu_accel" => ("kvm", "tcg"),
         "agent.firecracker_bin" => ("/opt/file/firecracker", "/opt/env/firecracker"),
+        "agent.firecracker_lazy_memory" => ("false", "true"),
         "agent.firecracker_jailer_bin" => ("/opt/file/jailer", "/opt/env/jailer"),
         "agent.qemu_bin" => ("/opt/file/qemu", "qemu-system-x86_64-env"),
         "agent.console_log_max_bytes" => ("65536", "2097152"),

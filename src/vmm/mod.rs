@@ -506,10 +506,17 @@ pub trait Vm: Send + Sync {
 pub fn from_config(agent: &AgentConfig) -> Arc<dyn Vmm> {
     match agent.vmm {
         VmmKind::Firecracker => Arc::new(
-            FirecrackerVmm::new(agent.firecracker_bin.clone(), agent.console_log_max_bytes).jailed(
-                agent.firecracker_jailer_bin.clone(),
-                Layout::new(&agent.files_rootdir).jails_dir(),
-            ),
+            FirecrackerVmm::new(agent.firecracker_bin.clone(), agent.console_log_max_bytes)
+                .jailed(
+                    agent.firecracker_jailer_bin.clone(),
+                    Layout::new(&agent.files_rootdir).jails_dir(),
+                )
+                .lazy_memory(
+                    // The agent's own binary, even once an upgrade replaced it on disk.
+                    agent
+                        .firecracker_lazy_memory
+                        .then(|| PathBuf::from("/proc/self/exe")),
+                ),
         ),
         VmmKind::Qemu => Arc::new(QemuVmm::new(
             agent.qemu_bin.clone(),

@@ -22,6 +22,9 @@ pub const VSOCK_SOCKET: &str = "/vsock.sock";
 pub const KERNEL: &str = "/vmlinux";
 pub const INITRD: &str = "/initrd";
 pub const DRIVES: &str = "/drives";
+/// The page server's socket, inside the jail (the page server itself runs outside).
+pub const UFFD_SOCKET: &str = "/uffd.sock";
+
 /// Where Firecracker writes a snapshot and reads one back, inside the jail.
 pub const SNAPSHOT: &str = "/snapshot";
 
@@ -57,6 +60,11 @@ impl Jail {
             gid: confinement.gid,
             root: base.join(exec_name).join(&spec.id).join("root"),
         }
+    }
+
+    /// The user and group the jailed Firecracker runs as.
+    pub fn owner(&self) -> (u32, u32) {
+        (self.uid, self.gid)
     }
 
     /// The jail's root directory on the host.
@@ -230,14 +238,21 @@ impl Jail {
     /// Puts `snapshot`'s state and memory into the jail for Firecracker to load, readable by
     /// the VM's user: a paused VM's files are linked where they share a filesystem (the VM is
     /// their only user), a `shared` snapshot's are always copied, sparsely, since giving the
-    /// shared files to one VM's user would open them to that VM alone and to no other.
-    pub fn bring_snapshot(&self, snapshot: &SnapshotFiles, shared: bool) -> Result<(), VmmError> {
+    /// shared files to one VM's user would open them to that VM alone and to no other. Without
+    /// `memory`, the memory stays outside: a page server serves it.
+    pub fn bring_snapshot(
+        &self,
+        snapshot: &SnapshotFiles,
+        shared: bool,
+        memory: bool,
+    ) -> Result<(), VmmError> {
         let inside = self.snapshot_inside(snapshot);
         self.prepare_snapshot()?;
-        for (from, to) in [
-            (&snapshot.state, &inside.state),
-            (&snapshot.memory, &inside.memory),
-        ] {
+        let mut files = vec![(&snapshot.state, &inside.state)];
+        if memory {
+            files.push((&snapshot.memory, &inside.memory));
+        }
+        for (from, to) in files {
             let to = self.host_path(&to.to_string_lossy());
             if shared || fs::hard_link(from, &to).is_err() {
                 copy_sparse(from, &to).map_err(jail_error("failed to copy into the jail", from))?;

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod jail;
+pub mod uffd;
 
 use jail::Jail;
 
@@ -36,6 +37,9 @@ pub struct FirecrackerVmm {
     bin: PathBuf,
     console_cap: ConsoleLogMaxBytes,
     jailer: Option<Jailer>,
+    /// The `wrenn` binary whose `uffd-serve` loads restored guests' memory lazily; none: each
+    /// restore maps the whole memory file.
+    page_server_bin: Option<PathBuf>,
 }
 
 /// The jailer confined VMs start through, and the base directory of their jails.
@@ -51,7 +55,14 @@ impl FirecrackerVmm {
             bin,
             console_cap,
             jailer: None,
+            page_server_bin: None,
         }
+    }
+
+    /// Restores load guest memory lazily from `wrenn_bin uffd-serve` ([`uffd`]).
+    pub fn lazy_memory(mut self, wrenn_bin: Option<PathBuf>) -> Self {
+        self.page_server_bin = wrenn_bin;
+        self
     }
 
     /// Starts the VMs of confined specs through the jailer `bin`, in jails under
@@ -177,20 +188,31 @@ pub fn pause_sequence(snapshot: &SnapshotFiles) -> Result<Vec<ApiCall>, Firecrac
     ])
 }
 
-/// Where a restored guest's memory comes from: the snapshot's memory file, mapped privately.
-/// A userfaultfd handler (lazy loading) would answer here with [`MemBackendType::Uffd`].
-fn memory_backend(snapshot: &SnapshotFiles) -> Result<MemBackend, FirecrackerApiError> {
-    Ok(MemBackend {
-        backend_type: MemBackendType::File,
-        backend_path: api::utf8(&snapshot.memory)?,
+/// Where a restored guest's memory comes from: the snapshot's memory file, mapped privately,
+/// or (`page_server`) the userfaultfd page server listening on that socket.
+fn memory_backend(
+    snapshot: &SnapshotFiles,
+    page_server: Option<&Path>,
+) -> Result<MemBackend, FirecrackerApiError> {
+    Ok(match page_server {
+        Some(socket) => MemBackend {
+            backend_type: MemBackendType::Uffd,
+            backend_path: api::utf8(socket)?,
+        },
+        None => MemBackend {
+            backend_type: MemBackendType::File,
+            backend_path: api::utf8(&snapshot.memory)?,
+        },
     })
 }
 
 /// The call that loads `snapshot` into a fresh process and resumes it, attached to `spec`'s
-/// TAP and vsock socket (the drives must be where they were: Firecracker has no override).
+/// TAP and vsock socket (the drives must be where they were: Firecracker has no override); its
+/// memory from the page server on socket `page_server` when there is one.
 pub fn restore_sequence(
     spec: &VmSpec,
     snapshot: &SnapshotFiles,
+    page_server: Option<&Path>,
 ) -> Result<Vec<ApiCall>, FirecrackerApiError> {
     let network_overrides = spec
         .net
@@ -208,7 +230,7 @@ pub fn restore_sequence(
         .transpose()?;
     Ok(vec![api::SnapshotLoad {
         snapshot_path: api::utf8(&snapshot.state)?,
-        mem_backend: memory_backend(snapshot)?,
+        mem_backend: memory_backend(snapshot, page_server)?,
         resume_vm: Some(true),
         network_overrides,
         vsock_override,
@@ -239,6 +261,121 @@ async fn snapshot_format_version(bin: &Path) -> Result<String, VmmError> {
                 stdout.trim()
             ),
         }),
+    }
+}
+
+/// A snapshot's list of the pages its guest touched after its previous restore
+/// ([`uffd::write_pages`]), prefetched by the next restore's page server.
+pub const TOUCHED_PAGES: &str = "touched";
+
+/// Where a lazily restored VM's page server keeps its list of touched pages.
+fn touched_record_path(spec: &VmSpec) -> PathBuf {
+    spec.files.firecracker_socket.with_file_name("uffd-touched")
+}
+
+/// How a restore's memory will be served lazily: the page server's socket (on the host), its
+/// memory file, and its lists.
+struct LazyMemory {
+    bin: PathBuf,
+    socket: PathBuf,
+    memory: PathBuf,
+    prefetch: PathBuf,
+    record: PathBuf,
+    log: PathBuf,
+    owner: Option<(u32, u32)>,
+}
+
+/// How long a page server has to come up, and to end once its guest is gone.
+const PAGE_SERVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl LazyMemory {
+    fn plan(bin: &Path, spec: &VmSpec, jail: Option<&Jail>, snapshot: &SnapshotFiles) -> Self {
+        let socket = match jail {
+            Some(jail) => jail.host_path(jail::UFFD_SOCKET),
+            None => spec.files.firecracker_socket.with_file_name("uffd.sock"),
+        };
+        Self {
+            bin: bin.to_owned(),
+            socket,
+            memory: snapshot.memory.clone(),
+            prefetch: snapshot.dir.join(TOUCHED_PAGES),
+            record: touched_record_path(spec),
+            log: spec.files.firecracker_socket.with_file_name("uffd.log"),
+            owner: jail.map(Jail::owner),
+        }
+    }
+
+    /// Starts the page server and waits until it listens. It runs in a process group of its
+    /// own: an agent stopped with its group leaves it serving its guest.
+    async fn start(self) -> Result<PageServer, VmmError> {
+        let mut command = tokio::process::Command::new(&self.bin);
+        command
+            .arg("uffd-serve")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--memory")
+            .arg(&self.memory)
+            .arg("--record")
+            .arg(&self.record);
+        if self.prefetch.is_file() {
+            command.arg("--prefetch").arg(&self.prefetch);
+        }
+        if let Some((uid, gid)) = self.owner {
+            command.arg("--owner").arg(format!("{uid}:{gid}"));
+        }
+        let log = std::fs::File::create(&self.log).map_err(|source| VmmError::File {
+            what: "failed to create",
+            path: self.log.clone(),
+            source,
+        })?;
+        let mut child = command
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|source| VmmError::Spawn {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut line = String::new();
+        let ready = tokio::time::timeout(
+            PAGE_SERVER_TIMEOUT,
+            tokio::io::AsyncBufReadExt::read_line(
+                &mut tokio::io::BufReader::new(stdout),
+                &mut line,
+            ),
+        )
+        .await;
+        if !matches!(ready, Ok(Ok(_)) if line == "ready\n") {
+            let _ = child.kill().await;
+            let said = std::fs::read_to_string(&self.log).unwrap_or_default();
+            return Err(VmmError::StartTask(format!(
+                "the page server did not come up: {}",
+                said.trim()
+            )));
+        }
+        Ok(PageServer { child })
+    }
+}
+
+/// A running `wrenn uffd-serve`.
+struct PageServer {
+    child: tokio::process::Child,
+}
+
+impl PageServer {
+    /// Once its guest is gone: it writes its record and ends by itself; one that does not
+    /// (Firecracker never connected) is killed.
+    async fn end(mut self) {
+        if tokio::time::timeout(PAGE_SERVER_TIMEOUT, self.child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("a page server outlived its VM; killing it");
+            let _ = self.child.kill().await;
+        }
     }
 }
 
@@ -293,13 +430,16 @@ impl Vmm for FirecrackerVmm {
         let snapshot_version = snapshot_format_version(&self.bin).await?;
         let (paused, out) = (paused.clone(), out.clone());
         tokio::task::spawn_blocking(move || {
-            snapshot::share_by_copy(
+            let meta = snapshot::share_by_copy(
                 &paused,
                 &out,
                 VmmKind::Firecracker,
                 &version,
                 Some(&snapshot_version),
-            )
+            )?;
+            // The paused guest's working set is every clone's first guess at its own.
+            let _ = std::fs::copy(paused.dir.join(TOUCHED_PAGES), out.dir.join(TOUCHED_PAGES));
+            Ok::<_, snapshot::SnapshotError>(meta)
         })
         .await
         .map_err(|e| VmmError::StartTask(e.to_string()))?
@@ -366,6 +506,11 @@ impl Vmm for FirecrackerVmm {
             console_log: files.console_log.clone(),
             sockets: vec![api_socket, endpoints.vsock_socket],
             jail,
+            page_server: None,
+            touched_record: self
+                .page_server_bin
+                .as_ref()
+                .map(|_| touched_record_path(spec)),
         }))
     }
 }
@@ -391,9 +536,21 @@ impl FirecrackerVmm {
                 reason: "a shared snapshot is restored only by a jailed Firecracker".into(),
             });
         }
+        let lazy = self
+            .page_server_bin
+            .as_ref()
+            .map(|bin| LazyMemory::plan(bin, spec, self.jail(spec).as_ref(), snapshot));
         let calls = match self.jail(spec) {
-            Some(jail) => restore_sequence(&jail.inside(spec), &jail.snapshot_inside(snapshot))?,
-            None => restore_sequence(spec, snapshot)?,
+            Some(jail) => restore_sequence(
+                &jail.inside(spec),
+                &jail.snapshot_inside(snapshot),
+                lazy.as_ref().map(|_| Path::new(jail::UFFD_SOCKET)),
+            )?,
+            None => restore_sequence(
+                spec,
+                snapshot,
+                lazy.as_ref().map(|plan| plan.socket.as_path()),
+            )?,
         };
         let this = self.clone();
         let spec = spec.clone();
@@ -415,8 +572,15 @@ impl FirecrackerVmm {
             )?;
             let mut vm = this.spawn_vm(&spec).await?;
             if let Some(jail) = &vm.jail {
-                if let Err(error) = jail.bring_snapshot(&snapshot, shared) {
+                if let Err(error) = jail.bring_snapshot(&snapshot, shared, lazy.is_none()) {
                     return Err(vm.roll_back(&spec.id, error).await);
+                }
+            }
+            if let Some(plan) = lazy {
+                vm.touched_record = Some(plan.record.clone());
+                match plan.start().await {
+                    Ok(server) => vm.page_server = Some(server),
+                    Err(error) => return Err(vm.roll_back(&spec.id, error).await),
                 }
             }
             // With `resume_vm` the guest runs as soon as the load succeeds: retire the snapshot
@@ -510,6 +674,8 @@ impl FirecrackerVmm {
                 console_log: files.console_log.clone(),
                 sockets,
                 jail,
+                page_server: None,
+                touched_record: None,
             }),
             Err(error) => {
                 if let Err(kill_error) = process.kill().await {
@@ -535,6 +701,12 @@ pub struct FirecrackerVm {
     sockets: Vec<PathBuf>,
     /// The jail the VM runs in: its snapshots are written there first.
     jail: Option<Jail>,
+    /// The page server of a lazily restored VM (not of one adopted after an agent restart:
+    /// that one ends with its VM on its own).
+    page_server: Option<PageServer>,
+    /// Where the VM's page server lists the pages the guest touched; a pause keeps the list
+    /// with the snapshot for the next restore to prefetch.
+    touched_record: Option<PathBuf>,
 }
 
 impl FirecrackerVm {
@@ -609,6 +781,28 @@ impl FirecrackerVm {
         }
     }
 
+    /// Waits for the page server, whose guest is gone, to write its record and end.
+    async fn end_page_server(&mut self) {
+        if let Some(server) = self.page_server.take() {
+            server.end().await;
+        }
+    }
+
+    /// Keeps the list of pages the guest touched since its restore with its new snapshot: the
+    /// next restore prefetches them.
+    fn keep_touched_pages(&self, snapshot: &SnapshotFiles) {
+        let Some(record) = &self.touched_record else {
+            return;
+        };
+        match std::fs::rename(record, snapshot.dir.join(TOUCHED_PAGES)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(%error, "could not keep the guest's touched pages with its snapshot")
+            }
+        }
+    }
+
     fn remove_sockets(&self) {
         for socket in &self.sockets {
             if let Err(error) = process::remove_if_present(socket) {
@@ -655,6 +849,7 @@ impl Vm for FirecrackerVm {
                 tracing::info!(pid = self.pid(), %error, "Ctrl+Alt+Del not delivered; killing the VM");
             } else if let Some(status) = self.process.wait_for(grace).await? {
                 self.remove_sockets();
+                self.end_page_server().await;
                 return Ok(status);
             } else {
                 tracing::info!(
@@ -670,12 +865,14 @@ impl Vm for FirecrackerVm {
     async fn kill(&mut self) -> Result<VmmExit, VmmError> {
         let status = self.process.kill().await?;
         self.remove_sockets();
+        self.end_page_server().await;
         Ok(status)
     }
 
     async fn wait_exit(&mut self) -> Result<VmmExit, VmmError> {
         let status = self.process.wait().await?;
         self.remove_sockets();
+        self.end_page_server().await;
         Ok(status)
     }
 
@@ -715,6 +912,7 @@ impl Vm for FirecrackerVm {
             Ok(meta) => {
                 // Firecracker's documented end of a snapshot that is not resumed in place.
                 self.kill().await?;
+                self.keep_touched_pages(snapshot);
                 Ok(meta)
             }
             Err(error) => Err(self.recover(was_running, error).await),
