@@ -211,6 +211,41 @@ impl TemplateStore {
         }
     }
 
+    /// Puts a small document into the store as a blob, content-addressed like a file.
+    pub async fn publish_bytes(&self, bytes: Vec<u8>) -> Result<BlobRef, StoreError> {
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let blob = BlobRef::new(&sha256, bytes.len() as u64)?;
+        if self.check(&blob).await.is_ok() {
+            return Ok(blob);
+        }
+        self.objects
+            .put(&blob.key(), bytes.into())
+            .await
+            .map_err(self.unreachable())?;
+        Ok(blob)
+    }
+
+    /// Reads a small blob (a document [`Self::publish_bytes`] put) whole, checked against its
+    /// reference.
+    pub async fn read_bytes(&self, blob: &BlobRef) -> Result<Vec<u8>, StoreError> {
+        let answer = match self.objects.get(&blob.key()).await {
+            Ok(answer) => answer,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(StoreError::Missing(blob.sha256.clone()))
+            }
+            Err(e) => return Err(self.unreachable()(e)),
+        };
+        let bytes = answer.bytes().await.map_err(self.unreachable())?;
+        let found = hex::encode(Sha256::digest(&bytes));
+        if bytes.len() as u64 != blob.size_bytes || found != blob.sha256 {
+            return Err(StoreError::Corrupt {
+                expected: blob.sha256.clone(),
+                found,
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+
     /// Uploads `file` unless the store already holds its bytes; returns its reference.
     pub async fn publish(
         &self,

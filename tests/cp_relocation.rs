@@ -5,7 +5,8 @@
 //! resumes it with every write it had made, on disk and in memory, and its processes running.
 //! When A comes back, the reconciler removes its stale copy, and nothing of the capsule is left
 //! in the store. A capsule resumed at home (its copy removed before the guest runs) can no
-//! longer be moved with an outdated copy.
+//! longer be moved with an outdated copy. A snapshot template published to the store starts on
+//! a host that never held it.
 
 mod support;
 
@@ -64,7 +65,9 @@ async fn stack(agents: usize) -> Stack {
     for _ in 0..agents {
         let url = store_url(store.path());
         let env = [("STORE_URL", url.as_str())];
-        started.push(add_agent_in(&cp, &admin.auth(), Agent::new_root(), &env).await);
+        // Images of their own: a template one host makes is not the other's.
+        let root = Agent::new_root_with_own_images();
+        started.push(add_agent_in(&cp, &admin.auth(), root, &env).await);
     }
     let key = api_key(&cp, &admin).await;
     Stack {
@@ -445,4 +448,174 @@ async fn a_paused_capsule_whose_host_is_full_resumes_on_another() {
     assert!(stored_copy(store_dir.path(), &id).is_none());
     wait_clean(&away_agent);
     wait_clean(&home_agent);
+}
+
+/// The registry's version of a team's template `name`: its document in the store, once the
+/// snapshot template is published.
+async fn published_version(cp: &TestCp, name: &str) -> Option<(String, u64)> {
+    let row: Option<(Option<String>, Value)> =
+        sqlx::query_as("SELECT image_sha256, metadata FROM templates WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&cp.db)
+            .await
+            .unwrap();
+    let (sha256, metadata) = row?;
+    Some((sha256?, metadata["store_document_bytes"].as_u64()?))
+}
+
+async fn wait_published(cp: &TestCp, name: &str, not: Option<&str>) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some((sha256, _)) = published_version(cp, name).await {
+            if Some(sha256.as_str()) != not {
+                return sha256;
+            }
+        }
+        assert!(Instant::now() < deadline, "{name} was not published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The blobs a published snapshot template's document names, and the document.
+fn snapshot_copy_blobs(store: &Path, document: &str) -> Vec<String> {
+    let bytes = std::fs::read(store.join("blobs/sha256").join(document)).unwrap();
+    let copy: Value = serde_json::from_slice(&bytes).unwrap();
+    let mut blobs: Vec<String> = copy["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["blob"]["sha256"].as_str().unwrap().to_owned())
+        .collect();
+    blobs.push(document.to_owned());
+    blobs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_template_goes_to_the_store_and_starts_on_a_host_that_never_held_it() {
+    let _turn = VM_TURNS.acquire().await.unwrap();
+    let Stack {
+        cp,
+        mut agents,
+        key,
+        store: store_dir,
+    } = stack(2).await;
+    let store = store_dir.path();
+    let (status, capsule) = cp
+        .call(
+            POST,
+            "/v1/capsules",
+            &key,
+            Some(json!({"template": "busybox"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{capsule}");
+    let source = capsule["id"].as_str().unwrap().to_owned();
+    let out = exec(
+        &cp,
+        &key,
+        &source,
+        "mkdir -p /mnt/m && mount -t tmpfs m /mnt/m && echo in-memory > /mnt/m/f
+         echo on-disk > /root/d && sync
+         sh -c 'i=0; while :; do i=$((i+1)); echo $i > /mnt/m/count; sleep 0.2; done' \
+           >/dev/null 2>&1 &
+         echo $! > /root/counter.pid",
+    )
+    .await;
+    assert_eq!(out["exit_code"], 0, "{out}");
+    let home = host_of(&cp, &source).await;
+    let (status, template) = cp
+        .call(
+            POST,
+            "/v1/snapshots",
+            &key,
+            Some(json!({"sandbox_id": source, "name": "warm"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{template}");
+    let first = wait_published(&cp, "warm", None).await;
+    let first_blobs = snapshot_copy_blobs(store, &first);
+    assert_eq!(first_blobs.len(), 6, "five files and the document");
+
+    // The source's host has room for nothing more: the create goes to the other host, which
+    // pulls the template from the store and continues the snapshot's instant.
+    let home_uuid: HostId = home.parse().unwrap();
+    sqlx::query("UPDATE hosts SET memory_mb = 64 WHERE id = $1")
+        .bind(home_uuid.0)
+        .execute(&cp.db)
+        .await
+        .unwrap();
+    let (status, capsule) = cp
+        .call(
+            POST,
+            "/v1/capsules",
+            &key,
+            Some(json!({"template": "warm"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{capsule}");
+    let child = capsule["id"].as_str().unwrap().to_owned();
+    let away = host_of(&cp, &child).await;
+    assert_ne!(away, home);
+    let out = exec(
+        &cp,
+        &key,
+        &child,
+        "kill -0 $(cat /root/counter.pid) && cat /mnt/m/f /root/d && cat /mnt/m/count
+         sleep 1; cat /mnt/m/count",
+    )
+    .await;
+    assert_eq!(out["exit_code"], 0, "{out}");
+    let lines: Vec<&str> = out["stdout"].as_str().unwrap().lines().collect();
+    assert_eq!(&lines[..2], ["in-memory", "on-disk"], "{out}");
+    let (before, after): (u64, u64) = (lines[2].parse().unwrap(), lines[3].parse().unwrap());
+    assert!(after > before, "the counter runs on in the child: {out}");
+    let (status, body) = cp
+        .call(DELETE, &format!("/v1/capsules/{child}"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+
+    // An overwrite publishes a new copy and removes the old one from the store.
+    sqlx::query("UPDATE hosts SET memory_mb = 4096")
+        .execute(&cp.db)
+        .await
+        .unwrap();
+    let (status, template) = cp
+        .call(
+            POST,
+            "/v1/snapshots?overwrite=true",
+            &key,
+            Some(json!({"sandbox_id": source, "name": "warm"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{template}");
+    let second = wait_published(&cp, "warm", Some(&first)).await;
+    let second_blobs = snapshot_copy_blobs(store, &second);
+    let left = blobs(store);
+    assert!(
+        first_blobs.iter().all(|b| !left.contains(b)),
+        "the old copy is gone"
+    );
+
+    // A delete removes it from the store and from both hosts.
+    let (status, body) = cp.call(DELETE, "/v1/snapshots/warm", &key, None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let left = blobs(store);
+    assert!(second_blobs.iter().all(|b| !left.contains(b)), "{left:?}");
+    for (agent, _) in &agents {
+        let images = std::fs::read_dir(agent.root.path().join("images"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>();
+        assert!(
+            images.iter().all(|name| !name.starts_with("warm.")),
+            "{images:?}"
+        );
+    }
+    let (status, body) = cp
+        .call(DELETE, &format!("/v1/capsules/{source}"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    for (agent, _) in agents.drain(..) {
+        wait_clean(&agent);
+    }
 }

@@ -224,9 +224,9 @@ impl From<SandboxError> for ApiError {
             }
             SandboxError::AlreadyExists(_)
             | SandboxError::TemplateExists(_)
-            | SandboxError::Template(TemplateError::SnapshotTemplate(_)) => {
-                (StatusCode::CONFLICT, ErrorCode::Conflict)
-            }
+            | SandboxError::Template(
+                TemplateError::SnapshotTemplate(_) | TemplateError::SnapshotUnusable { .. },
+            ) => (StatusCode::CONFLICT, ErrorCode::Conflict),
             SandboxError::NotFound(_) | SandboxError::NotStored(_) => {
                 (StatusCode::NOT_FOUND, ErrorCode::NotFound)
             }

@@ -34,8 +34,12 @@ pub enum TemplateError {
     ImportFailed { template: String, reason: String },
     /// A snapshot template's saved memory belongs to this host's VMM and kernel: it is not
     /// an image other hosts could use.
-    #[error("template `{0}` is a snapshot template, which stays on its host")]
+    #[error("template `{0}` is a snapshot template: its agent publishes it with its snapshot")]
     SnapshotTemplate(String),
+    /// The store's copy of a snapshot template cannot be restored here (another VMM or guest
+    /// kernel, another format, or not the template asked for); nothing of it was kept.
+    #[error("snapshot template `{template}` cannot be used on this host: {reason}")]
+    SnapshotUnusable { template: String, reason: String },
     #[error("the archive is over the {limit}-byte limit")]
     ArchiveTooLarge { limit: u64 },
     #[error("template `{template}`: {what}: {source}")]
@@ -295,25 +299,41 @@ impl TemplateImages {
                 template: name.clone(),
                 source,
             })?;
-        let meta_path = self.layout.image_dir(template.as_str()).join("meta.json");
-        let mut meta = std::fs::read(&meta_path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-            .filter(serde_json::Value::is_object)
-            .unwrap_or_else(|| serde_json::json!({ "template": name }));
-        meta["sha256"] = blob.sha256.clone().into();
-        meta["size_bytes"] = blob.size_bytes.into();
-        write_meta(&self.layout, template, &meta).map_err(|source| TemplateError::Io {
-            template: name.clone(),
-            what: "writing meta.json".into(),
-            source,
-        })?;
+        self.record_version(template, &blob)
+            .map_err(|source| TemplateError::Io {
+                template: name.clone(),
+                what: "writing meta.json".into(),
+                source,
+            })?;
         tracing::info!(
             template = name,
             sha256 = blob.sha256,
             "template image published"
         );
         Ok(blob)
+    }
+}
+
+impl TemplateImages {
+    /// Records in the template's `meta.json` that this host's copy is `blob` in the store.
+    pub fn record_version(&self, template: &TemplateName, blob: &BlobRef) -> std::io::Result<()> {
+        let meta_path = self.layout.image_dir(template.as_str()).join("meta.json");
+        let mut meta = std::fs::read(&meta_path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .filter(serde_json::Value::is_object)
+            .unwrap_or_else(|| serde_json::json!({ "template": template }));
+        meta["sha256"] = blob.sha256.clone().into();
+        meta["size_bytes"] = blob.size_bytes.into();
+        write_meta(&self.layout, template, &meta)
+    }
+
+    /// The version of the template in the store that this host's copy is, as recorded.
+    pub fn recorded_version(&self, template: &TemplateName) -> Option<BlobRef> {
+        let meta =
+            std::fs::read(self.layout.image_dir(template.as_str()).join("meta.json")).ok()?;
+        let meta: serde_json::Value = serde_json::from_slice(&meta).ok()?;
+        BlobRef::new(meta["sha256"].as_str()?, meta["size_bytes"].as_u64()?).ok()
     }
 }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::SandboxId;
 use crate::secret::EnvNames;
-use crate::store::BlobRef;
+use crate::store::{BlobRef, StoreError, TemplateStore};
 use crate::template::TemplateName;
 
 /// The default writable disk of a sandbox when a request names none.
@@ -37,6 +37,11 @@ pub struct CreateSandbox {
     /// version, or none, pulls this one first. Absent means the image the host holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<BlobRef>,
+    /// For a snapshot template: its [`StoredSnapshotTemplate`] document in the template store,
+    /// which an agent that lacks this version of the template fetches first. Absent means the
+    /// snapshot template this host holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<BlobRef>,
 }
 
 impl std::fmt::Debug for CreateSandbox {
@@ -248,6 +253,78 @@ pub enum PausedPart {
     SnapshotState,
     SnapshotMemory,
     /// `sandboxes/<id>/upper.ext4`, the writable disk.
+    Disk,
+}
+
+/// A snapshot template's copy in the template store (`agent::sandbox::snapshot_store`): one
+/// blob, content-addressed like an image, that the registry names as the template's version.
+/// Every host with the same VMM and guest kernel can restore it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredSnapshotTemplate {
+    pub format: u32,
+    /// The template's image name on hosts (`<name>.t<team>`).
+    pub template: TemplateName,
+    /// The VMM that made the shared snapshot and its version; it loads only into the same.
+    pub vmm: String,
+    pub vmm_version: String,
+    pub kernel_sha256: String,
+    pub initrd_sha256: Option<String>,
+    /// The template the snapshotted sandbox was created from, and its image, byte for byte
+    /// (content-addressed: shared with that template, never removed with this copy).
+    pub from_template: TemplateName,
+    pub base_image: BlobRef,
+    /// Each file of the template's `snapshot/`, a pack of its own (`sparse::pack`) whose label
+    /// names the template and this copy, so these blobs belong to this copy alone.
+    pub files: Vec<StoredSnapshotFile>,
+    pub stored_at: DateTime<Utc>,
+}
+
+impl StoredSnapshotTemplate {
+    /// Removes the blobs this copy is made of (not its base image, content shared with its
+    /// template).
+    pub async fn remove_files(&self, store: &TemplateStore) -> Result<(), StoreError> {
+        for stored in &self.files {
+            store.delete(&stored.blob.sha256).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the copy whose document is `document` from the store: its files, then the
+    /// document. A document already gone is not an error.
+    pub async fn remove(store: &TemplateStore, document: &BlobRef) -> Result<(), StoreError> {
+        let bytes = match store.read_bytes(document).await {
+            Ok(bytes) => bytes,
+            Err(StoreError::Missing(_)) => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        if let Ok(copy) = serde_json::from_slice::<Self>(&bytes) {
+            copy.remove_files(store).await?;
+        }
+        store.delete(&document.sha256).await
+    }
+}
+
+/// The version of [`StoredSnapshotTemplate`] this build writes and reads.
+pub const STORED_SNAPSHOT_TEMPLATE_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredSnapshotFile {
+    pub file: SnapshotTemplateFile,
+    pub blob: BlobRef,
+}
+
+/// The files of a snapshot template's `snapshot/` directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, strum::EnumIter)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotTemplateFile {
+    /// `snapshot.json`: the sandboxes' size and the envd token the guest was saved with.
+    Record,
+    SnapshotMeta,
+    SnapshotState,
+    SnapshotMemory,
+    /// `upper.ext4`, the writable disk of that instant.
     Disk,
 }
 

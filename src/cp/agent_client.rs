@@ -864,6 +864,7 @@ mod tests {
             envs: BTreeMap::new(),
             user: None,
             image: Some(BlobRef::new(&"0".repeat(64), 1 << 20).unwrap()),
+            snapshot: None,
         };
         let value = serde_json::to_value(&request).unwrap();
         let mut keys: Vec<&str> = value

@@ -57,6 +57,8 @@ pub struct PassReport {
     pub overran_hosts: Vec<HostId>,
     /// Template builds whose control plane stopped running them, ended as `error`.
     pub abandoned_builds: usize,
+    /// Snapshot templates put into the template store after their own publish did not finish.
+    pub published_snapshots: usize,
 }
 
 /// Runs passes every `state.capsules.reconcile_interval` until `cancel` fires.
@@ -91,6 +93,7 @@ impl PassReport {
             unreachable_hosts,
             overran_hosts,
             abandoned_builds,
+            published_snapshots,
         } = other;
         self.missing.extend(missing);
         self.stopped.extend(stopped);
@@ -101,6 +104,7 @@ impl PassReport {
         self.unreachable_hosts.extend(unreachable_hosts);
         self.overran_hosts.extend(overran_hosts);
         self.abandoned_builds += abandoned_builds;
+        self.published_snapshots += published_snapshots;
     }
 }
 
@@ -141,6 +145,12 @@ pub async fn reconcile_once(state: &AppState) -> Result<PassReport, DbError> {
         Ok(ended) => report.abandoned_builds = ended,
         Err(error) => {
             first_error = Some(error);
+        }
+    }
+    match crate::cp::services::templates::publish_unpublished_snapshots(state).await {
+        Ok(published) => report.published_snapshots = published,
+        Err(error) => {
+            first_error.get_or_insert(error);
         }
     }
     while let Some(visit) = visits.next().await {

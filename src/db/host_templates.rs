@@ -95,21 +95,43 @@ pub async fn holders(ex: impl PgExecutor<'_>, name: &str) -> Result<Vec<Holder>,
     .await?)
 }
 
-/// Records that `host` holds image `name` now (before its next report says so).
+/// Records that `host`'s image `name` is the store's version `sha256` (before its next report
+/// says so).
+pub async fn set_sha256(
+    ex: impl PgExecutor<'_>,
+    host: Uuid,
+    name: &str,
+    sha256: &str,
+) -> Result<(), DbError> {
+    sqlx::query!(
+        "UPDATE host_templates SET sha256 = $3 WHERE host_id = $1 AND template_name = $2",
+        host,
+        name,
+        sha256,
+    )
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+/// Records that `host` holds image `name` now, in version `sha256` when known (before its next
+/// report says so).
 pub async fn add(
     ex: impl PgExecutor<'_>,
     host: Uuid,
     name: &str,
     size_bytes: i64,
+    sha256: Option<&str>,
 ) -> Result<(), DbError> {
     sqlx::query!(
         "INSERT INTO host_templates (host_id, template_name, size_bytes, sha256)
-         VALUES ($1, $2, $3, NULL)
+         VALUES ($1, $2, $3, $4)
          ON CONFLICT (host_id, template_name)
-         DO UPDATE SET size_bytes = EXCLUDED.size_bytes, sha256 = NULL",
+         DO UPDATE SET size_bytes = EXCLUDED.size_bytes, sha256 = EXCLUDED.sha256",
         host,
         name,
         size_bytes,
+        sha256,
     )
     .execute(ex)
     .await?;

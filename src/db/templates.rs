@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::page::Keyset;
 use super::{text_enum, DbError};
 use crate::id::TeamId;
+use crate::store::BlobRef;
 use crate::template::TemplateName;
 
 text_enum! {
@@ -42,7 +43,21 @@ impl Template {
     pub fn image_name(&self) -> TemplateName {
         image_name(TeamId(self.team_id), &self.name)
     }
+
+    /// The template's version in the template store, once published: a base template's image,
+    /// a snapshot template's document (`agent::wire::StoredSnapshotTemplate`).
+    pub fn stored_version(&self) -> Option<BlobRef> {
+        let sha256 = self.image_sha256.as_deref()?;
+        let size_bytes = match self.template_type {
+            TemplateType::Base => u64::try_from(self.size_bytes).ok()?,
+            TemplateType::Snapshot => self.metadata[STORE_DOCUMENT_BYTES].as_u64()?,
+        };
+        BlobRef::new(sha256, size_bytes).ok()
+    }
 }
+
+/// The metadata key of a published snapshot template's document size.
+const STORE_DOCUMENT_BYTES: &str = "store_document_bytes";
 
 /// Platform templates' images go by the template's name; a team's by its name and the team, so
 /// two teams' templates of one name, or a team's `python` and the platform's, never share one.
@@ -139,6 +154,51 @@ pub async fn set_image(
     .execute(ex)
     .await?;
     Ok(updated.rows_affected() == 1)
+}
+
+/// Points snapshot template `id`, as made at `made_at` (not a later overwrite), at its copy in
+/// the template store; false when the template is gone or another version meanwhile. Setting
+/// the same copy again is a success.
+pub async fn set_snapshot_document(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    made_at: DateTime<Utc>,
+    document: &BlobRef,
+) -> Result<bool, DbError> {
+    let updated = sqlx::query!(
+        "UPDATE templates
+         SET image_sha256 = $3, metadata = metadata || jsonb_build_object($4::text, $5::bigint)
+         WHERE id = $1 AND type = 'snapshot' AND created_at = $2
+           AND (image_sha256 IS NULL OR image_sha256 = $3)",
+        id,
+        made_at,
+        document.sha256,
+        STORE_DOCUMENT_BYTES,
+        i64::try_from(document.size_bytes).unwrap_or(i64::MAX),
+    )
+    .execute(ex)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// Snapshot templates made before `before` and not yet in the template store, oldest first.
+pub async fn unpublished_snapshots(
+    ex: impl PgExecutor<'_>,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<Template>, DbError> {
+    Ok(sqlx::query_as!(
+        Template,
+        r#"SELECT id, team_id, name, type AS "template_type: TemplateType", vcpus, memory_mb,
+                  size_bytes, protected, image_sha256, metadata, created_at
+           FROM templates
+           WHERE type = 'snapshot' AND image_sha256 IS NULL AND created_at < $1
+           ORDER BY created_at LIMIT $2"#,
+        before,
+        limit,
+    )
+    .fetch_all(ex)
+    .await?)
 }
 
 /// A template a build made.

@@ -108,10 +108,18 @@ impl SandboxManager {
 
     async fn create_now(self: Arc<Self>, req: CreateSandbox) -> Result<SandboxInfo, SandboxError> {
         self.validate(&req)?;
-        let (image, lease) = self
-            .templates
-            .ensure(&req.template, req.image.as_ref())
-            .await?;
+        let (image, lease) = match &req.snapshot {
+            Some(document) => {
+                let lease = self.templates.lock(&req.template).await;
+                self.ensure_snapshot_template(&req.template, document, lease)
+                    .await?
+            }
+            None => {
+                self.templates
+                    .ensure(&req.template, req.image.as_ref())
+                    .await?
+            }
+        };
         let template_snapshot = self.template_snapshot(&req.template)?;
         if let Some(snapshot) = &template_snapshot {
             let record = &snapshot.record;

@@ -250,6 +250,7 @@ impl SandboxManager {
             envs: Default::default(),
             user: None,
             image: None,
+            snapshot: None,
         };
         let dir = self.layout.sandbox_dir(&id_text);
         let work = SnapshotFiles::in_dir(self.layout.boot_snapshot_work_dir(&key.key));

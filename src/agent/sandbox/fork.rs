@@ -102,6 +102,7 @@ impl SandboxManager {
             let req = CreateSandbox {
                 sandbox_id: *child,
                 image: None,
+                snapshot: None,
                 ..source.clone()
             };
             match self

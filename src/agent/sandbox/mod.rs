@@ -15,6 +15,7 @@ mod phase;
 mod reaper;
 mod record;
 mod relocation;
+mod snapshot_store;
 mod snapshot_template;
 mod teardown;
 
@@ -512,13 +513,24 @@ impl SandboxManager {
 
     /// Puts this host's image of `template` into the template store.
     pub async fn publish_template(
-        &self,
+        self: &Arc<Self>,
         template: &crate::template::TemplateName,
     ) -> Result<crate::store::BlobRef, SandboxError> {
         // An upload dropped half way would leave its multipart parts in the store.
-        let (templates, template) = (self.templates.clone(), template.clone());
-        self.run_to_end(async move { Ok(templates.publish(&template).await?) })
-            .await
+        let (this, template) = (self.clone(), template.clone());
+        self.run_to_end(async move {
+            if this
+                .layout
+                .image_snapshot_dir(template.as_str())
+                .join("snapshot.json")
+                .is_file()
+            {
+                this.publish_snapshot_template(&template).await
+            } else {
+                Ok(this.templates.publish(&template).await?)
+            }
+        })
+        .await
     }
 
     /// The template images on this host.

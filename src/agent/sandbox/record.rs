@@ -109,6 +109,7 @@ mod tests {
                 envs: BTreeMap::from([("API_KEY".into(), "sk-secret".into())]),
                 user: None,
                 image: None,
+                snapshot: None,
             },
             created_at: Utc::now(),
             access_token: SecretText::new("t".repeat(64)),

@@ -49,7 +49,7 @@ impl StoreCopy {
 const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
-enum CopyError {
+pub(super) enum CopyError {
     #[error("a resume or destroy came first")]
     Cancelled,
     #[error(transparent)]
@@ -112,7 +112,7 @@ type FilesSeen = Vec<Option<(u64, std::time::SystemTime)>>;
 type KernelSums = (String, Option<String>);
 
 impl KernelChecksums {
-    async fn of(&self, layout: &Layout) -> Result<KernelSums, StoreError> {
+    pub(super) async fn of(&self, layout: &Layout) -> Result<KernelSums, StoreError> {
         let (kernel, initramfs) = (layout.default_kernel(), layout.default_initramfs());
         let seen: FilesSeen = [&kernel, &initramfs]
             .iter()
@@ -247,7 +247,9 @@ impl SandboxManager {
                 }
                 let pack = staging.join(format!("{part:?}.pack"));
                 let label = format!("wrenn paused sandbox {id} pause {pause} {part:?}");
-                let written = pack_file(source, pack.clone(), label, sandbox.clone()).await?;
+                let paused = sandbox.clone();
+                let stop = move || paused.phase() != SandboxPhase::Paused;
+                let written = pack_file(source, pack.clone(), label, stop).await?;
                 let blob = tokio::select! {
                     blob = store.publish(&pack, |_| {}) => blob?,
                     () = left_paused(sandbox) => return Err(CopyError::Cancelled),
@@ -500,11 +502,12 @@ async fn left_paused(sandbox: &Sandbox) {
     }
 }
 
-async fn pack_file(
+/// Packs `source` into `pack` (`sparse::pack`); `stop` is asked between pages whether to give up.
+pub(super) async fn pack_file(
     source: PathBuf,
     pack: PathBuf,
     label: String,
-    sandbox: Arc<Sandbox>,
+    stop: impl Fn() -> bool + Send + 'static,
 ) -> Result<u64, CopyError> {
     tokio::task::spawn_blocking(move || {
         let input =
@@ -512,7 +515,6 @@ async fn pack_file(
         let output =
             std::fs::File::create(&pack).map_err(io(format!("creating {}", pack.display())))?;
         let mut writer = std::io::BufWriter::with_capacity(1 << 20, output);
-        let stop = || sandbox.phase() != SandboxPhase::Paused;
         match crate::sparse::pack(&input, &mut writer, &label, &stop) {
             Ok(written) => {
                 use std::io::Write;
@@ -529,7 +531,8 @@ async fn pack_file(
     .map_err(|e| io("packing")(std::io::Error::other(e)))?
 }
 
-async fn unpack_file(pack: PathBuf, dest: PathBuf) -> Result<String, std::io::Error> {
+/// Unpacks `pack` into the new file `dest` (the owner's alone); answers the pack's label.
+pub(super) async fn unpack_file(pack: PathBuf, dest: PathBuf) -> Result<String, std::io::Error> {
     tokio::task::spawn_blocking(move || {
         let input = std::fs::File::open(&pack)?;
         let mut reader = std::io::BufReader::with_capacity(1 << 20, input);

@@ -38,7 +38,7 @@ pub(super) struct SnapshotTemplateRecord {
     pub disk_mb: u32,
     pub access_token: SecretText,
     /// The template the snapshotted sandbox was created from.
-    from_template: TemplateName,
+    pub from_template: TemplateName,
     made_unix_ms: u64,
 }
 
@@ -473,7 +473,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
 
 /// Moves `staging` to `target`, replacing a template there: the old one is renamed aside first
 /// and removed after, so a create sees the old template or the new, never half of one.
-fn install(target: &Path, staging: &Path) -> Result<(), String> {
+pub(super) fn install(target: &Path, staging: &Path) -> Result<(), String> {
     let doomed = target.with_file_name(format!(
         ".removing-{}-{:016x}",
         target.file_name().unwrap_or_default().to_string_lossy(),

@@ -26,10 +26,9 @@ use crate::db::hosts::{Host, HostStatus};
 use crate::db::page::Keyset;
 use crate::db::sandboxes::{self, SandboxRoute, SandboxRow, SandboxStatus, Transition};
 use crate::db::templates::{self, TemplateType};
-use crate::db::DbError;
+use crate::db::{host_templates, DbError};
 use crate::error_code::ErrorCode;
 use crate::id::{HostId, SandboxId, TeamId};
-use crate::store::BlobRef;
 use crate::template::{TemplateName, TemplateNameError};
 
 /// Every sandbox gets this much disk; the public API does not expose it.
@@ -270,7 +269,9 @@ pub async fn create(
             template_id: template.id,
             template_name: template.image_name().to_string(),
             template_sha256: template.image_sha256.clone(),
-            holders_only: template.template_type == TemplateType::Snapshot,
+            // Until a snapshot template is in the store, no other host can get it.
+            holders_only: template.template_type == TemplateType::Snapshot
+                && template.image_sha256.is_none(),
             timeout_sec: i32::try_from(new.timeout_sec).unwrap_or(i32::MAX),
             demand: Demand {
                 vcpus: i64::from(vcpus),
@@ -303,10 +304,12 @@ pub async fn create(
         timeout_sec: new.timeout_sec,
         envs: BTreeMap::new(),
         user: None,
-        image: template.image_sha256.clone().map(|sha256| BlobRef {
-            sha256,
-            size_bytes: u64::try_from(template.size_bytes).unwrap_or(0),
-        }),
+        image: template
+            .stored_version()
+            .filter(|_| template.template_type == TemplateType::Base),
+        snapshot: template
+            .stored_version()
+            .filter(|_| template.template_type == TemplateType::Snapshot),
     };
     let asked = std::time::Instant::now();
     let answer = state
@@ -320,6 +323,22 @@ pub async fn create(
             if !sandboxes::mark_started(&state.db, id.uuid(), &guest_metadata(&info)).await? {
                 remove_half_created(state, &target, id).await;
                 return Err(interrupted(state, id).await);
+            }
+            if let Some(version) = &request.snapshot {
+                // The host pulled the template if it lacked it: a delete must find it there
+                // before the host's next report.
+                let image = template.image_name();
+                if let Err(error) = host_templates::add(
+                    &state.db,
+                    host.id,
+                    image.as_str(),
+                    template.size_bytes,
+                    Some(&version.sha256),
+                )
+                .await
+                {
+                    tracing::warn!(template = %image, %error, "could not record the host's copy of the template");
+                }
             }
             Ok(Created {
                 sandbox: find(state, team, id).await?,

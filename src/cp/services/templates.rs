@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use super::{capsules, ServiceError};
+use crate::agent::wire::StoredSnapshotTemplate;
 use crate::cp::agent_client::{AgentError, AgentTarget, ImportArchive};
 use crate::cp::pagination::{Page, PageRequest};
 use crate::cp::state::AppState;
@@ -399,13 +400,14 @@ pub async fn create_snapshot(
             templates::MAX_TEAM_TEMPLATE_NAME_LEN
         )));
     }
-    match templates::visible_by_name(&state.db, team.uuid(), parsed.as_str()).await? {
+    let replaced = match templates::visible_by_name(&state.db, team.uuid(), parsed.as_str()).await?
+    {
         Some(existing) if existing.is_platform() => {
             return Err(SnapshotTemplateError::PlatformName(name))
         }
         Some(_) if !overwrite => return Err(SnapshotTemplateError::Exists(name)),
-        _ => {}
-    }
+        existing => existing,
+    };
     let image = templates::image_name(team, parsed.as_str());
     let (made, host) = capsules::snapshot(
         state,
@@ -425,10 +427,136 @@ pub async fn create_snapshot(
         remove_from_hosts(state, &image, &[host]).await;
     }
     let (template, stale) = registered?;
-    // Hosts that held the template this one replaced no longer hold it.
+    // Hosts that held the template this one replaced no longer hold it, nor does the store.
     remove_from_hosts(state, &image, &stale).await;
+    if let Some(replaced) = replaced {
+        forget_stored(state, team, &replaced).await;
+    }
     tracing::info!(team = %team, template = %name, capsule = %capsule, host = %HostId(host), size_bytes, "snapshot template made");
+    if state.capsules.store.is_some() {
+        // Publishing copies the snapshot's memory and disk: seconds the caller need not wait.
+        // Until it is done, creates of the template run on this host; the reconciler retries a
+        // publish this replica did not finish.
+        let (state, template, host) = (state.clone(), template.clone(), host);
+        tokio::spawn(async move {
+            if let Err(error) = publish_snapshot(&state, &template, host).await {
+                tracing::warn!(template = %template.name, %error, "could not publish the snapshot template; its creates stay on its host");
+            }
+        });
+    }
     Ok(template)
+}
+
+/// Has `host`, which holds snapshot template `template`, put it into the template store, and
+/// points the registry at that copy: from then on a create of it may run on any host, which
+/// pulls the copy first. A template overwritten or deleted meanwhile keeps nothing of it.
+pub async fn publish_snapshot(
+    state: &AppState,
+    template: &Template,
+    host: uuid::Uuid,
+) -> Result<(), PublishError> {
+    let Some(store) = &state.capsules.store else {
+        return Ok(());
+    };
+    let host_id = HostId(host);
+    let target = match hosts::by_id(&state.db, host).await? {
+        Some(row) if row.status == HostStatus::Online => capsules::agent_target(state, &row),
+        _ => None,
+    }
+    .ok_or(PublishError::HostUnavailable(host_id))?;
+    let image = template.image_name();
+    let document = state
+        .capsules
+        .agents
+        .publish_template(&target, &image)
+        .await?;
+    store
+        .check(&document)
+        .await
+        .map_err(|source| PublishError::Unconfirmed {
+            host: host_id,
+            sha256: document.sha256.clone(),
+            source,
+        })?;
+    let mut tx = state.db.begin().await.map_err(DbError::from)?;
+    let current =
+        templates::set_snapshot_document(&mut *tx, template.id, template.created_at, &document)
+            .await?;
+    if current {
+        host_templates::set_sha256(&mut *tx, host, image.as_str(), &document.sha256).await?;
+    }
+    tx.commit().await.map_err(DbError::from)?;
+    if !current {
+        tracing::info!(template = %template.name, "the snapshot template changed while it was published; its copy is removed");
+        if let Err(error) = StoredSnapshotTemplate::remove(store, &document).await {
+            tracing::warn!(template = %template.name, %error, "could not remove a stale snapshot template copy from the store");
+        }
+        return Ok(());
+    }
+    tracing::info!(team = %TeamId(template.team_id), template = %template.name, host = %host_id, sha256 = document.sha256, "snapshot template published");
+    Ok(())
+}
+
+/// How long a snapshot template may wait for the publish its create started before the
+/// reconciler takes over.
+const PUBLISH_GRACE: chrono::TimeDelta = chrono::TimeDelta::minutes(2);
+
+/// The reconciler's share: publishes snapshot templates whose create's publish did not finish
+/// (the replica stopped, or the host or the store was away), from a host holding them. Answers
+/// how many were published.
+pub async fn publish_unpublished_snapshots(state: &AppState) -> Result<usize, DbError> {
+    if state.capsules.store.is_none() {
+        return Ok(0);
+    }
+    let waiting =
+        templates::unpublished_snapshots(&state.db, chrono::Utc::now() - PUBLISH_GRACE, 8).await?;
+    let mut published = 0;
+    for template in waiting {
+        let holders = host_templates::holders(&state.db, template.image_name().as_str()).await?;
+        for holder in holders {
+            match publish_snapshot(state, &template, holder.host_id).await {
+                Ok(()) => {
+                    published += 1;
+                    break;
+                }
+                Err(PublishError::Db(error)) => return Err(error),
+                Err(error) => {
+                    tracing::warn!(template = %template.name, host = %HostId(holder.host_id), %error, "publishing the snapshot template failed; the next pass retries");
+                }
+            }
+        }
+    }
+    Ok(published)
+}
+
+/// Removes what the template store holds of `template`, which left the registry or was
+/// replaced: a snapshot template's copy, or a built image no other template or live capsule
+/// uses.
+async fn forget_stored(state: &AppState, team: TeamId, template: &Template) {
+    let (Some(store), Some(version)) = (&state.capsules.store, template.stored_version()) else {
+        return;
+    };
+    let name = &template.name;
+    match template.template_type {
+        TemplateType::Snapshot => {
+            if let Err(error) = StoredSnapshotTemplate::remove(store, &version).await {
+                tracing::warn!(template = name, %error, "could not remove a snapshot template's copy from the store");
+            }
+        }
+        TemplateType::Base => {
+            match templates::blob_in_use(&state.db, &version.sha256, team.uuid(), name).await {
+                Ok(false) => {
+                    if let Err(error) = store.delete(&version.sha256).await {
+                        tracing::warn!(template = name, sha256 = version.sha256, %error, "could not remove a template's blob from the store");
+                    }
+                }
+                Ok(true) => {}
+                Err(error) => {
+                    tracing::warn!(template = name, %error, "could not tell whether a template's blob is still used; it stays")
+                }
+            }
+        }
+    }
 }
 
 /// Registers the snapshot template made on `host` and records that the host holds it;
@@ -459,7 +587,7 @@ async fn register_snapshot(
     .await?
     .ok_or_else(|| SnapshotTemplateError::PlatformName(parsed.to_string()))?;
     let stale = host_templates::remove_all_but(&mut *tx, image.as_str(), Some(host)).await?;
-    host_templates::add(&mut *tx, host, image.as_str(), size_bytes).await?;
+    host_templates::add(&mut *tx, host, image.as_str(), size_bytes, None).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok((template, stale))
 }
@@ -483,19 +611,7 @@ pub async fn delete(
     templates::delete(&mut *tx, template.id).await?;
     tx.commit().await.map_err(DbError::from)?;
     remove_from_hosts(state, &image, &holders).await;
-    if let (Some(store), Some(sha256)) = (&state.capsules.store, &template.image_sha256) {
-        match templates::blob_in_use(&state.db, sha256, team.uuid(), &template.name).await {
-            Ok(false) => {
-                if let Err(error) = store.delete(sha256).await {
-                    tracing::warn!(template = name, sha256, %error, "could not remove a deleted template's blob from the store");
-                }
-            }
-            Ok(true) => {}
-            Err(error) => {
-                tracing::warn!(template = name, %error, "could not tell whether a deleted template's blob is still used; it stays")
-            }
-        }
-    }
+    forget_stored(state, team, &template).await;
     tracing::info!(team = %team, template = name, hosts = holders.len(), "template deleted");
     Ok(())
 }
