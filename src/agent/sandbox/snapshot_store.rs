@@ -100,7 +100,7 @@ impl SandboxManager {
             stored_at: chrono::Utc::now(),
         };
         let staging = self.layout.images_dir().join(format!(
-            ".publish-{template}-{:016x}",
+            ".snapshot-publish-{template}-{:016x}",
             rand::random::<u64>()
         ));
         let started = std::time::Instant::now();

@@ -788,18 +788,22 @@ impl FirecrackerVm {
         }
     }
 
-    /// Keeps the list of pages the guest touched since its restore with its new snapshot: the
-    /// next restore prefetches them.
-    fn keep_touched_pages(&self, snapshot: &SnapshotFiles) {
+    /// Keeps the list of pages the guest touched since its restore (as its page server last
+    /// recorded it before the pause) with its new snapshot: the next restore prefetches them.
+    fn keep_touched_pages(&self, snapshot: &SnapshotFiles, working_set: Option<Vec<u8>>) {
         let Some(record) = &self.touched_record else {
             return;
         };
-        match std::fs::rename(record, snapshot.dir.join(TOUCHED_PAGES)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => {
-                tracing::warn!(%error, "could not keep the guest's touched pages with its snapshot")
-            }
+        let _ = std::fs::remove_file(record);
+        let Some(pages) = working_set else {
+            return;
+        };
+        let kept = snapshot.dir.join(TOUCHED_PAGES);
+        let partial = Layout::partial(&kept);
+        if let Err(error) =
+            std::fs::write(&partial, pages).and_then(|()| std::fs::rename(&partial, &kept))
+        {
+            tracing::warn!(%error, "could not keep the guest's touched pages with its snapshot");
         }
     }
 
@@ -893,6 +897,12 @@ impl Vm for FirecrackerVm {
             Ok(writer) => writer,
             Err(error) => return Err(self.recover(was_running, error.into()).await),
         };
+        // Taken before the snapshot: writing it reads every page of the guest, through the page
+        // server, which would record them all.
+        let working_set = self
+            .touched_record
+            .as_ref()
+            .and_then(|record| std::fs::read(record).ok());
         let saved = match self.save(snapshot).await {
             Ok(()) => writer
                 .commit(
@@ -912,7 +922,7 @@ impl Vm for FirecrackerVm {
             Ok(meta) => {
                 // Firecracker's documented end of a snapshot that is not resumed in place.
                 self.kill().await?;
-                self.keep_touched_pages(snapshot);
+                self.keep_touched_pages(snapshot, working_set);
                 Ok(meta)
             }
             Err(error) => Err(self.recover(was_running, error).await),

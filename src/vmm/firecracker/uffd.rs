@@ -183,6 +183,8 @@ pub struct ServeOptions {
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the record of touched pages is brought up to date.
 const RECORD_EVERY: Duration = Duration::from_secs(1);
+/// How often deferred faults are retried, in milliseconds.
+const DEFERRED_RETRY_MS: u8 = 1;
 /// Pages copied in per prefetch step, between looks at the fault queue.
 const PREFETCH_BATCH: usize = 64;
 
@@ -209,6 +211,15 @@ pub fn serve(options: &ServeOptions, ready: impl FnOnce()) -> Result<Served, Uff
         std::os::unix::fs::chown(&options.socket, Some(uid), Some(gid))
             .map_err(io("handing the socket to the jail's user"))?;
     }
+    // Everything that can fail before the guest depends on this process is done first: once
+    // Firecracker has loaded, a page server that gives up hangs the guest.
+    let memory =
+        File::open(&options.memory).map_err(io(format!("opening {}", options.memory.display())))?;
+    let prefetch = options
+        .prefetch
+        .as_deref()
+        .map(read_pages)
+        .unwrap_or_default();
     ready();
     let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
     let waited = poll(
@@ -225,13 +236,6 @@ pub fn serve(options: &ServeOptions, ready: impl FnOnce()) -> Result<Served, Uff
     drop(listener);
     let _ = std::fs::remove_file(&options.socket);
     let (regions, uffd) = handshake(&stream)?;
-    let memory =
-        File::open(&options.memory).map_err(io(format!("opening {}", options.memory.display())))?;
-    let prefetch = options
-        .prefetch
-        .as_deref()
-        .map(read_pages)
-        .unwrap_or_default();
     let mut server = PageServer::new(regions, uffd, memory, prefetch)?;
     let result = server.run(&stream, options.record.as_deref());
     if let Some(record) = &options.record {
@@ -333,6 +337,9 @@ struct PageServer {
     prefetch: std::vec::IntoIter<u64>,
     /// Guest ranges given back: zero from then on.
     removed: Vec<(u64, u64)>,
+    /// Faults the kernel asked to retry (`EAGAIN` while the memory map changes): retried on
+    /// every turn of the loop until served, since the kernel does not raise them again.
+    deferred: Vec<u64>,
     /// File offsets of the pages the guest touched (or was given ahead of its touch).
     touched: BTreeSet<u64>,
     recorded_len: usize,
@@ -361,6 +368,7 @@ impl PageServer {
             memory,
             prefetch: prefetch.into_iter(),
             removed: Vec::new(),
+            deferred: Vec::new(),
             touched: BTreeSet::new(),
             recorded_len: 0,
             served: Served::default(),
@@ -368,11 +376,14 @@ impl PageServer {
     }
 
     fn run(&mut self, stream: &UnixStream, record: Option<&Path>) -> Result<(), UffdError> {
-        let mut last_record = Instant::now();
+        // The first pages are recorded at once, later ones at most every `RECORD_EVERY`.
+        let mut last_record: Option<Instant> = None;
         let mut prefetching = true;
         loop {
             let timeout = if prefetching {
                 PollTimeout::ZERO
+            } else if !self.deferred.is_empty() {
+                PollTimeout::from(DEFERRED_RETRY_MS)
             } else {
                 PollTimeout::try_from(RECORD_EVERY).unwrap_or(PollTimeout::MAX)
             };
@@ -395,25 +406,28 @@ impl PageServer {
             };
             if uffd_ready {
                 self.drain_events()?;
+            }
+            self.retry_deferred()?;
+            if uffd_ready {
+                // Faults first; the prefetch and the exit wait for a quiet moment.
             } else if gone {
                 return Ok(());
             } else if prefetching {
                 prefetching = self.prefetch_some()?;
             }
             if let Some(record) = record {
-                if last_record.elapsed() >= RECORD_EVERY && self.touched.len() != self.recorded_len
-                {
+                let due = last_record.is_none_or(|at| at.elapsed() >= RECORD_EVERY);
+                if due && self.touched.len() != self.recorded_len {
                     self.save(record)?;
-                    last_record = Instant::now();
+                    last_record = Some(Instant::now());
                 }
             }
         }
     }
 
     /// Serves every event queued now; faults that cannot be served yet (`EAGAIN` while a
-    /// removal is pending) go round again after the others.
+    /// removal is pending) are deferred.
     fn drain_events(&mut self) -> Result<(), UffdError> {
-        let mut again = Vec::new();
         loop {
             let mut msg = sys::UffdMsg::default();
             // SAFETY: `UffdMsg` is plain data of the kernel's `struct uffd_msg` layout.
@@ -434,16 +448,21 @@ impl PageServer {
                 sys::UFFD_EVENT_PAGEFAULT => {
                     let address = msg.arg[1];
                     if !self.fault(address)? {
-                        again.push(address);
+                        self.deferred.push(address);
                     }
                 }
                 sys::UFFD_EVENT_REMOVE => self.removed.push((msg.arg[0], msg.arg[1])),
                 _ => {}
             }
         }
-        for address in again {
-            // Its removal has been read by now; a fault still refused is raised again.
-            self.fault(address)?;
+        Ok(())
+    }
+
+    fn retry_deferred(&mut self) -> Result<(), UffdError> {
+        for address in std::mem::take(&mut self.deferred) {
+            if !self.fault(address)? {
+                self.deferred.push(address);
+            }
         }
         Ok(())
     }
