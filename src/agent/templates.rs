@@ -125,11 +125,48 @@ impl TemplateImages {
         dest: &Path,
     ) -> Result<(), TemplateError> {
         let _lease = self.lock(template).await;
-        if self.holds(template, blob)
-            && std::fs::hard_link(self.layout.image_rootfs(template.as_str()), dest).is_ok()
-        {
+        if self.link_if_held(template, blob, dest) {
             return Ok(());
         }
+        self.fetch_image(template, blob, dest).await
+    }
+
+    /// [`Self::image_file_at`] for a caller holding another template's lease: this host's image
+    /// is linked only when `template`'s lock is free at once (two pulls, each holding one
+    /// template's lock and wanting the other's image, would wait on each other for ever), and
+    /// fetched from the store otherwise.
+    pub async fn image_file_at_without_waiting(
+        &self,
+        template: &TemplateName,
+        blob: &BlobRef,
+        dest: &Path,
+    ) -> Result<(), TemplateError> {
+        let lock = self
+            .locks
+            .lock()
+            .expect("template locks")
+            .entry(template.clone())
+            .or_default()
+            .clone();
+        if let Ok(_lease) = lock.try_lock_owned() {
+            if self.link_if_held(template, blob, dest) {
+                return Ok(());
+            }
+        }
+        self.fetch_image(template, blob, dest).await
+    }
+
+    fn link_if_held(&self, template: &TemplateName, blob: &BlobRef, dest: &Path) -> bool {
+        self.holds(template, blob)
+            && std::fs::hard_link(self.layout.image_rootfs(template.as_str()), dest).is_ok()
+    }
+
+    async fn fetch_image(
+        &self,
+        template: &TemplateName,
+        blob: &BlobRef,
+        dest: &Path,
+    ) -> Result<(), TemplateError> {
         self.store
             .fetch(blob, dest, |progress| {
                 tracing::info!(template = %template, "fetching a paused sandbox's image: {progress}");

@@ -57,8 +57,6 @@ pub struct PassReport {
     pub overran_hosts: Vec<HostId>,
     /// Template builds whose control plane stopped running them, ended as `error`.
     pub abandoned_builds: usize,
-    /// Snapshot templates put into the template store after their own publish did not finish.
-    pub published_snapshots: usize,
 }
 
 /// Runs passes every `state.capsules.reconcile_interval` until `cancel` fires.
@@ -93,7 +91,6 @@ impl PassReport {
             unreachable_hosts,
             overran_hosts,
             abandoned_builds,
-            published_snapshots,
         } = other;
         self.missing.extend(missing);
         self.stopped.extend(stopped);
@@ -104,7 +101,6 @@ impl PassReport {
         self.unreachable_hosts.extend(unreachable_hosts);
         self.overran_hosts.extend(overran_hosts);
         self.abandoned_builds += abandoned_builds;
-        self.published_snapshots += published_snapshots;
     }
 }
 
@@ -147,12 +143,7 @@ pub async fn reconcile_once(state: &AppState) -> Result<PassReport, DbError> {
             first_error = Some(error);
         }
     }
-    match crate::cp::services::templates::publish_unpublished_snapshots(state).await {
-        Ok(published) => report.published_snapshots = published,
-        Err(error) => {
-            first_error.get_or_insert(error);
-        }
-    }
+    crate::cp::services::templates::publish_unpublished_snapshots_later(state);
     while let Some(visit) = visits.next().await {
         match visit {
             Ok(visited) => report.merge(visited),

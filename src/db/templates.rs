@@ -157,17 +157,21 @@ pub async fn set_image(
 }
 
 /// Points snapshot template `id`, as made at `made_at` (not a later overwrite), at its copy in
-/// the template store; false when the template is gone or another version meanwhile. Setting
-/// the same copy again is a success.
+/// the template store, whose base image is the blob `base_image_sha256` (kept in the store while
+/// the template is: see [`blob_in_use`]); false when the template is gone or another version
+/// meanwhile. Setting the same copy again is a success.
 pub async fn set_snapshot_document(
     ex: impl PgExecutor<'_>,
     id: Uuid,
     made_at: DateTime<Utc>,
     document: &BlobRef,
+    base_image_sha256: &str,
 ) -> Result<bool, DbError> {
     let updated = sqlx::query!(
         "UPDATE templates
-         SET image_sha256 = $3, metadata = metadata || jsonb_build_object($4::text, $5::bigint)
+         SET image_sha256 = $3,
+             metadata = metadata || jsonb_build_object($4::text, $5::bigint,
+                                                       'base_image_sha256', $6::text)
          WHERE id = $1 AND type = 'snapshot' AND created_at = $2
            AND (image_sha256 IS NULL OR image_sha256 = $3)",
         id,
@@ -175,29 +179,63 @@ pub async fn set_snapshot_document(
         document.sha256,
         STORE_DOCUMENT_BYTES,
         i64::try_from(document.size_bytes).unwrap_or(i64::MAX),
+        base_image_sha256,
     )
     .execute(ex)
     .await?;
     Ok(updated.rows_affected() == 1)
 }
 
-/// Snapshot templates made before `before` and not yet in the template store, oldest first.
+/// Snapshot templates made before `before`, not yet in the template store, and held by an
+/// online host, oldest first.
 pub async fn unpublished_snapshots(
     ex: impl PgExecutor<'_>,
     before: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<Template>, DbError> {
+    // The image name on hosts, as `image_name` makes it (snapshot templates are teams').
     Ok(sqlx::query_as!(
         Template,
         r#"SELECT id, team_id, name, type AS "template_type: TemplateType", vcpus, memory_mb,
                   size_bytes, protected, image_sha256, metadata, created_at
-           FROM templates
+           FROM templates t
            WHERE type = 'snapshot' AND image_sha256 IS NULL AND created_at < $1
+             AND EXISTS (SELECT 1 FROM host_templates ht JOIN hosts h ON h.id = ht.host_id
+                         WHERE h.status = 'online'
+                           AND ht.template_name = t.name || '.t' || replace(t.team_id::text, '-', ''))
            ORDER BY created_at LIMIT $2"#,
         before,
         limit,
     )
     .fetch_all(ex)
+    .await?)
+}
+
+/// Whether a template's version in the store is `sha256`.
+pub async fn version_in_use(ex: impl PgExecutor<'_>, sha256: &str) -> Result<bool, DbError> {
+    Ok(sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM templates WHERE image_sha256 = $1) AS "used!""#,
+        sha256,
+    )
+    .fetch_one(ex)
+    .await?)
+}
+
+/// The team's own template `name`, locked until the transaction ends.
+pub async fn lock_team_template(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    name: &str,
+) -> Result<Option<Template>, DbError> {
+    Ok(sqlx::query_as!(
+        Template,
+        r#"SELECT id, team_id, name, type AS "template_type: TemplateType", vcpus, memory_mb,
+                  size_bytes, protected, image_sha256, metadata, created_at
+           FROM templates WHERE team_id = $1 AND name = $2 FOR UPDATE"#,
+        team,
+        name,
+    )
+    .fetch_optional(ex)
     .await?)
 }
 
@@ -290,8 +328,9 @@ pub async fn delete(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool, DbError> 
     Ok(deleted.rows_affected() == 1)
 }
 
-/// Whether the store's blob `sha256` is still needed: another template's image, or the image
-/// under live capsules of the team's template `name` (deleted, their rows keep its name).
+/// Whether the store's blob `sha256` is still needed: another template's image, the base image
+/// of a published snapshot template, or the image under live capsules of the team's template
+/// `name` (deleted, their rows keep its name).
 pub async fn blob_in_use(
     ex: impl PgExecutor<'_>,
     sha256: &str,
@@ -301,7 +340,8 @@ pub async fn blob_in_use(
     // Live capsules of the deleted template may have paused copies in the store whose disk
     // lies over this image (`agent::sandbox::relocation`): without it they could not move.
     Ok(sqlx::query_scalar!(
-        r#"SELECT (EXISTS (SELECT 1 FROM templates WHERE image_sha256 = $1)
+        r#"SELECT (EXISTS (SELECT 1 FROM templates
+                           WHERE image_sha256 = $1 OR metadata->>'base_image_sha256' = $1)
                    OR EXISTS (SELECT 1 FROM sandboxes
                               WHERE team_id = $2 AND template_name = $3
                                 AND status NOT IN ('stopped', 'error'))) AS "used!""#,

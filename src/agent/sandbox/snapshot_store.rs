@@ -40,6 +40,29 @@ const FILES: [SnapshotTemplateFile; 5] = [
     SnapshotTemplateFile::Disk,
 ];
 
+/// Which version of a template `snapshot_dir` holds: its `snapshot.json`'s inode (an overwrite
+/// installs a new directory).
+fn template_identity(snapshot_dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(snapshot_dir.join("snapshot.json")).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
+/// Hard-links a template's files (its `snapshot/` and its base image) into `staging`, laid out
+/// as the template is: the links keep this version's files whatever happens to the template.
+fn link_aside(snapshot_dir: &Path, rootfs: &Path, staging: &Path) -> std::io::Result<()> {
+    let linked = staging.join("snapshot");
+    std::fs::create_dir_all(&linked)?;
+    std::fs::hard_link(rootfs, staging.join("rootfs.ext4"))?;
+    for file in FILES {
+        let source = file_path(snapshot_dir, file);
+        if source.exists() {
+            std::fs::hard_link(&source, file_path(&linked, file))?;
+        }
+    }
+    Ok(())
+}
+
 /// What every pack of one copy of `template` is labelled with.
 fn label_prefix(template: &TemplateName) -> String {
     format!("wrenn snapshot template {template} ")
@@ -47,19 +70,13 @@ fn label_prefix(template: &TemplateName) -> String {
 
 impl SandboxManager {
     /// Puts this host's snapshot template into the store (unless this version is there already)
-    /// and answers its document's reference. What was uploaded of a publish that fails is
-    /// removed again.
+    /// and answers its document's reference. The template's lock is held only to link its files
+    /// aside, not while they are uploaded (creates of it go on meanwhile). What was uploaded of
+    /// a publish that fails is removed again.
     pub(super) async fn publish_snapshot_template(
         &self,
         template: &TemplateName,
     ) -> Result<BlobRef, SandboxError> {
-        let _lease = self.templates.lock(template).await;
-        let snapshot = self
-            .template_snapshot(template)?
-            .ok_or_else(|| TemplateError::NotHere {
-                template: template.to_string(),
-                path: self.layout.image_snapshot_dir(template.as_str()),
-            })?;
         let store = self.templates.store().clone();
         let failed = |source: StoreError| {
             SandboxError::Template(TemplateError::Store {
@@ -67,26 +84,89 @@ impl SandboxManager {
                 source,
             })
         };
+        let staging = self.layout.images_dir().join(format!(
+            ".snapshot-publish-{template}-{:016x}",
+            rand::random::<u64>()
+        ));
+        let lease = self.templates.lock(template).await;
+        let snapshot = self
+            .template_snapshot(template)?
+            .ok_or_else(|| TemplateError::NotHere {
+                template: template.to_string(),
+                path: self.layout.image_snapshot_dir(template.as_str()),
+            })?;
         if let Some(published) = self.templates.recorded_version(template) {
             if store.check(&published).await.is_ok() {
                 return Ok(published);
             }
         }
-        let (kernel_sha256, initrd_sha256) = self
-            .kernel_checksums
-            .of(&self.layout)
-            .await
-            .map_err(failed)?;
-        let vmm_version = self.vmm.version().await.map_err(|e| SandboxError::Io {
+        let version = template_identity(&snapshot.files.dir);
+        let linked = link_aside(
+            &snapshot.files.dir,
+            &self.layout.image_rootfs(template.as_str()),
+            &staging,
+        );
+        drop(lease);
+        let result = match linked {
+            Ok(()) => {
+                self.upload(template, &snapshot.record.from_template, &staging)
+                    .await
+            }
+            Err(error) => Err(CopyError::Io {
+                what: format!("linking {template}'s files aside"),
+                source: error,
+            }),
+        };
+        let _ = std::fs::remove_dir_all(&staging);
+        let (copy, document) = result.map_err(|error| match error {
+            CopyError::Store(source) => failed(source),
+            other => SandboxError::Io {
+                what: format!("publishing snapshot template {template}"),
+                source: std::io::Error::other(other.to_string()),
+            },
+        })?;
+        // Recorded only if the template is still the version uploaded: an overwrite meanwhile
+        // is another version, which this copy is not.
+        let _lease = self.templates.lock(template).await;
+        if template_identity(&self.layout.image_snapshot_dir(template.as_str())) != version {
+            if let Err(error) = copy.remove_files(&store).await {
+                tracing::warn!(%template, %error, "could not remove a superseded snapshot template copy from the store");
+            }
+            let _ = store.delete(&document.sha256).await;
+            return Err(SandboxError::Io {
+                what: format!("publishing snapshot template {template}"),
+                source: std::io::Error::other("it was replaced while it was uploaded"),
+            });
+        }
+        self.templates
+            .record_version(template, &document)
+            .map_err(|source| SandboxError::Io {
+                what: format!("recording the published version of {template}"),
+                source,
+            })?;
+        tracing::info!(%template, sha256 = document.sha256, "snapshot template published");
+        Ok(document)
+    }
+
+    /// Uploads the files linked in `staging` and the document naming them; on failure removes
+    /// what it uploaded.
+    async fn upload(
+        &self,
+        template: &TemplateName,
+        from_template: &TemplateName,
+        staging: &Path,
+    ) -> Result<(StoredSnapshotTemplate, BlobRef), CopyError> {
+        let store = self.templates.store().clone();
+        let started = std::time::Instant::now();
+        let (kernel_sha256, initrd_sha256) = self.kernel_checksums.of(&self.layout).await?;
+        let vmm_version = self.vmm.version().await.map_err(|e| CopyError::Io {
             what: "asking the VMM's version".into(),
             source: std::io::Error::other(e),
         })?;
-        let from_template = snapshot.record.from_template.clone();
         let base_image = self
             .templates
-            .publish_image_file(&from_template, &self.layout.image_rootfs(template.as_str()))
-            .await
-            .map_err(failed)?;
+            .publish_image_file(from_template, &staging.join("rootfs.ext4"))
+            .await?;
         let mut copy = StoredSnapshotTemplate {
             format: STORED_SNAPSHOT_TEMPLATE_FORMAT,
             template: template.clone(),
@@ -94,77 +174,41 @@ impl SandboxManager {
             vmm_version,
             kernel_sha256,
             initrd_sha256,
-            from_template,
+            from_template: from_template.clone(),
             base_image,
             files: Vec::new(),
             stored_at: chrono::Utc::now(),
         };
-        let staging = self.layout.images_dir().join(format!(
-            ".snapshot-publish-{template}-{:016x}",
-            rand::random::<u64>()
-        ));
-        let started = std::time::Instant::now();
-        let result = self
-            .upload_files(&store, &snapshot.files.dir, &staging, &mut copy)
-            .await;
-        let _ = std::fs::remove_dir_all(&staging);
-        let document = match result {
-            Ok(()) => {
-                let bytes = serde_json::to_vec_pretty(&copy).expect("a stored template serialises");
-                store.publish_bytes(bytes).await.map_err(CopyError::from)
+        let uploaded = async {
+            let version = uuid::Uuid::new_v4();
+            for file in FILES {
+                let source = file_path(&staging.join("snapshot"), file);
+                if !source.exists() {
+                    continue;
+                }
+                let pack = staging.join(format!("{file:?}.pack"));
+                let label = format!("{}copy {version} {file:?}", label_prefix(template));
+                pack_file(source, pack.clone(), label, || false).await?;
+                let blob = store.publish(&pack, |_| {}).await?;
+                let _ = std::fs::remove_file(&pack);
+                copy.files.push(StoredSnapshotFile { file, blob });
             }
-            Err(error) => Err(error),
-        };
-        let document = match document {
-            Ok(document) => document,
+            let bytes = serde_json::to_vec_pretty(&copy).expect("a stored template serialises");
+            Ok::<_, CopyError>(store.publish_bytes(bytes).await?)
+        }
+        .await;
+        match uploaded {
+            Ok(document) => {
+                tracing::info!(%template, elapsed = ?started.elapsed(), "snapshot template uploaded");
+                Ok((copy, document))
+            }
             Err(error) => {
                 if let Err(cleanup) = copy.remove_files(&store).await {
                     tracing::warn!(%template, error = %cleanup, "could not remove an unfinished snapshot template copy from the store");
                 }
-                return Err(match error {
-                    CopyError::Store(source) => failed(source),
-                    other => SandboxError::Io {
-                        what: format!("publishing snapshot template {template}"),
-                        source: std::io::Error::other(other.to_string()),
-                    },
-                });
+                Err(error)
             }
-        };
-        self.templates
-            .record_version(template, &document)
-            .map_err(|source| SandboxError::Io {
-                what: format!("recording the published version of {template}"),
-                source,
-            })?;
-        tracing::info!(%template, sha256 = document.sha256, elapsed = ?started.elapsed(), "snapshot template published");
-        Ok(document)
-    }
-
-    async fn upload_files(
-        &self,
-        store: &TemplateStore,
-        snapshot_dir: &Path,
-        staging: &Path,
-        copy: &mut StoredSnapshotTemplate,
-    ) -> Result<(), CopyError> {
-        std::fs::create_dir_all(staging).map_err(|source| CopyError::Io {
-            what: format!("creating {}", staging.display()),
-            source,
-        })?;
-        let version = uuid::Uuid::new_v4();
-        for file in FILES {
-            let source = file_path(snapshot_dir, file);
-            if !source.exists() {
-                continue;
-            }
-            let pack = staging.join(format!("{file:?}.pack"));
-            let label = format!("{}copy {version} {file:?}", label_prefix(&copy.template));
-            pack_file(source, pack.clone(), label, || false).await?;
-            let blob = store.publish(&pack, |_| {}).await?;
-            let _ = std::fs::remove_file(&pack);
-            copy.files.push(StoredSnapshotFile { file, blob });
         }
-        Ok(())
     }
 
     /// Makes this host's copy of `template` the store's version `document` unless it is that
@@ -301,25 +345,10 @@ impl SandboxManager {
             ));
         }
         let rootfs = staging.join("rootfs.ext4");
-        // A snapshot of a capsule of this very template: its lease is held here already.
-        if copy.from_template == *template {
-            store.fetch(&copy.base_image, &rootfs, |_| {}).await
-        } else {
-            self.templates
-                .image_file_at(&copy.from_template, &copy.base_image, &rootfs)
-                .await
-                .map_err(|e| match e {
-                    TemplateError::Store { source, .. } => source,
-                    other => StoreError::Io {
-                        path: rootfs.clone(),
-                        source: std::io::Error::other(other.to_string()),
-                    },
-                })
-        }
-        .map_err(|source| TemplateError::Store {
-            template: template.to_string(),
-            source,
-        })?;
+        // This template's lease is held: another's is not waited for.
+        self.templates
+            .image_file_at_without_waiting(&copy.from_template, &copy.base_image, &rootfs)
+            .await?;
         let installed_dir = self.layout.image_dir(template.as_str());
         let initramfs = self.layout.default_initramfs();
         rebase_snapshot_meta(

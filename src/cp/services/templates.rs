@@ -400,14 +400,13 @@ pub async fn create_snapshot(
             templates::MAX_TEAM_TEMPLATE_NAME_LEN
         )));
     }
-    let replaced = match templates::visible_by_name(&state.db, team.uuid(), parsed.as_str()).await?
-    {
+    match templates::visible_by_name(&state.db, team.uuid(), parsed.as_str()).await? {
         Some(existing) if existing.is_platform() => {
             return Err(SnapshotTemplateError::PlatformName(name))
         }
         Some(_) if !overwrite => return Err(SnapshotTemplateError::Exists(name)),
-        existing => existing,
-    };
+        _ => {}
+    }
     let image = templates::image_name(team, parsed.as_str());
     let (made, host) = capsules::snapshot(
         state,
@@ -426,7 +425,7 @@ pub async fn create_snapshot(
         // Made on the host but not in the registry: nothing would ever use or remove it.
         remove_from_hosts(state, &image, &[host]).await;
     }
-    let (template, stale) = registered?;
+    let (template, stale, replaced) = registered?;
     // Hosts that held the template this one replaced no longer hold it, nor does the store.
     remove_from_hosts(state, &image, &stale).await;
     if let Some(replaced) = replaced {
@@ -470,27 +469,42 @@ pub async fn publish_snapshot(
         .agents
         .publish_template(&target, &image)
         .await?;
-    store
-        .check(&document)
-        .await
-        .map_err(|source| PublishError::Unconfirmed {
-            host: host_id,
-            sha256: document.sha256.clone(),
-            source,
-        })?;
+    let unconfirmed = |source| PublishError::Unconfirmed {
+        host: host_id,
+        sha256: document.sha256.clone(),
+        source,
+    };
+    let bytes = store.read_bytes(&document).await.map_err(unconfirmed)?;
+    let copy: StoredSnapshotTemplate = serde_json::from_slice(&bytes).map_err(|e| {
+        unconfirmed(StoreError::Io {
+            path: document.sha256.clone().into(),
+            source: std::io::Error::other(e),
+        })
+    })?;
     let mut tx = state.db.begin().await.map_err(DbError::from)?;
-    let current =
-        templates::set_snapshot_document(&mut *tx, template.id, template.created_at, &document)
-            .await?;
+    let current = templates::set_snapshot_document(
+        &mut *tx,
+        template.id,
+        template.created_at,
+        &document,
+        &copy.base_image.sha256,
+    )
+    .await?;
     if current {
         host_templates::set_sha256(&mut *tx, host, image.as_str(), &document.sha256).await?;
     }
+    // The host answers the copy it holds: after an overwrite, the new version's, which that
+    // version's own publish may have registered already.
+    let superseded = !current && !templates::version_in_use(&mut *tx, &document.sha256).await?;
     tx.commit().await.map_err(DbError::from)?;
-    if !current {
+    if superseded {
         tracing::info!(template = %template.name, "the snapshot template changed while it was published; its copy is removed");
         if let Err(error) = StoredSnapshotTemplate::remove(store, &document).await {
             tracing::warn!(template = %template.name, %error, "could not remove a stale snapshot template copy from the store");
         }
+        return Ok(());
+    }
+    if !current {
         return Ok(());
     }
     tracing::info!(team = %TeamId(template.team_id), template = %template.name, host = %host_id, sha256 = document.sha256, "snapshot template published");
@@ -501,13 +515,31 @@ pub async fn publish_snapshot(
 /// reconciler takes over.
 const PUBLISH_GRACE: chrono::TimeDelta = chrono::TimeDelta::minutes(2);
 
-/// The reconciler's share: publishes snapshot templates whose create's publish did not finish
-/// (the replica stopped, or the host or the store was away), from a host holding them. Answers
-/// how many were published.
-pub async fn publish_unpublished_snapshots(state: &AppState) -> Result<usize, DbError> {
-    if state.capsules.store.is_none() {
-        return Ok(0);
+/// The reconciler's share, started in the background (a publish may take minutes; a pass must
+/// not wait for it), one at a time per control plane: publishes snapshot templates whose
+/// create's publish did not finish (the replica stopped, or the host or the store was away),
+/// from an online host holding them.
+pub fn publish_unpublished_snapshots_later(state: &AppState) {
+    static RUNNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if state.capsules.store.is_none() || RUNNING.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
     }
+    let state = state.clone();
+    tokio::spawn(async move {
+        match publish_unpublished_snapshots(&state).await {
+            Ok(0) => {}
+            Ok(published) => {
+                tracing::info!(published, "snapshot templates published by the reconciler")
+            }
+            Err(error) => {
+                tracing::warn!(%error, "publishing waiting snapshot templates failed; the next pass retries")
+            }
+        }
+        RUNNING.store(false, std::sync::atomic::Ordering::Release);
+    });
+}
+
+async fn publish_unpublished_snapshots(state: &AppState) -> Result<usize, DbError> {
     let waiting =
         templates::unpublished_snapshots(&state.db, chrono::Utc::now() - PUBLISH_GRACE, 8).await?;
     let mut published = 0;
@@ -560,7 +592,8 @@ async fn forget_stored(state: &AppState, team: TeamId, template: &Template) {
 }
 
 /// Registers the snapshot template made on `host` and records that the host holds it;
-/// answers it and the other hosts that held an image of that name (now stale).
+/// answers it, the other hosts that held an image of that name (now stale), and the template it
+/// replaced (read under the row's lock: a publish of it may have finished meanwhile).
 async fn register_snapshot(
     state: &AppState,
     team: TeamId,
@@ -569,10 +602,11 @@ async fn register_snapshot(
     made: &crate::agent::wire::SnapshotTemplateInfo,
     host: uuid::Uuid,
     capsule: crate::id::SandboxId,
-) -> Result<(Template, Vec<uuid::Uuid>), SnapshotTemplateError> {
+) -> Result<(Template, Vec<uuid::Uuid>, Option<Template>), SnapshotTemplateError> {
     let size_bytes = i64::try_from(made.size_bytes).unwrap_or(i64::MAX);
     let parsed = name;
     let mut tx = state.db.begin().await.map_err(DbError::from)?;
+    let replaced = templates::lock_team_template(&mut *tx, team.uuid(), parsed.as_str()).await?;
     let template = templates::upsert_snapshot(
         &mut *tx,
         templates::SnapshotTemplate {
@@ -589,7 +623,7 @@ async fn register_snapshot(
     let stale = host_templates::remove_all_but(&mut *tx, image.as_str(), Some(host)).await?;
     host_templates::add(&mut *tx, host, image.as_str(), size_bytes, None).await?;
     tx.commit().await.map_err(DbError::from)?;
-    Ok((template, stale))
+    Ok((template, stale, replaced))
 }
 
 /// Removes the team's template `name` from the registry, from every host and from the template
