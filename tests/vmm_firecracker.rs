@@ -1879,6 +1879,14 @@ async fn a_lazily_restored_vm_gets_its_memory_from_the_page_server_and_loses_no_
         );
         let inside = jail.host_path(&jail.snapshot_inside(&snapshot).memory.to_string_lossy());
         assert!(!inside.exists(), "the memory stays out of the jail");
+        // The page server records what the guest touched on its own time (at once for the
+        // first pages); the pause keeps what it has recorded by then.
+        let record = spec.files.dir.join("uffd-touched");
+        let started = std::time::Instant::now();
+        while !record.exists() {
+            assert!(started.elapsed() < Duration::from_secs(10), "no record");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         vm.pause_to(&snapshot).await.unwrap();
         assert_eq!(
             String::from_utf8(std::fs::read(&snapshot.memory).unwrap()).unwrap(),

@@ -319,13 +319,13 @@ pub fn read_pages(path: &Path) -> Vec<u64> {
         .unwrap_or_default()
 }
 
-/// Writes page numbers to `path` atomically (a reader sees the old list or the new).
+/// Writes page numbers to `path` atomically (a reader sees the old list or the new). Not
+/// synced: the list is a hint, and a page server waiting on the disk keeps a guest waiting.
 pub fn write_pages(path: &Path, pages: impl IntoIterator<Item = u64>) -> std::io::Result<()> {
     let partial = crate::config::Layout::partial(path);
     let mut file = File::create(&partial)?;
     let bytes: Vec<u8> = pages.into_iter().flat_map(u64::to_le_bytes).collect();
     file.write_all(&bytes)?;
-    file.sync_all()?;
     std::fs::rename(&partial, path)
 }
 
