@@ -141,14 +141,7 @@ impl TemplateImages {
         blob: &BlobRef,
         dest: &Path,
     ) -> Result<(), TemplateError> {
-        let lock = self
-            .locks
-            .lock()
-            .expect("template locks")
-            .entry(template.clone())
-            .or_default()
-            .clone();
-        if let Ok(_lease) = lock.try_lock_owned() {
+        if let Ok(_lease) = self.lock_of(template).try_lock_owned() {
             if self.link_if_held(template, blob, dest) {
                 return Ok(());
             }
@@ -180,14 +173,16 @@ impl TemplateImages {
 
     /// Holds `template`'s images still until the lease is dropped.
     pub async fn lock(&self, template: &TemplateName) -> ImageLease {
-        let lock = self
-            .locks
+        self.lock_of(template).lock_owned().await
+    }
+
+    fn lock_of(&self, template: &TemplateName) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
             .lock()
             .expect("template locks")
             .entry(template.clone())
             .or_default()
-            .clone();
-        lock.lock_owned().await
+            .clone()
     }
 
     /// The path of the template's image, pulled from the store first when `wanted` names a

@@ -139,6 +139,36 @@ impl KernelChecksums {
 }
 
 impl SandboxManager {
+    /// Whether a snapshot another host made, by VMM `vmm` (kind, version) for guest `kernel`
+    /// (kernel and initramfs checksums), loads here: only into the same VMM and guest.
+    pub(super) async fn check_restorable_here(
+        &self,
+        vmm: (&str, &str),
+        kernel: (&str, Option<&str>),
+    ) -> Result<(), String> {
+        let kind = self.vmm.kind().to_string();
+        let version = self
+            .vmm
+            .version()
+            .await
+            .map_err(|e| format!("asking the VMM's version: {e}"))?;
+        if vmm != (kind.as_str(), version.as_str()) {
+            return Err(format!(
+                "it was made by {} {}, this host runs {kind} {version}",
+                vmm.0, vmm.1
+            ));
+        }
+        let (kernel_sha256, initrd_sha256) = self
+            .kernel_checksums
+            .of(&self.layout)
+            .await
+            .map_err(|e| e.to_string())?;
+        if kernel != (kernel_sha256.as_str(), initrd_sha256.as_deref()) {
+            return Err("its guest kernel or initramfs differs from this host's".into());
+        }
+        Ok(())
+    }
+
     /// Whether paused sandboxes are copied to the store.
     fn copies_paused(&self) -> bool {
         self.store_paused
@@ -367,28 +397,12 @@ impl SandboxManager {
                 copy.format, copy.sandbox_id
             )));
         }
-        let vmm = self.vmm.kind().to_string();
-        let vmm_version = self
-            .vmm
-            .version()
-            .await
-            .map_err(|e| refused(format!("asking the VMM's version: {e}")))?;
-        if copy.vmm != vmm || copy.vmm_version != vmm_version {
-            return Err(refused(format!(
-                "it was paused by {} {}, this host runs {vmm} {vmm_version}",
-                copy.vmm, copy.vmm_version
-            )));
-        }
-        let (kernel, initrd) = self
-            .kernel_checksums
-            .of(&self.layout)
-            .await
-            .map_err(|e| refused(e.to_string()))?;
-        if copy.kernel_sha256 != kernel || copy.initrd_sha256 != initrd {
-            return Err(refused(
-                "its guest kernel or initramfs differs from this host's".into(),
-            ));
-        }
+        self.check_restorable_here(
+            (&copy.vmm, &copy.vmm_version),
+            (&copy.kernel_sha256, copy.initrd_sha256.as_deref()),
+        )
+        .await
+        .map_err(refused)?;
         let started = std::time::Instant::now();
         let result = self.take_in(&store, &copy).await;
         match result {

@@ -257,28 +257,12 @@ impl SandboxManager {
                 copy.format, copy.template
             )));
         }
-        let vmm = self.vmm.kind().to_string();
-        let vmm_version = self
-            .vmm
-            .version()
-            .await
-            .map_err(|e| unusable(format!("asking the VMM's version: {e}")))?;
-        if copy.vmm != vmm || copy.vmm_version != vmm_version {
-            return Err(unusable(format!(
-                "it was made by {} {}, this host runs {vmm} {vmm_version}",
-                copy.vmm, copy.vmm_version
-            )));
-        }
-        let (kernel, initrd) = self
-            .kernel_checksums
-            .of(&self.layout)
-            .await
-            .map_err(|e| unusable(e.to_string()))?;
-        if copy.kernel_sha256 != kernel || copy.initrd_sha256 != initrd {
-            return Err(unusable(
-                "its guest kernel or initramfs differs from this host's".into(),
-            ));
-        }
+        self.check_restorable_here(
+            (&copy.vmm, &copy.vmm_version),
+            (&copy.kernel_sha256, copy.initrd_sha256.as_deref()),
+        )
+        .await
+        .map_err(unusable)?;
         // Named like an unfinished snapshot template, which agent start removes.
         let staging = self.layout.images_dir().join(format!(
             ".snapshot-pull-{template}-{:016x}",
