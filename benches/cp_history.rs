@@ -118,6 +118,7 @@ async fn measure(state: &AppState) -> (f64, f64) {
             template_sha256: None,
             holders_only: false,
             timeout_sec: 300,
+            public_ports: Vec::new(),
             demand: Demand {
                 vcpus: 1,
                 memory_mb: 512,

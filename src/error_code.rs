@@ -39,6 +39,8 @@ pub enum ErrorCode {
     InsufficientStorage,
     /// Addition (envd): a filesystem watch broke.
     WatchFailed,
+    /// Addition (port proxy): nothing in the capsule listens on the port asked for.
+    PortClosed,
     DbUnavailable,
     /// Addition: the template store cannot be reached, so a template image cannot be had.
     StoreUnavailable,

@@ -8,6 +8,7 @@ pub mod cp;
 pub mod db;
 pub mod envd;
 pub mod error_code;
+pub mod forward;
 pub mod id;
 pub mod logging;
 pub mod progress;

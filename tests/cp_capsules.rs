@@ -1092,6 +1092,7 @@ async fn byoc_hosts_take_only_their_own_teams_capsules() {
                     template_sha256: None,
                     holders_only: false,
                     timeout_sec: 0,
+                    public_ports: Vec::new(),
                     demand: Demand {
                         vcpus: 1,
                         memory_mb: 512,

@@ -18,6 +18,7 @@ use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
 use subtle::ConstantTimeEq;
 
+use super::port_proxy::{proxy_port, PortProxySettings};
 use super::registration::{Adopt, HostCredentials, RegistrationError};
 use super::sandbox::{SandboxError, SandboxManager};
 use super::templates::{ImportSource, TemplateError};
@@ -98,6 +99,7 @@ pub struct AgentState {
     pub sandboxes: Arc<SandboxManager>,
     pub credentials: Arc<ServedCredentials>,
     pub host_id: Arc<str>,
+    pub port_proxy: PortProxySettings,
 }
 
 impl AgentState {
@@ -105,11 +107,13 @@ impl AgentState {
         sandboxes: Arc<SandboxManager>,
         credentials: Arc<ServedCredentials>,
         host_id: &str,
+        port_proxy: PortProxySettings,
     ) -> Self {
         Self {
             sandboxes,
             credentials,
             host_id: host_id.into(),
+            port_proxy,
         }
     }
 }
@@ -176,7 +180,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -238,6 +242,9 @@ impl From<SandboxError> for ApiError {
                 (StatusCode::CONFLICT, ErrorCode::Conflict)
             }
             SandboxError::Unsettled { .. } => (StatusCode::CONFLICT, ErrorCode::InvalidState),
+            SandboxError::TooManyConnections { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited)
+            }
             SandboxError::PauseFailed {
                 disk_full: true, ..
             } => (
@@ -262,7 +269,7 @@ impl From<SandboxError> for ApiError {
 }
 
 /// A sandbox ID from the path; anything else cannot name a sandbox.
-fn sandbox_id(raw: &str) -> Result<SandboxId, ApiError> {
+pub(super) fn sandbox_id(raw: &str) -> Result<SandboxId, ApiError> {
     raw.parse().map_err(|e: crate::id::IdError| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -281,6 +288,8 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}/pause", post(pause))
         .route("/v1/sandboxes/{id}/resume", post(resume))
         .route("/v1/sandboxes/{id}/envd/{*path}", any(proxy_envd))
+        .route("/v1/sandboxes/{id}/ports/{port}", any(proxy_port))
+        .route("/v1/sandboxes/{id}/ports/{port}/{*path}", any(proxy_port))
         .route("/v1/sandboxes/{id}/template", post(capture_template))
         .route("/v1/sandboxes/{id}/snapshot", post(snapshot_template))
         .route("/v1/sandboxes/{id}/fork", post(fork_sandbox))

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod disk;
 pub mod network;
+pub mod port_proxy;
 pub mod registration;
 pub mod sandbox;
 pub mod templates;
@@ -141,6 +142,7 @@ pub async fn run(
         sandboxes.clone(),
         served.clone(),
         &creds.host_id,
+        port_proxy::PortProxySettings::from_config(&config.agent),
     ));
     let stop = shutdown.child_token();
     let server = tokio::spawn(api::serve_tls(listener, tls, app, stop.clone()));

@@ -144,6 +144,18 @@ pub struct AgentPing {
     pub sandboxes: u64,
 }
 
+/// The agent's path for `path_and_query` on TCP port `port` in a sandbox (the port proxy).
+pub fn port_proxy_path(id: SandboxId, port: u16, path_and_query: &str) -> String {
+    format!("/v1/sandboxes/{id}/ports/{port}{path_and_query}")
+}
+
+/// The client's own `Authorization` on a port-proxy request, moved aside by the control plane
+/// (whose agent secret travels in `Authorization`) and put back by the agent for the guest.
+pub const FORWARDED_AUTHORIZATION: &str = "x-wrenn-authorization";
+/// Marks a port-proxy answer as the guest service's, so the control plane tells it from the
+/// agent's own refusals.
+pub const UPSTREAM_HEADER: &str = "x-wrenn-upstream";
+
 /// The agent's path for a sandbox's envd API: `envd_path` is envd's own path, e.g.
 /// `/processes/run`.
 pub fn envd_proxy_path(id: SandboxId, envd_path: &str) -> String {

@@ -53,6 +53,8 @@ pub struct CpConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_agent_addr: Option<HostPort>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_secret: Option<SecretText>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_previous_secrets: Option<SecretList>,
@@ -93,6 +95,8 @@ pub struct AgentConfig {
     pub allow_plain_http: bool,
     pub heartbeat_interval_secs: u64,
     pub envd_ready_timeout_secs: u64,
+    pub port_proxy_max_connections: usize,
+    pub port_proxy_idle_timeout_secs: u64,
     pub destroy_sandboxes_on_stop: bool,
     /// Creates restore their template's boot snapshot instead of booting.
     pub boot_snapshots: bool,
@@ -156,6 +160,7 @@ impl Default for Config {
             cp: CpConfig {
                 listen_addr: parse("cp.listen_addr"),
                 host_agent_addr: None,
+                proxy_domain: None,
                 jwt_secret: None,
                 jwt_previous_secrets: None,
                 allow_loopback_hosts: default("cp.allow_loopback_hosts")
@@ -238,6 +243,12 @@ impl Default for Config {
                     .expect("default is a boolean"),
                 network_name_prefix: default("agent.network_name_prefix").to_owned(),
                 envd_ready_timeout_secs: default("agent.envd_ready_timeout_secs")
+                    .parse()
+                    .expect("default is a number"),
+                port_proxy_max_connections: default("agent.port_proxy_max_connections")
+                    .parse()
+                    .expect("default is a number"),
+                port_proxy_idle_timeout_secs: default("agent.port_proxy_idle_timeout_secs")
                     .parse()
                     .expect("default is a number"),
                 boot_snapshots: default("agent.boot_snapshots").parse().expect("default"),

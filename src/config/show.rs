@@ -15,6 +15,7 @@ pub fn render(loaded: &Loaded) -> String {
             "log.format" => c.log.format.to_string(),
             "cp.listen_addr" => c.cp.listen_addr.to_string(),
             "cp.host_agent_addr" => c.cp.host_agent_addr.as_ref()?.to_string(),
+            "cp.proxy_domain" => c.cp.proxy_domain.clone()?,
             "cp.jwt_secret" => c.cp.jwt_secret.as_ref().map(|_| "<redacted>".to_owned())?,
             "cp.jwt_previous_secrets" => {
                 c.cp.jwt_previous_secrets
@@ -52,6 +53,10 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.network_name_prefix" => c.agent.network_name_prefix.clone(),
             "agent.envd_ready_timeout_secs" => c.agent.envd_ready_timeout_secs.to_string(),
             "agent.destroy_sandboxes_on_stop" => c.agent.destroy_sandboxes_on_stop.to_string(),
+            "agent.port_proxy_max_connections" => c.agent.port_proxy_max_connections.to_string(),
+            "agent.port_proxy_idle_timeout_secs" => {
+                c.agent.port_proxy_idle_timeout_secs.to_string()
+            }
             "agent.boot_snapshots" => c.agent.boot_snapshots.to_string(),
             "agent.store_paused_sandboxes" => c.agent.store_paused_sandboxes.to_string(),
             "agent.heartbeat_interval_secs" => c.agent.heartbeat_interval_secs.to_string(),

@@ -24,6 +24,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "log.format" => ("json", "text"),
         "cp.listen_addr" => ("127.0.0.1:9000", ":9100"),
         "cp.host_agent_addr" => ("agent.file:1", "agent.env:2"),
+        "cp.proxy_domain" => ("sandboxes.file.example", "localhost:8000"),
         "cp.jwt_secret" => (
             "file-secret-file-secret-file-secret",
             "env-secret-env-secret-env-secret-x",
@@ -64,6 +65,8 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "agent.envd_ready_timeout_secs" => ("20", "40"),
         "agent.destroy_sandboxes_on_stop" => ("true", "false"),
         "agent.boot_snapshots" => ("false", "true"),
+        "agent.port_proxy_max_connections" => ("16", "1024"),
+        "agent.port_proxy_idle_timeout_secs" => ("60", "3600"),
         "agent.store_paused_sandboxes" => ("false", "true"),
         "agent.network_name_prefix" => ("wrnfile", "wrnenv"),
         "agent.sandbox_host_range" => ("10.51.0.0/16", "10.61.0.0/24"),

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -148,6 +149,9 @@ impl Default for AgentTimeouts {
 #[derive(Clone)]
 pub struct AgentClient {
     http: HttpClient,
+    /// Port-proxy traffic has connections of its own: a user's many long WebSockets and
+    /// downloads never hold those the lifecycle calls need.
+    ports: Client<HttpsConnector<HttpConnector>, axum::body::Body>,
     tls: Arc<rustls::ClientConfig>,
     ca: CaHandle,
     timeouts: AgentTimeouts,
@@ -178,9 +182,13 @@ impl AgentClient {
             .wrap_connector(connector);
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector.clone());
+        let ports = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
         Self {
             http,
+            ports,
             tls,
             ca,
             timeouts,
@@ -578,6 +586,39 @@ impl AgentClient {
         )
         .await
         .map(drop)
+    }
+
+    /// Sends a port-proxy request (its URI a path on the agent, from
+    /// `wire::port_proxy_path`) to `target` with the agent secret, and answers whatever comes
+    /// back, bodies streaming; the caller tells the guest's answers from the agent's.
+    pub async fn forward_port(
+        &self,
+        target: &AgentTarget,
+        mut request: Request<axum::body::Body>,
+    ) -> Result<Response<Incoming>, AgentError> {
+        let path = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *request.uri_mut() = format!("https://{}{path}", target.address)
+            .parse()
+            .map_err(|_| AgentError::Unreachable {
+                host: target.host,
+                address: target.address.clone(),
+                reason: "not a valid address".into(),
+            })?;
+        let bearer = http::HeaderValue::from_str(&format!("Bearer {}", target.secret))
+            .expect("agent secrets are hex");
+        request.headers_mut().insert(header::AUTHORIZATION, bearer);
+        self.ports
+            .request(request)
+            .await
+            .map_err(|error| AgentError::Unreachable {
+                host: target.host,
+                address: target.address.clone(),
+                reason: error_chain(&error),
+            })
     }
 
     /// envd's typed client for sandbox `id`, through `target`'s proxy and over this pool.

@@ -15,6 +15,7 @@ pub mod extract;
 pub mod limits;
 pub mod monitor;
 pub mod pagination;
+pub mod port_proxy;
 pub mod pruner;
 pub mod reconciler;
 pub mod revocations;
@@ -59,6 +60,8 @@ pub enum ServeError {
     Database(#[from] DbError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    ProxyDomain(#[from] port_proxy::ProxyDomainError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -108,6 +111,12 @@ pub fn state_from_config(config: &Config) -> Result<AppState, ServeError> {
         .with_previous(previous.map(|s| s.expose().as_bytes()))?;
     let db = db::connect_lazy(&config.database_url.0)?;
     let mut capsules = state::CapsuleSettings::from_config(config);
+    capsules.proxy_domain = config
+        .cp
+        .proxy_domain
+        .as_deref()
+        .map(str::parse)
+        .transpose()?;
     // The default store is a directory on each agent's own files root; only a store named
     // explicitly is one the control plane can see too.
     if config.store.url.is_some() {
@@ -121,9 +130,17 @@ pub fn state_from_config(config: &Config) -> Result<AppState, ServeError> {
     ))
 }
 
-/// The complete HTTP application: routes plus request IDs, tracing and the body limit.
+/// The complete HTTP application: the port proxy in front of the routes, plus request IDs,
+/// tracing and the body limit.
 pub fn app(state: AppState) -> Router {
-    crate::request_id::layer(routes::router(state).layer(DefaultBodyLimit::max(JSON_BODY_LIMIT)))
+    let api = routes::router(state.clone()).layer(DefaultBodyLimit::max(JSON_BODY_LIMIT));
+    let served = Router::new()
+        .fallback_service(api)
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            port_proxy::route_ports,
+        ));
+    crate::request_id::layer(served)
 }
 
 /// Loads (or, on a new database, creates) the CA, then serves on `listener` and runs the

@@ -129,6 +129,8 @@ pub struct Placement {
     /// other host can fetch).
     pub holders_only: bool,
     pub timeout_sec: i32,
+    /// The ports the port proxy serves without credentials.
+    pub public_ports: Vec<i32>,
     pub demand: Demand,
 }
 
@@ -353,6 +355,7 @@ impl Placement {
             memory_mb: as_i32(self.demand.memory_mb),
             disk_mb: as_i32(self.demand.disk_mb),
             timeout_sec: self.timeout_sec,
+            public_ports: self.public_ports.clone(),
         }
     }
 }

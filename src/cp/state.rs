@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::agent_client::{AgentClient, AgentTimeouts};
 use super::ca::CaHandle;
 use super::limits::{TeamLimitSettings, TeamLimits};
+use super::port_proxy::ProxyDomain;
 use super::revocations::Revocations;
 use super::scheduler::SchedulerSettings;
 use super::services::hosts::AddressPolicy;
@@ -154,6 +155,8 @@ pub struct CapsuleSettings {
     pub store: Option<TemplateStore>,
     /// `cp.build_context_max_bytes`: the largest build archive, uploaded and unpacked.
     pub build_context_max_bytes: u64,
+    /// `cp.proxy_domain`; `None` proxies `{port}-{capsule_id}.<any domain>`.
+    pub proxy_domain: Option<ProxyDomain>,
 }
 
 impl Default for CapsuleSettings {
@@ -166,6 +169,7 @@ impl Default for CapsuleSettings {
             team_limits: TeamLimitSettings::default(),
             store: None,
             build_context_max_bytes: 1 << 30,
+            proxy_domain: None,
         }
     }
 }
@@ -188,6 +192,7 @@ impl CapsuleSettings {
             team_limits: TeamLimitSettings::from_config(config),
             store: None,
             build_context_max_bytes: cp.build_context_max_bytes,
+            proxy_domain: None,
         }
     }
 }

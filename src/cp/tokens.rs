@@ -1,5 +1,5 @@
-//! Credentials the control plane issues: user and host JWTs (HS256, told apart by a `typ`
-//! claim) and random one-time tokens stored only as SHA-256 hashes. Tokens are signed with the
+//! Credentials the control plane issues: user, host and capsule-traffic JWTs (HS256, told apart
+//! by a `typ` claim) and random one-time tokens stored only as SHA-256 hashes. Tokens are signed with the
 //! current JWT secret and accepted under it or any previous one (`cp.jwt_previous_secrets`), so
 //! a rotation does not sign everyone out or take the fleet down.
 
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::id::{HostId, TeamId, UserId};
+use crate::id::{HostId, SandboxId, TeamId, UserId};
 
 pub const MIN_SECRET_BYTES: usize = 32;
 pub const USER_TOKEN_TTL: Duration = Duration::from_secs(6 * 3600);
@@ -39,6 +39,23 @@ pub enum UserTokenType {
 pub enum HostTokenType {
     #[serde(rename = "host")]
     Host,
+}
+
+/// The only value a traffic token's `typ` can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrafficTokenType {
+    #[serde(rename = "traffic")]
+    Traffic,
+}
+
+/// A capsule's traffic token: whoever holds it may reach that capsule's ports through the port
+/// proxy (a browser, which cannot send `X-API-Key`), and nothing else.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrafficClaims {
+    pub sub: SandboxId,
+    pub typ: TrafficTokenType,
+    pub iat: u64,
+    pub exp: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,6 +193,24 @@ impl TokenKeys {
     pub fn verify_host(&self, token: &str) -> Result<HostClaims, TokenError> {
         self.decode(token)
     }
+
+    /// A traffic token for capsule `capsule`, valid for `ttl`; answers it and its expiry (Unix
+    /// seconds).
+    pub fn issue_traffic(&self, capsule: SandboxId, ttl: Duration) -> (String, u64) {
+        let iat = now_secs();
+        let exp = iat + ttl.as_secs();
+        let token = self.sign(&TrafficClaims {
+            sub: capsule,
+            typ: TrafficTokenType::Traffic,
+            iat,
+            exp,
+        });
+        (token, exp)
+    }
+
+    pub fn verify_traffic(&self, token: &str) -> Result<TrafficClaims, TokenError> {
+        self.decode(token)
+    }
 }
 
 /// `bytes` random bytes, hex-encoded.
@@ -202,6 +237,13 @@ mod tests {
         assert!(keys.verify_host(&user).is_err());
         assert!(keys.verify_user(&user).is_ok());
         assert!(keys.verify_host(&host).is_ok());
+        let capsule = SandboxId::new_random();
+        let (traffic, _) = keys.issue_traffic(capsule, Duration::from_secs(60));
+        assert!(keys.verify_user(&traffic).is_err());
+        assert!(keys.verify_host(&traffic).is_err());
+        assert!(keys.verify_traffic(&user).is_err());
+        assert!(keys.verify_traffic(&host).is_err());
+        assert_eq!(keys.verify_traffic(&traffic).unwrap().sub, capsule);
         let other = TokenKeys::new(&[8u8; 32]).unwrap();
         assert!(
             other.verify_user(&user).is_err(),

@@ -179,13 +179,14 @@ pub struct PlacedSandbox {
     pub memory_mb: i32,
     pub disk_mb: i32,
     pub timeout_sec: i32,
+    pub public_ports: Vec<i32>,
 }
 
 pub async fn insert_placed(ex: impl PgExecutor<'_>, s: &PlacedSandbox) -> Result<(), DbError> {
     let inserted = sqlx::query!(
         "INSERT INTO sandboxes (id, team_id, host_id, template_id, template_name, status, vcpus,
-             memory_mb, disk_mb, timeout_sec)
-         SELECT $1, $2, $3, t.id, t.name, 'pending', $5, $6, $7, $8
+             memory_mb, disk_mb, timeout_sec, public_ports)
+         SELECT $1, $2, $3, t.id, t.name, 'pending', $5, $6, $7, $8, $9
          FROM templates t WHERE t.id = $4",
         s.id,
         s.team_id,
@@ -195,6 +196,7 @@ pub async fn insert_placed(ex: impl PgExecutor<'_>, s: &PlacedSandbox) -> Result
         s.memory_mb,
         s.disk_mb,
         s.timeout_sec,
+        &s.public_ports,
     )
     .execute(ex)
     .await?;
@@ -311,6 +313,74 @@ pub async fn route_of(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Sandbo
     )
     .fetch_optional(ex)
     .await?)
+}
+
+/// What the port proxy needs of a sandbox before it knows who asks: its team, the ports anyone
+/// may reach, and its route.
+#[derive(Debug, Clone)]
+pub struct ProxyRoute {
+    pub team_id: Uuid,
+    pub public_ports: Vec<i32>,
+    pub route: SandboxRoute,
+}
+
+pub async fn proxy_route(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<ProxyRoute>, DbError> {
+    let row = sqlx::query!(
+        r#"SELECT s.team_id, s.public_ports, s.status AS "status: SandboxStatus", s.host_id,
+                  h.status AS "host_status?: HostStatus", h.address AS "host_address?",
+                  h.agent_secret_generation AS "agent_secret_generation?"
+           FROM sandboxes s
+           LEFT JOIN hosts h ON h.id = s.host_id
+           WHERE s.id = $1"#,
+        id,
+    )
+    .fetch_optional(ex)
+    .await?;
+    Ok(row.map(|r| ProxyRoute {
+        team_id: r.team_id,
+        public_ports: r.public_ports,
+        route: SandboxRoute {
+            status: r.status,
+            host_id: r.host_id,
+            host_status: r.host_status,
+            host_address: r.host_address,
+            agent_secret_generation: r.agent_secret_generation,
+        },
+    }))
+}
+
+/// The team's sandbox's public ports; `None` when the team has no such sandbox.
+pub async fn public_ports(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    id: Uuid,
+) -> Result<Option<Vec<i32>>, DbError> {
+    Ok(sqlx::query_scalar!(
+        "SELECT public_ports FROM sandboxes WHERE id = $1 AND team_id = $2",
+        id,
+        team,
+    )
+    .fetch_optional(ex)
+    .await?)
+}
+
+/// Replaces the public ports of the team's sandbox; `false` when the team has no such sandbox.
+pub async fn set_public_ports(
+    ex: impl PgExecutor<'_>,
+    team: Uuid,
+    id: Uuid,
+    ports: &[i32],
+) -> Result<bool, DbError> {
+    let updated = sqlx::query!(
+        "UPDATE sandboxes SET public_ports = $3, last_updated = now()
+         WHERE id = $1 AND team_id = $2",
+        id,
+        team,
+        ports,
+    )
+    .execute(ex)
+    .await?;
+    Ok(updated.rows_affected() == 1)
 }
 
 /// The team's sandboxes that are not `stopped` or `error`, oldest first.

@@ -11,6 +11,15 @@ pub const DEFAULT_PORT: u16 = 49983;
 /// The header that carries the access token once `/init` has set one.
 pub const ACCESS_TOKEN_HEADER: &str = "x-access-token";
 
+/// The `Upgrade` protocol of `GET /ports/{port}/connect`: after `101`, the connection carries
+/// the bytes of a TCP connection to that port on the guest's loopback.
+pub const PORT_TUNNEL_PROTOCOL: &str = "wrenn-tcp";
+
+/// envd's path for a tunnel to `port` on the guest's loopback.
+pub fn port_tunnel_path(port: u16) -> String {
+    format!("/ports/{port}/connect")
+}
+
 /// Bytes of recent output kept per process for clients that attach late.
 pub const REPLAY_BYTES: usize = 1 << 20;
 /// Bytes of each of stdout and stderr a foreground run returns; the rest is counted and dropped.

@@ -25,12 +25,13 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use super::api::port_tunnel_path;
 use super::api::{
     AttachRequest, ClientMessage, EntryInfo, ErrorBody, ErrorCode, ErrorEnvelope, ExitInfo,
     FileQuery, Health, InitRequest, ListRequest, ListResponse, Metrics, MoveRequest, PathRequest,
     ProcessInfo, ProcessList, PtySize, RunRequest, RunResponse, ServerMessage, SignalRequest,
     StartRequest, StartResponse, WatchMessage, ACCESS_TOKEN_HEADER, FRAME_PTY, FRAME_STDERR,
-    FRAME_STDOUT,
+    FRAME_STDOUT, PORT_TUNNEL_PROTOCOL,
 };
 
 /// The request body every envd call sends; a pool built for it can be shared with other calls.
@@ -297,6 +298,29 @@ impl EnvdClient {
             status,
             detail: ErrorEnvelope::body_of(&body),
         })
+    }
+
+    /// A TCP connection to `port` on the guest's loopback, carried by envd
+    /// (`GET /ports/{port}/connect`); `Api` with `port_closed` when nothing listens there.
+    pub async fn connect_port(&self, port: u16) -> Result<hyper::upgrade::Upgraded> {
+        let mut request =
+            self.request(Method::GET, &port_tunnel_path(port), Self::empty(), false)?;
+        let headers = request.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(
+            header::UPGRADE,
+            HeaderValue::from_static(PORT_TUNNEL_PROTOCOL),
+        );
+        let response = self.http.request(request).await.map_err(transport)?;
+        if response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            let status = response.status().as_u16();
+            let body = read_capped(response.into_body(), CONTROL_LIMIT).await?;
+            return Err(EnvdClientError::Api {
+                status,
+                detail: ErrorEnvelope::body_of(&body),
+            });
+        }
+        hyper::upgrade::on(response).await.map_err(transport)
     }
 
     fn full(bytes: impl Into<Bytes>) -> RequestBody {

@@ -10,6 +10,7 @@ mod identity;
 mod init;
 mod metrics;
 mod output;
+mod ports;
 mod process;
 mod server;
 pub mod template;

@@ -27,13 +27,14 @@ use super::api::{
     AttachRequest, ClientMessage, EntryInfo, ErrorBody, ErrorCode, ErrorEnvelope, FileQuery,
     Health, InitRequest, ListRequest, ListResponse, Metrics, MoveRequest, PathRequest, ProcessList,
     PtySize, RunRequest, RunResponse, ServerMessage, SignalRequest, StartRequest, StartResponse,
-    ACCESS_TOKEN_HEADER, FRAME_PTY, FRAME_STDERR, FRAME_STDOUT,
+    ACCESS_TOKEN_HEADER, FRAME_PTY, FRAME_STDERR, FRAME_STDOUT, PORT_TUNNEL_PROTOCOL,
 };
 use super::clock::{ClockError, WallClock};
 use super::files::{FileError, FileUser};
 use super::identity::{Entropy, Hostname, IdentityError, MachineId};
 use super::metrics::MetricsSampler;
 use super::output::{LogItem, StreamKind};
+use super::ports::{self, PortError};
 use super::process::{parse_signal, Defaults, ProcessError, Processes};
 use super::users::UserError;
 use super::watch::DirWatch;
@@ -130,6 +131,8 @@ pub enum ApiError {
     MissingToken,
     #[error("the access token is not valid")]
     WrongToken,
+    #[error(transparent)]
+    Port(#[from] PortError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -182,6 +185,7 @@ impl ApiError {
                 }
                 IdentityError::System { .. } | IdentityError::Io { .. } => internal,
             },
+            Self::Port(_) => (S::BAD_GATEWAY, ErrorCode::PortClosed),
             Self::BadRequest(_) => invalid,
             Self::NoRoute => not_found,
             Self::MissingToken | Self::WrongToken => (S::UNAUTHORIZED, ErrorCode::Unauthorized),
@@ -288,6 +292,7 @@ pub fn router(state: Shared) -> Router {
         .route("/files/remove", post(remove))
         .route("/files/move", post(move_path))
         .route("/files/watch", get(watch))
+        .route("/ports/{port}/connect", get(connect_port))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async {
             ApiError::BadRequest("method not allowed for this path".into())
@@ -479,6 +484,44 @@ async fn resize(
 ) -> Result<StatusCode, ApiError> {
     state.processes.resize(&selector, size)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A tunnel to a port on the guest's loopback: `101 Switching Protocols`
+/// ([`PORT_TUNNEL_PROTOCOL`]) once the port accepted, then the connection's bytes both ways.
+async fn connect_port(
+    Path(port): Path<String>,
+    mut request: Request,
+) -> Result<Response, ApiError> {
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|port| *port != 0)
+        .ok_or_else(|| ApiError::BadRequest(format!("`{port}` is not a TCP port")))?;
+    let asked = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(PORT_TUNNEL_PROTOCOL));
+    if !asked {
+        return Err(ApiError::BadRequest(format!(
+            "`Upgrade: {PORT_TUNNEL_PROTOCOL}` is required"
+        )));
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let mut service = ports::dial_loopback(port).await?;
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut client = hyper_util::rt::TokioIo::new(upgraded);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut service).await;
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, PORT_TUNNEL_PROTOCOL)
+        .body(Body::empty())
+        .expect("static headers are valid"))
 }
 
 async fn attach(State(state): State<Shared>, Upgrade(upgrade): Upgrade) -> Response {

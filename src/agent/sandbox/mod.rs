@@ -20,6 +20,7 @@ mod snapshot_template;
 mod teardown;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -118,6 +119,9 @@ pub enum SandboxError {
         phase: SandboxPhase,
         waited: Duration,
     },
+    /// The port proxy's connections to this sandbox are at their limit.
+    #[error("sandbox {id} already has {limit} proxied connections open")]
+    TooManyConnections { id: String, limit: usize },
     #[error(
         "sandbox {id} was destroyed, but not all of its host resources were released: {reason}"
     )]
@@ -177,6 +181,8 @@ struct Sandbox {
     /// Proxied requests and sessions still open: a long command or an interactive terminal is
     /// activity for as long as it lasts, not only when it starts.
     open_sessions: AtomicUsize,
+    /// The port proxy's connections open to the guest, bounded per sandbox.
+    port_connections: Arc<AtomicUsize>,
     lifecycle: Mutex<Lifecycle>,
     /// Set once, when the sandbox has left the host (and the registry).
     gone: watch::Sender<Option<TeardownOutcome>>,
@@ -201,6 +207,24 @@ impl ActivityLease {
     }
 }
 
+/// Where the port proxy dials a sandbox: its guest's address (for services listening on all
+/// interfaces) and its envd (for those on the guest's loopback). Keeps the sandbox active and
+/// counts as one of its proxied connections while it lives.
+pub struct PortRoute {
+    pub guest: Ipv4Addr,
+    pub envd: EnvdClient,
+    _lease: ActivityLease,
+    _slot: PortConnection,
+}
+
+struct PortConnection(Arc<AtomicUsize>);
+
+impl Drop for PortConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Drop for ActivityLease {
     fn drop(&mut self) {
         self.0.touch();
@@ -219,6 +243,7 @@ impl Sandbox {
             created_at,
             last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
             open_sessions: AtomicUsize::new(0),
+            port_connections: Arc::default(),
             lifecycle: Mutex::new(Lifecycle {
                 phase,
                 runtime: None,
@@ -556,6 +581,38 @@ impl SandboxManager {
         self: &Arc<Self>,
         id: &str,
     ) -> Result<(EnvdClient, ActivityLease), SandboxError> {
+        let (_, envd, _, lease) = self.running(id).await?;
+        Ok((envd, lease))
+    }
+
+    /// Where the port proxy reaches a running sandbox's ports (resumed first, as for
+    /// [`Self::envd`]), holding one of the `limit` connections it may have open.
+    pub async fn port_route(
+        self: &Arc<Self>,
+        id: &str,
+        limit: usize,
+    ) -> Result<PortRoute, SandboxError> {
+        let (sandbox, envd, guest, lease) = self.running(id).await?;
+        let open = sandbox.port_connections.fetch_add(1, Ordering::AcqRel);
+        let slot = PortConnection(sandbox.port_connections.clone());
+        if open >= limit {
+            return Err(SandboxError::TooManyConnections {
+                id: id.to_owned(),
+                limit,
+            });
+        }
+        Ok(PortRoute {
+            guest,
+            envd,
+            _lease: lease,
+            _slot: slot,
+        })
+    }
+
+    async fn running(
+        self: &Arc<Self>,
+        id: &str,
+    ) -> Result<(Arc<Sandbox>, EnvdClient, Ipv4Addr, ActivityLease), SandboxError> {
         let sandbox = self.get(id)?;
         loop {
             let phase = {
@@ -566,9 +623,10 @@ impl SandboxManager {
                     // The lease is taken under the lock, so the idle reaper, which decides
                     // under it too, never pauses a sandbox a call has just reached.
                     let envd = runtime.envd.clone();
+                    let guest = runtime.network.host_addr;
                     let lease = ActivityLease::open(sandbox.clone());
                     drop(lifecycle);
-                    return Ok((envd, lease));
+                    return Ok((sandbox, envd, guest, lease));
                 }
                 lifecycle.phase
             };

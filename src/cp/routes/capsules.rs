@@ -22,11 +22,13 @@ use crate::cp::error::ApiError;
 use crate::cp::extract::{path_id, ApiJson, ApiQuery};
 use crate::cp::limits::Work;
 use crate::cp::pagination::PageQuery;
+use crate::cp::port_proxy;
 use crate::cp::services::capsules::guest::command::CommandRequest;
 use crate::cp::services::capsules::guest::{
     self, ExecOutcome, KillSignal, ListDirRequest, ListDirResponse, MakeDirResponse, PathRequest,
     ProcessListResponse,
 };
+use crate::cp::services::capsules::ports::{self, CapsuleNetwork};
 use crate::cp::services::capsules::{self, NewCapsule, GUEST_IP_KEY};
 use crate::cp::state::AppState;
 use crate::db::sandboxes::SandboxRow;
@@ -44,6 +46,9 @@ pub struct CreateCapsuleRequest {
     pub memory_mb: Option<i64>,
     #[serde(default)]
     pub timeout_sec: Option<i64>,
+    /// Addition: ports the port proxy serves without credentials.
+    #[serde(default)]
+    pub public_ports: Vec<i64>,
 }
 
 /// The public Capsule representation; empty optional fields are omitted.
@@ -121,6 +126,7 @@ pub async fn create(
         body.vcpus,
         body.memory_mb,
         body.timeout_sec,
+        &body.public_ports,
     )?;
     let created = capsules::create(&state, auth.team_id, new).await?;
     let timing = format!("agent;dur={:.3}", created.agent_time.as_secs_f64() * 1000.0);
@@ -211,6 +217,76 @@ pub async fn ping(
 ) -> Result<StatusCode, ApiError> {
     capsules::ping(&state, &call.reach(&state)?).await?;
     Ok(no_content())
+}
+
+/// `PUT /v1/capsules/{id}/network` body (an addition).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRequest {
+    #[serde(default)]
+    pub public_ports: Vec<i64>,
+}
+
+pub async fn network(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+) -> Result<Json<CapsuleNetwork>, ApiError> {
+    let id = capsule_id(&id)?;
+    Ok(Json(ports::network(&state, auth.team_id, id).await?))
+}
+
+pub async fn set_network(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<NetworkRequest>,
+) -> Result<Json<CapsuleNetwork>, ApiError> {
+    let id = capsule_id(&id)?;
+    let network = CapsuleNetwork {
+        public_ports: ports::PublicPorts::parse(&body.public_ports)?,
+    };
+    Ok(Json(
+        ports::set_network(&state, auth.team_id, id, network).await?,
+    ))
+}
+
+/// `POST /v1/capsules/{id}/traffic-token` body (an addition); the body may be left out.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrafficTokenRequest {
+    #[serde(default)]
+    pub expires_in: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrafficToken {
+    pub token: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+pub async fn traffic_token(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<TrafficToken>), ApiError> {
+    let id = capsule_id(&id)?;
+    let request: TrafficTokenRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        TrafficTokenRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))?
+    };
+    let ttl = port_proxy::traffic_token_ttl(request.expires_in)?;
+    capsules::get(&state, auth.team_id, id).await?;
+    let (token, exp) = state.tokens.issue_traffic(id, ttl);
+    let expires_at =
+        DateTime::from_timestamp(i64::try_from(exp).unwrap_or(i64::MAX), 0).unwrap_or_default();
+    Ok((
+        StatusCode::CREATED,
+        Json(TrafficToken { token, expires_at }),
+    ))
 }
 
 pub async fn exec(

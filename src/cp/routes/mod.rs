@@ -78,6 +78,7 @@ macro_rules! capsule_routes {
                 concat!($base, "/{id}/exec"),
                 post(capsules::exec),
             )
+
             .add(
                 Method::GET,
                 concat!($base, "/{id}/exec/stream"),
@@ -139,11 +140,27 @@ macro_rules! capsule_routes {
 
 fn capsule_api(routes: Routes) -> Routes {
     let routes = capsule_routes!(routes, "/v1/capsules");
-    capsule_routes!(routes, "/v1/sandboxes").add(
-        Method::POST,
-        "/v1/capsules/{id}/fork",
-        axum::routing::post(capsules::fork),
-    )
+    capsule_routes!(routes, "/v1/sandboxes")
+        .add(
+            Method::POST,
+            "/v1/capsules/{id}/fork",
+            axum::routing::post(capsules::fork),
+        )
+        .add(
+            Method::GET,
+            "/v1/capsules/{id}/network",
+            axum::routing::get(capsules::network),
+        )
+        .add(
+            Method::PUT,
+            "/v1/capsules/{id}/network",
+            axum::routing::put(capsules::set_network),
+        )
+        .add(
+            Method::POST,
+            "/v1/capsules/{id}/traffic-token",
+            axum::routing::post(capsules::traffic_token),
+        )
 }
 
 fn api() -> Routes {

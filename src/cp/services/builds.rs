@@ -521,6 +521,7 @@ impl Worker {
                 vcpus: Some(u32::try_from(self.build.vcpus).unwrap_or(1)),
                 memory_mb: Some(u32::try_from(self.build.memory_mb).unwrap_or(512)),
                 timeout_sec: 0,
+                public_ports: Default::default(),
             },
         )
         .await?;

@@ -4,6 +4,7 @@
 //! not found.
 
 pub mod guest;
+pub mod ports;
 mod relocate;
 
 pub use relocate::has_store_copy;
@@ -102,6 +103,7 @@ pub struct NewCapsule {
     pub vcpus: Option<u32>,
     pub memory_mb: Option<u32>,
     pub timeout_sec: u32,
+    pub public_ports: ports::PublicPorts,
 }
 
 fn in_range(
@@ -131,6 +133,7 @@ impl NewCapsule {
         vcpus: Option<i64>,
         memory_mb: Option<i64>,
         timeout_sec: Option<i64>,
+        public_ports: &[i64],
     ) -> Result<Self, CapsuleError> {
         let template = match template {
             Some(name) => name
@@ -147,6 +150,7 @@ impl NewCapsule {
                 .map(|m| in_range("memory_mb", m, MEMORY_MB_RANGE))
                 .transpose()?,
             timeout_sec: in_range("timeout_sec", timeout_sec.unwrap_or(0), 0..=MAX_TIMEOUT_SEC)?,
+            public_ports: ports::PublicPorts::parse(public_ports)?,
         })
     }
 }
@@ -273,6 +277,7 @@ pub async fn create(
             holders_only: template.template_type == TemplateType::Snapshot
                 && template.image_sha256.is_none(),
             timeout_sec: i32::try_from(new.timeout_sec).unwrap_or(i32::MAX),
+            public_ports: new.public_ports.to_column(),
             demand: Demand {
                 vcpus: i64::from(vcpus),
                 memory_mb: i64::from(memory_mb),
@@ -991,14 +996,15 @@ mod tests {
 
     #[test]
     fn create_defaults_and_ranges() {
-        let new = NewCapsule::parse(None, None, None, None).unwrap();
+        let new = NewCapsule::parse(None, None, None, None, &[]).unwrap();
         assert_eq!(
             new,
             NewCapsule {
                 template: TemplateName::default_template(),
                 vcpus: None,
                 memory_mb: None,
-                timeout_sec: 0
+                timeout_sec: 0,
+                public_ports: ports::PublicPorts::default(),
             }
         );
         for (template, vcpus, memory_mb, timeout_sec) in [
@@ -1011,7 +1017,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    NewCapsule::parse(template, vcpus, memory_mb, timeout_sec),
+                    NewCapsule::parse(template, vcpus, memory_mb, timeout_sec, &[]),
                     Err(CapsuleError::Invalid { .. })
                 ),
                 "{template:?} {vcpus:?} {memory_mb:?} {timeout_sec:?}"
