@@ -757,3 +757,55 @@ async fn a_templates_settings_are_the_defaults_and_its_processes_start_at_boot()
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn ports_on_the_loopback_are_reached_through_a_tunnel() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let envd = envd();
+    let client = envd.client();
+    // A service only the loopback reaches, as a guest's `127.0.0.1` listener.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = socket.read(&mut buf).await {
+                    if n == 0 || socket.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut tunnels = Vec::new();
+    for i in 0..3 {
+        let tunnel = client.connect_port(port).await.unwrap();
+        let mut tunnel = hyper_util::rt::TokioIo::new(tunnel);
+        let message = format!("hello {i}");
+        tunnel.write_all(message.as_bytes()).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tunnel.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(echoed, message.as_bytes());
+        tunnels.push(tunnel);
+    }
+
+    // Nothing listens: `port_closed`, and envd serves on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    match client.connect_port(closed_port).await {
+        Err(wrenn::envd::client::EnvdClientError::Api { status, detail }) => {
+            assert_eq!(status, 502);
+            assert_eq!(detail.code, wrenn::error_code::ErrorCode::PortClosed);
+        }
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("a closed port was connected"),
+    }
+    // A plain request, without the upgrade, and a port that is not one.
+    let (status, body) = reqwest_like(&envd.url(), &format!("/ports/{port}/connect"), "").await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = reqwest_like(&envd.url(), "/ports/70000/connect", "").await;
+    assert_eq!(status, 400, "{body}");
+    client.health().await.unwrap();
+}

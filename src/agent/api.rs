@@ -289,6 +289,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}/resume", post(resume))
         .route("/v1/sandboxes/{id}/envd/{*path}", any(proxy_envd))
         .route("/v1/sandboxes/{id}/ports/{port}", any(proxy_port))
+        .route("/v1/sandboxes/{id}/ports/{port}/", any(proxy_port))
         .route("/v1/sandboxes/{id}/ports/{port}/{*path}", any(proxy_port))
         .route("/v1/sandboxes/{id}/template", post(capture_template))
         .route("/v1/sandboxes/{id}/snapshot", post(snapshot_template))

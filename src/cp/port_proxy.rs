@@ -232,6 +232,8 @@ fn agent_headers(
     client: Option<SocketAddr>,
 ) {
     remove_hop_headers(headers, upgrade);
+    // The agent is dialled by its own name; the public one travels as `X-Forwarded-Host`.
+    headers.remove(header::HOST);
     headers.remove(API_KEY_HEADER);
     headers.remove(FORWARDED_AUTHORIZATION);
     headers.remove(UPSTREAM_HEADER);

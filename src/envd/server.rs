@@ -204,7 +204,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _) = self.status_and_code();
-        if status.is_server_error() {
+        // A port nobody listens on yet is the service's business, not envd's failure.
+        if status.is_server_error() && !matches!(self, Self::Port(_)) {
             tracing::warn!(error = %self, "request failed");
         }
         (

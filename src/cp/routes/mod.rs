@@ -78,7 +78,6 @@ macro_rules! capsule_routes {
                 concat!($base, "/{id}/exec"),
                 post(capsules::exec),
             )
-
             .add(
                 Method::GET,
                 concat!($base, "/{id}/exec/stream"),
