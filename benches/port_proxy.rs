@@ -221,7 +221,11 @@ async fn bench() {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while get(&client, &direct(9000), "/small").await.0 != StatusCode::OK {
+    while !client
+        .request(direct(9000).request("/small"))
+        .await
+        .is_ok_and(|r| r.status() == StatusCode::OK)
+    {
         assert!(
             Instant::now() < deadline,
             "the guest's server never answered"

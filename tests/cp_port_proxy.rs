@@ -70,6 +70,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(2)
             self.wfile.write(b"0\r\n\r\n")
+        elif self.path == "/cookies":
+            self.reply(200, b"", extra=[("Set-Cookie", "session=1; Domain=localhost; Path=/"),
+                                        ("Set-Cookie", "wrenn_traffic=planted; Path=/")])
         elif self.path == "/silent":
             time.sleep(300)
             self.reply(200, b"too late")
@@ -395,6 +398,9 @@ async fn the_port_proxy_serves_a_capsules_ports_to_those_it_should_and_streams_e
     };
     let missing = nobody.get(9000, "/hello", &[("x-api-key", &key)]).await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    // Whether a capsule exists is nothing an anonymous caller learns.
+    let missing = nobody.get(9000, "/hello", &[]).await;
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
 
     // What the guest sees: the public host name, the client's own credentials for it, none of
     // Wrenn's.
@@ -544,6 +550,54 @@ async fn the_port_proxy_serves_a_capsules_ports_to_those_it_should_and_streams_e
     assert_eq!(by_cookie.status, StatusCode::OK, "{}", by_cookie.text());
     let junk = proxy.get(9000, "/hello?wrenn_token=not.a.token", &[]).await;
     assert_eq!(junk.status, StatusCode::UNAUTHORIZED);
+    // Another capsule's page is the same site: its requests carry the cookie, which must not
+    // count for them.
+    let other_page = format!(
+        "http://80-cl-0000000000000000000000001.localhost:{}",
+        cp.addr.port()
+    );
+    let riding = proxy
+        .get(
+            9000,
+            "/hello",
+            &[
+                ("cookie", &cookie_header),
+                ("origin", &other_page),
+                ("sec-fetch-site", "same-site"),
+                ("sec-fetch-mode", "cors"),
+            ],
+        )
+        .await;
+    assert_eq!(riding.status, StatusCode::UNAUTHORIZED, "{}", riding.text());
+    // A redirect never leaves the capsule's host.
+    let sneaky = proxy
+        .get(9000, &format!("//evil.example/x?wrenn_token={token}"), &[])
+        .await;
+    assert_eq!(sneaky.status, StatusCode::SEE_OTHER);
+    assert_eq!(sneaky.headers["location"], "/evil.example/x");
+    // A guest sets cookies for itself only, and never Wrenn's.
+    let cookies = proxy
+        .get(9000, "/cookies", &[("cookie", &cookie_header)])
+        .await;
+    let set: Vec<&str> = cookies
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(set, vec!["session=1; Path=/"]);
+    // A WebSocket cannot follow the redirect: it is let in with the token as it is.
+    let url = format!("ws://{}/api/kernels?wrenn_token={token}", proxy.host(8888));
+    let tcp = tokio::net::TcpStream::connect(proxy.cp).await.unwrap();
+    match tokio_tungstenite::client_async(url.into_client_request().unwrap(), tcp).await {
+        // Jupyter has no WebSocket at that path: its answer, not the proxy's redirect.
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_ne!(response.status(), StatusCode::SEE_OTHER);
+            assert_ne!(response.status(), StatusCode::UNAUTHORIZED);
+        }
+        Err(other) => panic!("{other}"),
+        Ok(_) => {}
+    }
 
     // Public ports need nothing, and still never pass Wrenn's credentials on.
     let network = format!("/v1/capsules/{id}/network");
@@ -627,7 +681,7 @@ async fn the_port_proxy_serves_a_capsules_ports_to_those_it_should_and_streams_e
     assert_eq!(agent_phase(&agent, &id), "running");
     for waiting in silent {
         let (status, after) = waiting.await.unwrap();
-        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
         assert!(
             after >= IDLE_TIMEOUT - Duration::from_secs(1) && after < IDLE_TIMEOUT * 3,
             "a silent connection ended after {after:?}"

@@ -10,21 +10,21 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{RawPathParams, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::api::{AgentState, ApiError};
 use super::wire::{FORWARDED_AUTHORIZATION, UPSTREAM_HEADER};
+use crate::agent::network::GUEST_IP;
 use crate::config::AgentConfig;
 use crate::envd::client::EnvdClientError;
 use crate::error_code::ErrorCode;
-use crate::forward::{remove_hop_headers, wants_upgrade, IdleTimeout};
+use crate::forward::{remove_hop_headers, splice, wants_upgrade, Activity, Tracked};
 
 /// How long the guest's port has to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,12 +49,6 @@ impl Default for PortProxySettings {
     fn default() -> Self {
         Self::from_config(&crate::config::Config::default().agent)
     }
-}
-
-#[derive(Deserialize)]
-pub(super) struct PortPath {
-    id: String,
-    port: String,
 }
 
 trait Connection: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -126,11 +120,13 @@ fn public_location(
     let public = public?;
     let uri: Uri = location.parse().ok()?;
     let authority = uri.authority()?;
+    // The guest knows itself by its own address; the host reaches it by another.
     let own = [
         "localhost",
         "127.0.0.1",
         "0.0.0.0",
         "[::1]",
+        &GUEST_IP.to_string(),
         &guest.to_string(),
     ]
     .contains(&authority.host());
@@ -193,10 +189,17 @@ async fn dial(
 /// `/v1/sandboxes/{id}/ports/{port}[/<path>]`: the request forwarded to the guest's port.
 pub(super) async fn proxy_port(
     State(state): State<AgentState>,
-    Path(params): Path<PortPath>,
+    params: RawPathParams,
     request: Request,
 ) -> Response {
-    match forward(state, params, request).await {
+    // Raw: the rest of the path is the guest's to decode (or not), whatever bytes it holds.
+    let param = |name: &str| {
+        params
+            .iter()
+            .find_map(|(key, value)| (key == name).then(|| value.to_owned()))
+            .unwrap_or_default()
+    };
+    match forward(state, &param("id"), &param("port"), request).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -204,11 +207,12 @@ pub(super) async fn proxy_port(
 
 async fn forward(
     state: AgentState,
-    params: PortPath,
+    raw_id: &str,
+    raw_port: &str,
     mut request: Request,
 ) -> Result<Response, ApiError> {
-    let id = super::api::sandbox_id(&params.id)?;
-    let port = guest_port(&params.port)?;
+    let id = super::api::sandbox_id(raw_id)?;
+    let port = guest_port(raw_port)?;
     let settings = state.port_proxy;
     let route = state
         .sandboxes
@@ -231,11 +235,15 @@ async fn forward(
         });
 
     let (mut parts, body) = request.into_parts();
-    parts.uri = guest_uri(&parts.uri, &params.id, &params.port)?;
+    parts.uri = guest_uri(&parts.uri, raw_id, raw_port)?;
     guest_headers(&mut parts.headers, upgrade);
 
+    // One clock for the whole exchange: the guest's connection, and after an upgrade the
+    // client's too. A guest that stops answering, or a client that stops reading (so the guest
+    // is no longer read either), ends it at the idle time, with its slot and lease.
+    let activity = Activity::new(settings.idle_timeout);
     let connection = dial(route.guest, port, &route.envd).await?;
-    let connection = TokioIo::new(IdleTimeout::new(connection, settings.idle_timeout));
+    let connection = TokioIo::new(Tracked::new(connection, activity.clone()));
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(connection)
         .await
@@ -246,15 +254,33 @@ async fn forward(
                 format!("port {port} in the capsule: {e}"),
             )
         })?;
+    let idled = activity.clone().idled();
     tokio::spawn(async move {
-        if let Err(error) = conn.with_upgrades().await {
-            tracing::debug!(%error, "a proxied connection to a capsule's port ended");
+        tokio::select! {
+            ended = conn.with_upgrades() => if let Err(error) = ended {
+                tracing::debug!(%error, "a proxied connection to a capsule's port ended");
+            },
+            () = idled => tracing::debug!("a proxied connection to a capsule's port went idle"),
         }
     });
-    let mut upstream = sender
-        .send_request(Request::from_parts(parts, body))
+    let idle = activity.idle_timeout().as_secs();
+    let silent = || {
+        refused(
+            StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::PortClosed,
+            format!("port {port} in the capsule did not answer within {idle} s"),
+        )
+    };
+    let mut upstream = activity
+        .clone()
+        .unless_idle(sender.send_request(Request::from_parts(parts, body)))
         .await
+        .ok_or_else(silent)?
         .map_err(|e| {
+            // The connection's own watchdog may have closed it first.
+            if activity.is_idle() {
+                return silent();
+            }
             refused(
                 StatusCode::BAD_GATEWAY,
                 ErrorCode::PortClosed,
@@ -292,8 +318,7 @@ async fn forward(
             let (Ok(client), Ok(server)) = (client_upgrade.await, upstream_upgrade.await) else {
                 return;
             };
-            let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            splice(TokioIo::new(client), TokioIo::new(server), activity).await;
         });
         let (parts, body) = upstream.into_parts();
         return Ok(Response::from_parts(parts, Body::new(body)));
@@ -357,6 +382,7 @@ mod tests {
             "http://localhost:8888/lab?x=1",
             "http://127.0.0.1:8888/lab?x=1",
             "http://10.11.0.2:8888/lab?x=1",
+            "http://169.254.0.21:8888/lab?x=1",
         ] {
             assert_eq!(
                 public_location(own, 8888, guest, public).as_deref(),

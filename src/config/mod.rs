@@ -54,6 +54,7 @@ pub struct CpConfig {
     pub host_agent_addr: Option<HostPort>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_domain: Option<String>,
+    pub port_proxy_idle_timeout_secs: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_secret: Option<SecretText>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,6 +162,9 @@ impl Default for Config {
                 listen_addr: parse("cp.listen_addr"),
                 host_agent_addr: None,
                 proxy_domain: None,
+                port_proxy_idle_timeout_secs: default("cp.port_proxy_idle_timeout_secs")
+                    .parse()
+                    .expect("default is a number"),
                 jwt_secret: None,
                 jwt_previous_secrets: None,
                 allow_loopback_hosts: default("cp.allow_loopback_hosts")

@@ -16,6 +16,7 @@ pub fn render(loaded: &Loaded) -> String {
             "cp.listen_addr" => c.cp.listen_addr.to_string(),
             "cp.host_agent_addr" => c.cp.host_agent_addr.as_ref()?.to_string(),
             "cp.proxy_domain" => c.cp.proxy_domain.clone()?,
+            "cp.port_proxy_idle_timeout_secs" => c.cp.port_proxy_idle_timeout_secs.to_string(),
             "cp.jwt_secret" => c.cp.jwt_secret.as_ref().map(|_| "<redacted>".to_owned())?,
             "cp.jwt_previous_secrets" => {
                 c.cp.jwt_previous_secrets

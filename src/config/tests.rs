@@ -25,6 +25,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "cp.listen_addr" => ("127.0.0.1:9000", ":9100"),
         "cp.host_agent_addr" => ("agent.file:1", "agent.env:2"),
         "cp.proxy_domain" => ("sandboxes.file.example", "localhost:8000"),
+        "cp.port_proxy_idle_timeout_secs" => ("60", "7200"),
         "cp.jwt_secret" => (
             "file-secret-file-secret-file-secret",
             "env-secret-env-secret-env-secret-x",

@@ -174,6 +174,9 @@ impl AgentClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        // A host that vanished without closing is noticed on proxied connections that wait on
+        // it, not only when the next request is written.
+        connector.set_keepalive(Some(Duration::from_secs(30)));
         connector.enforce_http(false);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config((*tls).clone())

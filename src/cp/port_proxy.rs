@@ -7,20 +7,22 @@
 //! - anyone, on a port the capsule made public (`public_ports`);
 //! - the holder of the capsule's traffic token (`POST /v1/capsules/{id}/traffic-token`), given
 //!   once as `?wrenn_token=` (a `GET` is redirected without it and the token kept in a cookie
-//!   scoped to that one host) or as that cookie;
+//!   scoped to that one host) or as that cookie, from the capsule's own pages only: every
+//!   capsule is the same site, so another capsule's page must not ride on it;
 //! - a caller of the capsule's team, by `X-API-Key` or `Authorization: Bearer <JWT>`.
 //!
-//! Anyone else gets 401, and a caller of another team 404. Wrenn's own credentials never reach
-//! the guest: the API key, a Wrenn JWT, the token parameter and the cookie are removed. A paused
-//! capsule is resumed by the request, as by any other call.
+//! Anyone else gets 401, whether or not the capsule exists, and a caller of another team 404.
+//! Wrenn's own credentials never reach the guest: the API key, any token Wrenn signed, the token
+//! parameter and the cookie are removed. A guest cannot set Wrenn's cookie, nor one for another
+//! host. A paused capsule is resumed by the request, as by any other call.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
-use axum::http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
@@ -31,13 +33,15 @@ use super::services::capsules::{self, ports::PublicPorts, CapsuleError};
 use super::state::AppState;
 use crate::agent::wire::{port_proxy_path, FORWARDED_AUTHORIZATION, UPSTREAM_HEADER};
 use crate::db::sandboxes;
-use crate::forward::{remove_hop_headers, wants_upgrade};
+use crate::forward::{remove_hop_headers, splice, wants_upgrade, Activity};
 use crate::id::SandboxId;
 
 /// The query parameter a traffic token is given in, once.
 pub const TOKEN_PARAM: &str = "wrenn_token";
-/// The cookie the token is kept in afterwards, scoped to the one host name.
+/// The cookie the token is kept in afterwards, scoped to the one host name; behind HTTPS it has
+/// the `__Host-` prefix, which browsers accept only host-only, `Secure` and for `/`.
 pub const TOKEN_COOKIE: &str = "wrenn_traffic";
+const SECURE_TOKEN_COOKIE: &str = "__Host-wrenn_traffic";
 /// How long a traffic token lives unless asked otherwise, and at most.
 pub const TRAFFIC_TOKEN_TTL: Duration = Duration::from_secs(3600);
 pub const TRAFFIC_TOKEN_MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -73,37 +77,69 @@ impl FromStr for ProxyDomain {
     }
 }
 
-/// The capsule and port a host name names, if it is one of the proxy's.
-pub fn target(host: &str, domain: Option<&ProxyDomain>) -> Option<(u16, SandboxId)> {
-    let authority: http::uri::Authority = host.parse().ok()?;
+/// What a host name is to the proxy.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProxyHost {
+    /// `{port}-{capsule_id}.<domain>`.
+    Port(u16, SandboxId),
+    /// Under the configured domain, but no capsule's port: never the API's.
+    Unknown,
+    /// Not the proxy's: the API.
+    Api,
+}
+
+/// What `host` names, given the proxy's domain.
+pub fn target(host: &str, domain: Option<&ProxyDomain>) -> ProxyHost {
+    let Ok(authority) = host.parse::<http::uri::Authority>() else {
+        return ProxyHost::Api;
+    };
     let host = authority.host().trim_end_matches('.').to_ascii_lowercase();
-    let (label, rest) = host.split_once('.')?;
-    match domain {
-        Some(domain) if rest != domain.0 => return None,
-        _ if rest.is_empty() => return None,
-        _ => {}
+    let Some((label, rest)) = host.split_once('.') else {
+        return ProxyHost::Api;
+    };
+    let under_domain = match domain {
+        Some(domain) if rest == domain.0 => true,
+        Some(_) => return ProxyHost::Api,
+        None => false,
+    };
+    let parsed = label.split_once('-').and_then(|(port, id)| {
+        if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+        Some((port, id.parse::<SandboxId>().ok()?))
+    });
+    match parsed {
+        Some((port, id)) if !rest.is_empty() => ProxyHost::Port(port, id),
+        _ if under_domain => ProxyHost::Unknown,
+        _ => ProxyHost::Api,
     }
-    let (port, id) = label.split_once('-')?;
-    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
-    Some((port, id.parse().ok()?))
+}
+
+/// The host a request was sent to: `Host`, or an HTTP/2 request's authority.
+fn request_host(request: &Request) -> Option<String> {
+    request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| request.uri().authority().map(|a| a.as_str().to_owned()))
 }
 
 /// The middleware in front of the API: proxies the requests for capsules' ports and passes the
 /// rest on.
 pub async fn route_ports(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let host = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| request.uri().authority().map(|a| a.as_str()));
-    match host.and_then(|h| target(h, state.capsules.proxy_domain.as_ref())) {
-        Some((port, id)) => proxy(state, port, id, request)
+    let Some(host) = request_host(&request) else {
+        return next.run(request).await;
+    };
+    match target(&host, state.capsules.proxy_domain.as_ref()) {
+        ProxyHost::Port(port, id) => proxy(state, host, port, id, request)
             .await
             .unwrap_or_else(IntoResponse::into_response),
-        None => next.run(request).await,
+        ProxyHost::Unknown => {
+            ApiError::NotFound(format!("`{host}` names no capsule's port")).into_response()
+        }
+        ProxyHost::Api => next.run(request).await,
     }
 }
 
@@ -117,14 +153,45 @@ enum Access {
     Team,
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// Every value of the traffic cookie (under either name) the request carries.
+fn token_cookies(headers: &HeaderMap) -> Vec<&str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find_map(|(key, value)| (key == name).then_some(value))
+        .filter(|(key, _)| is_token_cookie(key))
+        .map(|(_, value)| value)
+        .collect()
+}
+
+fn is_token_cookie(name: &str) -> bool {
+    name == TOKEN_COOKIE || name == SECURE_TOKEN_COOKIE
+}
+
+/// Whether a request that carries only the cookie comes from the capsule's own pages, or is a
+/// top-level navigation: every capsule's pages are the same site, so a `SameSite` cookie would
+/// also go along with another capsule's page's requests and WebSockets.
+fn from_own_pages(headers: &HeaderMap, method: &Method, public_host: &str) -> bool {
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin_host = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.split_once("://"))
+            .map(|(_, host)| host);
+        if !origin_host.is_some_and(|host| host.eq_ignore_ascii_case(public_host)) {
+            return false;
+        }
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    match header("sec-fetch-site") {
+        None | Some("same-origin") | Some("none") => true,
+        Some(_) => {
+            header("sec-fetch-mode") == Some("navigate")
+                && matches!(*method, Method::GET | Method::HEAD)
+        }
+    }
 }
 
 /// The query without the token parameter, and the token.
@@ -176,27 +243,36 @@ fn has_team_credentials(parts: &Parts) -> bool {
             .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "))
 }
 
+/// Who the capsule is, as far as the caller may learn it.
+struct Known {
+    /// `None` when there is no such capsule: refused as a private port of another team's is.
+    team: Option<uuid::Uuid>,
+    public: bool,
+}
+
 async fn admit(
     state: &AppState,
     parts: &mut Parts,
     id: SandboxId,
-    team: uuid::Uuid,
-    public: bool,
+    known: &Known,
+    public_host: &str,
     query_token: Option<&str>,
 ) -> Result<Access, ApiError> {
+    if known.public {
+        return Ok(Access::Public);
+    }
     if let Some(token) = query_token {
         let exp = traffic_token(state, id, token)?;
         return Ok(Access::Token {
             from_query: Some((token.to_owned(), exp)),
         });
     }
-    if public {
-        return Ok(Access::Public);
-    }
-    if let Some(token) = cookie(&parts.headers, TOKEN_COOKIE) {
-        if traffic_token(state, id, token).is_ok() {
-            return Ok(Access::Token { from_query: None });
-        }
+    if from_own_pages(&parts.headers, &parts.method, public_host)
+        && token_cookies(&parts.headers)
+            .into_iter()
+            .any(|token| traffic_token(state, id, token).is_ok())
+    {
+        return Ok(Access::Token { from_query: None });
     }
     if !has_team_credentials(parts) {
         return Err(ApiError::Unauthorized(format!(
@@ -205,7 +281,7 @@ async fn admit(
         )));
     }
     let caller = AuthTeam::from_request_parts(parts, state).await?;
-    if caller.team_id.uuid() != team {
+    if Some(caller.team_id.uuid()) != known.team {
         return Err(CapsuleError::NotFound.into());
     }
     Ok(Access::Team)
@@ -214,11 +290,46 @@ async fn admit(
 /// The `Set-Cookie` that keeps a traffic token for this host until it expires.
 fn token_cookie(token: &str, exp: u64, secure: bool) -> HeaderValue {
     let max_age = exp.saturating_sub(now_secs());
-    let secure = if secure { "; Secure" } else { "" };
+    let (name, secure) = if secure {
+        (SECURE_TOKEN_COOKIE, "; Secure")
+    } else {
+        (TOKEN_COOKIE, "")
+    };
     HeaderValue::from_str(&format!(
-        "{TOKEN_COOKIE}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"
+        "{name}={token}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"
     ))
     .expect("JWTs are header-safe")
+}
+
+/// A guest's `Set-Cookie` as the browser may take it: host-only (a `Domain` would reach every
+/// capsule, and whatever else shares the domain), and never one of Wrenn's names.
+fn guest_cookie(value: &HeaderValue) -> Option<HeaderValue> {
+    let text = value.to_str().ok()?;
+    let mut attributes = text.split(';');
+    let pair = attributes.next()?.trim();
+    let name = pair.split_once('=').map_or(pair, |(name, _)| name).trim();
+    if is_token_cookie(name) {
+        return None;
+    }
+    let kept: Vec<&str> = std::iter::once(pair)
+        .chain(
+            attributes
+                .map(str::trim)
+                .filter(|a| !a.to_ascii_lowercase().starts_with("domain=")),
+        )
+        .collect();
+    HeaderValue::from_str(&kept.join("; ")).ok()
+}
+
+/// The scheme the client used: what a trusted reverse proxy in front says, else plain HTTP
+/// (the control plane itself serves no TLS).
+fn client_scheme_is_https(state: &AppState, headers: &HeaderMap, peer: Option<IpAddr>) -> bool {
+    let trusted = peer.is_some_and(|peer| state.auth.trusted_proxies.contains(peer));
+    trusted
+        && headers
+            .get("x-forwarded-proto")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
 }
 
 /// The client's request made the agent's: Wrenn's credentials removed, the client's own
@@ -229,7 +340,7 @@ fn agent_headers(
     upgrade: bool,
     public_host: &str,
     secure: bool,
-    client: Option<SocketAddr>,
+    peer: Option<IpAddr>,
 ) {
     remove_hop_headers(headers, upgrade);
     // The agent is dialled by its own name; the public one travels as `X-Forwarded-Host`.
@@ -238,13 +349,14 @@ fn agent_headers(
     headers.remove(FORWARDED_AUTHORIZATION);
     headers.remove(UPSTREAM_HEADER);
     if let Some(authorization) = headers.remove(header::AUTHORIZATION) {
-        let wrenn_jwt = authorization
+        // Any token Wrenn signed (expired, of a retired secret, a host's) is Wrenn's.
+        let wrenn_token = authorization
             .to_str()
             .ok()
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .is_some_and(|(_, token)| state.tokens.verify_user(token.trim()).is_ok());
-        if !wrenn_jwt {
+            .is_some_and(|(_, token)| state.tokens.signed_here(token.trim()));
+        if !wrenn_token {
             headers.insert(FORWARDED_AUTHORIZATION, authorization);
         }
     }
@@ -255,13 +367,13 @@ fn agent_headers(
         .flat_map(|v| v.split(';'))
         .map(str::trim)
         .filter(|pair| {
-            !pair.is_empty() && pair.split_once('=').map(|(k, _)| k) != Some(TOKEN_COOKIE)
+            !pair.is_empty() && !is_token_cookie(pair.split_once('=').map_or(*pair, |(k, _)| k))
         })
         .map(str::to_owned)
         .collect();
     headers.remove(header::COOKIE);
-    if let Ok(value) = HeaderValue::from_str(&cookies.join("; ")) {
-        if !cookies.is_empty() {
+    if !cookies.is_empty() {
+        if let Ok(value) = HeaderValue::from_str(&cookies.join("; ")) {
             headers.insert(header::COOKIE, value);
         }
     }
@@ -272,10 +384,18 @@ fn agent_headers(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(if secure { "https" } else { "http" }),
     );
-    if let Some(client) = client {
-        let chain = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(earlier) => format!("{earlier}, {}", client.ip()),
-            None => client.ip().to_string(),
+    // A trusted proxy's chain is extended; anyone else's is theirs to invent, and replaced.
+    let trusted = peer.is_some_and(|peer| state.auth.trusted_proxies.contains(peer));
+    let earlier = headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| trusted)
+        .map(str::to_owned);
+    headers.remove("x-forwarded-for");
+    if let Some(peer) = peer {
+        let chain = match earlier {
+            Some(earlier) => format!("{earlier}, {peer}"),
+            None => peer.to_string(),
         };
         if let Ok(chain) = HeaderValue::from_str(&chain) {
             headers.insert(HeaderName::from_static("x-forwarded-for"), chain);
@@ -285,56 +405,53 @@ fn agent_headers(
 
 async fn proxy(
     state: AppState,
+    public_host: String,
     port: u16,
     id: SandboxId,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let public_host = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    // Behind a TLS-terminating proxy the client's scheme is what that proxy says it was.
-    let secure = request
-        .headers()
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("https"));
-    let client = request
+    let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+        .map(|c| c.0.ip());
+    let secure = client_scheme_is_https(&state, request.headers(), peer);
     let (query, query_token) = split_token(request.uri().query());
-    let path = request.uri().path().to_owned();
+    // One leading slash: `//other.site/` is a path here, but a redirect to another site there.
+    let path = format!("/{}", request.uri().path().trim_start_matches('/'));
     let path_and_query = match &query {
         Some(query) => format!("{path}?{query}"),
         None => path.clone(),
     };
 
-    let found = sandboxes::proxy_route(&state.db, id.uuid())
-        .await?
-        .ok_or(CapsuleError::NotFound)?;
-    let public = PublicPorts::from_column(&found.public_ports).contains(port);
+    let found = sandboxes::proxy_route(&state.db, id.uuid()).await?;
+    let known = Known {
+        team: found.as_ref().map(|f| f.team_id),
+        public: found
+            .as_ref()
+            .is_some_and(|f| PublicPorts::from_column(&f.public_ports).contains(port)),
+    };
     let (mut parts, body) = request.into_parts();
     let access = admit(
         &state,
         &mut parts,
         id,
-        found.team_id,
-        public,
+        &known,
+        &public_host,
         query_token.as_deref(),
     )
     .await?;
+    let found = found.ok_or(CapsuleError::NotFound)?;
     let set_cookie = match &access {
         Access::Token {
             from_query: Some((token, exp)),
         } => Some(token_cookie(token, *exp, secure)),
         Access::Token { from_query: None } | Access::Public | Access::Team => None,
     };
-    // A browser opening a link with the token lands on the same page without it in the URL.
-    let safe_method = matches!(parts.method, http::Method::GET | http::Method::HEAD);
-    if let (Some(cookie), true) = (&set_cookie, safe_method) {
+    let upgrade = wants_upgrade(&parts.headers);
+    // A browser opening a link with the token lands on the same page without it in the URL
+    // (a WebSocket cannot follow a redirect: it gets the cookie with its answer instead).
+    let navigation = matches!(parts.method, Method::GET | Method::HEAD) && !upgrade;
+    if let (Some(cookie), true) = (&set_cookie, navigation) {
         let mut response = StatusCode::SEE_OTHER.into_response();
         let location = HeaderValue::from_str(&path_and_query).map_err(|_| {
             ApiError::InvalidRequest("the request's path is not a valid location".into())
@@ -347,7 +464,6 @@ async fn proxy(
     }
 
     let capsule = capsules::ready(&state, id, found.route).await?;
-    let upgrade = wants_upgrade(&parts.headers);
     let mut request = Request::from_parts(parts, body);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
     let (mut parts, body) = request.into_parts();
@@ -357,7 +473,7 @@ async fn proxy(
         upgrade,
         &public_host,
         secure,
-        client,
+        peer,
     );
     parts.uri = port_proxy_path(id, port, &path_and_query)
         .parse()
@@ -379,6 +495,18 @@ async fn proxy(
     }
     let switching = upstream.status() == StatusCode::SWITCHING_PROTOCOLS;
     remove_hop_headers(upstream.headers_mut(), switching);
+    if from_guest {
+        let cookies: Vec<HeaderValue> = upstream
+            .headers()
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .filter_map(guest_cookie)
+            .collect();
+        upstream.headers_mut().remove(header::SET_COOKIE);
+        for cookie in cookies {
+            upstream.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+    }
     if let Some(cookie) = set_cookie {
         upstream.headers_mut().append(header::SET_COOKIE, cookie);
     }
@@ -389,12 +517,12 @@ async fn proxy(
             ));
         };
         let agent_upgrade = hyper::upgrade::on(&mut upstream);
+        let activity = Activity::new(state.capsules.proxy_idle_timeout);
         tokio::spawn(async move {
             let (Ok(client), Ok(agent)) = (client_upgrade.await, agent_upgrade.await) else {
                 return;
             };
-            let (mut client, mut agent) = (TokioIo::new(client), TokioIo::new(agent));
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut agent).await;
+            splice(TokioIo::new(client), TokioIo::new(agent), activity).await;
         });
     }
     let (parts, body) = upstream.into_parts();
@@ -429,29 +557,39 @@ mod tests {
         let id: SandboxId = ID.parse().unwrap();
         assert_eq!(
             target(&format!("8888-{ID}.localhost:8000"), None),
-            Some((8888, id))
+            ProxyHost::Port(8888, id)
         );
         let domain: ProxyDomain = "Sandboxes.Example.com".parse().unwrap();
         let host = format!("3000-{ID}.sandboxes.example.com");
-        assert_eq!(target(&host, Some(&domain)), Some((3000, id)));
+        assert_eq!(target(&host, Some(&domain)), ProxyHost::Port(3000, id));
         assert_eq!(
             target(&host.to_uppercase(), Some(&domain)),
-            Some((3000, id))
+            ProxyHost::Port(3000, id)
         );
-        for not_ours in [
-            format!("3000-{ID}.other.example.com"),
+        for unknown in [
             format!("0-{ID}.sandboxes.example.com"),
             format!("70000-{ID}.sandboxes.example.com"),
             format!("x-{ID}.sandboxes.example.com"),
             "3000-cl-short.sandboxes.example.com".to_owned(),
             "api.sandboxes.example.com".to_owned(),
+        ] {
+            assert_eq!(
+                target(&unknown, Some(&domain)),
+                ProxyHost::Unknown,
+                "{unknown}"
+            );
+        }
+        for api in [
+            format!("3000-{ID}.other.example.com"),
             "sandboxes.example.com".to_owned(),
             format!("3000-{ID}"),
+            "not a host".to_owned(),
         ] {
-            assert_eq!(target(&not_ours, Some(&domain)), None, "{not_ours}");
+            assert_eq!(target(&api, Some(&domain)), ProxyHost::Api, "{api}");
         }
-        assert_eq!(target("127.0.0.1:8000", None), None);
-        assert_eq!(target("localhost:8000", None), None);
+        assert_eq!(target("127.0.0.1:8000", None), ProxyHost::Api);
+        assert_eq!(target("localhost:8000", None), ProxyHost::Api);
+        assert_eq!(target("api.example.com", None), ProxyHost::Api);
     }
 
     #[test]
@@ -484,14 +622,70 @@ mod tests {
     }
 
     #[test]
-    fn cookies_are_found_by_name() {
+    fn every_traffic_cookie_is_found_under_either_name() {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::COOKIE,
-            "theme=dark; wrenn_traffic=abc.def; x=y".parse().unwrap(),
+            "theme=dark; wrenn_traffic=planted; __Host-wrenn_traffic=abc.def"
+                .parse()
+                .unwrap(),
         );
-        assert_eq!(cookie(&headers, TOKEN_COOKIE), Some("abc.def"));
-        assert_eq!(cookie(&headers, "missing"), None);
+        assert_eq!(token_cookies(&headers), vec!["planted", "abc.def"]);
+    }
+
+    #[test]
+    fn the_cookie_counts_only_from_the_capsules_own_pages_and_navigations() {
+        let host = "8888-cl-x.example.com";
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.insert(*name, value.parse().unwrap());
+            }
+            headers
+        };
+        assert!(from_own_pages(&with(&[]), &Method::GET, host));
+        let own = with(&[
+            ("origin", "https://8888-cl-x.example.com"),
+            ("sec-fetch-site", "same-origin"),
+        ]);
+        assert!(from_own_pages(&own, &Method::POST, host));
+        let sibling = with(&[
+            ("origin", "https://80-cl-y.example.com"),
+            ("sec-fetch-site", "same-site"),
+        ]);
+        assert!(!from_own_pages(&sibling, &Method::GET, host));
+        let sibling_fetch = with(&[("sec-fetch-site", "same-site"), ("sec-fetch-mode", "cors")]);
+        assert!(!from_own_pages(&sibling_fetch, &Method::GET, host));
+        let link = with(&[
+            ("sec-fetch-site", "cross-site"),
+            ("sec-fetch-mode", "navigate"),
+        ]);
+        assert!(from_own_pages(&link, &Method::GET, host));
+        assert!(!from_own_pages(&link, &Method::POST, host));
+        assert!(!from_own_pages(
+            &with(&[("origin", "null")]),
+            &Method::GET,
+            host
+        ));
+    }
+
+    #[test]
+    fn guest_cookies_stay_on_their_host_and_off_wrenns_names() {
+        let kept = guest_cookie(&HeaderValue::from_static(
+            "session=1; Domain=example.com; Path=/; HttpOnly",
+        ))
+        .unwrap();
+        assert_eq!(kept, "session=1; Path=/; HttpOnly");
+        for ours in [
+            "wrenn_traffic=x; Path=/",
+            "__Host-wrenn_traffic=x; Secure; Path=/",
+        ] {
+            assert_eq!(
+                guest_cookie(&HeaderValue::from_static(ours)),
+                None,
+                "{ours}"
+            );
+        }
     }
 
     #[test]

@@ -157,6 +157,8 @@ pub struct CapsuleSettings {
     pub build_context_max_bytes: u64,
     /// `cp.proxy_domain`; `None` proxies `{port}-{capsule_id}.<any domain>`.
     pub proxy_domain: Option<ProxyDomain>,
+    /// `cp.port_proxy_idle_timeout_secs`: a proxied upgraded connection silent this long ends.
+    pub proxy_idle_timeout: Duration,
 }
 
 impl Default for CapsuleSettings {
@@ -170,6 +172,7 @@ impl Default for CapsuleSettings {
             store: None,
             build_context_max_bytes: 1 << 30,
             proxy_domain: None,
+            proxy_idle_timeout: Duration::from_secs(900),
         }
     }
 }
@@ -193,6 +196,7 @@ impl CapsuleSettings {
             store: None,
             build_context_max_bytes: cp.build_context_max_bytes,
             proxy_domain: None,
+            proxy_idle_timeout: Duration::from_secs(cp.port_proxy_idle_timeout_secs.max(1)),
         }
     }
 }
