@@ -189,6 +189,9 @@ dev: build build-static
     curl -s -X POST $api/v1/capsules -H 'x-api-key: $key' -H 'content-type: application/json' \\
       -d '{"template":"minimal"}'
     curl -s -X DELETE $api/v1/capsules/$id -H 'x-api-key: $key'
+
+    Port proxy: http://<port>-<capsule id>.localhost:$cp_port/ with the same X-API-Key
+    (SDKs: WRENN_PROXY_DOMAIN=localhost:$cp_port)
     EOT
     if [ "${WRENN_DEV_ONESHOT:-0}" = 1 ]; then exit 0; fi
     say "running; Ctrl-C stops the stack and removes its sandboxes"

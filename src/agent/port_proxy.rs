@@ -45,12 +45,6 @@ impl PortProxySettings {
     }
 }
 
-impl Default for PortProxySettings {
-    fn default() -> Self {
-        Self::from_config(&crate::config::Config::default().agent)
-    }
-}
-
 trait Connection: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Connection for T {}
 
