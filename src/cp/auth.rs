@@ -12,6 +12,7 @@
 
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -32,8 +33,11 @@ pub const API_KEY_HEADER: &str = "x-api-key";
 pub const HOST_TOKEN_HEADER: &str = "x-host-token";
 
 fn header<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
-    parts
-        .headers
+    header_in(&parts.headers, name)
+}
+
+fn header_in<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
         .get(name)
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
@@ -41,7 +45,12 @@ fn header<'a>(parts: &'a Parts, name: &str) -> Option<&'a str> {
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
-    let value = header(parts, "authorization")?;
+    bearer_token(&parts.headers)
+}
+
+/// The token of an `Authorization: Bearer <token>` header, whoever signed it.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = header_in(headers, "authorization")?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }

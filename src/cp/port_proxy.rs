@@ -27,7 +27,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 
-use super::auth::{AuthTeam, API_KEY_HEADER};
+use super::auth::{bearer_token, AuthTeam, API_KEY_HEADER};
 use super::error::ApiError;
 use super::services::capsules::{self, ports::PublicPorts, CapsuleError};
 use super::state::AppState;
@@ -153,14 +153,25 @@ enum Access {
     Team,
 }
 
-/// Every value of the traffic cookie (under either name) the request carries.
-fn token_cookies(headers: &HeaderMap) -> Vec<&str> {
+/// Every `name=value` pair of the request's `Cookie` headers.
+fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+}
+
+fn cookie_name(pair: &str) -> &str {
+    pair.split_once('=').map_or(pair, |(name, _)| name).trim()
+}
+
+/// Every value of the traffic cookie (under either name) the request carries.
+fn token_cookies(headers: &HeaderMap) -> Vec<&str> {
+    cookie_pairs(headers)
+        .filter_map(|pair| pair.split_once('='))
         .filter(|(key, _)| is_token_cookie(key))
         .map(|(_, value)| value)
         .collect()
@@ -235,12 +246,7 @@ fn traffic_token(state: &AppState, id: SandboxId, token: &str) -> Result<u64, Ap
 }
 
 fn has_team_credentials(parts: &Parts) -> bool {
-    parts.headers.contains_key(API_KEY_HEADER)
-        || parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "))
+    parts.headers.contains_key(API_KEY_HEADER) || bearer_token(&parts.headers).is_some()
 }
 
 /// Who the capsule is, as far as the caller may learn it.
@@ -307,8 +313,7 @@ fn guest_cookie(value: &HeaderValue) -> Option<HeaderValue> {
     let text = value.to_str().ok()?;
     let mut attributes = text.split(';');
     let pair = attributes.next()?.trim();
-    let name = pair.split_once('=').map_or(pair, |(name, _)| name).trim();
-    if is_token_cookie(name) {
+    if is_token_cookie(cookie_name(pair)) {
         return None;
     }
     let kept: Vec<&str> = std::iter::once(pair)
@@ -323,9 +328,8 @@ fn guest_cookie(value: &HeaderValue) -> Option<HeaderValue> {
 
 /// The scheme the client used: what a trusted reverse proxy in front says, else plain HTTP
 /// (the control plane itself serves no TLS).
-fn client_scheme_is_https(state: &AppState, headers: &HeaderMap, peer: Option<IpAddr>) -> bool {
-    let trusted = peer.is_some_and(|peer| state.auth.trusted_proxies.contains(peer));
-    trusted
+fn client_scheme_is_https(headers: &HeaderMap, behind_proxy: bool) -> bool {
+    behind_proxy
         && headers
             .get("x-forwarded-proto")
             .and_then(|v| v.to_str().ok())
@@ -341,6 +345,7 @@ fn agent_headers(
     public_host: &str,
     secure: bool,
     peer: Option<IpAddr>,
+    behind_proxy: bool,
 ) {
     remove_hop_headers(headers, upgrade);
     // The agent is dialled by its own name; the public one travels as `X-Forwarded-Host`.
@@ -348,27 +353,15 @@ fn agent_headers(
     headers.remove(API_KEY_HEADER);
     headers.remove(FORWARDED_AUTHORIZATION);
     headers.remove(UPSTREAM_HEADER);
+    // Any token Wrenn signed (expired, of a retired secret, a host's) is Wrenn's.
+    let wrenn_token = bearer_token(headers).is_some_and(|token| state.tokens.signed_here(token));
     if let Some(authorization) = headers.remove(header::AUTHORIZATION) {
-        // Any token Wrenn signed (expired, of a retired secret, a host's) is Wrenn's.
-        let wrenn_token = authorization
-            .to_str()
-            .ok()
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .is_some_and(|(_, token)| state.tokens.signed_here(token.trim()));
         if !wrenn_token {
             headers.insert(FORWARDED_AUTHORIZATION, authorization);
         }
     }
-    let cookies: Vec<String> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .map(str::trim)
-        .filter(|pair| {
-            !pair.is_empty() && !is_token_cookie(pair.split_once('=').map_or(*pair, |(k, _)| k))
-        })
+    let cookies: Vec<String> = cookie_pairs(headers)
+        .filter(|pair| !is_token_cookie(cookie_name(pair)))
         .map(str::to_owned)
         .collect();
     headers.remove(header::COOKIE);
@@ -385,11 +378,10 @@ fn agent_headers(
         HeaderValue::from_static(if secure { "https" } else { "http" }),
     );
     // A trusted proxy's chain is extended; anyone else's is theirs to invent, and replaced.
-    let trusted = peer.is_some_and(|peer| state.auth.trusted_proxies.contains(peer));
     let earlier = headers
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
-        .filter(|_| trusted)
+        .filter(|_| behind_proxy)
         .map(str::to_owned);
     headers.remove("x-forwarded-for");
     if let Some(peer) = peer {
@@ -414,7 +406,8 @@ async fn proxy(
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
-    let secure = client_scheme_is_https(&state, request.headers(), peer);
+    let behind_proxy = peer.is_some_and(|peer| state.auth.trusted_proxies.contains(peer));
+    let secure = client_scheme_is_https(request.headers(), behind_proxy);
     let (query, query_token) = split_token(request.uri().query());
     // One leading slash: `//other.site/` is a path here, but a redirect to another site there.
     let path = format!("/{}", request.uri().path().trim_start_matches('/'));
@@ -474,6 +467,7 @@ async fn proxy(
         &public_host,
         secure,
         peer,
+        behind_proxy,
     );
     parts.uri = port_proxy_path(id, port, &path_and_query)
         .parse()
