@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use wrenn::agent::disk::{self, UpperDisks};
 use wrenn::agent::network::{NetworkManager, NetworkOptions};
 use wrenn::config::{Config, Layout};
+use wrenn::egress::EgressPolicy;
 
 const NETWORK_ROUNDS: usize = 20;
 const DISK_ROUNDS: usize = 5;
@@ -39,7 +40,10 @@ async fn network() {
     let (mut creates, mut destroys) = (Vec::new(), Vec::new());
     for i in 0..NETWORK_ROUNDS {
         let started = Instant::now();
-        let net = manager.create(&format!("bench-{i}")).await.unwrap();
+        let net = manager
+            .create(&format!("bench-{i}"), &Default::default())
+            .await
+            .unwrap();
         creates.push(started.elapsed());
         let started = Instant::now();
         manager.destroy(&net).await.unwrap();
@@ -48,10 +52,38 @@ async fn network() {
     println!("network create            {}", summary(&mut creates));
     println!("network destroy           {}", summary(&mut destroys));
 
+    // A runtime egress change: the new table is in the kernel when `set_egress` returns.
+    let net = manager
+        .create("bench-egress", &Default::default())
+        .await
+        .unwrap();
+    let strict: EgressPolicy = serde_json::from_value(serde_json::json!({
+        "default": "deny",
+        "allow": ["198.51.100.0/24", "203.0.113.7", "pypi.org", "*.pythonhosted.org"],
+        "deny": ["198.51.100.99"],
+        "max_connections": 256,
+        "bandwidth_mbps": 100,
+    }))
+    .unwrap();
+    let mut updates = Vec::new();
+    for i in 0..NETWORK_ROUNDS {
+        let policy = if i % 2 == 0 {
+            strict.clone()
+        } else {
+            EgressPolicy::default()
+        };
+        let started = Instant::now();
+        manager.set_egress(net.slot, policy).await.unwrap();
+        updates.push(started.elapsed());
+    }
+    manager.destroy(&net).await.unwrap();
+    println!("egress policy update      {}", summary(&mut updates));
+
     // Eight sandboxes at once, as a burst of requests would.
     let ids: Vec<String> = (0..8).map(|i| format!("burst-{i}")).collect();
+    let open = EgressPolicy::default();
     let started = Instant::now();
-    let nets = futures::future::join_all(ids.iter().map(|id| manager.create(id))).await;
+    let nets = futures::future::join_all(ids.iter().map(|id| manager.create(id, &open))).await;
     let burst = started.elapsed();
     for net in nets {
         manager.destroy(&net.unwrap()).await.unwrap();

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod cp;
 pub mod db;
+pub mod egress;
 pub mod envd;
 pub mod error_code;
 pub mod forward;

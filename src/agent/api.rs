@@ -12,7 +12,7 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, get, post, put};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
@@ -24,8 +24,10 @@ use super::sandbox::{SandboxError, SandboxManager};
 use super::templates::{ImportSource, TemplateError};
 use super::wire::{
     AgentPing, CaptureTemplate, CreateSandbox, ForkSandbox, ForkedSandboxes, ImportFromPath,
-    ImportedTemplate, SandboxInfo, SandboxList, SnapshotTemplate, SnapshotTemplateInfo,
+    ImportedTemplate, ResumeSandbox, SandboxInfo, SandboxList, SnapshotTemplate,
+    SnapshotTemplateInfo,
 };
+use crate::egress::EgressPolicy;
 use crate::error_code::{ErrorCode, ErrorEnvelope};
 use crate::id::SandboxId;
 use crate::secret::SecretText;
@@ -287,6 +289,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}/ping", post(ping_sandbox))
         .route("/v1/sandboxes/{id}/pause", post(pause))
         .route("/v1/sandboxes/{id}/resume", post(resume))
+        .route("/v1/sandboxes/{id}/egress", put(set_egress))
         .route("/v1/sandboxes/{id}/envd/{*path}", any(proxy_envd))
         .route("/v1/sandboxes/{id}/ports/{port}", any(proxy_port))
         .route("/v1/sandboxes/{id}/ports/{port}/", any(proxy_port))
@@ -343,7 +346,11 @@ async fn ping(State(state): State<AgentState>) -> Json<AgentPing> {
 
 /// Parses a JSON body into `T`, answering malformed input with the error envelope.
 async fn json_body<T: serde::de::DeserializeOwned>(request: Request) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(request.into_body(), JSON_BODY_LIMIT)
+    parse_json(&body_bytes(request).await?)
+}
+
+async fn body_bytes(request: Request) -> Result<bytes::Bytes, ApiError> {
+    axum::body::to_bytes(request.into_body(), JSON_BODY_LIMIT)
         .await
         .map_err(|_| {
             ApiError::new(
@@ -351,8 +358,11 @@ async fn json_body<T: serde::de::DeserializeOwned>(request: Request) -> Result<T
                 ErrorCode::TooLarge,
                 "request body exceeds 1 MiB",
             )
-        })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+        })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::InvalidRequest,
@@ -426,9 +436,30 @@ async fn pause(
 async fn resume(
     State(state): State<AgentState>,
     Path(id): Path<String>,
+    request: Request,
 ) -> Result<Json<SandboxInfo>, ApiError> {
+    let id = sandbox_id(&id)?.to_string();
+    let bytes = body_bytes(request).await?;
+    // The body may be left out.
+    if !bytes.is_empty() {
+        let body: ResumeSandbox = parse_json(&bytes)?;
+        if let Some(egress) = body.egress {
+            state.sandboxes.set_egress(&id, egress).await?;
+        }
+    }
+    Ok(Json(state.sandboxes.resume(&id).await?))
+}
+
+/// Replaces a running or paused sandbox's egress policy.
+async fn set_egress(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Result<StatusCode, ApiError> {
     let id = sandbox_id(&id)?;
-    Ok(Json(state.sandboxes.resume(&id.to_string()).await?))
+    let policy: EgressPolicy = json_body(request).await?;
+    state.sandboxes.set_egress(&id.to_string(), policy).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Takes in a paused sandbox from its copy in the template store (another host paused it);

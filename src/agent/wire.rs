@@ -7,10 +7,21 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::egress::EgressPolicy;
 use crate::id::SandboxId;
 use crate::secret::EnvNames;
 use crate::store::{BlobRef, StoreError, TemplateStore};
 use crate::template::TemplateName;
+
+/// `POST /v1/sandboxes/{id}/resume` body, which may be left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeSandbox {
+    /// Replaces the egress policy the sandbox was paused with (the control plane's may have
+    /// changed since, or the paused copy came from another host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressPolicy>,
+}
 
 /// The default writable disk of a sandbox when a request names none.
 pub const DEFAULT_DISK_MB: u32 = 5120;
@@ -42,6 +53,9 @@ pub struct CreateSandbox {
     /// snapshot template this host holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<BlobRef>,
+    /// Where the guest may connect out to; absent admits what the host admits.
+    #[serde(default, skip_serializing_if = "EgressPolicy::is_open")]
+    pub egress: EgressPolicy,
 }
 
 impl std::fmt::Debug for CreateSandbox {
@@ -56,6 +70,7 @@ impl std::fmt::Debug for CreateSandbox {
             .field("envs", &EnvNames(&self.envs))
             .field("user", &self.user)
             .field("image", &self.image)
+            .field("egress", &self.egress)
             .finish()
     }
 }

@@ -122,6 +122,7 @@ pub const KEYS: &[Key] = &[
     key("agent.sandbox_host_range", "AGENT_SANDBOX_HOST_RANGE", Some("10.11.0.0/16"), "Per-sandbox host-routable addresses (one per network slot) through which the agent reaches envd and guest ports."),
     key("agent.sandbox_transit_range", "AGENT_SANDBOX_TRANSIT_RANGE", Some("10.12.0.0/16"), "Addresses of the veth /31 pairs between the host and each sandbox namespace (two per slot)."),
     key("agent.egress_interface", "AGENT_EGRESS_INTERFACE", None, "Interface sandbox egress is NAT'd through; unset means the interface of the default route at start-up."),
+    key("agent.dns_servers", "AGENT_DNS_SERVERS", None, "Comma-separated DNS servers (ADDRESS or ADDRESS:PORT) that sandboxes' look-ups are forwarded to; unset uses the host's /etc/resolv.conf."),
     key("agent.egress_deny", "AGENT_EGRESS_DENY", Some("10.0.0.0/8,100.64.0.0/10,169.254.0.0/16,172.16.0.0/12,192.168.0.0/16"), "Comma-separated networks sandboxes may never reach (private LANs, CGNAT, link-local and cloud metadata); may be empty."),
     key("agent.vmm", "AGENT_VMM", Some("firecracker"), "VMM that runs sandboxes: `firecracker` or `qemu`."),
     key("agent.qemu_accel", "AGENT_QEMU_ACCEL", Some("auto"), "QEMU accelerator: `kvm`, `tcg`, or `auto` (probe KVM once, fall back to TCG, with a warning, when it cannot run a guest). Production hosts set `kvm`, which never runs a guest under TCG."),

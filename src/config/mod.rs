@@ -19,9 +19,9 @@ use crate::secret::SecretText;
 pub use keys::{Key, KEYS};
 pub use layout::{Layout, LayoutError};
 pub use types::{
-    ConsoleLogMaxBytes, DatabaseUrl, HostPort, HttpUrl, InterfaceName, IpCidr, IpCidrList,
-    Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat, QemuAccel, SecretList, SignupMode, StoreUrl,
-    VmmKind,
+    ConsoleLogMaxBytes, DatabaseUrl, DnsServerList, HostPort, HttpUrl, InterfaceName, IpCidr,
+    IpCidrList, Ipv4Cidr, Ipv4CidrList, ListenAddr, LogFormat, QemuAccel, SecretList, SignupMode,
+    StoreUrl, VmmKind,
 };
 
 /// The variable that names the configuration file when `--config` is not given.
@@ -109,6 +109,7 @@ pub struct AgentConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_interface: Option<InterfaceName>,
     pub egress_deny: Ipv4CidrList,
+    pub dns_servers: DnsServerList,
     pub vmm: VmmKind,
     pub qemu_accel: QemuAccel,
     pub firecracker_bin: PathBuf,
@@ -275,6 +276,7 @@ impl Default for Config {
                 egress_deny: default("agent.egress_deny")
                     .parse()
                     .expect("defaults in KEYS parse"),
+                dns_servers: DnsServerList::default(),
                 vmm: default("agent.vmm")
                     .parse()
                     .expect("defaults in KEYS parse"),

@@ -65,6 +65,9 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.sandbox_transit_range" => c.agent.sandbox_transit_range.to_string(),
             "agent.egress_interface" => c.agent.egress_interface.as_ref()?.to_string(),
             "agent.egress_deny" => c.agent.egress_deny.to_string(),
+            "agent.dns_servers" => {
+                (!c.agent.dns_servers.0.is_empty()).then(|| c.agent.dns_servers.to_string())?
+            }
             "agent.vmm" => c.agent.vmm.to_string(),
             "agent.qemu_accel" => c.agent.qemu_accel.to_string(),
             "agent.firecracker_bin" => c.agent.firecracker_bin.display().to_string(),

@@ -74,6 +74,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "agent.sandbox_transit_range" => ("10.52.0.0/16", "10.62.0.0/24"),
         "agent.egress_interface" => ("uplink0", "bond0.7"),
         "agent.egress_deny" => ("10.0.0.0/8", "192.168.0.0/16,172.16.0.0/12"),
+        "agent.dns_servers" => ("192.0.2.53:53", "192.0.2.54:53,192.0.2.55:5353"),
         "agent.vmm" => ("qemu", "firecracker"),
         "agent.qemu_accel" => ("kvm", "tcg"),
         "agent.firecracker_bin" => ("/opt/file/firecracker", "/opt/env/firecracker"),

@@ -331,6 +331,35 @@ impl fmt::Display for Ipv4CidrList {
     }
 }
 
+/// A comma-separated list of DNS servers, `ADDRESS` (port 53) or `ADDRESS:PORT` (IPv6 as
+/// `[ADDRESS]:PORT`); may be empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DnsServerList(pub Vec<std::net::SocketAddr>);
+
+impl FromStr for DnsServerList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(|item| {
+                item.parse::<std::net::SocketAddr>()
+                    .or_else(|_| item.parse::<IpAddr>().map(|ip| (ip, 53).into()))
+                    .map_err(|_| format!("`{item}` is not an address or address:port"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Self)
+    }
+}
+
+impl fmt::Display for DnsServerList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let items: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        f.write_str(&items.join(","))
+    }
+}
+
 /// An IPv4 or IPv6 network, `ADDRESS/PREFIX`; a bare address stands for itself alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct IpCidr {
@@ -674,6 +703,7 @@ string_serde! {
     SignupMode => |v| v.to_string(),
     Ipv4Cidr => |v| v.to_string(),
     Ipv4CidrList => |v| v.to_string(),
+    DnsServerList => |v| v.to_string(),
     IpCidrList => |v| v.to_string(),
     InterfaceName => |v| v.to_string(),
     VmmKind => |v| v.to_string(),
@@ -773,6 +803,14 @@ mod tests {
         assert_eq!(list.to_string(), "10.0.0.0/8,192.168.0.0/16");
         assert_eq!("".parse::<Ipv4CidrList>().unwrap().0, vec![]);
         assert!("10.0.0.0/8,nope".parse::<Ipv4CidrList>().is_err());
+        let servers: DnsServerList = "192.0.2.1, 192.0.2.2:5353,[2001:db8::1]:53"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            servers.to_string(),
+            "192.0.2.1:53,192.0.2.2:5353,[2001:db8::1]:53"
+        );
+        assert!("nope".parse::<DnsServerList>().is_err());
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! taken in one slot restores into any other. The agent reaches slot N's guest at the slot's
 //! host address (`10.11.0.N` by default), which the namespace DNATs to the guest; guest egress is
 //! SNAT'd to the namespace's veth address and masqueraded again on the host's egress interface.
+//! Each namespace also holds the sandbox's egress policy (`egress`) and the DNS forwarder all its
+//! look-ups go to (`dns`).
 //!
 //! Slots are allocated first-free under a lock, capped at what the configured ranges hold, and
 //! recovered after an agent restart from the names of what exists (`<prefix>-<slot>` namespaces
@@ -15,6 +17,8 @@
 //! Links, addresses and routes are set over rtnetlink and namespaces are made with system calls;
 //! the only process a create or destroy spawns is `nft`, for its atomic ruleset transactions.
 
+mod dns;
+mod egress;
 mod netlink;
 mod netns;
 mod nft;
@@ -23,15 +27,17 @@ mod rules;
 pub mod sysctl;
 mod tap;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
 
 use crate::config::{AgentConfig, InterfaceName, Ipv4Cidr, Layout};
+use crate::egress::EgressPolicy;
+use egress::SlotEgress;
 use netlink::Netlink;
 use netns::{Namespace, NETNS_DIR};
 use plan::SlotPlan;
@@ -76,17 +82,20 @@ pub enum CreateStep {
     NamespaceLinks,
     /// IPv4 forwarding and the NAT/filter table inside the namespace.
     NamespaceRules,
+    /// The egress policy's table inside the namespace and the sandbox's DNS forwarder.
+    Egress,
     /// The host-side veth's address, link state and the route of the slot's host address.
     HostLink,
 }
 
 impl CreateStep {
-    pub const ALL: [CreateStep; 6] = [
+    pub const ALL: [CreateStep; 7] = [
         Self::HostRules,
         Self::Namespace,
         Self::Veth,
         Self::NamespaceLinks,
         Self::NamespaceRules,
+        Self::Egress,
         Self::HostLink,
     ];
 }
@@ -100,6 +109,7 @@ impl fmt::Display for CreateStep {
             Self::HostLink => "configuring the host-side veth and route",
             Self::NamespaceLinks => "configuring links inside the namespace",
             Self::NamespaceRules => "loading NAT rules inside the namespace",
+            Self::Egress => "applying the egress policy and starting the DNS forwarder",
         })
     }
 }
@@ -198,6 +208,10 @@ pub enum NetworkError {
     },
     #[error("failure injected after {step} for slot {slot}")]
     Injected { step: CreateStep, slot: u32 },
+    #[error("could not apply the egress policy of slot {slot}: {source}")]
+    Egress { slot: u32, source: SystemError },
+    #[error("slot {0} has no sandbox network")]
+    NoSuchSlot(u32),
     #[error("could not remove {device} of slot {slot}: {source}")]
     Teardown {
         slot: u32,
@@ -245,6 +259,8 @@ pub struct NetworkOptions {
     /// `None` uses the interface of the default route found at start-up, if any.
     pub egress_interface: Option<InterfaceName>,
     pub egress_deny: Vec<Ipv4Cidr>,
+    /// Where sandboxes' look-ups are forwarded; empty means the host's `/etc/resolv.conf`.
+    pub dns_servers: Vec<SocketAddr>,
     /// Makes every create fail right after this step, for rollback tests.
     pub fail_after: Option<CreateStep>,
     /// The host sysctls sandbox networking changes, and where their old values are kept.
@@ -259,6 +275,7 @@ impl NetworkOptions {
             transit_range: agent.sandbox_transit_range,
             egress_interface: agent.egress_interface.clone(),
             egress_deny: agent.egress_deny.0.clone(),
+            dns_servers: agent.dns_servers.0.clone(),
             fail_after: None,
             sysctls: sysctl::HostSysctls::new(
                 "/proc/sys",
@@ -278,11 +295,36 @@ pub struct NetworkManager {
     sysctls: sysctl::HostSysctls,
     /// Slots with a network or with leftovers not yet cleaned up.
     in_use: Mutex<BTreeSet<u32>>,
+    upstream: Arc<dns::Upstream>,
+    /// The egress policy and DNS forwarder of each live slot.
+    egress: Mutex<BTreeMap<u32, EgressRuntime>>,
+}
+
+impl fmt::Debug for EgressRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EgressRuntime").finish_non_exhaustive()
+    }
+}
+
+/// A slot's egress state and the forwarder tasks serving it; dropping it stops the forwarder
+/// and closes its sockets, which would otherwise keep a deleted namespace alive.
+struct EgressRuntime {
+    slot: Arc<SlotEgress>,
+    forwarder: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Drop for EgressRuntime {
+    fn drop(&mut self) {
+        for task in &self.forwarder {
+            task.abort();
+        }
+    }
 }
 
 /// Undo actions for create steps, run in reverse on failure.
 #[derive(Debug, Clone, Copy)]
 enum Undo {
+    StopEgress,
     RemoveHostElements,
     DeleteNamespace,
     DeleteHostLink,
@@ -311,6 +353,10 @@ impl NetworkManager {
                 "no default route: sandboxes get no egress until the agent restarts with one"
             );
         }
+        let upstream = Arc::new(dns::Upstream::new(
+            options.dns_servers,
+            options.egress_deny.clone(),
+        ));
         let manager = Self {
             plan,
             egress_interface,
@@ -318,6 +364,8 @@ impl NetworkManager {
             fail_after: options.fail_after,
             sysctls: options.sysctls,
             in_use: Mutex::new(BTreeSet::new()),
+            upstream,
+            egress: Mutex::new(BTreeMap::new()),
         };
         let existing = manager.discover().await?;
         let live: Vec<SlotElements> = existing
@@ -380,6 +428,89 @@ impl NetworkManager {
         }
     }
 
+    fn lock_egress(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, EgressRuntime>> {
+        self.egress
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The namespace's egress table: `<prefix>_egress`, beside its NAT table `<prefix>`.
+    fn egress_table(&self) -> String {
+        format!("{}_egress", self.plan.prefix())
+    }
+
+    /// Loads `policy` into `namespace` and starts the slot's DNS forwarder there.
+    async fn start_egress(
+        &self,
+        namespace: netns::Namespace,
+        policy: EgressPolicy,
+    ) -> Result<EgressRuntime, SystemError> {
+        let addr = egress::forwarder_addr();
+        let (udp, tcp) = namespace
+            .run(move || {
+                let bound = |what: &str| {
+                    let what = format!("binding the DNS forwarder to {what} {addr}");
+                    move |e| SystemError::io(what, e)
+                };
+                let udp = std::net::UdpSocket::bind(addr).map_err(bound("udp"))?;
+                let tcp = std::net::TcpListener::bind(addr).map_err(bound("tcp"))?;
+                udp.set_nonblocking(true).map_err(bound("udp"))?;
+                tcp.set_nonblocking(true).map_err(bound("tcp"))?;
+                Ok((udp, tcp))
+            })
+            .await?;
+        let adopt = |e| SystemError::io("handing the DNS forwarder's sockets to the runtime", e);
+        let udp = tokio::net::UdpSocket::from_std(udp).map_err(adopt)?;
+        let tcp = tokio::net::TcpListener::from_std(tcp).map_err(adopt)?;
+        let slot = SlotEgress::load(namespace, self.egress_table(), policy).await?;
+        let forwarder = dns::serve(slot.clone(), self.upstream.clone(), udp, tcp);
+        Ok(EgressRuntime { slot, forwarder })
+    }
+
+    /// Replaces the egress policy of a live slot: new connections see it at once, and
+    /// established ones it refuses are cut.
+    pub async fn set_egress(&self, slot: u32, policy: EgressPolicy) -> Result<(), NetworkError> {
+        let egress = self
+            .lock_egress()
+            .get(&slot)
+            .map(|runtime| runtime.slot.clone())
+            .ok_or(NetworkError::NoSuchSlot(slot))?;
+        egress
+            .set(policy)
+            .await
+            .map_err(|source| NetworkError::Egress { slot, source })
+    }
+
+    /// The network of a slot a previous agent process made and whose sandbox this agent keeps
+    /// running: its namespace's rules are reloaded (they may be an older agent's) and its egress
+    /// policy and DNS forwarder restored.
+    pub async fn adopt(
+        &self,
+        slot: u32,
+        egress: &EgressPolicy,
+    ) -> Result<SandboxNetwork, NetworkError> {
+        if !self.lock_slots().contains(&slot) {
+            return Err(NetworkError::NoSuchSlot(slot));
+        }
+        let name = self.plan.name(slot);
+        let failed = |source| NetworkError::Egress { slot, source };
+        let namespace = netns::Namespace::open(&name).map_err(failed)?;
+        let ns_rules = rules::namespace_ruleset(
+            self.plan.prefix(),
+            self.plan.host_addr(slot),
+            self.plan.namespace_veth_addr(slot),
+        );
+        nft::apply(&ns_rules, Some(&namespace))
+            .await
+            .map_err(failed)?;
+        let runtime = self
+            .start_egress(namespace, egress.clone())
+            .await
+            .map_err(failed)?;
+        self.lock_egress().insert(slot, runtime);
+        Ok(self.describe(slot))
+    }
+
     fn allocate(&self) -> Result<u32, NetworkError> {
         let mut in_use = self.lock_slots();
         let capacity = self.plan.capacity();
@@ -392,14 +523,6 @@ impl NetworkManager {
 
     fn release(&self, slot: u32) {
         self.lock_slots().remove(&slot);
-    }
-
-    /// The network of a slot this manager holds, e.g. one adopted at start-up that the agent
-    /// keeps running; `None` when the slot is not in use.
-    pub fn network(&self, slot: u32) -> Option<SandboxNetwork> {
-        self.lock_slots()
-            .contains(&slot)
-            .then(|| self.describe(slot))
     }
 
     fn describe(&self, slot: u32) -> SandboxNetwork {
@@ -419,10 +542,14 @@ impl NetworkManager {
     /// Creates the network of a new sandbox. On failure every completed step is undone; if the
     /// undo itself fails the slot stays reserved so it is not reused dirty, and
     /// [`cleanup_leftovers`](Self::cleanup_leftovers) or a later restart reclaims it.
-    pub async fn create(&self, sandbox_id: &str) -> Result<SandboxNetwork, NetworkError> {
+    pub async fn create(
+        &self,
+        sandbox_id: &str,
+        egress: &EgressPolicy,
+    ) -> Result<SandboxNetwork, NetworkError> {
         let slot = self.allocate()?;
         let mut done = Vec::new();
-        match self.build(slot, &mut done).await {
+        match self.build(slot, egress, &mut done).await {
             Ok(network) => {
                 tracing::debug!(sandbox_id, slot, host_addr = %network.host_addr, "sandbox network created");
                 Ok(network)
@@ -444,7 +571,12 @@ impl NetworkManager {
         }
     }
 
-    async fn build(&self, slot: u32, done: &mut Vec<Undo>) -> Result<SandboxNetwork, NetworkError> {
+    async fn build(
+        &self,
+        slot: u32,
+        egress: &EgressPolicy,
+        done: &mut Vec<Undo>,
+    ) -> Result<SandboxNetwork, NetworkError> {
         let name = self.plan.name(slot);
         let host_addr = self.plan.host_addr(slot);
         let host_veth = self.plan.host_veth_addr(slot);
@@ -504,6 +636,12 @@ impl NetworkManager {
             .await?;
         self.injected(slot, CreateStep::NamespaceRules)?;
 
+        let runtime = self.start_egress(namespace, egress.clone());
+        let runtime = self.step(slot, CreateStep::Egress, &name, runtime).await?;
+        self.lock_egress().insert(slot, runtime);
+        done.push(Undo::StopEgress);
+        self.injected(slot, CreateStep::Egress)?;
+
         // The route goes with the link, so deleting the link undoes this whole step.
         let host_side = async {
             host.add_address(&name, host_veth, TRANSIT_PREFIX_LEN)
@@ -558,6 +696,9 @@ impl NetworkManager {
         };
         // Each undo accepts that its object is already gone: teardown is idempotent.
         match undo {
+            Undo::StopEgress => {
+                self.lock_egress().remove(&slot);
+            }
             Undo::RemoveHostElements => {
                 let text = rules::remove_slot(self.plan.prefix(), &self.elements(slot));
                 nft::apply(&text, None)
@@ -582,6 +723,7 @@ impl NetworkManager {
     async fn teardown(&self, slot: u32) -> Result<(), NetworkError> {
         let mut first_error = None;
         for undo in [
+            Undo::StopEgress,
             Undo::DeleteHostLink,
             Undo::DeleteNamespace,
             Undo::RemoveHostElements,

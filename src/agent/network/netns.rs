@@ -45,6 +45,18 @@ impl Namespace {
         })
     }
 
+    /// Opens the existing namespace `name`, e.g. one a previous agent process made.
+    pub(super) fn open(name: &str) -> Result<Self, SystemError> {
+        let path = path_of(name);
+        let file = File::open(&path).map_err(|e| {
+            SystemError::io(format!("opening network namespace {}", path.display()), e)
+        })?;
+        Ok(Self {
+            name: name.to_owned(),
+            file,
+        })
+    }
+
     pub(super) fn name(&self) -> &str {
         &self.name
     }

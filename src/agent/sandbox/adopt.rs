@@ -149,11 +149,11 @@ impl SandboxManager {
                             .into(),
                     );
                 };
-                let Some(network) = self.network.network(slot) else {
-                    return Err(format!(
-                        "its network slot {slot} is gone (the host restarted?)"
-                    ));
-                };
+                let network = self
+                    .network
+                    .adopt(slot, &record.request.egress)
+                    .await
+                    .map_err(|e| format!("its network could not be taken over: {e}"))?;
                 let image = self.base_image(&record.request);
                 let spec = self.vm_spec(&record.request, &image, &network);
                 let envd = EnvdClient::new(&format!("http://{}", network.envd_addr()))

@@ -352,7 +352,7 @@ impl SandboxManager {
         }
         phases.lap("disk");
 
-        let network = match self.network.create(id).await {
+        let network = match self.network.create(id, &req.egress).await {
             Ok(network) => network,
             Err(e) => {
                 undo_dir();

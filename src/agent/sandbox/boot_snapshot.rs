@@ -251,6 +251,7 @@ impl SandboxManager {
             user: None,
             image: None,
             snapshot: None,
+            egress: Default::default(),
         };
         let dir = self.layout.sandbox_dir(&id_text);
         let work = SnapshotFiles::in_dir(self.layout.boot_snapshot_work_dir(&key.key));
@@ -274,7 +275,7 @@ impl SandboxManager {
                 .map_err(|e| e.to_string())?;
             let made = self
                 .network
-                .create(&id_text)
+                .create(&id_text, &Default::default())
                 .await
                 .map_err(|e| e.to_string())?;
             let spec = self.vm_spec(&req, &base, &made);

@@ -64,7 +64,13 @@ impl SandboxManager {
         }
         let staging = staged.map_err(failed)?;
         let children = self
-            .start_children(&sandbox.request, sandbox.access_token(), &staging, &request)
+            // Children inherit the egress policy in force, as they inherit everything else.
+            .start_children(
+                &sandbox.current_request(),
+                sandbox.access_token(),
+                &staging,
+                &request,
+            )
             .await;
         if let Err(error) = fs::remove_dir_all(&staging) {
             tracing::warn!(dir = %staging.display(), %error, "could not remove a fork's files");

@@ -9,6 +9,7 @@ mod adopt;
 mod boot;
 mod boot_snapshot;
 mod capture;
+mod egress;
 mod fork;
 mod pause;
 mod phase;
@@ -34,6 +35,7 @@ use crate::agent::network::{NetworkError, NetworkManager, SandboxNetwork};
 use crate::agent::templates::{TemplateError, TemplateImages};
 use crate::agent::wire::{CreateSandbox, LostSandbox, SandboxInfo, SandboxPhase};
 use crate::config::Layout;
+use crate::egress::EgressPolicy;
 use crate::envd::client::EnvdClient;
 use crate::id::SandboxId;
 use crate::secret::SecretText;
@@ -193,6 +195,8 @@ struct Sandbox {
     access_token: Mutex<SecretText>,
     /// Its copy in the template store, while paused (`relocation`).
     store_copy: relocation::StoreCopy,
+    /// The egress policy now in force: the request's until it is changed.
+    egress: Mutex<EgressPolicy>,
 }
 
 /// Holds a sandbox active (exempt from the idle reaper) while it lives; the idle timer restarts
@@ -239,6 +243,7 @@ impl Sandbox {
 
     fn in_phase(request: CreateSandbox, created_at: DateTime<Utc>, phase: SandboxPhase) -> Self {
         Self {
+            egress: Mutex::new(request.egress.clone()),
             request,
             created_at,
             last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),
@@ -291,7 +296,7 @@ impl Sandbox {
     fn record(&self, state: record::RecordedState) -> record::SandboxRecord {
         record::SandboxRecord {
             format: record::RECORD_FORMAT,
-            request: self.request.clone(),
+            request: self.current_request(),
             created_at: self.created_at,
             access_token: self.access_token(),
             state,
@@ -301,6 +306,18 @@ impl Sandbox {
 
     fn id(&self) -> String {
         self.request.sandbox_id.to_string()
+    }
+
+    fn egress(&self) -> EgressPolicy {
+        self.egress.lock().expect("egress lock").clone()
+    }
+
+    /// The request as it would be made now: with the egress policy in force.
+    fn current_request(&self) -> CreateSandbox {
+        CreateSandbox {
+            egress: self.egress(),
+            ..self.request.clone()
+        }
     }
 
     fn lifecycle(&self) -> MutexGuard<'_, Lifecycle> {

@@ -260,7 +260,7 @@ impl SandboxManager {
         let image = self.base_image(&sandbox.request);
         let network = self
             .network
-            .create(&id)
+            .create(&id, &sandbox.egress())
             .await
             .map_err(|e| intact(format!("creating the network: {e}")))?;
         let undo_network = || async {

@@ -110,6 +110,7 @@ mod tests {
                 user: None,
                 image: None,
                 snapshot: None,
+                egress: Default::default(),
             },
             created_at: Utc::now(),
             access_token: SecretText::new("t".repeat(64)),

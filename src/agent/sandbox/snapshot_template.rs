@@ -395,7 +395,7 @@ impl SandboxManager {
         let id_text = id.to_string();
         let dir = self.layout.sandbox_dir(&id_text);
         fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        let network = match self.network.create(&id_text).await {
+        let network = match self.network.create(&id_text, &Default::default()).await {
             Ok(network) => network,
             Err(error) => {
                 let _ = fs::remove_dir_all(&dir);

@@ -1,0 +1,337 @@
+//! A sandbox's egress policy ([`EgressPolicy`]) as nftables inside its namespace: one table of
+//! its own, replaced whole in one transaction on every change, beside the namespace's NAT table.
+//!
+//! Every forwarded guest packet passes the policy, not only a connection's first: a change cuts
+//! established flows to destinations it now refuses. Addresses admitted by name live in a
+//! timeout set filled by the DNS forwarder (`dns`) with each answer's TTL. A flow admitted that
+//! way carries the policy's generation in its conntrack mark, so it outlives its address's pin
+//! but not a policy change that no longer admits it. Refusals reset TCP and answer other
+//! protocols "administratively prohibited", so a guest fails fast instead of timing out.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::egress::{EgressDefault, EgressPolicy};
+
+use super::netns::Namespace;
+use super::rules::NAMESPACE_UPLINK;
+use super::{nft, SystemError, GATEWAY_IP};
+
+/// A pinned address stays admitted at least this long, so that a TTL of 0 or 1 still lets the
+/// guest connect after its look-up.
+const MIN_PIN: Duration = Duration::from_secs(30);
+/// ...and at most this long, whatever TTL an upstream claims.
+const MAX_PIN: Duration = Duration::from_secs(24 * 3600);
+pub(super) const DNS_PORT: u16 = 53;
+
+/// The ruleset for `policy`; `pins` are the name-admitted addresses still valid under it.
+pub(super) fn ruleset(
+    table: &str,
+    policy: &EgressPolicy,
+    generation: u32,
+    pins: &[(Ipv4Addr, Duration)],
+) -> String {
+    // The guest's side is whatever is not the uplink: `tap0` with a VM, a veth in tests.
+    let up = NAMESPACE_UPLINK;
+    let mut out = String::new();
+    let w = &mut out;
+    let _ = writeln!(
+        w,
+        "table ip {table}\ndelete table ip {table}\ntable ip {table} {{"
+    );
+    for (set, rules) in [("allow_net", &policy.allow), ("deny_net", &policy.deny)] {
+        let nets: Vec<String> = EgressPolicy::networks(rules)
+            .map(|n| n.to_string())
+            .collect();
+        let _ = write!(
+            w,
+            "  set {set} {{\n    type ipv4_addr; flags interval; auto-merge;\n"
+        );
+        if !nets.is_empty() {
+            let _ = writeln!(w, "    elements = {{ {} }};", nets.join(", "));
+        }
+        let _ = writeln!(w, "  }}");
+    }
+    let _ = writeln!(w, "  set allow_dns {{\n    type ipv4_addr; flags timeout;");
+    if !pins.is_empty() {
+        let elements: Vec<String> = pins
+            .iter()
+            .map(|(addr, left)| format!("{addr} timeout {}s", left.as_secs().max(1)))
+            .collect();
+        let _ = writeln!(w, "    elements = {{ {} }};", elements.join(", "));
+    }
+    let _ = writeln!(w, "  }}");
+    // Every look-up goes to the forwarder, whichever resolver the guest was configured with.
+    let _ = writeln!(
+        w,
+        "  chain prerouting {{
+    type nat hook prerouting priority dstnat - 1; policy accept;
+    iifname != \"{up}\" meta l4proto {{ tcp, udp }} th dport {DNS_PORT} redirect to :{DNS_PORT}
+  }}"
+    );
+    // Connections the agent opens to the guest (its host address, DNAT'd) are not egress.
+    let _ = writeln!(
+        w,
+        "  chain forward {{
+    type filter hook forward priority filter - 1; policy accept;
+    ct status dnat accept
+    iifname != \"{up}\" jump outbound
+    oifname != \"{up}\" jump inbound
+  }}"
+    );
+    let limit = policy.bandwidth_mbps.map(|mbps| {
+        let bytes = u64::from(mbps) * 125_000;
+        // The kernel's bucket holds a second of the rate plus the burst; a little burst on top
+        // keeps TCP's bursts from being cut to the bone at low rates.
+        let burst = (bytes / 8).max(64 * 1024);
+        format!("    limit rate over {bytes} bytes/second burst {burst} bytes drop\n")
+    });
+    let limit = limit.as_deref().unwrap_or("");
+    let fallback = match policy.default {
+        EgressDefault::Allow => "admit",
+        EgressDefault::Deny => "refuse",
+    };
+    let _ = writeln!(
+        w,
+        "  chain outbound {{
+{limit}    ip daddr @deny_net jump refuse
+    ip daddr @allow_net jump admit
+    ip daddr @allow_dns ct mark set {generation} jump admit
+    ct mark {generation} jump admit
+    jump {fallback}
+  }}"
+    );
+    let count = policy
+        .max_connections
+        .map(|n| format!("    ct state new ct count over {n} jump refuse\n"))
+        .unwrap_or_default();
+    let _ = writeln!(
+        w,
+        "  chain admit {{
+{count}    accept
+  }}
+  chain refuse {{
+    meta l4proto tcp reject with tcp reset
+    reject with icmp type admin-prohibited
+  }}
+  chain inbound {{
+{limit}    ip saddr @deny_net drop
+  }}
+}}"
+    );
+    out
+}
+
+/// Adds or extends pins in one transaction. An existing element keeps its timeout on `add`, so
+/// each is added, deleted and added again with the new one.
+fn pin_transaction(table: &str, pins: &[(Ipv4Addr, Duration)]) -> String {
+    let mut out = String::new();
+    for (addr, ttl) in pins {
+        let _ = writeln!(
+            out,
+            "add element ip {table} allow_dns {{ {addr} timeout 1s }}\n\
+             delete element ip {table} allow_dns {{ {addr} }}\n\
+             add element ip {table} allow_dns {{ {addr} timeout {}s }}",
+            ttl.as_secs().max(1)
+        );
+    }
+    out
+}
+
+/// Whether an address may be pinned for an allowed name. A name that resolves to loopback,
+/// link-local (the guest's own network, metadata services) or a network the host
+/// (`agent.egress_deny`) or the policy refuses is a rebinding attempt.
+pub(super) fn pinnable(
+    addr: Ipv4Addr,
+    host_deny: &[crate::config::Ipv4Cidr],
+    policy: &EgressPolicy,
+) -> bool {
+    !(addr.is_loopback()
+        || addr.is_unspecified()
+        || addr.is_link_local()
+        || addr.is_multicast()
+        || addr.is_broadcast()
+        || host_deny.iter().any(|net| net.index_of(addr).is_some())
+        || policy.denies_address(addr))
+}
+
+/// What changes under the slot's lock: the generation of the loaded table and the pins made
+/// under it.
+struct Loaded {
+    generation: u32,
+    /// `(address, name)` to the instant the pin expires.
+    pins: HashMap<(Ipv4Addr, String), Instant>,
+}
+
+/// One sandbox's egress: its table, policy and pins. Shared with its DNS forwarder.
+pub(super) struct SlotEgress {
+    namespace: Namespace,
+    table: String,
+    policy: RwLock<Arc<EgressPolicy>>,
+    /// Serialises table loads and pin changes, so a reload never drops a pin made meanwhile.
+    loaded: tokio::sync::Mutex<Loaded>,
+}
+
+impl SlotEgress {
+    /// Loads `policy`'s table into `namespace`.
+    pub(super) async fn load(
+        namespace: Namespace,
+        table: String,
+        policy: EgressPolicy,
+    ) -> Result<Arc<Self>, SystemError> {
+        // Marks from an earlier agent's tables must not pass as this one's.
+        let generation = rand::random::<u32>() | 1;
+        nft::apply(&ruleset(&table, &policy, generation, &[]), Some(&namespace)).await?;
+        Ok(Arc::new(Self {
+            namespace,
+            table,
+            policy: RwLock::new(Arc::new(policy)),
+            loaded: tokio::sync::Mutex::new(Loaded {
+                generation,
+                pins: HashMap::new(),
+            }),
+        }))
+    }
+
+    pub(super) fn policy(&self) -> Arc<EgressPolicy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Replaces the policy. Pins of names it still allows are kept; flows it no longer admits
+    /// are cut by their next packet.
+    pub(super) async fn set(&self, policy: EgressPolicy) -> Result<(), SystemError> {
+        let mut loaded = self.loaded.lock().await;
+        let now = Instant::now();
+        loaded.pins.retain(|(_, name), until| {
+            *until > now && policy.name_verdict(name) == crate::egress::NameVerdict::Allowed
+        });
+        let mut pins: HashMap<Ipv4Addr, Duration> = HashMap::new();
+        for ((addr, _), until) in &loaded.pins {
+            let left = *until - now;
+            let longest = pins.entry(*addr).or_default();
+            *longest = (*longest).max(left);
+        }
+        let pins: Vec<(Ipv4Addr, Duration)> = pins.into_iter().collect();
+        let generation = loaded.generation.wrapping_add(2) | 1;
+        let text = ruleset(&self.table, &policy, generation, &pins);
+        nft::apply(&text, Some(&self.namespace)).await?;
+        loaded.generation = generation;
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(policy);
+        Ok(())
+    }
+
+    /// Admits `addrs`, answered for `name`, for `ttl` (bounded to a sane range). Done before
+    /// the answer reaches the guest, so its first connection finds them admitted.
+    pub(super) async fn pin(
+        &self,
+        name: &str,
+        addrs: &[Ipv4Addr],
+        ttl: Duration,
+    ) -> Result<(), SystemError> {
+        let ttl = ttl.clamp(MIN_PIN, MAX_PIN);
+        let mut loaded = self.loaded.lock().await;
+        let now = Instant::now();
+        loaded.pins.retain(|_, until| *until > now);
+        let until = now + ttl;
+        // An address already admitted for long enough needs no kernel change.
+        let needed: Vec<(Ipv4Addr, Duration)> = addrs
+            .iter()
+            .filter(|addr| {
+                !loaded
+                    .pins
+                    .iter()
+                    .any(|((pinned, _), expires)| pinned == *addr && *expires >= until)
+            })
+            .map(|addr| (*addr, ttl))
+            .collect();
+        if !needed.is_empty() {
+            nft::apply(
+                &pin_transaction(&self.table, &needed),
+                Some(&self.namespace),
+            )
+            .await?;
+        }
+        for addr in addrs {
+            let expires = loaded.pins.entry((*addr, name.to_owned())).or_insert(until);
+            *expires = (*expires).max(until);
+        }
+        Ok(())
+    }
+}
+
+/// The address the forwarder listens on inside every namespace: the guest's gateway.
+pub(super) fn forwarder_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from((GATEWAY_IP, DNS_PORT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_follows_the_policy() {
+        let open = ruleset("w_egress", &EgressPolicy::default(), 7, &[]);
+        assert!(open.contains("jump admit\n  }"), "{open}");
+        assert!(!open.contains("limit rate") && !open.contains("ct count"));
+        assert!(open.contains("th dport 53 redirect to :53"));
+        let policy = EgressPolicy {
+            default: EgressDefault::Deny,
+            allow: vec![
+                "198.51.100.0/24".parse().unwrap(),
+                "a.test".parse().unwrap(),
+            ],
+            deny: vec!["198.51.100.9".parse().unwrap()],
+            max_connections: Some(8),
+            bandwidth_mbps: Some(10),
+        };
+        let pins = [(Ipv4Addr::new(203, 0, 113, 5), Duration::from_secs(90))];
+        let text = ruleset("w_egress", &policy, 9, &pins);
+        assert!(text.contains("elements = { 198.51.100.0/24 }"), "{text}");
+        assert!(text.contains("elements = { 198.51.100.9/32 }"), "{text}");
+        assert!(text.contains("203.0.113.5 timeout 90s"), "{text}");
+        assert!(text.contains("ct mark set 9 jump admit"));
+        assert!(text.contains("ct count over 8 jump refuse"));
+        assert!(text.contains("limit rate over 1250000 bytes/second"));
+        assert!(text.contains("jump refuse\n  }"));
+    }
+
+    #[test]
+    fn rebinding_answers_are_not_pinned() {
+        let policy = EgressPolicy {
+            deny: vec!["203.0.113.0/24".parse().unwrap()],
+            ..Default::default()
+        };
+        let host_deny = [
+            "10.0.0.0/8".parse().unwrap(),
+            "100.64.0.0/10".parse().unwrap(),
+        ];
+        for addr in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "169.254.169.254",
+            "10.1.2.3",
+            "100.64.0.1",
+            "203.0.113.4",
+            "224.0.0.1",
+        ] {
+            assert!(
+                !pinnable(addr.parse().unwrap(), &host_deny, &policy),
+                "{addr}"
+            );
+        }
+        assert!(pinnable(
+            "198.51.100.7".parse().unwrap(),
+            &host_deny,
+            &policy
+        ));
+    }
+}
