@@ -119,6 +119,7 @@ async fn measure(state: &AppState) -> (f64, f64) {
             holders_only: false,
             timeout_sec: 300,
             public_ports: Vec::new(),
+            egress: serde_json::json!({}),
             demand: Demand {
                 vcpus: 1,
                 memory_mb: 512,

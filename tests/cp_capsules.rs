@@ -1093,6 +1093,7 @@ async fn byoc_hosts_take_only_their_own_teams_capsules() {
                     holders_only: false,
                     timeout_sec: 0,
                     public_ports: Vec::new(),
+                    egress: serde_json::json!({}),
                     demand: Demand {
                         vcpus: 1,
                         memory_mb: 512,
@@ -2014,4 +2015,205 @@ async fn two_agents_share_the_load_and_survive_losing_a_host() {
     wait_clean(&a);
     assert_eq!(stack.status_of(&key, &on_b).await, "running");
     stack.finish(vec![a, b]).await;
+}
+
+/// "The internet" for a capsule: a namespace behind a veth of the host (`name`, the agent's
+/// egress interface) at 198.18.81.1/24, holding 198.18.81.2 and .3 with a server on `port` that
+/// answers each connection with the address it sees. Removed on drop.
+struct Internet {
+    name: String,
+    port: u16,
+}
+
+impl Internet {
+    fn new(name: &str) -> Self {
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+        };
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", name])
+            .output();
+        ip(&["netns", "add", name]);
+        ip(&[
+            "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", name,
+        ]);
+        ip(&["addr", "add", "198.18.81.1/24", "dev", name]);
+        ip(&["link", "set", name, "up"]);
+        for addr in ["198.18.81.2/24", "198.18.81.3/24"] {
+            ip(&["-n", name, "addr", "add", addr, "dev", "eth0"]);
+        }
+        ip(&["-n", name, "link", "set", "eth0", "up"]);
+        let path = format!("/run/netns/{name}");
+        let listener = std::thread::spawn(move || {
+            let ns = std::fs::File::open(path).unwrap();
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            std::net::TcpListener::bind("0.0.0.0:0").unwrap()
+        })
+        .join()
+        .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            for mut stream in listener.incoming().flatten() {
+                let peer = stream.peer_addr().unwrap().ip().to_string();
+                let _ = stream.write_all(peer.as_bytes());
+            }
+        });
+        Self {
+            name: name.to_owned(),
+            port,
+        }
+    }
+}
+
+impl Drop for Internet {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "delete", &self.name])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_egress_policy_follows_the_capsule_through_changes_and_a_pause() {
+    let internet = Internet::new("wrnegress");
+    let stack = Stack::start().await;
+    let (agent, _) = support::agent::add_agent_with_env(
+        &stack.cp,
+        &stack.admin.auth(),
+        &[("AGENT_EGRESS_INTERFACE", "wrnegress")],
+    )
+    .await;
+    let key = stack.api_key(&stack.admin).await;
+    let spec = Spec::ours();
+    let (status, capsule) = stack
+        .create(
+            &key,
+            json!({"egress": {
+                "default": "deny",
+                "allow": ["198.18.81.2"],
+                "deny": ["blocked.example.com", "*.blocked.example.com"],
+                "max_connections": 64,
+            }}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{capsule}");
+    let id = capsule["id"].as_str().unwrap().to_owned();
+    let network = format!("/v1/capsules/{id}/network");
+    // What the guest gets from one server: its answer, or the shell's failure.
+    let fetch = |last: u8| {
+        format!(
+            "timeout 10 bash -c 'exec 3<>/dev/tcp/198.18.81.{last}/{}; cat <&3' 2>&1 || echo refused",
+            internet.port
+        )
+    };
+    let reach = |last: u8| {
+        let script = fetch(last);
+        let stack = &stack;
+        let key = &key;
+        let id = &id;
+        async move {
+            let (status, out) = stack.exec(key, id, &script).await;
+            assert_eq!(status, StatusCode::OK, "{out}");
+            out["stdout"].as_str().unwrap().trim().to_owned()
+        }
+    };
+
+    // The allowed address answers (seeing the host's masquerade); the other is refused at once,
+    // on a port that is not HTTP's.
+    assert_eq!(reach(2).await, "198.18.81.1");
+    assert!(reach(3).await.ends_with("refused"));
+    // A denied name does not resolve, whichever resolver the guest was given.
+    let (_, out) = stack
+        .exec(&key, &id, "getent hosts api.blocked.example.com; echo $?")
+        .await;
+    assert_eq!(out["stdout"], "2\n", "{out}");
+
+    let (status, got) = stack.cp.call(GET, &network, &key, None).await;
+    assert_eq!(status, StatusCode::OK, "{got}");
+    spec.check_response("get", "/v1/capsules/{id}/network", 200, &got);
+    assert_eq!(got["egress"]["allow"], json!(["198.18.81.2"]));
+    assert_eq!(
+        got["egress"]["deny"],
+        json!(["blocked.example.com", "*.blocked.example.com"])
+    );
+
+    // Bad rules are refused with the field named, and change nothing.
+    for bad in [
+        json!({"egress": {"allow": ["10.0.0.1/8"]}}),
+        json!({"egress": {"allow": ["not a name"]}}),
+        json!({"egress": {"default": "maybe"}}),
+        json!({"egress": {"max_connections": 0}}),
+    ] {
+        let (status, body) = stack
+            .cp
+            .call(Method::PUT, &network, &key, Some(bad.clone()))
+            .await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    // Public ports alone leave the policy as it is.
+    let (status, set) = stack
+        .cp
+        .call(
+            Method::PUT,
+            &network,
+            &key,
+            Some(json!({"public_ports": [8080]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    assert_eq!(set["egress"], got["egress"]);
+
+    // A runtime change: the other server by network, the first no longer.
+    let (status, set) = stack
+        .cp
+        .call(
+            Method::PUT,
+            &network,
+            &key,
+            Some(json!({"egress": {"default": "deny", "allow": ["198.18.81.3/32"]}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    spec.check_response("put", "/v1/capsules/{id}/network", 200, &set);
+    assert_eq!(reach(3).await, "198.18.81.1");
+    assert!(reach(2).await.ends_with("refused"));
+
+    // Changed while paused, the policy holds from the resume on.
+    let (status, body) = stack
+        .cp
+        .call(POST, &format!("/v1/capsules/{id}/pause"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, set) = stack
+        .cp
+        .call(
+            Method::PUT,
+            &network,
+            &key,
+            Some(json!({"egress": {"deny": ["198.18.81.3"]}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    let (status, body) = stack
+        .cp
+        .call(POST, &format!("/v1/capsules/{id}/resume"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(reach(2).await, "198.18.81.1");
+    assert!(reach(3).await.ends_with("refused"));
+
+    let (status, _) = stack
+        .cp
+        .call(DELETE, &format!("/v1/capsules/{id}"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    stack.finish(vec![agent]).await;
 }

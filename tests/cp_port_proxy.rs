@@ -610,12 +610,10 @@ async fn the_port_proxy_serves_a_capsules_ports_to_those_it_should_and_streams_e
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{set}");
-    assert_eq!(set, json!({"public_ports": [9000]}));
+    let settings = json!({"public_ports": [9000], "egress": {"default": "allow"}});
+    assert_eq!(set, settings);
     let (status, got) = cp.call(Method::GET, &network, &auth, None).await;
-    assert_eq!(
-        (status, got),
-        (StatusCode::OK, json!({"public_ports": [9000]}))
-    );
+    assert_eq!((status, got), (StatusCode::OK, settings));
     let (status, bad) = cp
         .call(
             Method::PUT,

@@ -24,9 +24,10 @@ use serde::Serialize;
 use super::ca::CaHandle;
 use crate::agent::wire::{
     envd_proxy_path, AgentPing, CaptureTemplate, CreateSandbox, ForkSandbox, ForkedSandboxes,
-    ImportFromPath, ImportedTemplate, SandboxInfo, SandboxList, SnapshotTemplate,
+    ImportFromPath, ImportedTemplate, ResumeSandbox, SandboxInfo, SandboxList, SnapshotTemplate,
     SnapshotTemplateInfo,
 };
+use crate::egress::EgressPolicy;
 use crate::envd::client::{EnvdClient, EnvdClientError, HttpClient, RequestBody};
 use crate::error_code::{ErrorBody, ErrorCode, ErrorEnvelope};
 use crate::id::{HostId, SandboxId};
@@ -509,20 +510,43 @@ impl AgentClient {
         .await
     }
 
-    /// Resumes a paused sandbox; answers once its envd answers.
+    /// Resumes a paused sandbox under `egress` (the capsule's policy now, which may differ
+    /// from the one it was paused with); answers once its envd answers.
     pub async fn resume_sandbox(
         &self,
         target: &AgentTarget,
         id: SandboxId,
+        egress: &EgressPolicy,
     ) -> Result<SandboxInfo, AgentError> {
+        let body = ResumeSandbox {
+            egress: Some(egress.clone()),
+        };
         self.json(
             target,
             Method::POST,
             &format!("/v1/sandboxes/{id}/resume"),
-            None::<&()>,
+            Some(&body),
             self.timeouts.create,
         )
         .await
+    }
+
+    /// Replaces a running or paused sandbox's egress policy.
+    pub async fn set_egress(
+        &self,
+        target: &AgentTarget,
+        id: SandboxId,
+        egress: &EgressPolicy,
+    ) -> Result<(), AgentError> {
+        self.send_json(
+            target,
+            Method::PUT,
+            &format!("/v1/sandboxes/{id}/egress"),
+            Some(egress),
+            self.timeouts.request,
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn get_sandbox(
@@ -909,6 +933,7 @@ mod tests {
             user: None,
             image: Some(BlobRef::new(&"0".repeat(64), 1 << 20).unwrap()),
             snapshot: None,
+            egress: Default::default(),
         };
         let value = serde_json::to_value(&request).unwrap();
         let mut keys: Vec<&str> = value

@@ -29,7 +29,7 @@ use hyper_util::rt::TokioIo;
 
 use super::auth::{bearer_token, AuthTeam, API_KEY_HEADER};
 use super::error::ApiError;
-use super::services::capsules::{self, ports::PublicPorts, CapsuleError};
+use super::services::capsules::{self, network::PublicPorts, CapsuleError};
 use super::state::AppState;
 use crate::agent::wire::{port_proxy_path, FORWARDED_AUTHORIZATION, UPSTREAM_HEADER};
 use crate::db::sandboxes;

@@ -131,6 +131,8 @@ pub struct Placement {
     pub timeout_sec: i32,
     /// The ports the port proxy serves without credentials.
     pub public_ports: Vec<i32>,
+    /// The egress policy, as `sandboxes.egress` holds it.
+    pub egress: serde_json::Value,
     pub demand: Demand,
 }
 
@@ -356,6 +358,7 @@ impl Placement {
             disk_mb: as_i32(self.demand.disk_mb),
             timeout_sec: self.timeout_sec,
             public_ports: self.public_ports.clone(),
+            egress: self.egress.clone(),
         }
     }
 }

@@ -180,13 +180,14 @@ pub struct PlacedSandbox {
     pub disk_mb: i32,
     pub timeout_sec: i32,
     pub public_ports: Vec<i32>,
+    pub egress: Value,
 }
 
 pub async fn insert_placed(ex: impl PgExecutor<'_>, s: &PlacedSandbox) -> Result<(), DbError> {
     let inserted = sqlx::query!(
         "INSERT INTO sandboxes (id, team_id, host_id, template_id, template_name, status, vcpus,
-             memory_mb, disk_mb, timeout_sec, public_ports)
-         SELECT $1, $2, $3, t.id, t.name, 'pending', $5, $6, $7, $8, $9
+             memory_mb, disk_mb, timeout_sec, public_ports, egress)
+         SELECT $1, $2, $3, t.id, t.name, 'pending', $5, $6, $7, $8, $9, $10
          FROM templates t WHERE t.id = $4",
         s.id,
         s.team_id,
@@ -197,6 +198,7 @@ pub async fn insert_placed(ex: impl PgExecutor<'_>, s: &PlacedSandbox) -> Result
         s.disk_mb,
         s.timeout_sec,
         &s.public_ports,
+        &s.egress,
     )
     .execute(ex)
     .await?;
@@ -216,9 +218,9 @@ pub async fn insert_forked(
 ) -> Result<u64, DbError> {
     let inserted = sqlx::query!(
         "INSERT INTO sandboxes (id, team_id, host_id, template_id, template_name, status, vcpus,
-             memory_mb, disk_mb, timeout_sec)
+             memory_mb, disk_mb, timeout_sec, egress)
          SELECT c.id, s.team_id, s.host_id, s.template_id, s.template_name, 'pending', s.vcpus,
-                s.memory_mb, s.disk_mb, s.timeout_sec
+                s.memory_mb, s.disk_mb, s.timeout_sec, s.egress
          FROM sandboxes s, unnest($2::uuid[]) AS c(id)
          WHERE s.id = $1",
         source,
@@ -349,14 +351,22 @@ pub async fn proxy_route(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Pro
     }))
 }
 
-/// The team's sandbox's public ports; `None` when the team has no such sandbox.
-pub async fn public_ports(
+/// A sandbox's network settings.
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    pub public_ports: Vec<i32>,
+    pub egress: Value,
+}
+
+/// The team's sandbox's network settings; `None` when the team has no such sandbox.
+pub async fn network(
     ex: impl PgExecutor<'_>,
     team: Uuid,
     id: Uuid,
-) -> Result<Option<Vec<i32>>, DbError> {
-    Ok(sqlx::query_scalar!(
-        "SELECT public_ports FROM sandboxes WHERE id = $1 AND team_id = $2",
+) -> Result<Option<NetworkSettings>, DbError> {
+    Ok(sqlx::query_as!(
+        NetworkSettings,
+        "SELECT public_ports, egress FROM sandboxes WHERE id = $1 AND team_id = $2",
         id,
         team,
     )
@@ -364,19 +374,30 @@ pub async fn public_ports(
     .await?)
 }
 
-/// Replaces the public ports of the team's sandbox; `false` when the team has no such sandbox.
-pub async fn set_public_ports(
+/// The sandbox's egress policy, whatever its team; `None` when there is no such sandbox.
+pub async fn egress(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Value>, DbError> {
+    Ok(
+        sqlx::query_scalar!("SELECT egress FROM sandboxes WHERE id = $1", id)
+            .fetch_optional(ex)
+            .await?,
+    )
+}
+
+/// Replaces the network settings of the team's sandbox; `false` when the team has no such
+/// sandbox.
+pub async fn set_network(
     ex: impl PgExecutor<'_>,
     team: Uuid,
     id: Uuid,
-    ports: &[i32],
+    settings: &NetworkSettings,
 ) -> Result<bool, DbError> {
     let updated = sqlx::query!(
-        "UPDATE sandboxes SET public_ports = $3, last_updated = now()
+        "UPDATE sandboxes SET public_ports = $3, egress = $4, last_updated = now()
          WHERE id = $1 AND team_id = $2",
         id,
         team,
-        ports,
+        &settings.public_ports,
+        &settings.egress,
     )
     .execute(ex)
     .await?;

@@ -28,10 +28,11 @@ use crate::cp::services::capsules::guest::{
     self, ExecOutcome, KillSignal, ListDirRequest, ListDirResponse, MakeDirResponse, PathRequest,
     ProcessListResponse,
 };
-use crate::cp::services::capsules::ports::{self, CapsuleNetwork};
+use crate::cp::services::capsules::network::{self, CapsuleNetwork, NetworkChange};
 use crate::cp::services::capsules::{self, NewCapsule, GUEST_IP_KEY};
 use crate::cp::state::AppState;
 use crate::db::sandboxes::SandboxRow;
+use crate::egress::EgressPolicy;
 use crate::id::SandboxId;
 
 /// `POST /v1/capsules` body; every field optional.
@@ -49,6 +50,9 @@ pub struct CreateCapsuleRequest {
     /// Addition: ports the port proxy serves without credentials.
     #[serde(default)]
     pub public_ports: Vec<i64>,
+    /// Addition: where the guest may connect out to.
+    #[serde(default)]
+    pub egress: EgressPolicy,
 }
 
 /// The public Capsule representation; empty optional fields are omitted.
@@ -121,13 +125,16 @@ pub async fn create(
     auth: AuthTeam,
     ApiJson(body): ApiJson<CreateCapsuleRequest>,
 ) -> Result<Response, ApiError> {
-    let new = NewCapsule::parse(
-        body.template.as_deref(),
-        body.vcpus,
-        body.memory_mb,
-        body.timeout_sec,
-        &body.public_ports,
-    )?;
+    let new = NewCapsule {
+        egress: network::checked_egress(body.egress)?,
+        ..NewCapsule::parse(
+            body.template.as_deref(),
+            body.vcpus,
+            body.memory_mb,
+            body.timeout_sec,
+            &body.public_ports,
+        )?
+    };
     let created = capsules::create(&state, auth.team_id, new).await?;
     let timing = format!("agent;dur={:.3}", created.agent_time.as_secs_f64() * 1000.0);
     let mut response = (StatusCode::CREATED, Json(Capsule::from(created.sandbox))).into_response();
@@ -219,12 +226,14 @@ pub async fn ping(
     Ok(no_content())
 }
 
-/// `PUT /v1/capsules/{id}/network` body (an addition).
+/// `PUT /v1/capsules/{id}/network` body (an addition): what is left out stays as it is.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkRequest {
     #[serde(default)]
-    pub public_ports: Vec<i64>,
+    pub public_ports: Option<Vec<i64>>,
+    #[serde(default)]
+    pub egress: Option<EgressPolicy>,
 }
 
 pub async fn network(
@@ -233,7 +242,7 @@ pub async fn network(
     Path(id): Path<String>,
 ) -> Result<Json<CapsuleNetwork>, ApiError> {
     let id = capsule_id(&id)?;
-    Ok(Json(ports::network(&state, auth.team_id, id).await?))
+    Ok(Json(network::network(&state, auth.team_id, id).await?))
 }
 
 pub async fn set_network(
@@ -243,11 +252,16 @@ pub async fn set_network(
     ApiJson(body): ApiJson<NetworkRequest>,
 ) -> Result<Json<CapsuleNetwork>, ApiError> {
     let id = capsule_id(&id)?;
-    let network = CapsuleNetwork {
-        public_ports: ports::PublicPorts::parse(&body.public_ports)?,
+    let change = NetworkChange {
+        public_ports: body
+            .public_ports
+            .as_deref()
+            .map(network::PublicPorts::parse)
+            .transpose()?,
+        egress: body.egress.map(network::checked_egress).transpose()?,
     };
     Ok(Json(
-        ports::set_network(&state, auth.team_id, id, network).await?,
+        network::set_network(&state, auth.team_id, id, change).await?,
     ))
 }
 

@@ -522,6 +522,7 @@ impl Worker {
                 memory_mb: Some(u32::try_from(self.build.memory_mb).unwrap_or(512)),
                 timeout_sec: 0,
                 public_ports: Default::default(),
+                egress: Default::default(),
             },
         )
         .await?;

@@ -4,7 +4,7 @@
 //! not found.
 
 pub mod guest;
-pub mod ports;
+pub mod network;
 mod relocate;
 
 pub use relocate::has_store_copy;
@@ -28,6 +28,7 @@ use crate::db::page::Keyset;
 use crate::db::sandboxes::{self, SandboxRoute, SandboxRow, SandboxStatus, Transition};
 use crate::db::templates::{self, TemplateType};
 use crate::db::{host_templates, DbError};
+use crate::egress::EgressPolicy;
 use crate::error_code::ErrorCode;
 use crate::id::{HostId, SandboxId, TeamId};
 use crate::template::{TemplateName, TemplateNameError};
@@ -103,7 +104,8 @@ pub struct NewCapsule {
     pub vcpus: Option<u32>,
     pub memory_mb: Option<u32>,
     pub timeout_sec: u32,
-    pub public_ports: ports::PublicPorts,
+    pub public_ports: network::PublicPorts,
+    pub egress: EgressPolicy,
 }
 
 fn in_range(
@@ -150,7 +152,8 @@ impl NewCapsule {
                 .map(|m| in_range("memory_mb", m, MEMORY_MB_RANGE))
                 .transpose()?,
             timeout_sec: in_range("timeout_sec", timeout_sec.unwrap_or(0), 0..=MAX_TIMEOUT_SEC)?,
-            public_ports: ports::PublicPorts::parse(public_ports)?,
+            public_ports: network::PublicPorts::parse(public_ports)?,
+            egress: EgressPolicy::default(),
         })
     }
 }
@@ -278,6 +281,7 @@ pub async fn create(
                 && template.image_sha256.is_none(),
             timeout_sec: i32::try_from(new.timeout_sec).unwrap_or(i32::MAX),
             public_ports: new.public_ports.to_column(),
+            egress: network::egress_column(&new.egress),
             demand: Demand {
                 vcpus: i64::from(vcpus),
                 memory_mb: i64::from(memory_mb),
@@ -315,6 +319,7 @@ pub async fn create(
         snapshot: template
             .stored_version()
             .filter(|_| template.template_type == TemplateType::Snapshot),
+        egress: new.egress.clone(),
     };
     let asked = std::time::Instant::now();
     let answer = state
@@ -896,7 +901,10 @@ async fn operate(
     let agents = &state.capsules.agents;
     let answer = match operation {
         Operation::Pause => agents.pause_sandbox(&target, id).await,
-        Operation::Resume => agents.resume_sandbox(&target, id).await,
+        Operation::Resume => {
+            let egress = network::egress_of(state, id).await?;
+            agents.resume_sandbox(&target, id, &egress).await
+        }
     };
     match answer {
         Ok(info) => settle(state, id, during, &info).await,
@@ -1004,7 +1012,8 @@ mod tests {
                 vcpus: None,
                 memory_mb: None,
                 timeout_sec: 0,
-                public_ports: ports::PublicPorts::default(),
+                public_ports: network::PublicPorts::default(),
+                egress: EgressPolicy::default(),
             }
         );
         for (template, vcpus, memory_mb, timeout_sec) in [

@@ -1,12 +1,16 @@
-//! Which of a capsule's ports the port proxy (`cp::port_proxy`) serves to anyone: `public_ports`
-//! at create, read and replaced with `GET`/`PUT /v1/capsules/{id}/network`. Every other port
-//! needs the team's credentials or the capsule's traffic token.
+//! A capsule's network settings, set at create and read and changed with `GET`/`PUT
+//! /v1/capsules/{id}/network`:
+//! - `public_ports`, the ports the port proxy (`cp::port_proxy`) serves to anyone; every other
+//!   port needs the team's credentials or the capsule's traffic token;
+//! - `egress`, where the guest may connect out to ([`EgressPolicy`], enforced by its agent).
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::CapsuleError;
 use crate::cp::state::AppState;
-use crate::db::sandboxes;
+use crate::db::sandboxes::{self, SandboxStatus};
+use crate::egress::EgressPolicy;
 use crate::id::{SandboxId, TeamId};
 
 /// More than this many public ports is a mistake, not a service.
@@ -70,6 +74,40 @@ impl PublicPorts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CapsuleNetwork {
     pub public_ports: PublicPorts,
+    pub egress: EgressPolicy,
+}
+
+/// A change to a capsule's network settings: what is left out stays as it is.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkChange {
+    pub public_ports: Option<PublicPorts>,
+    pub egress: Option<EgressPolicy>,
+}
+
+/// Checks a policy from a request; what the agent enforces is always a normalised one.
+pub fn checked_egress(policy: EgressPolicy) -> Result<EgressPolicy, CapsuleError> {
+    policy
+        .normalised()
+        .map_err(|message| CapsuleError::invalid("egress", message))
+}
+
+/// The policy a row holds. Rows hold only checked policies; one that no longer parses (written
+/// by a newer version) is refused rather than silently opened.
+pub fn stored_egress(column: &Value) -> Result<EgressPolicy, CapsuleError> {
+    serde_json::from_value(column.clone())
+        .map_err(|e| CapsuleError::Db(crate::db::DbError::Query(sqlx::Error::Decode(e.into()))))
+}
+
+pub fn egress_column(policy: &EgressPolicy) -> Value {
+    serde_json::to_value(policy).expect("a policy serialises")
+}
+
+/// The capsule's egress policy, whatever its team.
+pub async fn egress_of(state: &AppState, id: SandboxId) -> Result<EgressPolicy, CapsuleError> {
+    let column = sandboxes::egress(&state.db, id.uuid())
+        .await?
+        .ok_or(CapsuleError::NotFound)?;
+    stored_egress(&column)
 }
 
 pub async fn network(
@@ -77,26 +115,65 @@ pub async fn network(
     team: TeamId,
     id: SandboxId,
 ) -> Result<CapsuleNetwork, CapsuleError> {
-    let ports = sandboxes::public_ports(&state.db, team.uuid(), id.uuid())
+    let settings = sandboxes::network(&state.db, team.uuid(), id.uuid())
         .await?
         .ok_or(CapsuleError::NotFound)?;
     Ok(CapsuleNetwork {
-        public_ports: PublicPorts::from_column(&ports),
+        public_ports: PublicPorts::from_column(&settings.public_ports),
+        egress: stored_egress(&settings.egress)?,
     })
 }
 
-/// Replaces the capsule's network settings; the proxy applies them to the next request.
+/// Changes the capsule's network settings. Public ports apply to the proxy's next request. A
+/// new egress policy is applied by the capsule's agent first (at once while it runs, or to its
+/// record while it is paused) and stored only once the agent took it, so a refusal changes
+/// nothing; a paused capsule whose host is away gets it with its next resume.
 pub async fn set_network(
     state: &AppState,
     team: TeamId,
     id: SandboxId,
-    network: CapsuleNetwork,
+    change: NetworkChange,
 ) -> Result<CapsuleNetwork, CapsuleError> {
-    let column = network.public_ports.to_column();
-    if !sandboxes::set_public_ports(&state.db, team.uuid(), id.uuid(), &column).await? {
+    let current = network(state, team, id).await?;
+    let next = CapsuleNetwork {
+        public_ports: change.public_ports.unwrap_or(current.public_ports),
+        egress: change.egress.unwrap_or_else(|| current.egress.clone()),
+    };
+    if next.egress != current.egress {
+        let route = sandboxes::route_for_team(&state.db, team.uuid(), id.uuid())
+            .await?
+            .ok_or(CapsuleError::NotFound)?;
+        match route.status {
+            SandboxStatus::Running => {
+                let target = super::online_target(state, &route)?;
+                state
+                    .capsules
+                    .agents
+                    .set_egress(&target, id, &next.egress)
+                    .await?;
+            }
+            SandboxStatus::Paused => {
+                if let Ok(target) = super::online_target(state, &route) {
+                    state
+                        .capsules
+                        .agents
+                        .set_egress(&target, id, &next.egress)
+                        .await?;
+                }
+            }
+            // Nothing of it runs any more.
+            SandboxStatus::Stopped | SandboxStatus::Failed => {}
+            busy => return Err(CapsuleError::Busy(busy)),
+        }
+    }
+    let settings = sandboxes::NetworkSettings {
+        public_ports: next.public_ports.to_column(),
+        egress: egress_column(&next.egress),
+    };
+    if !sandboxes::set_network(&state.db, team.uuid(), id.uuid(), &settings).await? {
         return Err(CapsuleError::NotFound);
     }
-    Ok(network)
+    Ok(next)
 }
 
 #[cfg(test)]

@@ -102,6 +102,8 @@ pub(super) async fn resume_elsewhere(
     let from_host = row
         .host_id
         .ok_or(CapsuleError::HostUnavailable(HostId(uuid::Uuid::nil())))?;
+    // The copy holds the policy it was paused with; the capsule's own may have changed since.
+    let egress = super::network::egress_of(state, id).await?;
     let relocation = Relocation {
         sandbox_id: id.uuid(),
         team_id: row.team_id,
@@ -145,7 +147,7 @@ pub(super) async fn resume_elsewhere(
             other => other.into(),
         });
     }
-    match agents.resume_sandbox(&target, id).await {
+    match agents.resume_sandbox(&target, id, &egress).await {
         Ok(info) => settle(state, id, SandboxStatus::Resuming, &info).await,
         Err(error) => {
             match after_failed_operation(state, &target, id, SandboxStatus::Resuming, error).await?
