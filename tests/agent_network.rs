@@ -794,6 +794,39 @@ fn serve_bytes(listener: TcpListener, bytes: usize) -> u16 {
 }
 
 // The test's probes block their thread; the DNS forwarder needs a runtime thread of its own.
+/// What a server at `addr` answers to `request` sent from inside `ns`; empty when the connection
+/// was refused, reset or closed without an answer.
+fn exchange(ns: &str, addr: SocketAddr, request: Vec<u8>) -> String {
+    in_netns(ns, move || {
+        let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            return String::new();
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        if stream.write_all(&request).is_err() {
+            return String::new();
+        }
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+}
+
+/// The first flight of a TLS client asking for `name`.
+fn client_hello(name: &str) -> Vec<u8> {
+    let config = rustls::ClientConfig::builder_with_provider(wrenn::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).unwrap();
+    hello
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn egress_policies_hold_by_network_and_by_name_and_change_at_runtime() {
     let (prefix, k) = ("wnt7", 7);
@@ -818,6 +851,11 @@ async fn egress_policies_hold_by_network_and_by_name_and_change_at_runtime() {
     let echo = serve_echo(in_netns(&internet, || {
         TcpListener::bind("0.0.0.0:0").unwrap()
     }));
+    for web in [80, 443] {
+        serve_peer_address(in_netns(&internet, || {
+            TcpListener::bind(("0.0.0.0", web)).unwrap()
+        }));
+    }
     const DOWNLOAD: usize = 5 << 20;
     let download = serve_bytes(
         in_netns(&internet, || TcpListener::bind("0.0.0.0:0").unwrap()),
@@ -879,6 +917,20 @@ async fn egress_policies_hold_by_network_and_by_name_and_change_at_runtime() {
         Some("198.18.79.1".to_owned()),
         "an allowed name's address is reachable (and masqueraded)"
     );
+    // Web ports of an address admitted only by name pass the name guard only when they ask for
+    // an allowed name that this sandbox's look-ups resolved to that address (TLS SNI, HTTP
+    // Host): another name on the same address ("domain fronting") is cut.
+    let web = |port: u16, request: Vec<u8>| {
+        exchange(&guest, SocketAddr::from(([198, 18, 79, 2], port)), request)
+    };
+    assert_eq!(web(443, client_hello("api.allowed.test")), "198.18.79.1");
+    assert_eq!(web(443, client_hello("evil.test")), "");
+    assert_eq!(web(443, client_hello("www.allowed.test")), "");
+    let get = |host: &str| format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes();
+    assert_eq!(web(80, get("api.allowed.test")), "198.18.79.1");
+    assert_eq!(web(80, get("evil.test:80")), "");
+    assert_eq!(web(80, b"\x00 not a request\r\n\r\n".to_vec()), "");
+
     // Unlisted and denied names: the first resolves but admits nothing, the second does not
     // resolve at all.
     assert_eq!(

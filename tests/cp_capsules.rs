@@ -2085,7 +2085,7 @@ impl Drop for Internet {
 async fn an_egress_policy_follows_the_capsule_through_changes_and_a_pause() {
     let internet = Internet::new("wrnegress");
     let stack = Stack::start().await;
-    let (agent, _) = support::agent::add_agent_with_env(
+    let (mut agent, _) = support::agent::add_agent_with_env(
         &stack.cp,
         &stack.admin.auth(),
         &[("AGENT_EGRESS_INTERFACE", "wrnegress")],
@@ -2207,6 +2207,12 @@ async fn an_egress_policy_follows_the_capsule_through_changes_and_a_pause() {
         .call(POST, &format!("/v1/capsules/{id}/resume"), &key, None)
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(reach(2).await, "198.18.81.1");
+    assert!(reach(3).await.ends_with("refused"));
+
+    // An agent that dies and starts again takes the running capsule over with its policy.
+    agent.kill_hard();
+    agent.restart(None);
     assert_eq!(reach(2).await, "198.18.81.1");
     assert!(reach(3).await.ends_with("refused"));
 

@@ -215,7 +215,11 @@ async fn answer(
     let [question] = message.queries() else {
         return refuse(ResponseCode::FormErr);
     };
-    let name = question.name().to_ascii();
+    let name = question
+        .name()
+        .to_ascii()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
     let policy = slot.policy();
     let verdict = policy.name_verdict(&name);
     if verdict == NameVerdict::Denied {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::egress::{EgressDefault, EgressPolicy};
 
+use super::name_guard::{GUARDED_PORTS, GUARD_PORT};
 use super::netns::Namespace;
 use super::rules::NAMESPACE_UPLINK;
 use super::{nft, SystemError, GATEWAY_IP};
@@ -65,14 +66,31 @@ pub(super) fn ruleset(
     }
     let _ = writeln!(w, "  }}");
     // Every look-up goes to the forwarder, whichever resolver the guest was configured with.
+    // Where only an allowed name admits an address, web connections to it go to the name guard.
+    let guarded = policy.default == EgressDefault::Deny
+        && policy
+            .allow
+            .iter()
+            .any(|rule| matches!(rule, crate::egress::EgressRule::Domain(_)));
+    let guard = if guarded {
+        let ports: Vec<String> = GUARDED_PORTS.iter().map(u16::to_string).collect();
+        format!(
+            "    iifname != \"{up}\" ip daddr @allow_dns ip daddr != @allow_net tcp dport {{ {} }} redirect to :{GUARD_PORT}\n",
+            ports.join(", ")
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         w,
         "  chain prerouting {{
     type nat hook prerouting priority dstnat - 1; policy accept;
     iifname != \"{up}\" meta l4proto {{ tcp, udp }} th dport {DNS_PORT} redirect to :{DNS_PORT}
-  }}"
+{guard}  }}"
     );
     // Connections the agent opens to the guest (its host address, DNAT'd) are not egress.
+    // The guard's own connections leave from the namespace itself: checked, counted and
+    // limited like the guest's.
     let _ = writeln!(
         w,
         "  chain forward {{
@@ -80,6 +98,14 @@ pub(super) fn ruleset(
     ct status dnat accept
     iifname != \"{up}\" jump outbound
     oifname != \"{up}\" jump inbound
+  }}
+  chain local_out {{
+    type filter hook output priority filter - 1; policy accept;
+    oifname \"{up}\" jump outbound
+  }}
+  chain local_in {{
+    type filter hook input priority filter - 1; policy accept;
+    iifname \"{up}\" jump inbound
   }}"
     );
     let limit = policy.bandwidth_mbps.map(|mbps| {
@@ -229,6 +255,34 @@ impl SlotEgress {
         Ok(())
     }
 
+    /// Whether this sandbox's look-up of `name` answered `addr`, and its pin still holds.
+    pub(super) async fn resolved(&self, name: &str, addr: Ipv4Addr) -> bool {
+        let loaded = self.loaded.lock().await;
+        loaded
+            .pins
+            .get(&(addr, name.to_owned()))
+            .is_some_and(|until| *until > Instant::now())
+    }
+
+    /// Opens a TCP connection from inside the sandbox's namespace, as the guest's would leave.
+    pub(super) async fn connect_out(
+        &self,
+        to: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> Result<tokio::net::TcpStream, SystemError> {
+        let stream = self
+            .namespace
+            .run(move || {
+                let failed = |e| SystemError::io(format!("connecting to {to}"), e);
+                let stream = std::net::TcpStream::connect_timeout(&to, timeout).map_err(failed)?;
+                stream.set_nonblocking(true).map_err(failed)?;
+                Ok(stream)
+            })
+            .await?;
+        tokio::net::TcpStream::from_std(stream)
+            .map_err(|e| SystemError::io("handing a connection to the runtime", e))
+    }
+
     /// Admits `addrs`, answered for `name`, for `ttl` (bounded to a sane range). Done before
     /// the answer reaches the guest, so its first connection finds them admitted.
     pub(super) async fn pin(
@@ -241,18 +295,30 @@ impl SlotEgress {
         let mut loaded = self.loaded.lock().await;
         let now = Instant::now();
         loaded.pins.retain(|_, until| *until > now);
-        let until = now + ttl;
-        // An address already admitted for long enough needs no kernel change.
-        let needed: Vec<(Ipv4Addr, Duration)> = addrs
-            .iter()
-            .filter(|addr| {
-                !loaded
-                    .pins
-                    .iter()
-                    .any(|((pinned, _), expires)| pinned == *addr && *expires >= until)
-            })
-            .map(|addr| (*addr, ttl))
-            .collect();
+        // The guest may use the answer until `horizon`. Pins are made for twice as long, so that
+        // a guest looking the name up again and again (few cache answers) rarely costs a kernel
+        // change: only when the address's pin would end before the new answer's horizon.
+        let horizon = now + ttl;
+        let until = now + (ttl * 2).min(MAX_PIN);
+        let pinned_until = |addr: &Ipv4Addr| {
+            loaded
+                .pins
+                .iter()
+                .filter(|((pinned, _), _)| pinned == addr)
+                .map(|(_, expires)| *expires)
+                .max()
+        };
+        let mut expiries = Vec::with_capacity(addrs.len());
+        let mut needed = Vec::new();
+        for addr in addrs {
+            match pinned_until(addr) {
+                Some(expires) if expires >= horizon => expiries.push((*addr, expires)),
+                _ => {
+                    needed.push((*addr, until - now));
+                    expiries.push((*addr, until));
+                }
+            }
+        }
         if !needed.is_empty() {
             nft::apply(
                 &pin_transaction(&self.table, &needed),
@@ -260,9 +326,12 @@ impl SlotEgress {
             )
             .await?;
         }
-        for addr in addrs {
-            let expires = loaded.pins.entry((*addr, name.to_owned())).or_insert(until);
-            *expires = (*expires).max(until);
+        for (addr, expires) in expiries {
+            let entry = loaded
+                .pins
+                .entry((addr, name.to_owned()))
+                .or_insert(expires);
+            *entry = (*entry).max(expires);
         }
         Ok(())
     }

@@ -19,6 +19,7 @@
 
 mod dns;
 mod egress;
+mod name_guard;
 mod netlink;
 mod netns;
 mod nft;
@@ -310,12 +311,13 @@ impl fmt::Debug for EgressRuntime {
 /// and closes its sockets, which would otherwise keep a deleted namespace alive.
 struct EgressRuntime {
     slot: Arc<SlotEgress>,
-    forwarder: [tokio::task::JoinHandle<()>; 2],
+    /// The DNS forwarder's and the name guard's tasks.
+    tasks: [tokio::task::JoinHandle<()>; 3],
 }
 
 impl Drop for EgressRuntime {
     fn drop(&mut self) {
-        for task in &self.forwarder {
+        for task in &self.tasks {
             task.abort();
         }
     }
@@ -445,26 +447,40 @@ impl NetworkManager {
         namespace: netns::Namespace,
         policy: EgressPolicy,
     ) -> Result<EgressRuntime, SystemError> {
-        let addr = egress::forwarder_addr();
-        let (udp, tcp) = namespace
+        let (dns_addr, guard_addr) = (egress::forwarder_addr(), name_guard::listen_addr());
+        let (udp, tcp, guard) = namespace
             .run(move || {
-                let bound = |what: &str| {
-                    let what = format!("binding the DNS forwarder to {what} {addr}");
+                let bound = |what: &str, addr| {
+                    let what = format!("binding {what} to {addr}");
                     move |e| SystemError::io(what, e)
                 };
-                let udp = std::net::UdpSocket::bind(addr).map_err(bound("udp"))?;
-                let tcp = std::net::TcpListener::bind(addr).map_err(bound("tcp"))?;
-                udp.set_nonblocking(true).map_err(bound("udp"))?;
-                tcp.set_nonblocking(true).map_err(bound("tcp"))?;
-                Ok((udp, tcp))
+                let udp = std::net::UdpSocket::bind(dns_addr)
+                    .map_err(bound("the DNS forwarder (udp)", dns_addr))?;
+                let tcp = std::net::TcpListener::bind(dns_addr)
+                    .map_err(bound("the DNS forwarder (tcp)", dns_addr))?;
+                let guard = std::net::TcpListener::bind(guard_addr)
+                    .map_err(bound("the name guard", guard_addr))?;
+                for nonblocking in [
+                    udp.set_nonblocking(true),
+                    tcp.set_nonblocking(true),
+                    guard.set_nonblocking(true),
+                ] {
+                    nonblocking.map_err(|e| SystemError::io("making sockets non-blocking", e))?;
+                }
+                Ok((udp, tcp, guard))
             })
             .await?;
-        let adopt = |e| SystemError::io("handing the DNS forwarder's sockets to the runtime", e);
+        let adopt = |e| SystemError::io("handing the egress sockets to the runtime", e);
         let udp = tokio::net::UdpSocket::from_std(udp).map_err(adopt)?;
         let tcp = tokio::net::TcpListener::from_std(tcp).map_err(adopt)?;
+        let guard = tokio::net::TcpListener::from_std(guard).map_err(adopt)?;
         let slot = SlotEgress::load(namespace, self.egress_table(), policy).await?;
-        let forwarder = dns::serve(slot.clone(), self.upstream.clone(), udp, tcp);
-        Ok(EgressRuntime { slot, forwarder })
+        let [udp_task, tcp_task] = dns::serve(slot.clone(), self.upstream.clone(), udp, tcp);
+        let guard_task = name_guard::serve(slot.clone(), guard);
+        Ok(EgressRuntime {
+            slot,
+            tasks: [udp_task, tcp_task, guard_task],
+        })
     }
 
     /// Replaces the egress policy of a live slot: new connections see it at once, and

@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 use crate::config::{InterfaceName, Ipv4Cidr};
 
 use super::egress::DNS_PORT;
+use super::name_guard::GUARD_PORT;
 use super::{GATEWAY_IP, GUEST_IP};
 
 /// The name of the namespace-side veth, identical in every sandbox namespace.
@@ -174,7 +175,8 @@ pub(super) const LINKS_SET_NAME: &str = LINKS_SET;
 /// The table inside a sandbox namespace: the host address of the slot is DNAT'd to the guest,
 /// guest egress is SNAT'd to the namespace's veth address, and nothing but the guest's own
 /// address may be forwarded out of the guest-facing device (the TAP in production).
-/// The guest reaches the namespace itself only for the DNS forwarder on its gateway.
+/// The guest reaches the namespace itself only for the DNS forwarder and the name guard on its
+/// gateway.
 pub(super) fn namespace_ruleset(
     table: &str,
     host_addr: Ipv4Addr,
@@ -202,6 +204,7 @@ table ip {table} {{
   chain input {{
     type filter hook input priority filter; policy accept;
     iifname != \"{up}\" ip daddr {GATEWAY_IP} meta l4proto {{ tcp, udp }} th dport {DNS_PORT} accept
+    iifname != \"{up}\" ip daddr {GATEWAY_IP} tcp dport {GUARD_PORT} accept
     iifname != {{ \"{up}\", \"lo\" }} ct state new drop
   }}
 }}
