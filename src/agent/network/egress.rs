@@ -101,10 +101,12 @@ pub(super) fn ruleset(
   }}
   chain local_out {{
     type filter hook output priority filter - 1; policy accept;
+    ct status dnat accept
     oifname \"{up}\" jump outbound
   }}
   chain local_in {{
     type filter hook input priority filter - 1; policy accept;
+    ct status dnat accept
     iifname \"{up}\" jump inbound
   }}"
     );

@@ -38,11 +38,14 @@ pub(super) fn listen_addr() -> SocketAddr {
     SocketAddr::from((GATEWAY_IP, GUARD_PORT))
 }
 
-/// Serves one sandbox's guarded connections until the task is aborted.
+/// Serves one sandbox's guarded connections until the task is aborted, which also ends every
+/// connection it carries (they would otherwise outlive the sandbox's namespace).
 pub(super) fn serve(slot: Arc<SlotEgress>, listener: TcpListener) -> tokio::task::JoinHandle<()> {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
+        let mut carried = tokio::task::JoinSet::new();
         loop {
+            while carried.try_join_next().is_some() {}
             let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -51,7 +54,7 @@ pub(super) fn serve(slot: Arc<SlotEgress>, listener: TcpListener) -> tokio::task
                 continue;
             };
             let slot = slot.clone();
-            tokio::spawn(async move {
+            carried.spawn(async move {
                 if let Err(reason) = guard(&slot, stream).await {
                     tracing::debug!(%reason, "egress connection refused by the name guard");
                 }
