@@ -645,60 +645,6 @@ fn policy(json: serde_json::Value) -> EgressPolicy {
         .unwrap()
 }
 
-/// A DNS server for the test's names, on UDP and TCP port 53 of `addr` inside `ns`.
-fn serve_dns(ns: &str, addr: Ipv4Addr, names: &'static [(&'static str, [u8; 4])]) {
-    use hickory_proto::op::{Message, MessageType, ResponseCode};
-    use hickory_proto::rr::{rdata::A, RData, Record};
-    let answer = move |query: &[u8]| -> Vec<u8> {
-        let query = Message::from_vec(query).unwrap();
-        let mut reply = Message::new();
-        reply.set_id(query.id());
-        reply.set_message_type(MessageType::Response);
-        reply.add_queries(query.queries().to_vec());
-        let question = &query.queries()[0];
-        let asked = question.name().to_ascii();
-        match names
-            .iter()
-            .find(|(name, _)| asked.trim_end_matches('.') == *name)
-        {
-            Some((_, ip)) => {
-                let rdata = RData::A(A(Ipv4Addr::from(*ip)));
-                reply.add_answer(Record::from_rdata(question.name().clone(), 1, rdata));
-            }
-            None => {
-                reply.set_response_code(ResponseCode::NXDomain);
-            }
-        }
-        reply.to_vec().unwrap()
-    };
-    let (udp, tcp) = in_netns(ns, || {
-        (
-            std::net::UdpSocket::bind((addr, 53)).unwrap(),
-            TcpListener::bind((addr, 53)).unwrap(),
-        )
-    });
-    std::thread::spawn(move || {
-        let mut buffer = [0; 1500];
-        while let Ok((n, peer)) = udp.recv_from(&mut buffer) {
-            let _ = udp.send_to(&answer(&buffer[..n]), peer);
-        }
-    });
-    std::thread::spawn(move || {
-        for mut stream in tcp.incoming().flatten() {
-            let mut len = [0; 2];
-            if stream.read_exact(&mut len).is_err() {
-                continue;
-            }
-            let mut query = vec![0; usize::from(u16::from_be_bytes(len))];
-            if stream.read_exact(&mut query).is_ok() {
-                let reply = answer(&query);
-                let _ = stream.write_all(&(reply.len() as u16).to_be_bytes());
-                let _ = stream.write_all(&reply);
-            }
-        }
-    });
-}
-
 /// Looks `name` up from inside `ns` at `server` (over TCP when `tcp`): the answer's code and
 /// addresses, or `None` when nothing answered.
 fn lookup(
@@ -862,7 +808,7 @@ async fn egress_policies_hold_by_network_and_by_name_and_change_at_runtime() {
         DOWNLOAD,
     );
     let dns = Ipv4Addr::new(198, 18, 79, 53);
-    serve_dns(
+    wrenn_test_support::dns::serve(
         &internet,
         dns,
         &[

@@ -2018,8 +2018,9 @@ async fn two_agents_share_the_load_and_survive_losing_a_host() {
 }
 
 /// "The internet" for a capsule: a namespace behind a veth of the host (`name`, the agent's
-/// egress interface) at 198.18.81.1/24, holding 198.18.81.2 and .3 with a server on `port` that
-/// answers each connection with the address it sees. Removed on drop.
+/// egress interface) at 198.18.81.1/24, holding 198.18.81.2 and .3 with servers on `port` and on
+/// 80 that answer each connection with the address they see, and a DNS server on .53 that
+/// knows `api.allowed.test` (.2). Removed on drop.
 struct Internet {
     name: String,
     port: u16,
@@ -2043,26 +2044,33 @@ impl Internet {
         ]);
         ip(&["addr", "add", "198.18.81.1/24", "dev", name]);
         ip(&["link", "set", name, "up"]);
-        for addr in ["198.18.81.2/24", "198.18.81.3/24"] {
+        for addr in ["198.18.81.2/24", "198.18.81.3/24", "198.18.81.53/24"] {
             ip(&["-n", name, "addr", "add", addr, "dev", "eth0"]);
         }
         ip(&["-n", name, "link", "set", "eth0", "up"]);
         let path = format!("/run/netns/{name}");
-        let listener = std::thread::spawn(move || {
+        let listeners = std::thread::spawn(move || {
             let ns = std::fs::File::open(path).unwrap();
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            std::net::TcpListener::bind("0.0.0.0:0").unwrap()
+            ["0.0.0.0:0", "0.0.0.0:80"].map(|addr| std::net::TcpListener::bind(addr).unwrap())
         })
         .join()
         .unwrap();
-        let port = listener.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            use std::io::Write;
-            for mut stream in listener.incoming().flatten() {
-                let peer = stream.peer_addr().unwrap().ip().to_string();
-                let _ = stream.write_all(peer.as_bytes());
-            }
-        });
+        let port = listeners[0].local_addr().unwrap().port();
+        for listener in listeners {
+            std::thread::spawn(move || {
+                use std::io::Write;
+                for mut stream in listener.incoming().flatten() {
+                    let peer = stream.peer_addr().unwrap().ip().to_string();
+                    let _ = stream.write_all(peer.as_bytes());
+                }
+            });
+        }
+        wrenn_test_support::dns::serve(
+            name,
+            std::net::Ipv4Addr::new(198, 18, 81, 53),
+            &[("api.allowed.test", [198, 18, 81, 2])],
+        );
         Self {
             name: name.to_owned(),
             port,
@@ -2088,7 +2096,10 @@ async fn an_egress_policy_follows_the_capsule_through_changes_and_a_pause() {
     let (mut agent, _) = support::agent::add_agent_with_env(
         &stack.cp,
         &stack.admin.auth(),
-        &[("AGENT_EGRESS_INTERFACE", "wrnegress")],
+        &[
+            ("AGENT_EGRESS_INTERFACE", "wrnegress"),
+            ("AGENT_DNS_SERVERS", "198.18.81.53"),
+        ],
     )
     .await;
     let key = stack.api_key(&stack.admin).await;
@@ -2214,6 +2225,49 @@ async fn an_egress_policy_follows_the_capsule_through_changes_and_a_pause() {
     agent.kill_hard();
     agent.restart(None);
     assert_eq!(reach(2).await, "198.18.81.1");
+    assert!(reach(3).await.ends_with("refused"));
+
+    // By name: an allowed name resolves through the agent's forwarder (the guest asks its own
+    // resolver) and admits its address, and on port 80 a request must ask for that name.
+    let (status, set) = stack
+        .cp
+        .call(
+            Method::PUT,
+            &network,
+            &key,
+            Some(json!({"egress": {"default": "deny", "allow": ["*.allowed.test"]}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{set}");
+    let get = |host: &str| {
+        let script = format!(
+            "exec 3<>/dev/tcp/api.allowed.test/80 || exit 1; \
+             printf 'GET / HTTP/1.1\\r\\nHost: {host}\\r\\n\\r\\n' >&3; timeout 10 cat <&3"
+        );
+        let (stack, key, id) = (&stack, &key, &id);
+        async move {
+            let (status, out) = stack
+                .cp
+                .call(
+                    POST,
+                    &format!("/v1/capsules/{id}/exec"),
+                    key,
+                    Some(json!({"cmd": "/bin/bash", "args": ["-c", script]})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{out}");
+            (
+                out["stdout"].as_str().unwrap().to_owned(),
+                out["exit_code"].clone(),
+            )
+        }
+    };
+    assert_eq!(get("api.allowed.test").await.0, "198.18.81.1");
+    assert_eq!(
+        get("evil.test").await.0,
+        "",
+        "another name on the same address"
+    );
     assert!(reach(3).await.ends_with("refused"));
 
     let (status, _) = stack

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod dns;
 pub mod envd;
 pub mod guest;
 pub mod kernel;

@@ -30,9 +30,10 @@ const FIRST_BYTES_WAIT: Duration = Duration::from_secs(10);
 /// A TLS ClientHello or an HTTP request head larger than this is refused.
 const MAX_PEEK: usize = 16 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections through the guard at once, per sandbox; the policy's `max_connections` counts
-/// them too, but a guest may hold many before naming a server.
-const MAX_CONNECTIONS: usize = 1024;
+/// Connections through the guard at once, per sandbox (each holds two descriptors of the
+/// agent's); the policy's `max_connections` counts them too once they dial out, but a guest may
+/// open many before naming a server.
+const MAX_CONNECTIONS: usize = 256;
 
 pub(super) fn listen_addr() -> SocketAddr {
     SocketAddr::from((GATEWAY_IP, GUARD_PORT))
