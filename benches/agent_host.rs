@@ -73,7 +73,10 @@ async fn network() {
             EgressPolicy::default()
         };
         let started = Instant::now();
-        manager.set_egress(net.slot, policy).await.unwrap();
+        manager
+            .set_egress(net.slot, "bench-egress", policy)
+            .await
+            .unwrap();
         updates.push(started.elapsed());
     }
     manager.destroy(&net).await.unwrap();

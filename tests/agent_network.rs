@@ -526,7 +526,7 @@ async fn cleanup_removes_what_a_crashed_manager_left() {
     assert_eq!(manager.slots_in_use(), vec![1, 2, 3, 9]);
     // The agent rebuilds the description of a sandbox it keeps from the slot alone, and puts
     // its egress table and DNS forwarder back.
-    let kept = manager.adopt(nets[1].slot, &open()).await.unwrap();
+    let kept = manager.adopt(nets[1].slot, "two", &open()).await.unwrap();
     assert_eq!(kept, nets[1]);
     let egress = run(
         "ip",
@@ -543,7 +543,7 @@ async fn cleanup_removes_what_a_crashed_manager_left() {
     );
     assert!(egress.contains("redirect to :53"), "{egress}");
     assert!(matches!(
-        manager.adopt(7, &open()).await,
+        manager.adopt(7, "seven", &open()).await,
         Err(NetworkError::NoSuchSlot(7))
     ));
     let cleaned = manager.cleanup_leftovers(&[kept.slot]).await.unwrap();
@@ -797,11 +797,12 @@ async fn egress_policies_hold_by_network_and_by_name_and_change_at_runtime() {
     let echo = serve_echo(in_netns(&internet, || {
         TcpListener::bind("0.0.0.0:0").unwrap()
     }));
-    for web in [80, 443] {
-        serve_peer_address(in_netns(&internet, || {
-            TcpListener::bind(("0.0.0.0", web)).unwrap()
-        }));
-    }
+    serve_peer_address(in_netns(&internet, || {
+        TcpListener::bind("0.0.0.0:443").unwrap()
+    }));
+    wrenn_test_support::peer::serve_http(in_netns(&internet, || {
+        TcpListener::bind("0.0.0.0:80").unwrap()
+    }));
     const DOWNLOAD: usize = 5 << 20;
     let download = serve_bytes(
         in_netns(&internet, || TcpListener::bind("0.0.0.0:0").unwrap()),
@@ -864,23 +865,49 @@ async fn egress_policies_hold_by_network_and_by_name_and_change_at_runtime() {
         "an allowed name's address is reachable (and masqueraded)"
     );
     // Web ports of an address admitted only by name pass the name guard only when they ask for
-    // an allowed name that this sandbox's look-ups resolved to that address (TLS SNI, HTTP
-    // Host): another name on the same address ("domain fronting") is cut.
+    // an allowed name that this sandbox's look-ups resolved to that address: TLS by its SNI
+    // (another name on the same address is cut), HTTP request by request (another name gets
+    // 403, even on a connection an allowed request opened, or in an absolute-form target).
     let web = |port: u16, request: Vec<u8>| {
         exchange(&guest, SocketAddr::from(([198, 18, 79, 2], port)), request)
     };
     assert_eq!(web(443, client_hello("api.allowed.test")), "198.18.79.1");
     assert_eq!(web(443, client_hello("evil.test")), "");
     assert_eq!(web(443, client_hello("www.allowed.test")), "");
-    let get = |host: &str| format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes();
-    assert_eq!(web(80, get("api.allowed.test")), "198.18.79.1");
-    assert_eq!(web(80, get("evil.test:80")), "");
-    assert_eq!(web(80, b"\x00 not a request\r\n\r\n".to_vec()), "");
+    let get = |target: &str, host: &str, close: bool| {
+        let close = if close { "Connection: close\r\n" } else { "" };
+        format!("GET {target} HTTP/1.1\r\nHost: {host}\r\n{close}\r\n")
+    };
+    let allowed = web(80, get("/", "api.allowed.test", true).into_bytes());
+    assert!(
+        allowed.starts_with("HTTP/1.1 200") && allowed.ends_with("\r\n198.18.79.1"),
+        "{allowed}"
+    );
+    let other = web(80, get("/", "evil.test:80", true).into_bytes());
+    assert!(other.starts_with("HTTP/1.1 403"), "{other}");
+    let both = get("/", "api.allowed.test", false) + &get("/", "evil.test", true);
+    let both = web(80, both.into_bytes());
+    assert!(
+        both.starts_with("HTTP/1.1 200") && both.contains("198.18.79.1HTTP/1.1 403"),
+        "{both}"
+    );
+    let fronted = web(
+        80,
+        get("http://evil.test/", "api.allowed.test", true).into_bytes(),
+    );
+    assert!(fronted.starts_with("HTTP/1.1 403"), "{fronted}");
+    let garbage = web(80, b"\x00 not a request\r\n\r\n".to_vec());
+    assert!(!garbage.contains("198.18.79.1"), "{garbage}");
 
-    // Unlisted and denied names: the first resolves but admits nothing, the second does not
-    // resolve at all.
+    // Unlisted and denied names do not resolve: under a default of deny an unlisted name's
+    // addresses would be refused anyway, and look-ups of arbitrary names are a way out. The
+    // other sandbox, without a policy, resolves it.
     assert_eq!(
         lookup(&guest, GATEWAY_IP, "other.test", false),
+        Some((ResponseCode::NXDomain, vec![]))
+    );
+    assert_eq!(
+        lookup(&free_guest, GATEWAY_IP, "other.test", false),
         Some((ResponseCode::NoError, vec![Ipv4Addr::new(198, 18, 79, 3)]))
     );
     assert_eq!(
@@ -900,7 +927,10 @@ async fn egress_policies_hold_by_network_and_by_name_and_change_at_runtime() {
     // A runtime change applies to the next connection: admit the other server by address.
     let mut widened = strict.clone();
     widened.allow.push("198.18.79.3".parse().unwrap());
-    manager.set_egress(locked.slot, widened).await.unwrap();
+    manager
+        .set_egress(locked.slot, "locked", widened)
+        .await
+        .unwrap();
     assert!(reach(Some(&guest), other_server).is_some());
     // Pins of names the new policy still allows survive the change.
     assert!(reach(Some(&guest), allowed_server).is_some());
@@ -910,32 +940,44 @@ async fn egress_policies_hold_by_network_and_by_name_and_change_at_runtime() {
     let mut held = in_netns(&guest, || TcpStream::connect(echo_addr).unwrap());
     assert!(echoes(&mut held));
     manager
-        .set_egress(locked.slot, strict.clone())
+        .set_egress(locked.slot, "locked", strict.clone())
         .await
         .unwrap();
     assert!(
         !echoes(&mut held),
         "an established connection outlived its refusal"
     );
-    // ...while one admitted by name outlives its address's pin: the TTL was 1 s and the pin
-    // lasts at least 30 s, so check the mark path by reloading the same policy, which keeps
-    // the pins, and holding a connection across it.
+    // ...while one admitted by name survives a change that keeps its name (its conntrack mark
+    // derives from the name rules alone)...
     let allowed_echo = SocketAddr::from(([198, 18, 79, 2], echo));
     let mut kept = in_netns(&guest, || TcpStream::connect(allowed_echo).unwrap());
     assert!(echoes(&mut kept));
     manager
-        .set_egress(locked.slot, strict.clone())
+        .set_egress(locked.slot, "locked", strict.clone())
         .await
         .unwrap();
     assert!(
         echoes(&mut kept),
         "a change that still admits a flow must not cut it"
     );
+    // ...and not one that drops the name.
+    let no_names = policy(serde_json::json!({ "default": "deny" }));
+    manager
+        .set_egress(locked.slot, "locked", no_names)
+        .await
+        .unwrap();
+    assert!(
+        !echoes(&mut kept),
+        "a flow outlived the name that admitted it"
+    );
     drop((held, kept));
 
     // Connection limit: with at most two at once, a third is refused until one closes.
     let limited = policy(serde_json::json!({ "max_connections": 2 }));
-    manager.set_egress(locked.slot, limited).await.unwrap();
+    manager
+        .set_egress(locked.slot, "locked", limited)
+        .await
+        .unwrap();
     let mut two: Vec<TcpStream> = (0..2)
         .map(|_| in_netns(&guest, || TcpStream::connect(echo_addr).unwrap()))
         .collect();
@@ -946,6 +988,18 @@ async fn egress_policies_hold_by_network_and_by_name_and_change_at_runtime() {
         TcpStream::connect_timeout(&echo_addr, Duration::from_secs(2))
     });
     assert!(third.is_err(), "a third connection passed a limit of two");
+    // A change that keeps the limit keeps the count.
+    let widened_limit = policy(serde_json::json!({
+        "max_connections": 2, "deny": ["203.0.113.0/24"],
+    }));
+    manager
+        .set_egress(locked.slot, "locked", widened_limit)
+        .await
+        .unwrap();
+    let third = in_netns(&guest, || {
+        TcpStream::connect_timeout(&echo_addr, Duration::from_secs(2))
+    });
+    assert!(third.is_err(), "a policy change reset the connection count");
     drop(two);
     // Closed connections leave the count once conntrack has seen them close.
     let mut admitted = false;
@@ -985,6 +1039,7 @@ async fn egress_policies_hold_by_network_and_by_name_and_change_at_runtime() {
     manager
         .set_egress(
             locked.slot,
+            "locked",
             policy(serde_json::json!({ "bandwidth_mbps": 8 })),
         )
         .await
@@ -1000,7 +1055,7 @@ async fn egress_policies_hold_by_network_and_by_name_and_change_at_runtime() {
     manager.destroy(&locked).await.unwrap();
     manager.destroy(&free).await.unwrap();
     assert!(matches!(
-        manager.set_egress(locked.slot, open()).await,
+        manager.set_egress(locked.slot, "locked", open()).await,
         Err(NetworkError::NoSuchSlot(_))
     ));
     assert_nothing_left(prefix, k);

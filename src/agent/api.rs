@@ -243,7 +243,9 @@ impl From<SandboxError> for ApiError {
             SandboxError::DestroyedWhileStarting(_) | SandboxError::DestroyedBefore { .. } => {
                 (StatusCode::CONFLICT, ErrorCode::Conflict)
             }
-            SandboxError::Unsettled { .. } => (StatusCode::CONFLICT, ErrorCode::InvalidState),
+            SandboxError::Unsettled { .. } | SandboxError::Busy { .. } => {
+                (StatusCode::CONFLICT, ErrorCode::InvalidState)
+            }
             SandboxError::TooManyConnections { .. } => {
                 (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited)
             }

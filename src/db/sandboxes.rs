@@ -374,6 +374,18 @@ pub async fn network(
     .await?)
 }
 
+/// Serialises changes of a sandbox's egress policy with each other and with the resumes that
+/// carry it to the agent, until the transaction ends.
+pub async fn lock_egress(ex: impl PgExecutor<'_>, id: Uuid) -> Result<(), DbError> {
+    sqlx::query!(
+        r#"SELECT 1 AS "locked!" FROM pg_advisory_xact_lock(hashtextextended('egress ' || $1::uuid::text, 0))"#,
+        id,
+    )
+    .fetch_one(ex)
+    .await?;
+    Ok(())
+}
+
 /// The sandbox's egress policy, whatever its team; `None` when there is no such sandbox.
 pub async fn egress(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Value>, DbError> {
     Ok(

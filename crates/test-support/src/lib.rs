@@ -9,6 +9,7 @@ pub mod dns;
 pub mod envd;
 pub mod guest;
 pub mod kernel;
+pub mod peer;
 pub mod pg;
 
 /// The repository root: where `justfile` and `rootfs/` live.

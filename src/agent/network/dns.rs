@@ -3,10 +3,12 @@
 //! host's resolvers, and applies the sandbox's egress policy to names:
 //! - a name a `deny` rule names is answered NXDOMAIN without asking upstream;
 //! - the addresses of a name an `allow` rule names are pinned into the sandbox's egress table
-//!   for their TTL before the answer is passed on; an answer that points such a name at
-//!   loopback, a private or link-local network, or a network the host or the policy refuses is
-//!   a rebinding attempt and is answered REFUSED, pinning nothing;
-//! - every other answer is passed on untouched.
+//!   before the answer is passed on; an answer that points such a name at loopback, a
+//!   link-local network, or a network the host (`agent.egress_deny`) or the policy refuses is a
+//!   rebinding attempt and is answered REFUSED, pinning nothing;
+//! - under `"default": "deny"` any other name is answered NXDOMAIN without asking upstream too:
+//!   its addresses would be refused anyway, and look-ups of arbitrary names are a channel out;
+//! - otherwise the answer is passed on untouched.
 //!
 //! Each sandbox has its own sockets, so the sandbox a query came from is never guessed.
 
@@ -31,7 +33,8 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 /// Queries in flight per sandbox; beyond it UDP queries are dropped (the guest retries).
 const MAX_IN_FLIGHT: usize = 64;
 const MAX_TCP_CONNECTIONS: usize = 16;
-const MAX_UDP_MESSAGE: usize = 4096;
+/// An answer with EDNS may be as large as a UDP datagram.
+const MAX_UDP_MESSAGE: usize = 65_535;
 
 /// Where the forwarder asks, and what no sandbox may be pointed at.
 #[derive(Debug)]
@@ -128,7 +131,8 @@ enum Transport {
     Tcp,
 }
 
-/// Serves one sandbox's look-ups until its tasks are aborted (the sandbox's network goes).
+/// Serves one sandbox's look-ups until its tasks are aborted (the sandbox's network goes), which
+/// also ends every query and connection they carry.
 pub(super) fn serve(
     slot: Arc<SlotEgress>,
     upstream: Arc<Upstream>,
@@ -141,7 +145,9 @@ pub(super) fn serve(
         let (slot, upstream) = (slot.clone(), upstream.clone());
         tokio::spawn(async move {
             let mut buffer = vec![0; MAX_UDP_MESSAGE];
+            let mut queries = tokio::task::JoinSet::new();
             loop {
+                while queries.try_join_next().is_some() {}
                 let Ok((n, peer)) = udp.recv_from(&mut buffer).await else {
                     continue;
                 };
@@ -150,7 +156,7 @@ pub(super) fn serve(
                 };
                 let query = buffer[..n].to_vec();
                 let (slot, upstream, udp) = (slot.clone(), upstream.clone(), udp.clone());
-                tokio::spawn(async move {
+                queries.spawn(async move {
                     if let Some(reply) = answer(&slot, &upstream, &query, Transport::Udp).await {
                         let _ = udp.send_to(&reply, peer).await;
                     }
@@ -161,7 +167,9 @@ pub(super) fn serve(
     };
     let connections = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     let tcp_task = tokio::spawn(async move {
+        let mut carried = tokio::task::JoinSet::new();
         loop {
+            while carried.try_join_next().is_some() {}
             let Ok((mut stream, _)) = tcp.accept().await else {
                 // Out of descriptors, say: let the condition pass rather than spin on it.
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -171,7 +179,7 @@ pub(super) fn serve(
                 continue;
             };
             let (slot, upstream) = (slot.clone(), upstream.clone());
-            tokio::spawn(async move {
+            carried.spawn(async move {
                 while let Ok(Some(query)) =
                     tokio::time::timeout(TCP_IDLE, read_framed(&mut stream)).await
                 {
@@ -222,7 +230,9 @@ async fn answer(
         .to_ascii_lowercase();
     let policy = slot.policy();
     let verdict = policy.name_verdict(&name);
-    if verdict == NameVerdict::Denied {
+    let unlisted_refused =
+        verdict == NameVerdict::Unlisted && policy.default == crate::egress::EgressDefault::Deny;
+    if verdict == NameVerdict::Denied || unlisted_refused {
         tracing::debug!(%name, "look-up refused by the egress policy");
         return refuse(ResponseCode::NXDomain);
     }
@@ -255,13 +265,18 @@ async fn answer(
         return refuse(ResponseCode::Refused);
     }
     if !addrs.is_empty() {
-        if let Err(error) = slot
+        match slot
             .pin(&name, &addrs, Duration::from_secs(u64::from(ttl)))
             .await
         {
-            // An address the guest could not reach would only look like a broken server.
-            tracing::warn!(%name, %error, "could not admit the addresses of an allowed name");
-            return refuse(ResponseCode::ServFail);
+            Ok(true) => {}
+            // The policy changed while upstream answered.
+            Ok(false) => return refuse(ResponseCode::Refused),
+            Err(error) => {
+                // An address the guest could not reach would only look like a broken server.
+                tracing::warn!(%name, %error, "could not admit the addresses of an allowed name");
+                return refuse(ResponseCode::ServFail);
+            }
         }
     }
     Some(reply)

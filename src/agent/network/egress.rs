@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::egress::{EgressDefault, EgressPolicy};
+use crate::egress::{EgressDefault, EgressPolicy, NameVerdict};
 
 use super::name_guard::{GUARDED_PORTS, GUARD_PORT};
 use super::netns::Namespace;
@@ -122,35 +122,75 @@ pub(super) fn ruleset(
         EgressDefault::Allow => "admit",
         EgressDefault::Deny => "refuse",
     };
+    // The guard sees TCP only: QUIC to an address admitted only by a name would pass any name,
+    // so clients fall back to TCP, where the guard checks it.
+    let quic = if guarded {
+        let ports: Vec<String> = GUARDED_PORTS.iter().map(u16::to_string).collect();
+        format!(
+            "    ip daddr @allow_dns ip daddr != @allow_net udp dport {{ {} }} jump refuse\n",
+            ports.join(", ")
+        )
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         w,
         "  chain outbound {{
 {limit}    ip daddr @deny_net jump refuse
     ip daddr @allow_net jump admit
-    ip daddr @allow_dns ct mark set {generation} jump admit
+{quic}    ip daddr @allow_dns ct mark set {generation} jump admit
     ct mark {generation} jump admit
     jump {fallback}
   }}"
     );
-    let count = policy
-        .max_connections
-        .map(|n| format!("    ct state new ct count over {n} jump refuse\n"))
-        .unwrap_or_default();
     let _ = writeln!(
         w,
         "  chain admit {{
-{count}    accept
+    accept
   }}
-  chain refuse {{
-    meta l4proto tcp reject with tcp reset
-    reject with icmp type admin-prohibited
-  }}
+{REFUSE_CHAIN}
   chain inbound {{
 {limit}    ip saddr @deny_net drop
   }}
 }}"
     );
     out
+}
+
+const REFUSE_CHAIN: &str = "  chain refuse {
+    meta l4proto tcp reject with tcp reset
+    reject with icmp type admin-prohibited
+  }";
+
+/// The table counting the guest's open connections (`max_connections`), apart from the policy's
+/// table so that the count survives every change but one of the limit itself. One counting rule
+/// serves the guest's own connections and the name guard's, so both count against one limit.
+/// A connection the policy then refuses is never confirmed, and leaves the count.
+pub(super) fn limits_ruleset(table: &str, max_connections: Option<u32>) -> String {
+    let up = NAMESPACE_UPLINK;
+    let count = max_connections
+        .map(|n| format!("    ct count over {n} jump refuse\n"))
+        .unwrap_or_default();
+    format!(
+        "table ip {table}
+delete table ip {table}
+table ip {table} {{
+  chain forward {{
+    type filter hook forward priority filter - 2; policy accept;
+    ct status dnat accept
+    iifname != \"{up}\" ct state new jump count
+  }}
+  chain local_out {{
+    type filter hook output priority filter - 2; policy accept;
+    ct status dnat accept
+    oifname \"{up}\" ct state new jump count
+  }}
+  chain count {{
+{count}  }}
+{REFUSE_CHAIN}
+}}
+"
+    )
 }
 
 /// Adds or extends pins in one transaction. An existing element keeps its timeout on `add`, so
@@ -186,21 +226,43 @@ pub(super) fn pinnable(
         || policy.denies_address(addr))
 }
 
-/// What changes under the slot's lock: the generation of the loaded table and the pins made
-/// under it.
-struct Loaded {
-    generation: u32,
-    /// `(address, name)` to the instant the pin expires.
-    pins: HashMap<(Ipv4Addr, String), Instant>,
+/// At most this many addresses pinned per sandbox, and names per address: a guest looking up
+/// endless names under an allowed wildcard must not grow the agent without bound.
+const MAX_PINNED_ADDRS: usize = 4096;
+const MAX_NAMES_PER_ADDR: usize = 64;
+
+/// The conntrack mark of flows admitted by name under `policy`: derived from its name rules
+/// alone, so a change that keeps them (or an agent that restarts and reloads the same policy)
+/// leaves those flows running, and one that changes them cuts the ones it no longer admits.
+fn name_generation(policy: &EgressPolicy) -> u32 {
+    use sha2::Digest;
+    let mut digest = sha2::Sha256::new();
+    for (list, rules) in [("allow", &policy.allow), ("deny", &policy.deny)] {
+        for rule in rules {
+            if let crate::egress::EgressRule::Domain(pattern) = rule {
+                digest.update(format!("{list} {pattern}\n"));
+            }
+        }
+    }
+    let bytes = digest.finalize();
+    u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) | 1
 }
 
-/// One sandbox's egress: its table, policy and pins. Shared with its DNS forwarder.
+/// An address pinned into the kernel's set, and the names whose answers gave it.
+struct Pinned {
+    /// When the kernel's element expires.
+    until: Instant,
+    names: HashMap<String, Instant>,
+}
+
+/// One sandbox's egress: its table, policy and pins. Shared with its DNS forwarder and name
+/// guard.
 pub(super) struct SlotEgress {
     namespace: Namespace,
     table: String,
     policy: RwLock<Arc<EgressPolicy>>,
     /// Serialises table loads and pin changes, so a reload never drops a pin made meanwhile.
-    loaded: tokio::sync::Mutex<Loaded>,
+    pins: tokio::sync::Mutex<HashMap<Ipv4Addr, Pinned>>,
 }
 
 impl SlotEgress {
@@ -210,17 +272,17 @@ impl SlotEgress {
         table: String,
         policy: EgressPolicy,
     ) -> Result<Arc<Self>, SystemError> {
-        // Marks from an earlier agent's tables must not pass as this one's.
-        let generation = rand::random::<u32>() | 1;
-        nft::apply(&ruleset(&table, &policy, generation, &[]), Some(&namespace)).await?;
+        let mut text = ruleset(&table, &policy, name_generation(&policy), &[]);
+        text.push_str(&limits_ruleset(
+            &format!("{table}_limits"),
+            policy.max_connections,
+        ));
+        nft::apply(&text, Some(&namespace)).await?;
         Ok(Arc::new(Self {
             namespace,
             table,
             policy: RwLock::new(Arc::new(policy)),
-            loaded: tokio::sync::Mutex::new(Loaded {
-                generation,
-                pins: HashMap::new(),
-            }),
+            pins: tokio::sync::Mutex::new(HashMap::new()),
         }))
     }
 
@@ -234,22 +296,35 @@ impl SlotEgress {
     /// Replaces the policy. Pins of names it still allows are kept; flows it no longer admits
     /// are cut by their next packet.
     pub(super) async fn set(&self, policy: EgressPolicy) -> Result<(), SystemError> {
-        let mut loaded = self.loaded.lock().await;
+        let mut pins = self.pins.lock().await;
         let now = Instant::now();
-        loaded.pins.retain(|(_, name), until| {
-            *until > now && policy.name_verdict(name) == crate::egress::NameVerdict::Allowed
-        });
-        let mut pins: HashMap<Ipv4Addr, Duration> = HashMap::new();
-        for ((addr, _), until) in &loaded.pins {
-            let left = *until - now;
-            let longest = pins.entry(*addr).or_default();
-            *longest = (*longest).max(left);
+        let allowed = |name: &str| policy.name_verdict(name) == NameVerdict::Allowed;
+        let mut kept: HashMap<Ipv4Addr, Pinned> = HashMap::new();
+        for (addr, pinned) in pins.iter() {
+            if policy.denies_address(*addr) {
+                continue;
+            }
+            let names: HashMap<String, Instant> = pinned
+                .names
+                .iter()
+                .filter(|(name, until)| **until > now && allowed(name))
+                .map(|(name, until)| (name.clone(), *until))
+                .collect();
+            if let Some(until) = names.values().max().copied() {
+                kept.insert(*addr, Pinned { until, names });
+            }
         }
-        let pins: Vec<(Ipv4Addr, Duration)> = pins.into_iter().collect();
-        let generation = loaded.generation.wrapping_add(2) | 1;
-        let text = ruleset(&self.table, &policy, generation, &pins);
+        let elements: Vec<(Ipv4Addr, Duration)> = kept
+            .iter()
+            .map(|(addr, pinned)| (*addr, pinned.until - now))
+            .collect();
+        let mut text = ruleset(&self.table, &policy, name_generation(&policy), &elements);
+        if policy.max_connections != self.policy().max_connections {
+            let limits = format!("{}_limits", self.table);
+            text.push_str(&limits_ruleset(&limits, policy.max_connections));
+        }
         nft::apply(&text, Some(&self.namespace)).await?;
-        loaded.generation = generation;
+        *pins = kept;
         *self
             .policy
             .write()
@@ -259,10 +334,9 @@ impl SlotEgress {
 
     /// Whether this sandbox's look-up of `name` answered `addr`, and its pin still holds.
     pub(super) async fn resolved(&self, name: &str, addr: Ipv4Addr) -> bool {
-        let loaded = self.loaded.lock().await;
-        loaded
-            .pins
-            .get(&(addr, name.to_owned()))
+        let pins = self.pins.lock().await;
+        pins.get(&addr)
+            .and_then(|pinned| pinned.names.get(name))
             .is_some_and(|until| *until > Instant::now())
     }
 
@@ -286,41 +360,51 @@ impl SlotEgress {
     }
 
     /// Admits `addrs`, answered for `name`, for `ttl` (bounded to a sane range). Done before
-    /// the answer reaches the guest, so its first connection finds them admitted.
+    /// the answer reaches the guest, so its first connection finds them admitted. `false` when
+    /// nothing was pinned because the policy in force (it may have changed while upstream
+    /// answered) no longer allows the name or refuses an address, or the sandbox holds as many
+    /// pins as it may.
     pub(super) async fn pin(
         &self,
         name: &str,
         addrs: &[Ipv4Addr],
         ttl: Duration,
-    ) -> Result<(), SystemError> {
+    ) -> Result<bool, SystemError> {
         let ttl = ttl.clamp(MIN_PIN, MAX_PIN);
-        let mut loaded = self.loaded.lock().await;
+        let mut pins = self.pins.lock().await;
+        let policy = self.policy();
+        if policy.name_verdict(name) != NameVerdict::Allowed
+            || addrs.iter().any(|addr| policy.denies_address(*addr))
+        {
+            return Ok(false);
+        }
         let now = Instant::now();
-        loaded.pins.retain(|_, until| *until > now);
+        pins.retain(|_, pinned| {
+            pinned.names.retain(|_, until| *until > now);
+            pinned.until > now && !pinned.names.is_empty()
+        });
+        let new_addrs = addrs.iter().filter(|a| !pins.contains_key(a)).count();
+        let crowded = addrs.iter().any(|addr| {
+            pins.get(addr)
+                .is_some_and(|p| p.names.len() >= MAX_NAMES_PER_ADDR && !p.names.contains_key(name))
+        });
+        if pins.len() + new_addrs > MAX_PINNED_ADDRS || crowded {
+            tracing::warn!(
+                name,
+                "the sandbox holds as many DNS pins as it may; not pinning"
+            );
+            return Ok(false);
+        }
         // The guest may use the answer until `horizon`. Pins are made for twice as long, so that
         // a guest looking the name up again and again (few cache answers) rarely costs a kernel
         // change: only when the address's pin would end before the new answer's horizon.
         let horizon = now + ttl;
         let until = now + (ttl * 2).min(MAX_PIN);
-        let pinned_until = |addr: &Ipv4Addr| {
-            loaded
-                .pins
-                .iter()
-                .filter(|((pinned, _), _)| pinned == addr)
-                .map(|(_, expires)| *expires)
-                .max()
-        };
-        let mut expiries = Vec::with_capacity(addrs.len());
-        let mut needed = Vec::new();
-        for addr in addrs {
-            match pinned_until(addr) {
-                Some(expires) if expires >= horizon => expiries.push((*addr, expires)),
-                _ => {
-                    needed.push((*addr, until - now));
-                    expiries.push((*addr, until));
-                }
-            }
-        }
+        let needed: Vec<(Ipv4Addr, Duration)> = addrs
+            .iter()
+            .filter(|addr| pins.get(addr).is_none_or(|p| p.until < horizon))
+            .map(|addr| (*addr, until - now))
+            .collect();
         if !needed.is_empty() {
             nft::apply(
                 &pin_transaction(&self.table, &needed),
@@ -328,14 +412,19 @@ impl SlotEgress {
             )
             .await?;
         }
-        for (addr, expires) in expiries {
-            let entry = loaded
-                .pins
-                .entry((addr, name.to_owned()))
-                .or_insert(expires);
-            *entry = (*entry).max(expires);
+        for addr in addrs {
+            let pinned = pins.entry(*addr).or_insert_with(|| Pinned {
+                until,
+                names: HashMap::new(),
+            });
+            if needed.iter().any(|(a, _)| a == addr) {
+                pinned.until = pinned.until.max(until);
+            }
+            let kernel_until = pinned.until;
+            let expires = pinned.names.entry(name.to_owned()).or_insert(kernel_until);
+            *expires = (*expires).max(kernel_until);
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -370,7 +459,10 @@ mod tests {
         assert!(text.contains("elements = { 198.51.100.9/32 }"), "{text}");
         assert!(text.contains("203.0.113.5 timeout 90s"), "{text}");
         assert!(text.contains("ct mark set 9 jump admit"));
-        assert!(text.contains("ct count over 8 jump refuse"));
+        assert!(!text.contains("ct count"));
+        let limits = limits_ruleset("w_egress_limits", Some(8));
+        assert!(limits.contains("ct count over 8 jump refuse"), "{limits}");
+        assert!(!limits_ruleset("w_egress_limits", None).contains("ct count"));
         assert!(text.contains("limit rate over 1250000 bytes/second"));
         assert!(text.contains("jump refuse\n  }"));
     }

@@ -310,6 +310,9 @@ impl fmt::Debug for EgressRuntime {
 /// A slot's egress state and the forwarder tasks serving it; dropping it stops the forwarder
 /// and closes its sockets, which would otherwise keep a deleted namespace alive.
 struct EgressRuntime {
+    /// The sandbox the slot belongs to: a slot number read before the sandbox paused may
+    /// belong to another sandbox by the time it is used.
+    sandbox_id: String,
     slot: Arc<SlotEgress>,
     /// The DNS forwarder's and the name guard's tasks.
     tasks: [tokio::task::JoinHandle<()>; 3],
@@ -444,6 +447,7 @@ impl NetworkManager {
     /// Loads `policy` into `namespace` and starts the slot's DNS forwarder there.
     async fn start_egress(
         &self,
+        sandbox_id: &str,
         namespace: netns::Namespace,
         policy: EgressPolicy,
     ) -> Result<EgressRuntime, SystemError> {
@@ -478,6 +482,7 @@ impl NetworkManager {
         let [udp_task, tcp_task] = dns::serve(slot.clone(), self.upstream.clone(), udp, tcp);
         let guard_task = name_guard::serve(slot.clone(), guard);
         Ok(EgressRuntime {
+            sandbox_id: sandbox_id.to_owned(),
             slot,
             tasks: [udp_task, tcp_task, guard_task],
         })
@@ -485,10 +490,16 @@ impl NetworkManager {
 
     /// Replaces the egress policy of a live slot: new connections see it at once, and
     /// established ones it refuses are cut.
-    pub async fn set_egress(&self, slot: u32, policy: EgressPolicy) -> Result<(), NetworkError> {
+    pub async fn set_egress(
+        &self,
+        slot: u32,
+        sandbox_id: &str,
+        policy: EgressPolicy,
+    ) -> Result<(), NetworkError> {
         let egress = self
             .lock_egress()
             .get(&slot)
+            .filter(|runtime| runtime.sandbox_id == sandbox_id)
             .map(|runtime| runtime.slot.clone())
             .ok_or(NetworkError::NoSuchSlot(slot))?;
         egress
@@ -503,6 +514,7 @@ impl NetworkManager {
     pub async fn adopt(
         &self,
         slot: u32,
+        sandbox_id: &str,
         egress: &EgressPolicy,
     ) -> Result<SandboxNetwork, NetworkError> {
         if !self.lock_slots().contains(&slot) {
@@ -520,7 +532,7 @@ impl NetworkManager {
             .await
             .map_err(failed)?;
         let runtime = self
-            .start_egress(namespace, egress.clone())
+            .start_egress(sandbox_id, namespace, egress.clone())
             .await
             .map_err(failed)?;
         self.lock_egress().insert(slot, runtime);
@@ -565,7 +577,7 @@ impl NetworkManager {
     ) -> Result<SandboxNetwork, NetworkError> {
         let slot = self.allocate()?;
         let mut done = Vec::new();
-        match self.build(slot, egress, &mut done).await {
+        match self.build(slot, sandbox_id, egress, &mut done).await {
             Ok(network) => {
                 tracing::debug!(sandbox_id, slot, host_addr = %network.host_addr, "sandbox network created");
                 Ok(network)
@@ -590,6 +602,7 @@ impl NetworkManager {
     async fn build(
         &self,
         slot: u32,
+        sandbox_id: &str,
         egress: &EgressPolicy,
         done: &mut Vec<Undo>,
     ) -> Result<SandboxNetwork, NetworkError> {
@@ -652,7 +665,7 @@ impl NetworkManager {
             .await?;
         self.injected(slot, CreateStep::NamespaceRules)?;
 
-        let runtime = self.start_egress(namespace, egress.clone());
+        let runtime = self.start_egress(sandbox_id, namespace, egress.clone());
         let runtime = self.step(slot, CreateStep::Egress, &name, runtime).await?;
         self.lock_egress().insert(slot, runtime);
         done.push(Undo::StopEgress);

@@ -1,34 +1,46 @@
 //! The name guard: where a policy admits an address only because an allowed name resolved to it
 //! (and refuses by default), TCP connections to it on ports 80 and 443 are redirected here
-//! inside the sandbox's namespace, and pass only if the name they ask the server for (TLS SNI,
-//! or HTTP `Host`) is an allowed name that this sandbox's own look-ups resolved to that address.
-//! That stops a guest from reaching other names on a shared address (a CDN, "domain fronting").
+//! inside the sandbox's namespace, and pass only when the name they ask the server for is an
+//! allowed name that this sandbox's own look-ups resolved to that address. That keeps a guest
+//! from reaching other names on a shared address (a CDN).
+//! - On 443 the name is the TLS ClientHello's SNI. The bytes read to find it are sent on
+//!   unchanged and the connection is then spliced; what is inside TLS (an HTTP `Host` that
+//!   differs from the SNI: "domain fronting") cannot be seen without decrypting, and passes.
+//! - On 80 every request of the connection is checked, by its `Host` and by the authority of an
+//!   absolute-form target (which must agree), and forwarded as a request of its own; one
+//!   naming another server is answered 403. Upgrades (WebSockets) are spliced after the check.
 //!
-//! The guard reads nothing: it peeks at the connection's first bytes, and once it lets the
-//! connection pass it dials the original destination from inside the namespace and splices the
-//! two, so the server sees the guest's bytes as sent and the egress table still counts and
-//! limits the connection (its `output`/`input` chains).
+//! The guard dials the original destination from inside the namespace, so the egress table
+//! still checks, counts and limits the connection (its `output`/`input` chains).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use nix::sys::socket::{getsockopt, sockopt::OriginalDst};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::egress::SlotEgress;
 use super::GATEWAY_IP;
 use crate::egress::NameVerdict;
+use crate::forward::wants_upgrade;
 
 /// The port the guard listens on, on the guest's gateway inside every namespace.
 pub(super) const GUARD_PORT: u16 = 50080;
 /// The ports whose connections to name-admitted addresses are checked.
-pub(super) const GUARDED_PORTS: [u16; 2] = [80, 443];
+pub(super) const GUARDED_PORTS: [u16; 2] = [HTTP_PORT, 443];
+const HTTP_PORT: u16 = 80;
 /// A client gets this long to say which name it wants.
 const FIRST_BYTES_WAIT: Duration = Duration::from_secs(10);
-/// A TLS ClientHello or an HTTP request head larger than this is refused.
-const MAX_PEEK: usize = 16 * 1024;
+/// A TLS ClientHello larger than this is refused.
+const MAX_HELLO: usize = 16 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections through the guard at once, per sandbox (each holds two descriptors of the
 /// agent's); the policy's `max_connections` counts them too once they dial out, but a guest may
@@ -65,28 +77,169 @@ pub(super) fn serve(slot: Arc<SlotEgress>, listener: TcpListener) -> tokio::task
     })
 }
 
-async fn guard(slot: &SlotEgress, mut guest: TcpStream) -> Result<(), String> {
+async fn guard(slot: &Arc<SlotEgress>, guest: TcpStream) -> Result<(), String> {
     let destination = original_destination(&guest)?;
     // Straight to the guard's own address is no redirected connection.
     if *destination.ip() == GATEWAY_IP {
         return Err("a connection to the guard itself".into());
     }
-    let name = tokio::time::timeout(FIRST_BYTES_WAIT, requested_name(&guest))
-        .await
-        .map_err(|_| "the client named no server in time".to_owned())??;
+    if destination.port() == HTTP_PORT {
+        guard_http(slot.clone(), guest, destination).await
+    } else {
+        guard_tls(slot, guest, destination).await
+    }
+}
+
+/// Whether `name` may be reached at `destination`: allowed, and resolved there for this sandbox.
+async fn admitted(slot: &SlotEgress, name: &str, destination: SocketAddrV4) -> bool {
     let policy = slot.policy();
-    if policy.name_verdict(&name) != NameVerdict::Allowed
-        || policy.denies_address(*destination.ip())
-        || !slot.resolved(&name, *destination.ip()).await
-    {
+    policy.name_verdict(name) == NameVerdict::Allowed
+        && !policy.denies_address(*destination.ip())
+        && slot.resolved(name, *destination.ip()).await
+}
+
+async fn dial(slot: &SlotEgress, destination: SocketAddrV4) -> Result<TcpStream, String> {
+    slot.connect_out(SocketAddr::V4(destination), CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| format!("connecting to {destination}: {e}"))
+}
+
+async fn guard_tls(
+    slot: &SlotEgress,
+    mut guest: TcpStream,
+    destination: SocketAddrV4,
+) -> Result<(), String> {
+    let mut hello = Vec::with_capacity(2048);
+    let name = tokio::time::timeout(FIRST_BYTES_WAIT, async {
+        let mut chunk = [0; 4096];
+        loop {
+            let n = guest
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("reading the ClientHello: {e}"))?;
+            if n == 0 {
+                return Err("closed before naming a server".to_owned());
+            }
+            hello.extend_from_slice(&chunk[..n]);
+            match tls_server_name(&hello) {
+                Parsed::Name(name) => return Ok(name),
+                Parsed::Refused(reason) => return Err(reason),
+                Parsed::Incomplete if hello.len() >= MAX_HELLO => {
+                    return Err("no server name in the first 16 KiB".to_owned())
+                }
+                Parsed::Incomplete => {}
+            }
+        }
+    })
+    .await
+    .map_err(|_| "the client named no server in time".to_owned())??;
+    if !admitted(slot, &name, destination).await {
         return Err(format!("`{name}` is not an allowed name of {destination}"));
     }
-    let mut upstream = slot
-        .connect_out(SocketAddr::V4(destination), CONNECT_TIMEOUT)
+    let mut upstream = dial(slot, destination).await?;
+    upstream
+        .write_all(&hello)
         .await
-        .map_err(|e| format!("connecting to {destination}: {e}"))?;
+        .map_err(|e| format!("sending the ClientHello on: {e}"))?;
     let _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await;
     Ok(())
+}
+
+type GuardBody = Either<Incoming, Full<Bytes>>;
+
+fn refusal(status: StatusCode, message: String) -> Response<GuardBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(message + "\n"))));
+    *response.status_mut() = status;
+    response
+}
+
+/// Serves the guest's connection as HTTP/1, checking and forwarding each request over one
+/// connection to the destination, opened with the first request that passes.
+async fn guard_http(
+    slot: Arc<SlotEgress>,
+    guest: TcpStream,
+    destination: SocketAddrV4,
+) -> Result<(), String> {
+    type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+    let upstream: Arc<tokio::sync::Mutex<Option<Sender>>> = Arc::default();
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        let (slot, upstream) = (slot.clone(), upstream.clone());
+        async move {
+            let Some(name) = request_name(&request) else {
+                let message = "egress policy: the request names no single server".to_owned();
+                return Ok::<_, hyper::Error>(refusal(StatusCode::FORBIDDEN, message));
+            };
+            if !admitted(&slot, &name, destination).await {
+                let message = format!("egress policy: `{name}` may not be reached here");
+                return Ok(refusal(StatusCode::FORBIDDEN, message));
+            }
+            let mut sender = upstream.lock().await;
+            if sender.as_ref().is_none_or(|s| s.is_closed()) {
+                let connection = match dial(&slot, destination).await {
+                    Ok(connection) => connection,
+                    Err(reason) => return Ok(refusal(StatusCode::BAD_GATEWAY, reason)),
+                };
+                let (new_sender, conn) =
+                    match hyper::client::conn::http1::handshake(TokioIo::new(connection)).await {
+                        Ok(handshake) => handshake,
+                        Err(e) => return Ok(refusal(StatusCode::BAD_GATEWAY, e.to_string())),
+                    };
+                tokio::spawn(async move {
+                    let _ = conn.with_upgrades().await;
+                });
+                *sender = Some(new_sender);
+            }
+            let sender = sender.as_mut().expect("a sender was just made");
+            let guest_upgrade =
+                wants_upgrade(request.headers()).then(|| hyper::upgrade::on(&mut request));
+            let mut response = match sender.send_request(request).await {
+                Ok(response) => response,
+                Err(e) => return Ok(refusal(StatusCode::BAD_GATEWAY, e.to_string())),
+            };
+            if let (StatusCode::SWITCHING_PROTOCOLS, Some(guest_upgrade)) =
+                (response.status(), guest_upgrade)
+            {
+                let server_upgrade = hyper::upgrade::on(&mut response);
+                tokio::spawn(async move {
+                    if let (Ok(guest), Ok(server)) = (guest_upgrade.await, server_upgrade.await) {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(guest),
+                            &mut TokioIo::new(server),
+                        )
+                        .await;
+                    }
+                });
+            }
+            Ok(response.map(Either::Left))
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(guest), service)
+        .with_upgrades()
+        .await
+        .map_err(|e| format!("serving a guarded HTTP connection: {e}"))
+}
+
+/// The server a request names: its `Host`, and the authority of an absolute-form target, which
+/// must agree when both are given.
+fn request_name<B>(request: &Request<B>) -> Option<String> {
+    let normal = |host: &str| host.trim().trim_end_matches('.').to_ascii_lowercase();
+    let host = request.headers().get(hyper::header::HOST).map(|h| {
+        h.to_str()
+            .ok()
+            .and_then(|h| h.parse::<hyper::http::uri::Authority>().ok())
+    });
+    let host = match host {
+        Some(Some(authority)) => Some(normal(authority.host())),
+        Some(None) => return None,
+        None => None,
+    };
+    let target = request.uri().authority().map(|a| normal(a.host()));
+    match (target, host) {
+        (Some(target), Some(host)) if target != host => None,
+        (Some(name), _) | (None, Some(name)) => Some(name),
+        (None, None) => None,
+    }
 }
 
 fn original_destination(stream: &TcpStream) -> Result<SocketAddrV4, String> {
@@ -97,31 +250,6 @@ fn original_destination(stream: &TcpStream) -> Result<SocketAddrV4, String> {
     ))
 }
 
-/// The server name the connection's first bytes ask for, waiting for more bytes while they
-/// are an incomplete ClientHello or request head.
-async fn requested_name(stream: &TcpStream) -> Result<String, String> {
-    let mut buffer = vec![0; MAX_PEEK];
-    loop {
-        let n = stream
-            .peek(&mut buffer)
-            .await
-            .map_err(|e| format!("reading the first bytes: {e}"))?;
-        if n == 0 {
-            return Err("closed before naming a server".into());
-        }
-        match server_name(&buffer[..n]) {
-            Parsed::Name(name) => return Ok(name),
-            Parsed::Refused(reason) => return Err(reason),
-            Parsed::Incomplete if n == MAX_PEEK => {
-                return Err("no server name in the first 16 KiB".into())
-            }
-            Parsed::Incomplete => {}
-        }
-        // A peek returns at once while any byte is buffered, so more are waited for by time.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[derive(Debug, PartialEq, Eq)]
 enum Parsed {
     Name(String),
@@ -129,43 +257,20 @@ enum Parsed {
     Refused(String),
 }
 
-/// The server name in a TLS ClientHello (SNI) or an HTTP/1 request head (`Host`).
-fn server_name(bytes: &[u8]) -> Parsed {
-    const TLS_HANDSHAKE: u8 = 0x16;
-    if bytes.first() == Some(&TLS_HANDSHAKE) {
-        let mut acceptor = rustls::server::Acceptor::default();
-        let mut reader = bytes;
-        if acceptor.read_tls(&mut reader).is_err() {
-            return Parsed::Refused("not a TLS ClientHello".into());
-        }
-        return match acceptor.accept() {
-            Ok(Some(accepted)) => match accepted.client_hello().server_name() {
-                Some(name) => Parsed::Name(name.to_ascii_lowercase()),
-                None => Parsed::Refused("a ClientHello without a server name".into()),
-            },
-            Ok(None) => Parsed::Incomplete,
-            Err(_) => Parsed::Refused("a malformed ClientHello".into()),
-        };
+/// The server name (SNI) in the TLS ClientHello that `bytes` begin with.
+fn tls_server_name(bytes: &[u8]) -> Parsed {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut reader = bytes;
+    if acceptor.read_tls(&mut reader).is_err() {
+        return Parsed::Refused("not a TLS ClientHello".into());
     }
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(bytes) {
-        Ok(httparse::Status::Complete(_)) => {
-            let host = request
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("host"))
-                .and_then(|h| std::str::from_utf8(h.value).ok());
-            match host {
-                Some(host) => {
-                    let name = host.trim().rsplit_once(':').map_or(host.trim(), |(h, _)| h);
-                    Parsed::Name(name.trim_end_matches('.').to_ascii_lowercase())
-                }
-                None => Parsed::Refused("an HTTP request without Host".into()),
-            }
-        }
-        Ok(httparse::Status::Partial) => Parsed::Incomplete,
-        Err(_) => Parsed::Refused("neither TLS nor HTTP".into()),
+    match acceptor.accept() {
+        Ok(Some(accepted)) => match accepted.client_hello().server_name() {
+            Some(name) => Parsed::Name(name.to_ascii_lowercase()),
+            None => Parsed::Refused("a ClientHello without a server name".into()),
+        },
+        Ok(None) => Parsed::Incomplete,
+        Err(_) => Parsed::Refused("not a TLS ClientHello".into()),
     }
 }
 
@@ -189,22 +294,41 @@ mod tests {
     #[test]
     fn names_come_from_sni_and_host() {
         let hello = client_hello("API.Example.com");
-        assert_eq!(server_name(&hello), Parsed::Name("api.example.com".into()));
-        assert_eq!(server_name(&hello[..hello.len() / 2]), Parsed::Incomplete);
-        let get = b"GET / HTTP/1.1\r\nHost: Example.COM:8080\r\nAccept: */*\r\n\r\n";
-        assert_eq!(server_name(get), Parsed::Name("example.com".into()));
-        assert_eq!(server_name(&get[..20]), Parsed::Incomplete);
+        assert_eq!(
+            tls_server_name(&hello),
+            Parsed::Name("api.example.com".into())
+        );
+        assert_eq!(
+            tls_server_name(&hello[..hello.len() / 2]),
+            Parsed::Incomplete
+        );
         assert!(matches!(
-            server_name(b"GET / HTTP/1.1\r\n\r\n"),
+            tls_server_name(b"\x00\x01garbage"),
             Parsed::Refused(_)
         ));
         assert!(matches!(
-            server_name(b"\x00\x01garbage"),
+            tls_server_name(b"GET / HTTP/1.1\r\n\r\n"),
             Parsed::Refused(_)
         ));
-        assert!(matches!(
-            server_name(b"\x16\x03\x01\x00\x05hello"),
-            Parsed::Refused(_)
-        ));
+
+        let request = |target: &str, host: Option<&str>| {
+            let mut builder = Request::builder().uri(target);
+            if let Some(host) = host {
+                builder = builder.header("host", host);
+            }
+            request_name(&builder.body(()).unwrap())
+        };
+        assert_eq!(
+            request("/", Some("Example.COM:8080")),
+            Some("example.com".into())
+        );
+        assert_eq!(request("http://a.test/x", None), Some("a.test".into()));
+        assert_eq!(
+            request("http://a.test/x", Some("a.test")),
+            Some("a.test".into())
+        );
+        assert_eq!(request("http://other.test/", Some("a.test")), None);
+        assert_eq!(request("/", None), None);
+        assert_eq!(request("/", Some("bad host")), None);
     }
 }

@@ -151,7 +151,7 @@ impl SandboxManager {
                 };
                 let network = self
                     .network
-                    .adopt(slot, &record.request.egress)
+                    .adopt(slot, &id, &record.request.egress)
                     .await
                     .map_err(|e| format!("its network could not be taken over: {e}"))?;
                 let image = self.base_image(&record.request);

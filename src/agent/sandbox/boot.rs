@@ -89,6 +89,10 @@ impl SandboxManager {
                 l.max_disk_mb, req.disk_mb
             )));
         }
+        req.egress
+            .clone()
+            .normalised()
+            .map_err(|e| SandboxError::Invalid(format!("egress: {e}")))?;
         Ok(())
     }
 

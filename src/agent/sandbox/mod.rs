@@ -115,6 +115,8 @@ pub enum SandboxError {
     /// The runtime shut down under an operation.
     #[error("the operation was interrupted: {0}")]
     Interrupted(String),
+    #[error("sandbox {id} is {phase}; try again once it has settled")]
+    Busy { id: String, phase: SandboxPhase },
     #[error("sandbox {id} did not settle within {waited:?}; it is still {phase}")]
     Unsettled {
         id: String,
@@ -197,6 +199,8 @@ struct Sandbox {
     store_copy: relocation::StoreCopy,
     /// The egress policy now in force: the request's until it is changed.
     egress: Mutex<EgressPolicy>,
+    /// Held by a change of the egress policy, so changes apply one at a time and in order.
+    egress_change: tokio::sync::Mutex<()>,
 }
 
 /// Holds a sandbox active (exempt from the idle reaper) while it lives; the idle timer restarts
@@ -244,6 +248,7 @@ impl Sandbox {
     fn in_phase(request: CreateSandbox, created_at: DateTime<Utc>, phase: SandboxPhase) -> Self {
         Self {
             egress: Mutex::new(request.egress.clone()),
+            egress_change: tokio::sync::Mutex::new(()),
             request,
             created_at,
             last_active_ms: AtomicI64::new(Utc::now().timestamp_millis()),

@@ -902,7 +902,7 @@ async fn operate(
     let answer = match operation {
         Operation::Pause => agents.pause_sandbox(&target, id).await,
         Operation::Resume => {
-            let egress = network::egress_of(state, id).await?;
+            let (egress, _held) = network::held_egress(state, id).await?;
             agents.resume_sandbox(&target, id, &egress).await
         }
     };

@@ -10,6 +10,7 @@ use serde_json::Value;
 use super::CapsuleError;
 use crate::cp::state::AppState;
 use crate::db::sandboxes::{self, SandboxStatus};
+use crate::db::DbError;
 use crate::egress::EgressPolicy;
 use crate::id::{SandboxId, TeamId};
 
@@ -95,19 +96,31 @@ pub fn checked_egress(policy: EgressPolicy) -> Result<EgressPolicy, CapsuleError
 /// by a newer version) is refused rather than silently opened.
 pub fn stored_egress(column: &Value) -> Result<EgressPolicy, CapsuleError> {
     serde_json::from_value(column.clone())
-        .map_err(|e| CapsuleError::Db(crate::db::DbError::Query(sqlx::Error::Decode(e.into()))))
+        .map_err(|e| CapsuleError::Db(DbError::Query(sqlx::Error::Decode(e.into()))))
 }
 
 pub fn egress_column(policy: &EgressPolicy) -> Value {
     serde_json::to_value(policy).expect("a policy serialises")
 }
 
-/// The capsule's egress policy, whatever its team.
-pub async fn egress_of(state: &AppState, id: SandboxId) -> Result<EgressPolicy, CapsuleError> {
-    let column = sandboxes::egress(&state.db, id.uuid())
+/// The capsule's egress policy, and a hold that keeps it from changing until dropped: what a
+/// resume sends the agent stays the capsule's policy until the agent has it.
+pub async fn held_egress(
+    state: &AppState,
+    id: SandboxId,
+) -> Result<(EgressPolicy, EgressHold), CapsuleError> {
+    let mut tx = state.db.begin().await.map_err(DbError::from)?;
+    sandboxes::lock_egress(&mut *tx, id.uuid()).await?;
+    let column = sandboxes::egress(&mut *tx, id.uuid())
         .await?
         .ok_or(CapsuleError::NotFound)?;
-    stored_egress(&column)
+    Ok((stored_egress(&column)?, EgressHold { _transaction: tx }))
+}
+
+/// Holds off changes of one capsule's egress policy while it lives (a transaction holding the
+/// capsule's advisory lock, rolled back when dropped).
+pub struct EgressHold {
+    _transaction: sqlx::Transaction<'static, sqlx::Postgres>,
 }
 
 pub async fn network(
@@ -134,13 +147,22 @@ pub async fn set_network(
     id: SandboxId,
     change: NetworkChange,
 ) -> Result<CapsuleNetwork, CapsuleError> {
-    let current = network(state, team, id).await?;
+    // One change at a time per capsule, and none while a resume carries the policy: otherwise
+    // the agent could end up enforcing one policy while the database shows another.
+    let mut tx = state.db.begin().await.map_err(DbError::from)?;
+    sandboxes::lock_egress(&mut *tx, id.uuid()).await?;
+    let current = sandboxes::network(&mut *tx, team.uuid(), id.uuid())
+        .await?
+        .ok_or(CapsuleError::NotFound)?;
+    let current_egress = stored_egress(&current.egress)?;
     let next = CapsuleNetwork {
-        public_ports: change.public_ports.unwrap_or(current.public_ports),
-        egress: change.egress.unwrap_or_else(|| current.egress.clone()),
+        public_ports: change
+            .public_ports
+            .unwrap_or_else(|| PublicPorts::from_column(&current.public_ports)),
+        egress: change.egress.unwrap_or_else(|| current_egress.clone()),
     };
-    if next.egress != current.egress {
-        let route = sandboxes::route_for_team(&state.db, team.uuid(), id.uuid())
+    if next.egress != current_egress {
+        let route = sandboxes::route_for_team(&mut *tx, team.uuid(), id.uuid())
             .await?
             .ok_or(CapsuleError::NotFound)?;
         match route.status {
@@ -170,9 +192,10 @@ pub async fn set_network(
         public_ports: next.public_ports.to_column(),
         egress: egress_column(&next.egress),
     };
-    if !sandboxes::set_network(&state.db, team.uuid(), id.uuid(), &settings).await? {
+    if !sandboxes::set_network(&mut *tx, team.uuid(), id.uuid(), &settings).await? {
         return Err(CapsuleError::NotFound);
     }
+    tx.commit().await.map_err(DbError::from)?;
     Ok(next)
 }
 

@@ -102,8 +102,9 @@ pub(super) async fn resume_elsewhere(
     let from_host = row
         .host_id
         .ok_or(CapsuleError::HostUnavailable(HostId(uuid::Uuid::nil())))?;
-    // The copy holds the policy it was paused with; the capsule's own may have changed since.
-    let egress = super::network::egress_of(state, id).await?;
+    // The copy holds the policy it was paused with; the capsule's own may have changed since,
+    // and may not change again until the new host has it.
+    let (egress, _held) = super::network::held_egress(state, id).await?;
     let relocation = Relocation {
         sandbox_id: id.uuid(),
         team_id: row.team_id,
