@@ -30,7 +30,7 @@ use tokio::sync::Semaphore;
 use super::egress::SlotEgress;
 use super::GATEWAY_IP;
 use crate::egress::NameVerdict;
-use crate::forward::wants_upgrade;
+use crate::forward::{splice, wants_upgrade, Activity};
 
 /// The port the guard listens on, on the guest's gateway inside every namespace.
 pub(super) const GUARD_PORT: u16 = 50080;
@@ -42,6 +42,8 @@ const FIRST_BYTES_WAIT: Duration = Duration::from_secs(10);
 /// A TLS ClientHello larger than this is refused.
 const MAX_HELLO: usize = 16 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// An upgraded connection (a WebSocket) through the guard ends after this long without a byte.
+const UPGRADED_IDLE: Duration = Duration::from_secs(15 * 60);
 /// Connections through the guard at once, per sandbox (each holds two descriptors of the
 /// agent's); the policy's `max_connections` counts them too once they dial out, but a guest may
 /// open many before naming a server.
@@ -200,13 +202,12 @@ async fn guard_http(
                 (response.status(), guest_upgrade)
             {
                 let server_upgrade = hyper::upgrade::on(&mut response);
+                // Outside the sandbox's task set, so bounded by an idle clock instead: a guest
+                // that vanished with its namespace sends nothing more.
                 tokio::spawn(async move {
                     if let (Ok(guest), Ok(server)) = (guest_upgrade.await, server_upgrade.await) {
-                        let _ = tokio::io::copy_bidirectional(
-                            &mut TokioIo::new(guest),
-                            &mut TokioIo::new(server),
-                        )
-                        .await;
+                        let activity = Activity::new(UPGRADED_IDLE);
+                        splice(TokioIo::new(guest), TokioIo::new(server), activity).await;
                     }
                 });
             }
