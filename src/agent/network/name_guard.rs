@@ -262,8 +262,13 @@ enum Parsed {
 fn tls_server_name(bytes: &[u8]) -> Parsed {
     let mut acceptor = rustls::server::Acceptor::default();
     let mut reader = bytes;
-    if acceptor.read_tls(&mut reader).is_err() {
-        return Parsed::Refused("not a TLS ClientHello".into());
+    // One call takes in at most a record's worth; a large ClientHello spans several.
+    while !reader.is_empty() {
+        match acceptor.read_tls(&mut reader) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return Parsed::Refused("not a TLS ClientHello".into()),
+        }
     }
     match acceptor.accept() {
         Ok(Some(accepted)) => match accepted.client_hello().server_name() {
@@ -280,11 +285,16 @@ mod tests {
     use super::*;
 
     fn client_hello(name: &str) -> Vec<u8> {
-        let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        client_hello_offering(name, Vec::new())
+    }
+
+    fn client_hello_offering(name: &str, alpn: Vec<Vec<u8>>) -> Vec<u8> {
+        let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(rustls::RootCertStore::empty())
             .with_no_client_auth();
+        config.alpn_protocols = alpn;
         let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
         let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
         let mut hello = Vec::new();
@@ -302,6 +312,14 @@ mod tests {
         assert_eq!(
             tls_server_name(&hello[..hello.len() / 2]),
             Parsed::Incomplete
+        );
+        // A ClientHello larger than one read of the parser's.
+        let protocols = (0..800).map(|i| format!("proto-{i:05}").into_bytes());
+        let large = client_hello_offering("big.example.com", protocols.collect());
+        assert!(large.len() > 8192, "{}", large.len());
+        assert_eq!(
+            tls_server_name(&large),
+            Parsed::Name("big.example.com".into())
         );
         assert!(matches!(
             tls_server_name(b"\x00\x01garbage"),
