@@ -2117,6 +2117,10 @@ async fn an_egress_policy_follows_the_capsule_through_changes_and_a_pause() {
     assert_eq!(status, StatusCode::CREATED, "{capsule}");
     let id = capsule["id"].as_str().unwrap().to_owned();
     let network = format!("/v1/capsules/{id}/network");
+    let put_network = |body: Value| {
+        let (stack, key, network) = (&stack, &key, &network);
+        async move { stack.cp.call(Method::PUT, network, key, Some(body)).await }
+    };
     // What the guest gets from one server: its answer, or the shell's failure.
     let fetch = |last: u8| {
         format!(
@@ -2162,35 +2166,17 @@ async fn an_egress_policy_follows_the_capsule_through_changes_and_a_pause() {
         json!({"egress": {"default": "maybe"}}),
         json!({"egress": {"max_connections": 0}}),
     ] {
-        let (status, body) = stack
-            .cp
-            .call(Method::PUT, &network, &key, Some(bad.clone()))
-            .await;
+        let (status, body) = put_network(bad.clone()).await;
         assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
     }
     // Public ports alone leave the policy as it is.
-    let (status, set) = stack
-        .cp
-        .call(
-            Method::PUT,
-            &network,
-            &key,
-            Some(json!({"public_ports": [8080]})),
-        )
-        .await;
+    let (status, set) = put_network(json!({"public_ports": [8080]})).await;
     assert_eq!(status, StatusCode::OK, "{set}");
     assert_eq!(set["egress"], got["egress"]);
 
     // A runtime change: the other server by network, the first no longer.
-    let (status, set) = stack
-        .cp
-        .call(
-            Method::PUT,
-            &network,
-            &key,
-            Some(json!({"egress": {"default": "deny", "allow": ["198.18.81.3/32"]}})),
-        )
-        .await;
+    let (status, set) =
+        put_network(json!({"egress": {"default": "deny", "allow": ["198.18.81.3/32"]}})).await;
     assert_eq!(status, StatusCode::OK, "{set}");
     spec.check_response("put", "/v1/capsules/{id}/network", 200, &set);
     assert_eq!(reach(3).await, "198.18.81.1");
@@ -2202,15 +2188,7 @@ async fn an_egress_policy_follows_the_capsule_through_changes_and_a_pause() {
         .call(POST, &format!("/v1/capsules/{id}/pause"), &key, None)
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (status, set) = stack
-        .cp
-        .call(
-            Method::PUT,
-            &network,
-            &key,
-            Some(json!({"egress": {"deny": ["198.18.81.3"]}})),
-        )
-        .await;
+    let (status, set) = put_network(json!({"egress": {"deny": ["198.18.81.3"]}})).await;
     assert_eq!(status, StatusCode::OK, "{set}");
     let (status, body) = stack
         .cp
@@ -2228,15 +2206,8 @@ async fn an_egress_policy_follows_the_capsule_through_changes_and_a_pause() {
 
     // By name: an allowed name resolves through the agent's forwarder (the guest asks its own
     // resolver) and admits its address, and on port 80 a request must ask for that name.
-    let (status, set) = stack
-        .cp
-        .call(
-            Method::PUT,
-            &network,
-            &key,
-            Some(json!({"egress": {"default": "deny", "allow": ["*.allowed.test"]}})),
-        )
-        .await;
+    let (status, set) =
+        put_network(json!({"egress": {"default": "deny", "allow": ["*.allowed.test"]}})).await;
     assert_eq!(status, StatusCode::OK, "{set}");
     let get = |host: &str| {
         let script = format!(

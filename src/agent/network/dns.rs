@@ -26,6 +26,13 @@ use super::egress::SlotEgress;
 use crate::config::Ipv4Cidr;
 use crate::egress::NameVerdict;
 
+pub(super) const DNS_PORT: u16 = 53;
+
+/// The address the forwarder listens on inside every namespace: the guest's gateway.
+pub(super) fn listen_addr() -> SocketAddr {
+    SocketAddr::from((super::GATEWAY_IP, DNS_PORT))
+}
+
 /// How long one upstream server gets to answer before the next is asked.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// A guest's TCP connection to the forwarder is closed after this long without a query.

@@ -16,17 +16,17 @@ use std::time::{Duration, Instant};
 
 use crate::egress::{EgressDefault, EgressPolicy, NameVerdict};
 
+use super::dns::DNS_PORT;
 use super::name_guard::{GUARDED_PORTS, GUARD_PORT};
 use super::netns::Namespace;
 use super::rules::NAMESPACE_UPLINK;
-use super::{nft, SystemError, GATEWAY_IP};
+use super::{nft, SystemError};
 
 /// A pinned address stays admitted at least this long, so that a TTL of 0 or 1 still lets the
 /// guest connect after its look-up.
 const MIN_PIN: Duration = Duration::from_secs(30);
 /// ...and at most this long, whatever TTL an upstream claims.
 const MAX_PIN: Duration = Duration::from_secs(24 * 3600);
-pub(super) const DNS_PORT: u16 = 53;
 
 /// The ruleset for `policy`; `pins` are the name-admitted addresses still valid under it.
 pub(super) fn ruleset(
@@ -72,11 +72,11 @@ pub(super) fn ruleset(
             .allow
             .iter()
             .any(|rule| matches!(rule, crate::egress::EgressRule::Domain(_)));
+    let web_ports: Vec<String> = GUARDED_PORTS.iter().map(u16::to_string).collect();
+    let web_ports = web_ports.join(", ");
     let guard = if guarded {
-        let ports: Vec<String> = GUARDED_PORTS.iter().map(u16::to_string).collect();
         format!(
-            "    iifname != \"{up}\" ip daddr @allow_dns ip daddr != @allow_net tcp dport {{ {} }} redirect to :{GUARD_PORT}\n",
-            ports.join(", ")
+            "    iifname != \"{up}\" ip daddr @allow_dns ip daddr != @allow_net tcp dport {{ {web_ports} }} redirect to :{GUARD_PORT}\n"
         )
     } else {
         String::new()
@@ -125,11 +125,7 @@ pub(super) fn ruleset(
     // The guard sees TCP only: QUIC to an address admitted only by a name would pass any name,
     // so clients fall back to TCP, where the guard checks it.
     let quic = if guarded {
-        let ports: Vec<String> = GUARDED_PORTS.iter().map(u16::to_string).collect();
-        format!(
-            "    ip daddr @allow_dns ip daddr != @allow_net udp dport {{ {} }} jump refuse\n",
-            ports.join(", ")
-        )
+        format!("    ip daddr @allow_dns ip daddr != @allow_net udp dport {{ {web_ports} }} jump refuse\n")
     } else {
         String::new()
     };
@@ -426,11 +422,6 @@ impl SlotEgress {
         }
         Ok(true)
     }
-}
-
-/// The address the forwarder listens on inside every namespace: the guest's gateway.
-pub(super) fn forwarder_addr() -> std::net::SocketAddr {
-    std::net::SocketAddr::from((GATEWAY_IP, DNS_PORT))
 }
 
 #[cfg(test)]

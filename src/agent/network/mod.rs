@@ -451,7 +451,7 @@ impl NetworkManager {
         namespace: netns::Namespace,
         policy: EgressPolicy,
     ) -> Result<EgressRuntime, SystemError> {
-        let (dns_addr, guard_addr) = (egress::forwarder_addr(), name_guard::listen_addr());
+        let (dns_addr, guard_addr) = (dns::listen_addr(), name_guard::listen_addr());
         let (udp, tcp, guard) = namespace
             .run(move || {
                 let bound = |what: &str, addr| {

@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 
 use crate::config::{InterfaceName, Ipv4Cidr};
 
-use super::egress::DNS_PORT;
+use super::dns::DNS_PORT;
 use super::name_guard::GUARD_PORT;
 use super::{GATEWAY_IP, GUEST_IP};
 
