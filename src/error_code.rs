@@ -35,6 +35,8 @@ pub enum ErrorCode {
     TooLarge,
     /// Addition: the reference has no code for throttling.
     RateLimited,
+    /// Addition: the team's resource pool (its plan) has no room for what was asked.
+    PoolExhausted,
     /// Addition: a guest's disk is full.
     InsufficientStorage,
     /// Addition (envd): a filesystem watch broke.

@@ -66,6 +66,7 @@ pub struct CpConfig {
     pub memory_overcommit: f64,
     pub disk_overcommit: f64,
     pub reconcile_interval_secs: u64,
+    pub usage_sample_interval_secs: u64,
     pub agent_timeout_secs: u64,
     pub agent_create_timeout_secs: u64,
     pub host_refresh_grace_secs: u64,
@@ -187,6 +188,9 @@ impl Default for Config {
                     .parse()
                     .expect("default is a number"),
                 reconcile_interval_secs: default("cp.reconcile_interval_secs")
+                    .parse()
+                    .expect("default is a number"),
+                usage_sample_interval_secs: default("cp.usage_sample_interval_secs")
                     .parse()
                     .expect("default is a number"),
                 agent_timeout_secs: default("cp.agent_timeout_secs")

@@ -40,6 +40,9 @@ pub enum ApiError {
         message: String,
         retry_after_secs: u64,
     },
+    /// 429 `pool_exhausted`: the team's plan has no room for what was asked.
+    #[error("{0}")]
+    PoolExhausted(String),
     #[error("the database is unavailable; try again shortly")]
     DatabaseUnavailable,
     /// 503 with `host_unavailable` or `no_hosts_available`.
@@ -65,7 +68,9 @@ impl ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict { .. } | ApiError::HostHasSandboxes(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::PoolExhausted(_) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::DatabaseUnavailable | ApiError::Unavailable { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -89,6 +94,7 @@ impl ApiError {
             ApiError::HostHasSandboxes(_) => ErrorCode::HostHasSandboxes,
             ApiError::TooLarge(_) => ErrorCode::TooLarge,
             ApiError::RateLimited { .. } => ErrorCode::RateLimited,
+            ApiError::PoolExhausted(_) => ErrorCode::PoolExhausted,
             ApiError::DatabaseUnavailable => ErrorCode::DbUnavailable,
             ApiError::Internal => ErrorCode::InternalError,
         }
@@ -210,6 +216,10 @@ impl From<CapsuleError> for ApiError {
                 message,
             },
             CapsuleError::Schedule(ScheduleError::Db(db)) | CapsuleError::Db(db) => db.into(),
+            CapsuleError::Schedule(ScheduleError::PoolExhausted(_)) => {
+                ApiError::PoolExhausted(message)
+            }
+            CapsuleError::Schedule(ScheduleError::TeamGone) => ApiError::NotFound(message),
             CapsuleError::Schedule(_) => ApiError::Unavailable {
                 code: ErrorCode::NoHostsAvailable,
                 message,

@@ -13,8 +13,10 @@ pub mod ca;
 pub mod error;
 pub mod extract;
 pub mod limits;
+pub mod metering;
 pub mod monitor;
 pub mod pagination;
+pub mod pool;
 pub mod port_proxy;
 pub mod pruner;
 pub mod reconciler;
@@ -144,7 +146,7 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Loads (or, on a new database, creates) the CA, then serves on `listener` and runs the
-/// background tasks (host monitor, reconciler, login-failure pruner) until `shutdown` completes,
+/// background tasks (host monitor, reconciler, login-failure pruner, usage metering) until `shutdown` completes,
 /// then drains in-flight requests and stops them.
 pub async fn run(
     listener: TcpListener,
@@ -159,6 +161,11 @@ pub async fn run(
     let monitor_task = tokio::spawn(monitor::run(state.db.clone(), monitor, cancel.clone()));
     let reconciler_task = tokio::spawn(reconciler::run(state.clone(), cancel.clone()));
     let pruner_task = tokio::spawn(pruner::run(state.db.clone(), cancel.clone()));
+    let metering_task = tokio::spawn(metering::run(
+        state.db.clone(),
+        state.capsules.usage_sample_interval,
+        cancel.clone(),
+    ));
     let revocations_task = tokio::spawn(
         state
             .revocations
@@ -173,6 +180,7 @@ pub async fn run(
     let _ = monitor_task.await;
     let _ = reconciler_task.await;
     let _ = pruner_task.await;
+    let _ = metering_task.await;
     let _ = revocations_task.await;
     served.map_err(ServeError::Serve)
 }

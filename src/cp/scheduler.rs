@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use sqlx::Acquire;
 use uuid::Uuid;
 
+use super::pool::{self, AdmitError, Ask, PoolExhausted};
 use crate::db::host_templates;
 use crate::db::hosts::{self, Host};
 use crate::db::sandboxes::{self, PlacedSandbox, Reserved};
@@ -52,8 +53,23 @@ pub enum ScheduleError {
     /// A snapshot template lives only on the hosts that made it.
     #[error("no online host available to this team holds template `{0}`")]
     NoHolder(String),
+    /// The team's pool (its plan) has no room for it.
+    #[error(transparent)]
+    PoolExhausted(#[from] PoolExhausted),
+    #[error("the team no longer exists")]
+    TeamGone,
     #[error(transparent)]
     Db(#[from] DbError),
+}
+
+impl From<AdmitError> for ScheduleError {
+    fn from(error: AdmitError) -> Self {
+        match error {
+            AdmitError::Exhausted(exhausted) => ScheduleError::PoolExhausted(exhausted),
+            AdmitError::TeamGone => ScheduleError::TeamGone,
+            AdmitError::Db(db) => ScheduleError::Db(db),
+        }
+    }
 }
 
 /// A host's capacity after overcommit, what is already promised on it, and whether it holds
@@ -174,6 +190,19 @@ impl Claim<'_> {
         }
     }
 
+    /// What the claim adds to its team's pool: a new capsule in full; a paused one moving its
+    /// vCPUs and the memory it did not hold; a missing one, counted as running, nothing.
+    fn ask(&self, paused_memory_percent: i32) -> Ask {
+        let demand = self.demand();
+        match self {
+            Claim::Insert(_) => Ask::running(1, demand.vcpus, demand.memory_mb, demand.disk_mb),
+            Claim::Move(r) if r.from_status == sandboxes::SandboxStatus::Paused => {
+                Ask::resume(demand.vcpus, demand.memory_mb, paused_memory_percent)
+            }
+            Claim::Move(_) => Ask::default(),
+        }
+    }
+
     fn template_name(&self) -> &str {
         match self {
             Claim::Insert(p) => &p.template_name,
@@ -195,10 +224,10 @@ impl Claim<'_> {
     }
 }
 
-/// The heart of [`place`] and [`place_relocation`]: candidates' loads read without locks, the
-/// best one locked, its load read again and the claim written if it still fits; a host that
-/// filled up meanwhile drops out and the next best is tried. `Ok(None)`: the claim's row moved
-/// on meanwhile.
+/// The heart of [`place`] and [`place_relocation`]: candidates' loads read without locks, then
+/// the team's pool locked and the claim admitted to it, the best host locked, its load read
+/// again and the claim written if it still fits; a host that filled up meanwhile drops out and
+/// the next best is tried. `Ok(None)`: the claim's row moved on meanwhile.
 async fn claim_best(
     db: &Db,
     settings: &SchedulerSettings,
@@ -247,6 +276,10 @@ async fn claim_best(
         let mut conn = db.acquire().await.map_err(DbError::from)?;
         let mut tx = conn.begin().await.map_err(DbError::from)?;
         let chosen = candidates[index].id;
+        pool::admit_locked(&mut tx, claim.team(), |plan| {
+            claim.ask(plan.limits.paused_memory_percent)
+        })
+        .await?;
         if let Some(host) = hosts::lock_schedulable(&mut *tx, chosen, claim.team()).await? {
             let load = Load {
                 capacity: Capacity::of(&host, settings),
@@ -270,7 +303,7 @@ async fn claim_best(
 
 /// Reserves room on `host` for `children` of sandbox `source` (each asking `demand`), inserted
 /// `pending` there: a fork's children share their source's host, which holds its memory. Under
-/// the host's lock, like [`place`].
+/// the team's pool lock and the host's lock, like [`place`].
 pub async fn place_fork(
     db: &Db,
     settings: &SchedulerSettings,
@@ -288,6 +321,10 @@ pub async fn place_fork(
     };
     let mut conn = db.acquire().await.map_err(DbError::from)?;
     let mut tx = conn.begin().await.map_err(DbError::from)?;
+    pool::admit_locked(&mut tx, team, |_| {
+        Ask::running(count, demand.vcpus, demand.memory_mb, demand.disk_mb)
+    })
+    .await?;
     let Some(locked) = hosts::lock_schedulable(&mut *tx, host, team).await? else {
         return Err(ScheduleError::NoHosts);
     };
@@ -327,6 +364,31 @@ pub async fn place_relocation(
     relocation: &Relocation,
 ) -> Result<Option<Host>, ScheduleError> {
     claim_best(db, settings, Claim::Move(relocation)).await
+}
+
+/// Applies `change` to capsule `id` of `team` if its team's pool has room for what `ask_of`
+/// asks (given the team's plan): a resume, or a snapshot template about to be made. False when
+/// the capsule's status no longer allows the change. The change and the admission are one
+/// transaction under the pool's lock.
+pub async fn change_admitted(
+    db: &Db,
+    team: Uuid,
+    id: Uuid,
+    change: sandboxes::Transition<'_>,
+    ask_of: impl FnOnce(&crate::db::plans::Plan) -> Ask,
+) -> Result<bool, ScheduleError> {
+    let mut conn = db.acquire().await.map_err(DbError::from)?;
+    let mut tx = conn.begin().await.map_err(DbError::from)?;
+    let (plan, used) = crate::db::plans::lock_pool(&mut tx, team)
+        .await?
+        .ok_or(ScheduleError::TeamGone)?;
+    if !sandboxes::transition(&mut *tx, id, change).await? {
+        return Ok(false);
+    }
+    // Read before the change: the capsule is counted as it was.
+    pool::admit(&plan, &used, &ask_of(&plan))?;
+    tx.commit().await.map_err(DbError::from)?;
+    Ok(true)
 }
 
 /// Whether `host` has room for `demand` now (a read, without its lock): whether a paused capsule

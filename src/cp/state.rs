@@ -148,6 +148,8 @@ pub struct CapsuleSettings {
     /// `cp.host_agent_addr`: dialled instead of every host's registered address.
     pub agent_addr_override: Option<String>,
     pub reconcile_interval: Duration,
+    /// `cp.usage_sample_interval_secs`: the metering's sample interval.
+    pub usage_sample_interval: Duration,
     pub team_limits: TeamLimitSettings,
     /// The template store, when `store.url` names one the control plane can reach too: it then
     /// confirms what a host says it published, and finds the copies of paused capsules that
@@ -168,6 +170,7 @@ impl Default for CapsuleSettings {
             scheduler: SchedulerSettings::default(),
             agent_addr_override: None,
             reconcile_interval: Duration::from_secs(15),
+            usage_sample_interval: Duration::from_secs(10),
             team_limits: TeamLimitSettings::default(),
             store: None,
             build_context_max_bytes: 1 << 30,
@@ -192,6 +195,7 @@ impl CapsuleSettings {
             },
             agent_addr_override: cp.host_agent_addr.as_ref().map(ToString::to_string),
             reconcile_interval: Duration::from_secs(cp.reconcile_interval_secs.max(1)),
+            usage_sample_interval: Duration::from_secs(cp.usage_sample_interval_secs.max(1)),
             team_limits: TeamLimitSettings::from_config(config),
             store: None,
             build_context_max_bytes: cp.build_context_max_bytes,

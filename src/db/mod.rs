@@ -14,10 +14,12 @@ pub mod hosts;
 pub mod login_failures;
 pub mod migrate;
 pub mod page;
+pub mod plans;
 pub mod sandboxes;
 pub mod team_members;
 pub mod teams;
 pub mod templates;
+pub mod usage;
 pub mod users;
 
 use std::time::Duration;

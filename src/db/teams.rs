@@ -24,6 +24,7 @@ pub struct TeamWithRole {
     pub is_default: bool,
 }
 
+/// A new team, on the default plan.
 pub async fn insert(
     ex: impl PgExecutor<'_>,
     id: Uuid,
@@ -32,7 +33,9 @@ pub async fn insert(
 ) -> Result<Team, DbError> {
     Ok(sqlx::query_as!(
         Team,
-        "INSERT INTO teams (id, name, slug) VALUES ($1, $2, $3) RETURNING id, name, slug, created_at",
+        "INSERT INTO teams (id, name, slug, plan_id)
+         VALUES ($1, $2, $3, (SELECT id FROM plans WHERE is_default))
+         RETURNING id, name, slug, created_at",
         id,
         name,
         slug,

@@ -67,11 +67,12 @@ pub const QUIET_MONITOR: MonitorSettings = MonitorSettings {
     unreachable_after: Duration::from_secs(3600),
 };
 
-/// Capsule settings whose reconciler never runs on its own, so that tests call
-/// `reconciler::reconcile_once` when they choose.
+/// Capsule settings whose reconciler and usage metering never run on their own, so that tests
+/// call `reconciler::reconcile_once` and `db::usage::sample` when they choose.
 pub fn quiet_capsules() -> CapsuleSettings {
     CapsuleSettings {
         reconcile_interval: Duration::from_secs(3600),
+        usage_sample_interval: Duration::from_secs(3600),
         ..CapsuleSettings::default()
     }
 }
@@ -385,6 +386,11 @@ pub struct CpReplica {
 
 impl CpReplica {
     pub async fn start(cp: &TestCp) -> Self {
+        Self::start_with_env(cp, &[]).await
+    }
+
+    /// A replica with more environment variables (configuration) than the defaults.
+    pub async fn start_with_env(cp: &TestCp, env: &[(&str, &str)]) -> Self {
         let addr: SocketAddr = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             probe.local_addr().unwrap()
@@ -400,6 +406,7 @@ impl CpReplica {
             .env("CP_LISTEN_ADDR", addr.to_string())
             .env("CP_RECONCILE_INTERVAL_SECS", "3600")
             .env("LOG_LEVEL", "wrenn=warn")
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .spawn()
             .unwrap();

@@ -8,6 +8,7 @@ mod capsule_ws;
 mod capsules;
 mod hosts;
 mod meta;
+mod pools;
 
 pub use meta::OPENAPI_YAML;
 mod teams;
@@ -160,6 +161,16 @@ fn capsule_api(routes: Routes) -> Routes {
             "/v1/capsules/{id}/traffic-token",
             axum::routing::post(capsules::traffic_token),
         )
+        .add(
+            Method::GET,
+            "/v1/capsules/stats",
+            axum::routing::get(pools::stats),
+        )
+        .add(
+            Method::GET,
+            "/v1/capsules/usage",
+            axum::routing::get(pools::usage),
+        )
 }
 
 fn api() -> Routes {
@@ -215,6 +226,25 @@ fn api() -> Routes {
             delete(teams::remove_member),
         )
         .add(Method::POST, "/v1/teams/{id}/leave", post(teams::leave))
+        .add(Method::GET, "/v1/teams/{id}/pool", get(pools::team_pool))
+        .add(Method::GET, "/v1/admin/plans", get(pools::list_plans))
+        .add(Method::POST, "/v1/admin/plans", post(pools::create_plan))
+        .add(Method::GET, "/v1/admin/plans/{name}", get(pools::get_plan))
+        .add(
+            Method::PATCH,
+            "/v1/admin/plans/{name}",
+            patch(pools::update_plan),
+        )
+        .add(
+            Method::DELETE,
+            "/v1/admin/plans/{name}",
+            delete(pools::delete_plan),
+        )
+        .add(
+            Method::PUT,
+            "/v1/admin/teams/{id}/plan",
+            put(pools::assign_plan),
+        )
         .add(Method::POST, "/v1/hosts", post(hosts::create))
         .add(Method::GET, "/v1/hosts", get(hosts::list))
         .add(Method::GET, "/v1/hosts/{id}", get(hosts::get))

@@ -21,6 +21,7 @@ use crate::agent::wire::{
 use crate::cp::agent_client::{AgentError, AgentTarget};
 use crate::cp::limits::TeamBusy;
 use crate::cp::pagination::{Page, PageRequest};
+use crate::cp::pool::Ask;
 use crate::cp::scheduler::{self, Demand, Placement, ScheduleError};
 use crate::cp::state::AppState;
 use crate::db::hosts::{Host, HostStatus};
@@ -656,8 +657,11 @@ pub async fn snapshot(
         }
     };
     let target = online_target(state, &route)?;
+    let source = find(state, team, id).await?;
     let during = Transition::to(SandboxStatus::Snapshotting).from(from);
-    if !sandboxes::transition(&state.db, id.uuid(), during).await? {
+    // The template will hold at most the capsule's memory and disk, in the team's disk pool.
+    let ask = Ask::snapshot(i64::from(source.memory_mb), i64::from(source.disk_mb));
+    if !scheduler::change_admitted(&state.db, team.uuid(), id.uuid(), during, |_| ask).await? {
         return Err(match sandboxes::status_of(&state.db, id.uuid()).await? {
             Some(status) => CapsuleError::Busy(status),
             None => CapsuleError::NotFound,
@@ -895,7 +899,27 @@ async fn operate(
     operation.allowed(route.status)?;
     let target = online_target(state, &route)?;
     let (from, during) = operation.statuses();
-    if !sandboxes::transition(&state.db, id.uuid(), Transition::to(during).from(from)).await? {
+    let began = match operation {
+        Operation::Pause => {
+            sandboxes::transition(&state.db, id.uuid(), Transition::to(during).from(from)).await?
+        }
+        // Running again holds more of the team's pool: admitted with the status change.
+        Operation::Resume => {
+            let row = sandboxes::by_id(&state.db, id.uuid())
+                .await?
+                .ok_or(CapsuleError::NotFound)?;
+            let change = Transition::to(during).from(from);
+            scheduler::change_admitted(&state.db, row.team_id, id.uuid(), change, |plan| {
+                Ask::resume(
+                    i64::from(row.vcpus),
+                    i64::from(row.memory_mb),
+                    plan.limits.paused_memory_percent,
+                )
+            })
+            .await?
+        }
+    };
+    if !began {
         return Err(moved_on(state, id, operation).await);
     }
     let agents = &state.capsules.agents;

@@ -8,8 +8,10 @@ pub mod capsules;
 pub mod hosts;
 pub mod login_limits;
 pub mod passwords;
+pub mod pools;
 pub mod teams;
 pub mod templates;
+pub mod usage;
 pub mod users;
 
 use serde_json::Value;
@@ -228,20 +230,36 @@ pub mod input {
         }
     }
 
+    checked_string!(
+        /// A plan name: as a tag.
+        PlanName
+    );
+
+    /// 1-64 characters, `[A-Za-z0-9][A-Za-z0-9._-]*`.
+    fn safe_name(field: &'static str, raw: &str) -> Result<String, ServiceError> {
+        let mut chars = raw.chars();
+        let valid = raw.len() <= 64
+            && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if valid {
+            Ok(raw.to_owned())
+        } else {
+            Err(ServiceError::invalid(
+                field,
+                format!("`{raw}` must be 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit"),
+            ))
+        }
+    }
+
     impl Tag {
         pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
-            let mut chars = raw.chars();
-            let valid = raw.len() <= 64
-                && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-                && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-            if valid {
-                Ok(Self(raw.to_owned()))
-            } else {
-                Err(ServiceError::invalid(
-                    field,
-                    format!("`{raw}` must be 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit"),
-                ))
-            }
+            safe_name(field, raw).map(Self)
+        }
+    }
+
+    impl PlanName {
+        pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
+            safe_name(field, raw).map(Self)
         }
     }
 
