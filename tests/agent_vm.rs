@@ -72,6 +72,36 @@ async fn boots_runs_commands_moves_files_and_destroys_without_traces() {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(list["sandboxes"].as_array().unwrap().len(), 1, "{list}");
 
+        // Sampled every second: CPU of the VMM per vCPU, the guest's memory, the disk's bytes.
+        let out = agent.run(
+            &sid("e2e-one"),
+            "sh",
+            &["-c", "timeout 3 sh -c 'while :; do :; done'; true"],
+        );
+        assert_eq!(out["exit_code"], 0, "{out}");
+        let metrics_path = format!("/v1/sandboxes/{}/metrics", sid("e2e-one"));
+        let (status, metrics) = agent.call(Method::GET, &format!("{metrics_path}?range=5m"), None);
+        assert_eq!(status, StatusCode::OK, "{metrics}");
+        assert_eq!(metrics["range"], "5m");
+        let points = metrics["points"].as_array().unwrap();
+        assert!(points.len() >= 3, "{metrics}");
+        let busiest = points
+            .iter()
+            .map(|p| p["cpu_pct"].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        assert!((30.0..=100.0).contains(&busiest), "{metrics}");
+        let last = points.last().unwrap();
+        let mem = last["mem_bytes"].as_u64().unwrap();
+        assert!(mem > (8 << 20) && mem < (512 << 20), "{last}");
+        assert!(last["disk_bytes"].as_u64().unwrap() > 0, "{last}");
+        let (_, hour) = agent.call(Method::GET, &format!("{metrics_path}?range=1h"), None);
+        assert!(!hour["points"].as_array().unwrap().is_empty(), "{hour}");
+        let (status, _) = agent.call(Method::GET, &format!("{metrics_path}?range=3d"), None);
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let unknown = format!("/v1/sandboxes/{}/metrics", sid("never-here"));
+        let (status, _) = agent.call(Method::GET, &unknown, None);
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
         let (status, body) = agent.call(
             Method::DELETE,
             &format!("/v1/sandboxes/{}", sid("e2e-one")),
@@ -84,6 +114,10 @@ async fn boots_runs_commands_moves_files_and_destroys_without_traces() {
             None,
         );
         assert_eq!(status, StatusCode::NOT_FOUND);
+        // Its metrics outlive it.
+        let (status, metrics) = agent.call(Method::GET, &metrics_path, None);
+        assert_eq!(status, StatusCode::OK, "{metrics}");
+        assert_eq!(metrics["range"], "10m");
         wait_clean(&agent);
         // A stopped agent takes its host firewall table with it.
         let mut agent = agent;

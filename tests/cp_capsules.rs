@@ -28,6 +28,7 @@ use wrenn::cp::state::CapsuleSettings;
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
 const DELETE: Method = Method::DELETE;
+const PUT: Method = Method::PUT;
 
 /// Long enough for a TCG guest booting beside another test's.
 const FRAME_WAIT: Duration = Duration::from_secs(60);
@@ -1655,6 +1656,84 @@ async fn pause_and_resume_through_the_api_keep_the_guest_and_refuse_the_wrong_st
         .call(POST, &format!("/v1/capsules/{id}/ping"), &key, None)
         .await;
     assert_error(status, &body, StatusCode::CONFLICT, "invalid_state");
+
+    // Its host's samples outlive the pause.
+    let metrics = format!("/v1/capsules/{id}/metrics");
+    let (status, body) = stack
+        .cp
+        .call(GET, &format!("{metrics}?range=5m"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    Spec::reference().check_response("GET", "/v1/capsules/{id}/metrics", 200, &body);
+    assert_eq!(body["sandbox_id"], json!(id));
+    assert!(!body["points"].as_array().unwrap().is_empty(), "{body}");
+    let (status, body) = stack
+        .cp
+        .call(GET, &format!("{metrics}?range=1d"), &key, None)
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+
+    // A pool that fits one running capsule: the paused one holds no place, so another can be
+    // created; then neither a resume (by call or by a file call) nor a third create fits.
+    let (status, plan) = stack
+        .cp
+        .call(
+            POST,
+            "/v1/admin/plans",
+            &stack.admin.auth(),
+            Some(json!({"name": "one", "max_capsules": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{plan}");
+    let assign = format!("/v1/admin/teams/{}/plan", stack.admin.team);
+    let on_plan = |plan: &'static str| {
+        let (stack, assign) = (&stack, &assign);
+        async move {
+            let body = Some(json!({ "plan": plan }));
+            let (status, out) = stack.cp.call(PUT, assign, &stack.admin.auth(), body).await;
+            assert_eq!(status, StatusCode::OK, "{out}");
+        }
+    };
+    on_plan("one").await;
+    let other = stack.created(&key).await;
+    let (status, body) = stack.cp.call(POST, &resume, &key, None).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::TOO_MANY_REQUESTS,
+        "pool_exhausted",
+    );
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("1 of 1 running capsule(s)"), "{message}");
+    let (status, body) = stack
+        .cp
+        .call(
+            POST,
+            &format!("/v1/capsules/{id}/files/list"),
+            &key,
+            Some(json!({"path": "/tmp"})),
+        )
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::TOO_MANY_REQUESTS,
+        "pool_exhausted",
+    );
+    let (status, body) = stack.create(&key, json!({})).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::TOO_MANY_REQUESTS,
+        "pool_exhausted",
+    );
+    assert_eq!(stack.status_of(&key, &id).await, "paused");
+    let (status, _) = stack
+        .cp
+        .call(DELETE, &format!("/v1/capsules/{other}"), &key, None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    on_plan("default").await;
 
     let (status, capsule) = stack.cp.call(POST, &resume, &key, None).await;
     assert_eq!(status, StatusCode::OK, "{capsule}");

@@ -24,8 +24,8 @@ use super::sandbox::{SandboxError, SandboxManager};
 use super::templates::{ImportSource, TemplateError};
 use super::wire::{
     AgentPing, CaptureTemplate, CreateSandbox, ForkSandbox, ForkedSandboxes, ImportFromPath,
-    ImportedTemplate, ResumeSandbox, SandboxInfo, SandboxList, SnapshotTemplate,
-    SnapshotTemplateInfo,
+    ImportedTemplate, MetricsRange, ResumeSandbox, SandboxInfo, SandboxList, SandboxMetrics,
+    SnapshotTemplate, SnapshotTemplateInfo,
 };
 use crate::egress::EgressPolicy;
 use crate::error_code::{ErrorCode, ErrorEnvelope};
@@ -292,6 +292,7 @@ pub fn router(state: AgentState) -> Router {
         .route("/v1/sandboxes/{id}/pause", post(pause))
         .route("/v1/sandboxes/{id}/resume", post(resume))
         .route("/v1/sandboxes/{id}/egress", put(set_egress))
+        .route("/v1/sandboxes/{id}/metrics", get(sandbox_metrics))
         .route("/v1/sandboxes/{id}/envd/{*path}", any(proxy_envd))
         .route("/v1/sandboxes/{id}/ports/{port}", any(proxy_port))
         .route("/v1/sandboxes/{id}/ports/{port}/", any(proxy_port))
@@ -462,6 +463,40 @@ async fn set_egress(
     let policy: EgressPolicy = json_body(request).await?;
     state.sandboxes.set_egress(&id.to_string(), policy).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct MetricsQuery {
+    range: Option<String>,
+}
+
+/// The sandbox's sampled use of this host over `range` (default `10m`), while it is here and
+/// for a day after it has left.
+async fn sandbox_metrics(
+    State(state): State<AgentState>,
+    Path(id): Path<String>,
+    Query(query): Query<MetricsQuery>,
+) -> Result<Json<SandboxMetrics>, ApiError> {
+    let id = sandbox_id(&id)?;
+    let range = match query.range.as_deref() {
+        None => MetricsRange::TenMinutes,
+        Some(raw) => raw.parse().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidRequest,
+                format!("range: `{raw}` is not one of 5m, 10m, 1h, 2h, 6h, 12h, 24h"),
+            )
+        })?,
+    };
+    let points = state
+        .sandboxes
+        .metrics(&id.to_string(), range)
+        .ok_or_else(|| SandboxError::NotFound(id.to_string()))?;
+    Ok(Json(SandboxMetrics {
+        sandbox_id: id,
+        range,
+        points,
+    }))
 }
 
 /// Takes in a paused sandbox from its copy in the template store (another host paused it);

@@ -147,6 +147,7 @@ pub async fn run(
     let stop = shutdown.child_token();
     let server = tokio::spawn(api::serve_tls(listener, tls, app, stop.clone()));
     let reaper = tokio::spawn(sandboxes.clone().reap_idle(stop.clone()));
+    let sampler = tokio::spawn(sandbox::metrics::run(sandboxes.clone(), stop.clone()));
 
     let interval = Duration::from_secs(config.agent.heartbeat_interval_secs.max(1));
     let outcome = registration::heartbeat_loop(
@@ -164,6 +165,7 @@ pub async fn run(
     // operator asked otherwise.
     stop.cancel();
     let _ = reaper.await;
+    let _ = sampler.await;
     // No pause or resume starts from here; those in progress run to their end, so no VM is
     // left frozen half way.
     sandboxes.finish_operations().await;

@@ -375,3 +375,81 @@ pub struct ImportedTemplate {
     /// The names of the variables the image's config sets (their values may be secrets).
     pub env: Vec<String>,
 }
+
+/// The windows `GET /v1/sandboxes/{id}/metrics?range=` (and the capsule API's `metrics`)
+/// answers over: the 0.3.0 API's `Range1`.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    strum::EnumIter,
+    strum::EnumString,
+    strum::IntoStaticStr,
+)]
+pub enum MetricsRange {
+    #[serde(rename = "5m")]
+    #[strum(serialize = "5m")]
+    FiveMinutes,
+    #[serde(rename = "10m")]
+    #[strum(serialize = "10m")]
+    TenMinutes,
+    #[serde(rename = "1h")]
+    #[strum(serialize = "1h")]
+    OneHour,
+    #[serde(rename = "2h")]
+    #[strum(serialize = "2h")]
+    TwoHours,
+    #[serde(rename = "6h")]
+    #[strum(serialize = "6h")]
+    SixHours,
+    #[serde(rename = "12h")]
+    #[strum(serialize = "12h")]
+    TwelveHours,
+    #[serde(rename = "24h")]
+    #[strum(serialize = "24h")]
+    OneDay,
+}
+
+impl MetricsRange {
+    /// How far back the range reaches.
+    pub fn span_secs(self) -> i64 {
+        match self {
+            MetricsRange::FiveMinutes => 300,
+            MetricsRange::TenMinutes => 600,
+            MetricsRange::OneHour => 3600,
+            MetricsRange::TwoHours => 7200,
+            MetricsRange::SixHours => 6 * 3600,
+            MetricsRange::TwelveHours => 12 * 3600,
+            MetricsRange::OneDay => 24 * 3600,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+/// One sample of a sandbox's use of its host (or an average of samples).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    pub timestamp_unix: i64,
+    /// The VMM process's CPU time as a share of the sandbox's vCPUs, 0-100.
+    pub cpu_pct: f64,
+    /// Memory the guest uses (`MemTotal - MemAvailable`, from envd).
+    pub mem_bytes: u64,
+    /// Bytes allocated to the sandbox's copy-on-write disk on the host.
+    pub disk_bytes: u64,
+}
+
+/// `GET /v1/sandboxes/{id}/metrics`: the 0.3.0 API's `CapsuleMetrics`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxMetrics {
+    pub sandbox_id: SandboxId,
+    pub range: MetricsRange,
+    pub points: Vec<MetricPoint>,
+}

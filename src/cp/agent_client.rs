@@ -24,8 +24,8 @@ use serde::Serialize;
 use super::ca::CaHandle;
 use crate::agent::wire::{
     envd_proxy_path, AgentPing, CaptureTemplate, CreateSandbox, ForkSandbox, ForkedSandboxes,
-    ImportFromPath, ImportedTemplate, ResumeSandbox, SandboxInfo, SandboxList, SnapshotTemplate,
-    SnapshotTemplateInfo,
+    ImportFromPath, ImportedTemplate, MetricsRange, ResumeSandbox, SandboxInfo, SandboxList,
+    SandboxMetrics, SnapshotTemplate, SnapshotTemplateInfo,
 };
 use crate::egress::EgressPolicy;
 use crate::envd::client::{EnvdClient, EnvdClientError, HttpClient, RequestBody};
@@ -547,6 +547,22 @@ impl AgentClient {
         )
         .await
         .map(drop)
+    }
+
+    pub async fn sandbox_metrics(
+        &self,
+        target: &AgentTarget,
+        id: SandboxId,
+        range: MetricsRange,
+    ) -> Result<SandboxMetrics, AgentError> {
+        self.json(
+            target,
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/metrics?range={}", range.as_str()),
+            None::<&()>,
+            self.timeouts.request,
+        )
+        .await
     }
 
     pub async fn get_sandbox(

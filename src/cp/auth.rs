@@ -16,6 +16,7 @@ use axum::http::HeaderMap;
 use uuid::Uuid;
 
 use super::error::ApiError;
+use super::events::Actor;
 use super::extract::path_id;
 use super::limits::{Work, WorkPermit};
 use super::revocations::Credential;
@@ -27,7 +28,7 @@ use crate::db::sandboxes::SandboxRoute;
 use crate::db::users::{User, UserStatus};
 use crate::db::{api_keys, capsule_access, host_refresh_tokens, users};
 use crate::error_code::ErrorCode;
-use crate::id::{HostId, SandboxId, TeamId};
+use crate::id::{ApiKeyId, HostId, SandboxId, TeamId};
 
 pub const API_KEY_HEADER: &str = "x-api-key";
 pub const HOST_TOKEN_HEADER: &str = "x-host-token";
@@ -131,6 +132,22 @@ pub struct AuthTeam {
 }
 
 impl AuthTeam {
+    /// Who this caller is, for events.
+    pub fn actor(&self) -> Actor {
+        match &self.actor {
+            TeamActor::ApiKey(id) => Actor {
+                kind: "api_key",
+                id: Some(ApiKeyId(*id).to_string()),
+                name: None,
+            },
+            TeamActor::User(user) => Actor {
+                kind: "user",
+                id: Some(user.caller.user.to_string()),
+                name: Some(user.user.name.clone()),
+            },
+        }
+    }
+
     /// What this caller authenticated with, for sessions that must end when it is revoked.
     pub fn credential(&self) -> Credential {
         let team = self.team_id.uuid();
@@ -183,6 +200,8 @@ impl FromRequestParts<AppState> for AuthTeam {
 #[derive(Debug, Clone)]
 pub struct CapsuleCall {
     pub team_id: TeamId,
+    /// Who calls, for events.
+    pub actor: Actor,
     pub id: SandboxId,
     pub sandbox: SandboxRoute,
 }
@@ -229,11 +248,16 @@ impl FromRequestParts<AppState> for CapsuleCall {
                 return Err(bad_id);
             }
         };
-        let (team_id, sandbox) = if let Some(key) = header(parts, API_KEY_HEADER) {
+        let (team_id, sandbox, actor) = if let Some(key) = header(parts, API_KEY_HEADER) {
             let access = capsule_access::by_api_key(&state.db, &sha256(key), id.uuid())
                 .await?
                 .ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
-            (TeamId(access.team_id), access.sandbox)
+            let actor = Actor {
+                kind: "api_key",
+                id: Some(ApiKeyId(access.key_id).to_string()),
+                name: None,
+            };
+            (TeamId(access.team_id), access.sandbox, actor)
         } else {
             let Some(token) = bearer(parts) else {
                 return Err(ApiError::Unauthorized(
@@ -263,11 +287,17 @@ impl FromRequestParts<AppState> for CapsuleCall {
                     "you are no longer a member of this token's team",
                 ));
             }
-            (claims.team_id, access.sandbox)
+            let actor = Actor {
+                kind: "user",
+                id: Some(claims.sub.to_string()),
+                name: Some(claims.name.clone()),
+            };
+            (claims.team_id, access.sandbox, actor)
         };
         let sandbox = sandbox.ok_or(ApiError::from(CapsuleError::NotFound))?;
         Ok(CapsuleCall {
             team_id,
+            actor,
             id,
             sandbox,
         })

@@ -194,9 +194,9 @@ impl From<CapsuleError> for ApiError {
         let message = error.to_string();
         match error {
             CapsuleError::Invalid { .. } => ApiError::InvalidRequest(message),
-            CapsuleError::NotFound | CapsuleError::TemplateNotFound(_) => {
-                ApiError::NotFound(message)
-            }
+            CapsuleError::NotFound
+            | CapsuleError::NoMetrics
+            | CapsuleError::TemplateNotFound(_) => ApiError::NotFound(message),
             CapsuleError::NotRunning(_)
             | CapsuleError::NotPaused(_)
             | CapsuleError::Busy(_)

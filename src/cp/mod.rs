@@ -11,6 +11,7 @@ pub mod agent_client;
 pub mod auth;
 pub mod ca;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod limits;
 pub mod metering;
@@ -166,13 +167,24 @@ pub async fn run(
         state.capsules.usage_sample_interval,
         cancel.clone(),
     ));
+    let events_task = tokio::spawn(events::run(
+        state.db.clone(),
+        state.events.clone(),
+        cancel.clone(),
+    ));
     let revocations_task = tokio::spawn(
         state
             .revocations
             .clone()
             .listen(state.db.clone(), cancel.clone()),
     );
+    let hub = state.events.clone();
     let app = app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let shutdown = async move {
+        shutdown.await;
+        // Event streams never end by themselves; the graceful shutdown waits for them.
+        hub.close();
+    };
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
@@ -182,6 +194,7 @@ pub async fn run(
     let _ = pruner_task.await;
     let _ = metering_task.await;
     let _ = revocations_task.await;
+    let _ = events_task.await;
     served.map_err(ServeError::Serve)
 }
 

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::agent_client::{AgentClient, AgentTimeouts};
 use super::ca::CaHandle;
+use super::events::EventHub;
 use super::limits::{TeamLimitSettings, TeamLimits};
 use super::port_proxy::ProxyDomain;
 use super::revocations::Revocations;
@@ -30,6 +31,8 @@ pub struct Shared {
     pub auth: AuthSettings,
     pub agent_secrets: AgentSecrets,
     pub revocations: Revocations,
+    /// This replica's lifecycle-event subscribers.
+    pub events: EventHub,
     /// Execs, transfers and sessions each team has in progress.
     pub team_limits: Arc<TeamLimits>,
     /// The permits password hashes and checks run under.
@@ -235,6 +238,7 @@ impl AppState {
             agent_secrets: AgentSecrets::new(ca.clone()),
             ca,
             revocations: Revocations::default(),
+            events: EventHub::default(),
             team_limits,
             passwords,
         }))

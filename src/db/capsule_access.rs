@@ -14,6 +14,7 @@ use super::DbError;
 /// An API key's team and, if that team has it, the sandbox.
 #[derive(Debug, Clone)]
 pub struct KeyAccess {
+    pub key_id: Uuid,
     pub team_id: Uuid,
     pub sandbox: Option<SandboxRoute>,
 }
@@ -62,7 +63,7 @@ pub async fn by_api_key(
                UPDATE team_api_keys SET last_used = now()
                WHERE id IN (SELECT id FROM k WHERE last_used IS NULL OR last_used < now() - interval '1 second')
            )
-           SELECT k.team_id AS "team_id!", s.status AS "status?: SandboxStatus",
+           SELECT k.id AS "key_id!", k.team_id AS "team_id!", s.status AS "status?: SandboxStatus",
                   s.host_id AS "host_id?", h.status AS "host_status?: HostStatus",
                   h.address AS "host_address?",
                   h.agent_secret_generation AS "agent_secret_generation?"
@@ -75,6 +76,7 @@ pub async fn by_api_key(
     .fetch_optional(ex)
     .await?;
     Ok(found.map(|r| KeyAccess {
+        key_id: r.key_id,
         team_id: r.team_id,
         sandbox: Row {
             status: r.status,

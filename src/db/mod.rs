@@ -6,6 +6,7 @@ pub mod audit_logs;
 pub mod builds;
 pub mod capsule_access;
 pub mod control_plane_ca;
+pub mod events;
 pub mod host_refresh_tokens;
 pub mod host_registration_tokens;
 pub mod host_tags;

@@ -248,6 +248,23 @@ pub async fn by_id(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<SandboxRo
     .await?)
 }
 
+/// The sandboxes of `ids` that exist, whatever their team and status.
+pub async fn by_ids(ex: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<Vec<SandboxRow>, DbError> {
+    Ok(sqlx::query_as!(
+        SandboxRow,
+        r#"SELECT s.id, s.team_id, s.host_id, s.template_name AS template, s.status AS "status: SandboxStatus",
+                  s.vcpus, s.memory_mb, s.disk_mb, s.timeout_sec, s.created_at, s.started_at,
+                  s.last_active_at, s.last_updated, s.metadata,
+                  h.address AS "host_address?"
+           FROM sandboxes s
+           LEFT JOIN hosts h ON h.id = s.host_id
+           WHERE s.id = ANY($1)"#,
+        ids,
+    )
+    .fetch_all(ex)
+    .await?)
+}
+
 /// The team's sandbox, whatever its status.
 pub async fn for_team(
     ex: impl PgExecutor<'_>,

@@ -2,8 +2,9 @@
 //! `phase` (the transition table every phase change goes through), `boot` (create, step by step
 //! with rollback), `pause` (pause to disk and resume), `teardown` (destroy, exactly once however
 //! many callers ask), `reaper` (the idle reaper, which pauses), `record` (each sandbox's state on
-//! disk), `adopt` (taking over the sandboxes of an earlier agent process) and `capture` (a
-//! sandbox's disk made a template image, a build's last step).
+//! disk), `adopt` (taking over the sandboxes of an earlier agent process), `capture` (a
+//! sandbox's disk made a template image, a build's last step) and `metrics` (each sandbox's
+//! use of the host, sampled every second).
 
 mod adopt;
 mod boot;
@@ -11,6 +12,7 @@ mod boot_snapshot;
 mod capture;
 mod egress;
 mod fork;
+pub mod metrics;
 mod pause;
 mod phase;
 mod reaper;
@@ -388,6 +390,8 @@ pub struct SandboxManager {
     store_paused: bool,
     kernel_checksums: relocation::KernelChecksums,
     sandboxes: Mutex<HashMap<String, Arc<Sandbox>>>,
+    /// Each sandbox's sampled use of the host (`metrics`), kept a while after it has gone.
+    metric_rings: Mutex<HashMap<String, metrics::MetricRings>>,
     /// The most recent sandboxes lost, for the control plane's reconciler.
     lost: Mutex<VecDeque<LostSandbox>>,
     /// Creates, pauses and resumes in progress, which neither a caller hanging up nor a
@@ -429,6 +433,7 @@ impl SandboxManager {
             store_paused: snapshots.store_paused,
             kernel_checksums: relocation::KernelChecksums::default(),
             sandboxes: Mutex::new(HashMap::new()),
+            metric_rings: Mutex::new(HashMap::new()),
             lost: Mutex::new(VecDeque::new()),
             operations: tokio_util::task::TaskTracker::new(),
         }

@@ -17,8 +17,10 @@ use serde_json::Value;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::no_content;
+use crate::agent::wire::{MetricsRange, SandboxMetrics};
 use crate::cp::auth::{AuthTeam, CapsuleCall};
 use crate::cp::error::ApiError;
+use crate::cp::events::{self, Actor};
 use crate::cp::extract::{path_id, ApiJson, ApiQuery};
 use crate::cp::limits::Work;
 use crate::cp::pagination::PageQuery;
@@ -135,13 +137,46 @@ pub async fn create(
             &body.public_ports,
         )?
     };
-    let created = capsules::create(&state, auth.team_id, new).await?;
+    let created = capsules::create(&state, auth.team_id, new).await;
+    let resource = created
+        .as_ref()
+        .map_or(String::new(), |c| c.sandbox.id.to_string());
+    let outcome = created.as_ref().map(drop).map_err(ToString::to_string);
+    let event = events::action(
+        auth.team_id.uuid(),
+        "capsule.create",
+        ("capsule", resource),
+        &auth.actor(),
+        outcome,
+    );
+    events::record(&state.db, event).await;
+    let created = created?;
     let timing = format!("agent;dur={:.3}", created.agent_time.as_secs_f64() * 1000.0);
     let mut response = (StatusCode::CREATED, Json(Capsule::from(created.sandbox))).into_response();
     if let Ok(value) = HeaderValue::from_str(&timing) {
         response.headers_mut().insert("server-timing", value);
     }
     Ok(response)
+}
+
+/// Records what an API call did to a capsule, as an event.
+async fn record_action<T, E: std::fmt::Display>(
+    state: &AppState,
+    team: crate::id::TeamId,
+    kind: &'static str,
+    id: SandboxId,
+    actor: &Actor,
+    outcome: &Result<T, E>,
+) {
+    let outcome = outcome.as_ref().map(drop).map_err(ToString::to_string);
+    let event = events::action(
+        team.uuid(),
+        kind,
+        ("capsule", id.uuid().to_string()),
+        actor,
+        outcome,
+    );
+    events::record(&state.db, event).await;
 }
 
 pub async fn list(
@@ -167,7 +202,18 @@ pub async fn destroy(
     auth: AuthTeam,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    capsules::destroy(&state, auth.team_id, capsule_id(&id)?).await?;
+    let id = capsule_id(&id)?;
+    let destroyed = capsules::destroy(&state, auth.team_id, id).await;
+    record_action(
+        &state,
+        auth.team_id,
+        "capsule.destroy",
+        id,
+        &auth.actor(),
+        &destroyed,
+    )
+    .await;
+    destroyed?;
     Ok(no_content())
 }
 
@@ -176,8 +222,10 @@ pub async fn pause(
     State(state): State<AppState>,
     call: CapsuleCall,
 ) -> Result<Json<Capsule>, ApiError> {
-    let team = call.team_id;
-    capsules::pause(&state, call.id, call.sandbox).await?;
+    let (team, actor) = (call.team_id, call.actor.clone());
+    let paused = capsules::pause(&state, call.id, call.sandbox).await;
+    record_action(&state, team, "capsule.pause", call.id, &actor, &paused).await;
+    paused?;
     Ok(Json(capsules::get(&state, team, call.id).await?.into()))
 }
 
@@ -186,8 +234,10 @@ pub async fn resume(
     State(state): State<AppState>,
     call: CapsuleCall,
 ) -> Result<Json<Capsule>, ApiError> {
-    let team = call.team_id;
-    capsules::resume(&state, call.id, call.sandbox).await?;
+    let (team, actor) = (call.team_id, call.actor.clone());
+    let resumed = capsules::resume(&state, call.id, call.sandbox).await;
+    record_action(&state, team, "capsule.resume", call.id, &actor, &resumed).await;
+    resumed?;
     Ok(Json(capsules::get(&state, team, call.id).await?.into()))
 }
 
@@ -234,6 +284,31 @@ pub struct NetworkRequest {
     pub public_ports: Option<Vec<i64>>,
     #[serde(default)]
     pub egress: Option<EgressPolicy>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MetricsQuery {
+    range: Option<String>,
+}
+
+pub async fn metrics(
+    State(state): State<AppState>,
+    auth: AuthTeam,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<MetricsQuery>,
+) -> Result<Json<SandboxMetrics>, ApiError> {
+    let id = capsule_id(&id)?;
+    let range = match query.range.as_deref() {
+        None => MetricsRange::TenMinutes,
+        Some(raw) => raw.parse().map_err(|_| {
+            ApiError::InvalidRequest(format!(
+                "range: `{raw}` is not one of 5m, 10m, 1h, 2h, 6h, 12h, 24h"
+            ))
+        })?,
+    };
+    Ok(Json(
+        capsules::metrics(&state, auth.team_id, id, range).await?,
+    ))
 }
 
 pub async fn network(

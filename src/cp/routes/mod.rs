@@ -6,6 +6,7 @@ mod api_keys;
 mod builds;
 mod capsule_ws;
 mod capsules;
+mod events;
 mod hosts;
 mod meta;
 mod pools;
@@ -163,6 +164,11 @@ fn capsule_api(routes: Routes) -> Routes {
         )
         .add(
             Method::GET,
+            "/v1/capsules/{id}/metrics",
+            axum::routing::get(capsules::metrics),
+        )
+        .add(
+            Method::GET,
             "/v1/capsules/stats",
             axum::routing::get(pools::stats),
         )
@@ -227,6 +233,7 @@ fn api() -> Routes {
         )
         .add(Method::POST, "/v1/teams/{id}/leave", post(teams::leave))
         .add(Method::GET, "/v1/teams/{id}/pool", get(pools::team_pool))
+        .add(Method::GET, "/v1/events/stream", get(events::stream))
         .add(Method::GET, "/v1/admin/plans", get(pools::list_plans))
         .add(Method::POST, "/v1/admin/plans", post(pools::create_plan))
         .add(Method::GET, "/v1/admin/plans/{name}", get(pools::get_plan))

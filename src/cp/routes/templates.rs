@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::cp::agent_client::ImportArchive;
 use crate::cp::auth::{AdminUser, AuthTeam};
 use crate::cp::error::ApiError;
+use crate::cp::events;
 use crate::cp::extract::{parse_json, path_id, ApiJson, ApiQuery};
 use crate::cp::pagination::PageQuery;
 use crate::cp::services::templates::{self, ImportSettings, Imported, Published};
@@ -133,9 +134,23 @@ pub async fn create_snapshot(
         }
     };
     let capsule = path_id("sandbox_id", &body.sandbox_id)?;
-    let template =
-        templates::create_snapshot(&state, auth.team_id, capsule, body.name, overwrite).await?;
-    Ok((StatusCode::CREATED, Json(TemplateView::from(template))).into_response())
+    let name = body.name.clone();
+    let made =
+        templates::create_snapshot(&state, auth.team_id, capsule, body.name, overwrite).await;
+    let resource = made
+        .as_ref()
+        .map_or_else(|_| name.unwrap_or_default(), |t| t.name.clone());
+    let mut event = events::action(
+        auth.team_id.uuid(),
+        "template.snapshot.create",
+        ("template", resource),
+        &auth.actor(),
+        made.as_ref().map(drop).map_err(ToString::to_string),
+    );
+    event.metadata = serde_json::json!({ "sandbox_id": capsule.to_string() });
+    event.sandbox_id = Some(capsule.uuid());
+    events::record(&state.db, event).await;
+    Ok((StatusCode::CREATED, Json(TemplateView::from(made?))).into_response())
 }
 
 /// `DELETE /v1/snapshots/{name}`: the team's template leaves the registry, every host and the
@@ -145,7 +160,16 @@ pub async fn delete(
     auth: AuthTeam,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    templates::delete(&state, auth.team_id, &name).await?;
+    let deleted = templates::delete(&state, auth.team_id, &name).await;
+    let event = events::action(
+        auth.team_id.uuid(),
+        "template.snapshot.delete",
+        ("template", name),
+        &auth.actor(),
+        deleted.as_ref().map(drop).map_err(ToString::to_string),
+    );
+    events::record(&state.db, event).await;
+    deleted?;
     Ok(StatusCode::NO_CONTENT)
 }
 

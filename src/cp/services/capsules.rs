@@ -16,7 +16,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::agent::wire::{
-    CreateSandbox, ForkSandbox, SandboxInfo, SandboxPhase, SnapshotTemplate, SnapshotTemplateInfo,
+    CreateSandbox, ForkSandbox, MetricsRange, SandboxInfo, SandboxMetrics, SandboxPhase,
+    SnapshotTemplate, SnapshotTemplateInfo,
 };
 use crate::cp::agent_client::{AgentError, AgentTarget};
 use crate::cp::limits::TeamBusy;
@@ -50,6 +51,9 @@ pub enum CapsuleError {
     },
     #[error("capsule not found")]
     NotFound,
+    /// Its host holds no metrics for it: never sampled, or gone longer than they are kept.
+    #[error("no metrics are kept for this capsule")]
+    NoMetrics,
     #[error("template `{0}` not found")]
     TemplateNotFound(String),
     #[error("capsule is {0}; this operation needs it running")]
@@ -1008,6 +1012,32 @@ async fn moved_on(state: &AppState, id: SandboxId, operation: Operation) -> Caps
             .unwrap_or(CapsuleError::Busy(status)),
         Ok(None) => CapsuleError::NotFound,
         Err(error) => error.into(),
+    }
+}
+
+/// The capsule's sampled use of its host over `range`, from its host's agent, which keeps them
+/// while the capsule is there (paused too) and for a day after it has gone.
+pub async fn metrics(
+    state: &AppState,
+    team: TeamId,
+    id: SandboxId,
+    range: MetricsRange,
+) -> Result<SandboxMetrics, CapsuleError> {
+    let route = route(state, team, id).await?;
+    if route.host_id.is_none() {
+        return Err(CapsuleError::NoMetrics);
+    }
+    let target = online_target(state, &route)?;
+    match state
+        .capsules
+        .agents
+        .sandbox_metrics(&target, id, range)
+        .await
+    {
+        Err(AgentError::Rejected { status, .. }) if status == http::StatusCode::NOT_FOUND => {
+            Err(CapsuleError::NoMetrics)
+        }
+        other => Ok(other?),
     }
 }
 
