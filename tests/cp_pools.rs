@@ -639,6 +639,7 @@ async fn metering_matches_an_independent_calculation_over_a_scripted_timeline() 
         "/v1/capsules/stats?range=2d",
         "/v1/capsules/usage?from=yesterday",
         "/v1/capsules/usage?from=2026-02-30",
+        "/v1/capsules/usage?to=-262143-01-01",
         "/v1/capsules/usage?from=2026-03-02&to=2026-03-01",
         "/v1/capsules/usage?from=2026-01-01&to=2026-06-01",
     ] {

@@ -139,7 +139,12 @@ pub async fn with_capsules(db: &Db, rows: Vec<EventRow>) -> Result<Vec<Delivered
     Ok(rows
         .into_iter()
         .map(|event| {
-            let sandbox = event.sandbox_id.and_then(|id| capsules.get(&id).cloned());
+            // An action on an ID the caller named may be about another team's capsule.
+            let sandbox = event
+                .sandbox_id
+                .and_then(|id| capsules.get(&id))
+                .filter(|row| row.team_id == event.team_id)
+                .cloned();
             Delivered { event, sandbox }
         })
         .collect())
@@ -161,6 +166,10 @@ impl Delivery {
             above: BTreeSet::new(),
             gap_since: None,
         }
+    }
+
+    fn is_new(&self, id: i64) -> bool {
+        id > self.floor && !self.above.contains(&id)
     }
 
     /// Whether `id` is new; marks it delivered.
@@ -187,19 +196,27 @@ impl Delivery {
 }
 
 async fn deliver_new(db: &Db, hub: &EventHub, delivery: &mut Delivery) -> Result<(), DbError> {
+    let mut after = delivery.floor;
     loop {
-        let rows = events::after(db, delivery.floor, BATCH).await?;
+        let rows = events::after(db, after, BATCH).await?;
+        let Some(last) = rows.last().map(|r| r.id) else {
+            break;
+        };
         let full = rows.len() as i64 == BATCH;
-        let fresh: Vec<EventRow> = rows.into_iter().filter(|r| delivery.take(r.id)).collect();
+        let fresh: Vec<EventRow> = rows.into_iter().filter(|r| delivery.is_new(r.id)).collect();
+        // Marked delivered only once read whole: a failure here leaves them for the next look.
         for delivered in with_capsules(db, fresh).await? {
+            delivery.take(delivered.event.id);
             // No subscriber is no error.
             let _ = hub.sender.send(Arc::new(delivered));
         }
-        delivery.settle();
+        after = last;
         if !full {
-            return Ok(());
+            break;
         }
     }
+    delivery.settle();
+    Ok(())
 }
 
 async fn listen(db: &Db) -> Result<PgListener, DbError> {

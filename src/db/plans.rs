@@ -168,6 +168,10 @@ pub async fn set_limits(
 /// Makes plan `name` the one new teams get; false when there is no such plan. Two statements,
 /// so run it in a transaction: the unique index allows one default at every instant.
 pub async fn make_default(conn: &mut sqlx::PgConnection, name: &str) -> Result<bool, DbError> {
+    // Two changes of the default at once: the second waits here for the first's commit.
+    sqlx::query!("SELECT id FROM plans WHERE is_default FOR UPDATE")
+        .fetch_all(&mut *conn)
+        .await?;
     sqlx::query!(
         "UPDATE plans SET is_default = false, updated_at = now()
          WHERE is_default AND name <> $1",

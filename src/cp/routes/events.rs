@@ -20,6 +20,7 @@ use super::capsules::Capsule;
 use crate::cp::auth::AuthTeam;
 use crate::cp::error::ApiError;
 use crate::cp::events::{with_capsules, Delivered};
+use crate::cp::revocations::Credential;
 use crate::cp::state::AppState;
 use crate::db::events::{self, EventRow};
 use crate::id::{HostId, SandboxId};
@@ -168,6 +169,7 @@ async fn replay(
 
 async fn feed(
     state: AppState,
+    credential: Credential,
     team: uuid::Uuid,
     last_event: Option<i64>,
     mut live: broadcast::Receiver<Arc<Delivered>>,
@@ -184,10 +186,13 @@ async fn feed(
         None => HashSet::new(),
     };
     let closing = state.events.closing();
+    let revoked = state.revocations.ended(&state.db, credential);
+    tokio::pin!(revoked);
     loop {
         tokio::select! {
             () = out.closed() => return,
             () = closing.cancelled() => return,
+            () = &mut revoked => return,
             received = live.recv() => match received {
                 Ok(delivered) => {
                     let event = &delivered.event;
@@ -232,7 +237,15 @@ pub async fn stream(
     // Subscribed before the replay reads the table, so nothing falls between the two.
     let live = state.events.subscribe();
     let (out, receiver) = mpsc::channel(64);
-    tokio::spawn(feed(state, auth.team_id.uuid(), last_event, live, out));
+    let credential = auth.credential();
+    tokio::spawn(feed(
+        state,
+        credential,
+        auth.team_id.uuid(),
+        last_event,
+        live,
+        out,
+    ));
     let keepalive = KeepAlive::new().interval(KEEPALIVE).text("keepalive");
     Ok(Sse::new(ReceiverStream::new(receiver))
         .keep_alive(keepalive)

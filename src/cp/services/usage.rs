@@ -183,6 +183,14 @@ pub async fn usage(
 
 /// Parses a `YYYY-MM-DD` query value.
 pub fn parse_day(field: &'static str, raw: &str) -> Result<NaiveDate, ServiceError> {
+    use chrono::Datelike;
     NaiveDate::parse_from_str(raw, "%Y-%m-%d")
-        .map_err(|_| ServiceError::invalid(field, format!("`{raw}` is not a date (YYYY-MM-DD)")))
+        .ok()
+        .filter(|day| (2000..=9999).contains(&day.year()))
+        .ok_or_else(|| {
+            ServiceError::invalid(
+                field,
+                format!("`{raw}` is not a date (YYYY-MM-DD) between the years 2000 and 9999"),
+            )
+        })
 }
