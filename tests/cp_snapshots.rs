@@ -15,6 +15,7 @@ use support::{assert_error, Auth, TestCp, User};
 
 const GET: Method = Method::GET;
 const POST: Method = Method::POST;
+const PUT: Method = Method::PUT;
 const DELETE: Method = Method::DELETE;
 
 async fn api_key(cp: &TestCp, user: &User) -> Auth {
@@ -257,6 +258,25 @@ async fn a_fork_of_eight_children_continues_the_capsule_in_each_on_its_own() {
         let (status, body) = cp.call(POST, &fork, &key, Some(bad)).await;
         assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
     }
+    // The team's pool refuses first; on a plan without limits, the host does.
+    let (status, body) = cp
+        .call(POST, &fork, &key, Some(json!({"count": 10_000})))
+        .await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::TOO_MANY_REQUESTS,
+        "pool_exhausted",
+    );
+    let (status, body) = cp
+        .call(
+            PUT,
+            &format!("/v1/admin/teams/{}/plan", admin.team),
+            &admin.auth(),
+            Some(json!({"plan": "unlimited"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = cp
         .call(POST, &fork, &key, Some(json!({"count": 10_000})))
         .await;
