@@ -1,4 +1,4 @@
-//! Public identifiers: a kind prefix (`cl-`, `usr-`, `team-`, `key-`, `host-`) followed by the 16
+//! Public identifiers: a kind prefix (`cl-`, `usr-`, `team-`, `key-`, `host-`, `ch-`) followed by the 16
 //! bytes of the database UUID as one big-endian number in 25 lowercase base36 digits.
 
 use std::fmt;
@@ -144,6 +144,17 @@ prefixed_id! {
     TeamId => "team-", "team";
     ApiKeyId => "key-", "API key";
     HostId => "host-", "host";
+    ChannelId => "ch-", "channel";
+}
+
+/// A stored resource ID as the API shows it: capsules and hosts by their prefixed IDs, anything
+/// else (a template's name) as it is.
+pub fn public_resource_id(resource_type: &str, stored: &str) -> String {
+    match (resource_type, stored.parse::<Uuid>()) {
+        ("capsule", Ok(uuid)) => SandboxId(uuid).to_string(),
+        ("host", Ok(uuid)) => HostId(uuid).to_string(),
+        _ => stored.to_owned(),
+    }
 }
 
 impl TeamId {

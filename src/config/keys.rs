@@ -90,6 +90,7 @@ pub const KEYS: &[Key] = &[
     scalar("cp.memory_overcommit", "CP_MEMORY_OVERCOMMIT", "1.0", "Guest memory the scheduler may place per MiB of host memory."),
     scalar("cp.disk_overcommit", "CP_DISK_OVERCOMMIT", "2.0", "Sandbox disk the scheduler may place per MiB of host disk (sandbox disks are sparse)."),
     scalar("cp.reconcile_interval_secs", "CP_RECONCILE_INTERVAL_SECS", "15", "How often, in seconds, the control plane compares its sandboxes with each online agent's list."),
+    scalar("cp.channel_retry_secs", "CP_CHANNEL_RETRY_SECS", "10", "Seconds before a failed notification-channel delivery is first retried; later retries wait 3, 12, 60 and 360 times as long."),
     scalar("cp.usage_sample_interval_secs", "CP_USAGE_SAMPLE_INTERVAL_SECS", "10", "Seconds between samples of what each team reserves (usage metering, stats); every replica must use the same value."),
     scalar("cp.agent_timeout_secs", "CP_AGENT_TIMEOUT_SECS", "30", "Seconds the control plane waits for a host agent's answer (sandbox creation excepted)."),
     scalar("cp.agent_create_timeout_secs", "CP_AGENT_CREATE_TIMEOUT_SECS", "180", "Seconds the control plane waits for a host agent to create a sandbox (boot until envd answers)."),

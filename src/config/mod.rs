@@ -67,6 +67,7 @@ pub struct CpConfig {
     pub disk_overcommit: f64,
     pub reconcile_interval_secs: u64,
     pub usage_sample_interval_secs: u64,
+    pub channel_retry_secs: u64,
     pub agent_timeout_secs: u64,
     pub agent_create_timeout_secs: u64,
     pub host_refresh_grace_secs: u64,
@@ -191,6 +192,9 @@ impl Default for Config {
                     .parse()
                     .expect("default is a number"),
                 usage_sample_interval_secs: default("cp.usage_sample_interval_secs")
+                    .parse()
+                    .expect("default is a number"),
+                channel_retry_secs: default("cp.channel_retry_secs")
                     .parse()
                     .expect("default is a number"),
                 agent_timeout_secs: default("cp.agent_timeout_secs")

@@ -10,6 +10,7 @@
 pub mod agent_client;
 pub mod auth;
 pub mod ca;
+pub mod channels;
 pub mod error;
 pub mod events;
 pub mod extract;
@@ -147,7 +148,8 @@ pub fn app(state: AppState) -> Router {
 }
 
 /// Loads (or, on a new database, creates) the CA, then serves on `listener` and runs the
-/// background tasks (host monitor, reconciler, login-failure pruner, usage metering) until `shutdown` completes,
+/// background tasks (host monitor, reconciler, login-failure pruner, usage metering, event
+/// listener, channel deliveries) until `shutdown` completes,
 /// then drains in-flight requests and stops them.
 pub async fn run(
     listener: TcpListener,
@@ -165,6 +167,13 @@ pub async fn run(
     let metering_task = tokio::spawn(metering::run(
         state.db.clone(),
         state.capsules.usage_sample_interval,
+        cancel.clone(),
+    ));
+    let channels_task = tokio::spawn(channels::dispatch::run(
+        state.db.clone(),
+        state.tokens.seal_keys().clone(),
+        state.events.clone(),
+        state.capsules.channel_retry_base,
         cancel.clone(),
     ));
     let events_task = tokio::spawn(events::run(
@@ -195,6 +204,7 @@ pub async fn run(
     let _ = metering_task.await;
     let _ = revocations_task.await;
     let _ = events_task.await;
+    let _ = channels_task.await;
     served.map_err(ServeError::Serve)
 }
 

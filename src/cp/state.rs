@@ -153,6 +153,8 @@ pub struct CapsuleSettings {
     pub reconcile_interval: Duration,
     /// `cp.usage_sample_interval_secs`: the metering's sample interval.
     pub usage_sample_interval: Duration,
+    /// `cp.channel_retry_secs`: the first retry's delay of a failed channel delivery.
+    pub channel_retry_base: Duration,
     pub team_limits: TeamLimitSettings,
     /// The template store, when `store.url` names one the control plane can reach too: it then
     /// confirms what a host says it published, and finds the copies of paused capsules that
@@ -174,6 +176,7 @@ impl Default for CapsuleSettings {
             agent_addr_override: None,
             reconcile_interval: Duration::from_secs(15),
             usage_sample_interval: Duration::from_secs(10),
+            channel_retry_base: Duration::from_secs(10),
             team_limits: TeamLimitSettings::default(),
             store: None,
             build_context_max_bytes: 1 << 30,
@@ -199,6 +202,7 @@ impl CapsuleSettings {
             agent_addr_override: cp.host_agent_addr.as_ref().map(ToString::to_string),
             reconcile_interval: Duration::from_secs(cp.reconcile_interval_secs.max(1)),
             usage_sample_interval: Duration::from_secs(cp.usage_sample_interval_secs.max(1)),
+            channel_retry_base: Duration::from_secs(cp.channel_retry_secs.max(1)),
             team_limits: TeamLimitSettings::from_config(config),
             store: None,
             build_context_max_bytes: cp.build_context_max_bytes,

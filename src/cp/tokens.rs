@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::cp::channels::seal::SealKeys;
 use crate::id::{HostId, SandboxId, TeamId, UserId};
 
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -90,6 +91,8 @@ pub struct TokenKeys {
     /// The current secret's first, then the previous ones.
     decoding: Vec<DecodingKey>,
     validation: Validation,
+    /// Seals notification channels' settings; see [`SealKeys`].
+    seal: SealKeys,
 }
 
 impl std::fmt::Debug for TokenKeys {
@@ -116,6 +119,7 @@ impl TokenKeys {
             encoding: EncodingKey::from_secret(secret),
             decoding: vec![DecodingKey::from_secret(secret)],
             validation,
+            seal: SealKeys::derive(secret, []),
         })
     }
 
@@ -129,8 +133,13 @@ impl TokenKeys {
                 return Err(TokenError::SecretTooShort(secret.len()));
             }
             self.decoding.push(DecodingKey::from_secret(secret));
+            self.seal.also_open_with(secret);
         }
         Ok(self)
+    }
+
+    pub fn seal_keys(&self) -> &SealKeys {
+        &self.seal
     }
 
     fn decode<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, TokenError> {

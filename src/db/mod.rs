@@ -5,6 +5,7 @@ pub mod api_keys;
 pub mod audit_logs;
 pub mod builds;
 pub mod capsule_access;
+pub mod channels;
 pub mod control_plane_ca;
 pub mod events;
 pub mod host_refresh_tokens;

@@ -23,7 +23,7 @@ use crate::cp::events::{with_capsules, Delivered};
 use crate::cp::revocations::Credential;
 use crate::cp::state::AppState;
 use crate::db::events::{self, EventRow};
-use crate::id::{HostId, SandboxId};
+use crate::id::public_resource_id;
 
 const KEEPALIVE: Duration = Duration::from_secs(15);
 const REPLAY_BATCH: i64 = 500;
@@ -63,15 +63,6 @@ struct Actor {
     name: Option<String>,
 }
 
-/// A stored resource ID as the API shows it: capsules and hosts by their prefixed IDs.
-fn public_id(kind: &str, stored: &str) -> String {
-    match (kind, stored.parse::<uuid::Uuid>()) {
-        ("capsule", Ok(uuid)) => SandboxId(uuid).to_string(),
-        ("host", Ok(uuid)) => HostId(uuid).to_string(),
-        _ => stored.to_owned(),
-    }
-}
-
 fn body_of(delivered: &Delivered) -> SseEvent {
     let e: &EventRow = &delivered.event;
     let metadata = match &e.metadata {
@@ -91,7 +82,8 @@ fn body_of(delivered: &Delivered) -> SseEvent {
         event: e.kind.clone(),
         outcome: e.outcome.clone(),
         resource: Some(Resource {
-            id: (!e.resource_id.is_empty()).then(|| public_id(&e.resource_type, &e.resource_id)),
+            id: (!e.resource_id.is_empty())
+                .then(|| public_resource_id(&e.resource_type, &e.resource_id)),
             kind: e.resource_type.clone(),
         }),
         actor: Some(Actor {

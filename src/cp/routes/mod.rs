@@ -6,6 +6,7 @@ mod api_keys;
 mod builds;
 mod capsule_ws;
 mod capsules;
+mod channels;
 mod events;
 mod hosts;
 mod meta;
@@ -234,6 +235,26 @@ fn api() -> Routes {
         .add(Method::POST, "/v1/teams/{id}/leave", post(teams::leave))
         .add(Method::GET, "/v1/teams/{id}/pool", get(pools::team_pool))
         .add(Method::GET, "/v1/events/stream", get(events::stream))
+        .add(Method::POST, "/v1/channels", post(channels::create))
+        .add(Method::GET, "/v1/channels", get(channels::list))
+        .add(Method::POST, "/v1/channels/test", post(channels::test))
+        .add(Method::GET, "/v1/channels/{id}", get(channels::get))
+        .add(Method::PATCH, "/v1/channels/{id}", patch(channels::update))
+        .add(
+            Method::DELETE,
+            "/v1/channels/{id}",
+            delete(channels::delete),
+        )
+        .add(
+            Method::PUT,
+            "/v1/channels/{id}/config",
+            put(channels::rotate_config),
+        )
+        .add(
+            Method::GET,
+            "/v1/channels/{id}/deliveries",
+            get(channels::deliveries),
+        )
         .add(Method::GET, "/v1/admin/plans", get(pools::list_plans))
         .add(Method::POST, "/v1/admin/plans", post(pools::create_plan))
         .add(Method::GET, "/v1/admin/plans/{name}", get(pools::get_plan))

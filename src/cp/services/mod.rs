@@ -5,6 +5,7 @@ pub mod accounts;
 pub mod api_keys;
 pub mod builds;
 pub mod capsules;
+pub mod channels;
 pub mod hosts;
 pub mod login_limits;
 pub mod passwords;
@@ -234,6 +235,24 @@ pub mod input {
         /// A plan name: as a tag.
         PlanName
     );
+    checked_string!(
+        /// A notification channel's name, unique in its team: 1-100 characters after trimming.
+        ChannelName
+    );
+
+    impl ChannelName {
+        pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
+            let name = raw.trim();
+            match name.chars().count() {
+                0 => Err(ServiceError::invalid(field, "must not be empty")),
+                1..=100 => Ok(Self(name.to_owned())),
+                _ => Err(ServiceError::invalid(
+                    field,
+                    "must be at most 100 characters",
+                )),
+            }
+        }
+    }
 
     /// 1-64 characters, `[A-Za-z0-9][A-Za-z0-9._-]*`.
     fn safe_name(field: &'static str, raw: &str) -> Result<String, ServiceError> {
