@@ -1,5 +1,6 @@
-//! Public identifiers: a kind prefix (`cl-`, `usr-`, `team-`, `key-`, `host-`, `ch-`) followed by the 16
-//! bytes of the database UUID as one big-endian number in 25 lowercase base36 digits.
+//! Public identifiers: a kind prefix (`cl-`, `usr-`, `team-`, `key-`, `host-`, `ch-`, `log-`)
+//! followed by the 16 bytes of the database UUID as one big-endian number in 25 lowercase
+//! base36 digits.
 
 use std::fmt;
 use std::str::FromStr;
@@ -145,6 +146,7 @@ prefixed_id! {
     ApiKeyId => "key-", "API key";
     HostId => "host-", "host";
     ChannelId => "ch-", "channel";
+    LogId => "log-", "audit log entry";
 }
 
 /// A stored resource ID as the API shows it: capsules and hosts by their prefixed IDs, anything

@@ -15,6 +15,7 @@ use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use uuid::Uuid;
 
+use super::audit;
 use super::error::ApiError;
 use super::events::Actor;
 use super::extract::path_id;
@@ -89,6 +90,15 @@ impl FromRequestParts<AppState> for AuthUser {
                 message: "this account is deactivated".into(),
             });
         }
+        audit::note(
+            parts,
+            Some(claims.team_id.uuid()),
+            Actor {
+                kind: "user",
+                id: Some(claims.sub.to_string()),
+                name: Some(found.user.name.clone()),
+            },
+        );
         Ok(AuthUser {
             caller: Caller {
                 user: claims.sub,
@@ -169,10 +179,12 @@ impl FromRequestParts<AppState> for AuthTeam {
             let (key_id, team) = api_keys::authenticate(&state.db, &sha256(key))
                 .await?
                 .ok_or_else(|| ApiError::Unauthorized("invalid API key".into()))?;
-            return Ok(AuthTeam {
+            let caller = AuthTeam {
                 team_id: TeamId(team),
                 actor: TeamActor::ApiKey(key_id),
-            });
+            };
+            audit::note(parts, Some(team), caller.actor());
+            return Ok(caller);
         }
         let user = AuthUser::from_request_parts(parts, state)
             .await
@@ -294,6 +306,7 @@ impl FromRequestParts<AppState> for CapsuleCall {
             };
             (claims.team_id, access.sandbox, actor)
         };
+        audit::note(parts, Some(team_id.uuid()), actor.clone());
         let sandbox = sandbox.ok_or(ApiError::from(CapsuleError::NotFound))?;
         Ok(CapsuleCall {
             team_id,

@@ -8,6 +8,7 @@
 //! kept honest by `reconciler`.
 
 pub mod agent_client;
+pub mod audit;
 pub mod auth;
 pub mod ca;
 pub mod channels;

@@ -3,6 +3,7 @@
 
 mod accounts;
 mod api_keys;
+mod audit_logs;
 mod builds;
 mod capsule_ws;
 mod capsules;
@@ -235,6 +236,7 @@ fn api() -> Routes {
         .add(Method::POST, "/v1/teams/{id}/leave", post(teams::leave))
         .add(Method::GET, "/v1/teams/{id}/pool", get(pools::team_pool))
         .add(Method::GET, "/v1/events/stream", get(events::stream))
+        .add(Method::GET, "/v1/audit-logs", get(audit_logs::list))
         .add(Method::POST, "/v1/channels", post(channels::create))
         .add(Method::GET, "/v1/channels", get(channels::list))
         .add(Method::POST, "/v1/channels/test", post(channels::test))
@@ -364,6 +366,10 @@ pub fn router(state: AppState) -> Router {
         .nest("/api", api)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::audit::record,
+        ))
         .with_state(state)
 }
 

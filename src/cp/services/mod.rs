@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod api_keys;
+pub mod audit_logs;
 pub mod builds;
 pub mod capsules;
 pub mod channels;

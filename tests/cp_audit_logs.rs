@@ -1,0 +1,180 @@
+//! The audit log against a real PostgreSQL and a served control plane: mutating requests are
+//! recorded with the caller, their address, the resource and the outcome (refusals too);
+//! `GET /v1/audit-logs` pages through them newest first with a cursor, filters them, and shows
+//! members only the team's `team`-scope rows.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+use support::schema::Spec;
+use support::{assert_error, Auth, TestCp, User};
+
+const GET: Method = Method::GET;
+const POST: Method = Method::POST;
+const PATCH: Method = Method::PATCH;
+const DELETE: Method = Method::DELETE;
+
+async fn log(cp: &TestCp, user: &User, query: &str) -> Value {
+    let (status, page) = cp
+        .call(GET, &format!("/v1/audit-logs{query}"), &user.auth(), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    Spec::ours().check_response("GET", "/v1/audit-logs", 200, &page);
+    page
+}
+
+fn find<'a>(items: &'a [Value], resource: &str, action: &str) -> &'a Value {
+    items
+        .iter()
+        .find(|i| i["resource_type"] == resource && i["action"] == action)
+        .unwrap_or_else(|| panic!("no {resource} {action} in {items:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutating_requests_are_audited_and_paged_by_scope() {
+    let cp = TestCp::start().await;
+    let owner = cp.signup("owner@example.com").await;
+    let bob = cp.signup("bob@example.com").await;
+    let (status, body) = cp
+        .call(
+            POST,
+            &format!("/v1/teams/{}/members", owner.team),
+            &owner.auth(),
+            Some(json!({"email": "bob@example.com"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let member = cp.switch(&bob, &owner.team).await;
+    let (status, body) = cp
+        .call(
+            PATCH,
+            &format!("/v1/teams/{}", owner.team),
+            &owner.auth(),
+            Some(json!({"name": "Research"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, key) = cp
+        .call(
+            POST,
+            "/v1/api-keys",
+            &owner.auth(),
+            Some(json!({"name": "ci"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{key}");
+    let api_key = Auth::ApiKey(key["key"].as_str().unwrap().to_owned());
+    // Refused requests are recorded too: a member managing channels, a create with no host
+    // (under the /api prefix and the /v1/sandboxes alias, recorded as the capsule route).
+    let (status, body) = cp
+        .call(
+            POST,
+            "/v1/channels",
+            &member.auth(),
+            Some(json!({"name": "c", "provider": "webhook",
+                        "config": {"url": "https://e/h"}, "events": ["host.up"]})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "forbidden");
+    let (status, body) = cp
+        .call(
+            POST,
+            "/api/v1/sandboxes",
+            &api_key,
+            Some(json!({"template": "minimal"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // Without credentials nobody is named: nothing is recorded.
+    let (status, _) = cp
+        .call(DELETE, "/v1/api-keys/key-x", &Auth::None, None)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    let page = log(&cp, &owner, "").await;
+    let items = page["items"].as_array().unwrap().clone();
+    let rename = find(&items, "team", "rename");
+    assert_eq!(rename["resource_id"], owner.team.as_str());
+    assert_eq!(rename["actor_type"], "user");
+    assert_eq!(rename["actor_id"], owner.id.as_str());
+    assert_eq!(rename["status"], "success");
+    assert_eq!(rename["scope"], "admin");
+    assert_eq!(rename["address"], "127.0.0.1");
+    assert!(rename["id"].as_str().unwrap().starts_with("log-"));
+    let added = find(&items, "member", "add");
+    assert_eq!(added["metadata"]["http_status"], 201);
+    // The service's own row, in the transaction of the change.
+    let created_key = find(&items, "api_key", "create");
+    assert_eq!(created_key["resource_id"], key["id"]);
+    let refused = find(&items, "channel", "create");
+    assert_eq!(refused["status"], "error");
+    assert_eq!(refused["actor_id"], bob.id.as_str());
+    assert_eq!(refused["metadata"]["http_status"], 403);
+    let create = find(&items, "capsule", "create");
+    assert_eq!(create["status"], "error");
+    assert_eq!(create["actor_type"], "api_key");
+    assert_eq!(create["actor_id"], key["id"]);
+    assert_eq!(create["scope"], "team");
+    assert_eq!(create["metadata"]["path"], "/api/v1/sandboxes");
+    assert!(page["next_before"].is_null() && page["next_before_id"].is_null());
+    let times: Vec<&str> = items
+        .iter()
+        .map(|i| i["created_at"].as_str().unwrap())
+        .collect();
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(times, sorted, "newest first");
+
+    // Members see only the team's capsule and template rows.
+    let seen = log(&cp, &member, "").await;
+    let scopes: BTreeSet<&str> = seen["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["scope"].as_str().unwrap())
+        .collect();
+    assert_eq!(scopes, BTreeSet::from(["team"]));
+
+    // Paging with the cursor returns every row once, in order.
+    let mut paged = Vec::new();
+    let mut query = "?limit=2".to_owned();
+    loop {
+        let page = log(&cp, &owner, &query).await;
+        let batch = page["items"].as_array().unwrap();
+        assert!(batch.len() <= 2);
+        paged.extend(batch.iter().map(|i| i["id"].clone()));
+        if page["next_before_id"].is_null() {
+            break;
+        }
+        let before = page["next_before"].as_str().unwrap().replace('+', "%2B");
+        query = format!(
+            "?limit=2&before={before}&before_id={}",
+            page["next_before_id"].as_str().unwrap()
+        );
+    }
+    let all: Vec<Value> = items.iter().map(|i| i["id"].clone()).collect();
+    assert_eq!(paged, all);
+
+    let only = log(&cp, &owner, "?resource_type=api_key&action=create").await;
+    assert_eq!(only["items"].as_array().unwrap().len(), 1);
+
+    for query in [
+        "?limit=0",
+        "?limit=201",
+        "?before=2026-01-01T00:00:00Z",
+        "?before=2026-01-01T00:00:00Z&before_id=nope",
+        "?before=yesterday&before_id=log-0",
+        "?page=2",
+    ] {
+        let (status, body) = cp
+            .call(GET, &format!("/v1/audit-logs{query}"), &owner.auth(), None)
+            .await;
+        assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
+    }
+    let (status, body) = cp.call(GET, "/v1/audit-logs", &api_key, None).await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    cp.stop().await;
+}
