@@ -131,11 +131,21 @@ impl Activity {
 pub struct Tracked<T> {
     inner: T,
     activity: Arc<Activity>,
+    read: u64,
 }
 
 impl<T> Tracked<T> {
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+        Self {
+            inner,
+            activity,
+            read: 0,
+        }
+    }
+
+    /// The bytes read from this connection so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.read
     }
 }
 
@@ -147,8 +157,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let outcome = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let read = buf.filled().len() - before;
+        if read > 0 {
             self.activity.touch();
+            self.read += read as u64;
         }
         outcome
     }
@@ -177,8 +189,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
 }
 
 /// Carries bytes both ways between two upgraded connections until both ends close or the
-/// exchange passes `activity`'s idle time without a byte.
-pub async fn splice<A, B>(a: A, b: B, activity: Arc<Activity>)
+/// exchange passes `activity`'s idle time without a byte; returns the bytes read from `a` and
+/// from `b`, however it ended.
+pub async fn splice<A, B>(a: A, b: B, activity: Arc<Activity>) -> (u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -188,6 +201,7 @@ where
     let _ = activity
         .unless_idle(tokio::io::copy_bidirectional(&mut a, &mut b))
         .await;
+    (a.bytes_read(), b.bytes_read())
 }
 
 #[cfg(test)]

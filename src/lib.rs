@@ -13,6 +13,7 @@ pub mod forward;
 pub mod id;
 pub mod logging;
 pub mod progress;
+pub mod prometheus;
 pub mod request_id;
 pub mod secret;
 pub mod sparse;

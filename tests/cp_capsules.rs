@@ -801,6 +801,20 @@ async fn exec_processes_and_files_reach_envd() {
     stack.finish(vec![agent]).await;
 }
 
+/// `GET /metrics` from `addr`, with a bearer token or none: the status and the text.
+async fn scrape(addr: &str, token: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let status = answer.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = answer.split_once("\r\n\r\n").unwrap().1.to_owned();
+    (status, body)
+}
+
 async fn read_bytes(stack: &Stack, auth: &Auth, id: &str, path: &str) -> Vec<u8> {
     use http_body_util::{BodyExt, Full};
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -1551,7 +1565,20 @@ async fn the_idle_timeout_spares_open_work_and_pauses_an_idle_capsule_which_a_ca
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pause_and_resume_through_the_api_keep_the_guest_and_refuse_the_wrong_state() {
     let stack = Stack::start().await;
-    let mut agent = stack.host().await;
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let (mut agent, _) = support::agent::add_agent_with_env(
+        &stack.cp,
+        &stack.admin.auth(),
+        &[
+            ("AGENT_METRICS_ADDR", &metrics_addr),
+            ("AGENT_METRICS_TOKEN", "agent-metrics"),
+        ],
+    )
+    .await;
     let key = stack.api_key(&stack.admin).await;
     let id = stack.created(&key).await;
     let pause = format!("/v1/capsules/{id}/pause");
@@ -1673,6 +1700,30 @@ async fn pause_and_resume_through_the_api_keep_the_guest_and_refuse_the_wrong_st
         .await;
     assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_request");
 
+    // Prometheus: the agent's (on its own address, behind its token; counted since its restart
+    // above) and the control plane's.
+    let (status, _) = scrape(&metrics_addr, None).await;
+    assert_eq!(status, 401);
+    let (status, text) = scrape(&metrics_addr, Some("agent-metrics")).await;
+    assert_eq!(status, 200, "{text}");
+    for sample in [
+        "wrenn_agent_operation_duration_seconds_count{operation=\"pause\",outcome=\"success\"} ",
+        "wrenn_agent_sandboxes{phase=\"paused\"} 1",
+        "wrenn_agent_vmm_processes 0",
+    ] {
+        assert!(text.contains(sample), "{sample} missing from\n{text}");
+    }
+    let (status, text) = scrape(&stack.cp.addr.to_string(), None).await;
+    assert_eq!(status, 200, "{text}");
+    for sample in [
+        "wrenn_cp_capsules{state=\"paused\"} 1",
+        "wrenn_cp_http_requests_total{method=\"POST\",route=\"/v1/capsules/{id}/pause\",status=\"200\"}",
+        "wrenn_cp_scheduler_decisions_total{outcome=\"placed\"}",
+        "wrenn_cp_db_connections{state=\"idle\"}",
+    ] {
+        assert!(text.contains(sample), "{sample} missing from\n{text}");
+    }
+
     // A pool that fits one running capsule: the paused one holds no place, so another can be
     // created; then neither a resume (by call or by a file call) nor a third create fits.
     let (status, plan) = stack
@@ -1705,6 +1756,19 @@ async fn pause_and_resume_through_the_api_keep_the_guest_and_refuse_the_wrong_st
     );
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("1 of 1 running capsule(s)"), "{message}");
+    let (_, text) = scrape(&stack.cp.addr.to_string(), None).await;
+    assert!(
+        text.contains("wrenn_cp_pool_refusals_total{resource=\"capsules\"}"),
+        "{text}"
+    );
+    let (_, text) = scrape(&metrics_addr, Some("agent-metrics")).await;
+    for sample in [
+        "wrenn_agent_operation_duration_seconds_count{operation=\"create\",outcome=\"success\"} 1",
+        "wrenn_agent_create_phase_duration_seconds_count{phase=\"boot_to_envd\",path=",
+        "wrenn_agent_sandboxes{phase=\"running\"} 1",
+    ] {
+        assert!(text.contains(sample), "{sample} missing from\n{text}");
+    }
     let (status, body) = stack
         .cp
         .call(

@@ -302,6 +302,11 @@ async fn the_port_proxy_serves_a_capsules_ports_to_those_it_should_and_streams_e
     let root = tokio::task::spawn_blocking(Agent::new_root).await.unwrap();
     let max = MAX_CONNECTIONS.to_string();
     let idle = IDLE_TIMEOUT.as_secs().to_string();
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let (agent, _) = add_agent_in(
         &cp,
         &admin.auth(),
@@ -309,6 +314,7 @@ async fn the_port_proxy_serves_a_capsules_ports_to_those_it_should_and_streams_e
         &[
             ("AGENT_PORT_PROXY_MAX_CONNECTIONS", &max),
             ("AGENT_PORT_PROXY_IDLE_TIMEOUT_SECS", &idle),
+            ("AGENT_METRICS_ADDR", &metrics_addr),
         ],
     )
     .await;
@@ -704,6 +710,32 @@ async fn the_port_proxy_serves_a_capsules_ports_to_those_it_should_and_streams_e
     assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.text());
     assert_eq!(resumed.text(), "hello from the loopback");
     eprintln!("first request to a paused capsule answered in {waited:?}");
+
+    // The agent counted the bytes it carried, both ways (its /metrics, open without a token).
+    let metrics = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(&metrics_addr).await.unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        text
+    };
+    for direction in ["to_guest", "from_guest"] {
+        let counted: u64 = metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "wrenn_agent_proxied_bytes_total{{direction=\"{direction}\"}} "
+                ))
+            })
+            .unwrap_or_else(|| panic!("no {direction} bytes in\n{metrics}"))
+            .parse()
+            .unwrap();
+        assert!(counted > 1024, "{direction}: {counted} bytes");
+    }
 
     let (status, _) = cp
         .call(Method::DELETE, &format!("/v1/capsules/{id}"), &auth, None)

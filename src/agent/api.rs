@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use subtle::ConstantTimeEq;
 
 use super::port_proxy::{proxy_port, PortProxySettings};
+use super::prometheus;
 use super::registration::{Adopt, HostCredentials, RegistrationError};
 use super::sandbox::{SandboxError, SandboxManager};
 use super::templates::{ImportSource, TemplateError};
@@ -376,8 +377,10 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
 
 async fn create(State(state): State<AgentState>, request: Request) -> Result<Response, ApiError> {
     let create: CreateSandbox = json_body(request).await?;
-    let info = state.sandboxes.create(create).await?;
-    Ok((StatusCode::CREATED, Json(info)).into_response())
+    let started = std::time::Instant::now();
+    let created = state.sandboxes.create(create).await;
+    prometheus::operation("create", created.is_ok(), started.elapsed());
+    Ok((StatusCode::CREATED, Json(created?)).into_response())
 }
 
 async fn list(State(state): State<AgentState>) -> Json<SandboxList> {
@@ -433,7 +436,10 @@ async fn pause(
     Path(id): Path<String>,
 ) -> Result<Json<SandboxInfo>, ApiError> {
     let id = sandbox_id(&id)?;
-    Ok(Json(state.sandboxes.pause(&id.to_string()).await?))
+    let started = std::time::Instant::now();
+    let paused = state.sandboxes.pause(&id.to_string()).await;
+    prometheus::operation("pause", paused.is_ok(), started.elapsed());
+    Ok(Json(paused?))
 }
 
 async fn resume(
@@ -450,7 +456,10 @@ async fn resume(
             state.sandboxes.set_egress(&id, egress).await?;
         }
     }
-    Ok(Json(state.sandboxes.resume(&id).await?))
+    let started = std::time::Instant::now();
+    let resumed = state.sandboxes.resume(&id).await;
+    prometheus::operation("resume", resumed.is_ok(), started.elapsed());
+    Ok(Json(resumed?))
 }
 
 /// Replaces a running or paused sandbox's egress policy.

@@ -4,6 +4,7 @@ pub mod api;
 pub mod disk;
 pub mod network;
 pub mod port_proxy;
+pub mod prometheus;
 pub mod registration;
 pub mod sandbox;
 pub mod templates;
@@ -145,6 +146,21 @@ pub async fn run(
         port_proxy::PortProxySettings::from_config(&config.agent),
     ));
     let stop = shutdown.child_token();
+    let metrics_server = match config.agent.metrics_addr.as_ref().map(|a| a.0) {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| AgentError::Listen { addr, source })?;
+            tracing::info!(%addr, "agent metrics listening");
+            Some(tokio::spawn(prometheus::serve(
+                listener,
+                sandboxes.clone(),
+                config.agent.metrics_token.clone(),
+                stop.clone(),
+            )))
+        }
+        None => None,
+    };
     let server = tokio::spawn(api::serve_tls(listener, tls, app, stop.clone()));
     let reaper = tokio::spawn(sandboxes.clone().reap_idle(stop.clone()));
     let sampler = tokio::spawn(sandbox::metrics::run(sandboxes.clone(), stop.clone()));
@@ -166,6 +182,9 @@ pub async fn run(
     stop.cancel();
     let _ = reaper.await;
     let _ = sampler.await;
+    if let Some(metrics_server) = metrics_server {
+        let _ = metrics_server.await;
+    }
     // No pause or resume starts from here; those in progress run to their end, so no VM is
     // left frozen half way.
     sandboxes.finish_operations().await;

@@ -229,6 +229,12 @@ async fn forward(
         });
 
     let (mut parts, body) = request.into_parts();
+    let body = Body::new(body.map_frame(|frame| {
+        if let Some(data) = frame.data_ref() {
+            super::prometheus::proxied(data.len() as u64, 0);
+        }
+        frame
+    }));
     parts.uri = guest_uri(&parts.uri, raw_id, raw_port)?;
     guest_headers(&mut parts.headers, upgrade);
 
@@ -312,7 +318,9 @@ async fn forward(
             let (Ok(client), Ok(server)) = (client_upgrade.await, upstream_upgrade.await) else {
                 return;
             };
-            splice(TokioIo::new(client), TokioIo::new(server), activity).await;
+            let (to_guest, from_guest) =
+                splice(TokioIo::new(client), TokioIo::new(server), activity).await;
+            super::prometheus::proxied(to_guest, from_guest);
         });
         let (parts, body) = upstream.into_parts();
         return Ok(Response::from_parts(parts, Body::new(body)));
@@ -322,6 +330,9 @@ async fn forward(
     let (parts, body) = upstream.into_parts();
     let body = body.map_frame(move |frame| {
         let _route = &route;
+        if let Some(data) = frame.data_ref() {
+            super::prometheus::proxied(0, data.len() as u64);
+        }
         frame
     });
     Ok(Response::from_parts(parts, Body::new(body)))

@@ -59,6 +59,8 @@ pub struct CpConfig {
     pub jwt_secret: Option<SecretText>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jwt_previous_secrets: Option<SecretList>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_token: Option<SecretText>,
     pub allow_loopback_hosts: bool,
     pub host_unreachable_after_secs: u64,
     pub host_monitor_interval_secs: u64,
@@ -110,6 +112,10 @@ pub struct AgentConfig {
     pub sandbox_transit_range: Ipv4Cidr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_interface: Option<InterfaceName>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<ListenAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_token: Option<SecretText>,
     pub egress_deny: Ipv4CidrList,
     pub dns_servers: DnsServerList,
     pub vmm: VmmKind,
@@ -170,6 +176,7 @@ impl Default for Config {
                     .expect("default is a number"),
                 jwt_secret: None,
                 jwt_previous_secrets: None,
+                metrics_token: None,
                 allow_loopback_hosts: default("cp.allow_loopback_hosts")
                     .parse()
                     .expect("default is a boolean"),
@@ -281,6 +288,8 @@ impl Default for Config {
                     .parse()
                     .expect("defaults in KEYS parse"),
                 egress_interface: None,
+                metrics_addr: None,
+                metrics_token: None,
                 egress_deny: default("agent.egress_deny")
                     .parse()
                     .expect("defaults in KEYS parse"),

@@ -18,6 +18,11 @@ pub fn render(loaded: &Loaded) -> String {
             "cp.proxy_domain" => c.cp.proxy_domain.clone()?,
             "cp.port_proxy_idle_timeout_secs" => c.cp.port_proxy_idle_timeout_secs.to_string(),
             "cp.jwt_secret" => c.cp.jwt_secret.as_ref().map(|_| "<redacted>".to_owned())?,
+            "cp.metrics_token" => {
+                c.cp.metrics_token
+                    .as_ref()
+                    .map(|_| "<redacted>".to_owned())?
+            }
             "cp.jwt_previous_secrets" => {
                 c.cp.jwt_previous_secrets
                     .as_ref()
@@ -66,6 +71,12 @@ pub fn render(loaded: &Loaded) -> String {
             "agent.sandbox_host_range" => c.agent.sandbox_host_range.to_string(),
             "agent.sandbox_transit_range" => c.agent.sandbox_transit_range.to_string(),
             "agent.egress_interface" => c.agent.egress_interface.as_ref()?.to_string(),
+            "agent.metrics_addr" => c.agent.metrics_addr.as_ref()?.to_string(),
+            "agent.metrics_token" => c
+                .agent
+                .metrics_token
+                .as_ref()
+                .map(|_| "<redacted>".to_owned())?,
             "agent.egress_deny" => c.agent.egress_deny.to_string(),
             "agent.dns_servers" => {
                 (!c.agent.dns_servers.0.is_empty()).then(|| c.agent.dns_servers.to_string())?

@@ -30,6 +30,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
             "file-secret-file-secret-file-secret",
             "env-secret-env-secret-env-secret-x",
         ),
+        "cp.metrics_token" => ("file-metrics-token", "env-metrics-token"),
         "cp.jwt_previous_secrets" => (
             "old-secret-old-secret-old-secret-old",
             "env-old-env-old-env-old-env-old-env,second-second-second-second-second",
@@ -75,6 +76,8 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "agent.sandbox_host_range" => ("10.51.0.0/16", "10.61.0.0/24"),
         "agent.sandbox_transit_range" => ("10.52.0.0/16", "10.62.0.0/24"),
         "agent.egress_interface" => ("uplink0", "bond0.7"),
+        "agent.metrics_addr" => ("127.0.0.1:9101", ":9102"),
+        "agent.metrics_token" => ("file-agent-metrics", "env-agent-metrics"),
         "agent.egress_deny" => ("10.0.0.0/8", "192.168.0.0/16,172.16.0.0/12"),
         "agent.dns_servers" => ("192.0.2.53:53", "192.0.2.54:53,192.0.2.55:5353"),
         "agent.vmm" => ("qemu", "firecracker"),

@@ -21,6 +21,7 @@ pub mod monitor;
 pub mod pagination;
 pub mod pool;
 pub mod port_proxy;
+pub mod prometheus;
 pub mod pruner;
 pub mod reconciler;
 pub mod revocations;

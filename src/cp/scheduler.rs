@@ -233,6 +233,16 @@ async fn claim_best(
     settings: &SchedulerSettings,
     claim: Claim<'_>,
 ) -> Result<Option<Host>, ScheduleError> {
+    let decided = decide(db, settings, claim).await;
+    super::prometheus::scheduled(&decided);
+    decided
+}
+
+async fn decide(
+    db: &Db,
+    settings: &SchedulerSettings,
+    claim: Claim<'_>,
+) -> Result<Option<Host>, ScheduleError> {
     let mut candidates = hosts::schedulable_for_team(db, claim.team()).await?;
     if let Claim::Move(relocation) = &claim {
         candidates.retain(|host| host.id != relocation.from_host);
@@ -313,6 +323,20 @@ pub async fn place_fork(
     children: &[Uuid],
     demand: Demand,
 ) -> Result<(), ScheduleError> {
+    let decided = decide_fork(db, settings, host, team, source, children, demand).await;
+    super::prometheus::scheduled(&decided);
+    decided
+}
+
+async fn decide_fork(
+    db: &Db,
+    settings: &SchedulerSettings,
+    host: Uuid,
+    team: Uuid,
+    source: Uuid,
+    children: &[Uuid],
+    demand: Demand,
+) -> Result<(), ScheduleError> {
     let count = i64::try_from(children.len()).unwrap_or(i64::MAX);
     let total = Demand {
         vcpus: demand.vcpus.saturating_mul(count),
@@ -371,6 +395,18 @@ pub async fn place_relocation(
 /// the capsule's status no longer allows the change. The change and the admission are one
 /// transaction under the pool's lock.
 pub async fn change_admitted(
+    db: &Db,
+    team: Uuid,
+    id: Uuid,
+    change: sandboxes::Transition<'_>,
+    ask_of: impl FnOnce(&crate::db::plans::Plan) -> Ask,
+) -> Result<bool, ScheduleError> {
+    let decided = decide_change(db, team, id, change, ask_of).await;
+    super::prometheus::scheduled(&decided);
+    decided
+}
+
+async fn decide_change(
     db: &Db,
     team: Uuid,
     id: Uuid,

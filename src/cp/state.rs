@@ -21,6 +21,7 @@ use super::services::passwords::PasswordHashing;
 use super::tokens::TokenKeys;
 use crate::config::{Config, IpCidrList, SignupMode};
 use crate::db::Db;
+use crate::secret::SecretText;
 use crate::store::TemplateStore;
 
 #[derive(Debug)]
@@ -110,6 +111,8 @@ pub struct AuthSettings {
     pub password_hash_permits: usize,
     /// Which addresses hosts may register with.
     pub host_addresses: AddressPolicy,
+    /// `cp.metrics_token`: what `GET /metrics` requires, if anything.
+    pub metrics_token: Option<SecretText>,
 }
 
 /// The configuration's defaults.
@@ -139,6 +142,7 @@ impl AuthSettings {
             host_addresses: AddressPolicy {
                 allow_loopback: cp.allow_loopback_hosts,
             },
+            metrics_token: cp.metrics_token.clone(),
         }
     }
 }

@@ -697,6 +697,16 @@ pub struct Reserved {
     pub disk_mb: i64,
 }
 
+/// How many capsules are in each status.
+pub async fn count_by_status(ex: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>, DbError> {
+    let rows = sqlx::query!(
+        r#"SELECT status, count(*) AS "count!" FROM sandboxes GROUP BY status ORDER BY status"#
+    )
+    .fetch_all(ex)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.status, r.count)).collect())
+}
+
 /// Resources held on `host`: CPU and memory by every sandbox that may be running there, disk by
 /// every sandbox that still has files there (paused ones too).
 pub async fn reserved_on_host(ex: impl PgExecutor<'_>, host: Uuid) -> Result<Reserved, DbError> {

@@ -476,6 +476,7 @@ impl SandboxManager {
                 metadata.insert("agent_version".into(), crate::version::VERSION.into());
                 metadata.insert("create_path".into(), create_path.into());
                 phases.lap("envd_init");
+                crate::agent::prometheus::create_phases(create_path, &phases.laps);
                 for (phase, took) in phases.laps {
                     metadata.insert(format!("create_ms.{phase}"), took.as_millis().to_string());
                 }

@@ -339,6 +339,7 @@ fn unversioned() -> Routes {
     Routes::default()
         .add(Method::GET, "/health", get(meta::health))
         .add(Method::GET, "/openapi.yaml", get(meta::openapi))
+        .add(Method::GET, "/metrics", get(super::prometheus::scrape))
 }
 
 /// Every route the control plane serves (API routes also answer under `/api`).
@@ -370,6 +371,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             super::audit::record,
         ))
+        .layer(axum::middleware::from_fn(super::prometheus::count))
         .with_state(state)
 }
 
