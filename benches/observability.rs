@@ -1,8 +1,8 @@
 //! Observability figures on real parts (a private PostgreSQL, the control plane served
 //! in-process): what lifecycle events, notification channels and usage metering add to a
-//! capsule's lifecycle writes (placement, running, stopped; the VM itself excluded, as it
-//! costs the same either way), the latency of one event fanned out to 100 SSE subscribers,
-//! and the latency of `GET /metrics` and `GET /v1/capsules/stats`.
+//! capsule's lifecycle writes (placement, starting, running, stopped; the VM itself excluded,
+//! as it costs the same either way), the latency of one event fanned out to 100 SSE
+//! subscribers, and the latency of `GET /metrics` and `GET /v1/capsules/stats`.
 //!
 //! `cargo bench --bench observability`. Sizes: `WRENN_BENCH_CAPSULES` (default 300 per
 //! configuration), `WRENN_BENCH_SUBSCRIBERS` (default 100), `WRENN_BENCH_EVENTS` (default 50),
@@ -91,7 +91,11 @@ async fn lifecycle_rate(cp: &TestCp, team: Uuid, count: usize) -> f64 {
         scheduler::place(&cp.db, &settings, &placement)
             .await
             .expect("placed");
-        for to in [SandboxStatus::Running, SandboxStatus::Stopped] {
+        for to in [
+            SandboxStatus::Starting,
+            SandboxStatus::Running,
+            SandboxStatus::Stopped,
+        ] {
             assert!(
                 sandboxes::transition(&cp.db, placement.sandbox_id, Transition::to(to))
                     .await
@@ -147,6 +151,16 @@ async fn lifecycle_figures(cp: &TestCp, admin: &User) {
         .await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let with_channel = lifecycle_rate(cp, team, count).await;
+    let channel = body["id"].as_str().unwrap().to_owned();
+    let (status, _) = cp
+        .call(
+            Method::DELETE,
+            &format!("/v1/channels/{channel}"),
+            &admin.auth(),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
     let cancel = CancellationToken::new();
     let meter = tokio::spawn(metering::run(
         cp.db.clone(),
@@ -156,7 +170,7 @@ async fn lifecycle_figures(cp: &TestCp, admin: &User) {
     let with_metering = lifecycle_rate(cp, team, count).await;
     cancel.cancel();
     meter.await.unwrap();
-    println!("capsule lifecycle writes (place, running, stopped), capsules per second:");
+    println!("capsule lifecycle writes (place, starting, running, stopped), capsules per second:");
     println!("  no events                       {bare:>8.1}");
     println!(
         "  + lifecycle events              {with_events:>8.1}  ({:+.1}%)",
@@ -167,7 +181,7 @@ async fn lifecycle_figures(cp: &TestCp, admin: &User) {
         (with_channel / bare - 1.0) * 100.0
     );
     println!(
-        "  + metering every 200 ms         {with_metering:>8.1}  ({:+.1}%)",
+        "  events + metering every 200 ms  {with_metering:>8.1}  ({:+.1}%)",
         (with_metering / bare - 1.0) * 100.0
     );
 }
@@ -254,8 +268,9 @@ async fn fan_out_figures(cp: &TestCp, admin: &User) {
         )
         .await
         .unwrap();
-        tx.commit().await.unwrap();
+        // Noted before the commit: a subscriber may read the event before this task runs on.
         sent.lock().unwrap().insert(n.to_string(), Instant::now());
+        tx.commit().await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for reader in readers {
@@ -313,12 +328,9 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let cp = TestCp::start_full(
-            QUIET_MONITOR,
-            support::quiet_capsules(),
-            AuthSettings::default(),
-        )
-        .await;
+        let mut capsules = support::quiet_capsules();
+        capsules.channel_allow_private = true;
+        let cp = TestCp::start_full(QUIET_MONITOR, capsules, AuthSettings::default()).await;
         let admin = cp.signup("admin@example.com").await;
         println!("server, PostgreSQL and clients share this machine");
         lifecycle_figures(&cp, &admin).await;

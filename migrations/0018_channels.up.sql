@@ -45,6 +45,8 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
         WHEN kind = 'capsule.create' AND outcome = 'success' THEN 'capsule.created'
         WHEN kind = 'capsule.destroy' AND outcome = 'success' THEN 'capsule.destroyed'
+        -- Back from a snapshot is where the capsule already was: no news.
+        WHEN kind = 'capsule.state.changed' AND metadata->>'from' = 'snapshotting' THEN NULL
         WHEN kind = 'capsule.state.changed' AND metadata->>'to' = 'running' THEN 'capsule.running'
         WHEN kind = 'capsule.state.changed' AND metadata->>'to' = 'paused' THEN 'capsule.paused'
         WHEN kind = 'template.snapshot.create' AND outcome = 'success'

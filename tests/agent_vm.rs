@@ -130,6 +130,15 @@ async fn boots_runs_commands_moves_files_and_destroys_without_traces() {
         assert!(listed());
         agent.stop();
         assert!(!listed());
+        // The next agent process answers for the metrics this one kept.
+        agent.restart(None);
+        let (status, metrics) = agent.call(Method::GET, &format!("{metrics_path}?range=5m"), None);
+        assert_eq!(status, StatusCode::OK, "{metrics}");
+        assert!(
+            metrics["points"].as_array().unwrap().len() >= 3,
+            "{metrics}"
+        );
+        agent.stop();
         agent
     })
     .await

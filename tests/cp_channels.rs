@@ -117,10 +117,12 @@ impl Receiver {
     }
 }
 
-/// A control plane whose failed deliveries are retried after a second.
+/// A control plane whose failed deliveries are retried after a second, and which may send to
+/// this machine's test receivers.
 async fn start_cp() -> TestCp {
     let mut capsules = support::quiet_capsules();
     capsules.channel_retry_base = Duration::from_secs(1);
+    capsules.channel_allow_private = true;
     TestCp::start_full(QUIET_MONITOR, capsules, AuthSettings::default()).await
 }
 
@@ -392,14 +394,23 @@ async fn webhooks_are_signed_retried_logged_and_their_secrets_sealed() {
         .unwrap();
     assert_eq!(count, 1);
 
-    // Every change is in the audit log.
-    let actions: Vec<String> = sqlx::query_scalar(
-        "SELECT action FROM audit_logs WHERE resource_type = 'channel' ORDER BY created_at",
+    // Every change is in the audit log, and every test send with its outcome.
+    let actions: Vec<(String, String)> = sqlx::query_as(
+        "SELECT action, status FROM audit_logs WHERE resource_type = 'channel'
+         ORDER BY created_at",
     )
     .fetch_all(&cp.db)
     .await
     .unwrap();
-    assert_eq!(actions, ["create", "rotate_config"]);
+    let want = [
+        ("create", "success"),
+        ("rotate_config", "success"),
+        ("test", "success"),
+        ("test", "error"),
+        ("test", "error"),
+    ]
+    .map(|(a, s)| (a.to_owned(), s.to_owned()));
+    assert_eq!(actions, want);
 
     let (status, body) = cp
         .call(DELETE, &format!("/v1/channels/{id}"), &owner.auth(), None)
@@ -487,6 +498,25 @@ async fn channels_are_checked_scoped_to_their_team_and_managed_by_its_admins() {
         let message = answer["error"]["message"].as_str().unwrap();
         assert!(message.contains(complaint), "{message} lacks {complaint}");
     }
+
+    // By default nothing is sent to this machine or its networks, not even a test.
+    let strict = TestCp::start().await;
+    let admin = strict.signup("admin@example.com").await;
+    let receiver = Receiver::start().await;
+    let (status, answer) = strict
+        .call(
+            POST,
+            "/v1/channels/test",
+            &admin.auth(),
+            Some(json!({"provider": "webhook", "config": {"url": receiver.url("/x")}})),
+        )
+        .await;
+    assert_error(status, &answer, StatusCode::BAD_REQUEST, "invalid_request");
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("internal address"), "{message}");
+    assert!(!message.contains(&receiver.url("/x")), "{message}");
+    assert!(receiver.seen().is_empty());
+    strict.stop().await;
 
     let (status, created) = cp
         .call(POST, "/v1/channels", &owner.auth(), Some(hook("alerts")))
@@ -667,7 +697,14 @@ async fn two_replicas_deliver_each_event_once() {
     let cp = start_cp().await;
     let receiver = Receiver::start().await;
     let owner = cp.signup("owner@example.com").await;
-    let _replica = CpReplica::start_with_env(&cp, &[("CP_CHANNEL_RETRY_SECS", "1")]).await;
+    let _replica = CpReplica::start_with_env(
+        &cp,
+        &[
+            ("CP_CHANNEL_RETRY_SECS", "1"),
+            ("CP_CHANNEL_ALLOW_PRIVATE_TARGETS", "true"),
+        ],
+    )
+    .await;
     let (status, created) = cp
         .call(
             POST,
@@ -700,5 +737,61 @@ async fn two_replicas_deliver_each_event_once() {
         })
         .collect();
     assert_eq!(delivered, capsules);
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_changes_become_channel_events_but_snapshots_do_not() {
+    let cp = start_cp().await;
+    let owner = cp.signup("owner@example.com").await;
+    let (status, created) = cp
+        .call(
+            POST,
+            "/v1/channels",
+            &owner.auth(),
+            Some(json!({"name": "h", "provider": "webhook",
+                        "config": {"url": "http://127.0.0.1:9/"},
+                        "events": ["capsule.running", "capsule.paused"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let team = team_of(&owner);
+    for (from, to) in [
+        ("starting", "running"),
+        ("snapshotting", "running"),
+        ("pausing", "paused"),
+        ("snapshotting", "paused"),
+        ("resuming", "running"),
+        ("running", "stopped"),
+    ] {
+        let capsule = Uuid::new_v4();
+        events::insert(
+            &cp.db,
+            &NewEvent {
+                team_id: team,
+                kind: "capsule.state.changed",
+                outcome: None,
+                resource_type: "capsule",
+                resource_id: capsule.to_string(),
+                actor_type: "system",
+                actor_id: None,
+                actor_name: None,
+                metadata: json!({"from": from, "to": to}),
+                error: None,
+                sandbox_id: Some(capsule),
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let queued: Vec<String> =
+        sqlx::query_scalar("SELECT event_type FROM channel_deliveries ORDER BY id")
+            .fetch_all(&cp.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        queued,
+        ["capsule.running", "capsule.paused", "capsule.running"]
+    );
     cp.stop().await;
 }

@@ -133,6 +133,7 @@ pub async fn run(
         },
     ));
     sandboxes.recover().await?;
+    sandboxes.restore_metrics();
 
     let addr = config.agent.listen_addr.0;
     let listener = tokio::net::TcpListener::bind(addr)

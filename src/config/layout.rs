@@ -231,6 +231,12 @@ impl Layout {
         self.root.join("host-token")
     }
 
+    /// The sandboxes' metric rings, saved by a stopping agent for the next one
+    /// (`agent::sandbox::metrics`).
+    pub fn sandbox_metrics_file(&self) -> PathBuf {
+        self.root.join("sandbox-metrics.json")
+    }
+
     /// The host sysctls the agent changed and the values they had, put back when it leaves.
     pub fn host_sysctls_record(&self) -> PathBuf {
         self.root.join("host-sysctls.json")

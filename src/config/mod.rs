@@ -70,6 +70,7 @@ pub struct CpConfig {
     pub reconcile_interval_secs: u64,
     pub usage_sample_interval_secs: u64,
     pub channel_retry_secs: u64,
+    pub channel_allow_private_targets: bool,
     pub agent_timeout_secs: u64,
     pub agent_create_timeout_secs: u64,
     pub host_refresh_grace_secs: u64,
@@ -204,6 +205,9 @@ impl Default for Config {
                 channel_retry_secs: default("cp.channel_retry_secs")
                     .parse()
                     .expect("default is a number"),
+                channel_allow_private_targets: default("cp.channel_allow_private_targets")
+                    .parse()
+                    .expect("default is a boolean"),
                 agent_timeout_secs: default("cp.agent_timeout_secs")
                     .parse()
                     .expect("default is a number"),

@@ -37,6 +37,7 @@ pub fn render(loaded: &Loaded) -> String {
             "cp.reconcile_interval_secs" => c.cp.reconcile_interval_secs.to_string(),
             "cp.usage_sample_interval_secs" => c.cp.usage_sample_interval_secs.to_string(),
             "cp.channel_retry_secs" => c.cp.channel_retry_secs.to_string(),
+            "cp.channel_allow_private_targets" => c.cp.channel_allow_private_targets.to_string(),
             "cp.agent_timeout_secs" => c.cp.agent_timeout_secs.to_string(),
             "cp.agent_create_timeout_secs" => c.cp.agent_create_timeout_secs.to_string(),
             "cp.host_refresh_grace_secs" => c.cp.host_refresh_grace_secs.to_string(),

@@ -44,6 +44,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "cp.reconcile_interval_secs" => ("5", "9"),
         "cp.usage_sample_interval_secs" => ("5", "30"),
         "cp.channel_retry_secs" => ("2", "60"),
+        "cp.channel_allow_private_targets" => ("true", "false"),
         "cp.agent_timeout_secs" => ("10", "20"),
         "cp.agent_create_timeout_secs" => ("60", "90"),
         "cp.host_refresh_grace_secs" => ("0", "120"),

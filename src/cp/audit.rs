@@ -252,12 +252,19 @@ pub async fn record(
     if success && by_service {
         return response;
     }
-    let mut resource_id = params.ok().and_then(|params| {
-        params
-            .iter()
-            .find(|(name, _)| matches!(*name, "id" | "name"))
-            .map(|(_, value)| value.to_owned())
-    });
+    let path_params: serde_json::Map<String, Value> = params
+        .map(|params| {
+            params
+                .iter()
+                .map(|(name, value)| (name.to_owned(), Value::from(value)))
+                .collect()
+        })
+        .unwrap_or_default();
+    // A member row is about the member (`uid`), not the team the path names first.
+    let mut resource_id = ["uid", "id", "name"]
+        .iter()
+        .find_map(|name| path_params.get(*name).and_then(Value::as_str))
+        .map(str::to_owned);
     let response = if success && resource_id.is_none() {
         let (response, created) = created_id(response).await;
         resource_id = created;
@@ -275,6 +282,7 @@ pub async fn record(
             action,
             metadata: json!({"method": method.as_str(),
                              "path": matched.as_ref().map(MatchedPath::as_str),
+                             "params": path_params,
                              "http_status": response.status().as_u16()}),
         },
         actor_name: caller.actor.name,

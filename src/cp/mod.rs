@@ -176,6 +176,7 @@ pub async fn run(
         state.tokens.seal_keys().clone(),
         state.events.clone(),
         state.capsules.channel_retry_base,
+        state.capsules.channel_allow_private,
         cancel.clone(),
     ));
     let events_task = tokio::spawn(events::run(
@@ -221,6 +222,9 @@ pub async fn serve(config: &Config) -> Result<(), ServeError> {
             source,
         })?;
     tracing::info!(addr = %settings.listen, "control plane listening");
+    if config.cp.metrics_token.is_none() {
+        tracing::info!("GET /metrics answers without a token; set cp.metrics_token to require one");
+    }
     run(listener, state, settings.monitor, shutdown_signal()).await?;
     tracing::info!("control plane stopped");
     Ok(())

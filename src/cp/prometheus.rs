@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -134,7 +134,13 @@ pub fn scheduled<T>(outcome: &Result<T, ScheduleError>) {
 
 /// The layer (`axum::middleware::from_fn`) that counts and times every routed request.
 pub async fn count(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
-    let method = request.method().as_str().to_owned();
+    // Only methods the API serves are labels of their own: anyone can send any method.
+    let method = match *request.method() {
+        Method::GET | Method::POST | Method::PUT | Method::PATCH | Method::DELETE => {
+            request.method().as_str().to_owned()
+        }
+        _ => "OTHER".to_owned(),
+    };
     let route = matched.map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
     let started = Instant::now();
     let response = next.run(request).await;

@@ -159,6 +159,8 @@ pub struct CapsuleSettings {
     pub usage_sample_interval: Duration,
     /// `cp.channel_retry_secs`: the first retry's delay of a failed channel delivery.
     pub channel_retry_base: Duration,
+    /// `cp.channel_allow_private_targets`: whether channels may send to internal addresses.
+    pub channel_allow_private: bool,
     pub team_limits: TeamLimitSettings,
     /// The template store, when `store.url` names one the control plane can reach too: it then
     /// confirms what a host says it published, and finds the copies of paused capsules that
@@ -181,6 +183,7 @@ impl Default for CapsuleSettings {
             reconcile_interval: Duration::from_secs(15),
             usage_sample_interval: Duration::from_secs(10),
             channel_retry_base: Duration::from_secs(10),
+            channel_allow_private: false,
             team_limits: TeamLimitSettings::default(),
             store: None,
             build_context_max_bytes: 1 << 30,
@@ -206,7 +209,9 @@ impl CapsuleSettings {
             agent_addr_override: cp.host_agent_addr.as_ref().map(ToString::to_string),
             reconcile_interval: Duration::from_secs(cp.reconcile_interval_secs.max(1)),
             usage_sample_interval: Duration::from_secs(cp.usage_sample_interval_secs.max(1)),
-            channel_retry_base: Duration::from_secs(cp.channel_retry_secs.max(1)),
+            // The last retry waits 360 times this: at most about 15 days.
+            channel_retry_base: Duration::from_secs(cp.channel_retry_secs.clamp(1, 3600)),
+            channel_allow_private: cp.channel_allow_private_targets,
             team_limits: TeamLimitSettings::from_config(config),
             store: None,
             build_context_max_bytes: cp.build_context_max_bytes,

@@ -3,10 +3,13 @@
 //! allocated to its disk. Samples go into bounded rings at three resolutions (every second for
 //! 10 minutes, 30-second averages for 2 hours, 5-minute averages for 24 hours), which outlive a
 //! pause and are kept [`RETENTION`] after the sandbox has left the host. They live in the
-//! agent's memory: an agent restart starts them again.
+//! agent's memory; a stopping agent saves them for the next one (an agent that is killed
+//! loses them).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
+
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +28,7 @@ const ENVD_WAIT: Duration = Duration::from_millis(700);
 
 /// Points of one resolution: `step_secs` apart, at most `capacity`, each the average of the
 /// samples in its step (the latest step still filling).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Tier {
     step_secs: i64,
     capacity: usize,
@@ -93,12 +96,54 @@ impl Tier {
 }
 
 /// One sandbox's rings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MetricRings {
     seconds: Tier,
     half_minutes: Tier,
     five_minutes: Tier,
+    #[serde(with = "age")]
     last_sample: Instant,
+}
+
+/// An `Instant` saved as the Unix time it stood for, so it means the same to the next process.
+mod age {
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(at: &Instant, s: S) -> Result<S::Ok, S::Error> {
+        let unix = SystemTime::now()
+            .checked_sub(at.elapsed())
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        unix.as_secs().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Instant, D::Error> {
+        let unix = Duration::from_secs(u64::deserialize(d)?);
+        let age = SystemTime::now()
+            .duration_since(UNIX_EPOCH + unix)
+            .unwrap_or_default();
+        Ok(Instant::now().checked_sub(age).unwrap_or_else(Instant::now))
+    }
+}
+
+/// Writes `rings` to `path` (through a temporary file, so a half-written file is never read).
+fn save_rings(path: &Path, rings: &HashMap<String, MetricRings>) -> std::io::Result<()> {
+    let partial = path.with_extension("json.part");
+    std::fs::write(&partial, serde_json::to_vec(rings)?)?;
+    std::fs::rename(&partial, path)
+}
+
+/// The rings a stopped agent saved at `path`, which is removed: they are read once.
+fn take_saved_rings(path: &Path) -> std::io::Result<HashMap<String, MetricRings>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) => return Err(e),
+    };
+    std::fs::remove_file(path)?;
+    Ok(serde_json::from_slice(&bytes)?)
 }
 
 impl Default for MetricRings {
@@ -220,14 +265,53 @@ impl SandboxManager {
         rings.entry(id.to_owned()).or_default().push(sample);
     }
 
+    /// Takes over the rings a stopped agent saved, beside any already sampled.
+    pub fn restore_metrics(&self) {
+        let path = self.layout.sandbox_metrics_file();
+        match take_saved_rings(&path) {
+            Ok(saved) if saved.is_empty() => {}
+            Ok(saved) => {
+                let mut rings = self.metric_rings.lock().expect("metrics lock");
+                for (id, saved) in saved {
+                    rings.entry(id).or_insert(saved);
+                }
+                tracing::info!(
+                    sandboxes = rings.len(),
+                    "metrics of the previous agent restored"
+                );
+            }
+            Err(error) => {
+                tracing::warn!(%error, path = %path.display(), "could not restore saved metrics")
+            }
+        }
+        self.forget_stale_metrics();
+    }
+
+    fn save_metrics(&self) {
+        let path = self.layout.sandbox_metrics_file();
+        let rings = self.metric_rings.lock().expect("metrics lock").clone();
+        if rings.is_empty() {
+            return;
+        }
+        if let Err(error) = save_rings(&path, &rings) {
+            tracing::warn!(%error, path = %path.display(), "could not save the sandboxes' metrics");
+        }
+    }
+
     fn forget_stale_metrics(&self) {
         let mut rings = self.metric_rings.lock().expect("metrics lock");
         rings.retain(|_, r| r.last_sample.elapsed() < RETENTION);
     }
 }
 
-/// Samples every running sandbox each [`SAMPLE_INTERVAL`] until `cancel` fires.
+/// Samples every running sandbox each [`SAMPLE_INTERVAL`] until `cancel` fires, then saves the
+/// rings for the next agent (which takes them over with [`SandboxManager::restore_metrics`]).
 pub async fn run(manager: Arc<SandboxManager>, cancel: CancellationToken) {
+    sample(&manager, cancel).await;
+    manager.save_metrics();
+}
+
+async fn sample(manager: &SandboxManager, cancel: CancellationToken) {
     let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let per_second = ticks_per_second();
@@ -340,6 +424,35 @@ mod tests {
         assert!((hour[0].cpu_pct - 60.0).abs() < 1e-9);
         assert_eq!(rings.range(MetricsRange::FiveMinutes, 1001).len(), 2);
         assert!(rings.range(MetricsRange::FiveMinutes, 5000).is_empty());
+    }
+
+    #[test]
+    fn saved_rings_are_read_back_once_with_their_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sandbox-metrics.json");
+        assert!(take_saved_rings(&path).unwrap().is_empty(), "nothing saved");
+        let mut rings = MetricRings::default();
+        for t in 0..100 {
+            rings.push(point(1_800_000_000 + t, t as f64, 7));
+        }
+        rings.last_sample = Instant::now() - Duration::from_secs(3600);
+        let saved = HashMap::from([("cl-a".to_owned(), rings.clone())]);
+        save_rings(&path, &saved).unwrap();
+        let read = take_saved_rings(&path).unwrap();
+        assert!(!path.exists(), "read once");
+        let back = &read["cl-a"];
+        let now = 1_800_000_100;
+        for range in [
+            MetricsRange::TenMinutes,
+            MetricsRange::TwoHours,
+            MetricsRange::OneDay,
+        ] {
+            assert_eq!(back.range(range, now), rings.range(range, now));
+        }
+        let age = back.last_sample.elapsed().as_secs();
+        assert!((3599..=3602).contains(&age), "{age}");
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(take_saved_rings(&path).is_err());
     }
 
     #[test]

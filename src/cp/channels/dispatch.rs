@@ -31,7 +31,9 @@ const KEEP_DAYS: i64 = 7;
 /// When to try again after attempt number `attempts` failed; `None` after the last one.
 pub fn retry_in(attempts: i32, base: Duration) -> Option<Duration> {
     let index = usize::try_from(attempts).ok()?.checked_sub(1)?;
-    BACKOFF.get(index).map(|factor| base * *factor)
+    BACKOFF
+        .get(index)
+        .map(|factor| base.saturating_mul(*factor))
 }
 
 /// Runs until `cancel` fires. Events wake it as soon as the replica's event listener has read
@@ -41,9 +43,10 @@ pub async fn run(
     keys: SealKeys,
     hub: EventHub,
     retry_base: Duration,
+    allow_private: bool,
     cancel: CancellationToken,
 ) {
-    let sender = Sender::new(SEND_TIMEOUT);
+    let sender = Sender::new(SEND_TIMEOUT, allow_private);
     let mut wake = hub.subscribe();
     let mut prune = tokio::time::interval(PRUNE_EVERY);
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

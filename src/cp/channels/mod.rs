@@ -96,10 +96,20 @@ pub struct ConfigError(pub String);
 
 /// A provider's checked settings: every required field, nothing unknown, URLs that are
 /// absolute http(s) URLs. A webhook always has a signing secret.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ChannelConfig {
     pub provider: Provider,
     fields: BTreeMap<String, String>,
+}
+
+/// Names the settings, never their values.
+impl std::fmt::Debug for ChannelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelConfig")
+            .field("provider", &self.provider)
+            .field("fields", &self.fields.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// The longest value a setting may have.

@@ -5,6 +5,7 @@
 //! of `<X-Wrenn-Timestamp>.<body>` under the channel's secret, and `X-Wrenn-Delivery` stays the
 //! same across retries so receivers can drop duplicates. Chat providers get one line of text.
 
+use std::net::{IpAddr, ToSocketAddrs};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
@@ -100,15 +101,77 @@ pub fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// Whether `ip` is one a notification must not reach unless the operator allows it: this
+/// machine, private and shared networks, link-local ones (cloud metadata services among them),
+/// multicast and the unspecified address.
+fn internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || a == 0
+                // 100.64.0.0/10, carrier-grade NAT.
+                || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return internal(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                // fc00::/7 unique local, fe80::/10 link-local.
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Refuses a URL whose host is, or resolves to, an internal address.
+fn check_target(url: &str) -> Result<(), SendError> {
+    let refused = |message: String| SendError {
+        status: None,
+        message,
+    };
+    let parsed = url::Url::parse(url).map_err(|e| refused(format!("not a URL: {e}")))?;
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| refused("the URL has no host".into()))?;
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addresses: Vec<IpAddr> = match host.parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => (host, port)
+            .to_socket_addrs()
+            .map_err(|e| refused(format!("cannot resolve `{host}`: {e}")))?
+            .map(|a| a.ip())
+            .collect(),
+    };
+    match addresses.into_iter().find(|ip| internal(*ip)) {
+        Some(ip) => Err(refused(format!(
+            "`{host}` is an internal address ({ip}); notifications go to public addresses \
+             unless cp.channel_allow_private_targets is set"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// An HTTP client for notifications: no redirects (a receiver is where it was configured to
-/// be), every attempt bounded by `timeout`.
+/// be), every attempt bounded by `timeout`, and internal addresses refused unless allowed.
 #[derive(Debug, Clone)]
 pub struct Sender {
     http: ureq::Agent,
+    allow_private: bool,
 }
 
 impl Sender {
-    pub fn new(timeout: Duration) -> Self {
+    pub fn new(timeout: Duration, allow_private: bool) -> Self {
         let http = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
@@ -116,7 +179,10 @@ impl Sender {
             .user_agent(concat!("wrenn-notifications/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
-        Self { http }
+        Self {
+            http,
+            allow_private,
+        }
     }
 
     /// Sends `notification`; `Ok` carries the receiver's 2xx status.
@@ -188,6 +254,12 @@ impl Sender {
                 )
             }
         };
+        if !self.allow_private {
+            check_target(&url).map_err(|e| SendError {
+                message: redact(&e.message, config),
+                ..e
+            })?;
+        }
         let mut request = if put {
             self.http.put(&url)
         } else {
@@ -238,16 +310,12 @@ fn url_segment(raw: &str) -> String {
         .replace('+', "%20")
 }
 
-/// Keeps the channel's secrets (tokens in URLs, above all) out of errors that end up in logs
-/// and the delivery log.
+/// Keeps the channel's settings (tokens, and URLs that may carry them) out of errors that end
+/// up in logs and the delivery log.
 fn redact(message: &str, config: &ChannelConfig) -> String {
     let mut out = message.to_owned();
-    for (name, value) in &config.fields {
-        let secret = matches!(
-            name.as_str(),
-            "webhook_url" | "bot_token" | "access_token" | "secret"
-        );
-        if secret && !value.is_empty() {
+    for value in config.fields.values() {
+        if !value.is_empty() {
             out = out.replace(value.as_str(), "<redacted>");
         }
     }
@@ -257,6 +325,27 @@ fn redact(message: &str, config: &ChannelConfig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_addresses_are_refused() {
+        for url in [
+            "http://127.0.0.1:8080/h",
+            "http://10.1.2.3/",
+            "https://169.254.169.254/latest/meta-data",
+            "http://[::1]/",
+            "http://[fd00::1]/",
+            "http://[::ffff:192.168.1.1]/",
+            "http://100.64.0.1/",
+            "http://0.0.0.0/",
+            "http://localhost:9/",
+        ] {
+            let error = check_target(url).unwrap_err();
+            assert!(error.message.contains("internal address"), "{url}: {error}");
+        }
+        for url in ["https://1.1.1.1/", "http://[2606:4700::1111]/"] {
+            check_target(url).unwrap();
+        }
+    }
 
     #[test]
     fn signatures_are_hmac_sha256_of_timestamp_dot_body() {

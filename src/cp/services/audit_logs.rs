@@ -29,6 +29,18 @@ pub async fn page(db: &Db, caller: &Caller, query: PageQuery<'_>) -> Result<LogP
     let role = caller.role.ok_or_else(|| {
         ServiceError::forbidden("you are no longer a member of this token's team")
     })?;
+    for (field, value) in [
+        ("resource_type", query.resource_type),
+        ("action", query.action),
+    ] {
+        let bad = value.is_some_and(|v| v.len() > 64 || v.chars().any(char::is_control));
+        if bad {
+            return Err(ServiceError::invalid(
+                field,
+                "must be at most 64 characters, none of them control characters",
+            ));
+        }
+    }
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ServiceError::invalid(

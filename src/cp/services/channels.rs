@@ -215,12 +215,13 @@ pub async fn test(
     caller: &Caller,
     provider: Provider,
     raw: BTreeMap<String, String>,
+    allow_private: bool,
 ) -> Result<(), ServiceError> {
     let team = managing_team(caller)?;
     let (config, _) = config(provider, raw)?;
     let notification = Notification::test(team, chrono::Utc::now());
     let sent = tokio::task::spawn_blocking(move || {
-        Sender::new(TEST_TIMEOUT.min(SEND_TIMEOUT)).send(&config, &notification)
+        Sender::new(TEST_TIMEOUT.min(SEND_TIMEOUT), allow_private).send(&config, &notification)
     })
     .await
     .map_err(|e| ServiceError::invalid("config", format!("the test send failed: {e}")))?;

@@ -244,6 +244,12 @@ pub mod input {
     impl ChannelName {
         pub fn parse(field: &'static str, raw: &str) -> Result<Self, ServiceError> {
             let name = raw.trim();
+            if name.chars().any(char::is_control) {
+                return Err(ServiceError::invalid(
+                    field,
+                    "must not contain control characters",
+                ));
+            }
             match name.chars().count() {
                 0 => Err(ServiceError::invalid(field, "must not be empty")),
                 1..=100 => Ok(Self(name.to_owned())),
