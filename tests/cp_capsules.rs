@@ -1715,6 +1715,15 @@ async fn pause_and_resume_through_the_api_keep_the_guest_and_refuse_the_wrong_st
     }
     let (status, text) = scrape(&stack.cp.addr.to_string(), None).await;
     assert_eq!(status, 200, "{text}");
+    // Calls into the guest are in the audit log too, with the key that made them.
+    let (execs,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM audit_logs
+         WHERE action = 'exec' AND status = 'success' AND actor_type = 'api_key'",
+    )
+    .fetch_one(&stack.cp.db)
+    .await
+    .unwrap();
+    assert!(execs >= 1, "{execs}");
     for sample in [
         "wrenn_cp_capsules{state=\"paused\"} 1",
         "wrenn_cp_http_requests_total{method=\"POST\",route=\"/v1/capsules/{id}/pause\",status=\"200\"}",

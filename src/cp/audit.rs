@@ -5,8 +5,9 @@
 //! they write the caller into an [`AuditSlot`] the layer put in the request and reads back
 //! once the response is made. Routes whose services record their changes themselves (in the
 //! transaction that makes them, with more detail) get a row from here only when refused.
-//! Guest operations (exec, files, processes), keepalives and host-agent traffic are not
-//! recorded: they are the capsule's and host's own business, and far too frequent.
+//! Not recorded: reads that happen to be POSTs (file reads and listings), sign-ins (nobody is
+//! identified yet; the login limits count them) and the host agents' own traffic (heartbeats,
+//! token refreshes; their service records registrations and token reuse).
 
 use std::sync::{Arc, Mutex};
 
@@ -90,24 +91,46 @@ const ROUTES: &[(&str, &str, Audit)] = &[
         "/v1/capsules/{id}/traffic-token",
         request("capsule", "issue_traffic_token"),
     ),
-    ("POST", "/v1/capsules/{id}/ping", Audit::Skip),
-    ("POST", "/v1/capsules/{id}/exec", Audit::Skip),
+    ("POST", "/v1/capsules/{id}/ping", request("capsule", "ping")),
+    ("POST", "/v1/capsules/{id}/exec", request("capsule", "exec")),
     (
         "DELETE",
         "/v1/capsules/{id}/processes/{selector}",
-        Audit::Skip,
+        request("capsule", "kill_process"),
     ),
-    ("POST", "/v1/capsules/{id}/files/write", Audit::Skip),
-    ("POST", "/v1/capsules/{id}/files/stream/write", Audit::Skip),
+    (
+        "POST",
+        "/v1/capsules/{id}/files/write",
+        request("capsule", "write_file"),
+    ),
+    (
+        "POST",
+        "/v1/capsules/{id}/files/stream/write",
+        request("capsule", "write_file"),
+    ),
+    (
+        "POST",
+        "/v1/capsules/{id}/files/mkdir",
+        request("capsule", "mkdir"),
+    ),
+    (
+        "POST",
+        "/v1/capsules/{id}/files/remove",
+        request("capsule", "remove_file"),
+    ),
+    // Reads that take their arguments in a POST body change nothing.
     ("POST", "/v1/capsules/{id}/files/read", Audit::Skip),
     ("POST", "/v1/capsules/{id}/files/stream/read", Audit::Skip),
     ("POST", "/v1/capsules/{id}/files/list", Audit::Skip),
-    ("POST", "/v1/capsules/{id}/files/mkdir", Audit::Skip),
-    ("POST", "/v1/capsules/{id}/files/remove", Audit::Skip),
-    // Sign-ins are counted per address and email by the login limits instead.
+    // Before sign-in nobody is identified; the login limits count attempts per address and
+    // email instead.
     ("POST", "/v1/auth/signup", Audit::Skip),
     ("POST", "/v1/auth/login", Audit::Skip),
-    ("POST", "/v1/auth/switch-team", Audit::Skip),
+    (
+        "POST",
+        "/v1/auth/switch-team",
+        request("user", "switch_team"),
+    ),
     ("PATCH", "/v1/me", request("user", "rename")),
     ("POST", "/v1/api-keys", service("api_key", "create")),
     ("DELETE", "/v1/api-keys/{id}", service("api_key", "revoke")),
