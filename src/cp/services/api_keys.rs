@@ -6,7 +6,7 @@ use uuid::Uuid;
 use serde_json::json;
 
 use super::input::KeyName;
-use super::{user_action, Caller, ServiceError};
+use super::{member_team, user_action, Caller, ServiceError};
 use crate::cp::pagination::{Page, PageRequest};
 use crate::cp::revocations::{self, Revoked};
 use crate::cp::tokens::{random_hex, sha256};
@@ -18,13 +18,6 @@ use crate::id::{ApiKeyId, TeamId};
 pub const KEY_PREFIX: &str = "wrn_";
 /// How much of a key is kept for display: `wrn_` and the first 8 hex digits.
 const DISPLAY_CHARS: usize = 12;
-
-fn member_team(caller: &Caller) -> Result<TeamId, ServiceError> {
-    caller
-        .role
-        .map(|_| caller.team)
-        .ok_or_else(|| ServiceError::forbidden("you are no longer a member of this token's team"))
-}
 
 /// Creates a key for the caller's current team; returns it with its plaintext, the only time
 /// the plaintext exists outside the caller.

@@ -9,7 +9,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::input::ChannelName;
-use super::{user_action, Caller, ServiceError};
+use super::{member_team, user_action, Caller, ServiceError};
 use crate::cp::channels::dispatch::SEND_TIMEOUT;
 use crate::cp::channels::seal::SealKeys;
 use crate::cp::channels::send::{Notification, Sender};
@@ -21,13 +21,6 @@ use crate::id::{ChannelId, TeamId};
 
 /// A test send answers within the SDKs' 5 s timeout.
 const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
-
-fn member_team(caller: &Caller) -> Result<TeamId, ServiceError> {
-    caller
-        .role
-        .map(|_| caller.team)
-        .ok_or_else(|| ServiceError::forbidden("you are no longer a member of this token's team"))
-}
 
 fn managing_team(caller: &Caller) -> Result<TeamId, ServiceError> {
     let team = member_team(caller)?;

@@ -83,6 +83,14 @@ pub struct Caller {
 }
 
 /// An audit-log entry for something a signed-in user did.
+/// The caller's team, while they still belong to it.
+pub(crate) fn member_team(caller: &Caller) -> Result<TeamId, ServiceError> {
+    caller
+        .role
+        .map(|_| caller.team)
+        .ok_or_else(|| ServiceError::forbidden("you are no longer a member of this token's team"))
+}
+
 pub(crate) fn user_action<'a>(
     caller: &Caller,
     team: Option<Uuid>,
