@@ -178,3 +178,120 @@ async fn mutating_requests_are_audited_and_paged_by_scope() {
     assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
     cp.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signups_and_logins_are_audited_in_the_accounts_team() {
+    let cp = TestCp::start().await;
+    let admin = cp.signup("admin@example.com").await;
+    let carol = cp.signup("carol@example.com").await;
+    let login = |email: &str, password: &str| json!({"email": email, "password": password});
+    let (status, body) = cp
+        .call(
+            POST,
+            "/v1/auth/login",
+            &Auth::None,
+            Some(login("carol@example.com", "correct horse battery")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = cp
+        .call(
+            POST,
+            "/v1/auth/login",
+            &Auth::None,
+            Some(login("carol@example.com", "wrong horse battery")),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    let rows_before: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_logs")
+        .fetch_one(&cp.db)
+        .await
+        .unwrap();
+    // An unknown email names no account and no team: the login limits count it, nothing else.
+    let (status, body) = cp
+        .call(
+            POST,
+            "/v1/auth/login",
+            &Auth::None,
+            Some(login("nobody@example.com", "correct horse battery")),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
+    let rows_after: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_logs")
+        .fetch_one(&cp.db)
+        .await
+        .unwrap();
+    assert_eq!(rows_before, rows_after);
+
+    let items = log(&cp, &carol, "?resource_type=user").await["items"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let actions: Vec<(&str, &str)> = items
+        .iter()
+        .map(|i| (i["action"].as_str().unwrap(), i["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("login", "error"),
+            ("login", "success"),
+            ("signup", "success")
+        ]
+    );
+    for row in &items {
+        assert_eq!(row["resource_id"], carol.id.as_str());
+        assert_eq!(row["address"], "127.0.0.1");
+        assert_eq!(row["scope"], "admin");
+    }
+    let signup = find(&items, "user", "signup");
+    assert_eq!(signup["actor_id"], carol.id.as_str());
+    assert_eq!(signup["actor_name"], "Test User");
+    // Whoever typed a wrong password is not Carol.
+    assert!(items[0]["actor_id"].is_null(), "{:#}", items[0]);
+    assert_eq!(items[0]["metadata"]["reason"], "wrong_password");
+    assert_eq!(items[1]["actor_id"], carol.id.as_str());
+
+    // A disabled account's correct password is refused, and recorded as the account's own try.
+    let (status, body) = cp
+        .call(
+            Method::PUT,
+            &format!("/v1/admin/users/{}/active", carol.id),
+            &admin.auth(),
+            Some(json!({"active": false})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let (status, body) = cp
+        .call(
+            POST,
+            "/v1/auth/login",
+            &Auth::None,
+            Some(login("carol@example.com", "correct horse battery")),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::FORBIDDEN, "account_deactivated");
+    let (actor, status, reason, team): (Option<String>, String, Option<String>, uuid::Uuid) =
+        sqlx::query_as(
+            "SELECT actor_id, status, metadata->>'reason', team_id FROM audit_logs
+             WHERE action = 'login' ORDER BY created_at DESC, id DESC LIMIT 1",
+        )
+        .fetch_one(&cp.db)
+        .await
+        .unwrap();
+    assert_eq!(actor.as_deref(), Some(carol.id.as_str()));
+    assert_eq!(status, "error");
+    assert_eq!(reason.as_deref(), Some("account_disabled"));
+    let carols_team: wrenn::id::TeamId = carol.team.parse().unwrap();
+    assert_eq!(team, carols_team.uuid(), "in Carol's own team");
+
+    // Other teams see none of it.
+    let admins = log(&cp, &admin, "?resource_type=user").await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["resource_id"] == carol.id.as_str() && i["action"] != "disable")
+        .count();
+    assert_eq!(admins, 0);
+    cp.stop().await;
+}

@@ -193,6 +193,16 @@ fn admin_create_bootstraps_a_headless_install() {
         ],
     ));
     assert!(!ok && out.contains("at least 8"), "{out}");
+    // The account made is in its team's audit log, as the system's act.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rows: Vec<(String, String, String)> = runtime.block_on(async {
+        let db = db::connect_lazy(&pg.url()).unwrap();
+        sqlx::query_as("SELECT actor_type, resource_type, action FROM audit_logs")
+            .fetch_all(&db)
+            .await
+            .unwrap()
+    });
+    assert_eq!(rows, [("system".into(), "user".into(), "create".into())]);
 }
 
 fn free_port() -> u16 {

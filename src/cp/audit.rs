@@ -5,9 +5,10 @@
 //! they write the caller into an [`AuditSlot`] the layer put in the request and reads back
 //! once the response is made. Routes whose services record their changes themselves (in the
 //! transaction that makes them, with more detail) get a row from here only when refused.
-//! Not recorded: reads that happen to be POSTs (file reads and listings), sign-ins (nobody is
-//! identified yet; the login limits count them) and the host agents' own traffic (heartbeats,
-//! token refreshes; their service records registrations and token reuse).
+//! Signups and logins identify nobody to this layer; the accounts service records them.
+//! Not recorded: reads that happen to be POSTs (file reads and listings), logins naming no
+//! account (the login limits count them) and the host agents' own traffic (heartbeats, token
+//! refreshes; their service records registrations and token reuse).
 
 use std::sync::{Arc, Mutex};
 
@@ -122,10 +123,10 @@ const ROUTES: &[(&str, &str, Audit)] = &[
     ("POST", "/v1/capsules/{id}/files/read", Audit::Skip),
     ("POST", "/v1/capsules/{id}/files/stream/read", Audit::Skip),
     ("POST", "/v1/capsules/{id}/files/list", Audit::Skip),
-    // Before sign-in nobody is identified; the login limits count attempts per address and
-    // email instead.
-    ("POST", "/v1/auth/signup", Audit::Skip),
-    ("POST", "/v1/auth/login", Audit::Skip),
+    // Nobody is identified before signing in: the accounts service records signups and the
+    // logins to existing accounts, refused or not; the login limits count the rest.
+    ("POST", "/v1/auth/signup", service("user", "signup")),
+    ("POST", "/v1/auth/login", service("user", "login")),
     (
         "POST",
         "/v1/auth/switch-team",

@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 
+use serde_json::json;
 use uuid::Uuid;
 
 use super::input::{DisplayName, Email, Password, TeamName};
@@ -11,6 +12,7 @@ use super::ServiceError;
 use crate::config::SignupMode;
 use crate::cp::state::Limit;
 use crate::cp::tokens::{random_hex, TokenKeys};
+use crate::db::audit_logs::{self, Entry, RequestEntry};
 use crate::db::page::Keyset;
 use crate::db::team_members::{self, Role};
 use crate::db::users::{self, NewUser, User, UserStatus};
@@ -71,6 +73,68 @@ fn email_taken(error: DbError) -> ServiceError {
     }
 }
 
+/// Who made an account, for its audit row.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin {
+    /// Self-service signup from this client address.
+    Signup(Option<IpAddr>),
+    /// `wrenn cp admin create` on the control plane's host.
+    AdminCommand,
+}
+
+/// Why a sign-in was refused, as its audit row says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr)]
+#[strum(serialize_all = "snake_case")]
+enum Refusal {
+    WrongPassword,
+    AccountDisabled,
+}
+
+impl From<Refusal> for ServiceError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            // The same answer as for an unknown email, which must not be told apart.
+            Refusal::WrongPassword => Self::Unauthorized("invalid email or password".into()),
+            Refusal::AccountDisabled => Self::AccountDisabled,
+        }
+    }
+}
+
+/// The audit row of a signup or login of (or, refused, against) `user`, in `team`'s log where
+/// its owners and admins see it. A wrong password names nobody as the actor: the caller is
+/// whoever tried.
+fn sign_in_entry(
+    team: Uuid,
+    user: &User,
+    action: &'static str,
+    refused: Option<Refusal>,
+    client: Option<IpAddr>,
+) -> RequestEntry<'static> {
+    let identified = refused != Some(Refusal::WrongPassword);
+    let user_id = UserId(user.id).to_string();
+    RequestEntry {
+        entry: Entry {
+            team_id: Some(team),
+            actor_type: "user",
+            actor_id: identified.then(|| user_id.clone()),
+            resource_type: "user",
+            resource_id: Some(user_id),
+            action,
+            metadata: match refused {
+                Some(reason) => json!({"reason": <&str>::from(reason)}),
+                None => json!({}),
+            },
+        },
+        actor_name: identified.then(|| user.name.clone()),
+        status: if refused.is_none() {
+            "success"
+        } else {
+            "error"
+        },
+        client_address: client.map(|ip| ip.to_string()),
+    }
+}
+
 /// Creates a team with `owner` as its owner, inside the caller's transaction.
 pub(crate) async fn create_team_owned_by(
     tx: &mut sqlx::PgConnection,
@@ -84,12 +148,14 @@ pub(crate) async fn create_team_owned_by(
 }
 
 /// Creates an active account with a default team it owns. The first account on an install
-/// becomes platform admin, as does any account made with `make_admin`.
+/// becomes platform admin, as does any account made with `make_admin`. The new team's audit
+/// log starts with the account's creation.
 pub async fn create_account(
     db: &Db,
     passwords: &PasswordHashing,
     signup: Signup,
     make_admin: bool,
+    origin: Origin,
 ) -> Result<(User, teams::Team), ServiceError> {
     let hash = passwords.hash(&signup.password).await?;
     let mut tx = db.begin().await.map_err(DbError::from)?;
@@ -109,6 +175,24 @@ pub async fn create_account(
     .map_err(email_taken)?;
     let default_name = TeamName::parse("name", DEFAULT_TEAM_NAME)?;
     let team = create_team_owned_by(&mut tx, user.id, &default_name, true).await?;
+    let entry = match origin {
+        Origin::Signup(client) => sign_in_entry(team.id, &user, "signup", None, client),
+        Origin::AdminCommand => RequestEntry {
+            entry: Entry {
+                team_id: Some(team.id),
+                actor_type: "system",
+                actor_id: None,
+                resource_type: "user",
+                resource_id: Some(UserId(user.id).to_string()),
+                action: "create",
+                metadata: json!({"admin": is_admin}),
+            },
+            actor_name: None,
+            status: "success",
+            client_address: None,
+        },
+    };
+    audit_logs::insert_request(&mut *tx, entry).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok((user, team))
 }
@@ -142,12 +226,14 @@ pub async fn signup(
     if let Some(client) = client {
         login_limits::count_signup(db, policy.per_address, client).await?;
     }
-    let (user, team) = create_account(db, passwords, signup, false).await?;
+    let (user, team) = create_account(db, passwords, signup, false, Origin::Signup(client)).await?;
     Ok(session(tokens, &user, team.id))
 }
 
 /// A password login from `client`, throttled by `limits` (see `login_limits`): every failure
 /// counts against the email and the client address, a correct password against neither.
+/// Logins to an existing account, refused or not, go to the audit log: a success in the team
+/// the session is for, a refusal in the account's default team.
 pub async fn login(
     db: &Db,
     tokens: &TokenKeys,
@@ -157,30 +243,46 @@ pub async fn login(
     password: &str,
     client: Option<IpAddr>,
 ) -> Result<Session, ServiceError> {
-    let invalid = || ServiceError::Unauthorized("invalid email or password".into());
     let attempt = Attempt::begin(db, limits, email, client).await?;
     let user = users::by_email(db, email.trim()).await?;
     let hash = user.as_ref().map(|u| u.password_hash.as_str());
-    let (true, Some(user)) = (passwords.matches(hash, password).await?, user) else {
-        return Err(invalid());
+    let matches = passwords.matches(hash, password).await?;
+    let Some(user) = user else {
+        return Err(Refusal::WrongPassword.into());
     };
-    attempt.succeeded(db).await?;
-    if user.status != UserStatus::Active {
-        return Err(ServiceError::AccountDisabled);
+    let refused = if !matches {
+        Some(Refusal::WrongPassword)
+    } else if user.status != UserStatus::Active {
+        Some(Refusal::AccountDisabled)
+    } else {
+        None
+    };
+    if matches {
+        attempt.succeeded(db).await?;
     }
-    let first = teams::page_for_user(db, user.id, Keyset::START, 1).await?;
+    let mut tx = db.begin().await.map_err(DbError::from)?;
+    let first = teams::page_for_user(&mut *tx, user.id, Keyset::START, 1).await?;
     let team = match first.into_iter().next() {
         Some(membership) => membership.team.id,
-        None => {
-            // Every account keeps a team to act in, even after leaving all of its teams.
-            let mut tx = db.begin().await.map_err(DbError::from)?;
-            let name = TeamName::parse("name", DEFAULT_TEAM_NAME)?;
-            let team = create_team_owned_by(&mut tx, user.id, &name, true).await?;
-            tx.commit().await.map_err(DbError::from)?;
-            team.id
-        }
+        // A refusal makes nothing, and without a team there is no log to put it in.
+        None => match refused {
+            Some(refusal) => return Err(refusal.into()),
+            None => {
+                // Every account keeps a team to act in, even after leaving all of its teams.
+                let name = TeamName::parse("name", DEFAULT_TEAM_NAME)?;
+                create_team_owned_by(&mut tx, user.id, &name, true)
+                    .await?
+                    .id
+            }
+        },
     };
-    Ok(session(tokens, &user, team))
+    let entry = sign_in_entry(team, &user, "login", refused, client);
+    audit_logs::insert_request(&mut *tx, entry).await?;
+    tx.commit().await.map_err(DbError::from)?;
+    match refused {
+        Some(refusal) => Err(refusal.into()),
+        None => Ok(session(tokens, &user, team)),
+    }
 }
 
 pub async fn switch_team(
@@ -249,6 +351,7 @@ pub async fn ensure_admin(
             name,
         },
         true,
+        Origin::AdminCommand,
     )
     .await?;
     Ok(AdminBootstrap::Created(UserId(user.id)))
