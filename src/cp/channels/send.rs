@@ -5,6 +5,7 @@
 //! of `<X-Wrenn-Timestamp>.<body>` under the channel's secret, and `X-Wrenn-Delivery` stays the
 //! same across retries so receivers can drop duplicates. Chat providers get one line of text.
 
+use std::io;
 use std::net::{IpAddr, ToSocketAddrs};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,6 +13,9 @@ use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
+use ureq::http::Uri;
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 use super::{ChannelConfig, Provider};
 use crate::db::channels::Due;
@@ -133,7 +137,16 @@ fn internal(ip: IpAddr) -> bool {
     }
 }
 
-/// Refuses a URL whose host is, or resolves to, an internal address.
+/// Why `host` may not be sent to, if one of its `addresses` is internal.
+fn internal_target(host: &str, addresses: impl IntoIterator<Item = IpAddr>) -> Option<String> {
+    let ip = addresses.into_iter().find(|ip| internal(*ip))?;
+    Some(format!(
+        "`{host}` is an internal address ({ip}); notifications go to public addresses unless \
+         cp.channel_allow_private_targets is set"
+    ))
+}
+
+/// Refuses a URL whose host is, or resolves to, an internal address, before anything is sent.
 fn check_target(url: &str) -> Result<(), SendError> {
     let refused = |message: String| SendError {
         status: None,
@@ -153,12 +166,46 @@ fn check_target(url: &str) -> Result<(), SendError> {
             .map(|a| a.ip())
             .collect(),
     };
-    match addresses.into_iter().find(|ip| internal(*ip)) {
-        Some(ip) => Err(refused(format!(
-            "`{host}` is an internal address ({ip}); notifications go to public addresses \
-             unless cp.channel_allow_private_targets is set"
-        ))),
+    match internal_target(host, addresses) {
+        Some(message) => Err(refused(message)),
         None => Ok(()),
+    }
+}
+
+/// The resolver the connection itself uses, refusing internal addresses again: a name that
+/// answers differently the second time it is asked (DNS rebinding) still cannot reach one.
+/// The operator's own proxy is exempt; through a proxy, the receiver's name is resolved there,
+/// so [`check_target`] is the only check.
+#[derive(Debug, Default)]
+struct PublicOnly(DefaultResolver);
+
+impl Resolver for PublicOnly {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &ureq::config::Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let resolved = self.0.resolve(uri, config, timeout)?;
+        let host = uri.host().unwrap_or_default();
+        let port = uri.port_u16().or(match uri.scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        });
+        let is_proxy = config
+            .proxy()
+            .is_some_and(|proxy| proxy.host() == host && Some(proxy.port()) == port);
+        if is_proxy {
+            return Ok(resolved);
+        }
+        match internal_target(host, resolved.iter().map(|a| a.ip())) {
+            Some(message) => Err(ureq::Error::Io(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                message,
+            ))),
+            None => Ok(resolved),
+        }
     }
 }
 
@@ -172,13 +219,17 @@ pub struct Sender {
 
 impl Sender {
     pub fn new(timeout: Duration, allow_private: bool) -> Self {
-        let http = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
             .timeout_global(Some(timeout))
             .user_agent(concat!("wrenn-notifications/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .into();
+            .build();
+        let http = if allow_private {
+            config.into()
+        } else {
+            ureq::Agent::with_parts(config, DefaultConnector::default(), PublicOnly::default())
+        };
         Self {
             http,
             allow_private,
@@ -271,7 +322,7 @@ impl Sender {
         }
         let mut response = request.send(&body[..]).map_err(|e| SendError {
             status: None,
-            message: redact(&e.to_string(), config),
+            message: redact(&refusal_text(e), config),
         })?;
         let status = response.status().as_u16();
         if response.status().is_success() {
@@ -290,6 +341,14 @@ impl Sender {
                 config,
             ),
         })
+    }
+}
+
+/// A failed send's text; [`PublicOnly`]'s refusal without ureq's `io:` prefix.
+fn refusal_text(error: ureq::Error) -> String {
+    match error {
+        ureq::Error::Io(io) if io.kind() == io::ErrorKind::PermissionDenied => io.to_string(),
+        other => other.to_string(),
     }
 }
 
@@ -345,6 +404,35 @@ mod tests {
         for url in ["https://1.1.1.1/", "http://[2606:4700::1111]/"] {
             check_target(url).unwrap();
         }
+    }
+
+    #[test]
+    fn connections_to_internal_addresses_are_refused_when_resolved() {
+        let resolve = |url: &str, config: &ureq::config::Config| {
+            let uri: Uri = url.parse().unwrap();
+            PublicOnly::default().resolve(&uri, config, NextTimeout::default())
+        };
+        let plain = ureq::config::Config::default();
+        for url in [
+            "http://localhost:9/",
+            "http://10.0.0.1/",
+            "http://[::1]:80/",
+        ] {
+            let error = resolve(url, &plain).unwrap_err();
+            assert!(
+                refusal_text(error).contains("internal address"),
+                "{url} was not refused"
+            );
+        }
+        resolve("https://1.1.1.1/", &plain).unwrap();
+        // The operator's proxy may be on a private network; it is the one place allowed.
+        let proxied = ureq::Agent::config_builder()
+            .proxy(Some(ureq::Proxy::new("http://10.0.0.1:3128").unwrap()))
+            .build();
+        resolve("http://10.0.0.1:3128", &proxied).unwrap();
+        assert!(resolve("http://10.0.0.1:80", &proxied).is_err());
+        assert!(resolve("http://10.0.0.2:3128", &proxied).is_err());
+        assert!(resolve("http://10.0.0.1/", &proxied).is_err());
     }
 
     #[test]
