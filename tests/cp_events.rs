@@ -335,3 +335,50 @@ async fn events_reach_every_replica_in_team_scope_and_resume_after_a_restart() {
     drop(replica);
     cp.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_holds_a_bounded_number_of_streams_and_a_closed_one_frees_its_place() {
+    let cp = TestCp::start().await;
+    let user = cp.signup("user@example.com").await;
+    let other = cp.signup("other@example.com").await;
+    let key = key_of(&cp, &user).await;
+    let other_key = key_of(&cp, &other).await;
+    let replica = CpReplica::start_with_env(&cp, &[("CP_TEAM_MAX_EVENT_STREAMS", "2")]).await;
+
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let (status, mut stream) = SseStream::open(replica.addr, &key, None).await;
+        assert_eq!(status, StatusCode::OK);
+        stream.next_of("connected").await;
+        open.push(stream);
+    }
+    let (status, refused) = SseStream::open(replica.addr, &key, None).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let body = refused.body.collect().await.unwrap().to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("cp.team_max_event_streams"), "{message}");
+    // Another team is not held back by this one.
+    let (status, _other) = SseStream::open(replica.addr, &other_key, None).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // A client that goes away gives its place back.
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, mut stream) = SseStream::open(replica.addr, &key, None).await;
+        if status == StatusCode::OK {
+            stream.next_of("connected").await;
+            break;
+        }
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(replica);
+    cp.stop().await;
+}

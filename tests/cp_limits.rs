@@ -789,6 +789,7 @@ async fn team_limits_apply_alike_to_rest_calls_and_websocket_sessions() {
             execs: 1,
             transfers: 1,
             sessions: 1,
+            event_streams: 1,
         },
         ..support::quiet_capsules()
     };

@@ -109,6 +109,7 @@ pub const KEYS: &[Key] = &[
     scalar("cp.team_max_execs", "CP_TEAM_MAX_EXECS", "8", "Execs (`POST /exec`) one team may have in progress at once on this control plane; more get 429 with Retry-After. A foreground exec's answer is held until it is sent, up to 64 MiB; 0 turns the limit off."),
     scalar("cp.team_max_transfers", "CP_TEAM_MAX_TRANSFERS", "16", "File transfers (uploads, downloads, directory listings) one team may have in progress at once on this control plane; more get 429 with Retry-After; 0 turns the limit off."),
     scalar("cp.team_max_sessions", "CP_TEAM_MAX_SESSIONS", "32", "WebSocket process sessions (exec streams, process streams, PTYs) one team may have open at once on this control plane; more are refused with 429 (or, when authenticated by frame, an error frame); 0 turns the limit off."),
+    scalar("cp.team_max_event_streams", "CP_TEAM_MAX_EVENT_STREAMS", "16", "Event streams (`GET /v1/events/stream`) one team may have open at once on this control plane; more get 429 with Retry-After; 0 turns the limit off."),
     scalar("cp.build_context_max_bytes", "CP_BUILD_CONTEXT_MAX_BYTES", "1073741824", "The largest archive a template build may upload for its COPY steps, counted as it arrives and again unpacked; larger ones are refused with 413 while streaming."),
     key("agent.listen_addr", "AGENT_LISTEN_ADDR", Some(":50051"), "Host-agent API listen address."),
     key("agent.files_rootdir", "AGENT_FILES_ROOTDIR", Some("/var/lib/wrenn"), "Files root: kernels/, images/, sandboxes/, snapshots/ and host-token live under it."),

@@ -86,6 +86,7 @@ pub struct CpConfig {
     pub team_max_execs: usize,
     pub team_max_transfers: usize,
     pub team_max_sessions: usize,
+    pub team_max_event_streams: usize,
     pub build_context_max_bytes: u64,
 }
 
@@ -251,6 +252,9 @@ impl Default for Config {
                     .parse()
                     .expect("defaults in KEYS parse"),
                 team_max_sessions: default("cp.team_max_sessions")
+                    .parse()
+                    .expect("defaults in KEYS parse"),
+                team_max_event_streams: default("cp.team_max_event_streams")
                     .parse()
                     .expect("defaults in KEYS parse"),
                 build_context_max_bytes: default("cp.build_context_max_bytes")

@@ -53,6 +53,7 @@ pub fn render(loaded: &Loaded) -> String {
             "cp.team_max_execs" => c.cp.team_max_execs.to_string(),
             "cp.team_max_transfers" => c.cp.team_max_transfers.to_string(),
             "cp.team_max_sessions" => c.cp.team_max_sessions.to_string(),
+            "cp.team_max_event_streams" => c.cp.team_max_event_streams.to_string(),
             "cp.build_context_max_bytes" => c.cp.build_context_max_bytes.to_string(),
             "agent.listen_addr" => c.agent.listen_addr.to_string(),
             "agent.files_rootdir" => c.agent.files_rootdir.display().to_string(),

@@ -60,6 +60,7 @@ fn sample_values(path: &str) -> (&'static str, &'static str) {
         "cp.team_max_execs" => ("2", "0"),
         "cp.team_max_transfers" => ("4", "64"),
         "cp.team_max_sessions" => ("1", "128"),
+        "cp.team_max_event_streams" => ("2", "0"),
         "cp.build_context_max_bytes" => ("1048576", "2097152"),
         "agent.listen_addr" => (":7000", "127.0.0.1:7001"),
         "agent.files_rootdir" => ("/srv/file", "/srv/env"),

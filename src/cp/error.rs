@@ -233,10 +233,16 @@ impl From<CapsuleError> for ApiError {
                 code: ErrorCode::StoreUnavailable,
                 message,
             },
-            CapsuleError::TeamBusy(_) => ApiError::RateLimited {
-                message,
-                retry_after_secs: limits::RETRY_AFTER.as_secs(),
-            },
+            CapsuleError::TeamBusy(busy) => busy.into(),
+        }
+    }
+}
+
+impl From<limits::TeamBusy> for ApiError {
+    fn from(busy: limits::TeamBusy) -> Self {
+        ApiError::RateLimited {
+            message: busy.to_string(),
+            retry_after_secs: limits::RETRY_AFTER.as_secs(),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! What one team may run inside its capsules at once: foreground and background execs, file
-//! transfers (uploads, downloads, directory listings) and WebSocket process sessions. Each is a
+//! transfers (uploads, downloads, directory listings) and WebSocket process sessions; and the
+//! event streams it may hold open. Each is a
 //! counter per team, held by a [`WorkPermit`] for as long as the work lasts (a download's permit
 //! travels with its streamed body); over the limit the caller gets 429 `rate_limited` with
 //! `Retry-After` instead of a share of the control plane's memory and connections.
@@ -24,6 +25,8 @@ pub enum Work {
     Transfer,
     /// `exec/stream`, `processes/{selector}/stream` and `pty` WebSockets.
     Session,
+    /// `GET /v1/events/stream`.
+    EventStream,
 }
 
 impl Work {
@@ -32,6 +35,7 @@ impl Work {
             Work::Exec => "execs",
             Work::Transfer => "file transfers",
             Work::Session => "process sessions",
+            Work::EventStream => "event streams",
         }
     }
 
@@ -40,6 +44,7 @@ impl Work {
             Work::Exec => "cp.team_max_execs",
             Work::Transfer => "cp.team_max_transfers",
             Work::Session => "cp.team_max_sessions",
+            Work::EventStream => "cp.team_max_event_streams",
         }
     }
 }
@@ -50,6 +55,7 @@ pub struct TeamLimitSettings {
     pub execs: usize,
     pub transfers: usize,
     pub sessions: usize,
+    pub event_streams: usize,
 }
 
 impl TeamLimitSettings {
@@ -58,6 +64,7 @@ impl TeamLimitSettings {
             execs: config.cp.team_max_execs,
             transfers: config.cp.team_max_transfers,
             sessions: config.cp.team_max_sessions,
+            event_streams: config.cp.team_max_event_streams,
         }
     }
 
@@ -66,6 +73,7 @@ impl TeamLimitSettings {
             Work::Exec => self.execs,
             Work::Transfer => self.transfers,
             Work::Session => self.sessions,
+            Work::EventStream => self.event_streams,
         }
     }
 }
@@ -153,6 +161,7 @@ mod tests {
             execs: 2,
             transfers: 1,
             sessions: 0,
+            event_streams: 1,
         });
         let (a, b) = (
             TeamId(uuid::Uuid::from_u128(1)),

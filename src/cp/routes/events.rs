@@ -20,6 +20,7 @@ use super::capsules::Capsule;
 use crate::cp::auth::AuthTeam;
 use crate::cp::error::ApiError;
 use crate::cp::events::{with_capsules, Delivered};
+use crate::cp::limits::Work;
 use crate::cp::revocations::Credential;
 use crate::cp::state::AppState;
 use crate::db::events::{self, EventRow};
@@ -226,18 +227,24 @@ pub async fn stream(
                 })
         })
         .transpose()?;
+    // Held by the feed, which ends when the client goes away.
+    let permit = state.team_limits.acquire(auth.team_id, Work::EventStream)?;
     // Subscribed before the replay reads the table, so nothing falls between the two.
     let live = state.events.subscribe();
     let (out, receiver) = mpsc::channel(64);
     let credential = auth.credential();
-    tokio::spawn(feed(
-        state,
-        credential,
-        auth.team_id.uuid(),
-        last_event,
-        live,
-        out,
-    ));
+    tokio::spawn(async move {
+        let _permit = permit;
+        feed(
+            state,
+            credential,
+            auth.team_id.uuid(),
+            last_event,
+            live,
+            out,
+        )
+        .await;
+    });
     let keepalive = KeepAlive::new().interval(KEEPALIVE).text("keepalive");
     Ok(Sse::new(ReceiverStream::new(receiver))
         .keep_alive(keepalive)
