@@ -1,7 +1,7 @@
 //! Team resource pools and usage metering against a real PostgreSQL: the plan admin API and the
-//! pool view, admission under concurrency (creates, resumes, forks: the scheduler's own
-//! transactions, many at once), metering over a scripted timeline compared with an independent
-//! calculation, and two replicas metering at once without double counting.
+//! pool view, admission under concurrency (creates, resumes, forks, snapshot templates: the
+//! scheduler's own transactions, many at once), metering over a scripted timeline compared with
+//! an independent calculation, and two replicas metering at once without double counting.
 
 mod support;
 
@@ -442,6 +442,70 @@ async fn concurrent_creates_resumes_and_forks_never_overshoot_the_pool() {
     let admitted = outcomes.iter().filter(|o| !exhausted(o)).count();
     assert_eq!(admitted, 2);
     assert_eq!(live_count(&cp, team, "pending").await, 5);
+
+    // Snapshot templates of two capsules at once, in a disk pool with room for one: the first
+    // holds its place while it is made, so the second is refused.
+    let user = cp.signup("snapshots@example.com").await;
+    let team = team_of(&user);
+    let (host, _) = cp.registered_host(&admin, json!({"type": "regular"})).await;
+    let host = host.parse::<wrenn::id::HostId>().unwrap().uuid();
+    // Two capsules' 5120 MiB disks, and one template of 512 MiB memory and 5120 MiB disk.
+    create_plan(
+        &cp,
+        &admin,
+        json!({"name": "one-snapshot", "disk_mb": 2 * 5120 + 512 + 5120}),
+    )
+    .await;
+    put_on_plan(&cp, &admin, &user.team, "one-snapshot").await;
+    let mut capsules = Vec::new();
+    for _ in 0..2 {
+        let id = Uuid::new_v4();
+        let capsule = NewSandbox {
+            id,
+            team_id: team,
+            host_id: Some(host),
+            template_id: Uuid::nil(),
+            status: SandboxStatus::Running,
+            vcpus: 1,
+            memory_mb: 512,
+        };
+        sandboxes::insert(&cp.db, capsule).await.unwrap();
+        capsules.push(id);
+    }
+    let snapshots = capsules.iter().map(|&id| {
+        let db = cp.db.clone();
+        tokio::spawn(async move {
+            let change = Transition::to(SandboxStatus::Snapshotting).from(SandboxStatus::Running);
+            scheduler::change_admitted(&db, team, id, change, |_| Ask::snapshot(512, 5120)).await
+        })
+    });
+    let outcomes: Vec<_> = futures::future::join_all(snapshots)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let refusals: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Err(ScheduleError::PoolExhausted(refusal)) => Some(refusal),
+            Ok(true) => None,
+            other => panic!("unexpected outcome: {other:?}"),
+        })
+        .collect();
+    assert_eq!(refusals.len(), 1, "{outcomes:?}");
+    assert_eq!(refusals[0].resource.as_str(), "disk_mb");
+    assert_eq!(refusals[0].used, 2 * 5120 + 512 + 5120);
+    assert_eq!(live_count(&cp, team, "snapshotting").await, 1);
+    let (status, pool) = cp
+        .call(
+            Method::GET,
+            &format!("/v1/teams/{}/pool", user.team),
+            &user.auth(),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{pool}");
+    assert_eq!(pool["paused"]["template_disk_mb"], 512 + 5120, "{pool}");
     cp.stop().await;
 }
 

@@ -259,7 +259,8 @@ pub struct PoolUse {
     pub paused_memory_mb: i64,
     /// Capsules' disks plus snapshot templates' size.
     pub disk_mb: i64,
-    /// The snapshot templates' share of `disk_mb`.
+    /// The snapshot templates' share of `disk_mb`; a template being made (its capsule
+    /// `snapshotting`) counts at the most it can take, its capsule's memory and disk.
     pub template_disk_mb: i64,
 }
 
@@ -301,7 +302,9 @@ pub async fn pool_use(
                    AS "running_memory_mb!",
                COALESCE(SUM(CEIL(memory_mb * $2::INTEGER / 100.0))
                    FILTER (WHERE status = 'paused'), 0)::BIGINT AS "paused_memory_mb!",
-               COALESCE(SUM(disk_mb), 0)::BIGINT AS "disk_mb!"
+               COALESCE(SUM(disk_mb), 0)::BIGINT AS "disk_mb!",
+               COALESCE(SUM(memory_mb + disk_mb) FILTER (WHERE status = 'snapshotting'), 0)
+                   ::BIGINT AS "snapshotting_mb!"
            FROM sandboxes
            WHERE team_id = $1 AND status NOT IN ('stopped', 'error')"#,
         team,
@@ -309,13 +312,14 @@ pub async fn pool_use(
     )
     .fetch_one(&mut *conn)
     .await?;
-    let template_disk_mb = sqlx::query_scalar!(
+    let made_mb = sqlx::query_scalar!(
         r#"SELECT COALESCE(SUM(CEIL(size_bytes / 1048576.0)), 0)::BIGINT AS "mb!"
            FROM templates WHERE team_id = $1 AND type = 'snapshot'"#,
         team,
     )
     .fetch_one(&mut *conn)
     .await?;
+    let template_disk_mb = made_mb + capsules.snapshotting_mb;
     Ok(PoolUse {
         running: capsules.running,
         paused: capsules.paused,

@@ -233,7 +233,7 @@ pub struct UsedView {
 pub struct PausedView {
     capsules: i64,
     memory_mb: i64,
-    /// Snapshot templates' share of `used.disk_mb`.
+    /// Snapshot templates' share of `used.disk_mb` (one being made at its most).
     template_disk_mb: i64,
 }
 
