@@ -2,7 +2,8 @@
 //! in-process): what lifecycle events, notification channels and usage metering add to a
 //! capsule's lifecycle writes (placement, starting, running, stopped; the VM itself excluded,
 //! as it costs the same either way), the latency of one event fanned out to 100 SSE
-//! subscribers, and the latency of `GET /metrics` and `GET /v1/capsules/stats`.
+//! subscribers, the latency of `GET /metrics` and `GET /v1/capsules/stats`, and the audit row
+//! every mutating request (an exec among them) adds.
 //!
 //! `cargo bench --bench observability`. Sizes: `WRENN_BENCH_CAPSULES` (default 300 per
 //! configuration), `WRENN_BENCH_SUBSCRIBERS` (default 100), `WRENN_BENCH_EVENTS` (default 50),
@@ -317,6 +318,36 @@ async fn endpoint_figures(cp: &TestCp, admin: &User) {
     }
 }
 
+/// What the audit layer adds to each mutating request (an exec among them): one row, written
+/// after the response is made.
+async fn audit_figures(cp: &TestCp, admin: &User) {
+    use wrenn::db::audit_logs::{self, Entry, RequestEntry};
+    let requests = size("WRENN_BENCH_REQUESTS", 500);
+    let team = team_of(admin);
+    let mut samples = Vec::with_capacity(requests);
+    for _ in 0..requests {
+        let entry = RequestEntry {
+            entry: Entry {
+                team_id: Some(team),
+                actor_type: "api_key",
+                actor_id: Some("key-bench".into()),
+                resource_type: "capsule",
+                resource_id: Some("cl-bench".into()),
+                action: "exec",
+                metadata: json!({"method": "POST", "path": "/v1/capsules/{id}/exec",
+                                 "params": {"id": "cl-bench"}, "http_status": 200}),
+            },
+            actor_name: None,
+            status: "success",
+            client_address: Some("203.0.113.7".into()),
+        };
+        let started = Instant::now();
+        audit_logs::insert_request(&cp.db, entry).await.unwrap();
+        samples.push(started.elapsed());
+    }
+    println!("{:<34} {}", "audit row of a request", summary(samples));
+}
+
 fn main() {
     // `cargo test --all-targets` runs benchmarks too, without `--bench`: measure nothing then.
     if !std::env::args().any(|a| a == "--bench") {
@@ -336,6 +367,7 @@ fn main() {
         lifecycle_figures(&cp, &admin).await;
         fan_out_figures(&cp, &admin).await;
         endpoint_figures(&cp, &admin).await;
+        audit_figures(&cp, &admin).await;
         cp.stop().await;
     });
 }

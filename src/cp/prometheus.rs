@@ -109,9 +109,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
 });
 
-/// Counts a scheduler decision (and a pool refusal by its resource).
-pub fn scheduled<T>(outcome: &Result<T, ScheduleError>) {
-    let label = match outcome {
+/// Counts a scheduler decision (and a pool refusal by its resource), and passes it on.
+pub fn scheduled<T>(outcome: Result<T, ScheduleError>) -> Result<T, ScheduleError> {
+    let label = match &outcome {
         Ok(_) => "placed",
         Err(ScheduleError::NoHosts) => "no_hosts",
         Err(ScheduleError::NoRoom { .. }) => "no_room",
@@ -130,6 +130,7 @@ pub fn scheduled<T>(outcome: &Result<T, ScheduleError>) {
         .decisions
         .get_or_create(&OutcomeLabels { outcome: label })
         .inc();
+    outcome
 }
 
 /// The layer (`axum::middleware::from_fn`) that counts and times every routed request.

@@ -233,9 +233,7 @@ async fn claim_best(
     settings: &SchedulerSettings,
     claim: Claim<'_>,
 ) -> Result<Option<Host>, ScheduleError> {
-    let decided = decide(db, settings, claim).await;
-    super::prometheus::scheduled(&decided);
-    decided
+    super::prometheus::scheduled(decide(db, settings, claim).await)
 }
 
 async fn decide(
@@ -323,9 +321,9 @@ pub async fn place_fork(
     children: &[Uuid],
     demand: Demand,
 ) -> Result<(), ScheduleError> {
-    let decided = decide_fork(db, settings, host, team, source, children, demand).await;
-    super::prometheus::scheduled(&decided);
-    decided
+    super::prometheus::scheduled(
+        decide_fork(db, settings, host, team, source, children, demand).await,
+    )
 }
 
 async fn decide_fork(
@@ -401,9 +399,7 @@ pub async fn change_admitted(
     change: sandboxes::Transition<'_>,
     ask_of: impl FnOnce(&crate::db::plans::Plan) -> Ask,
 ) -> Result<bool, ScheduleError> {
-    let decided = decide_change(db, team, id, change, ask_of).await;
-    super::prometheus::scheduled(&decided);
-    decided
+    super::prometheus::scheduled(decide_change(db, team, id, change, ask_of).await)
 }
 
 async fn decide_change(
