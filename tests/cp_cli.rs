@@ -193,16 +193,30 @@ fn admin_create_bootstraps_a_headless_install() {
         ],
     ));
     assert!(!ok && out.contains("at least 8"), "{out}");
-    // The account made is in its team's audit log, as the system's act.
+    // The account made, and an account made an admin, are in its team's audit log as the
+    // system's acts; an account that already was one is left as it is, unrecorded.
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let rows: Vec<(String, String, String)> = runtime.block_on(async {
-        let db = db::connect_lazy(&pg.url()).unwrap();
-        sqlx::query_as("SELECT actor_type, resource_type, action FROM audit_logs")
-            .fetch_all(&db)
-            .await
-            .unwrap()
-    });
-    assert_eq!(rows, [("system".into(), "user".into(), "create".into())]);
+    let db = runtime.block_on(async { db::connect_lazy(&pg.url()).unwrap() });
+    runtime
+        .block_on(
+            sqlx::query("UPDATE users SET is_admin = false WHERE email = 'ops@example.com'")
+                .execute(&db),
+        )
+        .unwrap();
+    let promote = ["cp", "admin", "create", "--email", "ops@example.com"];
+    let (ok, out) = run(wrenn(&pg, &promote).args(["--password-file", file]));
+    assert!(ok && out.contains("already existed"), "{out}");
+    let rows: Vec<(String, String, String, bool)> = runtime
+        .block_on(
+            sqlx::query_as(
+                "SELECT actor_type, resource_type, action, team_id IS NOT NULL FROM audit_logs
+                 ORDER BY created_at",
+            )
+            .fetch_all(&db),
+        )
+        .unwrap();
+    let system_act = |action: &str| ("system".into(), "user".into(), action.into(), true);
+    assert_eq!(rows, [system_act("create"), system_act("promote")]);
 }
 
 fn free_port() -> u16 {

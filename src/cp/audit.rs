@@ -123,8 +123,9 @@ const ROUTES: &[(&str, &str, Audit)] = &[
     ("POST", "/v1/capsules/{id}/files/read", Audit::Skip),
     ("POST", "/v1/capsules/{id}/files/stream/read", Audit::Skip),
     ("POST", "/v1/capsules/{id}/files/list", Audit::Skip),
-    // Nobody is identified before signing in: the accounts service records signups and the
-    // logins to existing accounts, refused or not; the login limits count the rest.
+    // Nobody is identified before signing in, so this layer records nothing here: the accounts
+    // service records signups and the logins to existing accounts, refused or not; the login
+    // limits count the rest.
     ("POST", "/v1/auth/signup", service("user", "signup")),
     ("POST", "/v1/auth/login", service("user", "login")),
     (

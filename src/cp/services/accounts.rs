@@ -135,6 +135,44 @@ fn sign_in_entry(
     }
 }
 
+/// The audit row of `wrenn cp admin create` acting on `user`.
+fn admin_command_entry(
+    team: Option<Uuid>,
+    user: Uuid,
+    action: &'static str,
+) -> RequestEntry<'static> {
+    RequestEntry {
+        entry: Entry {
+            team_id: team,
+            actor_type: "system",
+            actor_id: None,
+            resource_type: "user",
+            resource_id: Some(UserId(user).to_string()),
+            action,
+            metadata: json!({"admin": true}),
+        },
+        actor_name: None,
+        status: "success",
+        client_address: None,
+    }
+}
+
+/// Records a refused login to `user`'s account in its default team. Only there: the admins of
+/// a team the account merely joined see none of its failed logins (nor their addresses).
+async fn record_refused_login(
+    db: &Db,
+    user: &User,
+    refusal: Refusal,
+    client: Option<IpAddr>,
+) -> Result<(), DbError> {
+    let first = teams::page_for_user(db, user.id, Keyset::START, 1).await?;
+    let Some(default) = first.into_iter().find(|m| m.is_default) else {
+        return Ok(());
+    };
+    let entry = sign_in_entry(default.team.id, user, "login", Some(refusal), client);
+    audit_logs::insert_request(db, entry).await
+}
+
 /// Creates a team with `owner` as its owner, inside the caller's transaction.
 pub(crate) async fn create_team_owned_by(
     tx: &mut sqlx::PgConnection,
@@ -176,21 +214,12 @@ pub async fn create_account(
     let default_name = TeamName::parse("name", DEFAULT_TEAM_NAME)?;
     let team = create_team_owned_by(&mut tx, user.id, &default_name, true).await?;
     let entry = match origin {
-        Origin::Signup(client) => sign_in_entry(team.id, &user, "signup", None, client),
-        Origin::AdminCommand => RequestEntry {
-            entry: Entry {
-                team_id: Some(team.id),
-                actor_type: "system",
-                actor_id: None,
-                resource_type: "user",
-                resource_id: Some(UserId(user.id).to_string()),
-                action: "create",
-                metadata: json!({"admin": is_admin}),
-            },
-            actor_name: None,
-            status: "success",
-            client_address: None,
-        },
+        Origin::Signup(client) => {
+            let mut entry = sign_in_entry(team.id, &user, "signup", None, client);
+            entry.entry.metadata = json!({"admin": is_admin});
+            entry
+        }
+        Origin::AdminCommand => admin_command_entry(Some(team.id), user.id, "create"),
     };
     audit_logs::insert_request(&mut *tx, entry).await?;
     tx.commit().await.map_err(DbError::from)?;
@@ -233,7 +262,7 @@ pub async fn signup(
 /// A password login from `client`, throttled by `limits` (see `login_limits`): every failure
 /// counts against the email and the client address, a correct password against neither.
 /// Logins to an existing account, refused or not, go to the audit log: a success in the team
-/// the session is for, a refusal in the account's default team.
+/// the session is for (in its transaction), a refusal in the account's default team.
 pub async fn login(
     db: &Db,
     tokens: &TokenKeys,
@@ -260,29 +289,33 @@ pub async fn login(
     if matches {
         attempt.succeeded(db).await?;
     }
+    if let Some(refusal) = refused {
+        // Recorded off the answer's path, so a wrong password is answered as fast for an
+        // account that exists as for one that does not.
+        let db = db.clone();
+        tokio::spawn(async move {
+            if let Err(error) = record_refused_login(&db, &user, refusal, client).await {
+                tracing::warn!(%error, "could not record a refused login in the audit log");
+            }
+        });
+        return Err(refusal.into());
+    }
     let mut tx = db.begin().await.map_err(DbError::from)?;
     let first = teams::page_for_user(&mut *tx, user.id, Keyset::START, 1).await?;
     let team = match first.into_iter().next() {
         Some(membership) => membership.team.id,
-        // A refusal makes nothing, and without a team there is no log to put it in.
-        None => match refused {
-            Some(refusal) => return Err(refusal.into()),
-            None => {
-                // Every account keeps a team to act in, even after leaving all of its teams.
-                let name = TeamName::parse("name", DEFAULT_TEAM_NAME)?;
-                create_team_owned_by(&mut tx, user.id, &name, true)
-                    .await?
-                    .id
-            }
-        },
+        None => {
+            // Every account keeps a team to act in, even after leaving all of its teams.
+            let name = TeamName::parse("name", DEFAULT_TEAM_NAME)?;
+            create_team_owned_by(&mut tx, user.id, &name, true)
+                .await?
+                .id
+        }
     };
-    let entry = sign_in_entry(team, &user, "login", refused, client);
+    let entry = sign_in_entry(team, &user, "login", None, client);
     audit_logs::insert_request(&mut *tx, entry).await?;
     tx.commit().await.map_err(DbError::from)?;
-    match refused {
-        Some(refusal) => Err(refusal.into()),
-        None => Ok(session(tokens, &user, team)),
-    }
+    Ok(session(tokens, &user, team))
 }
 
 pub async fn switch_team(
@@ -332,7 +365,15 @@ pub async fn ensure_admin(
     password: Password,
 ) -> Result<AdminBootstrap, ServiceError> {
     if let Some(existing) = users::by_email(db, email.as_str()).await? {
-        users::set_admin(db, existing.id, true).await?;
+        if !existing.is_admin {
+            let mut tx = db.begin().await.map_err(DbError::from)?;
+            users::set_admin(&mut *tx, existing.id, true).await?;
+            let first = teams::page_for_user(&mut *tx, existing.id, Keyset::START, 1).await?;
+            let team = first.into_iter().find(|m| m.is_default).map(|m| m.team.id);
+            let entry = admin_command_entry(team, existing.id, "promote");
+            audit_logs::insert_request(&mut *tx, entry).await?;
+            tx.commit().await.map_err(DbError::from)?;
+        }
         return Ok(AdminBootstrap::Promoted(UserId(existing.id)));
     }
     let name = email
