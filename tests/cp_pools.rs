@@ -17,7 +17,7 @@ use uuid::Uuid;
 use wrenn::cp::pool::Ask;
 use wrenn::cp::scheduler::{self, Demand, Placement, ScheduleError};
 use wrenn::db::sandboxes::{self, NewSandbox, SandboxStatus, Transition};
-use wrenn::db::usage;
+use wrenn::db::{template_reservations, usage};
 use wrenn::id::TeamId;
 
 const GET: Method = Method::GET;
@@ -476,7 +476,8 @@ async fn concurrent_creates_resumes_and_forks_never_overshoot_the_pool() {
         let db = cp.db.clone();
         tokio::spawn(async move {
             let change = Transition::to(SandboxStatus::Snapshotting).from(SandboxStatus::Running);
-            scheduler::change_admitted(&db, team, id, change, |_| Ask::snapshot(512, 5120)).await
+            let ask = Ask::snapshot(512, 5120);
+            scheduler::snapshot_admitted(&db, team, id, change, ask, Duration::from_secs(600)).await
         })
     });
     let outcomes: Vec<_> = futures::future::join_all(snapshots)
@@ -496,16 +497,30 @@ async fn concurrent_creates_resumes_and_forks_never_overshoot_the_pool() {
     assert_eq!(refusals[0].resource.as_str(), "disk_mb");
     assert_eq!(refusals[0].used, 2 * 5120 + 512 + 5120);
     assert_eq!(live_count(&cp, team, "snapshotting").await, 1);
-    let (status, pool) = cp
-        .call(
-            Method::GET,
-            &format!("/v1/teams/{}/pool", user.team),
-            &user.auth(),
-            None,
-        )
-        .await;
-    assert_eq!(status, StatusCode::OK, "{pool}");
-    assert_eq!(pool["paused"]["template_disk_mb"], 512 + 5120, "{pool}");
+    let template_disk = || async {
+        let path = format!("/v1/teams/{}/pool", user.team);
+        let (status, pool) = cp.call(GET, &path, &user.auth(), None).await;
+        assert_eq!(status, StatusCode::OK, "{pool}");
+        pool["paused"]["template_disk_mb"].as_i64().unwrap()
+    };
+    assert_eq!(template_disk().await, 512 + 5120);
+    // Registered (or failed), the template no longer holds a place of its own; nor does a
+    // hold that lapsed (its control plane stopped meanwhile).
+    for id in &capsules {
+        template_reservations::release(&cp.db, *id).await.unwrap();
+    }
+    assert_eq!(template_disk().await, 0);
+    template_reservations::hold(&cp.db, capsules[0], team, 4096, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(template_disk().await, 0);
+    // A fork moves its source to `snapshotting` too, but holds no template place.
+    for id in &capsules {
+        let fork = Transition::to(SandboxStatus::Snapshotting).from(SandboxStatus::Running);
+        sandboxes::transition(&cp.db, *id, fork).await.unwrap();
+    }
+    assert_eq!(live_count(&cp, team, "snapshotting").await, 2);
+    assert_eq!(template_disk().await, 0);
     cp.stop().await;
 }
 

@@ -109,6 +109,12 @@ async fn a_snapshot_template_continues_the_capsule_and_is_deleted_everywhere() {
     assert_eq!(template["type"], "snapshot");
     assert_eq!(template["memory_mb"], 256, "{template}");
     assert_eq!(template["platform"], false);
+    // Registered, the template counts at its own size; the hold its making took is gone.
+    let holds: i64 = sqlx::query_scalar("SELECT count(*) FROM template_reservations")
+        .fetch_one(&cp.db)
+        .await
+        .unwrap();
+    assert_eq!(holds, 0);
     // The source runs on, its memory intact.
     assert_eq!(status_of(&cp, &key, &source).await, "running");
     let out = exec(&cp, &key, &source, "cat /mnt/m/f").await;

@@ -674,7 +674,7 @@ impl AgentClient {
 
 /// How long making a snapshot template may take: a pause, a copy of the disk, a resume and the
 /// memory made a shared snapshot, each bounded on the agent.
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// How long a publish may take: a multi-GiB image to a remote store.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(3600);

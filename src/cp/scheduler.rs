@@ -5,6 +5,7 @@
 //! over-commit a host and only those choosing the same host wait for each other.
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use sqlx::Acquire;
 use uuid::Uuid;
@@ -13,7 +14,7 @@ use super::pool::{self, AdmitError, Ask, PoolExhausted};
 use crate::db::host_templates;
 use crate::db::hosts::{self, Host};
 use crate::db::sandboxes::{self, PlacedSandbox, Reserved};
-use crate::db::{Db, DbError};
+use crate::db::{template_reservations, Db, DbError};
 
 /// How far a host's physical resources may be promised to sandboxes.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -389,9 +390,8 @@ pub async fn place_relocation(
 }
 
 /// Applies `change` to capsule `id` of `team` if its team's pool has room for what `ask_of`
-/// asks (given the team's plan): a resume, or a snapshot template about to be made. False when
-/// the capsule's status no longer allows the change. The change and the admission are one
-/// transaction under the pool's lock.
+/// asks (given the team's plan): a resume. False when the capsule's status no longer allows
+/// the change. The change and the admission are one transaction under the pool's lock.
 pub async fn change_admitted(
     db: &Db,
     team: Uuid,
@@ -399,7 +399,22 @@ pub async fn change_admitted(
     change: sandboxes::Transition<'_>,
     ask_of: impl FnOnce(&crate::db::plans::Plan) -> Ask,
 ) -> Result<bool, ScheduleError> {
-    super::prometheus::scheduled(decide_change(db, team, id, change, ask_of).await)
+    super::prometheus::scheduled(decide_change(db, team, id, change, ask_of, None).await)
+}
+
+/// Like [`change_admitted`], for a snapshot template about to be made of capsule `id`: what
+/// `ask` asks of the disk pool is held (`template_reservations`) for at most `hold`, until the
+/// template is registered or fails.
+pub async fn snapshot_admitted(
+    db: &Db,
+    team: Uuid,
+    id: Uuid,
+    change: sandboxes::Transition<'_>,
+    ask: Ask,
+    hold: Duration,
+) -> Result<bool, ScheduleError> {
+    let decided = decide_change(db, team, id, change, |_| ask, Some(hold)).await;
+    super::prometheus::scheduled(decided)
 }
 
 async fn decide_change(
@@ -408,6 +423,7 @@ async fn decide_change(
     id: Uuid,
     change: sandboxes::Transition<'_>,
     ask_of: impl FnOnce(&crate::db::plans::Plan) -> Ask,
+    template_hold: Option<Duration>,
 ) -> Result<bool, ScheduleError> {
     let mut conn = db.acquire().await.map_err(DbError::from)?;
     let mut tx = conn.begin().await.map_err(DbError::from)?;
@@ -418,7 +434,11 @@ async fn decide_change(
         return Ok(false);
     }
     // Read before the change: the capsule is counted as it was.
-    pool::admit(&plan, &used, &ask_of(&plan))?;
+    let ask = ask_of(&plan);
+    pool::admit(&plan, &used, &ask)?;
+    if let Some(hold) = template_hold {
+        template_reservations::hold(&mut *tx, id, team, ask.disk_mb, hold).await?;
+    }
     tx.commit().await.map_err(DbError::from)?;
     Ok(true)
 }

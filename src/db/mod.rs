@@ -20,6 +20,7 @@ pub mod plans;
 pub mod sandboxes;
 pub mod team_members;
 pub mod teams;
+pub mod template_reservations;
 pub mod templates;
 pub mod usage;
 pub mod users;

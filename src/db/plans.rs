@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use super::DbError;
+use super::{template_reservations, DbError};
 
 /// A plan: limits on what one team may hold at once (`None`: no limit).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -259,8 +259,8 @@ pub struct PoolUse {
     pub paused_memory_mb: i64,
     /// Capsules' disks plus snapshot templates' size.
     pub disk_mb: i64,
-    /// The snapshot templates' share of `disk_mb`; a template being made (its capsule
-    /// `snapshotting`) counts at the most it can take, its capsule's memory and disk.
+    /// The snapshot templates' share of `disk_mb`; a template being made counts at the most
+    /// it can take, its capsule's memory and disk (`template_reservations`).
     pub template_disk_mb: i64,
 }
 
@@ -302,9 +302,7 @@ pub async fn pool_use(
                    AS "running_memory_mb!",
                COALESCE(SUM(CEIL(memory_mb * $2::INTEGER / 100.0))
                    FILTER (WHERE status = 'paused'), 0)::BIGINT AS "paused_memory_mb!",
-               COALESCE(SUM(disk_mb), 0)::BIGINT AS "disk_mb!",
-               COALESCE(SUM(memory_mb + disk_mb) FILTER (WHERE status = 'snapshotting'), 0)
-                   ::BIGINT AS "snapshotting_mb!"
+               COALESCE(SUM(disk_mb), 0)::BIGINT AS "disk_mb!"
            FROM sandboxes
            WHERE team_id = $1 AND status NOT IN ('stopped', 'error')"#,
         team,
@@ -319,7 +317,7 @@ pub async fn pool_use(
     )
     .fetch_one(&mut *conn)
     .await?;
-    let template_disk_mb = made_mb + capsules.snapshotting_mb;
+    let template_disk_mb = made_mb + template_reservations::held_mb(&mut *conn, team).await?;
     Ok(PoolUse {
         running: capsules.running,
         paused: capsules.paused,

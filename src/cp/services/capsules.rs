@@ -19,7 +19,7 @@ use crate::agent::wire::{
     CreateSandbox, ForkSandbox, MetricsRange, SandboxInfo, SandboxMetrics, SandboxPhase,
     SnapshotTemplate, SnapshotTemplateInfo,
 };
-use crate::cp::agent_client::{AgentError, AgentTarget};
+use crate::cp::agent_client::{self, AgentError, AgentTarget};
 use crate::cp::limits::TeamBusy;
 use crate::cp::pagination::{Page, PageRequest};
 use crate::cp::pool::Ask;
@@ -29,7 +29,7 @@ use crate::db::hosts::{Host, HostStatus};
 use crate::db::page::Keyset;
 use crate::db::sandboxes::{self, SandboxRoute, SandboxRow, SandboxStatus, Transition};
 use crate::db::templates::{self, TemplateType};
-use crate::db::{host_templates, DbError};
+use crate::db::{host_templates, template_reservations, DbError};
 use crate::egress::EgressPolicy;
 use crate::error_code::ErrorCode;
 use crate::id::{HostId, SandboxId, TeamId};
@@ -637,10 +637,16 @@ pub async fn resume(
     .await
 }
 
+/// How long, beyond the agent's snapshot, registering a template may take before the pool
+/// stops holding its place.
+const TEMPLATE_REGISTER_TIME: Duration = Duration::from_secs(60);
+
 /// Has the capsule's host make the capsule's memory and disk, as they are now, the snapshot
 /// template `request.template` there: `snapshotting` meanwhile, then `running` or `paused`
 /// again, as it was (the agent pauses a running capsule for a moment). Answers what was made
-/// and the host that holds it. Runs to its end whatever the caller does.
+/// and the host that holds it. Runs to its end whatever the caller does. The template's place
+/// in the team's disk pool is held from the admission; the caller's registration of the
+/// template releases it (a failure here does).
 pub async fn snapshot(
     state: &AppState,
     team: TeamId,
@@ -665,7 +671,8 @@ pub async fn snapshot(
     let during = Transition::to(SandboxStatus::Snapshotting).from(from);
     // The template will hold at most the capsule's memory and disk, in the team's disk pool.
     let ask = Ask::snapshot(i64::from(source.memory_mb), i64::from(source.disk_mb));
-    if !scheduler::change_admitted(&state.db, team.uuid(), id.uuid(), during, |_| ask).await? {
+    let hold = agent_client::SNAPSHOT_TIMEOUT + TEMPLATE_REGISTER_TIME;
+    if !scheduler::snapshot_admitted(&state.db, team.uuid(), id.uuid(), during, ask, hold).await? {
         return Err(match sandboxes::status_of(&state.db, id.uuid()).await? {
             Some(status) => CapsuleError::Busy(status),
             None => CapsuleError::NotFound,
@@ -675,6 +682,11 @@ pub async fn snapshot(
     let operation = tokio::spawn(async move {
         let agents = &state.capsules.agents;
         let answer = agents.snapshot_template(&target, id, &request).await;
+        if answer.is_err() {
+            if let Err(error) = template_reservations::release(&state.db, id.uuid()).await {
+                tracing::warn!(sandbox = %id, %error, "could not release a failed snapshot's place in the pool; it lapses");
+            }
+        }
         settle_after_snapshot(&state, &target, id, answer.as_ref().err()).await?;
         let host = target.host.uuid();
         answer.map(|info| (info, host)).map_err(CapsuleError::from)

@@ -11,7 +11,7 @@ use crate::cp::state::AppState;
 use crate::db::hosts::{self, HostStatus, HostType};
 use crate::db::page::Keyset;
 use crate::db::templates::{self, Template, TemplateType};
-use crate::db::{host_templates, Db, DbError};
+use crate::db::{host_templates, template_reservations, Db, DbError};
 use crate::id::{HostId, TeamId};
 use crate::store::StoreError;
 use crate::template::TemplateName;
@@ -424,6 +424,9 @@ pub async fn create_snapshot(
     if registered.is_err() {
         // Made on the host but not in the registry: nothing would ever use or remove it.
         remove_from_hosts(state, &image, &[host]).await;
+        if let Err(error) = template_reservations::release(&state.db, capsule.uuid()).await {
+            tracing::warn!(%capsule, %error, "could not release an unregistered snapshot's place in the pool; it lapses");
+        }
     }
     let (template, stale, replaced) = registered?;
     // Hosts that held the template this one replaced no longer hold it, nor does the store.
@@ -622,6 +625,8 @@ async fn register_snapshot(
     .ok_or_else(|| SnapshotTemplateError::PlatformName(parsed.to_string()))?;
     let stale = host_templates::remove_all_but(&mut *tx, image.as_str(), Some(host)).await?;
     host_templates::add(&mut *tx, host, image.as_str(), size_bytes, None).await?;
+    // From here the template itself counts in the pool.
+    template_reservations::release(&mut *tx, capsule.uuid()).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok((template, stale, replaced))
 }
