@@ -319,7 +319,7 @@ async fn endpoint_figures(cp: &TestCp, admin: &User) {
 }
 
 /// What the audit layer adds to each mutating request (an exec among them): one row, written
-/// after the response is made.
+/// once the response is made and before it is sent.
 async fn audit_figures(cp: &TestCp, admin: &User) {
     use wrenn::db::audit_logs::{self, Entry, RequestEntry};
     let requests = size("WRENN_BENCH_REQUESTS", 500);

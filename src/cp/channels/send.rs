@@ -126,7 +126,20 @@ fn internal(ip: IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return internal(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            let segments = v6.segments();
+            let embedded = |high: u16, low: u16| {
+                let [a, b] = high.to_be_bytes();
+                let [c, d] = low.to_be_bytes();
+                internal(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)))
+            };
+            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) reach the IPv4 address they carry.
+            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return embedded(segments[6], segments[7]);
+            }
+            if segments[0] == 0x2002 {
+                return embedded(segments[1], segments[2]);
+            }
+            let first = segments[0];
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
@@ -394,6 +407,8 @@ mod tests {
             "http://[::1]/",
             "http://[fd00::1]/",
             "http://[::ffff:192.168.1.1]/",
+            "http://[64:ff9b::a9fe:a9fe]/",
+            "http://[2002:7f00:1::1]/",
             "http://100.64.0.1/",
             "http://0.0.0.0/",
             "http://localhost:9/",
@@ -401,7 +416,11 @@ mod tests {
             let error = check_target(url).unwrap_err();
             assert!(error.message.contains("internal address"), "{url}: {error}");
         }
-        for url in ["https://1.1.1.1/", "http://[2606:4700::1111]/"] {
+        for url in [
+            "https://1.1.1.1/",
+            "http://[2606:4700::1111]/",
+            "http://[64:ff9b::101:101]/",
+        ] {
             check_target(url).unwrap();
         }
     }
