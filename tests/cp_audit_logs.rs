@@ -26,6 +26,13 @@ async fn log(cp: &TestCp, user: &User, query: &str) -> Value {
     page
 }
 
+async fn add_member(cp: &TestCp, owner: &User, email: &str) {
+    let path = format!("/v1/teams/{}/members", owner.team);
+    let body = json!({"email": email});
+    let (status, body) = cp.call(POST, &path, &owner.auth(), Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+}
+
 fn find<'a>(items: &'a [Value], resource: &str, action: &str) -> &'a Value {
     items
         .iter()
@@ -38,15 +45,7 @@ async fn mutating_requests_are_audited_and_paged_by_scope() {
     let cp = TestCp::start().await;
     let owner = cp.signup("owner@example.com").await;
     let bob = cp.signup("bob@example.com").await;
-    let (status, body) = cp
-        .call(
-            POST,
-            &format!("/v1/teams/{}/members", owner.team),
-            &owner.auth(),
-            Some(json!({"email": "bob@example.com"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    add_member(&cp, &owner, "bob@example.com").await;
     let member = cp.switch(&bob, &owner.team).await;
     let (status, body) = cp
         .call(
@@ -185,15 +184,7 @@ async fn signups_and_logins_are_audited_in_the_accounts_team() {
     let admin = cp.signup("admin@example.com").await;
     let carol = cp.signup("carol@example.com").await;
     // Carol is also a member of the admin's team, which must not hear of her failed logins.
-    let (status, body) = cp
-        .call(
-            POST,
-            &format!("/v1/teams/{}/members", admin.team),
-            &admin.auth(),
-            Some(json!({"email": "carol@example.com"})),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{body}");
+    add_member(&cp, &admin, "carol@example.com").await;
     let login = |email: &str, password: &str| json!({"email": email, "password": password});
     // A refusal is recorded off the answer's path: it lands a moment later.
     let db = &cp.db;
