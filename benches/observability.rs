@@ -361,6 +361,8 @@ fn main() {
     runtime.block_on(async {
         let mut capsules = support::quiet_capsules();
         capsules.channel_allow_private = true;
+        // One team holds every subscriber of the fan-out.
+        capsules.team_limits.event_streams = 0;
         let cp = TestCp::start_full(QUIET_MONITOR, capsules, AuthSettings::default()).await;
         let admin = cp.signup("admin@example.com").await;
         println!("server, PostgreSQL and clients share this machine");
