@@ -489,10 +489,14 @@ async fn concurrent_creates_resumes_and_forks_never_overshoot_the_pool() {
         .iter()
         .filter_map(|o| match o {
             Err(ScheduleError::PoolExhausted(refusal)) => Some(refusal),
-            Ok(true) => None,
+            Ok(Some(_)) => None,
             other => panic!("unexpected outcome: {other:?}"),
         })
         .collect();
+    let held = outcomes
+        .iter()
+        .find_map(|o| o.as_ref().ok().copied().flatten())
+        .unwrap();
     assert_eq!(refusals.len(), 1, "{outcomes:?}");
     assert_eq!(refusals[0].resource.as_str(), "disk_mb");
     assert_eq!(refusals[0].used, 2 * 5120 + 512 + 5120);
@@ -505,10 +509,17 @@ async fn concurrent_creates_resumes_and_forks_never_overshoot_the_pool() {
     };
     assert_eq!(template_disk().await, 512 + 5120);
     // Registered (or failed), the template no longer holds a place of its own; nor does a
-    // hold that lapsed (its control plane stopped meanwhile).
-    for id in &capsules {
-        template_reservations::release(&cp.db, *id).await.unwrap();
-    }
+    // hold that lapsed (its control plane stopped meanwhile). Each making has its own hold:
+    // the end of one never releases another's, of the same capsule or not.
+    let hour = Duration::from_secs(3600);
+    let second = template_reservations::hold(&cp.db, capsules[0], team, 100, hour)
+        .await
+        .unwrap();
+    template_reservations::release(&cp.db, held).await.unwrap();
+    assert_eq!(template_disk().await, 100);
+    template_reservations::release(&cp.db, second)
+        .await
+        .unwrap();
     assert_eq!(template_disk().await, 0);
     template_reservations::hold(&cp.db, capsules[0], team, 4096, Duration::ZERO)
         .await

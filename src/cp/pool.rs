@@ -77,7 +77,7 @@ impl Ask {
     }
 
     /// A snapshot template of a capsule of this size: at most its memory and its disk. Held
-    /// from its admission on: `plans::pool_use` counts a `snapshotting` capsule's template.
+    /// from its admission on (`template_reservations`, which `plans::pool_use` counts).
     pub fn snapshot(memory_mb: i64, disk_mb: i64) -> Self {
         Ask {
             disk_mb: memory_mb.saturating_add(disk_mb),

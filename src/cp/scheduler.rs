@@ -399,12 +399,14 @@ pub async fn change_admitted(
     change: sandboxes::Transition<'_>,
     ask_of: impl FnOnce(&crate::db::plans::Plan) -> Ask,
 ) -> Result<bool, ScheduleError> {
-    super::prometheus::scheduled(decide_change(db, team, id, change, ask_of, None).await)
+    let decided = decide_change(db, team, id, change, ask_of, None).await;
+    super::prometheus::scheduled(decided).map(|applied| applied.is_some())
 }
 
 /// Like [`change_admitted`], for a snapshot template about to be made of capsule `id`: what
 /// `ask` asks of the disk pool is held (`template_reservations`) for at most `hold`, until the
-/// template is registered or fails.
+/// template is registered or fails. Answers the hold's ID; `None` when the status no longer
+/// allows the change.
 pub async fn snapshot_admitted(
     db: &Db,
     team: Uuid,
@@ -412,9 +414,9 @@ pub async fn snapshot_admitted(
     change: sandboxes::Transition<'_>,
     ask: Ask,
     hold: Duration,
-) -> Result<bool, ScheduleError> {
+) -> Result<Option<Uuid>, ScheduleError> {
     let decided = decide_change(db, team, id, change, |_| ask, Some(hold)).await;
-    super::prometheus::scheduled(decided)
+    super::prometheus::scheduled(decided).map(Option::flatten)
 }
 
 async fn decide_change(
@@ -424,23 +426,26 @@ async fn decide_change(
     change: sandboxes::Transition<'_>,
     ask_of: impl FnOnce(&crate::db::plans::Plan) -> Ask,
     template_hold: Option<Duration>,
-) -> Result<bool, ScheduleError> {
+) -> Result<Option<Option<Uuid>>, ScheduleError> {
     let mut conn = db.acquire().await.map_err(DbError::from)?;
     let mut tx = conn.begin().await.map_err(DbError::from)?;
     let (plan, used) = crate::db::plans::lock_pool(&mut tx, team)
         .await?
         .ok_or(ScheduleError::TeamGone)?;
     if !sandboxes::transition(&mut *tx, id, change).await? {
-        return Ok(false);
+        return Ok(None);
     }
     // Read before the change: the capsule is counted as it was.
     let ask = ask_of(&plan);
     pool::admit(&plan, &used, &ask)?;
-    if let Some(hold) = template_hold {
-        template_reservations::hold(&mut *tx, id, team, ask.disk_mb, hold).await?;
-    }
+    let held = match template_hold {
+        Some(hold) => {
+            Some(template_reservations::hold(&mut *tx, id, team, ask.disk_mb, hold).await?)
+        }
+        None => None,
+    };
     tx.commit().await.map_err(DbError::from)?;
-    Ok(true)
+    Ok(Some(held))
 }
 
 /// Whether `host` has room for `demand` now (a read, without its lock): whether a paused capsule

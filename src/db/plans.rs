@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
-use super::{template_reservations, DbError};
+use super::DbError;
 
 /// A plan: limits on what one team may hold at once (`None`: no limit).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -310,14 +310,18 @@ pub async fn pool_use(
     )
     .fetch_one(&mut *conn)
     .await?;
-    let made_mb = sqlx::query_scalar!(
-        r#"SELECT COALESCE(SUM(CEIL(size_bytes / 1048576.0)), 0)::BIGINT AS "mb!"
-           FROM templates WHERE team_id = $1 AND type = 'snapshot'"#,
+    // One statement, so a template registered meanwhile is counted once: as its hold or as
+    // itself.
+    let template_disk_mb = sqlx::query_scalar!(
+        r#"SELECT (SELECT COALESCE(SUM(CEIL(size_bytes / 1048576.0)), 0)::BIGINT
+                   FROM templates WHERE team_id = $1 AND type = 'snapshot')
+                + (SELECT COALESCE(SUM(disk_mb), 0)::BIGINT
+                   FROM template_reservations WHERE team_id = $1 AND expires_at > now())
+                AS "mb!""#,
         team,
     )
     .fetch_one(&mut *conn)
     .await?;
-    let template_disk_mb = made_mb + template_reservations::held_mb(&mut *conn, team).await?;
     Ok(PoolUse {
         running: capsules.running,
         paused: capsules.paused,

@@ -132,9 +132,13 @@ fn internal(ip: IpAddr) -> bool {
                 let [c, d] = low.to_be_bytes();
                 internal(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)))
             };
-            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) reach the IPv4 address they carry.
+            // NAT64 (64:ff9b::/96) and 6to4 (2002::/16) reach the IPv4 address they carry; a
+            // local-use NAT64 prefix (64:ff9b:1::/48) is a private network's own.
             if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
                 return embedded(segments[6], segments[7]);
+            }
+            if segments[..3] == [0x64, 0xff9b, 1] {
+                return true;
             }
             if segments[0] == 0x2002 {
                 return embedded(segments[1], segments[2]);
@@ -409,6 +413,7 @@ mod tests {
             "http://[::ffff:192.168.1.1]/",
             "http://[64:ff9b::a9fe:a9fe]/",
             "http://[2002:7f00:1::1]/",
+            "http://[64:ff9b:1::101:101]/",
             "http://100.64.0.1/",
             "http://0.0.0.0/",
             "http://localhost:9/",

@@ -637,22 +637,33 @@ pub async fn resume(
     .await
 }
 
+/// A snapshot template made on a host, not yet in the registry.
+#[derive(Debug)]
+pub struct MadeSnapshot {
+    pub info: SnapshotTemplateInfo,
+    /// The host that holds it.
+    pub host: Uuid,
+    /// Its place in the team's disk pool (`template_reservations`), which its registration
+    /// releases.
+    pub hold: Uuid,
+}
+
 /// How long, beyond the agent's snapshot, registering a template may take before the pool
 /// stops holding its place.
 const TEMPLATE_REGISTER_TIME: Duration = Duration::from_secs(60);
 
 /// Has the capsule's host make the capsule's memory and disk, as they are now, the snapshot
 /// template `request.template` there: `snapshotting` meanwhile, then `running` or `paused`
-/// again, as it was (the agent pauses a running capsule for a moment). Answers what was made
-/// and the host that holds it. Runs to its end whatever the caller does. The template's place
-/// in the team's disk pool is held from the admission; the caller's registration of the
-/// template releases it (a failure here does).
+/// again, as it was (the agent pauses a running capsule for a moment). Answers what was made,
+/// the host that holds it and its hold on the team's disk pool, taken with the admission,
+/// which the caller's registration of the template releases (a failure here does). Runs to
+/// its end whatever the caller does.
 pub async fn snapshot(
     state: &AppState,
     team: TeamId,
     id: SandboxId,
     request: SnapshotTemplate,
-) -> Result<(SnapshotTemplateInfo, Uuid), CapsuleError> {
+) -> Result<MadeSnapshot, CapsuleError> {
     let route = route(state, team, id).await?;
     let from = match route.status {
         SandboxStatus::Running | SandboxStatus::Paused => route.status,
@@ -671,25 +682,40 @@ pub async fn snapshot(
     let during = Transition::to(SandboxStatus::Snapshotting).from(from);
     // The template will hold at most the capsule's memory and disk, in the team's disk pool.
     let ask = Ask::snapshot(i64::from(source.memory_mb), i64::from(source.disk_mb));
-    let hold = agent_client::SNAPSHOT_TIMEOUT + TEMPLATE_REGISTER_TIME;
-    if !scheduler::snapshot_admitted(&state.db, team.uuid(), id.uuid(), during, ask, hold).await? {
+    let hold_for = agent_client::SNAPSHOT_TIMEOUT + TEMPLATE_REGISTER_TIME;
+    let admitted =
+        scheduler::snapshot_admitted(&state.db, team.uuid(), id.uuid(), during, ask, hold_for);
+    let Some(hold) = admitted.await? else {
         return Err(match sandboxes::status_of(&state.db, id.uuid()).await? {
             Some(status) => CapsuleError::Busy(status),
             None => CapsuleError::NotFound,
         });
-    }
+    };
     let state = state.clone();
     let operation = tokio::spawn(async move {
-        let agents = &state.capsules.agents;
-        let answer = agents.snapshot_template(&target, id, &request).await;
-        if answer.is_err() {
-            if let Err(error) = template_reservations::release(&state.db, id.uuid()).await {
-                tracing::warn!(sandbox = %id, %error, "could not release a failed snapshot's place in the pool; it lapses");
+        let made = async {
+            let answer = state
+                .capsules
+                .agents
+                .snapshot_template(&target, id, &request)
+                .await;
+            settle_after_snapshot(&state, &target, id, answer.as_ref().err()).await?;
+            answer.map_err(CapsuleError::from)
+        }
+        .await;
+        match made {
+            Ok(info) => Ok(MadeSnapshot {
+                info,
+                host: target.host.uuid(),
+                hold,
+            }),
+            Err(error) => {
+                if let Err(release) = template_reservations::release(&state.db, hold).await {
+                    tracing::warn!(sandbox = %id, error = %release, "could not release a failed snapshot's place in the pool; it lapses");
+                }
+                Err(error)
             }
         }
-        settle_after_snapshot(&state, &target, id, answer.as_ref().err()).await?;
-        let host = target.host.uuid();
-        answer.map(|info| (info, host)).map_err(CapsuleError::from)
     });
     match operation.await {
         Ok(outcome) => outcome,

@@ -408,7 +408,7 @@ pub async fn create_snapshot(
         _ => {}
     }
     let image = templates::image_name(team, parsed.as_str());
-    let (made, host) = capsules::snapshot(
+    let made = capsules::snapshot(
         state,
         team,
         capsule,
@@ -419,14 +419,15 @@ pub async fn create_snapshot(
         },
     )
     .await?;
-    let size_bytes = i64::try_from(made.size_bytes).unwrap_or(i64::MAX);
-    let registered = register_snapshot(state, team, &parsed, &image, &made, host, capsule).await;
+    let size_bytes = i64::try_from(made.info.size_bytes).unwrap_or(i64::MAX);
+    let host = made.host;
+    let registered = register_snapshot(state, team, &parsed, &image, &made, capsule).await;
     if registered.is_err() {
-        // Made on the host but not in the registry: nothing would ever use or remove it.
-        remove_from_hosts(state, &image, &[host]).await;
-        if let Err(error) = template_reservations::release(&state.db, capsule.uuid()).await {
+        if let Err(error) = template_reservations::release(&state.db, made.hold).await {
             tracing::warn!(%capsule, %error, "could not release an unregistered snapshot's place in the pool; it lapses");
         }
+        // Made on the host but not in the registry: nothing would ever use or remove it.
+        remove_from_hosts(state, &image, &[host]).await;
     }
     let (template, stale, replaced) = registered?;
     // Hosts that held the template this one replaced no longer hold it, nor does the store.
@@ -602,10 +603,10 @@ async fn register_snapshot(
     team: TeamId,
     name: &TemplateName,
     image: &TemplateName,
-    made: &crate::agent::wire::SnapshotTemplateInfo,
-    host: uuid::Uuid,
+    made: &capsules::MadeSnapshot,
     capsule: crate::id::SandboxId,
 ) -> Result<(Template, Vec<uuid::Uuid>, Option<Template>), SnapshotTemplateError> {
+    let (host, hold, made) = (made.host, made.hold, &made.info);
     let size_bytes = i64::try_from(made.size_bytes).unwrap_or(i64::MAX);
     let parsed = name;
     let mut tx = state.db.begin().await.map_err(DbError::from)?;
@@ -626,7 +627,7 @@ async fn register_snapshot(
     let stale = host_templates::remove_all_but(&mut *tx, image.as_str(), Some(host)).await?;
     host_templates::add(&mut *tx, host, image.as_str(), size_bytes, None).await?;
     // From here the template itself counts in the pool.
-    template_reservations::release(&mut *tx, capsule.uuid()).await?;
+    template_reservations::release(&mut *tx, hold).await?;
     tx.commit().await.map_err(DbError::from)?;
     Ok((template, stale, replaced))
 }
