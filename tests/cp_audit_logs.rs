@@ -185,7 +185,10 @@ async fn signups_and_logins_are_audited_in_the_accounts_team() {
     let carol = cp.signup("carol@example.com").await;
     // Carol is also a member of the admin's team, which must not hear of her failed logins.
     add_member(&cp, &admin, "carol@example.com").await;
-    let login = |email: &str, password: &str| json!({"email": email, "password": password});
+    let login = |email: &'static str, password: &'static str| {
+        let body = json!({"email": email, "password": password});
+        cp.call(POST, "/v1/auth/login", &Auth::None, Some(body))
+    };
     // A refusal is recorded off the answer's path: it lands a moment later.
     let db = &cp.db;
     let refused_logins = |count: i64| async move {
@@ -208,23 +211,9 @@ async fn signups_and_logins_are_audited_in_the_accounts_team() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     };
-    let (status, body) = cp
-        .call(
-            POST,
-            "/v1/auth/login",
-            &Auth::None,
-            Some(login("carol@example.com", "correct horse battery")),
-        )
-        .await;
+    let (status, body) = login("carol@example.com", "correct horse battery").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (status, body) = cp
-        .call(
-            POST,
-            "/v1/auth/login",
-            &Auth::None,
-            Some(login("carol@example.com", "wrong horse battery")),
-        )
-        .await;
+    let (status, body) = login("carol@example.com", "wrong horse battery").await;
     assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
     refused_logins(1).await;
     let rows_before: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_logs")
@@ -232,14 +221,7 @@ async fn signups_and_logins_are_audited_in_the_accounts_team() {
         .await
         .unwrap();
     // An unknown email names no account and no team: the login limits count it, nothing else.
-    let (status, body) = cp
-        .call(
-            POST,
-            "/v1/auth/login",
-            &Auth::None,
-            Some(login("nobody@example.com", "correct horse battery")),
-        )
-        .await;
+    let (status, body) = login("nobody@example.com", "correct horse battery").await;
     assert_error(status, &body, StatusCode::UNAUTHORIZED, "unauthorized");
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let rows_after: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_logs")
@@ -287,14 +269,7 @@ async fn signups_and_logins_are_audited_in_the_accounts_team() {
         )
         .await;
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
-    let (status, body) = cp
-        .call(
-            POST,
-            "/v1/auth/login",
-            &Auth::None,
-            Some(login("carol@example.com", "correct horse battery")),
-        )
-        .await;
+    let (status, body) = login("carol@example.com", "correct horse battery").await;
     assert_error(status, &body, StatusCode::FORBIDDEN, "account_deactivated");
     refused_logins(2).await;
     let (actor, status, reason, team): (Option<String>, String, Option<String>, uuid::Uuid) =
